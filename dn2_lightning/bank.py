@@ -1,0 +1,90 @@
+"""The memory bank: training embeddings kept as checkpointed buffers, and the collector that fills it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class MemoryBank(nn.Module):
+    """Training embeddings ``[N, D]`` and the dataset index of each row, as persistent buffers.
+
+    The buffers start empty and take whatever shape a loaded state dict has, so a checkpoint loads into
+    a fresh module whatever the bank size.
+
+    >>> bank = MemoryBank()
+    >>> bank.is_fitted
+    False
+    >>> bank.set(torch.zeros(3, 4), torch.tensor([0, 1, 2]))
+    >>> bank.is_fitted, tuple(bank.embeddings.shape)
+    (True, (3, 4))
+    """
+
+    embeddings: Tensor
+    sample_indices: Tensor
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("embeddings", torch.empty(0, 0))
+        self.register_buffer("sample_indices", torch.empty(0, dtype=torch.long))
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.embeddings.shape[0] > 0
+
+    def __len__(self) -> int:
+        return self.embeddings.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.embeddings.shape[1]
+
+    def set(self, embeddings: Tensor, sample_indices: Tensor) -> None:
+        """Replace the bank. Copies out of inference mode so later fits and loads may update it."""
+        if embeddings.ndim != 2 or embeddings.shape[0] != sample_indices.shape[0]:
+            raise ValueError(
+                f"bank embeddings {tuple(embeddings.shape)} and sample_indices {tuple(sample_indices.shape)} "
+                "do not match."
+            )
+        with torch.inference_mode(False):
+            self.embeddings = embeddings.detach().to(torch.float32).clone()
+            self.sample_indices = sample_indices.detach().to(torch.long).clone()
+
+    def reset(self) -> None:
+        self.set(self.embeddings.new_empty(0, 0), self.sample_indices.new_empty(0))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # resize before nn.Module copies in place, so any saved bank size loads strictly
+        for name in ("embeddings", "sample_indices"):
+            saved = state_dict.get(prefix + name)
+            if saved is not None:
+                current = getattr(self, name)
+                setattr(self, name, torch.empty_like(saved, device=current.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class BankCollector:
+    """Accumulates (embedding, dataset index, label) batches during one pass over the train data."""
+
+    def __init__(self) -> None:
+        self._embeddings: list[Tensor] = []
+        self._indices: list[Tensor] = []
+        self._labels: list[Tensor] = []
+        self.num_batches = 0
+
+    def __len__(self) -> int:
+        return sum(len(i) for i in self._indices)
+
+    def add(self, embeddings: Tensor, indices: Tensor, labels: Tensor) -> None:
+        self._embeddings.append(embeddings.detach())
+        self._indices.append(indices.detach().long())
+        self._labels.append(labels.detach().long())
+        self.num_batches += 1
+
+    def collect(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Concatenated ``(embeddings [N, D], indices [N], labels [N])``."""
+        if not self._embeddings:
+            raise RuntimeError("no training batches were seen; the train dataloader is empty.")
+        return torch.cat(self._embeddings), torch.cat(self._indices), torch.cat(self._labels)

@@ -1,0 +1,73 @@
+"""Per-sample evaluation records that survive DDP: gathered, de-duplicated by index, in dataset order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from dn2_lightning.distributed import unique_by_index
+
+
+@dataclass
+class AnomalyScores:
+    """Scores of one evaluation, one row per dataset sample, sorted by ``indices``.
+
+    Attributes:
+        indices: ``[N]`` sample index in the evaluated dataset.
+        scores: ``[N]`` DN2 scores (higher = more anomalous).
+        labels: ``[N]`` 1 = anomalous, 0 = normal, -1 = unknown.
+        neighbours: ``[N, k]`` train-set indices of the k nearest bank embeddings.
+        distances: ``[N, k]`` their squared distances, ascending.
+    """
+
+    indices: Tensor
+    scores: Tensor
+    labels: Tensor
+    neighbours: Tensor
+    distances: Tensor
+
+    def __len__(self) -> int:
+        return self.indices.shape[0]
+
+
+class ScoreCollector(Metric):
+    """Collects per-sample scores across batches and ranks.
+
+    ``DistributedSampler`` pads the last batches with repeated samples; ``compute`` keeps one row per
+    sample index so metrics over the result equal the single-device ones.
+    """
+
+    full_state_update = False
+    higher_is_better = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in ("indices", "scores", "labels", "neighbours", "distances"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, indices: Tensor, scores: Tensor, labels: Tensor, neighbours: Tensor, distances: Tensor) -> None:
+        self.indices.append(indices.long())
+        self.scores.append(scores.float())
+        self.labels.append(labels.long())
+        self.neighbours.append(neighbours.long())
+        self.distances.append(distances.float())
+
+    def compute(self) -> AnomalyScores:
+        if not self.indices:
+            raise RuntimeError("no samples were scored: the evaluation dataloader is empty.")
+        indices, scores, labels, neighbours, distances = unique_by_index(
+            dim_zero_cat(self.indices),
+            dim_zero_cat(self.scores),
+            dim_zero_cat(self.labels),
+            dim_zero_cat(self.neighbours),
+            dim_zero_cat(self.distances),
+        )
+        return AnomalyScores(indices, scores, labels, neighbours, distances)
+
+
+def unknown_labels(n: int, device: torch.device) -> Tensor:
+    return torch.full((n,), -1, dtype=torch.long, device=device)

@@ -1,0 +1,395 @@
+"""DN2Module: the Lightning glue around backbone -> memory bank -> exact kNN -> score -> AUROC."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+from torchmetrics.classification import BinaryAUROC
+
+from dn2_lightning.bank import BankCollector, MemoryBank
+from dn2_lightning.batch import Batch, unpack_batch
+from dn2_lightning.backbones import build_backbone
+from dn2_lightning.distributed import gather_rows, unique_by_index, world_size
+from dn2_lightning.knn import KNNResult, knn_distances, list_knn_backends
+from dn2_lightning.metrics import AnomalyScores, ScoreCollector
+from dn2_lightning.scoring import cleaning_mask, knn_scores, leave_one_out_knn, pool_groups, to_unit_interval
+
+GROUP_POOLINGS = ("mean", "none")
+NO_BANK_MESSAGE = (
+    "DN2Module has no memory bank yet and cannot build one: call trainer.fit(model, datamodule) first, "
+    "pass a datamodule with a train_dataloader() to trainer.{fn}(model, datamodule=...), or load a fitted "
+    "checkpoint (ckpt_path=...)."
+)
+
+
+class DN2Module(LightningModule):
+    """Deep Nearest Neighbour anomaly detection (Bergman, Cohen & Hoshen, 2020).
+
+    ``fit`` makes one pass over the train dataloader and keeps the embeddings (the memory bank, a
+    checkpointed buffer). Evaluation scores each sample by the mean squared Euclidean distance to its
+    ``k`` nearest bank embeddings and logs ``{val,test}/auroc``. ``test``/``validate``/``predict``
+    without ``fit`` build the bank from the datamodule's ``train_dataloader()`` on first need.
+
+    Args:
+        k: neighbours averaged in the score (paper: 2).
+        backbone: a name from :func:`dn2_lightning.list_backbones` or an ``nn.Module`` mapping float
+            images in [0, 1] ``[B, 3, H, W]`` to embeddings ``[B, D]``.
+        pretrained: load the backbone's ImageNet weights.
+        image_size: backbone input resolution; ``None`` = the backbone's native size.
+        knn_backend: one of :func:`dn2_lightning.list_knn_backends`.
+        max_memory_bytes: temporary-memory budget of one kNN search (``None`` = 512 MiB).
+        clean_fraction: unsupervised setting (paper §3.2): fraction of the bank with the largest
+            leave-one-out kNN scores dropped before scoring; 0 disables cleaning.
+        clean_k: neighbours in the leave-one-out score used for cleaning.
+        group_pooling: for group batches ``[B, M, C, H, W]``: ``"mean"`` pools member embeddings (paper
+            §3.3); ``"none"`` keeps single-image embeddings in the bank and scores a group by the max
+            of its members' scores (the point-wise baseline).
+        threshold_quantile: the decision threshold is this quantile of the bank's leave-one-out scores
+            (normal data only; never the test set).
+    """
+
+    def __init__(
+        self,
+        k: int = 2,
+        backbone: str | nn.Module = "resnet152",
+        pretrained: bool = True,
+        image_size: int | None = None,
+        knn_backend: str = "auto",
+        max_memory_bytes: int | None = None,
+        clean_fraction: float = 0.0,
+        clean_k: int = 2,
+        group_pooling: str = "mean",
+        threshold_quantile: float = 0.99,
+    ) -> None:
+        super().__init__()
+        _validate_hparams(k, knn_backend, max_memory_bytes, clean_fraction, clean_k, group_pooling, threshold_quantile)
+        self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
+        # DN2 has nothing to optimise: fit is one feature-extraction pass, driven by training_step.
+        self.automatic_optimization = False
+        self.backbone = build_backbone(backbone, pretrained=pretrained, image_size=image_size)
+        self.bank = MemoryBank()
+        self.register_buffer("threshold", torch.tensor(float("nan")))
+        self.val_collector = ScoreCollector()
+        self.test_collector = ScoreCollector()
+        # inputs are already gathered and de-duplicated by the collectors, so no second sync
+        self.val_auroc = BinaryAUROC(sync_on_compute=False)
+        self.test_auroc = BinaryAUROC(sync_on_compute=False)
+        self.val_scores: AnomalyScores | None = None
+        self.test_scores: AnomalyScores | None = None
+        self.bank_report: dict[str, float] = {}
+        self._collector: BankCollector | None = None
+
+    # ------------------------------------------------------------------------------------------ forward
+
+    def forward(self, images: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Embeddings ``[B, D]`` of images ``[B, C, H, W]``, or mean-pooled embeddings of groups
+        ``[B, M, C, H, W]`` (``mask [B, M]`` marks real members)."""
+        if images.ndim == 5:
+            b, m = images.shape[:2]
+            members = self.backbone(images.flatten(0, 1)).view(b, m, -1)
+            return pool_groups(members, mask)
+        return self.backbone(images)
+
+    # ----------------------------------------------------------------------------------------- training
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        parsed = unpack_batch(batch)
+        with torch.no_grad():
+            embeddings, indices, labels = self._bank_rows(parsed, batch_idx)
+        if self._collector is None:
+            self._collector = BankCollector()
+        self._collector.add(embeddings, indices, labels)
+        self._count_bank_step()
+
+    def on_train_epoch_start(self) -> None:
+        # pretrained features as they are: BatchNorm must use its ImageNet statistics, not the batch's
+        self.backbone.eval()
+        self._collector = BankCollector()
+
+    def on_train_epoch_end(self) -> None:
+        if self._collector is not None:
+            self._finalize_bank()
+        # one pass is all DN2 needs; more epochs would rebuild the same bank
+        rank_zero_info(f"DN2: memory bank of {len(self.bank)} embeddings built; stopping fit after one epoch.")
+        self.trainer.should_stop = True
+
+    def configure_optimizers(self) -> list:
+        return []
+
+    # --------------------------------------------------------------------------------------- evaluation
+
+    def on_validation_epoch_start(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._ensure_bank()
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        if not self.trainer.sanity_checking:  # the sanity check runs before the bank exists
+            self._score_into(self.val_collector, unpack_batch(batch), batch_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.val_scores = self._report("val", self.val_collector, self.val_auroc)
+
+    def on_test_epoch_start(self) -> None:
+        self._ensure_bank()
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._score_into(self.test_collector, unpack_batch(batch), batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self.test_scores = self._report("test", self.test_collector, self.test_auroc)
+
+    def on_predict_epoch_start(self) -> None:
+        self._ensure_bank()
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """Per sample: ``score``, ``is_anomaly`` (score > threshold), ``label``, ``index``, and the
+        train-set ``neighbours`` with their squared ``distances``."""
+        parsed = unpack_batch(batch)
+        scores, knn = self.score(parsed, batch_idx)
+        return {
+            "score": scores,
+            "is_anomaly": scores > self.threshold,
+            "label": parsed.labels,
+            "index": self._indices_of(parsed, batch_idx),
+            "neighbours": self.bank.sample_indices[knn.indices],
+            "distances": knn.values,
+        }
+
+    # ------------------------------------------------------------------------------------------ scoring
+
+    def score(self, batch: Batch, batch_idx: int = 0) -> tuple[Tensor, KNNResult]:
+        """DN2 scores ``[B]`` of a batch against the bank, and the kNN result behind them."""
+        if not self.bank.is_fitted:
+            raise RuntimeError(NO_BANK_MESSAGE.format(fn="test"))
+        if batch.images.ndim == 5 and self.hparams.group_pooling == "none":
+            b, m = batch.images.shape[:2]
+            members = self._embed(batch.images.flatten(0, 1), batch, batch_idx)
+            knn = self._knn(members)
+            member_scores = knn_scores(knn).view(b, m)
+            if batch.mask is not None:
+                member_scores = member_scores.masked_fill(~batch.mask.bool(), float("-inf"))
+            worst = member_scores.argmax(1)
+            rows = torch.arange(b, device=worst.device) * m + worst
+            return member_scores.max(1).values, KNNResult(knn.values[rows], knn.indices[rows])
+        knn = self._knn(self._embed(batch.images, batch, batch_idx))
+        return knn_scores(knn), knn
+
+    def _knn(self, embeddings: Tensor) -> KNNResult:
+        bank = self.bank.embeddings
+        if embeddings.shape[1] != bank.shape[1]:
+            raise ValueError(
+                f"the backbone gives {embeddings.shape[1]}-d embeddings but the memory bank holds "
+                f"{bank.shape[1]}-d ones: the bank (checkpoint) was built with another backbone."
+            )
+        return knn_distances(
+            embeddings, bank, self.hparams.k, self.hparams.knn_backend, max_memory_bytes=self.hparams.max_memory_bytes
+        )
+
+    def _score_into(self, collector: ScoreCollector, batch: Batch, batch_idx: int) -> None:
+        scores, knn = self.score(batch, batch_idx)
+        neighbours = self.bank.sample_indices[knn.indices]
+        collector.update(self._indices_of(batch, batch_idx), scores, batch.labels, neighbours, knn.values)
+
+    def _report(self, stage: str, collector: ScoreCollector, auroc: BinaryAUROC) -> AnomalyScores:
+        result = collector.compute()
+        collector.reset()
+        labels = result.labels
+        if (labels < 0).any():
+            rank_zero_info(f"DN2: {stage} data has no labels; scores are kept in module.{stage}_scores, no AUROC.")
+        elif labels.unique().numel() < 2:
+            warnings.warn(
+                f"AUROC is undefined: every {stage} sample has label {int(labels[0])}. The test set needs both "
+                "normal (0) and anomalous (1) samples; scores are still kept in module."
+                f"{stage}_scores.",
+                stacklevel=2,
+            )
+        else:
+            auroc.update(to_unit_interval(result.scores), labels)
+            self.log(f"{stage}/auroc", auroc.compute(), sync_dist=True)
+            auroc.reset()
+        return AnomalyScores(*(t.cpu() for t in vars(result).values()))
+
+    # ------------------------------------------------------------------------------------- memory bank
+
+    def _ensure_bank(self) -> None:
+        """Finalise a bank still being collected by fit, else build it from the datamodule if missing."""
+        if self._collector is not None and len(self._collector):
+            if not self.trainer.is_last_batch:
+                warnings.warn(
+                    "validation inside a training epoch sees a partial memory bank; use val_check_interval=1.0.",
+                    stacklevel=2,
+                )
+            self._finalize_bank()
+        elif not self.bank.is_fitted:
+            self._build_bank_from_datamodule()
+
+    def _build_bank_from_datamodule(self) -> None:
+        datamodule = self.trainer.datamodule
+        fn = self.trainer.state.fn.value if self.trainer.state.fn else "test"
+        if datamodule is None or not is_overridden("train_dataloader", datamodule):
+            raise RuntimeError(NO_BANK_MESSAGE.format(fn=fn))
+        datamodule.setup("fit")
+        loader = _shard_for_this_rank(datamodule.train_dataloader())
+        rank_zero_info(f"DN2: building the memory bank from {type(datamodule).__name__}.train_dataloader().")
+        self._collector = BankCollector()
+        with torch.no_grad():
+            for batch_idx, batch in enumerate(loader):
+                batch = self._on_device(batch, batch_idx)
+                self._collector.add(*self._bank_rows(unpack_batch(batch), batch_idx))
+        self._finalize_bank()
+
+    def _bank_rows(self, batch: Batch, batch_idx: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Embeddings, dataset indices and labels that a training batch adds to the bank."""
+        indices = self._indices_of(batch, batch_idx)
+        if batch.images.ndim == 5 and self.hparams.group_pooling == "none":
+            # point-wise baseline: every member is a bank row, indexed group * M + member
+            b, m = batch.images.shape[:2]
+            embeddings = self._embed(batch.images.flatten(0, 1), batch, batch_idx)
+            member = torch.arange(m, device=indices.device)
+            rows = (indices[:, None] * m + member).flatten()
+            labels = batch.labels.repeat_interleave(m)
+            if batch.mask is not None:
+                real = batch.mask.bool().flatten()
+                return embeddings[real], rows[real], labels[real]
+            return embeddings, rows, labels
+        return self._embed(batch.images, batch, batch_idx), indices, batch.labels
+
+    def _finalize_bank(self) -> None:
+        assert self._collector is not None
+        collector, self._collector = self._collector, None
+        embeddings, indices, labels = (gather_rows(t) for t in collector.collect())
+        indices, embeddings, labels = unique_by_index(indices, embeddings, labels)
+        k, n = self.hparams.k, embeddings.shape[0]
+        if n < k:
+            raise ValueError(f"k={k} exceeds the number of training embeddings ({n}); use k <= {n}.")
+        report: dict[str, float] = {"bank/size_before_cleaning": float(n)}
+        if self.hparams.clean_fraction > 0:
+            keep = cleaning_mask(embeddings, self.hparams.clean_fraction, self.hparams.clean_k, **self._knn_kwargs())
+            if (labels >= 0).all() and (labels > 0).any():
+                report["bank/contaminants_before"] = float((labels > 0).sum())
+                report["bank/contaminants_kept"] = float((labels[keep] > 0).sum())
+            report["bank/removed"] = float((~keep).sum())
+            embeddings, indices = embeddings[keep], indices[keep]
+            if embeddings.shape[0] < k:
+                raise ValueError(
+                    f"clean_fraction={self.hparams.clean_fraction} leaves {embeddings.shape[0]} embeddings, fewer "
+                    f"than k={k}; lower clean_fraction or k."
+                )
+        self.bank.set(embeddings, indices)
+        self._set_threshold()
+        report["bank/size"] = float(len(self.bank))
+        self.bank_report = report
+        rank_zero_info("DN2: " + ", ".join(f"{name}={value:g}" for name, value in report.items()))
+        if self._trainer is not None and self.trainer.state.fn != "predict":
+            self.log_dict(report, sync_dist=False, rank_zero_only=True)
+
+    def _set_threshold(self) -> None:
+        n, k = len(self.bank), self.hparams.k
+        if n <= k:
+            self.threshold = torch.tensor(float("nan"), device=self.bank.embeddings.device)
+            return
+        scores = knn_scores(leave_one_out_knn(self.bank.embeddings, k, **self._knn_kwargs()))
+        with torch.inference_mode(False):
+            self.threshold = torch.quantile(scores.double(), self.hparams.threshold_quantile).float().clone()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("state_dict", {}).get("bank.embeddings")
+        expected = self.backbone.feature_dim
+        if saved is not None and saved.numel() and expected is not None and saved.shape[1] != expected:
+            raise ValueError(
+                f"the checkpoint's memory bank holds {saved.shape[1]}-d embeddings but backbone="
+                f"{self.hparams.get('backbone')!r} gives {expected}-d ones; load it with the backbone it was "
+                "built with."
+            )
+
+    # ---------------------------------------------------------------------------------------- helpers
+
+    def _embed(self, images: Tensor, batch: Batch, batch_idx: int) -> Tensor:
+        """Backbone embeddings (group-pooled for group batches), refusing non-finite inputs or outputs."""
+        if images.is_floating_point():
+            _check_finite(images.flatten(1), "input images", batch, batch_idx)
+        embeddings = self(images, batch.mask) if images.ndim == 5 else self(images)
+        _check_finite(embeddings, "embeddings", batch, batch_idx)
+        return embeddings
+
+    def _indices_of(self, batch: Batch, batch_idx: int) -> Tensor:
+        if batch.indices is not None:
+            return torch.as_tensor(batch.indices, device=batch.images.device).long()
+        # datasets without indices are assumed to be read in order, as an unshuffled
+        # DistributedSampler deals them: sample i of this rank's batch stream is rank + world * i
+        size = batch.images.shape[0]
+        local = torch.arange(size, device=batch.images.device) + batch_idx * size
+        return self.global_rank + world_size() * local
+
+    def _on_device(self, batch: Any, batch_idx: int) -> Any:
+        batch = self.on_before_batch_transfer(batch, 0)
+        batch = self.transfer_batch_to_device(batch, self.device, 0)
+        return self.on_after_batch_transfer(batch, 0)
+
+    def _count_bank_step(self) -> None:
+        # A bank update is this model's optimisation step. Counting it keeps global_step, max_steps and
+        # ModelCheckpoint (which skips saving when global_step did not move) working without an optimizer.
+        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        progress.increment_ready()
+        progress.increment_completed()
+
+    def _knn_kwargs(self) -> dict[str, Any]:
+        return {"backend": self.hparams.knn_backend, "max_memory_bytes": self.hparams.max_memory_bytes}
+
+
+def _check_finite(values: Tensor, what: str, batch: Batch, batch_idx: int) -> None:
+    bad = ~torch.isfinite(values).flatten(1).all(1) if values.ndim > 1 else ~torch.isfinite(values)
+    if bad.any():
+        positions = bad.nonzero().flatten().tolist()
+        where = f"positions {positions[:10]}"
+        if batch.indices is not None and values.shape[0] == batch.images.shape[0]:
+            where += f" (dataset indices {torch.as_tensor(batch.indices)[bad.cpu()].tolist()[:10]})"
+        raise ValueError(f"NaN or Inf in {what} of batch {batch_idx} at {where}; fix or drop those samples.")
+
+
+def _shard_for_this_rank(loader: DataLoader) -> DataLoader:
+    """Give each rank a disjoint share of the train set when building the bank outside fit."""
+    if world_size() == 1:
+        return loader
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=DistributedSampler(loader.dataset, shuffle=False),
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+    )
+
+
+def _validate_hparams(
+    k: int,
+    knn_backend: str,
+    max_memory_bytes: int | None,
+    clean_fraction: float,
+    clean_k: int,
+    group_pooling: str,
+    threshold_quantile: float,
+) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k={k!r} must be an integer >= 1 (the paper uses k=2).")
+    if knn_backend not in list_knn_backends():
+        raise ValueError(f"knn_backend={knn_backend!r} is not one of {list_knn_backends()}.")
+    if max_memory_bytes is not None and max_memory_bytes < 2**16:
+        raise ValueError(f"max_memory_bytes={max_memory_bytes} must be None or at least 65536.")
+    if not 0.0 <= clean_fraction < 1.0:
+        raise ValueError(f"clean_fraction={clean_fraction} must be in [0, 1); 0 disables cleaning.")
+    if isinstance(clean_k, bool) or not isinstance(clean_k, int) or clean_k < 1:
+        raise ValueError(f"clean_k={clean_k!r} must be an integer >= 1.")
+    if group_pooling not in GROUP_POOLINGS:
+        raise ValueError(f"group_pooling={group_pooling!r} is not one of {list(GROUP_POOLINGS)}.")
+    if not 0.0 < threshold_quantile <= 1.0:
+        raise ValueError(f"threshold_quantile={threshold_quantile} must be in (0, 1].")

@@ -1,0 +1,75 @@
+"""Pure functions from embeddings and kNN distances to DN2 scores, bank cleaning and group pooling."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from dn2_lightning.knn import KNNResult, knn_distances
+
+
+def knn_scores(knn: KNNResult) -> Tensor:
+    """DN2 score (paper eq. 2): mean squared distance to the k nearest bank embeddings.
+
+    >>> knn_scores(KNNResult(torch.tensor([[1.0, 3.0]]), torch.tensor([[0, 1]])))
+    tensor([2.])
+    """
+    return knn.values.mean(dim=1)
+
+
+def leave_one_out_knn(bank: Tensor, k: int, backend: str = "auto", **knn_kwargs: object) -> KNNResult:
+    """Each bank row's k nearest *other* rows: the row itself is excluded by index, not by distance,
+    so exact duplicates of a row still count as its neighbours.
+
+    >>> leave_one_out_knn(torch.tensor([[0.0], [0.0], [3.0]]), k=1).values.squeeze(1)
+    tensor([0., 0., 9.])
+    """
+    n = bank.shape[0]
+    if not 1 <= k <= n - 1:
+        raise ValueError(f"leave-one-out k={k} must satisfy 1 <= k <= bank size - 1 ({n - 1}).")
+    knn = knn_distances(bank, bank, k + 1, backend, **knn_kwargs)
+    is_self = knn.indices == torch.arange(n, device=bank.device)[:, None]
+    # drop the self column where it was found, else the farthest of the k + 1 (a tie at distance 0)
+    drop = torch.where(is_self.any(1), is_self.int().argmax(1), torch.full_like(knn.indices[:, 0], k))
+    keep = torch.ones_like(knn.indices, dtype=torch.bool).scatter_(1, drop[:, None], False)
+    return KNNResult(knn.values[keep].view(n, k), knn.indices[keep].view(n, k))
+
+
+def cleaning_mask(bank: Tensor, fraction: float, k: int, backend: str = "auto", **knn_kwargs: object) -> Tensor:
+    """Paper §3.2: keep the ``1 - fraction`` of rows with the smallest leave-one-out kNN score.
+
+    Returns a bool mask over bank rows (``True`` = kept). Ties are broken by row order.
+    """
+    n = bank.shape[0]
+    n_removed = int(round(fraction * n))
+    if n_removed == 0:
+        return torch.ones(n, dtype=torch.bool, device=bank.device)
+    scores = knn_scores(leave_one_out_knn(bank, min(k, n - 1), backend, **knn_kwargs))
+    order = torch.argsort(scores, stable=True)
+    keep = torch.zeros(n, dtype=torch.bool, device=bank.device)
+    keep[order[: n - n_removed]] = True
+    return keep
+
+
+def pool_groups(embeddings: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Orderless mean pooling of member embeddings ``[B, M, D]`` (paper §3.3); ``mask [B, M]`` marks
+    real members when groups are padded to a common size.
+
+    >>> pool_groups(torch.tensor([[[1.0], [3.0], [100.0]]]), torch.tensor([[True, True, False]]))
+    tensor([[2.]])
+    """
+    if mask is None:
+        return embeddings.mean(dim=1)
+    weights = mask.to(embeddings.dtype).unsqueeze(-1)
+    return (embeddings * weights).sum(1) / weights.sum(1).clamp_min(1)
+
+
+def to_unit_interval(scores: Tensor) -> Tensor:
+    """Order- and tie-preserving map of scores to [0, 1] (dense ranks), for metrics that read inputs
+    outside [0, 1] as logits: AUROC is unchanged.
+
+    >>> to_unit_interval(torch.tensor([5.0, 100.0, 5.0, 7.0]))
+    tensor([0.0000, 1.0000, 0.0000, 0.5000], dtype=torch.float64)
+    """
+    _, ranks = torch.unique(scores, sorted=True, return_inverse=True)
+    return ranks.to(torch.float64) / max(1, int(ranks.max()) if ranks.numel() else 1)
