@@ -86,6 +86,7 @@ class DN2Module(LightningModule):
         self.test_scores: AnomalyScores | None = None
         self.bank_report: dict[str, float] = {}
         self._collector: BankCollector | None = None
+        self._stream_position = 0  # samples seen this epoch, to index datasets that give no indices
 
     # ------------------------------------------------------------------------------------------ forward
 
@@ -113,13 +114,24 @@ class DN2Module(LightningModule):
         # pretrained features as they are: BatchNorm must use its ImageNet statistics, not the batch's
         self.backbone.eval()
         self._collector = BankCollector()
+        self._stream_position = 0
 
     def on_train_epoch_end(self) -> None:
         if self._collector is not None:
+            self._warn_if_partial_pass(self._collector.num_batches)
             self._finalize_bank()
         # one pass is all DN2 needs; more epochs would rebuild the same bank
         rank_zero_info(f"DN2: memory bank of {len(self.bank)} embeddings built; stopping fit after one epoch.")
         self.trainer.should_stop = True
+
+    def _warn_if_partial_pass(self, seen: int) -> None:
+        total = len(self.trainer.train_dataloader) if self.trainer.train_dataloader is not None else seen
+        if seen < total:
+            warnings.warn(
+                f"the memory bank was built from {seen} of {total} training batches (limit_train_batches, "
+                "max_steps or fast_dev_run); scores use a partial bank.",
+                stacklevel=2,
+            )
 
     def configure_optimizers(self) -> list:
         return []
@@ -129,6 +141,7 @@ class DN2Module(LightningModule):
     def on_validation_epoch_start(self) -> None:
         if not self.trainer.sanity_checking:
             self._ensure_bank()
+        self._stream_position = 0
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         if not self.trainer.sanity_checking:  # the sanity check runs before the bank exists
@@ -140,6 +153,7 @@ class DN2Module(LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self._ensure_bank()
+        self._stream_position = 0
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._score_into(self.test_collector, unpack_batch(batch), batch_idx)
@@ -149,6 +163,7 @@ class DN2Module(LightningModule):
 
     def on_predict_epoch_start(self) -> None:
         self._ensure_bank()
+        self._stream_position = 0
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         """Per sample: ``score``, ``is_anomaly`` (score > threshold), ``label``, ``index``, and the
@@ -241,6 +256,7 @@ class DN2Module(LightningModule):
         loader = _shard_for_this_rank(datamodule.train_dataloader())
         rank_zero_info(f"DN2: building the memory bank from {type(datamodule).__name__}.train_dataloader().")
         self._collector = BankCollector()
+        self._stream_position = 0
         with torch.no_grad():
             for batch_idx, batch in enumerate(loader):
                 batch = self._on_device(batch, batch_idx)
@@ -325,9 +341,10 @@ class DN2Module(LightningModule):
         if batch.indices is not None:
             return torch.as_tensor(batch.indices, device=batch.images.device).long()
         # datasets without indices are assumed to be read in order, as an unshuffled
-        # DistributedSampler deals them: sample i of this rank's batch stream is rank + world * i
+        # DistributedSampler deals them: sample i of this rank's stream is rank + world * i
         size = batch.images.shape[0]
-        local = torch.arange(size, device=batch.images.device) + batch_idx * size
+        local = torch.arange(self._stream_position, self._stream_position + size, device=batch.images.device)
+        self._stream_position += size
         return self.global_rank + world_size() * local
 
     def _on_device(self, batch: Any, batch_idx: int) -> Any:

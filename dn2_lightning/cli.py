@@ -1,0 +1,29 @@
+"""The ``dn2`` command: LightningCLI over DN2Module and any LightningDataModule.
+
+    dn2 test --config configs/fashionmnist.yaml --data.normal_class=3
+    dn2 fit --config configs/digits.yaml && dn2 test --config configs/digits.yaml --ckpt_path=...
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.cli import LightningCLI
+
+from dn2_lightning.module import DN2Module
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+    """Entry point of ``dn2``; ``args``/``run`` as in LightningCLI (for tests and notebooks)."""
+    return LightningCLI(
+        DN2Module,
+        LightningDataModule,
+        subclass_mode_data=True,
+        args=args,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )
+
+
+if __name__ == "__main__":
+    cli_main()

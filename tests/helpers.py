@@ -1,0 +1,63 @@
+"""Small synthetic data and models for fast, exact tests."""
+
+from __future__ import annotations
+
+import torch
+from lightning import LightningDataModule
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+
+class DictDataset(Dataset):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i], "label": self.labels[i], "index": torch.tensor(i)}
+
+
+class BlobDataModule(LightningDataModule):
+    """Normal images are dim noise, anomalies bright noise; sizes chosen not to divide by 2 or 16."""
+
+    def __init__(self, n_train: int = 101, n_normal: int = 41, n_anomalous: int = 30, with_val: bool = False,
+                 batch_size: int = 16, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.train_images = torch.rand(n_train, 3, 8, 8, generator=g) * 0.6
+        normal = torch.rand(n_normal, 3, 8, 8, generator=g) * 0.6
+        anomalous = torch.rand(n_anomalous, 3, 8, 8, generator=g) * 0.6 + 0.3
+        self.test_images = torch.cat([normal, anomalous])
+        self.test_labels = torch.cat([torch.zeros(n_normal), torch.ones(n_anomalous)]).long()
+        self.with_val, self.batch_size = with_val, batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        labels = torch.zeros(len(self.train_images), dtype=torch.long)
+        return DataLoader(DictDataset(self.train_images, labels), batch_size=self.batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(DictDataset(self.test_images, self.test_labels), batch_size=self.batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+
+class BlobWithValDataModule(BlobDataModule):
+    def val_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+
+def linear_backbone(seed: int = 0, in_features: int = 192, dim: int = 16) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_features, dim))
+
+
+def quiet_trainer(**kwargs):
+    from lightning import Trainer
+
+    defaults = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", enable_checkpointing=False,
+                    devices=1)
+    defaults.update(kwargs)
+    return Trainer(**defaults)

@@ -1,0 +1,141 @@
+"""Every kNN backend against the float64 brute force."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dn2_lightning.knn import brute_force_knn, keops_probe, knn_distances, list_knn_backends, merge_topk
+
+KEOPS_OK = keops_probe("cpu") is None if os.environ.get("DN2_TEST_KEOPS", "1") == "1" else False
+BACKENDS = ["torch", "auto"] + (["keops"] if KEOPS_OK else [])
+
+
+def assert_exact(result, queries, bank, k, rtol=1e-5):
+    """Values equal the float64 reference; indices point at rows with exactly those distances (ties may
+    pick different rows)."""
+    ref = brute_force_knn(queries, bank, k)
+    scale = ref.values.abs().max().clamp_min(1e-12)
+    assert result.values.shape == result.indices.shape == (queries.shape[0], k)
+    assert result.indices.dtype == torch.int64
+    assert ((result.values.double() - ref.values).abs() / scale).max() < rtol
+    own = ((queries.double()[:, None, :] - bank.double()[result.indices]) ** 2).sum(-1)
+    assert ((own - ref.values).abs() / scale).max() < rtol
+    assert (result.values[:, 1:] >= result.values[:, :-1]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", [1, 2, 7])
+def test_random_data(backend, k):
+    g = torch.Generator().manual_seed(k)
+    bank, queries = torch.randn(500, 24, generator=g), torch.randn(64, 24, generator=g)
+    assert_exact(knn_distances(queries, bank, k, backend), queries, bank, k)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_common_offset(backend):
+    """1e3 + N(0, 1e-2): the naive ||x||^2 + ||y||^2 - 2xy expansion in float32 loses every digit."""
+    g = torch.Generator().manual_seed(0)
+    bank = 1e3 + 1e-2 * torch.randn(400, 32, generator=g)
+    queries = 1e3 + 1e-2 * torch.randn(50, 32, generator=g)
+    naive = (queries**2).sum(1, keepdim=True) + (bank**2).sum(1) - 2 * queries @ bank.T
+    ref = brute_force_knn(queries, bank, 2)
+    assert (naive.topk(2, largest=False).indices != ref.indices).any(), "the test data must defeat the naive way"
+    result = knn_distances(queries, bank, 2, backend)
+    assert torch.equal(result.indices, ref.indices)
+    assert_exact(result, queries, bank, 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_duplicates_and_ties(backend):
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(20, 8, generator=g)
+    bank = torch.cat([base, base, base[:5]])  # every row at least twice
+    queries = torch.cat([base[:10], torch.randn(10, 8, generator=g)])
+    result = knn_distances(queries, bank, 3, backend)
+    assert_exact(result, queries, bank, 3)
+    assert (result.values[:10, :2] == 0).all()  # a query equal to a bank row has two zero-distance twins
+
+
+def test_torch_memory_budget_forces_many_blocks():
+    """A tiny budget splits queries and bank into many blocks; the result must not change."""
+    g = torch.Generator().manual_seed(2)
+    bank, queries = torch.randn(3000, 16, generator=g), torch.randn(300, 16, generator=g)
+    small = knn_distances(queries, bank, 4, "torch", max_memory_bytes=2**16)
+    big = knn_distances(queries, bank, 4, "torch")
+    assert torch.equal(small.indices, big.indices)
+    assert_exact(small, queries, bank, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_candidates_stay_exact(dtype):
+    """bf16/fp16 candidate search + exact refinement + certification = exact result."""
+    g = torch.Generator().manual_seed(3)
+    bank = 5 + torch.randn(2000, 64, generator=g)
+    queries = 5 + torch.randn(200, 64, generator=g)
+    result = knn_distances(queries, bank, 2, "torch", candidate_dtype=dtype)
+    assert torch.equal(result.indices, brute_force_knn(queries, bank, 2).indices)
+    assert_exact(result, queries, bank, 2)
+
+
+def test_float64_inputs_are_accepted():
+    g = torch.Generator().manual_seed(4)
+    bank, queries = torch.randn(100, 5, generator=g, dtype=torch.float64), torch.randn(9, 5, dtype=torch.float64)
+    assert_exact(knn_distances(queries, bank, 3), queries, bank, 3)
+
+
+def test_merge_topk_of_shards_equals_whole():
+    g = torch.Generator().manual_seed(5)
+    bank, queries = torch.randn(300, 6, generator=g), torch.randn(20, 6, generator=g)
+    parts = [knn_distances(queries, shard, 3) for shard in bank.split(100)]
+    merged = merge_topk([p.values for p in parts], [p.indices + 100 * i for i, p in enumerate(parts)], 3)
+    whole = knn_distances(queries, bank, 3)
+    assert torch.equal(merged.indices, whole.indices)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"k": 0}, "k=0"),
+        ({"k": 11}, "k=11"),
+        ({"k": 2.0}, "k=2.0"),
+        ({"backend": "faiss"}, "knn_backend='faiss'"),
+        ({"queries": torch.zeros(3, 4)}, "dimension 4"),
+        ({"queries": torch.zeros(3, 5, dtype=torch.long)}, "floating"),
+        ({"bank": torch.zeros(10)}, "2-D"),
+        ({"max_memory_bytes": 10}, "max_memory_bytes"),
+    ],
+)
+def test_bad_arguments_name_the_parameter(kwargs, match):
+    args = {"queries": torch.zeros(3, 5), "bank": torch.zeros(10, 5), "k": 2, "backend": "torch"}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        knn_distances(args.pop("queries"), args.pop("bank"), args.pop("k"), args.pop("backend"), **args)
+
+
+def test_backend_registry():
+    assert list_knn_backends() == ["auto", "torch", "keops"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 80),
+    m=st.integers(1, 20),
+    d=st.integers(1, 40),
+    k_frac=st.floats(0, 1),
+    offset=st.sampled_from([0.0, 1.0, 1e2, 1e3]),
+    spread=st.sampled_from([1e-2, 1.0, 1e2]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_torch_backend_matches_brute_force(n, m, d, k_frac, offset, spread, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    bank = (offset + spread * torch.randn(n, d, generator=g)).to(dtype)
+    queries = (offset + spread * torch.randn(m, d, generator=g)).to(dtype)
+    k = 1 + int(k_frac * (n - 1))
+    # float32 inputs: both sides see the same float32 numbers; tolerance covers float32 arithmetic
+    assert_exact(knn_distances(queries, bank, k, "torch"), queries, bank, k, rtol=1e-4)

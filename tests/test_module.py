@@ -1,0 +1,205 @@
+"""DN2Module life cycle on synthetic data with a tiny fixed backbone: exact, fast, no mocks."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from helpers import BlobDataModule, BlobWithValDataModule, linear_backbone, quiet_trainer
+from sklearn.metrics import roc_auc_score
+from sklearn.neighbors import NearestNeighbors
+
+from dn2_lightning import DN2Module
+
+
+def reference_scores(model: DN2Module, dm: BlobDataModule, k: int) -> np.ndarray:
+    """DN2 scores computed independently: embeddings in float64 + sklearn exact kNN."""
+    with torch.no_grad():
+        train = model.backbone(dm.train_images).double().numpy()
+        test = model.backbone(dm.test_images).double().numpy()
+    distances, _ = NearestNeighbors(n_neighbors=k, algorithm="brute").fit(train).kneighbors(test)
+    return (distances**2).mean(1)
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_test_without_fit_matches_independent_reference(k):
+    dm = BlobDataModule()
+    model = DN2Module(k=k, backbone=linear_backbone())
+    results = quiet_trainer().test(model, datamodule=dm)
+    scores = model.test_scores
+    assert torch.equal(scores.indices, torch.arange(len(dm.test_images)))
+    np.testing.assert_allclose(scores.scores.numpy(), reference_scores(model, dm, k), rtol=1e-5)
+    expected_auroc = roc_auc_score(dm.test_labels.numpy(), scores.scores.numpy())
+    assert results[0]["test/auroc"] == pytest.approx(expected_auroc, abs=1e-7)
+    assert 0.5 < expected_auroc <= 1.0
+
+
+def test_fit_then_test_equals_test_without_fit_and_checkpoint_round_trip(tmp_path):
+    dm = BlobDataModule()
+    direct = DN2Module(k=2, backbone=linear_backbone())
+    quiet_trainer().test(direct, datamodule=dm)
+
+    model = DN2Module(k=2, backbone=linear_backbone())
+    trainer = quiet_trainer(default_root_dir=tmp_path, enable_checkpointing=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, datamodule=dm)
+    messages = " ".join(str(w.message) for w in caught)
+    for forbidden in ("optimizer", "training_step", "eval mode", "None"):
+        assert forbidden not in messages, messages
+    assert trainer.current_epoch == 1 and len(model.bank) == len(dm.train_images)
+    trainer.test(model, datamodule=dm)
+    assert torch.equal(model.test_scores.scores, direct.test_scores.scores)
+
+    ckpt = trainer.checkpoint_callback.best_model_path
+    assert ckpt, "ModelCheckpoint must save after fit even though no optimizer stepped"
+    state = torch.load(ckpt, weights_only=True)  # no pickle execution needed
+    assert state["state_dict"]["bank.embeddings"].shape == (len(dm.train_images), 16)
+    restored = DN2Module.load_from_checkpoint(ckpt, backbone=linear_backbone(seed=1))  # weights come from ckpt
+    assert torch.equal(restored.bank.embeddings, model.bank.embeddings)
+    quiet_trainer().test(restored, datamodule=BlobDataModule())
+    assert torch.equal(restored.test_scores.scores, direct.test_scores.scores)
+    assert torch.equal(restored.threshold, model.threshold)
+
+
+def test_fit_with_validation_and_sanity_check_logs_val_auroc():
+    dm = BlobWithValDataModule()
+    model = DN2Module(k=2, backbone=linear_backbone())
+    trainer = quiet_trainer(num_sanity_val_steps=2)
+    trainer.fit(model, datamodule=dm)
+    assert "val/auroc" in trainer.callback_metrics
+    expected = roc_auc_score(dm.test_labels.numpy(), model.val_scores.scores.numpy())
+    assert trainer.callback_metrics["val/auroc"].item() == pytest.approx(expected, abs=1e-7)
+
+
+def test_partial_training_pass_warns():
+    model = DN2Module(k=2, backbone=linear_backbone())
+    with pytest.warns(UserWarning, match="2 of 7 training batches"):
+        quiet_trainer(limit_train_batches=2).fit(model, datamodule=BlobDataModule())
+    assert len(model.bank) == 32
+
+
+def test_test_then_refit_then_reload_outside_inference_mode():
+    """A bank built inside test's inference mode must not break a later fit or load_state_dict."""
+    dm = BlobDataModule()
+    model = DN2Module(k=2, backbone=linear_backbone())
+    quiet_trainer().test(model, datamodule=dm)
+    quiet_trainer().fit(model, datamodule=BlobDataModule(n_train=50))
+    assert len(model.bank) == 50
+    fresh = DN2Module(k=2, backbone=linear_backbone())
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(fresh.bank.embeddings, model.bank.embeddings)
+
+
+def test_test_without_datamodule_or_bank_says_what_to_do():
+    model = DN2Module(k=2, backbone=linear_backbone())
+    with pytest.raises(RuntimeError, match="call trainer.fit"):
+        quiet_trainer().test(model, dataloaders=BlobDataModule().test_dataloader())
+
+
+def test_predict_returns_scores_labels_indices_and_threshold_decisions():
+    dm = BlobDataModule()
+    model = DN2Module(k=2, backbone=linear_backbone())
+    out = quiet_trainer().predict(model, datamodule=dm)
+    scores = torch.cat([o["score"] for o in out])
+    assert torch.equal(torch.cat([o["index"] for o in out]), torch.arange(len(dm.test_images)))
+    assert torch.equal(torch.cat([o["label"] for o in out]), dm.test_labels)
+    np.testing.assert_allclose(scores.numpy(), reference_scores(model, dm, 2), rtol=1e-5)
+    assert torch.equal(torch.cat([o["is_anomaly"] for o in out]), scores > model.threshold)
+
+
+def test_threshold_comes_from_leave_one_out_train_scores():
+    dm = BlobDataModule()
+    model = DN2Module(k=2, backbone=linear_backbone(), threshold_quantile=0.9)
+    quiet_trainer().fit(model, datamodule=dm)
+    with torch.no_grad():
+        train = model.backbone(dm.train_images).double().numpy()
+    distances, _ = NearestNeighbors(n_neighbors=3, algorithm="brute").fit(train).kneighbors(train)
+    loo = (distances[:, 1:] ** 2).mean(1)  # first neighbour is the sample itself (no duplicates here)
+    assert model.threshold.item() == pytest.approx(np.quantile(loo, 0.9), rel=1e-5)
+
+
+def test_tuple_batches_without_indices_work():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    dm = BlobDataModule()
+    train = DataLoader(TensorDataset(dm.train_images, torch.zeros(len(dm.train_images))), batch_size=16)
+    test = DataLoader(TensorDataset(dm.test_images, dm.test_labels), batch_size=16)
+    model = DN2Module(k=2, backbone=linear_backbone())
+    trainer = quiet_trainer()
+    trainer.fit(model, train_dataloaders=train)
+    trainer.test(model, dataloaders=test)
+    np.testing.assert_allclose(model.test_scores.scores.numpy(), reference_scores(model, dm, 2), rtol=1e-5)
+
+
+def test_nan_input_names_batch_and_samples():
+    dm = BlobDataModule()
+    dm.test_images[20, 0, 0, 0] = float("nan")
+    model = DN2Module(k=2, backbone=linear_backbone())
+    with pytest.raises(ValueError, match=r"batch 1 at positions \[4\] \(dataset indices \[20\]\)"):
+        quiet_trainer().test(model, datamodule=dm)
+
+
+def test_single_class_test_set_warns_auroc_undefined():
+    dm = BlobDataModule(n_anomalous=0)
+    model = DN2Module(k=2, backbone=linear_backbone())
+    with pytest.warns(UserWarning, match="AUROC is undefined"):
+        results = quiet_trainer().test(model, datamodule=dm)
+    assert "test/auroc" not in results[0]
+    assert len(model.test_scores) == 41
+
+
+def test_k_larger_than_bank_is_a_clear_error():
+    model = DN2Module(k=200, backbone=linear_backbone())
+    with pytest.raises(ValueError, match=r"k=200 exceeds the number of training embeddings \(101\)"):
+        quiet_trainer().test(model, datamodule=BlobDataModule())
+
+
+def test_checkpoint_with_other_bank_dimension_is_refused(tmp_path):
+    model = DN2Module(k=2, backbone="efficientnet_lite0", pretrained=False)
+    model.bank.set(torch.zeros(5, 512), torch.arange(5))
+    path = tmp_path / "bad.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                "pytorch-lightning_version": "2.6.0"}, path)
+    with pytest.raises(ValueError, match="512-d embeddings but backbone='efficientnet_lite0' gives 1280-d"):
+        DN2Module.load_from_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"k": 0}, "k=0"),
+        ({"knn_backend": "annoy"}, "knn_backend='annoy'"),
+        ({"clean_fraction": 1.0}, "clean_fraction=1.0"),
+        ({"clean_fraction": -0.1}, "clean_fraction=-0.1"),
+        ({"clean_k": 0}, "clean_k=0"),
+        ({"group_pooling": "max"}, "group_pooling='max'"),
+        ({"threshold_quantile": 0.0}, "threshold_quantile=0.0"),
+        ({"backbone": "resnet9000"}, "backbone='resnet9000'"),
+        ({"image_size": 2}, "image_size=2"),
+    ],
+)
+def test_bad_hyperparameters_name_the_parameter(kwargs, match):
+    args = {"backbone": linear_backbone()} | kwargs
+    with pytest.raises(ValueError, match=match):
+        DN2Module(**args)
+
+
+def test_test_without_fit_on_tuple_datasets_without_indices():
+    from lightning import LightningDataModule
+    from torch.utils.data import DataLoader, TensorDataset
+
+    blobs = BlobDataModule()
+
+    class TupleDataModule(LightningDataModule):
+        def train_dataloader(self):
+            return DataLoader(TensorDataset(blobs.train_images, torch.zeros(101)), batch_size=16)
+
+        def test_dataloader(self):
+            return DataLoader(TensorDataset(blobs.test_images, blobs.test_labels), batch_size=16)
+
+    model = DN2Module(k=2, backbone=linear_backbone())
+    quiet_trainer().test(model, datamodule=TupleDataModule())
+    np.testing.assert_allclose(model.test_scores.scores.numpy(), reference_scores(model, blobs, 2), rtol=1e-5)

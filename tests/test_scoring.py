@@ -1,0 +1,76 @@
+"""Scores, leave-one-out kNN, cleaning and group pooling on constructed data with known answers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dn2_lightning.knn import brute_force_knn
+from dn2_lightning.scoring import cleaning_mask, knn_scores, leave_one_out_knn, pool_groups, to_unit_interval
+
+
+def contaminated_bank(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A tight normal cluster (80), 6 isolated far points, and a small cluster of 6 close contaminants."""
+    g = torch.Generator().manual_seed(seed)
+    normal = 0.1 * torch.randn(80, 4, generator=g)
+    isolated = 10 * torch.eye(4).repeat(2, 1)[:6] * torch.tensor([1.0, 1, 1, 1, -1, -1])[:, None]
+    cluster = torch.tensor([6.0, 6.0, 0.0, 0.0]) + 0.01 * torch.randn(6, 4, generator=g)
+    bank = torch.cat([normal, isolated, cluster])
+    return bank, torch.arange(80, 86), torch.arange(86, 92)
+
+
+def test_leave_one_out_excludes_self_by_index_even_with_duplicates():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(30, 5, generator=g)
+    bank = torch.cat([base, base[:10]])  # rows 0..9 have an exact twin
+    loo = leave_one_out_knn(bank, k=2)
+    n = len(bank)
+    assert not (loo.indices == torch.arange(n)[:, None]).any()
+    ref = brute_force_knn(bank, bank, n).values.double()
+    # reference: drop exactly one zero (the self distance) per row
+    expected = torch.stack([torch.cat([row[:0], row[1:]])[:2] for row in ref])
+    torch.testing.assert_close(loo.values.double(), expected, rtol=1e-5, atol=1e-6)
+    assert (loo.values[:10, 0] == 0).all() and (loo.values[30:, 0] == 0).all()
+    assert (loo.values[10:30, 0] > 0).all()
+
+
+def test_cleaning_with_small_k_misses_the_contaminant_cluster_and_large_k_finds_it():
+    bank, isolated, cluster = contaminated_bank()
+    keep_k2 = cleaning_mask(bank, fraction=12 / 92, k=2)
+    assert not keep_k2[isolated].any()  # far points go at any k
+    assert keep_k2[cluster].all()  # k=2 < cluster size: contaminants hide behind each other
+    keep_k8 = cleaning_mask(bank, fraction=12 / 92, k=8)
+    assert not keep_k8[isolated].any() and not keep_k8[cluster].any()
+    assert keep_k8[:80].all()
+    assert keep_k8.sum() == 80
+
+
+def test_cleaning_fraction_zero_keeps_everything_and_rounding_is_exact():
+    bank, _, _ = contaminated_bank()
+    assert cleaning_mask(bank, 0.0, 2).all()
+    assert cleaning_mask(bank, 0.5, 2).sum() == 46
+
+
+def test_knn_scores_are_the_mean_of_k_squared_distances():
+    g = torch.Generator().manual_seed(1)
+    bank, queries = torch.randn(50, 3, generator=g), torch.randn(7, 3, generator=g)
+    ref = brute_force_knn(queries, bank, 3)
+    torch.testing.assert_close(knn_scores(ref), ((queries[:, None].double() - bank.double()) ** 2).sum(-1)
+                               .sort(1).values[:, :3].mean(1))
+
+
+def test_pool_groups_is_orderless_and_respects_the_mask():
+    g = torch.Generator().manual_seed(2)
+    members = torch.randn(4, 5, 3, generator=g)
+    perm = torch.randperm(5, generator=g)
+    torch.testing.assert_close(pool_groups(members), pool_groups(members[:, perm]))
+    mask = torch.tensor([[1, 1, 1, 0, 0]] * 4).bool()
+    torch.testing.assert_close(pool_groups(members, mask), members[:, :3].mean(1))
+
+
+@pytest.mark.parametrize("scores", [torch.tensor([3.0, 1e9, -2.0, 3.0, 17.0]), torch.randn(1000) * 1e4])
+def test_unit_interval_preserves_order_and_ties(scores):
+    mapped = to_unit_interval(scores)
+    assert mapped.min() >= 0 and mapped.max() <= 1
+    assert torch.equal(torch.argsort(mapped, stable=True), torch.argsort(scores, stable=True))
+    assert torch.equal(mapped[:, None] == mapped[None], scores[:, None] == scores[None])
