@@ -33,3 +33,11 @@ def unique_by_index(indices: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
     keep = torch.ones_like(indices, dtype=torch.bool)
     keep[1:] = indices[1:] != indices[:-1]
     return (indices[keep], *(t[order][keep] for t in tensors))
+
+
+def broadcast_module_state(module: torch.nn.Module) -> None:
+    """Copy rank 0's parameters and buffers to every rank (what DDP does when it wraps a module)."""
+    if world_size() == 1:
+        return
+    for tensor in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(tensor.data, src=0)

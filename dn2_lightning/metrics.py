@@ -57,7 +57,7 @@ class ScoreCollector(Metric):
         self.distances.append(distances.float())
 
     def compute(self) -> AnomalyScores:
-        if not self.indices:
+        if isinstance(self.indices, list) and not self.indices:
             raise RuntimeError("no samples were scored: the evaluation dataloader is empty.")
         indices, scores, labels, neighbours, distances = unique_by_index(
             dim_zero_cat(self.indices),

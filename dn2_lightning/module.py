@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
@@ -17,7 +18,7 @@ from torchmetrics.classification import BinaryAUROC
 from dn2_lightning.bank import BankCollector, MemoryBank
 from dn2_lightning.batch import Batch, unpack_batch
 from dn2_lightning.backbones import build_backbone
-from dn2_lightning.distributed import gather_rows, unique_by_index, world_size
+from dn2_lightning.distributed import broadcast_module_state, gather_rows, unique_by_index, world_size
 from dn2_lightning.knn import KNNResult, knn_distances, list_knn_backends
 from dn2_lightning.metrics import AnomalyScores, ScoreCollector
 from dn2_lightning.scoring import cleaning_mask, knn_scores, leave_one_out_knn, pool_groups, to_unit_interval
@@ -100,6 +101,15 @@ class DN2Module(LightningModule):
         return self.backbone(images)
 
     # ----------------------------------------------------------------------------------------- training
+
+    def setup(self, stage: str) -> None:
+        strategy = self.trainer.strategy
+        frozen = not any(p.requires_grad for p in self.parameters())
+        if stage == "fit" and isinstance(strategy, DDPStrategy) and frozen:
+            # torch's DistributedDataParallel refuses a module without trainable parameters, and DN2 has no
+            # gradients to synchronise: fit runs unwrapped (each rank embeds its shard, the bank is gathered
+            # afterwards), with the weights made identical on every rank as DDP would.
+            strategy.configure_ddp = lambda: broadcast_module_state(self)
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         parsed = unpack_batch(batch)

@@ -28,7 +28,7 @@ class BlobDataModule(LightningDataModule):
         g = torch.Generator().manual_seed(seed)
         self.train_images = torch.rand(n_train, 3, 8, 8, generator=g) * 0.6
         normal = torch.rand(n_normal, 3, 8, 8, generator=g) * 0.6
-        anomalous = torch.rand(n_anomalous, 3, 8, 8, generator=g) * 0.6 + 0.3
+        anomalous = torch.rand(n_anomalous, 3, 8, 8, generator=g) * 0.6 + 0.04
         self.test_images = torch.cat([normal, anomalous])
         self.test_labels = torch.cat([torch.zeros(n_normal), torch.ones(n_anomalous)]).long()
         self.with_val, self.batch_size = with_val, batch_size
