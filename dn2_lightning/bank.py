@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dn2_lightning.knn import PreparedBank, prepare_bank
+
 
 class MemoryBank(nn.Module):
     """Training embeddings ``[N, D]`` and the dataset index of each row, as persistent buffers.
@@ -29,6 +31,7 @@ class MemoryBank(nn.Module):
         super().__init__()
         self.register_buffer("embeddings", torch.empty(0, 0))
         self.register_buffer("sample_indices", torch.empty(0, dtype=torch.long))
+        self._prepared: tuple[tuple, PreparedBank] | None = None
 
     @property
     def is_fitted(self) -> bool:
@@ -40,6 +43,14 @@ class MemoryBank(nn.Module):
     @property
     def dim(self) -> int:
         return self.embeddings.shape[1]
+
+    def prepared(self) -> PreparedBank:
+        """The bank centred for search, computed once per bank content and device."""
+        e = self.embeddings
+        key = (e.data_ptr(), e.device, tuple(e.shape), e._version)
+        if self._prepared is None or self._prepared[0] != key:
+            self._prepared = (key, prepare_bank(e))
+        return self._prepared[1]
 
     def set(self, embeddings: Tensor, sample_indices: Tensor) -> None:
         """Replace the bank. Copies out of inference mode so later fits and loads may update it."""

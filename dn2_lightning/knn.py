@@ -29,6 +29,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -60,6 +61,35 @@ class KNNResult(NamedTuple):
     indices: Tensor
 
 
+@dataclass(frozen=True)
+class PreparedBank:
+    """A bank ready for repeated searches: centred on its mean, with row norms and the candidate-dtype
+    copy computed once. Build it with :func:`prepare_bank`; pass it wherever a bank tensor goes."""
+
+    center: Tensor  # [D] float32
+    rows: Tensor  # [N, D] float32, centred
+    norms: Tensor  # [N] squared row norms
+    low: Tensor  # rows in the candidate dtype (the same tensor for float32)
+    max_norm: float
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.rows.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.rows.device
+
+
+def prepare_bank(bank: Tensor, candidate_dtype: torch.dtype = torch.float32) -> PreparedBank:
+    """Centre the bank on its mean (distances are unchanged; norms and cancellation shrink)."""
+    center = bank.mean(0, dtype=torch.float64).to(torch.float32)
+    rows = bank.to(torch.float32) - center
+    norms = (rows * rows).sum(1)
+    low = rows if candidate_dtype == torch.float32 else rows.to(candidate_dtype)
+    return PreparedBank(center, rows, norms, low, float(norms.max().sqrt()) if len(norms) else 0.0)
+
+
 def list_knn_backends() -> list[str]:
     """Names accepted by ``knn_distances(..., backend=...)``."""
     return list(KNN_BACKENDS)
@@ -67,7 +97,7 @@ def list_knn_backends() -> list[str]:
 
 def knn_distances(
     queries: Tensor,
-    bank: Tensor,
+    bank: Tensor | PreparedBank,
     k: int,
     backend: str = "auto",
     *,
@@ -78,7 +108,8 @@ def knn_distances(
 
     Args:
         queries: ``[M, D]`` floating tensor.
-        bank: ``[N, D]`` floating tensor on the same device.
+        bank: ``[N, D]`` floating tensor on the same device, or a :class:`PreparedBank` of it (saves
+            re-centring the bank when it is searched many times).
         k: number of neighbours, ``1 <= k <= N``.
         backend: one of :func:`list_knn_backends`.
         max_memory_bytes: budget for temporary buffers of the ``"torch"`` backend (default 512 MiB).
@@ -96,16 +127,20 @@ def knn_distances(
         >>> knn_distances(torch.tensor([[0.9, 0.0]]), bank, k=2)
         KNNResult(values=tensor([[0.0100, 0.8100]]), indices=tensor([[1, 0]]))
     """
-    _validate_inputs(queries, bank, k, backend, max_memory_bytes, candidate_dtype)
+    _validate_inputs(queries, bank.rows if isinstance(bank, PreparedBank) else bank, k, backend,
+                     max_memory_bytes, candidate_dtype)
+    candidate_dtype = candidate_dtype or torch.float32
+    if not isinstance(bank, PreparedBank):
+        bank = prepare_bank(bank, candidate_dtype)
+    elif bank.low.dtype != candidate_dtype:
+        bank = replace(bank, low=bank.rows.to(candidate_dtype))
     if backend == "auto":
         backend = _auto_backend(queries.device, bank.shape[1])
     if backend == "keops":
         if _keops_usable(queries.device, bank.shape[0]):
             return _keops_knn(queries, bank, k)
         backend = "torch"
-    return _torch_knn(
-        queries, bank, k, max_memory_bytes or DEFAULT_MAX_MEMORY_BYTES, candidate_dtype or torch.float32
-    )
+    return _torch_knn(queries, bank, k, max_memory_bytes or DEFAULT_MAX_MEMORY_BYTES)
 
 
 def brute_force_knn(queries: Tensor, bank: Tensor, k: int) -> KNNResult:
@@ -162,26 +197,19 @@ def _auto_backend(device: torch.device, dim: int) -> str:
 # torch backend
 
 
-def _torch_knn(
-    queries: Tensor, bank: Tensor, k: int, max_memory_bytes: int, candidate_dtype: torch.dtype
-) -> KNNResult:
-    center = bank.double().mean(0).to(torch.float32)
-    q = queries.to(torch.float32) - center
-    b = bank.to(torch.float32) - center
+def _torch_knn(queries: Tensor, bank: PreparedBank, k: int, max_memory_bytes: int) -> KNNResult:
+    q = queries.to(torch.float32) - bank.center
+    b = bank.rows
     n, dim = b.shape
     num_candidates = min(n, 2 * k + 16)
     query_rows, bank_rows = _block_sizes(q.shape[0], n, dim, num_candidates, max_memory_bytes)
-
-    b_norms = (b * b).sum(1)
-    b_low = b.to(candidate_dtype)
-    error_scale = _gemm_error_scale(dim, candidate_dtype, b.device)
-    max_b_norm = b_norms.max().sqrt()
+    error_scale = _gemm_error_scale(dim, bank.low.dtype, b.device)
 
     values_out, indices_out = [], []
     for start in range(0, q.shape[0], query_rows):
         q_blk = q[start : start + query_rows]
         q_norms = (q_blk * q_blk).sum(1)
-        approx, cand = _gemm_candidates(q_blk, q_norms, b_low, b_norms, num_candidates, bank_rows)
+        approx, cand = _gemm_candidates(q_blk, q_norms, bank.low, bank.norms, num_candidates, bank_rows)
         exact = _exact_distances(q_blk, b, cand)
         exact, order = exact.sort(dim=1)
         cand = cand.gather(1, order)
@@ -190,7 +218,7 @@ def _torch_knn(
         if num_candidates < n:
             # No row outside the candidates can be nearer than the k-th once the worst-case GEMM error
             # of the last candidate still leaves it above the k-th exact distance.
-            bound = error_scale * (q_norms.sqrt() + max_b_norm) ** 2
+            bound = error_scale * (q_norms.sqrt() + bank.max_norm) ** 2
             kth = values[:, -1]
             refine_slack = 4 * dim * _UNIT_ROUNDOFF[torch.float32] * kth
             uncertain = approx[:, -1] - bound < kth + refine_slack
@@ -233,8 +261,11 @@ def _gemm_candidates(
     best_values = best_indices = None
     for start in range(0, b_low.shape[0], bank_rows):
         block = b_low[start : start + bank_rows]
-        dots = (q_low @ block.T).to(torch.float32)
-        approx = q_norms[:, None] + b_norms[None, start : start + bank_rows] - 2 * dots
+        # ||q||^2 is constant along a row: rank by ||b||^2 - 2 q.b and add it to the c winners only
+        if block.dtype == torch.float32:
+            approx = torch.addmm(b_norms[None, start : start + bank_rows], q_low, block.T, alpha=-2)
+        else:
+            approx = torch.add(b_norms[None, start : start + bank_rows], (q_low @ block.T).float(), alpha=-2)
         values, indices = approx.topk(min(c, block.shape[0]), dim=1, largest=False, sorted=False)
         indices = indices + start
         if best_values is not None:
@@ -242,7 +273,7 @@ def _gemm_candidates(
             values, pos = values.topk(c, dim=1, largest=False, sorted=False)
             indices = indices.gather(1, pos)
         best_values, best_indices = values, indices
-    values, order = best_values.sort(dim=1)
+    values, order = (best_values + q_norms[:, None]).sort(dim=1)
     return values, best_indices.gather(1, order)
 
 
@@ -275,12 +306,11 @@ def _exact_scan(q: Tensor, b: Tensor, k: int, max_memory_bytes: int) -> KNNResul
 # KeOps backend
 
 
-def _keops_knn(queries: Tensor, bank: Tensor, k: int) -> KNNResult:
+def _keops_knn(queries: Tensor, bank: PreparedBank, k: int) -> KNNResult:
     from pykeops.torch import LazyTensor
 
-    center = bank.double().mean(0).to(torch.float32)
-    x_i = LazyTensor((queries.to(torch.float32) - center)[:, None, :].contiguous())
-    y_j = LazyTensor((bank.to(torch.float32) - center)[None, :, :].contiguous())
+    x_i = LazyTensor((queries.to(torch.float32) - bank.center)[:, None, :].contiguous())
+    y_j = LazyTensor(bank.rows[None, :, :].contiguous())
     values, indices = ((x_i - y_j) ** 2).sum(-1).Kmin_argKmin(K=k, dim=1)
     return KNNResult(values, indices.long())
 

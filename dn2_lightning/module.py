@@ -209,7 +209,7 @@ class DN2Module(LightningModule):
         return knn_scores(knn), knn
 
     def _knn(self, embeddings: Tensor) -> KNNResult:
-        bank = self.bank.embeddings
+        bank = self.bank.prepared()
         if embeddings.shape[1] != bank.shape[1]:
             raise ValueError(
                 f"the backbone gives {embeddings.shape[1]}-d embeddings but the memory bank holds "
