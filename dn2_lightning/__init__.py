@@ -7,7 +7,7 @@ The data path, one module per stage: ``data`` (datasets, DataModules) -> ``backb
 
 from dn2_lightning.backbones import BackboneSpec, FeatureExtractor, build_backbone, list_backbones, register_backbone
 from dn2_lightning.bank import MemoryBank
-# TEMP from dn2_lightning.data import OneClassDataModule, list_datasets
+from dn2_lightning.data import GroupDataModule, OneClassDataModule, list_datasets
 from dn2_lightning.knn import KNNResult, knn_distances, list_knn_backends
 from dn2_lightning.metrics import AnomalyScores
 from dn2_lightning.module import DN2Module
@@ -17,6 +17,7 @@ __all__ = [
     "BackboneSpec",
     "DN2Module",
     "FeatureExtractor",
+    "GroupDataModule",
     "KNNResult",
     "MemoryBank",
     "OneClassDataModule",

@@ -96,7 +96,7 @@ class FeatureExtractor(nn.Module):
         feature_dim: int | None = None,
     ) -> None:
         super().__init__()
-        self.trunk = trunk.requires_grad_(False)
+        self.trunk = trunk.requires_grad_(False).to(memory_format=torch.channels_last)
         self.image_size = image_size
         self.feature_dim = feature_dim
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)

@@ -1,0 +1,173 @@
+"""Group anomaly detection data (paper §3.3): a sample is a set of M images.
+
+A normal group holds M images of M different classes. The hard anomaly keeps every image individually
+normal but breaks the composition: one class appears twice and another is missing. The easy anomaly
+swaps one member for an image of a class that never appears in normal groups (``held_out_classes``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from dn2_lightning.data.datasets import to_chw_uint8
+from dn2_lightning.data.sources import LabeledImages, list_datasets, load_split
+
+ANOMALY_KINDS = ("hard", "easy")
+
+
+class GroupDataset(Dataset):
+    """Groups of images from one source split.
+
+    Samples are dicts: ``image`` uint8 ``[M, 3, H, W]``, ``label`` (1 = anomalous group), ``index``,
+    ``members`` (source indices ``[M]``) and ``member_classes`` (``[M]``).
+    """
+
+    def __init__(self, source: LabeledImages, members: Tensor, labels: Tensor, image_size: int | None = None) -> None:
+        self.source, self.members, self.labels, self.image_size = source, members, labels, image_size
+
+    def __len__(self) -> int:
+        return self.members.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        members = self.members[i]
+        images = torch.stack([to_chw_uint8(self.source.images[j], self.image_size) for j in members.tolist()])
+        return {
+            "image": images,
+            "label": self.labels[i],
+            "index": torch.tensor(i),
+            "members": members,
+            "member_classes": self.source.labels[members],
+        }
+
+
+def sample_groups(
+    labels: Tensor,
+    classes: Sequence[int],
+    group_size: int,
+    n_groups: int,
+    kind: str | None,
+    generator: torch.Generator,
+    held_out: Sequence[int] = (),
+) -> Tensor:
+    """Source indices ``[n_groups, group_size]`` of groups of the given kind (``None`` = normal).
+
+    Normal: ``group_size`` distinct classes drawn from ``classes``, one random image of each.
+    ``"hard"``: as normal, then one member's class is replaced by another member's class (one class
+    twice, one missing). ``"easy"``: as normal, then one member is replaced by an image of a class from
+    ``held_out``.
+    """
+    by_class = {c: (labels == c).nonzero().flatten() for c in {*classes, *held_out}}
+    pool = torch.tensor(list(classes))
+    groups = torch.empty(n_groups, group_size, dtype=torch.long)
+    for g in range(n_groups):
+        chosen = pool[torch.randperm(len(pool), generator=generator)[:group_size]].tolist()
+        if kind == "hard":
+            missing, duplicated = torch.randperm(group_size, generator=generator)[:2].tolist()
+            chosen[missing] = chosen[duplicated]
+        elif kind == "easy":
+            slot = int(torch.randint(group_size, (1,), generator=generator))
+            chosen[slot] = held_out[int(torch.randint(len(held_out), (1,), generator=generator))]
+        for slot, c in enumerate(chosen):
+            candidates = by_class[c]
+            groups[g, slot] = candidates[torch.randint(len(candidates), (1,), generator=generator)]
+    return groups
+
+
+class GroupDataModule(LightningDataModule):
+    """Group anomaly detection on a classification dataset (paper §3.3).
+
+    Args:
+        dataset: a name from :func:`dn2_lightning.data.list_datasets`.
+        group_size: images per group, M; ``None`` = the number of normal classes.
+        n_train_groups: normal groups in the train set (from the train split).
+        n_test_groups: test groups (from the test split); ``anomaly_ratio`` of them anomalous.
+        anomaly: ``"hard"`` (one class twice, one missing) or ``"easy"`` (one member from a held-out class).
+        held_out_classes: classes never used in normal groups (required for ``anomaly="easy"``).
+        anomaly_ratio: fraction of anomalous test groups.
+        seed: seeds every random draw; the same seed gives the same groups.
+        root, batch_size, num_workers, image_size: as in :class:`OneClassDataModule`.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "fashionmnist",
+        group_size: int | None = None,
+        n_train_groups: int = 1000,
+        n_test_groups: int = 1000,
+        anomaly: str = "hard",
+        held_out_classes: list[int] | None = None,
+        anomaly_ratio: float = 0.5,
+        seed: int = 0,
+        root: str | None = None,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        image_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if dataset not in list_datasets():
+            raise ValueError(f"dataset={dataset!r} is not one of {list_datasets()}.")
+        if group_size is not None and (isinstance(group_size, bool) or group_size < 1):
+            raise ValueError(f"group_size={group_size!r} must be None (= number of classes) or an integer >= 1.")
+        for name, value in (("n_train_groups", n_train_groups), ("n_test_groups", n_test_groups)):
+            if value < 1:
+                raise ValueError(f"{name}={value} must be >= 1.")
+        if anomaly not in ANOMALY_KINDS:
+            raise ValueError(f"anomaly={anomaly!r} is not one of {list(ANOMALY_KINDS)}.")
+        if anomaly == "easy" and not held_out_classes:
+            raise ValueError("anomaly='easy' needs held_out_classes, e.g. held_out_classes=[9].")
+        if not 0.0 < anomaly_ratio < 1.0:
+            raise ValueError(f"anomaly_ratio={anomaly_ratio} must be in (0, 1): the test set needs both kinds.")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1.")
+        self.save_hyperparameters()
+        self.train_dataset: GroupDataset | None = None
+        self.test_dataset: GroupDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return
+        hp = self.hparams
+        train, test = load_split(hp.dataset, "train", hp.root), load_split(hp.dataset, "test", hp.root)
+        held_out = list(hp.held_out_classes or [])
+        for c in held_out:
+            if not 0 <= c < len(train.classes):
+                raise ValueError(f"held_out_classes contains {c}; valid classes are 0..{len(train.classes) - 1}.")
+        normal_classes = [c for c in range(len(train.classes)) if c not in held_out]
+        group_size = hp.group_size or len(normal_classes)
+        if group_size > len(normal_classes):
+            raise ValueError(
+                f"group_size={group_size} exceeds the {len(normal_classes)} normal classes: a normal group holds "
+                "one image of each of M different classes."
+            )
+        if hp.anomaly == "hard" and group_size < 2:
+            raise ValueError("anomaly='hard' needs group_size >= 2 (one class twice, another missing).")
+        g = torch.Generator().manual_seed(hp.seed)
+        train_groups = sample_groups(train.labels, normal_classes, group_size, hp.n_train_groups, None, g)
+        n_anomalous = round(hp.anomaly_ratio * hp.n_test_groups)
+        normal = sample_groups(test.labels, normal_classes, group_size, hp.n_test_groups - n_anomalous, None, g)
+        anomalous = sample_groups(test.labels, normal_classes, group_size, n_anomalous, hp.anomaly, g, held_out)
+        test_labels = torch.cat([torch.zeros(len(normal)), torch.ones(len(anomalous))]).long()
+        self.group_size = group_size
+        self.train_dataset = GroupDataset(train, train_groups, torch.zeros(len(train_groups), dtype=torch.long),
+                                          hp.image_size)
+        self.test_dataset = GroupDataset(test, torch.cat([normal, anomalous]), test_labels, hp.image_size)
+
+    def _loader(self, dataset: Dataset) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers,
+                          shuffle=False, persistent_workers=self.hparams.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.train_dataset)
+
+    def test_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.test_dataset)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()

@@ -1,0 +1,193 @@
+"""One-class (unimodal) DataModule: one class is normal, the whole test split is scored.
+
+With ``contamination > 0`` it gives the unsupervised setting of the paper (§3.2): the train set also
+holds a seeded sample of anomalies from the other classes, and keeps the bookkeeping of which ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from dn2_lightning.data.datasets import CORRUPT_POLICIES, ArrayImageDataset, ImageFolderDataset, list_image_files
+from dn2_lightning.data.sources import list_datasets, load_split
+
+FOLDER = "folder"
+
+
+class OneClassDataModule(LightningDataModule):
+    """Train on one normal class, test on the whole test split (label 1 = any other class).
+
+    Args:
+        dataset: a name from :func:`dn2_lightning.data.list_datasets`, or ``"folder"`` for your own images:
+            ``root/train/`` holds normal images, ``root/test/<name>/`` one folder per kind, the normal one
+            named ``normal_dir``. A ``root`` without ``test/`` is predicted on as a flat folder.
+        normal_class: index or (case-insensitive) name of the normal class; ignored for folders.
+        root: where the files are (default ``$DN2_DATA_DIR`` or ``~/.cache/dn2_lightning/data``).
+        batch_size, num_workers, pin_memory: DataLoader settings.
+        image_size: resize images to this square size while loading (CPU, uint8); ``None`` keeps the native
+            size (folders default to 224). The backbone resizes to its own resolution anyway.
+        contamination: fraction of the train set made of anomalies from the other classes (unsupervised
+            setting); 0 = clean.
+        seed: seeds the choice of contaminants.
+        normal_dir: name of the normal test subfolder (folders only).
+        on_corrupt: unreadable image files are ``"skip"``-ped with a warning or ``"raise"`` an error.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "fashionmnist",
+        normal_class: int | str = 0,
+        root: str | None = None,
+        batch_size: int = 256,
+        num_workers: int = 0,
+        image_size: int | None = None,
+        contamination: float = 0.0,
+        seed: int = 0,
+        normal_dir: str = "good",
+        on_corrupt: str = "skip",
+        pin_memory: bool = True,
+    ) -> None:
+        super().__init__()
+        if dataset not in [*list_datasets(), FOLDER]:
+            raise ValueError(f"dataset={dataset!r} is not one of {[*list_datasets(), FOLDER]}.")
+        if isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1.")
+        if num_workers < 0:
+            raise ValueError(f"num_workers={num_workers} must be >= 0.")
+        if image_size is not None and image_size < 1:
+            raise ValueError(f"image_size={image_size} must be None or >= 1.")
+        if not 0.0 <= contamination < 1.0:
+            raise ValueError(f"contamination={contamination} must be in [0, 1); 0 means a clean train set.")
+        if on_corrupt not in CORRUPT_POLICIES:
+            raise ValueError(f"on_corrupt={on_corrupt!r} is not one of {list(CORRUPT_POLICIES)}.")
+        if dataset == FOLDER:
+            if root is None or not Path(root).is_dir():
+                raise ValueError(f"dataset='folder' needs root= an existing directory, got root={root!r}.")
+            if contamination:
+                raise ValueError("contamination is for classification datasets; a folder's train set is what it is.")
+        self.save_hyperparameters()
+        self.train_dataset: Dataset | None = None
+        self.test_dataset: Dataset | None = None
+        self.predict_dataset: Dataset | None = None
+        self.train_is_contaminant = torch.empty(0, dtype=torch.bool)
+        self.train_source_indices = torch.empty(0, dtype=torch.long)
+        self.test_source_indices = torch.empty(0, dtype=torch.long)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.test_dataset is not None or self.predict_dataset is not None:
+            return
+        if self.hparams.dataset == FOLDER:
+            self._setup_folder()
+        else:
+            self._setup_classes()
+
+    def _setup_classes(self) -> None:
+        hp = self.hparams
+        train, test = load_split(hp.dataset, "train", hp.root), load_split(hp.dataset, "test", hp.root)
+        self.classes = train.classes
+        self.normal_class_index = resolve_class(hp.normal_class, train.classes)
+        self.normal_class_name = train.classes[self.normal_class_index]
+        normal = (train.labels == self.normal_class_index).nonzero().flatten()
+        if len(normal) == 0:
+            raise ValueError(f"normal_class={hp.normal_class!r} has no training samples in {hp.dataset}.")
+        contaminants = draw_contaminants(train.labels, self.normal_class_index, hp.contamination, hp.seed)
+        train_indices = torch.cat([normal, contaminants])
+        self.train_is_contaminant = torch.cat(
+            [torch.zeros(len(normal), dtype=torch.bool), torch.ones(len(contaminants), dtype=torch.bool)]
+        )
+        self.train_source_indices = train_indices
+        self.test_source_indices = torch.arange(len(test))
+        self.train_dataset = ArrayImageDataset(
+            train.images[train_indices], self.train_is_contaminant.long(), hp.image_size
+        )
+        self.test_dataset = ArrayImageDataset(
+            test.images, (test.labels != self.normal_class_index).long(), hp.image_size
+        )
+        self.predict_dataset = self.test_dataset
+
+    def _setup_folder(self) -> None:
+        hp = self.hparams
+        root, size = Path(hp.root), hp.image_size or 224
+        self.normal_class_index, self.normal_class_name = 0, hp.normal_dir
+        if (root / "train").is_dir():
+            paths = list_image_files(root / "train")
+            if not paths:
+                raise ValueError(f"no images found under {root / 'train'} (extensions: png, jpg, jpeg, bmp, tif, webp).")
+            self.train_dataset = ImageFolderDataset(paths, [0] * len(paths), size, hp.on_corrupt)
+            self.train_is_contaminant = torch.zeros(len(self.train_dataset), dtype=torch.bool)
+        if (root / "test").is_dir():
+            kinds = sorted(p.name for p in (root / "test").iterdir() if p.is_dir())
+            if hp.normal_dir not in kinds:
+                raise ValueError(f"normal_dir={hp.normal_dir!r} is not a subfolder of {root / 'test'}; found {kinds}.")
+            self.classes = tuple(kinds)
+            paths, labels = [], []
+            for kind in kinds:
+                files = list_image_files(root / "test" / kind)
+                paths += files
+                labels += [int(kind != hp.normal_dir)] * len(files)
+            self.test_dataset = ImageFolderDataset(paths, labels, size, hp.on_corrupt)
+            self.predict_dataset = self.test_dataset
+        else:  # a flat folder of images to score: labels unknown
+            paths = [p for p in list_image_files(root) if "train" not in p.relative_to(root).parts]
+            self.predict_dataset = ImageFolderDataset(paths, [-1] * len(paths), size, hp.on_corrupt)
+
+    def _loader(self, dataset: Dataset | None, split: str) -> DataLoader:
+        self.setup()
+        dataset = {"train": self.train_dataset, "test": self.test_dataset, "predict": self.predict_dataset}[split]
+        if dataset is None:
+            raise ValueError(f"{self.hparams.root} has no {split} images: expected the folder {Path(self.hparams.root) / split}.")
+        hp = self.hparams
+        return DataLoader(
+            dataset,
+            batch_size=hp.batch_size,
+            shuffle=False,  # a deterministic bank order
+            num_workers=hp.num_workers,
+            pin_memory=hp.pin_memory and torch.cuda.is_available(),
+            persistent_workers=hp.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, "train")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, "test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_dataset, "predict")
+
+    def source_paths(self, split: str = "test") -> list[str] | None:
+        """File paths of a split's samples by index (folders only)."""
+        self.setup()
+        dataset = self.test_dataset if split == "test" else self.predict_dataset
+        return [str(p) for p in dataset.paths] if isinstance(dataset, ImageFolderDataset) else None
+
+
+def resolve_class(normal_class: int | str, classes: tuple[str, ...]) -> int:
+    """Index of ``normal_class`` given as an index or a case-insensitive class name."""
+    choices = ", ".join(f"{i}={name!r}" for i, name in enumerate(classes))
+    if isinstance(normal_class, str) and not normal_class.lstrip("-").isdigit():
+        names = [c.lower() for c in classes]
+        if normal_class.lower() not in names:
+            raise ValueError(f"normal_class={normal_class!r} is not a class name; choose one of {choices}.")
+        return names.index(normal_class.lower())
+    index = int(normal_class)
+    if not 0 <= index < len(classes):
+        raise ValueError(f"normal_class={normal_class!r} is out of range 0..{len(classes) - 1}; classes: {choices}.")
+    return index
+
+
+def draw_contaminants(labels: Tensor, normal_class: int, contamination: float, seed: int) -> Tensor:
+    """Sorted indices of anomalies drawn (seeded) from the classes other than ``normal_class``, so that they
+    make up ``contamination`` of a train set made of every ``normal_class`` sample plus them."""
+    n_normal = int((labels == normal_class).sum())
+    n = round(contamination * n_normal / (1.0 - contamination))
+    others = (labels != normal_class).nonzero().flatten()
+    if n > len(others):
+        raise ValueError(f"contamination={contamination} needs {n} anomalies but only {len(others)} exist.")
+    g = torch.Generator().manual_seed(seed)
+    return others[torch.randperm(len(others), generator=g)[:n]].sort().values

@@ -1,0 +1,212 @@
+"""Raw labelled images of the classification datasets DN2 is evaluated on, one loader per name.
+
+Every loader returns a :class:`LabeledImages` of uint8 images, read once per process (cached). Files are
+looked up locally first; datasets that torchvision can download are downloaded only when missing, and a
+failed download raises :class:`DatasetNotFoundError` naming the paths searched and the fix.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+@dataclass(frozen=True)
+class LabeledImages:
+    """``images`` uint8 ``[N, H, W]`` (grayscale) or ``[N, H, W, 3]``; ``labels`` int64 ``[N]`` indexing
+    ``classes``."""
+
+    images: Tensor
+    labels: Tensor
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset's files are not on disk and could not be downloaded."""
+
+
+def default_data_root() -> Path:
+    """``$DN2_DATA_DIR`` if set, else ``~/.cache/dn2_lightning/data``."""
+    return Path(os.environ.get("DN2_DATA_DIR", Path.home() / ".cache" / "dn2_lightning" / "data"))
+
+
+def list_datasets() -> list[str]:
+    """Names accepted by :func:`load_split` (and ``OneClassDataModule(dataset=...)``, plus ``"folder"``)."""
+    return sorted(_LOADERS)
+
+
+def load_split(name: str, split: str, root: str | Path | None = None) -> LabeledImages:
+    """The ``"train"`` or ``"test"`` split of dataset ``name``.
+
+    >>> digits = load_split("digits", "train")
+    >>> digits.images.shape[1:], digits.images.dtype, len(digits.classes)
+    (torch.Size([8, 8]), torch.uint8, 10)
+    """
+    if name not in _LOADERS:
+        raise ValueError(f"dataset={name!r} is not one of {list_datasets()} (or 'folder' for your own images).")
+    if split not in ("train", "test"):
+        raise ValueError(f"split={split!r} must be 'train' or 'test'.")
+    return _load_cached(name, split, str(Path(root) if root is not None else default_data_root()))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(name: str, split: str, root: str) -> LabeledImages:
+    return _LOADERS[name](split, Path(root))
+
+
+# --------------------------------------------------------------------------------------------------
+# MNIST-style IDX files
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (optionally gzip-compressed) as a numpy array of unsigned bytes."""
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+        data = f.read()
+    zero, dtype_code, ndim = data[0] * 256 + data[1], data[2], data[3]
+    if zero != 0 or dtype_code != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file (magic {data[:4].hex()}).")
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _find_idx(split: str, folders: list[Path]) -> tuple[Path, Path] | None:
+    for folder in folders:
+        found = []
+        for stem in _IDX_FILES[split]:
+            candidates = [folder / f"{stem}.gz", folder / stem]
+            found.append(next((p for p in candidates if p.is_file()), None))
+        if all(found):
+            return found[0], found[1]
+    return None
+
+
+def _mnist_like(split: str, root: Path, torchvision_name: str, classes: tuple[str, ...], hint: str) -> LabeledImages:
+    folders = [root, root / torchvision_name / "raw"]
+    if torchvision_name == "FashionMNIST":
+        folders.append(DEBIAN_FASHION_MNIST)
+    found = _find_idx(split, folders)
+    if found is None:
+        import torchvision
+
+        try:
+            getattr(torchvision.datasets, torchvision_name)(str(root), train=split == "train", download=True)
+        except Exception as err:
+            raise DatasetNotFoundError(
+                f"{torchvision_name} {split} files {list(_IDX_FILES[split])} (.gz or not) were not found in "
+                f"{[str(f) for f in folders]} and could not be downloaded ({type(err).__name__}). {hint}"
+            ) from err
+        found = _find_idx(split, folders)
+        assert found is not None, "torchvision downloaded the files to an unexpected place"
+    images, labels = read_idx(found[0]), read_idx(found[1])
+    return LabeledImages(torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64)), classes)
+
+
+def _fashionmnist(split: str, root: Path) -> LabeledImages:
+    hint = f"Offline: `apt-get install dataset-fashion-mnist` (files land in {DEBIAN_FASHION_MNIST}) or copy them into {root}."
+    return _mnist_like(split, root, "FashionMNIST", FASHION_MNIST_CLASSES, hint)
+
+
+def _mnist(split: str, root: Path) -> LabeledImages:
+    hint = f"Offline: copy the four MNIST IDX files into {root}."
+    return _mnist_like(split, root, "MNIST", tuple(str(d) for d in range(10)), hint)
+
+
+# --------------------------------------------------------------------------------------------------
+# CIFAR
+
+
+def _cifar_download(cls_name: str, folder: str, archive: str, split: str, root: Path) -> None:
+    import torchvision
+
+    if (root / folder).is_dir():
+        return
+    try:
+        getattr(torchvision.datasets, cls_name)(str(root), train=split == "train", download=True)
+    except Exception as err:
+        raise DatasetNotFoundError(
+            f"{cls_name} was not found in {root / folder} and could not be downloaded ({type(err).__name__}). "
+            f"Download {archive} from https://www.cs.toronto.edu/~kriz/ and extract it into {root}."
+        ) from err
+
+
+def _unpickle(path: Path) -> dict:
+    # the CIFAR archives are pickles by design; torchvision reads them the same way
+    with path.open("rb") as f:
+        return pickle.load(f, encoding="latin1")
+
+
+def _cifar10(split: str, root: Path) -> LabeledImages:
+    _cifar_download("CIFAR10", "cifar-10-batches-py", "cifar-10-python.tar.gz", split, root)
+    folder = root / "cifar-10-batches-py"
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    batches = [_unpickle(folder / n) for n in names]
+    images = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    labels = np.concatenate([b["labels"] for b in batches])
+    classes = tuple(_unpickle(folder / "batches.meta")["label_names"])
+    return LabeledImages(torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64)), classes)
+
+
+def _cifar100_coarse(split: str, root: Path) -> LabeledImages:
+    """CIFAR-100 with its 20 coarse superclasses as classes, as the DN2 paper evaluates it."""
+    _cifar_download("CIFAR100", "cifar-100-python", "cifar-100-python.tar.gz", split, root)
+    folder = root / "cifar-100-python"
+    batch = _unpickle(folder / split)
+    images = np.asarray(batch["data"]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    labels = np.asarray(batch["coarse_labels"], dtype=np.int64)
+    classes = tuple(_unpickle(folder / "meta")["coarse_label_names"])
+    return LabeledImages(torch.from_numpy(images.copy()), torch.from_numpy(labels), classes)
+
+
+# --------------------------------------------------------------------------------------------------
+# scikit-learn digits: bundled with scikit-learn, works with no network at all
+
+
+def _digits(split: str, root: Path) -> LabeledImages:
+    """scikit-learn's 1,797 8x8 digits (0..16 scaled to 0..255).
+
+    Fixed split, no randomness: within each class, in dataset order, the first 60% (rounded down) of that
+    class's samples are train and the rest test (1,074 train / 723 test).
+    """
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = np.round(bunch.images * 255.0 / 16.0).astype(np.uint8)
+    labels = bunch.target.astype(np.int64)
+    in_train = np.zeros(len(labels), dtype=bool)
+    for c in range(10):
+        members = np.flatnonzero(labels == c)
+        in_train[members[: int(0.6 * len(members))]] = True
+    keep = in_train if split == "train" else ~in_train
+    return LabeledImages(
+        torch.from_numpy(images[keep].copy()), torch.from_numpy(labels[keep]), tuple(str(d) for d in range(10))
+    )
+
+
+_LOADERS: dict[str, Callable[[str, Path], LabeledImages]] = {
+    "cifar10": _cifar10,
+    "cifar100": _cifar100_coarse,
+    "digits": _digits,
+    "fashionmnist": _fashionmnist,
+    "mnist": _mnist,
+}
