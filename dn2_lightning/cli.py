@@ -12,8 +12,8 @@ from lightning.pytorch.cli import LightningCLI
 from dn2_lightning.module import DN2Module
 
 
-def cli_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
-    """Entry point of ``dn2``; ``args``/``run`` as in LightningCLI (for tests and notebooks)."""
+def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+    """The LightningCLI behind ``dn2``; ``args``/``run`` as in LightningCLI (for tests and notebooks)."""
     return LightningCLI(
         DN2Module,
         LightningDataModule,
@@ -23,6 +23,11 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )
+
+
+def cli_main(args: list[str] | None = None) -> None:
+    """Entry point of ``dn2``."""
+    build_cli(args)
 
 
 if __name__ == "__main__":

@@ -315,7 +315,7 @@ class DN2Module(LightningModule):
         report["bank/size"] = float(len(self.bank))
         self.bank_report = report
         rank_zero_info("DN2: " + ", ".join(f"{name}={value:g}" for name, value in report.items()))
-        if self._trainer is not None and self.trainer.state.fn != "predict":
+        if self.hparams.clean_fraction > 0 and self._trainer is not None and self.trainer.state.fn != "predict":
             self.log_dict(report, sync_dist=False, rank_zero_only=True)
 
     def _set_threshold(self) -> None:
