@@ -44,7 +44,8 @@ class DN2Module(LightningModule):
         backbone: a name from :func:`dn2_lightning.list_backbones` or an ``nn.Module`` mapping float
             images in [0, 1] ``[B, 3, H, W]`` to embeddings ``[B, D]``.
         pretrained: load the backbone's ImageNet weights.
-        image_size: backbone input resolution; ``None`` = the backbone's native size.
+        input_size: backbone input resolution (images are resized to it on the device); ``None`` = the
+            backbone's native size.
         knn_backend: one of :func:`dn2_lightning.list_knn_backends`.
         max_memory_bytes: temporary-memory budget of one kNN search (``None`` = 512 MiB).
         clean_fraction: unsupervised setting (paper §3.2): fraction of the bank with the largest
@@ -62,7 +63,7 @@ class DN2Module(LightningModule):
         k: int = 2,
         backbone: str | nn.Module = "resnet152",
         pretrained: bool = True,
-        image_size: int | None = None,
+        input_size: int | None = None,
         knn_backend: str = "auto",
         max_memory_bytes: int | None = None,
         clean_fraction: float = 0.0,
@@ -71,11 +72,11 @@ class DN2Module(LightningModule):
         threshold_quantile: float = 0.99,
     ) -> None:
         super().__init__()
-        _validate_hparams(k, knn_backend, max_memory_bytes, clean_fraction, clean_k, group_pooling, threshold_quantile)
+        _validate_hparams(k, input_size, knn_backend, max_memory_bytes, clean_fraction, clean_k, group_pooling, threshold_quantile)
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
         # DN2 has nothing to optimise: fit is one feature-extraction pass, driven by training_step.
         self.automatic_optimization = False
-        self.backbone = build_backbone(backbone, pretrained=pretrained, image_size=image_size)
+        self.backbone = build_backbone(backbone, pretrained=pretrained, image_size=input_size)
         self.bank = MemoryBank()
         self.register_buffer("threshold", torch.tensor(float("nan")))
         self.val_collector = ScoreCollector()
@@ -399,6 +400,7 @@ def _shard_for_this_rank(loader: DataLoader) -> DataLoader:
 
 def _validate_hparams(
     k: int,
+    input_size: int | None,
     knn_backend: str,
     max_memory_bytes: int | None,
     clean_fraction: float,
@@ -408,6 +410,8 @@ def _validate_hparams(
 ) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k={k!r} must be an integer >= 1 (the paper uses k=2).")
+    if input_size is not None and (isinstance(input_size, bool) or input_size < 8):
+        raise ValueError(f"input_size={input_size!r} must be None (the backbone's own) or an integer >= 8.")
     if knn_backend not in list_knn_backends():
         raise ValueError(f"knn_backend={knn_backend!r} is not one of {list_knn_backends()}.")
     if max_memory_bytes is not None and max_memory_bytes < 2**16:

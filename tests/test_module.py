@@ -178,7 +178,7 @@ def test_checkpoint_with_other_bank_dimension_is_refused(tmp_path):
         ({"group_pooling": "max"}, "group_pooling='max'"),
         ({"threshold_quantile": 0.0}, "threshold_quantile=0.0"),
         ({"backbone": "resnet9000"}, "backbone='resnet9000'"),
-        ({"image_size": 2}, "image_size=2"),
+        ({"input_size": 2}, "input_size=2"),
     ],
 )
 def test_bad_hyperparameters_name_the_parameter(kwargs, match):
