@@ -17,6 +17,7 @@ class Batch(NamedTuple):
     labels: Tensor
     indices: Tensor | None
     mask: Tensor | None = None
+    paths: list[str] | None = None
 
 
 def unpack_batch(batch: object) -> Batch:
@@ -26,11 +27,12 @@ def unpack_batch(batch: object) -> Batch:
         if "image" not in batch:
             raise ValueError(f"a dict batch needs an 'image' key; got keys {sorted(batch)}.")
         images, labels, indices, mask = batch["image"], batch.get("label"), batch.get("index"), batch.get("mask")
+        paths = batch.get("path")
     elif isinstance(batch, Tensor):
-        images, labels, indices, mask = batch, None, None, None
+        images, labels, indices, mask, paths = batch, None, None, None, None
     elif isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) in (2, 3):
         images, labels = batch[0], batch[1]
-        indices, mask = (batch[2] if len(batch) == 3 else None), None
+        indices, mask, paths = (batch[2] if len(batch) == 3 else None), None, None
     else:
         raise ValueError(
             "cannot read the batch: give dicts with 'image' (and 'label', 'index'), (images, labels[, indices]) "
@@ -41,4 +43,4 @@ def unpack_batch(batch: object) -> Batch:
         raise ValueError(f"batch images must be [B, C, H, W] or groups [B, M, C, H, W], got {shape}.")
     if labels is None:
         labels = torch.full((images.shape[0],), -1, dtype=torch.long, device=images.device)
-    return Batch(images, torch.as_tensor(labels, device=images.device).long(), indices, mask)
+    return Batch(images, torch.as_tensor(labels, device=images.device).long(), indices, mask, paths)

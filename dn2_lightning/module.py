@@ -56,6 +56,9 @@ class DN2Module(LightningModule):
             of its members' scores (the point-wise baseline).
         threshold_quantile: the decision threshold is this quantile of the bank's leave-one-out scores
             (normal data only; never the test set).
+        reports: after ``test``, write per-sample ``scores.csv`` and PNG figures (ROC, histograms, most
+            anomalous images) to the run's log dir (and TensorBoard); after ``predict``, write
+            ``predictions.csv`` (path, score, is_anomaly). ``False`` opts out.
     """
 
     def __init__(
@@ -70,6 +73,7 @@ class DN2Module(LightningModule):
         clean_k: int = 2,
         group_pooling: str = "mean",
         threshold_quantile: float = 0.99,
+        reports: bool = True,
     ) -> None:
         super().__init__()
         _validate_hparams(k, input_size, knn_backend, max_memory_bytes, clean_fraction, clean_k, group_pooling, threshold_quantile)
@@ -147,6 +151,11 @@ class DN2Module(LightningModule):
     def configure_optimizers(self) -> list:
         return []
 
+    def configure_callbacks(self) -> list:
+        from dn2_lightning.reports import EvaluationReport
+
+        return [EvaluationReport()] if self.hparams.reports else []
+
     # --------------------------------------------------------------------------------------- evaluation
 
     def on_validation_epoch_start(self) -> None:
@@ -181,7 +190,7 @@ class DN2Module(LightningModule):
         train-set ``neighbours`` with their squared ``distances``."""
         parsed = unpack_batch(batch)
         scores, knn = self.score(parsed, batch_idx)
-        return {
+        out = {
             "score": scores,
             "is_anomaly": scores > self.threshold,
             "label": parsed.labels,
@@ -189,6 +198,9 @@ class DN2Module(LightningModule):
             "neighbours": self.bank.sample_indices[knn.indices],
             "distances": knn.values,
         }
+        if parsed.paths is not None:
+            out["path"] = list(parsed.paths)
+        return out
 
     # ------------------------------------------------------------------------------------------ scoring
 

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
 from dn2_lightning.metrics import AnomalyScores
@@ -108,3 +109,73 @@ def _save(fig: object, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+class EvaluationReport(Callback):
+    """Writes the reports of ``DN2Module(reports=True)`` into the run's log dir (rank 0 only).
+
+    After ``test``: ``scores.csv`` and ``figures/*.png`` (also logged to TensorBoard when that logger is
+    active). After ``predict``: ``predictions.csv`` with path, score, is_anomaly, label and neighbours.
+    """
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        scores = getattr(pl_module, "test_scores", None)
+        if not trainer.is_global_zero or scores is None:
+            return
+        out = Path(trainer.log_dir or trainer.default_root_dir)
+        threshold = float(pl_module.threshold)
+        datamodule = trainer.datamodule
+        paths = datamodule.source_paths("test") if hasattr(datamodule, "source_paths") else None
+        write_scores_csv(scores, out / "scores.csv", paths, threshold)
+        dataset = getattr(datamodule, "test_dataset", None)
+        image_of = (lambda i: dataset[i]["image"]) if dataset is not None and scores.labels.numel() else None
+        if image_of is not None and dataset[0]["image"].ndim != 3:
+            image_of = None  # groups: no single image to show
+        figures = save_figures(scores, out / "figures", threshold, image_of)
+        _log_to_tensorboard(trainer, figures)
+
+    def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.is_global_zero or not trainer.predict_loop.predictions:
+            return
+        predictions = trainer.predict_loop.predictions
+        if predictions and isinstance(predictions[0], list):  # several dataloaders
+            predictions = [p for loader in predictions for p in loader]
+        path = Path(trainer.log_dir or trainer.default_root_dir) / "predictions.csv"
+        write_predictions_csv(predictions, path)
+
+
+def write_predictions_csv(predictions: Sequence[dict], path: str | Path) -> Path:
+    """One row per predicted sample: index, path, score, is_anomaly, label, neighbour indices."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    k = predictions[0]["neighbours"].shape[1]
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["index", "path", "score", "is_anomaly", "label", *[f"neighbour_{j}" for j in range(k)]])
+        for batch in predictions:
+            paths = batch.get("path") or [""] * len(batch["score"])
+            for i in range(len(batch["score"])):
+                writer.writerow(
+                    [
+                        int(batch["index"][i]),
+                        paths[i],
+                        f"{float(batch['score'][i]):.9g}",
+                        int(batch["is_anomaly"][i]),
+                        int(batch["label"][i]),
+                        *batch["neighbours"][i].tolist(),
+                    ]
+                )
+    return path
+
+
+def _log_to_tensorboard(trainer: Trainer, figures: dict[str, Path]) -> None:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            import numpy as np
+            from PIL import Image
+
+            for name, png in figures.items():
+                image = np.asarray(Image.open(png).convert("RGB"))
+                logger.experiment.add_image(f"dn2/{name}", image, trainer.global_step, dataformats="HWC")
