@@ -28,25 +28,43 @@ def to_chw_uint8(image: Tensor, image_size: int | None = None) -> Tensor:
     return chw
 
 
+def check_image_size(image_size: int | None, allow_none: bool = True) -> None:
+    """Raise ValueError unless ``image_size`` is an integer >= 1 (or ``None`` when allowed)."""
+    if image_size is None and allow_none:
+        return
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        valid = "None or an integer >= 1" if allow_none else "an integer >= 1"
+        raise ValueError(f"image_size={image_size!r} must be {valid}.")
+
+
 class ArrayImageDataset(Dataset):
-    """In-memory images with 0/1 anomaly labels.
+    """In-memory images with per-sample labels (0 = normal, 1 = anomalous).
 
     Args:
-        images: uint8 ``[N, H, W]`` or ``[N, H, W, 3]``.
-        labels: ``[N]`` 0 = normal, 1 = anomalous.
+        images: uint8 ``[N, H, W]`` (grayscale, expanded to 3 channels) or ``[N, H, W, 3]``.
+        labels: ``[N]`` integer labels.
         image_size: resize to this square size; ``None`` keeps the native size.
     """
 
     def __init__(self, images: Tensor, labels: Tensor, image_size: int | None = None) -> None:
-        if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels.")
+        if images.dtype != torch.uint8 or not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)):
+            raise ValueError(
+                f"images must be uint8 [N, H, W] or [N, H, W, 3]; got {images.dtype} {tuple(images.shape)}."
+            )
+        if labels.ndim != 1 or len(labels) != len(images):
+            raise ValueError(f"labels must be [N] with N={len(images)} (one per image); got {tuple(labels.shape)}.")
+        check_image_size(image_size)
         self.images, self.labels, self.image_size = images, labels.long(), image_size
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
-        return {"image": to_chw_uint8(self.images[i], self.image_size), "label": self.labels[i], "index": torch.tensor(i)}
+        return {
+            "image": to_chw_uint8(self.images[i], self.image_size),
+            "label": self.labels[i],
+            "index": torch.tensor(i),
+        }
 
 
 def list_image_files(folder: str | Path) -> list[Path]:
@@ -55,10 +73,14 @@ def list_image_files(folder: str | Path) -> list[Path]:
 
 
 class ImageFolderDataset(Dataset):
-    """Image files with 0/1 labels; samples also carry their ``path``.
+    """Image files with 0/1 labels, loaded with PIL as RGB and resized; samples also carry their ``path``.
 
-    Every file is checked at construction. ``on_corrupt="skip"`` drops unreadable files with one warning
-    listing them (kept in ``skipped``); ``"raise"`` fails with the list.
+    Args:
+        paths: image files, in the order the samples get their ``index``.
+        labels: one label per path (0 = normal, 1 = anomalous).
+        image_size: every image is resized to ``image_size`` x ``image_size``.
+        on_corrupt: every file is checked at construction; ``"skip"`` drops unreadable ones with one warning
+            listing them (kept in ``skipped``), ``"raise"`` raises ValueError listing them.
     """
 
     def __init__(
@@ -67,10 +89,15 @@ class ImageFolderDataset(Dataset):
         if on_corrupt not in CORRUPT_POLICIES:
             raise ValueError(f"on_corrupt={on_corrupt!r} is not one of {list(CORRUPT_POLICIES)}.")
         if len(paths) != len(labels):
-            raise ValueError(f"{len(paths)} paths but {len(labels)} labels.")
-        readable, self.skipped = [], []
-        for path, label in zip(map(Path, paths), labels):
-            (readable.append((path, int(label))) if _is_readable(path) else self.skipped.append(path))
+            raise ValueError(f"labels has {len(labels)} entries but paths has {len(paths)}; they must match.")
+        check_image_size(image_size, allow_none=False)
+        readable: list[tuple[Path, int]] = []
+        self.skipped: list[Path] = []
+        for path, label in zip(map(Path, paths), labels, strict=True):
+            if _is_readable(path):
+                readable.append((path, int(label)))
+            else:
+                self.skipped.append(path)
         if self.skipped:
             listing = ", ".join(str(p) for p in self.skipped[:20]) + (" ..." if len(self.skipped) > 20 else "")
             if on_corrupt == "raise":

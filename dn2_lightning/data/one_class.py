@@ -13,10 +13,18 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from dn2_lightning.data.datasets import CORRUPT_POLICIES, ArrayImageDataset, ImageFolderDataset, list_image_files
+from dn2_lightning.data.datasets import (
+    CORRUPT_POLICIES,
+    IMAGE_EXTENSIONS,
+    ArrayImageDataset,
+    ImageFolderDataset,
+    check_image_size,
+    list_image_files,
+)
 from dn2_lightning.data.sources import list_datasets, load_split
 
 FOLDER = "folder"
+DEFAULT_FOLDER_IMAGE_SIZE = 224
 
 
 class OneClassDataModule(LightningDataModule):
@@ -55,30 +63,38 @@ class OneClassDataModule(LightningDataModule):
         super().__init__()
         if dataset not in [*list_datasets(), FOLDER]:
             raise ValueError(f"dataset={dataset!r} is not one of {[*list_datasets(), FOLDER]}.")
-        if isinstance(batch_size, bool) or batch_size < 1:
+        if isinstance(normal_class, bool) or not isinstance(normal_class, int | str):
+            raise ValueError(f"normal_class={normal_class!r} must be a class index (int) or a class name (str).")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1.")
-        if num_workers < 0:
-            raise ValueError(f"num_workers={num_workers} must be >= 0.")
-        if image_size is not None and image_size < 1:
-            raise ValueError(f"image_size={image_size} must be None or >= 1.")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers={num_workers!r} must be an integer >= 0.")
+        check_image_size(image_size)
         if not 0.0 <= contamination < 1.0:
-            raise ValueError(f"contamination={contamination} must be in [0, 1); 0 means a clean train set.")
+            raise ValueError(f"contamination={contamination!r} must be in [0, 1); 0 means a clean train set.")
         if on_corrupt not in CORRUPT_POLICIES:
             raise ValueError(f"on_corrupt={on_corrupt!r} is not one of {list(CORRUPT_POLICIES)}.")
         if dataset == FOLDER:
             if root is None or not Path(root).is_dir():
-                raise ValueError(f"dataset='folder' needs root= an existing directory, got root={root!r}.")
+                raise ValueError(f"root={root!r} must be an existing directory for dataset='folder'.")
             if contamination:
-                raise ValueError("contamination is for classification datasets; a folder's train set is what it is.")
+                raise ValueError(
+                    f"contamination={contamination!r} is not supported for dataset='folder' (only 0.0): "
+                    "contaminants are drawn from the other classes of a classification dataset."
+                )
         self.save_hyperparameters()
         self.train_dataset: Dataset | None = None
         self.test_dataset: Dataset | None = None
         self.predict_dataset: Dataset | None = None
+        self.classes: tuple[str, ...] = ()
+        self.normal_class_index: int | None = None
+        self.normal_class_name: str | None = None
         self.train_is_contaminant = torch.empty(0, dtype=torch.bool)
         self.train_source_indices = torch.empty(0, dtype=torch.long)
         self.test_source_indices = torch.empty(0, dtype=torch.long)
 
     def setup(self, stage: str | None = None) -> None:
+        """Build the datasets (once; later calls do nothing)."""
         if self.test_dataset is not None or self.predict_dataset is not None:
             return
         if self.hparams.dataset == FOLDER:
@@ -112,14 +128,15 @@ class OneClassDataModule(LightningDataModule):
 
     def _setup_folder(self) -> None:
         hp = self.hparams
-        root, size = Path(hp.root), hp.image_size or 224
+        root, size = Path(hp.root), hp.image_size or DEFAULT_FOLDER_IMAGE_SIZE
         self.normal_class_index, self.normal_class_name = 0, hp.normal_dir
         if (root / "train").is_dir():
             paths = list_image_files(root / "train")
             if not paths:
-                raise ValueError(f"no images found under {root / 'train'} (extensions: png, jpg, jpeg, bmp, tif, webp).")
+                raise ValueError(f"root={hp.root!r}: no images under {root / 'train'} (extensions {IMAGE_EXTENSIONS}).")
             self.train_dataset = ImageFolderDataset(paths, [0] * len(paths), size, hp.on_corrupt)
             self.train_is_contaminant = torch.zeros(len(self.train_dataset), dtype=torch.bool)
+            self.train_source_indices = torch.arange(len(self.train_dataset))
         if (root / "test").is_dir():
             kinds = sorted(p.name for p in (root / "test").iterdir() if p.is_dir())
             if hp.normal_dir not in kinds:
@@ -131,17 +148,18 @@ class OneClassDataModule(LightningDataModule):
                 paths += files
                 labels += [int(kind != hp.normal_dir)] * len(files)
             self.test_dataset = ImageFolderDataset(paths, labels, size, hp.on_corrupt)
+            self.test_source_indices = torch.arange(len(self.test_dataset))
             self.predict_dataset = self.test_dataset
         else:  # a flat folder of images to score: labels unknown
             paths = [p for p in list_image_files(root) if "train" not in p.relative_to(root).parts]
             self.predict_dataset = ImageFolderDataset(paths, [-1] * len(paths), size, hp.on_corrupt)
 
-    def _loader(self, dataset: Dataset | None, split: str) -> DataLoader:
+    def _loader(self, split: str) -> DataLoader:
         self.setup()
         dataset = {"train": self.train_dataset, "test": self.test_dataset, "predict": self.predict_dataset}[split]
-        if dataset is None:
-            raise ValueError(f"{self.hparams.root} has no {split} images: expected the folder {Path(self.hparams.root) / split}.")
         hp = self.hparams
+        if dataset is None:
+            raise ValueError(f"root={hp.root!r} has no {split} images: expected the folder {Path(hp.root) / split}.")
         return DataLoader(
             dataset,
             batch_size=hp.batch_size,
@@ -152,13 +170,16 @@ class OneClassDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, "train")
+        """The train set (normal class, plus contaminants if any), in a fixed order."""
+        return self._loader("train")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, "test")
+        """The whole test split, label 1 for every class other than the normal one."""
+        return self._loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict_dataset, "predict")
+        """The test split (for folders without ``test/``, every image outside ``train/``)."""
+        return self._loader("predict")
 
     def source_paths(self, split: str = "test") -> list[str] | None:
         """File paths of a split's samples by index (folders only)."""

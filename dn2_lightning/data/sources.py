@@ -23,6 +23,7 @@ FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+SPLITS = ("train", "test")
 _IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -57,16 +58,26 @@ def list_datasets() -> list[str]:
 
 
 def load_split(name: str, split: str, root: str | Path | None = None) -> LabeledImages:
-    """The ``"train"`` or ``"test"`` split of dataset ``name``.
+    """The ``"train"`` or ``"test"`` split of dataset ``name``, cached per ``(name, split, root)``.
+
+    Args:
+        name: one of :func:`list_datasets`. ``"cifar100"`` uses the 20 coarse superclasses (as the DN2 paper
+            does); ``"digits"`` is scikit-learn's bundled 8x8 digits with a fixed split: within each class, in
+            dataset order, the first 60% (rounded down) are train and the rest test.
+        split: ``"train"`` or ``"test"``.
+        root: folder holding the files; ``None`` = :func:`default_data_root`.
+
+    Raises:
+        DatasetNotFoundError: the files are neither on disk nor downloadable.
 
     >>> digits = load_split("digits", "train")
     >>> digits.images.shape[1:], digits.images.dtype, len(digits.classes)
     (torch.Size([8, 8]), torch.uint8, 10)
     """
     if name not in _LOADERS:
-        raise ValueError(f"dataset={name!r} is not one of {list_datasets()} (or 'folder' for your own images).")
-    if split not in ("train", "test"):
-        raise ValueError(f"split={split!r} must be 'train' or 'test'.")
+        raise ValueError(f"name={name!r} is not a known dataset; choose one of {list_datasets()}.")
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not one of {list(SPLITS)}.")
     return _load_cached(name, split, str(Path(root) if root is not None else default_data_root()))
 
 
@@ -80,14 +91,22 @@ def _load_cached(name: str, split: str, root: str) -> LabeledImages:
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (optionally gzip-compressed) as a numpy array of unsigned bytes."""
+    """An IDX file (optionally gzip-compressed) of unsigned bytes as a numpy array.
+
+    Raises:
+        ValueError: the magic number is not that of an unsigned-byte IDX file, or the size does not match.
+    """
     with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
         data = f.read()
-    zero, dtype_code, ndim = data[0] * 256 + data[1], data[2], data[3]
-    if zero != 0 or dtype_code != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file (magic {data[:4].hex()}).")
+    # magic: two zero bytes, the element type (0x08 = unsigned byte), the number of dimensions
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08 or data[3] == 0:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file (magic {data[:4].hex()}, expected 000008xx).")
+    ndim = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    offset = 4 + 4 * ndim
+    if len(data) - offset != int(np.prod(shape)):
+        raise ValueError(f"{path} holds {len(data) - offset} bytes of data, its header says shape {shape}.")
+    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(shape)
 
 
 def _find_idx(split: str, folders: list[Path]) -> tuple[Path, Path] | None:
@@ -119,16 +138,21 @@ def _mnist_like(split: str, root: Path, torchvision_name: str, classes: tuple[st
         found = _find_idx(split, folders)
         assert found is not None, "torchvision downloaded the files to an unexpected place"
     images, labels = read_idx(found[0]), read_idx(found[1])
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise ValueError(f"{found[0]} {images.shape} and {found[1]} {labels.shape} are not N images and N labels.")
     return LabeledImages(torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64)), classes)
 
 
 def _fashionmnist(split: str, root: Path) -> LabeledImages:
-    hint = f"Offline: `apt-get install dataset-fashion-mnist` (files land in {DEBIAN_FASHION_MNIST}) or copy them into {root}."
+    hint = (
+        f"Offline: `apt-get install dataset-fashion-mnist` (files land in {DEBIAN_FASHION_MNIST}) "
+        f"or download them into {root}."
+    )
     return _mnist_like(split, root, "FashionMNIST", FASHION_MNIST_CLASSES, hint)
 
 
 def _mnist(split: str, root: Path) -> LabeledImages:
-    hint = f"Offline: copy the four MNIST IDX files into {root}."
+    hint = f"Offline: download the four MNIST IDX files into {root}."
     return _mnist_like(split, root, "MNIST", tuple(str(d) for d in range(10)), hint)
 
 
@@ -136,18 +160,22 @@ def _mnist(split: str, root: Path) -> LabeledImages:
 # CIFAR
 
 
-def _cifar_download(cls_name: str, folder: str, archive: str, split: str, root: Path) -> None:
+def _cifar_files(cls_name: str, folder: str, archive: str, files: list[str], root: Path) -> Path:
+    """``root/folder``, downloading the archive with torchvision only when one of ``files`` is missing."""
     import torchvision
 
-    if (root / folder).is_dir():
-        return
+    path = root / folder
+    if all((path / f).is_file() for f in files):
+        return path
     try:
-        getattr(torchvision.datasets, cls_name)(str(root), train=split == "train", download=True)
+        getattr(torchvision.datasets, cls_name)(str(root), download=True)
     except Exception as err:
         raise DatasetNotFoundError(
-            f"{cls_name} was not found in {root / folder} and could not be downloaded ({type(err).__name__}). "
-            f"Download {archive} from https://www.cs.toronto.edu/~kriz/ and extract it into {root}."
+            f"{cls_name}: {files} not found in {path} and the download failed ({type(err).__name__}: {err}). "
+            f"Download {archive} from https://www.cs.toronto.edu/~kriz/ and extract it into {root} "
+            f"(it creates the folder {folder})."
         ) from err
+    return path
 
 
 def _unpickle(path: Path) -> dict:
@@ -157,9 +185,8 @@ def _unpickle(path: Path) -> dict:
 
 
 def _cifar10(split: str, root: Path) -> LabeledImages:
-    _cifar_download("CIFAR10", "cifar-10-batches-py", "cifar-10-python.tar.gz", split, root)
-    folder = root / "cifar-10-batches-py"
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    folder = _cifar_files("CIFAR10", "cifar-10-batches-py", "cifar-10-python.tar.gz", [*names, "batches.meta"], root)
     batches = [_unpickle(folder / n) for n in names]
     images = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     labels = np.concatenate([b["labels"] for b in batches])
@@ -169,8 +196,7 @@ def _cifar10(split: str, root: Path) -> LabeledImages:
 
 def _cifar100_coarse(split: str, root: Path) -> LabeledImages:
     """CIFAR-100 with its 20 coarse superclasses as classes, as the DN2 paper evaluates it."""
-    _cifar_download("CIFAR100", "cifar-100-python", "cifar-100-python.tar.gz", split, root)
-    folder = root / "cifar-100-python"
+    folder = _cifar_files("CIFAR100", "cifar-100-python", "cifar-100-python.tar.gz", [split, "meta"], root)
     batch = _unpickle(folder / split)
     images = np.asarray(batch["data"]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     labels = np.asarray(batch["coarse_labels"], dtype=np.int64)

@@ -1,0 +1,20 @@
+"""The quickstart notebook runs top to bottom (so it cannot rot) and shows its figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+NOTEBOOK = Path(__file__).parents[1] / "notebooks" / "quickstart.ipynb"
+
+
+def test_quickstart_notebook_executes(tmp_path):
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "AUROC" in text and "group_pooling='mean'" in text
+    assert any("image/png" in o.get("data", {}) for o in outputs), "the figure must render inline"
+    assert not any(o.get("output_type") == "error" for o in outputs)
