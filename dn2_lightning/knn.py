@@ -83,11 +83,25 @@ class PreparedBank:
 
 def prepare_bank(bank: Tensor, candidate_dtype: torch.dtype = torch.float32) -> PreparedBank:
     """Centre the bank on its mean (distances are unchanged; norms and cancellation shrink)."""
+    extra = bank.shape[0] * bank.shape[1] * (4 + (0 if candidate_dtype == torch.float32 else 2))
+    ensure_fits(extra + DEFAULT_MAX_MEMORY_BYTES, bank.device, "searching the memory bank")
     center = bank.mean(0, dtype=torch.float64).to(torch.float32)
     rows = bank.to(torch.float32) - center
     norms = (rows * rows).sum(1)
     low = rows if candidate_dtype == torch.float32 else rows.to(candidate_dtype)
     return PreparedBank(center, rows, norms, low, float(norms.max().sqrt()) if len(norms) else 0.0)
+
+
+def ensure_fits(nbytes: int, device: torch.device, what: str) -> None:
+    """Fail before any work when a CUDA device cannot hold ``nbytes`` more (instead of an OOM mid-run)."""
+    if device.type != "cuda":
+        return
+    free, _ = torch.cuda.mem_get_info(device)
+    if nbytes > free:
+        raise MemoryError(
+            f"{what} needs {nbytes / 2**30:.2f} GiB on {device} but only {free / 2**30:.2f} GiB are free. Use "
+            "more devices (the bank is gathered per rank), a smaller max_memory_bytes, or run on the CPU."
+        )
 
 
 def list_knn_backends() -> list[str]:

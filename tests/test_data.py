@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -10,25 +12,55 @@ import torch
 from PIL import Image
 
 from dn2_lightning.data import (
+    ArrayImageDataset,
     DatasetNotFoundError,
     GroupDataModule,
+    ImageFolderDataset,
     OneClassDataModule,
     list_datasets,
+    list_image_files,
     load_split,
 )
-from dn2_lightning.data.sources import DEBIAN_FASHION_MNIST
+from dn2_lightning.data.sources import DEBIAN_FASHION_MNIST, default_data_root, read_idx
 
 needs_fmnist = pytest.mark.skipif(
     not DEBIAN_FASHION_MNIST.is_dir(), reason="apt-get install dataset-fashion-mnist (make test does)"
 )
 
 
+@pytest.fixture
+def offline(monkeypatch):
+    """No network, whatever the machine has: torchvision's download attempts fail at once."""
+
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled by the test")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    if path.suffix == ".gz":
+        data = gzip.compress(data)
+    path.write_bytes(data)
+
+
 def test_registry():
     assert list_datasets() == ["cifar10", "cifar100", "digits", "fashionmnist", "mnist"]
-    with pytest.raises(ValueError, match="dataset='svhn'"):
+    with pytest.raises(ValueError, match=r"name='svhn'.*'cifar10'.*'mnist'"):
         load_split("svhn", "train")
-    with pytest.raises(ValueError, match="split='val'"):
+    with pytest.raises(ValueError, match=r"split='val' is not one of \['train', 'test'\]"):
         load_split("digits", "val")
+
+
+def test_default_root_follows_env_and_splits_are_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("DN2_DATA_DIR", str(tmp_path))
+    assert default_data_root() == tmp_path
+    monkeypatch.delenv("DN2_DATA_DIR")
+    assert default_data_root() == Path.home() / ".cache" / "dn2_lightning" / "data"
+    assert load_split("digits", "train") is load_split("digits", "train")
 
 
 def test_digits_split_is_fixed_disjoint_complete_and_60_40_per_class():
@@ -37,6 +69,7 @@ def test_digits_split_is_fixed_disjoint_complete_and_60_40_per_class():
     train, test = load_split("digits", "train"), load_split("digits", "test")
     assert len(train) + len(test) == 1797
     assert train.images.dtype == torch.uint8 and train.images.shape[1:] == (8, 8) and train.images.max() == 255
+    assert train.labels.dtype == torch.int64 and train.classes == tuple("0123456789")
     target = load_digits().target
     for c in range(10):
         n = int((target == c).sum())
@@ -52,13 +85,88 @@ def test_digits_split_is_fixed_disjoint_complete_and_60_40_per_class():
 def test_fashionmnist_from_debian_files():
     train, test = load_split("fashionmnist", "train"), load_split("fashionmnist", "test")
     assert train.images.shape == (60000, 28, 28) and test.images.shape == (10000, 28, 28)
+    assert train.images.dtype == torch.uint8 and train.labels.dtype == torch.int64
     assert torch.equal(train.labels.bincount(), torch.full((10,), 6000))
+    assert torch.equal(test.labels.bincount(), torch.full((10,), 1000))
     assert train.classes[0] == "T-shirt/top" and train.classes[9] == "Ankle boot"
 
 
-def test_missing_cifar_offline_names_path_and_fix(tmp_path):
+def test_mnist_idx_files_found_uncompressed_in_torchvision_layout(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    images = np.arange(5 * 4 * 3).reshape(5, 4, 3) % 256
+    write_idx(raw / "t10k-images-idx3-ubyte", images)
+    write_idx(raw / "t10k-labels-idx1-ubyte", np.array([3, 1, 4, 1, 5]))
+    test = load_split("mnist", "test", tmp_path)
+    assert test.images.shape == (5, 4, 3) and torch.equal(test.images, torch.from_numpy(images).to(torch.uint8))
+    assert test.labels.tolist() == [3, 1, 4, 1, 5] and test.classes[0] == "0"
+
+
+def test_idx_reader_validates_magic_and_size(tmp_path):
+    write_idx(tmp_path / "ok.gz", np.ones((2, 3), dtype=np.uint8))
+    assert read_idx(tmp_path / "ok.gz").shape == (2, 3)
+    (tmp_path / "bad").write_bytes(b"\x00\x00\x0d\x01" + (2).to_bytes(4, "big") + b"\x00" * 8)  # float IDX
+    with pytest.raises(ValueError, match="not an unsigned-byte IDX file"):
+        read_idx(tmp_path / "bad")
+    (tmp_path / "short").write_bytes(b"\x00\x00\x08\x01" + (9).to_bytes(4, "big") + b"\x00" * 2)
+    with pytest.raises(ValueError, match=r"holds 2 bytes of data.*\(9,\)"):
+        read_idx(tmp_path / "short")
+
+
+def test_missing_mnist_offline_names_paths_files_and_fix(tmp_path, offline):
+    with pytest.raises(DatasetNotFoundError) as info:
+        load_split("mnist", "train", tmp_path / "nowhere")
+    message = str(info.value)
+    assert str(tmp_path / "nowhere" / "MNIST" / "raw") in message and "train-images-idx3-ubyte" in message
+    assert f"download the four MNIST IDX files into {tmp_path / 'nowhere'}" in message
+
+
+def test_missing_cifar_offline_names_path_and_fix(tmp_path, offline):
     with pytest.raises(DatasetNotFoundError, match=r"cifar-10-batches-py.*cifar-10-python.tar.gz"):
         load_split("cifar10", "train", tmp_path)
+    with pytest.raises(DatasetNotFoundError, match=r"cifar-100-python.*cifar-100-python.tar.gz"):
+        load_split("cifar100", "test", tmp_path)
+
+
+def test_array_dataset_expands_grayscale_permutes_rgb_and_resizes():
+    gray = torch.arange(2 * 4 * 4, dtype=torch.uint8).reshape(2, 4, 4)
+    sample = ArrayImageDataset(gray, torch.tensor([0, 1]))[1]
+    assert sample["image"].shape == (3, 4, 4) and torch.equal(sample["image"][2], gray[1])
+    assert sample["label"].dtype == torch.int64 and sample["label"] == 1 and sample["index"] == 1
+    rgb = torch.zeros(3, 5, 6, 3, dtype=torch.uint8)
+    rgb[..., 1] = 200
+    image = ArrayImageDataset(rgb, torch.zeros(3), image_size=7)[0]["image"]
+    assert image.shape == (3, 7, 7) and image.dtype == torch.uint8
+    assert image[1].eq(200).all() and image[0].eq(0).all()
+
+
+@pytest.mark.parametrize(
+    "images, labels, image_size, match",
+    [
+        (torch.zeros(2, 4, 4), torch.zeros(2), None, "images must be uint8"),
+        (torch.zeros(2, 4, 4, 2, dtype=torch.uint8), torch.zeros(2), None, r"images must be .*\(2, 4, 4, 2\)"),
+        (torch.zeros(2, 4, 4, dtype=torch.uint8), torch.zeros(3), None, "labels must be"),
+        (torch.zeros(2, 4, 4, dtype=torch.uint8), torch.zeros(2), 0, "image_size=0"),
+    ],
+)
+def test_array_dataset_bad_arguments(images, labels, image_size, match):
+    with pytest.raises(ValueError, match=match):
+        ArrayImageDataset(images, labels, image_size)
+
+
+def test_list_image_files_is_recursive_sorted_and_case_insensitive(tmp_path):
+    (tmp_path / "b" / "c").mkdir(parents=True)
+    for name in ["b/c/z.PNG", "a.jpg", "b/y.Tiff", "notes.txt", "b/x.webp"]:
+        (tmp_path / name).write_bytes(b"")
+    found = [p.relative_to(tmp_path).as_posix() for p in list_image_files(tmp_path)]
+    assert found == ["a.jpg", "b/c/z.PNG", "b/x.webp", "b/y.Tiff"]
+
+
+def test_image_folder_dataset_bad_policy_and_lengths(tmp_path):
+    with pytest.raises(ValueError, match=r"on_corrupt='ignore' is not one of \['skip', 'raise'\]"):
+        ImageFolderDataset([], [], 8, on_corrupt="ignore")
+    with pytest.raises(ValueError, match="labels has 1 entries but paths has 0"):
+        ImageFolderDataset([], [0], 8)
 
 
 def test_one_class_train_is_normal_class_and_test_labels_mark_other_classes():
@@ -67,9 +175,18 @@ def test_one_class_train_is_normal_class_and_test_labels_mark_other_classes():
     test = load_split("digits", "test")
     assert len(dm.train_dataset) == int((load_split("digits", "train").labels == 3).sum())
     assert torch.equal(dm.test_dataset.labels, (test.labels != 3).long())
+    assert dm.normal_class_index == 3 and dm.normal_class_name == "3" and dm.classes == tuple("0123456789")
+    assert torch.equal(dm.test_source_indices, torch.arange(len(test)))
+    assert torch.equal(
+        load_split("digits", "train").labels[dm.train_source_indices], torch.full((len(dm.train_dataset),), 3)
+    )
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (50, 3, 8, 8) and batch["image"].dtype == torch.uint8
     assert torch.equal(batch["index"], torch.arange(50)) and (batch["label"] == 0).all()
+    test_batch = next(iter(dm.test_dataloader()))
+    assert torch.equal(test_batch["label"], (test.labels[:50] != 3).long())
+    dm.setup("test")  # idempotent: the same datasets
+    assert dm.test_dataset is dm.predict_dataset
 
 
 def test_normal_class_by_name_and_bad_names():
@@ -86,19 +203,25 @@ def test_normal_class_by_name_and_bad_names():
 def test_fashionmnist_class_name_is_case_insensitive():
     dm = OneClassDataModule(dataset="fashionmnist", normal_class="ankle BOOT")
     dm.setup()
-    assert dm.normal_class_index == 9 and len(dm.train_dataset) == 6000
+    assert dm.normal_class_index == 9 and dm.normal_class_name == "Ankle boot" and len(dm.train_dataset) == 6000
+    assert len(dm.test_dataset) == 10000 and int(dm.test_dataset.labels.sum()) == 9000
+    with pytest.raises(ValueError, match=r"normal_class='boot' is not a class name.*9='Ankle boot'"):
+        OneClassDataModule(dataset="fashionmnist", normal_class="boot").setup()
 
 
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"dataset": "imagenet"}, "dataset='imagenet'"),
+        ({"dataset": "imagenet"}, r"dataset='imagenet' is not one of \['cifar10', .*'folder'\]"),
+        ({"normal_class": 2.5}, "normal_class=2.5"),
         ({"batch_size": 0}, "batch_size=0"),
         ({"num_workers": -1}, "num_workers=-1"),
-        ({"contamination": 1.0}, "contamination=1.0"),
+        ({"image_size": 0}, "image_size=0"),
+        ({"contamination": 1.0}, r"contamination=1.0 must be in \[0, 1\)"),
         ({"contamination": -0.1}, "contamination=-0.1"),
-        ({"on_corrupt": "ignore"}, "on_corrupt='ignore'"),
+        ({"on_corrupt": "ignore"}, r"on_corrupt='ignore' is not one of \['skip', 'raise'\]"),
         ({"dataset": "folder", "root": "/nonexistent"}, "root='/nonexistent'"),
+        ({"dataset": "folder"}, "root=None"),
     ],
 )
 def test_bad_datamodule_arguments_name_the_parameter(kwargs, match):
@@ -118,12 +241,21 @@ def test_contamination_fraction_bookkeeping_and_seeds(fraction):
     source_classes = train.labels[dm.train_source_indices]
     assert torch.equal(dm.train_is_contaminant, source_classes != 2)  # contaminants never from the normal class
     assert torch.equal(dm.train_dataset.labels, dm.train_is_contaminant.long())
+    # normal samples first in source order, then the contaminants sorted by source index
+    normal_part, bad_part = dm.train_source_indices[:n_normal], dm.train_source_indices[n_normal:]
+    assert torch.equal(normal_part, (train.labels == 2).nonzero().flatten())
+    assert torch.equal(bad_part, bad_part.sort().values) and len(bad_part.unique()) == n_bad
     again = OneClassDataModule(dataset="digits", normal_class=2, contamination=fraction, seed=0)
     again.setup()
     other = OneClassDataModule(dataset="digits", normal_class=2, contamination=fraction, seed=1)
     other.setup()
     assert torch.equal(again.train_source_indices, dm.train_source_indices)
     assert not torch.equal(other.train_source_indices, dm.train_source_indices)
+
+
+def test_contamination_larger_than_the_other_classes_is_refused():
+    with pytest.raises(ValueError, match=r"contamination=0.95 needs \d+ anomalies"):
+        OneClassDataModule(dataset="digits", normal_class=2, contamination=0.95).setup()
 
 
 def make_folder(root: Path, corrupt: bool = True) -> Path:
@@ -145,6 +277,16 @@ def test_folder_datamodule_layout_labels_and_corrupt_file_skipped(tmp_path):
     assert dm.test_dataset.labels.tolist() == [0, 0, 0, 1, 1]
     batch = next(iter(dm.test_dataloader()))
     assert batch["image"].shape == (5, 3, 16, 16) and batch["path"][0].endswith("good/0.png")
+    assert dm.classes == ("good", "scratch") and dm.test_dataset.skipped == [tmp_path / "test/scratch/broken.png"]
+    assert torch.equal(dm.test_source_indices, torch.arange(5))
+
+
+def test_folder_default_image_size_and_no_contamination(tmp_path):
+    dm = OneClassDataModule(dataset="folder", root=str(make_folder(tmp_path, corrupt=False)))
+    dm.setup()
+    assert dm.train_dataset[0]["image"].shape == (3, 224, 224)
+    with pytest.raises(ValueError, match="contamination=0.1 is not supported for dataset='folder'"):
+        OneClassDataModule(dataset="folder", root=str(tmp_path), contamination=0.1)
 
 
 def test_folder_corrupt_file_raise_policy(tmp_path):
@@ -175,15 +317,29 @@ def test_group_datamodule_hard_anomalies_are_made_of_normal_classes():
 
 
 def test_group_datamodule_easy_anomalies_hold_a_held_out_class_and_seeds_reproduce():
-    dm = GroupDataModule(dataset="digits", group_size=3, n_train_groups=20, n_test_groups=20, anomaly="easy",
-                         held_out_classes=[9], seed=3)
+    dm = GroupDataModule(
+        dataset="digits",
+        group_size=3,
+        n_train_groups=20,
+        n_test_groups=20,
+        anomaly="easy",
+        held_out_classes=[9],
+        seed=3,
+    )
     dm.setup()
     for i in range(20):
         classes = dm.test_dataset[i]["member_classes"].tolist()
         assert (9 in classes) == bool(dm.test_dataset.labels[i])
     assert all(9 not in dm.train_dataset[i]["member_classes"].tolist() for i in range(20))
-    same = GroupDataModule(dataset="digits", group_size=3, n_train_groups=20, n_test_groups=20, anomaly="easy",
-                           held_out_classes=[9], seed=3)
+    same = GroupDataModule(
+        dataset="digits",
+        group_size=3,
+        n_train_groups=20,
+        n_test_groups=20,
+        anomaly="easy",
+        held_out_classes=[9],
+        seed=3,
+    )
     same.setup()
     assert torch.equal(same.test_dataset.members, dm.test_dataset.members)
 

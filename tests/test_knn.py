@@ -139,3 +139,24 @@ def test_property_torch_backend_matches_brute_force(n, m, d, k_frac, offset, spr
     k = 1 + int(k_frac * (n - 1))
     # float32 inputs: both sides see the same float32 numbers; tolerance covers float32 arithmetic
     assert_exact(knn_distances(queries, bank, k, "torch"), queries, bank, k, rtol=1e-4)
+
+
+def test_keops_crash_is_contained_and_search_falls_back(monkeypatch):
+    """A KeOps JIT that kills its process (as pykeops 2.3 does on CUDA 13) must not take the run with it."""
+    import dn2_lightning.knn as knn
+
+    monkeypatch.setattr(knn, "_PROBE", "import os; os.abort()")
+    knn.keops_probe.cache_clear()
+    try:
+        assert knn.keops_probe("cpu") == "probe killed by signal 6"
+        g = torch.Generator().manual_seed(6)
+        bank, queries = torch.randn(100, 4, generator=g), torch.randn(10, 4, generator=g)
+        with pytest.warns(UserWarning, match=r"KeOps is unusable on cpu \(probe killed by signal 6\)"):
+            result = knn_distances(queries, bank, 2, "keops")
+        assert_exact(result, queries, bank, 2)
+    finally:
+        knn.keops_probe.cache_clear()
+
+
+def test_keops_probe_reports_a_failing_run_instead_of_raising():
+    assert keops_probe("cuda:99").startswith("probe exited with code 1: ")  # no such device anywhere

@@ -203,3 +203,22 @@ def test_test_without_fit_on_tuple_datasets_without_indices():
     model = DN2Module(k=2, backbone=linear_backbone())
     quiet_trainer().test(model, datamodule=TupleDataModule())
     np.testing.assert_allclose(model.test_scores.scores.numpy(), reference_scores(model, blobs, 2), rtol=1e-5)
+
+
+def test_nan_embeddings_from_the_backbone_are_refused():
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            out = x.flatten(1)[:, :4].clone()
+            out[1] = float("inf")
+            return out
+
+    with pytest.raises(ValueError, match=r"NaN or Inf in embeddings of batch 0 at positions \[1\]"):
+        quiet_trainer().test(DN2Module(k=2, backbone=Broken()), datamodule=BlobDataModule())
+
+
+def test_empty_train_folder_is_a_clear_error(tmp_path):
+    from dn2_lightning import OneClassDataModule
+
+    (tmp_path / "train").mkdir()
+    with pytest.raises(ValueError, match="no images under"):
+        OneClassDataModule(dataset="folder", root=str(tmp_path)).setup()
