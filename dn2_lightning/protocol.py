@@ -108,11 +108,12 @@ def embed_split(
         "mean": spec.mean,
         "std": spec.std,
     }
+    key = json.loads(json.dumps(key))  # the form it has after a save and load (tuples become lists)
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir or default_data_root() / "embeddings") / f"{dataset}-{split}-{backbone}-{digest}.pt"
     if use_cache and path.is_file():
         cached = torch.load(path, weights_only=True)
-        if cached.get("key") == json.loads(json.dumps(key)) and cached["embeddings"].shape[0] == len(source):
+        if cached.get("key") == key and cached["embeddings"].shape[0] == len(source):
             return cached["embeddings"], source.labels
     target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
     extractor = build_backbone(backbone, pretrained=pretrained, image_size=image_size).to(target).eval()

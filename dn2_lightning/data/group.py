@@ -153,13 +153,19 @@ class GroupDataModule(LightningDataModule):
         anomalous = sample_groups(test.labels, normal_classes, group_size, n_anomalous, hp.anomaly, g, held_out)
         test_labels = torch.cat([torch.zeros(len(normal)), torch.ones(len(anomalous))]).long()
         self.group_size = group_size
-        self.train_dataset = GroupDataset(train, train_groups, torch.zeros(len(train_groups), dtype=torch.long),
-                                          hp.image_size)
+        self.train_dataset = GroupDataset(
+            train, train_groups, torch.zeros(len(train_groups), dtype=torch.long), hp.image_size
+        )
         self.test_dataset = GroupDataset(test, torch.cat([normal, anomalous]), test_labels, hp.image_size)
 
     def _loader(self, dataset: Dataset) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers,
-                          shuffle=False, persistent_workers=self.hparams.num_workers > 0)
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            num_workers=self.hparams.num_workers,
+            shuffle=False,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
 
     def train_dataloader(self) -> DataLoader:
         self.setup()

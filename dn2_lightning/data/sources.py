@@ -133,7 +133,7 @@ def _mnist_like(split: str, root: Path, torchvision_name: str, classes: tuple[st
         except Exception as err:
             raise DatasetNotFoundError(
                 f"{torchvision_name} {split} files {list(_IDX_FILES[split])} (.gz or not) were not found in "
-                f"{[str(f) for f in folders]} and could not be downloaded ({type(err).__name__}). {hint}"
+                f"{[str(f) for f in folders]} and could not be downloaded ({type(err).__name__}: {err}). {hint}"
             ) from err
         found = _find_idx(split, folders)
         assert found is not None, "torchvision downloaded the files to an unexpected place"
