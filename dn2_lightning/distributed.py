@@ -41,3 +41,43 @@ def broadcast_module_state(module: torch.nn.Module) -> None:
         return
     for tensor in [*module.parameters(), *module.buffers()]:
         dist.broadcast(tensor.data, src=0)
+
+
+def rank() -> int:
+    return dist.get_rank() if world_size() > 1 else 0
+
+
+def keep_first_owner(indices: Tensor) -> Tensor:
+    """Mask of this rank's rows to keep so that every dataset index lives on exactly one rank (the lowest
+    rank holding it; the ``DistributedSampler`` repeats samples across ranks). Only indices travel."""
+    if world_size() == 1:
+        first = torch.ones_like(indices, dtype=torch.bool)
+        order = torch.argsort(indices, stable=True)
+        first[order[1:]] = indices[order[1:]] != indices[order[:-1]]
+        return first
+    owner = torch.full_like(indices, rank())
+    all_indices, all_owners = gather_rows(indices), gather_rows(owner)
+    order = torch.argsort(all_indices * world_size() + all_owners, stable=True)
+    sorted_indices, sorted_owners = all_indices[order], all_owners[order]
+    first = torch.ones_like(sorted_indices, dtype=torch.bool)
+    first[1:] = sorted_indices[1:] != sorted_indices[:-1]
+    mine = sorted_indices[first & (sorted_owners == rank())]
+    keep = torch.isin(indices, mine)
+    # a rank can hold an index twice only if its own sampler repeated it: keep the first
+    order = torch.argsort(indices, stable=True)
+    repeated = torch.zeros_like(keep)
+    repeated[order[1:]] = indices[order[1:]] == indices[order[:-1]]
+    return keep & ~repeated
+
+
+def all_gather_same_shape(tensor: Tensor) -> list[Tensor]:
+    if world_size() == 1:
+        return [tensor]
+    out = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(out, tensor.contiguous())
+    return out
+
+
+def count_rows(n: int, device: torch.device) -> list[int]:
+    """Row counts of every rank."""
+    return [int(c) for c in gather_rows(torch.tensor([n], device=device))]

@@ -15,15 +15,24 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from torchmetrics.classification import BinaryAUROC
 
+from dn2_lightning.backbones import build_backbone
 from dn2_lightning.bank import BankCollector, MemoryBank
 from dn2_lightning.batch import Batch, unpack_batch
-from dn2_lightning.backbones import build_backbone
-from dn2_lightning.distributed import broadcast_module_state, gather_rows, unique_by_index, world_size
+from dn2_lightning.distributed import (
+    broadcast_module_state,
+    count_rows,
+    gather_rows,
+    keep_first_owner,
+    unique_by_index,
+    world_size,
+)
 from dn2_lightning.knn import KNNResult, knn_distances, list_knn_backends
 from dn2_lightning.metrics import AnomalyScores, ScoreCollector
-from dn2_lightning.scoring import cleaning_mask, knn_scores, leave_one_out_knn, pool_groups, to_unit_interval
+from dn2_lightning.scoring import drop_self, keep_lowest, knn_scores, pool_groups, to_unit_interval
+from dn2_lightning.sharding import sharded_knn
 
 GROUP_POOLINGS = ("mean", "none")
+BANK_SHARDINGS = ("replicate", "shard")
 NO_BANK_MESSAGE = (
     "DN2Module has no memory bank yet and cannot build one: call trainer.fit(model, datamodule) first, "
     "pass a datamodule with a train_dataloader() to trainer.{fn}(model, datamodule=...), or load a fitted "
@@ -56,6 +65,9 @@ class DN2Module(LightningModule):
             of its members' scores (the point-wise baseline).
         threshold_quantile: the decision threshold is this quantile of the bank's leave-one-out scores
             (normal data only; never the test set).
+        bank_sharding: under DDP, ``"replicate"`` gives every rank the whole bank; ``"shard"`` keeps a
+            disjoint shard per rank and merges per-shard top-k lists (exact), for banks larger than one
+            device's memory. Single-device runs ignore it.
         reports: after ``test``, write per-sample ``scores.csv`` and PNG figures (ROC, histograms, most
             anomalous images) to the run's log dir (and TensorBoard); after ``predict``, write
             ``predictions.csv`` (path, score, is_anomaly). ``False`` opts out.
@@ -73,16 +85,23 @@ class DN2Module(LightningModule):
         clean_k: int = 2,
         group_pooling: str = "mean",
         threshold_quantile: float = 0.99,
+        bank_sharding: str = "replicate",
         reports: bool = True,
     ) -> None:
         super().__init__()
-        _validate_hparams(k, input_size, knn_backend, max_memory_bytes, clean_fraction, clean_k, group_pooling, threshold_quantile)
+        _validate_hparams(
+            k, input_size, knn_backend, max_memory_bytes, clean_fraction, clean_k, group_pooling, threshold_quantile,
+            bank_sharding,
+        )
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
         # DN2 has nothing to optimise: fit is one feature-extraction pass, driven by training_step.
         self.automatic_optimization = False
         self.backbone = build_backbone(backbone, pretrained=pretrained, image_size=input_size)
         self.bank = MemoryBank()
         self.register_buffer("threshold", torch.tensor(float("nan")))
+        # DDP broadcasts rank 0's buffers at set-up; the bank is made consistent by its own gathering (and
+        # differs per rank when sharded), so it is excluded as torch's DDP allows.
+        self._ddp_params_and_buffers_to_ignore = ["bank.embeddings", "bank.sample_indices", "threshold"]
         self.val_collector = ScoreCollector()
         self.test_collector = ScoreCollector()
         # inputs are already gathered and de-duplicated by the collectors, so no second sync
@@ -93,6 +112,7 @@ class DN2Module(LightningModule):
         self.bank_report: dict[str, float] = {}
         self._collector: BankCollector | None = None
         self._stream_position = 0  # samples seen this epoch, to index datasets that give no indices
+        self._bank_is_shard = False
 
     # ------------------------------------------------------------------------------------------ forward
 
@@ -114,7 +134,7 @@ class DN2Module(LightningModule):
             # torch's DistributedDataParallel refuses a module without trainable parameters, and DN2 has no
             # gradients to synchronise: fit runs unwrapped (each rank embeds its shard, the bank is gathered
             # afterwards), with the weights made identical on every rank as DDP would.
-            strategy.configure_ddp = lambda: broadcast_module_state(self)
+            strategy.configure_ddp = lambda: broadcast_module_state(self.backbone)
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         parsed = unpack_batch(batch)
@@ -195,7 +215,7 @@ class DN2Module(LightningModule):
             "is_anomaly": scores > self.threshold,
             "label": parsed.labels,
             "index": self._indices_of(parsed, batch_idx),
-            "neighbours": self.bank.sample_indices[knn.indices],
+            "neighbours": knn.indices,
             "distances": knn.values,
         }
         if parsed.paths is not None:
@@ -205,37 +225,42 @@ class DN2Module(LightningModule):
     # ------------------------------------------------------------------------------------------ scoring
 
     def score(self, batch: Batch, batch_idx: int = 0) -> tuple[Tensor, KNNResult]:
-        """DN2 scores ``[B]`` of a batch against the bank, and the kNN result behind them."""
+        """DN2 scores ``[B]`` of a batch, and the kNN result behind them (neighbours as train indices)."""
         if not self.bank.is_fitted:
             raise RuntimeError(NO_BANK_MESSAGE.format(fn="test"))
         if batch.images.ndim == 5 and self.hparams.group_pooling == "none":
             b, m = batch.images.shape[:2]
             members = self._embed(batch.images.flatten(0, 1), batch, batch_idx)
-            knn = self._knn(members)
+            knn = self._search(members, self.hparams.k)
             member_scores = knn_scores(knn).view(b, m)
             if batch.mask is not None:
                 member_scores = member_scores.masked_fill(~batch.mask.bool(), float("-inf"))
             worst = member_scores.argmax(1)
             rows = torch.arange(b, device=worst.device) * m + worst
             return member_scores.max(1).values, KNNResult(knn.values[rows], knn.indices[rows])
-        knn = self._knn(self._embed(batch.images, batch, batch_idx))
+        knn = self._search(self._embed(batch.images, batch, batch_idx), self.hparams.k)
         return knn_scores(knn), knn
 
-    def _knn(self, embeddings: Tensor) -> KNNResult:
+    def _search(self, embeddings: Tensor, k: int) -> KNNResult:
+        """Exact kNN of ``embeddings`` in the whole bank; neighbours as train-set sample indices."""
         bank = self.bank.prepared()
         if embeddings.shape[1] != bank.shape[1]:
             raise ValueError(
                 f"the backbone gives {embeddings.shape[1]}-d embeddings but the memory bank holds "
                 f"{bank.shape[1]}-d ones: the bank (checkpoint) was built with another backbone."
             )
-        return knn_distances(
-            embeddings, bank, self.hparams.k, self.hparams.knn_backend, max_memory_bytes=self.hparams.max_memory_bytes
-        )
+        if self._sharded:
+            return sharded_knn(embeddings, bank, self.bank.sample_indices, k, **self._knn_kwargs())
+        knn = knn_distances(embeddings, bank, k, **self._knn_kwargs())
+        return KNNResult(knn.values, self.bank.sample_indices[knn.indices])
+
+    @property
+    def _sharded(self) -> bool:
+        return self.hparams.bank_sharding == "shard" and world_size() > 1
 
     def _score_into(self, collector: ScoreCollector, batch: Batch, batch_idx: int) -> None:
         scores, knn = self.score(batch, batch_idx)
-        neighbours = self.bank.sample_indices[knn.indices]
-        collector.update(self._indices_of(batch, batch_idx), scores, batch.labels, neighbours, knn.values)
+        collector.update(self._indices_of(batch, batch_idx), scores, batch.labels, knn.indices, knn.values)
 
     def _report(self, stage: str, collector: ScoreCollector, auroc: BinaryAUROC) -> AnomalyScores:
         result = collector.compute()
@@ -269,6 +294,11 @@ class DN2Module(LightningModule):
             self._finalize_bank()
         elif not self.bank.is_fitted:
             self._build_bank_from_datamodule()
+        elif self._sharded and not self._bank_is_shard:
+            # a whole bank (from a checkpoint) meets a sharded run: keep this rank's share
+            rows = slice(self.global_rank, None, world_size())
+            self.bank.set(self.bank.embeddings[rows], self.bank.sample_indices[rows])
+        self._bank_is_shard = self._sharded
 
     def _build_bank_from_datamodule(self) -> None:
         datamodule = self.trainer.datamodule
@@ -303,44 +333,75 @@ class DN2Module(LightningModule):
         return self._embed(batch.images, batch, batch_idx), indices, batch.labels
 
     def _finalize_bank(self) -> None:
+        """Turn the collected rows into the bank: one row per train sample (whole on every rank, or one
+        shard per rank), cleaned if asked, and the decision threshold from its leave-one-out scores."""
         assert self._collector is not None
         collector, self._collector = self._collector, None
-        embeddings, indices, labels = (gather_rows(t) for t in collector.collect())
-        indices, embeddings, labels = unique_by_index(indices, embeddings, labels)
-        k, n = self.hparams.k, embeddings.shape[0]
+        embeddings, indices, labels = collector.collect()
+        if self._sharded:
+            own = keep_first_owner(indices)
+            indices, embeddings, labels = unique_by_index(indices[own], embeddings[own], labels[own])
+        else:
+            indices, embeddings, labels = unique_by_index(*(gather_rows(t) for t in (indices, embeddings, labels)))
+        self.bank.set(embeddings, indices)
+        self._bank_is_shard = self._sharded
+        k, n = self.hparams.k, self._bank_size()
         if n < k:
             raise ValueError(f"k={k} exceeds the number of training embeddings ({n}); use k <= {n}.")
         report: dict[str, float] = {"bank/size_before_cleaning": float(n)}
         if self.hparams.clean_fraction > 0:
-            keep = cleaning_mask(embeddings, self.hparams.clean_fraction, self.hparams.clean_k, **self._knn_kwargs())
-            if (labels >= 0).all() and (labels > 0).any():
-                report["bank/contaminants_before"] = float((labels > 0).sum())
-                report["bank/contaminants_kept"] = float((labels[keep] > 0).sum())
+            ids, scores, all_labels = self._leave_one_out_scores(self.hparams.clean_k, labels)
+            keep = keep_lowest(scores, self.hparams.clean_fraction)
+            if (all_labels >= 0).all() and (all_labels > 0).any():
+                report["bank/contaminants_before"] = float((all_labels > 0).sum())
+                report["bank/contaminants_kept"] = float((all_labels[keep] > 0).sum())
             report["bank/removed"] = float((~keep).sum())
-            embeddings, indices = embeddings[keep], indices[keep]
-            if embeddings.shape[0] < k:
+            mine = torch.isin(indices, ids[keep])
+            self.bank.set(embeddings[mine], indices[mine])
+            if int(keep.sum()) < k:
                 raise ValueError(
-                    f"clean_fraction={self.hparams.clean_fraction} leaves {embeddings.shape[0]} embeddings, fewer "
+                    f"clean_fraction={self.hparams.clean_fraction} leaves {int(keep.sum())} embeddings, fewer "
                     f"than k={k}; lower clean_fraction or k."
                 )
-        self.bank.set(embeddings, indices)
         self._set_threshold()
-        report["bank/size"] = float(len(self.bank))
+        report["bank/size"] = float(self._bank_size())
         self.bank_report = report
         rank_zero_info("DN2: " + ", ".join(f"{name}={value:g}" for name, value in report.items()))
         if self.hparams.clean_fraction > 0 and self._trainer is not None and self.trainer.state.fn != "predict":
             self.log_dict(report, sync_dist=False, rank_zero_only=True)
 
+    def _bank_size(self) -> int:
+        """Rows in the whole bank (summed over shards)."""
+        return sum(count_rows(len(self.bank), self.bank.embeddings.device)) if self._sharded else len(self.bank)
+
+    def _leave_one_out_scores(self, k: int, labels: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Every bank row's leave-one-out DN2 score over the whole bank, as ``(ids, scores, labels)``
+        sorted by id (gathered from all shards in shard mode)."""
+        ids = self.bank.sample_indices
+        k = min(k, self._bank_size() - 1)
+        scores = knn_scores(drop_self(self._search(self.bank.embeddings, k + 1), ids))
+        labels = labels if labels is not None else torch.full_like(ids, -1)
+        if self._sharded:
+            ids, scores, labels = gather_rows(ids), gather_rows(scores), gather_rows(labels)
+        return unique_by_index(ids, scores, labels)
+
     def _set_threshold(self) -> None:
-        n, k = len(self.bank), self.hparams.k
-        if n <= k:
+        if self._bank_size() <= self.hparams.k:
             self.threshold = torch.tensor(float("nan"), device=self.bank.embeddings.device)
             return
-        scores = knn_scores(leave_one_out_knn(self.bank.embeddings, k, **self._knn_kwargs()))
+        _, scores, _ = self._leave_one_out_scores(self.hparams.k)
         with torch.inference_mode(False):
             self.threshold = torch.quantile(scores.double(), self.hparams.threshold_quantile).float().clone()
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._sharded:
+            # each rank holds a shard: the checkpoint gets the whole bank, so it loads on any number of devices
+            ids, rows = unique_by_index(gather_rows(self.bank.sample_indices), gather_rows(self.bank.embeddings))
+            checkpoint["state_dict"]["bank.sample_indices"] = ids.cpu()
+            checkpoint["state_dict"]["bank.embeddings"] = rows.cpu()
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._bank_is_shard = False
         saved = checkpoint.get("state_dict", {}).get("bank.embeddings")
         expected = self.backbone.feature_dim
         if saved is not None and saved.numel() and expected is not None and saved.shape[1] != expected:
@@ -419,6 +480,7 @@ def _validate_hparams(
     clean_k: int,
     group_pooling: str,
     threshold_quantile: float,
+    bank_sharding: str,
 ) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k={k!r} must be an integer >= 1 (the paper uses k=2).")
@@ -436,3 +498,5 @@ def _validate_hparams(
         raise ValueError(f"group_pooling={group_pooling!r} is not one of {list(GROUP_POOLINGS)}.")
     if not 0.0 < threshold_quantile <= 1.0:
         raise ValueError(f"threshold_quantile={threshold_quantile} must be in (0, 1].")
+    if bank_sharding not in BANK_SHARDINGS:
+        raise ValueError(f"bank_sharding={bank_sharding!r} is not one of {list(BANK_SHARDINGS)}.")

@@ -119,10 +119,10 @@ class EvaluationReport(Callback):
     """
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        out = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank reads it
         scores = getattr(pl_module, "test_scores", None)
         if not trainer.is_global_zero or scores is None:
             return
-        out = Path(trainer.log_dir or trainer.default_root_dir)
         threshold = float(pl_module.threshold)
         datamodule = trainer.datamodule
         paths = datamodule.source_paths("test") if hasattr(datamodule, "source_paths") else None
@@ -135,13 +135,13 @@ class EvaluationReport(Callback):
         _log_to_tensorboard(trainer, figures)
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        out = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank reads it
         if not trainer.is_global_zero or not trainer.predict_loop.predictions:
             return
         predictions = trainer.predict_loop.predictions
         if predictions and isinstance(predictions[0], list):  # several dataloaders
             predictions = [p for loader in predictions for p in loader]
-        path = Path(trainer.log_dir or trainer.default_root_dir) / "predictions.csv"
-        write_predictions_csv(predictions, path)
+        write_predictions_csv(predictions, out / "predictions.csv")
 
 
 def write_predictions_csv(predictions: Sequence[dict], path: str | Path) -> Path:

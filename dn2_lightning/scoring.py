@@ -28,11 +28,26 @@ def leave_one_out_knn(bank: Tensor, k: int, backend: str = "auto", **knn_kwargs:
     if not 1 <= k <= n - 1:
         raise ValueError(f"leave-one-out k={k} must satisfy 1 <= k <= bank size - 1 ({n - 1}).")
     knn = knn_distances(bank, bank, k + 1, backend, **knn_kwargs)
-    is_self = knn.indices == torch.arange(n, device=bank.device)[:, None]
-    # drop the self column where it was found, else the farthest of the k + 1 (a tie at distance 0)
+    return drop_self(knn, torch.arange(n, device=bank.device))
+
+
+def drop_self(knn: KNNResult, own_ids: Tensor) -> KNNResult:
+    """Remove each query's own id from its k + 1 neighbours (else the farthest, a tie at distance 0)."""
+    n, k = knn.indices.shape[0], knn.indices.shape[1] - 1
+    is_self = knn.indices == own_ids[:, None]
     drop = torch.where(is_self.any(1), is_self.int().argmax(1), torch.full_like(knn.indices[:, 0], k))
     keep = torch.ones_like(knn.indices, dtype=torch.bool).scatter_(1, drop[:, None], False)
     return KNNResult(knn.values[keep].view(n, k), knn.indices[keep].view(n, k))
+
+
+def keep_lowest(scores: Tensor, fraction: float) -> Tensor:
+    """Mask keeping all but the ``fraction`` (rounded) of rows with the largest scores; ties broken by row
+    order."""
+    n = scores.shape[0]
+    n_removed = int(round(fraction * n))
+    keep = torch.zeros(n, dtype=torch.bool, device=scores.device)
+    keep[torch.argsort(scores, stable=True)[: n - n_removed]] = True
+    return keep
 
 
 def cleaning_mask(bank: Tensor, fraction: float, k: int, backend: str = "auto", **knn_kwargs: object) -> Tensor:
@@ -40,15 +55,10 @@ def cleaning_mask(bank: Tensor, fraction: float, k: int, backend: str = "auto", 
 
     Returns a bool mask over bank rows (``True`` = kept). Ties are broken by row order.
     """
-    n = bank.shape[0]
-    n_removed = int(round(fraction * n))
-    if n_removed == 0:
-        return torch.ones(n, dtype=torch.bool, device=bank.device)
-    scores = knn_scores(leave_one_out_knn(bank, min(k, n - 1), backend, **knn_kwargs))
-    order = torch.argsort(scores, stable=True)
-    keep = torch.zeros(n, dtype=torch.bool, device=bank.device)
-    keep[order[: n - n_removed]] = True
-    return keep
+    if int(round(fraction * bank.shape[0])) == 0:
+        return torch.ones(bank.shape[0], dtype=torch.bool, device=bank.device)
+    k = min(k, bank.shape[0] - 1)
+    return keep_lowest(knn_scores(leave_one_out_knn(bank, k, backend, **knn_kwargs)), fraction)
 
 
 def pool_groups(embeddings: Tensor, mask: Tensor | None = None) -> Tensor:
