@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--input_size", type=int, default=None)
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     parser.add_argument("--clean_ks", type=int, nargs="+", default=[2, 5, 10, 20, 50])
-    parser.add_argument("--group_sizes", type=int, nargs="+", default=[3, 5, 10])
+    parser.add_argument("--group_sizes", type=int, nargs="*", default=[3, 5, 10], help="none: skip groups")
     parser.add_argument("--n_train_groups", type=int, default=2000)
     parser.add_argument("--n_test_groups", type=int, default=2000)
     args = parser.parse_args()
@@ -88,7 +88,8 @@ def main() -> None:
     train, test = train.to(device), test.to(device)
     print(f"FashionMNIST, {args.backbone} @ {args.input_size or 'native'} px, k=2, device {name}")
     unsupervised(train, train_labels.to(device), test, test_labels.to(device), args.fractions, args.clean_ks)
-    groups(train, train_labels, test, test_labels, args.group_sizes, args.n_train_groups, args.n_test_groups)
+    if args.group_sizes:
+        groups(train, train_labels, test, test_labels, args.group_sizes, args.n_train_groups, args.n_test_groups)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
 

@@ -83,6 +83,11 @@ class PreparedBank:
 
 def prepare_bank(bank: Tensor, candidate_dtype: torch.dtype = torch.float32) -> PreparedBank:
     """Centre the bank on its mean (distances are unchanged; norms and cancellation shrink)."""
+    with torch.autocast(bank.device.type, enabled=False):
+        return _prepare_bank(bank, candidate_dtype)
+
+
+def _prepare_bank(bank: Tensor, candidate_dtype: torch.dtype) -> PreparedBank:
     extra = bank.shape[0] * bank.shape[1] * (4 + (0 if candidate_dtype == torch.float32 else 2))
     ensure_fits(extra + DEFAULT_MAX_MEMORY_BYTES, bank.device, "searching the memory bank")
     center = bank.mean(0, dtype=torch.float64).to(torch.float32)
@@ -144,17 +149,20 @@ def knn_distances(
     _validate_inputs(queries, bank.rows if isinstance(bank, PreparedBank) else bank, k, backend,
                      max_memory_bytes, candidate_dtype)
     candidate_dtype = candidate_dtype or torch.float32
-    if not isinstance(bank, PreparedBank):
-        bank = prepare_bank(bank, candidate_dtype)
-    elif bank.low.dtype != candidate_dtype:
-        bank = replace(bank, low=bank.rows.to(candidate_dtype))
-    if backend == "auto":
-        backend = _auto_backend(queries.device, bank.shape[1])
-    if backend == "keops":
-        if _keops_usable(queries.device, bank.shape[0]):
-            return _keops_knn(queries, bank, k)
-        backend = "torch"
-    return _torch_knn(queries, bank, k, max_memory_bytes or DEFAULT_MAX_MEMORY_BYTES)
+    # Under Trainer(precision="bf16-mixed") autocast would silently lower the GEMM below the precision the
+    # error bound assumes; the search picks its own precisions.
+    with torch.autocast(queries.device.type, enabled=False):
+        if not isinstance(bank, PreparedBank):
+            bank = prepare_bank(bank, candidate_dtype)
+        elif bank.low.dtype != candidate_dtype:
+            bank = replace(bank, low=bank.rows.to(candidate_dtype))
+        if backend == "auto":
+            backend = _auto_backend(queries.device, bank.shape[1])
+        if backend == "keops":
+            if _keops_usable(queries.device, bank.shape[0]):
+                return _keops_knn(queries, bank, k)
+            backend = "torch"
+        return _torch_knn(queries, bank, k, max_memory_bytes or DEFAULT_MAX_MEMORY_BYTES)
 
 
 def brute_force_knn(queries: Tensor, bank: Tensor, k: int) -> KNNResult:

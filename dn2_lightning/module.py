@@ -310,7 +310,8 @@ class DN2Module(LightningModule):
         rank_zero_info(f"DN2: building the memory bank from {type(datamodule).__name__}.train_dataloader().")
         self._collector = BankCollector()
         self._stream_position = 0
-        with torch.no_grad():
+        # the same precision context (e.g. bf16 autocast) as fit's training_step, so both banks are alike
+        with torch.no_grad(), self.trainer.precision_plugin.train_step_context():
             for batch_idx, batch in enumerate(loader):
                 batch = self._on_device(batch, batch_idx)
                 self._collector.add(*self._bank_rows(unpack_batch(batch), batch_idx))

@@ -82,6 +82,44 @@ def test_low_precision_candidates_stay_exact(dtype):
     assert_exact(result, queries, bank, 2)
 
 
+def test_autocast_does_not_lower_the_search_precision():
+    """Under Trainer(precision="bf16-mixed") the search runs inside autocast. The certification bound
+    assumes the precision the search chose, so autocast must not silently lower its matmuls to bf16."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MatmulDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+                self.dtypes.update(a.dtype for a in args if isinstance(a, torch.Tensor))
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(5)
+    bank, queries = 5 + torch.randn(2000, 64, generator=g), 5 + torch.randn(200, 64, generator=g)
+    seen = MatmulDtypes()
+    with torch.autocast("cpu", dtype=torch.bfloat16), seen:
+        result = knn_distances(queries, bank, 2, "torch")
+    assert seen.dtypes == {torch.float32}
+    assert torch.equal(result.indices, brute_force_knn(queries, bank, 2).indices)
+    assert_exact(result, queries, bank, 2)
+
+
+@pytest.mark.parametrize("budget", [2**20, 64 * 2**20, 512 * 2**20])
+def test_block_sizes_respect_the_memory_budget_for_a_million_row_bank(budget):
+    """The issue's largest shape (1M x 10k x 2048): the GEMM block and the candidate buffers fit the budget."""
+    from dn2_lightning.knn import _block_sizes
+
+    n, m, dim, candidates = 1_000_000, 10_000, 2048, 8
+    query_rows, bank_rows = _block_sizes(m, n, dim, candidates, budget)
+    assert 1 <= query_rows <= m and candidates <= bank_rows <= n
+    distance_block = 4 * query_rows * bank_rows
+    candidate_diffs = 4 * query_rows * candidates * dim
+    assert distance_block <= budget and candidate_diffs <= budget
+
+
 def test_float64_inputs_are_accepted():
     g = torch.Generator().manual_seed(4)
     bank, queries = torch.randn(100, 5, generator=g, dtype=torch.float64), torch.randn(9, 5, dtype=torch.float64)

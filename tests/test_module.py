@@ -222,3 +222,20 @@ def test_empty_train_folder_is_a_clear_error(tmp_path):
     (tmp_path / "train").mkdir()
     with pytest.raises(ValueError, match="no images under"):
         OneClassDataModule(dataset="folder", root=str(tmp_path)).setup()
+
+
+def test_bf16_mixed_precision_embeds_in_bf16_and_scores_exactly_in_float32():
+    """Trainer(precision="bf16-mixed"): the backbone runs under autocast, the bank and the kNN stay float32,
+    and the scores are the exact DN2 scores of the embeddings the backbone produced."""
+    dm = BlobDataModule()
+    model = DN2Module(k=2, backbone=linear_backbone())
+    results = quiet_trainer(precision="bf16-mixed").test(model, datamodule=dm)
+    assert model.bank.embeddings.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        train = model.backbone(dm.train_images).float().double().numpy()
+        test = model.backbone(dm.test_images).float().double().numpy()
+    distances, _ = NearestNeighbors(n_neighbors=2, algorithm="brute").fit(train).kneighbors(test)
+    np.testing.assert_allclose(model.test_scores.scores.numpy(), (distances**2).mean(1), rtol=1e-4)
+    full = reference_scores(model, dm, 2)
+    assert not np.allclose(model.test_scores.scores.numpy(), full, rtol=1e-6), "bf16 must have been used"
+    assert results[0]["test/auroc"] == pytest.approx(roc_auc_score(dm.test_labels.numpy(), full), abs=0.05)
