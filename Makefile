@@ -20,4 +20,4 @@ test: install data
 	$(PYTHON) -m pytest -q -rs
 
 lint:
-	ruff check . && ruff format --check .
+	ruff check dn2_lightning tests benchmarks notebooks && ruff format --check dn2_lightning tests benchmarks notebooks

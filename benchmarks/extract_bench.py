@@ -48,8 +48,13 @@ def pipeline(extractor, device, images: int, batch_size: int, workers: int, bf16
     source = load_split("fashionmnist", "test")
     n = min(images, len(source))
     dataset = ArrayImageDataset(source.images[:n], source.labels[:n])
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
-                        persistent_workers=workers > 0)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+    )
     with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
         for batch in loader:  # warm-up epoch: starts the workers
             extractor(batch["image"].to(device, non_blocking=True))
@@ -73,8 +78,10 @@ def main() -> None:
     p = PRESETS[args.preset]
     device = torch.device("cuda" if args.preset == "gpu" else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device: {name}, torch {torch.__version__}, {p['image_size']} px, batch {p['batch_size']}, "
-          f"{p['images']} images, {p['workers']} workers\n")
+    print(
+        f"device: {name}, torch {torch.__version__}, {p['image_size']} px, batch {p['batch_size']}, "
+        f"{p['images']} images, {p['workers']} workers\n"
+    )
     print("| backbone | precision | bare forward (img/s) | pipeline (img/s) | pipeline / bare |")
     print("|---|---|---:|---:|---:|")
     for backbone in args.backbones:
@@ -82,8 +89,10 @@ def main() -> None:
         for bf16 in [False, True] if args.bf16 else [False]:
             bare = bare_forward(extractor, device, p["images"], p["batch_size"], p["image_size"], bf16)
             full = pipeline(extractor, device, p["images"], p["batch_size"], p["workers"], bf16)
-            print(f"| {backbone} | {'bf16 autocast' if bf16 else 'fp32'} | {bare:,.0f} | {full:,.0f} | "
-                  f"{100 * full / bare:.0f}% |")
+            print(
+                f"| {backbone} | {'bf16 autocast' if bf16 else 'fp32'} | {bare:,.0f} | {full:,.0f} | "
+                f"{100 * full / bare:.0f}% |"
+            )
 
 
 if __name__ == "__main__":

@@ -59,6 +59,20 @@ def exactness(result: KNNResult, ref: KNNResult) -> str:
     return f"{100 * same:.2f}% rows, max rel err {err:.1e}"
 
 
+def candidates(queries: torch.Tensor, bank: torch.Tensor, k: int, keops: bool, device: torch.device) -> dict:
+    """The methods to time, each a no-argument callable returning a KNNResult."""
+    methods = {
+        "torch (float32 candidates)": lambda: knn_distances(queries, bank, k, "torch"),
+        "torch (bfloat16 candidates)": lambda: knn_distances(queries, bank, k, "torch", candidate_dtype=torch.bfloat16),
+        "cdist + topk (no exactness guarantee)": lambda: KNNResult(
+            *torch.cdist(queries, bank).square().topk(k, dim=1, largest=False)
+        ),
+    }
+    if keops and keops_probe(str(device)) is None:
+        methods["keops"] = lambda: knn_distances(queries, bank, k, "keops")
+    return methods
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="gpu")
@@ -77,19 +91,10 @@ def main() -> None:
         queries = torch.randn(m, dim, device=device, generator=g).relu_()
         ref = reference(queries, bank, args.k)
         low = torch.bfloat16 if device.type == "cuda" else torch.float32
-        gemm_ms, _ = timed(lambda: queries.to(low) @ bank.to(low).T, device, args.repeats)
+        q_low, b_low = queries.to(low), bank.to(low)
+        gemm_ms, _ = timed(lambda: q_low @ b_low.T, device, args.repeats)  # noqa: B023 (called right here)
         print(f"| {n:,} | {m:,} | {dim} | GEMM alone ({low}) — lower bound | {gemm_ms:.1f} | n/a |")
-        methods = {
-            "torch (float32 candidates)": lambda: knn_distances(queries, bank, args.k, "torch"),
-            "torch (bfloat16 candidates)": lambda: knn_distances(
-                queries, bank, args.k, "torch", candidate_dtype=torch.bfloat16
-            ),
-            "cdist + topk (not exact)": lambda: KNNResult(
-                *torch.cdist(queries, bank).square().topk(args.k, dim=1, largest=False)
-            ),
-        }
-        if args.keops and keops_probe(str(device)) is None:
-            methods["keops"] = lambda: knn_distances(queries, bank, args.k, "keops")
+        methods = candidates(queries, bank, args.k, args.keops, device)
         for label, fn in methods.items():
             ms, out = timed(fn, device, args.repeats)
             print(f"| {n:,} | {m:,} | {dim} | {label} | {ms:.1f} | {exactness(out, ref)} |")

@@ -44,9 +44,7 @@ def unsupervised(train, train_labels, test, test_labels, fractions, clean_ks, k=
                 keep = cleaning_mask(bank, 0.5, ck)
                 cleaned[ck].append(auroc(knn_scores(knn_distances(test, bank[keep], k)), target))
                 survived[ck].append(float(is_bad[keep].sum()) / max(1, len(bad)))
-        cells = " | ".join(
-            f"{sum(cleaned[ck]) / 10:.1f} ({100 * sum(survived[ck]) / 10:.0f}% kept)" for ck in clean_ks
-        )
+        cells = " | ".join(f"{sum(cleaned[ck]) / 10:.1f} ({100 * sum(survived[ck]) / 10:.0f}% kept)" for ck in clean_ks)
         print(f"| {100 * fraction:.0f}% | {sum(plain) / 10:.1f} | {cells} |")
     print("\n(x% kept) = share of the contaminants that survived the cleaning.")
 

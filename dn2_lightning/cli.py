@@ -1,7 +1,7 @@
 """The ``dn2`` command: LightningCLI over DN2Module and any LightningDataModule.
 
-    dn2 test --config configs/fashionmnist.yaml --data.normal_class=3
-    dn2 fit --config configs/digits.yaml && dn2 test --config configs/digits.yaml --ckpt_path=...
+dn2 test --config configs/fashionmnist.yaml --data.normal_class=3
+dn2 fit --config configs/digits.yaml && dn2 test --config configs/digits.yaml --ckpt_path=...
 """
 
 from __future__ import annotations

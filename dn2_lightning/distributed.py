@@ -23,7 +23,21 @@ def gather_rows(tensor: Tensor) -> Tensor:
     padded[: tensor.shape[0]] = tensor
     gathered = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(gathered, padded.contiguous())
-    return torch.cat([g[: int(c.item())] for g, c in zip(gathered, counts)])
+    return torch.cat([g[: int(c.item())] for g, c in zip(gathered, counts, strict=True)])
+
+
+def gather_rows_to_cpu(tensor: Tensor) -> Tensor:
+    """Like :func:`gather_rows`, but the result lands in host memory and the device holds at most one rank's
+    rows at a time (for saving a sharded bank larger than one device)."""
+    if world_size() == 1:
+        return tensor.cpu()
+    counts = count_rows(tensor.shape[0], tensor.device)
+    parts = []
+    for src, count in enumerate(counts):
+        buffer = tensor.contiguous() if src == rank() else tensor.new_empty((count, *tensor.shape[1:]))
+        dist.broadcast(buffer, src=src)
+        parts.append(buffer.cpu())
+    return torch.cat(parts)
 
 
 def unique_by_index(indices: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:

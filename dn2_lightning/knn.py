@@ -146,8 +146,9 @@ def knn_distances(
         >>> knn_distances(torch.tensor([[0.9, 0.0]]), bank, k=2)
         KNNResult(values=tensor([[0.0100, 0.8100]]), indices=tensor([[1, 0]]))
     """
-    _validate_inputs(queries, bank.rows if isinstance(bank, PreparedBank) else bank, k, backend,
-                     max_memory_bytes, candidate_dtype)
+    _validate_inputs(
+        queries, bank.rows if isinstance(bank, PreparedBank) else bank, k, backend, max_memory_bytes, candidate_dtype
+    )
     candidate_dtype = candidate_dtype or torch.float32
     # Under Trainer(precision="bf16-mixed") autocast would silently lower the GEMM below the precision the
     # error bound assumes; the search picks its own precisions.
@@ -328,8 +329,37 @@ def _exact_scan(q: Tensor, b: Tensor, k: int, max_memory_bytes: int) -> KNNResul
 # KeOps backend
 
 
-def _keops_knn(queries: Tensor, bank: PreparedBank, k: int) -> KNNResult:
+def keops_environment(world: int | None = None, global_rank: int | None = None) -> dict[str, str]:
+    """Environment for importing pykeops: under DDP each rank gets its own compile cache.
+
+    KeOps' cache folder (``KEOPS_CACHE_FOLDER``, default ``~/.cache/keops<version>``) has no lock, so ranks
+    compiling the same formula at once race on it. With more than one process the folder becomes
+    ``<folder>/rank<global rank>``; a single process keeps KeOps' own default. ``world`` and
+    ``global_rank`` default to the running process group.
+    """
+    from dn2_lightning.distributed import rank, world_size
+
+    env = dict(os.environ)
+    world = world_size() if world is None else world
+    if world <= 1 or (env.get("KEOPS_CACHE_FOLDER") and env.get("KEOPS_CACHE_FOLDER") == env.get("DN2_KEOPS_FOLDER")):
+        return env
+    global_rank = rank() if global_rank is None else global_rank
+    base = env.get("KEOPS_CACHE_FOLDER") or os.path.join(os.path.expanduser("~"), ".cache", "keops")
+    env["KEOPS_CACHE_FOLDER"] = env["DN2_KEOPS_FOLDER"] = os.path.join(base, f"rank{global_rank}")
+    return env
+
+
+def _import_keops_lazytensor() -> type:
+    """Import pykeops lazily (importing it initialises CUDA), with the per-rank cache folder set first."""
+    if "pykeops" not in sys.modules:
+        os.environ.update(keops_environment())
     from pykeops.torch import LazyTensor
+
+    return LazyTensor
+
+
+def _keops_knn(queries: Tensor, bank: PreparedBank, k: int) -> KNNResult:
+    LazyTensor = _import_keops_lazytensor()  # noqa: N806 (the class)
 
     x_i = LazyTensor((queries.to(torch.float32) - bank.center)[:, None, :].contiguous())
     y_j = LazyTensor(bank.rows[None, :, :].contiguous())
@@ -368,7 +398,7 @@ def _keops_usable(device: torch.device, bank_rows: int) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def keops_probe(device: str = "cpu", timeout_s: float = 600.0) -> str | None:
     """Compile and run one KeOps formula in a subprocess; ``None`` if it worked, else the reason.
 
@@ -380,7 +410,11 @@ def keops_probe(device: str = "cpu", timeout_s: float = 600.0) -> str | None:
         return "disabled by DN2_DISABLE_KEOPS"
     try:
         proc = subprocess.run(
-            [sys.executable, "-c", _PROBE, device], capture_output=True, text=True, timeout=timeout_s
+            [sys.executable, "-c", _PROBE, device],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env=keops_environment(),
         )
     except subprocess.TimeoutExpired:
         return f"probe timed out after {timeout_s:.0f} s"
@@ -397,4 +431,3 @@ def merge_topk(values: list[Tensor], indices: list[Tensor], k: int) -> KNNResult
     all_values, all_indices = torch.cat(values, 1), torch.cat(indices, 1)
     top, pos = all_values.topk(min(k, all_values.shape[1]), dim=1, largest=False, sorted=True)
     return KNNResult(top, all_indices.gather(1, pos))
-

@@ -22,6 +22,7 @@ from dn2_lightning.distributed import (
     broadcast_module_state,
     count_rows,
     gather_rows,
+    gather_rows_to_cpu,
     keep_first_owner,
     unique_by_index,
     world_size,
@@ -90,7 +91,14 @@ class DN2Module(LightningModule):
     ) -> None:
         super().__init__()
         _validate_hparams(
-            k, input_size, knn_backend, max_memory_bytes, clean_fraction, clean_k, group_pooling, threshold_quantile,
+            k,
+            input_size,
+            knn_backend,
+            max_memory_bytes,
+            clean_fraction,
+            clean_k,
+            group_pooling,
+            threshold_quantile,
             bank_sharding,
         )
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
@@ -396,10 +404,13 @@ class DN2Module(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self._sharded:
-            # each rank holds a shard: the checkpoint gets the whole bank, so it loads on any number of devices
-            ids, rows = unique_by_index(gather_rows(self.bank.sample_indices), gather_rows(self.bank.embeddings))
-            checkpoint["state_dict"]["bank.sample_indices"] = ids.cpu()
-            checkpoint["state_dict"]["bank.embeddings"] = rows.cpu()
+            # each rank holds a shard: the checkpoint gets the whole bank, so it loads on any number of devices.
+            # It is assembled in host memory, one shard on the device at a time.
+            ids = gather_rows_to_cpu(self.bank.sample_indices)
+            rows = gather_rows_to_cpu(self.bank.embeddings)
+            ids, rows = unique_by_index(ids, rows)
+            checkpoint["state_dict"]["bank.sample_indices"] = ids
+            checkpoint["state_dict"]["bank.embeddings"] = rows
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._bank_is_shard = False

@@ -60,7 +60,9 @@ class ProtocolResult:
     def to_markdown(self) -> str:
         paper = PAPER_MEAN_AUROC.get(self.dataset)
         lines = ["| class | name | AUROC (%) | train | bank |", "|---:|---|---:|---:|---:|"]
-        lines += [f"| {c.normal_class} | {c.name} | {100 * c.auroc:.1f} | {c.n_train} | {c.n_bank} |" for c in self.classes]
+        lines += [
+            f"| {c.normal_class} | {c.name} | {100 * c.auroc:.1f} | {c.n_train} | {c.n_bank} |" for c in self.classes
+        ]
         lines.append(f"| **mean** | | **{100 * self.mean_auroc:.1f}** | | |")
         if paper is not None:
             lines.append(f"| paper (ResNet) | | {paper:.1f} | | |")
@@ -122,8 +124,9 @@ def embed_split(
             return cached["embeddings"], source.labels
     target = _resolve_device(device)
     extractor = build_backbone(backbone, pretrained=pretrained, image_size=image_size).to(target).eval()
-    loader = DataLoader(ArrayImageDataset(source.images, source.labels), batch_size=batch_size,
-                        pin_memory=target.type == "cuda")
+    loader = DataLoader(
+        ArrayImageDataset(source.images, source.labels), batch_size=batch_size, pin_memory=target.type == "cuda"
+    )
     chunks = []
     with torch.inference_mode(), torch.autocast(target.type, torch.bfloat16, enabled=precision == "bf16"):
         for batch in loader:
@@ -176,15 +179,28 @@ def run_protocol(
         out: folder for protocol.md/.csv/.json.
     """
     start = time.perf_counter()
-    kwargs = dict(backbone=backbone, image_size=image_size, root=root, batch_size=batch_size, device=device,
-                  cache_dir=cache_dir, use_cache=use_cache, precision=precision)
+    kwargs = dict(
+        backbone=backbone,
+        image_size=image_size,
+        root=root,
+        batch_size=batch_size,
+        device=device,
+        cache_dir=cache_dir,
+        use_cache=use_cache,
+        precision=precision,
+    )
     train, train_labels = embed_split(dataset, "train", **kwargs)
     test, test_labels = embed_split(dataset, "test", **kwargs)
     names = load_split(dataset, "train", root).classes
     target = _resolve_device(device)
     train, test = train.to(target), test.to(target)
-    settings = {"contamination": contamination, "clean_fraction": clean_fraction, "clean_k": clean_k, "seed": seed,
-                "precision": precision}
+    settings = {
+        "contamination": contamination,
+        "clean_fraction": clean_fraction,
+        "clean_k": clean_k,
+        "seed": seed,
+        "precision": precision,
+    }
     result = ProtocolResult(dataset, backbone, image_size or get_backbone_spec(backbone).image_size, k, settings)
     for c in classes if classes is not None else range(len(names)):
         normal = (train_labels == c).nonzero().flatten()
@@ -201,8 +217,10 @@ def run_protocol(
         result.classes.append(ClassResult(c, names[c], auroc, len(rows), len(bank), kept))
     result.seconds = time.perf_counter() - start
     print(result.to_markdown())
-    print(f"\n{dataset}, {backbone} @ {result.image_size}px, k={k}, {settings}: mean AUROC "
-          f"{100 * result.mean_auroc:.2f}% in {result.seconds:.1f} s")
+    print(
+        f"\n{dataset}, {backbone} @ {result.image_size}px, k={k}, {settings}: mean AUROC "
+        f"{100 * result.mean_auroc:.2f}% in {result.seconds:.1f} s"
+    )
     if out is not None:
         result.save(out)
     return result

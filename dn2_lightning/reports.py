@@ -93,7 +93,7 @@ def save_figures(
         fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.9 * rows), squeeze=False)
         for ax in axes.flat:
             ax.axis("off")
-        for ax, i in zip(axes.flat, top):
+        for ax, i in zip(axes.flat, top, strict=False):
             image = image_of(int(scores.indices[i]))
             ax.imshow(image.permute(1, 2, 0).numpy() if image.shape[0] == 3 else image[0].numpy(), cmap="gray")
             ax.set_title(f"{float(scores.scores[i]):.3g}" + (" (A)" if labels[i] == 1 else ""), fontsize=8)

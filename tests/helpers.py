@@ -22,8 +22,15 @@ class DictDataset(Dataset):
 class BlobDataModule(LightningDataModule):
     """Normal images are dim noise, anomalies bright noise; sizes chosen not to divide by 2 or 16."""
 
-    def __init__(self, n_train: int = 101, n_normal: int = 41, n_anomalous: int = 30, with_val: bool = False,
-                 batch_size: int = 16, seed: int = 0) -> None:
+    def __init__(
+        self,
+        n_train: int = 101,
+        n_normal: int = 41,
+        n_anomalous: int = 30,
+        with_val: bool = False,
+        batch_size: int = 16,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.train_images = torch.rand(n_train, 3, 8, 8, generator=g) * 0.6
@@ -57,7 +64,13 @@ def linear_backbone(seed: int = 0, in_features: int = 192, dim: int = 16) -> nn.
 def quiet_trainer(**kwargs):
     from lightning import Trainer
 
-    defaults = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", enable_checkpointing=False,
-                    devices=1)
+    defaults = dict(
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        enable_checkpointing=False,
+        devices=1,
+    )
     defaults.update(kwargs)
     return Trainer(**defaults)

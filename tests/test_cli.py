@@ -23,8 +23,14 @@ def test_every_config_builds_model_and_datamodule(config, tmp_path):
 
 
 def test_cli_test_runs_digits_config_offline(tmp_path):
-    args = ["test", "--config", "configs/digits.yaml", "--data.normal_class=3",
-            f"--trainer.default_root_dir={tmp_path}", *FAST]
+    args = [
+        "test",
+        "--config",
+        "configs/digits.yaml",
+        "--data.normal_class=3",
+        f"--trainer.default_root_dir={tmp_path}",
+        *FAST,
+    ]
     cli = build_cli(args)
     auroc = cli.trainer.callback_metrics["test/auroc"].item()
     assert 0.8 < auroc <= 1.0

@@ -21,8 +21,12 @@ def run(tmp_path: Path, devices: int, setting: str, mode: str, sharding: str = "
     if devices == 1:
         run_ddp_script(str(out), 1, setting, mode, sharding)
     else:
-        proc = subprocess.run([sys.executable, str(SCRIPT), str(out), str(devices), setting, mode, sharding],
-                              capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [sys.executable, str(SCRIPT), str(out), str(devices), setting, mode, sharding],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(out, weights_only=True)
 

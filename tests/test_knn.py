@@ -198,3 +198,21 @@ def test_keops_crash_is_contained_and_search_falls_back(monkeypatch):
 
 def test_keops_probe_reports_a_failing_run_instead_of_raising():
     assert keops_probe("cuda:99").startswith("probe exited with code 1: ")  # no such device anywhere
+
+
+def test_keops_cache_folder_is_per_rank_under_ddp(monkeypatch, tmp_path):
+    """KeOps' compile cache has no lock: ranks must not share it (and a re-run must not nest folders)."""
+    from dn2_lightning.knn import keops_environment
+
+    monkeypatch.setenv("KEOPS_CACHE_FOLDER", str(tmp_path))
+    monkeypatch.delenv("DN2_KEOPS_FOLDER", raising=False)
+    assert keops_environment(world=1)["KEOPS_CACHE_FOLDER"] == str(tmp_path)
+    folders = {keops_environment(world=4, global_rank=r)["KEOPS_CACHE_FOLDER"] for r in range(4)}
+    assert folders == {str(tmp_path / f"rank{r}") for r in range(4)}
+    env = keops_environment(world=4, global_rank=3)
+    for name in ("KEOPS_CACHE_FOLDER", "DN2_KEOPS_FOLDER"):
+        monkeypatch.setenv(name, env[name])
+    assert keops_environment(world=4, global_rank=3)["KEOPS_CACHE_FOLDER"] == str(tmp_path / "rank3")
+    monkeypatch.delenv("KEOPS_CACHE_FOLDER")
+    monkeypatch.delenv("DN2_KEOPS_FOLDER")
+    assert keops_environment(world=2, global_rank=0)["KEOPS_CACHE_FOLDER"].endswith("rank0")

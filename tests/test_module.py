@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import warnings
 
 import numpy as np
@@ -161,8 +162,14 @@ def test_checkpoint_with_other_bank_dimension_is_refused(tmp_path):
     model = DN2Module(k=2, backbone="efficientnet_lite0", pretrained=False)
     model.bank.set(torch.zeros(5, 512), torch.arange(5))
     path = tmp_path / "bad.ckpt"
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
-                "pytorch-lightning_version": "2.6.0"}, path)
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "hyper_parameters": dict(model.hparams),
+            "pytorch-lightning_version": "2.6.0",
+        },
+        path,
+    )
     with pytest.raises(ValueError, match="512-d embeddings but backbone='efficientnet_lite0' gives 1280-d"):
         DN2Module.load_from_checkpoint(path)
 
@@ -239,3 +246,20 @@ def test_bf16_mixed_precision_embeds_in_bf16_and_scores_exactly_in_float32():
     full = reference_scores(model, dm, 2)
     assert not np.allclose(model.test_scores.scores.numpy(), full, rtol=1e-6), "bf16 must have been used"
     assert results[0]["test/auroc"] == pytest.approx(roc_auc_score(dm.test_labels.numpy(), full), abs=0.05)
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_checkpoint_with_pickled_code_is_refused_without_running_it(tmp_path):
+    """Checkpoints load with weights_only=True semantics: a pickled callable is refused, never executed."""
+    marker, ckpt = tmp_path / "code_ran", tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"k": 2}, "payload": _RunsCodeWhenUnpickled(marker)}, ckpt)
+    with pytest.raises(pickle.UnpicklingError, match="[Ww]eights only"):
+        DN2Module.load_from_checkpoint(ckpt, backbone=linear_backbone())
+    assert not marker.exists()

@@ -27,8 +27,16 @@ def test_test_writes_scores_csv_and_valid_png_figures(tmp_path):
     model = DN2Module(k=3, backbone=linear_backbone())
     quiet_trainer(default_root_dir=tmp_path).test(model, datamodule=dm)
     rows = read_csv(tmp_path / "scores.csv")
-    assert list(rows[0]) == ["index", "path", "label", "score", "is_anomaly", "neighbour_0", "neighbour_1",
-                             "neighbour_2"]
+    assert list(rows[0]) == [
+        "index",
+        "path",
+        "label",
+        "score",
+        "is_anomaly",
+        "neighbour_0",
+        "neighbour_1",
+        "neighbour_2",
+    ]
     assert len(rows) == len(dm.test_dataset)
     np.testing.assert_allclose([float(r["score"]) for r in rows], model.test_scores.scores.numpy(), rtol=1e-6)
     assert [int(r["is_anomaly"]) for r in rows] == (model.test_scores.scores > model.threshold).int().tolist()
@@ -40,8 +48,9 @@ def test_test_writes_scores_csv_and_valid_png_figures(tmp_path):
 
 
 def test_reports_can_be_switched_off(tmp_path):
-    quiet_trainer(default_root_dir=tmp_path).test(DN2Module(k=2, backbone=linear_backbone(), reports=False),
-                                                  datamodule=BlobDataModule())
+    quiet_trainer(default_root_dir=tmp_path).test(
+        DN2Module(k=2, backbone=linear_backbone(), reports=False), datamodule=BlobDataModule()
+    )
     assert not (tmp_path / "scores.csv").exists()
 
 
@@ -57,9 +66,17 @@ def test_threshold_uses_train_data_only():
 
 def test_cli_predict_on_a_folder_with_a_corrupt_file(tmp_path):
     images = make_folder(tmp_path / "images")
-    common = ["--config", "configs/folder.yaml", f"--data.root={images}", "--model.backbone=efficientnet_lite0",
-              "--model.input_size=32", "--data.image_size=32", f"--trainer.default_root_dir={tmp_path / 'runs'}",
-              "--trainer.enable_progress_bar=false", "--trainer.logger=false"]
+    common = [
+        "--config",
+        "configs/folder.yaml",
+        f"--data.root={images}",
+        "--model.backbone=efficientnet_lite0",
+        "--model.input_size=32",
+        "--data.image_size=32",
+        f"--trainer.default_root_dir={tmp_path / 'runs'}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.logger=false",
+    ]
     fit = build_cli(["fit", *common])
     ckpt = fit.trainer.checkpoint_callback.best_model_path
     new = tmp_path / "new"

@@ -55,8 +55,9 @@ def test_knn_scores_are_the_mean_of_k_squared_distances():
     g = torch.Generator().manual_seed(1)
     bank, queries = torch.randn(50, 3, generator=g), torch.randn(7, 3, generator=g)
     ref = brute_force_knn(queries, bank, 3)
-    torch.testing.assert_close(knn_scores(ref), ((queries[:, None].double() - bank.double()) ** 2).sum(-1)
-                               .sort(1).values[:, :3].mean(1))
+    torch.testing.assert_close(
+        knn_scores(ref), ((queries[:, None].double() - bank.double()) ** 2).sum(-1).sort(1).values[:, :3].mean(1)
+    )
 
 
 def test_pool_groups_is_orderless_and_respects_the_mask():

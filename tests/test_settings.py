@@ -24,7 +24,7 @@ def stacked_images(dataset) -> torch.Tensor:
 def knn_mean_sq(bank: np.ndarray, queries: np.ndarray, k: int, leave_one_out: bool = False) -> np.ndarray:
     nn = NearestNeighbors(n_neighbors=k + leave_one_out, algorithm="brute").fit(bank)
     distances, _ = nn.kneighbors(queries)
-    return (distances[:, int(leave_one_out):] ** 2).mean(1)
+    return (distances[:, int(leave_one_out) :] ** 2).mean(1)
 
 
 def test_unsupervised_cleaning_matches_independent_reference():
