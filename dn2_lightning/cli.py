@@ -21,6 +21,8 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
         args=args,
         run=run,
         save_config_kwargs={"overwrite": True},
+        # DN2's fit is one pass and stops by itself; this only spares Lightning's "max_epochs not set" notice
+        trainer_defaults={"max_epochs": 1},
         auto_configure_optimizers=False,
     )
 

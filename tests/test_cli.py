@@ -62,3 +62,21 @@ def test_print_config_reruns_the_same_experiment(tmp_path, capsys):
     cli = build_cli(["test", "--config", str(path), f"--trainer.default_root_dir={tmp_path}", *FAST])
     assert cli.datamodule.normal_class_index == 5
     assert "test/auroc" in cli.trainer.callback_metrics
+
+
+def test_cli_runs_the_unsupervised_and_group_configs_offline(tmp_path):
+    common = [f"--trainer.default_root_dir={tmp_path}", "--model.reports=false", *FAST]
+    cli = build_cli(["test", "--config", "configs/digits_unsupervised.yaml", *common])
+    metrics = cli.trainer.callback_metrics
+    assert 0.5 < metrics["test/auroc"].item() <= 1.0
+    assert metrics["bank/contaminants_before"].item() == cli.datamodule.train_is_contaminant.sum().item() > 0
+    assert metrics["bank/removed"].item() == round(0.5 * metrics["bank/size_before_cleaning"].item())
+    cli = build_cli(["test", "--config", "configs/digits_group.yaml", *common])
+    assert cli.datamodule.hparams.group_size == 5
+    assert 0.0 <= cli.trainer.callback_metrics["test/auroc"].item() <= 1.0
+
+
+def test_cli_fit_needs_no_epoch_setting_and_keeps_the_users():
+    assert build_cli(["--config", "configs/digits.yaml"], run=False).trainer.max_epochs == 1
+    cli = build_cli(["--config", "configs/digits.yaml", "--trainer.max_epochs=3"], run=False)
+    assert cli.trainer.max_epochs == 3
