@@ -152,7 +152,7 @@ def run_protocol(
     classes: list[int] | None = None,
     contamination: float = 0.0,
     clean_fraction: float = 0.0,
-    clean_k: int = 2,
+    clean_k: int = 200,
     seed: int = 0,
     knn_backend: str = "auto",
     root: str | None = None,

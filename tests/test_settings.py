@@ -27,12 +27,16 @@ def knn_mean_sq(bank: np.ndarray, queries: np.ndarray, k: int, leave_one_out: bo
     return (distances[:, int(leave_one_out) :] ** 2).mean(1)
 
 
-def test_unsupervised_cleaning_matches_independent_reference():
+@pytest.mark.parametrize("clean_k", [4, None], ids=["clean_k=4", "default clean_k, capped at bank size - 1"])
+def test_unsupervised_cleaning_matches_independent_reference(clean_k):
     dm = OneClassDataModule(dataset="digits", normal_class=1, contamination=0.2, seed=0, batch_size=64)
-    model = DN2Module(k=2, backbone=linear_backbone(), clean_fraction=0.5, clean_k=4)
+    options = {} if clean_k is None else {"clean_k": clean_k}
+    model = DN2Module(k=2, backbone=linear_backbone(), clean_fraction=0.5, **options)
     quiet_trainer().test(model, datamodule=dm)
     train = embed(model, stacked_images(dm.train_dataset))
-    loo = knn_mean_sq(train, train, 4, leave_one_out=True)  # no duplicate digits in this class
+    reference_k = min(model.hparams.clean_k, len(train) - 1)
+    assert clean_k is not None or reference_k == len(train) - 1  # digits' bank is smaller than the default
+    loo = knn_mean_sq(train, train, reference_k, leave_one_out=True)  # no duplicate digits in this class
     keep = np.argsort(loo, kind="stable")[: len(train) - round(0.5 * len(train))]
     assert torch.equal(model.bank.sample_indices, torch.from_numpy(np.sort(keep)))
     test = embed(model, stacked_images(dm.test_dataset))
