@@ -393,7 +393,11 @@ def _keops_usable(device: torch.device, bank_rows: int) -> bool:
         return False
     verdict = keops_probe(str(device))
     if verdict is not None:
-        warnings.warn(f"KeOps is unusable on {device} ({verdict}); using the torch backend.", stacklevel=3)
+        warnings.warn(
+            f"KeOps is unusable on {device} ({verdict}); using the torch backend. README.md, 'KeOps on "
+            f"CUDA 13', lists what to check.",
+            stacklevel=3,
+        )
         return False
     return True
 
