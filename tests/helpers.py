@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import torch
 from lightning import LightningDataModule
 from torch import nn
@@ -65,6 +67,7 @@ def quiet_trainer(**kwargs):
     from lightning import Trainer
 
     defaults = dict(
+        default_root_dir=tempfile.mkdtemp(prefix="dn2-test-"),  # reports never land in the working directory
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
