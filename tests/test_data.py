@@ -317,7 +317,7 @@ def test_group_datamodule_hard_anomalies_are_made_of_normal_classes():
 
 
 def test_group_datamodule_easy_anomalies_hold_a_held_out_class_and_seeds_reproduce():
-    dm = GroupDataModule(
+    options = dict(
         dataset="digits",
         group_size=3,
         n_train_groups=20,
@@ -326,20 +326,13 @@ def test_group_datamodule_easy_anomalies_hold_a_held_out_class_and_seeds_reprodu
         held_out_classes=[9],
         seed=3,
     )
+    dm = GroupDataModule(**options)
     dm.setup()
     for i in range(20):
         classes = dm.test_dataset[i]["member_classes"].tolist()
         assert (9 in classes) == bool(dm.test_dataset.labels[i])
     assert all(9 not in dm.train_dataset[i]["member_classes"].tolist() for i in range(20))
-    same = GroupDataModule(
-        dataset="digits",
-        group_size=3,
-        n_train_groups=20,
-        n_test_groups=20,
-        anomaly="easy",
-        held_out_classes=[9],
-        seed=3,
-    )
+    same = GroupDataModule(**options)
     same.setup()
     assert torch.equal(same.test_dataset.members, dm.test_dataset.members)
 
