@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,8 +77,10 @@ def get_backbone_spec(name: str) -> BackboneSpec:
 class FeatureExtractor(nn.Module):
     """Preprocessing + frozen trunk: uint8 or [0, 1] images [B, C, H, W] -> float32 embeddings [B, D].
 
-    The trunk's parameters are frozen. Keep it in eval mode when embedding (``DN2Module`` does), so
-    BatchNorm uses its pretrained statistics.
+    The extractor is immutable: its parameters are frozen and its forward always runs the trunk with eval
+    semantics, whatever mode ``.train()``/``.eval()`` left it in (Lightning and users switch modes freely),
+    so BatchNorm uses its pretrained statistics and never updates them and dropout/drop-connect are off:
+    the same image gets the same embedding in every mode and context.
 
     Args:
         trunk: module mapping normalised images to [B, D] (or [B, D, 1, 1]).
@@ -120,8 +122,26 @@ class FeatureExtractor(nn.Module):
         return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
 
     def forward(self, images: Tensor) -> Tensor:
-        features = self.trunk(self.preprocess(images))
+        with frozen_eval(self.trunk):
+            features = self.trunk(self.preprocess(images))
         return features.flatten(1).to(torch.float32)
+
+
+@contextlib.contextmanager
+def frozen_eval(module: nn.Module) -> Iterator[None]:
+    """Run ``module`` with eval semantics and restore its modes afterwards.
+
+    The modes themselves are left to their owners (Lightning warns about modules found in eval mode at the
+    start of ``fit``), only the computation is pinned.
+    """
+    switched = [m for m in module.modules() if m.training]
+    for m in switched:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in switched:
+            m.training = True
 
 
 def build_backbone(

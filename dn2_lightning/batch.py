@@ -43,4 +43,32 @@ def unpack_batch(batch: object) -> Batch:
         raise ValueError(f"batch images must be [B, C, H, W] or groups [B, M, C, H, W], got {shape}.")
     if labels is None:
         labels = torch.full((images.shape[0],), -1, dtype=torch.long, device=images.device)
-    return Batch(images, torch.as_tensor(labels, device=images.device).long(), indices, mask, paths)
+    labels = torch.as_tensor(labels, device=images.device)
+    check_labels(labels)
+    return Batch(images, labels.long(), indices, mask, paths)
+
+
+LABEL_CONVENTION = "0 = normal, 1 = anomalous, -1 = unknown"
+
+
+def check_labels(labels: Tensor) -> None:
+    """Refuse labels outside DN2's convention (0 normal, 1 anomalous, -1 unknown) instead of misreading them.
+
+    >>> check_labels(torch.tensor([0, 1, -1]))
+    >>> check_labels(torch.tensor([0, 3]))
+    Traceback (most recent call last):
+    ...
+    ValueError: batch labels must be 0 = normal, 1 = anomalous, -1 = unknown; got the values [0, 3]. ...
+    """
+    if labels.is_floating_point() and not bool(((labels == labels.round()) | labels.isnan()).all()):
+        raise ValueError(f"batch labels must be integers ({LABEL_CONVENTION}); got dtype {labels.dtype}.")
+    bad = (labels != 0) & (labels != 1) & (labels != -1)
+    if bool(bad.any()):
+        values = sorted({int(v) for v in labels.flatten().tolist() if v == v})
+        raise ValueError(
+            f"batch labels must be {LABEL_CONVENTION}; got the values {values[:10]}. Class indices (as "
+            "torchvision's ImageFolder gives) are not anomaly labels: map them, e.g. "
+            "ImageFolder(root, target_transform=lambda y: int(y != normal_index)), or use "
+            "OneClassDataModule(dataset='folder', root=...), which labels the test/<normal_dir> folder 0 and "
+            "every other folder 1."
+        )

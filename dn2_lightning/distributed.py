@@ -95,3 +95,12 @@ def all_gather_same_shape(tensor: Tensor) -> list[Tensor]:
 def count_rows(n: int, device: torch.device) -> list[int]:
     """Row counts of every rank."""
     return [int(c) for c in gather_rows(torch.tensor([n], device=device))]
+
+
+def gather_objects(obj: object) -> list[object]:
+    """Every rank's ``obj`` (any picklable value), in rank order."""
+    if world_size() == 1:
+        return [obj]
+    out: list[object] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out

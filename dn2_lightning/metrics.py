@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -22,6 +23,9 @@ class AnomalyScores:
         labels: ``[N]`` 1 = anomalous, 0 = normal, -1 = unknown.
         neighbours: ``[N, k]`` train-set indices of the k nearest bank embeddings.
         distances: ``[N, k]`` their squared distances, ascending.
+        threshold: the decision threshold the scores were judged by (NaN: undefined).
+        normalized: ``[N]`` share of the bank's leave-one-out scores below each score, in [0, 1].
+        paths: file path of each sample, when the data came from files.
     """
 
     indices: Tensor
@@ -29,9 +33,45 @@ class AnomalyScores:
     labels: Tensor
     neighbours: Tensor
     distances: Tensor
+    threshold: float = math.nan
+    normalized: Tensor | None = None
+    paths: list[str] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return self.indices.shape[0]
+
+    @property
+    def is_anomaly(self) -> Tensor | None:
+        """``[N]`` score > threshold, or ``None`` when no threshold is defined (never silently False)."""
+        return None if math.isnan(self.threshold) else self.scores > self.threshold
+
+
+@dataclass
+class ImageScores:
+    """What :meth:`DN2Module.score_images` returns for B images.
+
+    Attributes:
+        scores: ``[B]`` DN2 scores (mean squared distance to the k nearest bank embeddings).
+        normalized: ``[B]`` share of the bank's leave-one-out scores below each score, in [0, 1].
+        is_anomaly: ``[B]`` score > threshold, or ``None`` when no threshold is defined.
+        threshold: the decision threshold (NaN: undefined).
+        neighbours: ``[B, k]`` train-set indices of the nearest bank embeddings.
+        distances: ``[B, k]`` their squared distances, ascending.
+        neighbour_paths: for each image, the files of its neighbours (when the bank came from files).
+        anomaly_maps: ``[B, H, W]`` pixel scores when the model computes anomaly maps.
+    """
+
+    scores: Tensor
+    normalized: Tensor
+    is_anomaly: Tensor | None
+    threshold: float
+    neighbours: Tensor
+    distances: Tensor
+    neighbour_paths: list[list[str]] | None = None
+    anomaly_maps: Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.scores.shape[0]
 
 
 class ScoreCollector(Metric):

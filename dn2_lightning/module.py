@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,21 +20,31 @@ from torchmetrics.classification import BinaryAUROC
 from dn2_lightning.backbones import build_backbone
 from dn2_lightning.bank import BankCollector, MemoryBank
 from dn2_lightning.batch import Batch, unpack_batch
+from dn2_lightning.checkpointing import (
+    BANK_SETTINGS,
+    DATA_SETTINGS,
+    WeightsOnlyCheckpointIO,
+    check_bank_settings,
+    refuse_unsafe_load,
+)
 from dn2_lightning.distributed import (
     broadcast_module_state,
     count_rows,
+    gather_objects,
     gather_rows,
     gather_rows_to_cpu,
     keep_first_owner,
     unique_by_index,
     world_size,
 )
+from dn2_lightning.images import ImagesLike, as_image_batches
 from dn2_lightning.knn import KNNResult, knn_distances, list_knn_backends
-from dn2_lightning.metrics import AnomalyScores, ScoreCollector
+from dn2_lightning.metrics import AnomalyScores, ImageScores, ScoreCollector
 from dn2_lightning.scoring import drop_self, keep_lowest, knn_scores, pool_groups, to_unit_interval
 from dn2_lightning.sharding import sharded_knn
 
 GROUP_POOLINGS = ("mean", "none")
+CUSTOM_BACKBONE = "custom:"  # hparams value recording a user nn.Module backbone (not serialisable)
 BANK_SHARDINGS = ("replicate", "shard")
 NO_BANK_MESSAGE = (
     "DN2Module has no memory bank yet and cannot build one: call trainer.fit(model, datamodule) first, "
@@ -67,7 +79,11 @@ class DN2Module(LightningModule):
             §3.3); ``"none"`` keeps single-image embeddings in the bank and scores a group by the max
             of its members' scores (the point-wise baseline).
         threshold_quantile: the decision threshold is this quantile of the bank's leave-one-out scores
-            (normal data only; never the test set).
+            (normal data only; never the test set): the expected share of normal images flagged is
+            ``1 - threshold_quantile``. Changeable after fit (:meth:`set_threshold`, ``--model.threshold_quantile``
+            beside ``--ckpt_path``).
+        threshold: a fixed decision threshold on the DN2 score instead of the quantile (``None``: use the
+            quantile).
         bank_sharding: under DDP, ``"replicate"`` gives every rank the whole bank; ``"shard"`` keeps a
             disjoint shard per rank and merges per-shard top-k lists (exact), for banks larger than one
             device's memory. Single-device runs ignore it.
@@ -88,6 +104,7 @@ class DN2Module(LightningModule):
         clean_k: int = 200,
         group_pooling: str = "mean",
         threshold_quantile: float = 0.99,
+        threshold: float | None = None,
         bank_sharding: str = "replicate",
         reports: bool = True,
     ) -> None:
@@ -101,24 +118,35 @@ class DN2Module(LightningModule):
             clean_k,
             group_pooling,
             threshold_quantile,
+            threshold,
             bank_sharding,
         )
+        if isinstance(backbone, str) and backbone.startswith(CUSTOM_BACKBONE):
+            raise ValueError(
+                f"this model was built with a custom backbone ({backbone[len(CUSTOM_BACKBONE) :]}), which a "
+                "checkpoint cannot hold: pass it again, e.g. DN2Module.load_from_checkpoint(path, "
+                "backbone=MyBackbone()) (in a config: model.backbone.class_path)."
+            )
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
+        if isinstance(backbone, nn.Module):
+            self.hparams["backbone"] = CUSTOM_BACKBONE + type(backbone).__qualname__
         # DN2 has nothing to optimise: fit is one feature-extraction pass, driven by training_step.
         self.automatic_optimization = False
         self.backbone = build_backbone(backbone, pretrained=pretrained, image_size=input_size)
         self.bank = MemoryBank()
-        self.register_buffer("threshold", torch.tensor(float("nan")))
         # DDP broadcasts rank 0's buffers at set-up; the bank is made consistent by its own gathering (and
         # differs per rank when sharded), so it is excluded as torch's DDP allows.
-        self._ddp_params_and_buffers_to_ignore = ["bank.embeddings", "bank.sample_indices", "threshold"]
+        self._ddp_params_and_buffers_to_ignore = [f"bank.{name}" for name, _ in self.bank.named_buffers()]
         self.val_collector = ScoreCollector()
         self.test_collector = ScoreCollector()
+        self.predict_collector = ScoreCollector()
         # inputs are already gathered and de-duplicated by the collectors, so no second sync
         self.val_auroc = BinaryAUROC(sync_on_compute=False)
         self.test_auroc = BinaryAUROC(sync_on_compute=False)
         self.val_scores: AnomalyScores | None = None
         self.test_scores: AnomalyScores | None = None
+        self.predict_scores: AnomalyScores | None = None
+        self._paths: dict[int, str] = {}  # dataset index -> file, for the stage being evaluated
         self.bank_report: dict[str, float] = {}
         self._collector: BankCollector | None = None
         self._stream_position = 0  # samples seen this epoch, to index datasets that give no indices
@@ -139,6 +167,10 @@ class DN2Module(LightningModule):
 
     def setup(self, stage: str) -> None:
         strategy = self.trainer.strategy
+        # runs before Lightning restores ckpt_path: make that load weights-only too (Lightning loads remote
+        # paths with weights_only=False, i.e. it would run a downloaded file's pickled code)
+        if not isinstance(strategy.checkpoint_io, WeightsOnlyCheckpointIO):
+            strategy.checkpoint_io = WeightsOnlyCheckpointIO(strategy.checkpoint_io)
         frozen = not any(p.requires_grad for p in self.parameters())
         if stage == "fit" and isinstance(strategy, DDPStrategy) and frozen:
             # torch's DistributedDataParallel refuses a module without trainable parameters, and DN2 has no
@@ -152,12 +184,10 @@ class DN2Module(LightningModule):
             embeddings, indices, labels = self._bank_rows(parsed, batch_idx)
         if self._collector is None:
             self._collector = BankCollector()
-        self._collector.add(embeddings, indices, labels)
+        self._collector.add(embeddings, indices, labels, parsed.paths)
         self._count_bank_step()
 
     def on_train_epoch_start(self) -> None:
-        # pretrained features as they are: BatchNorm must use its ImageNet statistics, not the batch's
-        self.backbone.eval()
         self._collector = BankCollector()
         self._stream_position = 0
 
@@ -166,7 +196,6 @@ class DN2Module(LightningModule):
             self._warn_if_partial_pass(self._collector.num_batches)
             self._finalize_bank()
         # one pass is all DN2 needs; more epochs would rebuild the same bank
-        rank_zero_info(f"DN2: memory bank of {len(self.bank)} embeddings built; stopping fit after one epoch.")
         self.trainer.should_stop = True
 
     def _warn_if_partial_pass(self, seen: int) -> None:
@@ -191,7 +220,7 @@ class DN2Module(LightningModule):
     def on_validation_epoch_start(self) -> None:
         if not self.trainer.sanity_checking:
             self._ensure_bank()
-        self._stream_position = 0
+        self._start_evaluation()
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         if not self.trainer.sanity_checking:  # the sanity check runs before the bank exists
@@ -203,7 +232,7 @@ class DN2Module(LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self._ensure_bank()
-        self._stream_position = 0
+        self._start_evaluation()
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._score_into(self.test_collector, unpack_batch(batch), batch_idx)
@@ -213,24 +242,38 @@ class DN2Module(LightningModule):
 
     def on_predict_epoch_start(self) -> None:
         self._ensure_bank()
-        self._stream_position = 0
+        self._start_evaluation()
 
-    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        """Per sample: ``score``, ``is_anomaly`` (score > threshold), ``label``, ``index``, and the
-        train-set ``neighbours`` with their squared ``distances``."""
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """Per sample: ``score``, ``normalized`` score, ``is_anomaly`` (score > threshold; ``None`` when no
+        threshold is defined), ``label``, ``index``, and the train-set ``neighbours`` with their squared
+        ``distances``. All ranks' rows are also gathered into :attr:`predict_scores` at the end."""
         parsed = unpack_batch(batch)
+        indices = self._indices_of(parsed, batch_idx)
         scores, knn = self.score(parsed, batch_idx)
+        self.predict_collector.update(indices, scores, parsed.labels, knn.indices, knn.values)
+        self._remember_paths(indices, parsed.paths)
+        threshold = self.threshold
         out = {
             "score": scores,
-            "is_anomaly": scores > self.threshold,
+            "normalized": self.normalized(scores),
+            "is_anomaly": None if threshold.isnan() else scores > threshold,
             "label": parsed.labels,
-            "index": self._indices_of(parsed, batch_idx),
+            "index": indices,
             "neighbours": knn.indices,
             "distances": knn.values,
         }
         if parsed.paths is not None:
             out["path"] = list(parsed.paths)
         return out
+
+    def on_predict_epoch_end(self) -> None:
+        self.predict_scores = self._collect("predict", self.predict_collector)
+        scores = self.predict_scores
+        flagged = "undefined (no threshold)" if scores.is_anomaly is None else int(scores.is_anomaly.sum())
+        rank_zero_info(
+            f"DN2 predict: {len(scores)} samples scored, flagged as anomalous: {flagged}; {self._describe_threshold()}."
+        )
 
     # ------------------------------------------------------------------------------------------ scoring
 
@@ -251,6 +294,115 @@ class DN2Module(LightningModule):
         knn = self._search(self._embed(batch.images, batch, batch_idx), self.hparams.k)
         return knn_scores(knn), knn
 
+    @torch.no_grad()
+    def score_images(self, images: ImagesLike, batch_size: int = 64) -> ImageScores:
+        """Score images directly, without a DataModule.
+
+        Args:
+            images: a uint8 (0..255) or float (0..1) tensor ``[B, C, H, W]`` or ``[C, H, W]``, a PIL image, a
+                file path, or a list of these. Decoded and resized as the datamodule the bank was built from
+                did, so an image gets the same score here as from ``dn2 predict``.
+            batch_size: images per backbone call.
+
+        Returns:
+            :class:`~dn2_lightning.metrics.ImageScores`: scores, normalised scores, ``is_anomaly`` (``None``
+            without a threshold), the neighbours' train indices (and files) and their squared distances.
+
+        Raises:
+            RuntimeError: the model has no memory bank (fit it or load a checkpoint first).
+            ValueError: an input it cannot read, naming its position.
+        """
+        if not self.bank.is_fitted:
+            raise RuntimeError(NO_BANK_MESSAGE.format(fn="test"))
+        parts: list[tuple[Tensor, KNNResult]] = []
+        for chunk, _ in as_image_batches(images, self.bank.spec.get("load_size")):
+            for piece in chunk.split(batch_size):
+                batch = Batch(piece.to(self.device), torch.full((len(piece),), -1, device=self.device), None)
+                parts.append(self.score(batch))
+        scores = torch.cat([p[0] for p in parts]).cpu()
+        knn = KNNResult(*(torch.cat([getattr(p[1], f) for p in parts]).cpu() for f in ("values", "indices")))
+        threshold = float(self.threshold)
+        train_paths = self.bank.spec.get("train_paths")
+        return ImageScores(
+            scores=scores,
+            normalized=self.normalized(scores).cpu(),
+            is_anomaly=None if math.isnan(threshold) else scores > threshold,
+            threshold=threshold,
+            neighbours=knn.indices,
+            distances=knn.values,
+            neighbour_paths=[[train_paths[i] for i in row] for row in knn.indices.tolist()] if train_paths else None,
+        )
+
+    # --------------------------------------------------------------------------------------- threshold
+
+    @property
+    def threshold(self) -> Tensor:
+        """The decision threshold on the DN2 score (a 0-d tensor; NaN when undefined): ``threshold`` if set,
+        else the ``threshold_quantile`` of the bank's leave-one-out scores at the current ``k``."""
+        if self.hparams.threshold is not None:
+            return torch.tensor(float(self.hparams.threshold))
+        loo = self._loo_scores()
+        if loo.numel() == 0:
+            return torch.tensor(float("nan"))
+        return torch.quantile(loo.double(), self.hparams.threshold_quantile).float().cpu()
+
+    def set_threshold(self, quantile: float | None = None, value: float | None = None) -> float:
+        """Set the decision threshold: a ``quantile`` of the bank's leave-one-out scores (normal data only,
+        never test labels: about ``1 - quantile`` of normal images get flagged) or a fixed score ``value``.
+        Give exactly one. Returns the threshold; it is saved with the checkpoint's hyperparameters."""
+        if (quantile is None) == (value is None):
+            raise ValueError(
+                f"set_threshold takes exactly one of quantile= or value=, got quantile={quantile!r}, value={value!r}."
+            )
+        _validate_threshold(quantile if quantile is not None else self.hparams.threshold_quantile, value)
+        if quantile is not None:
+            self.hparams.threshold_quantile, self.hparams.threshold = float(quantile), None
+        else:
+            self.hparams.threshold = float(value)
+        threshold = float(self.threshold)
+        rank_zero_info(f"DN2: {self._describe_threshold()}.")
+        return threshold
+
+    def normalized(self, scores: Tensor) -> Tensor:
+        """Share of the bank's leave-one-out scores below each score, in [0, 1] (NaN without them): 0.5 is a
+        typical normal image, values near 1 are beyond almost every normal one."""
+        loo = self._loo_scores()
+        if loo.numel() == 0:
+            return torch.full_like(scores, float("nan"), dtype=torch.float32)
+        below = torch.searchsorted(loo.to(scores.device), scores.float().contiguous())
+        return below.float() / loo.numel()
+
+    def _loo_scores(self) -> Tensor:
+        """The bank's sorted leave-one-out scores at the current k, recomputed when k changed."""
+        k = self.hparams.k
+        if self.bank.is_fitted and int(self.bank.loo_k) != k and self._bank_size() > k:
+            _, scores, _ = self._leave_one_out_scores(k)
+            self.bank.set_loo_scores(scores, k)
+        return self.bank.loo_scores if int(self.bank.loo_k) == k else self.bank.loo_scores[:0]
+
+    def _describe_threshold(self) -> str:
+        threshold = float(self.threshold)
+        if math.isnan(threshold):
+            return "no decision threshold (is_anomaly undefined)"
+        if self.hparams.threshold is not None:
+            return f"threshold {threshold:.6g} (fixed value)"
+        q = self.hparams.threshold_quantile
+        return (
+            f"threshold {threshold:.6g} (quantile {q:g} of the bank's leave-one-out scores: about "
+            f"{100 * (1 - q):.3g}% of normal images are flagged)"
+        )
+
+    def _warn_if_no_threshold(self) -> None:
+        if self.hparams.threshold is None and self._bank_size() <= self.hparams.k:
+            warnings.warn(
+                f"the memory bank holds {self._bank_size()} embeddings, not more than k={self.hparams.k}: there are "
+                "no leave-one-out scores to set a threshold from, so is_anomaly is undefined (None, empty CSV "
+                "cells) and normalised scores are NaN. Use a larger train set or set_threshold(value=...).",
+                stacklevel=2,
+            )
+
+    # ------------------------------------------------------------------------------------------ search
+
     def _search(self, embeddings: Tensor, k: int) -> KNNResult:
         """Exact kNN of ``embeddings`` in the whole bank; neighbours as train-set sample indices."""
         bank = self.bank.prepared()
@@ -269,12 +421,41 @@ class DN2Module(LightningModule):
         return self.hparams.bank_sharding == "shard" and world_size() > 1
 
     def _score_into(self, collector: ScoreCollector, batch: Batch, batch_idx: int) -> None:
+        indices = self._indices_of(batch, batch_idx)
         scores, knn = self.score(batch, batch_idx)
-        collector.update(self._indices_of(batch, batch_idx), scores, batch.labels, knn.indices, knn.values)
+        collector.update(indices, scores, batch.labels, knn.indices, knn.values)
+        self._remember_paths(indices, batch.paths)
 
-    def _report(self, stage: str, collector: ScoreCollector, auroc: BinaryAUROC) -> AnomalyScores:
+    def _start_evaluation(self) -> None:
+        self._stream_position = 0
+        self._paths = {}
+        if self.bank.is_fitted:
+            self._loo_scores()  # a collective when sharded: every rank computes it here, not lazily later
+
+    def _remember_paths(self, indices: Tensor, paths: list[str] | None) -> None:
+        if paths is not None:
+            self._paths.update(zip(indices.tolist(), paths, strict=True))
+
+    def _collect(self, stage: str, collector: ScoreCollector) -> AnomalyScores:
+        """Every rank's rows of this stage, one per sample, in dataset order, with threshold and paths."""
         result = collector.compute()
         collector.reset()
+        paths: dict[int, str] = {}
+        for part in gather_objects(self._paths):
+            paths.update(part)
+        if not paths and self._trainer is not None and hasattr(self.trainer.datamodule, "source_paths"):
+            listed = self.trainer.datamodule.source_paths(stage if stage != "val" else "test")
+            paths = dict(enumerate(listed)) if listed else {}
+        threshold = float(self.threshold)
+        return AnomalyScores(
+            *(t.cpu() for t in (result.indices, result.scores, result.labels, result.neighbours, result.distances)),
+            threshold=threshold,
+            normalized=self.normalized(result.scores).cpu(),
+            paths=[paths.get(int(i), "") for i in result.indices] if paths else None,
+        )
+
+    def _report(self, stage: str, collector: ScoreCollector, auroc: BinaryAUROC) -> AnomalyScores:
+        result = self._collect(stage, collector)
         labels = result.labels
         if (labels < 0).any():
             rank_zero_info(f"DN2: {stage} data has no labels; scores are kept in module.{stage}_scores, no AUROC.")
@@ -289,7 +470,8 @@ class DN2Module(LightningModule):
             auroc.update(to_unit_interval(result.scores), labels)
             self.log(f"{stage}/auroc", auroc.compute(), sync_dist=True)
             auroc.reset()
-        return AnomalyScores(*(t.cpu() for t in vars(result).values()))
+        rank_zero_info(f"DN2 {stage}: {len(result)} samples scored; {self._describe_threshold()}.")
+        return result
 
     # ------------------------------------------------------------------------------------- memory bank
 
@@ -304,10 +486,14 @@ class DN2Module(LightningModule):
             self._finalize_bank()
         elif not self.bank.is_fitted:
             self._build_bank_from_datamodule()
-        elif self._sharded and not self._bank_is_shard:
-            # a whole bank (from a checkpoint) meets a sharded run: keep this rank's share
-            rows = slice(self.global_rank, None, world_size())
-            self.bank.set(self.bank.embeddings[rows], self.bank.sample_indices[rows])
+        else:
+            self._check_data_settings()
+            if self._sharded and not self._bank_is_shard:
+                # a whole bank (from a checkpoint) meets a sharded run: keep this rank's share
+                rows = slice(self.global_rank, None, world_size())
+                loo, loo_k = self.bank.loo_scores, int(self.bank.loo_k)  # of the whole bank: still valid
+                self.bank.set(self.bank.embeddings[rows], self.bank.sample_indices[rows])
+                self.bank.set_loo_scores(loo, loo_k)
         self._bank_is_shard = self._sharded
 
     def _build_bank_from_datamodule(self) -> None:
@@ -320,11 +506,12 @@ class DN2Module(LightningModule):
         rank_zero_info(f"DN2: building the memory bank from {type(datamodule).__name__}.train_dataloader().")
         self._collector = BankCollector()
         self._stream_position = 0
+        batches = _progress(loader, "DN2: building the memory bank", self.trainer.progress_bar_callback is not None)
         # the same precision context (e.g. bf16 autocast) as fit's training_step, so both banks are alike
         with torch.no_grad(), self.trainer.precision_plugin.train_step_context():
-            for batch_idx, batch in enumerate(loader):
-                batch = self._on_device(batch, batch_idx)
-                self._collector.add(*self._bank_rows(unpack_batch(batch), batch_idx))
+            for batch_idx, batch in enumerate(batches):
+                parsed = unpack_batch(self._on_device(batch, batch_idx))
+                self._collector.add(*self._bank_rows(parsed, batch_idx), parsed.paths)
         self._finalize_bank()
 
     def _bank_rows(self, batch: Batch, batch_idx: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -349,6 +536,7 @@ class DN2Module(LightningModule):
         assert self._collector is not None
         collector, self._collector = self._collector, None
         embeddings, indices, labels = collector.collect()
+        paths = collector.paths
         if self._sharded:
             own = keep_first_owner(indices)
             indices, embeddings, labels = unique_by_index(indices[own], embeddings[own], labels[own])
@@ -374,10 +562,15 @@ class DN2Module(LightningModule):
                     f"clean_fraction={self.hparams.clean_fraction} leaves {int(keep.sum())} embeddings, fewer "
                     f"than k={k}; lower clean_fraction or k."
                 )
-        self._set_threshold()
+        self._record_bank_spec(paths)
+        if self._bank_size() > k:
+            _, scores, _ = self._leave_one_out_scores(k)
+            self.bank.set_loo_scores(scores, k)
+        self._warn_if_no_threshold()
         report["bank/size"] = float(self._bank_size())
         self.bank_report = report
         rank_zero_info("DN2: " + ", ".join(f"{name}={value:g}" for name, value in report.items()))
+        rank_zero_info(f"DN2: memory bank of {self._bank_size()} embeddings; {self._describe_threshold()}.")
         if self.hparams.clean_fraction > 0 and self._trainer is not None and self.trainer.state.fn != "predict":
             self.log_dict(report, sync_dist=False, rank_zero_only=True)
 
@@ -396,13 +589,44 @@ class DN2Module(LightningModule):
             ids, scores, labels = gather_rows(ids), gather_rows(scores), gather_rows(labels)
         return unique_by_index(ids, scores, labels)
 
-    def _set_threshold(self) -> None:
-        if self._bank_size() <= self.hparams.k:
-            self.threshold = torch.tensor(float("nan"), device=self.bank.embeddings.device)
-            return
-        _, scores, _ = self._leave_one_out_scores(self.hparams.k)
-        with torch.inference_mode(False):
-            self.threshold = torch.quantile(scores.double(), self.hparams.threshold_quantile).float().clone()
+    def _model_settings(self) -> dict[str, Any]:
+        """The model settings that define the bank's content (see ``checkpointing.BANK_SETTINGS``)."""
+        hp = self.hparams
+        return {
+            "backbone": hp.backbone,
+            "pretrained": hp.pretrained,
+            "input_size": self.backbone.image_size,
+            "mean": self.backbone.mean.flatten().tolist(),
+            "std": self.backbone.std.flatten().tolist(),
+            "clean_fraction": hp.clean_fraction,
+            "clean_k": hp.clean_k if hp.clean_fraction > 0 else None,
+            "group_pooling": hp.group_pooling,
+        }
+
+    def _data_settings(self) -> dict[str, Any]:
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        hparams = getattr(datamodule, "hparams", None) or {}
+        if "load_size" in hparams:
+            return {"load_size": hparams["load_size"]}
+        if "image_size" in hparams:
+            return {"load_size": hparams["image_size"]}
+        return {}
+
+    def _record_bank_spec(self, paths: dict[int, str]) -> None:
+        ids = self.bank.sample_indices.tolist()
+        all_paths: dict[int, str] = {}
+        for part in gather_objects(paths):
+            all_paths.update(part)
+        if not all_paths and self._trainer is not None and hasattr(self.trainer.datamodule, "source_paths"):
+            listed = self.trainer.datamodule.source_paths("train")
+            all_paths = dict(enumerate(listed)) if listed else {}
+        spec = {**self._model_settings(), **self._data_settings(), "format": 1}
+        if all_paths:  # train files by dataset index, for neighbour paths
+            spec["train_paths"] = [all_paths.get(i, "") for i in range(max(ids) + 1)] if ids else []
+        self.bank.spec = spec
+
+    def _check_data_settings(self) -> None:
+        check_bank_settings(self.bank.spec, self._data_settings(), DATA_SETTINGS, "this datamodule")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self._sharded:
@@ -414,9 +638,34 @@ class DN2Module(LightningModule):
             checkpoint["state_dict"]["bank.sample_indices"] = ids
             checkpoint["state_dict"]["bank.embeddings"] = rows
 
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | Path,
+        map_location: Any = None,
+        hparams_file: str | Path | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
+    ) -> DN2Module:
+        """Lightning's ``load_from_checkpoint``, always weights-only (also for URLs) and in eval mode.
+
+        Keyword arguments override saved hyperparameters: scoring settings (``k``, ``threshold_quantile``,
+        ``threshold``, ``knn_backend``, ``max_memory_bytes``, ``reports``) freely; settings that define the
+        bank (backbone, ``input_size``, cleaning, pooling) must match the saved bank or raise ``ValueError``.
+        """
+        refuse_unsafe_load(weights_only)
+        model = super().load_from_checkpoint(
+            checkpoint_path, map_location, hparams_file, strict, weights_only=True, **kwargs
+        )
+        return model.eval()
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._bank_is_shard = False
-        saved = checkpoint.get("state_dict", {}).get("bank.embeddings")
+        state = checkpoint.get("state_dict", {})
+        state.pop("threshold", None)  # checkpoints before the threshold was derived from bank.loo_scores
+        check_bank_settings(state.get("bank._extra_state") or {}, self._model_settings(), BANK_SETTINGS, "this model")
+        saved = state.get("bank.embeddings")
         expected = self.backbone.feature_dim
         if saved is not None and saved.numel() and expected is not None and saved.shape[1] != expected:
             raise ValueError(
@@ -471,6 +720,21 @@ def _check_finite(values: Tensor, what: str, batch: Batch, batch_idx: int) -> No
         raise ValueError(f"NaN or Inf in {what} of batch {batch_idx} at {where}; fix or drop those samples.")
 
 
+def _progress(loader: DataLoader, description: str, enabled: bool) -> Any:
+    """``loader`` with a rich progress bar (the one Lightning's RichProgressBar uses) on rank 0 when enabled."""
+    if not enabled or not _is_rank_zero():
+        return loader
+    from rich.progress import track
+
+    return track(loader, description=description, total=len(loader), transient=True)
+
+
+def _is_rank_zero() -> bool:
+    from dn2_lightning.distributed import rank
+
+    return rank() == 0
+
+
 def _shard_for_this_rank(loader: DataLoader) -> DataLoader:
     """Give each rank a disjoint share of the train set when building the bank outside fit."""
     if world_size() == 1:
@@ -494,6 +758,7 @@ def _validate_hparams(
     clean_k: int,
     group_pooling: str,
     threshold_quantile: float,
+    threshold: float | None,
     bank_sharding: str,
 ) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -510,7 +775,17 @@ def _validate_hparams(
         raise ValueError(f"clean_k={clean_k!r} must be an integer >= 1.")
     if group_pooling not in GROUP_POOLINGS:
         raise ValueError(f"group_pooling={group_pooling!r} is not one of {list(GROUP_POOLINGS)}.")
-    if not 0.0 < threshold_quantile <= 1.0:
-        raise ValueError(f"threshold_quantile={threshold_quantile} must be in (0, 1].")
+    _validate_threshold(threshold_quantile, threshold)
     if bank_sharding not in BANK_SHARDINGS:
         raise ValueError(f"bank_sharding={bank_sharding!r} is not one of {list(BANK_SHARDINGS)}.")
+
+
+def _validate_threshold(quantile: float, value: float | None) -> None:
+    if isinstance(quantile, bool) or not isinstance(quantile, int | float) or not 0.0 < quantile <= 1.0:
+        raise ValueError(
+            f"threshold_quantile={quantile!r} must be in (0, 1]: the share of the bank's leave-one-out scores "
+            "below the threshold (0.99 flags about 1% of normal images)."
+        )
+    finite = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if value is not None and not finite:
+        raise ValueError(f"threshold={value!r} must be None (use threshold_quantile) or a finite DN2 score.")

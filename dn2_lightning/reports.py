@@ -160,7 +160,7 @@ def write_predictions_csv(predictions: Sequence[dict], path: str | Path) -> Path
                         int(batch["index"][i]),
                         paths[i],
                         f"{float(batch['score'][i]):.9g}",
-                        int(batch["is_anomaly"][i]),
+                        "" if batch["is_anomaly"] is None else int(batch["is_anomaly"][i]),
                         int(batch["label"][i]),
                         *batch["neighbours"][i].tolist(),
                     ]

@@ -1,7 +1,7 @@
 """Run one DN2 evaluation under `Trainer(strategy="ddp", devices=N)` on CPU and save what rank 0 saw.
 
 Lightning's ddp launcher re-executes this script for every rank, so it is a script, not a test function.
-Usage: python tests/ddp_run.py OUT.pt DEVICES SETTING fit|test replicate|shard
+Usage: python tests/ddp_run.py OUT.pt DEVICES SETTING fit|test|predict replicate|shard
 """
 
 from __future__ import annotations
@@ -37,6 +37,12 @@ def main(out: str, devices: int, setting: str, mode: str, sharding: str = "repli
         trainer.fit(model, datamodule=dm)
         ckpt = Path(out).with_suffix(".ckpt")
         trainer.save_checkpoint(ckpt)
+    if mode == "predict":
+        trainer.predict(model, datamodule=dm, return_predictions=False)
+        if trainer.global_rank == 0:
+            scores = model.predict_scores
+            torch.save({"world_size": trainer.world_size, "indices": scores.indices, "scores": scores.scores}, out)
+        return
     results = trainer.test(model, datamodule=dm)
     per_rank = trainer.strategy.all_gather(torch.tensor(len(model.bank))).view(-1).tolist()
     bank_rows = sum(per_rank) if sharding == "shard" else per_rank[0]

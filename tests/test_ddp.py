@@ -67,3 +67,13 @@ def test_ddp_checkpoint_reloads_on_one_device(tmp_path, sharding):
     assert len(model.bank) == 103  # the whole bank, also when it was sharded
     quiet_trainer().test(model, datamodule=BlobDataModule(n_train=103, n_normal=41, n_anomalous=26, batch_size=8))
     torch.testing.assert_close(model.test_scores.scores, ddp["scores"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("sharding", ["replicate", "shard"])
+def test_ddp_predict_gathers_every_sample_once(tmp_path, sharding):
+    single = run(tmp_path, 1, "unimodal", "predict")
+    ddp = run(tmp_path, 2, "unimodal", "predict", sharding)
+    assert single["world_size"] == 1 and ddp["world_size"] == 2
+    # 67 samples: rank 0 alone holds 34, the sampler pads one duplicate
+    assert torch.equal(ddp["indices"], torch.arange(67))
+    torch.testing.assert_close(ddp["scores"], single["scores"], rtol=1e-5, atol=1e-6)

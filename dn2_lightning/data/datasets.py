@@ -111,10 +111,15 @@ class ImageFolderDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> dict[str, object]:
-        with Image.open(self.paths[i]) as img:
-            image = pil_to_tensor(img.convert("RGB"))
+        image = load_image(self.paths[i])
         image = resize(image, [self.image_size, self.image_size], antialias=True)
         return {"image": image, "label": self.labels[i], "index": torch.tensor(i), "path": str(self.paths[i])}
+
+
+def load_image(path: str | Path) -> Tensor:
+    """Decode an image file as uint8 RGB ``[3, H, W]``."""
+    with Image.open(path) as img:
+        return pil_to_tensor(img.convert("RGB"))
 
 
 def _is_readable(path: Path) -> bool:

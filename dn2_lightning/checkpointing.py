@@ -1,0 +1,84 @@
+"""Checkpoints that are safe to load and checked against the settings they are used with.
+
+* Every load is weights-only (tensors and plain types, no pickled code), local or remote: Lightning turns
+  ``weights_only`` off for URLs, so :class:`WeightsOnlyCheckpointIO` pins it for ``Trainer(...,
+  ckpt_path=...)`` and ``DN2Module.load_from_checkpoint`` pins it for direct loads.
+* The bank records how it was built (:data:`BANK_SETTINGS`); :func:`check_bank_settings` refuses a
+  checkpoint whose bank was built with other settings than the model or data it meets, naming both values.
+  Settings that only affect scoring (``k``, the threshold, the kNN backend, its memory budget, reports)
+  are the user's to change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from lightning.fabric.plugins import CheckpointIO
+
+# model settings that define the bank's content: a bank built with other values scores differently
+BANK_SETTINGS = ("backbone", "pretrained", "input_size", "mean", "std", "clean_fraction", "clean_k", "group_pooling")
+# the data setting that defines it: the datamodule's CPU resize of the images
+DATA_SETTINGS = ("load_size",)
+
+
+class WeightsOnlyCheckpointIO(CheckpointIO):
+    """Delegates to the strategy's checkpoint IO, with every load weights-only (even for remote paths)."""
+
+    def __init__(self, inner: CheckpointIO) -> None:
+        self.inner = inner
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
+
+    def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> Any:
+        refuse_unsafe_load(weights_only)
+        return self.inner.load_checkpoint(path, map_location=map_location, weights_only=True)
+
+    def remove_checkpoint(self, path: Any) -> None:
+        self.inner.remove_checkpoint(path)
+
+    def teardown(self) -> None:
+        self.inner.teardown()
+
+
+def refuse_unsafe_load(weights_only: bool | None) -> None:
+    if weights_only is False:
+        raise ValueError(
+            "weights_only=False would let a checkpoint run arbitrary code when loaded; dn2-lightning "
+            "checkpoints hold tensors and plain values only, so every load is weights-only. Drop the argument."
+        )
+
+
+def check_bank_settings(
+    saved: Mapping[str, Any], current: Mapping[str, Any], names: tuple[str, ...], where: str
+) -> None:
+    """Raise ``ValueError`` naming every setting whose ``current`` value differs from the one the bank was
+    built with (``saved``). Settings missing on either side are not compared."""
+    mismatches = [
+        f"{name}={_show(saved[name])} (checkpoint) vs {name}={_show(current[name])} ({where})"
+        for name in names
+        if name in saved and name in current and not _same(saved[name], current[name])
+    ]
+    if mismatches:
+        raise ValueError(
+            "the memory bank was built with other settings than the ones it is used with, so its distances "
+            f"would not be comparable: {'; '.join(mismatches)}. Use the checkpoint's values (e.g. "
+            "DN2Module.load_from_checkpoint(path) without overriding them, or the same --model/--data flags "
+            "as at fit time), or build a new bank with fit."
+        )
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) or isinstance(b, float):
+        try:
+            return abs(float(a) - float(b)) <= 1e-9 * max(1.0, abs(float(a)))
+        except (TypeError, ValueError):
+            return False
+    return a == b
+
+
+def _show(value: Any) -> str:
+    return repr(list(value) if isinstance(value, tuple) else value)

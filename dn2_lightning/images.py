@@ -1,0 +1,86 @@
+"""Images as users hold them (tensors, PIL images, file paths, lists of these) -> batches for the backbone.
+
+:func:`as_image_batches` applies the same decoding and CPU resize as the folder datasets, so an image
+scored with :meth:`DN2Module.score_images` gets the same score as through ``dn2 predict``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Union
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torchvision.transforms.v2.functional import pil_to_tensor, resize
+
+from dn2_lightning.data.datasets import load_image
+
+ImageLike = Union[Tensor, Image.Image, str, os.PathLike]  # noqa: UP007 (a runtime alias)
+ImagesLike = Union[ImageLike, Sequence[ImageLike]]  # noqa: UP007
+
+
+def as_image_batches(images: ImagesLike, load_size: int | None = None) -> Iterator[tuple[Tensor, list[str] | None]]:
+    """Yield ``(images [b, C, H, W], paths or None)`` batches of equal-sized images, in input order.
+
+    Args:
+        images: a uint8 (0..255) or float (0..1) tensor ``[B, C, H, W]`` or ``[C, H, W]`` with 1 or 3
+            channels, a PIL image, a file path, or a list of these.
+        load_size: resize every image to ``load_size`` squared on the CPU first, as the datamodule the bank
+            was built from did (``None``: keep the size; the backbone resizes to its input size anyway).
+
+    Raises:
+        ValueError: an input of another type, shape or value range, naming it and its position.
+    """
+    items = list(images) if isinstance(images, list | tuple) else [images]
+    if not items:
+        raise ValueError("images is empty: give a tensor, a PIL image, a path, or a non-empty list of these.")
+    run: list[Tensor] = []
+    run_paths: list[str | None] = []
+    for position, item in enumerate(items):
+        chw, path = _to_chw(item, position)
+        for image in chw.unbind(0) if chw.ndim == 4 else [chw]:
+            if load_size is not None and tuple(image.shape[-2:]) != (load_size, load_size):
+                image = resize(image, [load_size, load_size], antialias=True)
+            if run and (image.shape != run[0].shape or image.dtype != run[0].dtype):
+                yield _flush(run, run_paths)
+                run, run_paths = [], []
+            run.append(image)
+            run_paths.append(path)
+    yield _flush(run, run_paths)
+
+
+def _flush(run: list[Tensor], paths: list[str | None]) -> tuple[Tensor, list[str] | None]:
+    return torch.stack(run), (None if all(p is None for p in paths) else [p or "" for p in paths])
+
+
+def _to_chw(item: ImageLike, position: int) -> tuple[Tensor, str | None]:
+    where = f"images[{position}]"
+    if isinstance(item, str | os.PathLike):
+        path = Path(item)
+        if not path.is_file():
+            raise ValueError(f"{where}: no such image file {str(path)!r}.")
+        return load_image(path), str(path)
+    if isinstance(item, Image.Image):
+        return pil_to_tensor(item.convert("RGB")), None
+    if isinstance(item, Tensor):
+        if item.ndim not in (3, 4) or item.shape[-3] not in (1, 3):
+            raise ValueError(
+                f"{where}: a tensor image must be [C, H, W] or [B, C, H, W] with C = 1 or 3, got {tuple(item.shape)}."
+            )
+        if item.dtype == torch.uint8:
+            return item.cpu(), None
+        if not item.is_floating_point():
+            raise ValueError(f"{where}: tensor images must be uint8 (0..255) or float (0..1), got {item.dtype}.")
+        if not bool(torch.isfinite(item).all()) or item.min() < 0 or item.max() > 1:
+            raise ValueError(
+                f"{where}: float images must hold values in [0, 1] (the backbone normalises them itself); got "
+                f"[{float(item.nan_to_num().min()):.3g}, {float(item.nan_to_num().max()):.3g}]. Pass raw images, "
+                "not normalised ones."
+            )
+        return item.cpu(), None
+    raise ValueError(
+        f"{where}: cannot read a {type(item).__name__}; give a tensor, a PIL image or a file path (str/Path)."
+    )

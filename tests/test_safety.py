@@ -1,0 +1,213 @@
+"""Issue 11 (module side): no silent wrong numbers from modes, labels, checkpoints, thresholds or loads."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import pickle
+import threading
+
+import numpy as np
+import pytest
+import torch
+from helpers import BlobDataModule, DictDataset, linear_backbone, quiet_trainer
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+from sklearn.neighbors import NearestNeighbors
+from torch import nn
+from torch.utils.data import DataLoader
+
+from dn2_lightning import DN2Module
+
+
+def bn_backbone(seed: int = 0) -> nn.Module:
+    """A small trunk whose output depends on BatchNorm statistics and dropout in train mode."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
+    with torch.no_grad():  # pretrained-like running statistics, far from a batch's own
+        net[1].running_mean.uniform_(-1, 1)
+        net[1].running_var.uniform_(0.5, 2)
+    return net
+
+
+def bn_buffers(model: DN2Module) -> dict[str, torch.Tensor]:
+    return {name: b.clone() for name, b in model.backbone.named_buffers() if "running" in name or "num_batches" in name}
+
+
+def test_frozen_backbone_ignores_train_mode_issue11_1(tmp_path):
+    dm = BlobDataModule()
+    trainer = quiet_trainer(default_root_dir=tmp_path, enable_checkpointing=True)
+    model = DN2Module(k=2, backbone=bn_backbone())
+    trainer.fit(model, datamodule=dm)
+    reference = quiet_trainer().predict(model.eval(), datamodule=dm)
+    reference = torch.cat([o["score"] for o in reference])
+
+    restored = DN2Module.load_from_checkpoint(trainer.checkpoint_callback.best_model_path, backbone=bn_backbone())
+    assert not restored.training, "load_from_checkpoint returns a module ready to score"
+    before = bn_buffers(restored)
+    restored.train()  # as a user or a training loop might leave it
+    batch = {"image": dm.test_images, "label": dm.test_labels, "index": torch.arange(len(dm.test_images))}
+    with torch.no_grad():
+        in_train_mode = restored.predict_step(batch, 0)["score"]
+    with torch.inference_mode():
+        in_inference_mode = restored.score_images(dm.test_images).scores
+    torch.testing.assert_close(in_train_mode, reference, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(in_inference_mode, reference, rtol=1e-6, atol=1e-6)
+    after = bn_buffers(restored)
+    assert all(torch.equal(before[name], after[name]) for name in before), "BatchNorm buffers must not move"
+    assert restored.training, "the module's own mode is left to its owner"
+
+
+def _image_folder(root, classes: dict[str, list[float]]) -> None:
+    for name, levels in classes.items():
+        (root / name).mkdir(parents=True)
+        for i, level in enumerate(levels):
+            pixels = np.full((8, 8, 3), int(level * 255), dtype=np.uint8)
+            pixels[i % 8, :, :] = 255 - pixels[i % 8, :, :]
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+
+
+def test_class_index_labels_are_refused_with_the_mapping_issue11_2(tmp_path):
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import functional as tvf
+
+    _image_folder(tmp_path / "train", {"good": [0.2, 0.25, 0.3, 0.35, 0.4]})
+    _image_folder(tmp_path / "test", {"a_bad": [0.8, 0.9], "b_bad": [0.7], "c_bad": [0.95], "good": [0.3, 0.33]})
+    train = DataLoader(ImageFolder(tmp_path / "train", transform=tvf.pil_to_tensor), batch_size=4)
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    quiet_trainer().fit(model, train_dataloaders=train)
+
+    raw = ImageFolder(tmp_path / "test", transform=tvf.pil_to_tensor)  # labels 0..3, "good" is 3
+    with pytest.raises(ValueError, match=r"labels must be 0 = normal, 1 = anomalous, -1 = unknown.*\[0, 1, 2\]"):
+        quiet_trainer().test(model, dataloaders=DataLoader(raw, batch_size=4))
+
+    good = raw.class_to_idx["good"]
+    mapped = ImageFolder(tmp_path / "test", transform=tvf.pil_to_tensor, target_transform=lambda y: int(y != good))
+    results = quiet_trainer().test(model, dataloaders=DataLoader(mapped, batch_size=4))
+    labels = [int(y != good) for _, y in raw.samples]
+    assert results[0]["test/auroc"] == pytest.approx(roc_auc_score(labels, model.test_scores.scores.numpy()))
+
+
+def test_scoring_settings_follow_the_user_not_the_checkpoint_issue11_5(tmp_path):
+    dm = BlobDataModule()
+    trainer = quiet_trainer(default_root_dir=tmp_path, enable_checkpointing=True)
+    trainer.fit(DN2Module(k=2, backbone=linear_backbone()), datamodule=dm)
+    ckpt = trainer.checkpoint_callback.best_model_path
+
+    model = DN2Module(k=7, backbone=linear_backbone(seed=3), threshold_quantile=0.5)
+    quiet_trainer().test(model, datamodule=dm, ckpt_path=ckpt)
+    with torch.no_grad():
+        train, test = model.backbone(dm.train_images).double(), model.backbone(dm.test_images).double()
+    nn_ = NearestNeighbors(n_neighbors=8, algorithm="brute").fit(train.numpy())
+    expected = (nn_.kneighbors(test.numpy(), 7)[0] ** 2).mean(1)
+    np.testing.assert_allclose(model.test_scores.scores.numpy(), expected, rtol=1e-5)
+    loo = (nn_.kneighbors(train.numpy(), 8)[0][:, 1:] ** 2).mean(1)  # k=7 leave-one-out, as the score
+    assert float(model.threshold) == pytest.approx(np.quantile(loo, 0.5), rel=1e-5)
+
+    loaded = DN2Module.load_from_checkpoint(ckpt, backbone=linear_backbone(), threshold_quantile=0.5)
+    loo_k2 = (nn_.kneighbors(train.numpy(), 3)[0][:, 1:] ** 2).mean(1)
+    assert float(loaded.threshold) == pytest.approx(np.quantile(loo_k2, 0.5), rel=1e-5)
+
+
+def test_bank_settings_are_checked_against_the_checkpoint_issue11_5(tmp_path):
+    from dn2_lightning import OneClassDataModule
+
+    dm = OneClassDataModule(dataset="digits", normal_class=1, load_size=16, batch_size=512)
+    trainer = quiet_trainer(default_root_dir=tmp_path, enable_checkpointing=True, limit_train_batches=1)
+    trainer.fit(DN2Module(k=2, backbone="efficientnet_lite0", pretrained=False, input_size=32), datamodule=dm)
+    ckpt = trainer.checkpoint_callback.best_model_path
+    with pytest.raises(ValueError, match=r"input_size=32 \(checkpoint\) vs input_size=64"):
+        DN2Module.load_from_checkpoint(ckpt, input_size=64)
+    with pytest.raises(ValueError, match=r"clean_fraction=0.0 \(checkpoint\) vs clean_fraction=0.5"):
+        quiet_trainer().test(
+            DN2Module(backbone="efficientnet_lite0", pretrained=False, input_size=32, clean_fraction=0.5),
+            datamodule=dm,
+            ckpt_path=ckpt,
+        )
+    other_size = OneClassDataModule(dataset="digits", normal_class=1, load_size=24, batch_size=512)
+    with pytest.raises(ValueError, match=r"load_size=16 \(checkpoint\) vs load_size=24 \(this datamodule\)"):
+        quiet_trainer().test(DN2Module.load_from_checkpoint(ckpt), datamodule=other_size)
+
+
+def test_bank_no_larger_than_k_leaves_is_anomaly_undefined_issue11_7():
+    dm = BlobDataModule(n_train=2)
+    model = DN2Module(k=2, backbone=linear_backbone())
+    with pytest.warns(UserWarning, match="no leave-one-out scores to set a threshold from"):
+        out = quiet_trainer().predict(model, datamodule=dm)
+    assert all(o["is_anomaly"] is None for o in out)
+    assert model.predict_scores.is_anomaly is None
+    assert torch.isnan(model.threshold)
+    model.set_threshold(value=float(model.predict_scores.scores.median()))
+    assert int(model.score_images(dm.test_images).is_anomaly.sum()) == (len(dm.test_images) - 1) // 2
+
+
+def test_inconsistent_checkpoint_bank_is_a_clear_error_issue11_13(tmp_path):
+    trainer = quiet_trainer(default_root_dir=tmp_path, enable_checkpointing=True)
+    trainer.fit(DN2Module(k=2, backbone=linear_backbone()), datamodule=BlobDataModule())
+    ckpt = torch.load(trainer.checkpoint_callback.best_model_path, weights_only=True)
+    ckpt["state_dict"]["bank.sample_indices"] = ckpt["state_dict"]["bank.sample_indices"][:-3]
+    torch.save(ckpt, tmp_path / "cut.ckpt")
+    with pytest.raises(ValueError, match=r"sample_indices has \(98,\); expected \[N, D\] and \[N\]"):
+        DN2Module.load_from_checkpoint(tmp_path / "cut.ckpt", backbone=linear_backbone())
+
+
+def test_custom_backbone_checkpoint_asks_for_the_backbone_issue11_14(tmp_path):
+    trainer = quiet_trainer(default_root_dir=tmp_path, enable_checkpointing=True)
+    trainer.fit(DN2Module(k=2, backbone=linear_backbone()), datamodule=BlobDataModule())
+    ckpt = trainer.checkpoint_callback.best_model_path
+    with pytest.raises(ValueError, match=r"custom backbone \(Sequential\).*backbone=MyBackbone\(\)"):
+        DN2Module.load_from_checkpoint(ckpt)
+    assert len(DN2Module.load_from_checkpoint(ckpt, backbone=linear_backbone()).bank) == 101
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_remote_checkpoints_load_weights_only_issue11_16(tmp_path, http_server, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # where Lightning downloads URLs to
+    marker = tmp_path / "code_ran"
+    evil = {"state_dict": {}, "hyper_parameters": {"k": 2}, "payload": _RunsCodeWhenUnpickled(marker)}
+    torch.save(evil, tmp_path / "evil.ckpt")
+    with pytest.raises(pickle.UnpicklingError, match="[Ww]eights only"):
+        DN2Module.load_from_checkpoint(f"{http_server}/evil.ckpt", backbone=linear_backbone())
+    with pytest.raises(ValueError, match="weights_only=False would let a checkpoint run arbitrary code"):
+        DN2Module.load_from_checkpoint(tmp_path / "evil.ckpt", backbone=linear_backbone(), weights_only=False)
+    torch.save(evil, tmp_path / "evil2.ckpt")  # a new name: the first download is cached
+    with pytest.raises(pickle.UnpicklingError, match="[Ww]eights only"):
+        quiet_trainer().test(
+            DN2Module(backbone=linear_backbone()), datamodule=BlobDataModule(), ckpt_path=f"{http_server}/evil2.ckpt"
+        )
+    assert not marker.exists(), "the checkpoint's pickled code ran"
+
+
+def test_predict_tuple_batches_gathers_scores_in_dataset_order():
+    dm = BlobDataModule()
+    model = DN2Module(k=2, backbone=linear_backbone())
+    loader = DataLoader(DictDataset(dm.test_images, dm.test_labels), batch_size=7)
+    quiet_trainer().test(model, datamodule=dm)
+    out = quiet_trainer().predict(model, dataloaders=loader)
+    assert torch.equal(model.predict_scores.indices, torch.arange(len(dm.test_images)))
+    torch.testing.assert_close(model.predict_scores.scores, torch.cat([o["score"] for o in out]))
+    torch.testing.assert_close(model.predict_scores.scores, model.test_scores.scores)
