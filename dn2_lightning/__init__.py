@@ -8,14 +8,17 @@ The data path, one module per stage: ``data`` (datasets, DataModules) -> ``backb
 from dn2_lightning.backbones import BackboneSpec, FeatureExtractor, build_backbone, list_backbones, register_backbone
 from dn2_lightning.bank import MemoryBank
 from dn2_lightning.data import GroupDataModule, OneClassDataModule, list_datasets
+from dn2_lightning.detector import DN2Detector
 from dn2_lightning.knn import KNNResult, knn_distances, list_knn_backends
-from dn2_lightning.metrics import AnomalyScores
+from dn2_lightning.metrics import AnomalyScores, ImageScores
 from dn2_lightning.module import DN2Module
 
 __all__ = [
     "AnomalyScores",
     "BackboneSpec",
+    "DN2Detector",
     "DN2Module",
+    "ImageScores",
     "FeatureExtractor",
     "GroupDataModule",
     "KNNResult",

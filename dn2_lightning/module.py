@@ -40,7 +40,15 @@ from dn2_lightning.distributed import (
 from dn2_lightning.images import ImagesLike, as_image_batches
 from dn2_lightning.knn import KNNResult, knn_distances, list_knn_backends
 from dn2_lightning.metrics import AnomalyScores, ImageScores, ScoreCollector
-from dn2_lightning.scoring import drop_self, keep_lowest, knn_scores, pool_groups, to_unit_interval
+from dn2_lightning.scoring import (
+    drop_self,
+    keep_lowest,
+    knn_scores,
+    normalized_scores,
+    pool_groups,
+    quantile_threshold,
+    to_unit_interval,
+)
 from dn2_lightning.sharding import sharded_knn
 
 GROUP_POOLINGS = ("mean", "none")
@@ -341,10 +349,7 @@ class DN2Module(LightningModule):
         else the ``threshold_quantile`` of the bank's leave-one-out scores at the current ``k``."""
         if self.hparams.threshold is not None:
             return torch.tensor(float(self.hparams.threshold))
-        loo = self._loo_scores()
-        if loo.numel() == 0:
-            return torch.tensor(float("nan"))
-        return torch.quantile(loo.double(), self.hparams.threshold_quantile).float().cpu()
+        return torch.tensor(quantile_threshold(self._loo_scores(), self.hparams.threshold_quantile))
 
     def set_threshold(self, quantile: float | None = None, value: float | None = None) -> float:
         """Set the decision threshold: a ``quantile`` of the bank's leave-one-out scores (normal data only,
@@ -366,11 +371,7 @@ class DN2Module(LightningModule):
     def normalized(self, scores: Tensor) -> Tensor:
         """Share of the bank's leave-one-out scores below each score, in [0, 1] (NaN without them): 0.5 is a
         typical normal image, values near 1 are beyond almost every normal one."""
-        loo = self._loo_scores()
-        if loo.numel() == 0:
-            return torch.full_like(scores, float("nan"), dtype=torch.float32)
-        below = torch.searchsorted(loo.to(scores.device), scores.float().contiguous())
-        return below.float() / loo.numel()
+        return normalized_scores(self._loo_scores(), scores)
 
     def _loo_scores(self) -> Tensor:
         """The bank's sorted leave-one-out scores at the current k, recomputed when k changed."""

@@ -61,6 +61,29 @@ def cleaning_mask(bank: Tensor, fraction: float, k: int, backend: str = "auto", 
     return keep_lowest(knn_scores(leave_one_out_knn(bank, k, backend, **knn_kwargs)), fraction)
 
 
+def quantile_threshold(loo_scores: Tensor, quantile: float) -> float:
+    """The decision threshold: the ``quantile`` of the bank's leave-one-out scores (NaN without any).
+
+    >>> quantile_threshold(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), 0.5)
+    3.0
+    """
+    if loo_scores.numel() == 0:
+        return float("nan")
+    return float(torch.quantile(loo_scores.double(), quantile))
+
+
+def normalized_scores(sorted_loo_scores: Tensor, scores: Tensor) -> Tensor:
+    """Share of the bank's (sorted) leave-one-out scores strictly below each score, in [0, 1] (NaN without any).
+
+    >>> normalized_scores(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0.5, 2.5, 9.0]))
+    tensor([0.0000, 0.5000, 1.0000])
+    """
+    if sorted_loo_scores.numel() == 0:
+        return torch.full(scores.shape, float("nan"), device=scores.device)
+    below = torch.searchsorted(sorted_loo_scores.to(scores.device, torch.float32), scores.float().contiguous())
+    return below.float() / sorted_loo_scores.numel()
+
+
 def pool_groups(embeddings: Tensor, mask: Tensor | None = None) -> Tensor:
     """Orderless mean pooling of member embeddings ``[B, M, D]`` (paper §3.3); ``mask [B, M]`` marks
     real members when groups are padded to a common size.

@@ -1,0 +1,151 @@
+"""DN2 on features you already have: a PyOD-style detector over the same kNN, cleaning and threshold code
+as :class:`~dn2_lightning.DN2Module`.
+
+>>> import numpy as np
+>>> rng = np.random.default_rng(0)
+>>> detector = DN2Detector(k=2).fit(rng.normal(size=(200, 8)))
+>>> detector.predict(np.vstack([np.zeros((1, 8)), np.full((1, 8), 10.0)])).tolist()
+[0, 1]
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dn2_lightning.knn import knn_distances
+from dn2_lightning.scoring import (
+    keep_lowest,
+    knn_scores,
+    leave_one_out_knn,
+    normalized_scores,
+    quantile_threshold,
+)
+
+ArrayLike = Any  # numpy array, torch tensor, or nested lists of numbers
+
+
+class DN2Detector:
+    """Deep Nearest Neighbour anomaly detection on feature vectors, with PyOD's interface.
+
+    ``fit(X)`` keeps the rows of ``X`` (after optional cleaning) as the memory bank; ``decision_function(Y)``
+    is the mean squared Euclidean distance of each row of ``Y`` to its ``k`` nearest bank rows (exact);
+    ``predict(Y)`` is 1 where that exceeds :attr:`threshold_`. CUDA tensors are searched on their GPU.
+
+    Args:
+        k: neighbours averaged in the score (paper: 2).
+        threshold_quantile: ``threshold_`` is this quantile of the bank's leave-one-out scores (the expected
+            share of normal rows flagged is ``1 - threshold_quantile``), as PyOD's ``contamination`` sets it.
+        clean_fraction: unsupervised setting: drop this fraction of ``X`` with the largest leave-one-out
+            scores over ``clean_k`` neighbours before keeping it (0: keep everything).
+        clean_k: neighbours of the cleaning score (capped at the number of rows - 1).
+        knn_backend: one of :func:`~dn2_lightning.list_knn_backends`.
+        max_memory_bytes: temporary-memory budget of one search.
+
+    Attributes (after ``fit``):
+        bank_: ``[N, D]`` float32 tensor of kept training rows. ``kept_``: bool mask over ``X``'s rows.
+        decision_scores_: leave-one-out scores of the kept rows (PyOD's training scores).
+        threshold_: the decision threshold. ``labels_``: ``decision_scores_ > threshold_`` as 0/1.
+    """
+
+    def __init__(
+        self,
+        k: int = 2,
+        threshold_quantile: float = 0.99,
+        clean_fraction: float = 0.0,
+        clean_k: int = 200,
+        knn_backend: str = "auto",
+        max_memory_bytes: int | None = None,
+    ) -> None:
+        from dn2_lightning.module import _validate_hparams
+
+        _validate_hparams(
+            k,
+            None,
+            knn_backend,
+            max_memory_bytes,
+            clean_fraction,
+            clean_k,
+            "mean",
+            threshold_quantile,
+            None,
+            "replicate",
+        )
+        self.k, self.threshold_quantile = k, threshold_quantile
+        self.clean_fraction, self.clean_k = clean_fraction, clean_k
+        self.knn_backend, self.max_memory_bytes = knn_backend, max_memory_bytes
+        self.bank_: Tensor | None = None
+
+    def fit(self, X: ArrayLike, y: Any = None) -> DN2Detector:  # noqa: N803 (scikit-learn's names)
+        """Keep ``X`` ``[N, D]`` (cleaned if asked) as the bank and set ``threshold_``. ``y`` is ignored."""
+        x = _as_matrix(X, "X")
+        n = x.shape[0]
+        if n <= self.k:
+            raise ValueError(f"X has {n} rows; DN2 with k={self.k} needs more than k rows to fit and set a threshold.")
+        self.kept_ = torch.ones(n, dtype=torch.bool, device=x.device)
+        if self.clean_fraction > 0:
+            loo = knn_scores(leave_one_out_knn(x, min(self.clean_k, n - 1), self.knn_backend, **self._kwargs()))
+            self.kept_ = keep_lowest(loo, self.clean_fraction)
+            if int(self.kept_.sum()) <= self.k:
+                raise ValueError(
+                    f"clean_fraction={self.clean_fraction} leaves {int(self.kept_.sum())} rows, not more than "
+                    f"k={self.k}; lower clean_fraction or k."
+                )
+        self.bank_ = x[self.kept_]
+        self.decision_scores_ = knn_scores(leave_one_out_knn(self.bank_, self.k, self.knn_backend, **self._kwargs()))
+        self._sorted_scores = self.decision_scores_.sort().values
+        self.threshold_ = quantile_threshold(self.decision_scores_, self.threshold_quantile)
+        self.labels_ = (self.decision_scores_ > self.threshold_).long()
+        return self
+
+    def decision_function(self, X: ArrayLike) -> np.ndarray | Tensor:  # noqa: N803
+        """DN2 scores ``[M]`` of the rows of ``X`` (higher = more anomalous), as a numpy array for numpy
+        input and a tensor on ``X``'s device for tensor input."""
+        scores = self._scores(X)
+        return scores if isinstance(X, Tensor) else scores.cpu().numpy()
+
+    def predict(self, X: ArrayLike) -> np.ndarray | Tensor:  # noqa: N803
+        """0/1 labels ``[M]``: 1 where the score exceeds :attr:`threshold_`."""
+        labels = (self._scores(X) > self.threshold_).long()
+        return labels if isinstance(X, Tensor) else labels.cpu().numpy()
+
+    def predict_proba(self, X: ArrayLike) -> np.ndarray | Tensor:  # noqa: N803
+        """``[M, 2]`` (normal, anomalous) from the normalised score: the share of the bank's leave-one-out
+        scores below each score."""
+        anomalous = normalized_scores(self._sorted_scores, self._scores(X))
+        proba = torch.stack([1 - anomalous, anomalous], dim=1)
+        return proba if isinstance(X, Tensor) else proba.cpu().numpy()
+
+    def _scores(self, X: ArrayLike) -> Tensor:  # noqa: N803
+        if self.bank_ is None:
+            raise RuntimeError("this DN2Detector is not fitted yet: call fit(X) first.")
+        x = _as_matrix(X, "X", self.bank_.device)
+        if x.shape[1] != self.bank_.shape[1]:
+            raise ValueError(f"X has {x.shape[1]} features but the detector was fitted on {self.bank_.shape[1]}.")
+        return knn_scores(knn_distances(x, self.bank_, self.k, self.knn_backend, **self._kwargs()))
+
+    def _kwargs(self) -> dict[str, Any]:
+        return {"max_memory_bytes": self.max_memory_bytes}
+
+    def __repr__(self) -> str:
+        threshold = getattr(self, "threshold_", math.nan)
+        return f"DN2Detector(k={self.k}, threshold_quantile={self.threshold_quantile}, threshold_={threshold:.4g})"
+
+
+def _as_matrix(values: ArrayLike, name: str, device: torch.device | None = None) -> Tensor:
+    tensor = values if isinstance(values, Tensor) else torch.as_tensor(np.asarray(values))
+    if tensor.ndim != 2 or tensor.shape[0] == 0:
+        raise ValueError(
+            f"{name} must be a 2-D array [rows, features] with at least one row, got {tuple(tensor.shape)}."
+        )
+    if not (tensor.is_floating_point() or tensor.dtype in (torch.int32, torch.int64, torch.uint8)):
+        raise ValueError(f"{name} must hold numbers, got dtype {tensor.dtype}.")
+    tensor = tensor.to(device or tensor.device, torch.float32)
+    if not bool(torch.isfinite(tensor).all()):
+        rows = (~torch.isfinite(tensor).all(1)).nonzero().flatten().tolist()
+        raise ValueError(f"{name} holds NaN or Inf in rows {rows[:10]}; drop or impute them first.")
+    return tensor

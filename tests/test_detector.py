@@ -1,0 +1,69 @@
+"""DN2Detector: PyOD-style DN2 on feature arrays, against scikit-learn's brute-force neighbours."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+from sklearn.neighbors import NearestNeighbors
+
+from dn2_lightning import DN2Detector
+
+
+def blobs(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    train = rng.normal(size=(300, 16))
+    test = np.vstack([rng.normal(size=(80, 16)), rng.normal(loc=1.5, size=(40, 16))])
+    return train, test, np.r_[np.zeros(80), np.ones(40)]
+
+
+@pytest.mark.parametrize("k", [1, 2, 7])
+def test_scores_threshold_and_labels_match_sklearn(k):
+    train, test, labels = blobs()
+    detector = DN2Detector(k=k, threshold_quantile=0.9).fit(train)
+    nn = NearestNeighbors(n_neighbors=k + 1, algorithm="brute").fit(train)
+    expected = (nn.kneighbors(test, k)[0] ** 2).mean(1)
+    np.testing.assert_allclose(detector.decision_function(test), expected, rtol=1e-4)
+    loo = (nn.kneighbors(train)[0][:, 1:] ** 2).mean(1)
+    np.testing.assert_allclose(detector.decision_scores_.numpy(), loo, rtol=1e-4)
+    assert detector.threshold_ == pytest.approx(np.quantile(loo, 0.9), rel=1e-4)
+    np.testing.assert_array_equal(detector.predict(test), (expected > detector.threshold_).astype(int))
+    assert roc_auc_score(labels, detector.decision_function(test)) > 0.9
+    proba = detector.predict_proba(test)
+    np.testing.assert_allclose(proba[:, 1], (np.sort(loo)[None, :] < expected[:, None]).mean(1), atol=1e-6)
+
+
+def test_cleaning_drops_the_contaminants_it_should():
+    train, _, _ = blobs(1)
+    rng = np.random.default_rng(2)
+    contaminated = np.vstack([train, rng.normal(loc=4.0, size=(30, 16))])  # far-away anomalies
+    detector = DN2Detector(k=2, clean_fraction=0.2, clean_k=50).fit(contaminated)
+    assert detector.bank_.shape[0] == round(0.8 * len(contaminated))
+    assert not detector.kept_[300:].any(), "every far-away contaminant is removed"
+
+
+def test_tensor_in_tensor_out_and_pyod_style_use():
+    train, test, _ = blobs()
+    detector = DN2Detector().fit(torch.from_numpy(train))
+    scores = detector.decision_function(torch.from_numpy(test))
+    assert isinstance(scores, torch.Tensor) and scores.shape == (120,)
+    np.testing.assert_allclose(scores.numpy(), detector.decision_function(test), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: DN2Detector(k=0), "k=0"),
+        (lambda: DN2Detector(threshold_quantile=1.5), "threshold_quantile=1.5"),
+        (lambda: DN2Detector(clean_fraction=1.0), "clean_fraction=1.0"),
+        (lambda: DN2Detector(k=5).fit(np.zeros((5, 3))), "needs more than k rows"),
+        (lambda: DN2Detector().fit(np.array([[0.0, np.nan], [1.0, 1.0], [2, 2]])), r"NaN or Inf in rows \[0\]"),
+        (lambda: DN2Detector().fit(np.zeros(4)), "2-D array"),
+        (lambda: DN2Detector().decision_function(np.zeros((1, 3))), "not fitted"),
+        (lambda: DN2Detector().fit(np.random.rand(10, 3)).predict(np.zeros((1, 4))), "4 features"),
+    ],
+)
+def test_bad_input_names_the_parameter(call, match):
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        call()
