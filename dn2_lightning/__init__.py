@@ -5,6 +5,8 @@ The data path, one module per stage: ``data`` (datasets, DataModules) -> ``backb
 ``metrics`` (per-sample scores, AUROC) -> ``module`` (the LightningModule) -> ``cli`` (``dn2``).
 """
 
+import logging as _logging
+
 from dn2_lightning.backbones import BackboneSpec, FeatureExtractor, build_backbone, list_backbones, register_backbone
 from dn2_lightning.bank import MemoryBank
 from dn2_lightning.data import GroupDataModule, OneClassDataModule, list_datasets
@@ -32,3 +34,9 @@ __all__ = [
     "register_backbone",
 ]
 __version__ = "0.1.0"
+
+# as Lightning does for its own logger: print INFO messages unless the application configured logging
+_logging.getLogger(__name__).setLevel(_logging.INFO)
+if not _logging.getLogger().hasHandlers():
+    _logging.getLogger(__name__).addHandler(_logging.StreamHandler())
+    _logging.getLogger(__name__).propagate = False

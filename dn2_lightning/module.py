@@ -10,7 +10,6 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -27,6 +26,7 @@ from dn2_lightning.checkpointing import (
     check_bank_settings,
     refuse_unsafe_load,
 )
+from dn2_lightning.console import info
 from dn2_lightning.distributed import (
     broadcast_module_state,
     count_rows,
@@ -34,6 +34,7 @@ from dn2_lightning.distributed import (
     gather_rows,
     gather_rows_to_cpu,
     keep_first_owner,
+    rank,
     unique_by_index,
     world_size,
 )
@@ -279,7 +280,7 @@ class DN2Module(LightningModule):
         self.predict_scores = self._collect("predict", self.predict_collector)
         scores = self.predict_scores
         flagged = "undefined (no threshold)" if scores.is_anomaly is None else int(scores.is_anomaly.sum())
-        rank_zero_info(
+        info(
             f"DN2 predict: {len(scores)} samples scored, flagged as anomalous: {flagged}; {self._describe_threshold()}."
         )
 
@@ -365,7 +366,7 @@ class DN2Module(LightningModule):
         else:
             self.hparams.threshold = float(value)
         threshold = float(self.threshold)
-        rank_zero_info(f"DN2: {self._describe_threshold()}.")
+        info(f"DN2: {self._describe_threshold()}.")
         return threshold
 
     def normalized(self, scores: Tensor) -> Tensor:
@@ -459,7 +460,7 @@ class DN2Module(LightningModule):
         result = self._collect(stage, collector)
         labels = result.labels
         if (labels < 0).any():
-            rank_zero_info(f"DN2: {stage} data has no labels; scores are kept in module.{stage}_scores, no AUROC.")
+            info(f"DN2: {stage} data has no labels; scores are kept in module.{stage}_scores, no AUROC.")
         elif labels.unique().numel() < 2:
             warnings.warn(
                 f"AUROC is undefined: every {stage} sample has label {int(labels[0])}. The test set needs both "
@@ -471,7 +472,7 @@ class DN2Module(LightningModule):
             auroc.update(to_unit_interval(result.scores), labels)
             self.log(f"{stage}/auroc", auroc.compute(), sync_dist=True)
             auroc.reset()
-        rank_zero_info(f"DN2 {stage}: {len(result)} samples scored; {self._describe_threshold()}.")
+        info(f"DN2 {stage}: {len(result)} samples scored; {self._describe_threshold()}.")
         return result
 
     # ------------------------------------------------------------------------------------- memory bank
@@ -504,7 +505,7 @@ class DN2Module(LightningModule):
             raise RuntimeError(NO_BANK_MESSAGE.format(fn=fn))
         datamodule.setup("fit")
         loader = _shard_for_this_rank(datamodule.train_dataloader())
-        rank_zero_info(f"DN2: building the memory bank from {type(datamodule).__name__}.train_dataloader().")
+        info(f"DN2: building the memory bank from {type(datamodule).__name__}.train_dataloader().")
         self._collector = BankCollector()
         self._stream_position = 0
         batches = _progress(loader, "DN2: building the memory bank", self.trainer.progress_bar_callback is not None)
@@ -570,8 +571,8 @@ class DN2Module(LightningModule):
         self._warn_if_no_threshold()
         report["bank/size"] = float(self._bank_size())
         self.bank_report = report
-        rank_zero_info("DN2: " + ", ".join(f"{name}={value:g}" for name, value in report.items()))
-        rank_zero_info(f"DN2: memory bank of {self._bank_size()} embeddings; {self._describe_threshold()}.")
+        info("DN2: " + ", ".join(f"{name}={value:g}" for name, value in report.items()))
+        info(f"DN2: memory bank of {self._bank_size()} embeddings; {self._describe_threshold()}.")
         if self.hparams.clean_fraction > 0 and self._trainer is not None and self.trainer.state.fn != "predict":
             self.log_dict(report, sync_dist=False, rank_zero_only=True)
 
@@ -731,8 +732,6 @@ def _progress(loader: DataLoader, description: str, enabled: bool) -> Any:
 
 
 def _is_rank_zero() -> bool:
-    from dn2_lightning.distributed import rank
-
     return rank() == 0
 
 
