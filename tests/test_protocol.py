@@ -9,7 +9,7 @@ import dn2_lightning.protocol as protocol
 from dn2_lightning import DN2Module, OneClassDataModule
 from dn2_lightning.protocol import embed_split, run_protocol
 
-FAST = dict(backbone="efficientnet_lite0", image_size=32, device="cpu")
+FAST = dict(backbone="efficientnet_lite0", input_size=32, device="cpu")
 
 
 def test_protocol_auroc_equals_dn2module_for_each_class(tmp_path):
@@ -36,7 +36,7 @@ def test_embedding_cache_is_reused_and_stale_keys_are_recomputed(tmp_path, monke
     assert torch.equal(first, again) and len(first) == len(labels) == 723
 
     stale = torch.load(cached, weights_only=True)
-    stale["key"]["image_size"] = 999  # the file no longer describes what it holds
+    stale["key"]["input_size"] = 999  # the file no longer describes what it holds
     torch.save(stale, cached)
     with pytest.raises(AssertionError, match="cache should have been used"):
         embed_split("digits", "test", cache_dir=str(tmp_path), **FAST)
