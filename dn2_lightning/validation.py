@@ -22,26 +22,30 @@ def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
         raise ValueError(f"{name}={value!r} is not one of {list(choices)}.")
 
 
-def check_int(name: str, value: object, minimum: int = 1, allow_none: bool = False, hint: str = "") -> None:
+def check_int(
+    name: str, value: object, minimum: int = 1, allow_none: bool = False, none_means: str = "", hint: str = ""
+) -> None:
     """Raise ValueError unless ``value`` is an integer ``>= minimum`` (``bool`` is refused), or ``None`` when
     ``allow_none``.
 
     Args:
         name, value: the parameter, as the user spelled it, and its value.
         minimum: the smallest valid value.
-        allow_none: ``None`` is valid too.
-        hint: appended to the message (e.g. what ``None`` or the usual value means).
+        allow_none: ``None`` is valid too; ``none_means`` says what it stands for in the message.
+        hint: appended to the message (e.g. the usual value).
     """
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        valid = f"an integer >= {minimum}"
-        raise ValueError(f"{name}={value!r} must be {'None or ' if allow_none else ''}{valid}{_hint(hint)}.")
+        none = f"None ({none_means}) or " if allow_none and none_means else "None or " if allow_none else ""
+        raise ValueError(f"{name}={value!r} must be {none}an integer >= {minimum}{_hint(hint)}.")
 
 
-def check_positive_int(name: str, value: object, allow_none: bool = False, hint: str = "") -> None:
+def check_positive_int(
+    name: str, value: object, allow_none: bool = False, none_means: str = "", hint: str = ""
+) -> None:
     """Raise ValueError unless ``value`` is an integer >= 1 (or ``None`` when ``allow_none``)."""
-    check_int(name, value, 1, allow_none, hint)
+    check_int(name, value, 1, allow_none, none_means, hint)
 
 
 def check_fraction(
@@ -79,12 +83,12 @@ def check_k(k: object) -> None:
 
 def check_input_size(input_size: object) -> None:
     """``input_size``, the backbone's resolution on the device (``None`` = the backbone's own)."""
-    check_int("input_size", input_size, 8, allow_none=True, hint=" (None = the backbone's own resolution)")
+    check_int("input_size", input_size, 8, allow_none=True, none_means="the backbone's own")
 
 
 def check_load_size(load_size: object) -> None:
     """``load_size``, the square size uint8 images are resized to on the CPU while loading (``None`` = native)."""
-    check_positive_int("load_size", load_size, allow_none=True, hint=" (None keeps the native size)")
+    check_positive_int("load_size", load_size, allow_none=True, none_means="the native size")
 
 
 def check_knn_backend(knn_backend: object) -> None:

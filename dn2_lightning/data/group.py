@@ -113,7 +113,7 @@ class GroupDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         check_choice("dataset", dataset, list_datasets())
-        check_positive_int("group_size", group_size, allow_none=True, hint=" (None = the number of normal classes)")
+        check_positive_int("group_size", group_size, allow_none=True, none_means="the number of normal classes")
         check_positive_int("n_train_groups", n_train_groups)
         check_positive_int("n_test_groups", n_test_groups)
         check_choice("anomaly", anomaly, ANOMALY_KINDS)
