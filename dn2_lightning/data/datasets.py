@@ -23,7 +23,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 CORRUPT_POLICIES = ("skip", "raise")
 #: What every dataset here yields, whatever the backbone: DataModules expose it as ``hparams.pixel_format`` so a
 #: model can record and check it (the backbone's own normalisation, mean/std, is applied on the device).
-PIXEL_FORMAT = {"dtype": "uint8", "channels": 3, "value_range": [0, 255], "resize": "bilinear, antialiased"}
+PIXEL_FORMAT = {"dtype": "uint8", "channels": 3, "min": 0, "max": 255, "resize": "bilinear, antialiased"}
 
 
 def to_chw_uint8(image: Tensor, load_size: int | None = None) -> Tensor:

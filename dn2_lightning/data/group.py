@@ -124,7 +124,7 @@ class GroupDataModule(LightningDataModule):
         check_int("num_workers", num_workers, minimum=0)
         check_load_size(load_size)
         self.save_hyperparameters()
-        self.hparams.pixel_format = PIXEL_FORMAT  # what the images are, for the model to record
+        self.hparams.pixel_format = dict(PIXEL_FORMAT)  # what the images are, for the model to record
         self.train_dataset: GroupDataset | None = None
         self.test_dataset: GroupDataset | None = None
 

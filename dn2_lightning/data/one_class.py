@@ -94,7 +94,7 @@ class OneClassDataModule(LightningDataModule):
         self.save_hyperparameters()
         if dataset == FOLDER and load_size is None:
             self.hparams.load_size = DEFAULT_FOLDER_LOAD_SIZE  # the size used, for the model to record
-        self.hparams.pixel_format = PIXEL_FORMAT
+        self.hparams.pixel_format = dict(PIXEL_FORMAT)
         self.train_dataset: Dataset | None = None
         self.test_dataset: Dataset | None = None
         self.predict_dataset: Dataset | None = None
