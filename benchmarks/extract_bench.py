@@ -22,8 +22,8 @@ from dn2_lightning.data.datasets import ArrayImageDataset
 from dn2_lightning.data.sources import load_split
 
 PRESETS = {
-    "gpu": {"image_size": 224, "images": 20_000, "batch_size": 512, "workers": 8},
-    "cpu": {"image_size": 64, "images": 2_048, "batch_size": 256, "workers": 2},
+    "gpu": {"input_size": 224, "images": 20_000, "batch_size": 512, "workers": 8},
+    "cpu": {"input_size": 64, "images": 2_048, "batch_size": 256, "workers": 2},
 }
 
 
@@ -85,9 +85,9 @@ def main() -> None:
     print("| backbone | precision | bare forward (img/s) | pipeline (img/s) | pipeline / bare |")
     print("|---|---|---:|---:|---:|")
     for backbone in args.backbones:
-        extractor = build_backbone(backbone, pretrained=False, image_size=p["image_size"]).to(device).eval()
+        extractor = build_backbone(backbone, pretrained=False, image_size=p["input_size"]).to(device).eval()
         for bf16 in [False, True] if args.bf16 else [False]:
-            bare = bare_forward(extractor, device, p["images"], p["batch_size"], p["image_size"], bf16)
+            bare = bare_forward(extractor, device, p["images"], p["batch_size"], p["input_size"], bf16)
             full = pipeline(extractor, device, p["images"], p["batch_size"], p["workers"], bf16)
             print(
                 f"| {backbone} | {'bf16 autocast' if bf16 else 'fp32'} | {bare:,.0f} | {full:,.0f} | "

@@ -79,8 +79,8 @@ def main() -> None:
     parser.add_argument("--n_test_groups", type=int, default=2000)
     args = parser.parse_args()
     start = time.perf_counter()
-    train, train_labels = embed_split("fashionmnist", "train", args.backbone, args.input_size)
-    test, test_labels = embed_split("fashionmnist", "test", args.backbone, args.input_size)
+    train, train_labels = embed_split("fashionmnist", "train", backbone=args.backbone, input_size=args.input_size)
+    test, test_labels = embed_split("fashionmnist", "test", backbone=args.backbone, input_size=args.input_size)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     train, test = train.to(device), test.to(device)

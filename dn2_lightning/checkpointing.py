@@ -18,8 +18,8 @@ from lightning.fabric.plugins import CheckpointIO
 
 # model settings that define the bank's content: a bank built with other values scores differently
 BANK_SETTINGS = ("backbone", "pretrained", "input_size", "mean", "std", "clean_fraction", "clean_k", "group_pooling")
-# the data setting that defines it: the datamodule's CPU resize of the images
-DATA_SETTINGS = ("load_size",)
+# the data settings that define it: the datamodule's CPU resize and decoding of the images
+DATA_SETTINGS = ("load_size", "pixel_format")
 
 
 class WeightsOnlyCheckpointIO(CheckpointIO):

@@ -38,8 +38,8 @@ from dn2_lightning.distributed import (
     unique_by_index,
     world_size,
 )
-from dn2_lightning.images import ImagesLike, as_image_batches
-from dn2_lightning.knn import KNNResult, knn_distances, list_knn_backends
+from dn2_lightning.inputs import ImagesLike, as_image_batches
+from dn2_lightning.knn import KNNResult, knn_distances
 from dn2_lightning.metrics import AnomalyScores, ImageScores, ScoreCollector
 from dn2_lightning.scoring import (
     drop_self,
@@ -51,6 +51,16 @@ from dn2_lightning.scoring import (
     to_unit_interval,
 )
 from dn2_lightning.sharding import sharded_knn
+from dn2_lightning.validation import (
+    check_choice,
+    check_clean_fraction,
+    check_clean_k,
+    check_input_size,
+    check_int,
+    check_k,
+    check_knn_backend,
+    check_threshold,
+)
 
 GROUP_POOLINGS = ("mean", "none")
 CUSTOM_BACKBONE = "custom:"  # hparams value recording a user nn.Module backbone (not serialisable)
@@ -360,7 +370,7 @@ class DN2Module(LightningModule):
             raise ValueError(
                 f"set_threshold takes exactly one of quantile= or value=, got quantile={quantile!r}, value={value!r}."
             )
-        _validate_threshold(quantile if quantile is not None else self.hparams.threshold_quantile, value)
+        check_threshold(quantile if quantile is not None else self.hparams.threshold_quantile, value)
         if quantile is not None:
             self.hparams.threshold_quantile, self.hparams.threshold = float(quantile), None
         else:
@@ -608,11 +618,7 @@ class DN2Module(LightningModule):
     def _data_settings(self) -> dict[str, Any]:
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         hparams = getattr(datamodule, "hparams", None) or {}
-        if "load_size" in hparams:
-            return {"load_size": hparams["load_size"]}
-        if "image_size" in hparams:
-            return {"load_size": hparams["image_size"]}
-        return {}
+        return {name: hparams[name] for name in DATA_SETTINGS if name in hparams}
 
     def _record_bank_spec(self, paths: dict[int, str]) -> None:
         ids = self.bank.sample_indices.tolist()
@@ -761,31 +767,12 @@ def _validate_hparams(
     threshold: float | None,
     bank_sharding: str,
 ) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k={k!r} must be an integer >= 1 (the paper uses k=2).")
-    if input_size is not None and (isinstance(input_size, bool) or input_size < 8):
-        raise ValueError(f"input_size={input_size!r} must be None (the backbone's own) or an integer >= 8.")
-    if knn_backend not in list_knn_backends():
-        raise ValueError(f"knn_backend={knn_backend!r} is not one of {list_knn_backends()}.")
-    if max_memory_bytes is not None and max_memory_bytes < 2**16:
-        raise ValueError(f"max_memory_bytes={max_memory_bytes} must be None or at least 65536.")
-    if not 0.0 <= clean_fraction < 1.0:
-        raise ValueError(f"clean_fraction={clean_fraction} must be in [0, 1); 0 disables cleaning.")
-    if isinstance(clean_k, bool) or not isinstance(clean_k, int) or clean_k < 1:
-        raise ValueError(f"clean_k={clean_k!r} must be an integer >= 1.")
-    if group_pooling not in GROUP_POOLINGS:
-        raise ValueError(f"group_pooling={group_pooling!r} is not one of {list(GROUP_POOLINGS)}.")
-    _validate_threshold(threshold_quantile, threshold)
-    if bank_sharding not in BANK_SHARDINGS:
-        raise ValueError(f"bank_sharding={bank_sharding!r} is not one of {list(BANK_SHARDINGS)}.")
-
-
-def _validate_threshold(quantile: float, value: float | None) -> None:
-    if isinstance(quantile, bool) or not isinstance(quantile, int | float) or not 0.0 < quantile <= 1.0:
-        raise ValueError(
-            f"threshold_quantile={quantile!r} must be in (0, 1]: the share of the bank's leave-one-out scores "
-            "below the threshold (0.99 flags about 1% of normal images)."
-        )
-    finite = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if value is not None and not finite:
-        raise ValueError(f"threshold={value!r} must be None (use threshold_quantile) or a finite DN2 score.")
+    check_k(k)
+    check_input_size(input_size)
+    check_knn_backend(knn_backend)
+    check_int("max_memory_bytes", max_memory_bytes, 2**16, allow_none=True)
+    check_clean_fraction(clean_fraction)
+    check_clean_k(clean_k)
+    check_choice("group_pooling", group_pooling, GROUP_POOLINGS)
+    check_threshold(threshold_quantile, threshold)
+    check_choice("bank_sharding", bank_sharding, BANK_SHARDINGS)

@@ -1,10 +1,12 @@
 """Paper-style protocol: every class of a dataset as the normal class in turn, one AUROC table.
 
-Each image is embedded once per (dataset, split, backbone, preprocessing), and the embeddings are cached
+Each image is embedded once per (data content, backbone weights, preprocessing), and the embeddings are cached
 on disk, so the 10-class protocol costs one pass over the data and a rerun costs none. The per-class
-evaluation uses the same pieces as :class:`DN2Module` (cleaning, exact kNN, DN2 score, AUROC).
+evaluation uses the same pieces, and the same argument validators, as :class:`DN2Module` and
+:class:`OneClassDataModule` (cleaning, exact kNN, DN2 score, AUROC).
 
     dn2-protocol --dataset fashionmnist --backbone efficientnet_lite0 --out outputs/fmnist
+    dn2-protocol --dataset digits --input_size 64 --classes 0 1
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import sys
 import time
+import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,15 +27,30 @@ from torch.utils.data import DataLoader
 from torchmetrics.functional.classification import binary_auroc
 
 from dn2_lightning.backbones import build_backbone, get_backbone_spec
+from dn2_lightning.cache import load_cached, save_atomic
 from dn2_lightning.data.datasets import ArrayImageDataset
-from dn2_lightning.data.one_class import draw_contaminants
-from dn2_lightning.data.sources import default_data_root, load_split
+from dn2_lightning.data.one_class import draw_contaminants, resolve_class
+from dn2_lightning.data.sources import LabeledImages, default_data_root, list_datasets, load_split
 from dn2_lightning.knn import knn_distances
 from dn2_lightning.scoring import cleaning_mask, knn_scores, to_unit_interval
+from dn2_lightning.validation import (
+    check_choice,
+    check_clean_fraction,
+    check_clean_k,
+    check_contamination,
+    check_input_size,
+    check_k,
+    check_knn_backend,
+    check_positive_int,
+)
 
 # DN2's published mean AUROC (%) with its ResNet backbone (Bergman et al. 2020, Table 1), shown beside ours.
 PAPER_MEAN_AUROC = {"cifar10": 92.5, "fashionmnist": 94.4, "cifar100": 89.3}
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # layout of the cache files and of their key
+#: Version of the code that turns stored images into embeddings (dataset decoding, CPU resize, the backbone's
+#: preprocessing); bump it when a change alters the embeddings, and every cached file is recomputed.
+PREPROCESS_VERSION = 1
+PRECISIONS = ("32", "bf16")
 
 
 @dataclass
@@ -47,7 +67,7 @@ class ClassResult:
 class ProtocolResult:
     dataset: str
     backbone: str
-    image_size: int
+    input_size: int
     k: int
     settings: dict
     classes: list[ClassResult] = field(default_factory=list)
@@ -83,7 +103,7 @@ def embed_split(
     dataset: str,
     split: str,
     backbone: str = "efficientnet_lite0",
-    image_size: int | None = None,
+    input_size: int | None = None,
     pretrained: bool = True,
     root: str | None = None,
     batch_size: int = 256,
@@ -91,51 +111,92 @@ def embed_split(
     cache_dir: str | None = None,
     use_cache: bool = True,
     precision: str = "32",
+    progress: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Embeddings ``[N, D]`` (float32, CPU) and class labels ``[N]`` of a whole split, cached on disk.
 
-    The cache key holds everything the embeddings depend on (dataset, split, sample count, backbone,
-    weights, resolution, normalisation, precision, library cache format); a file whose stored key differs
-    is recomputed, never reused. ``precision="bf16"`` runs the backbone under bfloat16 autocast.
+    The cache key (:func:`embedding_cache_key`) holds everything the embeddings depend on: the data (resolved
+    file paths and a fingerprint of the images and labels), the backbone and its weights (a file hash or a
+    versioned file name), the resolution, normalisation, precision and :data:`PREPROCESS_VERSION`. A file with
+    another key is recomputed, never reused; an unreadable one is recomputed with a warning naming it; files are
+    written atomically. Backbones without pretrained weights (random initialisation) or without a
+    ``weights_id`` are not cached. ``precision="bf16"`` runs the backbone under bfloat16 autocast.
+
+    Args:
+        dataset, split, root: the data, as in :func:`dn2_lightning.data.load_split`.
+        backbone, input_size, pretrained: the feature extractor, its resolution on the device (``None`` = the
+            backbone's own) and whether it loads ImageNet weights.
+        batch_size, device: extraction batch size; ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        cache_dir, use_cache: the cache folder (default ``<data root>/embeddings``) and whether to use it.
+        precision: ``"32"`` or ``"bf16"``.
+        progress: show a progress bar; ``None`` = only when stdout is a terminal.
     """
-    if precision not in ("32", "bf16"):
-        raise ValueError(f"precision={precision!r} must be '32' or 'bf16'.")
+    check_choice("precision", precision, PRECISIONS)
+    check_input_size(input_size)
+    check_positive_int("batch_size", batch_size)
     source = load_split(dataset, split, root)
-    spec = get_backbone_spec(backbone)
-    key = {
-        "format": CACHE_FORMAT,
-        "dataset": dataset,
-        "split": split,
-        "n": len(source),
-        "backbone": backbone,
-        "pretrained": pretrained,
-        "image_size": image_size or spec.image_size,
-        "mean": spec.mean,
-        "std": spec.std,
-    }
-    if precision != "32":  # float32 keys predate this field; they stay valid
-        key["precision"] = precision
-    key = json.loads(json.dumps(key))  # the form it has after a save and load (tuples become lists)
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = Path(cache_dir or default_data_root() / "embeddings") / f"{dataset}-{split}-{backbone}-{digest}.pt"
-    if use_cache and path.is_file():
-        cached = torch.load(path, weights_only=True)
-        if cached.get("key") == key and cached["embeddings"].shape[0] == len(source):
-            return cached["embeddings"], source.labels
+    key = None
+    if use_cache:
+        key = embedding_cache_key(source, dataset, split, backbone, input_size, pretrained, precision)
+    path = None
+    if key is not None:
+        digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        path = Path(cache_dir or default_data_root() / "embeddings") / f"{dataset}-{split}-{backbone}-{digest}.pt"
+        cached = (load_cached(path, key) or {}).get("embeddings")
+        if isinstance(cached, Tensor) and cached.ndim == 2 and len(cached) == len(source):
+            return cached, source.labels
     target = _resolve_device(device)
-    extractor = build_backbone(backbone, pretrained=pretrained, image_size=image_size).to(target).eval()
-    loader = DataLoader(
-        ArrayImageDataset(source.images, source.labels), batch_size=batch_size, pin_memory=target.type == "cuda"
-    )
+    extractor = build_backbone(backbone, pretrained=pretrained, image_size=input_size).to(target).eval()
+    images = ArrayImageDataset(source.images, source.labels)
+    loader = DataLoader(images, batch_size=batch_size, pin_memory=target.type == "cuda")
     chunks = []
-    with torch.inference_mode(), torch.autocast(target.type, torch.bfloat16, enabled=precision == "bf16"):
-        for batch in loader:
+    with (
+        _progress_bar(progress) as bar,
+        torch.inference_mode(),
+        torch.autocast(target.type, torch.bfloat16, enabled=precision == "bf16"),
+    ):
+        for batch in bar.track(loader, description=f"embedding {dataset} {split} ({len(source)} images)"):
             chunks.append(extractor(batch["image"].to(target, non_blocking=True)).cpu())
     embeddings = torch.cat(chunks)
-    if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"key": key, "embeddings": embeddings}, path)
+    if path is not None:
+        save_atomic({"key": key, "embeddings": embeddings}, path)
     return embeddings, source.labels
+
+
+def embedding_cache_key(
+    source: LabeledImages,
+    dataset: str,
+    split: str,
+    backbone: str,
+    input_size: int | None,
+    pretrained: bool,
+    precision: str,
+) -> dict | None:
+    """Everything a split's embeddings depend on, as a JSON-ready dict; ``None`` when they must not be cached
+    (random weights, or a registered backbone without ``weights_id``)."""
+    spec = get_backbone_spec(backbone)
+    if not pretrained:
+        return None  # a random initialisation is not reproducible: nothing to key it by
+    if spec.weights_id is None:
+        message = f"backbone={backbone!r} has no weights_id in its BackboneSpec: its embeddings are not cached."
+        warnings.warn(message, stacklevel=3)
+        return None
+    key = {
+        "format": CACHE_FORMAT,
+        "preprocess": PREPROCESS_VERSION,
+        "dataset": dataset,
+        "split": split,
+        "files": list(source.files),
+        "fingerprint": source.fingerprint,
+        "n": len(source),
+        "backbone": backbone,
+        "weights": spec.weights_id(),
+        "input_size": input_size or spec.image_size,
+        "mean": spec.mean,
+        "std": spec.std,
+        "precision": precision,
+    }
+    return json.loads(json.dumps(key))  # the form it has after a save and load (tuples become lists)
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -144,12 +205,46 @@ def _resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def _progress_bar(enabled: bool | None):
+    """A rich progress bar on stdout; ``enabled=None`` shows it only when stdout is a terminal."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    show = sys.stdout.isatty() if enabled is None else enabled
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    return Progress(*columns, disable=not show)
+
+
+def resolve_classes(classes: Sequence[int | str] | None, names: Sequence[str]) -> list[int]:
+    """Class indices to evaluate: all of ``names`` for ``None``, else each entry resolved like
+    ``OneClassDataModule(normal_class=...)`` (an index or a case-insensitive name).
+
+    Raises:
+        ValueError: an empty list, an unknown class (naming the entry and listing the classes), or a repeat.
+    """
+    if classes is None:
+        return list(range(len(names)))
+    if isinstance(classes, str | int) or len(classes) == 0:
+        raise ValueError(
+            f"classes={classes!r} must be None (every class) or a non-empty list of class indices or names, "
+            "e.g. --classes 0 1."
+        )
+    indices = [resolve_class(c, tuple(names), name=f"classes[{i}]") for i, c in enumerate(classes)]
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"classes={list(classes)!r} names a class twice; list each class once.")
+    return indices
+
+
 def run_protocol(
     dataset: str = "fashionmnist",
     backbone: str = "efficientnet_lite0",
     k: int = 2,
-    image_size: int | None = None,
-    classes: list[int] | None = None,
+    input_size: int | None = None,
+    classes: list[int | str] | None = None,
     contamination: float = 0.0,
     clean_fraction: float = 0.0,
     clean_k: int = 200,
@@ -162,14 +257,20 @@ def run_protocol(
     use_cache: bool = True,
     precision: str = "32",
     out: str | None = None,
+    progress: bool | None = None,
 ) -> ProtocolResult:
     """Run DN2 with every class (or ``classes``) as the normal class; print and optionally save the table.
 
+    Every argument is validated (by the validators ``DN2Module`` and ``OneClassDataModule`` use) before any
+    image is embedded.
+
     Args:
         dataset: a name from :func:`dn2_lightning.data.list_datasets`.
-        backbone, image_size: the feature extractor (registry name) and its input resolution.
+        backbone: the feature extractor (registry name).
         k: neighbours in the DN2 score.
-        classes: normal classes to evaluate (default: all).
+        input_size: the backbone's input resolution on the device (``None`` = its own), as ``DN2Module``'s.
+        classes: normal classes to evaluate, indices or names (default: all); ``--classes 0 1`` on the command
+            line.
         contamination, seed: unsupervised setting, as in ``OneClassDataModule``.
         clean_fraction, clean_k: bank cleaning, as in ``DN2Module``.
         knn_backend: as in ``DN2Module``.
@@ -177,21 +278,44 @@ def run_protocol(
         cache_dir, use_cache: the embedding cache (default ``<data root>/embeddings``).
         precision: ``"32"`` or ``"bf16"`` (bfloat16 autocast during extraction).
         out: folder for protocol.md/.csv/.json.
+        progress: progress bars for the extraction and the class loop; ``None`` = only when stdout is a
+            terminal.
     """
     start = time.perf_counter()
+    check_choice("dataset", dataset, list_datasets())
+    spec = get_backbone_spec(backbone)
+    check_k(k)
+    check_input_size(input_size)
+    check_contamination(contamination)
+    check_clean_fraction(clean_fraction)
+    check_clean_k(clean_k)
+    check_knn_backend(knn_backend)
+    check_positive_int("batch_size", batch_size)
+    check_choice("precision", precision, PRECISIONS)
+    train_source = load_split(dataset, "train", root)
+    names = train_source.classes
+    chosen = resolve_classes(classes, names)
+    train_labels = train_source.labels
+    banks = {}  # bank rows per class, drawn before the (slow) extraction so that a bad setting fails at once
+    for c in chosen:
+        normal = (train_labels == c).nonzero().flatten()
+        if len(normal) == 0:
+            raise ValueError(f"class {c} ({names[c]!r}) has no training samples in {dataset}.")
+        contaminants = draw_contaminants(train_labels, c, contamination, seed) if contamination else normal[:0]
+        banks[c] = (normal, contaminants)
     kwargs = dict(
         backbone=backbone,
-        image_size=image_size,
+        input_size=input_size,
         root=root,
         batch_size=batch_size,
         device=device,
         cache_dir=cache_dir,
         use_cache=use_cache,
         precision=precision,
+        progress=progress,
     )
-    train, train_labels = embed_split(dataset, "train", **kwargs)
+    train, _ = embed_split(dataset, "train", **kwargs)
     test, test_labels = embed_split(dataset, "test", **kwargs)
-    names = load_split(dataset, "train", root).classes
     target = _resolve_device(device)
     train, test = train.to(target), test.to(target)
     settings = {
@@ -201,24 +325,24 @@ def run_protocol(
         "seed": seed,
         "precision": precision,
     }
-    result = ProtocolResult(dataset, backbone, image_size or get_backbone_spec(backbone).image_size, k, settings)
-    for c in classes if classes is not None else range(len(names)):
-        normal = (train_labels == c).nonzero().flatten()
-        contaminants = draw_contaminants(train_labels, c, contamination, seed) if contamination else normal[:0]
-        rows = torch.cat([normal, contaminants])
-        is_contaminant = torch.cat([torch.zeros(len(normal)), torch.ones(len(contaminants))]).bool()
-        bank = train[rows.to(target)]
-        kept = None
-        if clean_fraction > 0:
-            keep = cleaning_mask(bank, clean_fraction, clean_k, knn_backend).cpu()
-            bank, kept = bank[keep.to(target)], int(is_contaminant[keep].sum())
-        scores = knn_scores(knn_distances(test, bank, k, knn_backend)).cpu()
-        auroc = float(binary_auroc(to_unit_interval(scores), (test_labels != c).long()))
-        result.classes.append(ClassResult(c, names[c], auroc, len(rows), len(bank), kept))
+    result = ProtocolResult(dataset, backbone, input_size or spec.image_size, k, settings)
+    with _progress_bar(progress) as bar:
+        for c in bar.track(chosen, description="scoring each class as the normal one"):
+            normal, contaminants = banks[c]
+            rows = torch.cat([normal, contaminants])
+            is_contaminant = torch.cat([torch.zeros(len(normal)), torch.ones(len(contaminants))]).bool()
+            bank = train[rows.to(target)]
+            kept = None
+            if clean_fraction > 0:
+                keep = cleaning_mask(bank, clean_fraction, clean_k, knn_backend).cpu()
+                bank, kept = bank[keep.to(target)], int(is_contaminant[keep].sum())
+            scores = knn_scores(knn_distances(test, bank, k, knn_backend)).cpu()
+            auroc = float(binary_auroc(to_unit_interval(scores), (test_labels != c).long()))
+            result.classes.append(ClassResult(c, names[c], auroc, len(rows), len(bank), kept))
     result.seconds = time.perf_counter() - start
     print(result.to_markdown())
     print(
-        f"\n{dataset}, {backbone} @ {result.image_size}px, k={k}, {settings}: mean AUROC "
+        f"\n{dataset}, {backbone} @ {result.input_size}px, k={k}, {settings}: mean AUROC "
         f"{100 * result.mean_auroc:.2f}% in {result.seconds:.1f} s"
     )
     if out is not None:
@@ -226,10 +350,38 @@ def run_protocol(
     return result
 
 
-def main() -> None:
+def join_list_option(argv: Sequence[str], option: str = "--classes") -> list[str]:
+    """Rewrite ``option a b c`` (values up to the next ``--flag``) as ``option=[a, b, c]`` for jsonargparse.
+
+    A single value that is already a list (``'[0, 1]'``) or ``null`` is left as it is.
+
+    >>> join_list_option(["--classes", "0", "1", "--k", "2"])
+    ['--classes=[0, 1]', '--k', '2']
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] != option:
+            out.append(argv[i])
+            i += 1
+            continue
+        j = i + 1
+        while j < len(argv) and not argv[j].startswith("--"):
+            j += 1
+        values = list(argv[i + 1 : j])
+        if not values or (len(values) == 1 and values[0].strip().startswith(("[", "null", "None"))):
+            out += argv[i:j]
+        else:
+            out.append(f"{option}={json.dumps([int(v) if v.lstrip('-').isdigit() else v for v in values])}")
+        i = j
+    return out
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of ``dn2-protocol`` (``args`` defaults to the command line)."""
     from jsonargparse import CLI
 
-    CLI(run_protocol, as_positional=False)
+    CLI(run_protocol, as_positional=False, args=join_list_option(sys.argv[1:] if args is None else args))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import gzip
 import socket
+import struct
+import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,8 @@ from dn2_lightning.data import (
     list_image_files,
     load_split,
 )
+from dn2_lightning.data.datasets import PIXEL_FORMAT
+from dn2_lightning.data.images import ImageTooLargeError, UnreadableImageError, image_problem, load_image
 from dn2_lightning.data.sources import DEBIAN_FASHION_MNIST, default_data_root, read_idx
 
 needs_fmnist = pytest.mark.skipif(
@@ -135,23 +140,23 @@ def test_array_dataset_expands_grayscale_permutes_rgb_and_resizes():
     assert sample["label"].dtype == torch.int64 and sample["label"] == 1 and sample["index"] == 1
     rgb = torch.zeros(3, 5, 6, 3, dtype=torch.uint8)
     rgb[..., 1] = 200
-    image = ArrayImageDataset(rgb, torch.zeros(3), image_size=7)[0]["image"]
+    image = ArrayImageDataset(rgb, torch.zeros(3), load_size=7)[0]["image"]
     assert image.shape == (3, 7, 7) and image.dtype == torch.uint8
     assert image[1].eq(200).all() and image[0].eq(0).all()
 
 
 @pytest.mark.parametrize(
-    "images, labels, image_size, match",
+    "images, labels, load_size, match",
     [
         (torch.zeros(2, 4, 4), torch.zeros(2), None, "images must be uint8"),
         (torch.zeros(2, 4, 4, 2, dtype=torch.uint8), torch.zeros(2), None, r"images must be .*\(2, 4, 4, 2\)"),
         (torch.zeros(2, 4, 4, dtype=torch.uint8), torch.zeros(3), None, "labels must be"),
-        (torch.zeros(2, 4, 4, dtype=torch.uint8), torch.zeros(2), 0, "image_size=0"),
+        (torch.zeros(2, 4, 4, dtype=torch.uint8), torch.zeros(2), 0, "load_size=0"),
     ],
 )
-def test_array_dataset_bad_arguments(images, labels, image_size, match):
+def test_array_dataset_bad_arguments(images, labels, load_size, match):
     with pytest.raises(ValueError, match=match):
-        ArrayImageDataset(images, labels, image_size)
+        ArrayImageDataset(images, labels, load_size)
 
 
 def test_list_image_files_is_recursive_sorted_and_case_insensitive(tmp_path):
@@ -216,7 +221,7 @@ def test_fashionmnist_class_name_is_case_insensitive():
         ({"normal_class": 2.5}, "normal_class=2.5"),
         ({"batch_size": 0}, "batch_size=0"),
         ({"num_workers": -1}, "num_workers=-1"),
-        ({"image_size": 0}, "image_size=0"),
+        ({"load_size": 0}, "load_size=0"),
         ({"contamination": 1.0}, r"contamination=1.0 must be in \[0, 1\)"),
         ({"contamination": -0.1}, "contamination=-0.1"),
         ({"on_corrupt": "ignore"}, r"on_corrupt='ignore' is not one of \['skip', 'raise'\]"),
@@ -270,7 +275,7 @@ def make_folder(root: Path, corrupt: bool = True) -> Path:
 
 
 def test_folder_datamodule_layout_labels_and_corrupt_file_skipped(tmp_path):
-    dm = OneClassDataModule(dataset="folder", root=str(make_folder(tmp_path)), image_size=16)
+    dm = OneClassDataModule(dataset="folder", root=str(make_folder(tmp_path)), load_size=16)
     with pytest.warns(UserWarning, match="skipping 1 unreadable image file.*broken.png"):
         dm.setup()
     assert len(dm.train_dataset) == 5 and len(dm.test_dataset) == 5
@@ -281,7 +286,7 @@ def test_folder_datamodule_layout_labels_and_corrupt_file_skipped(tmp_path):
     assert torch.equal(dm.test_source_indices, torch.arange(5))
 
 
-def test_folder_default_image_size_and_no_contamination(tmp_path):
+def test_folder_default_load_size_and_no_contamination(tmp_path):
     dm = OneClassDataModule(dataset="folder", root=str(make_folder(tmp_path, corrupt=False)))
     dm.setup()
     assert dm.train_dataset[0]["image"].shape == (3, 224, 224)
@@ -355,3 +360,136 @@ def test_group_bad_arguments(kwargs, match):
 def test_group_size_larger_than_classes_is_refused():
     with pytest.raises(ValueError, match="group_size=11 exceeds the 10 normal classes"):
         GroupDataModule(dataset="digits", group_size=11).setup()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Decoding image files: bit depths, orientation, truncation, size limits (issue 11, items 8, 9 and 15)
+
+
+def test_16_bit_png_is_scaled_by_its_range_not_clipped(tmp_path):
+    values = (np.arange(24 * 32, dtype=np.uint32).reshape(24, 32) * 85).astype(np.uint16)  # 0..65195
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    expected = np.rint(values / 257.0).astype(np.uint8)  # 65535 -> 255
+    image = load_image(tmp_path / "deep.png")
+    assert image.dtype == torch.uint8 and image.shape == (3, 24, 32)
+    assert all(np.array_equal(image[c].numpy(), expected) for c in range(3))
+    sample = ImageFolderDataset([tmp_path / "deep.png"], [0], load_size=24)[0]["image"]  # the folder path too
+    assert abs(float(sample.float().mean()) - float(expected.mean())) < 1.0  # 126.4, not 254.6 (clipped)
+
+
+def test_float_tiff_in_unit_range_is_scaled_and_other_ranges_are_refused(tmp_path):
+    values = np.linspace(0.0, 1.0, 16 * 20, dtype=np.float32).reshape(16, 20)
+    Image.fromarray(values, mode="F").save(tmp_path / "unit.tif")
+    image = load_image(tmp_path / "unit.tif")
+    assert np.array_equal(image[0].numpy(), np.rint(values.astype(np.float64) * 255).astype(np.uint8))
+    Image.fromarray(values * 1000, mode="F").save(tmp_path / "wide.tif")
+    with pytest.raises(UnreadableImageError, match=r"wide.tif: float pixel values span \[0, 1000\].*\[0, 1\]"):
+        load_image(tmp_path / "wide.tif")
+    assert "wide.tif" in image_problem(tmp_path / "wide.tif")
+
+
+@pytest.mark.parametrize("orientation, turns", [(1, 0), (3, 2), (6, -1), (8, 1)])
+def test_exif_orientation_is_applied(tmp_path, orientation, turns):
+    stored = np.random.default_rng(0).integers(0, 255, (12, 20, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # 6: the camera was turned, display rotated 90 degrees clockwise
+    Image.fromarray(stored).save(tmp_path / "photo.png", exif=exif)
+    image = load_image(tmp_path / "photo.png").permute(1, 2, 0).numpy()
+    assert np.array_equal(image, np.rot90(stored, turns))
+
+
+def truncated_jpeg(path: Path) -> Path:
+    array = np.random.default_rng(1).integers(0, 255, (64, 48, 3), dtype=np.uint8)
+    Image.fromarray(array).save(path, quality=90)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def test_truncated_jpeg_is_caught_at_setup_with_its_name_under_both_policies(tmp_path):
+    root = make_folder(tmp_path, corrupt=False)
+    truncated_jpeg(root / "train" / "cut.jpg")
+    dm = OneClassDataModule(dataset="folder", root=str(root), load_size=16)
+    with pytest.warns(UserWarning, match=r"skipping 1 unreadable image file.*cut.jpg.*truncated"):
+        dm.setup()
+    assert len(dm.train_dataset) == 5 and dm.train_dataset.skipped == [root / "train" / "cut.jpg"]
+    assert sum(len(batch["image"]) for batch in dm.train_dataloader()) == 5  # the epoch runs to its end
+    with pytest.raises(ValueError, match=r"1 unreadable image file.*cut.jpg.*truncated"):
+        OneClassDataModule(dataset="folder", root=str(root), on_corrupt="raise").setup()
+
+
+def test_a_file_broken_after_the_check_fails_with_its_name(tmp_path):
+    path = tmp_path / "later.jpg"
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(path)
+    dataset = ImageFolderDataset([path], [0], load_size=8)
+    truncated_jpeg(path)
+    with pytest.raises(UnreadableImageError, match=r"later.jpg: cannot decode.*truncated"):
+        dataset[0]
+
+
+def test_a_train_folder_with_no_readable_image_is_an_error(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "a.png").write_bytes(b"not a png")
+    truncated_jpeg(tmp_path / "train" / "b.jpg")
+    dm = OneClassDataModule(dataset="folder", root=str(tmp_path))
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"none of the 2 image file\(s\) under .*train"):
+        dm.setup()
+
+
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header announces width x height; its pixel data is a stub (it is never decoded)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("width, height", [(10_000, 10_000), (20_000, 10_000)])
+def test_huge_images_are_refused_with_the_reason_before_decoding(tmp_path, width, height):
+    path = png_header_only(tmp_path / "huge.png", width, height)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no DecompressionBombWarning either
+        with pytest.raises(ImageTooLargeError, match=rf"huge.png: .*{width * height} pixels"):
+            load_image(path, 224)
+        problem = image_problem(path, 224)
+    assert "huge.png" in problem and f"{width * height} pixels" in problem and "MAX_IMAGE_PIXELS" in problem
+    with pytest.raises(ValueError, match=r"1 unreadable image file.*huge.png.*(exceeds|too large)"):
+        ImageFolderDataset([path], [0], 224, on_corrupt="raise")
+
+
+def test_the_pixel_limit_is_configurable_and_jpeg_drafts_count_after_reduction(tmp_path):
+    small = tmp_path / "small.png"
+    Image.fromarray(np.zeros((20, 20, 3), dtype=np.uint8)).save(small)
+    with pytest.raises(ImageTooLargeError, match=r"20x20 = 400 pixels exceeds the limit of 399"):
+        load_image(small, max_pixels=399)
+    assert load_image(small, max_pixels=400).shape == (3, 20, 20)
+    (tmp_path / "train").mkdir()
+    small.rename(tmp_path / "train" / "small.png")
+    with pytest.raises(ValueError, match="none of the 1 image file"), pytest.warns(UserWarning, match="exceeds"):
+        OneClassDataModule(dataset="folder", root=str(tmp_path), max_image_pixels=100).setup()
+    # a 2000 x 1600 JPEG (3.2 MP) decodes at 1/8 scale (250 x 200) when 100 px is asked for
+    gradient = np.add.outer(np.arange(1600) // 7, np.arange(2000) // 9).astype(np.uint8)
+    Image.fromarray(gradient).save(tmp_path / "big.jpg", quality=95)
+    image = load_image(tmp_path / "big.jpg", size=100, max_pixels=100_000)
+    with pytest.raises(ImageTooLargeError, match="2000x1600"):
+        load_image(tmp_path / "big.jpg", max_pixels=100_000)
+    full = load_image(tmp_path / "big.jpg", size=100)  # default limit: same reduced decode, same result
+    reference = torch.nn.functional.interpolate(
+        torch.from_numpy(gradient)[None, None].float(), size=(100, 100), mode="bilinear", antialias=True
+    )[0, 0]
+    assert torch.equal(image, full) and (image[0].float() - reference).abs().mean() < 2.0
+
+
+def test_datamodules_expose_load_size_and_pixel_format(tmp_path):
+    folder = OneClassDataModule(dataset="folder", root=str(make_folder(tmp_path, corrupt=False)))
+    assert folder.hparams.load_size == 224 and folder.hparams.pixel_format == PIXEL_FORMAT
+    digits = OneClassDataModule(dataset="digits", load_size=32)
+    assert digits.hparams.load_size == 32 and digits.hparams.pixel_format["dtype"] == "uint8"
+    assert next(iter(digits.train_dataloader()))["image"].shape[-2:] == (32, 32)
+    groups = GroupDataModule(dataset="digits", group_size=2, n_train_groups=3, n_test_groups=4, load_size=16)
+    assert groups.hparams.load_size == 16 and groups.hparams.pixel_format == PIXEL_FORMAT
+    assert next(iter(groups.test_dataloader()))["image"].shape[-2:] == (16, 16)

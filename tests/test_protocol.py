@@ -1,42 +1,200 @@
-"""The all-classes protocol equals DN2Module class by class, and its embedding cache is safe."""
+"""The all-classes protocol equals DN2Module class by class, validates like it, and its embedding cache is safe."""
 
 from __future__ import annotations
 
+import dataclasses
+import gzip
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
+import dn2_lightning.backbones as backbones
 import dn2_lightning.protocol as protocol
 from dn2_lightning import DN2Module, OneClassDataModule
-from dn2_lightning.protocol import embed_split, run_protocol
+from dn2_lightning.data.sources import _load_cached
+from dn2_lightning.protocol import embed_split, main, run_protocol
 
-FAST = dict(backbone="efficientnet_lite0", image_size=32, device="cpu")
+FAST = dict(backbone="efficientnet_lite0", input_size=32, device="cpu")
 
 
-def test_protocol_auroc_equals_dn2module_for_each_class(tmp_path):
-    result = run_protocol("digits", k=2, classes=[0, 4], cache_dir=str(tmp_path), out=str(tmp_path / "out"), **FAST)
+@pytest.fixture(scope="module")
+def digits_cache(tmp_path_factory) -> str:
+    """One embedding cache for the digits runs of this module (each split is extracted once)."""
+    return str(tmp_path_factory.mktemp("digits-cache"))
+
+
+@pytest.fixture
+def no_extraction(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the cache should have been used (or the arguments refused first)")
+
+    monkeypatch.setattr(protocol, "build_backbone", refuse)
+
+
+def test_protocol_auroc_equals_dn2module_for_each_class(tmp_path, digits_cache):
+    from helpers import quiet_trainer
+
+    result = run_protocol("digits", k=2, classes=[0, 4], cache_dir=digits_cache, out=str(tmp_path / "out"), **FAST)
     for row in result.classes:
         model = DN2Module(k=2, backbone="efficientnet_lite0", input_size=32, reports=False)
-        from helpers import quiet_trainer
-
         metrics = quiet_trainer().test(model, datamodule=OneClassDataModule("digits", normal_class=row.normal_class))
         assert row.auroc == pytest.approx(metrics[0]["test/auroc"], abs=1e-6)
+    assert result.input_size == 32
     assert (tmp_path / "out" / "protocol.md").read_text().count("\n") == 5
     assert (tmp_path / "out" / "protocol.csv").read_text().startswith("normal_class,name,auroc")
 
 
-def test_embedding_cache_is_reused_and_stale_keys_are_recomputed(tmp_path, monkeypatch):
-    first, labels = embed_split("digits", "test", cache_dir=str(tmp_path), **FAST)
-    [cached] = list(tmp_path.glob("digits-test-efficientnet_lite0-*.pt"))
-
-    def no_backbone(*args, **kwargs):
-        raise AssertionError("the cache should have been used")
-
-    monkeypatch.setattr(protocol, "build_backbone", no_backbone)
-    again, _ = embed_split("digits", "test", cache_dir=str(tmp_path), **FAST)
+def test_embedding_cache_is_reused_and_stale_keys_are_recomputed(digits_cache, monkeypatch):
+    first, labels = embed_split("digits", "test", cache_dir=digits_cache, **FAST)
+    [cached] = list(Path(digits_cache).glob("digits-test-efficientnet_lite0-*.pt"))
+    monkeypatch.setattr(protocol, "build_backbone", lambda *a, **k: pytest.fail("the cache should have been used"))
+    again, _ = embed_split("digits", "test", cache_dir=digits_cache, **FAST)
     assert torch.equal(first, again) and len(first) == len(labels) == 723
+    monkeypatch.undo()
 
     stale = torch.load(cached, weights_only=True)
-    stale["key"]["image_size"] = 999  # the file no longer describes what it holds
+    stale["key"]["input_size"] = 999  # the file no longer describes what it holds
     torch.save(stale, cached)
-    with pytest.raises(AssertionError, match="cache should have been used"):
-        embed_split("digits", "test", cache_dir=str(tmp_path), **FAST)
+    recomputed, _ = embed_split("digits", "test", cache_dir=digits_cache, **FAST)
+    assert torch.equal(recomputed, first) and torch.load(cached, weights_only=True)["key"]["input_size"] == 32
+
+
+# ------------------------------------------------------------------------------------------------------
+# What the cache key covers (issue 11, item 4) and how the cache survives a kill (item 11)
+
+
+def write_mnist_test_split(root: Path, seed: int, n: int = 24) -> Path:
+    """MNIST's two test IDX files under ``root``: n random 8x8 images, labels 0..9 in turn."""
+    images = np.random.default_rng(seed).integers(0, 256, (n, 8, 8), dtype=np.uint8)
+    labels = (np.arange(n) % 10).astype(np.uint8)
+    root.mkdir(parents=True, exist_ok=True)
+    for name, array in [("t10k-images-idx3-ubyte.gz", images), ("t10k-labels-idx1-ubyte.gz", labels)]:
+        header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+        (root / name).write_bytes(gzip.compress(header + array.tobytes()))
+    _load_cached.cache_clear()  # load_split caches per root; the files just changed
+    return root
+
+
+def test_cache_key_covers_data_location_content_and_weights(tmp_path, monkeypatch):
+    cache = str(tmp_path / "cache")
+    a, b = write_mnist_test_split(tmp_path / "A", seed=1), write_mnist_test_split(tmp_path / "B", seed=2)
+    from_a, _ = embed_split("mnist", "test", root=str(a), cache_dir=cache, **FAST)
+    from_b, _ = embed_split("mnist", "test", root=str(b), cache_dir=cache, **FAST)  # same count, other data
+    truth_b, _ = embed_split("mnist", "test", root=str(b), use_cache=False, **FAST)
+    assert torch.allclose(from_b, truth_b, atol=1e-5) and not torch.allclose(from_a, from_b, atol=1e-2)
+
+    write_mnist_test_split(a, seed=3)  # same place, new content
+    truth_a, _ = embed_split("mnist", "test", root=str(a), use_cache=False, **FAST)
+    again_a, _ = embed_split("mnist", "test", root=str(a), cache_dir=cache, **FAST)
+    assert torch.allclose(again_a, truth_a, atol=1e-5) and not torch.allclose(again_a, from_a, atol=1e-2)
+
+    extractions = []
+    build = protocol.build_backbone
+    monkeypatch.setattr(protocol, "build_backbone", lambda *a, **k: extractions.append(1) or build(*a, **k))
+    embed_split("mnist", "test", root=str(a), cache_dir=cache, **FAST)
+    assert extractions == []  # nothing changed: served from the cache
+    spec = backbones.get_backbone_spec("efficientnet_lite0")
+    monkeypatch.setitem(backbones._REGISTRY, spec.name, dataclasses.replace(spec, weights_id=lambda: "other weights"))
+    embed_split("mnist", "test", root=str(a), cache_dir=cache, **FAST)
+    assert extractions == [1]  # other weights: recomputed
+
+
+def test_a_cache_file_cut_short_warns_with_its_name_and_is_recomputed(tmp_path):
+    root = write_mnist_test_split(tmp_path / "data", seed=4)
+    first, _ = embed_split("mnist", "test", root=str(root), cache_dir=str(tmp_path), **FAST)
+    [path] = list(tmp_path.glob("mnist-test-*.pt"))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # what a kill during the save used to leave
+    with pytest.warns(UserWarning, match=rf"cache file .*{path.name} is unreadable.*recomputing"):
+        again, _ = embed_split("mnist", "test", root=str(root), cache_dir=str(tmp_path), **FAST)
+    assert torch.allclose(again, first, atol=1e-5)
+    assert torch.equal(torch.load(path, weights_only=True)["embeddings"], again)  # repaired on disk
+
+
+def test_an_interrupted_cache_write_leaves_no_file_behind(tmp_path, monkeypatch):
+    root = write_mnist_test_split(tmp_path / "data", seed=5)
+    cache = tmp_path / "cache"
+
+    def killed_mid_write(obj, f, *args, **kwargs):
+        handle = open(f, "wb") if isinstance(f, str | Path) else f  # noqa: SIM115
+        handle.write(b"PK\x03\x04 half a zip archive")
+        handle.flush()
+        raise RuntimeError("killed during the save")
+
+    monkeypatch.setattr(torch, "save", killed_mid_write)
+    with pytest.raises(RuntimeError, match="killed during the save"):
+        embed_split("mnist", "test", root=str(root), cache_dir=str(cache), **FAST)
+    assert list(cache.iterdir()) == []  # neither a half-written cache file nor a temporary one
+
+
+# ------------------------------------------------------------------------------------------------------
+# Validation: the module's and the datamodule's rules, before any extraction (issue 11, item 12)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"contamination": -0.5}, r"contamination=-0.5 must be in \[0, 1\)"),
+        ({"contamination": 1.0}, r"contamination=1.0 must be in \[0, 1\)"),
+        ({"clean_fraction": 1.5}, r"clean_fraction=1.5 must be in \[0, 1\)"),
+        ({"clean_fraction": -1}, r"clean_fraction=-1 must be in \[0, 1\)"),
+        ({"classes": [12]}, r"classes\[0\]=12 is out of range 0..9; classes: 0='0'"),
+        ({"classes": [0, "seven"]}, r"classes\[1\]='seven' is not a class name"),
+        ({"classes": []}, r"classes=\[\] must be None \(every class\) or a non-empty list"),
+        ({"classes": [3, 3]}, r"classes=\[3, 3\] names a class twice"),
+        ({"k": 0}, r"k=0 must be an integer >= 1"),
+        ({"clean_k": 0}, r"clean_k=0 must be an integer >= 1"),
+        ({"input_size": 4}, r"input_size=4 must be None \(the backbone.s own\) or an integer >= 8"),
+        ({"knn_backend": "annoy"}, r"knn_backend='annoy' is not one of"),
+        ({"precision": "16"}, r"precision='16' is not one of \['32', 'bf16'\]"),
+        ({"dataset": "svhn"}, r"dataset='svhn' is not one of"),
+        ({"contamination": 0.95, "classes": [2]}, r"contamination=0.95 needs \d+ anomalies"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_extraction(kwargs, match, no_extraction, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        run_protocol(**({"dataset": "digits", "cache_dir": str(tmp_path)} | FAST | kwargs))
+
+
+def test_validation_is_shared_with_the_module_and_datamodule():
+    for bad in ({"clean_fraction": 1.5}, {"k": 0}, {"input_size": 4}):
+        with pytest.raises(ValueError) as from_module:
+            DN2Module(backbone=torch.nn.Flatten(), **bad)
+        with pytest.raises(ValueError) as from_protocol:
+            run_protocol("digits", **bad)
+        assert str(from_module.value) == str(from_protocol.value)
+    with pytest.raises(ValueError) as from_datamodule:
+        OneClassDataModule("digits", contamination=-0.5)
+    with pytest.raises(ValueError) as from_protocol:
+        run_protocol("digits", contamination=-0.5)
+    assert str(from_datamodule.value) == str(from_protocol.value)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The command line: space-separated classes, progress bars only on a terminal (issue 12)
+
+
+def test_command_line_takes_space_separated_classes_and_input_size(digits_cache, capsys, monkeypatch):
+    embed_split("digits", "train", cache_dir=digits_cache, **FAST)  # warm (already, if run after the first test)
+    embed_split("digits", "test", cache_dir=digits_cache, **FAST)
+    monkeypatch.setattr(protocol, "build_backbone", lambda *a, **k: pytest.fail("the cache should have been used"))
+    args = ["--dataset", "digits", "--input_size", "32", "--device", "cpu", "--cache_dir", digits_cache]
+    main([*args, "--classes", "0", "4", "--k", "2"])
+    table = capsys.readouterr().out
+    assert "| 0 | 0 |" in table and "| 4 | 4 |" in table and "| 1 | 1 |" not in table
+    assert "@ 32px" in table and "━" not in table  # no progress bar: stdout is not a terminal
+    main([*args, "--classes", "[7]"])
+    assert "| 7 | 7 |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"classes\[1\]=12 is out of range"):
+        main([*args, "--classes", "3", "12"])
+
+
+def test_progress_bars_on_request(tmp_path, digits_cache, capsys):
+    root = write_mnist_test_split(tmp_path / "data", seed=6)
+    embed_split("mnist", "test", root=str(root), use_cache=False, progress=True, **FAST)
+    assert "embedding mnist test (24 images)" in capsys.readouterr().out
+    embed_split("mnist", "test", root=str(root), use_cache=False, **FAST)  # default: only on a terminal
+    assert capsys.readouterr().out == ""
+    run_protocol("digits", classes=[1], cache_dir=digits_cache, progress=True, **FAST)
+    assert "scoring each class as the normal one" in capsys.readouterr().out

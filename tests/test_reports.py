@@ -72,7 +72,7 @@ def test_cli_predict_on_a_folder_with_a_corrupt_file(tmp_path):
         f"--data.root={images}",
         "--model.backbone=efficientnet_lite0",
         "--model.input_size=32",
-        "--data.image_size=32",
+        "--data.load_size=32",
         f"--trainer.default_root_dir={tmp_path / 'runs'}",
         "--trainer.enable_progress_bar=false",
         "--trainer.logger=false",

@@ -14,8 +14,9 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from dn2_lightning.data.datasets import to_chw_uint8
+from dn2_lightning.data.datasets import PIXEL_FORMAT, to_chw_uint8
 from dn2_lightning.data.sources import LabeledImages, list_datasets, load_split
+from dn2_lightning.validation import check_choice, check_fraction, check_int, check_load_size, check_positive_int
 
 ANOMALY_KINDS = ("hard", "easy")
 
@@ -27,15 +28,16 @@ class GroupDataset(Dataset):
     ``members`` (source indices ``[M]``) and ``member_classes`` (``[M]``).
     """
 
-    def __init__(self, source: LabeledImages, members: Tensor, labels: Tensor, image_size: int | None = None) -> None:
-        self.source, self.members, self.labels, self.image_size = source, members, labels, image_size
+    def __init__(self, source: LabeledImages, members: Tensor, labels: Tensor, load_size: int | None = None) -> None:
+        check_load_size(load_size)
+        self.source, self.members, self.labels, self.load_size = source, members, labels, load_size
 
     def __len__(self) -> int:
         return self.members.shape[0]
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         members = self.members[i]
-        images = torch.stack([to_chw_uint8(self.source.images[j], self.image_size) for j in members.tolist()])
+        images = torch.stack([to_chw_uint8(self.source.images[j], self.load_size) for j in members.tolist()])
         return {
             "image": images,
             "label": self.labels[i],
@@ -90,7 +92,8 @@ class GroupDataModule(LightningDataModule):
         held_out_classes: classes never used in normal groups (required for ``anomaly="easy"``).
         anomaly_ratio: fraction of anomalous test groups.
         seed: seeds every random draw; the same seed gives the same groups.
-        root, batch_size, num_workers, image_size: as in :class:`OneClassDataModule`.
+        root, batch_size, num_workers, load_size: as in :class:`OneClassDataModule` (``load_size`` is the CPU
+            resize while loading, not the model's ``input_size``).
     """
 
     def __init__(
@@ -106,25 +109,22 @@ class GroupDataModule(LightningDataModule):
         root: str | None = None,
         batch_size: int = 32,
         num_workers: int = 0,
-        image_size: int | None = None,
+        load_size: int | None = None,
     ) -> None:
         super().__init__()
-        if dataset not in list_datasets():
-            raise ValueError(f"dataset={dataset!r} is not one of {list_datasets()}.")
-        if group_size is not None and (isinstance(group_size, bool) or group_size < 1):
-            raise ValueError(f"group_size={group_size!r} must be None (= number of classes) or an integer >= 1.")
-        for name, value in (("n_train_groups", n_train_groups), ("n_test_groups", n_test_groups)):
-            if value < 1:
-                raise ValueError(f"{name}={value} must be >= 1.")
-        if anomaly not in ANOMALY_KINDS:
-            raise ValueError(f"anomaly={anomaly!r} is not one of {list(ANOMALY_KINDS)}.")
+        check_choice("dataset", dataset, list_datasets())
+        check_positive_int("group_size", group_size, allow_none=True, none_means="the number of normal classes")
+        check_positive_int("n_train_groups", n_train_groups)
+        check_positive_int("n_test_groups", n_test_groups)
+        check_choice("anomaly", anomaly, ANOMALY_KINDS)
         if anomaly == "easy" and not held_out_classes:
             raise ValueError("anomaly='easy' needs held_out_classes, e.g. held_out_classes=[9].")
-        if not 0.0 < anomaly_ratio < 1.0:
-            raise ValueError(f"anomaly_ratio={anomaly_ratio} must be in (0, 1): the test set needs both kinds.")
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be >= 1.")
+        check_fraction("anomaly_ratio", anomaly_ratio, low_inclusive=False, hint="; the test set needs both kinds")
+        check_positive_int("batch_size", batch_size)
+        check_int("num_workers", num_workers, minimum=0)
+        check_load_size(load_size)
         self.save_hyperparameters()
+        self.hparams.pixel_format = dict(PIXEL_FORMAT)  # what the images are, for the model to record
         self.train_dataset: GroupDataset | None = None
         self.test_dataset: GroupDataset | None = None
 
@@ -154,9 +154,9 @@ class GroupDataModule(LightningDataModule):
         test_labels = torch.cat([torch.zeros(len(normal)), torch.ones(len(anomalous))]).long()
         self.group_size = group_size
         self.train_dataset = GroupDataset(
-            train, train_groups, torch.zeros(len(train_groups), dtype=torch.long), hp.image_size
+            train, train_groups, torch.zeros(len(train_groups), dtype=torch.long), hp.load_size
         )
-        self.test_dataset = GroupDataset(test, torch.cat([normal, anomalous]), test_labels, hp.image_size)
+        self.test_dataset = GroupDataset(test, torch.cat([normal, anomalous]), test_labels, hp.load_size)
 
     def _loader(self, dataset: Dataset) -> DataLoader:
         return DataLoader(

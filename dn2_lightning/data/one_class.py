@@ -16,15 +16,22 @@ from torch.utils.data import DataLoader, Dataset
 from dn2_lightning.data.datasets import (
     CORRUPT_POLICIES,
     IMAGE_EXTENSIONS,
+    PIXEL_FORMAT,
     ArrayImageDataset,
     ImageFolderDataset,
-    check_image_size,
     list_image_files,
 )
 from dn2_lightning.data.sources import list_datasets, load_split
+from dn2_lightning.validation import (
+    check_choice,
+    check_contamination,
+    check_int,
+    check_load_size,
+    check_positive_int,
+)
 
 FOLDER = "folder"
-DEFAULT_FOLDER_IMAGE_SIZE = 224
+DEFAULT_FOLDER_LOAD_SIZE = 224
 
 
 class OneClassDataModule(LightningDataModule):
@@ -37,13 +44,19 @@ class OneClassDataModule(LightningDataModule):
         normal_class: index or (case-insensitive) name of the normal class; ignored for folders.
         root: where the files are (default ``$DN2_DATA_DIR`` or ``~/.cache/dn2_lightning/data``).
         batch_size, num_workers, pin_memory: DataLoader settings.
-        image_size: resize images to this square size while loading (CPU, uint8); ``None`` keeps the native
-            size (folders default to 224). The backbone resizes to its own resolution anyway.
+        load_size: resize images to this square size while loading (CPU, uint8); ``None`` keeps the native
+            size (folders: 224). Not the model's resolution: the backbone resizes to its own ``input_size`` on
+            the device. ``hparams.load_size`` holds the size actually used, ``hparams.pixel_format`` what
+            the images are (uint8 RGB 0..255), for the model to record.
         contamination: fraction of the train set made of anomalies from the other classes (unsupervised
             setting); 0 = clean.
         seed: seeds the choice of contaminants.
         normal_dir: name of the normal test subfolder (folders only).
-        on_corrupt: unreadable image files are ``"skip"``-ped with a warning or ``"raise"`` an error.
+        on_corrupt: unreadable image files (checked at set-up) are ``"skip"``-ped with a warning naming each
+            file and reason, or ``"raise"`` an error; a split left with no readable image is an error either way.
+        pin_memory: pin batches when CUDA is available.
+        max_image_pixels: folders: larger images are unreadable (reason given); ``None`` =
+            ``dn2_lightning.data.images.MAX_IMAGE_PIXELS`` (89.5 MP unless changed).
     """
 
     def __init__(
@@ -53,27 +66,23 @@ class OneClassDataModule(LightningDataModule):
         root: str | None = None,
         batch_size: int = 256,
         num_workers: int = 0,
-        image_size: int | None = None,
+        load_size: int | None = None,
         contamination: float = 0.0,
         seed: int = 0,
         normal_dir: str = "good",
         on_corrupt: str = "skip",
         pin_memory: bool = True,
+        max_image_pixels: int | None = None,
     ) -> None:
         super().__init__()
-        if dataset not in [*list_datasets(), FOLDER]:
-            raise ValueError(f"dataset={dataset!r} is not one of {[*list_datasets(), FOLDER]}.")
-        if isinstance(normal_class, bool) or not isinstance(normal_class, int | str):
-            raise ValueError(f"normal_class={normal_class!r} must be a class index (int) or a class name (str).")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1.")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"num_workers={num_workers!r} must be an integer >= 0.")
-        check_image_size(image_size)
-        if not 0.0 <= contamination < 1.0:
-            raise ValueError(f"contamination={contamination!r} must be in [0, 1); 0 means a clean train set.")
-        if on_corrupt not in CORRUPT_POLICIES:
-            raise ValueError(f"on_corrupt={on_corrupt!r} is not one of {list(CORRUPT_POLICIES)}.")
+        check_choice("dataset", dataset, [*list_datasets(), FOLDER])
+        check_class_ref("normal_class", normal_class)
+        check_positive_int("batch_size", batch_size)
+        check_int("num_workers", num_workers, minimum=0)
+        check_load_size(load_size)
+        check_contamination(contamination)
+        check_choice("on_corrupt", on_corrupt, CORRUPT_POLICIES)
+        check_positive_int("max_image_pixels", max_image_pixels, allow_none=True)
         if dataset == FOLDER:
             if root is None or not Path(root).is_dir():
                 raise ValueError(f"root={root!r} must be an existing directory for dataset='folder'.")
@@ -83,6 +92,9 @@ class OneClassDataModule(LightningDataModule):
                     "contaminants are drawn from the other classes of a classification dataset."
                 )
         self.save_hyperparameters()
+        if dataset == FOLDER and load_size is None:
+            self.hparams.load_size = DEFAULT_FOLDER_LOAD_SIZE  # the size used, for the model to record
+        self.hparams.pixel_format = dict(PIXEL_FORMAT)
         self.train_dataset: Dataset | None = None
         self.test_dataset: Dataset | None = None
         self.predict_dataset: Dataset | None = None
@@ -119,22 +131,22 @@ class OneClassDataModule(LightningDataModule):
         self.train_source_indices = train_indices
         self.test_source_indices = torch.arange(len(test))
         self.train_dataset = ArrayImageDataset(
-            train.images[train_indices], self.train_is_contaminant.long(), hp.image_size
+            train.images[train_indices], self.train_is_contaminant.long(), hp.load_size
         )
         self.test_dataset = ArrayImageDataset(
-            test.images, (test.labels != self.normal_class_index).long(), hp.image_size
+            test.images, (test.labels != self.normal_class_index).long(), hp.load_size
         )
         self.predict_dataset = self.test_dataset
 
     def _setup_folder(self) -> None:
         hp = self.hparams
-        root, size = Path(hp.root), hp.image_size or DEFAULT_FOLDER_IMAGE_SIZE
+        root = Path(hp.root)
         self.normal_class_index, self.normal_class_name = 0, hp.normal_dir
         if (root / "train").is_dir():
             paths = list_image_files(root / "train")
             if not paths:
                 raise ValueError(f"root={hp.root!r}: no images under {root / 'train'} (extensions {IMAGE_EXTENSIONS}).")
-            self.train_dataset = ImageFolderDataset(paths, [0] * len(paths), size, hp.on_corrupt)
+            self.train_dataset = self._folder_dataset(paths, [0] * len(paths), root / "train")
             self.train_is_contaminant = torch.zeros(len(self.train_dataset), dtype=torch.bool)
             self.train_source_indices = torch.arange(len(self.train_dataset))
         if (root / "test").is_dir():
@@ -147,19 +159,32 @@ class OneClassDataModule(LightningDataModule):
                 files = list_image_files(root / "test" / kind)
                 paths += files
                 labels += [int(kind != hp.normal_dir)] * len(files)
-            self.test_dataset = ImageFolderDataset(paths, labels, size, hp.on_corrupt)
+            self.test_dataset = self._folder_dataset(paths, labels, root / "test")
             self.test_source_indices = torch.arange(len(self.test_dataset))
             self.predict_dataset = self.test_dataset
         else:  # a flat folder of images to score: labels unknown
             paths = [p for p in list_image_files(root) if "train" not in p.relative_to(root).parts]
-            self.predict_dataset = ImageFolderDataset(paths, [-1] * len(paths), size, hp.on_corrupt)
+            self.predict_dataset = self._folder_dataset(paths, [-1] * len(paths), root) if paths else None
+
+    def _folder_dataset(self, paths: list[Path], labels: list[int], folder: Path) -> ImageFolderDataset:
+        """The checked dataset of ``paths``; ValueError when files were listed but none of them is readable."""
+        hp = self.hparams
+        dataset = ImageFolderDataset(paths, labels, hp.load_size, hp.on_corrupt, hp.max_image_pixels)
+        if paths and not len(dataset):
+            reasons = "; ".join(dataset.problems[:3]) + (" ..." if len(dataset.problems) > 3 else "")
+            raise ValueError(
+                f"root={hp.root!r}: none of the {len(paths)} image file(s) under {folder} can be read, so there "
+                f"is nothing to {'train on' if folder.name == 'train' else 'score'}. Reasons: {reasons}"
+            )
+        return dataset
 
     def _loader(self, split: str) -> DataLoader:
         self.setup()
         dataset = {"train": self.train_dataset, "test": self.test_dataset, "predict": self.predict_dataset}[split]
         hp = self.hparams
         if dataset is None:
-            raise ValueError(f"root={hp.root!r} has no {split} images: expected the folder {Path(hp.root) / split}.")
+            where = "image files outside train/" if split == "predict" else f"the folder {Path(hp.root) / split}"
+            raise ValueError(f"root={hp.root!r} has no {split} images: expected {where}.")
         return DataLoader(
             dataset,
             batch_size=hp.batch_size,
@@ -188,18 +213,34 @@ class OneClassDataModule(LightningDataModule):
         return [str(p) for p in dataset.paths] if isinstance(dataset, ImageFolderDataset) else None
 
 
-def resolve_class(normal_class: int | str, classes: tuple[str, ...]) -> int:
-    """Index of ``normal_class`` given as an index or a case-insensitive class name."""
-    choices = ", ".join(f"{i}={name!r}" for i, name in enumerate(classes))
+def resolve_class(normal_class: int | str, classes: tuple[str, ...], name: str = "normal_class") -> int:
+    """Index of ``normal_class`` given as an index or a case-insensitive class name.
+
+    Args:
+        normal_class: a class index or name.
+        classes: the dataset's class names.
+        name: how the parameter is called in error messages.
+
+    Raises:
+        ValueError: not a class name, or an index out of range; the message lists the classes.
+    """
+    choices = ", ".join(f"{i}={c!r}" for i, c in enumerate(classes))
+    check_class_ref(name, normal_class)
     if isinstance(normal_class, str) and not normal_class.lstrip("-").isdigit():
         names = [c.lower() for c in classes]
         if normal_class.lower() not in names:
-            raise ValueError(f"normal_class={normal_class!r} is not a class name; choose one of {choices}.")
+            raise ValueError(f"{name}={normal_class!r} is not a class name; choose one of {choices}.")
         return names.index(normal_class.lower())
     index = int(normal_class)
     if not 0 <= index < len(classes):
-        raise ValueError(f"normal_class={normal_class!r} is out of range 0..{len(classes) - 1}; classes: {choices}.")
+        raise ValueError(f"{name}={normal_class!r} is out of range 0..{len(classes) - 1}; classes: {choices}.")
     return index
+
+
+def check_class_ref(name: str, value: object) -> None:
+    """Raise ValueError unless ``value`` is a class index (int) or a class name (str)."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"{name}={value!r} must be a class index (int) or a class name (str).")
 
 
 def draw_contaminants(labels: Tensor, normal_class: int, contamination: float, seed: int) -> Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import os
 import pickle
 from collections.abc import Callable
@@ -33,14 +34,29 @@ _IDX_FILES = {
 @dataclass(frozen=True)
 class LabeledImages:
     """``images`` uint8 ``[N, H, W]`` (grayscale) or ``[N, H, W, 3]``; ``labels`` int64 ``[N]`` indexing
-    ``classes``."""
+    ``classes``; ``files``: the resolved paths they were read from (empty when built in memory)."""
 
     images: Tensor
     labels: Tensor
     classes: tuple[str, ...]
+    files: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return self.labels.shape[0]
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """BLAKE2b digest (32 hex digits) of the images, labels and class names: equal iff the content is.
+
+        Computed once per object (about 0.1 s for FashionMNIST's 47 MB train split).
+        """
+        digest = hashlib.blake2b(digest_size=16)
+        for tensor in (self.images, self.labels):
+            array = tensor.contiguous().numpy()
+            digest.update(f"{array.dtype}{array.shape}".encode())
+            digest.update(memoryview(array).cast("B"))
+        digest.update(repr(self.classes).encode())
+        return digest.hexdigest()
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -140,7 +156,8 @@ def _mnist_like(split: str, root: Path, torchvision_name: str, classes: tuple[st
     images, labels = read_idx(found[0]), read_idx(found[1])
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise ValueError(f"{found[0]} {images.shape} and {found[1]} {labels.shape} are not N images and N labels.")
-    return LabeledImages(torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64)), classes)
+    files = tuple(str(p.resolve()) for p in found)
+    return LabeledImages(torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64)), classes, files)
 
 
 def _fashionmnist(split: str, root: Path) -> LabeledImages:
@@ -191,7 +208,8 @@ def _cifar10(split: str, root: Path) -> LabeledImages:
     images = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     labels = np.concatenate([b["labels"] for b in batches])
     classes = tuple(_unpickle(folder / "batches.meta")["label_names"])
-    return LabeledImages(torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64)), classes)
+    files = tuple(str((folder / n).resolve()) for n in names)
+    return LabeledImages(torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64)), classes, files)
 
 
 def _cifar100_coarse(split: str, root: Path) -> LabeledImages:
@@ -201,7 +219,8 @@ def _cifar100_coarse(split: str, root: Path) -> LabeledImages:
     images = np.asarray(batch["data"]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     labels = np.asarray(batch["coarse_labels"], dtype=np.int64)
     classes = tuple(_unpickle(folder / "meta")["coarse_label_names"])
-    return LabeledImages(torch.from_numpy(images.copy()), torch.from_numpy(labels), classes)
+    files = (str((folder / split).resolve()),)
+    return LabeledImages(torch.from_numpy(images.copy()), torch.from_numpy(labels), classes, files)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -214,9 +233,11 @@ def _digits(split: str, root: Path) -> LabeledImages:
     Fixed split, no randomness: within each class, in dataset order, the first 60% (rounded down) of that
     class's samples are train and the rest test (1,074 train / 723 test).
     """
+    import sklearn.datasets
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
+    files = (str((Path(sklearn.datasets.__file__).parent / "data" / "digits.csv.gz").resolve()),)
     images = np.round(bunch.images * 255.0 / 16.0).astype(np.uint8)
     labels = bunch.target.astype(np.int64)
     in_train = np.zeros(len(labels), dtype=bool)
@@ -225,7 +246,7 @@ def _digits(split: str, root: Path) -> LabeledImages:
         in_train[members[: int(0.6 * len(members))]] = True
     keep = in_train if split == "train" else ~in_train
     return LabeledImages(
-        torch.from_numpy(images[keep].copy()), torch.from_numpy(labels[keep]), tuple(str(d) for d in range(10))
+        torch.from_numpy(images[keep].copy()), torch.from_numpy(labels[keep]), tuple(str(d) for d in range(10)), files
     )
 
 

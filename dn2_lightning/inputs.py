@@ -14,9 +14,9 @@ from typing import Union
 import torch
 from PIL import Image
 from torch import Tensor
-from torchvision.transforms.v2.functional import pil_to_tensor, resize
+from torchvision.transforms.v2.functional import resize
 
-from dn2_lightning.data.datasets import load_image
+from dn2_lightning.data.images import load_image, pil_to_uint8
 
 ImageLike = Union[Tensor, Image.Image, str, os.PathLike]  # noqa: UP007 (a runtime alias)
 ImagesLike = Union[ImageLike, Sequence[ImageLike]]  # noqa: UP007
@@ -40,7 +40,7 @@ def as_image_batches(images: ImagesLike, load_size: int | None = None) -> Iterat
     run: list[Tensor] = []
     run_paths: list[str | None] = []
     for position, item in enumerate(items):
-        chw, path = _to_chw(item, position)
+        chw, path = _to_chw(item, position, load_size)
         for image in chw.unbind(0) if chw.ndim == 4 else [chw]:
             if load_size is not None and tuple(image.shape[-2:]) != (load_size, load_size):
                 image = resize(image, [load_size, load_size], antialias=True)
@@ -56,15 +56,15 @@ def _flush(run: list[Tensor], paths: list[str | None]) -> tuple[Tensor, list[str
     return torch.stack(run), (None if all(p is None for p in paths) else [p or "" for p in paths])
 
 
-def _to_chw(item: ImageLike, position: int) -> tuple[Tensor, str | None]:
+def _to_chw(item: ImageLike, position: int, load_size: int | None) -> tuple[Tensor, str | None]:
     where = f"images[{position}]"
     if isinstance(item, str | os.PathLike):
         path = Path(item)
         if not path.is_file():
             raise ValueError(f"{where}: no such image file {str(path)!r}.")
-        return load_image(path), str(path)
+        return load_image(path, load_size), str(path)  # the datasets' decoding, JPEG draft scale included
     if isinstance(item, Image.Image):
-        return pil_to_tensor(item.convert("RGB")), None
+        return pil_to_uint8(item, load_size), None
     if isinstance(item, Tensor):
         if item.ndim not in (3, 4) or item.shape[-3] not in (1, 3):
             raise ValueError(

@@ -1,0 +1,166 @@
+"""Decode image files into uint8 RGB tensors: the one place every file-reading path goes through.
+
+:func:`load_image` applies the EXIF orientation, maps high-bit-depth pixels onto 0..255 by their value range
+(16-bit integers divide by 257, [0, 1] floats multiply by 255) instead of clipping them, and refuses images
+larger than :data:`MAX_IMAGE_PIXELS` before decoding them. JPEGs are decoded at a reduced scale (DCT scaling,
+``Image.draft``) when a ``size`` at least twice smaller is asked for. :func:`image_problem` is the cheap
+check run over a folder before training: it returns the reason a file will not load, or ``None``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import Tensor
+from torchvision.transforms.v2.functional import resize
+
+#: Largest image (width x height, in pixels, after any JPEG scale reduction) that is decoded; larger files are
+#: refused with :class:`ImageTooLargeError` before any pixel is read. The default is Pillow's own
+#: decompression-bomb warning threshold (about 89.5 MP, 256 MiB as 8-bit RGB). Change it here, with the
+#: environment variable ``DN2_MAX_IMAGE_PIXELS``, or per call/datamodule (``max_pixels``/``max_image_pixels``).
+#: Above twice Pillow's ``PIL.Image.MAX_IMAGE_PIXELS`` Pillow itself refuses to open a file; raise both.
+MAX_IMAGE_PIXELS: int = int(os.environ.get("DN2_MAX_IMAGE_PIXELS", 89_478_485))
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+class UnreadableImageError(ValueError):
+    """An image file cannot be decoded; the message names the file and the reason."""
+
+
+class ImageTooLargeError(UnreadableImageError):
+    """An image has more pixels than the configured limit (:data:`MAX_IMAGE_PIXELS`)."""
+
+
+def load_image(path: str | Path, size: int | None = None, max_pixels: int | None = None) -> Tensor:
+    """Decode an image file into uint8 ``[3, H, W]`` RGB, upright, resized to ``size`` x ``size`` if given.
+
+    Grayscale is repeated over the three channels; alpha is dropped. 16-bit (and other integer) images are
+    scaled from their full range (``round(v * 255 / 65535)``), float images must hold values in [0, 1] and are
+    scaled by 255. The EXIF orientation tag is applied before resizing.
+
+    Args:
+        path: the image file.
+        size: square output size (antialiased bilinear resize); ``None`` keeps the decoded size.
+        max_pixels: refuse images with more pixels (after JPEG draft reduction); ``None`` =
+            :data:`MAX_IMAGE_PIXELS`.
+
+    Returns:
+        uint8 tensor ``[3, size, size]`` (or ``[3, H, W]``).
+
+    Raises:
+        ImageTooLargeError: more pixels than ``max_pixels``.
+        UnreadableImageError: anything else that stops the decoding (truncated file, unknown format, float
+            values outside [0, 1], ...); the message names the file and the reason.
+    """
+    path = Path(path)
+    try:
+        with _open(path) as img:
+            if size is not None:
+                img.draft(None, (size, size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale when that stays >= size
+            _check_pixels(img, path, max_pixels)
+            array = _to_uint8_rgb(img, path)
+    except UnreadableImageError:
+        raise
+    except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, ... depending on the format
+        raise UnreadableImageError(f"{path}: cannot decode ({type(err).__name__}: {err}).") from err
+    image = torch.from_numpy(array).permute(2, 0, 1)
+    if size is not None and tuple(image.shape[-2:]) != (size, size):
+        image = resize(image, [size, size], antialias=True)
+    return image
+
+
+def pil_to_uint8(img: Image.Image, size: int | None = None) -> Tensor:
+    """An in-memory PIL image as :func:`load_image` decodes a file: uint8 ``[3, H, W]`` RGB, upright, scaled
+    from its bit depth, resized to ``size`` x ``size`` if given."""
+    image = torch.from_numpy(_to_uint8_rgb(img, Path("<PIL image>"))).permute(2, 0, 1)
+    if size is not None and tuple(image.shape[-2:]) != (size, size):
+        image = resize(image, [size, size], antialias=True)
+    return image
+
+
+def image_problem(path: str | Path, size: int | None = None, max_pixels: int | None = None) -> str | None:
+    """Why :func:`load_image` would fail on ``path`` (a one-line reason naming the file), or ``None``.
+
+    PNGs are checked without decoding (every chunk's checksum up to the end marker, so truncation is caught);
+    other formats are decoded as :func:`load_image` would (JPEGs at their reduced draft scale).
+    """
+    path = Path(path)
+    try:
+        if path.suffix.lower() != ".png":
+            load_image(path, size, max_pixels)
+            return None
+        with _open(path) as img:
+            _check_pixels(img, path, max_pixels)
+            img.verify()
+        return None
+    except UnreadableImageError as err:
+        return str(err)
+    except Exception as err:
+        return f"{path}: cannot decode ({type(err).__name__}: {err})."
+
+
+def _open(path: Path) -> Image.Image:
+    """``Image.open`` with Pillow's decompression-bomb warning silenced: :func:`_check_pixels` decides."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            return Image.open(path)
+        except Image.DecompressionBombError as err:
+            raise ImageTooLargeError(
+                f"{path}: too large to decode ({err}). Raise PIL.Image.MAX_IMAGE_PIXELS and "
+                "dn2_lightning.data.images.MAX_IMAGE_PIXELS (or max_image_pixels) if you mean it."
+            ) from err
+
+
+def _check_pixels(img: Image.Image, path: Path, max_pixels: int | None) -> None:
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    width, height = img.size
+    if width * height > limit:
+        raise ImageTooLargeError(
+            f"{path}: {width}x{height} = {width * height} pixels exceeds the limit of {limit} pixels "
+            "(max_image_pixels / dn2_lightning.data.images.MAX_IMAGE_PIXELS / $DN2_MAX_IMAGE_PIXELS); "
+            "downscale the file or raise the limit."
+        )
+
+
+def _to_uint8_rgb(img: Image.Image, path: Path) -> np.ndarray:
+    """Upright uint8 ``[H, W, 3]`` from any Pillow mode, scaling high-bit-depth values by their range."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in (*_SIXTEEN_BIT_MODES, "I"):
+        values = np.asarray(img)
+        top = _integer_max(img)
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high > top:
+            raise UnreadableImageError(
+                f"{path}: {img.mode} pixel values span {low}..{high}, outside 0..{top}; save it as 8 or 16 bit."
+            )
+        array = np.rint(values.astype(np.float64) * (255.0 / top)).astype(np.uint8)
+    elif img.mode == "F":
+        values = np.asarray(img)
+        low, high = float(values.min()), float(values.max())
+        if not (np.isfinite(low) and np.isfinite(high) and low >= 0.0 and high <= 1.0):
+            raise UnreadableImageError(
+                f"{path}: float pixel values span [{low:g}, {high:g}]; float images must hold values in [0, 1] "
+                "(rescale it, or save it as 8 or 16 bit)."
+            )
+        array = np.rint(values.astype(np.float64) * 255.0).astype(np.uint8)
+    else:
+        array = np.array(img.convert("RGB"))  # a writable copy (torch refuses read-only buffers)
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(array)
+
+
+def _integer_max(img: Image.Image) -> int:
+    """The largest value of an integer image's pixel format (16-bit unless a TIFF says otherwise)."""
+    if img.mode == "I" and img.format == "TIFF":
+        bits = img.tag_v2.get(258, 32)  # BitsPerSample
+        bits = bits[0] if isinstance(bits, tuple) else bits
+        return 2 ** min(int(bits), 31) - 1  # a 32-bit TIFF is signed in Pillow's mode "I"
+    return 65535

@@ -1,0 +1,130 @@
+"""Argument validators shared by every entry point (DN2Module, the DataModules, ``dn2-protocol``).
+
+Each parameter is checked by one function here, so the module, the datamodules and the protocol accept
+and refuse the same values with the same message. Messages name the parameter, the value and the fix.
+
+>>> check_fraction("contamination", 0.1)
+>>> check_fraction("contamination", 1.5)
+Traceback (most recent call last):
+...
+ValueError: contamination=1.5 must be in [0, 1).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from numbers import Real
+
+
+def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
+    """Raise ValueError unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {list(choices)}.")
+
+
+def check_int(
+    name: str, value: object, minimum: int = 1, allow_none: bool = False, none_means: str = "", hint: str = ""
+) -> None:
+    """Raise ValueError unless ``value`` is an integer ``>= minimum`` (``bool`` is refused), or ``None`` when
+    ``allow_none``.
+
+    Args:
+        name, value: the parameter, as the user spelled it, and its value.
+        minimum: the smallest valid value.
+        allow_none: ``None`` is valid too; ``none_means`` says what it stands for in the message.
+        hint: appended to the message (e.g. the usual value).
+    """
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        none = f"None ({none_means}) or " if allow_none and none_means else "None or " if allow_none else ""
+        raise ValueError(f"{name}={value!r} must be {none}an integer >= {minimum}{_hint(hint)}.")
+
+
+def check_positive_int(
+    name: str, value: object, allow_none: bool = False, none_means: str = "", hint: str = ""
+) -> None:
+    """Raise ValueError unless ``value`` is an integer >= 1 (or ``None`` when ``allow_none``)."""
+    check_int(name, value, 1, allow_none, none_means, hint)
+
+
+def check_fraction(
+    name: str,
+    value: object,
+    low: float = 0.0,
+    high: float = 1.0,
+    low_inclusive: bool = True,
+    high_inclusive: bool = False,
+    hint: str = "",
+) -> None:
+    """Raise ValueError unless ``value`` is a real number in the interval from ``low`` to ``high``.
+
+    Args:
+        name, value: the parameter and its value (NaN is always refused).
+        low, high: the interval's ends; ``low_inclusive``/``high_inclusive`` say whether they belong to it.
+        hint: appended to the message.
+    """
+    interval = f"{'[' if low_inclusive else '('}{low:g}, {high:g}{']' if high_inclusive else ')'}"
+    ok = isinstance(value, Real) and not isinstance(value, bool) and value == value  # NaN != NaN
+    if ok:
+        ok = (value >= low if low_inclusive else value > low) and (value <= high if high_inclusive else value < high)
+    if not ok:
+        raise ValueError(f"{name}={value!r} must be in {interval}{_hint(hint)}.")
+
+
+# ----------------------------------------------------------------------------------------------------
+# One function per parameter that several entry points share
+
+
+def check_k(k: object) -> None:
+    """``k``, the neighbours averaged in the DN2 score."""
+    check_positive_int("k", k, hint=" (the paper uses k=2)")
+
+
+def check_input_size(input_size: object) -> None:
+    """``input_size``, the backbone's resolution on the device (``None`` = the backbone's own)."""
+    check_int("input_size", input_size, 8, allow_none=True, none_means="the backbone's own")
+
+
+def check_load_size(load_size: object) -> None:
+    """``load_size``, the square size uint8 images are resized to on the CPU while loading (``None`` = native)."""
+    check_positive_int("load_size", load_size, allow_none=True, none_means="the native size")
+
+
+def check_knn_backend(knn_backend: object) -> None:
+    """``knn_backend``, one of :func:`dn2_lightning.knn.list_knn_backends`."""
+    from dn2_lightning.knn import list_knn_backends
+
+    check_choice("knn_backend", knn_backend, list_knn_backends())
+
+
+def check_clean_fraction(clean_fraction: object) -> None:
+    """``clean_fraction``, the share of the bank dropped by cleaning (0 disables cleaning)."""
+    check_fraction("clean_fraction", clean_fraction, hint="; 0 disables cleaning")
+
+
+def check_clean_k(clean_k: object) -> None:
+    """``clean_k``, the neighbours in the leave-one-out cleaning score."""
+    check_positive_int("clean_k", clean_k)
+
+
+def check_contamination(contamination: object) -> None:
+    """``contamination``, the share of anomalies mixed into the train set (0 = a clean train set)."""
+    check_fraction("contamination", contamination, hint="; 0 means a clean train set")
+
+
+def check_threshold(quantile: object, value: object = None) -> None:
+    """The decision threshold: a quantile in (0, 1] of the bank's leave-one-out scores, or a finite score."""
+    if isinstance(quantile, bool) or not isinstance(quantile, int | float) or not 0.0 < quantile <= 1.0:
+        raise ValueError(
+            f"threshold_quantile={quantile!r} must be in (0, 1]: the share of the bank's leave-one-out scores "
+            "below the threshold (0.99 flags about 1% of normal images)."
+        )
+    finite = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if value is not None and not finite:
+        raise ValueError(f"threshold={value!r} must be None (use threshold_quantile) or a finite DN2 score.")
+
+
+def _hint(hint: str) -> str:
+    return hint if not hint or hint.startswith((" ", ";", ",")) else f" ({hint})"
