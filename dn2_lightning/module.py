@@ -27,12 +27,12 @@ from dn2_lightning.distributed import (
     unique_by_index,
     world_size,
 )
+from dn2_lightning.group_pooling import GROUP_POOLINGS, GroupPooling, pack_members, unpack_members
 from dn2_lightning.knn import KNNResult, knn_distances, list_knn_backends
 from dn2_lightning.metrics import AnomalyScores, ScoreCollector
-from dn2_lightning.scoring import drop_self, keep_lowest, knn_scores, pool_groups, to_unit_interval
+from dn2_lightning.scoring import drop_self, keep_lowest, knn_scores, to_unit_interval
 from dn2_lightning.sharding import sharded_knn
 
-GROUP_POOLINGS = ("mean", "none")
 BANK_SHARDINGS = ("replicate", "shard")
 NO_BANK_MESSAGE = (
     "DN2Module has no memory bank yet and cannot build one: call trainer.fit(model, datamodule) first, "
@@ -64,8 +64,14 @@ class DN2Module(LightningModule):
             paper's k=2 lets contaminants of one class hide each other; 200 was the best value of a sweep
             at 5-20% contamination on FashionMNIST (``benchmarks/RESULTS.md``).
         group_pooling: for group batches ``[B, M, C, H, W]``: ``"mean"`` pools member embeddings (paper
-            §3.3); ``"none"`` keeps single-image embeddings in the bank and scores a group by the max
-            of its members' scores (the point-wise baseline).
+            §3.3); ``"histogram"`` describes a group by its composition: k-means centroids fitted on the
+            training members, each member softly assigned to them, the group = the mean assignment (sees a
+            class twice and another missing, which the mean barely does); ``"mean+histogram"`` concatenates
+            both; ``"none"`` keeps single-image embeddings in the bank and scores a group by the max of its
+            members' scores (the point-wise baseline). See :class:`dn2_lightning.group_pooling.GroupPooling`.
+        group_clusters: K, k-means centroids of the histogram poolings (fitted at fit time, checkpointed).
+        group_temperature: softness of the histogram's assignments: softmax of -squared distance /
+            (group_temperature x the median squared distance of a training member to its nearest centroid).
         threshold_quantile: the decision threshold is this quantile of the bank's leave-one-out scores
             (normal data only; never the test set).
         bank_sharding: under DDP, ``"replicate"`` gives every rank the whole bank; ``"shard"`` keeps a
@@ -87,6 +93,8 @@ class DN2Module(LightningModule):
         clean_fraction: float = 0.0,
         clean_k: int = 200,
         group_pooling: str = "mean",
+        group_clusters: int = 10,
+        group_temperature: float = 0.3,
         threshold_quantile: float = 0.99,
         bank_sharding: str = "replicate",
         reports: bool = True,
@@ -100,6 +108,8 @@ class DN2Module(LightningModule):
             clean_fraction,
             clean_k,
             group_pooling,
+            group_clusters,
+            group_temperature,
             threshold_quantile,
             bank_sharding,
         )
@@ -108,10 +118,13 @@ class DN2Module(LightningModule):
         self.automatic_optimization = False
         self.backbone = build_backbone(backbone, pretrained=pretrained, image_size=input_size)
         self.bank = MemoryBank()
+        pooling = "mean" if group_pooling == "none" else group_pooling  # "none" pools nothing: members are scored
+        self.group_pool = GroupPooling(pooling, clusters=group_clusters, temperature=group_temperature)
         self.register_buffer("threshold", torch.tensor(float("nan")))
         # DDP broadcasts rank 0's buffers at set-up; the bank is made consistent by its own gathering (and
         # differs per rank when sharded), so it is excluded as torch's DDP allows.
         self._ddp_params_and_buffers_to_ignore = ["bank.embeddings", "bank.sample_indices", "threshold"]
+        self._ddp_params_and_buffers_to_ignore += [f"group_pool.{name}" for name, _ in self.group_pool.named_buffers()]
         self.val_collector = ScoreCollector()
         self.test_collector = ScoreCollector()
         # inputs are already gathered and de-duplicated by the collectors, so no second sync
@@ -127,12 +140,12 @@ class DN2Module(LightningModule):
     # ------------------------------------------------------------------------------------------ forward
 
     def forward(self, images: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Embeddings ``[B, D]`` of images ``[B, C, H, W]``, or mean-pooled embeddings of groups
-        ``[B, M, C, H, W]`` (``mask [B, M]`` marks real members)."""
+        """Embeddings ``[B, D]`` of images ``[B, C, H, W]``, or pooled embeddings of groups
+        ``[B, M, C, H, W]`` (``mask [B, M]`` marks real members; pooling by ``group_pooling``)."""
         if images.ndim == 5:
             b, m = images.shape[:2]
             members = self.backbone(images.flatten(0, 1)).view(b, m, -1)
-            return pool_groups(members, mask)
+            return self.group_pool(members, mask)
         return self.backbone(images)
 
     # ----------------------------------------------------------------------------------------- training
@@ -341,6 +354,11 @@ class DN2Module(LightningModule):
                 real = batch.mask.bool().flatten()
                 return embeddings[real], rows[real], labels[real]
             return embeddings, rows, labels
+        if batch.images.ndim == 5 and self.group_pool.needs_fit:
+            # the pooling is fitted on the whole bank's members: keep them (and the mask) until finalisation
+            b, m = batch.images.shape[:2]
+            members = self._embed(batch.images.flatten(0, 1), batch, batch_idx).view(b, m, -1)
+            return pack_members(members, batch.mask), indices, batch.labels
         return self._embed(batch.images, batch, batch_idx), indices, batch.labels
 
     def _finalize_bank(self) -> None:
@@ -354,6 +372,8 @@ class DN2Module(LightningModule):
             indices, embeddings, labels = unique_by_index(indices[own], embeddings[own], labels[own])
         else:
             indices, embeddings, labels = unique_by_index(*(gather_rows(t) for t in (indices, embeddings, labels)))
+        if embeddings.ndim == 3:  # packed group members [N, M, D + 1]: fit the group pooling, then pool
+            embeddings = self._fit_group_pooling(*unpack_members(embeddings))
         self.bank.set(embeddings, indices)
         self._bank_is_shard = self._sharded
         k, n = self.hparams.k, self._bank_size()
@@ -380,6 +400,16 @@ class DN2Module(LightningModule):
         rank_zero_info("DN2: " + ", ".join(f"{name}={value:g}" for name, value in report.items()))
         if self.hparams.clean_fraction > 0 and self._trainer is not None and self.trainer.state.fn != "predict":
             self.log_dict(report, sync_dist=False, rank_zero_only=True)
+
+    def _fit_group_pooling(self, members: Tensor, mask: Tensor) -> Tensor:
+        """Fit the group pooling on every training group's members (the same on every rank), then pool
+        this rank's groups."""
+        if self._sharded:  # this rank holds only its shard: fit on all of them
+            self.group_pool.fit(gather_rows(members), gather_rows(mask))
+        else:
+            self.group_pool.fit(members, mask)
+        broadcast_module_state(self.group_pool)  # rank 0's centroids everywhere, whatever the arithmetic
+        return self.group_pool(members, mask)
 
     def _bank_size(self) -> int:
         """Rows in the whole bank (summed over shards)."""
@@ -418,7 +448,9 @@ class DN2Module(LightningModule):
         self._bank_is_shard = False
         saved = checkpoint.get("state_dict", {}).get("bank.embeddings")
         expected = self.backbone.feature_dim
-        if saved is not None and saved.numel() and expected is not None and saved.shape[1] != expected:
+        # a bank of pooled groups may hold another size than the backbone's (histogram poolings)
+        allowed = {expected, self.group_pool.output_dim(expected)} if expected is not None else set()
+        if saved is not None and saved.numel() and expected is not None and saved.shape[1] not in allowed:
             raise ValueError(
                 f"the checkpoint's memory bank holds {saved.shape[1]}-d embeddings but backbone="
                 f"{self.hparams.get('backbone')!r} gives {expected}-d ones; load it with the backbone it was "
@@ -493,6 +525,8 @@ def _validate_hparams(
     clean_fraction: float,
     clean_k: int,
     group_pooling: str,
+    group_clusters: int,
+    group_temperature: float,
     threshold_quantile: float,
     bank_sharding: str,
 ) -> None:
@@ -510,6 +544,13 @@ def _validate_hparams(
         raise ValueError(f"clean_k={clean_k!r} must be an integer >= 1.")
     if group_pooling not in GROUP_POOLINGS:
         raise ValueError(f"group_pooling={group_pooling!r} is not one of {list(GROUP_POOLINGS)}.")
+    if isinstance(group_clusters, bool) or not isinstance(group_clusters, int) or group_clusters < 2:
+        raise ValueError(
+            f"group_clusters={group_clusters!r} must be an integer >= 2 (about the number of member classes; "
+            "default 10)."
+        )
+    if isinstance(group_temperature, bool) or not 0.0 < float(group_temperature) < float("inf"):
+        raise ValueError(f"group_temperature={group_temperature!r} must be a finite number > 0 (default 0.3).")
     if not 0.0 < threshold_quantile <= 1.0:
         raise ValueError(f"threshold_quantile={threshold_quantile} must be in (0, 1].")
     if bank_sharding not in BANK_SHARDINGS:
