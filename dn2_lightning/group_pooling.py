@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dn2_lightning.knn import knn_distances
 from dn2_lightning.scoring import pool_groups
 
 GROUP_POOLINGS = ("mean", "histogram", "mean+histogram", "none")
@@ -30,8 +29,8 @@ DEFAULT_KMEANS_ITERATIONS = 100
 def fit_kmeans(
     points: Tensor, clusters: int, iterations: int = DEFAULT_KMEANS_ITERATIONS, seed: int = 0
 ) -> tuple[Tensor, Tensor]:
-    """Seeded k-means (k-means++ initialisation, then at most ``iterations`` Lloyd steps, stopping early
-    when no assignment changes), with exact squared distances.
+    """Seeded k-means: k-means++ initialisation, then at most ``iterations`` Lloyd steps, stopping early
+    when no assignment changes.
 
     The same points, seed and device give the same centroids. An emptied cluster keeps its centroid.
 
@@ -70,18 +69,34 @@ def fit_kmeans(
         centroids.append(x[chosen])
         nearest = torch.minimum(nearest, ((x - x[chosen]) ** 2).sum(1))
     c = torch.stack(centroids)
+    # Lloyd steps assign by the GEMM expansion on centred data (fast; a near-tie it may flip moves no
+    # centroid measurably); the returned distances are exact
+    center = x.mean(0)
+    xc = x - center
     assignment = None
     for _ in range(iterations):
-        new_assignment = knn_distances(x, c, 1).indices[:, 0]
+        cc = c - center
+        new_assignment = ((cc * cc).sum(1) - 2 * xc @ cc.T).argmin(1)
         if assignment is not None and torch.equal(new_assignment, assignment):
             break
         assignment = new_assignment
         # one-hot matmul, not index_add_: deterministic on every device
         one_hot = torch.nn.functional.one_hot(assignment, clusters).to(x.dtype)
         counts = one_hot.sum(0)
-        sums = one_hot.T @ x
-        c = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], c)
-    return c, knn_distances(x, c, 1).values[:, 0]
+        c = torch.where(counts[:, None] > 0, (one_hot.T @ x) / counts.clamp_min(1)[:, None], c)
+    return c, squared_distances(x, c).min(1).values
+
+
+def squared_distances(points: Tensor, centroids: Tensor) -> Tensor:
+    """Exact squared Euclidean distances ``[N, K]`` between points ``[N, D]`` and centroids ``[K, D]``,
+    from differences (no GEMM expansion, so no cancellation), in float32.
+
+    >>> squared_distances(torch.tensor([[0.0, 0.0], [3.0, 4.0]]), torch.tensor([[0.0, 0.0]]))
+    tensor([[ 0.],
+            [25.]])
+    """
+    x, c = points.float(), centroids.to(points.device, torch.float32)
+    return torch.cdist(x, c, compute_mode="donot_use_mm_for_euclid_dist").square()
 
 
 def soft_assignments(points: Tensor, centroids: Tensor, temperature: float, scale: Tensor | float) -> Tensor:
@@ -93,11 +108,7 @@ def soft_assignments(points: Tensor, centroids: Tensor, temperature: float, scal
     tensor([[0.7311, 0.2689],
             [0.2689, 0.7311]])
     """
-    x = points.float()
-    k = centroids.shape[0]
-    knn = knn_distances(x, centroids.to(x.device, x.dtype), k)
-    distances = torch.empty_like(knn.values).scatter_(1, knn.indices, knn.values)
-    return torch.softmax(-distances / (temperature * scale), dim=1)
+    return torch.softmax(-squared_distances(points, centroids) / (temperature * scale), dim=1)
 
 
 def composition_histogram(
@@ -230,7 +241,8 @@ class GroupPooling(nn.Module):
         members = members.detach().float()
         real = members[mask.bool()] if mask is not None else members.flatten(0, 1)
         centroids, nearest = fit_kmeans(real, self.clusters, self.iterations, self.seed)
-        scale = nearest.double().median().float()
+        ordered = nearest.double().sort().values  # the median, averaging the middle two as numpy does
+        scale = ((ordered[(len(ordered) - 1) // 2] + ordered[len(ordered) // 2]) / 2).float()
         with torch.inference_mode(False):
             self.centroids = centroids.clone()
             # a zero scale (members sitting on their centroids) would divide by zero
