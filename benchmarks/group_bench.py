@@ -120,7 +120,8 @@ def main() -> None:
     print("| anomaly | M | train groups |" + "".join(f" K={k}, T={t} |" for k, t in grid))
     print("|---|---:|---:|" + "---:|" * len(grid))
     print("\n".join(sweep_rows))
-    print(f"\n{args.n_test_groups:,} test groups (half anomalous), seed {args.seed}; total {time.perf_counter() - start:.0f} s")
+    total = time.perf_counter() - start
+    print(f"\n{args.n_test_groups:,} test groups (half anomalous), seed {args.seed}; total {total:.0f} s")
 
 
 if __name__ == "__main__":

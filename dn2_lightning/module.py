@@ -373,7 +373,7 @@ class DN2Module(LightningModule):
         else:
             indices, embeddings, labels = unique_by_index(*(gather_rows(t) for t in (indices, embeddings, labels)))
         if embeddings.ndim == 3:  # packed group members [N, M, D + 1]: fit the group pooling, then pool
-            embeddings = self._fit_group_pooling(*unpack_members(embeddings))
+            embeddings = self._fit_group_pooling(*unpack_members(embeddings), indices)
         self.bank.set(embeddings, indices)
         self._bank_is_shard = self._sharded
         k, n = self.hparams.k, self._bank_size()
@@ -401,11 +401,12 @@ class DN2Module(LightningModule):
         if self.hparams.clean_fraction > 0 and self._trainer is not None and self.trainer.state.fn != "predict":
             self.log_dict(report, sync_dist=False, rank_zero_only=True)
 
-    def _fit_group_pooling(self, members: Tensor, mask: Tensor) -> Tensor:
-        """Fit the group pooling on every training group's members (the same on every rank), then pool
-        this rank's groups."""
+    def _fit_group_pooling(self, members: Tensor, mask: Tensor, indices: Tensor) -> Tensor:
+        """Fit the group pooling on every training group's members, in dataset order (so the fit is the
+        single-device one), then pool this rank's groups."""
         if self._sharded:  # this rank holds only its shard: fit on all of them
-            self.group_pool.fit(gather_rows(members), gather_rows(mask))
+            _, all_members, all_mask = unique_by_index(*(gather_rows(t) for t in (indices, members, mask)))
+            self.group_pool.fit(all_members, all_mask)
         else:
             self.group_pool.fit(members, mask)
         broadcast_module_state(self.group_pool)  # rank 0's centroids everywhere, whatever the arithmetic
