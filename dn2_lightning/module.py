@@ -550,7 +550,11 @@ def _validate_hparams(
             f"group_clusters={group_clusters!r} must be an integer >= 2 (about the number of member classes; "
             "default 10)."
         )
-    if isinstance(group_temperature, bool) or not 0.0 < float(group_temperature) < float("inf"):
+    if (
+        not isinstance(group_temperature, int | float)
+        or isinstance(group_temperature, bool)
+        or not (0.0 < group_temperature < float("inf"))
+    ):
         raise ValueError(f"group_temperature={group_temperature!r} must be a finite number > 0 (default 0.3).")
     if not 0.0 < threshold_quantile <= 1.0:
         raise ValueError(f"threshold_quantile={threshold_quantile} must be in (0, 1].")

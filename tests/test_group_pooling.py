@@ -298,6 +298,7 @@ def test_mean_pooling_checkpoints_hold_no_pooling_state():
         ({"group_temperature": -1}, "group_temperature=-1"),
         ({"group_temperature": float("inf")}, "group_temperature=inf"),
         ({"group_temperature": float("nan")}, "group_temperature=nan"),
+        ({"group_temperature": "warm"}, "group_temperature='warm'"),
     ],
 )
 def test_bad_group_hyperparameters_name_the_parameter(kwargs, match):
