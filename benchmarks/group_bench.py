@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--n_test_groups", type=int, default=2000)
     parser.add_argument("--anomalies", nargs="+", default=["hard", "easy"], choices=["hard", "easy"])
     parser.add_argument("--clusters", type=int, nargs="+", default=[5, 10, 20, 40], help="K swept")
-    parser.add_argument("--temperatures", type=float, nargs="+", default=[0.1, 0.3, 1.0], help="T swept")
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[0.1, 0.3, 0.5, 1.0], help="T swept")
     parser.add_argument(
         "--sweep_train_groups", type=int, nargs="*", default=[2000], help="train-group counts that get the K x T sweep"
     )

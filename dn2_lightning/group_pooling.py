@@ -60,12 +60,14 @@ def fit_kmeans(
     centroids = [x[first]]
     nearest = ((x - x[first]) ** 2).sum(1)
     for _ in range(1, clusters):
-        weights = nearest.double().cpu()
-        if not bool((weights > 0).any()):
+        cumulative = nearest.double().cpu().cumsum(0)
+        if not bool(cumulative[-1] > 0):
             raise ValueError(
                 f"group_clusters={clusters} exceeds the {len(centroids)} distinct member embeddings; lower it."
             )
-        chosen = int(torch.multinomial(weights, 1, generator=generator))
+        # D^2 sampling by inverse CDF (torch.multinomial stops at 2**24 categories)
+        u = torch.rand(1, generator=generator, dtype=torch.float64) * cumulative[-1]
+        chosen = min(int(torch.searchsorted(cumulative, u, right=True)), n - 1)
         centroids.append(x[chosen])
         nearest = torch.minimum(nearest, ((x - x[chosen]) ** 2).sum(1))
     c = torch.stack(centroids)
