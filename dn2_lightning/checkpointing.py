@@ -17,7 +17,18 @@ from typing import Any
 from lightning.fabric.plugins import CheckpointIO
 
 # model settings that define the bank's content: a bank built with other values scores differently
-BANK_SETTINGS = ("backbone", "pretrained", "input_size", "mean", "std", "clean_fraction", "clean_k", "group_pooling")
+BANK_SETTINGS = (
+    "backbone",
+    "pretrained",
+    "input_size",
+    "mean",
+    "std",
+    "clean_fraction",
+    "clean_k",
+    "group_pooling",
+    "group_clusters",
+    "group_temperature",
+)
 # the data settings that define it: the datamodule's CPU resize and decoding of the images
 DATA_SETTINGS = ("load_size", "pixel_format")
 

@@ -38,6 +38,7 @@ from dn2_lightning.distributed import (
     unique_by_index,
     world_size,
 )
+from dn2_lightning.group_pooling import GROUP_POOLINGS, GroupPooling, pack_members, unpack_members
 from dn2_lightning.inputs import ImagesLike, as_image_batches
 from dn2_lightning.knn import KNNResult, knn_distances
 from dn2_lightning.metrics import AnomalyScores, ImageScores, ScoreCollector
@@ -46,7 +47,6 @@ from dn2_lightning.scoring import (
     keep_lowest,
     knn_scores,
     normalized_scores,
-    pool_groups,
     quantile_threshold,
     to_unit_interval,
 )
@@ -62,7 +62,6 @@ from dn2_lightning.validation import (
     check_threshold,
 )
 
-GROUP_POOLINGS = ("mean", "none")
 CUSTOM_BACKBONE = "custom:"  # hparams value recording a user nn.Module backbone (not serialisable)
 BANK_SHARDINGS = ("replicate", "shard")
 NO_BANK_MESSAGE = (
@@ -95,8 +94,14 @@ class DN2Module(LightningModule):
             paper's k=2 lets contaminants of one class hide each other; 200 was the best value of a sweep
             at 5-20% contamination on FashionMNIST (``benchmarks/RESULTS.md``).
         group_pooling: for group batches ``[B, M, C, H, W]``: ``"mean"`` pools member embeddings (paper
-            §3.3); ``"none"`` keeps single-image embeddings in the bank and scores a group by the max
-            of its members' scores (the point-wise baseline).
+            §3.3); ``"histogram"`` describes a group by its composition: k-means centroids fitted on the
+            training members, each member softly assigned to them, the group = the mean assignment (sees a
+            class twice and another missing, which the mean barely does); ``"mean+histogram"`` concatenates
+            both; ``"none"`` keeps single-image embeddings in the bank and scores a group by the max of its
+            members' scores (the point-wise baseline). See :class:`dn2_lightning.group_pooling.GroupPooling`.
+        group_clusters: K, k-means centroids of the histogram poolings (fitted at fit time, checkpointed).
+        group_temperature: softness of the histogram's assignments: softmax of -squared distance /
+            (group_temperature x the median squared distance of a training member to its nearest centroid).
         threshold_quantile: the decision threshold is this quantile of the bank's leave-one-out scores
             (normal data only; never the test set): the expected share of normal images flagged is
             ``1 - threshold_quantile``. Changeable after fit (:meth:`set_threshold`, ``--model.threshold_quantile``
@@ -122,6 +127,8 @@ class DN2Module(LightningModule):
         clean_fraction: float = 0.0,
         clean_k: int = 200,
         group_pooling: str = "mean",
+        group_clusters: int = 10,
+        group_temperature: float = 0.3,
         threshold_quantile: float = 0.99,
         threshold: float | None = None,
         bank_sharding: str = "replicate",
@@ -136,6 +143,8 @@ class DN2Module(LightningModule):
             clean_fraction,
             clean_k,
             group_pooling,
+            group_clusters,
+            group_temperature,
             threshold_quantile,
             threshold,
             bank_sharding,
@@ -153,9 +162,12 @@ class DN2Module(LightningModule):
         self.automatic_optimization = False
         self.backbone = build_backbone(backbone, pretrained=pretrained, image_size=input_size)
         self.bank = MemoryBank()
-        # DDP broadcasts rank 0's buffers at set-up; the bank is made consistent by its own gathering (and
-        # differs per rank when sharded), so it is excluded as torch's DDP allows.
+        pooling = "mean" if group_pooling == "none" else group_pooling  # "none" pools nothing: members are scored
+        self.group_pool = GroupPooling(pooling, clusters=group_clusters, temperature=group_temperature)
+        # DDP broadcasts rank 0's buffers at set-up; the bank and the group centroids are made consistent by
+        # their own gathering (and the bank differs per rank when sharded), so they are excluded as DDP allows.
         self._ddp_params_and_buffers_to_ignore = [f"bank.{name}" for name, _ in self.bank.named_buffers()]
+        self._ddp_params_and_buffers_to_ignore += [f"group_pool.{name}" for name, _ in self.group_pool.named_buffers()]
         self.val_collector = ScoreCollector()
         self.test_collector = ScoreCollector()
         self.predict_collector = ScoreCollector()
@@ -174,12 +186,12 @@ class DN2Module(LightningModule):
     # ------------------------------------------------------------------------------------------ forward
 
     def forward(self, images: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Embeddings ``[B, D]`` of images ``[B, C, H, W]``, or mean-pooled embeddings of groups
-        ``[B, M, C, H, W]`` (``mask [B, M]`` marks real members)."""
+        """Embeddings ``[B, D]`` of images ``[B, C, H, W]``, or pooled embeddings of groups
+        ``[B, M, C, H, W]`` (``mask [B, M]`` marks real members; pooling by ``group_pooling``)."""
         if images.ndim == 5:
             b, m = images.shape[:2]
             members = self.backbone(images.flatten(0, 1)).view(b, m, -1)
-            return pool_groups(members, mask)
+            return self.group_pool(members, mask)
         return self.backbone(images)
 
     # ----------------------------------------------------------------------------------------- training
@@ -540,6 +552,11 @@ class DN2Module(LightningModule):
                 real = batch.mask.bool().flatten()
                 return embeddings[real], rows[real], labels[real]
             return embeddings, rows, labels
+        if batch.images.ndim == 5 and self.group_pool.needs_fit:
+            # the pooling is fitted on the whole bank's members: keep them (and the mask) until finalisation
+            b, m = batch.images.shape[:2]
+            members = self._embed(batch.images.flatten(0, 1), batch, batch_idx).view(b, m, -1)
+            return pack_members(members, batch.mask), indices, batch.labels
         return self._embed(batch.images, batch, batch_idx), indices, batch.labels
 
     def _finalize_bank(self) -> None:
@@ -554,6 +571,8 @@ class DN2Module(LightningModule):
             indices, embeddings, labels = unique_by_index(indices[own], embeddings[own], labels[own])
         else:
             indices, embeddings, labels = unique_by_index(*(gather_rows(t) for t in (indices, embeddings, labels)))
+        if embeddings.ndim == 3:  # packed group members [N, M, D + 1]: fit the group pooling, then pool
+            embeddings = self._fit_group_pooling(*unpack_members(embeddings), indices)
         self.bank.set(embeddings, indices)
         self._bank_is_shard = self._sharded
         k, n = self.hparams.k, self._bank_size()
@@ -586,6 +605,17 @@ class DN2Module(LightningModule):
         if self.hparams.clean_fraction > 0 and self._trainer is not None and self.trainer.state.fn != "predict":
             self.log_dict(report, sync_dist=False, rank_zero_only=True)
 
+    def _fit_group_pooling(self, members: Tensor, mask: Tensor, indices: Tensor) -> Tensor:
+        """Fit the group pooling on every training group's members, in dataset order (so the fit is the
+        single-device one), then pool this rank's groups."""
+        if self._sharded:  # this rank holds only its shard: fit on all of them
+            _, all_members, all_mask = unique_by_index(*(gather_rows(t) for t in (indices, members, mask)))
+            self.group_pool.fit(all_members, all_mask)
+        else:
+            self.group_pool.fit(members, mask)
+        broadcast_module_state(self.group_pool)  # rank 0's centroids everywhere, whatever the arithmetic
+        return self.group_pool(members, mask)
+
     def _bank_size(self) -> int:
         """Rows in the whole bank (summed over shards)."""
         return sum(count_rows(len(self.bank), self.bank.embeddings.device)) if self._sharded else len(self.bank)
@@ -613,6 +643,8 @@ class DN2Module(LightningModule):
             "clean_fraction": hp.clean_fraction,
             "clean_k": hp.clean_k if hp.clean_fraction > 0 else None,
             "group_pooling": hp.group_pooling,
+            "group_clusters": hp.group_clusters if "histogram" in hp.group_pooling else None,
+            "group_temperature": hp.group_temperature if "histogram" in hp.group_pooling else None,
         }
 
     def _data_settings(self) -> dict[str, Any]:
@@ -675,7 +707,9 @@ class DN2Module(LightningModule):
         check_bank_settings(state.get("bank._extra_state") or {}, self._model_settings(), BANK_SETTINGS, "this model")
         saved = state.get("bank.embeddings")
         expected = self.backbone.feature_dim
-        if saved is not None and saved.numel() and expected is not None and saved.shape[1] != expected:
+        # a bank of pooled groups may hold another size than the backbone's (histogram poolings)
+        allowed = {expected, self.group_pool.output_dim(expected)} if expected is not None else set()
+        if saved is not None and saved.numel() and expected is not None and saved.shape[1] not in allowed:
             raise ValueError(
                 f"the checkpoint's memory bank holds {saved.shape[1]}-d embeddings but backbone="
                 f"{self.hparams.get('backbone')!r} gives {expected}-d ones; load it with the backbone it was "
@@ -763,6 +797,8 @@ def _validate_hparams(
     clean_fraction: float,
     clean_k: int,
     group_pooling: str,
+    group_clusters: int,
+    group_temperature: float,
     threshold_quantile: float,
     threshold: float | None,
     bank_sharding: str,
@@ -774,5 +810,12 @@ def _validate_hparams(
     check_clean_fraction(clean_fraction)
     check_clean_k(clean_k)
     check_choice("group_pooling", group_pooling, GROUP_POOLINGS)
+    check_int("group_clusters", group_clusters, 2, hint="about the number of member classes; default 10")
+    if (
+        not isinstance(group_temperature, int | float)
+        or isinstance(group_temperature, bool)
+        or not (0.0 < group_temperature < float("inf"))
+    ):
+        raise ValueError(f"group_temperature={group_temperature!r} must be a finite number > 0 (default 0.3).")
     check_threshold(threshold_quantile, threshold)
     check_choice("bank_sharding", bank_sharding, BANK_SHARDINGS)

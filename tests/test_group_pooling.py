@@ -1,0 +1,361 @@
+"""Composition-aware group pooling (histogram over k-means centroids): the functional core against numpy and
+scikit-learn references, and DN2Module's use of it (fit, checkpoint, masks, order, DDP)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import BlobDataModule, linear_backbone, quiet_trainer
+from lightning import LightningDataModule
+from sklearn.metrics import roc_auc_score
+from sklearn.neighbors import NearestNeighbors
+from torch.utils.data import DataLoader, Dataset
+
+from dn2_lightning import DN2Module, GroupDataModule
+from dn2_lightning.batch import Batch
+from dn2_lightning.group_pooling import (
+    GroupPooling,
+    composition_histogram,
+    fit_kmeans,
+    pack_members,
+    soft_assignments,
+    unpack_members,
+)
+
+
+def blobs(n_per_class: int = 50, classes: int = 4, dim: int = 8, spread: float = 0.3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(classes, dim, generator=g) * 10
+    labels = torch.arange(classes).repeat_interleave(n_per_class)
+    return means[labels] + spread * torch.randn(len(labels), dim, generator=g), labels, means
+
+
+def knn_mean_sq(bank: np.ndarray, queries: np.ndarray, k: int = 2) -> np.ndarray:
+    distances, _ = NearestNeighbors(n_neighbors=k, algorithm="brute").fit(bank).kneighbors(queries)
+    return (distances**2).mean(1)
+
+
+# ----------------------------------------------------------------------------------------- k-means
+
+
+def test_kmeans_is_deterministic_for_a_seed_and_a_lloyd_fixed_point():
+    points, _, _ = blobs(classes=5, spread=3.0)  # overlapping blobs: the seed matters
+    a, nearest = fit_kmeans(points, 5, seed=3)
+    b, _ = fit_kmeans(points, 5, seed=3)
+    assert torch.equal(a, b)
+    # converged: every centroid is the mean of the points nearest to it (numpy brute force)
+    x, c = points.double().numpy(), a.double().numpy()
+    distances = ((x[:, None, :] - c[None]) ** 2).sum(-1)
+    owner = distances.argmin(1)
+    for j in range(5):
+        np.testing.assert_allclose(c[j], x[owner == j].mean(0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(nearest.numpy(), distances.min(1), rtol=1e-4, atol=1e-4)
+
+
+def test_kmeans_recovers_well_separated_blob_centres():
+    points, _, means = blobs()
+    centroids, _ = fit_kmeans(points, 4)
+    distances = torch.cdist(centroids.double(), means.double())
+    assert sorted(distances.argmin(1).tolist()) == [0, 1, 2, 3]  # one centroid per blob
+    assert distances.min(1).values.max() < 0.3  # at each blob's centre (its mean of 50 noisy points)
+
+
+def test_kmeans_needs_as_many_distinct_points_as_clusters():
+    with pytest.raises(ValueError, match="group_clusters=5 exceeds the 3 member embeddings"):
+        fit_kmeans(torch.randn(3, 2), 5)
+    with pytest.raises(ValueError, match="group_clusters=3 exceeds the 1 distinct member embeddings"):
+        fit_kmeans(torch.zeros(10, 2), 3)
+
+
+# ---------------------------------------------------------------------------------- pure functions
+
+
+def test_soft_assignments_and_histogram_match_a_numpy_reference():
+    g = torch.Generator().manual_seed(0)
+    members, centroids = torch.randn(3, 4, 5, generator=g), torch.randn(6, 5, generator=g)
+    temperature, scale = 0.7, 2.5
+    x, c = members.double().numpy().reshape(12, 5), centroids.double().numpy()
+    logits = -((x[:, None, :] - c[None]) ** 2).sum(-1) / (temperature * scale)
+    expected = np.exp(logits - logits.max(1, keepdims=True))
+    expected /= expected.sum(1, keepdims=True)
+    assignments = soft_assignments(members.view(12, 5), centroids, temperature, scale)
+    np.testing.assert_allclose(assignments.numpy(), expected, rtol=1e-5, atol=1e-6)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]]).bool()
+    histogram = composition_histogram(members, centroids, temperature, scale, mask)
+    per_group = expected.reshape(3, 4, 6)
+    reference = np.stack([per_group[i, mask[i].numpy()].mean(0) for i in range(3)])
+    np.testing.assert_allclose(histogram.numpy(), reference, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(histogram.sum(1).numpy(), 1.0, rtol=1e-6)
+
+
+def test_pack_and_unpack_members_round_trip():
+    members, mask = torch.randn(2, 3, 4), torch.tensor([[True, False, True], [True, True, True]])
+    out_members, out_mask = unpack_members(pack_members(members, mask))
+    assert torch.equal(out_members, members) and torch.equal(out_mask, mask)
+    assert unpack_members(pack_members(members))[1].all()
+
+
+@pytest.mark.parametrize("method", ["histogram", "mean+histogram"])
+def test_pooling_is_orderless_and_ignores_masked_members(method):
+    points, _, _ = blobs()
+    pooling = GroupPooling(method, clusters=4, temperature=0.5)
+    pooling.fit(points[torch.randperm(200, generator=torch.Generator().manual_seed(0))].view(50, 4, 8))
+    g = torch.Generator().manual_seed(1)
+    groups = points[torch.randint(200, (6, 5), generator=g)]
+    pooled = pooling(groups)
+    perm = torch.randperm(5, generator=g)
+    torch.testing.assert_close(pooling(groups[:, perm]), pooled)
+    # padded groups: whatever sits in the masked slots, the result is that of the real members alone
+    padded = torch.cat([groups, 1e3 * torch.randn(6, 2, 8, generator=g)], dim=1)
+    mask = torch.cat([torch.ones(6, 5), torch.zeros(6, 2)], dim=1).bool()
+    torch.testing.assert_close(pooling(padded, mask), pooled)
+
+
+def test_mean_pooling_has_no_state_and_equals_the_paper_mean():
+    pooling = GroupPooling("mean")
+    assert pooling.is_fitted and not pooling.needs_fit and list(pooling.state_dict()) == []
+    members = torch.randn(3, 4, 5)
+    torch.testing.assert_close(pooling(members), members.mean(1))
+
+
+def test_unfitted_histogram_pooling_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="group_pooling='histogram' has no centroids yet"):
+        GroupPooling("histogram")(torch.randn(2, 3, 4))
+
+
+def test_histogram_beats_mean_pooling_on_a_composition_task():
+    """Normal group: one member of each of 6 classes; hard anomaly: one class twice, another missing.
+    Classes are tight and far apart in 8 dimensions, so k-means finds them and the composition is all
+    there is to see; members also vary broadly in 56 dimensions shared by all classes, which swamps the
+    anomaly's 1/6 shift of the mean (as within-class variation does for real embeddings)."""
+    g = torch.Generator().manual_seed(0)
+    classes, m, noise_dims = 6, 6, 56
+    means = torch.cat([torch.randn(classes, 8, generator=g) * 12, torch.zeros(classes, noise_dims)], dim=1)
+
+    def groups(n: int, hard: bool) -> torch.Tensor:
+        chosen = torch.stack([torch.randperm(classes, generator=g) for _ in range(n)])
+        if hard:
+            chosen[:, 0] = chosen[:, 1]
+        x = means[chosen] + 0.3 * torch.randn(n, m, 8 + noise_dims, generator=g)
+        x[..., 8:] += 5 * torch.randn(n, m, noise_dims, generator=g)
+        return x
+
+    train, normal, anomalous = groups(600, False), groups(200, False), groups(200, True)
+    test, labels = torch.cat([normal, anomalous]), np.r_[np.zeros(200), np.ones(200)]
+    aurocs = {}
+    for method in ("mean", "histogram"):
+        pooling = GroupPooling(method, clusters=classes, temperature=0.3)
+        pooling.fit(train)
+        scores = knn_mean_sq(pooling(train).double().numpy(), pooling(test).double().numpy())
+        aurocs[method] = roc_auc_score(labels, scores)
+    assert aurocs["histogram"] > 0.98, aurocs
+    assert aurocs["mean"] < 0.9, aurocs
+    assert aurocs["histogram"] > aurocs["mean"] + 0.08, aurocs
+
+
+# ------------------------------------------------------------------------------------- DN2Module
+
+
+def group_datamodule() -> GroupDataModule:
+    return GroupDataModule(dataset="digits", group_size=4, n_train_groups=60, n_test_groups=40, seed=1, batch_size=8)
+
+
+def embed(model: DN2Module, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.backbone(images)
+
+
+def members_of(model: DN2Module, dataset) -> torch.Tensor:
+    return torch.stack([embed(model, dataset[i]["image"]) for i in range(len(dataset))])
+
+
+def test_module_histogram_pooling_matches_an_independent_reference():
+    dm = group_datamodule()
+    model = DN2Module(k=2, backbone=linear_backbone(), group_pooling="histogram", group_clusters=5, reports=False)
+    quiet_trainer().test(model, datamodule=dm)
+    train, test = members_of(model, dm.train_dataset), members_of(model, dm.test_dataset)
+    expected_centroids, _ = fit_kmeans(train.flatten(0, 1), 5, seed=0)
+    torch.testing.assert_close(model.group_pool.centroids, expected_centroids)
+    # numpy: soft assignments to the module's centroids -> per-group mean -> brute-force kNN score
+    c, scale = model.group_pool.centroids.double().numpy(), float(model.group_pool.scale)
+    nearest = ((train.flatten(0, 1).double().numpy()[:, None] - c[None]) ** 2).sum(-1).min(1)
+    assert scale == pytest.approx(np.median(nearest), rel=1e-4)
+
+    def histogram(members: torch.Tensor) -> np.ndarray:
+        logits = -((members.double().numpy()[..., None, :] - c) ** 2).sum(-1) / (0.3 * scale)
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        return (p / p.sum(-1, keepdims=True)).mean(1)
+
+    expected = knn_mean_sq(histogram(train), histogram(test))
+    assert model.bank.embeddings.shape == (60, 5)
+    np.testing.assert_allclose(model.test_scores.scores.numpy(), expected, rtol=1e-4, atol=1e-7)
+    assert model.trainer.callback_metrics["test/auroc"].item() == pytest.approx(
+        roc_auc_score(dm.test_dataset.labels.numpy(), expected), abs=1e-6
+    )
+
+
+@pytest.mark.parametrize("method", ["histogram", "mean+histogram"])
+def test_checkpoint_round_trip_gives_the_same_scores(tmp_path, method):
+    dm = group_datamodule()
+    model = DN2Module(k=2, backbone=linear_backbone(), group_pooling=method, group_clusters=5, reports=False)
+    trainer = quiet_trainer()
+    trainer.fit(model, datamodule=dm)
+    trainer.test(model, datamodule=dm)
+    ckpt = tmp_path / "group.ckpt"
+    trainer.save_checkpoint(ckpt)
+    restored = DN2Module.load_from_checkpoint(ckpt, backbone=linear_backbone(seed=1))  # weights from ckpt
+    assert restored.hparams.group_pooling == method and restored.group_pool.is_fitted
+    torch.testing.assert_close(restored.group_pool.centroids, model.group_pool.centroids, rtol=0, atol=0)
+    torch.testing.assert_close(restored.group_pool.part_weights, model.group_pool.part_weights, rtol=0, atol=0)
+    quiet_trainer().test(restored, datamodule=dm)
+    torch.testing.assert_close(restored.test_scores.scores, model.test_scores.scores, rtol=0, atol=0)
+
+
+def test_module_scores_are_orderless_in_the_members():
+    dm = group_datamodule()
+    model = DN2Module(k=2, backbone=linear_backbone(), group_pooling="histogram", group_clusters=5, reports=False)
+    quiet_trainer().test(model, datamodule=dm)
+    images = torch.stack([dm.test_dataset[i]["image"] for i in range(8)]).float() / 255
+    perm = torch.tensor([2, 0, 3, 1])
+    with torch.no_grad():
+        a = model.score(Batch(images, torch.zeros(8), None))[0]
+        b = model.score(Batch(images[:, perm], torch.zeros(8), None))[0]
+    torch.testing.assert_close(a, b)
+
+
+class PaddedGroups(Dataset):
+    """Groups of 2-4 real members padded to 4 slots; the padded slots hold ``fill`` noise."""
+
+    def __init__(self, n: int, fill: float, seed: int, with_anomalies: bool = False) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.rand(n, 4, 3, 8, 8, generator=g) * 0.6
+        self.sizes = torch.randint(2, 5, (n,), generator=g)
+        self.mask = torch.arange(4)[None] < self.sizes[:, None]
+        noise = torch.rand(n, 4, 3, 8, 8, generator=torch.Generator().manual_seed(seed + 100)) * fill
+        self.images = torch.where(self.mask[..., None, None, None], self.images, noise)
+        self.labels = torch.zeros(n, dtype=torch.long)
+        if with_anomalies:
+            self.labels[n // 2 :] = 1
+            self.images[n // 2 :, 0] += 0.3  # one bright member
+        self.images = self.images.clamp(0, 1)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i], "label": self.labels[i], "index": torch.tensor(i), "mask": self.mask[i]}
+
+
+class PaddedGroupsDataModule(LightningDataModule):
+    def __init__(self, fill: float) -> None:
+        super().__init__()
+        self.fill = fill
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(PaddedGroups(50, self.fill, seed=0), batch_size=8)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(PaddedGroups(30, self.fill, seed=1, with_anomalies=True), batch_size=8)
+
+
+def test_padded_members_change_neither_centroids_nor_scores():
+    results = []
+    for fill in (0.0, 1.0):  # black or bright noise in the padded slots
+        model = DN2Module(k=2, backbone=linear_backbone(), group_pooling="histogram", group_clusters=4, reports=False)
+        quiet_trainer().test(model, datamodule=PaddedGroupsDataModule(fill))
+        results.append(model)
+    torch.testing.assert_close(results[0].group_pool.centroids, results[1].group_pool.centroids)
+    torch.testing.assert_close(results[0].test_scores.scores, results[1].test_scores.scores)
+
+
+def test_single_image_data_is_unchanged_by_the_group_pooling():
+    dm = BlobDataModule()
+    scores = []
+    for method in ("mean", "histogram", "mean+histogram"):
+        model = DN2Module(k=2, backbone=linear_backbone(), group_pooling=method, reports=False)
+        quiet_trainer().test(model, datamodule=dm)
+        scores.append(model.test_scores.scores)
+    assert torch.equal(scores[0], scores[1]) and torch.equal(scores[0], scores[2])
+
+
+def test_mean_pooling_checkpoints_hold_no_pooling_state():
+    assert not any(key.startswith("group_pool.") for key in DN2Module(backbone=linear_backbone()).state_dict())
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"group_pooling": "hist"}, "group_pooling='hist'"),
+        ({"group_clusters": 1}, "group_clusters=1"),
+        ({"group_clusters": 2.5}, "group_clusters=2.5"),
+        ({"group_clusters": True}, "group_clusters=True"),
+        ({"group_temperature": 0.0}, "group_temperature=0.0"),
+        ({"group_temperature": -1}, "group_temperature=-1"),
+        ({"group_temperature": float("inf")}, "group_temperature=inf"),
+        ({"group_temperature": float("nan")}, "group_temperature=nan"),
+        ({"group_temperature": "warm"}, "group_temperature='warm'"),
+    ],
+)
+def test_bad_group_hyperparameters_name_the_parameter(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DN2Module(backbone=linear_backbone(), **kwargs)
+
+
+def test_more_clusters_than_training_members_is_a_clear_error():
+    dm = GroupDataModule(dataset="digits", group_size=2, n_train_groups=3, n_test_groups=4, seed=0, batch_size=8)
+    model = DN2Module(k=2, backbone=linear_backbone(), group_pooling="histogram", group_clusters=10, reports=False)
+    with pytest.raises(ValueError, match="group_clusters=10 exceeds the 6 member embeddings"):
+        quiet_trainer().test(model, datamodule=dm)
+
+
+# ------------------------------------------------------------------------------------------- DDP
+
+DDP_SCRIPT = """
+import sys
+import torch
+sys.path.insert(0, {tests!r})
+from helpers import linear_backbone
+from lightning import Trainer
+from dn2_lightning import DN2Module, GroupDataModule
+
+def main(out, devices, sharding):
+    dm = GroupDataModule(dataset="digits", group_size=4, n_train_groups=61, n_test_groups=41, seed=1, batch_size=8)
+    model = DN2Module(k=2, backbone=linear_backbone(), group_pooling="histogram", group_clusters=5,
+                      bank_sharding=sharding, reports=False)
+    trainer = Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir={root!r})
+    trainer.fit(model, datamodule=dm)
+    trainer.test(model, datamodule=dm)
+    if trainer.global_rank == 0:
+        torch.save({{"world_size": trainer.world_size, "centroids": model.group_pool.centroids,
+                    "scale": model.group_pool.scale, "indices": model.test_scores.indices,
+                    "scores": model.test_scores.scores}}, out)
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+"""
+
+
+@pytest.mark.parametrize("sharding", ["replicate", "shard"])
+def test_ddp_fits_the_same_centroids_and_scores_as_one_device(tmp_path, sharding):
+    script = tmp_path / "group_ddp_run.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), root=str(tmp_path)))
+    results = {}
+    for devices in (1, 2):
+        out = tmp_path / f"{devices}.pt"
+        proc = subprocess.run(
+            [sys.executable, str(script), str(out), str(devices), sharding], capture_output=True, text=True, timeout=600
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[devices] = torch.load(out, weights_only=True)
+    single, ddp = results[1], results[2]
+    assert single["world_size"] == 1 and ddp["world_size"] == 2
+    assert torch.equal(ddp["indices"], torch.arange(41))
+    torch.testing.assert_close(ddp["centroids"], single["centroids"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ddp["scale"], single["scale"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ddp["scores"], single["scores"], rtol=1e-4, atol=1e-6)
