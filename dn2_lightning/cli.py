@@ -146,12 +146,13 @@ class DN2CLI(LightningCLI):
         main_kwargs.setdefault("formatter_class", DN2HelpFormatter)
         for name, text in SUBCOMMAND_HELP.items():
             kwargs = subparser_kwargs.setdefault(name, {})
-            kwargs.setdefault("description", text)
+            kwargs.setdefault("description", "\n".join(_wrap(text, _help_width())))
             kwargs.setdefault("formatter_class", DN2HelpFormatter)
+            indent = " " * len(f"usage: dn2 {name} ")
             kwargs.setdefault(
                 "usage",
-                f"dn2 {name} [-h] [-c CONFIG] [--print_config] [--trainer.NAME VALUE] "
-                "[--model.NAME VALUE] [--data.NAME VALUE] [--ckpt_path PATH]",
+                f"dn2 {name} [-h] [-c CONFIG] [--print_config] [--ckpt_path PATH]\n{indent}[--trainer.NAME VALUE] "
+                "[--model.NAME VALUE] [--data.NAME VALUE]",
             )
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
         if not add_subcommands:
@@ -328,7 +329,7 @@ def _data_help(width: int = 100) -> str:
         width,
     )
     shared = _documented_params(OneClassDataModule)
-    lines += ["", "OneClassDataModule: one class is normal, the test split is scored; dataset=folder for your images:"]
+    lines += ["", "OneClassDataModule (one normal class; dataset=folder for your own images):"]
     lines += _param_lines(shared, width)
     group = {n: v for n, v in _documented_params(GroupDataModule).items() if n not in shared}
     lines += ["", "GroupDataModule (group setting, paper §3.3), also:"]

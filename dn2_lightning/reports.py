@@ -327,6 +327,7 @@ class EvaluationReport(Callback):
     def __init__(self, out_dir: str | Path | None = None) -> None:
         self.out_dir = out_dir
         self._message: str | None = None  # printed at teardown, after Lightning's metric table
+        self._predictions: list | None = None
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._message is not None:
@@ -341,12 +342,19 @@ class EvaluationReport(Callback):
             self._write("test", trainer, pl_module, scores, base, None if auroc is None else float(auroc))
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # the module's own on_predict_epoch_end (gathering ``predict_scores`` from every rank) runs after the
+        # callbacks' hook, so the report is written in on_predict_end; Lightning drops its predictions list
+        # before that hook unless return_predictions, so it is kept here for the fallback
+        self._predictions = trainer.predict_loop.predictions
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         base = self._base(trainer)  # a collective under DDP: every rank reads it
+        predictions, self._predictions = self._predictions, None
         if not trainer.is_global_zero:
             return
         scores, batch_paths = getattr(pl_module, "predict_scores", None), None
-        if scores is None and trainer.predict_loop.predictions:
-            scores, batch_paths = scores_from_predictions(trainer.predict_loop.predictions)
+        if scores is None and predictions:  # a module without predict_scores: rank 0's own predictions
+            scores, batch_paths = scores_from_predictions(predictions)
         if scores is not None and len(scores):
             self._write("predict", trainer, pl_module, scores, base, paths=batch_paths)
 

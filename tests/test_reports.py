@@ -17,7 +17,14 @@ from test_data import make_folder
 
 from dn2_lightning import AnomalyScores, DN2Module, OneClassDataModule
 from dn2_lightning.cli import build_cli
-from dn2_lightning.reports import csv_columns, escape_cell, read_report, unescape_cell, write_scores_csv
+from dn2_lightning.reports import (
+    csv_columns,
+    escape_cell,
+    read_report,
+    scores_from_predictions,
+    unescape_cell,
+    write_scores_csv,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -102,6 +109,31 @@ def test_predict_writes_the_same_columns_a_summary_and_figures(tmp_path):
     assert summary["n_flagged"] == flagged == sum(int(r["is_anomaly"]) for r in rows)
     for name in ("score_histogram.png", "top_anomalies.png"):
         assert_png(out / "figures" / name)
+
+
+class ModuleWithPredictScores(DN2Module):
+    """Exposes ``predict_scores`` (gathered by the module in its own on_predict_epoch_end, as DDP needs), here
+    rank 0's predictions with every score doubled, so the report shows which source it used."""
+
+    def on_predict_epoch_end(self) -> None:
+        scores, _ = scores_from_predictions(self.trainer.predict_loop.predictions)
+        scores.scores = scores.scores * 2
+        self.predict_scores = scores
+
+
+def test_predict_reports_use_the_modules_predict_scores_when_it_has_them(tmp_path):
+    dm = BlobDataModule()
+    plain, gathered = (
+        DN2Module(k=2, backbone=linear_backbone()),
+        ModuleWithPredictScores(k=2, backbone=linear_backbone()),
+    )
+    quiet_trainer(default_root_dir=tmp_path / "plain").predict(plain, datamodule=dm)
+    quiet_trainer(default_root_dir=tmp_path / "gathered").predict(gathered, datamodule=dm)
+    a = read_csv(only_run_dir(tmp_path / "plain", "predict") / "predictions.csv")
+    b = read_csv(only_run_dir(tmp_path / "gathered", "predict") / "predictions.csv")
+    assert len(a) == len(b) == len(dm.test_images)
+    for x, y in zip(a, b, strict=True):
+        assert float(y["score"]) == pytest.approx(2 * float(x["score"]), rel=1e-6)
 
 
 def test_reports_never_overwrite_and_never_land_in_the_working_directory(tmp_path, monkeypatch):
