@@ -12,8 +12,10 @@ Compared with a plain LightningCLI, ``dn2``:
   (nothing to save there; it would only warn that its ``dirpath`` changed);
 - prints what a run produced: the checkpoint after ``fit``, the saved config and log folder after every
   subcommand (the report callback prints the report files, the module the bank size and threshold);
-- silences, while it runs and nowhere else, four known-harmless Lightning messages that no setting avoids
-  (:data:`SILENCED_WARNINGS`, :data:`SILENCED_INFO`).
+- silences, while it runs and nowhere else, known-harmless Lightning messages that no setting avoids: the
+  warnings in :data:`SILENCED_WARNINGS`, the "Tip" advertisements (:data:`SILENCED_INFO`), and in
+  ``validate``/``test``/``predict`` the notice that the fit checkpoint's ModelCheckpoint state has no callback
+  to restore into.
 """
 
 from __future__ import annotations
@@ -113,7 +115,15 @@ class DN2HelpFormatter(DefaultHelpFormatter):
         return _plain(re.sub(r", known subclasses: [^)]*", "", super()._get_help_string(action)))
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
-        return "".join(indent + line for line in text.splitlines(keepends=True))
+        # line breaks are kept (the data options are a table); only over-long lines are wrapped
+        lines = []
+        for line in text.splitlines():
+            if len(line) <= width:
+                lines.append(indent + line)
+                continue
+            hang = " " * (len(line) - len(line.lstrip()))
+            lines += textwrap.wrap(line, width, initial_indent=indent, subsequent_indent=indent + hang) or [indent]
+        return "\n".join(lines)
 
 
 class _NoVersionMixin:
@@ -151,8 +161,8 @@ class DN2CLI(LightningCLI):
             indent = " " * len(f"usage: dn2 {name} ")
             kwargs.setdefault(
                 "usage",
-                f"dn2 {name} [-h] [-c CONFIG] [--print_config] [--ckpt_path PATH]\n{indent}[--trainer.NAME VALUE] "
-                "[--model.NAME VALUE] [--data.NAME VALUE]",
+                f"dn2 {name} [-h] [-c CONFIG] [--print_config] [--ckpt_path PATH]\n{indent}[--trainer.NAME V] "
+                "[--model.NAME V] [--data.NAME V]",
             )
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
         if not add_subcommands:
@@ -303,7 +313,7 @@ def _tidy_help(parser: LightningArgumentParser) -> None:
             action.help = "seed of seed_everything; true = a random seed."
     if "trainer" in groups:
         groups["trainer"].title = "Trainer (Lightning; --trainer.NAME VALUE)"
-        width = _help_width()
+        width = _help_width() - 2
         groups["trainer"].description = "\n".join(
             _wrap(f"Option, default and hint. Also accepted: {', '.join(others)}.", width)
             + _wrap(f"Descriptions: {TRAINER_DOCS}", width)
@@ -317,7 +327,7 @@ def _tidy_help(parser: LightningArgumentParser) -> None:
             group.description = None
     if "data" in groups:
         groups["data"].title = "Data (--data.NAME VALUE)"
-        groups["data"].description = _data_help(_help_width())
+        groups["data"].description = _data_help(_help_width() - 2)  # the group indents by 2
 
 
 def _data_help(width: int = 100) -> str:
@@ -354,8 +364,9 @@ def _documented_params(cls: type) -> dict[str, tuple[Any, str]]:
 def _param_lines(params: dict[str, tuple[Any, str]], width: int) -> list[str]:
     lines = []
     for name, (default, description) in params.items():
-        head = f"  --data.{name:<17}{_default_text(default):<14}"
-        lines += textwrap.wrap(description, width, initial_indent=head, subsequent_indent=" " * len(head)) or [head]
+        head = f"  --data.{name:<17}"
+        text = f"{description} (default: {_default_text(default)})".strip()
+        lines += textwrap.wrap(text, width, initial_indent=head, subsequent_indent=" " * len(head))
     return lines
 
 

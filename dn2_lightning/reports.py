@@ -241,6 +241,7 @@ def save_figures(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
     from sklearn.metrics import roc_auc_score, roc_curve
 
     out_dir = Path(out_dir)
@@ -265,8 +266,9 @@ def save_figures(
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     groups = [("normal", labels == 0), ("anomalous", labels == 1)] if labelled else [("all", labels == labels)]
+    bins = np.histogram_bin_edges(values, bins=50)  # one set of bins, so the groups compare bar for bar
     for name, mask in groups:
-        ax.hist(values[mask], bins=50, alpha=0.6, label=name)
+        ax.hist(values[mask], bins=bins, alpha=0.6, label=name)
     if defined:
         n_flagged = int((values > threshold).sum())
         ax.axvline(threshold, color="k", linestyle="--", label=f"threshold {threshold:.3g} ({n_flagged} above)")
@@ -389,7 +391,7 @@ class EvaluationReport(Callback):
         summary = summarize(stage, scores, threshold, auroc)
         summary["threshold_quantile"] = pl_module.hparams.get("threshold_quantile")
         summary["escaped_paths"] = escaped_paths(paths, scores.indices)
-        summary["files"] = {name: str(p) for name, p in files.items()}
+        summary["files"] = {name: display_path(str(p)) for name, p in files.items()}
         files["summary"] = write_summary(summary, out / "summary.json")
         _log_to_tensorboard(trainer, {n: p for n, p in files.items() if p.suffix == ".png"})
         self._message = _describe(summary, out, files)
