@@ -243,7 +243,9 @@ def quiet_lightning() -> Iterator[None]:
             return not str(record.msg).startswith(SILENCED_INFO)
 
     drop = DropInfo()
-    loggers = [logging.getLogger(n) for n in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")]
+    loggers = [
+        logging.getLogger(n) for n in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+    ]
     for logger in loggers:
         logger.addFilter(drop)
     try:
