@@ -2,34 +2,433 @@
 
 dn2 test --config configs/fashionmnist.yaml --data.normal_class=3
 dn2 fit --config configs/digits.yaml && dn2 test --config configs/digits.yaml --ckpt_path=...
+
+Compared with a plain LightningCLI, ``dn2``:
+
+- explains itself in DN2 terms: one line per subcommand, ``dn2 test --help`` fits on a screen (Trainer
+  options one line each, the registered backbones and the DataModules' options listed);
+- configures Lightning for a model with nothing to train: no model summary, a progress bar without ``v_num``,
+  ``log_every_n_steps=1``, ``max_epochs=1``, and no ModelCheckpoint in ``test``/``validate``/``predict``
+  (nothing to save there; it would only warn that its ``dirpath`` changed);
+- prints what a run produced: the checkpoint after ``fit``, the saved config and log folder after every
+  subcommand (the report callback prints the report files, the module the bank size and threshold);
+- silences, while it runs and nowhere else, known-harmless Lightning messages that no setting avoids: the
+  warnings in :data:`SILENCED_WARNINGS`, the "Tip" advertisements (:data:`SILENCED_INFO`), and in
+  ``validate``/``test``/``predict`` the notice that the fit checkpoint's ModelCheckpoint state has no callback
+  to restore into.
 """
 
 from __future__ import annotations
 
-from lightning.pytorch import LightningDataModule
-from lightning.pytorch.cli import LightningCLI
+import argparse
+import contextlib
+import inspect
+import logging
+import re
+import shutil
+import textwrap
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
-from dn2_lightning.module import DN2Module
+import torch
+from jsonargparse import DefaultHelpFormatter
+from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+from dn2_lightning.backbones import list_backbones
+from dn2_lightning.data import GroupDataModule, OneClassDataModule, list_datasets
+from dn2_lightning.module import CUSTOM_BACKBONE, DN2Module
+
+SUBCOMMAND_HELP = {
+    "fit": "Build the memory bank: embed the train set once with the frozen backbone, set the threshold from the "
+    "bank's leave-one-out scores, and save both in a checkpoint.",
+    "validate": "Score the datamodule's validation set against the memory bank and report its AUROC.",
+    "test": "Score the test set against the memory bank and report AUROC; write scores.csv, summary.json and figures.",
+    "predict": "Score images (e.g. a folder) against the memory bank and write predictions.csv, summary.json "
+    "(n scored, n flagged, threshold) and figures.",
+}
+EVALUATION_SUBCOMMANDS = ("validate", "test", "predict")
+TRAINER_DOCS = "https://lightning.ai/docs/pytorch/stable/common/trainer.html#trainer-flags"
+# Lightning messages that no Trainer setting avoids, silenced only while the CLI runs (regexes):
+SILENCED_WARNINGS = (
+    # DN2Module defines validation_step for datamodules with validation data; most have none
+    r"You defined a `validation_step` but have no `val_dataloader`",
+    # lightning 2.6 vs torch >= 2.10 (lightning/pytorch/utilities/_pytree.py), nothing a user can act on
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
+SILENCED_INFO = ("💡 Tip:",)  # advertisements for litlogger / litmodels, printed by every Trainer
+# The Trainer options that matter to DN2, shown one per line with a hint; the others (optimisation, epochs,
+# validation schedule...) are listed by name only: they are accepted but a one-pass model rarely needs them.
+TRAINER_HINTS = {
+    "accelerator": "cpu, gpu, mps, auto",
+    "strategy": "auto, ddp, ddp_spawn, ...",
+    "devices": "count, list of ids, or auto",
+    "num_nodes": "machines, for multi-node DDP",
+    "precision": "32-true, bf16-mixed, 16-mixed, 64-true",
+    "logger": "true = TensorBoard; false = none",
+    "callbacks": "extra Lightning callbacks",
+    "default_root_dir": "logs, checkpoints, dn2_reports/",
+    "limit_train_batches": "a partial pass = a partial bank",
+    "limit_val_batches": "int = batches, float = fraction",
+    "limit_test_batches": "int = batches, float = fraction",
+    "limit_predict_batches": "int = batches, float = fraction",
+    "enable_checkpointing": "null: on in fit, off otherwise",
+    "enable_progress_bar": "",
+    "fast_dev_run": "one batch of each stage, as a check",
+    "profiler": "simple, advanced, pytorch",
+}
+METHOD_ARGUMENT_HELP = {
+    "ckpt_path": "a checkpoint of `dn2 fit` (memory bank + threshold); without one the bank is built from the train "
+    "set first.",
+    "weights_only": "torch.load(weights_only=...) for ckpt_path.",
+    "verbose": "print the metric table.",
+    "return_predictions": "keep the per-batch outputs in memory.",
+}
+
+
+class DN2HelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's formatter, shortened: no "known subclasses" lists, no reST markup, one line for the
+    options marked ``one_line``, option names without metavars, and descriptions kept as written."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 32, width: int | None = None):
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if action.option_strings and action.nargs != 0 and not self._is_config(action):
+            return ", ".join(action.option_strings)  # the metavar repeats the name; the type is in the help
+        return super()._format_action_invocation(action)
+
+    @staticmethod
+    def _is_config(action: argparse.Action) -> bool:
+        return "-c" in action.option_strings or action.dest in ("print_config", "trainer", "model")
+
+    def _format_action(self, action: argparse.Action) -> str:
+        one_line = getattr(action, "one_line", None)
+        if one_line is not None:
+            return f"  {action.option_strings[0]:<29} {one_line}".rstrip() + "\n"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return _plain(re.sub(r", known subclasses: [^)]*", "", super()._get_help_string(action)))
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        # line breaks are kept (the data options are a table); only over-long lines are wrapped
+        lines = []
+        for line in text.splitlines():
+            if len(line) <= width:
+                lines.append(indent + line)
+                continue
+            hang = " " * (len(line) - len(line.lstrip()))
+            lines += textwrap.wrap(line, width, initial_indent=indent, subsequent_indent=indent + hang) or [indent]
+        return "\n".join(lines)
+
+
+class _NoVersionMixin:
+    def get_metrics(self, trainer: Trainer, pl_module: Any) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)  # type: ignore[misc]
+        items.pop("v_num", None)  # the logger's version number means nothing to a DN2 user
+        return items
+
+
+class DN2RichProgressBar(_NoVersionMixin, RichProgressBar):
+    """Lightning's rich progress bar without ``v_num``."""
+
+
+class DN2TQDMProgressBar(_NoVersionMixin, TQDMProgressBar):
+    """Lightning's tqdm progress bar without ``v_num``."""
+
+
+# DN2Module arguments that define the bank's content (see dn2_lightning.checkpointing.BANK_SETTINGS)
+BANK_HPARAMS = (
+    "backbone",
+    "pretrained",
+    "input_size",
+    "clean_fraction",
+    "clean_k",
+    "group_pooling",
+    "group_clusters",
+    "group_temperature",
+)
+
+
+class DN2CLI(LightningCLI):
+    """LightningCLI for DN2: specific help, quiet Lightning defaults, and the paths of what a run wrote."""
+
+    def setup_parser(
+        self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
+    ) -> None:
+        main_kwargs.setdefault(
+            "description",
+            "DN2 anomaly detection: kNN distance to a memory bank of frozen "
+            "ImageNet features (Bergman, Cohen & Hoshen, 2020).",
+        )
+        main_kwargs.setdefault("prog", "dn2")
+        main_kwargs.setdefault("formatter_class", DN2HelpFormatter)
+        for name, text in SUBCOMMAND_HELP.items():
+            kwargs = subparser_kwargs.setdefault(name, {})
+            kwargs.setdefault("description", "\n".join(_wrap(text, _help_width())))
+            kwargs.setdefault("formatter_class", DN2HelpFormatter)
+            indent = " " * len(f"usage: dn2 {name} ")
+            kwargs.setdefault(
+                "usage",
+                f"dn2 {name} [-h] [-c CONFIG] [--print_config] [--ckpt_path PATH]\n{indent}[--trainer.NAME V] "
+                "[--model.NAME V] [--data.NAME V]",
+            )
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        if not add_subcommands:
+            _tidy_help(self.parser)
+            return
+        for parser in self._subcommand_parsers.values():
+            _tidy_help(parser)
+        for action in self.parser._actions:
+            for choice in getattr(action, "_choices_actions", []):
+                choice.help = SUBCOMMAND_HELP.get(choice.dest, choice.help)
+
+    def _parse_ckpt_path(self) -> None:
+        """With ``--ckpt_path``, Lightning replaces every model setting by the checkpoint's, so ``--model.k=50``
+        would silently run with the saved k. DN2 keeps the user's scoring settings (``k``, threshold, kNN
+        backend, memory budget, reports) and takes from the checkpoint only the settings that define the bank
+        and were left at their defaults; a bank setting the user set to another value is refused when the
+        checkpoint loads (``DN2Module.on_load_checkpoint``), naming both values."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        model = self.config[subcommand].get("model")
+        if model is None:
+            return
+        defaults = {n: p.default for n, p in inspect.signature(DN2Module.__init__).parameters.items()}
+        for name in BANK_HPARAMS:
+            if name not in saved or name not in model or str(saved[name]).startswith(CUSTOM_BACKBONE):
+                continue
+            if model[name] == defaults.get(name) and model[name] != saved[name]:
+                model[name] = saved[name]
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        config = self._get(self.config_init, "trainer", default={})
+        if self.subcommand in EVALUATION_SUBCOMMANDS and config.get("enable_checkpointing") is None:
+            kwargs.setdefault("enable_checkpointing", False)  # nothing to save; spares "dirpath has changed"
+        callbacks = config.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
+        wants_bar = config.get("enable_progress_bar") is not False
+        if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs.setdefault("callbacks", [*callbacks, default_progress_bar()])
+        return super().instantiate_trainer(**kwargs)
+
+    def after_fit(self) -> None:
+        callback = self.trainer.checkpoint_callback
+        path = (callback.best_model_path or callback.last_model_path) if callback is not None else ""
+        if path:
+            rank_zero_info(f"DN2: checkpoint (memory bank + threshold) written to {path}")
+            rank_zero_info(f"DN2: reuse it with: dn2 test|predict --config ... --ckpt_path={path}")
+        else:
+            rank_zero_info("DN2: no checkpoint written (enable_checkpointing=false): the bank is not saved.")
+        self._print_run_files()
+
+    def before_validate(self) -> None:
+        _ignore_fit_callback_states()
+
+    def before_test(self) -> None:
+        _ignore_fit_callback_states()
+
+    def before_predict(self) -> None:
+        _ignore_fit_callback_states()
+
+    def after_validate(self) -> None:
+        self._print_run_files()
+
+    def after_test(self) -> None:
+        self._print_run_files()
+
+    def after_predict(self) -> None:
+        self._print_run_files()
+
+    def _print_run_files(self) -> None:
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank reads it
+        config = Path(log_dir or self.trainer.default_root_dir) / "config.yaml"
+        if self.save_config_callback is not None and config.is_file():
+            rank_zero_info(f"DN2: run config written to {config} (rerun with --config)")
+        if self.trainer.loggers:
+            rank_zero_info(f"DN2: logs in {log_dir}")
+
+
+def _ignore_fit_callback_states() -> None:
+    # validate/test/predict run without ModelCheckpoint (see instantiate_trainer); Lightning then warns that the
+    # fit checkpoint's ModelCheckpoint state has no callback to go to, which is harmless: it only records the
+    # fit run's own checkpoint paths. Inside build_cli's catch_warnings, so the filter ends with the command.
+    warnings.filterwarnings("ignore", message=r".*Be aware that when using `ckpt_path`, callbacks used to create")
+
+
+def default_progress_bar() -> ProgressBar:
+    """The progress bar Lightning would pick (rich when installed), without ``v_num``."""
+    return DN2RichProgressBar() if _RICH_AVAILABLE else DN2TQDMProgressBar()
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Silence :data:`SILENCED_WARNINGS` and :data:`SILENCED_INFO` inside the block only."""
+
+    class DropInfo(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith(SILENCED_INFO)
+
+    drop = DropInfo()
+    loggers = [
+        logging.getLogger(n) for n in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+    ]
+    for logger in loggers:
+        logger.addFilter(drop)
+    try:
+        with warnings.catch_warnings():
+            for message in SILENCED_WARNINGS:
+                warnings.filterwarnings("ignore", message=f".*{message}")
+            yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(drop)
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     """The LightningCLI behind ``dn2``; ``args``/``run`` as in LightningCLI (for tests and notebooks)."""
-    return LightningCLI(
-        DN2Module,
-        LightningDataModule,
-        subclass_mode_data=True,
-        args=args,
-        run=run,
-        save_config_kwargs={"overwrite": True},
-        # DN2's fit is one pass and stops by itself; this only spares Lightning's "max_epochs not set" notice
-        trainer_defaults={"max_epochs": 1},
-        auto_configure_optimizers=False,
-    )
+    with quiet_lightning():
+        return DN2CLI(
+            DN2Module,
+            LightningDataModule,
+            subclass_mode_data=True,
+            args=args,
+            run=run,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={
+                "max_epochs": 1,  # DN2's fit is one pass and stops by itself; this spares "max_epochs not set"
+                "enable_model_summary": False,  # a frozen backbone: "Trainable params: 0" says nothing
+                "log_every_n_steps": 1,  # nothing is logged per step; spares "fewer batches than log interval"
+            },
+            auto_configure_optimizers=False,
+        )
 
 
 def cli_main(args: list[str] | None = None) -> None:
     """Entry point of ``dn2``."""
     build_cli(args)
+
+
+# ------------------------------------------------------------------------------------------------ help
+
+
+def _tidy_help(parser: LightningArgumentParser) -> None:
+    """Make ``--help`` short and DN2-specific: Trainer options one line each, the backbones and data options
+    listed, generic Lightning texts replaced."""
+    groups = parser.groups or {}
+    others: list[str] = []
+    for action in parser._actions:
+        dest = action.dest or ""
+        if dest.endswith(".help") and dest != "data.help":
+            action.help = argparse.SUPPRESS  # "--trainer.logger.help CLASS" etc.: Lightning's class docs
+        elif dest.startswith("trainer."):
+            name = dest.split(".", 1)[1]
+            if name in TRAINER_HINTS:
+                hint = TRAINER_HINTS[name]
+                action.one_line = f"{_default_text(parser.get_default(dest)):<6}" + (f" {hint}" if hint else "")
+            else:
+                action.help = argparse.SUPPRESS
+                others.append(name)
+        elif dest == "model.backbone":
+            action.help = (
+                f"a registered backbone name: {', '.join(list_backbones())}; or (config/Python) an nn.Module mapping "
+                "images [B, 3, H, W] in [0, 1] to embeddings [B, D]."
+            )
+        elif dest == "ckpt_path" and getattr(parser, "subcommand", None) == "fit":
+            action.help = "a checkpoint to resume from (DN2's fit is one pass; rarely needed)."
+        elif dest in METHOD_ARGUMENT_HELP:
+            action.help = METHOD_ARGUMENT_HELP[dest]
+        elif dest == "seed_everything":
+            action.help = "seed of seed_everything; true = a random seed."
+    if "trainer" in groups:
+        groups["trainer"].title = "Trainer (Lightning; --trainer.NAME VALUE)"
+        width = _help_width() - 2
+        groups["trainer"].description = "\n".join(
+            _wrap(f"Option, default and hint. Also accepted: {', '.join(others)}.", width)
+            + _wrap(f"Descriptions: {TRAINER_DOCS}", width)
+        )
+    if "model" in groups:
+        groups["model"].title = "DN2 model (--model.NAME VALUE)"
+        groups["model"].description = None
+    for group in parser._action_groups:
+        if any(a.dest == "ckpt_path" for a in group._group_actions):
+            group.title = f"Run (dn2 {getattr(parser, 'subcommand', '')})"
+            group.description = None
+    if "data" in groups:
+        groups["data"].title = "Data (--data.NAME VALUE)"
+        groups["data"].description = _data_help(_help_width() - 2)  # the group indents by 2
+
+
+def _data_help(width: int = 100) -> str:
+    """The options of this library's DataModules, one entry each (a subclass-mode group lists none)."""
+    lines = _wrap(
+        "The config's data.class_path (or --data CLASS) picks the DataModule: dn2_lightning.OneClassDataModule, "
+        "dn2_lightning.GroupDataModule, or any LightningDataModule. --data.help CLASS shows all its options. "
+        f"Datasets: {', '.join(list_datasets())}, or folder (your own images).",
+        width,
+    )
+    shared = _documented_params(OneClassDataModule)
+    lines += ["", "OneClassDataModule (one normal class; dataset=folder for your own images):"]
+    lines += _param_lines(shared, width)
+    group = {n: v for n, v in _documented_params(GroupDataModule).items() if n not in shared}
+    lines += ["", "GroupDataModule (group setting, paper §3.3), also:"]
+    lines += _param_lines(group, width)
+    return "\n".join(lines) + "\n"
+
+
+def _documented_params(cls: type) -> dict[str, tuple[Any, str]]:
+    """``name -> (default, description)`` from ``cls.__init__``'s signature and Google-style docstring."""
+    import inspect
+
+    from docstring_parser import parse
+
+    descriptions: dict[str, str] = {}
+    for param in parse(cls.__doc__ or "").params:
+        for name in param.arg_name.split(","):
+            descriptions[name.strip()] = _plain(param.description or "")
+    params = inspect.signature(cls.__init__).parameters
+    return {n: (p.default, descriptions.get(n, "")) for n, p in params.items() if n != "self"}
+
+
+def _param_lines(params: dict[str, tuple[Any, str]], width: int) -> list[str]:
+    lines = []
+    for name, (default, description) in params.items():
+        head = f"  --data.{name:<17}"
+        text = f"{description} (default: {_default_text(default)})".strip()
+        lines += textwrap.wrap(text, width, initial_indent=head, subsequent_indent=" " * len(head))
+    return lines
+
+
+def _help_width() -> int:
+    return min(max(shutil.get_terminal_size().columns - 2, 60), 100)
+
+
+def _default_text(default: Any) -> str:
+    if default is None:
+        return "null"
+    if isinstance(default, bool):
+        return str(default).lower()
+    return str(default)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    return textwrap.wrap(text, width)
+
+
+def _plain(text: str) -> str:
+    """Drop reST markup from a docstring text: ``:func:`a.b``` -> ``a.b()``, double backquotes -> none."""
+    text = re.sub(r":(?:func|meth):`~?([^`]+)`", r"\1()", text)
+    text = re.sub(r":\w+:`~?([^`]+)`", r"\1", text)
+    return text.replace("``", "")
 
 
 if __name__ == "__main__":

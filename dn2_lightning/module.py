@@ -111,9 +111,10 @@ class DN2Module(LightningModule):
         bank_sharding: under DDP, ``"replicate"`` gives every rank the whole bank; ``"shard"`` keeps a
             disjoint shard per rank and merges per-shard top-k lists (exact), for banks larger than one
             device's memory. Single-device runs ignore it.
-        reports: after ``test``, write per-sample ``scores.csv`` and PNG figures (ROC, histograms, most
-            anomalous images) to the run's log dir (and TensorBoard); after ``predict``, write
-            ``predictions.csv`` (path, score, is_anomaly). ``False`` opts out.
+        reports: after ``test``/``predict``, write ``scores.csv``/``predictions.csv`` (one column order),
+            ``summary.json`` (n scored, n flagged, threshold, AUROC) and figures (ROC with the operating point,
+            score histogram with the threshold, most anomalous images with scores and file names) to a new
+            ``<log dir>/dn2_reports/<stage>_<N>/``, never overwriting; ``False`` opts out.
     """
 
     def __init__(
@@ -272,6 +273,7 @@ class DN2Module(LightningModule):
         self.test_scores = self._report("test", self.test_collector, self.test_auroc)
 
     def on_predict_epoch_start(self) -> None:
+        self.predict_scores = None
         self._ensure_bank()
         self._start_evaluation()
 

@@ -1,19 +1,114 @@
-"""Reports of an evaluation: per-sample CSV and PNG figures, from :class:`AnomalyScores` only.
+"""Reports of an evaluation: one CSV layout, a summary and PNG figures, built from :class:`AnomalyScores` only.
 
-matplotlib is imported lazily (extra ``reports``), so the core library does not need it.
+Every ``test`` or ``predict`` run writes a fresh folder ``<log dir>/dn2_reports/<stage>_<N>/`` (``<log dir>``
+is the logger's version folder, or ``trainer.default_root_dir`` without a logger; ``N`` is the first free
+number, so a run never overwrites an earlier one)::
+
+    scores.csv | predictions.csv   one row per sample, columns CSV columns below (same order for both)
+    summary.json                   n_scored, n_flagged, threshold, AUROC (labelled data), files, escaped paths
+    figures/roc.png                ROC with the operating point (labelled data only)
+    figures/score_histogram.png    score distribution with the threshold
+    figures/top_anomalies.png      the most anomalous images with their scores and file names
+
+CSV columns: ``index, path, label, score, normalized_score, is_anomaly, threshold``, then ``neighbour_j,
+distance_j`` for j < k. ``label`` is 1 anomalous, 0 normal, -1 unknown; ``normalized_score`` is the share of
+the bank's leave-one-out scores below the score (empty when the model cannot tell); ``is_anomaly`` is
+``score > threshold`` (empty when the threshold is undefined).
+
+Text cells (file paths) follow two rules, so that no cell can act as a spreadsheet formula and the true path
+can always be recovered (:func:`read_report` undoes both):
+
+1. CSV injection (OWASP): a cell starting with ``=``, ``+``, ``-``, ``@``, a tab, a carriage return or a single
+   quote gets one leading ``'``. Undo: drop the first character of a cell starting with ``'``.
+2. File names that are not valid UTF-8 (POSIX bytes that :func:`os.fsdecode` turns into lone surrogates) are
+   written with each undecodable byte as ``\\xNN``; the exact bytes are in ``summary.json`` under
+   ``escaped_paths`` as ``{index: hex}``: ``os.fsdecode(bytes.fromhex(hex))`` is the true path.
+
+Files are UTF-8. Numeric cells are never escaped. matplotlib is imported lazily (extra ``reports``).
 """
 
 from __future__ import annotations
 
 import csv
+import json
+import math
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from dn2_lightning.distributed import unique_by_index
 from dn2_lightning.metrics import AnomalyScores
+
+REPORTS_DIR = "dn2_reports"
+CSV_NAMES = {"test": "scores.csv", "predict": "predictions.csv"}
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r", "'")
+
+# ------------------------------------------------------------------------------------------ text cells
+
+
+def is_utf8_safe(text: str) -> bool:
+    """Whether ``text`` encodes to UTF-8 (False for names with undecodable bytes, held as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def display_path(path: str) -> str:
+    """``path`` as printable UTF-8 text: each byte that is not valid UTF-8 becomes ``\\xNN``.
+
+    >>> display_path(os.fsdecode(b"\\xe9t\\xe9.png"))
+    '\\\\xe9t\\\\xe9.png'
+    """
+    if is_utf8_safe(path):
+        return path
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def escape_cell(text: str) -> str:
+    """A text cell safe to open in a spreadsheet (rules 1 and 2 of the module docstring).
+
+    >>> escape_cell("=HYPERLINK(1)"), escape_cell("'quoted"), escape_cell("/data/a.png")
+    ("'=HYPERLINK(1)", "''quoted", '/data/a.png')
+    """
+    text = display_path(text)
+    return "'" + text if text.startswith(FORMULA_PREFIXES) else text
+
+
+def unescape_cell(cell: str) -> str:
+    """Undo rule 1 of :func:`escape_cell` (the formula guard).
+
+    >>> unescape_cell(escape_cell("-rf.png"))
+    '-rf.png'
+    """
+    return cell[1:] if cell.startswith("'") else cell
+
+
+def escaped_paths(paths: Sequence[str] | None, indices: Tensor) -> dict[str, str]:
+    """``{index: hex of the path's bytes}`` for the scored samples whose path is not valid UTF-8."""
+    if paths is None:
+        return {}
+    out = {}
+    for i in indices.tolist():
+        if not is_utf8_safe(paths[i]):
+            out[str(i)] = os.fsencode(paths[i]).hex()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ CSV
+
+
+def csv_columns(k: int) -> list[str]:
+    """The column order of ``scores.csv`` and ``predictions.csv`` for ``k`` neighbours."""
+    pairs = [name for j in range(k) for name in (f"neighbour_{j}", f"distance_{j}")]
+    return ["index", "path", "label", "score", "normalized_score", "is_anomaly", "threshold", *pairs]
 
 
 def write_scores_csv(
@@ -21,29 +116,104 @@ def write_scores_csv(
     path: str | Path,
     paths: Sequence[str] | None = None,
     threshold: float | None = None,
+    normalized: Tensor | None = None,
 ) -> Path:
-    """One row per sample: index, path (when known), label, score, is_anomaly, neighbour indices."""
+    """Write one row per sample in the :func:`csv_columns` order (UTF-8, text cells escaped).
+
+    Args:
+        scores: the evaluation's per-sample records.
+        path: the CSV file to write (its folder is created).
+        paths: file path of each dataset index (``paths[index]``), or ``None`` (empty column).
+        threshold: the decision threshold; ``None`` or NaN leaves ``is_anomaly`` and ``threshold`` empty.
+        normalized: ``[N]`` normalized scores in [0, 1], or ``None`` (empty column).
+
+    Returns:
+        ``path``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     k = scores.neighbours.shape[1]
-    with path.open("w", newline="") as f:
+    defined = threshold is not None and not math.isnan(threshold)
+    with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["index", "path", "label", "score", "is_anomaly", *[f"neighbour_{j}" for j in range(k)]])
+        writer.writerow(csv_columns(k))
         for i in range(len(scores)):
-            index = int(scores.indices[i])
-            score = float(scores.scores[i])
-            flag = "" if threshold is None or threshold != threshold else int(score > threshold)
+            index, score = int(scores.indices[i]), float(scores.scores[i])
+            pairs = [v for j in range(k) for v in (int(scores.neighbours[i, j]), f"{scores.distances[i, j]:.9g}")]
             writer.writerow(
                 [
                     index,
-                    paths[index] if paths is not None else "",
+                    escape_cell(paths[index]) if paths is not None else "",
                     int(scores.labels[i]),
                     f"{score:.9g}",
-                    flag,
-                    *scores.neighbours[i].tolist(),
+                    f"{float(normalized[i]):.6g}" if normalized is not None else "",
+                    int(score > threshold) if defined else "",
+                    f"{threshold:.9g}" if defined else "",
+                    *pairs,
                 ]
             )
     return path
+
+
+def read_report(csv_path: str | Path) -> list[dict[str, str]]:
+    """Rows of a report CSV with the true file paths restored (both escaping rules undone, using the
+    ``summary.json`` beside it for names that are not valid UTF-8)."""
+    csv_path = Path(csv_path)
+    summary = csv_path.with_name("summary.json")
+    raw = json.loads(summary.read_text(encoding="utf-8")).get("escaped_paths", {}) if summary.is_file() else {}
+    with csv_path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        exact = raw.get(row["index"])
+        row["path"] = os.fsdecode(bytes.fromhex(exact)) if exact is not None else unescape_cell(row["path"])
+    return rows
+
+
+# -------------------------------------------------------------------------------------------- summary
+
+
+def summarize(stage: str, scores: AnomalyScores, threshold: float | None, auroc: float | None = None) -> dict[str, Any]:
+    """Counts of a run: ``stage``, ``n_scored``, ``n_flagged`` (score > threshold), ``threshold``,
+    ``n_labelled_anomalous`` and ``auroc`` (``None`` where undefined)."""
+    defined = threshold is not None and not math.isnan(threshold)
+    labels = scores.labels
+    labelled = bool((labels >= 0).all()) and len(labels) > 0
+    if auroc is None and labelled and labels.unique().numel() == 2:
+        from sklearn.metrics import roc_auc_score
+
+        auroc = float(roc_auc_score(labels.numpy(), scores.scores.double().numpy()))
+    return {
+        "stage": stage,
+        "n_scored": len(scores),
+        "n_flagged": int((scores.scores > threshold).sum()) if defined else None,
+        "threshold": float(threshold) if defined else None,
+        "n_labelled_anomalous": int((labels == 1).sum()) if labelled else None,
+        "auroc": auroc,
+    }
+
+
+def write_summary(summary: dict[str, Any], path: str | Path) -> Path:
+    """Write ``summary`` as indented UTF-8 JSON (ASCII-escaped, so any reader can load it)."""
+    path = Path(path)
+    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def next_run_dir(base: str | Path, stage: str) -> Path:
+    """Create and return ``base/dn2_reports/<stage>_<N>`` with the first free ``N`` (never an existing folder)."""
+    root = Path(base) / REPORTS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    n = sum(1 for p in root.iterdir() if p.name.startswith(f"{stage}_"))
+    while True:
+        folder = root / f"{stage}_{n}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            n += 1
+
+
+# -------------------------------------------------------------------------------------------- figures
 
 
 def save_figures(
@@ -51,55 +221,85 @@ def save_figures(
     out_dir: str | Path,
     threshold: float | None = None,
     image_of: Callable[[int], Tensor] | None = None,
+    name_of: Callable[[int], str] | None = None,
     n_top: int = 16,
 ) -> dict[str, Path]:
-    """ROC curve (with AUROC), score histograms normal vs anomalous (with the threshold), and a grid of the
-    most anomalous samples (when ``image_of(index) -> uint8 [C, H, W]`` is given). Returns name -> PNG path."""
+    """Write the PNG figures of an evaluation.
+
+    Args:
+        scores: the evaluation's per-sample records.
+        out_dir: folder for the PNGs (created).
+        threshold: the decision threshold, marked on the histogram and (as the operating point) on the ROC.
+        image_of: ``index -> [C, H, W]`` image (uint8, or float in [0, 1]); ``None`` skips the top grid.
+        name_of: ``index -> file name`` shown under each top image, or ``None``.
+        n_top: images in the top grid.
+
+    Returns:
+        ``{"roc" (labelled data only), "histogram", "top_anomalies" (with image_of): PNG path}``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
     from sklearn.metrics import roc_auc_score, roc_curve
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     labels, values = scores.labels.numpy(), scores.scores.numpy()
+    defined = threshold is not None and not math.isnan(threshold)
     written: dict[str, Path] = {}
-    labelled = (labels >= 0).all() and len(set(labels.tolist())) == 2
+    labelled = bool((labels >= 0).all()) and len(set(labels.tolist())) == 2
 
     if labelled:
         fpr, tpr, _ = roc_curve(labels, values)
         fig, ax = plt.subplots(figsize=(4, 4))
         ax.plot(fpr, tpr, label=f"AUROC = {roc_auc_score(labels, values):.4f}")
         ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
+        if defined:
+            flagged = values > threshold
+            op_fpr, op_tpr = flagged[labels == 0].mean(), flagged[labels == 1].mean()
+            ax.plot(op_fpr, op_tpr, "ro", label=f"threshold {threshold:.3g}: FPR {op_fpr:.2f}, TPR {op_tpr:.2f}")
         ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
-        ax.legend(loc="lower right")
+        ax.legend(loc="lower right", fontsize=7)
         written["roc"] = _save(fig, out_dir / "roc.png")
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     groups = [("normal", labels == 0), ("anomalous", labels == 1)] if labelled else [("all", labels == labels)]
+    bins = np.histogram_bin_edges(values, bins=50)  # one set of bins, so the groups compare bar for bar
     for name, mask in groups:
-        ax.hist(values[mask], bins=50, alpha=0.6, label=name)
-    if threshold is not None and threshold == threshold:
-        ax.axvline(threshold, color="k", linestyle="--", label=f"threshold {threshold:.3g}")
+        ax.hist(values[mask], bins=bins, alpha=0.6, label=name)
+    if defined:
+        n_flagged = int((values > threshold).sum())
+        ax.axvline(threshold, color="k", linestyle="--", label=f"threshold {threshold:.3g} ({n_flagged} above)")
     ax.set(xlabel="DN2 score", ylabel="samples", title="Score distribution")
-    ax.legend()
+    ax.legend(fontsize=7)
     written["histogram"] = _save(fig, out_dir / "score_histogram.png")
 
-    if image_of is not None:
+    if image_of is not None and len(scores):
         top = torch.argsort(scores.scores, descending=True)[:n_top].tolist()
         cols = min(8, len(top))
         rows = (len(top) + cols - 1) // cols
-        fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.9 * rows), squeeze=False)
+        fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols, 2.1 * rows), squeeze=False)
         for ax in axes.flat:
             ax.axis("off")
         for ax, i in zip(axes.flat, top, strict=False):
-            image = image_of(int(scores.indices[i]))
-            ax.imshow(image.permute(1, 2, 0).numpy() if image.shape[0] == 3 else image[0].numpy(), cmap="gray")
-            ax.set_title(f"{float(scores.scores[i]):.3g}" + (" (A)" if labels[i] == 1 else ""), fontsize=8)
+            index = int(scores.indices[i])
+            image = image_of(index)
+            shown = image.permute(1, 2, 0) if image.shape[0] == 3 else image[0]
+            ax.imshow(shown.numpy(), cmap="gray")
+            title = f"{float(scores.scores[i]):.3g}" + (" (A)" if labels[i] == 1 else "")
+            if name_of is not None:
+                title += "\n" + _short(display_path(name_of(index)))
+            ax.set_title(title, fontsize=7)
         fig.suptitle("Most anomalous samples (score; A = labelled anomalous)", fontsize=9)
         written["top_anomalies"] = _save(fig, out_dir / "top_anomalies.png")
     return written
+
+
+def _short(name: str, width: int = 18) -> str:
+    name = os.path.basename(name)
+    return name if len(name) <= width else name[: width - 1] + "…"
 
 
 def _save(fig: object, path: Path) -> Path:
@@ -111,61 +311,155 @@ def _save(fig: object, path: Path) -> Path:
     return path
 
 
-class EvaluationReport(Callback):
-    """Writes the reports of ``DN2Module(reports=True)`` into the run's log dir (rank 0 only).
+# ------------------------------------------------------------------------------------------- callback
 
-    After ``test``: ``scores.csv`` and ``figures/*.png`` (also logged to TensorBoard when that logger is
-    active). After ``predict``: ``predictions.csv`` with path, score, is_anomaly, label and neighbours.
+
+class EvaluationReport(Callback):
+    """Writes the reports of ``DN2Module(reports=True)`` after ``test`` and ``predict`` (rank 0 only) and prints
+    the path of every file written.
+
+    Each run gets its own folder ``<out_dir>/dn2_reports/<stage>_<N>/`` (see the module docstring for the
+    files and the CSV rules); figures are also logged to TensorBoard when that logger is active.
+
+    Args:
+        out_dir: parent of ``dn2_reports/``; ``None`` = the trainer's ``log_dir`` (the logger's version folder,
+            or ``default_root_dir`` without a logger).
     """
 
+    def __init__(self, out_dir: str | Path | None = None) -> None:
+        self.out_dir = out_dir
+        self._message: str | None = None  # printed at teardown, after Lightning's metric table
+        self._predictions: list | None = None
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._message is not None:
+            rank_zero_info(self._message)
+            self._message = None
+
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        out = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank reads it
+        base = self._base(trainer)  # a collective under DDP: every rank reads it
         scores = getattr(pl_module, "test_scores", None)
-        if not trainer.is_global_zero or scores is None:
-            return
-        threshold = float(pl_module.threshold)
-        datamodule = trainer.datamodule
-        paths = datamodule.source_paths("test") if hasattr(datamodule, "source_paths") else None
-        write_scores_csv(scores, out / "scores.csv", paths, threshold)
-        dataset = getattr(datamodule, "test_dataset", None)
-        image_of = (lambda i: dataset[i]["image"]) if dataset is not None and scores.labels.numel() else None
-        if image_of is not None and dataset[0]["image"].ndim != 3:
-            image_of = None  # groups: no single image to show
-        figures = save_figures(scores, out / "figures", threshold, image_of)
-        _log_to_tensorboard(trainer, figures)
+        if trainer.is_global_zero and scores is not None:
+            auroc = trainer.callback_metrics.get("test/auroc")
+            self._write("test", trainer, pl_module, scores, base, None if auroc is None else float(auroc))
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        out = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank reads it
-        if not trainer.is_global_zero or not trainer.predict_loop.predictions:
+        # the module's own on_predict_epoch_end (gathering ``predict_scores`` from every rank) runs after the
+        # callbacks' hook, so the report is written in on_predict_end; Lightning drops its predictions list
+        # before that hook unless return_predictions, so it is kept here for the fallback
+        self._predictions = trainer.predict_loop.predictions
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        base = self._base(trainer)  # a collective under DDP: every rank reads it
+        predictions, self._predictions = self._predictions, None
+        if not trainer.is_global_zero:
             return
-        predictions = trainer.predict_loop.predictions
-        if predictions and isinstance(predictions[0], list):  # several dataloaders
-            predictions = [p for loader in predictions for p in loader]
-        write_predictions_csv(predictions, out / "predictions.csv")
+        scores, batch_paths = getattr(pl_module, "predict_scores", None), None
+        if scores is None and predictions:  # a module without predict_scores: rank 0's own predictions
+            scores, batch_paths = scores_from_predictions(predictions)
+        if scores is not None and len(scores):
+            self._write("predict", trainer, pl_module, scores, base, paths=batch_paths)
+
+    def _base(self, trainer: Trainer) -> Path:
+        return Path(self.out_dir) if self.out_dir is not None else Path(trainer.log_dir or trainer.default_root_dir)
+
+    def _write(
+        self,
+        stage: str,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        scores: AnomalyScores,
+        base: Path,
+        auroc: float | None = None,
+        paths: Sequence[str] | None = None,
+    ) -> None:
+        threshold = _threshold_of(pl_module)
+        datamodule = trainer.datamodule
+        source_paths = getattr(datamodule, "source_paths", None)
+        if scores.paths is not None:  # per row, gathered by the module from the batches: index them
+            by_index = [""] * (int(scores.indices.max()) + 1 if len(scores) else 0)
+            for i, path in zip(scores.indices.tolist(), scores.paths, strict=True):
+                by_index[i] = path
+            paths = by_index
+        elif callable(source_paths):
+            paths = source_paths(stage) or paths
+        normalized = scores.normalized
+        normalize = getattr(pl_module, "normalized", None)
+        if normalized is None and callable(normalize):
+            normalized = normalize(scores.scores).detach().float().cpu()
+
+        out = next_run_dir(base, stage)
+        files = {"csv": write_scores_csv(scores, out / CSV_NAMES[stage], paths, threshold, normalized)}
+        dataset = _dataset_of(trainer, stage)
+        image_of = _image_reader(dataset)
+        name_of = (lambda i: paths[i]) if paths is not None else None
+        for name, png in save_figures(scores, out / "figures", threshold, image_of, name_of).items():
+            files[name] = png
+        summary = summarize(stage, scores, threshold, auroc)
+        summary["threshold_quantile"] = pl_module.hparams.get("threshold_quantile")
+        summary["escaped_paths"] = escaped_paths(paths, scores.indices)
+        summary["files"] = {name: display_path(str(p)) for name, p in files.items()}
+        files["summary"] = write_summary(summary, out / "summary.json")
+        _log_to_tensorboard(trainer, {n: p for n, p in files.items() if p.suffix == ".png"})
+        self._message = _describe(summary, out, files)
 
 
-def write_predictions_csv(predictions: Sequence[dict], path: str | Path) -> Path:
-    """One row per predicted sample: index, path, score, is_anomaly, label, neighbour indices."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    k = predictions[0]["neighbours"].shape[1]
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["index", "path", "score", "is_anomaly", "label", *[f"neighbour_{j}" for j in range(k)]])
-        for batch in predictions:
-            paths = batch.get("path") or [""] * len(batch["score"])
-            for i in range(len(batch["score"])):
-                writer.writerow(
-                    [
-                        int(batch["index"][i]),
-                        paths[i],
-                        f"{float(batch['score'][i]):.9g}",
-                        "" if batch["is_anomaly"] is None else int(batch["is_anomaly"][i]),
-                        int(batch["label"][i]),
-                        *batch["neighbours"][i].tolist(),
-                    ]
-                )
-    return path
+def scores_from_predictions(predictions: Sequence[Any]) -> tuple[AnomalyScores, list[str] | None]:
+    """The :class:`AnomalyScores` of ``trainer.predict`` outputs (dicts of ``DN2Module.predict_step``, one list
+    per dataloader if several), sorted by index, and the samples' paths by index when the batches carry them."""
+    batches = [b for loader in predictions for b in loader] if isinstance(predictions[0], list) else predictions
+    cat = {key: torch.cat([torch.as_tensor(b[key]).cpu() for b in batches]) for key in ("index", "score", "label")}
+    neighbours = torch.cat([b["neighbours"].cpu() for b in batches])
+    distances = torch.cat([b["distances"].cpu() for b in batches])
+    indices, scores, labels, neighbours, distances = unique_by_index(
+        cat["index"].long(), cat["score"].float(), cat["label"].long(), neighbours.long(), distances.float()
+    )
+    paths = None
+    if all("path" in b for b in batches):
+        by_index = {int(i): p for b in batches for i, p in zip(b["index"], b["path"], strict=True)}
+        paths = [by_index.get(i, "") for i in range(int(indices.max()) + 1)]
+    return AnomalyScores(indices, scores, labels, neighbours, distances), paths
+
+
+def _threshold_of(pl_module: LightningModule) -> float | None:
+    threshold = getattr(pl_module, "threshold", None)
+    if threshold is None:
+        return None
+    value = float(threshold)
+    return None if math.isnan(value) else value
+
+
+def _dataset_of(trainer: Trainer, stage: str) -> Any:
+    dataset = getattr(trainer.datamodule, f"{stage}_dataset", None)
+    if dataset is None:
+        loaders = trainer.test_dataloaders if stage == "test" else trainer.predict_dataloaders
+        loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
+        if len(loaders) == 1 and loaders[0] is not None:
+            dataset = getattr(loaders[0], "dataset", None)
+    return dataset
+
+
+def _image_reader(dataset: Any) -> Callable[[int], Tensor] | None:
+    """``index -> image`` for datasets of dicts holding one ``[C, H, W]`` image (not groups), else ``None``."""
+    if dataset is None or not hasattr(dataset, "__getitem__") or len(dataset) == 0:
+        return None
+    first = dataset[0]
+    if not isinstance(first, dict) or not isinstance(first.get("image"), Tensor) or first["image"].ndim != 3:
+        return None
+    return lambda i: dataset[i]["image"]
+
+
+def _describe(summary: dict[str, Any], out: Path, files: dict[str, Path]) -> str:
+    threshold = summary["threshold"]
+    line = f"DN2 {summary['stage']}: {summary['n_scored']} samples scored"
+    if threshold is not None:
+        line += f", {summary['n_flagged']} flagged anomalous (score > threshold {threshold:.6g})"
+    else:
+        line += ", no threshold (undefined: the bank is too small), nothing flagged"
+    if summary["auroc"] is not None:
+        line += f", AUROC {summary['auroc']:.4f}"
+    listing = "\n".join(f"  {display_path(str(p))}" for p in files.values())
+    return f"{line}.\nDN2 reports written to {display_path(str(out))}:\n{listing}"
 
 
 def _log_to_tensorboard(trainer: Trainer, figures: dict[str, Path]) -> None:

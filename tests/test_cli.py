@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from dn2_lightning import DN2Module
+from dn2_lightning import DN2Module, list_backbones
 from dn2_lightning.cli import build_cli
 
 CONFIGS = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml"))
@@ -80,3 +83,115 @@ def test_cli_fit_needs_no_epoch_setting_and_keeps_the_users():
     assert build_cli(["--config", "configs/digits.yaml"], run=False).trainer.max_epochs == 1
     cli = build_cli(["--config", "configs/digits.yaml", "--trainer.max_epochs=3"], run=False)
     assert cli.trainer.max_epochs == 3
+
+
+# ------------------------------------------------------------------------------------------ help
+
+
+def help_text(args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(args)
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_test_help_fits_on_a_screen_and_speaks_dn2(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "80")  # a standard terminal; argparse wraps to it
+    text = help_text(["test", "--help"], capsys)
+    lines = text.splitlines()
+    assert len(lines) < 200, len(lines)
+    assert max(len(line) for line in lines) <= 80
+    backbone_help = text[text.index("--model.backbone") :].split("--model.pretrained")[0]
+    assert all(name in backbone_help for name in list_backbones())
+    for option in ("--data.dataset", "--data.root", "--data.normal_dir", "--data.on_corrupt", "--data.group_size"):
+        assert option in text
+    assert "folder" in text and "--ckpt_path" in text and "--trainer.devices" in text
+    assert "torchvision" not in text and "known subclasses" not in text and "``" not in text
+    assert "Score the test set" in text and "AUROC" in text
+    assert "Perform one evaluation epoch" not in text and "A DataModule standardizes" not in text
+
+
+def test_subcommands_are_described_in_dn2_terms(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "80")
+    text = " ".join(help_text(["--help"], capsys).split())  # unwrapped
+    assert "fit Build the memory bank" in text
+    assert "validate Score the datamodule's validation set" in text
+    assert "test Score the test set against the memory bank and report AUROC" in text
+    assert "predict Score images" in text and "predictions.csv" in text
+    assert "Runs the full optimization routine" not in text
+    for subcommand in ("fit", "validate", "predict"):
+        assert len(help_text([subcommand, "--help"], capsys).splitlines()) < 200
+
+
+def test_options_hidden_from_help_still_parse():
+    cli = build_cli(["--config", "configs/digits.yaml", "--trainer.gradient_clip_val=0.5"], run=False)
+    assert cli.trainer.gradient_clip_val == 0.5
+
+
+# --------------------------------------------------------------------------------------- console
+
+
+def run_recording(args: list[str]) -> tuple[object, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = build_cli(args)
+    return cli, [str(w.message) for w in caught]
+
+
+def test_console_shows_checkpoint_and_report_paths_and_no_lightning_noise(tmp_path, capfd, caplog):
+    caplog.set_level(logging.INFO)  # rank_zero_info lines are log records (pytest's handler takes them)
+
+    def console() -> str:
+        text = "".join(capfd.readouterr()) + caplog.text
+        caplog.clear()
+        return text
+
+    common = ["--config", "configs/digits.yaml", f"--trainer.default_root_dir={tmp_path}", "--model.input_size=32"]
+    fit, fit_warnings = run_recording(["fit", *common])
+    out = console()
+    ckpt = fit.trainer.checkpoint_callback.best_model_path
+    assert Path(ckpt).is_file() and f"checkpoint (memory bank + threshold) written to {ckpt}" in out
+    assert "memory bank of" in out and "config.yaml" in out
+    for noise in ("Tip:", "Trainable params", "Total FLOPs", "v_num"):
+        assert noise not in out, noise
+    bar = fit.trainer.progress_bar_callback
+    assert bar is not None and "v_num" not in bar.get_metrics(fit.trainer, fit.model)
+    assert fit.trainer.loggers  # v_num would be shown by Lightning's own bar with this logger
+
+    test, test_warnings = run_recording(["test", *common, f"--ckpt_path={ckpt}"])
+    out = console()
+    assert test.trainer.checkpoint_callback is None  # test saves nothing
+    reports = sorted(Path(test.trainer.log_dir, "dn2_reports", "test_0").rglob("*.*"))
+    assert {p.name for p in reports} >= {"scores.csv", "summary.json", "roc.png", "score_histogram.png"}
+    assert all(str(p) in out for p in reports)
+    assert "test/auroc" in out and "flagged anomalous (score > threshold" in out
+
+    predict, predict_warnings = run_recording(["predict", *common, f"--ckpt_path={ckpt}"])
+    out = console()
+    summary = Path(predict.trainer.log_dir, "dn2_reports", "predict_0", "summary.json")
+    assert str(summary) in out and "samples scored" in out
+    messages = " ".join(fit_warnings + test_warnings + predict_warnings)
+    for noise in ("validation_step", "LeafSpec", "logging interval", "dirpath has changed", "callbacks used to create"):
+        assert noise not in messages, noise
+
+
+def test_cli_leaves_warning_filters_as_it_found_them():
+    before = list(warnings.filters)
+    build_cli(["--config", "configs/digits.yaml"], run=False)
+    assert warnings.filters == before
+
+
+def test_ckpt_path_keeps_the_users_scoring_settings_and_checks_the_bank_issue11_5(tmp_path):
+    common = [f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"]
+    fit = build_cli(["fit", "--config", "configs/digits.yaml", "--model.input_size=32", *common])
+    ckpt = fit.trainer.checkpoint_callback.best_model_path
+    data = ["--data=dn2_lightning.OneClassDataModule", "--data.dataset=digits"]
+    # no --config: the bank settings (backbone, input size) come from the checkpoint; k from the user
+    test = build_cli(["test", *data, f"--ckpt_path={ckpt}", "--model.k=5", "--model.threshold_quantile=0.8", *common])
+    assert test.model.hparams.k == 5 and test.model.hparams.backbone == "efficientnet_lite0"
+    assert test.model.hparams.input_size == 32
+    direct = build_cli(["test", "--config", "configs/digits.yaml", "--model.input_size=32", "--model.k=5", *common])
+    torch.testing.assert_close(test.model.test_scores.scores, direct.model.test_scores.scores)
+    assert test.model.hparams.threshold_quantile == 0.8
+    with pytest.raises(ValueError, match=r"input_size=32 \(checkpoint\) vs input_size=48 \(this model\)"):
+        build_cli(["test", *data, f"--ckpt_path={ckpt}", "--model.input_size=48", *common])

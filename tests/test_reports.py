@@ -1,57 +1,158 @@
-"""Reports: per-sample CSV, PNG figures, predictions on a folder with a corrupt file."""
+"""Reports: one CSV layout for test and predict, summary.json, PNG figures, run folders, safe text cells."""
 
 from __future__ import annotations
 
 import csv
+import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from helpers import BlobDataModule, linear_backbone, quiet_trainer
 from PIL import Image
 from test_data import make_folder
 
-from dn2_lightning import DN2Module, OneClassDataModule
+from dn2_lightning import AnomalyScores, DN2Module, OneClassDataModule
 from dn2_lightning.cli import build_cli
+from dn2_lightning.reports import (
+    csv_columns,
+    escape_cell,
+    read_report,
+    scores_from_predictions,
+    unescape_cell,
+    write_scores_csv,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def read_csv(path: Path) -> list[dict]:
-    with path.open() as f:
+    with path.open(encoding="utf-8", newline="") as f:
         return list(csv.DictReader(f))
 
 
-def test_test_writes_scores_csv_and_valid_png_figures(tmp_path):
+def only_run_dir(root: Path, stage: str) -> Path:
+    runs = sorted((root / "dn2_reports").glob(f"{stage}_*"))
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    with Image.open(path) as img:
+        assert img.size[0] > 100 and img.size[1] > 100
+
+
+def test_test_writes_scores_csv_summary_and_valid_png_figures(tmp_path):
     dm = OneClassDataModule(dataset="digits", normal_class=0, batch_size=128)
     model = DN2Module(k=3, backbone=linear_backbone())
     quiet_trainer(default_root_dir=tmp_path).test(model, datamodule=dm)
-    rows = read_csv(tmp_path / "scores.csv")
-    assert list(rows[0]) == [
-        "index",
-        "path",
-        "label",
-        "score",
-        "is_anomaly",
-        "neighbour_0",
-        "neighbour_1",
-        "neighbour_2",
-    ]
+    out = only_run_dir(tmp_path, "test")
+    rows = read_csv(out / "scores.csv")
+    assert list(rows[0]) == csv_columns(3)
+    assert list(rows[0])[:7] == ["index", "path", "label", "score", "normalized_score", "is_anomaly", "threshold"]
     assert len(rows) == len(dm.test_dataset)
-    np.testing.assert_allclose([float(r["score"]) for r in rows], model.test_scores.scores.numpy(), rtol=1e-6)
-    assert [int(r["is_anomaly"]) for r in rows] == (model.test_scores.scores > model.threshold).int().tolist()
+    scores = model.test_scores
+    np.testing.assert_allclose([float(r["score"]) for r in rows], scores.scores.numpy(), rtol=1e-6)
+    assert [int(r["is_anomaly"]) for r in rows] == (scores.scores > model.threshold).int().tolist()
+    assert all(float(r["threshold"]) == pytest.approx(float(model.threshold), rel=1e-7) for r in rows)
+    for j in range(3):
+        assert [int(r[f"neighbour_{j}"]) for r in rows] == scores.neighbours[:, j].tolist()
+        np.testing.assert_allclose([float(r[f"distance_{j}"]) for r in rows], scores.distances[:, j], rtol=1e-6)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_scored"] == len(dm.test_dataset)
+    assert summary["n_flagged"] == sum(int(r["is_anomaly"]) for r in rows)
+    assert summary["threshold"] == pytest.approx(float(model.threshold))
+    from sklearn.metrics import roc_auc_score
+
+    assert summary["auroc"] == pytest.approx(roc_auc_score(scores.labels, scores.scores), abs=1e-6)
     for name in ("roc.png", "score_histogram.png", "top_anomalies.png"):
-        png = tmp_path / "figures" / name
-        assert png.read_bytes()[:8] == PNG_MAGIC
-        with Image.open(png) as img:
-            assert img.size[0] > 100 and img.size[1] > 100
+        assert_png(out / "figures" / name)
+    assert set(summary["files"]) == {"csv", "roc", "histogram", "top_anomalies"}
+
+
+def test_normalized_score_is_the_models_when_it_offers_one(tmp_path):
+    model = DN2Module(k=2, backbone=linear_backbone())
+    quiet_trainer(default_root_dir=tmp_path).test(model, datamodule=BlobDataModule())
+    rows = read_csv(only_run_dir(tmp_path, "test") / "scores.csv")
+    if not hasattr(model, "normalized"):
+        assert {r["normalized_score"] for r in rows} == {""}
+        pytest.skip("DN2Module.normalized is not merged yet")
+    expected = model.normalized(model.test_scores.scores).numpy()
+    np.testing.assert_allclose([float(r["normalized_score"]) for r in rows], expected, rtol=1e-5)
+    order = np.argsort([float(r["score"]) for r in rows])
+    assert (np.diff(expected[order]) >= 0).all() and ((expected >= 0) & (expected <= 1)).all()
+
+
+def test_predict_writes_the_same_columns_a_summary_and_figures(tmp_path):
+    dm = BlobDataModule()
+    model = DN2Module(k=2, backbone=linear_backbone())
+    trainer = quiet_trainer(default_root_dir=tmp_path)
+    trainer.test(model, datamodule=dm)
+    trainer.predict(model, datamodule=dm)
+    test_rows = read_csv(only_run_dir(tmp_path, "test") / "scores.csv")
+    out = only_run_dir(tmp_path, "predict")
+    rows = read_csv(out / "predictions.csv")
+    assert list(rows[0]) == list(test_rows[0]) == csv_columns(2)
+    assert [r["index"] for r in rows] == [str(i) for i in range(len(dm.test_images))]
+    for mine, theirs in zip(rows, test_rows, strict=True):  # the same images: the same scores and neighbours
+        assert float(mine["score"]) == pytest.approx(float(theirs["score"]), rel=1e-6)
+        assert mine["neighbour_0"] == theirs["neighbour_0"] and mine["is_anomaly"] == theirs["is_anomaly"]
+    summary = json.loads((out / "summary.json").read_text())
+    scores = np.array([float(r["score"]) for r in rows])
+    assert summary["stage"] == "predict" and summary["n_scored"] == len(rows)
+    assert summary["threshold"] == pytest.approx(float(model.threshold))
+    flagged = int((scores > float(model.threshold)).sum())
+    assert summary["n_flagged"] == flagged == sum(int(r["is_anomaly"]) for r in rows)
+    for name in ("score_histogram.png", "top_anomalies.png"):
+        assert_png(out / "figures" / name)
+
+
+class ModuleWithPredictScores(DN2Module):
+    """Exposes ``predict_scores`` (gathered by the module in its own on_predict_epoch_end, as DDP needs), here
+    rank 0's predictions with every score doubled, so the report shows which source it used."""
+
+    def on_predict_epoch_end(self) -> None:
+        scores, _ = scores_from_predictions(self.trainer.predict_loop.predictions)
+        scores.scores = scores.scores * 2
+        self.predict_scores = scores
+
+
+def test_predict_reports_use_the_modules_predict_scores_when_it_has_them(tmp_path):
+    dm = BlobDataModule()
+    plain, gathered = (
+        DN2Module(k=2, backbone=linear_backbone()),
+        ModuleWithPredictScores(k=2, backbone=linear_backbone()),
+    )
+    quiet_trainer(default_root_dir=tmp_path / "plain").predict(plain, datamodule=dm)
+    quiet_trainer(default_root_dir=tmp_path / "gathered").predict(gathered, datamodule=dm)
+    a = read_csv(only_run_dir(tmp_path / "plain", "predict") / "predictions.csv")
+    b = read_csv(only_run_dir(tmp_path / "gathered", "predict") / "predictions.csv")
+    assert len(a) == len(b) == len(dm.test_images)
+    for x, y in zip(a, b, strict=True):
+        assert float(y["score"]) == pytest.approx(2 * float(x["score"]), rel=1e-6)
+
+
+def test_reports_never_overwrite_and_never_land_in_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = DN2Module(k=2, backbone=linear_backbone())
+    for _ in range(2):
+        quiet_trainer(default_root_dir=None).test(model, datamodule=BlobDataModule())
+    assert not (tmp_path / "scores.csv").exists() and not (tmp_path / "figures").exists()
+    runs = sorted(p.name for p in (tmp_path / "dn2_reports").iterdir())
+    assert runs == ["test_0", "test_1"]
+    first = (tmp_path / "dn2_reports/test_0/scores.csv").read_bytes()
+    assert first == (tmp_path / "dn2_reports/test_1/scores.csv").read_bytes()  # same run twice, both kept
 
 
 def test_reports_can_be_switched_off(tmp_path):
     quiet_trainer(default_root_dir=tmp_path).test(
         DN2Module(k=2, backbone=linear_backbone(), reports=False), datamodule=BlobDataModule()
     )
-    assert not (tmp_path / "scores.csv").exists()
+    assert not (tmp_path / "dn2_reports").exists() and not (tmp_path / "scores.csv").exists()
 
 
 def test_threshold_uses_train_data_only():
@@ -62,6 +163,62 @@ def test_threshold_uses_train_data_only():
     ra = quiet_trainer().test(ma, datamodule=a)[0]["test/auroc"]
     rb = quiet_trainer().test(mb, datamodule=b)[0]["test/auroc"]
     assert ra != rb and torch.equal(ma.threshold, mb.threshold) and torch.isfinite(ma.threshold)
+
+
+# ------------------------------------------------------------------------------------ text cells
+
+TRICKY = ["=HYPERLINK(1)", "+1", "-2+3", "@SUM(A1)", "\tx.png", "\rx.png", "'quoted.png", "/data/a.png", "ü.png", ""]
+
+
+def owasp_reference(text: str) -> str:
+    """OWASP CSV-injection advice, written out independently: prefix a single quote to a cell that starts
+    with = + - @ tab or carriage return (and to one starting with a quote, so the rule can be undone)."""
+    return "'" + text if text[:1] in {"=", "+", "-", "@", "\t", "\r", "'"} else text
+
+
+def small_scores(n: int) -> AnomalyScores:
+    zeros = torch.zeros(n, dtype=torch.long)
+    return AnomalyScores(torch.arange(n), torch.linspace(0, 1, n), zeros, zeros[:, None], torch.zeros(n, 1))
+
+
+def test_formula_like_paths_are_escaped_as_owasp_advises_and_restored(tmp_path):
+    assert [escape_cell(t) for t in TRICKY] == [owasp_reference(t) for t in TRICKY]
+    assert [unescape_cell(escape_cell(t)) for t in TRICKY] == TRICKY
+    path = write_scores_csv(small_scores(len(TRICKY)), tmp_path / "scores.csv", TRICKY, threshold=0.5)
+    cells = [r["path"] for r in read_csv(path)]
+    assert cells == [owasp_reference(t) for t in TRICKY]
+    assert not any(c[:1] in {"=", "+", "-", "@", "\t", "\r"} for c in cells)
+    assert [r["path"] for r in read_report(path)] == TRICKY
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="file names with undecodable bytes are a POSIX thing")
+def test_a_non_utf8_file_name_does_not_stop_the_reports(tmp_path):
+    images = make_folder(tmp_path / "images", corrupt=False)
+    odd = os.path.join(os.fsencode(images / "test" / "scratch"), b"\xe9t\xe9.png")
+    Image.fromarray(np.full((20, 30, 3), 200, dtype=np.uint8)).save(odd)
+    dm = OneClassDataModule(dataset="folder", root=str(images), image_size=16, batch_size=4)
+    model = DN2Module(k=2, backbone=linear_backbone(in_features=3 * 16 * 16))
+    trainer = quiet_trainer(default_root_dir=tmp_path / "runs")
+    trainer.test(model, datamodule=dm)
+    trainer.predict(model, datamodule=dm)
+    true_paths = [str(p) for p in dm.test_dataset.paths]
+    assert os.fsdecode(odd) in true_paths
+    for stage, name in (("test", "scores.csv"), ("predict", "predictions.csv")):
+        out = only_run_dir(tmp_path / "runs", stage)
+        raw = (out / name).read_bytes()
+        raw.decode("utf-8")  # the whole file is valid UTF-8
+        rows = read_csv(out / name)
+        assert len(rows) == len(true_paths) == 6  # every row, not stopped at the odd name
+        assert any(r["path"].endswith("\\xe9t\\xe9.png") for r in rows)  # readable escape in the CSV
+        restored = [r["path"] for r in read_report(out / name)]
+        assert restored == true_paths and all(os.path.exists(p) for p in restored)
+        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+        index = str(true_paths.index(os.fsdecode(odd)))
+        assert bytes.fromhex(summary["escaped_paths"][index]) == odd
+        assert summary["n_scored"] == 6
+
+
+# ------------------------------------------------------------------------------------------- CLI
 
 
 def test_cli_predict_on_a_folder_with_a_corrupt_file(tmp_path):
@@ -85,7 +242,13 @@ def test_cli_predict_on_a_folder_with_a_corrupt_file(tmp_path):
         Image.fromarray(np.full((12, 12, 3), 40 * i, dtype=np.uint8)).save(new / f"img{i}.jpg")
     (new / "corrupt.jpg").write_bytes(b"\xff\xd8 truncated")
     predict = build_cli(["predict", *common, f"--data.root={new}", f"--ckpt_path={ckpt}"])
-    rows = read_csv(Path(predict.trainer.default_root_dir) / "predictions.csv")
+    out = only_run_dir(Path(predict.trainer.default_root_dir), "predict")
+    rows = read_report(out / "predictions.csv")
     assert [Path(r["path"]).name for r in rows] == ["img0.jpg", "img1.jpg", "img2.jpg"]
     assert {r["is_anomaly"] for r in rows} <= {"0", "1"} and all(float(r["score"]) >= 0 for r in rows)
+    assert {r["label"] for r in rows} == {"-1"}  # a flat folder: labels unknown
     assert predict.datamodule.predict_dataset.skipped == [new / "corrupt.jpg"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_scored"] == 3 and summary["auroc"] is None
+    assert summary["n_flagged"] == sum(int(r["is_anomaly"]) for r in rows)
+    assert "roc" not in summary["files"] and Path(summary["files"]["top_anomalies"]).is_file()
