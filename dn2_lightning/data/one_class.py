@@ -21,9 +21,12 @@ from dn2_lightning.data.datasets import (
     check_image_size,
     list_image_files,
 )
+from dn2_lightning.data.masks import with_mvtec_masks
 from dn2_lightning.data.sources import list_datasets, load_split
+from dn2_lightning.data.synthetic import ensure_synthetic_defects
 
 FOLDER = "folder"
+SYNTHETIC = "synthetic"  # a folder in MVTec AD layout that dn2_lightning.data.synthetic writes on first use
 DEFAULT_FOLDER_IMAGE_SIZE = 224
 
 
@@ -33,7 +36,10 @@ class OneClassDataModule(LightningDataModule):
     Args:
         dataset: a name from :func:`dn2_lightning.data.list_datasets`, or ``"folder"`` for your own images:
             ``root/train/`` holds normal images, ``root/test/<name>/`` one folder per kind, the normal one
-            named ``normal_dir``. A ``root`` without ``test/`` is predicted on as a flat folder.
+            named ``normal_dir``. A ``root`` without ``test/`` is predicted on as a flat folder. Test images
+            get ground-truth masks (``gt_mask``) from ``root/ground_truth/<kind>/<stem>_mask.png`` when that
+            folder exists (MVTec AD). ``"synthetic"``: a folder of textures with pasted defects and exact
+            masks, written on first use (:mod:`dn2_lightning.data.synthetic`).
         normal_class: index or (case-insensitive) name of the normal class; ignored for folders.
         root: where the files are (default ``$DN2_DATA_DIR`` or ``~/.cache/dn2_lightning/data``).
         batch_size, num_workers, pin_memory: DataLoader settings.
@@ -61,8 +67,8 @@ class OneClassDataModule(LightningDataModule):
         pin_memory: bool = True,
     ) -> None:
         super().__init__()
-        if dataset not in [*list_datasets(), FOLDER]:
-            raise ValueError(f"dataset={dataset!r} is not one of {[*list_datasets(), FOLDER]}.")
+        if dataset not in [*list_datasets(), FOLDER, SYNTHETIC]:
+            raise ValueError(f"dataset={dataset!r} is not one of {[*list_datasets(), FOLDER, SYNTHETIC]}.")
         if isinstance(normal_class, bool) or not isinstance(normal_class, int | str):
             raise ValueError(f"normal_class={normal_class!r} must be a class index (int) or a class name (str).")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -97,7 +103,9 @@ class OneClassDataModule(LightningDataModule):
         """Build the datasets (once; later calls do nothing)."""
         if self.test_dataset is not None or self.predict_dataset is not None:
             return
-        if self.hparams.dataset == FOLDER:
+        if self.hparams.dataset == SYNTHETIC:
+            self.hparams.root = str(ensure_synthetic_defects(self.hparams.root))
+        if self.hparams.dataset in (FOLDER, SYNTHETIC):
             self._setup_folder()
         else:
             self._setup_classes()
@@ -148,11 +156,17 @@ class OneClassDataModule(LightningDataModule):
                 paths += files
                 labels += [int(kind != hp.normal_dir)] * len(files)
             self.test_dataset = ImageFolderDataset(paths, labels, size, hp.on_corrupt)
+            self.test_dataset = with_mvtec_masks(self.test_dataset, root, hp.normal_dir)
             self.test_source_indices = torch.arange(len(self.test_dataset))
             self.predict_dataset = self.test_dataset
         else:  # a flat folder of images to score: labels unknown
             paths = [p for p in list_image_files(root) if "train" not in p.relative_to(root).parts]
             self.predict_dataset = ImageFolderDataset(paths, [-1] * len(paths), size, hp.on_corrupt)
+
+    def prepare_data(self) -> None:
+        """``dataset="synthetic"``: write the synthetic-defect folder unless it is already there."""
+        if self.hparams.dataset == SYNTHETIC:
+            ensure_synthetic_defects(self.hparams.root)
 
     def _loader(self, split: str) -> DataLoader:
         self.setup()
@@ -185,7 +199,8 @@ class OneClassDataModule(LightningDataModule):
         """File paths of a split's samples by index (folders only)."""
         self.setup()
         dataset = self.test_dataset if split == "test" else self.predict_dataset
-        return [str(p) for p in dataset.paths] if isinstance(dataset, ImageFolderDataset) else None
+        paths = getattr(dataset, "paths", None)  # image-file datasets, with or without masks
+        return [str(p) for p in paths] if paths is not None else None
 
 
 def resolve_class(normal_class: int | str, classes: tuple[str, ...]) -> int:
