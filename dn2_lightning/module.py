@@ -28,6 +28,8 @@ from dn2_lightning.distributed import (
     world_size,
 )
 from dn2_lightning.knn import KNNResult, knn_distances, list_knn_backends
+from dn2_lightning.maps.bank import PatchBank
+from dn2_lightning.maps.head import AnomalyMaps, gt_masks_of, validate_map_options
 from dn2_lightning.metrics import AnomalyScores, ScoreCollector
 from dn2_lightning.scoring import drop_self, keep_lowest, knn_scores, pool_groups, to_unit_interval
 from dn2_lightning.sharding import sharded_knn
@@ -74,6 +76,16 @@ class DN2Module(LightningModule):
         reports: after ``test``, write per-sample ``scores.csv`` and PNG figures (ROC, histograms, most
             anomalous images) to the run's log dir (and TensorBoard); after ``predict``, write
             ``predictions.csv`` (path, score, is_anomaly). ``False`` opts out.
+        anomaly_maps: also localise anomalies (SPADE, :mod:`dn2_lightning.maps`): keep every training
+            image's patch features; ``predict`` returns ``anomaly_map [B, H, W]``; ``test`` logs
+            ``test/pixel_auroc`` and ``test/pro`` when the batches carry ``gt_mask``; reports add heatmaps.
+        patch_bank: ``"nearest_images"`` (SPADE: the positions of the ``map_images`` nearest training
+            images by global feature) or ``"all"`` (every training position).
+        map_images: K, nearest training images per test image (SPADE: 50).
+        map_kappa: nearest patch features averaged per position (SPADE: 1).
+        map_sigma: Gaussian smoothing of the maps in image pixels (SPADE: 4).
+        map_layers: backbone trunk stages of the patch pyramid; ``None`` = ResNet ``layer1-3`` or the
+            EfficientNet-Lite blocks at strides 4, 8, 16.
     """
 
     def __init__(
@@ -90,6 +102,12 @@ class DN2Module(LightningModule):
         threshold_quantile: float = 0.99,
         bank_sharding: str = "replicate",
         reports: bool = True,
+        anomaly_maps: bool = False,
+        patch_bank: str = "nearest_images",
+        map_images: int = 50,
+        map_kappa: int = 1,
+        map_sigma: float = 4.0,
+        map_layers: list[str] | None = None,
     ) -> None:
         super().__init__()
         _validate_hparams(
@@ -109,9 +127,18 @@ class DN2Module(LightningModule):
         self.backbone = build_backbone(backbone, pretrained=pretrained, image_size=input_size)
         self.bank = MemoryBank()
         self.register_buffer("threshold", torch.tensor(float("nan")))
+        validate_map_options(patch_bank, map_images, map_kappa, map_sigma)
+        self.maps: AnomalyMaps | None = None
+        if anomaly_maps:
+            if bank_sharding == "shard":
+                raise ValueError("anomaly_maps=True needs bank_sharding='replicate' (the patch bank is not sharded).")
+            self.maps = AnomalyMaps(
+                self.backbone, patch_bank, map_images, map_kappa, map_sigma, map_layers, knn_backend, max_memory_bytes
+            )
         # DDP broadcasts rank 0's buffers at set-up; the bank is made consistent by its own gathering (and
         # differs per rank when sharded), so it is excluded as torch's DDP allows.
         self._ddp_params_and_buffers_to_ignore = ["bank.embeddings", "bank.sample_indices", "threshold"]
+        self._ddp_params_and_buffers_to_ignore += [f"maps.bank.{name}" for name, _ in PatchBank().named_buffers()]
         self.val_collector = ScoreCollector()
         self.test_collector = ScoreCollector()
         # inputs are already gathered and de-duplicated by the collectors, so no second sync
@@ -159,6 +186,8 @@ class DN2Module(LightningModule):
         # pretrained features as they are: BatchNorm must use its ImageNet statistics, not the batch's
         self.backbone.eval()
         self._collector = BankCollector()
+        if self.maps is not None:
+            self.maps.start_collecting()
         self._stream_position = 0
 
     def on_train_epoch_end(self) -> None:
@@ -184,7 +213,13 @@ class DN2Module(LightningModule):
     def configure_callbacks(self) -> list:
         from dn2_lightning.reports import EvaluationReport
 
-        return [EvaluationReport()] if self.hparams.reports else []
+        if not self.hparams.reports:
+            return []
+        if self.maps is not None:
+            from dn2_lightning.maps.figures import MapReport
+
+            return [EvaluationReport(), MapReport()]
+        return [EvaluationReport()]
 
     # --------------------------------------------------------------------------------------- evaluation
 
@@ -206,10 +241,21 @@ class DN2Module(LightningModule):
         self._stream_position = 0
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._score_into(self.test_collector, unpack_batch(batch), batch_idx)
+        parsed = unpack_batch(batch)
+        if self.maps is None:
+            self._score_into(self.test_collector, parsed, batch_idx)
+            return
+        scores, knn, maps = self.score_with_maps(parsed, batch_idx)
+        indices = self._indices_of(parsed, batch_idx)
+        self.test_collector.update(indices, scores, parsed.labels, knn.indices, knn.values)
+        self.maps.update_metrics(indices, maps, gt_masks_of(batch))
 
     def on_test_epoch_end(self) -> None:
         self.test_scores = self._report("test", self.test_collector, self.test_auroc)
+        if self.maps is not None:
+            pixel = self.maps.compute_metrics()
+            if pixel:
+                self.log_dict({f"test/{name}": value for name, value in pixel.items()}, sync_dist=False)
 
     def on_predict_epoch_start(self) -> None:
         self._ensure_bank()
@@ -219,7 +265,10 @@ class DN2Module(LightningModule):
         """Per sample: ``score``, ``is_anomaly`` (score > threshold), ``label``, ``index``, and the
         train-set ``neighbours`` with their squared ``distances``."""
         parsed = unpack_batch(batch)
-        scores, knn = self.score(parsed, batch_idx)
+        if self.maps is None:
+            scores, knn = self.score(parsed, batch_idx)
+        else:
+            scores, knn, maps = self.score_with_maps(parsed, batch_idx)
         out = {
             "score": scores,
             "is_anomaly": scores > self.threshold,
@@ -230,6 +279,8 @@ class DN2Module(LightningModule):
         }
         if parsed.paths is not None:
             out["path"] = list(parsed.paths)
+        if self.maps is not None:
+            out["anomaly_map"] = maps
         return out
 
     # ------------------------------------------------------------------------------------------ scoring
@@ -250,6 +301,17 @@ class DN2Module(LightningModule):
             return member_scores.max(1).values, KNNResult(knn.values[rows], knn.indices[rows])
         knn = self._search(self._embed(batch.images, batch, batch_idx), self.hparams.k)
         return knn_scores(knn), knn
+
+    def score_with_maps(self, batch: Batch, batch_idx: int = 0) -> tuple[Tensor, KNNResult, Tensor]:
+        """DN2 scores ``[B]``, their kNN result and anomaly maps ``[B, H, W]`` (``anomaly_maps=True``), from one
+        backbone pass over single images ``[B, C, H, W]``."""
+        if not self.bank.is_fitted:
+            raise RuntimeError(NO_BANK_MESSAGE.format(fn="test"))
+        embeddings, patches = self.maps.embed(self.backbone, batch.images)
+        _check_finite(embeddings, "embeddings", batch, batch_idx)
+        knn = self._search(embeddings, self.hparams.k)
+        maps = self.maps.maps_for(embeddings, patches, self._search, batch.images.shape[-2:])
+        return knn_scores(knn), knn, maps
 
     def _search(self, embeddings: Tensor, k: int) -> KNNResult:
         """Exact kNN of ``embeddings`` in the whole bank; neighbours as train-set sample indices."""
@@ -319,6 +381,8 @@ class DN2Module(LightningModule):
         loader = _shard_for_this_rank(datamodule.train_dataloader())
         rank_zero_info(f"DN2: building the memory bank from {type(datamodule).__name__}.train_dataloader().")
         self._collector = BankCollector()
+        if self.maps is not None:
+            self.maps.start_collecting()
         self._stream_position = 0
         # the same precision context (e.g. bf16 autocast) as fit's training_step, so both banks are alike
         with torch.no_grad(), self.trainer.precision_plugin.train_step_context():
@@ -341,6 +405,11 @@ class DN2Module(LightningModule):
                 real = batch.mask.bool().flatten()
                 return embeddings[real], rows[real], labels[real]
             return embeddings, rows, labels
+        if self.maps is not None:  # one backbone pass gives the embeddings and the patch features
+            embeddings, patches = self.maps.embed(self.backbone, batch.images)
+            _check_finite(embeddings, "embeddings", batch, batch_idx)
+            self.maps.collect(patches, indices)
+            return embeddings, indices, batch.labels
         return self._embed(batch.images, batch, batch_idx), indices, batch.labels
 
     def _finalize_bank(self) -> None:
@@ -374,6 +443,8 @@ class DN2Module(LightningModule):
                     f"clean_fraction={self.hparams.clean_fraction} leaves {int(keep.sum())} embeddings, fewer "
                     f"than k={k}; lower clean_fraction or k."
                 )
+        if self.maps is not None:
+            self.maps.finalize(self.bank.sample_indices)
         self._set_threshold()
         report["bank/size"] = float(self._bank_size())
         self.bank_report = report

@@ -28,7 +28,7 @@ from dn2_lightning.distributed import unique_by_index
 
 DEFAULT_THRESHOLDS = 1000
 DEFAULT_FPR_LIMIT = 0.3
-_CHUNK = 2**18  # pixels per BinaryAUROC update: a [chunk] x [thresholds] loop stays small
+_CHUNK = 2**20  # pixels per histogram update
 
 
 class PixelResults(NamedTuple):
@@ -63,13 +63,17 @@ def _normalise(maps: Tensor) -> Tensor:
 
 
 def pixel_auroc(maps: Tensor, masks: Tensor, thresholds: int = DEFAULT_THRESHOLDS) -> float:
-    """Area under the pixel-level ROC curve, with ``thresholds`` evenly spaced bins of the score range.
+    """Area under the pixel-level ROC curve, computed by torchmetrics' ``BinaryAUROC(thresholds=N)``.
+
+    Scores are mapped affinely to [0, 1] (the ROC is unchanged) and binned at ``thresholds`` evenly spaced
+    thresholds. The metric's ``[N, 2, 2]`` confusion-matrix state is filled by :func:`binned_confmat`
+    (a histogram: ``O(pixels)`` time, chunked memory) instead of its own update, which compares every
+    pixel with every threshold; torchmetrics computes the curve and its area from that state.
 
     Args:
         maps: ``[N, H, W]`` anomaly maps.
         masks: ``[N, H, W]`` ground truth (non-zero = anomalous pixel).
-        thresholds: number of thresholds of ``BinaryAUROC`` (memory is ``O(thresholds)``, the error shrinks
-            as it grows; ``None`` is not accepted, as it would keep every pixel).
+        thresholds: number of thresholds (memory ``O(thresholds)``; the binning error shrinks as it grows).
 
     Returns:
         The AUROC in [0, 1].
@@ -88,11 +92,30 @@ def pixel_auroc(maps: Tensor, masks: Tensor, thresholds: int = DEFAULT_THRESHOLD
     target = masks.flatten() != 0
     if target.all() or not target.any():
         raise ValueError("pixel AUROC needs both anomalous and normal pixels in the masks.")
-    preds = _normalise(maps.flatten().double()).float()
     metric = BinaryAUROC(thresholds=thresholds).to(maps.device)
-    for start in range(0, preds.numel(), _CHUNK):
-        metric.update(preds[start : start + _CHUNK], target[start : start + _CHUNK].long())
+    metric.update(maps.new_empty(0), target.new_empty(0).long())  # marks the state as updated; adds nothing
+    metric.confmat += binned_confmat(_normalise(maps.flatten().double()).float(), target, metric.thresholds)
     return float(metric.compute())
+
+
+def binned_confmat(preds: Tensor, target: Tensor, thresholds: Tensor) -> Tensor:
+    """torchmetrics' multi-threshold confusion matrix ``[T, 2, 2]`` (``[t, target, preds >= thresholds[t]]``)
+    of ``preds [P]`` in [0, 1] and bool ``target [P]``, from histograms, ``_CHUNK`` pixels at a time.
+
+    >>> binned_confmat(torch.tensor([0.2, 0.7]), torch.tensor([False, True]), torch.tensor([0.0, 0.5, 1.0]))[1]
+    tensor([[1, 0],
+            [0, 1]])
+    """
+    t = thresholds.numel()
+    counts = torch.zeros(2, t + 1, dtype=torch.long, device=preds.device)
+    for start in range(0, preds.numel(), _CHUNK):
+        p, y = preds[start : start + _CHUNK], target[start : start + _CHUNK].long()
+        reached = torch.bucketize(p, thresholds, right=True)  # how many thresholds each score reaches
+        counts += torch.bincount(y * (t + 1) + reached, minlength=2 * (t + 1)).view(2, t + 1)
+    # at threshold j a pixel is positive when it reaches more than j thresholds
+    above = counts.flip(1).cumsum(1).flip(1)[:, 1:]  # [2, T]
+    totals = counts.sum(1, keepdim=True)
+    return torch.stack([totals - above, above], dim=-1).permute(1, 0, 2).contiguous()
 
 
 def label_regions(masks: Tensor) -> tuple[np.ndarray, int]:
