@@ -189,7 +189,7 @@ def integrate_until(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
         x0, x1, y0, y1 = x[last - 1], x[last], y[last - 1], y[last]
         y_max = y0 + (y1 - y0) * (x_max - x0) / (x1 - x0)
         area += 0.5 * (y0 + y_max) * (x_max - x0)
-    return area
+    return float(area)
 
 
 def pro_score(
@@ -214,7 +214,7 @@ def pro_score(
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"fpr_limit={fpr_limit} must be in (0, 1]; MVTec AD uses 0.3.")
     fpr, pro = pro_curve(maps, masks, thresholds)
-    return integrate_until(fpr, pro, fpr_limit) / fpr_limit
+    return float(integrate_until(fpr, pro, fpr_limit) / fpr_limit)
 
 
 def pixel_metrics(

@@ -285,3 +285,37 @@ def test_efficientnet_maps_find_the_synthetic_defects(tmp_path):
     results = quiet_trainer().test(model, datamodule=dm)[0]
     assert results["test/pixel_auroc"] > 0.9
     assert results["test/pro"] > 0.7
+
+
+def test_cli_synthetic_config_logs_pixel_metrics_and_writes_map_pngs(tmp_path):
+    from dn2_lightning.cli import build_cli
+
+    root = write_synthetic_defects(tmp_path / "set", n_train=20, n_test_good=3, n_test_per_kind=2, image_size=64)
+    common = [
+        "--config",
+        "configs/synthetic_defects.yaml",
+        f"--data.root={root}",  # a set already there is used as it is
+        "--model.input_size=64",
+        "--model.map_images=5",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
+    cli = build_cli(["test", *common, f"--trainer.default_root_dir={tmp_path / 'test'}"])
+    metrics = cli.trainer.callback_metrics
+    assert 0.5 < metrics["test/pixel_auroc"].item() <= 1.0 and 0.0 < metrics["test/pro"].item() <= 1.0
+    assert next((tmp_path / "test").rglob("anomaly_maps.png"), None) is not None
+    cli = build_cli(["predict", *common, f"--trainer.default_root_dir={tmp_path / 'predict'}"])
+    assert cli.trainer.predict_loop.predictions[0]["anomaly_map"].shape[-2:] == (224, 224)  # folder load size
+    assert len(list((tmp_path / "predict").rglob("anomaly_maps/*.png"))) == 3 + 3 * 2
+
+
+def test_building_a_patch_bank_too_large_for_the_host_fails_before_any_search(small_set, monkeypatch):
+    import dn2_lightning.maps.bank as patch_bank_module
+
+    monkeypatch.setattr(patch_bank_module, "_host_available_bytes", lambda: 10_000)  # a 10 kB machine
+    dm = OneClassDataModule(dataset="folder", root=str(small_set), image_size=32, batch_size=5)
+    model = DN2Module(backbone=tiny_conv(), anomaly_maps=True, map_layers=["1", "3"], patch_bank="all", reports=False)
+    # 12 images x 16 x 16 positions x 16 channels x 4 bytes, + norms + the 512 MiB search budget
+    with pytest.raises(MemoryError, match=r"patch bank \(12 images x 16x16 positions x 16 channels\) needs 0\.50 GiB"):
+        quiet_trainer().test(model, datamodule=dm)
+    assert not model.maps.bank.is_fitted
