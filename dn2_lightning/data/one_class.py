@@ -67,8 +67,8 @@ class OneClassDataModule(LightningDataModule):
         pin_memory: bool = True,
     ) -> None:
         super().__init__()
-        if dataset not in [*list_datasets(), FOLDER, SYNTHETIC]:
-            raise ValueError(f"dataset={dataset!r} is not one of {[*list_datasets(), FOLDER, SYNTHETIC]}.")
+        if dataset not in [*list_datasets(), SYNTHETIC, FOLDER]:
+            raise ValueError(f"dataset={dataset!r} is not one of {[*list_datasets(), SYNTHETIC, FOLDER]}.")
         if isinstance(normal_class, bool) or not isinstance(normal_class, int | str):
             raise ValueError(f"normal_class={normal_class!r} must be a class index (int) or a class name (str).")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

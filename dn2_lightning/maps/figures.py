@@ -33,8 +33,8 @@ def save_map_figure(
     path: str | Path,
     n_top: int = 8,
 ) -> Path:
-    """For the ``n_top`` test images with the highest image scores: the image, the anomaly map over it and
-    the ground-truth mask's contour (green), one column per image; one colour scale for the whole figure.
+    """For the ``n_top`` test images with the highest image scores: the image (top) and the anomaly map over
+    it with the ground-truth mask's contour in green (bottom); one colour scale for the whole figure.
 
     Args:
         results: test maps and masks (``AnomalyMaps.test_results``).
@@ -63,8 +63,7 @@ def save_map_figure(
             ax.axis("off")
         overlay = axes[1, column].imshow(results.maps[row].numpy(), cmap="jet", alpha=0.5, vmin=low, vmax=high)
         if mask.any():
-            for ax in axes[:, column]:
-                ax.contour(mask, levels=[0.5], colors="lime", linewidths=0.8)
+            axes[1, column].contour(mask, levels=[0.5], colors="lime", linewidths=0.8)
         axes[0, column].set_title(f"score {float(image_scores[row]):.3g}", fontsize=8)
     fig.colorbar(overlay, ax=axes[1, :].tolist(), fraction=0.02, pad=0.01)
     fig.suptitle("Most anomalous test images: anomaly map (jet), ground truth (green)", fontsize=9)
