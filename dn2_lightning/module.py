@@ -41,6 +41,8 @@ from dn2_lightning.distributed import (
 from dn2_lightning.group_pooling import GROUP_POOLINGS, GroupPooling, pack_members, unpack_members
 from dn2_lightning.inputs import ImagesLike, as_image_batches
 from dn2_lightning.knn import KNNResult, knn_distances
+from dn2_lightning.maps.bank import PatchBank
+from dn2_lightning.maps.head import AnomalyMaps, gt_masks_of, validate_map_options
 from dn2_lightning.metrics import AnomalyScores, ImageScores, ScoreCollector
 from dn2_lightning.scoring import (
     drop_self,
@@ -81,40 +83,32 @@ class DN2Module(LightningModule):
 
     Args:
         k: neighbours averaged in the score (paper: 2).
-        backbone: a name from :func:`dn2_lightning.list_backbones` or an ``nn.Module`` mapping float
-            images in [0, 1] ``[B, 3, H, W]`` to embeddings ``[B, D]``.
+        backbone: a registered name (:func:`~dn2_lightning.list_backbones`) or an ``nn.Module`` mapping
+            images ``[B, 3, H, W]`` in [0, 1] to ``[B, D]``.
         pretrained: load the backbone's ImageNet weights.
-        input_size: backbone input resolution (images are resized to it on the device); ``None`` = the
-            backbone's native size.
-        knn_backend: one of :func:`dn2_lightning.list_knn_backends`.
-        max_memory_bytes: temporary-memory budget of one kNN search (``None`` = 512 MiB).
-        clean_fraction: unsupervised setting (paper §3.2): fraction of the bank with the largest
-            leave-one-out kNN scores dropped before scoring; 0 disables cleaning.
-        clean_k: neighbours in the leave-one-out score used for cleaning (capped at bank size - 1). The
-            paper's k=2 lets contaminants of one class hide each other; 200 was the best value of a sweep
-            at 5-20% contamination on FashionMNIST (``benchmarks/RESULTS.md``).
-        group_pooling: for group batches ``[B, M, C, H, W]``: ``"mean"`` pools member embeddings (paper
-            §3.3); ``"histogram"`` describes a group by its composition: k-means centroids fitted on the
-            training members, each member softly assigned to them, the group = the mean assignment (sees a
-            class twice and another missing, which the mean barely does); ``"mean+histogram"`` concatenates
-            both; ``"none"`` keeps single-image embeddings in the bank and scores a group by the max of its
-            members' scores (the point-wise baseline). See :class:`dn2_lightning.group_pooling.GroupPooling`.
-        group_clusters: K, k-means centroids of the histogram poolings (fitted at fit time, checkpointed).
-        group_temperature: softness of the histogram's assignments: softmax of -squared distance /
-            (group_temperature x the median squared distance of a training member to its nearest centroid).
-        threshold_quantile: the decision threshold is this quantile of the bank's leave-one-out scores
-            (normal data only; never the test set): the expected share of normal images flagged is
-            ``1 - threshold_quantile``. Changeable after fit (:meth:`set_threshold`, ``--model.threshold_quantile``
-            beside ``--ckpt_path``).
-        threshold: a fixed decision threshold on the DN2 score instead of the quantile (``None``: use the
-            quantile).
-        bank_sharding: under DDP, ``"replicate"`` gives every rank the whole bank; ``"shard"`` keeps a
-            disjoint shard per rank and merges per-shard top-k lists (exact), for banks larger than one
-            device's memory. Single-device runs ignore it.
-        reports: after ``test``/``predict``, write ``scores.csv``/``predictions.csv`` (one column order),
-            ``summary.json`` (n scored, n flagged, threshold, AUROC) and figures (ROC with the operating point,
-            score histogram with the threshold, most anomalous images with scores and file names) to a new
-            ``<log dir>/dn2_reports/<stage>_<N>/``, never overwriting; ``False`` opts out.
+        input_size: the backbone's input resolution (resized on the device); ``None``: its own.
+        knn_backend: one of :func:`~dn2_lightning.list_knn_backends`.
+        max_memory_bytes: temporary-memory budget of one kNN search (``None``: 512 MiB).
+        clean_fraction: unsupervised setting: share of the bank with the largest leave-one-out scores
+            dropped (paper: 0.5); 0 = no cleaning.
+        clean_k: neighbours of the cleaning score (200: best of a sweep, ``benchmarks/RESULTS.md``).
+        group_pooling: groups ``[B, M, C, H, W]``: ``"mean"`` (paper), ``"histogram"`` (composition),
+            ``"mean+histogram"``, or ``"none"`` (point-wise: a group's worst member).
+        group_clusters: k-means centroids of the histogram poolings.
+        group_temperature: softness of the histogram's member-to-centroid assignments.
+        threshold_quantile: the threshold is this quantile of the bank's leave-one-out scores (never test
+            data); about ``1 - threshold_quantile`` of normal images are flagged.
+        threshold: a fixed threshold on the score instead (``None``: use the quantile).
+        bank_sharding: under DDP, ``"replicate"`` the bank on every rank or ``"shard"`` it (exact).
+        reports: write CSVs, ``summary.json`` and figures to ``<log dir>/dn2_reports/<stage>_<N>/``.
+        anomaly_maps: also compute SPADE pixel maps (``anomaly_map`` in predict, pixel AUROC/PRO in test).
+        patch_bank: maps: ``"nearest_images"`` (SPADE) or ``"all"`` (every training position).
+        map_images: maps: K nearest training images per test image (SPADE: 50).
+        map_kappa: maps: nearest patch features averaged per position (SPADE: 1).
+        map_sigma: maps: Gaussian smoothing in image pixels (SPADE: 4).
+        map_layers: maps: trunk stages of the patch pyramid (``None``: ResNet layer1-3 / Lite strides 4-16).
+
+    Details of each setting: README.md ("Your own images", "Anomaly maps", "Group anomalies").
     """
 
     def __init__(
@@ -134,6 +128,12 @@ class DN2Module(LightningModule):
         threshold: float | None = None,
         bank_sharding: str = "replicate",
         reports: bool = True,
+        anomaly_maps: bool = False,
+        patch_bank: str = "nearest_images",
+        map_images: int = 50,
+        map_kappa: int = 1,
+        map_sigma: float = 4.0,
+        map_layers: list[str] | None = None,
     ) -> None:
         super().__init__()
         _validate_hparams(
@@ -165,10 +165,19 @@ class DN2Module(LightningModule):
         self.bank = MemoryBank()
         pooling = "mean" if group_pooling == "none" else group_pooling  # "none" pools nothing: members are scored
         self.group_pool = GroupPooling(pooling, clusters=group_clusters, temperature=group_temperature)
-        # DDP broadcasts rank 0's buffers at set-up; the bank and the group centroids are made consistent by
+        validate_map_options(patch_bank, map_images, map_kappa, map_sigma)
+        self.maps: AnomalyMaps | None = None
+        if anomaly_maps:
+            if bank_sharding == "shard":
+                raise ValueError("anomaly_maps=True needs bank_sharding='replicate' (the patch bank is not sharded).")
+            self.maps = AnomalyMaps(
+                self.backbone, patch_bank, map_images, map_kappa, map_sigma, map_layers, knn_backend, max_memory_bytes
+            )
+        # DDP broadcasts rank 0's buffers at set-up; the banks and the group centroids are made consistent by
         # their own gathering (and the bank differs per rank when sharded), so they are excluded as DDP allows.
         self._ddp_params_and_buffers_to_ignore = [f"bank.{name}" for name, _ in self.bank.named_buffers()]
         self._ddp_params_and_buffers_to_ignore += [f"group_pool.{name}" for name, _ in self.group_pool.named_buffers()]
+        self._ddp_params_and_buffers_to_ignore += [f"maps.bank.{name}" for name, _ in PatchBank().named_buffers()]
         self.val_collector = ScoreCollector()
         self.test_collector = ScoreCollector()
         self.predict_collector = ScoreCollector()
@@ -221,6 +230,8 @@ class DN2Module(LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._collector = BankCollector()
+        if self.maps is not None:
+            self.maps.start_collecting()
         self._stream_position = 0
 
     def on_train_epoch_end(self) -> None:
@@ -245,7 +256,13 @@ class DN2Module(LightningModule):
     def configure_callbacks(self) -> list:
         from dn2_lightning.reports import EvaluationReport
 
-        return [EvaluationReport()] if self.hparams.reports else []
+        if not self.hparams.reports:
+            return []
+        if self.maps is not None:
+            from dn2_lightning.maps.figures import MapReport
+
+            return [EvaluationReport(), MapReport()]
+        return [EvaluationReport()]
 
     # --------------------------------------------------------------------------------------- evaluation
 
@@ -267,10 +284,21 @@ class DN2Module(LightningModule):
         self._start_evaluation()
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._score_into(self.test_collector, unpack_batch(batch), batch_idx)
+        parsed = unpack_batch(batch)
+        if self.maps is None:
+            self._score_into(self.test_collector, parsed, batch_idx)
+            return
+        scores, knn, maps = self.score_with_maps(parsed, batch_idx)
+        indices = self._indices_of(parsed, batch_idx)
+        self.test_collector.update(indices, scores, parsed.labels, knn.indices, knn.values)
+        self.maps.update_metrics(indices, maps, gt_masks_of(batch))
 
     def on_test_epoch_end(self) -> None:
         self.test_scores = self._report("test", self.test_collector, self.test_auroc)
+        if self.maps is not None:
+            pixel = self.maps.compute_metrics()
+            if pixel:
+                self.log_dict({f"test/{name}": value for name, value in pixel.items()}, sync_dist=False)
 
     def on_predict_epoch_start(self) -> None:
         self.predict_scores = None
@@ -283,7 +311,10 @@ class DN2Module(LightningModule):
         ``distances``. All ranks' rows are also gathered into :attr:`predict_scores` at the end."""
         parsed = unpack_batch(batch)
         indices = self._indices_of(parsed, batch_idx)
-        scores, knn = self.score(parsed, batch_idx)
+        if self.maps is None:
+            scores, knn = self.score(parsed, batch_idx)
+        else:
+            scores, knn, maps = self.score_with_maps(parsed, batch_idx)
         self.predict_collector.update(indices, scores, parsed.labels, knn.indices, knn.values)
         self._remember_paths(indices, parsed.paths)
         threshold = self.threshold
@@ -298,6 +329,8 @@ class DN2Module(LightningModule):
         }
         if parsed.paths is not None:
             out["path"] = list(parsed.paths)
+        if self.maps is not None:
+            out["anomaly_map"] = maps
         return out
 
     def on_predict_epoch_end(self) -> None:
@@ -326,6 +359,17 @@ class DN2Module(LightningModule):
             return member_scores.max(1).values, KNNResult(knn.values[rows], knn.indices[rows])
         knn = self._search(self._embed(batch.images, batch, batch_idx), self.hparams.k)
         return knn_scores(knn), knn
+
+    def score_with_maps(self, batch: Batch, batch_idx: int = 0) -> tuple[Tensor, KNNResult, Tensor]:
+        """DN2 scores ``[B]``, their kNN result and anomaly maps ``[B, H, W]`` (``anomaly_maps=True``), from one
+        backbone pass over single images ``[B, C, H, W]``."""
+        if not self.bank.is_fitted:
+            raise RuntimeError(NO_BANK_MESSAGE.format(fn="test"))
+        embeddings, patches = self.maps.embed(self.backbone, batch.images)
+        _check_finite(embeddings, "embeddings", batch, batch_idx)
+        knn = self._search(embeddings, self.hparams.k)
+        maps = self.maps.maps_for(embeddings, patches, self._search, batch.images.shape[-2:])
+        return knn_scores(knn), knn, maps
 
     @torch.no_grad()
     def score_images(self, images: ImagesLike, batch_size: int = 64) -> ImageScores:
@@ -531,6 +575,8 @@ class DN2Module(LightningModule):
         loader = _shard_for_this_rank(datamodule.train_dataloader())
         info(f"DN2: building the memory bank from {type(datamodule).__name__}.train_dataloader().")
         self._collector = BankCollector()
+        if self.maps is not None:
+            self.maps.start_collecting()
         self._stream_position = 0
         batches = _progress(loader, "DN2: building the memory bank", self.trainer.progress_bar_callback is not None)
         # the same precision context (e.g. bf16 autocast) as fit's training_step, so both banks are alike
@@ -559,6 +605,11 @@ class DN2Module(LightningModule):
             b, m = batch.images.shape[:2]
             members = self._embed(batch.images.flatten(0, 1), batch, batch_idx).view(b, m, -1)
             return pack_members(members, batch.mask), indices, batch.labels
+        if self.maps is not None:  # one backbone pass gives the embeddings and the patch features
+            embeddings, patches = self.maps.embed(self.backbone, batch.images)
+            _check_finite(embeddings, "embeddings", batch, batch_idx)
+            self.maps.collect(patches, indices)
+            return embeddings, indices, batch.labels
         return self._embed(batch.images, batch, batch_idx), indices, batch.labels
 
     def _finalize_bank(self) -> None:
@@ -595,6 +646,8 @@ class DN2Module(LightningModule):
                     f"clean_fraction={self.hparams.clean_fraction} leaves {int(keep.sum())} embeddings, fewer "
                     f"than k={k}; lower clean_fraction or k."
                 )
+        if self.maps is not None:
+            self.maps.finalize(self.bank.sample_indices)
         self._record_bank_spec(paths)
         if self._bank_size() > k:
             _, scores, _ = self._leave_one_out_scores(k)

@@ -19,7 +19,7 @@ FAST = ["--model.input_size=32", "--trainer.enable_progress_bar=false", "--train
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_every_config_builds_model_and_datamodule(config, tmp_path):
-    extra = [f"--data.root={tmp_path}"] if config.stem == "folder" else []
+    extra = [f"--data.root={tmp_path}"] if config.stem in ("folder", "mvtec") else []
     cli = build_cli(["--config", str(config), "--model.pretrained=false", *extra], run=False)
     assert isinstance(cli.model, DN2Module)
     assert cli.model.hparams.k >= 1

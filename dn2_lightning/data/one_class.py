@@ -21,7 +21,9 @@ from dn2_lightning.data.datasets import (
     ImageFolderDataset,
     list_image_files,
 )
+from dn2_lightning.data.masks import with_mvtec_masks
 from dn2_lightning.data.sources import list_datasets, load_split
+from dn2_lightning.data.synthetic import ensure_synthetic_defects
 from dn2_lightning.validation import (
     check_choice,
     check_contamination,
@@ -31,6 +33,7 @@ from dn2_lightning.validation import (
 )
 
 FOLDER = "folder"
+SYNTHETIC = "synthetic"  # a folder in MVTec AD layout that dn2_lightning.data.synthetic writes on first use
 DEFAULT_FOLDER_LOAD_SIZE = 224
 
 
@@ -40,7 +43,10 @@ class OneClassDataModule(LightningDataModule):
     Args:
         dataset: a name from :func:`dn2_lightning.data.list_datasets`, or ``"folder"`` for your own images:
             ``root/train/`` holds normal images, ``root/test/<name>/`` one folder per kind, the normal one
-            named ``normal_dir``. A ``root`` without ``test/`` is predicted on as a flat folder.
+            named ``normal_dir``. A ``root`` without ``test/`` is predicted on as a flat folder. Test images
+            get ground-truth masks (``gt_mask``) from ``root/ground_truth/<kind>/<stem>_mask.png`` when that
+            folder exists (MVTec AD). ``"synthetic"``: a folder of textures with pasted defects and exact
+            masks, written on first use (:mod:`dn2_lightning.data.synthetic`).
         normal_class: index or (case-insensitive) name of the normal class; ignored for folders.
         root: where the files are (default ``$DN2_DATA_DIR`` or ``~/.cache/dn2_lightning/data``).
         batch_size, num_workers, pin_memory: DataLoader settings.
@@ -75,7 +81,7 @@ class OneClassDataModule(LightningDataModule):
         max_image_pixels: int | None = None,
     ) -> None:
         super().__init__()
-        check_choice("dataset", dataset, [*list_datasets(), FOLDER])
+        check_choice("dataset", dataset, [*list_datasets(), SYNTHETIC, FOLDER])
         check_class_ref("normal_class", normal_class)
         check_positive_int("batch_size", batch_size)
         check_int("num_workers", num_workers, minimum=0)
@@ -92,7 +98,7 @@ class OneClassDataModule(LightningDataModule):
                     "contaminants are drawn from the other classes of a classification dataset."
                 )
         self.save_hyperparameters()
-        if dataset == FOLDER and load_size is None:
+        if dataset in (FOLDER, SYNTHETIC) and load_size is None:
             self.hparams.load_size = DEFAULT_FOLDER_LOAD_SIZE  # the size used, for the model to record
         self.hparams.pixel_format = dict(PIXEL_FORMAT)
         self.train_dataset: Dataset | None = None
@@ -109,7 +115,9 @@ class OneClassDataModule(LightningDataModule):
         """Build the datasets (once; later calls do nothing)."""
         if self.test_dataset is not None or self.predict_dataset is not None:
             return
-        if self.hparams.dataset == FOLDER:
+        if self.hparams.dataset == SYNTHETIC:
+            self.hparams.root = str(ensure_synthetic_defects(self.hparams.root))
+        if self.hparams.dataset in (FOLDER, SYNTHETIC):
             self._setup_folder()
         else:
             self._setup_classes()
@@ -160,6 +168,7 @@ class OneClassDataModule(LightningDataModule):
                 paths += files
                 labels += [int(kind != hp.normal_dir)] * len(files)
             self.test_dataset = self._folder_dataset(paths, labels, root / "test")
+            self.test_dataset = with_mvtec_masks(self.test_dataset, root, hp.normal_dir)
             self.test_source_indices = torch.arange(len(self.test_dataset))
             self.predict_dataset = self.test_dataset
         else:  # a flat folder of images to score: labels unknown
@@ -177,6 +186,11 @@ class OneClassDataModule(LightningDataModule):
                 f"is nothing to {'train on' if folder.name == 'train' else 'score'}. Reasons: {reasons}"
             )
         return dataset
+
+    def prepare_data(self) -> None:
+        """``dataset="synthetic"``: write the synthetic-defect folder unless it is already there."""
+        if self.hparams.dataset == SYNTHETIC:
+            ensure_synthetic_defects(self.hparams.root)
 
     def _loader(self, split: str) -> DataLoader:
         self.setup()
@@ -210,7 +224,8 @@ class OneClassDataModule(LightningDataModule):
         """File paths of a split's samples by index (folders only)."""
         self.setup()
         dataset = self.test_dataset if split == "test" else self.predict_dataset
-        return [str(p) for p in dataset.paths] if isinstance(dataset, ImageFolderDataset) else None
+        paths = getattr(dataset, "paths", None)  # image-file datasets, with or without masks
+        return [str(p) for p in paths] if paths is not None else None
 
 
 def resolve_class(normal_class: int | str, classes: tuple[str, ...], name: str = "normal_class") -> int:

@@ -1,0 +1,149 @@
+"""Anomaly-map figures: heatmap overlays with ground-truth contours, and one map PNG per predicted image.
+
+matplotlib is imported lazily (extra ``reports``), as in :mod:`dn2_lightning.reports`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor
+
+from dn2_lightning.pixel_metrics import PixelResults
+
+
+def _hwc(image: Tensor) -> np.ndarray:
+    """uint8 or [0, 1] float ``[C, H, W]`` -> float ``[H, W, 3]`` in [0, 1]."""
+    x = image.detach().cpu().float()
+    if image.dtype == torch.uint8:
+        x = x / 255.0
+    if x.shape[0] == 1:
+        x = x.expand(3, -1, -1)
+    return x.permute(1, 2, 0).clamp(0, 1).numpy()
+
+
+def save_map_figure(
+    results: PixelResults,
+    image_scores: Tensor,
+    image_of: Callable[[int], Tensor],
+    path: str | Path,
+    n_top: int = 8,
+) -> Path:
+    """For the ``n_top`` test images with the highest image scores: the image (top) and the anomaly map over
+    it with the ground-truth mask's contour in green (bottom); one colour scale for the whole figure.
+
+    Args:
+        results: test maps and masks (``AnomalyMaps.test_results``).
+        image_scores: ``[N]`` image scores aligned with ``results.indices``.
+        image_of: dataset index -> image ``[C, H, W]`` (uint8 or [0, 1] float), the maps' size.
+        path: PNG file to write.
+        n_top: images shown.
+
+    Returns:
+        ``path``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    top = torch.argsort(image_scores, descending=True)[:n_top].tolist()
+    maps = results.maps[top]
+    low, high = float(results.maps.min()), float(maps.max())
+    fig, axes = plt.subplots(2, len(top), figsize=(1.9 * len(top), 4.1), squeeze=False)
+    for column, row in enumerate(top):
+        image = _hwc(image_of(int(results.indices[row])))
+        mask = results.masks[row].numpy()
+        for ax in axes[:, column]:
+            ax.imshow(image)
+            ax.axis("off")
+        overlay = axes[1, column].imshow(results.maps[row].numpy(), cmap="jet", alpha=0.5, vmin=low, vmax=high)
+        if mask.any():
+            axes[1, column].contour(mask, levels=[0.5], colors="lime", linewidths=0.8)
+        axes[0, column].set_title(f"score {float(image_scores[row]):.3g}", fontsize=8)
+    fig.colorbar(overlay, ax=axes[1, :].tolist(), fraction=0.02, pad=0.01)
+    fig.suptitle("Most anomalous test images: anomaly map (jet), ground truth (green)", fontsize=9)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def map_overlay(image: Tensor, anomaly_map: Tensor) -> np.ndarray:
+    """uint8 ``[H, W, 3]``: the image blended with its map in the jet colour map, scaled to the map's own
+    range (colours compare positions within one image, not across images)."""
+    from matplotlib import colormaps
+
+    m = anomaly_map.detach().cpu().float()
+    m = (m - m.min()) / (m.max() - m.min()) if m.max() > m.min() else torch.zeros_like(m)
+    heat = colormaps["jet"](m.numpy())[..., :3]
+    return np.round((0.5 * _hwc(image) + 0.5 * heat) * 255).astype(np.uint8)
+
+
+def write_map_pngs(images: Tensor, maps: Tensor, names: Sequence[str], out_dir: str | Path) -> list[Path]:
+    """One overlay PNG per image (``out_dir/<name>.png``); ``images [B, C, H, W]``, ``maps [B, H, W]``."""
+    from PIL import Image
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for image, anomaly_map, name in zip(images, maps, names, strict=True):
+        path = out_dir / f"{name}.png"
+        Image.fromarray(map_overlay(image, anomaly_map)).save(path)
+        written.append(path)
+    return written
+
+
+class MapReport(Callback):
+    """Map reports of ``DN2Module(anomaly_maps=True, reports=True)`` in the run's log dir.
+
+    After ``test``: ``figures/anomaly_maps.png`` (also logged to TensorBoard). During ``predict``:
+    ``anomaly_maps/<folder>_<image stem>.png`` (or ``<index>.png``), one overlay per image.
+    """
+
+    def __init__(self, n_top: int = 8) -> None:
+        self.n_top = n_top
+        self._predict_dir: Path | None = None
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        out = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank reads it
+        results = getattr(pl_module.maps, "test_results", None)
+        scores = getattr(pl_module, "test_scores", None)
+        dataset = getattr(trainer.datamodule, "test_dataset", None)
+        if not trainer.is_global_zero or results is None or scores is None or dataset is None:
+            return
+        if not torch.equal(scores.indices, results.indices):
+            return  # image and pixel results of different samples: nothing sensible to draw
+        png = save_map_figure(
+            results, scores.scores, lambda i: dataset[i]["image"], out / "figures" / "anomaly_maps.png"
+        )
+        from dn2_lightning.reports import _log_to_tensorboard
+
+        _log_to_tensorboard(trainer, {"anomaly_maps": png})
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._predict_dir = Path(trainer.log_dir or trainer.default_root_dir) / "anomaly_maps"
+
+    def on_predict_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: object,
+        batch: object,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not isinstance(outputs, dict) or "anomaly_map" not in outputs or self._predict_dir is None:
+            return
+        images = batch["image"] if isinstance(batch, dict) else batch[0] if isinstance(batch, list | tuple) else batch
+        paths = outputs.get("path")
+        # <folder>_<stem>: MVTec's test kinds all number their files from 000
+        names = [f"{Path(p).parent.name}_{Path(p).stem}" for p in paths] if paths else None
+        write_map_pngs(
+            images, outputs["anomaly_map"], names or [str(int(i)) for i in outputs["index"]], self._predict_dir
+        )

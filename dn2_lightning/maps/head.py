@@ -1,0 +1,187 @@
+"""AnomalyMaps: the pixel-scoring head of ``DN2Module(anomaly_maps=True)``.
+
+It owns the patch pyramid's stage names, the patch bank's life cycle (collect during the bank pass,
+finalise with the image bank's rows), the map computation (:meth:`AnomalyMaps.maps_for`) and the pixel
+metrics of ``test``. The LightningModule stays glue: it calls :meth:`embed`, :meth:`collect`,
+:meth:`finalize`, :meth:`maps_for` and :meth:`update_metrics`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from dn2_lightning.backbones import FeatureExtractor
+from dn2_lightning.distributed import gather_rows, unique_by_index
+from dn2_lightning.knn import DEFAULT_MAX_MEMORY_BYTES, KNNResult
+from dn2_lightning.maps.bank import PatchBank, ensure_room
+from dn2_lightning.maps.pyramid import check_layers, embed_with_patches, pyramid_layers
+from dn2_lightning.maps.spade import PATCH_BANKS, all_patch_scores, nearest_image_patch_scores, to_image_maps
+from dn2_lightning.pixel_metrics import DEFAULT_THRESHOLDS, MapCollector, PixelResults, pixel_metrics
+
+GT_MASK_KEYS = ("gt_mask", "pixel_mask")
+Search = Callable[[Tensor, int], KNNResult]
+
+
+def validate_map_options(patch_bank: str, num_images: int, kappa: int, sigma: float) -> None:
+    """Raise ValueError naming the option, its value and the fix."""
+    if patch_bank not in PATCH_BANKS:
+        raise ValueError(f"patch_bank={patch_bank!r} is not one of {list(PATCH_BANKS)}.")
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+        raise ValueError(f"map_images={num_images!r} must be an integer >= 1 (SPADE uses 50).")
+    if isinstance(kappa, bool) or not isinstance(kappa, int) or kappa < 1:
+        raise ValueError(f"map_kappa={kappa!r} must be an integer >= 1 (SPADE uses 1).")
+    if not isinstance(sigma, int | float) or not 0 <= sigma < float("inf"):
+        raise ValueError(f"map_sigma={sigma!r} must be a finite number >= 0 (SPADE uses 4; 0 = no smoothing).")
+
+
+def gt_masks_of(batch: object) -> Tensor | None:
+    """The segmentation masks ``[B, H, W]`` of a dict batch (key ``gt_mask`` or ``pixel_mask``), else None."""
+    if isinstance(batch, Mapping):
+        for key in GT_MASK_KEYS:
+            if key in batch:
+                masks = batch[key]
+                return masks[:, 0] if masks.ndim == 4 else masks
+    return None
+
+
+class AnomalyMaps(nn.Module):
+    """SPADE anomaly maps over a DN2 feature extractor.
+
+    Args:
+        backbone: the DN2 feature extractor (used here only to resolve the default stages).
+        patch_bank: ``"nearest_images"`` (SPADE: the positions of the ``num_images`` nearest training images
+            by global feature) or ``"all"`` (every training position).
+        num_images: K, nearest training images per test image (SPADE: 50; capped at the bank size).
+        kappa: nearest patch features averaged per position (SPADE: 1).
+        sigma: Gaussian smoothing of the upsampled map, in image pixels (SPADE: 4).
+        layers: trunk stages of the pyramid (``None`` = :func:`~dn2_lightning.maps.pyramid.pyramid_layers`).
+        knn_backend, max_memory_bytes: for the patch search (the budget covers its temporaries).
+        thresholds: thresholds of the binned pixel AUROC and PRO.
+    """
+
+    def __init__(
+        self,
+        backbone: FeatureExtractor,
+        patch_bank: str = "nearest_images",
+        num_images: int = 50,
+        kappa: int = 1,
+        sigma: float = 4.0,
+        layers: Sequence[str] | None = None,
+        knn_backend: str = "auto",
+        max_memory_bytes: int | None = None,
+        thresholds: int = DEFAULT_THRESHOLDS,
+    ) -> None:
+        super().__init__()
+        validate_map_options(patch_bank, num_images, kappa, sigma)
+        self.layers = pyramid_layers(backbone) if layers is None else check_layers(backbone, layers)
+        self.patch_bank, self.num_images, self.kappa, self.sigma = patch_bank, num_images, kappa, float(sigma)
+        self.knn_backend, self.max_memory_bytes = knn_backend, max_memory_bytes
+        self.bank = PatchBank()
+        self.thresholds = thresholds
+        self.test_maps = MapCollector()
+        self.test_results: PixelResults | None = None
+        self._patches: list[Tensor] = []
+        self._indices: list[Tensor] = []
+
+    def embed(self, backbone: FeatureExtractor, images: Tensor) -> tuple[Tensor, Tensor]:
+        """``(embeddings [B, D], patches [B, C, h, w])`` of images ``[B, C, H, W]`` in one backbone pass."""
+        if images.ndim != 4:
+            raise ValueError(
+                f"anomaly maps need single images [B, C, H, W], got {tuple(images.shape)}: group batches have no map."
+            )
+        return embed_with_patches(backbone, images, self.layers)
+
+    # ------------------------------------------------------------------------------------- bank life cycle
+
+    def start_collecting(self) -> None:
+        self._patches, self._indices = [], []
+
+    def collect(self, patches: Tensor, indices: Tensor) -> None:
+        """Keep a training batch's patches ``[B, C, h, w]`` and dataset indices ``[B]``."""
+        self._patches.append(patches.detach())
+        self._indices.append(indices.detach().long())
+
+    def finalize(self, keep_indices: Tensor) -> None:
+        """Build the patch bank from the collected batches (gathered from every rank), keeping one row per
+        dataset index in ``keep_indices`` (the image bank's rows, after cleaning).
+
+        Raises:
+            MemoryError: the bank does not fit the device (checked before it is assembled).
+        """
+        if not self._patches:
+            raise RuntimeError("no training patches were collected for the anomaly maps.")
+        patches, indices = self._patches, self._indices
+        self._patches, self._indices = [], []
+        _, c, h, w = patches[0].shape
+        rows = sum(len(i) for i in indices)
+        device = patches[0].device
+        # assembling copies the rows once; 'all' then needs their norms and the search's temporaries
+        needed = rows * c * h * w * 4 + (rows * h * w * 4 + self._budget() if self.patch_bank == "all" else 0)
+        ensure_room(needed, device, f"the patch bank ({rows} images x {h}x{w} positions x {c} channels)")
+        indices, patches = gather_rows(torch.cat(indices)), gather_rows(torch.cat(patches))
+        indices, patches = unique_by_index(indices, patches)
+        keep = torch.isin(indices, keep_indices.to(indices.device))
+        self.bank.set(patches[keep], indices[keep])
+
+    # ------------------------------------------------------------------------------------------- scoring
+
+    def maps_for(self, embeddings: Tensor, patches: Tensor, search: Search, image_size: Sequence[int]) -> Tensor:
+        """Anomaly maps of a batch.
+
+        Args:
+            embeddings: ``[B, D]`` global embeddings (for the nearest training images).
+            patches: ``[B, C, h, w]`` patch features from :meth:`embed`.
+            search: ``search(embeddings, K) -> KNNResult`` over the image bank, neighbours as dataset
+                indices (``DN2Module._search``).
+            image_size: ``(H, W)`` of the output maps.
+
+        Returns:
+            ``[B, H, W]`` float32 maps: mean squared distance of each position to its ``kappa`` nearest
+            training patch features, upsampled and smoothed.
+        """
+        if not self.bank.is_fitted:
+            raise RuntimeError("the patch bank is empty: build the memory bank (fit) with anomaly_maps=True.")
+        b, c, h, w = patches.shape
+        if (h, w) != self.bank.grid or c != self.bank.patches.shape[-1]:
+            raise ValueError(
+                f"patch features [{c}, {h}, {w}] do not match the patch bank's [{self.bank.patches.shape[-1]}, "
+                f"{self.bank.grid[0]}, {self.bank.grid[1]}]: use the input_size and map_layers the bank was built with."
+            )
+        queries = patches.permute(0, 2, 3, 1).reshape(b, h * w, c).float() - self.bank.center
+        if self.patch_bank == "all":
+            scores = all_patch_scores(queries, self.bank.flat(), self.kappa, self.knn_backend, self._budget())
+        else:
+            k = min(self.num_images, len(self.bank))
+            rows = self.bank.rows_of(search(embeddings, k).indices)
+            scores = nearest_image_patch_scores(
+                queries, self.bank.patches, rows, self.kappa, self.knn_backend, self._budget()
+            )
+        return to_image_maps(scores.view(b, h, w), tuple(image_size)[-2:], self.sigma)
+
+    def _budget(self) -> int:
+        return self.max_memory_bytes or DEFAULT_MAX_MEMORY_BYTES
+
+    # ------------------------------------------------------------------------------------------- metrics
+
+    def update_metrics(self, indices: Tensor, maps: Tensor, masks: Tensor | None) -> None:
+        """Collect a test batch's maps ``[B, H, W]`` with its ground-truth masks (``None``: no masks, every
+        pixel counts as normal)."""
+        if masks is None:
+            masks = torch.zeros_like(maps, dtype=torch.bool)
+        if masks.shape != maps.shape:
+            raise ValueError(
+                f"ground-truth masks {tuple(masks.shape)} must have the maps' shape {tuple(maps.shape)}: load masks "
+                "at the images' size."
+            )
+        self.test_maps.update(indices, maps, masks)
+
+    def compute_metrics(self) -> dict[str, float]:
+        """``{"pixel_auroc", "pro"}`` of the collected test maps (``{}`` when the masks have no anomalous
+        pixel). The maps and masks are kept, on the CPU, in :attr:`test_results`."""
+        results = self.test_maps.compute()
+        self.test_maps.reset()
+        self.test_results = PixelResults(*(t.cpu() for t in results))
+        return pixel_metrics(results.maps, results.masks, self.thresholds)

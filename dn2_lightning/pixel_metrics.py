@@ -1,0 +1,262 @@
+"""Pixel-level metrics of anomaly maps against ground-truth masks: pixel AUROC and PRO.
+
+* :func:`pixel_auroc`: ROC area over every pixel of every image, with torchmetrics'
+  ``BinaryAUROC(thresholds=N)`` (a ``[N, 2, 2]`` state) fed in chunks, so millions of pixels never need
+  a sorted copy or an ``[pixels, N]`` comparison matrix.
+* :func:`pro_score`: the per-region overlap of MVTec AD (Bergmann et al., IJCV 2021): ground-truth
+  regions are the 8-connected components of each mask (``scipy.ndimage.label``); at each threshold the
+  PRO is the mean, over all regions of all images, of the fraction of the region's pixels above the
+  threshold; the false-positive rate counts anomaly-free pixels above it. The PRO-vs-FPR curve is
+  integrated (trapezoids) from FPR 0 to ``fpr_limit`` (0.3) and divided by ``fpr_limit``, so a perfect
+  map scores 1.
+* :class:`MapCollector`: a torchmetrics ``Metric`` collecting maps and masks across batches and ranks
+  (de-duplicated by sample index, like :class:`dn2_lightning.metrics.ScoreCollector`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.classification import BinaryAUROC
+from torchmetrics.utilities import dim_zero_cat
+
+from dn2_lightning.distributed import unique_by_index
+
+DEFAULT_THRESHOLDS = 1000
+DEFAULT_FPR_LIMIT = 0.3
+_CHUNK = 2**20  # pixels per histogram update
+
+
+class PixelResults(NamedTuple):
+    """Anomaly maps of one evaluation, one row per sample, sorted by ``indices``.
+
+    Attributes:
+        indices: ``[N]`` sample index in the evaluated dataset.
+        maps: ``[N, H, W]`` float32 anomaly maps (higher = more anomalous).
+        masks: ``[N, H, W]`` bool ground-truth masks (``True`` = anomalous pixel).
+    """
+
+    indices: Tensor
+    maps: Tensor
+    masks: Tensor
+
+
+def _check_maps_and_masks(maps: Tensor, masks: Tensor) -> None:
+    if maps.ndim != 3 or masks.shape != maps.shape:
+        raise ValueError(
+            f"maps {tuple(maps.shape)} and masks {tuple(masks.shape)} must both be [N, H, W] with the same shape."
+        )
+    if not maps.is_floating_point():
+        raise ValueError(f"maps must be a floating tensor, got dtype {maps.dtype}.")
+    if not torch.isfinite(maps).all():
+        raise ValueError("maps hold NaN or Inf values; pixel metrics need finite scores.")
+
+
+def _normalise(maps: Tensor) -> Tensor:
+    """Affine map of all scores to [0, 1] (order-preserving, so ROC and PRO are unchanged)."""
+    low, high = maps.min(), maps.max()
+    return (maps - low) / (high - low) if high > low else torch.zeros_like(maps)
+
+
+def pixel_auroc(maps: Tensor, masks: Tensor, thresholds: int = DEFAULT_THRESHOLDS) -> float:
+    """Area under the pixel-level ROC curve, computed by torchmetrics' ``BinaryAUROC(thresholds=N)``.
+
+    Scores are mapped affinely to [0, 1] (the ROC is unchanged) and binned at ``thresholds`` evenly spaced
+    thresholds. The metric's ``[N, 2, 2]`` confusion-matrix state is filled by :func:`binned_confmat`
+    (a histogram: ``O(pixels)`` time, chunked memory) instead of its own update, which compares every
+    pixel with every threshold; torchmetrics computes the curve and its area from that state.
+
+    Args:
+        maps: ``[N, H, W]`` anomaly maps.
+        masks: ``[N, H, W]`` ground truth (non-zero = anomalous pixel).
+        thresholds: number of thresholds (memory ``O(thresholds)``; the binning error shrinks as it grows).
+
+    Returns:
+        The AUROC in [0, 1].
+
+    Raises:
+        ValueError: bad shapes, non-finite maps, or masks with only one class.
+
+    Example:
+        >>> maps = torch.tensor([[[0.1, 0.9], [0.2, 0.8]]])
+        >>> pixel_auroc(maps, torch.tensor([[[0, 1], [0, 1]]]))
+        1.0
+    """
+    _check_maps_and_masks(maps, masks)
+    if isinstance(thresholds, bool) or not isinstance(thresholds, int) or thresholds < 2:
+        raise ValueError(f"thresholds={thresholds!r} must be an integer >= 2.")
+    target = masks.flatten() != 0
+    if target.all() or not target.any():
+        raise ValueError("pixel AUROC needs both anomalous and normal pixels in the masks.")
+    metric = BinaryAUROC(thresholds=thresholds).to(maps.device)
+    metric.update(maps.new_empty(0), target.new_empty(0).long())  # marks the state as updated; adds nothing
+    metric.confmat += binned_confmat(_normalise(maps.flatten().double()).float(), target, metric.thresholds)
+    return float(metric.compute())
+
+
+def binned_confmat(preds: Tensor, target: Tensor, thresholds: Tensor) -> Tensor:
+    """torchmetrics' multi-threshold confusion matrix ``[T, 2, 2]`` (``[t, target, preds >= thresholds[t]]``)
+    of ``preds [P]`` in [0, 1] and bool ``target [P]``, from histograms, ``_CHUNK`` pixels at a time.
+
+    >>> binned_confmat(torch.tensor([0.2, 0.7]), torch.tensor([False, True]), torch.tensor([0.0, 0.5, 1.0]))[1]
+    tensor([[1, 0],
+            [0, 1]])
+    """
+    t = thresholds.numel()
+    counts = torch.zeros(2, t + 1, dtype=torch.long, device=preds.device)
+    for start in range(0, preds.numel(), _CHUNK):
+        p, y = preds[start : start + _CHUNK], target[start : start + _CHUNK].long()
+        reached = torch.bucketize(p, thresholds, right=True)  # how many thresholds each score reaches
+        counts += torch.bincount(y * (t + 1) + reached, minlength=2 * (t + 1)).view(2, t + 1)
+    # at threshold j a pixel is positive when it reaches more than j thresholds
+    above = counts.flip(1).cumsum(1).flip(1)[:, 1:]  # [2, T]
+    totals = counts.sum(1, keepdim=True)
+    return torch.stack([totals - above, above], dim=-1).permute(1, 0, 2).contiguous()
+
+
+def label_regions(masks: Tensor) -> tuple[np.ndarray, int]:
+    """8-connected components of each mask, numbered 1..R across all images (0 = background).
+
+    Returns:
+        ``(labels [N, H, W] int64, R)``.
+    """
+    from scipy.ndimage import label
+
+    structure = np.ones((3, 3), dtype=int)  # 8-connectivity, as MVTec AD's evaluation code
+    out = np.zeros(tuple(masks.shape), dtype=np.int64)
+    total = 0
+    for i, mask in enumerate(masks.cpu().numpy() != 0):
+        labels, count = label(mask, structure=structure)
+        out[i] = np.where(labels > 0, labels + total, 0)
+        total += count
+    return out, total
+
+
+def pro_curve(maps: Tensor, masks: Tensor, thresholds: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The (FPR, PRO) curve, from (0, 0) to (1, 1), FPR ascending.
+
+    Args:
+        maps: ``[N, H, W]`` anomaly maps.
+        masks: ``[N, H, W]`` ground truth (non-zero = anomalous).
+        thresholds: ``None`` uses every distinct score as a threshold (exact); an integer uses that many
+            evenly spaced thresholds over the score range (memory ``O(pixels)`` integers, no sort).
+
+    Returns:
+        ``(fpr, pro)`` float64 arrays of equal length.
+    """
+    _check_maps_and_masks(maps, masks)
+    regions, n_regions = label_regions(masks)
+    normal = regions == 0
+    if n_regions == 0 or normal.all():
+        raise ValueError("PRO needs at least one anomalous region in the masks.")
+    if not normal.any():
+        raise ValueError("PRO needs anomaly-free pixels to measure false positives.")
+    scores = maps.detach().double().cpu().numpy()
+    if thresholds is None:
+        levels = np.unique(scores)
+    else:
+        if isinstance(thresholds, bool) or not isinstance(thresholds, int) or thresholds < 2:
+            raise ValueError(f"thresholds={thresholds!r} must be None (exact) or an integer >= 2.")
+        levels = np.linspace(scores.min(), scores.max(), thresholds)
+    # level of each pixel: the largest threshold it reaches (a pixel is positive at t when score >= t)
+    level = np.searchsorted(levels, scores, side="right") - 1
+    level = np.clip(level, 0, len(levels) - 1).ravel()
+    flat_regions = regions.ravel()
+    t = len(levels)
+    # positives per threshold = pixels at that level or above: reverse cumulative counts
+    fp = np.bincount(level[normal.ravel()], minlength=t)[::-1].cumsum()[::-1] / normal.sum()
+    region_size = np.bincount(flat_regions, minlength=n_regions + 1)[1:]
+    anomalous = ~normal.ravel()
+    hits = np.bincount((flat_regions[anomalous] - 1) * t + level[anomalous], minlength=n_regions * t)
+    hits = hits.reshape(n_regions, t)[:, ::-1].cumsum(1)[:, ::-1]
+    pro = (hits / region_size[:, None]).mean(0)
+    # thresholds descending = FPR ascending; the curve starts at (0, 0) and ends at (1, 1)
+    fpr = np.concatenate([[0.0], np.minimum(fp[::-1], 1.0), [1.0]])
+    pro = np.concatenate([[0.0], np.minimum(pro[::-1], 1.0), [1.0]])
+    return fpr, pro
+
+
+def integrate_until(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
+    """Trapezoid area under ``y(x)`` (``x`` ascending) from ``x[0]`` to ``x_max``, interpolating at ``x_max``."""
+    keep = x <= x_max
+    area = float(np.sum(0.5 * (y[keep][1:] + y[keep][:-1]) * np.diff(x[keep])))
+    last = int(keep.sum())  # first point beyond x_max
+    if last < len(x) and x[last - 1] < x_max:
+        x0, x1, y0, y1 = x[last - 1], x[last], y[last - 1], y[last]
+        y_max = y0 + (y1 - y0) * (x_max - x0) / (x1 - x0)
+        area += 0.5 * (y0 + y_max) * (x_max - x0)
+    return float(area)
+
+
+def pro_score(
+    maps: Tensor, masks: Tensor, fpr_limit: float = DEFAULT_FPR_LIMIT, thresholds: int | None = None
+) -> float:
+    """Normalised area under the PRO curve up to ``fpr_limit`` (MVTec AD's AU-PRO; 1 = perfect).
+
+    Args:
+        maps: ``[N, H, W]`` anomaly maps.
+        masks: ``[N, H, W]`` ground truth (non-zero = anomalous); regions are 8-connected components.
+        fpr_limit: upper end of the integral over the false-positive rate, in (0, 1].
+        thresholds: see :func:`pro_curve` (``None`` = exact).
+
+    Returns:
+        The integral divided by ``fpr_limit``, in [0, 1].
+
+    Example:
+        >>> maps = torch.tensor([[[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]]])
+        >>> pro_score(maps, maps > 0.5)
+        1.0
+    """
+    if not 0.0 < fpr_limit <= 1.0:
+        raise ValueError(f"fpr_limit={fpr_limit} must be in (0, 1]; MVTec AD uses 0.3.")
+    fpr, pro = pro_curve(maps, masks, thresholds)
+    return float(integrate_until(fpr, pro, fpr_limit) / fpr_limit)
+
+
+def pixel_metrics(
+    maps: Tensor, masks: Tensor, thresholds: int = DEFAULT_THRESHOLDS, fpr_limit: float = DEFAULT_FPR_LIMIT
+) -> dict[str, float]:
+    """``{"pixel_auroc": ..., "pro": ...}`` of maps ``[N, H, W]`` against masks ``[N, H, W]``, both binned
+    with ``thresholds`` thresholds; ``{}`` when the masks hold no anomalous (or no normal) pixel."""
+    if not masks.any() or masks.all():
+        return {}
+    return {
+        "pixel_auroc": pixel_auroc(maps, masks, thresholds),
+        "pro": pro_score(maps, masks, fpr_limit, thresholds),
+    }
+
+
+class MapCollector(Metric):
+    """Collects anomaly maps and masks over batches and DDP ranks; ``compute`` gives :class:`PixelResults`
+    with one row per sample index (``DistributedSampler`` repeats are dropped).
+
+    Maps are kept (float32, one value per pixel: 10 M pixels take 40 MB) because PRO needs per-region
+    counts at every threshold and the report figures show them.
+    """
+
+    full_state_update = False
+    higher_is_better = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in ("indices", "maps", "masks"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, indices: Tensor, maps: Tensor, masks: Tensor) -> None:
+        """Add a batch: ``indices [B]``, ``maps [B, H, W]``, ``masks [B, H, W]``."""
+        _check_maps_and_masks(maps, masks)
+        self.indices.append(indices.long())
+        self.maps.append(maps.float())
+        self.masks.append(masks != 0)
+
+    def compute(self) -> PixelResults:
+        if isinstance(self.indices, list) and not self.indices:
+            raise RuntimeError("no anomaly maps were collected: the evaluation dataloader is empty.")
+        indices, maps, masks = unique_by_index(
+            dim_zero_cat(self.indices), dim_zero_cat(self.maps), dim_zero_cat(self.masks)
+        )
+        return PixelResults(indices, maps, masks)

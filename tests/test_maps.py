@@ -1,0 +1,321 @@
+"""Anomaly maps: exact patch search vs brute force, smoothing vs scipy, pyramids, masks, synthetic data,
+and DN2Module(anomaly_maps=True) end to end against an independent reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import quiet_trainer
+from PIL import Image
+from scipy.ndimage import gaussian_filter
+from torch import nn
+
+from dn2_lightning import DN2Module, OneClassDataModule, build_backbone
+from dn2_lightning.data.masks import MaskedImageDataset, mvtec_mask_path
+from dn2_lightning.data.synthetic import DEFECT_KINDS, add_defect, texture, write_synthetic_defects
+from dn2_lightning.maps import (
+    PatchBank,
+    all_patch_scores,
+    embed_with_patches,
+    gaussian_blur,
+    nearest_image_patch_scores,
+    pyramid_layers,
+    to_image_maps,
+)
+from dn2_lightning.maps.bank import ensure_room
+from dn2_lightning.pixel_metrics import pixel_auroc, pro_score
+
+# ------------------------------------------------------------------------------- exact patch search
+
+
+def brute_force_patch_scores(queries: torch.Tensor, bank: torch.Tensor, kappa: int) -> torch.Tensor:
+    """float64 distance matrix by differences, mean of the kappa smallest."""
+    d = ((queries.double()[:, None, :] - bank.double()[None, :, :]) ** 2).sum(-1)
+    return d.topk(kappa, dim=1, largest=False).values.mean(1)
+
+
+@pytest.mark.parametrize("kappa", [1, 3])
+@pytest.mark.parametrize("budget", [2**16, None])  # 64 KiB forces one neighbour image per chunk
+def test_nearest_image_patch_scores_are_exact(kappa, budget):
+    g = torch.Generator().manual_seed(kappa)
+    train = torch.randn(9, 20, 6, generator=g) * 3 + 10  # offset: exactness must not depend on centring
+    queries = torch.randn(3, 20, 6, generator=g) * 3 + 10
+    train[4, 7] = queries[1, 2]  # an exact duplicate: distance 0
+    neighbours = torch.tensor([[0, 4, 8, 2], [4, 1, 3, 5], [8, 7, 6, 0]])
+    scores = nearest_image_patch_scores(queries, train, neighbours, kappa, max_memory_bytes=budget)
+    for i in range(3):
+        expected = brute_force_patch_scores(queries[i], train[neighbours[i]].reshape(-1, 6), kappa)
+        torch.testing.assert_close(scores[i].double(), expected, rtol=1e-5, atol=1e-5)
+    if kappa == 1:
+        assert scores[1, 2] == 0
+
+
+def test_all_patch_scores_are_exact_and_equal_nearest_images_with_every_image():
+    g = torch.Generator().manual_seed(0)
+    train, queries = torch.randn(7, 16, 5, generator=g), torch.randn(2, 16, 5, generator=g)
+    scores = all_patch_scores(queries, train.reshape(-1, 5), kappa=2, max_memory_bytes=2**16)
+    expected = torch.stack([brute_force_patch_scores(q, train.reshape(-1, 5), 2) for q in queries])
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-5, atol=1e-5)
+    every = torch.arange(7).expand(2, 7)
+    torch.testing.assert_close(nearest_image_patch_scores(queries, train, every, kappa=2), scores)
+
+
+def test_kappa_larger_than_the_neighbour_positions_is_refused():
+    with pytest.raises(ValueError, match="map_kappa=9"):
+        nearest_image_patch_scores(torch.zeros(1, 4, 2), torch.zeros(3, 4, 2), torch.tensor([[0, 1]]), kappa=9)
+
+
+# ---------------------------------------------------------------------------------- upsample and blur
+
+
+@pytest.mark.parametrize(("shape", "sigma"), [((2, 30, 41), 4.0), ((1, 5, 7), 4.0), ((1, 12, 12), 1.5)])
+def test_gaussian_blur_matches_scipy_reflect(shape, sigma):
+    maps = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
+    expected = np.stack([gaussian_filter(m, sigma, mode="reflect", truncate=4.0) for m in maps.double().numpy()])
+    np.testing.assert_allclose(gaussian_blur(maps, sigma).numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(gaussian_blur(maps, 0.0), maps)
+
+
+def test_to_image_maps_upsamples_to_the_image_size():
+    maps = to_image_maps(torch.rand(3, 8, 8), (32, 40), sigma=4.0)
+    assert maps.shape == (3, 32, 40) and maps.dtype == torch.float32
+    with pytest.raises(ValueError, match="map_sigma"):
+        gaussian_blur(maps, -1.0)
+
+
+# -------------------------------------------------------------------------------------------- pyramids
+
+
+def test_resnet_pyramid_is_layer1_to_layer3_at_stride_4():
+    backbone = build_backbone("resnet18", pretrained=False, image_size=64).eval()
+    layers = pyramid_layers(backbone)
+    assert layers == ["layer1", "layer2", "layer3"]
+    images = torch.rand(2, 3, 50, 50)
+    with torch.no_grad():
+        embeddings, patches = embed_with_patches(backbone, images, layers)
+        assert torch.equal(embeddings, backbone(images))
+    assert patches.shape == (2, 64 + 128 + 256, 16, 16)
+
+
+def test_efficientnet_lite_pyramid_takes_the_last_block_at_strides_4_8_16():
+    backbone = build_backbone("efficientnet_lite0", pretrained=False, image_size=64).eval()
+    layers = pyramid_layers(backbone)
+    assert layers == ["model._blocks.2", "model._blocks.4", "model._blocks.10"]
+    with torch.no_grad():
+        _, patches = embed_with_patches(backbone, torch.rand(1, 3, 64, 64), layers)
+    assert patches.shape == (1, 24 + 40 + 112, 16, 16)
+
+
+def test_unknown_trunk_needs_map_layers_and_bad_names_are_listed():
+    with pytest.raises(ValueError, match="map_layers"):
+        DN2Module(backbone=tiny_conv(), anomaly_maps=True)
+    with pytest.raises(ValueError, match="not submodules"):
+        DN2Module(backbone=tiny_conv(), anomaly_maps=True, map_layers=["7"])
+    with pytest.raises(ValueError, match="patch_bank='some'"):
+        DN2Module(backbone=tiny_conv(), patch_bank="some")
+    with pytest.raises(ValueError, match="bank_sharding='replicate'"):
+        DN2Module(backbone=tiny_conv(), anomaly_maps=True, map_layers=["1"], bank_sharding="shard")
+
+
+# ---------------------------------------------------------------------------------------- patch bank
+
+
+def test_patch_bank_round_trips_through_a_state_dict_and_maps_indices_to_rows():
+    bank = PatchBank()
+    patches = torch.randn(4, 3, 2, 5)
+    bank.set(patches, torch.tensor([9, 2, 5, 7]))
+    restored = PatchBank()
+    restored.load_state_dict(bank.state_dict())
+    assert restored.grid == (2, 5) and torch.equal(restored.patches, bank.patches)
+    assert restored.rows_of(torch.tensor([[7, 2]])).tolist() == [[2, 0]]
+    # rows are centred, the centre is kept: the original features come back
+    row = restored.patches[restored.rows_of(torch.tensor([9]))[0]] + restored.center
+    torch.testing.assert_close(row, patches[0].permute(1, 2, 0).reshape(10, 3))
+    with pytest.raises(ValueError, match="not in the patch bank"):
+        restored.rows_of(torch.tensor([3]))
+
+
+def test_a_bank_larger_than_the_machine_fails_before_the_search_with_its_size():
+    with pytest.raises(MemoryError, match=r"needs 1024\.00 GiB .*patch_bank='nearest_images'"):
+        ensure_room(2**40, torch.device("cpu"), "the patch bank")
+
+
+# ----------------------------------------------------------------------------- masks and synthetic data
+
+
+def test_synthetic_defects_are_deterministic_and_masks_are_exactly_the_painted_pixels(tmp_path):
+    for kind in DEFECT_KINDS:
+        rng = np.random.default_rng(3)
+        image = texture(rng, 64)
+        out, mask = add_defect(image, kind, rng)
+        changed = np.abs(out - image).max(-1) > 0
+        assert mask.any() and not (changed & ~mask).any()
+        assert changed[mask].mean() > 0.9  # (a painted value may equal the old one by chance)
+    a = write_synthetic_defects(tmp_path / "a", n_train=2, n_test_good=1, n_test_per_kind=1, image_size=32)
+    b = write_synthetic_defects(tmp_path / "b", n_train=2, n_test_good=1, n_test_per_kind=1, image_size=32)
+    files = sorted(p.relative_to(a) for p in a.rglob("*.png"))
+    assert len(files) == 2 + 1 + 3 * 2
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+
+
+def test_folder_data_reads_mvtec_masks_resized_to_the_images(tmp_path):
+    root = write_synthetic_defects(tmp_path / "set", n_train=2, n_test_good=2, n_test_per_kind=1, image_size=32)
+    dm = OneClassDataModule(dataset="folder", root=str(root), load_size=48, batch_size=4)
+    dm.setup()
+    assert isinstance(dm.test_dataset, MaskedImageDataset) and dm.source_paths("test")
+    for i in range(len(dm.test_dataset)):
+        sample = dm.test_dataset[i]
+        mask = sample["gt_mask"]
+        assert mask.shape == (48, 48) and mask.dtype == torch.uint8 and set(mask.unique().tolist()) <= {0, 1}
+        assert bool(mask.any()) == bool(sample["label"])  # normal images: all zero; defects: a mask
+        if sample["label"]:
+            saved = np.asarray(Image.open(mvtec_mask_path(root, sample["path"]))) > 0
+            nearest = F.interpolate(torch.from_numpy(saved)[None, None].float(), size=(48, 48), mode="nearest-exact")
+            assert torch.equal(mask.bool(), nearest[0, 0].bool())
+    batch = next(iter(dm.test_dataloader()))
+    assert batch["gt_mask"].shape == (4, 48, 48)
+    (root / "ground_truth" / "blob" / "000_mask.png").unlink()
+    with pytest.raises(ValueError, match="1 ground-truth mask"):
+        OneClassDataModule(dataset="folder", root=str(root)).setup()
+
+
+# ------------------------------------------------------------------------------------ DN2Module + maps
+
+
+def tiny_conv(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(6, 10, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synthetic") / "set"
+    return write_synthetic_defects(root, n_train=12, n_test_good=3, n_test_per_kind=2, image_size=32)
+
+
+def reference_maps(model: DN2Module, dm: OneClassDataModule, num_images: int, kappa: int, sigma: float) -> np.ndarray:
+    """SPADE computed independently: stages by slicing the Sequential, float64 numpy distances, scipy blur."""
+    backbone = model.backbone
+
+    def features(dataset):
+        images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+        with torch.no_grad():
+            x = backbone.preprocess(images)
+            f1, f2 = backbone.trunk[:2](x), backbone.trunk[:4](x)
+            f2 = F.interpolate(f2, size=f1.shape[-2:], mode="bilinear", align_corners=False)
+            patches = torch.cat([f1, f2], 1).permute(0, 2, 3, 1).flatten(1, 2)
+            return backbone.trunk(x).double().numpy(), patches.double().numpy(), f1.shape[-2:], images.shape[-2:]
+
+    train_emb, train_patches, _, _ = features(dm.train_dataset)
+    test_emb, test_patches, grid, size = features(dm.test_dataset)
+    out = []
+    for emb, patches in zip(test_emb, test_patches, strict=True):
+        nearest = np.argsort(((train_emb - emb) ** 2).sum(1), kind="stable")[:num_images]
+        bank = train_patches[nearest].reshape(-1, patches.shape[-1])
+        d = ((patches[:, None, :] - bank[None, :, :]) ** 2).sum(-1)
+        scores = np.sort(d, axis=1)[:, :kappa].mean(1).reshape(tuple(grid))
+        up = F.interpolate(torch.from_numpy(scores)[None, None], size=tuple(size), mode="bilinear")[0, 0]
+        out.append(gaussian_filter(up.numpy(), sigma, mode="reflect", truncate=4.0))
+    return np.stack(out)
+
+
+def test_test_logs_pixel_metrics_of_maps_equal_to_an_independent_reference(small_set):
+    dm = OneClassDataModule(dataset="folder", root=str(small_set), load_size=32, batch_size=5)
+    model = DN2Module(backbone=tiny_conv(), anomaly_maps=True, map_layers=["1", "3"], map_images=4, map_kappa=2)
+    results = quiet_trainer().test(model, datamodule=dm)[0]
+    maps = model.maps.test_results
+    assert maps.maps.shape == (len(dm.test_dataset), 32, 32)
+    expected = reference_maps(model, dm, num_images=4, kappa=2, sigma=4.0)
+    np.testing.assert_allclose(maps.maps.numpy(), expected, rtol=1e-4, atol=1e-5 * expected.max())
+    assert results["test/pixel_auroc"] == pytest.approx(pixel_auroc(maps.maps, maps.masks), abs=1e-6)
+    assert results["test/pro"] == pytest.approx(pro_score(maps.maps, maps.masks, thresholds=1000), abs=1e-6)
+    assert "test/auroc" in results
+
+    every = DN2Module(
+        backbone=tiny_conv(), anomaly_maps=True, map_layers=["1", "3"], map_kappa=2, patch_bank="all", reports=False
+    )
+    quiet_trainer().test(every, datamodule=dm)
+    with_all_images = reference_maps(model, dm, num_images=len(dm.train_dataset), kappa=2, sigma=4.0)
+    np.testing.assert_allclose(every.maps.test_results.maps.numpy(), with_all_images, rtol=1e-4, atol=1e-5)
+
+
+def test_fit_checkpoint_predict_returns_the_same_maps_and_writes_pngs(small_set, tmp_path):
+    dm = OneClassDataModule(dataset="folder", root=str(small_set), load_size=32, batch_size=5)
+    options = dict(anomaly_maps=True, map_layers=["1", "3"], map_images=3)
+    model = DN2Module(backbone=tiny_conv(), **options)
+    trainer = quiet_trainer(default_root_dir=tmp_path, enable_checkpointing=True)
+    trainer.fit(model, datamodule=dm)
+    assert len(model.maps.bank) == len(dm.train_dataset) and model.maps.bank.grid == (16, 16)
+    trainer.test(model, datamodule=dm)
+    assert (tmp_path / "figures" / "anomaly_maps.png").is_file()
+    tested = model.maps.test_results.maps
+
+    restored = DN2Module.load_from_checkpoint(trainer.checkpoint_callback.best_model_path, backbone=tiny_conv(1))
+    assert torch.equal(restored.maps.bank.patches, model.maps.bank.patches)
+    predict_dir = tmp_path / "predict"
+    batches = quiet_trainer(default_root_dir=predict_dir).predict(restored, datamodule=dm)
+    predicted = torch.cat([b["anomaly_map"] for b in batches])
+    torch.testing.assert_close(predicted, tested)
+    pngs = sorted((predict_dir / "anomaly_maps").glob("*.png"))
+    assert len(pngs) == len(dm.test_dataset) and pngs[0].name == "blob_000.png"
+
+
+def test_group_batches_have_no_maps():
+    model = DN2Module(backbone=tiny_conv(), anomaly_maps=True, map_layers=["1"])
+    with pytest.raises(ValueError, match="group batches have no map"):
+        model.maps.embed(model.backbone, torch.zeros(2, 3, 3, 8, 8))
+
+
+def test_efficientnet_maps_find_the_synthetic_defects(tmp_path):
+    """The real thing, small: ImageNet features put the pasted defects where the masks are."""
+    root = write_synthetic_defects(tmp_path / "set", n_train=30, n_test_good=4, n_test_per_kind=4, image_size=64)
+    dm = OneClassDataModule(dataset="folder", root=str(root), load_size=64, batch_size=16)
+    model = DN2Module(backbone="efficientnet_lite0", input_size=96, anomaly_maps=True, map_images=10, reports=False)
+    results = quiet_trainer().test(model, datamodule=dm)[0]
+    assert results["test/pixel_auroc"] > 0.9
+    assert results["test/pro"] > 0.7
+
+
+def test_cli_synthetic_config_logs_pixel_metrics_and_writes_map_pngs(tmp_path):
+    from dn2_lightning.cli import build_cli
+
+    root = write_synthetic_defects(tmp_path / "set", n_train=20, n_test_good=3, n_test_per_kind=2, image_size=64)
+    common = [
+        "--config",
+        "configs/synthetic_defects.yaml",
+        f"--data.root={root}",  # a set already there is used as it is
+        "--model.input_size=64",
+        "--model.map_images=5",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
+    cli = build_cli(["test", *common, f"--trainer.default_root_dir={tmp_path / 'test'}"])
+    metrics = cli.trainer.callback_metrics
+    assert 0.5 < metrics["test/pixel_auroc"].item() <= 1.0 and 0.0 < metrics["test/pro"].item() <= 1.0
+    assert next((tmp_path / "test").rglob("anomaly_maps.png"), None) is not None
+    cli = build_cli(["predict", *common, f"--trainer.default_root_dir={tmp_path / 'predict'}"])
+    assert cli.trainer.predict_loop.predictions[0]["anomaly_map"].shape[-2:] == (224, 224)  # folder load size
+    assert len(list((tmp_path / "predict").rglob("anomaly_maps/*.png"))) == 3 + 3 * 2
+
+
+def test_building_a_patch_bank_too_large_for_the_host_fails_before_any_search(small_set, monkeypatch):
+    import dn2_lightning.maps.bank as patch_bank_module
+
+    monkeypatch.setattr(patch_bank_module, "_host_available_bytes", lambda: 10_000)  # a 10 kB machine
+    dm = OneClassDataModule(dataset="folder", root=str(small_set), load_size=32, batch_size=5)
+    model = DN2Module(backbone=tiny_conv(), anomaly_maps=True, map_layers=["1", "3"], patch_bank="all", reports=False)
+    # 12 images x 16 x 16 positions x 16 channels x 4 bytes, + norms + the 512 MiB search budget
+    with pytest.raises(MemoryError, match=r"patch bank \(12 images x 16x16 positions x 16 channels\) needs 0\.50 GiB"):
+        quiet_trainer().test(model, datamodule=dm)
+    assert not model.maps.bank.is_fitted

@@ -1,0 +1,171 @@
+"""Pixel AUROC and PRO against sklearn, torchmetrics and hand-computed / brute-force references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import label
+from sklearn.metrics import roc_auc_score
+from torchmetrics.classification import BinaryAUROC
+
+from dn2_lightning.pixel_metrics import (
+    MapCollector,
+    binned_confmat,
+    integrate_until,
+    label_regions,
+    pixel_auroc,
+    pixel_metrics,
+    pro_curve,
+    pro_score,
+)
+
+
+def random_maps_and_masks(seed: int, n: int = 4, size: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noisy maps with raised scores on random rectangles (the masks), plus one mask-free image."""
+    g = torch.Generator().manual_seed(seed)
+    maps = torch.rand(n, size, size, generator=g)
+    masks = torch.zeros(n, size, size, dtype=torch.bool)
+    for i in range(n - 1):
+        for _ in range(2):
+            top, left = torch.randint(0, size - 6, (2,), generator=g).tolist()
+            h, w = torch.randint(1, 6, (2,), generator=g).tolist()
+            masks[i, top : top + h, left : left + w] = True
+    maps[masks] += 0.4 * torch.rand(int(masks.sum()), generator=g)
+    return maps, masks
+
+
+def brute_force_pro(maps: torch.Tensor, masks: torch.Tensor, fpr_limit: float = 0.3) -> float:
+    """PRO by its definition: every distinct score as a threshold, every region measured directly."""
+    m, gt = maps.double().numpy(), masks.numpy()
+    regions = []
+    for i in range(len(m)):
+        labels, count = label(gt[i], structure=np.ones((3, 3)))
+        regions += [(i, labels == r) for r in range(1, count + 1)]
+    normal = ~gt
+    points = [(0.0, 0.0)]
+    for t in np.unique(m)[::-1]:
+        positive = m >= t
+        fpr = (positive & normal).sum() / normal.sum()
+        pro = np.mean([(positive[i] & region).sum() / region.sum() for i, region in regions])
+        points.append((fpr, pro))
+    points.append((1.0, 1.0))
+    x, y = np.array(points).T
+    inside = x <= fpr_limit
+    xs = np.append(x[inside], fpr_limit)
+    ys = np.append(y[inside], np.interp(fpr_limit, x, y))  # x ascending; ties keep the last point's order
+    return float(np.trapezoid(ys, xs) / fpr_limit)
+
+
+# ------------------------------------------------------------------------------------------ pixel AUROC
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pixel_auroc_matches_sklearn_within_binning_error(seed):
+    maps, masks = random_maps_and_masks(seed)
+    exact = roc_auc_score(masks.flatten().numpy(), maps.flatten().numpy())
+    assert pixel_auroc(maps, masks, thresholds=2000) == pytest.approx(exact, abs=2e-3)
+
+
+def test_pixel_auroc_is_exact_when_each_score_level_has_its_own_bin():
+    g = torch.Generator().manual_seed(3)
+    maps = torch.randint(0, 7, (3, 10, 10), generator=g).float() * 5.0 - 4.0  # 7 levels, not in [0, 1]
+    masks = (maps + 6 * torch.rand(3, 10, 10, generator=g)) > 12
+    exact = roc_auc_score(masks.flatten().numpy(), maps.flatten().numpy())
+    assert pixel_auroc(maps, masks, thresholds=101) == pytest.approx(exact, abs=1e-6)
+
+
+def test_binned_confmat_equals_torchmetrics_own_update():
+    g = torch.Generator().manual_seed(4)
+    preds = torch.rand(30_000, generator=g)
+    preds[:100] = torch.linspace(0, 1, 100)  # scores exactly on thresholds
+    target = torch.rand(30_000, generator=g) < preds
+    metric = BinaryAUROC(thresholds=100)
+    metric.update(preds, target.long())
+    assert torch.equal(binned_confmat(preds, target, metric.thresholds), metric.confmat)
+
+
+def test_pixel_auroc_rejects_single_class_masks_and_bad_shapes():
+    maps = torch.rand(2, 4, 4)
+    with pytest.raises(ValueError, match="both anomalous and normal"):
+        pixel_auroc(maps, torch.zeros(2, 4, 4))
+    with pytest.raises(ValueError, match="same shape"):
+        pixel_auroc(maps, torch.zeros(2, 4, 5))
+    with pytest.raises(ValueError, match="thresholds"):
+        pixel_auroc(maps, torch.rand(2, 4, 4) > 0.5, thresholds=1)
+
+
+# -------------------------------------------------------------------------------------------------- PRO
+
+
+def test_pro_of_a_hand_computed_case():
+    # regions: A = {(0,0), (0,1)}, B = {(1,3)}; 5 normal pixels.
+    maps = torch.tensor([[[0.9, 0.8, 0.1, 0.2], [0.7, 0.3, 0.0, 0.6]]])
+    masks = torch.tensor([[[1, 1, 0, 0], [0, 0, 0, 1]]])
+    fpr, pro = pro_curve(maps, masks)
+    # thresholds 0.9, 0.8, 0.7, 0.6, 0.3, 0.2, 0.1, 0.0
+    np.testing.assert_allclose(fpr, [0, 0, 0, 0.2, 0.2, 0.4, 0.6, 0.8, 1.0, 1.0])
+    np.testing.assert_allclose(pro, [0, 0.25, 0.5, 0.5, 1, 1, 1, 1, 1, 1])
+    # area up to FPR 0.3: 0.5 * 0.2 + 1.0 * 0.1 = 0.2, normalised by 0.3
+    assert pro_score(maps, masks) == pytest.approx(2 / 3)
+    assert pro_score(maps, masks, fpr_limit=1.0) == pytest.approx(0.5 * 0.2 + 0.8)
+
+
+def test_regions_are_8_connected_across_images():
+    masks = torch.zeros(2, 4, 4, dtype=torch.bool)
+    masks[0, 0, 0] = masks[0, 1, 1] = True  # diagonal neighbours: one region
+    masks[0, 3, 3] = True
+    masks[1, 0, 3] = True
+    labels, count = label_regions(masks)
+    assert count == 3 and labels[0, 0, 0] == labels[0, 1, 1] != labels[0, 3, 3] and labels[1, 0, 3] == 3
+    # only (0, 0) scores high: the diagonal region is half found, the others not: PRO = (0.5 + 0 + 0) / 3
+    maps = torch.zeros(2, 4, 4)
+    maps[0, 0, 0] = 1.0
+    fpr, pro = pro_curve(maps, masks)
+    assert fpr[1] == 0 and pro[1] == pytest.approx(0.5 / 3)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_pro_matches_brute_force_definition(seed):
+    maps, masks = random_maps_and_masks(seed)
+    maps = (maps * 20).round() / 20  # ties between normal and anomalous pixels
+    assert pro_score(maps, masks) == pytest.approx(brute_force_pro(maps, masks), abs=1e-9)
+    assert pro_score(maps, masks, fpr_limit=0.05) == pytest.approx(brute_force_pro(maps, masks, 0.05), abs=1e-9)
+
+
+def test_binned_pro_is_close_to_exact_and_perfect_maps_score_one():
+    maps, masks = random_maps_and_masks(5, n=6, size=40)
+    assert pro_score(maps, masks, thresholds=4000) == pytest.approx(pro_score(maps, masks), abs=2e-3)
+    assert pro_score(masks.float(), masks) == pytest.approx(1.0)
+    assert pro_score(-masks.float(), masks) == pytest.approx(0.0)
+
+
+def test_integrate_until_interpolates_at_the_limit():
+    x, y = np.array([0.0, 0.2, 0.4]), np.array([0.0, 1.0, 1.0])
+    assert integrate_until(x, y, 0.3) == pytest.approx(0.1 + 0.1)
+    assert integrate_until(x, y, 0.2) == pytest.approx(0.1)
+
+
+def test_pro_needs_regions_and_normal_pixels():
+    with pytest.raises(ValueError, match="anomalous region"):
+        pro_score(torch.rand(1, 3, 3), torch.zeros(1, 3, 3))
+    with pytest.raises(ValueError, match="anomaly-free"):
+        pro_score(torch.rand(1, 3, 3), torch.ones(1, 3, 3))
+    with pytest.raises(ValueError, match="fpr_limit"):
+        pro_score(torch.rand(1, 3, 3), torch.eye(3)[None], fpr_limit=0)
+
+
+# ------------------------------------------------------------------------------------------- collector
+
+
+def test_map_collector_keeps_one_row_per_index_in_index_order():
+    maps, masks = random_maps_and_masks(6)
+    collector = MapCollector()
+    collector.update(torch.tensor([2, 3]), maps[2:], masks[2:])
+    collector.update(torch.tensor([0, 1, 2]), maps[:3], masks[:3])  # index 2 again (DistributedSampler padding)
+    result = collector.compute()
+    assert result.indices.tolist() == [0, 1, 2, 3]
+    assert torch.equal(result.maps, maps) and torch.equal(result.masks, masks)
+    metrics = pixel_metrics(result.maps, result.masks)
+    assert metrics["pixel_auroc"] == pytest.approx(pixel_auroc(maps, masks))
+    assert pixel_metrics(maps, torch.zeros_like(masks)) == {}
