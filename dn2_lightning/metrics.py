@@ -58,7 +58,8 @@ class ImageScores:
         neighbours: ``[B, k]`` train-set indices of the nearest bank embeddings.
         distances: ``[B, k]`` their squared distances, ascending.
         neighbour_paths: for each image, the files of its neighbours (when the bank came from files).
-        anomaly_maps: ``[B, H, W]`` pixel scores when the model computes anomaly maps.
+        anomaly_maps: ``[B, H, W]`` pixel scores when the model computes anomaly maps (a list of ``[H, W]``
+            when the images differ in size).
     """
 
     scores: Tensor
@@ -68,7 +69,7 @@ class ImageScores:
     neighbours: Tensor
     distances: Tensor
     neighbour_paths: list[list[str]] | None = None
-    anomaly_maps: Tensor | None = None
+    anomaly_maps: Tensor | list[Tensor] | None = None
 
     def __len__(self) -> int:
         return self.scores.shape[0]

@@ -392,10 +392,16 @@ class DN2Module(LightningModule):
         if not self.bank.is_fitted:
             raise RuntimeError(NO_BANK_MESSAGE.format(fn="test"))
         parts: list[tuple[Tensor, KNNResult]] = []
+        maps: list[Tensor] = []
         for chunk, _ in as_image_batches(images, self.bank.spec.get("load_size")):
             for piece in chunk.split(batch_size):
                 batch = Batch(piece.to(self.device), torch.full((len(piece),), -1, device=self.device), None)
-                parts.append(self.score(batch))
+                if self.maps is None:
+                    parts.append(self.score(batch))
+                else:
+                    scores, knn, piece_maps = self.score_with_maps(batch)
+                    parts.append((scores, knn))
+                    maps.extend(piece_maps.cpu().unbind(0))  # images of different sizes give different maps
         scores = torch.cat([p[0] for p in parts]).cpu()
         knn = KNNResult(*(torch.cat([getattr(p[1], f) for p in parts]).cpu() for f in ("values", "indices")))
         threshold = float(self.threshold)
@@ -408,6 +414,7 @@ class DN2Module(LightningModule):
             neighbours=knn.indices,
             distances=knn.values,
             neighbour_paths=[[train_paths[i] for i in row] for row in knn.indices.tolist()] if train_paths else None,
+            anomaly_maps=(torch.stack(maps) if len({m.shape for m in maps}) == 1 else maps) if maps else None,
         )
 
     # --------------------------------------------------------------------------------------- threshold

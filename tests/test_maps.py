@@ -269,6 +269,10 @@ def test_fit_checkpoint_predict_returns_the_same_maps_and_writes_pngs(small_set,
     torch.testing.assert_close(predicted, tested)
     pngs = sorted((predict_dir / "anomaly_maps").glob("*.png"))
     assert len(pngs) == len(dm.test_dataset) and pngs[0].name == "blob_000.png"
+    # one image at a time, from its file, as a user without a datamodule does: the same scores and maps
+    result = restored.score_images(dm.source_paths("test"))
+    torch.testing.assert_close(result.anomaly_maps, predicted)
+    torch.testing.assert_close(result.scores, torch.cat([b["score"] for b in batches]))
 
 
 def test_group_batches_have_no_maps():
