@@ -25,6 +25,14 @@ from dn2_lightning.scoring import (
     normalized_scores,
     quantile_threshold,
 )
+from dn2_lightning.validation import (
+    check_clean_fraction,
+    check_clean_k,
+    check_int,
+    check_k,
+    check_knn_backend,
+    check_threshold,
+)
 
 ArrayLike = Any  # numpy array, torch tensor, or nested lists of numbers
 
@@ -61,20 +69,12 @@ class DN2Detector:
         knn_backend: str = "auto",
         max_memory_bytes: int | None = None,
     ) -> None:
-        from dn2_lightning.module import _validate_hparams
-
-        _validate_hparams(
-            k,
-            None,
-            knn_backend,
-            max_memory_bytes,
-            clean_fraction,
-            clean_k,
-            "mean",
-            threshold_quantile,
-            None,
-            "replicate",
-        )
+        check_k(k)
+        check_threshold(threshold_quantile)
+        check_clean_fraction(clean_fraction)
+        check_clean_k(clean_k)
+        check_knn_backend(knn_backend)
+        check_int("max_memory_bytes", max_memory_bytes, 2**16, allow_none=True)
         self.k, self.threshold_quantile = k, threshold_quantile
         self.clean_fraction, self.clean_k = clean_fraction, clean_k
         self.knn_backend, self.max_memory_bytes = knn_backend, max_memory_bytes
