@@ -237,11 +237,8 @@ def save_figures(
     Returns:
         ``{"roc" (labelled data only), "histogram", "top_anomalies" (with image_of): PNG path}``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.figure import Figure  # not pyplot: no global backend switch, no figure registry
     from sklearn.metrics import roc_auc_score, roc_curve
 
     out_dir = Path(out_dir)
@@ -253,7 +250,8 @@ def save_figures(
 
     if labelled:
         fpr, tpr, _ = roc_curve(labels, values)
-        fig, ax = plt.subplots(figsize=(4, 4))
+        fig = Figure(figsize=(4, 4))
+        ax = fig.subplots()
         ax.plot(fpr, tpr, label=f"AUROC = {roc_auc_score(labels, values):.4f}")
         ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
         if defined:
@@ -264,7 +262,8 @@ def save_figures(
         ax.legend(loc="lower right", fontsize=7)
         written["roc"] = _save(fig, out_dir / "roc.png")
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
     groups = [("normal", labels == 0), ("anomalous", labels == 1)] if labelled else [("all", labels == labels)]
     bins = np.histogram_bin_edges(values, bins=50)  # one set of bins, so the groups compare bar for bar
     for name, mask in groups:
@@ -280,7 +279,8 @@ def save_figures(
         top = torch.argsort(scores.scores, descending=True)[:n_top].tolist()
         cols = min(8, len(top))
         rows = (len(top) + cols - 1) // cols
-        fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols, 2.1 * rows), squeeze=False)
+        fig = Figure(figsize=(1.7 * cols, 2.1 * rows))
+        axes = fig.subplots(rows, cols, squeeze=False)
         for ax in axes.flat:
             ax.axis("off")
         for ax, i in zip(axes.flat, top, strict=False):
@@ -303,11 +303,8 @@ def _short(name: str, width: int = 18) -> str:
 
 
 def _save(fig: object, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

@@ -46,15 +46,13 @@ def save_map_figure(
     Returns:
         ``path``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global backend switch, no figure registry
 
     top = torch.argsort(image_scores, descending=True)[:n_top].tolist()
     maps = results.maps[top]
     low, high = float(results.maps.min()), float(maps.max())
-    fig, axes = plt.subplots(2, len(top), figsize=(1.9 * len(top), 4.1), squeeze=False)
+    fig = Figure(figsize=(1.9 * len(top), 4.1))
+    axes = fig.subplots(2, len(top), squeeze=False)
     for column, row in enumerate(top):
         image = _hwc(image_of(int(results.indices[row])))
         mask = results.masks[row].numpy()
@@ -70,7 +68,6 @@ def save_map_figure(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
