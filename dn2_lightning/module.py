@@ -66,10 +66,10 @@ class DN2Module(LightningModule):
         group_pooling: for group batches ``[B, M, C, H, W]``: ``"mean"`` pools member embeddings (paper
             §3.3); ``"histogram"`` describes a group by its composition: k-means centroids fitted on the
             training members, each member softly assigned to them, the group = the mean assignment (sees a
-            class twice and another missing, which the mean barely does); ``"mean+histogram"`` concatenates
-            both; ``"none"`` keeps single-image embeddings in the bank and scores a group by the max of its
-            members' scores (the point-wise baseline). See :class:`dn2_lightning.group_pooling.GroupPooling`.
-        group_clusters: K, k-means centroids of the histogram poolings (fitted at fit time, checkpointed).
+            class twice and another missing, which the mean barely does); ``"none"`` keeps single-image
+            embeddings in the bank and scores a group by the max of its members' scores (the point-wise
+            baseline). See :class:`dn2_lightning.group_pooling.GroupPooling`.
+        group_clusters: K, k-means centroids of the histogram pooling (fitted at fit time, checkpointed).
         group_temperature: softness of the histogram's assignments: softmax of -squared distance /
             (group_temperature x the median squared distance of a training member to its nearest centroid).
         threshold_quantile: the decision threshold is this quantile of the bank's leave-one-out scores
@@ -449,7 +449,7 @@ class DN2Module(LightningModule):
         self._bank_is_shard = False
         saved = checkpoint.get("state_dict", {}).get("bank.embeddings")
         expected = self.backbone.feature_dim
-        # a bank of pooled groups may hold another size than the backbone's (histogram poolings)
+        # a bank of pooled groups may hold another size than the backbone's (histogram pooling)
         allowed = {expected, self.group_pool.output_dim(expected)} if expected is not None else set()
         if saved is not None and saved.numel() and expected is not None and saved.shape[1] not in allowed:
             raise ValueError(
