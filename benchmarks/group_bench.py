@@ -133,10 +133,11 @@ def main() -> None:
     print("| anomaly | M | train groups | point-wise (max of members) | mean (paper) | histogram |")
     print("|---|---:|---:|---:|---:|---:|")
     print("\n".join(main_rows))
-    print("\n### Histogram pooling sweep, AUROC (%): K clusters, T temperature\n")
-    print("| anomaly | M | train groups |" + "".join(f" K={k}, T={t} |" for k, t in grid))
-    print("|---|---:|---:|" + "---:|" * len(grid))
-    print("\n".join(sweep_rows))
+    if sweep_rows:
+        print("\n### Histogram pooling sweep, AUROC (%): K clusters, T temperature\n")
+        print("| anomaly | M | train groups |" + "".join(f" K={k}, T={t} |" for k, t in grid))
+        print("|---|---:|---:|" + "---:|" * len(grid))
+        print("\n".join(sweep_rows))
     if seed_rows:
         print(f"\n### Histogram pooling (K={k0}, T={t0}) across k-means seeds, AUROC (%)\n")
         seeds = "".join(f" histogram, k-means seed {seed} |" for seed in args.kmeans_seeds)
