@@ -4,8 +4,8 @@
 another missing moves the mean by only 1/M of the gap between two class means. ``"histogram"`` describes
 a group by *which kinds* of members it holds: k-means centroids are fitted on the training members, each
 member is softly assigned to them, and the group is the mean of its members' assignments (a soft
-histogram over K clusters, summing to 1). ``"mean+histogram"`` concatenates both, each part scaled to unit
-total variance over the training groups.
+histogram over K clusters, summing to 1). A concatenation of both was measured and dropped: it never beat
+the better of the two (``benchmarks/results/group.md``).
 
 Functional core (:func:`fit_kmeans`, :func:`soft_assignments`, :func:`composition_histogram`,
 :func:`pack_members`, :func:`unpack_members`) and one stateful module, :class:`GroupPooling`, holding the
@@ -21,8 +21,7 @@ from torch import Tensor, nn
 
 from dn2_lightning.scoring import pool_groups
 
-GROUP_POOLINGS = ("mean", "histogram", "mean+histogram", "none")
-FITTED_POOLINGS = ("histogram", "mean+histogram")
+GROUP_POOLINGS = ("mean", "histogram", "none")
 DEFAULT_KMEANS_ITERATIONS = 100
 
 
@@ -148,12 +147,12 @@ def unpack_members(packed: Tensor) -> tuple[Tensor, Tensor]:
 class GroupPooling(nn.Module):
     """Pools member embeddings ``[B, M, D]`` (``mask [B, M]`` marks real members) into group vectors.
 
-    ``"mean"`` needs no fitting and has no state. ``"histogram"`` and ``"mean+histogram"`` are fitted on
-    the training groups (:meth:`fit`) and keep their centroids, distance scale and part weights as
-    persistent buffers that take any saved shape on load, so they travel in the checkpoint.
+    ``"mean"`` needs no fitting and has no state. ``"histogram"`` is fitted on the training groups
+    (:meth:`fit`) and keeps its centroids and distance scale as persistent buffers that take any saved
+    shape on load, so they travel in the checkpoint.
 
     Args:
-        method: ``"mean"``, ``"histogram"`` or ``"mean+histogram"``.
+        method: ``"mean"`` or ``"histogram"``.
         clusters: K, centroids of the histogram.
         temperature: softness of the assignments, relative to the median squared distance of a training
             member to its nearest centroid.
@@ -170,7 +169,6 @@ class GroupPooling(nn.Module):
 
     centroids: Tensor
     scale: Tensor
-    part_weights: Tensor
 
     def __init__(
         self,
@@ -189,11 +187,10 @@ class GroupPooling(nn.Module):
         if self.needs_fit:  # "mean" keeps no state, so its checkpoints hold no pooling keys
             self.register_buffer("centroids", torch.empty(0, 0))
             self.register_buffer("scale", torch.tensor(float("nan")))
-            self.register_buffer("part_weights", torch.ones(2))
 
     @property
     def needs_fit(self) -> bool:
-        return self.method in FITTED_POOLINGS
+        return self.method == "histogram"
 
     @property
     def is_fitted(self) -> bool:
@@ -201,9 +198,7 @@ class GroupPooling(nn.Module):
 
     def output_dim(self, member_dim: int) -> int:
         """Size of a pooled group vector for members of size ``member_dim``."""
-        return {"mean": member_dim, "histogram": self.clusters, "mean+histogram": member_dim + self.clusters}[
-            self.method
-        ]
+        return self.clusters if self.method == "histogram" else member_dim
 
     def forward(self, members: Tensor, mask: Tensor | None = None) -> Tensor:
         """Group vectors ``[B, D']`` of members ``[B, M, D]`` (see :meth:`output_dim`).
@@ -225,12 +220,7 @@ class GroupPooling(nn.Module):
                 f"group members are {members.shape[-1]}-d but the group_pooling centroids are "
                 f"{self.centroids.shape[1]}-d: the checkpoint was fitted with another backbone."
             )
-        members = members.float()
-        histogram = composition_histogram(members, self.centroids, self.temperature, self.scale, mask)
-        if self.method == "histogram":
-            return histogram
-        weights = self.part_weights.to(members.device)
-        return torch.cat([weights[0] * pool_groups(members, mask), weights[1] * histogram], dim=1)
+        return composition_histogram(members.float(), self.centroids, self.temperature, self.scale, mask)
 
     def fit(self, members: Tensor, mask: Tensor | None = None) -> None:
         """Fit the centroids on the real members of training groups ``[B, M, D]``; a no-op for ``"mean"``.
@@ -249,12 +239,6 @@ class GroupPooling(nn.Module):
             self.centroids = centroids.clone()
             # a zero scale (members sitting on their centroids) would divide by zero
             self.scale = torch.where(scale > 0, scale, torch.ones_like(scale)).clone()
-            self.part_weights = torch.ones(2, device=centroids.device)
-        if self.method == "mean+histogram":
-            mean = pool_groups(members, mask)
-            histogram = composition_histogram(members, self.centroids, self.temperature, self.scale, mask)
-            with torch.inference_mode(False):
-                self.part_weights = torch.stack([_unit_variance_weight(mean), _unit_variance_weight(histogram)])
 
     def extra_repr(self) -> str:
         if self.method == "mean":
@@ -263,14 +247,8 @@ class GroupPooling(nn.Module):
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # resize before nn.Module copies in place, so fitted centroids of any size load strictly
-        for name in ("centroids", "scale", "part_weights"):
+        for name in ("centroids", "scale"):
             saved = state_dict.get(prefix + name)
             if saved is not None and hasattr(self, name):
                 setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
-def _unit_variance_weight(vectors: Tensor) -> Tensor:
-    """1 / sqrt(total variance) of rows ``[N, D]`` (1 if they do not vary)."""
-    variance = vectors.double().var(dim=0, unbiased=False).sum()
-    return torch.where(variance > 0, variance.rsqrt(), torch.ones_like(variance)).float()

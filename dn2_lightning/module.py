@@ -92,9 +92,9 @@ class DN2Module(LightningModule):
         clean_fraction: unsupervised setting: share of the bank with the largest leave-one-out scores
             dropped (paper: 0.5); 0 = no cleaning.
         clean_k: neighbours of the cleaning score (200: best of a sweep, ``benchmarks/RESULTS.md``).
-        group_pooling: groups ``[B, M, C, H, W]``: ``"mean"`` (paper), ``"histogram"`` (composition),
-            ``"mean+histogram"``, or ``"none"`` (point-wise: a group's worst member).
-        group_clusters: k-means centroids of the histogram poolings.
+        group_pooling: groups ``[B, M, C, H, W]``: ``"mean"`` (paper), ``"histogram"`` (composition: soft
+            assignments to k-means centroids of the training members), or ``"none"`` (point-wise).
+        group_clusters: k-means centroids of the histogram pooling.
         group_temperature: softness of the histogram's member-to-centroid assignments.
         threshold_quantile: the threshold is this quantile of the bank's leave-one-out scores (never test
             data); about ``1 - threshold_quantile`` of normal images are flagged.
@@ -769,7 +769,7 @@ class DN2Module(LightningModule):
         check_bank_settings(state.get("bank._extra_state") or {}, self._model_settings(), BANK_SETTINGS, "this model")
         saved = state.get("bank.embeddings")
         expected = self.backbone.feature_dim
-        # a bank of pooled groups may hold another size than the backbone's (histogram poolings)
+        # a bank of pooled groups may hold another size than the backbone's (histogram pooling)
         allowed = {expected, self.group_pool.output_dim(expected)} if expected is not None else set()
         if saved is not None and saved.numel() and expected is not None and saved.shape[1] not in allowed:
             raise ValueError(

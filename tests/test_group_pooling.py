@@ -100,10 +100,9 @@ def test_pack_and_unpack_members_round_trip():
     assert unpack_members(pack_members(members))[1].all()
 
 
-@pytest.mark.parametrize("method", ["histogram", "mean+histogram"])
-def test_pooling_is_orderless_and_ignores_masked_members(method):
+def test_pooling_is_orderless_and_ignores_masked_members():
     points, _, _ = blobs()
-    pooling = GroupPooling(method, clusters=4, temperature=0.5)
+    pooling = GroupPooling("histogram", clusters=4, temperature=0.5)
     pooling.fit(points[torch.randperm(200, generator=torch.Generator().manual_seed(0))].view(50, 4, 8))
     g = torch.Generator().manual_seed(1)
     groups = points[torch.randint(200, (6, 5), generator=g)]
@@ -199,19 +198,18 @@ def test_module_histogram_pooling_matches_an_independent_reference():
     )
 
 
-@pytest.mark.parametrize("method", ["histogram", "mean+histogram"])
-def test_checkpoint_round_trip_gives_the_same_scores(tmp_path, method):
+def test_checkpoint_round_trip_gives_the_same_scores(tmp_path):
     dm = group_datamodule()
-    model = DN2Module(k=2, backbone=linear_backbone(), group_pooling=method, group_clusters=5, reports=False)
+    model = DN2Module(k=2, backbone=linear_backbone(), group_pooling="histogram", group_clusters=5, reports=False)
     trainer = quiet_trainer()
     trainer.fit(model, datamodule=dm)
     trainer.test(model, datamodule=dm)
     ckpt = tmp_path / "group.ckpt"
     trainer.save_checkpoint(ckpt)
     restored = DN2Module.load_from_checkpoint(ckpt, backbone=linear_backbone(seed=1))  # weights from ckpt
-    assert restored.hparams.group_pooling == method and restored.group_pool.is_fitted
+    assert restored.hparams.group_pooling == "histogram" and restored.group_pool.is_fitted
     torch.testing.assert_close(restored.group_pool.centroids, model.group_pool.centroids, rtol=0, atol=0)
-    torch.testing.assert_close(restored.group_pool.part_weights, model.group_pool.part_weights, rtol=0, atol=0)
+    torch.testing.assert_close(restored.group_pool.scale, model.group_pool.scale, rtol=0, atol=0)
     quiet_trainer().test(restored, datamodule=dm)
     torch.testing.assert_close(restored.test_scores.scores, model.test_scores.scores, rtol=0, atol=0)
 
@@ -276,11 +274,11 @@ def test_padded_members_change_neither_centroids_nor_scores():
 def test_single_image_data_is_unchanged_by_the_group_pooling():
     dm = BlobDataModule()
     scores = []
-    for method in ("mean", "histogram", "mean+histogram"):
+    for method in ("mean", "histogram"):
         model = DN2Module(k=2, backbone=linear_backbone(), group_pooling=method, reports=False)
         quiet_trainer().test(model, datamodule=dm)
         scores.append(model.test_scores.scores)
-    assert torch.equal(scores[0], scores[1]) and torch.equal(scores[0], scores[2])
+    assert torch.equal(scores[0], scores[1])
 
 
 def test_mean_pooling_checkpoints_hold_no_pooling_state():
@@ -291,6 +289,7 @@ def test_mean_pooling_checkpoints_hold_no_pooling_state():
     "kwargs, match",
     [
         ({"group_pooling": "hist"}, "group_pooling='hist'"),
+        ({"group_pooling": "mean+histogram"}, "group_pooling='mean\\+histogram'"),
         ({"group_clusters": 1}, "group_clusters=1"),
         ({"group_clusters": 2.5}, "group_clusters=2.5"),
         ({"group_clusters": True}, "group_clusters=True"),
