@@ -34,6 +34,7 @@ distances could exceed 3.4e38 are refused with a ValueError (rescale them or pas
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -41,6 +42,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -65,7 +67,7 @@ _MAX_SCALED_SQUARED_NORM = 2.0**100
 # The candidate GEMM's output buffer (reused for every block, so no page faults) holds this many floats.
 _GEMM_BUFFER_FLOATS = 8 * 2**20
 # Bytes per float64 operand in one chunk of the survivor recompute: in L2 cache on a CPU, large on a GPU.
-_PAIR_CHUNK_BYTES = {"cpu": 2**19, "cuda": 2**28}
+_PAIR_CHUNK_BYTES = {"cpu": 2**20, "cuda": 2**28}
 
 
 class KNNResult(NamedTuple):
@@ -340,37 +342,73 @@ def _torch_knn(queries: Tensor, bank: PreparedBank, k: int, max_memory_bytes: in
     indices = torch.empty(m, k, dtype=torch.long, device=bank.device)
     for start in range(0, m, query_rows):
         block = queries[start : start + query_rows]
-        q, q_norms, far = _frame_queries(block, bank, dtype, start)
+        # Outside the GEMM and top-k every step is small and latency-bound: on a CPU one thread does it
+        # as fast, and never waits on a second one that the OS has descheduled.
+        with _one_thread(bank.device):
+            q, q_norms, far = _frame_queries(block, bank, dtype, start)
         approx, cand = _gemm_candidates(q, q_norms, bank, num_candidates, buffer)
-        bound = _error_bound(error_scale, q_norms, bank)
-        # Every bank row in `cand` has exact (scaled) distance within `bound` of its `approx`. The k-th
-        # exact distance is at most approx_k + bound: candidates whose lower bound exceeds it are out.
-        upper = approx[:, k - 1] + bound
-        keep = approx - bound[:, None] <= upper[:, None]
-        v, i = _exact_topk(block, bank, cand, keep, k)
-        uncertain = far
-        if num_candidates < n:
-            # Rows outside the candidates have approx >= approx_c, so exact >= approx_c - bound: certified
-            # when that exceeds the k-th exact distance (with the float64 recompute's own rounding).
-            kth = v[:, -1].double() * bank.scale**2 * (1 + 4 * (dim + 2) * 2.0**-53)
-            uncertain = uncertain | (approx[:, -1] - bound <= kth)
-        if uncertain.any():
-            rows = uncertain.nonzero().flatten()
-            near = rows[~far[rows]]
-            if len(near):
-                kth = v[near, -1].double() * bank.scale**2 * (1 + 4 * (dim + 2) * 2.0**-53)
-                v[near], i[near] = _rescan(block[near], q[near], bound[near], kth, bank, k, max_memory_bytes)
-            if far.any():
-                rows = far.nonzero().flatten()
-                v[rows], i[rows] = _difference_scan(block[rows], bank, k, max_memory_bytes)
+        with _one_thread(bank.device):
+            v, i = _certify_block(block, q, q_norms, far, approx, cand, bank, k, error_scale, max_memory_bytes)
         values[start : start + len(block)] = v.to(dtype)
         indices[start : start + len(block)] = i
     return KNNResult(values, indices)
 
 
+def _certify_block(
+    block: Tensor,
+    q: Tensor,
+    q_norms: Tensor,
+    far: Tensor,
+    approx: Tensor,
+    cand: Tensor,
+    bank: PreparedBank,
+    k: int,
+    error_scale: float,
+    budget: int,
+) -> tuple[Tensor, Tensor]:
+    """Exact k nearest neighbours (float64 values) of one query block from its GEMM candidates."""
+    n, dim = bank.shape
+    block64 = block.to(torch.float64)
+    bound = _error_bound(error_scale, q_norms, bank)
+    # Every bank row in `cand` has exact (scaled) distance within `bound` of its `approx`. The k-th exact
+    # distance is at most approx_k + bound: candidates whose lower bound exceeds it are out.
+    upper = approx[:, k - 1] + bound
+    keep = approx - bound[:, None] <= upper[:, None]
+    v, i = _exact_topk(block64, bank, cand, keep, k)
+    uncertain = far
+    if cand.shape[1] < n:
+        # Rows outside the candidates have approx >= approx_c, so exact >= approx_c - bound: certified when
+        # that exceeds the k-th exact distance (with the float64 recompute's own rounding).
+        kth = v[:, -1] * bank.scale**2 * (1 + 4 * (dim + 2) * 2.0**-53)
+        uncertain = uncertain | (approx[:, -1] - bound <= kth)
+    if uncertain.any():
+        rows = uncertain.nonzero().flatten()
+        near, out = rows[~far[rows]], rows[far[rows]]
+        if len(near):
+            kth = v[near, -1] * bank.scale**2 * (1 + 4 * (dim + 2) * 2.0**-53)
+            v[near], i[near] = _rescan(block64[near], q[near], bound[near], kth, bank, k, budget)
+        if len(out):
+            v[out], i[out] = _difference_scan(block64[out], bank, k, budget)
+    return v, i
+
+
+@contextlib.contextmanager
+def _one_thread(device: torch.device) -> Iterator[None]:
+    """Run CPU work on one intra-op thread (restored afterwards); no-op on other devices."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _center(queries: Tensor, bank: PreparedBank) -> Tensor:
     """Queries in the bank's centred, scaled float32 frame."""
-    return ((queries.to(bank.center.dtype) - bank.center) * bank.scale).to(torch.float32)
+    return torch.sub(queries.to(bank.center.dtype), bank.center).mul_(bank.scale).to(torch.float32)
 
 
 def _frame_queries(
@@ -380,13 +418,15 @@ def _frame_queries(
     (zeroed in the returned frame). Validates the block on the way, from the norms it needs anyway: NaN/Inf
     rows and squared distances beyond ``dtype``'s range raise (rows numbered from ``offset``)."""
     q = _center(queries, bank)
-    q_norms = (q * q).sum(1)
-    far = ~(q_norms <= _MAX_SCALED_SQUARED_NORM)  # NaN, inf (overflow of the frame) or just far
-    if far.any():
+    q_norms = torch.linalg.vecdot(q, q)
+    largest = float(q_norms.max()) if len(q) else 0.0  # NaN if any row has a NaN
+    far = torch.zeros_like(q_norms, dtype=torch.bool)
+    if not largest <= _MAX_SCALED_SQUARED_NORM:
+        far = ~(q_norms <= _MAX_SCALED_SQUARED_NORM)  # NaN, inf (overflow of the frame) or just far
         _check_finite("queries", queries, offset)
     limit = torch.finfo(dtype).max
     radius = bank.max_norm / bank.scale
-    worst = (math.sqrt(float(q_norms.max())) if len(q) else 0.0) / bank.scale
+    worst = math.sqrt(largest) / bank.scale
     if not (worst + radius) ** 2 * 1.01 <= limit:  # cheap screen; exact float64 norms decide
         norms = _row_norms64(queries.to(bank.center.dtype) - bank.center)
         over = ((norms + radius) ** 2 > limit).nonzero().flatten()
@@ -399,7 +439,7 @@ def _frame_queries(
                 f"({limit:.3g}). Rescale queries and bank by the same factor (e.g. divide both by the bank's largest "
                 "norm) or pass float64 tensors, which are searched and returned in float64."
             )
-    if far.any():
+    if not largest <= _MAX_SCALED_SQUARED_NORM:
         q, q_norms = q.masked_fill(far[:, None], 0), q_norms.masked_fill(far, 0)
     return q, q_norms, far
 
@@ -458,8 +498,9 @@ def _gemm_candidates(q: Tensor, q_norms: Tensor, bank: PreparedBank, c: int, buf
             values, pos = values.topk(c, dim=1, largest=False, sorted=False)
             indices = indices.gather(1, pos)
         best_values, best_indices = values, indices
-    values, order = (best_values.double() + q_norms.double()[:, None]).sort(dim=1)
-    return values, best_indices.gather(1, order)
+    with _one_thread(q.device):
+        values, order = (best_values.double() + q_norms.double()[:, None]).sort(dim=1)
+        return values, best_indices.gather(1, order)
 
 
 def _exact_topk(queries: Tensor, bank: PreparedBank, cand: Tensor, keep: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -473,14 +514,14 @@ def _exact_topk(queries: Tensor, bank: PreparedBank, cand: Tensor, keep: Tensor,
 
 
 def _pair_distances(queries: Tensor, bank: Tensor, query_rows: Tensor, bank_rows: Tensor) -> Tensor:
-    """``||queries[query_rows[p]] - bank[bank_rows[p]]||^2`` in float64, a cache-sized chunk at a time."""
+    """``||queries[query_rows[p]] - bank[bank_rows[p]]||^2`` in float64 (``queries`` float64), a cache-sized
+    chunk of pairs at a time: never ``[queries, candidates, D]`` at once."""
     out = torch.empty(len(query_rows), dtype=torch.float64, device=queries.device)
     step = max(1, _PAIR_CHUNK_BYTES.get(queries.device.type, 2**28) // (8 * queries.shape[1]))
     for start in range(0, len(query_rows), step):
-        stop = start + step
-        diff = queries[query_rows[start:stop]].double()
-        diff -= bank[bank_rows[start:stop]]
-        out[start:stop] = torch.linalg.vecdot(diff, diff)
+        diff = torch.index_select(queries, 0, query_rows[start : start + step])
+        diff.sub_(torch.index_select(bank, 0, bank_rows[start : start + step]))
+        torch.sum(diff.square_(), 1, out=out[start : start + step])
     return out
 
 
@@ -561,7 +602,8 @@ def _keops_knn(queries: Tensor, q: Tensor, bank: PreparedBank, k: int, dtype: to
     indices = ((x_i - y_j) ** 2).sum(-1).argKmin(K=k, dim=1).long()
     # KeOps ranks in float32; the neighbours' distances are recomputed in float64 from the original rows
     rows = torch.arange(len(queries), device=queries.device).repeat_interleave(k)
-    values, order = _pair_distances(queries, bank.source, rows, indices.flatten()).view(-1, k).sort(dim=1)
+    values = _pair_distances(queries.to(torch.float64), bank.source, rows, indices.flatten())
+    values, order = values.view(-1, k).sort(dim=1)
     return KNNResult(values.to(dtype), indices.gather(1, order))
 
 
