@@ -148,27 +148,41 @@ def _prepare_bank(bank: Tensor, candidate_dtype: torch.dtype) -> PreparedBank:
     ensure_fits(extra + DEFAULT_MAX_MEMORY_BYTES, bank.device, "searching the memory bank")
     work = _work_dtype(bank.dtype)
     center = bank.mean(0, dtype=torch.float64).to(work) if n else bank.new_zeros(dim, dtype=work)
-    step = max(1, 2**22 // max(1, dim))  # rows per chunk: float64 temporaries of 32 MiB
-    radius = max((_row_norms64(c.to(work) - center).max().item() for c in bank.split(step) if len(c)), default=0.0)
+    if work == torch.float32:  # centre in float32 (one rounding, in the error bound); norms from the result
+        rows = torch.sub(bank, center)
+        norms = torch.linalg.vecdot(rows, rows)
+        radius = math.sqrt(float(norms.max())) if n else 0.0  # inf once a norm overflows: refused below
+    else:  # float64: norms in float64, since the centred rows may not fit float32 before scaling
+        step = max(1, 2**22 // max(1, dim))  # rows per chunk: float64 temporaries of 32 MiB
+        norms64 = torch.cat([_row_norms64(c - center) for c in bank.split(step)]) if n else bank.new_zeros(0)
+        radius = float(norms64.max()) if n else 0.0
     if not math.isfinite(radius):  # NaN/Inf rows (the mean, hence every norm, is then NaN too)
         _check_finite("bank", bank)
     limit = torch.finfo(_result_dtype(bank.dtype)).max
-    if (2 * radius) ** 2 > limit:
+    if not (2 * radius) ** 2 <= limit:
         raise ValueError(
             f"`bank` rows lie up to {radius:.3g} from their mean, so squared distances could reach "
             f"{(2 * radius) ** 2:.3g}, beyond {_dtype_name(_result_dtype(bank.dtype))}'s range ({limit:.3g}). "
             "Rescale the embeddings (e.g. divide them by their largest norm) or pass float64 tensors."
         )
-    # A power of two: exact in binary floating point. float32 arithmetic cannot hold factors past 2**126.
-    bound = 120 if work == torch.float32 else 480
+    # A power of two (exact in binary floating point) bringing the radius near 1, so that neither the GEMM
+    # nor its error bound under- or overflows; data of moderate scale are left as they are.
+    bound = 120 if work == torch.float32 else 480  # float32 arithmetic cannot hold factors past 2**126
     exponent = 0 if radius == 0 else max(-bound, min(bound, -math.frexp(radius)[1]))
+    if work == torch.float32 and abs(exponent) <= 20:
+        exponent = 0
     scale = 2.0**exponent
-    rows = torch.empty(n, dim, dtype=torch.float32, device=bank.device)
-    for start in range(0, n, step):
-        rows[start : start + step] = (bank[start : start + step].to(work) - center) * scale
-    norms = (rows * rows).sum(1)
+    if work == torch.float32:
+        if exponent:  # only for extreme data (scale * scale may not fit float32): recompute the norms
+            rows.mul_(scale)
+            norms = torch.linalg.vecdot(rows, rows)
+    else:
+        rows = torch.empty(n, dim, dtype=torch.float32, device=bank.device)
+        for start in range(0, n, step):
+            rows[start : start + step] = (bank[start : start + step] - center) * scale
+        norms = torch.linalg.vecdot(rows, rows)
     low = rows if candidate_dtype == torch.float32 else rows.to(candidate_dtype)
-    max_norm = float(norms.max().sqrt()) if n else 0.0
+    max_norm = math.sqrt(float(norms.max())) if n else 0.0
     return PreparedBank(center, rows, norms, low, max_norm, bank, scale)
 
 
@@ -462,12 +476,23 @@ def _gemm_error_scale(dim: int, dtype: torch.dtype, device: torch.device) -> flo
     of the expansion 3u, and a GEMM output in a low dtype u_in / 2.
     """
     u = _UNIT_ROUNDOFF[torch.float32]
-    u_in = _UNIT_ROUNDOFF[dtype]
-    if dtype == torch.float32 and device.type == "cuda" and torch.get_float32_matmul_precision() != "highest":
-        u_in = max(u_in, _TF32_UNIT_ROUNDOFF)
+    u_in = _UNIT_ROUNDOFF[dtype] if dtype != torch.float32 else _float32_matmul_roundoff(device)
     gamma = (dim + 2) * u / (1 - (dim + 2) * u)
     low_output = 0.0 if dtype == torch.float32 else u_in / 2
     return 1.01 * (2 * u + 2 * u_in + gamma + 3 * u + low_output)
+
+
+def _float32_matmul_roundoff(device: torch.device) -> float:
+    """Unit roundoff of a float32 GEMM's inputs under the user's settings: TF32 (``set_float32_matmul_precision
+    ("high")`` on CUDA) keeps 11 bits, bfloat16 (``"medium"``, or any lowered mode on a CPU, where oneDNN
+    uses AMX bf16) 8 bits."""
+    backend = getattr(getattr(torch.backends, "cuda" if device.type == "cuda" else "mkldnn", None), "matmul", None)
+    mode = str(getattr(backend, "fp32_precision", "none"))
+    if mode == "none":
+        mode = {"highest": "ieee", "high": "tf32"}.get(torch.get_float32_matmul_precision(), "bf16")
+    if mode == "ieee":
+        return _UNIT_ROUNDOFF[torch.float32]
+    return _TF32_UNIT_ROUNDOFF if mode == "tf32" and device.type == "cuda" else _UNIT_ROUNDOFF[torch.bfloat16]
 
 
 def _error_bound(error_scale: float, q_norms: Tensor, bank: PreparedBank) -> Tensor:
