@@ -114,6 +114,22 @@ def test_autocast_does_not_lower_the_search_precision():
     assert_exact(result, queries, bank, 2)
 
 
+@pytest.mark.parametrize("precision", ["high", "medium"])
+def test_lowered_float32_matmul_precision_stays_exact(precision):
+    """``set_float32_matmul_precision("medium")`` lets oneDNN (AMX) or cuBLAS run float32 GEMMs in bfloat16
+    or TF32: the bound must widen with it, and the result stay exact."""
+    g = torch.Generator().manual_seed(15)
+    bank, queries = 5 + torch.randn(3000, 64, generator=g), 5 + torch.randn(300, 64, generator=g)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        result = knn_distances(queries, bank, 3, "torch")
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert torch.equal(result.indices, brute_force_knn(queries, bank, 3).indices)
+    assert_exact(result, queries, bank, 3)
+
+
 @pytest.mark.parametrize("budget", [2**20, 64 * 2**20, 512 * 2**20])
 def test_block_sizes_respect_the_memory_budget_for_a_million_row_bank(budget):
     """The issue's largest shape (1M x 10k x 2048): the GEMM block and the candidate buffers fit the budget."""
