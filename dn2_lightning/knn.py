@@ -12,12 +12,12 @@ is tested against a float64 brute force.
   cancellation, no overflow), into a reused buffer, then the ``2k + 8`` smallest per query. (2) A
   worst-case rounding bound ``E`` of the GEMM (per query) brackets every exact distance:
   ``|approx - exact| <= E``. The k-th exact distance is at most ``approx_k + E``, so every candidate with
-  ``approx - E`` above that is provably out; only the few that the bound cannot separate (usually k to
-  k + 2) get their distances computed, in float64 from the original rows, without materialising
-  ``[queries, candidates, D]``. A query is certified when the last candidate's lower bound exceeds the
-  k-th exact distance (no bank row outside the candidates can be nearer); the rare queries that are not
-  are re-searched over the whole bank under the same bound. Results are exact whatever the matmul
-  precision (float32, TF32, ``candidate_dtype=torch.bfloat16``).
+  ``approx - E`` above that is provably out; only the few that the bound cannot separate (about k per
+  query on real embeddings) get their distances computed from the original rows, pair by pair in
+  cache-sized chunks, without materialising ``[queries, candidates, D]``. A query is certified when the
+  last candidate's lower bound exceeds the k-th exact distance (no bank row outside the candidates can
+  be nearer); the rare queries that are not are re-searched over the whole bank under the same bound.
+  Results are exact whatever the matmul precision (float32, TF32, ``candidate_dtype=torch.bfloat16``).
 * ``"keops"``: pykeops LazyTensors, ``((x_i - y_j) ** 2).sum(-1).Kmin_argKmin`` on the centred float32
   rows; the values of the k neighbours are then recomputed in float64. Its JIT compiler can crash the
   process on some CUDA set-ups, so it is probed once in a subprocess; if the probe fails the search falls
@@ -26,10 +26,12 @@ is tested against a float64 brute force.
   documentation says cuBLAS-based search wins above D ~ 50-100, and DN2 embeddings have D >= 512.
   KeOps is chosen for low-dimensional GPU data only.
 
-Dtypes: float64 inputs (queries or bank) are searched exactly in float64 arithmetic and returned as
-float64; float32, float16 and bfloat16 inputs are returned as float32 (the float64 distance of the given
-numbers, rounded once). Inputs must be finite, and float32 results must fit float32: data whose squared
-distances could exceed 3.4e38 are refused with a ValueError (rescale them or pass float64).
+Dtypes: float64 inputs (queries or bank) are searched exactly in float64 arithmetic (differences in
+float64) and returned as float64; float32, float16 and bfloat16 inputs are returned as float32, from
+float32 differences accumulated in float64 (relative error below 2**-22, allowed for by the certification;
+neighbours closer than that to each other are re-ordered from float64 differences). Inputs must be
+finite, and float32 results must fit float32: data whose squared distances could exceed 3.4e38 are
+refused with a ValueError (rescale them or pass float64).
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ _MAX_SCALED_SQUARED_NORM = 2.0**100
 # The candidate GEMM's output buffer (reused for every block, so no page faults) holds this many floats.
 _GEMM_BUFFER_FLOATS = 8 * 2**20
 # Bytes per float64 operand in one chunk of the survivor recompute: in L2 cache on a CPU, large on a GPU.
-_PAIR_CHUNK_BYTES = {"cpu": 2**20, "cuda": 2**28}
+_PAIR_CHUNK_BYTES = {"cpu": 2**19, "cuda": 2**28}
 
 
 class KNNResult(NamedTuple):
@@ -381,28 +383,28 @@ def _certify_block(
     budget: int,
 ) -> tuple[Tensor, Tensor]:
     """Exact k nearest neighbours (float64 values) of one query block from its GEMM candidates."""
-    n, dim = bank.shape
-    block64 = block.to(torch.float64)
+    n = bank.shape[0]
+    slack = 1 + _exact_slack(block, bank)
     bound = _error_bound(error_scale, q_norms, bank)
     # Every bank row in `cand` has exact (scaled) distance within `bound` of its `approx`. The k-th exact
     # distance is at most approx_k + bound: candidates whose lower bound exceeds it are out.
     upper = approx[:, k - 1] + bound
     keep = approx - bound[:, None] <= upper[:, None]
-    v, i = _exact_topk(block64, bank, cand, keep, k)
+    v, i = _exact_topk(block, bank, cand, keep, k)
     uncertain = far
     if cand.shape[1] < n:
         # Rows outside the candidates have approx >= approx_c, so exact >= approx_c - bound: certified when
-        # that exceeds the k-th exact distance (with the float64 recompute's own rounding).
-        kth = v[:, -1] * bank.scale**2 * (1 + 4 * (dim + 2) * 2.0**-53)
+        # that exceeds the k-th exact distance (with the recompute's own rounding).
+        kth = v[:, -1] * bank.scale**2 * slack
         uncertain = uncertain | (approx[:, -1] - bound <= kth)
     if uncertain.any():
         rows = uncertain.nonzero().flatten()
         near, out = rows[~far[rows]], rows[far[rows]]
         if len(near):
-            kth = v[near, -1] * bank.scale**2 * (1 + 4 * (dim + 2) * 2.0**-53)
-            v[near], i[near] = _rescan(block64[near], q[near], bound[near], kth, bank, k, budget)
+            kth = v[near, -1] * bank.scale**2 * slack
+            v[near], i[near] = _rescan(block[near], q[near], bound[near], kth, bank, k, budget)
         if len(out):
-            v[out], i[out] = _difference_scan(block64[out], bank, k, budget)
+            v[out], i[out] = _difference_scan(block[out], bank, k, budget)
     return v, i
 
 
@@ -529,25 +531,47 @@ def _gemm_candidates(q: Tensor, q_norms: Tensor, bank: PreparedBank, c: int, buf
 
 
 def _exact_topk(queries: Tensor, bank: PreparedBank, cand: Tensor, keep: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Float64 distances from the original rows for the kept candidates only; the k smallest per query,
-    ascending (``keep`` holds at least k per row)."""
+    """Exact distances (float64) for the kept candidates only; the k smallest per query, ascending (``keep``
+    holds at least k per row). Rows whose k + 1 smallest include values too close for float32 differences
+    to order are recomputed with float64 differences, so membership and order are exact."""
     rows, cols = keep.nonzero(as_tuple=True)
     exact = torch.full(keep.shape, math.inf, dtype=torch.float64, device=keep.device)
     exact[rows, cols] = _pair_distances(queries, bank.source, rows, cand[rows, cols])
+    if _pair_dtype(queries, bank.source) != torch.float64:
+        top = exact.topk(min(k + 1, exact.shape[1]), dim=1, largest=False, sorted=True).values
+        close = (top[:, 1:] <= top[:, :-1] * (1 + 2 * _exact_slack(queries, bank))).any(1)
+        if close.any():
+            rows, cols = (keep & close[:, None]).nonzero(as_tuple=True)
+            exact[rows, cols] = _pair_distances(queries, bank.source, rows, cand[rows, cols], torch.float64)
     values, pos = exact.topk(k, dim=1, largest=False, sorted=True)
     return values, cand.gather(1, pos)
 
 
-def _pair_distances(queries: Tensor, bank: Tensor, query_rows: Tensor, bank_rows: Tensor) -> Tensor:
-    """``||queries[query_rows[p]] - bank[bank_rows[p]]||^2`` in float64 (``queries`` float64), a cache-sized
-    chunk of pairs at a time: never ``[queries, candidates, D]`` at once."""
+def _pair_distances(
+    queries: Tensor, bank: Tensor, query_rows: Tensor, bank_rows: Tensor, work: torch.dtype | None = None
+) -> Tensor:
+    """``||queries[query_rows[p]] - bank[bank_rows[p]]||^2`` accumulated in float64, a cache-sized chunk of
+    pairs at a time (never ``[queries, candidates, D]`` at once). Differences are taken in ``work`` (default
+    float64 when either side is float64, exact; else float32, relative error <= 2^-22 per distance)."""
+    work = work or _pair_dtype(queries, bank)
     out = torch.empty(len(query_rows), dtype=torch.float64, device=queries.device)
-    step = max(1, _PAIR_CHUNK_BYTES.get(queries.device.type, 2**28) // (8 * queries.shape[1]))
+    step = max(1, _PAIR_CHUNK_BYTES.get(queries.device.type, 2**28) // (work.itemsize * queries.shape[1]))
     for start in range(0, len(query_rows), step):
-        diff = torch.index_select(queries, 0, query_rows[start : start + step])
+        diff = torch.index_select(queries, 0, query_rows[start : start + step]).to(work)
         diff.sub_(torch.index_select(bank, 0, bank_rows[start : start + step]))
-        torch.sum(diff.square_(), 1, out=out[start : start + step])
+        torch.sum(diff.square_(), 1, dtype=torch.float64, out=out[start : start + step])
     return out
+
+
+def _pair_dtype(queries: Tensor, bank: Tensor) -> torch.dtype:
+    return torch.float64 if torch.float64 in (queries.dtype, bank.dtype) else torch.float32
+
+
+def _exact_slack(queries: Tensor, bank: PreparedBank) -> float:
+    """Relative error bound of :func:`_pair_distances` (float32 differences and squares round twice)."""
+    dim = bank.shape[1]
+    rounding = 0.0 if _pair_dtype(queries, bank.source) == torch.float64 else 4 * _UNIT_ROUNDOFF[torch.float32]
+    return rounding + 4 * (dim + 2) * 2.0**-53
 
 
 def _rescan(
@@ -627,7 +651,7 @@ def _keops_knn(queries: Tensor, q: Tensor, bank: PreparedBank, k: int, dtype: to
     indices = ((x_i - y_j) ** 2).sum(-1).argKmin(K=k, dim=1).long()
     # KeOps ranks in float32; the neighbours' distances are recomputed in float64 from the original rows
     rows = torch.arange(len(queries), device=queries.device).repeat_interleave(k)
-    values = _pair_distances(queries.to(torch.float64), bank.source, rows, indices.flatten())
+    values = _pair_distances(queries, bank.source, rows, indices.flatten())
     values, order = values.view(-1, k).sort(dim=1)
     return KNNResult(values.to(dtype), indices.gather(1, order))
 

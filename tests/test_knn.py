@@ -252,9 +252,9 @@ def _count_pairs(monkeypatch):
     seen = {"pairs": 0, "rescans": 0}
     pair_distances, rescan = knn._pair_distances, knn._rescan
 
-    def counting_pairs(queries, bank, query_rows, bank_rows):
+    def counting_pairs(queries, bank, query_rows, bank_rows, *args):
         seen["pairs"] += len(query_rows)
-        return pair_distances(queries, bank, query_rows, bank_rows)
+        return pair_distances(queries, bank, query_rows, bank_rows, *args)
 
     def counting_rescan(queries, *args):
         seen["rescans"] += len(queries)
@@ -294,7 +294,7 @@ def test_near_ties_inside_the_bound_are_ordered_exactly(monkeypatch):
     result = knn_distances(queries, bank, 4, "torch")
     assert result.indices.tolist() == [[5, 4, 3, 2]]
     assert seen["pairs"] >= 6  # all six near-ties were recomputed
-    assert_exact(result, queries, bank, 4, rtol=1e-7)  # float32 output: one rounding
+    assert_exact(result, queries, bank, 4, rtol=3e-7)  # float32 differences and output: <= 3 roundings
 
 
 def test_uncertified_queries_are_rescanned_over_the_whole_bank(monkeypatch):
@@ -309,7 +309,7 @@ def test_uncertified_queries_are_rescanned_over_the_whole_bank(monkeypatch):
     result = knn_distances(queries, bank, 2, "torch")
     assert seen["rescans"] >= 1
     assert torch.equal(result.indices, brute_force_knn(queries, bank, 2).indices)
-    assert_exact(result, queries, bank, 2, rtol=1e-7)
+    assert_exact(result, queries, bank, 2, rtol=3e-7)
 
 
 def test_far_float64_queries_are_searched_by_differences():
