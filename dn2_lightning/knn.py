@@ -7,28 +7,44 @@ One signature, several backends::
 ``values`` are ascending squared L2 distances, ``indices`` rows of ``bank``. Every backend is exact and
 is tested against a float64 brute force.
 
-* ``"torch"``: a two-stage search. Candidates come from the GEMM expansion
-  ``||x||^2 + ||y||^2 - 2 x.y`` on data centred on the bank mean (small norms, little cancellation),
-  computed block by block within a memory budget. The candidates' distances are then recomputed exactly
-  from differences, and a worst-case rounding bound of the GEMM stage certifies, per query, that no
-  other bank row can be nearer. Queries that cannot be certified are searched again by exact
-  differences. The result is exact whatever the matmul precision.
-* ``"keops"``: pykeops LazyTensors, ``((x_i - y_j) ** 2).sum(-1).Kmin_argKmin``. Its JIT compiler can
-  crash the process on some CUDA set-ups, so it is probed once in a subprocess; if the probe fails the
-  search falls back to ``"torch"`` with a warning.
+* ``"torch"``: a certified two-stage search. (1) Candidates: one float32 GEMM per block,
+  ``||b||^2 - 2 q.b`` on data centred on the bank mean and scaled by a power of two (small norms, little
+  cancellation, no overflow), into a reused buffer, then the ``2k + 8`` smallest per query. (2) A
+  worst-case rounding bound ``E`` of the GEMM (per query) brackets every exact distance:
+  ``|approx - exact| <= E``. The k-th exact distance is at most ``approx_k + E``, so every candidate with
+  ``approx - E`` above that is provably out; only the few that the bound cannot separate (about k per
+  query on real embeddings) get their distances computed from the original rows, pair by pair in
+  cache-sized chunks, without materialising ``[queries, candidates, D]``. A query is certified when the
+  last candidate's lower bound exceeds the k-th exact distance (no bank row outside the candidates can
+  be nearer); the rare queries that are not are re-searched over the whole bank under the same bound.
+  Results are exact whatever the matmul precision (float32, TF32, ``candidate_dtype=torch.bfloat16``).
+* ``"keops"``: pykeops LazyTensors, ``((x_i - y_j) ** 2).sum(-1).Kmin_argKmin`` on the centred float32
+  rows; the values of the k neighbours are then recomputed in float64. Its JIT compiler can crash the
+  process on some CUDA set-ups, so it is probed once in a subprocess; if the probe fails the search falls
+  back to ``"torch"`` with a warning.
 * ``"auto"``: ``"torch"``. On CPU KeOps compiles slowly and loses to BLAS; on GPU KeOps' own
   documentation says cuBLAS-based search wins above D ~ 50-100, and DN2 embeddings have D >= 512.
   KeOps is chosen for low-dimensional GPU data only.
+
+Dtypes: float64 inputs (queries or bank) are searched exactly in float64 arithmetic (differences in
+float64) and returned as float64; float32, float16 and bfloat16 inputs are returned as float32, from
+float32 differences accumulated in float64 (relative error below 2**-22, allowed for by the certification;
+neighbours closer than that to each other are re-ordered from float64 differences). Inputs must be
+finite, and float32 results must fit float32: data whose squared distances could exceed 3.4e38 are
+refused with a ValueError (rescale them or pass float64).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 import os
 import subprocess
 import sys
 import textwrap
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -47,13 +63,21 @@ _UNIT_ROUNDOFF = {
     torch.float16: 2.0**-11,
 }
 _TF32_UNIT_ROUNDOFF = 2.0**-11
+# Queries farther than this (in units of the bank's radius) would overflow the float32 candidate GEMM;
+# they are searched by float64 differences instead.
+_MAX_SCALED_SQUARED_NORM = 2.0**100
+# The candidate GEMM's output buffer (reused for every block, so no page faults) holds this many floats.
+_GEMM_BUFFER_FLOATS = 8 * 2**20
+# Bytes per float64 operand in one chunk of the survivor recompute: in L2 cache on a CPU, large on a GPU.
+_PAIR_CHUNK_BYTES = {"cpu": 2**19, "cuda": 2**28}
 
 
 class KNNResult(NamedTuple):
     """The k nearest bank rows of each query.
 
     Attributes:
-        values: ``[M, k]`` squared Euclidean distances, ascending along dim 1.
+        values: ``[M, k]`` squared Euclidean distances, ascending along dim 1; float64 when the queries or
+            the bank are float64, else float32.
         indices: ``[M, k]`` int64 row indices into the bank.
     """
 
@@ -63,14 +87,26 @@ class KNNResult(NamedTuple):
 
 @dataclass(frozen=True)
 class PreparedBank:
-    """A bank ready for repeated searches: centred on its mean, with row norms and the candidate-dtype
-    copy computed once. Build it with :func:`prepare_bank`; pass it wherever a bank tensor goes."""
+    """A bank ready for repeated searches. Build it with :func:`prepare_bank`; pass it wherever a bank
+    tensor goes.
 
-    center: Tensor  # [D] float32
-    rows: Tensor  # [N, D] float32, centred
-    norms: Tensor  # [N] squared row norms
-    low: Tensor  # rows in the candidate dtype (the same tensor for float32)
+    Attributes:
+        center: ``[D]`` the bank mean, float64 for a float64 bank else float32.
+        rows: ``[N, D]`` float32 ``(bank - center) * scale``.
+        norms: ``[N]`` float32 squared norms of ``rows``.
+        low: ``rows`` in the candidate dtype (the same tensor for float32).
+        max_norm: largest norm of ``rows`` (about 1 after scaling).
+        source: ``[N, D]`` the bank as given; exact distances are computed from it in float64.
+        scale: the power of two applied to ``rows`` (distances of ``rows`` are ``scale**2`` times the true ones).
+    """
+
+    center: Tensor
+    rows: Tensor
+    norms: Tensor
+    low: Tensor
     max_norm: float
+    source: Tensor
+    scale: float = 1.0
 
     @property
     def shape(self) -> torch.Size:
@@ -80,21 +116,76 @@ class PreparedBank:
     def device(self) -> torch.device:
         return self.rows.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the distances a search of this bank returns (for float32 or lower queries)."""
+        return _result_dtype(self.source.dtype)
+
 
 def prepare_bank(bank: Tensor, candidate_dtype: torch.dtype = torch.float32) -> PreparedBank:
-    """Centre the bank on its mean (distances are unchanged; norms and cancellation shrink)."""
+    """Centre the bank on its mean and scale it by a power of two (distances are unchanged up to that exact
+    factor; norms, cancellation and overflow shrink). Done once per bank, reused by every search.
+
+    Args:
+        bank: ``[N, D]`` finite floating tensor.
+        candidate_dtype: dtype of the candidate GEMM (see :func:`knn_distances`).
+
+    Returns:
+        A :class:`PreparedBank` (it keeps a reference to ``bank``: do not modify it in place afterwards).
+
+    Raises:
+        ValueError: ``bank`` is not a 2-D floating tensor, has NaN/Inf rows, or spans squared distances
+            beyond the range of its result dtype.
+    """
+    _check_matrix("bank", bank)
+    if candidate_dtype not in _UNIT_ROUNDOFF:
+        raise ValueError(f"candidate_dtype={candidate_dtype} must be one of {list(_UNIT_ROUNDOFF)}.")
     with torch.autocast(bank.device.type, enabled=False):
         return _prepare_bank(bank, candidate_dtype)
 
 
 def _prepare_bank(bank: Tensor, candidate_dtype: torch.dtype) -> PreparedBank:
-    extra = bank.shape[0] * bank.shape[1] * (4 + (0 if candidate_dtype == torch.float32 else 2))
+    n, dim = bank.shape
+    extra = n * dim * (4 + (0 if candidate_dtype == torch.float32 else 2))
     ensure_fits(extra + DEFAULT_MAX_MEMORY_BYTES, bank.device, "searching the memory bank")
-    center = bank.mean(0, dtype=torch.float64).to(torch.float32)
-    rows = bank.to(torch.float32) - center
-    norms = (rows * rows).sum(1)
+    work = _work_dtype(bank.dtype)
+    center = bank.mean(0, dtype=torch.float64).to(work) if n else bank.new_zeros(dim, dtype=work)
+    if work == torch.float32:  # centre in float32 (one rounding, in the error bound); norms from the result
+        rows = torch.sub(bank, center)
+        norms = torch.linalg.vecdot(rows, rows)
+        radius = math.sqrt(float(norms.max())) if n else 0.0  # inf once a norm overflows: refused below
+    else:  # float64: norms in float64, since the centred rows may not fit float32 before scaling
+        step = max(1, 2**22 // max(1, dim))  # rows per chunk: float64 temporaries of 32 MiB
+        norms64 = torch.cat([_row_norms64(c - center) for c in bank.split(step)]) if n else bank.new_zeros(0)
+        radius = float(norms64.max()) if n else 0.0
+    if not math.isfinite(radius):  # NaN/Inf rows (the mean, hence every norm, is then NaN too)
+        _check_finite("bank", bank)
+    limit = torch.finfo(_result_dtype(bank.dtype)).max
+    if not (2 * radius) ** 2 <= limit:
+        raise ValueError(
+            f"`bank` rows lie up to {radius:.3g} from their mean, so squared distances could reach "
+            f"{(2 * radius) ** 2:.3g}, beyond {_dtype_name(_result_dtype(bank.dtype))}'s range ({limit:.3g}). "
+            "Rescale the embeddings (e.g. divide them by their largest norm) or pass float64 tensors."
+        )
+    # A power of two (exact in binary floating point) bringing the radius near 1, so that neither the GEMM
+    # nor its error bound under- or overflows; data of moderate scale are left as they are.
+    bound = 120 if work == torch.float32 else 480  # float32 arithmetic cannot hold factors past 2**126
+    exponent = 0 if radius == 0 else max(-bound, min(bound, -math.frexp(radius)[1]))
+    if work == torch.float32 and abs(exponent) <= 20:
+        exponent = 0
+    scale = 2.0**exponent
+    if work == torch.float32:
+        if exponent:  # only for extreme data (scale * scale may not fit float32): recompute the norms
+            rows.mul_(scale)
+            norms = torch.linalg.vecdot(rows, rows)
+    else:
+        rows = torch.empty(n, dim, dtype=torch.float32, device=bank.device)
+        for start in range(0, n, step):
+            rows[start : start + step] = (bank[start : start + step] - center) * scale
+        norms = torch.linalg.vecdot(rows, rows)
     low = rows if candidate_dtype == torch.float32 else rows.to(candidate_dtype)
-    return PreparedBank(center, rows, norms, low, float(norms.max().sqrt()) if len(norms) else 0.0)
+    max_norm = math.sqrt(float(norms.max())) if n else 0.0
+    return PreparedBank(center, rows, norms, low, max_norm, bank, scale)
 
 
 def ensure_fits(nbytes: int, device: torch.device, what: str) -> None:
@@ -126,8 +217,8 @@ def knn_distances(
     """Exact k nearest neighbours of each query row among the bank rows (squared L2).
 
     Args:
-        queries: ``[M, D]`` floating tensor.
-        bank: ``[N, D]`` floating tensor on the same device, or a :class:`PreparedBank` of it (saves
+        queries: ``[M, D]`` finite floating tensor (``M`` may be 0).
+        bank: ``[N, D]`` finite floating tensor on the same device, or a :class:`PreparedBank` of it (saves
             re-centring the bank when it is searched many times).
         k: number of neighbours, ``1 <= k <= N``.
         backend: one of :func:`list_knn_backends`.
@@ -136,19 +227,19 @@ def knn_distances(
             ``torch.bfloat16`` uses tensor cores). Results stay exact either way.
 
     Returns:
-        ``KNNResult(values, indices)``, float32 values ascending.
+        ``KNNResult(values, indices)``, values ascending: float64 if ``queries`` or ``bank`` is float64
+        (searched exactly in float64), else float32.
 
     Raises:
-        ValueError: on shapes, dtypes, devices, ``k`` or ``backend`` that cannot work.
+        ValueError: on shapes, dtypes, devices, ``k`` or ``backend`` that cannot work, NaN/Inf rows, or
+            squared distances beyond the result dtype's range.
 
     Example:
         >>> bank = torch.tensor([[0.0, 0.0], [1.0, 0.0], [5.0, 5.0]])
         >>> knn_distances(torch.tensor([[0.9, 0.0]]), bank, k=2)
         KNNResult(values=tensor([[0.0100, 0.8100]]), indices=tensor([[1, 0]]))
     """
-    _validate_inputs(
-        queries, bank.rows if isinstance(bank, PreparedBank) else bank, k, backend, max_memory_bytes, candidate_dtype
-    )
+    _validate_inputs(queries, bank, k, backend, max_memory_bytes, candidate_dtype)
     candidate_dtype = candidate_dtype or torch.float32
     # Under Trainer(precision="bf16-mixed") autocast would silently lower the GEMM below the precision the
     # error bound assumes; the search picks its own precisions.
@@ -157,13 +248,18 @@ def knn_distances(
             bank = prepare_bank(bank, candidate_dtype)
         elif bank.low.dtype != candidate_dtype:
             bank = replace(bank, low=bank.rows.to(candidate_dtype))
+        dtype = torch.float64 if torch.float64 in (queries.dtype, bank.source.dtype) else torch.float32
+        if queries.shape[0] == 0:
+            empty = torch.empty(0, k, device=queries.device)
+            return KNNResult(empty.to(dtype), empty.long())
         if backend == "auto":
             backend = _auto_backend(queries.device, bank.shape[1])
         if backend == "keops":
             if _keops_usable(queries.device, bank.shape[0]):
-                return _keops_knn(queries, bank, k)
-            backend = "torch"
-        return _torch_knn(queries, bank, k, max_memory_bytes or DEFAULT_MAX_MEMORY_BYTES)
+                q, _, far = _frame_queries(queries, bank, dtype, 0)
+                if not far.any():
+                    return _keops_knn(queries, q, bank, k, dtype)
+        return _torch_knn(queries, bank, k, max_memory_bytes or DEFAULT_MAX_MEMORY_BYTES, dtype)
 
 
 def brute_force_knn(queries: Tensor, bank: Tensor, k: int) -> KNNResult:
@@ -178,9 +274,44 @@ def brute_force_knn(queries: Tensor, bank: Tensor, k: int) -> KNNResult:
 # validation and backend choice
 
 
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _result_dtype(dtype: torch.dtype) -> torch.dtype:
+    return _work_dtype(dtype)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _row_norms64(rows: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64)
+
+
+def _check_matrix(name: str, tensor: object) -> None:
+    if not isinstance(tensor, Tensor) or tensor.ndim != 2:
+        shape = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
+        raise ValueError(f"`{name}` must be a 2-D tensor [rows, dim], got {shape}.")
+    if not tensor.is_floating_point():
+        raise ValueError(f"`{name}` must be a floating tensor, got dtype {tensor.dtype}.")
+
+
+def _check_finite(name: str, tensor: Tensor, offset: int = 0) -> None:
+    bad = ~torch.isfinite(tensor).all(1)
+    if bad.any():
+        rows = bad.nonzero().flatten() + offset
+        shown = ", ".join(str(r) for r in rows[:10].tolist()) + (", ..." if len(rows) > 10 else "")
+        raise ValueError(
+            f"`{name}` has {len(rows)} row(s) with NaN or Inf values (rows {shown}); every distance to them "
+            "would be NaN. Drop or repair those rows (e.g. check the images or the extractor's precision)."
+        )
+
+
 def _validate_inputs(
     queries: Tensor,
-    bank: Tensor,
+    bank: Tensor | PreparedBank,
     k: int,
     backend: str,
     max_memory_bytes: int | None,
@@ -188,12 +319,9 @@ def _validate_inputs(
 ) -> None:
     if backend not in KNN_BACKENDS:
         raise ValueError(f"knn_backend={backend!r} is not one of {list_knn_backends()}.")
-    for name, tensor in (("queries", queries), ("bank", bank)):
-        if not isinstance(tensor, Tensor) or tensor.ndim != 2:
-            shape = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
-            raise ValueError(f"`{name}` must be a 2-D tensor [rows, dim], got {shape}.")
-        if not tensor.is_floating_point():
-            raise ValueError(f"`{name}` must be a floating tensor, got dtype {tensor.dtype}.")
+    _check_matrix("queries", queries)
+    if not isinstance(bank, PreparedBank):
+        _check_matrix("bank", bank)
     if queries.shape[1] != bank.shape[1]:
         raise ValueError(
             f"`queries` have dimension {queries.shape[1]} but the `bank` has {bank.shape[1]}: both must come "
@@ -220,109 +348,265 @@ def _auto_backend(device: torch.device, dim: int) -> str:
 # torch backend
 
 
-def _torch_knn(queries: Tensor, bank: PreparedBank, k: int, max_memory_bytes: int) -> KNNResult:
-    q = queries.to(torch.float32) - bank.center
-    b = bank.rows
-    n, dim = b.shape
-    num_candidates = min(n, 2 * k + 16)
-    query_rows, bank_rows = _block_sizes(q.shape[0], n, dim, num_candidates, max_memory_bytes)
-    error_scale = _gemm_error_scale(dim, bank.low.dtype, b.device)
+def _torch_knn(queries: Tensor, bank: PreparedBank, k: int, max_memory_bytes: int, dtype: torch.dtype) -> KNNResult:
+    m, (n, dim) = queries.shape[0], bank.shape
+    num_candidates = min(n, 2 * k + 8)
+    query_rows, bank_rows = _block_sizes(m, n, dim, num_candidates, max_memory_bytes)
+    buffer = torch.empty(query_rows, bank_rows, dtype=torch.float32, device=bank.device)
+    error_scale = _gemm_error_scale(dim, bank.low.dtype, bank.device)
+    values = torch.empty(m, k, dtype=dtype, device=bank.device)
+    indices = torch.empty(m, k, dtype=torch.long, device=bank.device)
+    for start in range(0, m, query_rows):
+        block = queries[start : start + query_rows]
+        # Outside the GEMM and top-k every step is small and latency-bound: on a CPU one thread does it
+        # as fast, and never waits on a second one that the OS has descheduled.
+        with _one_thread(bank.device):
+            q, q_norms, far = _frame_queries(block, bank, dtype, start)
+        approx, cand = _gemm_candidates(q, q_norms, bank, num_candidates, buffer)
+        with _one_thread(bank.device):
+            v, i = _certify_block(block, q, q_norms, far, approx, cand, bank, k, error_scale, max_memory_bytes)
+        values[start : start + len(block)] = v.to(dtype)
+        indices[start : start + len(block)] = i
+    return KNNResult(values, indices)
 
-    values_out, indices_out = [], []
-    for start in range(0, q.shape[0], query_rows):
-        q_blk = q[start : start + query_rows]
-        q_norms = (q_blk * q_blk).sum(1)
-        approx, cand = _gemm_candidates(q_blk, q_norms, bank.low, bank.norms, num_candidates, bank_rows)
-        exact = _exact_distances(q_blk, b, cand)
-        exact, order = exact.sort(dim=1)
-        cand = cand.gather(1, order)
-        values, indices = exact[:, :k], cand[:, :k]
 
-        if num_candidates < n:
-            # No row outside the candidates can be nearer than the k-th once the worst-case GEMM error
-            # of the last candidate still leaves it above the k-th exact distance.
-            bound = error_scale * (q_norms.sqrt() + bank.max_norm) ** 2
-            kth = values[:, -1]
-            refine_slack = 4 * dim * _UNIT_ROUNDOFF[torch.float32] * kth
-            uncertain = approx[:, -1] - bound < kth + refine_slack
-            if uncertain.any():
-                rows = uncertain.nonzero().squeeze(1)
-                v, i = _exact_scan(q_blk[rows], b, k, max_memory_bytes)
-                values, indices = values.index_put((rows,), v), indices.index_put((rows,), i)
-        values_out.append(values)
-        indices_out.append(indices)
-    return KNNResult(torch.cat(values_out), torch.cat(indices_out))
+def _certify_block(
+    block: Tensor,
+    q: Tensor,
+    q_norms: Tensor,
+    far: Tensor,
+    approx: Tensor,
+    cand: Tensor,
+    bank: PreparedBank,
+    k: int,
+    error_scale: float,
+    budget: int,
+) -> tuple[Tensor, Tensor]:
+    """Exact k nearest neighbours (float64 values) of one query block from its GEMM candidates."""
+    n = bank.shape[0]
+    slack = 1 + _exact_slack(block, bank)
+    bound = _error_bound(error_scale, q_norms, bank)
+    # Every bank row in `cand` has exact (scaled) distance within `bound` of its `approx`. The k-th exact
+    # distance is at most approx_k + bound: candidates whose lower bound exceeds it are out.
+    upper = approx[:, k - 1] + bound
+    keep = approx - bound[:, None] <= upper[:, None]
+    v, i = _exact_topk(block, bank, cand, keep, k)
+    uncertain = far
+    if cand.shape[1] < n:
+        # Rows outside the candidates have approx >= approx_c, so exact >= approx_c - bound: certified when
+        # that exceeds the k-th exact distance (with the recompute's own rounding).
+        kth = v[:, -1] * bank.scale**2 * slack
+        uncertain = uncertain | (approx[:, -1] - bound <= kth)
+    if uncertain.any():
+        rows = uncertain.nonzero().flatten()
+        near, out = rows[~far[rows]], rows[far[rows]]
+        if len(near):
+            kth = v[near, -1] * bank.scale**2 * slack
+            v[near], i[near] = _rescan(block[near], q[near], bound[near], kth, bank, k, budget)
+        if len(out):
+            v[out], i[out] = _difference_scan(block[out], bank, k, budget)
+    return v, i
+
+
+@contextlib.contextmanager
+def _one_thread(device: torch.device) -> Iterator[None]:
+    """Run CPU work on one intra-op thread (restored afterwards); no-op on other devices."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _center(queries: Tensor, bank: PreparedBank) -> Tensor:
+    """Queries in the bank's centred, scaled float32 frame."""
+    return torch.sub(queries.to(bank.center.dtype), bank.center).mul_(bank.scale).to(torch.float32)
+
+
+def _frame_queries(
+    queries: Tensor, bank: PreparedBank, dtype: torch.dtype, offset: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Centred, scaled float32 queries, their squared norms, and the rows too far out for the float32 GEMM
+    (zeroed in the returned frame). Validates the block on the way, from the norms it needs anyway: NaN/Inf
+    rows and squared distances beyond ``dtype``'s range raise (rows numbered from ``offset``)."""
+    q = _center(queries, bank)
+    q_norms = torch.linalg.vecdot(q, q)
+    largest = float(q_norms.max()) if len(q) else 0.0  # NaN if any row has a NaN
+    far = torch.zeros_like(q_norms, dtype=torch.bool)
+    if not largest <= _MAX_SCALED_SQUARED_NORM:
+        far = ~(q_norms <= _MAX_SCALED_SQUARED_NORM)  # NaN, inf (overflow of the frame) or just far
+        _check_finite("queries", queries, offset)
+    limit = torch.finfo(dtype).max
+    radius = bank.max_norm / bank.scale
+    worst = math.sqrt(largest) / bank.scale
+    if not (worst + radius) ** 2 * 1.01 <= limit:  # cheap screen; exact float64 norms decide
+        norms = _row_norms64(queries.to(bank.center.dtype) - bank.center)
+        over = ((norms + radius) ** 2 > limit).nonzero().flatten()
+        if len(over):
+            worst = float(norms.max())
+            shown = ", ".join(str(r) for r in (over[:10] + offset).tolist()) + (", ..." if len(over) > 10 else "")
+            raise ValueError(
+                f"`queries` rows {shown} lie up to {worst:.3g} from the bank's mean (bank radius {radius:.3g}), so "
+                f"squared distances could reach {(worst + radius) ** 2:.3g}, beyond {_dtype_name(dtype)}'s range "
+                f"({limit:.3g}). Rescale queries and bank by the same factor (e.g. divide both by the bank's largest "
+                "norm) or pass float64 tensors, which are searched and returned in float64."
+            )
+    if not largest <= _MAX_SCALED_SQUARED_NORM:
+        q, q_norms = q.masked_fill(far[:, None], 0), q_norms.masked_fill(far, 0)
+    return q, q_norms, far
 
 
 def _block_sizes(m: int, n: int, dim: int, num_candidates: int, budget: int) -> tuple[int, int]:
-    """Rows of queries and of the bank per block so that temporaries stay within ``budget`` bytes."""
-    # per query row: candidate differences [c, D] for the exact recompute, plus the distance block.
-    query_rows = max(1, min(m, budget // (4 * (num_candidates * dim + 2 * min(n, 4096) + 2 * dim))))
-    bank_rows = max(num_candidates, min(n, budget // (4 * 3 * query_rows)))
-    return query_rows, min(n, bank_rows)
+    """Rows of queries and of the bank per block: the GEMM output block is one reused buffer of at most
+    ``_GEMM_BUFFER_FLOATS`` floats (and a quarter of ``budget``); per-query temporaries are O(candidates)."""
+    floats = max(num_candidates, min(_GEMM_BUFFER_FLOATS, budget // 16))
+    bank_rows = max(num_candidates, min(n, 16384, floats))
+    # the query block itself is also converted to float64 for the survivor recompute
+    query_rows = max(1, min(m, floats // bank_rows, budget // (4 * (16 * dim + 8 * num_candidates))))
+    return query_rows, bank_rows
 
 
 def _gemm_error_scale(dim: int, dtype: torch.dtype, device: torch.device) -> float:
     """Factor c with |approx - exact| <= c (||x|| + ||y||)^2 for the expansion computed in ``dtype``.
 
-    Rounding the inputs costs 2u_in relative to ||x|| ||y||, a length-D float32 accumulation
-    gamma_D = D u / (1 - D u), and the three additions of the expansion 3u.
+    Centring and scaling round each coordinate once (2u relative to ||x|| ||y||), rounding the inputs to
+    ``dtype`` costs 2u_in, a length-D float32 accumulation gamma_D = D u / (1 - D u), the three additions
+    of the expansion 3u, and a GEMM output in a low dtype u_in / 2.
     """
     u = _UNIT_ROUNDOFF[torch.float32]
-    u_in = _UNIT_ROUNDOFF[dtype]
-    if dtype == torch.float32 and device.type == "cuda" and torch.get_float32_matmul_precision() != "highest":
-        u_in = max(u_in, _TF32_UNIT_ROUNDOFF)
-    gamma = dim * u / (1 - dim * u)
-    return 1.01 * (2 * u_in + gamma + 3 * u)
+    u_in = _UNIT_ROUNDOFF[dtype] if dtype != torch.float32 else _float32_matmul_roundoff(device)
+    gamma = (dim + 2) * u / (1 - (dim + 2) * u)
+    low_output = 0.0 if dtype == torch.float32 else u_in / 2
+    return 1.01 * (2 * u + 2 * u_in + gamma + 3 * u + low_output)
 
 
-def _gemm_candidates(
-    q: Tensor, q_norms: Tensor, b_low: Tensor, b_norms: Tensor, c: int, bank_rows: int
-) -> tuple[Tensor, Tensor]:
-    """The c smallest approximate distances (ascending) and their bank rows, one bank block at a time."""
+def _float32_matmul_roundoff(device: torch.device) -> float:
+    """Unit roundoff of a float32 GEMM's inputs under the user's settings: TF32 (``set_float32_matmul_precision
+    ("high")`` on CUDA) keeps 11 bits, bfloat16 (``"medium"``, or any lowered mode on a CPU, where oneDNN
+    uses AMX bf16) 8 bits."""
+    backend = getattr(getattr(torch.backends, "cuda" if device.type == "cuda" else "mkldnn", None), "matmul", None)
+    mode = str(getattr(backend, "fp32_precision", "none"))
+    if mode == "none":
+        mode = {"highest": "ieee", "high": "tf32"}.get(torch.get_float32_matmul_precision(), "bf16")
+    if mode == "ieee":
+        return _UNIT_ROUNDOFF[torch.float32]
+    return _TF32_UNIT_ROUNDOFF if mode == "tf32" and device.type == "cuda" else _UNIT_ROUNDOFF[torch.bfloat16]
+
+
+def _error_bound(error_scale: float, q_norms: Tensor, bank: PreparedBank) -> Tensor:
+    """Per query, a bound on |approx - exact| for every bank row (scaled frame); float64. The absolute term
+    covers products flushed to zero below float32's normal range."""
+    dim = bank.shape[1]
+    return error_scale * (q_norms.double().sqrt() + bank.max_norm) ** 2 + 8 * (dim + 2) * 2.0**-126
+
+
+def _gemm_candidates(q: Tensor, q_norms: Tensor, bank: PreparedBank, c: int, buffer: Tensor) -> tuple[Tensor, Tensor]:
+    """The c smallest approximate distances (float64, ascending) and their bank rows, one bank block at a
+    time, each GEMM written into ``buffer``."""
+    b_low, b_norms = bank.low, bank.norms
     q_low = q.to(b_low.dtype)
     best_values = best_indices = None
-    for start in range(0, b_low.shape[0], bank_rows):
-        block = b_low[start : start + bank_rows]
+    for start in range(0, b_low.shape[0], buffer.shape[1]):
+        block = b_low[start : start + buffer.shape[1]]
+        out = buffer[: q.shape[0], : block.shape[0]]
         # ||q||^2 is constant along a row: rank by ||b||^2 - 2 q.b and add it to the c winners only
         if block.dtype == torch.float32:
-            approx = torch.addmm(b_norms[None, start : start + bank_rows], q_low, block.T, alpha=-2)
+            torch.addmm(b_norms[None, start : start + block.shape[0]], q_low, block.T, alpha=-2, out=out)
         else:
-            approx = torch.add(b_norms[None, start : start + bank_rows], (q_low @ block.T).float(), alpha=-2)
-        values, indices = approx.topk(min(c, block.shape[0]), dim=1, largest=False, sorted=False)
-        indices = indices + start
-        if best_values is not None:
+            torch.add(b_norms[None, start : start + block.shape[0]], (q_low @ block.T).float(), alpha=-2, out=out)
+        values, indices = out.topk(min(c, block.shape[0]), dim=1, largest=False, sorted=False)
+        if start:
+            indices += start
             values, indices = torch.cat([best_values, values], 1), torch.cat([best_indices, indices], 1)
             values, pos = values.topk(c, dim=1, largest=False, sorted=False)
             indices = indices.gather(1, pos)
         best_values, best_indices = values, indices
-    values, order = (best_values + q_norms[:, None]).sort(dim=1)
-    return values, best_indices.gather(1, order)
+    with _one_thread(q.device):
+        values, order = (best_values.double() + q_norms.double()[:, None]).sort(dim=1)
+        return values, best_indices.gather(1, order)
 
 
-def _exact_distances(q: Tensor, b: Tensor, rows: Tensor) -> Tensor:
-    """Squared distances from differences: q [m, D] to b[rows] for rows [m, c]."""
-    return ((q[:, None, :] - b[rows]) ** 2).sum(-1)
+def _exact_topk(queries: Tensor, bank: PreparedBank, cand: Tensor, keep: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Exact distances (float64) for the kept candidates only; the k smallest per query, ascending (``keep``
+    holds at least k per row). Rows whose k + 1 smallest include values too close for float32 differences
+    to order are recomputed with float64 differences, so membership and order are exact."""
+    rows, cols = keep.nonzero(as_tuple=True)
+    exact = torch.full(keep.shape, math.inf, dtype=torch.float64, device=keep.device)
+    exact[rows, cols] = _pair_distances(queries, bank.source, rows, cand[rows, cols])
+    if _pair_dtype(queries, bank.source) != torch.float64:
+        top = exact.topk(min(k + 1, exact.shape[1]), dim=1, largest=False, sorted=True).values
+        close = (top[:, 1:] <= top[:, :-1] * (1 + 2 * _exact_slack(queries, bank))).any(1)
+        if close.any():
+            rows, cols = (keep & close[:, None]).nonzero(as_tuple=True)
+            exact[rows, cols] = _pair_distances(queries, bank.source, rows, cand[rows, cols], torch.float64)
+    values, pos = exact.topk(k, dim=1, largest=False, sorted=True)
+    return values, cand.gather(1, pos)
 
 
-def _exact_scan(q: Tensor, b: Tensor, k: int, max_memory_bytes: int) -> KNNResult:
-    """kNN from differences over the whole bank (no expansion), for rows the fast path cannot certify."""
-    bank_rows = max(k, min(b.shape[0], max_memory_bytes // (4 * 4 * max(1, q.shape[0]))))
-    best_values = best_indices = None
-    for start in range(0, b.shape[0], bank_rows):
-        block = b[start : start + bank_rows]
-        d = torch.cdist(q, block, compute_mode="donot_use_mm_for_euclid_dist").square()
-        values, indices = d.topk(min(k, block.shape[0]), dim=1, largest=False)
-        indices = indices + start
-        if best_values is not None:
-            values, indices = torch.cat([best_values, values], 1), torch.cat([best_indices, indices], 1)
-            values, pos = values.topk(k, dim=1, largest=False)
-            indices = indices.gather(1, pos)
-        best_values, best_indices = values, indices
-    # recompute from differences so values match the fast path bit for bit in the same arithmetic
-    values = _exact_distances(q, b, best_indices)
-    values, order = values.sort(dim=1)
-    return KNNResult(values, best_indices.gather(1, order))
+def _pair_distances(
+    queries: Tensor, bank: Tensor, query_rows: Tensor, bank_rows: Tensor, work: torch.dtype | None = None
+) -> Tensor:
+    """``||queries[query_rows[p]] - bank[bank_rows[p]]||^2`` accumulated in float64, a cache-sized chunk of
+    pairs at a time (never ``[queries, candidates, D]`` at once). Differences are taken in ``work`` (default
+    float64 when either side is float64, exact; else float32, relative error <= 2^-22 per distance)."""
+    work = work or _pair_dtype(queries, bank)
+    out = torch.empty(len(query_rows), dtype=torch.float64, device=queries.device)
+    step = max(1, _PAIR_CHUNK_BYTES.get(queries.device.type, 2**28) // (work.itemsize * queries.shape[1]))
+    for start in range(0, len(query_rows), step):
+        diff = torch.index_select(queries, 0, query_rows[start : start + step]).to(work)
+        diff.sub_(torch.index_select(bank, 0, bank_rows[start : start + step]))
+        torch.sum(diff.square_(), 1, dtype=torch.float64, out=out[start : start + step])
+    return out
+
+
+def _pair_dtype(queries: Tensor, bank: Tensor) -> torch.dtype:
+    return torch.float64 if torch.float64 in (queries.dtype, bank.dtype) else torch.float32
+
+
+def _exact_slack(queries: Tensor, bank: PreparedBank) -> float:
+    """Relative error bound of :func:`_pair_distances` (float32 differences and squares round twice)."""
+    dim = bank.shape[1]
+    rounding = 0.0 if _pair_dtype(queries, bank.source) == torch.float64 else 4 * _UNIT_ROUNDOFF[torch.float32]
+    return rounding + 4 * (dim + 2) * 2.0**-53
+
+
+def _rescan(
+    queries: Tensor, q: Tensor, bound: Tensor, kth: Tensor, bank: PreparedBank, k: int, budget: int
+) -> tuple[Tensor, Tensor]:
+    """The rows the candidates could not certify, against the whole bank: every row whose lower bound
+    ``approx - bound`` does not exceed a known upper bound ``kth`` on the k-th distance gets its exact
+    distance."""
+    n = bank.shape[0]
+    step = max(1, budget // (16 * n))
+    values, indices = [], []
+    for start in range(0, len(q), step):
+        qs = q[start : start + step]
+        approx = torch.addmm(bank.norms[None], qs, bank.rows.T, alpha=-2).double() + (qs * qs).sum(1).double()[:, None]
+        keep = approx - bound[start : start + step, None] <= kth[start : start + step, None]
+        cand = torch.arange(n, device=q.device).expand_as(keep)
+        v, i = _exact_topk(queries[start : start + step], bank, cand, keep, k)
+        values.append(v)
+        indices.append(i)
+    return torch.cat(values), torch.cat(indices)
+
+
+def _difference_scan(queries: Tensor, bank: PreparedBank, k: int, budget: int) -> tuple[Tensor, Tensor]:
+    """kNN by float64 differences over the whole bank, for queries too far out for the float32 GEMM."""
+    n = bank.shape[0]
+    step = max(1, budget // (16 * n))
+    values, indices = [], []
+    for start in range(0, len(queries), step):
+        qs = queries[start : start + step]
+        keep = torch.ones(len(qs), n, dtype=torch.bool, device=qs.device)
+        cand = torch.arange(n, device=qs.device).expand_as(keep)
+        v, i = _exact_topk(qs, bank, cand, keep, k)
+        values.append(v)
+        indices.append(i)
+    return torch.cat(values), torch.cat(indices)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -358,13 +642,18 @@ def _import_keops_lazytensor() -> type:
     return LazyTensor
 
 
-def _keops_knn(queries: Tensor, bank: PreparedBank, k: int) -> KNNResult:
+def _keops_knn(queries: Tensor, q: Tensor, bank: PreparedBank, k: int, dtype: torch.dtype) -> KNNResult:
+    """KeOps on ``q``, the queries in the bank's frame (:func:`_frame_queries`)."""
     LazyTensor = _import_keops_lazytensor()  # noqa: N806 (the class)
 
-    x_i = LazyTensor((queries.to(torch.float32) - bank.center)[:, None, :].contiguous())
+    x_i = LazyTensor(q[:, None, :].contiguous())
     y_j = LazyTensor(bank.rows[None, :, :].contiguous())
-    values, indices = ((x_i - y_j) ** 2).sum(-1).Kmin_argKmin(K=k, dim=1)
-    return KNNResult(values, indices.long())
+    indices = ((x_i - y_j) ** 2).sum(-1).argKmin(K=k, dim=1).long()
+    # KeOps ranks in float32; the neighbours' distances are recomputed in float64 from the original rows
+    rows = torch.arange(len(queries), device=queries.device).repeat_interleave(k)
+    values = _pair_distances(queries, bank.source, rows, indices.flatten())
+    values, order = values.view(-1, k).sort(dim=1)
+    return KNNResult(values.to(dtype), indices.gather(1, order))
 
 
 _PROBE = textwrap.dedent(

@@ -22,7 +22,8 @@ def sharded_knn(queries: Tensor, shard: PreparedBank, shard_ids: Tensor, k: int,
     counts = count_rows(queries.shape[0], queries.device)
     all_queries = gather_rows(queries)
     local_k = min(k, shard.shape[0])
-    values = torch.full((all_queries.shape[0], k), float("inf"), device=queries.device)
+    dtype = torch.float64 if torch.float64 in (queries.dtype, shard.dtype) else torch.float32  # knn_distances' policy
+    values = torch.full((all_queries.shape[0], k), float("inf"), dtype=dtype, device=queries.device)
     ids = torch.full((all_queries.shape[0], k), -1, dtype=torch.long, device=queries.device)
     if local_k > 0 and all_queries.shape[0] > 0:
         local = knn_distances(all_queries, shard, local_k, **knn_kwargs)

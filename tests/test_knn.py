@@ -9,7 +9,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dn2_lightning.knn import brute_force_knn, keops_probe, knn_distances, list_knn_backends, merge_topk
+from dn2_lightning.knn import (
+    brute_force_knn,
+    keops_probe,
+    knn_distances,
+    list_knn_backends,
+    merge_topk,
+    prepare_bank,
+)
 
 KEOPS_OK = keops_probe("cpu") is None if os.environ.get("DN2_TEST_KEOPS", "1") == "1" else False
 BACKENDS = ["torch", "auto"] + (["keops"] if KEOPS_OK else [])
@@ -105,6 +112,22 @@ def test_autocast_does_not_lower_the_search_precision():
     assert seen.dtypes == {torch.float32}
     assert torch.equal(result.indices, brute_force_knn(queries, bank, 2).indices)
     assert_exact(result, queries, bank, 2)
+
+
+@pytest.mark.parametrize("precision", ["high", "medium"])
+def test_lowered_float32_matmul_precision_stays_exact(precision):
+    """``set_float32_matmul_precision("medium")`` lets oneDNN (AMX) or cuBLAS run float32 GEMMs in bfloat16
+    or TF32: the bound must widen with it, and the result stay exact."""
+    g = torch.Generator().manual_seed(15)
+    bank, queries = 5 + torch.randn(3000, 64, generator=g), 5 + torch.randn(300, 64, generator=g)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        result = knn_distances(queries, bank, 3, "torch")
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert torch.equal(result.indices, brute_force_knn(queries, bank, 3).indices)
+    assert_exact(result, queries, bank, 3)
 
 
 @pytest.mark.parametrize("budget", [2**20, 64 * 2**20, 512 * 2**20])
@@ -216,3 +239,172 @@ def test_keops_cache_folder_is_per_rank_under_ddp(monkeypatch, tmp_path):
     monkeypatch.delenv("KEOPS_CACHE_FOLDER")
     monkeypatch.delenv("DN2_KEOPS_FOLDER")
     assert keops_environment(world=2, global_rank=0)["KEOPS_CACHE_FOLDER"].endswith("rank0")
+
+
+# --------------------------------------------------------------------------------------------------
+# the certified pruning path (issue 15): only candidates the bound cannot separate get exact distances
+
+
+def _count_pairs(monkeypatch):
+    """Spy on the float64 recompute: how many (query, bank row) distances the search computed exactly."""
+    import dn2_lightning.knn as knn
+
+    seen = {"pairs": 0, "rescans": 0}
+    pair_distances, rescan = knn._pair_distances, knn._rescan
+
+    def counting_pairs(queries, bank, query_rows, bank_rows, *args):
+        seen["pairs"] += len(query_rows)
+        return pair_distances(queries, bank, query_rows, bank_rows, *args)
+
+    def counting_rescan(queries, *args):
+        seen["rescans"] += len(queries)
+        return rescan(queries, *args)
+
+    monkeypatch.setattr(knn, "_pair_distances", counting_pairs)
+    monkeypatch.setattr(knn, "_rescan", counting_rescan)
+    return seen
+
+
+def test_pruning_path_recomputes_only_what_the_bound_cannot_separate(monkeypatch):
+    """Clustered data: the k-th neighbour stands well apart from the rest, so the bound proves most of the
+    2k + 8 candidates out and only about k per query are recomputed, yet the result is exact."""
+    g = torch.Generator().manual_seed(7)
+    centers = 10 * torch.randn(50, 64, generator=g)
+    bank = centers.repeat(40, 1) + torch.randn(2000, 64, generator=g)
+    queries = centers[torch.randint(0, 50, (300,), generator=g)] + torch.randn(300, 64, generator=g)
+    seen = _count_pairs(monkeypatch)
+    k = 3
+    result = knn_distances(queries, bank, k, "torch")
+    assert torch.equal(result.indices, brute_force_knn(queries, bank, k).indices)
+    assert_exact(result, queries, bank, k)
+    assert seen["rescans"] == 0
+    assert k * 300 <= seen["pairs"] < 0.5 * (2 * k + 8) * 300  # candidates were cut by the bound
+
+
+def test_near_ties_inside_the_bound_are_ordered_exactly(monkeypatch):
+    """Rows whose distances differ by far less than the GEMM's error bound: all survive the pruning and the
+    float64 recompute orders them. Distances 1 + j * 1e-6 in random directions, listed in reverse order."""
+    g = torch.Generator().manual_seed(8)
+    directions = torch.nn.functional.normalize(torch.randn(6, 256, generator=g, dtype=torch.float64), dim=1)
+    radii = (1 + 1e-6 * torch.arange(6, 0, -1, dtype=torch.float64)).sqrt()
+    far = 3 + torch.randn(200, 256, generator=g, dtype=torch.float64)
+    bank = torch.cat([directions * radii[:, None], far]).float()
+    queries = torch.zeros(1, 256)
+    seen = _count_pairs(monkeypatch)
+    result = knn_distances(queries, bank, 4, "torch")
+    assert result.indices.tolist() == [[5, 4, 3, 2]]
+    assert seen["pairs"] >= 6  # all six near-ties were recomputed
+    assert_exact(result, queries, bank, 4, rtol=3e-7)  # float32 differences and output: <= 3 roundings
+
+
+def test_uncertified_queries_are_rescanned_over_the_whole_bank(monkeypatch):
+    """More near-equidistant rows than candidates: the last candidate cannot prove the rest of the bank out,
+    so the query is searched again over every row the bound cannot exclude."""
+    g = torch.Generator().manual_seed(9)
+    shell = torch.nn.functional.normalize(torch.randn(100, 32, generator=g, dtype=torch.float64), dim=1)
+    shell = shell * (1 + 1e-7 * torch.rand(100, 1, generator=g, dtype=torch.float64))
+    bank = torch.cat([shell, 5 + torch.randn(400, 32, generator=g, dtype=torch.float64)]).float()
+    queries = torch.cat([torch.zeros(1, 32), 5 + torch.randn(20, 32, generator=g)])
+    seen = _count_pairs(monkeypatch)
+    result = knn_distances(queries, bank, 2, "torch")
+    assert seen["rescans"] >= 1
+    assert torch.equal(result.indices, brute_force_knn(queries, bank, 2).indices)
+    assert_exact(result, queries, bank, 2, rtol=3e-7)
+
+
+def test_far_float64_queries_are_searched_by_differences():
+    """A float64 query 1e40 bank radii away would overflow the float32 GEMM: searched exactly anyway."""
+    g = torch.Generator().manual_seed(10)
+    bank = 1e-20 * torch.randn(300, 16, generator=g, dtype=torch.float64)
+    queries = torch.cat([1e-20 * torch.randn(5, 16, generator=g, dtype=torch.float64), torch.full((2, 16), 1e20)])
+    result = knn_distances(queries, bank, 3, "torch")
+    assert result.values.dtype == torch.float64
+    assert torch.equal(result.indices[:5], brute_force_knn(queries[:5], bank, 3).indices)
+    assert_exact(result, queries, bank, 3, rtol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 11: no silent wrong numbers
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_bank_rows_are_named_issue11(bad):
+    bank = torch.randn(20, 4)
+    bank[3, 1] = bank[17, 0] = bad
+    for call in (lambda: knn_distances(torch.randn(5, 4), bank, 2), lambda: prepare_bank(bank)):
+        with pytest.raises(ValueError, match=r"`bank` has 2 row\(s\) with NaN or Inf values \(rows 3, 17\)"):
+            call()
+
+
+def test_non_finite_query_rows_are_named_issue11():
+    queries = torch.randn(6000, 4)
+    queries[4100, 2] = float("nan")  # in the second query block: the row number must still be global
+    queries[5, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"`queries` has 1 row\(s\) with NaN or Inf values \(rows 5\)"):
+        knn_distances(queries, torch.randn(50, 4), 2, max_memory_bytes=2**20)
+    queries[5, 0] = 0
+    with pytest.raises(ValueError, match=r"rows 4100\)"):
+        knn_distances(queries, torch.randn(50, 4), 2, max_memory_bytes=2**20)
+
+
+def test_float32_squared_distances_beyond_range_are_refused_issue11():
+    """x 1e19: squared distances ~1e39 do not fit float32 (they used to come back as inf with wrong rows)."""
+    g = torch.Generator().manual_seed(11)
+    bank, queries = 1e19 * torch.randn(50, 8, generator=g), 1e19 * torch.randn(5, 8, generator=g)
+    with pytest.raises(ValueError, match=r"`bank` rows lie up to .* float32's range .*Rescale"):
+        knn_distances(queries, bank, 2)
+    small_bank = torch.randn(50, 8, generator=g)  # the bank fits, the queries are too far from it
+    with pytest.raises(ValueError, match=r"`queries` rows 0, 1, 2, 3, 4 lie up to .*float32's range.*Rescale"):
+        knn_distances(queries, small_bank, 2)
+
+
+def test_float64_beyond_float32_range_is_exact_issue11():
+    g = torch.Generator().manual_seed(12)
+    bank = 1e19 * torch.randn(300, 8, generator=g, dtype=torch.float64)
+    queries = 1e19 * torch.randn(40, 8, generator=g, dtype=torch.float64)
+    result = knn_distances(queries, bank, 2)
+    ref = brute_force_knn(queries, bank, 2)
+    assert result.values.dtype == torch.float64 and torch.isfinite(result.values).all()
+    assert torch.equal(result.indices, ref.indices)
+    assert_exact(result, queries, bank, 2, rtol=1e-12)
+
+
+def test_float64_input_is_searched_in_float64_issue11():
+    """Rows that differ only below float32's resolution: float64 input must tell them apart (float32 cannot:
+    both round to the same numbers)."""
+    g = torch.Generator().manual_seed(13)
+    bank = torch.cat(
+        [
+            torch.tensor([[1 + 2e-10, 0.0, 0.0], [1 + 1e-10, 0.0, 0.0]], dtype=torch.float64),
+            3 + torch.randn(100, 3, generator=g, dtype=torch.float64),
+        ]
+    )
+    assert torch.equal(bank[0].float(), bank[1].float())
+    queries = torch.zeros(1, 3, dtype=torch.float64)
+    result = knn_distances(queries, bank, 2)
+    assert result.values.dtype == torch.float64
+    assert result.indices.tolist() == [[1, 0]]
+    assert result.values[0].tolist() == [(1 + 1e-10) ** 2, (1 + 2e-10) ** 2]
+
+
+def test_mixed_float32_queries_and_float64_bank_return_float64_issue11():
+    g = torch.Generator().manual_seed(14)
+    bank, queries = torch.randn(100, 6, generator=g, dtype=torch.float64), torch.randn(9, 6, generator=g)
+    result = knn_distances(queries, bank, 3)
+    assert result.values.dtype == torch.float64
+    assert_exact(result, queries, bank, 3, rtol=1e-12)
+    assert knn_distances(queries, bank.float(), 3).values.dtype == torch.float32
+
+
+@pytest.mark.parametrize("prepared", [False, True])
+def test_zero_query_rows_give_empty_results_issue11(prepared):
+    bank = torch.randn(10, 5)
+    result = knn_distances(torch.zeros(0, 5), prepare_bank(bank) if prepared else bank, 3)
+    assert result.values.shape == result.indices.shape == (0, 3)
+    assert result.values.dtype == torch.float32 and result.indices.dtype == torch.int64
+
+
+@pytest.mark.parametrize("bank", [torch.zeros(10), torch.zeros(2, 3, 4), [[0.0, 1.0]]])
+def test_bank_must_be_a_matrix_issue11(bank):
+    with pytest.raises(ValueError, match=r"`bank` must be a 2-D tensor \[rows, dim\]"):
+        prepare_bank(bank)
