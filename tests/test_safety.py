@@ -211,3 +211,14 @@ def test_predict_tuple_batches_gathers_scores_in_dataset_order():
     assert torch.equal(model.predict_scores.indices, torch.arange(len(dm.test_images)))
     torch.testing.assert_close(model.predict_scores.scores, torch.cat([o["score"] for o in out]))
     torch.testing.assert_close(model.predict_scores.scores, model.test_scores.scores)
+
+
+def test_checkpoint_bank_with_a_nan_row_is_refused_issue11_6(tmp_path):
+    trainer = quiet_trainer(default_root_dir=tmp_path, enable_checkpointing=True)
+    trainer.fit(DN2Module(k=2, backbone=linear_backbone()), datamodule=BlobDataModule())
+    ckpt = torch.load(trainer.checkpoint_callback.best_model_path, weights_only=True)
+    ckpt["state_dict"]["bank.embeddings"][17, 3] = float("nan")
+    torch.save(ckpt, tmp_path / "nan.ckpt")
+    model = DN2Module.load_from_checkpoint(tmp_path / "nan.ckpt", backbone=linear_backbone())
+    with pytest.raises(ValueError, match=r"NaN or Inf.*\b17\b"):
+        quiet_trainer().test(model, datamodule=BlobDataModule())
