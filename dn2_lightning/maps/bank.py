@@ -83,7 +83,8 @@ class PatchBank(nn.Module):
             rows = p.view(-1, p.shape[-1])
             norms = (rows * rows).sum(1)
             center = torch.zeros(p.shape[-1], device=p.device)
-            self._prepared = (key, PreparedBank(center, rows, norms, rows, float(norms.max().sqrt())))
+            bank = PreparedBank(center, rows, norms, rows, float(norms.max().sqrt()), source=rows)
+            self._prepared = (key, bank)
         return self._prepared[1]
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
