@@ -79,7 +79,7 @@ def main() -> None:
     device = torch.device("cuda" if args.preset == "gpu" else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(
-        f"device: {name}, torch {torch.__version__}, {p['image_size']} px, batch {p['batch_size']}, "
+        f"device: {name}, torch {torch.__version__}, {p['input_size']} px, batch {p['batch_size']}, "
         f"{p['images']} images, {p['workers']} workers\n"
     )
     print("| backbone | precision | bare forward (img/s) | pipeline (img/s) | pipeline / bare |")

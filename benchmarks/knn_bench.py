@@ -175,8 +175,8 @@ def methods(
 def fashionmnist_cases() -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     from dn2_lightning.protocol import embed_split
 
-    train, train_labels = embed_split("fashionmnist", "train", image_size=64)
-    test, _ = embed_split("fashionmnist", "test", image_size=64)
+    train, train_labels = embed_split("fashionmnist", "train", input_size=64)
+    test, _ = embed_split("fashionmnist", "test", input_size=64)
     one_class = train[train_labels == 0]
     return [
         ("FashionMNIST class 0 (6k) x test (10k)", one_class, test),

@@ -196,7 +196,7 @@ def test_a_non_utf8_file_name_does_not_stop_the_reports(tmp_path):
     images = make_folder(tmp_path / "images", corrupt=False)
     odd = os.path.join(os.fsencode(images / "test" / "scratch"), b"\xe9t\xe9.png")
     Image.fromarray(np.full((20, 30, 3), 200, dtype=np.uint8)).save(odd)
-    dm = OneClassDataModule(dataset="folder", root=str(images), image_size=16, batch_size=4)
+    dm = OneClassDataModule(dataset="folder", root=str(images), load_size=16, batch_size=4)
     model = DN2Module(k=2, backbone=linear_backbone(in_features=3 * 16 * 16))
     trainer = quiet_trainer(default_root_dir=tmp_path / "runs")
     trainer.test(model, datamodule=dm)
