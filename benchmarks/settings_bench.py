@@ -15,8 +15,8 @@ import time
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
+from dn2_lightning.data.classes import draw_contaminants
 from dn2_lightning.data.group import sample_groups
-from dn2_lightning.data.one_class import draw_contaminants
 from dn2_lightning.knn import knn_distances
 from dn2_lightning.protocol import embed_split
 from dn2_lightning.scoring import cleaning_mask, knn_scores, pool_groups, to_unit_interval

@@ -1,38 +1,39 @@
 """DN2: Deep Nearest Neighbor Anomaly Detection (Bergman, Cohen & Hoshen, 2020) for PyTorch Lightning.
 
 The data path, one module per stage: ``data`` (datasets, DataModules) -> ``backbones`` (F) -> ``bank``
-(training embeddings) -> ``knn`` (exact search) -> ``scoring`` (DN2 score, cleaning, group pooling) ->
-``metrics`` (per-sample scores, AUROC) -> ``module`` (the LightningModule) -> ``cli`` (``dn2``).
+(training embeddings) -> ``knn`` (exact search) -> ``scoring`` (DN2 score, cleaning, threshold) ->
+``group_pooling`` / ``maps`` (group descriptors, pixel maps) -> ``metrics`` (per-sample scores, AUROC) ->
+``module`` (the LightningModule) -> ``reports`` -> ``cli`` (``dn2``).
+
+Names are imported on first use (PEP 562): ``import dn2_lightning`` is cheap, and tools that need no
+Lightning (``dn2-protocol``, ``knn_distances``, ``DN2Detector``) never import it.
 """
 
+from __future__ import annotations
+
+import importlib
 import logging as _logging
+from typing import Any
 
-from dn2_lightning.backbones import BackboneSpec, FeatureExtractor, build_backbone, list_backbones, register_backbone
-from dn2_lightning.bank import MemoryBank
-from dn2_lightning.data import GroupDataModule, OneClassDataModule, list_datasets
-from dn2_lightning.detector import DN2Detector
-from dn2_lightning.knn import KNNResult, knn_distances, list_knn_backends
-from dn2_lightning.metrics import AnomalyScores, ImageScores
-from dn2_lightning.module import DN2Module
-
-__all__ = [
-    "AnomalyScores",
-    "BackboneSpec",
-    "DN2Detector",
-    "DN2Module",
-    "ImageScores",
-    "FeatureExtractor",
-    "GroupDataModule",
-    "KNNResult",
-    "MemoryBank",
-    "OneClassDataModule",
-    "build_backbone",
-    "knn_distances",
-    "list_backbones",
-    "list_datasets",
-    "list_knn_backends",
-    "register_backbone",
-]
+_EXPORTS = {
+    "AnomalyScores": "metrics",
+    "ImageScores": "metrics",
+    "BackboneSpec": "backbones",
+    "FeatureExtractor": "backbones",
+    "build_backbone": "backbones",
+    "list_backbones": "backbones",
+    "register_backbone": "backbones",
+    "DN2Detector": "detector",
+    "DN2Module": "module",
+    "GroupDataModule": "data",
+    "OneClassDataModule": "data",
+    "list_datasets": "data",
+    "KNNResult": "knn",
+    "knn_distances": "knn",
+    "list_knn_backends": "knn",
+    "MemoryBank": "bank",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
 
 # as Lightning does for its own logger: print INFO messages unless the application configured logging
@@ -40,3 +41,13 @@ _logging.getLogger(__name__).setLevel(_logging.INFO)
 if not _logging.getLogger().hasHandlers():
     _logging.getLogger(__name__).addHandler(_logging.StreamHandler())
     _logging.getLogger(__name__).propagate = False
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -28,8 +28,8 @@ from torchmetrics.functional.classification import binary_auroc
 
 from dn2_lightning.backbones import build_backbone, get_backbone_spec
 from dn2_lightning.cache import load_cached, save_atomic
+from dn2_lightning.data.classes import draw_contaminants, resolve_class
 from dn2_lightning.data.datasets import ArrayImageDataset
-from dn2_lightning.data.one_class import draw_contaminants, resolve_class
 from dn2_lightning.data.sources import LabeledImages, default_data_root, list_datasets, load_split
 from dn2_lightning.knn import knn_distances
 from dn2_lightning.scoring import cleaning_mask, knn_scores, to_unit_interval

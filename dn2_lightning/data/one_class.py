@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from dn2_lightning.data.classes import check_class_ref, draw_contaminants, resolve_class
 from dn2_lightning.data.datasets import (
     CORRUPT_POLICIES,
     IMAGE_EXTENSIONS,
@@ -226,45 +226,3 @@ class OneClassDataModule(LightningDataModule):
         dataset = self.test_dataset if split == "test" else self.predict_dataset
         paths = getattr(dataset, "paths", None)  # image-file datasets, with or without masks
         return [str(p) for p in paths] if paths is not None else None
-
-
-def resolve_class(normal_class: int | str, classes: tuple[str, ...], name: str = "normal_class") -> int:
-    """Index of ``normal_class`` given as an index or a case-insensitive class name.
-
-    Args:
-        normal_class: a class index or name.
-        classes: the dataset's class names.
-        name: how the parameter is called in error messages.
-
-    Raises:
-        ValueError: not a class name, or an index out of range; the message lists the classes.
-    """
-    choices = ", ".join(f"{i}={c!r}" for i, c in enumerate(classes))
-    check_class_ref(name, normal_class)
-    if isinstance(normal_class, str) and not normal_class.lstrip("-").isdigit():
-        names = [c.lower() for c in classes]
-        if normal_class.lower() not in names:
-            raise ValueError(f"{name}={normal_class!r} is not a class name; choose one of {choices}.")
-        return names.index(normal_class.lower())
-    index = int(normal_class)
-    if not 0 <= index < len(classes):
-        raise ValueError(f"{name}={normal_class!r} is out of range 0..{len(classes) - 1}; classes: {choices}.")
-    return index
-
-
-def check_class_ref(name: str, value: object) -> None:
-    """Raise ValueError unless ``value`` is a class index (int) or a class name (str)."""
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError(f"{name}={value!r} must be a class index (int) or a class name (str).")
-
-
-def draw_contaminants(labels: Tensor, normal_class: int, contamination: float, seed: int) -> Tensor:
-    """Sorted indices of anomalies drawn (seeded) from the classes other than ``normal_class``, so that they
-    make up ``contamination`` of a train set made of every ``normal_class`` sample plus them."""
-    n_normal = int((labels == normal_class).sum())
-    n = round(contamination * n_normal / (1.0 - contamination))
-    others = (labels != normal_class).nonzero().flatten()
-    if n > len(others):
-        raise ValueError(f"contamination={contamination} needs {n} anomalies but only {len(others)} exist.")
-    g = torch.Generator().manual_seed(seed)
-    return others[torch.randperm(len(others), generator=g)[:n]].sort().values
