@@ -11,9 +11,9 @@ Lightning (``dn2-protocol``, ``knn_distances``, ``DN2Detector``) never import it
 
 from __future__ import annotations
 
-import importlib
 import logging as _logging
-from typing import Any
+
+from dn2_lightning._lazy import lazy_exports
 
 _EXPORTS = {
     "AnomalyScores": "metrics",
@@ -42,12 +42,4 @@ if not _logging.getLogger().hasHandlers():
     _logging.getLogger(__name__).addHandler(_logging.StreamHandler())
     _logging.getLogger(__name__).propagate = False
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
