@@ -316,6 +316,10 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
 def cli_main(args: list[str] | None = None) -> None:
     """Entry point of ``dn2``."""
     build_cli(args)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Lightning leaves the process group up; gloo's threads can then abort the exit (SIGABRT) of a run
+        # that finished its work
+        torch.distributed.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------------------------ help

@@ -64,3 +64,5 @@ def main(out: str, devices: int, setting: str, mode: str, sharding: str = "repli
 
 if __name__ == "__main__":
     main(*sys.argv[1:2], int(sys.argv[2]), *sys.argv[3:])
+    if torch.distributed.is_initialized():  # gloo's threads can abort the interpreter's exit otherwise
+        torch.distributed.destroy_process_group()

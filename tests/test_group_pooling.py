@@ -337,6 +337,8 @@ def main(out, devices, sharding):
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    if torch.distributed.is_initialized():  # gloo's threads can abort the interpreter's exit otherwise
+        torch.distributed.destroy_process_group()
 """
 
 
