@@ -327,6 +327,18 @@ class EvaluationReport(Callback):
         self.out_dir = out_dir
         self._message: str | None = None  # printed at teardown, after Lightning's metric table
         self._predictions: list | None = None
+        self.run_dir: Path | None = None  # this run's folder, reserved at the start (other reports write there too)
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.run_dir = self._reserve(trainer, "test")
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.run_dir = self._reserve(trainer, "predict")
+
+    def _reserve(self, trainer: Trainer, stage: str) -> Path:
+        base = self._base(trainer)  # a collective under DDP: every rank reads it
+        folder = next_run_dir(base, stage) if trainer.is_global_zero else None
+        return Path(trainer.strategy.broadcast(str(folder) if folder else None))
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._message is not None:
@@ -385,7 +397,7 @@ class EvaluationReport(Callback):
         if normalized is None and callable(normalize):
             normalized = normalize(scores.scores).detach().float().cpu()
 
-        out = next_run_dir(base, stage)
+        out = self.run_dir or next_run_dir(base, stage)
         files = {"csv": write_scores_csv(scores, out / CSV_NAMES[stage], paths, threshold, normalized)}
         dataset = _dataset_of(trainer, stage)
         image_of = _image_reader(dataset)

@@ -258,7 +258,7 @@ def test_fit_checkpoint_predict_returns_the_same_maps_and_writes_pngs(small_set,
     trainer.fit(model, datamodule=dm)
     assert len(model.maps.bank) == len(dm.train_dataset) and model.maps.bank.grid == (16, 16)
     trainer.test(model, datamodule=dm)
-    assert (tmp_path / "figures" / "anomaly_maps.png").is_file()
+    assert (tmp_path / "dn2_reports" / "test_0" / "figures" / "anomaly_maps.png").is_file()  # beside the CSV
     tested = model.maps.test_results.maps
 
     restored = DN2Module.load_from_checkpoint(trainer.checkpoint_callback.best_model_path, backbone=tiny_conv(1))
@@ -267,7 +267,7 @@ def test_fit_checkpoint_predict_returns_the_same_maps_and_writes_pngs(small_set,
     batches = quiet_trainer(default_root_dir=predict_dir).predict(restored, datamodule=dm)
     predicted = torch.cat([b["anomaly_map"] for b in batches])
     torch.testing.assert_close(predicted, tested)
-    pngs = sorted((predict_dir / "anomaly_maps").glob("*.png"))
+    pngs = sorted((predict_dir / "dn2_reports" / "predict_0" / "anomaly_maps").glob("*.png"))
     assert len(pngs) == len(dm.test_dataset) and pngs[0].name == "blob_000.png"
     # one image at a time, from its file, as a user without a datamodule does: the same scores and maps
     result = restored.score_images(dm.source_paths("test"))
@@ -311,6 +311,9 @@ def test_cli_synthetic_config_logs_pixel_metrics_and_writes_map_pngs(tmp_path):
     cli = build_cli(["predict", *common, f"--trainer.default_root_dir={tmp_path / 'predict'}"])
     assert cli.trainer.predict_loop.predictions[0]["anomaly_map"].shape[-2:] == (224, 224)  # folder load size
     assert len(list((tmp_path / "predict").rglob("anomaly_maps/*.png"))) == 3 + 3 * 2
+    build_cli(["predict", *common, f"--trainer.default_root_dir={tmp_path / 'predict'}"])  # a second run
+    runs = sorted(str(p.parent.parent) for p in (tmp_path / "predict").rglob("anomaly_maps/*.png"))
+    assert len(runs) == 2 * (3 + 3 * 2) and len(set(runs)) == 2, "each run keeps its own maps"
 
 
 def test_building_a_patch_bank_too_large_for_the_host_fails_before_any_search(small_set, monkeypatch):

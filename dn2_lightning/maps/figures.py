@@ -96,8 +96,18 @@ def write_map_pngs(images: Tensor, maps: Tensor, names: Sequence[str], out_dir: 
     return written
 
 
+def _run_dir(trainer: Trainer) -> Path:
+    """The folder the run's :class:`~dn2_lightning.reports.EvaluationReport` reserved (``dn2_reports/<stage>_<N>``),
+    else the log dir."""
+    from dn2_lightning.reports import EvaluationReport
+
+    reserved = [c.run_dir for c in trainer.callbacks if isinstance(c, EvaluationReport) and c.run_dir is not None]
+    return reserved[0] if reserved else Path(trainer.log_dir or trainer.default_root_dir)
+
+
 class MapReport(Callback):
-    """Map reports of ``DN2Module(anomaly_maps=True, reports=True)`` in the run's log dir.
+    """Map reports of ``DN2Module(anomaly_maps=True, reports=True)`` in the run's report folder
+    (``dn2_reports/<stage>_<N>/``, beside the CSVs), so no run overwrites another's.
 
     After ``test``: ``figures/anomaly_maps.png`` (also logged to TensorBoard). During ``predict``:
     ``anomaly_maps/<folder>_<image stem>.png`` (or ``<index>.png``), one overlay per image.
@@ -108,7 +118,7 @@ class MapReport(Callback):
         self._predict_dir: Path | None = None
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        out = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank reads it
+        out = _run_dir(trainer)
         results = getattr(pl_module.maps, "test_results", None)
         scores = getattr(pl_module, "test_scores", None)
         dataset = getattr(trainer.datamodule, "test_dataset", None)
@@ -124,7 +134,7 @@ class MapReport(Callback):
         _log_to_tensorboard(trainer, {"anomaly_maps": png})
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._predict_dir = Path(trainer.log_dir or trainer.default_root_dir) / "anomaly_maps"
+        self._predict_dir = _run_dir(trainer) / "anomaly_maps"
 
     def on_predict_batch_end(
         self,
