@@ -517,12 +517,7 @@ class DN2Module(LightningModule):
         """Every rank's rows of this stage, one per sample, in dataset order, with threshold and paths."""
         result = collector.compute()
         collector.reset()
-        paths: dict[int, str] = {}
-        for part in gather_objects(self._paths):
-            paths.update(part)
-        if not paths and self._trainer is not None and hasattr(self.trainer.datamodule, "source_paths"):
-            listed = self.trainer.datamodule.source_paths(stage if stage != "val" else "test")
-            paths = dict(enumerate(listed)) if listed else {}
+        paths = self._all_paths(self._paths, "test" if stage == "val" else stage)
         threshold = float(self.threshold)
         return AnomalyScores(
             *(t.cpu() for t in (result.indices, result.scores, result.labels, result.neighbours, result.distances)),
@@ -716,16 +711,21 @@ class DN2Module(LightningModule):
 
     def _record_bank_spec(self, paths: dict[int, str]) -> None:
         ids = self.bank.sample_indices.tolist()
-        all_paths: dict[int, str] = {}
-        for part in gather_objects(paths):
-            all_paths.update(part)
-        if not all_paths and self._trainer is not None and hasattr(self.trainer.datamodule, "source_paths"):
-            listed = self.trainer.datamodule.source_paths("train")
-            all_paths = dict(enumerate(listed)) if listed else {}
+        all_paths = self._all_paths(paths, "train")
         spec = {**self._model_settings(), **self._data_settings(), "format": 1}
         if all_paths:  # train files by dataset index, for neighbour paths
             spec["train_paths"] = [all_paths.get(i, "") for i in range(max(ids) + 1)] if ids else []
         self.bank.spec = spec
+
+    def _all_paths(self, local: dict[int, str], split: str) -> dict[int, str]:
+        """Dataset index -> file of every rank's samples (from the batches, else the datamodule's listing)."""
+        paths: dict[int, str] = {}
+        for part in gather_objects(local):
+            paths.update(part)
+        if not paths and self._trainer is not None and hasattr(self.trainer.datamodule, "source_paths"):
+            listed = self.trainer.datamodule.source_paths(split)
+            paths = dict(enumerate(listed)) if listed else {}
+        return paths
 
     def _check_data_settings(self) -> None:
         check_bank_settings(self.bank.spec, self._data_settings(), DATA_SETTINGS, "this datamodule")

@@ -223,6 +223,6 @@ class OneClassDataModule(LightningDataModule):
     def source_paths(self, split: str = "test") -> list[str] | None:
         """File paths of a split's samples by index (folders only)."""
         self.setup()
-        dataset = self.test_dataset if split == "test" else self.predict_dataset
+        dataset = {"train": self.train_dataset, "test": self.test_dataset}.get(split, self.predict_dataset)
         paths = getattr(dataset, "paths", None)  # image-file datasets, with or without masks
         return [str(p) for p in paths] if paths is not None else None
