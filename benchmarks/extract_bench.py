@@ -1,29 +1,56 @@
 """Feature-extraction throughput: the whole data -> embedding path against the bare backbone forward.
 
-    python benchmarks/extract_bench.py                   # GPU: 224 px, the issue's setting
-    python benchmarks/extract_bench.py --preset cpu      # a laptop CPU: 64 px, fewer images
+    python benchmarks/extract_bench.py --bf16                      # GPU: 224 px, batch 512, 10,000 images
+    python benchmarks/extract_bench.py --preset cpu --json r.json  # a laptop CPU: 64 px, 512 images
 
-"bare forward" feeds random, already normalised, channels_last tensors that live on the device to the
-trunk: the ceiling. "pipeline" is what ``DN2Module`` and ``embed_split`` run: FashionMNIST uint8 28x28
-images from a DataLoader (workers, pinned memory) -> device -> resize + normalise on the device ->
-trunk -> float32 embeddings. Random weights (speed does not depend on them). Prints a markdown table.
+Four measurements per backbone and precision (random weights: speed does not depend on them):
+
+* "bare forward": random, already normalised, channels_last tensors that live on the device, fed to the trunk
+  alone, with cuDNN's autotuner on (``torch.backends.cudnn.benchmark = True``): the ceiling.
+* "on-device input": the FashionMNIST uint8 batches already on the device, fed to the whole extractor (resize +
+  normalise on the device + trunk): what the preprocessing costs, without any host-to-device path.
+* "protocol path": exactly what ``embed_split`` (``dn2-protocol``) runs, minus the disk cache:
+  :func:`dn2_lightning.protocol.extract_embeddings` over FashionMNIST's uint8 28x28 test images (batches sliced
+  from the in-memory array, pinned and uploaded one ahead, the last one padded to a full batch on CUDA ->
+  resize + normalise on the device -> trunk -> float32 embeddings kept on the device, one copy to the CPU at the
+  end). Padded images count as work, not as images.
+* "DataLoader path": what ``DN2Module`` runs with the datamodules: a DataLoader with workers and pinned memory
+  over ``ArrayImageDataset`` (per-sample items, default collation) -> device -> the same extractor, embeddings
+  kept on the device.
+
+The last three run with cuDNN's autotuner as ``extract_embeddings`` sets it (off by default: see its docstring),
+so they differ only in where the images come from.
+
+Each timing follows a warm-up on the same batch shapes (cuDNN autotuning, allocator, workers) and is bracketed by
+``torch.cuda.synchronize()``. Prints a markdown table; ``--json PATH`` also writes every figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
+import inspect
+import json
+import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-from dn2_lightning.backbones import build_backbone
-from dn2_lightning.data.datasets import ArrayImageDataset
-from dn2_lightning.data.sources import load_split
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, installed or not
+from dn2_lightning.backbones import build_backbone  # noqa: E402
+from dn2_lightning.data.datasets import ArrayImageDataset  # noqa: E402
+from dn2_lightning.data.sources import load_split  # noqa: E402
+from dn2_lightning.protocol import extract_embeddings  # noqa: E402
 
+#: cuDNN's autotuner in the three pipelines: what ``extract_embeddings`` (hence ``embed_split``) uses by default.
+PIPELINE_CUDNN_BENCHMARK = inspect.signature(extract_embeddings).parameters["cudnn_benchmark"].default
 PRESETS = {
-    "gpu": {"input_size": 224, "images": 20_000, "batch_size": 512, "workers": 8},
-    "cpu": {"input_size": 64, "images": 2_048, "batch_size": 256, "workers": 2},
+    "gpu": {"input_size": 224, "images": 10_000, "batch_size": 512, "workers": 8},
+    "cpu": {"input_size": 64, "images": 512, "batch_size": 128, "workers": 2},
 }
 
 
@@ -34,37 +61,65 @@ def sync(device: torch.device) -> None:
 
 def bare_forward(extractor, device, images: int, batch_size: int, size: int, bf16: bool) -> float:
     x = torch.randn(batch_size, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    batches = max(1, images // batch_size)
     with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
         extractor.trunk(x)  # warm-up (cuDNN autotuning, allocator)
         sync(device)
         start = time.perf_counter()
-        for _ in range(images // batch_size):
+        for _ in range(batches):
             extractor.trunk(x)
         sync(device)
-    return (images // batch_size) * batch_size / (time.perf_counter() - start)
+    return batches * batch_size / (time.perf_counter() - start)
 
 
-def pipeline(extractor, device, images: int, batch_size: int, workers: int, bf16: bool) -> float:
-    source = load_split("fashionmnist", "test")
-    n = min(images, len(source))
-    dataset = ArrayImageDataset(source.images[:n], source.labels[:n])
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
-    )
-    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-        for batch in loader:  # warm-up epoch: starts the workers
-            extractor(batch["image"].to(device, non_blocking=True))
-            break
+def warm_up(extractor, device, dataset: ArrayImageDataset, batch_size: int, bf16: bool) -> None:
+    """The pipelines' settings on every batch shape they meet: a full batch (on CUDA; on the CPU the bare forward
+    warmed it up) and, unpadded, one of the last batch's size if that is shorter (the protocol path pads it to a
+    full batch on CUDA, the other two do not)."""
+    n = min(len(dataset), len(dataset) % batch_size + (batch_size if device.type == "cuda" else 0))
+    if n:
+        head = ArrayImageDataset(dataset.images[:n], dataset.labels[:n])
+        extract_embeddings(extractor, head, batch_size, device, "bf16" if bf16 else "32", pad_last_batch=False)
+
+
+@contextlib.contextmanager
+def pipeline_settings(device: torch.device, bf16: bool) -> Iterator[None]:
+    """The library's extraction settings (cuDNN benchmark as in ``extract_embeddings``, inference mode,
+    optional bf16 autocast), restored afterwards."""
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = PIPELINE_CUDNN_BENCHMARK
+    try:
+        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            yield
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+
+
+def on_device_input(extractor, device, dataset: ArrayImageDataset, batch_size: int, bf16: bool) -> float:
+    batches = [dataset.batch(i, i + batch_size).to(device) for i in range(0, len(dataset), batch_size)]
+    with pipeline_settings(device, bf16):
         sync(device)
         start = time.perf_counter()
-        done = 0
-        for batch in loader:
-            extractor(batch["image"].to(device, non_blocking=True)).cpu()
-            done += len(batch["image"])
+        done = len(torch.cat([extractor(batch) for batch in batches]))
+        sync(device)
+    return done / (time.perf_counter() - start)
+
+
+def protocol_path(extractor, device, dataset: ArrayImageDataset, batch_size: int, bf16: bool) -> float:
+    sync(device)
+    start = time.perf_counter()
+    embeddings = extract_embeddings(extractor, dataset, batch_size, device, "bf16" if bf16 else "32")
+    seconds = time.perf_counter() - start  # extract_embeddings ends with the copy to the CPU: synchronised
+    return len(embeddings) / seconds
+
+
+def dataloader_path(extractor, device, loader: DataLoader, bf16: bool) -> float:
+    next(iter(loader))  # warm-up: the persistent workers start (and stay); the shapes are warm already
+    with pipeline_settings(device, bf16):
+        sync(device)
+        start = time.perf_counter()
+        chunks = [extractor(batch["image"].to(device, non_blocking=True)) for batch in loader]
+        done = len(torch.cat(chunks))
         sync(device)
     return done / (time.perf_counter() - start)
 
@@ -74,25 +129,78 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="gpu")
     parser.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "resnet50"])
     parser.add_argument("--bf16", action="store_true", help="also measure bfloat16 autocast")
+    parser.add_argument("--batch_size", type=int, help="override the preset's batch size")
+    parser.add_argument("--images", type=int, help="override the preset's image count (at most 10,000)")
+    parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     args = parser.parse_args()
-    p = PRESETS[args.preset]
+    p = dict(PRESETS[args.preset])
+    p.update({k: v for k, v in {"batch_size": args.batch_size, "images": args.images}.items() if v})
     device = torch.device("cuda" if args.preset == "gpu" else "cpu")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    source = load_split("fashionmnist", "test")
+    n = min(p["images"], len(source))
+    dataset = ArrayImageDataset(source.images[:n], source.labels[:n])
+    loader = DataLoader(
+        dataset,
+        batch_size=p["batch_size"],
+        num_workers=p["workers"],
+        pin_memory=device.type == "cuda",
+        persistent_workers=p["workers"] > 0,
+    )
     print(
         f"device: {name}, torch {torch.__version__}, {p['input_size']} px, batch {p['batch_size']}, "
-        f"{p['images']} images, {p['workers']} workers\n"
+        f"{n} FashionMNIST images, {p['workers']} DataLoader workers\n"
     )
-    print("| backbone | precision | bare forward (img/s) | pipeline (img/s) | pipeline / bare |")
-    print("|---|---|---:|---:|---:|")
+    print(
+        "| backbone | precision | bare forward (img/s) | on-device input (img/s) | protocol path (img/s) | "
+        "protocol / bare | DataLoader path (img/s) | DataLoader / bare |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    rows = []
     for backbone in args.backbones:
         extractor = build_backbone(backbone, pretrained=False, image_size=p["input_size"]).to(device).eval()
         for bf16 in [False, True] if args.bf16 else [False]:
-            bare = bare_forward(extractor, device, p["images"], p["batch_size"], p["input_size"], bf16)
-            full = pipeline(extractor, device, p["images"], p["batch_size"], p["workers"], bf16)
-            print(
-                f"| {backbone} | {'bf16 autocast' if bf16 else 'fp32'} | {bare:,.0f} | {full:,.0f} | "
-                f"{100 * full / bare:.0f}% |"
+            bare = bare_forward(extractor, device, n, p["batch_size"], p["input_size"], bf16)
+            warm_up(extractor, device, dataset, p["batch_size"], bf16)
+            resident = on_device_input(extractor, device, dataset, p["batch_size"], bf16)
+            protocol = protocol_path(extractor, device, dataset, p["batch_size"], bf16)
+            loaded = dataloader_path(extractor, device, loader, bf16)
+            precision = "bf16 autocast" if bf16 else "fp32"
+            rows.append(
+                {
+                    "backbone": backbone,
+                    "precision": precision,
+                    "bare_img_per_s": bare,
+                    "on_device_input_img_per_s": resident,
+                    "protocol_img_per_s": protocol,
+                    "dataloader_img_per_s": loaded,
+                    "protocol_over_bare": protocol / bare,
+                    "dataloader_over_bare": loaded / bare,
+                    "on_device_input_over_bare": resident / bare,
+                }
             )
+            print(
+                f"| {backbone} | {precision} | {bare:,.0f} | {resident:,.0f} | {protocol:,.0f} | "
+                f"{100 * protocol / bare:.0f}% | "
+                f"{loaded:,.0f} | {100 * loaded / bare:.0f}% |",
+                flush=True,
+            )
+    if args.json is not None:
+        report = {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": name,
+            "torch": torch.__version__,
+            "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+            "preset": args.preset,
+            "settings": {**p, "images": n, "dataset": "fashionmnist test"},
+            "cudnn_benchmark": {"bare": device.type == "cuda", "pipelines": PIPELINE_CUDNN_BENCHMARK},
+            "rows": rows,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
 
 
 if __name__ == "__main__":

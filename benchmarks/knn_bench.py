@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -33,7 +34,8 @@ import dn2_lightning.knn as knn
 from dn2_lightning.knn import KNNResult, keops_probe, knn_distances, prepare_bank
 
 SYNTHETIC = {
-    "gpu": [(6_000, 10_000, 1280), (60_000, 10_000, 2048), (1_000_000, 10_000, 2048)],
+    # (bank rows, queries, dim); the 64-dim row is where KeOps' own guidance expects it to win
+    "gpu": [(1_000_000, 10_000, 2048), (60_000, 10_000, 2048), (6_000, 10_000, 2048), (200_000, 10_000, 64)],
     "cpu": [(6_000, 1_000, 1280), (60_000, 1_000, 2048)],
 }
 
@@ -63,15 +65,52 @@ class StageClock:
             self.module._gemm_candidates = original
 
 
+class RescanCounter:
+    """Counts the queries that dn2's candidates could not certify (searched again over their open groups)."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+
+    @contextlib.contextmanager
+    def measuring(self):
+        original = knn._BlockSearch.search_groups
+
+        def counted(search, rows, *args):
+            self.rows += len(rows)
+            return original(search, rows, *args)
+
+        knn._BlockSearch.search_groups = counted
+        try:
+            yield self
+        finally:
+            knn._BlockSearch.search_groups = original
+
+
+@contextlib.contextmanager
+def float32_matmul_precision(precision: str):
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def timed(fn: Callable[[], object], device: torch.device, repeats: int, clock: StageClock | None = None):
-    """Best wall time (ms) of ``repeats`` runs after a warm-up, the output, and the candidate-stage share of
-    that best run (when ``clock`` is given)."""
-    out = fn()  # warm-up (and JIT compile for KeOps)
+def timed(
+    fn: Callable[[], object],
+    device: torch.device,
+    repeats: int,
+    clock: StageClock | None = None,
+    warmup: Callable[[], object] | None = None,
+):
+    """Best wall time (ms) of ``repeats`` runs after a warm-up (``warmup``, default ``fn`` itself), the output,
+    and the candidate-stage share of that best run (when ``clock`` is given)."""
+    out = (warmup or fn)()  # warm-up (and JIT compile for KeOps)
     best, share = float("inf"), None
     for _ in range(repeats):
         if clock is not None:
@@ -134,15 +173,26 @@ def methods(
     """The methods to time: label -> (no-argument callable returning (values, indices), stage clock)."""
     prepared = prepare_bank(bank)
     clock = StageClock(knn, device)
+    default = knn.default_candidate_dtype(device)
     table = {
-        "dn2 torch, bank prepared once": (lambda: knn_distances(queries, prepared, k, "torch"), clock),
+        f"dn2 torch ({_name(default)} candidates), bank prepared once": (
+            lambda: knn_distances(queries, prepared, k, "torch"),
+            clock,
+        ),
         "dn2 torch, bank prepared per call": (lambda: knn_distances(queries, bank, k, "torch"), clock),
     }
     if device.type == "cuda":
-        table["dn2 torch, bfloat16 candidates"] = (
-            lambda: knn_distances(queries, prepared, k, "torch", candidate_dtype=torch.bfloat16),
-            clock,
-        )
+        for dtype in (torch.float32, torch.bfloat16):
+            table[f"dn2 torch, {_name(dtype)} candidates"] = (
+                lambda dtype=dtype: knn_distances(queries, prepared, k, "torch", candidate_dtype=dtype),
+                clock,
+            )
+
+        def tf32():
+            with float32_matmul_precision("high"):
+                return knn_distances(queries, prepared, k, "torch", candidate_dtype=torch.float32)
+
+        table["dn2 torch, float32 candidates under TF32"] = (tf32, clock)
     if before is not None:
         old_prepared = before.prepare_bank(bank)
         table["dn2 torch before (--before), bank prepared once"] = (
@@ -151,6 +201,7 @@ def methods(
         )
     if keops and keops_probe(str(device)) is None:
         table["dn2 keops"] = (lambda: knn_distances(queries, prepared, k, "keops"), None)
+        table["dn2 auto"] = (lambda: knn_distances(queries, prepared, k, "auto"), clock)
     with contextlib.suppress(ImportError):
         import faiss
 
@@ -170,6 +221,10 @@ def methods(
         table["scikit-learn brute"] = (sklearn_brute, None)
     table["torch.cdist + topk"] = (lambda: torch.cdist(queries, bank).square().topk(k, dim=1, largest=False), None)
     return table
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def fashionmnist_cases() -> list[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -194,16 +249,31 @@ def synthetic_cases(preset: str, device: torch.device) -> list[tuple[str, torch.
     return cases
 
 
+def bare_gemms(queries: torch.Tensor, bank: torch.Tensor, device: torch.device, repeats: int) -> dict[str, float]:
+    """The GEMM alone (no top-k): the floor of any GEMM-based search, per dtype."""
+    floors = {"float32": timed(lambda: queries @ bank.T, device, repeats)[0]}
+    if device.type == "cuda":
+        with float32_matmul_precision("high"):
+            floors["TF32"] = timed(lambda: queries @ bank.T, device, repeats)[0]
+        for dtype in (torch.float16, torch.bfloat16):
+            q, b = queries.to(dtype), bank.to(dtype)
+            floors[_name(dtype)] = timed(lambda q=q, b=b: q @ b.T, device, repeats)[0]
+            del q, b
+    return floors
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=["fashionmnist", *sorted(SYNTHETIC)], default="gpu")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda for --preset gpu, else cpu)")
     parser.add_argument("--k", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch, faiss and BLAS")
     parser.add_argument("--keops", action="store_true", help="include KeOps (probed in a subprocess first)")
     parser.add_argument("--before", default=None, help="path of an older knn.py to time in the same run")
+    parser.add_argument("--json", default=None, help="also write every row of the table to this JSON file")
     args = parser.parse_args()
-    device = torch.device("cuda" if args.preset == "gpu" else "cpu")
+    device = torch.device(args.device or ("cuda" if args.preset == "gpu" else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
         with contextlib.suppress(ImportError):
@@ -217,24 +287,65 @@ def main() -> None:
         limits = threadpool_limits(args.threads) if args.threads else limits
     before = load_before(args.before) if args.before else None
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {name}, torch {torch.__version__}, k={args.k}, best of {args.repeats}\n")
-    print("| data | N bank | M queries | D | method | ms | after GEMM+top-k | exact rows | max rel err |")
-    print("|---|---:|---:|---:|---|---:|---:|---:|---:|")
+    print(f"device: {name}, torch {torch.__version__}, k={args.k}, best of {args.repeats}\n", flush=True)
+    print("| data | N bank | M queries | D | method | ms | after GEMM+top-k | uncertified | exact rows | max rel err |")
+    print("|---|---:|---:|---:|---|---:|---:|---:|---:|---:|", flush=True)
+    rows = []
     cases = fashionmnist_cases() if args.preset == "fashionmnist" else synthetic_cases(args.preset, device)
     with limits:
         for label, bank, queries in cases:
             bank, queries = bank.to(device).contiguous(), queries.to(device).contiguous()
             n, dim, m = bank.shape[0], bank.shape[1], queries.shape[0]
             row = f"| {label} | {n:,} | {m:,} | {dim} |"
+            common = {"data": label, "n": n, "m": m, "dim": dim, "k": args.k}
             ref = reference(queries, bank, args.k)
-            gemm_ms, _, _ = timed(lambda: queries @ bank.T, device, args.repeats)  # noqa: B023 (called right here)
-            print(f"{row} bare float32 GEMM (lower bound) | {gemm_ms:.0f} | | n/a | n/a |")
+
+            def warm_keops(queries=queries, bank=bank, k=args.k):
+                return knn_distances(queries[:64], bank, k, "keops")
+
+            for dtype, ms in bare_gemms(queries, bank, device, args.repeats).items():
+                print(f"{row} bare {dtype} GEMM (lower bound) | {ms:.1f} | | | n/a | n/a |", flush=True)
+                rows.append({**common, "method": f"bare {dtype} GEMM", "ms": ms})
             for method, (fn, clock) in methods(queries, bank, args.k, args.keops, device, before).items():
-                with clock.measuring() if clock is not None else contextlib.nullcontext():
-                    ms, out, share = timed(fn, device, args.repeats, clock)
+                counter = RescanCounter()
+                try:
+                    with clock.measuring() if clock is not None else contextlib.nullcontext(), counter.measuring():
+                        if method == "dn2 keops":  # compile on a few queries, then time one full call
+                            ms, out, share = timed(fn, device, 1, clock, warm_keops)
+                        else:
+                            ms, out, share = timed(fn, device, args.repeats, clock)
+                except torch.OutOfMemoryError as err:
+                    print(f"{row} {method} | out of memory | | | | |", flush=True)
+                    rows.append({**common, "method": method, "error": str(err).splitlines()[0]})
+                    torch.cuda.empty_cache()
+                    continue
                 result = KNNResult(torch.as_tensor(out[0]), torch.as_tensor(out[1]))
                 share_text = "" if share is None else f"{100 * share:.0f}%"
-                print(f"{row} {method} | {ms:.0f} | {share_text} | {exactness(result, ref, queries, bank)} |")
+                calls = (1 if method == "dn2 keops" else args.repeats) + 1
+                uncertified = 100 * counter.rows / (calls * m) if clock is not None else None
+                unc_text = "" if uncertified is None else f"{uncertified:.2f}%"
+                exact = exactness(result, ref, queries, bank)
+                print(f"{row} {method} | {ms:.1f} | {share_text} | {unc_text} | {exact} |", flush=True)
+                same, err = exact.split(" | ")
+                rows.append(
+                    {
+                        **common,
+                        "method": method,
+                        "ms": ms,
+                        "after_candidates_share": share,
+                        "uncertified_rows_pct": uncertified,
+                        "exact_rows": same,
+                        "max_rel_err": float(err),
+                    }
+                )
+                del out, result
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            del bank, queries, ref
+    if args.json:
+        meta = {"device": name, "torch": torch.__version__, "k": args.k, "repeats": args.repeats}
+        with open(args.json, "w") as f:
+            json.dump({**meta, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

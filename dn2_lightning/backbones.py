@@ -118,12 +118,12 @@ class FeatureExtractor(nn.Module):
         x = images.to(torch.float32)
         if images.dtype == torch.uint8:
             x = x / 255.0
+        size = self.image_size
+        if size is not None and tuple(x.shape[-2:]) != (size, size):
+            # a grey image is resized once, before its channel is repeated (channels are resized independently)
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        if self.image_size is not None and tuple(x.shape[-2:]) != (self.image_size, self.image_size):
-            x = F.interpolate(
-                x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=True
-            )
         return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
 
     def forward(self, images: Tensor) -> Tensor:

@@ -7,24 +7,26 @@ One signature, several backends::
 ``values`` are ascending squared L2 distances, ``indices`` rows of ``bank``. Every backend is exact and
 is tested against a float64 brute force.
 
-* ``"torch"``: a certified two-stage search. (1) Candidates: one float32 GEMM per block,
-  ``||b||^2 - 2 q.b`` on data centred on the bank mean and scaled by a power of two (small norms, little
-  cancellation, no overflow), into a reused buffer, then the ``2k + 8`` smallest per query. (2) A
-  worst-case rounding bound ``E`` of the GEMM (per query) brackets every exact distance:
-  ``|approx - exact| <= E``. The k-th exact distance is at most ``approx_k + E``, so every candidate with
-  ``approx - E`` above that is provably out; only the few that the bound cannot separate (about k per
-  query on real embeddings) get their distances computed from the original rows, pair by pair in
-  cache-sized chunks, without materialising ``[queries, candidates, D]``. A query is certified when the
-  last candidate's lower bound exceeds the k-th exact distance (no bank row outside the candidates can
-  be nearer); the rare queries that are not are re-searched over the whole bank under the same bound.
-  Results are exact whatever the matmul precision (float32, TF32, ``candidate_dtype=torch.bfloat16``).
-* ``"keops"``: pykeops LazyTensors, ``((x_i - y_j) ** 2).sum(-1).Kmin_argKmin`` on the centred float32
-  rows; the values of the k neighbours are then recomputed in float64. Its JIT compiler can crash the
-  process on some CUDA set-ups, so it is probed once in a subprocess; if the probe fails the search falls
-  back to ``"torch"`` with a warning.
-* ``"auto"``: ``"torch"``. On CPU KeOps compiles slowly and loses to BLAS; on GPU KeOps' own
-  documentation says cuBLAS-based search wins above D ~ 50-100, and DN2 embeddings have D >= 512.
-  KeOps is chosen for low-dimensional GPU data only.
+* ``"torch"``: a certified two-stage search. (1) Candidates: one GEMM per block, ``||b||^2 - 2 q.b`` on data
+  centred on the bank mean and scaled by a power of two to a radius near 1 (small norms, little cancellation,
+  no overflow), into a reused buffer: float32 on a CPU, float16 operands with float32 accumulation on CUDA
+  (``candidate_dtype``; the norm rides in the GEMM as two extra float16 columns). The ``2k + 8`` smallest per
+  query come from the groups of 32 rows with the smallest minima. (2) A worst-case rounding bound ``E`` of the
+  GEMM (per query) brackets every exact distance: ``|approx - exact| <= E``. The k-th exact distance is at
+  most ``approx_k + E``, so every candidate with ``approx - E`` above that is provably out; only the few that
+  the bound cannot separate (about k per query on real embeddings) get their distances computed from the
+  original rows, pair by pair in cache-sized chunks, without materialising ``[queries, candidates, D]``. A
+  query is certified when the last candidate's lower bound exceeds the k-th exact distance (no bank row
+  outside the candidates can be nearer); the rare queries that are not are searched exactly over the row
+  groups whose minimum leaves room for a nearer row, never the whole bank. Results are exact whatever the
+  matmul precision (float32, TF32, float16, bfloat16).
+* ``"keops"``: pykeops LazyTensors, ``((x_i - y_j) ** 2).sum(-1).Kmin_argKmin`` of the ``2k + 8`` nearest on the
+  centred float32 rows, certified like the GEMM's candidates (float32 cannot order near-ties far from the
+  bank); uncertified queries go to ``"torch"``. Its JIT compiler can crash the process on some CUDA set-ups, so
+  it is probed once in a subprocess; if the probe fails the search falls back to ``"torch"`` with a warning.
+* ``"auto"``: ``"torch"``. On CPU KeOps compiles slowly and loses to BLAS; on GPU KeOps' own documentation
+  says cuBLAS-based search wins above D ~ 50-100, and DN2 embeddings have D >= 512. KeOps is chosen for
+  low-dimensional GPU data only (a rule still to be checked against GPU measurements: benchmarks/RESULTS.md).
 
 Dtypes: float64 inputs (queries or bank) are searched exactly in float64 arithmetic (differences in
 float64) and returned as float64; float32, float16 and bfloat16 inputs are returned as float32, from
@@ -63,11 +65,17 @@ _UNIT_ROUNDOFF = {
     torch.float16: 2.0**-11,
 }
 _TF32_UNIT_ROUNDOFF = 2.0**-11
-# Queries farther than this (in units of the bank's radius) would overflow the float32 candidate GEMM;
-# they are searched by float64 differences instead.
-_MAX_SCALED_SQUARED_NORM = 2.0**100
-# The candidate GEMM's output buffer (reused for every block, so no page faults) holds this many floats.
-_GEMM_BUFFER_FLOATS = 8 * 2**20
+# Queries farther than this (squared, in units of the bank's radius) would overflow the candidate GEMM; they
+# are searched by float64 differences instead. float16 holds |-2 q| and |q.b| only up to 65504.
+_MAX_SCALED_SQUARED_NORM = {torch.float32: 2.0**100, torch.bfloat16: 2.0**100, torch.float16: 2.0**28}
+# The candidate GEMM's output buffer (reused for every block, so no page faults) holds at most this many
+# values: a few MiB stay near the cache on a CPU; a GPU wants large GEMMs and few kernel launches.
+_GEMM_BUFFER_VALUES = {"cpu": 8 * 2**20, "cuda": 128 * 2**20}
+_MAX_BANK_BLOCK_ROWS = {"cpu": 16384, "cuda": 65536}
+# Candidates are drawn from groups of this many consecutive bank rows: the c groups with the smallest
+# minimum hold the c smallest values, so top-k runs over (rows / group) minima plus c * group values instead
+# of every row; the group minima also tell an uncertified query which groups can still hold a nearer row.
+_GROUP_ROWS = 32  # 16 to 64 time alike on the CPU (RESULTS.md section 4)
 # Bytes per float64 operand in one chunk of the survivor recompute: in L2 cache on a CPU, large on a GPU.
 _PAIR_CHUNK_BYTES = {"cpu": 2**19, "cuda": 2**28}
 
@@ -94,7 +102,9 @@ class PreparedBank:
         center: ``[D]`` the bank mean, float64 for a float64 bank else float32.
         rows: ``[N, D]`` float32 ``(bank - center) * scale``.
         norms: ``[N]`` float32 squared norms of ``rows``.
-        low: ``rows`` in the candidate dtype (the same tensor for float32).
+        low: the candidate GEMM's bank operand: ``rows`` itself for float32; for float16/bfloat16
+            ``[rows, hi, lo, 0...]`` with ``hi + lo = norms`` (padded to a multiple of 8 columns), so that one
+            GEMM with ``[-2 q, 1, 1, 0...]`` yields ``||b||^2 - 2 q.b`` in its output dtype.
         max_norm: largest norm of ``rows`` (about 1 after scaling).
         source: ``[N, D]`` the bank as given; exact distances are computed from it in float64.
         scale: the power of two applied to ``rows`` (distances of ``rows`` are ``scale**2`` times the true ones).
@@ -122,13 +132,13 @@ class PreparedBank:
         return _result_dtype(self.source.dtype)
 
 
-def prepare_bank(bank: Tensor, candidate_dtype: torch.dtype = torch.float32) -> PreparedBank:
+def prepare_bank(bank: Tensor, candidate_dtype: torch.dtype | None = None) -> PreparedBank:
     """Centre the bank on its mean and scale it by a power of two (distances are unchanged up to that exact
     factor; norms, cancellation and overflow shrink). Done once per bank, reused by every search.
 
     Args:
         bank: ``[N, D]`` finite floating tensor.
-        candidate_dtype: dtype of the candidate GEMM (see :func:`knn_distances`).
+        candidate_dtype: dtype of the candidate GEMM (see :func:`knn_distances`; ``None``: the device's).
 
     Returns:
         A :class:`PreparedBank` (it keeps a reference to ``bank``: do not modify it in place afterwards).
@@ -138,6 +148,7 @@ def prepare_bank(bank: Tensor, candidate_dtype: torch.dtype = torch.float32) -> 
             beyond the range of its result dtype.
     """
     _check_matrix("bank", bank)
+    candidate_dtype = candidate_dtype or default_candidate_dtype(bank.device)
     if candidate_dtype not in _UNIT_ROUNDOFF:
         raise ValueError(f"candidate_dtype={candidate_dtype} must be one of {list(_UNIT_ROUNDOFF)}.")
     with torch.autocast(bank.device.type, enabled=False):
@@ -146,7 +157,7 @@ def prepare_bank(bank: Tensor, candidate_dtype: torch.dtype = torch.float32) -> 
 
 def _prepare_bank(bank: Tensor, candidate_dtype: torch.dtype) -> PreparedBank:
     n, dim = bank.shape
-    extra = n * dim * (4 + (0 if candidate_dtype == torch.float32 else 2))
+    extra = n * dim * 4 + (0 if candidate_dtype == torch.float32 else n * (dim + 10) * 2)
     ensure_fits(extra + DEFAULT_MAX_MEMORY_BYTES, bank.device, "searching the memory bank")
     work = _work_dtype(bank.dtype)
     center = bank.mean(0, dtype=torch.float64).to(work) if n else bank.new_zeros(dim, dtype=work)
@@ -167,12 +178,10 @@ def _prepare_bank(bank: Tensor, candidate_dtype: torch.dtype) -> PreparedBank:
             f"{(2 * radius) ** 2:.3g}, beyond {_dtype_name(_result_dtype(bank.dtype))}'s range ({limit:.3g}). "
             "Rescale the embeddings (e.g. divide them by their largest norm) or pass float64 tensors."
         )
-    # A power of two (exact in binary floating point) bringing the radius near 1, so that neither the GEMM
-    # nor its error bound under- or overflows; data of moderate scale are left as they are.
+    # A power of two (exact in binary floating point) bringing the radius into [1/2, 1), so that neither the
+    # GEMM (float16 included) nor its error bound under- or overflows.
     bound = 120 if work == torch.float32 else 480  # float32 arithmetic cannot hold factors past 2**126
     exponent = 0 if radius == 0 else max(-bound, min(bound, -math.frexp(radius)[1]))
-    if work == torch.float32 and abs(exponent) <= 20:
-        exponent = 0
     scale = 2.0**exponent
     if work == torch.float32:
         if exponent:  # only for extreme data (scale * scale may not fit float32): recompute the norms
@@ -183,9 +192,34 @@ def _prepare_bank(bank: Tensor, candidate_dtype: torch.dtype) -> PreparedBank:
         for start in range(0, n, step):
             rows[start : start + step] = (bank[start : start + step] - center) * scale
         norms = torch.linalg.vecdot(rows, rows)
-    low = rows if candidate_dtype == torch.float32 else rows.to(candidate_dtype)
     max_norm = math.sqrt(float(norms.max())) if n else 0.0
-    return PreparedBank(center, rows, norms, low, max_norm, bank, scale)
+    return PreparedBank(center, rows, norms, _low_rows(rows, norms, candidate_dtype), max_norm, bank, scale)
+
+
+def _low_rows(rows: Tensor, norms: Tensor, dtype: torch.dtype) -> Tensor:
+    """The candidate GEMM's bank operand (see :class:`PreparedBank`)."""
+    if dtype == torch.float32:
+        return rows
+    n, dim = rows.shape
+    low = torch.zeros(n, (dim + 2 + 7) // 8 * 8, dtype=dtype, device=rows.device)
+    low[:, :dim] = rows
+    low[:, dim] = hi = norms.to(dtype)
+    low[:, dim + 1] = norms - hi.float()  # the norm to about 2u^2, in two low-precision terms
+    return low
+
+
+def _low_queries(q: Tensor, low: Tensor) -> Tensor:
+    """``[-2 q, 1, 1, 0...]`` in the dtype of ``low`` (scaling by -2 is exact)."""
+    out = torch.zeros(q.shape[0], low.shape[1], dtype=low.dtype, device=q.device)
+    out[:, : q.shape[1]] = q * -2
+    out[:, q.shape[1] : q.shape[1] + 2] = 1
+    return out
+
+
+def default_candidate_dtype(device: torch.device) -> torch.dtype:
+    """The candidate GEMM's dtype where the caller gives none: float16 on CUDA (tensor cores, with float32
+    accumulation and a bound 8x tighter than bfloat16's; see benchmarks/RESULTS.md), float32 elsewhere."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
 def ensure_fits(nbytes: int, device: torch.device, what: str) -> None:
@@ -193,6 +227,8 @@ def ensure_fits(nbytes: int, device: torch.device, what: str) -> None:
     if device.type != "cuda":
         return
     free, _ = torch.cuda.mem_get_info(device)
+    # memory PyTorch's caching allocator holds but does not use is free to this process
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     if nbytes > free:
         raise MemoryError(
             f"{what} needs {nbytes / 2**30:.2f} GiB on {device} but only {free / 2**30:.2f} GiB are free. Use "
@@ -223,8 +259,10 @@ def knn_distances(
         k: number of neighbours, ``1 <= k <= N``.
         backend: one of :func:`list_knn_backends`.
         max_memory_bytes: budget for temporary buffers of the ``"torch"`` backend (default 512 MiB).
-        candidate_dtype: dtype of the ``"torch"`` backend's GEMM candidate search (default float32;
-            ``torch.bfloat16`` uses tensor cores). Results stay exact either way.
+        candidate_dtype: dtype of the ``"torch"`` backend's candidate GEMM: ``None`` (float16 on CUDA,
+            float32 elsewhere: :func:`default_candidate_dtype`), ``torch.float32``, ``torch.float16`` or
+            ``torch.bfloat16``. Results stay exact either way; the dtype only moves time between the GEMM and
+            the recompute.
 
     Returns:
         ``KNNResult(values, indices)``, values ascending: float64 if ``queries`` or ``bank`` is float64
@@ -240,14 +278,14 @@ def knn_distances(
         KNNResult(values=tensor([[0.0100, 0.8100]]), indices=tensor([[1, 0]]))
     """
     _validate_inputs(queries, bank, k, backend, max_memory_bytes, candidate_dtype)
-    candidate_dtype = candidate_dtype or torch.float32
+    candidate_dtype = candidate_dtype or default_candidate_dtype(queries.device)
     # Under Trainer(precision="bf16-mixed") autocast would silently lower the GEMM below the precision the
     # error bound assumes; the search picks its own precisions.
     with torch.autocast(queries.device.type, enabled=False):
         if not isinstance(bank, PreparedBank):
             bank = prepare_bank(bank, candidate_dtype)
         elif bank.low.dtype != candidate_dtype:
-            bank = replace(bank, low=bank.rows.to(candidate_dtype))
+            bank = replace(bank, low=_low_rows(bank.rows, bank.norms, candidate_dtype))
         dtype = torch.float64 if torch.float64 in (queries.dtype, bank.source.dtype) else torch.float32
         if queries.shape[0] == 0:
             empty = torch.empty(0, k, device=queries.device)
@@ -256,9 +294,7 @@ def knn_distances(
             backend = _auto_backend(queries.device, bank.shape[1])
         if backend == "keops":
             if _keops_usable(queries.device, bank.shape[0]):
-                q, _, far = _frame_queries(queries, bank, dtype, 0)
-                if not far.any():
-                    return _keops_knn(queries, q, bank, k, dtype)
+                return _keops_knn(queries, bank, k, max_memory_bytes or DEFAULT_MAX_MEMORY_BYTES, dtype)
         return _torch_knn(queries, bank, k, max_memory_bytes or DEFAULT_MAX_MEMORY_BYTES, dtype)
 
 
@@ -351,9 +387,12 @@ def _auto_backend(device: torch.device, dim: int) -> str:
 def _torch_knn(queries: Tensor, bank: PreparedBank, k: int, max_memory_bytes: int, dtype: torch.dtype) -> KNNResult:
     m, (n, dim) = queries.shape[0], bank.shape
     num_candidates = min(n, 2 * k + 8)
-    query_rows, bank_rows = _block_sizes(m, n, dim, num_candidates, max_memory_bytes)
-    buffer = torch.empty(query_rows, bank_rows, dtype=torch.float32, device=bank.device)
-    error_scale = _gemm_error_scale(dim, bank.low.dtype, bank.device)
+    group = _GROUP_ROWS
+    low = bank.low.dtype
+    query_rows, bank_rows = _block_sizes(m, n, dim, num_candidates, max_memory_bytes, bank.device, low.itemsize)
+    ensure_fits(max_memory_bytes, bank.device, "the kNN search's temporary buffers (max_memory_bytes)")
+    buffer = torch.empty(query_rows, bank_rows, dtype=low, device=bank.device)
+    error_scale = _gemm_error_scale(bank.low.shape[1], low, bank.device)
     values = torch.empty(m, k, dtype=dtype, device=bank.device)
     indices = torch.empty(m, k, dtype=torch.long, device=bank.device)
     for start in range(0, m, query_rows):
@@ -362,50 +401,98 @@ def _torch_knn(queries: Tensor, bank: PreparedBank, k: int, max_memory_bytes: in
         # as fast, and never waits on a second one that the OS has descheduled.
         with _one_thread(bank.device):
             q, q_norms, far = _frame_queries(block, bank, dtype, start)
-        approx, cand = _gemm_candidates(q, q_norms, bank, num_candidates, buffer)
+        with _full_precision_reductions(bank.device):
+            approx, cand, group_mins = _gemm_candidates(q, q_norms, bank, num_candidates, buffer, group)
         with _one_thread(bank.device):
-            v, i = _certify_block(block, q, q_norms, far, approx, cand, bank, k, error_scale, max_memory_bytes)
+            search = _BlockSearch(block, q_norms, far, group_mins, group, bank, k, error_scale, max_memory_bytes)
+            v, i = search.certify(approx, cand)
         values[start : start + len(block)] = v.to(dtype)
         indices[start : start + len(block)] = i
     return KNNResult(values, indices)
 
 
-def _certify_block(
-    block: Tensor,
-    q: Tensor,
-    q_norms: Tensor,
-    far: Tensor,
-    approx: Tensor,
-    cand: Tensor,
-    bank: PreparedBank,
-    k: int,
-    error_scale: float,
-    budget: int,
-) -> tuple[Tensor, Tensor]:
-    """Exact k nearest neighbours (float64 values) of one query block from its GEMM candidates."""
-    n = bank.shape[0]
-    slack = 1 + _exact_slack(block, bank)
-    bound = _error_bound(error_scale, q_norms, bank)
-    # Every bank row in `cand` has exact (scaled) distance within `bound` of its `approx`. The k-th exact
-    # distance is at most approx_k + bound: candidates whose lower bound exceeds it are out.
-    upper = approx[:, k - 1] + bound
-    keep = approx - bound[:, None] <= upper[:, None]
-    v, i = _exact_topk(block, bank, cand, keep, k)
-    uncertain = far
-    if cand.shape[1] < n:
-        # Rows outside the candidates have approx >= approx_c, so exact >= approx_c - bound: certified when
-        # that exceeds the k-th exact distance (with the recompute's own rounding).
-        kth = v[:, -1] * bank.scale**2 * slack
-        uncertain = uncertain | (approx[:, -1] - bound <= kth)
-    if uncertain.any():
-        rows = uncertain.nonzero().flatten()
-        near, out = rows[~far[rows]], rows[far[rows]]
-        if len(near):
-            kth = v[near, -1] * bank.scale**2 * slack
-            v[near], i[near] = _rescan(block[near], q[near], bound[near], kth, bank, k, budget)
-        if len(out):
-            v[out], i[out] = _difference_scan(block[out], bank, k, budget)
-    return v, i
+@dataclass
+class _BlockSearch:
+    """Certification of one query block's candidates, and the exact search of the rows it cannot certify."""
+
+    queries: Tensor
+    q_norms: Tensor
+    far: Tensor
+    group_mins: Tensor
+    group: int
+    bank: PreparedBank
+    k: int
+    error_scale: float
+    budget: int
+
+    def certify(self, approx: Tensor, cand: Tensor) -> tuple[Tensor, Tensor]:
+        """Exact k nearest neighbours (float64 values) of the block from its GEMM candidates."""
+        n, k, bank = self.bank.shape[0], self.k, self.bank
+        slack = 1 + _exact_slack(self.queries, bank)
+        bound = _error_bound(self.error_scale, self.q_norms, bank)
+        # Every bank row in `cand` has exact (scaled) distance within `bound` of its `approx`. The k-th exact
+        # distance is at most approx_k + bound: candidates whose lower bound exceeds it are out.
+        upper = approx[:, k - 1] + bound
+        keep = approx - bound[:, None] <= upper[:, None]
+        v, i = _exact_topk(self.queries, bank, cand, keep, k)
+        uncertain = self.far
+        if cand.shape[1] < n:
+            # Rows outside the candidates have approx >= approx_c, so exact >= approx_c - bound: certified when
+            # that exceeds the k-th exact distance (with the recompute's own rounding).
+            kth = v[:, -1] * bank.scale**2 * slack
+            uncertain = uncertain | (approx[:, -1] - bound <= kth)
+        if uncertain.any():
+            rows = uncertain.nonzero().flatten()
+            near, out = rows[~self.far[rows]], rows[self.far[rows]]
+            if len(near):
+                kth = v[near, -1] * bank.scale**2 * slack
+                v[near], i[near] = self.search_groups(near, bound[near], kth)
+            if len(out):
+                v[out], i[out] = _difference_scan(self.queries[out], bank, k, self.budget)
+        return v, i
+
+    def search_groups(self, rows: Tensor, bound: Tensor, kth: Tensor) -> tuple[Tensor, Tensor]:
+        """Exact search of ``rows`` (block positions) over the bank groups that can still hold a row nearer
+        than ``kth`` (an upper bound on each one's k-th distance): those whose smallest approximate distance
+        minus the bound does not exceed it. The groups of the current k nearest always qualify."""
+        n, g = self.bank.shape[0], self.group
+        limit = kth + bound - self.q_norms[rows].double()  # in the units of the group minima
+        qualifies = self.group_mins[rows].double() <= limit[:, None]
+        counts = qualifies.sum(1)
+        widest = int(counts.max())
+        # qualifying groups first (stable), then their member rows, padded to the widest row
+        groups = torch.argsort((~qualifies).to(torch.uint8), dim=1, stable=True)[:, :widest]
+        members = (groups[:, :, None] * g + torch.arange(g, device=rows.device)).flatten(1)
+        valid = (torch.arange(widest, device=rows.device)[:, None] < counts[:, None, None]).expand(-1, -1, g)
+        valid = valid.flatten(1) & (members < n)
+        cand = members.clamp_max(n - 1)
+        step = max(1, self.budget // (24 * cand.shape[1]))
+        values, indices = [], []
+        for start in range(0, len(rows), step):
+            part = slice(start, start + step)
+            v, i = _exact_topk(self.queries[rows[part]], self.bank, cand[part], valid[part], self.k)
+            values.append(v)
+            indices.append(i)
+        return torch.cat(values), torch.cat(indices)
+
+
+@contextlib.contextmanager
+def _full_precision_reductions(device: torch.device) -> Iterator[None]:
+    """Forbid cuBLAS's reduced-precision (float16/bfloat16) split-K reductions for the candidate GEMM: the
+    error bound assumes float32 accumulation. Restored afterwards; no-op off CUDA."""
+    matmul = torch.backends.cuda.matmul
+    names = ("allow_fp16_reduced_precision_reduction", "allow_bf16_reduced_precision_reduction")
+    if device.type != "cuda":
+        yield
+        return
+    before = {name: getattr(matmul, name) for name in names}
+    for name in names:
+        setattr(matmul, name, False)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            setattr(matmul, name, value)
 
 
 @contextlib.contextmanager
@@ -437,8 +524,9 @@ def _frame_queries(
     q_norms = torch.linalg.vecdot(q, q)
     largest = float(q_norms.max()) if len(q) else 0.0  # NaN if any row has a NaN
     far = torch.zeros_like(q_norms, dtype=torch.bool)
-    if not largest <= _MAX_SCALED_SQUARED_NORM:
-        far = ~(q_norms <= _MAX_SCALED_SQUARED_NORM)  # NaN, inf (overflow of the frame) or just far
+    reach = _MAX_SCALED_SQUARED_NORM[bank.low.dtype]
+    if not largest <= reach:
+        far = ~(q_norms <= reach)  # NaN, inf (overflow of the frame) or just far
         _check_finite("queries", queries, offset)
     limit = torch.finfo(dtype).max
     radius = bank.max_norm / bank.scale
@@ -455,32 +543,40 @@ def _frame_queries(
                 f"({limit:.3g}). Rescale queries and bank by the same factor (e.g. divide both by the bank's largest "
                 "norm) or pass float64 tensors, which are searched and returned in float64."
             )
-    if not largest <= _MAX_SCALED_SQUARED_NORM:
+    if not largest <= reach:
         q, q_norms = q.masked_fill(far[:, None], 0), q_norms.masked_fill(far, 0)
     return q, q_norms, far
 
 
-def _block_sizes(m: int, n: int, dim: int, num_candidates: int, budget: int) -> tuple[int, int]:
-    """Rows of queries and of the bank per block: the GEMM output block is one reused buffer of at most
-    ``_GEMM_BUFFER_FLOATS`` floats (and a quarter of ``budget``); per-query temporaries are O(candidates)."""
-    floats = max(num_candidates, min(_GEMM_BUFFER_FLOATS, budget // 16))
-    bank_rows = max(num_candidates, min(n, 16384, floats))
-    # the query block itself is also converted to float64 for the survivor recompute
-    query_rows = max(1, min(m, floats // bank_rows, budget // (4 * (16 * dim + 8 * num_candidates))))
+def _block_sizes(
+    m: int, n: int, dim: int, num_candidates: int, budget: int, device: torch.device, itemsize: int = 4
+) -> tuple[int, int]:
+    """Rows of queries and of the bank per block. The GEMM output block is one reused buffer of at most
+    ``_GEMM_BUFFER_VALUES`` values and half of ``budget``; the block's group minima over the whole bank, its
+    float64 copy for the recompute and the per-query candidates share the other half."""
+    kind = torch.device(device).type
+    values = max(num_candidates, min(_GEMM_BUFFER_VALUES.get(kind, 2**27), budget // (2 * itemsize)))
+    group = _GROUP_ROWS
+    bank_rows = max(num_candidates, min(n, _MAX_BANK_BLOCK_ROWS.get(kind, 65536), values))
+    bank_rows = min(n, -(-bank_rows // group) * group)  # whole groups, so that groups align across blocks
+    per_query = itemsize * -(-n // group) + 16 * dim + 8 * num_candidates * (group + 4)
+    query_rows = max(1, min(m, values // bank_rows, budget // (2 * per_query)))
     return query_rows, bank_rows
 
 
-def _gemm_error_scale(dim: int, dtype: torch.dtype, device: torch.device) -> float:
-    """Factor c with |approx - exact| <= c (||x|| + ||y||)^2 for the expansion computed in ``dtype``.
+def _gemm_error_scale(width: int, dtype: torch.dtype, device: torch.device) -> float:
+    """Factor c with |approx - exact| <= c (||x|| + ||y||)^2 (plus :func:`_error_bound`'s absolute term) for the
+    expansion computed in ``dtype`` over ``width`` GEMM columns.
 
     Centring and scaling round each coordinate once (2u relative to ||x|| ||y||), rounding the inputs to
-    ``dtype`` costs 2u_in, a length-D float32 accumulation gamma_D = D u / (1 - D u), the three additions
-    of the expansion 3u, and a GEMM output in a low dtype u_in / 2.
+    ``dtype`` costs 2u_in, a length-``width`` float32 accumulation gamma, the additions of the expansion 3u,
+    and for float16/bfloat16 the output rounding u_in (|output| <= (||x|| + ||y||)^2) and the two-term norm
+    u_in^2.
     """
     u = _UNIT_ROUNDOFF[torch.float32]
     u_in = _UNIT_ROUNDOFF[dtype] if dtype != torch.float32 else _float32_matmul_roundoff(device)
-    gamma = (dim + 2) * u / (1 - (dim + 2) * u)
-    low_output = 0.0 if dtype == torch.float32 else u_in / 2
+    gamma = (width + 2) * u / (1 - (width + 2) * u)
+    low_output = 0.0 if dtype == torch.float32 else u_in + u_in**2
     return 1.01 * (2 * u + 2 * u_in + gamma + 3 * u + low_output)
 
 
@@ -498,27 +594,37 @@ def _float32_matmul_roundoff(device: torch.device) -> float:
 
 
 def _error_bound(error_scale: float, q_norms: Tensor, bank: PreparedBank) -> Tensor:
-    """Per query, a bound on |approx - exact| for every bank row (scaled frame); float64. The absolute term
-    covers products flushed to zero below float32's normal range."""
-    dim = bank.shape[1]
-    return error_scale * (q_norms.double().sqrt() + bank.max_norm) ** 2 + 8 * (dim + 2) * 2.0**-126
+    """Per query, a bound on |approx - exact| for every bank row (scaled frame); float64. The absolute terms
+    cover values below the normal range: float32 products flushed to zero, and the float16 inputs, norm terms
+    and output that fall into its subnormals (absolute error up to half their spacing each)."""
+    width = bank.low.shape[1]
+    info = torch.finfo(bank.low.dtype)
+    half_subnormal = info.tiny * info.eps / 2
+    norms = q_norms.double().sqrt() + bank.max_norm
+    tiny = 4 * half_subnormal * (math.sqrt(width) * norms + width + 4)
+    return error_scale * norms**2 + tiny + 8 * (width + 2) * 2.0**-126
 
 
-def _gemm_candidates(q: Tensor, q_norms: Tensor, bank: PreparedBank, c: int, buffer: Tensor) -> tuple[Tensor, Tensor]:
-    """The c smallest approximate distances (float64, ascending) and their bank rows, one bank block at a
-    time, each GEMM written into ``buffer``."""
-    b_low, b_norms = bank.low, bank.norms
-    q_low = q.to(b_low.dtype)
+def _gemm_candidates(
+    q: Tensor, q_norms: Tensor, bank: PreparedBank, c: int, buffer: Tensor, group: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The c smallest approximate distances (float64, ascending) and their bank rows, one bank block at a time,
+    each GEMM written into ``buffer``; and every group's smallest ``||b||^2 - 2 q.b`` ``[queries, groups]``
+    (the buffer's dtype) for re-searching the queries the candidates cannot certify."""
+    low, n = bank.low, bank.shape[0]
+    q_low = q if low.dtype == torch.float32 else _low_queries(q, low)
+    group_mins = torch.empty(q.shape[0], -(-n // group), dtype=buffer.dtype, device=q.device)
     best_values = best_indices = None
-    for start in range(0, b_low.shape[0], buffer.shape[1]):
-        block = b_low[start : start + buffer.shape[1]]
+    for start in range(0, n, buffer.shape[1]):
+        block = low[start : start + buffer.shape[1]]
         out = buffer[: q.shape[0], : block.shape[0]]
         # ||q||^2 is constant along a row: rank by ||b||^2 - 2 q.b and add it to the c winners only
-        if block.dtype == torch.float32:
-            torch.addmm(b_norms[None, start : start + block.shape[0]], q_low, block.T, alpha=-2, out=out)
+        if low.dtype == torch.float32:
+            torch.addmm(bank.norms[None, start : start + block.shape[0]], q_low, block.T, alpha=-2, out=out)
         else:
-            torch.add(b_norms[None, start : start + block.shape[0]], (q_low @ block.T).float(), alpha=-2, out=out)
-        values, indices = out.topk(min(c, block.shape[0]), dim=1, largest=False, sorted=False)
+            torch.mm(q_low, block.T, out=out)
+        mins, values, indices = _block_topk(out, c, group)
+        group_mins[:, start // group : start // group + mins.shape[1]] = mins
         if start:
             indices += start
             values, indices = torch.cat([best_values, values], 1), torch.cat([best_indices, indices], 1)
@@ -527,7 +633,29 @@ def _gemm_candidates(q: Tensor, q_norms: Tensor, bank: PreparedBank, c: int, buf
         best_values, best_indices = values, indices
     with _one_thread(q.device):
         values, order = (best_values.double() + q_norms.double()[:, None]).sort(dim=1)
-        return values, best_indices.gather(1, order)
+        return values, best_indices.gather(1, order), group_mins
+
+
+def _block_topk(out: Tensor, c: int, group: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Group minima of one GEMM block ``[queries, rows]`` and its c smallest values with their columns.
+
+    The c groups with the smallest minima hold the c smallest values (any other group's minimum is at least
+    the c-th smallest of theirs), so the top-k runs over the minima and then over c * group values."""
+    width = out.shape[1]
+    full = width // group * group
+    mins = out[:, :full].unflatten(1, (width // group, group)).amin(2)
+    if full < width:
+        mins = torch.cat([mins, out[:, full:].amin(1, keepdim=True)], 1)
+    c = min(c, width)
+    if mins.shape[1] <= c:  # small block: every column is a candidate
+        values, columns = out.topk(c, dim=1, largest=False, sorted=False)
+        return mins, values, columns
+    _, groups = mins.topk(c, dim=1, largest=False, sorted=False)
+    columns = (groups[:, :, None] * group + torch.arange(group, device=out.device)).flatten(1)
+    inside = columns < width
+    values = out.gather(1, columns.clamp_max(width - 1)).masked_fill_(~inside, math.inf)
+    values, pos = values.topk(c, dim=1, largest=False, sorted=False)
+    return mins, values, columns.gather(1, pos)
 
 
 def _exact_topk(queries: Tensor, bank: PreparedBank, cand: Tensor, keep: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -572,26 +700,6 @@ def _exact_slack(queries: Tensor, bank: PreparedBank) -> float:
     dim = bank.shape[1]
     rounding = 0.0 if _pair_dtype(queries, bank.source) == torch.float64 else 4 * _UNIT_ROUNDOFF[torch.float32]
     return rounding + 4 * (dim + 2) * 2.0**-53
-
-
-def _rescan(
-    queries: Tensor, q: Tensor, bound: Tensor, kth: Tensor, bank: PreparedBank, k: int, budget: int
-) -> tuple[Tensor, Tensor]:
-    """The rows the candidates could not certify, against the whole bank: every row whose lower bound
-    ``approx - bound`` does not exceed a known upper bound ``kth`` on the k-th distance gets its exact
-    distance."""
-    n = bank.shape[0]
-    step = max(1, budget // (16 * n))
-    values, indices = [], []
-    for start in range(0, len(q), step):
-        qs = q[start : start + step]
-        approx = torch.addmm(bank.norms[None], qs, bank.rows.T, alpha=-2).double() + (qs * qs).sum(1).double()[:, None]
-        keep = approx - bound[start : start + step, None] <= kth[start : start + step, None]
-        cand = torch.arange(n, device=q.device).expand_as(keep)
-        v, i = _exact_topk(queries[start : start + step], bank, cand, keep, k)
-        values.append(v)
-        indices.append(i)
-    return torch.cat(values), torch.cat(indices)
 
 
 def _difference_scan(queries: Tensor, bank: PreparedBank, k: int, budget: int) -> tuple[Tensor, Tensor]:
@@ -642,18 +750,34 @@ def _import_keops_lazytensor() -> type:
     return LazyTensor
 
 
-def _keops_knn(queries: Tensor, q: Tensor, bank: PreparedBank, k: int, dtype: torch.dtype) -> KNNResult:
-    """KeOps on ``q``, the queries in the bank's frame (:func:`_frame_queries`)."""
+def _keops_knn(queries: Tensor, bank: PreparedBank, k: int, budget: int, dtype: torch.dtype) -> KNNResult:
+    """KeOps ranks the bank in float32 by ``sum((q - b)^2)`` in the bank's frame; its 2k + 8 best are certified
+    like the torch backend's GEMM candidates, and the queries it cannot certify (near-ties that float32 cannot
+    order, e.g. far from the bank) are searched again by the torch backend."""
     LazyTensor = _import_keops_lazytensor()  # noqa: N806 (the class)
-
+    q, q_norms, far = _frame_queries(queries, bank, dtype, 0)
+    n, dim = bank.shape
+    c = min(n, 2 * k + 8)
     x_i = LazyTensor(q[:, None, :].contiguous())
     y_j = LazyTensor(bank.rows[None, :, :].contiguous())
-    indices = ((x_i - y_j) ** 2).sum(-1).argKmin(K=k, dim=1).long()
-    # KeOps ranks in float32; the neighbours' distances are recomputed in float64 from the original rows
-    rows = torch.arange(len(queries), device=queries.device).repeat_interleave(k)
-    values = _pair_distances(queries, bank.source, rows, indices.flatten())
-    values, order = values.view(-1, k).sort(dim=1)
-    return KNNResult(values.to(dtype), indices.gather(1, order))
+    approx, cand = ((x_i - y_j) ** 2).sum(-1).Kmin_argKmin(K=c, dim=1)
+    approx, cand = approx.double(), cand.long()
+    # Frame rounding (u per coordinate of each side), the float32 difference, square and sum of D terms:
+    # |approx - exact| <= (gamma_(D+3) + 2u) (||q|| + radius)^2, the same form as the GEMM's bound.
+    u = _UNIT_ROUNDOFF[torch.float32]
+    gamma = (dim + 3) * u / (1 - (dim + 3) * u)
+    bound = 1.01 * (gamma + 2 * u + 2 * u * u) * (q_norms.double().sqrt() + bank.max_norm) ** 2
+    bound = bound + 8 * (dim + 2) * 2.0**-126
+    keep = approx - bound[:, None] <= (approx[:, k - 1] + bound)[:, None]
+    v, i = _exact_topk(queries, bank, cand, keep, k)
+    uncertain = far
+    if c < n:
+        kth = v[:, -1] * bank.scale**2 * (1 + _exact_slack(queries, bank))
+        uncertain = uncertain | (approx[:, -1] - bound <= kth)
+    if uncertain.any():
+        rows = uncertain.nonzero().flatten()
+        v[rows], i[rows] = _torch_knn(queries[rows], bank, k, budget, torch.float64)
+    return KNNResult(v.to(dtype), i)
 
 
 _PROBE = textwrap.dedent(

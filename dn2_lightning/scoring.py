@@ -17,6 +17,28 @@ def knn_scores(knn: KNNResult) -> Tensor:
     return knn.values.mean(dim=1)
 
 
+def rank_auroc(scores: Tensor, labels: Tensor) -> float:
+    """AUROC of ``scores`` for ``labels`` (1 = anomalous, 0 = normal): the Mann-Whitney U statistic, tied scores
+    sharing their average rank. Equal to torchmetrics' ``binary_auroc`` and scikit-learn's ``roc_auc_score``;
+    used by ``dn2-protocol``, which thereby imports neither (seconds of start-up on some machines).
+
+    >>> rank_auroc(torch.tensor([0.1, 0.4, 0.4, 0.9]), torch.tensor([0, 0, 1, 1]))
+    0.875
+    """
+    scores, labels = scores.detach().double().flatten(), labels.flatten().bool()
+    positives = int(labels.sum())
+    negatives = len(labels) - positives
+    if positives == 0 or negatives == 0:
+        raise ValueError(f"AUROC needs normal and anomalous samples; got {positives} anomalous of {len(labels)}.")
+    ordered, order = scores.sort()
+    _, group, counts = torch.unique_consecutive(ordered, return_inverse=True, return_counts=True)
+    average_rank = counts.cumsum(0).double() - (counts.double() - 1) / 2  # 1-based, ties share their mean
+    ranks = torch.empty_like(scores)
+    ranks[order] = average_rank[group]
+    u = float(ranks[labels].sum()) - positives * (positives + 1) / 2
+    return u / (positives * negatives)
+
+
 def leave_one_out_knn(bank: Tensor, k: int, backend: str = "auto", **knn_kwargs: object) -> KNNResult:
     """Each bank row's k nearest *other* rows: the row itself is excluded by index, not by distance,
     so exact duplicates of a row still count as its neighbours.

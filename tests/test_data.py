@@ -24,7 +24,7 @@ from dn2_lightning.data import (
     list_image_files,
     load_split,
 )
-from dn2_lightning.data.datasets import PIXEL_FORMAT
+from dn2_lightning.data.datasets import PIXEL_FORMAT, iter_image_batches
 from dn2_lightning.data.images import ImageTooLargeError, UnreadableImageError, image_problem, load_image
 from dn2_lightning.data.sources import DEBIAN_FASHION_MNIST, default_data_root, read_idx
 
@@ -143,6 +143,19 @@ def test_array_dataset_expands_grayscale_permutes_rgb_and_resizes():
     image = ArrayImageDataset(rgb, torch.zeros(3), load_size=7)[0]["image"]
     assert image.shape == (3, 7, 7) and image.dtype == torch.uint8
     assert image[1].eq(200).all() and image[0].eq(0).all()
+
+
+@pytest.mark.parametrize("shape", [(23, 9, 9), (23, 9, 7, 3)])
+@pytest.mark.parametrize("load_size", [None, 9, 13])
+def test_image_batches_equal_what_a_dataloader_collates(shape, load_size):
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    dataset = ArrayImageDataset(images, torch.zeros(len(images)), load_size)
+    collated = [b["image"] for b in torch.utils.data.DataLoader(dataset, batch_size=10)]
+    batches = list(iter_image_batches(dataset, 10))
+    assert [len(b) for b in batches] == [10, 10, 3]
+    assert all(torch.equal(a, b) and b.is_contiguous() for a, b in zip(collated, batches, strict=True))
+    assert torch.equal(dataset.batch(4, 6), torch.stack([dataset[4]["image"], dataset[5]["image"]]))
+    assert list(iter_image_batches(ArrayImageDataset(images[:0], torch.zeros(0)), 10)) == []
 
 
 @pytest.mark.parametrize(

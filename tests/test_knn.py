@@ -133,14 +133,17 @@ def test_lowered_float32_matmul_precision_stays_exact(precision):
 @pytest.mark.parametrize("budget", [2**20, 64 * 2**20, 512 * 2**20])
 def test_block_sizes_respect_the_memory_budget_for_a_million_row_bank(budget):
     """The issue's largest shape (1M x 10k x 2048): the GEMM block and the candidate buffers fit the budget."""
+    import dn2_lightning.knn as knn
     from dn2_lightning.knn import _block_sizes
 
     n, m, dim, candidates = 1_000_000, 10_000, 2048, 8
-    query_rows, bank_rows = _block_sizes(m, n, dim, candidates, budget)
-    assert 1 <= query_rows <= m and candidates <= bank_rows <= n
-    distance_block = 4 * query_rows * bank_rows
-    candidate_diffs = 4 * query_rows * candidates * dim
-    assert distance_block <= budget and candidate_diffs <= budget
+    for device, itemsize in [("cpu", 4), ("cuda", 2), ("cuda", 4)]:
+        query_rows, bank_rows = _block_sizes(m, n, dim, candidates, budget, torch.device(device), itemsize)
+        assert 1 <= query_rows <= m and candidates <= bank_rows <= n
+        distance_block = itemsize * query_rows * bank_rows
+        group_minima = itemsize * query_rows * -(-n // knn._GROUP_ROWS)
+        candidate_diffs = 4 * query_rows * candidates * dim
+        assert distance_block + group_minima + candidate_diffs <= budget
 
 
 def test_float64_inputs_are_accepted():
@@ -250,18 +253,18 @@ def _count_pairs(monkeypatch):
     import dn2_lightning.knn as knn
 
     seen = {"pairs": 0, "rescans": 0}
-    pair_distances, rescan = knn._pair_distances, knn._rescan
+    pair_distances, search_groups = knn._pair_distances, knn._BlockSearch.search_groups
 
     def counting_pairs(queries, bank, query_rows, bank_rows, *args):
         seen["pairs"] += len(query_rows)
         return pair_distances(queries, bank, query_rows, bank_rows, *args)
 
-    def counting_rescan(queries, *args):
-        seen["rescans"] += len(queries)
-        return rescan(queries, *args)
+    def counting_search_groups(self, rows, *args):
+        seen["rescans"] += len(rows)
+        return search_groups(self, rows, *args)
 
     monkeypatch.setattr(knn, "_pair_distances", counting_pairs)
-    monkeypatch.setattr(knn, "_rescan", counting_rescan)
+    monkeypatch.setattr(knn._BlockSearch, "search_groups", counting_search_groups)
     return seen
 
 
@@ -310,6 +313,96 @@ def test_uncertified_queries_are_rescanned_over_the_whole_bank(monkeypatch):
     assert seen["rescans"] >= 1
     assert torch.equal(result.indices, brute_force_knn(queries, bank, 2).indices)
     assert_exact(result, queries, bank, 2, rtol=3e-7)
+
+
+@pytest.mark.skipif(not KEOPS_OK, reason="KeOps does not compile on this machine")
+def test_keops_float32_ranking_is_certified_far_from_the_bank():
+    """KeOps ranks by float32 sums: 1e3 to 1e5 bank radii out, neighbours whose distances differ by less than
+    float32 resolves came back in the wrong order (6 of 50 queries) until its candidates were certified like the
+    GEMM's and the uncertified queries searched again."""
+    g = torch.Generator().manual_seed(3)
+    bank = 1e3 + 1e-2 * torch.randn(500, 48, generator=g)
+    center, radius = bank.mean(0), (bank - bank.mean(0)).norm(dim=1).max()
+    directions = torch.nn.functional.normalize(torch.randn(10, 48, generator=g), dim=1)
+    distances = torch.tensor([1e1, 1e3, 1e4, 3e4, 1e5])[:, None, None] * radius
+    queries = (center + distances * directions).flatten(0, 1)
+    result = knn_distances(queries, bank, 5, "keops")
+    truth = brute_force_knn(queries, bank, 5)
+    own = ((queries.double()[:, None, :] - bank.double()[result.indices]) ** 2).sum(-1)
+    assert torch.equal(own, truth.values)  # the returned rows are the nearest, in float64
+    assert torch.allclose(result.values.double(), truth.values, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_uncertified_queries_search_only_the_groups_that_can_hold_a_nearer_row(monkeypatch, dtype):
+    """Issue 13: a query the candidates cannot certify is not re-searched over the whole bank, only over the
+    row groups whose smallest approximate distance leaves room for a nearer row: here the 100 shell rows (and
+    the groups they share), not the 3,900 far rows."""
+    import dn2_lightning.knn as knn
+
+    g = torch.Generator().manual_seed(9)
+    shell = torch.nn.functional.normalize(torch.randn(100, 32, generator=g, dtype=torch.float64), dim=1)
+    shell = shell * (1 + 1e-7 * torch.rand(100, 1, generator=g, dtype=torch.float64))
+    bank = torch.cat([5 + torch.randn(1900, 32, generator=g, dtype=torch.float64), shell]).float()
+    bank = torch.cat([bank, 5 + torch.randn(2000, 32, generator=g)])
+    queries = torch.zeros(1, 32)
+    seen = _count_pairs(monkeypatch)
+    result = knn_distances(queries, bank, 2, "torch", candidate_dtype=dtype)
+    assert seen["rescans"] == 1
+    group = knn._GROUP_ROWS
+    # the shell's groups (twice: these near-ties are reordered from float64 differences) and the candidates
+    assert seen["pairs"] <= 2 * (100 + 2 * group) + 2 * (2 * 2 + 8) < len(bank) / 10
+    assert torch.equal(result.indices, brute_force_knn(queries, bank, 2).indices)
+    assert_exact(result, queries, bank, 2, rtol=3e-7)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 200),
+    queries=st.integers(1, 6),
+    c=st.integers(1, 12),
+    group=st.sampled_from([1, 2, 3, 16, 32]),
+    levels=st.integers(2, 50),
+    seed=st.integers(0, 2**16),
+)
+def test_group_minima_select_the_same_smallest_values_as_a_full_topk(rows, queries, c, group, levels, seed):
+    """The candidate stage's shortcut (top-k over group minima, then over the chosen groups' members) returns
+    exactly the c smallest values of a block, ties and partial last groups included."""
+    from dn2_lightning.knn import _block_topk
+
+    g = torch.Generator().manual_seed(seed)
+    out = torch.randint(0, levels, (queries, rows), generator=g).float()  # many ties
+    mins, values, columns = _block_topk(out, c, group)
+    c = min(c, rows)
+    expected = out.topk(c, dim=1, largest=False).values
+    assert torch.equal(values.sort(1).values, expected)
+    assert torch.equal(out.gather(1, columns), values)
+    assert len(set(columns[0].tolist())) == c  # distinct rows
+    padded = torch.nn.functional.pad(out, (0, -rows % group), value=float("inf"))
+    assert torch.equal(mins, padded.unflatten(1, (-1, group)).amin(2))
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 1e6])
+def test_float16_candidates_are_exact_at_any_scale_and_offset(scale):
+    """float16 holds 5 exponent bits: the bank is centred and scaled by a power of two first, small values
+    round into float16's subnormals (covered by the bound), and queries too far out for its range are
+    searched by differences."""
+    g = torch.Generator().manual_seed(11)
+    bank = scale * (1e3 + torch.randn(3000, 48, generator=g, dtype=torch.float64))
+    bank[:, :8] *= 1e-6  # coordinates far below the rest: float16 subnormals
+    queries = scale * (1e3 + torch.randn(100, 48, generator=g, dtype=torch.float64))
+    queries[-2:] = scale * 1e3 + scale * 1e6 * torch.randn(2, 48, generator=g, dtype=torch.float64)  # far out
+    bank, queries = bank.float(), queries.float()
+    result = knn_distances(queries, bank, 3, "torch", candidate_dtype=torch.float16)
+    assert_exact(result, queries, bank, 3)
+
+
+def test_the_default_candidate_dtype_is_float16_on_cuda_and_float32_elsewhere():
+    from dn2_lightning.knn import default_candidate_dtype
+
+    assert default_candidate_dtype(torch.device("cpu")) == torch.float32
+    assert default_candidate_dtype(torch.device("cuda", 0)) == torch.float16
+    assert prepare_bank(torch.randn(10, 4)).low.dtype == torch.float32
 
 
 def test_far_float64_queries_are_searched_by_differences():

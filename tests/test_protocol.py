@@ -13,8 +13,10 @@ import torch
 import dn2_lightning.backbones as backbones
 import dn2_lightning.protocol as protocol
 from dn2_lightning import DN2Module, OneClassDataModule
-from dn2_lightning.data.sources import _load_cached
-from dn2_lightning.protocol import embed_split, main, run_protocol
+from dn2_lightning.backbones import build_backbone
+from dn2_lightning.data.datasets import ArrayImageDataset
+from dn2_lightning.data.sources import _load_cached, load_split
+from dn2_lightning.protocol import embed_split, extract_embeddings, main, run_protocol
 
 FAST = dict(backbone="efficientnet_lite0", input_size=32, device="cpu")
 
@@ -59,6 +61,60 @@ def test_embedding_cache_is_reused_and_stale_keys_are_recomputed(digits_cache, m
     torch.save(stale, cached)
     recomputed, _ = embed_split("digits", "test", cache_dir=digits_cache, **FAST)
     assert torch.equal(recomputed, first) and torch.load(cached, weights_only=True)["key"]["input_size"] == 32
+
+
+# ------------------------------------------------------------------------------------------------------
+# The batched in-memory extraction gives the per-sample DataLoader's embeddings, bit for bit (issue 13)
+
+
+def dataloader_embeddings(extractor, images: ArrayImageDataset, batch_size: int) -> torch.Tensor:
+    """The reference: a plain DataLoader over the dataset (per-sample items, default collation), as before."""
+    loader = torch.utils.data.DataLoader(images, batch_size=batch_size)
+    with torch.inference_mode():
+        return torch.cat([extractor(batch["image"]) for batch in loader])
+
+
+@pytest.fixture(scope="module")
+def small_extractor():
+    torch.manual_seed(0)
+    return build_backbone("efficientnet_lite0", pretrained=False, image_size=32).eval()
+
+
+@pytest.mark.parametrize("batch_size", [64, 300, 512])  # 64 does not divide 300; 512 > N: one short batch
+def test_batched_extraction_equals_the_per_sample_dataloader(small_extractor, batch_size):
+    source = load_split("digits", "test")
+    images = ArrayImageDataset(source.images[:300], source.labels[:300])
+    benchmark = torch.backends.cudnn.benchmark
+    got = extract_embeddings(small_extractor, images, batch_size, "cpu")
+    assert torch.backends.cudnn.benchmark == benchmark  # restored (and untouched on the CPU)
+    assert got.dtype == torch.float32 and got.shape == (300, 1280) and not got.is_inference()
+    assert torch.equal(got, dataloader_embeddings(small_extractor, images, batch_size))
+
+
+def test_a_padded_last_batch_changes_neither_the_order_nor_the_full_batches(small_extractor):
+    source = load_split("digits", "test")
+    images = ArrayImageDataset(source.images[:300], source.labels[:300])
+    reference = dataloader_embeddings(small_extractor, images, 64)
+    padded = extract_embeddings(small_extractor, images, 64, "cpu", pad_last_batch=True)  # 44 rows padded to 64
+    assert padded.shape == reference.shape and torch.equal(padded[:256], reference[:256])
+    torch.testing.assert_close(padded[256:], reference[256:])
+
+
+@pytest.mark.parametrize("load_size", [None, 20])  # 20: resized on the CPU in one call per batch
+def test_batched_extraction_of_rgb_images_with_a_load_size_is_bit_identical(small_extractor, load_size):
+    rgb = torch.randint(0, 256, (70, 24, 24, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    images = ArrayImageDataset(rgb, torch.zeros(70), load_size)
+    got = extract_embeddings(small_extractor, images, 32, "cpu")
+    assert torch.equal(got, dataloader_embeddings(small_extractor, images, 32))
+
+
+def test_embed_split_keeps_the_order_and_labels_of_the_split(small_extractor, monkeypatch):
+    monkeypatch.setattr(protocol, "build_backbone", lambda *a, **k: small_extractor)
+    embeddings, labels = embed_split("digits", "test", batch_size=100, use_cache=False, **FAST)
+    source = load_split("digits", "test")
+    assert torch.equal(labels, source.labels)
+    reference = dataloader_embeddings(small_extractor, ArrayImageDataset(source.images, source.labels), 100)
+    assert torch.equal(embeddings, reference) and len(embeddings) == 723
 
 
 # ------------------------------------------------------------------------------------------------------

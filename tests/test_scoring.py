@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dn2_lightning.knn import brute_force_knn
 from dn2_lightning.scoring import cleaning_mask, knn_scores, leave_one_out_knn, pool_groups, to_unit_interval
@@ -75,3 +77,34 @@ def test_unit_interval_preserves_order_and_ties(scores):
     assert mapped.min() >= 0 and mapped.max() <= 1
     assert torch.equal(torch.argsort(mapped, stable=True), torch.argsort(scores, stable=True))
     assert torch.equal(mapped[:, None] == mapped[None], scores[:, None] == scores[None])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(2, 300),
+    levels=st.integers(1, 40),
+    share=st.floats(0.05, 0.95),
+    seed=st.integers(0, 2**16),
+)
+def test_rank_auroc_equals_scikit_learn_and_torchmetrics_with_ties(n, levels, share, seed):
+    """dn2-protocol's AUROC (no torchmetrics import) against two independent implementations, on scores with
+    many ties (few distinct levels)."""
+    from sklearn.metrics import roc_auc_score
+    from torchmetrics.functional.classification import binary_auroc
+
+    from dn2_lightning.scoring import rank_auroc
+
+    g = torch.Generator().manual_seed(seed)
+    labels = (torch.rand(n, generator=g) < share).long()
+    labels[0], labels[1] = 0, 1  # both classes present
+    scores = torch.randint(0, levels, (n,), generator=g).double() / levels
+    expected = roc_auc_score(labels.numpy(), scores.numpy())
+    assert rank_auroc(scores, labels) == pytest.approx(expected, abs=1e-12)
+    assert rank_auroc(scores, labels) == pytest.approx(float(binary_auroc(scores, labels)), abs=1e-6)
+
+
+def test_rank_auroc_needs_both_classes():
+    from dn2_lightning.scoring import rank_auroc
+
+    with pytest.raises(ValueError, match="normal and anomalous"):
+        rank_auroc(torch.tensor([0.1, 0.2]), torch.tensor([1, 1]))

@@ -8,15 +8,14 @@ device, in the backbone. Files are decoded by :func:`dn2_lightning.data.images.l
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
-from torchvision.transforms.v2.functional import resize
 
-from dn2_lightning.data.images import image_problem, load_image
+from dn2_lightning.data.images import image_problem, load_image, resize_square
 from dn2_lightning.validation import check_choice, check_load_size, check_positive_int
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -30,8 +29,17 @@ def to_chw_uint8(image: Tensor, load_size: int | None = None) -> Tensor:
     """[H, W] or [H, W, 3] uint8 -> [3, H, W], resized to ``load_size`` squared when given."""
     chw = image.expand(3, *image.shape) if image.ndim == 2 else image.permute(2, 0, 1)
     if load_size is not None and tuple(chw.shape[-2:]) != (load_size, load_size):
-        chw = resize(chw, [load_size, load_size], antialias=True)
+        chw = resize_square(chw, load_size)
     return chw
+
+
+def to_bchw_uint8(images: Tensor, load_size: int | None = None) -> Tensor:
+    """[B, H, W] or [B, H, W, 3] uint8 -> contiguous [B, 3, H, W]: the stack of :func:`to_chw_uint8` of each
+    image (the same values, bit for bit), in one batched operation."""
+    bchw = images.unsqueeze(1).expand(-1, 3, -1, -1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
+    if load_size is not None and tuple(bchw.shape[-2:]) != (load_size, load_size):
+        bchw = resize_square(bchw, load_size)
+    return bchw.contiguous()
 
 
 class ArrayImageDataset(Dataset):
@@ -62,6 +70,38 @@ class ArrayImageDataset(Dataset):
             "label": self.labels[i],
             "index": torch.tensor(i),
         }
+
+    def batch(self, start: int, stop: int) -> Tensor:
+        """Images ``start:stop`` as one contiguous uint8 ``[B, 3, H, W]`` tensor, equal to the ``"image"`` entry a
+        DataLoader collates from those samples, without the per-sample Python."""
+        return to_bchw_uint8(self.images[start:stop], self.load_size)
+
+
+def iter_image_batches(
+    dataset: ArrayImageDataset, batch_size: int, device: torch.device | str = "cpu"
+) -> Iterator[Tensor]:
+    """The images of ``dataset`` in order, ``batch_size`` at a time (the last batch may be smaller), as uint8
+    ``[B, 3, H, W]`` on ``device``: what a DataLoader over it yields as ``batch["image"]``, without the per-sample
+    Python and collation.
+
+    On CUDA each batch is pinned and uploaded with ``non_blocking=True``, one batch ahead: the next batch is
+    sliced, pinned and queued for upload before the current one is handed out, so the host work overlaps the
+    device's computation on the batch before (nothing here waits for the device).
+    """
+    check_positive_int("batch_size", batch_size)
+    device = torch.device(device)
+    pin = device.type == "cuda"
+
+    def upload(start: int) -> Tensor:
+        batch = dataset.batch(start, min(start + batch_size, len(dataset)))
+        return batch.pin_memory().to(device, non_blocking=True) if pin else batch.to(device)
+
+    starts = range(0, len(dataset), batch_size)
+    ahead = upload(starts[0]) if starts else None
+    for position in range(len(starts)):
+        current = ahead
+        ahead = upload(starts[position + 1]) if position + 1 < len(starts) else None
+        yield current
 
 
 def list_image_files(folder: str | Path) -> list[Path]:

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch import Tensor
-from torchvision.transforms.v2.functional import resize
 
 #: Largest image (width x height, in pixels, after any JPEG scale reduction) that is decoded; larger files are
 #: refused with :class:`ImageTooLargeError` before any pixel is read. The default is Pillow's own
@@ -71,7 +70,7 @@ def load_image(path: str | Path, size: int | None = None, max_pixels: int | None
         raise UnreadableImageError(f"{path}: cannot decode ({type(err).__name__}: {err}).") from err
     image = torch.from_numpy(array).permute(2, 0, 1)
     if size is not None and tuple(image.shape[-2:]) != (size, size):
-        image = resize(image, [size, size], antialias=True)
+        image = resize_square(image, size)
     return image
 
 
@@ -80,7 +79,7 @@ def pil_to_uint8(img: Image.Image, size: int | None = None) -> Tensor:
     from its bit depth, resized to ``size`` x ``size`` if given."""
     image = torch.from_numpy(_to_uint8_rgb(img, Path("<PIL image>"))).permute(2, 0, 1)
     if size is not None and tuple(image.shape[-2:]) != (size, size):
-        image = resize(image, [size, size], antialias=True)
+        image = resize_square(image, size)
     return image
 
 
@@ -164,3 +163,11 @@ def _integer_max(img: Image.Image) -> int:
         bits = bits[0] if isinstance(bits, tuple) else bits
         return 2 ** min(int(bits), 31) - 1  # a 32-bit TIFF is signed in Pillow's mode "I"
     return 65535
+
+
+def resize_square(image: Tensor, size: int) -> Tensor:
+    """Antialiased resize of ``[..., H, W]`` to ``size`` x ``size`` by torchvision, imported on first use
+    (importing torchvision costs seconds of start-up, which ``dn2-protocol`` never needs)."""
+    from torchvision.transforms.v2.functional import resize
+
+    return resize(image, [size, size], antialias=True)
