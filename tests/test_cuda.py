@@ -447,3 +447,31 @@ def test_checkpoint_from_the_device_loads_on_the_device_and_the_cpu_with_the_sam
         np.testing.assert_allclose(
             restored.test_scores.scores.cpu().numpy(), expected.numpy(), rtol=1e-5, err_msg=f"test on {location}"
         )
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. DN2Detector on device tensors
+
+
+def test_detector_searches_device_tensors_on_their_device_like_scikit_learn():
+    """CUDA tensors in, CUDA tensors out: the bank, scores and labels stay on the device, and equal
+    scikit-learn's brute-force neighbours on the same rows (cleaning included)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    from dn2_lightning import DN2Detector
+
+    rng = np.random.default_rng(4)
+    train = np.vstack([rng.normal(size=(400, 32)), rng.normal(loc=5.0, size=(20, 32))])  # 20 contaminants
+    test = np.vstack([rng.normal(size=(100, 32)), rng.normal(loc=1.5, size=(50, 32))])
+    detector = DN2Detector(k=2, clean_fraction=0.05, clean_k=30, threshold_quantile=0.95)
+    detector.fit(torch.from_numpy(train).float().to(DEVICE))
+    assert detector.bank_.device.type == DEVICE and not detector.kept_[400:].any()
+    scores = detector.decision_function(torch.from_numpy(test).float().to(DEVICE))
+    assert isinstance(scores, torch.Tensor) and scores.device.type == DEVICE
+    kept = train[detector.kept_.cpu().numpy()].astype(np.float32)
+    nn = NearestNeighbors(n_neighbors=2, algorithm="brute").fit(kept)
+    expected = (nn.kneighbors(test.astype(np.float32))[0] ** 2).mean(1)
+    np.testing.assert_allclose(scores.cpu().numpy(), expected, rtol=1e-4)
+    labels = detector.predict(torch.from_numpy(test).float().to(DEVICE))
+    assert torch.equal(torch.as_tensor(labels).cpu(), (scores.cpu() > detector.threshold_).long())
+    assert roc_auc_score(np.r_[np.zeros(100), np.ones(50)], scores.cpu().numpy()) > 0.9
