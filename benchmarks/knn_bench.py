@@ -2,6 +2,7 @@
 
     python benchmarks/knn_bench.py --preset fashionmnist   # real FashionMNIST embeddings (64 px, D=1280), CPU
     python benchmarks/knn_bench.py --preset cpu            # synthetic shapes that finish on a laptop CPU
+    python benchmarks/knn_bench.py --preset tiny --dtypes --keops --json /tmp/knn.json   # smoke test, seconds
     python benchmarks/knn_bench.py                         # the issue's GPU shapes (needs a CUDA device)
     python benchmarks/knn_bench.py --preset fashionmnist --before old_knn.py   # also time an older knn.py
 
@@ -37,6 +38,7 @@ SYNTHETIC = {
     # (bank rows, queries, dim); the 64-dim row is where KeOps' own guidance expects it to win
     "gpu": [(1_000_000, 10_000, 2048), (60_000, 10_000, 2048), (6_000, 10_000, 2048), (200_000, 10_000, 64)],
     "cpu": [(6_000, 1_000, 1280), (60_000, 1_000, 2048)],
+    "tiny": [(2_000, 200, 64)],  # a smoke test of every code path in seconds
 }
 
 
@@ -168,7 +170,7 @@ def load_before(path: str):
 
 
 def methods(
-    queries: torch.Tensor, bank: torch.Tensor, k: int, keops: bool, device: torch.device, before
+    queries: torch.Tensor, bank: torch.Tensor, k: int, keops: bool, device: torch.device, before, dtypes: bool
 ) -> dict[str, tuple[Callable[[], object], StageClock | None]]:
     """The methods to time: label -> (no-argument callable returning (values, indices), stage clock)."""
     prepared = prepare_bank(bank)
@@ -181,8 +183,8 @@ def methods(
         ),
         "dn2 torch, bank prepared per call": (lambda: knn_distances(queries, bank, k, "torch"), clock),
     }
-    if device.type == "cuda":
-        for dtype in (torch.float32, torch.bfloat16):
+    if dtypes:
+        for dtype in [d for d in (torch.float32, torch.float16, torch.bfloat16) if d != default]:
             table[f"dn2 torch, {_name(dtype)} candidates"] = (
                 lambda dtype=dtype: knn_distances(queries, prepared, k, "torch", candidate_dtype=dtype),
                 clock,
@@ -249,10 +251,12 @@ def synthetic_cases(preset: str, device: torch.device) -> list[tuple[str, torch.
     return cases
 
 
-def bare_gemms(queries: torch.Tensor, bank: torch.Tensor, device: torch.device, repeats: int) -> dict[str, float]:
+def bare_gemms(
+    queries: torch.Tensor, bank: torch.Tensor, device: torch.device, repeats: int, dtypes: bool
+) -> dict[str, float]:
     """The GEMM alone (no top-k): the floor of any GEMM-based search, per dtype."""
     floors = {"float32": timed(lambda: queries @ bank.T, device, repeats)[0]}
-    if device.type == "cuda":
+    if dtypes:
         with float32_matmul_precision("high"):
             floors["TF32"] = timed(lambda: queries @ bank.T, device, repeats)[0]
         for dtype in (torch.float16, torch.bfloat16):
@@ -272,8 +276,15 @@ def main() -> None:
     parser.add_argument("--keops", action="store_true", help="include KeOps (probed in a subprocess first)")
     parser.add_argument("--before", default=None, help="path of an older knn.py to time in the same run")
     parser.add_argument("--json", default=None, help="also write every row of the table to this JSON file")
+    parser.add_argument(
+        "--dtypes",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time the other candidate dtypes and TF32 (default: on CUDA only)",
+    )
     args = parser.parse_args()
     device = torch.device(args.device or ("cuda" if args.preset == "gpu" else "cpu"))
+    dtypes = device.type == "cuda" if args.dtypes is None else args.dtypes
     if args.threads:
         torch.set_num_threads(args.threads)
         with contextlib.suppress(ImportError):
@@ -303,10 +314,10 @@ def main() -> None:
             def warm_keops(queries=queries, bank=bank, k=args.k):
                 return knn_distances(queries[:64], bank, k, "keops")
 
-            for dtype, ms in bare_gemms(queries, bank, device, args.repeats).items():
+            for dtype, ms in bare_gemms(queries, bank, device, args.repeats, dtypes).items():
                 print(f"{row} bare {dtype} GEMM (lower bound) | {ms:.1f} | | | n/a | n/a |", flush=True)
                 rows.append({**common, "method": f"bare {dtype} GEMM", "ms": ms})
-            for method, (fn, clock) in methods(queries, bank, args.k, args.keops, device, before).items():
+            for method, (fn, clock) in methods(queries, bank, args.k, args.keops, device, before, dtypes).items():
                 counter = RescanCounter()
                 try:
                     with clock.measuring() if clock is not None else contextlib.nullcontext(), counter.measuring():

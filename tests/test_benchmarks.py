@@ -1,0 +1,29 @@
+"""The benchmark scripts that a GPU lease runs (benchmarks/gpu_run.sh) must not rot between leases: their
+smoke presets run here, and every dn2 row they report is exact."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_knn_bench_smoke_preset_times_every_candidate_dtype_and_stays_exact(tmp_path):
+    out = tmp_path / "knn.json"
+    subprocess.run(
+        [sys.executable, "benchmarks/knn_bench.py", "--preset", "tiny", "--dtypes", "--repeats", "1", "--json", out],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    rows = json.loads(out.read_text())["rows"]
+    searched = {row["method"]: row for row in rows if row["method"].startswith("dn2")}
+    assert {"dn2 torch, float16 candidates", "dn2 torch, bfloat16 candidates"} <= set(searched)
+    assert {"bare float32 GEMM", "bare float16 GEMM", "bare bfloat16 GEMM"} <= {row["method"] for row in rows}
+    for method, row in searched.items():
+        assert row["exact_rows"] == "100.00%", f"{method}: {row}"
+        assert row["uncertified_rows_pct"] is not None and 0 <= row["uncertified_rows_pct"] <= 100
