@@ -494,29 +494,31 @@ step_extract_bench() {
 # ----------------------------------------------------------------------------------------------------------
 # 6. the DN2 protocol, cold (fresh embedding cache) then warm, wall time around the whole process
 
+protocol_once() { # NAME LIMIT DATA ARGS...: one timed protocol process; sets RUN_RC and RUN_WALL
+	local name=$1 limit=$2 data=$3 start
+	shift 3
+	start=$(now)
+	DN2_DATA_DIR=$data timeout -k 5 "$limit" python3 -m dn2_lightning.protocol "$@" \
+		--out "$WORK/protocol_$name" >"$WORK/protocol_$name.log" 2>&1
+	RUN_RC=$?
+	RUN_WALL=$(since "$start")
+	log "   $name: rc $RUN_RC, wall ${RUN_WALL} s"
+}
+
 step_protocol() {
-	local t=$1 args=() data t_cold t_warm start rc_cold=-1 rc_warm=-1 wall_cold="" wall_warm="" left
+	local t=$1 args=() data t_cold rc_cold=-1 rc_warm=-1 wall_cold="" wall_warm="" left
 	skip_without_gpu && return 0
 	read -r -a args <<<"${PROTOCOL_ARGS:---dataset fashionmnist --backbone efficientnet_lite0 --input_size 224}"
 	data=$(mktemp -d /tmp/dn2protocol.XXXXXX)
 	t_cold=$((t * 2 / 3))
 	log "   cold: DN2_DATA_DIR=$data python3 -m dn2_lightning.protocol ${args[*]} (limit ${t_cold} s)"
-	start=$(now)
-	DN2_DATA_DIR=$data timeout -k 5 "$t_cold" python3 -m dn2_lightning.protocol "${args[@]}" \
-		--out "$WORK/protocol_cold" >"$WORK/protocol_cold.log" 2>&1
-	rc_cold=$?
-	wall_cold=$(since "$start")
-	log "   cold: rc $rc_cold, wall ${wall_cold} s"
+	protocol_once cold "$t_cold" "$data" "${args[@]}"
+	rc_cold=$RUN_RC wall_cold=$RUN_WALL
 	left=$((t - ${wall_cold%.*} - 3))
 	if [ "$left" -ge 5 ]; then
-		t_warm=$left
-		log "   warm: the same command, same DN2_DATA_DIR (limit ${t_warm} s)"
-		start=$(now)
-		DN2_DATA_DIR=$data timeout -k 5 "$t_warm" python3 -m dn2_lightning.protocol "${args[@]}" \
-			--out "$WORK/protocol_warm" >"$WORK/protocol_warm.log" 2>&1
-		rc_warm=$?
-		wall_warm=$(since "$start")
-		log "   warm: rc $rc_warm, wall ${wall_warm} s"
+		log "   warm: the same command, same DN2_DATA_DIR (limit ${left} s)"
+		protocol_once warm "$left" "$data" "${args[@]}"
+		rc_warm=$RUN_RC wall_warm=$RUN_WALL
 	else
 		log "   warm: not run, ${left} s left"
 	fi
