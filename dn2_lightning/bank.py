@@ -1,13 +1,27 @@
-"""The memory bank: training embeddings kept as checkpointed buffers, and the collector that fills it."""
+"""The memory bank: training embeddings kept as checkpointed buffers, the collector that fills it during one pass
+over the train data, and the builder that turns what was collected into the bank (over every rank)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from dn2_lightning.knn import PreparedBank, prepare_bank
+from dn2_lightning.distributed import (
+    broadcast_module_state,
+    count_rows,
+    gather_rows,
+    gather_rows_to_cpu,
+    keep_first_owner,
+    rank,
+    unique_by_index,
+    world_size,
+)
+from dn2_lightning.knn import KNNResult, PreparedBank, knn_distances, prepare_bank
+from dn2_lightning.scoring import drop_self, keep_lowest, knn_scores
+from dn2_lightning.sharding import sharded_knn
 
 
 class MemoryBank(nn.Module):
@@ -136,3 +150,118 @@ class BankCollector:
         if not self._embeddings:
             raise RuntimeError("no training batches were seen; the train dataloader is empty.")
         return torch.cat(self._embeddings), torch.cat(self._indices), torch.cat(self._labels)
+
+
+@dataclass
+class BankBuilder:
+    """The bank's life cycle over ranks: whole on every rank, or one shard per rank (``sharded``).
+
+    It turns one pass of collected rows into the bank (one row per train sample, group-pooled, cleaned), keeps
+    the leave-one-out scores the decision threshold needs, and searches the whole bank whichever way it is held.
+
+    Args:
+        bank: the module's :class:`MemoryBank`.
+        sharded: this rank holds one shard of the bank (``bank_sharding="shard"`` under DDP).
+        knn_kwargs: ``backend`` and ``max_memory_bytes`` of every search.
+    """
+
+    bank: MemoryBank
+    sharded: bool
+    knn_kwargs: dict[str, Any]
+
+    def search(self, embeddings: Tensor, k: int) -> KNNResult:
+        """Exact kNN of ``embeddings`` in the whole bank; neighbours as train-set sample indices."""
+        prepared = self.bank.prepared()
+        if embeddings.shape[1] != prepared.shape[1]:
+            raise ValueError(
+                f"the backbone gives {embeddings.shape[1]}-d embeddings but the memory bank holds "
+                f"{prepared.shape[1]}-d ones: the bank (checkpoint) was built with another backbone."
+            )
+        if self.sharded:
+            return sharded_knn(embeddings, prepared, self.bank.sample_indices, k, **self.knn_kwargs)
+        knn = knn_distances(embeddings, prepared, k, **self.knn_kwargs)
+        return KNNResult(knn.values, self.bank.sample_indices[knn.indices])
+
+    def size(self) -> int:
+        """Rows in the whole bank (summed over shards)."""
+        if not self.sharded:
+            return len(self.bank)
+        return sum(count_rows(len(self.bank), self.bank.embeddings.device))
+
+    def rows(self, collector: BankCollector) -> tuple[Tensor, Tensor, Tensor]:
+        """The collected ``(embeddings, indices, labels)``, one row per train sample (de-duplicated by dataset
+        index): every rank's rows gathered, or this rank's own share of them when sharded."""
+        embeddings, indices, labels = collector.collect()
+        if self.sharded:
+            own = keep_first_owner(indices)
+            indices, embeddings, labels = unique_by_index(indices[own], embeddings[own], labels[own])
+        else:
+            indices, embeddings, labels = unique_by_index(*(gather_rows(t) for t in (indices, embeddings, labels)))
+        return embeddings, indices, labels
+
+    def pool_groups(self, pool: nn.Module, members: Tensor, mask: Tensor, indices: Tensor) -> Tensor:
+        """Fit the group pooling on every training group's members, in dataset order (so the fit is the
+        single-device one; rank 0's state is then broadcast), and pool this rank's groups."""
+        if self.sharded:  # this rank holds only its shard: fit on all of them
+            _, all_members, all_mask = unique_by_index(*(gather_rows(t) for t in (indices, members, mask)))
+            pool.fit(all_members, all_mask)
+        else:
+            pool.fit(members, mask)
+        broadcast_module_state(pool)
+        return pool(members, mask)
+
+    def build(
+        self, embeddings: Tensor, indices: Tensor, labels: Tensor, k: int, clean_fraction: float, clean_k: int
+    ) -> dict[str, float]:
+        """Make these rows the bank, without the ``clean_fraction`` of largest leave-one-out scores over
+        ``clean_k`` neighbours when asked (the unsupervised setting). Returns the cleaning report."""
+        self.bank.set(embeddings, indices)
+        n = self.size()
+        if n < k:
+            raise ValueError(f"k={k} exceeds the number of training embeddings ({n}); use k <= {n}.")
+        report: dict[str, float] = {"bank/size_before_cleaning": float(n)}
+        if clean_fraction > 0:
+            ids, scores, all_labels = self.leave_one_out_scores(clean_k, labels)
+            keep = keep_lowest(scores, clean_fraction)
+            if (all_labels >= 0).all() and (all_labels > 0).any():
+                report["bank/contaminants_before"] = float((all_labels > 0).sum())
+                report["bank/contaminants_kept"] = float((all_labels[keep] > 0).sum())
+            report["bank/removed"] = float((~keep).sum())
+            mine = torch.isin(indices, ids[keep])
+            self.bank.set(embeddings[mine], indices[mine])
+            if int(keep.sum()) < k:
+                raise ValueError(
+                    f"clean_fraction={clean_fraction} leaves {int(keep.sum())} embeddings, fewer than k={k}; lower "
+                    "clean_fraction or k."
+                )
+        return report
+
+    def leave_one_out_scores(self, k: int, labels: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Every bank row's leave-one-out DN2 score over the whole bank, as ``(ids, scores, labels)`` sorted by
+        id (gathered from all shards when sharded); ``k`` is capped at the bank size - 1."""
+        ids = self.bank.sample_indices
+        k = min(k, self.size() - 1)
+        scores = knn_scores(drop_self(self.search(self.bank.embeddings, k + 1), ids))
+        labels = labels if labels is not None else torch.full_like(ids, -1)
+        if self.sharded:
+            ids, scores, labels = gather_rows(ids), gather_rows(scores), gather_rows(labels)
+        return unique_by_index(ids, scores, labels)
+
+    def update_loo_scores(self, k: int) -> None:
+        """Store the whole bank's leave-one-out scores at ``k`` (for thresholds), if the bank has more than k rows."""
+        if self.size() > k:
+            _, scores, _ = self.leave_one_out_scores(k)
+            self.bank.set_loo_scores(scores, k)
+
+    def keep_own_shard(self) -> None:
+        """A whole bank (from a checkpoint) meeting a sharded run: keep this rank's share of the rows."""
+        rows = slice(rank(), None, world_size())
+        loo, loo_k = self.bank.loo_scores, int(self.bank.loo_k)  # of the whole bank: still valid
+        self.bank.set(self.bank.embeddings[rows], self.bank.sample_indices[rows])
+        self.bank.set_loo_scores(loo, loo_k)
+
+    def whole_bank_on_cpu(self) -> tuple[Tensor, Tensor]:
+        """``(sample_indices, embeddings)`` of the whole bank in host memory (one shard on the device at a time),
+        for a checkpoint that loads on any number of devices."""
+        ids, rows = gather_rows_to_cpu(self.bank.sample_indices), gather_rows_to_cpu(self.bank.embeddings)
+        return unique_by_index(ids, rows)

@@ -17,7 +17,7 @@ from torch.utils.data.distributed import DistributedSampler
 from torchmetrics.classification import BinaryAUROC
 
 from dn2_lightning.backbones import build_backbone
-from dn2_lightning.bank import BankCollector, MemoryBank
+from dn2_lightning.bank import BankBuilder, BankCollector, MemoryBank
 from dn2_lightning.batch import Batch, unpack_batch
 from dn2_lightning.checkpointing import (
     BANK_SETTINGS,
@@ -29,30 +29,22 @@ from dn2_lightning.checkpointing import (
 from dn2_lightning.console import info
 from dn2_lightning.distributed import (
     broadcast_module_state,
-    count_rows,
     gather_objects,
-    gather_rows,
-    gather_rows_to_cpu,
-    keep_first_owner,
     rank,
-    unique_by_index,
     world_size,
 )
 from dn2_lightning.group_pooling import GROUP_POOLINGS, GroupPooling, pack_members, unpack_members
 from dn2_lightning.inputs import ImagesLike, as_image_batches
-from dn2_lightning.knn import KNNResult, knn_distances
+from dn2_lightning.knn import KNNResult
 from dn2_lightning.maps.bank import PatchBank
 from dn2_lightning.maps.head import AnomalyMaps, gt_masks_of, validate_map_options
 from dn2_lightning.metrics import AnomalyScores, ImageScores, ScoreCollector
 from dn2_lightning.scoring import (
-    drop_self,
-    keep_lowest,
     knn_scores,
     normalized_scores,
     quantile_threshold,
     to_unit_interval,
 )
-from dn2_lightning.sharding import sharded_knn
 from dn2_lightning.validation import (
     check_choice,
     check_clean_fraction,
@@ -452,9 +444,8 @@ class DN2Module(LightningModule):
     def _loo_scores(self) -> Tensor:
         """The bank's sorted leave-one-out scores at the current k, recomputed when k changed."""
         k = self.hparams.k
-        if self.bank.is_fitted and int(self.bank.loo_k) != k and self._bank_size() > k:
-            _, scores, _ = self._leave_one_out_scores(k)
-            self.bank.set_loo_scores(scores, k)
+        if self.bank.is_fitted and int(self.bank.loo_k) != k:
+            self._bank_builder.update_loo_scores(k)
         return self.bank.loo_scores if int(self.bank.loo_k) == k else self.bank.loo_scores[:0]
 
     def _describe_threshold(self) -> str:
@@ -470,9 +461,10 @@ class DN2Module(LightningModule):
         )
 
     def _warn_if_no_threshold(self) -> None:
-        if self.hparams.threshold is None and self._bank_size() <= self.hparams.k:
+        size = self._bank_builder.size()
+        if self.hparams.threshold is None and size <= self.hparams.k:
             warnings.warn(
-                f"the memory bank holds {self._bank_size()} embeddings, not more than k={self.hparams.k}: there are "
+                f"the memory bank holds {size} embeddings, not more than k={self.hparams.k}: there are "
                 "no leave-one-out scores to set a threshold from, so is_anomaly is undefined (None, empty CSV "
                 "cells) and normalised scores are NaN. Use a larger train set or set_threshold(value=...).",
                 stacklevel=2,
@@ -482,16 +474,7 @@ class DN2Module(LightningModule):
 
     def _search(self, embeddings: Tensor, k: int) -> KNNResult:
         """Exact kNN of ``embeddings`` in the whole bank; neighbours as train-set sample indices."""
-        bank = self.bank.prepared()
-        if embeddings.shape[1] != bank.shape[1]:
-            raise ValueError(
-                f"the backbone gives {embeddings.shape[1]}-d embeddings but the memory bank holds "
-                f"{bank.shape[1]}-d ones: the bank (checkpoint) was built with another backbone."
-            )
-        if self._sharded:
-            return sharded_knn(embeddings, bank, self.bank.sample_indices, k, **self._knn_kwargs())
-        knn = knn_distances(embeddings, bank, k, **self._knn_kwargs())
-        return KNNResult(knn.values, self.bank.sample_indices[knn.indices])
+        return self._bank_builder.search(embeddings, k)
 
     @property
     def _sharded(self) -> bool:
@@ -561,11 +544,7 @@ class DN2Module(LightningModule):
         else:
             self._check_data_settings()
             if self._sharded and not self._bank_is_shard:
-                # a whole bank (from a checkpoint) meets a sharded run: keep this rank's share
-                rows = slice(self.global_rank, None, world_size())
-                loo, loo_k = self.bank.loo_scores, int(self.bank.loo_k)  # of the whole bank: still valid
-                self.bank.set(self.bank.embeddings[rows], self.bank.sample_indices[rows])
-                self.bank.set_loo_scores(loo, loo_k)
+                self._bank_builder.keep_own_shard()
         self._bank_is_shard = self._sharded
 
     def _build_bank_from_datamodule(self) -> None:
@@ -615,78 +594,30 @@ class DN2Module(LightningModule):
         return self._embed(batch.images, batch, batch_idx), indices, batch.labels
 
     def _finalize_bank(self) -> None:
-        """Turn the collected rows into the bank: one row per train sample (whole on every rank, or one
-        shard per rank), cleaned if asked, and the decision threshold from its leave-one-out scores."""
+        """Turn the collected rows into the bank (``BankBuilder``), with its maps, spec and threshold scores."""
         assert self._collector is not None
         collector, self._collector = self._collector, None
-        embeddings, indices, labels = collector.collect()
-        paths = collector.paths
-        if self._sharded:
-            own = keep_first_owner(indices)
-            indices, embeddings, labels = unique_by_index(indices[own], embeddings[own], labels[own])
-        else:
-            indices, embeddings, labels = unique_by_index(*(gather_rows(t) for t in (indices, embeddings, labels)))
+        builder, hp = self._bank_builder, self.hparams
+        embeddings, indices, labels = builder.rows(collector)
         if embeddings.ndim == 3:  # packed group members [N, M, D + 1]: fit the group pooling, then pool
-            embeddings = self._fit_group_pooling(*unpack_members(embeddings), indices)
-        self.bank.set(embeddings, indices)
+            embeddings = builder.pool_groups(self.group_pool, *unpack_members(embeddings), indices)
+        report = builder.build(embeddings, indices, labels, hp.k, hp.clean_fraction, hp.clean_k)
         self._bank_is_shard = self._sharded
-        k, n = self.hparams.k, self._bank_size()
-        if n < k:
-            raise ValueError(f"k={k} exceeds the number of training embeddings ({n}); use k <= {n}.")
-        report: dict[str, float] = {"bank/size_before_cleaning": float(n)}
-        if self.hparams.clean_fraction > 0:
-            ids, scores, all_labels = self._leave_one_out_scores(self.hparams.clean_k, labels)
-            keep = keep_lowest(scores, self.hparams.clean_fraction)
-            if (all_labels >= 0).all() and (all_labels > 0).any():
-                report["bank/contaminants_before"] = float((all_labels > 0).sum())
-                report["bank/contaminants_kept"] = float((all_labels[keep] > 0).sum())
-            report["bank/removed"] = float((~keep).sum())
-            mine = torch.isin(indices, ids[keep])
-            self.bank.set(embeddings[mine], indices[mine])
-            if int(keep.sum()) < k:
-                raise ValueError(
-                    f"clean_fraction={self.hparams.clean_fraction} leaves {int(keep.sum())} embeddings, fewer "
-                    f"than k={k}; lower clean_fraction or k."
-                )
         if self.maps is not None:
             self.maps.finalize(self.bank.sample_indices)
-        self._record_bank_spec(paths)
-        if self._bank_size() > k:
-            _, scores, _ = self._leave_one_out_scores(k)
-            self.bank.set_loo_scores(scores, k)
+        self._record_bank_spec(collector.paths)
+        builder.update_loo_scores(hp.k)
         self._warn_if_no_threshold()
-        report["bank/size"] = float(self._bank_size())
+        report["bank/size"] = float(builder.size())
         self.bank_report = report
         info("DN2: " + ", ".join(f"{name}={value:g}" for name, value in report.items()))
-        info(f"DN2: memory bank of {self._bank_size()} embeddings; {self._describe_threshold()}.")
-        if self.hparams.clean_fraction > 0 and self._trainer is not None and self.trainer.state.fn != "predict":
+        info(f"DN2: memory bank of {report['bank/size']:g} embeddings; {self._describe_threshold()}.")
+        if hp.clean_fraction > 0 and self._trainer is not None and self.trainer.state.fn != "predict":
             self.log_dict(report, sync_dist=False, rank_zero_only=True)
 
-    def _fit_group_pooling(self, members: Tensor, mask: Tensor, indices: Tensor) -> Tensor:
-        """Fit the group pooling on every training group's members, in dataset order (so the fit is the
-        single-device one), then pool this rank's groups."""
-        if self._sharded:  # this rank holds only its shard: fit on all of them
-            _, all_members, all_mask = unique_by_index(*(gather_rows(t) for t in (indices, members, mask)))
-            self.group_pool.fit(all_members, all_mask)
-        else:
-            self.group_pool.fit(members, mask)
-        broadcast_module_state(self.group_pool)  # rank 0's centroids everywhere, whatever the arithmetic
-        return self.group_pool(members, mask)
-
-    def _bank_size(self) -> int:
-        """Rows in the whole bank (summed over shards)."""
-        return sum(count_rows(len(self.bank), self.bank.embeddings.device)) if self._sharded else len(self.bank)
-
-    def _leave_one_out_scores(self, k: int, labels: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Every bank row's leave-one-out DN2 score over the whole bank, as ``(ids, scores, labels)``
-        sorted by id (gathered from all shards in shard mode)."""
-        ids = self.bank.sample_indices
-        k = min(k, self._bank_size() - 1)
-        scores = knn_scores(drop_self(self._search(self.bank.embeddings, k + 1), ids))
-        labels = labels if labels is not None else torch.full_like(ids, -1)
-        if self._sharded:
-            ids, scores, labels = gather_rows(ids), gather_rows(scores), gather_rows(labels)
-        return unique_by_index(ids, scores, labels)
+    @property
+    def _bank_builder(self) -> BankBuilder:
+        return BankBuilder(self.bank, self._sharded, self._knn_kwargs())
 
     def _model_settings(self) -> dict[str, Any]:
         """The model settings that define the bank's content (see ``checkpointing.BANK_SETTINGS``)."""
@@ -734,9 +665,7 @@ class DN2Module(LightningModule):
         if self._sharded:
             # each rank holds a shard: the checkpoint gets the whole bank, so it loads on any number of devices.
             # It is assembled in host memory, one shard on the device at a time.
-            ids = gather_rows_to_cpu(self.bank.sample_indices)
-            rows = gather_rows_to_cpu(self.bank.embeddings)
-            ids, rows = unique_by_index(ids, rows)
+            ids, rows = self._bank_builder.whole_bank_on_cpu()
             checkpoint["state_dict"]["bank.sample_indices"] = ids
             checkpoint["state_dict"]["bank.embeddings"] = rows
 
