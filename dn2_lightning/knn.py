@@ -100,7 +100,8 @@ class PreparedBank:
 
     Attributes:
         center: ``[D]`` the bank mean, float64 for a float64 bank else float32.
-        rows: ``[N, D]`` float32 ``(bank - center) * scale``.
+        rows: ``[N, D]`` float32 ``(bank - center) * scale`` when it is the GEMM operand (float32 candidates),
+            else ``None``: :meth:`frame_rows` recomputes it on demand, so a float16 bank keeps no float32 copy.
         norms: ``[N]`` float32 squared norms of ``rows``.
         low: the candidate GEMM's bank operand: ``rows`` itself for float32; for float16/bfloat16
             ``[rows, hi, lo, 0...]`` with ``hi + lo = norms`` (padded to a multiple of 8 columns), so that one
@@ -111,7 +112,7 @@ class PreparedBank:
     """
 
     center: Tensor
-    rows: Tensor
+    rows: Tensor | None
     norms: Tensor
     low: Tensor
     max_norm: float
@@ -120,11 +121,23 @@ class PreparedBank:
 
     @property
     def shape(self) -> torch.Size:
-        return self.rows.shape
+        return self.source.shape
 
     @property
     def device(self) -> torch.device:
-        return self.rows.device
+        return self.source.device
+
+    def frame_rows(self) -> Tensor:
+        """``rows``, recomputed (bit for bit) when they are not kept."""
+        return self.rows if self.rows is not None else _frame_rows(self.source, self.center, self.scale)
+
+    def with_candidate_dtype(self, dtype: torch.dtype) -> PreparedBank:
+        """The same bank with its GEMM operand in ``dtype``."""
+        if self.low.dtype == dtype:
+            return self
+        rows = self.frame_rows()
+        low = _low_rows(rows, self.norms, dtype)
+        return replace(self, rows=rows if low is rows else None, low=low)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -184,16 +197,28 @@ def _prepare_bank(bank: Tensor, candidate_dtype: torch.dtype) -> PreparedBank:
     exponent = 0 if radius == 0 else max(-bound, min(bound, -math.frexp(radius)[1]))
     scale = 2.0**exponent
     if work == torch.float32:
-        if exponent:  # only for extreme data (scale * scale may not fit float32): recompute the norms
+        if exponent:  # the same operations as _frame_rows, so that recomputed rows are these bit for bit
             rows.mul_(scale)
             norms = torch.linalg.vecdot(rows, rows)
     else:
-        rows = torch.empty(n, dim, dtype=torch.float32, device=bank.device)
-        for start in range(0, n, step):
-            rows[start : start + step] = (bank[start : start + step] - center) * scale
+        rows = _frame_rows(bank, center, scale)
         norms = torch.linalg.vecdot(rows, rows)
     max_norm = math.sqrt(float(norms.max())) if n else 0.0
-    return PreparedBank(center, rows, norms, _low_rows(rows, norms, candidate_dtype), max_norm, bank, scale)
+    low = _low_rows(rows, norms, candidate_dtype)
+    return PreparedBank(center, rows if low is rows else None, norms, low, max_norm, bank, scale)
+
+
+def _frame_rows(bank: Tensor, center: Tensor, scale: float) -> Tensor:
+    """float32 ``(bank - center) * scale``: in float32 for a float32 bank, else by float64 chunks of 32 MiB."""
+    if _work_dtype(bank.dtype) == torch.float32:
+        rows = torch.sub(bank, center)
+        return rows.mul_(scale) if scale != 1 else rows
+    n, dim = bank.shape
+    step = max(1, 2**22 // max(1, dim))
+    rows = torch.empty(n, dim, dtype=torch.float32, device=bank.device)
+    for start in range(0, n, step):
+        rows[start : start + step] = (bank[start : start + step] - center) * scale
+    return rows
 
 
 def _low_rows(rows: Tensor, norms: Tensor, dtype: torch.dtype) -> Tensor:
@@ -284,8 +309,8 @@ def knn_distances(
     with torch.autocast(queries.device.type, enabled=False):
         if not isinstance(bank, PreparedBank):
             bank = prepare_bank(bank, candidate_dtype)
-        elif bank.low.dtype != candidate_dtype:
-            bank = replace(bank, low=_low_rows(bank.rows, bank.norms, candidate_dtype))
+        else:
+            bank = bank.with_candidate_dtype(candidate_dtype)
         dtype = torch.float64 if torch.float64 in (queries.dtype, bank.source.dtype) else torch.float32
         if queries.shape[0] == 0:
             empty = torch.empty(0, k, device=queries.device)
@@ -759,7 +784,7 @@ def _keops_knn(queries: Tensor, bank: PreparedBank, k: int, budget: int, dtype: 
     n, dim = bank.shape
     c = min(n, 2 * k + 8)
     x_i = LazyTensor(q[:, None, :].contiguous())
-    y_j = LazyTensor(bank.rows[None, :, :].contiguous())
+    y_j = LazyTensor(bank.frame_rows()[None, :, :].contiguous())
     approx, cand = ((x_i - y_j) ** 2).sum(-1).Kmin_argKmin(K=c, dim=1)
     approx, cand = approx.double(), cand.long()
     # Frame rounding (u per coordinate of each side), the float32 difference, square and sum of D terms:

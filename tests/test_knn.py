@@ -397,6 +397,25 @@ def test_float16_candidates_are_exact_at_any_scale_and_offset(scale):
     assert_exact(result, queries, bank, 3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_float16_prepared_bank_keeps_no_float32_copy_and_switches_dtype_exactly(dtype):
+    """On CUDA the bank's GEMM operand is float16: the float32 frame rows are not kept (the bank would otherwise
+    take 2.5x its size on the device), are recomputed bit for bit when needed, and every dtype and backend
+    searched from that bank stays exact."""
+    g = torch.Generator().manual_seed(12)
+    bank = (1e3 + torch.randn(1500, 40, generator=g, dtype=torch.float64)).to(dtype)
+    queries = (1e3 + torch.randn(60, 40, generator=g, dtype=torch.float64)).to(dtype)
+    low = prepare_bank(bank, torch.float16)
+    full = prepare_bank(bank, torch.float32)
+    assert low.rows is None and low.low.dtype == torch.float16 and low.shape == bank.shape
+    assert torch.equal(low.frame_rows(), full.rows) and torch.equal(low.norms, full.norms)
+    backends = ["torch"] + (["keops"] if KEOPS_OK else [])
+    for backend in backends:
+        for candidate in (torch.float16, torch.float32, torch.bfloat16):
+            result = knn_distances(queries, low, 3, backend, candidate_dtype=candidate)
+            assert_exact(result, queries, bank, 3, rtol=1e-6)
+
+
 def test_the_default_candidate_dtype_is_float16_on_cuda_and_float32_elsewhere():
     from dn2_lightning.knn import default_candidate_dtype
 
