@@ -415,7 +415,8 @@ def _torch_knn(queries: Tensor, bank: PreparedBank, k: int, max_memory_bytes: in
     group = _GROUP_ROWS
     low = bank.low.dtype
     query_rows, bank_rows = _block_sizes(m, n, dim, num_candidates, max_memory_bytes, bank.device, low.itemsize)
-    ensure_fits(max_memory_bytes, bank.device, "the kNN search's temporary buffers (max_memory_bytes)")
+    planned = query_rows * ((bank_rows + -(-n // group)) * low.itemsize + 16 * (dim + num_candidates * group))
+    ensure_fits(planned, bank.device, "the kNN search's temporary buffers")
     buffer = torch.empty(query_rows, bank_rows, dtype=low, device=bank.device)
     error_scale = _gemm_error_scale(bank.low.shape[1], low, bank.device)
     values = torch.empty(m, k, dtype=dtype, device=bank.device)
