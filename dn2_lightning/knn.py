@@ -412,10 +412,9 @@ def _auto_backend(device: torch.device, dim: int) -> str:
 def _torch_knn(queries: Tensor, bank: PreparedBank, k: int, max_memory_bytes: int, dtype: torch.dtype) -> KNNResult:
     m, (n, dim) = queries.shape[0], bank.shape
     num_candidates = min(n, 2 * k + 8)
-    group = _GROUP_ROWS
     low = bank.low.dtype
     query_rows, bank_rows = _block_sizes(m, n, dim, num_candidates, max_memory_bytes, bank.device, low.itemsize)
-    planned = query_rows * ((bank_rows + -(-n // group)) * low.itemsize + 16 * (dim + num_candidates * group))
+    planned = query_rows * (bank_rows * low.itemsize + _per_query_bytes(n, dim, num_candidates, low.itemsize))
     ensure_fits(planned, bank.device, "the kNN search's temporary buffers")
     buffer = torch.empty(query_rows, bank_rows, dtype=low, device=bank.device)
     error_scale = _gemm_error_scale(bank.low.shape[1], low, bank.device)
@@ -428,9 +427,9 @@ def _torch_knn(queries: Tensor, bank: PreparedBank, k: int, max_memory_bytes: in
         with _one_thread(bank.device):
             q, q_norms, far = _frame_queries(block, bank, dtype, start)
         with _full_precision_reductions(bank.device):
-            approx, cand, group_mins = _gemm_candidates(q, q_norms, bank, num_candidates, buffer, group)
+            approx, cand, group_mins = _gemm_candidates(q, q_norms, bank, num_candidates, buffer)
         with _one_thread(bank.device):
-            search = _BlockSearch(block, q_norms, far, group_mins, group, bank, k, error_scale, max_memory_bytes)
+            search = _BlockSearch(block, q_norms, far, group_mins, bank, k, error_scale, max_memory_bytes)
             v, i = search.certify(approx, cand)
         values[start : start + len(block)] = v.to(dtype)
         indices[start : start + len(block)] = i
@@ -445,7 +444,6 @@ class _BlockSearch:
     q_norms: Tensor
     far: Tensor
     group_mins: Tensor
-    group: int
     bank: PreparedBank
     k: int
     error_scale: float
@@ -453,35 +451,24 @@ class _BlockSearch:
 
     def certify(self, approx: Tensor, cand: Tensor) -> tuple[Tensor, Tensor]:
         """Exact k nearest neighbours (float64 values) of the block from its GEMM candidates."""
-        n, k, bank = self.bank.shape[0], self.k, self.bank
-        slack = 1 + _exact_slack(self.queries, bank)
-        bound = _error_bound(self.error_scale, self.q_norms, bank)
-        # Every bank row in `cand` has exact (scaled) distance within `bound` of its `approx`. The k-th exact
-        # distance is at most approx_k + bound: candidates whose lower bound exceeds it are out.
-        upper = approx[:, k - 1] + bound
-        keep = approx - bound[:, None] <= upper[:, None]
-        v, i = _exact_topk(self.queries, bank, cand, keep, k)
-        uncertain = self.far
-        if cand.shape[1] < n:
-            # Rows outside the candidates have approx >= approx_c, so exact >= approx_c - bound: certified when
-            # that exceeds the k-th exact distance (with the recompute's own rounding).
-            kth = v[:, -1] * bank.scale**2 * slack
-            uncertain = uncertain | (approx[:, -1] - bound <= kth)
+        bank = self.bank
+        bound = _error_bound(self.error_scale, self.q_norms, bank.max_norm, bank.low)
+        v, i, kth, uncertain = _certified_topk(self.queries, bank, approx, cand, bound, self.k)
+        uncertain |= self.far
         if uncertain.any():
             rows = uncertain.nonzero().flatten()
             near, out = rows[~self.far[rows]], rows[self.far[rows]]
             if len(near):
-                kth = v[near, -1] * bank.scale**2 * slack
-                v[near], i[near] = self.search_groups(near, bound[near], kth)
+                v[near], i[near] = self.search_groups(near, bound[near], kth[near])
             if len(out):
-                v[out], i[out] = _difference_scan(self.queries[out], bank, k, self.budget)
+                v[out], i[out] = _difference_scan(self.queries[out], bank, self.k, self.budget)
         return v, i
 
     def search_groups(self, rows: Tensor, bound: Tensor, kth: Tensor) -> tuple[Tensor, Tensor]:
         """Exact search of ``rows`` (block positions) over the bank groups that can still hold a row nearer
         than ``kth`` (an upper bound on each one's k-th distance): those whose smallest approximate distance
         minus the bound does not exceed it. The groups of the current k nearest always qualify."""
-        n, g = self.bank.shape[0], self.group
+        n, g = self.bank.shape[0], _GROUP_ROWS
         limit = kth + bound - self.q_norms[rows].double()  # in the units of the group minima
         qualifies = self.group_mins[rows].double() <= limit[:, None]
         counts = qualifies.sum(1)
@@ -585,9 +572,14 @@ def _block_sizes(
     group = _GROUP_ROWS
     bank_rows = max(num_candidates, min(n, _MAX_BANK_BLOCK_ROWS.get(kind, 65536), values))
     bank_rows = min(n, -(-bank_rows // group) * group)  # whole groups, so that groups align across blocks
-    per_query = itemsize * -(-n // group) + 16 * dim + 8 * num_candidates * (group + 4)
-    query_rows = max(1, min(m, values // bank_rows, budget // (2 * per_query)))
+    query_rows = max(1, min(m, values // bank_rows, budget // (2 * _per_query_bytes(n, dim, num_candidates, itemsize))))
     return query_rows, bank_rows
+
+
+def _per_query_bytes(n: int, dim: int, num_candidates: int, itemsize: int) -> int:
+    """Temporaries per query of a block besides the GEMM output: its group minima over the whole bank, its
+    float64 copy for the recompute, and its candidates' values, columns and group members."""
+    return itemsize * -(-n // _GROUP_ROWS) + 16 * dim + 8 * num_candidates * (_GROUP_ROWS + 4)
 
 
 def _gemm_error_scale(width: int, dtype: torch.dtype, device: torch.device) -> float:
@@ -619,25 +611,26 @@ def _float32_matmul_roundoff(device: torch.device) -> float:
     return _TF32_UNIT_ROUNDOFF if mode == "tf32" and device.type == "cuda" else _UNIT_ROUNDOFF[torch.bfloat16]
 
 
-def _error_bound(error_scale: float, q_norms: Tensor, bank: PreparedBank) -> Tensor:
-    """Per query, a bound on |approx - exact| for every bank row (scaled frame); float64. The absolute terms
-    cover values below the normal range: float32 products flushed to zero, and the float16 inputs, norm terms
-    and output that fall into its subnormals (absolute error up to half their spacing each)."""
-    width = bank.low.shape[1]
-    info = torch.finfo(bank.low.dtype)
+def _error_bound(error_scale: float, q_norms: Tensor, max_norm: float, operand: Tensor) -> Tensor:
+    """Per query, a bound on |approx - exact| for every bank row (scaled frame) whose approximations were
+    computed from the bank ``operand`` (its width and dtype); float64. The absolute terms cover values below the
+    normal range: float32 products flushed to zero, and the float16 inputs, norm terms and output that fall into
+    its subnormals (absolute error up to half their spacing each)."""
+    width = operand.shape[1]
+    info = torch.finfo(operand.dtype)
     half_subnormal = info.tiny * info.eps / 2
-    norms = q_norms.double().sqrt() + bank.max_norm
+    norms = q_norms.double().sqrt() + max_norm
     tiny = 4 * half_subnormal * (math.sqrt(width) * norms + width + 4)
     return error_scale * norms**2 + tiny + 8 * (width + 2) * 2.0**-126
 
 
 def _gemm_candidates(
-    q: Tensor, q_norms: Tensor, bank: PreparedBank, c: int, buffer: Tensor, group: int
+    q: Tensor, q_norms: Tensor, bank: PreparedBank, c: int, buffer: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The c smallest approximate distances (float64, ascending) and their bank rows, one bank block at a time,
     each GEMM written into ``buffer``; and every group's smallest ``||b||^2 - 2 q.b`` ``[queries, groups]``
     (the buffer's dtype) for re-searching the queries the candidates cannot certify."""
-    low, n = bank.low, bank.shape[0]
+    low, n, group = bank.low, bank.shape[0], _GROUP_ROWS
     q_low = q if low.dtype == torch.float32 else _low_queries(q, low)
     group_mins = torch.empty(q.shape[0], -(-n // group), dtype=buffer.dtype, device=q.device)
     best_values = best_indices = None
@@ -682,6 +675,22 @@ def _block_topk(out: Tensor, c: int, group: int) -> tuple[Tensor, Tensor, Tensor
     values = out.gather(1, columns.clamp_max(width - 1)).masked_fill_(~inside, math.inf)
     values, pos = values.topk(c, dim=1, largest=False, sorted=False)
     return mins, values, columns.gather(1, pos)
+
+
+def _certified_topk(
+    queries: Tensor, bank: PreparedBank, approx: Tensor, cand: Tensor, bound: Tensor, k: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The exact top k among candidates ``cand`` whose ascending approximate distances ``approx`` (scaled frame)
+    lie within ``bound`` of the exact ones: ``(values, indices, kth, uncertain)``, where ``kth`` bounds each
+    query's k-th distance from above (scaled frame) and ``uncertain`` marks the queries for which a bank row
+    outside the candidates could still be nearer."""
+    # The k-th exact distance is at most approx_k + bound: candidates whose lower bound exceeds it are out.
+    keep = approx - bound[:, None] <= (approx[:, k - 1] + bound)[:, None]
+    v, i = _exact_topk(queries, bank, cand, keep, k)
+    kth = v[:, -1] * bank.scale**2 * (1 + _exact_slack(queries, bank))  # with the recompute's own rounding
+    # rows outside the candidates have approx >= approx_c, so exact >= approx_c - bound
+    uncertain = approx[:, -1] - bound <= kth if cand.shape[1] < bank.shape[0] else torch.zeros_like(kth).bool()
+    return v, i, kth, uncertain
 
 
 def _exact_topk(queries: Tensor, bank: PreparedBank, cand: Tensor, keep: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -783,23 +792,17 @@ def _keops_knn(queries: Tensor, bank: PreparedBank, k: int, budget: int, dtype: 
     LazyTensor = _import_keops_lazytensor()  # noqa: N806 (the class)
     q, q_norms, far = _frame_queries(queries, bank, dtype, 0)
     n, dim = bank.shape
-    c = min(n, 2 * k + 8)
+    rows = bank.frame_rows()
     x_i = LazyTensor(q[:, None, :].contiguous())
-    y_j = LazyTensor(bank.frame_rows()[None, :, :].contiguous())
-    approx, cand = ((x_i - y_j) ** 2).sum(-1).Kmin_argKmin(K=c, dim=1)
-    approx, cand = approx.double(), cand.long()
+    y_j = LazyTensor(rows[None, :, :].contiguous())
+    approx, cand = ((x_i - y_j) ** 2).sum(-1).Kmin_argKmin(K=min(n, 2 * k + 8), dim=1)
     # Frame rounding (u per coordinate of each side), the float32 difference, square and sum of D terms:
     # |approx - exact| <= (gamma_(D+3) + 2u) (||q|| + radius)^2, the same form as the GEMM's bound.
     u = _UNIT_ROUNDOFF[torch.float32]
     gamma = (dim + 3) * u / (1 - (dim + 3) * u)
-    bound = 1.01 * (gamma + 2 * u + 2 * u * u) * (q_norms.double().sqrt() + bank.max_norm) ** 2
-    bound = bound + 8 * (dim + 2) * 2.0**-126
-    keep = approx - bound[:, None] <= (approx[:, k - 1] + bound)[:, None]
-    v, i = _exact_topk(queries, bank, cand, keep, k)
-    uncertain = far
-    if c < n:
-        kth = v[:, -1] * bank.scale**2 * (1 + _exact_slack(queries, bank))
-        uncertain = uncertain | (approx[:, -1] - bound <= kth)
+    bound = _error_bound(1.01 * (gamma + 2 * u + 2 * u * u), q_norms, bank.max_norm, rows)
+    v, i, _, uncertain = _certified_topk(queries, bank, approx.double(), cand.long(), bound, k)
+    uncertain |= far
     if uncertain.any():
         rows = uncertain.nonzero().flatten()
         v[rows], i[rows] = _torch_knn(queries[rows], bank, k, budget, torch.float64)

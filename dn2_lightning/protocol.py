@@ -187,6 +187,8 @@ def extract_embeddings(
             about 3 s per shape on an H200, up to 7 s). Rows of a padded batch may differ from unpadded ones in
             the last bits.
     """
+    check_choice("precision", precision, PRECISIONS)
+    check_positive_int("batch_size", batch_size)
     device = torch.device(device)
     pad = device.type == "cuda" if pad_last_batch is None else pad_last_batch
     benchmark = torch.backends.cudnn.benchmark

@@ -25,7 +25,13 @@ def rank_auroc(scores: Tensor, labels: Tensor) -> float:
     >>> rank_auroc(torch.tensor([0.1, 0.4, 0.4, 0.9]), torch.tensor([0, 0, 1, 1]))
     0.875
     """
-    scores, labels = scores.detach().double().flatten(), labels.flatten().bool()
+    scores, labels = scores.detach().double().flatten(), torch.as_tensor(labels).flatten()
+    if len(scores) != len(labels) or not ((labels == 0) | (labels == 1)).all():
+        raise ValueError(
+            f"rank_auroc needs one 0/1 label per score; got {len(scores)} scores and {len(labels)} labels with "
+            f"values {labels.unique()[:5].tolist()}."
+        )
+    labels = labels.bool()
     positives = int(labels.sum())
     negatives = len(labels) - positives
     if positives == 0 or negatives == 0:

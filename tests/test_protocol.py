@@ -254,3 +254,14 @@ def test_progress_bars_on_request(tmp_path, digits_cache, capsys):
     assert capsys.readouterr().out == ""
     run_protocol("digits", classes=[1], cache_dir=digits_cache, progress=True, **FAST)
     assert "scoring each class as the normal one" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"precision": "16"}, "precision='16'"), ({"batch_size": 0}, "batch_size=0")],
+)
+def test_extract_embeddings_names_a_bad_setting(small_extractor, kwargs, match):
+    images = ArrayImageDataset(torch.zeros(4, 8, 8, dtype=torch.uint8), torch.zeros(4))
+    settings = {"batch_size": 2, "precision": "32", **kwargs}
+    with pytest.raises(ValueError, match=match):
+        extract_embeddings(small_extractor, images, settings["batch_size"], "cpu", settings["precision"])

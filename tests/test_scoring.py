@@ -103,8 +103,12 @@ def test_rank_auroc_equals_scikit_learn_and_torchmetrics_with_ties(n, levels, sh
     assert rank_auroc(scores, labels) == pytest.approx(float(binary_auroc(scores, labels)), abs=1e-6)
 
 
-def test_rank_auroc_needs_both_classes():
+def test_rank_auroc_needs_both_classes_and_one_binary_label_per_score():
     from dn2_lightning.scoring import rank_auroc
 
     with pytest.raises(ValueError, match="normal and anomalous"):
         rank_auroc(torch.tensor([0.1, 0.2]), torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match="one 0/1 label per score; got 3 scores and 2 labels"):
+        rank_auroc(torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"values \[0, 2\]"):
+        rank_auroc(torch.tensor([0.1, 0.2]), torch.tensor([0, 2]))

@@ -27,10 +27,7 @@ PIXEL_FORMAT = {"dtype": "uint8", "channels": 3, "min": 0, "max": 255, "resize":
 
 def to_chw_uint8(image: Tensor, load_size: int | None = None) -> Tensor:
     """[H, W] or [H, W, 3] uint8 -> [3, H, W], resized to ``load_size`` squared when given."""
-    chw = image.expand(3, *image.shape) if image.ndim == 2 else image.permute(2, 0, 1)
-    if load_size is not None and tuple(chw.shape[-2:]) != (load_size, load_size):
-        chw = resize_square(chw, load_size)
-    return chw
+    return to_bchw_uint8(image[None], load_size)[0]
 
 
 def to_bchw_uint8(images: Tensor, load_size: int | None = None) -> Tensor:
