@@ -3,10 +3,12 @@
     python benchmarks/extract_bench.py --bf16                      # GPU: 224 px, batch 512, 10,000 images
     python benchmarks/extract_bench.py --preset cpu --json r.json  # a laptop CPU: 64 px, 512 images
 
-Four measurements per backbone and precision (random weights: speed does not depend on them):
+Five measurements per backbone and precision (random weights: speed does not depend on them):
 
 * "bare forward": random, already normalised, channels_last tensors that live on the device, fed to the trunk
   alone, with cuDNN's autotuner on (``torch.backends.cudnn.benchmark = True``): the ceiling.
+* "preprocess only": the extractor's resize + normalise alone (``FeatureExtractor.preprocess``) on the FashionMNIST
+  uint8 batches already on the device: its own throughput.
 * "on-device input": the FashionMNIST uint8 batches already on the device, fed to the whole extractor (resize +
   normalise on the device + trunk): what the preprocessing costs, without any host-to-device path.
 * "protocol path": exactly what ``embed_split`` (``dn2-protocol``) runs, minus the disk cache:
@@ -95,12 +97,16 @@ def pipeline_settings(device: torch.device, bf16: bool) -> Iterator[None]:
         torch.backends.cudnn.benchmark = benchmark
 
 
-def on_device_input(extractor, device, dataset: ArrayImageDataset, batch_size: int, bf16: bool) -> float:
+def on_device_input(extractor, device, dataset: ArrayImageDataset, batch_size: int, bf16: bool, step=None) -> float:
+    """Images per second of ``step`` (default: the whole extractor) over the dataset's batches, already on the
+    device."""
+    step = extractor if step is None else step
     batches = [dataset.batch(i, i + batch_size).to(device) for i in range(0, len(dataset), batch_size)]
     with pipeline_settings(device, bf16):
+        step(batches[0])  # warm-up
         sync(device)
         start = time.perf_counter()
-        done = len(torch.cat([extractor(batch) for batch in batches]))
+        done = sum(len(step(batch)) for batch in batches)
         sync(device)
     return done / (time.perf_counter() - start)
 
@@ -154,16 +160,17 @@ def main() -> None:
         f"{n} FashionMNIST images, {p['workers']} DataLoader workers\n"
     )
     print(
-        "| backbone | precision | bare forward (img/s) | on-device input (img/s) | protocol path (img/s) | "
-        "protocol / bare | DataLoader path (img/s) | DataLoader / bare |"
+        "| backbone | precision | bare forward (img/s) | preprocess only (img/s) | on-device input (img/s) | "
+        "protocol path (img/s) | protocol / bare | DataLoader path (img/s) | DataLoader / bare |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for backbone in args.backbones:
         extractor = build_backbone(backbone, pretrained=False, image_size=p["input_size"]).to(device).eval()
         for bf16 in [False, True] if args.bf16 else [False]:
             bare = bare_forward(extractor, device, n, p["batch_size"], p["input_size"], bf16)
             warm_up(extractor, device, dataset, p["batch_size"], bf16)
+            preprocess = on_device_input(extractor, device, dataset, p["batch_size"], bf16, extractor.preprocess)
             resident = on_device_input(extractor, device, dataset, p["batch_size"], bf16)
             protocol = protocol_path(extractor, device, dataset, p["batch_size"], bf16)
             loaded = dataloader_path(extractor, device, loader, bf16)
@@ -173,6 +180,7 @@ def main() -> None:
                     "backbone": backbone,
                     "precision": precision,
                     "bare_img_per_s": bare,
+                    "preprocess_img_per_s": preprocess,
                     "on_device_input_img_per_s": resident,
                     "protocol_img_per_s": protocol,
                     "dataloader_img_per_s": loaded,
@@ -182,7 +190,7 @@ def main() -> None:
                 }
             )
             print(
-                f"| {backbone} | {precision} | {bare:,.0f} | {resident:,.0f} | {protocol:,.0f} | "
+                f"| {backbone} | {precision} | {bare:,.0f} | {preprocess:,.0f} | {resident:,.0f} | {protocol:,.0f} | "
                 f"{100 * protocol / bare:.0f}% | "
                 f"{loaded:,.0f} | {100 * loaded / bare:.0f}% |",
                 flush=True,

@@ -108,28 +108,44 @@ class FeatureExtractor(nn.Module):
         self.feature_dim = feature_dim
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        # normalisation as one multiply-add: (x / 255 - mean) / std = x * scale + shift
+        self.register_buffer("_shift", -self.mean / self.std, persistent=False)
+        self.register_buffer("_scale_float", 1.0 / self.std, persistent=False)
+        self.register_buffer("_scale_uint8", 1.0 / (255.0 * self.std), persistent=False)
 
     def preprocess(self, images: Tensor) -> Tensor:
-        """uint8 [0, 255] or float [0, 1] images -> normalised float32 [B, 3, S, S]."""
+        """uint8 [0, 255] or float [0, 1] images -> normalised float32 [B, 3, S, S], channels-last.
+
+        Resizing is linear with weights that sum to one, so normalising before or after it is the same map (up
+        to float rounding): an upscale normalises the fewer input pixels first, a downscale the fewer output
+        pixels after. Antialiasing only changes a downscale, so an upscale uses the plain bilinear kernel
+        (equal to the antialiased one to float rounding, and faster on GPUs).
+        """
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(
                 f"images must be [batch, channels, height, width] with 1 or 3 channels, got {tuple(images.shape)}."
             )
-        x = images.to(torch.float32)
-        if images.dtype == torch.uint8:
-            x = x / 255.0
-        size = self.image_size
-        if size is not None and tuple(x.shape[-2:]) != (size, size):
-            # a grey image is resized once, before its channel is repeated (channels are resized independently)
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        scale = self._scale_uint8 if images.dtype == torch.uint8 else self._scale_float
+        x = images.to(torch.float32)  # a grey channel is broadcast to three by the normalisation
+        size, (height, width) = self.image_size, x.shape[-2:]
+        if size is None or (height, width) == (size, size):
+            x = torch.addcmul(self._shift, x, scale)
+        elif height * width < size * size:
+            x = _resize(torch.addcmul(self._shift, x, scale).contiguous(memory_format=torch.channels_last), size)
+        else:
+            x = torch.addcmul(self._shift, _resize(x, size), scale)
+        return x.contiguous(memory_format=torch.channels_last)
 
     def forward(self, images: Tensor) -> Tensor:
         with frozen_eval(self.trunk):
             features = self.trunk(self.preprocess(images))
         return features.flatten(1).to(torch.float32)
+
+
+def _resize(x: Tensor, size: int) -> Tensor:
+    """Bilinear resize of float ``[B, C, H, W]`` to ``size`` x ``size``, antialiased when a side shrinks."""
+    shrinks = x.shape[-2] > size or x.shape[-1] > size
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrinks)
 
 
 @contextlib.contextmanager

@@ -27,3 +27,16 @@ def test_knn_bench_smoke_preset_times_every_candidate_dtype_and_stays_exact(tmp_
     for method, row in searched.items():
         assert row["exact_rows"] == "100.00%", f"{method}: {row}"
         assert row["uncertified_rows_pct"] is not None and 0 <= row["uncertified_rows_pct"] <= 100
+
+
+def test_extract_bench_cpu_preset_reports_every_path_for_a_small_run(tmp_path):
+    out = tmp_path / "extract.json"
+    command = [sys.executable, "benchmarks/extract_bench.py", "--preset", "cpu", "--backbones", "efficientnet_lite0"]
+    command += ["--images", "96", "--batch_size", "64", "--json", out]
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    report = json.loads(out.read_text())
+    assert report["settings"]["images"] == 96
+    (row,) = report["rows"]
+    paths = ("bare", "preprocess", "on_device_input", "protocol", "dataloader")
+    assert all(row[f"{path}_img_per_s"] > 0 for path in paths), row
+    assert row["protocol_over_bare"] == row["protocol_img_per_s"] / row["bare_img_per_s"]

@@ -1,0 +1,52 @@
+"""The extractor's on-device preprocessing against torchvision's resize and normalise, applied in the textbook
+order (scale to [0, 1], antialiased resize, normalise)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torchvision.transforms.v2 import functional as TF
+
+from dn2_lightning.backbones import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor
+
+
+def reference(images: torch.Tensor, size: int | None, mean, std) -> torch.Tensor:
+    x = TF.to_dtype(images, torch.float32, scale=True) if images.dtype == torch.uint8 else images
+    if size is not None:
+        x = TF.resize(x, [size, size], antialias=True)
+    x = x.expand(-1, 3, -1, -1)
+    return TF.normalize(x, list(mean), list(std))
+
+
+@pytest.mark.parametrize("mean, std", [(IMAGENET_MEAN, IMAGENET_STD), ((0.5,) * 3, (0.5,) * 3)])
+@pytest.mark.parametrize("size", [None, 32, 64])
+@pytest.mark.parametrize("height, width", [(28, 28), (20, 90), (64, 64), (150, 100)])
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_preprocess_equals_resize_then_normalise(mean, std, size, height, width, channels, dtype):
+    generator = torch.Generator().manual_seed(height * width + channels)
+    images = torch.randint(0, 256, (2, channels, height, width), dtype=torch.uint8, generator=generator)
+    if dtype == torch.float32:
+        images = images / 255.0
+    extractor = FeatureExtractor(nn.Identity(), mean, std, image_size=size)
+    x = extractor.preprocess(images)
+    expected = reference(images, size, mean, std)
+    assert x.dtype == torch.float32 and x.shape == expected.shape
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(x, expected, rtol=0, atol=2e-5)
+
+
+def test_a_grey_image_preprocesses_like_its_three_channel_copy():
+    grey = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    extractor = FeatureExtractor(nn.Identity(), IMAGENET_MEAN, IMAGENET_STD, image_size=64)
+    for size in (64, 16):  # an upscale and a downscale
+        extractor.image_size = size
+        assert torch.equal(extractor.preprocess(grey), extractor.preprocess(grey.expand(-1, 3, -1, -1)))
+
+
+@pytest.mark.parametrize("shape", [(2, 28, 28), (2, 2, 28, 28), (2, 4, 28, 28)])
+def test_preprocess_names_the_expected_image_layout(shape):
+    extractor = FeatureExtractor(nn.Identity(), image_size=32)
+    with pytest.raises(ValueError, match=r"\[batch, channels, height, width\] with 1 or 3 channels"):
+        extractor.preprocess(torch.zeros(shape, dtype=torch.uint8))
