@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from dn2_lightning.distributed import (
     broadcast_module_state,
+    check_unique_indices,
     count_rows,
     gather_rows,
     gather_rows_to_cpu,
@@ -192,6 +193,7 @@ class BankBuilder:
         """The collected ``(embeddings, indices, labels)``, one row per train sample (de-duplicated by dataset
         index): every rank's rows gathered, or this rank's own share of them when sharded."""
         embeddings, indices, labels = collector.collect()
+        check_unique_indices(gather_rows(indices), "training samples")
         if self.sharded:
             own = keep_first_owner(indices)
             indices, embeddings, labels = unique_by_index(indices[own], embeddings[own], labels[own])
@@ -248,9 +250,19 @@ class BankBuilder:
         return unique_by_index(ids, scores, labels)
 
     def update_loo_scores(self, k: int) -> None:
-        """Store the whole bank's leave-one-out scores at ``k`` (for thresholds), if the bank has more than k rows."""
+        """Store the whole bank's leave-one-out scores at ``k`` (for thresholds), if the bank has more than k rows.
+
+        A bank of group members (``group_pooling="none"``, rows ``group * M + member``, ``members_per_group`` in
+        the bank's spec) scores a group by its worst member, so its threshold scores are per group too: each
+        training group's largest member score.
+        """
         if self.size() > k:
-            _, scores, _ = self.leave_one_out_scores(k)
+            ids, scores, _ = self.leave_one_out_scores(k)
+            members = self.bank.spec.get("members_per_group")
+            if members:
+                groups = torch.unique(ids // members, return_inverse=True)[1]
+                worst = torch.full((int(groups.max()) + 1,), float("-inf"), dtype=scores.dtype, device=scores.device)
+                scores = worst.scatter_reduce(0, groups, scores, "amax")
             self.bank.set_loo_scores(scores, k)
 
     def keep_own_shard(self) -> None:

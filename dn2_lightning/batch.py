@@ -20,9 +20,10 @@ class Batch(NamedTuple):
     paths: list[str] | None = None
 
 
-def unpack_batch(batch: object) -> Batch:
+def unpack_batch(batch: object, batch_idx: int | None = None) -> Batch:
     """Accepts the dict samples of this library's datasets (``image``, ``label``, ``index``, ``mask``),
-    ``(images, labels[, indices])`` tuples as torchvision datasets give, or a bare image tensor."""
+    ``(images, labels[, indices])`` tuples as torchvision datasets give, or a bare image tensor; refuses labels
+    and pixels it would misread (``batch_idx`` names the batch in the message)."""
     if isinstance(batch, Mapping):
         if "image" not in batch:
             raise ValueError(f"a dict batch needs an 'image' key; got keys {sorted(batch)}.")
@@ -41,11 +42,41 @@ def unpack_batch(batch: object) -> Batch:
     if not isinstance(images, Tensor) or images.ndim not in (4, 5):
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"batch images must be [B, C, H, W] or groups [B, M, C, H, W], got {shape}.")
+    check_pixels(images, indices, batch_idx)
     if labels is None:
         labels = torch.full((images.shape[0],), -1, dtype=torch.long, device=images.device)
     labels = torch.as_tensor(labels, device=images.device)
     check_labels(labels)
     return Batch(images, labels.long(), indices, mask, paths)
+
+
+def check_pixels(images: Tensor, indices: object = None, batch_idx: int | None = None) -> None:
+    """Refuse pixels the backbone would misread: uint8 images are 0..255, float images must be finite and in
+    [0, 1] (the backbone normalises them itself: a ``Normalize`` transform before it would normalise twice).
+    One check and one device sync per float batch; the details are computed only for the message."""
+    if images.dtype == torch.uint8:
+        return
+    if not images.is_floating_point():
+        raise ValueError(
+            f"batch images must be uint8 (0..255) or float (0..1), got {images.dtype}; convert them, e.g. "
+            "images.to(torch.uint8) for 0..255 integers."
+        )
+    flat = images.flatten(1)
+    low, high = torch.aminmax(flat)
+    if bool((low >= 0) & (high <= 1)):  # also False for NaN
+        return
+    rows = ~((flat >= 0) & (flat <= 1)).all(1)
+    where = f"positions {rows.nonzero().flatten().tolist()[:10]}"
+    if indices is not None:
+        where += f" (dataset indices {torch.as_tensor(indices)[rows.cpu()].tolist()[:10]})"
+    where = f"batch {batch_idx} at {where}" if batch_idx is not None else where
+    if not bool(torch.isfinite(flat).all()):
+        raise ValueError(f"NaN or Inf in input images in {where}; fix or drop those samples.")
+    raise ValueError(
+        f"float images must hold values in [0, 1] (the backbone normalises them itself); got [{float(low):.3g}, "
+        f"{float(high):.3g}] in {where}. Pass raw images, not normalised ones: drop transforms.Normalize (ToTensor "
+        "gives [0, 1]), divide 0..255 floats by 255, or give uint8 images."
+    )
 
 
 LABEL_CONVENTION = "0 = normal, 1 = anomalous, -1 = unknown"

@@ -153,7 +153,14 @@ BANK_HPARAMS = (
     "group_pooling",
     "group_clusters",
     "group_temperature",
+    "anomaly_maps",
+    "patch_bank",
+    "map_layers",
 )
+
+
+# the decision threshold a checkpoint carries (DN2Module.set_threshold): used when the run sets neither
+THRESHOLD_HPARAMS = ("threshold", "threshold_quantile")
 
 
 class DN2CLI(LightningCLI):
@@ -191,10 +198,11 @@ class DN2CLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """With ``--ckpt_path``, Lightning replaces every model setting by the checkpoint's, so ``--model.k=50``
-        would silently run with the saved k. DN2 keeps the user's scoring settings (``k``, threshold, kNN
-        backend, memory budget, reports) and takes from the checkpoint only the settings that define the bank
-        and were left at their defaults; a bank setting the user set to another value is refused when the
-        checkpoint loads (``DN2Module.on_load_checkpoint``), naming both values."""
+        would silently run with the saved k. DN2 keeps the user's scoring settings (``k``, kNN backend, memory
+        budget, reports) and takes from the checkpoint the settings that define the bank and were left at their
+        defaults (a bank setting the user set to another value is refused when the checkpoint loads,
+        ``DN2Module.on_load_checkpoint``, naming both values), and its decision threshold (``threshold``,
+        ``threshold_quantile``, e.g. from ``set_threshold``) when the user sets neither."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or not Path(ckpt_path).is_file():
@@ -204,10 +212,16 @@ class DN2CLI(LightningCLI):
         if model is None:
             return
         defaults = {n: p.default for n, p in inspect.signature(DN2Module.__init__).parameters.items()}
-        for name in BANK_HPARAMS:
-            if name not in saved or name not in model or str(saved[name]).startswith(CUSTOM_BACKBONE):
+        left_at_default = {name for name, default in defaults.items() if name in model and model[name] == default}
+        restored = [*BANK_HPARAMS]
+        if left_at_default.issuperset(
+            THRESHOLD_HPARAMS
+        ):  # the checkpoint's threshold (set_threshold), unless one is given
+            restored += THRESHOLD_HPARAMS
+        for name in restored:
+            if name not in saved or str(saved[name]).startswith(CUSTOM_BACKBONE):
                 continue
-            if model[name] == defaults.get(name) and model[name] != saved[name]:
+            if name in left_at_default and model[name] != saved[name]:
                 model[name] = saved[name]
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:

@@ -40,6 +40,31 @@ def gather_rows_to_cpu(tensor: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
+def check_unique_indices(indices: Tensor, what: str) -> None:
+    """Refuse dataset indices that repeat more often than ``DistributedSampler``'s padding can explain.
+
+    Rows are matched to samples by their dataset ``index``: under DDP the sampler pads the ranks with fewer than
+    ``world_size`` repeated samples, which are dropped. Any other repeat means that different samples share an
+    index (a ``ConcatDataset`` of datasets that each number their samples from 0, a custom ``index``), and
+    dropping those rows would silently lose samples.
+
+    Args:
+        indices: every rank's dataset indices, gathered.
+        what: the rows, for the message (e.g. ``"training samples"``).
+    """
+    repeats = len(indices) - int(torch.unique(indices).numel())
+    if repeats < world_size():
+        return
+    values, counts = torch.unique(indices, return_counts=True)
+    shared = values[counts > 1][:5].tolist()
+    raise ValueError(
+        f"{repeats} of {len(indices)} {what} share their dataset 'index' with another sample (e.g. indices "
+        f"{shared}); rows are matched to samples by index, so every sample needs its own. A ConcatDataset of "
+        "dn2 datasets numbers each part from 0: wrap it, dn2_lightning.data.Renumbered(ConcatDataset([...])), "
+        "or give samples no 'index' (then they are numbered in the order they are read)."
+    )
+
+
 def unique_by_index(indices: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
     """Sort rows by dataset index and keep one row per index (DistributedSampler pads with repeats)."""
     order = torch.argsort(indices, stable=True)

@@ -10,7 +10,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from dn2_lightning.distributed import unique_by_index
+from dn2_lightning.distributed import check_unique_indices, unique_by_index
 
 
 @dataclass
@@ -100,6 +100,7 @@ class ScoreCollector(Metric):
     def compute(self) -> AnomalyScores:
         if isinstance(self.indices, list) and not self.indices:
             raise RuntimeError("no samples were scored: the evaluation dataloader is empty.")
+        check_unique_indices(dim_zero_cat(self.indices), "scored samples")
         indices, scores, labels, neighbours, distances = unique_by_index(
             dim_zero_cat(self.indices),
             dim_zero_cat(self.scores),

@@ -10,9 +10,11 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.data.distributed import DistributedSampler
 from torchmetrics.classification import BinaryAUROC
 
@@ -183,6 +185,8 @@ class DN2Module(LightningModule):
         self.bank_report: dict[str, float] = {}
         self._collector: BankCollector | None = None
         self._stream_position = 0  # samples seen this epoch, to index datasets that give no indices
+        self._stream_loader: DataLoader | None = None  # the loader being read outside Lightning's loops
+        self._members_per_group = 0  # M of the group batches whose members are bank rows (group_pooling="none")
         self._bank_is_shard = False
 
     # ------------------------------------------------------------------------------------------ forward
@@ -212,7 +216,7 @@ class DN2Module(LightningModule):
             strategy.configure_ddp = lambda: broadcast_module_state(self.backbone)
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
-        parsed = unpack_batch(batch)
+        parsed = unpack_batch(batch, batch_idx)
         with torch.no_grad():
             embeddings, indices, labels = self._bank_rows(parsed, batch_idx)
         if self._collector is None:
@@ -232,6 +236,13 @@ class DN2Module(LightningModule):
             self._finalize_bank()
         # one pass is all DN2 needs; more epochs would rebuild the same bank
         self.trainer.should_stop = True
+
+    def on_fit_end(self) -> None:
+        if not self.bank.is_fitted and self._collector is None:
+            raise ValueError(
+                "fit read no training batches (the train dataloader is empty, or limit_train_batches=0), so "
+                "there is no memory bank: give it the normal training images."
+            )
 
     def _warn_if_partial_pass(self, seen: int) -> None:
         total = len(self.trainer.train_dataloader) if self.trainer.train_dataloader is not None else seen
@@ -263,9 +274,10 @@ class DN2Module(LightningModule):
             self._ensure_bank()
         self._start_evaluation()
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        _refuse_second_dataloader(dataloader_idx, "validate")
         if not self.trainer.sanity_checking:  # the sanity check runs before the bank exists
-            self._score_into(self.val_collector, unpack_batch(batch), batch_idx)
+            self._score_into(self.val_collector, unpack_batch(batch, batch_idx), batch_idx)
 
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:
@@ -275,8 +287,9 @@ class DN2Module(LightningModule):
         self._ensure_bank()
         self._start_evaluation()
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        parsed = unpack_batch(batch)
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        _refuse_second_dataloader(dataloader_idx, "test")
+        parsed = unpack_batch(batch, batch_idx)
         if self.maps is None:
             self._score_into(self.test_collector, parsed, batch_idx)
             return
@@ -301,7 +314,8 @@ class DN2Module(LightningModule):
         """Per sample: ``score``, ``normalized`` score, ``is_anomaly`` (score > threshold; ``None`` when no
         threshold is defined), ``label``, ``index``, and the train-set ``neighbours`` with their squared
         ``distances``. All ranks' rows are also gathered into :attr:`predict_scores` at the end."""
-        parsed = unpack_batch(batch)
+        _refuse_second_dataloader(dataloader_idx, "predict")
+        parsed = unpack_batch(batch, batch_idx)
         indices = self._indices_of(parsed, batch_idx)
         if self.maps is None:
             scores, knn = self.score(parsed, batch_idx)
@@ -489,6 +503,8 @@ class DN2Module(LightningModule):
     def _start_evaluation(self) -> None:
         self._stream_position = 0
         self._paths = {}
+        for collector in (self.val_collector, self.test_collector, self.predict_collector):
+            collector.reset()  # a run that stopped on an error left its rows
         if self.bank.is_fitted:
             self._loo_scores()  # a collective when sharded: every rank computes it here, not lazily later
 
@@ -558,13 +574,14 @@ class DN2Module(LightningModule):
         self._collector = BankCollector()
         if self.maps is not None:
             self.maps.start_collecting()
-        self._stream_position = 0
+        self._stream_position, self._stream_loader = 0, loader
         batches = _progress(loader, "DN2: building the memory bank", self.trainer.progress_bar_callback is not None)
         # the same precision context (e.g. bf16 autocast) as fit's training_step, so both banks are alike
         with torch.no_grad(), self.trainer.precision_plugin.train_step_context():
             for batch_idx, batch in enumerate(batches):
-                parsed = unpack_batch(self._on_device(batch, batch_idx))
+                parsed = unpack_batch(self._on_device(batch, batch_idx), batch_idx)
                 self._collector.add(*self._bank_rows(parsed, batch_idx), parsed.paths)
+        self._stream_loader = None
         self._finalize_bank()
 
     def _bank_rows(self, batch: Batch, batch_idx: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -573,6 +590,7 @@ class DN2Module(LightningModule):
         if batch.images.ndim == 5 and self.hparams.group_pooling == "none":
             # point-wise baseline: every member is a bank row, indexed group * M + member
             b, m = batch.images.shape[:2]
+            self._members_per_group = m
             embeddings = self._embed(batch.images.flatten(0, 1), batch, batch_idx)
             member = torch.arange(m, device=indices.device)
             rows = (indices[:, None] * m + member).flatten()
@@ -644,6 +662,8 @@ class DN2Module(LightningModule):
         ids = self.bank.sample_indices.tolist()
         all_paths = self._all_paths(paths, "train")
         spec = {**self._model_settings(), **self._data_settings(), "format": 1}
+        if self._members_per_group:  # rows are group members (group_pooling="none"): row = group * M + member
+            spec["members_per_group"] = self._members_per_group
         if all_paths:  # train files by dataset index, for neighbour paths
             spec["train_paths"] = [all_paths.get(i, "") for i in range(max(ids) + 1)] if ids else []
         self.bank.spec = spec
@@ -696,6 +716,7 @@ class DN2Module(LightningModule):
         state = checkpoint.get("state_dict", {})
         state.pop("threshold", None)  # checkpoints before the threshold was derived from bank.loo_scores
         check_bank_settings(state.get("bank._extra_state") or {}, self._model_settings(), BANK_SETTINGS, "this model")
+        self._match_patch_bank(state)
         saved = state.get("bank.embeddings")
         expected = self.backbone.feature_dim
         # a bank of pooled groups may hold another size than the backbone's (histogram pooling)
@@ -707,12 +728,25 @@ class DN2Module(LightningModule):
                 "built with."
             )
 
+    def _match_patch_bank(self, state: dict[str, Any]) -> None:
+        """A checkpoint's patch bank (``anomaly_maps=True``) is dropped by a model without maps (image scores do
+        not use it); a model with maps needs one."""
+        saved = [name for name in state if name.startswith("maps.")]
+        if self.maps is None:
+            for name in saved:
+                del state[name]
+        elif state.get("bank.embeddings") is not None and not saved:
+            raise ValueError(
+                "anomaly_maps=True, but the checkpoint was fitted with anomaly_maps=False and holds no patch bank "
+                "for the maps: load it with anomaly_maps=False (image scores only), or fit again with "
+                "anomaly_maps=True."
+            )
+
     # ---------------------------------------------------------------------------------------- helpers
 
     def _embed(self, images: Tensor, batch: Batch, batch_idx: int) -> Tensor:
-        """Backbone embeddings (group-pooled for group batches), refusing non-finite inputs or outputs."""
-        if images.is_floating_point():
-            _check_finite(images.flatten(1), "input images", batch, batch_idx)
+        """Backbone embeddings (group-pooled for group batches), refusing non-finite outputs (the pixels were
+        checked by ``unpack_batch``)."""
         embeddings = self(images, batch.mask) if images.ndim == 5 else self(images)
         _check_finite(embeddings, "embeddings", batch, batch_idx)
         return embeddings
@@ -722,10 +756,31 @@ class DN2Module(LightningModule):
             return torch.as_tensor(batch.indices, device=batch.images.device).long()
         # datasets without indices are assumed to be read in order, as an unshuffled
         # DistributedSampler deals them: sample i of this rank's stream is rank + world * i
+        if self._stream_position == 0:
+            self._warn_if_shuffled()
         size = batch.images.shape[0]
         local = torch.arange(self._stream_position, self._stream_position + size, device=batch.images.device)
         self._stream_position += size
         return self.global_rank + world_size() * local
+
+    def _warn_if_shuffled(self) -> None:
+        """Samples without an ``index`` are numbered in the order they are read; a shuffling loader makes those
+        numbers (neighbour indices, paths, the order of the scores) mean nothing, though scores stay right."""
+        loader = self._stream_loader
+        if loader is None and self._trainer is not None:
+            loader = {
+                RunningStage.TRAINING: lambda: self.trainer.train_dataloader,
+                RunningStage.TESTING: lambda: self.trainer.test_dataloaders,
+                RunningStage.PREDICTING: lambda: self.trainer.predict_dataloaders,
+                RunningStage.VALIDATING: lambda: self.trainer.val_dataloaders,
+            }.get(self.trainer.state.stage, lambda: None)()
+        sampler = getattr(loader, "sampler", None)
+        if isinstance(sampler, RandomSampler) or getattr(sampler, "shuffle", False):
+            rank_zero_warn(
+                "the dataloader shuffles and its samples carry no 'index': they are numbered in the order they are "
+                "read, so neighbour indices (and paths) do not point at dataset positions and scores are not in "
+                "dataset order (the scores themselves are right). Use shuffle=False or give samples an 'index'.",
+            )
 
     def _on_device(self, batch: Any, batch_idx: int) -> Any:
         batch = self.on_before_batch_transfer(batch, 0)
@@ -751,6 +806,14 @@ def _check_finite(values: Tensor, what: str, batch: Batch, batch_idx: int) -> No
         if batch.indices is not None and values.shape[0] == batch.images.shape[0]:
             where += f" (dataset indices {torch.as_tensor(batch.indices)[bad.cpu()].tolist()[:10]})"
         raise ValueError(f"NaN or Inf in {what} of batch {batch_idx} at {where}; fix or drop those samples.")
+
+
+def _refuse_second_dataloader(dataloader_idx: int, fn: str) -> None:
+    if dataloader_idx > 0:
+        raise ValueError(
+            f"DN2Module scores one dataloader per trainer.{fn}() call (its scores, AUROC and reports describe one "
+            f"set, matched by dataset index); call trainer.{fn}() once per dataloader."
+        )
 
 
 def _progress(loader: DataLoader, description: str, enabled: bool) -> Any:

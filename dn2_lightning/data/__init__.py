@@ -11,6 +11,7 @@ from dn2_lightning._lazy import lazy_exports
 _EXPORTS = {
     "ArrayImageDataset": "datasets",
     "ImageFolderDataset": "datasets",
+    "Renumbered": "datasets",
     "list_image_files": "datasets",
     "GroupDataModule": "group",
     "GroupDataset": "group",

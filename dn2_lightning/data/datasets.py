@@ -101,6 +101,27 @@ def iter_image_batches(
         yield current
 
 
+class Renumbered(Dataset):
+    """``dataset``'s dict samples with ``index`` set to their position in it.
+
+    Rows are matched to samples by ``index``, which this library's datasets number from 0; a ``ConcatDataset`` of
+    several of them repeats indices (and is refused). Wrapped, every sample gets its own:
+    ``Renumbered(ConcatDataset([a, b]))``.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> dict[str, object]:
+        sample = self.dataset[i]
+        if not isinstance(sample, dict):
+            raise ValueError(f"Renumbered wraps datasets of dict samples; sample {i} is a {type(sample).__name__}.")
+        return {**sample, "index": torch.tensor(i)}
+
+
 def list_image_files(folder: str | Path) -> list[Path]:
     """Image files under ``folder`` (recursive), sorted for a deterministic order."""
     return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)

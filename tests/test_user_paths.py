@@ -1,0 +1,154 @@
+"""What users reach beyond the datamodules: joined datasets, their own transforms and loaders, thresholds carried
+by checkpoints, point-wise group scoring, maps checkpoints, several or empty loaders. Each answer is the
+number a user would see, compared with an independent brute force, or a clear error."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from helpers import BlobDataModule, DictDataset, linear_backbone, quiet_trainer
+from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
+
+from dn2_lightning import DN2Module, OneClassDataModule
+from dn2_lightning.cli import build_cli
+from dn2_lightning.data import Renumbered
+
+
+def brute_force_scores(model: DN2Module, bank_images: torch.Tensor, images: torch.Tensor, k: int) -> np.ndarray:
+    with torch.no_grad():
+        bank = model.backbone(bank_images).double().numpy()
+        queries = model.backbone(images).double().numpy()
+    distances = ((queries[:, None] - bank[None]) ** 2).sum(-1)
+    return np.sort(distances, axis=1)[:, :k].mean(1)
+
+
+def test_a_concat_dataset_numbered_twice_is_refused_and_renumbered_scores_every_sample():
+    a, b = BlobDataModule(seed=0), BlobDataModule(seed=1, n_train=37, n_normal=9, n_anomalous=5)
+    train = ConcatDataset([DictDataset(dm.train_images, torch.zeros(len(dm.train_images))) for dm in (a, b)])
+    test = ConcatDataset([DictDataset(dm.test_images, dm.test_labels) for dm in (a, b)])
+    model = DN2Module(k=2, backbone=linear_backbone())
+    with pytest.raises(ValueError, match=r"37 of 138 training samples share their dataset 'index'.*Renumbered"):
+        quiet_trainer().fit(model, train_dataloaders=DataLoader(train, batch_size=16))
+
+    model = DN2Module(k=2, backbone=linear_backbone())
+    quiet_trainer().fit(model, train_dataloaders=DataLoader(Renumbered(train), batch_size=16))
+    assert len(model.bank) == 138
+    with pytest.raises(ValueError, match=r"14 of 85 scored samples share"):
+        quiet_trainer().test(model, dataloaders=DataLoader(test, batch_size=16))
+    quiet_trainer().test(model, dataloaders=DataLoader(Renumbered(test), batch_size=16))
+    images = torch.cat([a.test_images, b.test_images])
+    expected = brute_force_scores(model, torch.cat([a.train_images, b.train_images]), images, 2)
+    assert torch.equal(model.test_scores.indices, torch.arange(85))
+    np.testing.assert_allclose(model.test_scores.scores.numpy(), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "transform, match",
+    [
+        (lambda x: (x - 0.5) / 0.25, r"float images must hold values in \[0, 1\].*drop transforms.Normalize"),
+        (lambda x: x * 255, r"got \[0.*, 15\d\].*divide 0..255 floats by 255"),
+        (lambda x: (x * 255).long(), r"must be uint8 \(0..255\) or float \(0..1\), got torch.int64"),
+        (
+            lambda x: x.index_fill(0, torch.tensor([3]), float("nan")),
+            r"NaN or Inf in input images in batch 0 at positions \[3\]",
+        ),
+    ],
+    ids=["normalised", "0-255 floats", "int64", "nan"],
+)
+def test_images_the_backbone_would_misread_are_refused_in_the_dataloader_path(transform, match):
+    dm = BlobDataModule()
+    loader = DataLoader(TensorDataset(transform(dm.train_images), torch.zeros(len(dm.train_images))), batch_size=16)
+    with pytest.raises(ValueError, match=match):
+        quiet_trainer().fit(DN2Module(k=2, backbone=linear_backbone()), train_dataloaders=loader)
+
+
+def test_a_shuffled_loader_without_indices_warns_that_neighbour_indices_are_positions_read():
+    dm = BlobDataModule()
+    dataset = TensorDataset(dm.train_images, torch.zeros(len(dm.train_images)))
+    model = DN2Module(k=2, backbone=linear_backbone())
+    with pytest.warns(UserWarning, match="shuffles and its samples carry no 'index'"):
+        quiet_trainer().fit(model, train_dataloaders=DataLoader(dataset, batch_size=16, shuffle=True))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer().fit(model, train_dataloaders=DataLoader(dataset, batch_size=16))
+    assert not [w for w in caught if "carry no 'index'" in str(w.message)]  # read in order: nothing to warn about
+    scores = model.score_images(dm.train_images[:5])
+    assert scores.neighbours[:, 0].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_the_threshold_saved_by_set_threshold_is_used_by_cli_ckpt_path_runs(tmp_path):
+    common = [
+        "--config",
+        "configs/digits.yaml",
+        "--model.input_size=32",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.enable_progress_bar=false",
+    ]
+    fit = build_cli(["fit", *common])
+    model = DN2Module.load_from_checkpoint(fit.trainer.checkpoint_callback.best_model_path)
+    model.set_threshold(value=2000.0)
+    trainer = quiet_trainer()
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "fixed.ckpt")
+    assert DN2Module.load_from_checkpoint(tmp_path / "fixed.ckpt").threshold == 2000.0
+
+    predict = build_cli(["predict", *common, f"--ckpt_path={tmp_path / 'fixed.ckpt'}"])
+    assert float(predict.model.threshold) == 2000.0
+    flagged = predict.model.predict_scores.scores > 2000.0
+    assert torch.equal(predict.model.predict_scores.is_anomaly, flagged)
+    # a threshold given by the run wins over the checkpoint's
+    quantile = build_cli(
+        ["predict", *common, f"--ckpt_path={tmp_path / 'fixed.ckpt'}", "--model.threshold_quantile=0.9"]
+    )
+    assert quantile.model.hparams.threshold is None and quantile.model.hparams.threshold_quantile == 0.9
+
+
+def test_point_wise_group_scores_are_thresholded_on_per_group_leave_one_out_scores():
+    from test_group_pooling import PaddedGroups
+
+    train = PaddedGroups(60, fill=0.0, seed=0)
+    model = DN2Module(k=2, backbone=linear_backbone(), group_pooling="none", threshold_quantile=0.9)
+    quiet_trainer().fit(model, train_dataloaders=DataLoader(train, batch_size=8))
+    # reference: every real member's leave-one-out score over all other members; a group's is its worst member's
+    with torch.no_grad():
+        members = model.backbone(train.images.flatten(0, 1)).double().numpy()
+    real = train.mask.flatten().numpy()
+    group_of = np.repeat(np.arange(60), 4)[real]
+    rows = members[real]
+    distances = ((rows[:, None] - rows[None]) ** 2).sum(-1)
+    np.fill_diagonal(distances, np.inf)
+    member_loo = np.sort(distances, axis=1)[:, :2].mean(1)
+    group_loo = np.array([member_loo[group_of == g].max() for g in range(60)])
+    np.testing.assert_allclose(model.bank.loo_scores.numpy(), np.sort(group_loo), rtol=1e-5)
+    assert float(model.threshold) == pytest.approx(np.quantile(group_loo, 0.9), rel=1e-5)
+
+
+def test_a_maps_checkpoint_loads_without_maps_and_a_plain_one_refuses_maps(tmp_path):
+    dm = OneClassDataModule(dataset="digits", normal_class=0, batch_size=128)
+    options = dict(k=2, backbone="efficientnet_lite0", input_size=32, reports=False, map_images=3)
+    for maps in (True, False):
+        trainer = quiet_trainer(default_root_dir=tmp_path / str(maps), enable_checkpointing=True)
+        trainer.fit(DN2Module(**options, anomaly_maps=maps), datamodule=dm)
+        (tmp_path / f"maps_{maps}.ckpt").write_bytes(open(trainer.checkpoint_callback.best_model_path, "rb").read())
+    plain = DN2Module.load_from_checkpoint(tmp_path / "maps_True.ckpt", anomaly_maps=False)
+    assert plain.maps is None
+    reference = DN2Module.load_from_checkpoint(tmp_path / "maps_False.ckpt")
+    dm.setup("test")
+    images = torch.stack([dm.test_dataset[i]["image"] for i in range(20)])
+    torch.testing.assert_close(plain.score_images(images).scores, reference.score_images(images).scores)
+    with pytest.raises(ValueError, match=r"anomaly_maps=True, but the checkpoint was fitted with anomaly_maps=False"):
+        DN2Module.load_from_checkpoint(tmp_path / "maps_False.ckpt", anomaly_maps=True)
+
+
+def test_several_test_dataloaders_and_an_empty_train_loader_are_clear_errors():
+    dm = BlobDataModule()
+    model = DN2Module(k=2, backbone=linear_backbone())
+    quiet_trainer().fit(model, datamodule=dm)
+    with pytest.raises(ValueError, match=r"one dataloader per trainer.test\(\) call"):
+        quiet_trainer().test(model, dataloaders=[dm.test_dataloader(), dm.test_dataloader()])
+    empty = DataLoader(DictDataset(dm.train_images[:0], torch.zeros(0)), batch_size=4)
+    with pytest.raises(ValueError, match="fit read no training batches"):
+        quiet_trainer().fit(DN2Module(k=2, backbone=linear_backbone()), train_dataloaders=empty)
