@@ -30,18 +30,20 @@ Files are UTF-8. Numeric cells are never escaped. matplotlib is imported lazily 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from dn2_lightning.cache import atomic_write
 from dn2_lightning.distributed import unique_by_index
 from dn2_lightning.metrics import AnomalyScores
 
@@ -122,7 +124,7 @@ def write_scores_csv(
 
     Args:
         scores: the evaluation's per-sample records.
-        path: the CSV file to write (its folder is created).
+        path: the CSV file to write (its folder is created), atomically: a temporary file renamed into place.
         paths: file path of each dataset index (``paths[index]``), or ``None`` (empty column).
         threshold: the decision threshold; ``None`` or NaN leaves ``is_anomaly`` and ``threshold`` empty.
         normalized: ``[N]`` normalized scores in [0, 1], or ``None`` (empty column).
@@ -131,10 +133,9 @@ def write_scores_csv(
         ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     k = scores.neighbours.shape[1]
     defined = threshold is not None and not math.isnan(threshold)
-    with path.open("w", newline="", encoding="utf-8") as f:
+    with atomic_write(path, "w", newline="", encoding="utf-8") as f:  # a crash leaves no half-written CSV
         writer = csv.writer(f)
         writer.writerow(csv_columns(k))
         for i in range(len(scores)):
@@ -157,16 +158,44 @@ def write_scores_csv(
 
 def read_report(csv_path: str | Path) -> list[dict[str, str]]:
     """Rows of a report CSV with the true file paths restored (both escaping rules undone, using the
-    ``summary.json`` beside it for names that are not valid UTF-8)."""
+    ``summary.json`` beside it for names that are not valid UTF-8).
+
+    Raises:
+        ValueError: naming the file when it is incomplete (cut short: copied while being written, or written
+            by a run that was killed): its last row lacks cells or its line end, it is not valid UTF-8, or its
+            row count differs from ``n_scored`` in the ``summary.json`` beside it.
+    """
     csv_path = Path(csv_path)
-    summary = csv_path.with_name("summary.json")
-    raw = json.loads(summary.read_text(encoding="utf-8")).get("escaped_paths", {}) if summary.is_file() else {}
-    with csv_path.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    summary_path = csv_path.with_name("summary.json")
+    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
+    raw = summary.get("escaped_paths", {})
+    data = csv_path.read_bytes()
+    try:
+        text = data.decode("utf-8")  # undecoded newlines: a "\r" inside a quoted path stays one
+    except UnicodeDecodeError as err:
+        _incomplete(csv_path, f"it is not valid UTF-8 at byte {err.start} of {len(data)}")
+    if not text.endswith("\n"):  # csv.writer ends every row, the header included, with "\r\n"
+        _incomplete(csv_path, "its last row is cut short")
+    try:
+        rows = list(csv.DictReader(io.StringIO(text, newline=""), strict=True))
+    except csv.Error as err:  # e.g. a quoted cell still open at the end of the file
+        _incomplete(csv_path, f"it is not well-formed CSV: {err}")
+    if any(None in row or None in row.values() for row in rows):  # DictReader's marks of extra / missing cells
+        _incomplete(csv_path, "a row has the wrong number of cells")
+    expected = summary.get("n_scored")
+    if expected is not None and len(rows) != expected:
+        _incomplete(csv_path, f"it holds {len(rows)} rows but {summary_path.name} says {expected} samples were scored")
     for row in rows:
         exact = raw.get(row["index"])
         row["path"] = os.fsdecode(bytes.fromhex(exact)) if exact is not None else unescape_cell(row["path"])
     return rows
+
+
+def _incomplete(csv_path: Path, reason: str) -> NoReturn:
+    raise ValueError(
+        f"report {display_path(str(csv_path))} is incomplete ({reason}): the run that wrote it did not finish. "
+        "Rerun `dn2 test` / `dn2 predict` (or trainer.test / trainer.predict) to write a complete report."
+    )
 
 
 # -------------------------------------------------------------------------------------------- summary
@@ -193,9 +222,10 @@ def summarize(stage: str, scores: AnomalyScores, threshold: float | None, auroc:
 
 
 def write_summary(summary: dict[str, Any], path: str | Path) -> Path:
-    """Write ``summary`` as indented UTF-8 JSON (ASCII-escaped, so any reader can load it)."""
+    """Write ``summary`` as indented UTF-8 JSON (ASCII-escaped, so any reader can load it), atomically."""
     path = Path(path)
-    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(summary, indent=2) + "\n")
     return path
 
 

@@ -22,8 +22,10 @@ from dn2_lightning.reports import (
     escape_cell,
     read_report,
     scores_from_predictions,
+    summarize,
     unescape_cell,
     write_scores_csv,
+    write_summary,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -189,6 +191,40 @@ def test_formula_like_paths_are_escaped_as_owasp_advises_and_restored(tmp_path):
     assert cells == [owasp_reference(t) for t in TRICKY]
     assert not any(c[:1] in {"=", "+", "-", "@", "\t", "\r"} for c in cells)
     assert [r["path"] for r in read_report(path)] == TRICKY
+
+
+def test_a_report_cut_short_is_refused_naming_the_file(tmp_path):
+    scores = small_scores(20)
+    paths = [f"/data/part_{i}.png" for i in range(20)]
+    csv_path = write_scores_csv(scores, tmp_path / "scores.csv", paths, threshold=0.5)
+    write_summary(summarize("test", scores, 0.5), tmp_path / "summary.json")
+    assert [r["path"] for r in read_report(csv_path)] == paths  # complete: reads
+    data = csv_path.read_bytes()
+    row_end = data.index(b"\r\n", len(data) // 2) + 2
+    for cut, reason in [(row_end + 25, "cut short"), (row_end, r"holds \d+ rows but summary.json says 20")]:
+        csv_path.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match=rf"scores\.csv is incomplete \(.*{reason}.*\).*Rerun `dn2 test`"):
+            read_report(csv_path)
+    (tmp_path / "summary.json").unlink()  # without a summary, a row cut short is still caught
+    csv_path.write_bytes(data[: row_end + 25])
+    with pytest.raises(ValueError, match="incomplete"):
+        read_report(csv_path)
+
+
+def test_a_failed_write_leaves_the_previous_csv_whole(tmp_path):
+    class FailingPaths(list):
+        def __getitem__(self, i):
+            if i == 10:
+                raise OSError("disk full")
+            return super().__getitem__(i)
+
+    scores = small_scores(20)
+    csv_path = write_scores_csv(scores, tmp_path / "scores.csv", [f"old_{i}.png" for i in range(20)])
+    before = csv_path.read_bytes()
+    with pytest.raises(OSError, match="disk full"):
+        write_scores_csv(scores, csv_path, FailingPaths(f"new_{i}.png" for i in range(20)))
+    assert csv_path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["scores.csv"]  # no temporary file left behind
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="file names with undecodable bytes are a POSIX thing")
