@@ -5,7 +5,9 @@ is the logger's version folder, or ``trainer.default_root_dir`` without a logger
 number, so a run never overwrites an earlier one)::
 
     scores.csv | predictions.csv   one row per sample, columns CSV columns below (same order for both)
-    summary.json                   n_scored, n_flagged, threshold, AUROC (labelled data), files, escaped paths
+    summary.json                   n_scored, n_flagged, threshold and how it was set (threshold_source:
+                                   "value" or the quantile's, threshold_quantile), AUROC (labelled data),
+                                   files, escaped paths
     figures/roc.png                ROC with the operating point (labelled data only)
     figures/score_histogram.png    score distribution with the threshold
     figures/top_anomalies.png      the most anomalous images with their scores and file names
@@ -435,7 +437,7 @@ class EvaluationReport(Callback):
         for name, png in save_figures(scores, out / "figures", threshold, image_of, name_of).items():
             files[name] = png
         summary = summarize(stage, scores, threshold, auroc)
-        summary["threshold_quantile"] = pl_module.hparams.get("threshold_quantile")
+        summary.update(threshold_source(pl_module, threshold))
         summary["escaped_paths"] = escaped_paths(paths, scores.indices)
         summary["files"] = {name: display_path(str(p)) for name, p in files.items()}
         files["summary"] = write_summary(summary, out / "summary.json")
@@ -466,6 +468,23 @@ def _threshold_of(pl_module: LightningModule) -> float | None:
         return None
     value = float(threshold)
     return None if math.isnan(value) else value
+
+
+QUANTILE_SOURCE = "quantile of the bank's leave-one-out scores"
+
+
+def threshold_source(pl_module: LightningModule, threshold: float | None) -> dict[str, Any]:
+    """How the threshold was set, for ``summary.json``: ``threshold_source`` is ``"value"`` (a fixed
+    ``threshold=`` / ``set_threshold(value=...)``, ``threshold_quantile`` then ``None``) or
+    :data:`QUANTILE_SOURCE` (with its ``threshold_quantile``); both ``None`` without a threshold or when the
+    module records neither."""
+    hparams = getattr(pl_module, "hparams", {})
+    if threshold is None:
+        return {"threshold_source": None, "threshold_quantile": None}
+    if hparams.get("threshold") is not None:
+        return {"threshold_source": "value", "threshold_quantile": None}
+    quantile = hparams.get("threshold_quantile")
+    return {"threshold_source": QUANTILE_SOURCE if quantile is not None else None, "threshold_quantile": quantile}
 
 
 def _dataset_of(trainer: Trainer, stage: str) -> Any:

@@ -167,6 +167,25 @@ def test_threshold_uses_train_data_only():
     assert ra != rb and torch.equal(ma.threshold, mb.threshold) and torch.isfinite(ma.threshold)
 
 
+def test_summary_records_how_the_threshold_was_set(tmp_path):
+    dm = BlobDataModule()
+    model = DN2Module(k=2, backbone=linear_backbone(), threshold=0.25)
+    trainer = quiet_trainer(default_root_dir=tmp_path)
+    trainer.test(model, datamodule=dm)
+    model.set_threshold(quantile=0.9)
+    trainer.test(model, datamodule=dm)
+    model.set_threshold(value=0.5)
+    trainer.test(model, datamodule=dm)
+    summaries = [json.loads((tmp_path / f"dn2_reports/test_{n}/summary.json").read_text()) for n in range(3)]
+    fixed, quantile, fixed_again = summaries
+    for summary, value in ((fixed, 0.25), (fixed_again, 0.5)):
+        assert summary["threshold"] == value
+        assert summary["threshold_source"] == "value" and summary["threshold_quantile"] is None
+    assert quantile["threshold_source"] == "quantile of the bank's leave-one-out scores"
+    assert quantile["threshold_quantile"] == 0.9
+    assert quantile["threshold"] == pytest.approx(np.quantile(model.bank.loo_scores.double().numpy(), 0.9))
+
+
 # ------------------------------------------------------------------------------------ text cells
 
 TRICKY = ["=HYPERLINK(1)", "+1", "-2+3", "@SUM(A1)", "\tx.png", "\rx.png", "'quoted.png", "/data/a.png", "ü.png", ""]
