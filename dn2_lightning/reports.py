@@ -42,10 +42,10 @@ from typing import Any, NoReturn
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from dn2_lightning.cache import atomic_write
+from dn2_lightning.console import info
 from dn2_lightning.distributed import unique_by_index
 from dn2_lightning.metrics import AnomalyScores
 
@@ -357,7 +357,8 @@ class EvaluationReport(Callback):
 
     def __init__(self, out_dir: str | Path | None = None) -> None:
         self.out_dir = out_dir
-        self._message: str | None = None  # printed at teardown, after Lightning's metric table
+        self._report: tuple[dict[str, Any], Path, dict[str, Path]] | None = None  # printed at teardown, after
+        self._listed: dict[str, Path] = {}  # Lightning's metric table, with the files other callbacks listed
         self._predictions: list | None = None
         self.run_dir: Path | None = None  # this run's folder, reserved at the start (other reports write there too)
 
@@ -372,10 +373,16 @@ class EvaluationReport(Callback):
         folder = next_run_dir(base, stage) if trainer.is_global_zero else None
         return Path(trainer.strategy.broadcast(str(folder) if folder else None))
 
+    def list_file(self, name: str, path: str | Path) -> None:
+        """Print ``path`` with this run's report files: a file, or a folder (printed with its PNG count). For
+        report callbacks writing into :attr:`run_dir`, e.g. :class:`~dn2_lightning.maps.figures.MapReport`."""
+        self._listed[name] = Path(path)
+
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self._message is not None:
-            rank_zero_info(self._message)
-            self._message = None
+        if self._report is not None:
+            summary, out, files = self._report
+            info(_describe(summary, out, {**files, **self._listed}))  # the dn2_lightning logger, as README says
+        self._report, self._listed = None, {}
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         base = self._base(trainer)  # a collective under DDP: every rank reads it
@@ -442,7 +449,7 @@ class EvaluationReport(Callback):
         summary["files"] = {name: display_path(str(p)) for name, p in files.items()}
         files["summary"] = write_summary(summary, out / "summary.json")
         _log_to_tensorboard(trainer, {n: p for n, p in files.items() if p.suffix == ".png"})
-        self._message = _describe(summary, out, files)
+        self._report = (summary, out, files)
 
 
 def scores_from_predictions(predictions: Sequence[Any]) -> tuple[AnomalyScores, list[str] | None]:
@@ -516,8 +523,16 @@ def _describe(summary: dict[str, Any], out: Path, files: dict[str, Path]) -> str
         line += ", no threshold (undefined: the bank is too small), nothing flagged"
     if summary["auroc"] is not None:
         line += f", AUROC {summary['auroc']:.4f}"
-    listing = "\n".join(f"  {display_path(str(p))}" for p in files.values())
+    listing = "\n".join(entry for p in files.values() if (entry := _listing(p)))
     return f"{line}.\nDN2 reports written to {display_path(str(out))}:\n{listing}"
+
+
+def _listing(path: Path) -> str:
+    """One line of the printed file list: a file, a folder with its PNG count, nothing if neither exists."""
+    if path.is_dir():
+        n = sum(1 for _ in path.rglob("*.png"))
+        return f"  {display_path(str(path))}{os.sep} ({n} PNG files)" if n else ""
+    return f"  {display_path(str(path))}" if path.is_file() else ""
 
 
 def _log_to_tensorboard(trainer: Trainer, figures: dict[str, Path]) -> None:
