@@ -36,10 +36,13 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
 
-# as Lightning does for its own logger: print INFO messages unless the application configured logging
-_logging.getLogger(__name__).setLevel(_logging.INFO)
-if not _logging.getLogger().hasHandlers():
-    _logging.getLogger(__name__).addHandler(_logging.StreamHandler())
-    _logging.getLogger(__name__).propagate = False
+# as Lightning does for its own logger: print INFO messages, but keep whatever the application configured
+# before importing us (a level set on this logger, handlers on it or on the root logger)
+_logger = _logging.getLogger(__name__)
+if _logger.level == _logging.NOTSET:
+    _logger.setLevel(_logging.INFO)
+if not _logger.handlers and not _logging.getLogger().hasHandlers():
+    _logger.addHandler(_logging.StreamHandler())
+    _logger.propagate = False
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

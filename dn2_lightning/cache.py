@@ -2,19 +2,20 @@
 
 A cache file holds ``{"key": key, ...payload}``. :func:`load_cached` returns the payload only when the stored key
 equals the expected one (everything the content depends on); a file that cannot be read (cut short by a kill,
-disk error) gives a warning naming it and a miss, so the caller recomputes and overwrites it. :func:`save_atomic`
-writes to a temporary file in the same folder and renames it into place (``os.replace``), so a reader never sees
-a half-written file.
+disk error) gives a warning naming it and a miss, so the caller recomputes and overwrites it. :func:`atomic_write`
+(behind :func:`save_atomic` and the report files) writes to a temporary file in the same folder and renames it
+into place (``os.replace``), so a reader never sees a half-written file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import uuid
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -38,28 +39,51 @@ def load_cached(path: str | Path, key: dict[str, Any]) -> dict[str, Any] | None:
     return cached
 
 
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "wb", **open_kwargs: Any) -> Iterator[IO[Any]]:
+    """Open a temporary file in ``path``'s folder for writing; on a clean exit it is fsynced and renamed onto
+    ``path`` (``os.replace``). An exception (or a kill) leaves the previous file (or none) in place, never a
+    half-written one. ``mode`` and ``open_kwargs`` (``encoding``, ``newline``) are :func:`open`'s.
+
+    >>> import tempfile
+    >>> target = Path(tempfile.mkdtemp()) / "a.txt"
+    >>> with atomic_write(target, "w", encoding="utf-8") as f:
+    ...     _ = f.write("done")
+    >>> target.read_text(encoding="utf-8")
+    'done'
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:  # os.open, not mkstemp: the file gets the umask's permissions, as open() would give it
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            break
+        except FileExistsError:
+            continue
+    try:
+        with os.fdopen(fd, mode, **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
 def save_atomic(obj: Any, path: str | Path) -> bool:
-    """``torch.save(obj)`` to ``path`` atomically: a temporary file in the same folder, fsynced, then ``os.replace``.
+    """``torch.save(obj)`` to ``path`` atomically (:func:`atomic_write`).
 
     Returns:
         ``True`` once written; ``False`` (with a warning naming the path) when the folder cannot be written, so
         a read-only cache never stops a run. An interruption leaves the previous file (or none) in place.
     """
-    path = Path(path)
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(path) as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
         return True
     except OSError as err:
         warnings.warn(f"could not write cache file {path} ({type(err).__name__}: {err}); continuing.", stacklevel=2)
         return False
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)

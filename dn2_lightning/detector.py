@@ -55,7 +55,8 @@ class DN2Detector:
         max_memory_bytes: temporary-memory budget of one search.
 
     Attributes (after ``fit``):
-        bank_: ``[N, D]`` float32 tensor of kept training rows. ``kept_``: bool mask over ``X``'s rows.
+        bank_: ``[N, D]`` tensor of kept training rows (float64 for float64 ``X``, else float32).
+        kept_: bool mask over ``X``'s rows.
         decision_scores_: leave-one-out scores of the kept rows (PyOD's training scores).
         threshold_: the decision threshold. ``labels_``: ``decision_scores_ > threshold_`` as 0/1.
     """
@@ -144,7 +145,9 @@ def _as_matrix(values: ArrayLike, name: str, device: torch.device | None = None)
         )
     if not (tensor.is_floating_point() or tensor.dtype in (torch.int32, torch.int64, torch.uint8)):
         raise ValueError(f"{name} must hold numbers, got dtype {tensor.dtype}.")
-    tensor = tensor.to(device or tensor.device, torch.float32)
+    # float64 stays float64 (exact at large offsets, as knn_distances searches it); other dtypes become float32
+    dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    tensor = tensor.to(device or tensor.device, dtype)
     if not bool(torch.isfinite(tensor).all()):
         rows = (~torch.isfinite(tensor).all(1)).nonzero().flatten().tolist()
         raise ValueError(f"{name} holds NaN or Inf in rows {rows[:10]}; drop or impute them first.")

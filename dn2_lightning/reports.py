@@ -5,7 +5,9 @@ is the logger's version folder, or ``trainer.default_root_dir`` without a logger
 number, so a run never overwrites an earlier one)::
 
     scores.csv | predictions.csv   one row per sample, columns CSV columns below (same order for both)
-    summary.json                   n_scored, n_flagged, threshold, AUROC (labelled data), files, escaped paths
+    summary.json                   n_scored, n_flagged, threshold and how it was set (threshold_source:
+                                   "value" or the quantile's, threshold_quantile), AUROC (labelled data),
+                                   files, escaped paths
     figures/roc.png                ROC with the operating point (labelled data only)
     figures/score_histogram.png    score distribution with the threshold
     figures/top_anomalies.png      the most anomalous images with their scores and file names
@@ -30,18 +32,20 @@ Files are UTF-8. Numeric cells are never escaped. matplotlib is imported lazily 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from dn2_lightning.cache import atomic_write
+from dn2_lightning.console import info
 from dn2_lightning.distributed import unique_by_index
 from dn2_lightning.metrics import AnomalyScores
 
@@ -122,7 +126,7 @@ def write_scores_csv(
 
     Args:
         scores: the evaluation's per-sample records.
-        path: the CSV file to write (its folder is created).
+        path: the CSV file to write (its folder is created), atomically: a temporary file renamed into place.
         paths: file path of each dataset index (``paths[index]``), or ``None`` (empty column).
         threshold: the decision threshold; ``None`` or NaN leaves ``is_anomaly`` and ``threshold`` empty.
         normalized: ``[N]`` normalized scores in [0, 1], or ``None`` (empty column).
@@ -131,10 +135,9 @@ def write_scores_csv(
         ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     k = scores.neighbours.shape[1]
     defined = threshold is not None and not math.isnan(threshold)
-    with path.open("w", newline="", encoding="utf-8") as f:
+    with atomic_write(path, "w", newline="", encoding="utf-8") as f:  # a crash leaves no half-written CSV
         writer = csv.writer(f)
         writer.writerow(csv_columns(k))
         for i in range(len(scores)):
@@ -157,16 +160,44 @@ def write_scores_csv(
 
 def read_report(csv_path: str | Path) -> list[dict[str, str]]:
     """Rows of a report CSV with the true file paths restored (both escaping rules undone, using the
-    ``summary.json`` beside it for names that are not valid UTF-8)."""
+    ``summary.json`` beside it for names that are not valid UTF-8).
+
+    Raises:
+        ValueError: naming the file when it is incomplete (cut short: copied while being written, or written
+            by a run that was killed): its last row lacks cells or its line end, it is not valid UTF-8, or its
+            row count differs from ``n_scored`` in the ``summary.json`` beside it.
+    """
     csv_path = Path(csv_path)
-    summary = csv_path.with_name("summary.json")
-    raw = json.loads(summary.read_text(encoding="utf-8")).get("escaped_paths", {}) if summary.is_file() else {}
-    with csv_path.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    summary_path = csv_path.with_name("summary.json")
+    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
+    raw = summary.get("escaped_paths", {})
+    data = csv_path.read_bytes()
+    try:
+        text = data.decode("utf-8")  # undecoded newlines: a "\r" inside a quoted path stays one
+    except UnicodeDecodeError as err:
+        _incomplete(csv_path, f"it is not valid UTF-8 at byte {err.start} of {len(data)}")
+    if not text.endswith("\n"):  # csv.writer ends every row, the header included, with "\r\n"
+        _incomplete(csv_path, "its last row is cut short")
+    try:
+        rows = list(csv.DictReader(io.StringIO(text, newline=""), strict=True))
+    except csv.Error as err:  # e.g. a quoted cell still open at the end of the file
+        _incomplete(csv_path, f"it is not well-formed CSV: {err}")
+    if any(None in row or None in row.values() for row in rows):  # DictReader's marks of extra / missing cells
+        _incomplete(csv_path, "a row has the wrong number of cells")
+    expected = summary.get("n_scored")
+    if expected is not None and len(rows) != expected:
+        _incomplete(csv_path, f"it holds {len(rows)} rows but {summary_path.name} says {expected} samples were scored")
     for row in rows:
         exact = raw.get(row["index"])
         row["path"] = os.fsdecode(bytes.fromhex(exact)) if exact is not None else unescape_cell(row["path"])
     return rows
+
+
+def _incomplete(csv_path: Path, reason: str) -> NoReturn:
+    raise ValueError(
+        f"report {display_path(str(csv_path))} is incomplete ({reason}): the run that wrote it did not finish. "
+        "Rerun `dn2 test` / `dn2 predict` (or trainer.test / trainer.predict) to write a complete report."
+    )
 
 
 # -------------------------------------------------------------------------------------------- summary
@@ -193,9 +224,10 @@ def summarize(stage: str, scores: AnomalyScores, threshold: float | None, auroc:
 
 
 def write_summary(summary: dict[str, Any], path: str | Path) -> Path:
-    """Write ``summary`` as indented UTF-8 JSON (ASCII-escaped, so any reader can load it)."""
+    """Write ``summary`` as indented UTF-8 JSON (ASCII-escaped, so any reader can load it), atomically."""
     path = Path(path)
-    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(summary, indent=2) + "\n")
     return path
 
 
@@ -325,7 +357,8 @@ class EvaluationReport(Callback):
 
     def __init__(self, out_dir: str | Path | None = None) -> None:
         self.out_dir = out_dir
-        self._message: str | None = None  # printed at teardown, after Lightning's metric table
+        self._report: tuple[dict[str, Any], Path, dict[str, Path]] | None = None  # printed at teardown, after
+        self._listed: dict[str, Path] = {}  # Lightning's metric table, with the files other callbacks listed
         self._predictions: list | None = None
         self.run_dir: Path | None = None  # this run's folder, reserved at the start (other reports write there too)
 
@@ -340,10 +373,16 @@ class EvaluationReport(Callback):
         folder = next_run_dir(base, stage) if trainer.is_global_zero else None
         return Path(trainer.strategy.broadcast(str(folder) if folder else None))
 
+    def list_file(self, name: str, path: str | Path) -> None:
+        """Print ``path`` with this run's report files: a file, or a folder (printed with its PNG count). For
+        report callbacks writing into :attr:`run_dir`, e.g. :class:`~dn2_lightning.maps.figures.MapReport`."""
+        self._listed[name] = Path(path)
+
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self._message is not None:
-            rank_zero_info(self._message)
-            self._message = None
+        if self._report is not None:
+            summary, out, files = self._report
+            info(_describe(summary, out, {**files, **self._listed}))  # the dn2_lightning logger, as README says
+        self._report, self._listed = None, {}
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         base = self._base(trainer)  # a collective under DDP: every rank reads it
@@ -405,12 +444,12 @@ class EvaluationReport(Callback):
         for name, png in save_figures(scores, out / "figures", threshold, image_of, name_of).items():
             files[name] = png
         summary = summarize(stage, scores, threshold, auroc)
-        summary["threshold_quantile"] = pl_module.hparams.get("threshold_quantile")
+        summary.update(threshold_source(pl_module, threshold))
         summary["escaped_paths"] = escaped_paths(paths, scores.indices)
         summary["files"] = {name: display_path(str(p)) for name, p in files.items()}
         files["summary"] = write_summary(summary, out / "summary.json")
         _log_to_tensorboard(trainer, {n: p for n, p in files.items() if p.suffix == ".png"})
-        self._message = _describe(summary, out, files)
+        self._report = (summary, out, files)
 
 
 def scores_from_predictions(predictions: Sequence[Any]) -> tuple[AnomalyScores, list[str] | None]:
@@ -436,6 +475,23 @@ def _threshold_of(pl_module: LightningModule) -> float | None:
         return None
     value = float(threshold)
     return None if math.isnan(value) else value
+
+
+QUANTILE_SOURCE = "quantile of the bank's leave-one-out scores"
+
+
+def threshold_source(pl_module: LightningModule, threshold: float | None) -> dict[str, Any]:
+    """How the threshold was set, for ``summary.json``: ``threshold_source`` is ``"value"`` (a fixed
+    ``threshold=`` / ``set_threshold(value=...)``, ``threshold_quantile`` then ``None``) or
+    :data:`QUANTILE_SOURCE` (with its ``threshold_quantile``); both ``None`` without a threshold or when the
+    module records neither."""
+    hparams = getattr(pl_module, "hparams", {})
+    if threshold is None:
+        return {"threshold_source": None, "threshold_quantile": None}
+    if hparams.get("threshold") is not None:
+        return {"threshold_source": "value", "threshold_quantile": None}
+    quantile = hparams.get("threshold_quantile")
+    return {"threshold_source": QUANTILE_SOURCE if quantile is not None else None, "threshold_quantile": quantile}
 
 
 def _dataset_of(trainer: Trainer, stage: str) -> Any:
@@ -467,8 +523,16 @@ def _describe(summary: dict[str, Any], out: Path, files: dict[str, Path]) -> str
         line += ", no threshold (undefined: the bank is too small), nothing flagged"
     if summary["auroc"] is not None:
         line += f", AUROC {summary['auroc']:.4f}"
-    listing = "\n".join(f"  {display_path(str(p))}" for p in files.values())
+    listing = "\n".join(entry for p in files.values() if (entry := _listing(p)))
     return f"{line}.\nDN2 reports written to {display_path(str(out))}:\n{listing}"
+
+
+def _listing(path: Path) -> str:
+    """One line of the printed file list: a file, a folder with its PNG count, nothing if neither exists."""
+    if path.is_dir():
+        n = sum(1 for _ in path.rglob("*.png"))
+        return f"  {display_path(str(path))}{os.sep} ({n} PNG files)" if n else ""
+    return f"  {display_path(str(path))}" if path.is_file() else ""
 
 
 def _log_to_tensorboard(trainer: Trainer, figures: dict[str, Path]) -> None:

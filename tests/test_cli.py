@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -195,3 +198,37 @@ def test_ckpt_path_keeps_the_users_scoring_settings_and_checks_the_bank_issue11_
     assert test.model.hparams.threshold_quantile == 0.8
     with pytest.raises(ValueError, match=r"input_size=32 \(checkpoint\) vs input_size=48 \(this model\)"):
         build_cli(["test", *data, f"--ckpt_path={ckpt}", "--model.input_size=48", *common])
+
+
+LOGGER_PROBE = """
+import logging
+{before}
+import dn2_lightning
+from dn2_lightning.console import info
+
+info("probe message")
+print(logging.getLevelName(logging.getLogger("dn2_lightning").level))
+"""
+
+
+@pytest.mark.parametrize(
+    "before, level, shown",
+    [
+        ("", "INFO", True),  # not configured: INFO messages printed, as Lightning does
+        ('logging.getLogger("dn2_lightning").setLevel(logging.WARNING)', "WARNING", False),
+        ('logging.getLogger("dn2_lightning").setLevel(logging.DEBUG)', "DEBUG", True),
+    ],
+)
+def test_importing_keeps_the_log_level_the_application_set(before, level, shown):
+    root = str(Path(__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(
+        [sys.executable, "-c", LOGGER_PROBE.format(before=before)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == [level]
+    assert ("probe message" in proc.stderr) == shown

@@ -51,6 +51,22 @@ def test_tensor_in_tensor_out_and_pyod_style_use():
     np.testing.assert_allclose(scores.numpy(), detector.decision_function(test), rtol=1e-6)
 
 
+def test_float64_input_is_scored_exactly_far_from_the_origin():
+    # spread 0.01 around 1e6: float32 cannot tell the rows apart (ulp 0.0625), float64 can
+    train, test, _ = blobs()
+    train, test = train * 0.01 + 1e6, test * 0.01 + 1e6
+    detector = DN2Detector(k=2).fit(train)
+    sq = ((test[:, None, :] - train[None, :, :]) ** 2).sum(-1)  # float64 brute force
+    expected = np.sort(sq, axis=1)[:, :2].mean(1)
+    np.testing.assert_allclose(detector.decision_function(test), expected, rtol=1e-6)
+    train_sq = ((train[:, None, :] - train[None, :, :]) ** 2).sum(-1)
+    np.fill_diagonal(train_sq, np.inf)
+    loo = np.sort(train_sq, axis=1)[:, :2].mean(1)
+    np.testing.assert_allclose(detector.decision_scores_.numpy(), loo, rtol=1e-6)
+    assert detector.threshold_ == pytest.approx(np.quantile(loo, 0.99), rel=1e-6)
+    assert detector.bank_.dtype == torch.float64
+
+
 @pytest.mark.parametrize(
     "call, match",
     [

@@ -3,6 +3,10 @@ and DN2Module(anomaly_maps=True) end to end against an independent reference."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +31,9 @@ from dn2_lightning.maps import (
     to_image_maps,
 )
 from dn2_lightning.maps.bank import ensure_room
+from dn2_lightning.maps.figures import map_png_name
 from dn2_lightning.pixel_metrics import pixel_auroc, pro_score
+from dn2_lightning.reports import read_report
 
 # ------------------------------------------------------------------------------- exact patch search
 
@@ -268,11 +274,54 @@ def test_fit_checkpoint_predict_returns_the_same_maps_and_writes_pngs(small_set,
     predicted = torch.cat([b["anomaly_map"] for b in batches])
     torch.testing.assert_close(predicted, tested)
     pngs = sorted((predict_dir / "dn2_reports" / "predict_0" / "anomaly_maps").glob("*.png"))
-    assert len(pngs) == len(dm.test_dataset) and pngs[0].name == "blob_000.png"
+    assert len(pngs) == len(dm.test_dataset) and pngs[0].name == "0_blob_000.png"
     # one image at a time, from its file, as a user without a datamodule does: the same scores and maps
     result = restored.score_images(dm.source_paths("test"))
     torch.testing.assert_close(result.anomaly_maps, predicted)
     torch.testing.assert_close(result.scores, torch.cat([b["score"] for b in batches]))
+
+
+@contextlib.contextmanager
+def dn2_messages() -> Iterator[list[str]]:
+    """The messages of the ``dn2_lightning`` logger while the block runs (whatever its handlers)."""
+    records: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("dn2_lightning")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_predicted_maps_get_one_file_per_image_and_every_map_file_is_listed(small_set, tmp_path):
+    new = tmp_path / "new"  # same stem in one folder; same folder name and file name under two parents
+    for i, name in enumerate(["a/x/0.png", "b/x/0.png", "x/part.png", "x/part.jpg"]):
+        (new / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((32, 32, 3), 50 * i, dtype=np.uint8)).save(new / name)
+    model = DN2Module(backbone=tiny_conv(), anomaly_maps=True, map_layers=["1", "3"], map_images=3)
+    trainer = quiet_trainer(default_root_dir=tmp_path / "runs")
+    dm = OneClassDataModule(dataset="folder", root=str(small_set), load_size=32, batch_size=5)
+    trainer.fit(model, datamodule=dm)
+    with dn2_messages() as messages:
+        trainer.test(model, datamodule=dm)
+        trainer.predict(model, datamodule=OneClassDataModule(dataset="folder", root=str(new), load_size=32))
+    text = "\n".join(messages)
+    run = tmp_path / "runs" / "dn2_reports" / "predict_0"
+    rows = read_report(run / "predictions.csv")
+    assert len(rows) == 4
+    expected = {f"{r['index']}_{Path(r['path']).parent.name}_{Path(r['path']).stem}.png" for r in rows}
+    assert {p.name for p in (run / "anomaly_maps").iterdir()} == expected  # one map per CSV row
+    assert f"{run / 'anomaly_maps'}{os.sep} (4 PNG files)" in text
+    assert str(tmp_path / "runs" / "dn2_reports" / "test_0" / "figures" / "anomaly_maps.png") in text
+
+
+def test_map_png_names_are_unique_and_readable():
+    assert map_png_name(3, "/data/test/scratch/000.png") == "3_scratch_000"
+    assert map_png_name(4, "part.png") == "4_part" and map_png_name(5) == "5"
+    names = [map_png_name(i, p) for i, p in enumerate(["x/part.png", "x/part.jpg", "a/x/0.png", "b/x/0.png"])]
+    assert len(set(names)) == 4
 
 
 def test_group_batches_have_no_maps():

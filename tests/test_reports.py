@@ -22,8 +22,10 @@ from dn2_lightning.reports import (
     escape_cell,
     read_report,
     scores_from_predictions,
+    summarize,
     unescape_cell,
     write_scores_csv,
+    write_summary,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -165,6 +167,25 @@ def test_threshold_uses_train_data_only():
     assert ra != rb and torch.equal(ma.threshold, mb.threshold) and torch.isfinite(ma.threshold)
 
 
+def test_summary_records_how_the_threshold_was_set(tmp_path):
+    dm = BlobDataModule()
+    model = DN2Module(k=2, backbone=linear_backbone(), threshold=0.25)
+    trainer = quiet_trainer(default_root_dir=tmp_path)
+    trainer.test(model, datamodule=dm)
+    model.set_threshold(quantile=0.9)
+    trainer.test(model, datamodule=dm)
+    model.set_threshold(value=0.5)
+    trainer.test(model, datamodule=dm)
+    summaries = [json.loads((tmp_path / f"dn2_reports/test_{n}/summary.json").read_text()) for n in range(3)]
+    fixed, quantile, fixed_again = summaries
+    for summary, value in ((fixed, 0.25), (fixed_again, 0.5)):
+        assert summary["threshold"] == value
+        assert summary["threshold_source"] == "value" and summary["threshold_quantile"] is None
+    assert quantile["threshold_source"] == "quantile of the bank's leave-one-out scores"
+    assert quantile["threshold_quantile"] == 0.9
+    assert quantile["threshold"] == pytest.approx(np.quantile(model.bank.loo_scores.double().numpy(), 0.9))
+
+
 # ------------------------------------------------------------------------------------ text cells
 
 TRICKY = ["=HYPERLINK(1)", "+1", "-2+3", "@SUM(A1)", "\tx.png", "\rx.png", "'quoted.png", "/data/a.png", "ü.png", ""]
@@ -189,6 +210,40 @@ def test_formula_like_paths_are_escaped_as_owasp_advises_and_restored(tmp_path):
     assert cells == [owasp_reference(t) for t in TRICKY]
     assert not any(c[:1] in {"=", "+", "-", "@", "\t", "\r"} for c in cells)
     assert [r["path"] for r in read_report(path)] == TRICKY
+
+
+def test_a_report_cut_short_is_refused_naming_the_file(tmp_path):
+    scores = small_scores(20)
+    paths = [f"/data/part_{i}.png" for i in range(20)]
+    csv_path = write_scores_csv(scores, tmp_path / "scores.csv", paths, threshold=0.5)
+    write_summary(summarize("test", scores, 0.5), tmp_path / "summary.json")
+    assert [r["path"] for r in read_report(csv_path)] == paths  # complete: reads
+    data = csv_path.read_bytes()
+    row_end = data.index(b"\r\n", len(data) // 2) + 2
+    for cut, reason in [(row_end + 25, "cut short"), (row_end, r"holds \d+ rows but summary.json says 20")]:
+        csv_path.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match=rf"scores\.csv is incomplete \(.*{reason}.*\).*Rerun `dn2 test`"):
+            read_report(csv_path)
+    (tmp_path / "summary.json").unlink()  # without a summary, a row cut short is still caught
+    csv_path.write_bytes(data[: row_end + 25])
+    with pytest.raises(ValueError, match="incomplete"):
+        read_report(csv_path)
+
+
+def test_a_failed_write_leaves_the_previous_csv_whole(tmp_path):
+    class FailingPaths(list):
+        def __getitem__(self, i):
+            if i == 10:
+                raise OSError("disk full")
+            return super().__getitem__(i)
+
+    scores = small_scores(20)
+    csv_path = write_scores_csv(scores, tmp_path / "scores.csv", [f"old_{i}.png" for i in range(20)])
+    before = csv_path.read_bytes()
+    with pytest.raises(OSError, match="disk full"):
+        write_scores_csv(scores, csv_path, FailingPaths(f"new_{i}.png" for i in range(20)))
+    assert csv_path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["scores.csv"]  # no temporary file left behind
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="file names with undecodable bytes are a POSIX thing")

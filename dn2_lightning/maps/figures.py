@@ -96,6 +96,21 @@ def write_map_pngs(images: Tensor, maps: Tensor, names: Sequence[str], out_dir: 
     return written
 
 
+def map_png_name(index: int, path: str | None = None) -> str:
+    """File stem of a predicted image's map: ``<index>_<folder>_<stem>``, or ``<index>`` without a path.
+
+    The dataset index (the CSV's ``index`` column) makes it unique: ``part.png`` and ``part.jpg``, or
+    ``a/x/0.png`` and ``b/x/0.png``, get a map each; folder and stem keep it readable.
+
+    >>> map_png_name(7, "/data/test/scratch/000.png"), map_png_name(8, "part.jpg"), map_png_name(9)
+    ('7_scratch_000', '8_part', '9')
+    """
+    if not path:
+        return str(index)
+    source = Path(path)
+    return "_".join(part for part in (str(index), source.parent.name, source.stem) if part)
+
+
 def _run_dir(trainer: Trainer) -> Path:
     """The folder the run's :class:`~dn2_lightning.reports.EvaluationReport` reserved (``dn2_reports/<stage>_<N>``),
     else the log dir."""
@@ -105,12 +120,22 @@ def _run_dir(trainer: Trainer) -> Path:
     return reserved[0] if reserved else Path(trainer.log_dir or trainer.default_root_dir)
 
 
+def _list_with_report(trainer: Trainer, name: str, path: Path) -> None:
+    """Have the run's :class:`~dn2_lightning.reports.EvaluationReport` list ``path`` among the files it prints."""
+    from dn2_lightning.reports import EvaluationReport
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, EvaluationReport):
+            callback.list_file(name, path)
+
+
 class MapReport(Callback):
     """Map reports of ``DN2Module(anomaly_maps=True, reports=True)`` in the run's report folder
     (``dn2_reports/<stage>_<N>/``, beside the CSVs), so no run overwrites another's.
 
     After ``test``: ``figures/anomaly_maps.png`` (also logged to TensorBoard). During ``predict``:
-    ``anomaly_maps/<folder>_<image stem>.png`` (or ``<index>.png``), one overlay per image.
+    ``anomaly_maps/<index>_<folder>_<image stem>.png`` (or ``<index>.png`` without paths; :func:`map_png_name`),
+    one overlay per image. Both are listed with the run's other report files when it ends.
     """
 
     def __init__(self, n_top: int = 8) -> None:
@@ -132,9 +157,11 @@ class MapReport(Callback):
         from dn2_lightning.reports import _log_to_tensorboard
 
         _log_to_tensorboard(trainer, {"anomaly_maps": png})
+        _list_with_report(trainer, "anomaly_maps", png)
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._predict_dir = _run_dir(trainer) / "anomaly_maps"
+        _list_with_report(trainer, "anomaly_map_pngs", self._predict_dir)  # listed with its count, if written
 
     def on_predict_batch_end(
         self,
@@ -148,9 +175,9 @@ class MapReport(Callback):
         if not isinstance(outputs, dict) or "anomaly_map" not in outputs or self._predict_dir is None:
             return
         images = batch["image"] if isinstance(batch, dict) else batch[0] if isinstance(batch, list | tuple) else batch
-        paths = outputs.get("path")
-        # <folder>_<stem>: MVTec's test kinds all number their files from 000
-        names = [f"{Path(p).parent.name}_{Path(p).stem}" for p in paths] if paths else None
-        write_map_pngs(
-            images, outputs["anomaly_map"], names or [str(int(i)) for i in outputs["index"]], self._predict_dir
-        )
+        indices = [int(i) for i in outputs["index"]]
+        paths = outputs.get("path") or [None] * len(indices)
+        names = [map_png_name(i, p) for i, p in zip(indices, paths, strict=True)]
+        # a second predict dataloader numbers its samples from 0 again: its maps get their own folder
+        out_dir = self._predict_dir / f"dataloader_{dataloader_idx}" if dataloader_idx else self._predict_dir
+        write_map_pngs(images, outputs["anomaly_map"], names, out_dir)
