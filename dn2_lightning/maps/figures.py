@@ -178,6 +178,4 @@ class MapReport(Callback):
         indices = [int(i) for i in outputs["index"]]
         paths = outputs.get("path") or [None] * len(indices)
         names = [map_png_name(i, p) for i, p in zip(indices, paths, strict=True)]
-        # a second predict dataloader numbers its samples from 0 again: its maps get their own folder
-        out_dir = self._predict_dir / f"dataloader_{dataloader_idx}" if dataloader_idx else self._predict_dir
-        write_map_pngs(images, outputs["anomaly_map"], names, out_dir)
+        write_map_pngs(images, outputs["anomaly_map"], names, self._predict_dir)  # one dataloader per predict call
