@@ -119,7 +119,7 @@ class FeatureExtractor(nn.Module):
         Resizing is linear with weights that sum to one, so normalising before or after it is the same map (up
         to float rounding): an upscale normalises the fewer input pixels first, a downscale the fewer output
         pixels after. Antialiasing only changes a downscale, so an upscale uses the plain bilinear kernel
-        (equal to the antialiased one to float rounding, and faster on GPUs).
+        (equal to the antialiased one to float rounding).
         """
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(
