@@ -214,9 +214,7 @@ class DN2CLI(LightningCLI):
         defaults = {n: p.default for n, p in inspect.signature(DN2Module.__init__).parameters.items()}
         left_at_default = {name for name, default in defaults.items() if name in model and model[name] == default}
         restored = [*BANK_HPARAMS]
-        if left_at_default.issuperset(
-            THRESHOLD_HPARAMS
-        ):  # the checkpoint's threshold (set_threshold), unless one is given
+        if left_at_default.issuperset(THRESHOLD_HPARAMS):  # the checkpoint's threshold, unless the run sets one
             restored += THRESHOLD_HPARAMS
         for name in restored:
             if name not in saved or str(saved[name]).startswith(CUSTOM_BACKBONE):
