@@ -34,7 +34,8 @@ returned as float32, from float32 differences squared and accumulated in float64
 2**-22, allowed for by the certification; neighbours closer than that to each other are re-ordered from
 float64 differences). Exact means: equal to a float64 brute force of the inputs as given. Inputs must be
 finite, and float32 results must fit float32: data whose squared distances could exceed 3.4e38 are
-refused with a ValueError (rescale them or pass float64).
+refused with a ValueError (rescale them or pass float64). Other dtypes (float8, integers) are refused.
+Results are not differentiable (no autograd graph is recorded).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import numbers
+import operator
 import os
 import subprocess
 import sys
@@ -66,6 +69,8 @@ _UNIT_ROUNDOFF = {
     torch.float16: 2.0**-11,
 }
 _TF32_UNIT_ROUNDOFF = 2.0**-11
+# Input dtypes the search takes (float8 and complex tensors cannot be promoted or ordered this way).
+_INPUT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 # Queries farther than this (squared, in units of the bank's radius) would overflow the candidate GEMM; they
 # are searched by float64 differences instead. float16 holds |-2 q| and |q.b| only up to 65504.
 _MAX_SCALED_SQUARED_NORM = {torch.float32: 2.0**100, torch.bfloat16: 2.0**100, torch.float16: 2.0**28}
@@ -146,6 +151,7 @@ class PreparedBank:
         return _result_dtype(self.source.dtype)
 
 
+@torch.no_grad()
 def prepare_bank(bank: Tensor, candidate_dtype: torch.dtype | None = None) -> PreparedBank:
     """Centre the bank on its mean and scale it by a power of two (distances are unchanged up to that exact
     factor; norms, cancellation and overflow shrink). Done once per bank, reused by every search.
@@ -155,13 +161,15 @@ def prepare_bank(bank: Tensor, candidate_dtype: torch.dtype | None = None) -> Pr
         candidate_dtype: dtype of the candidate GEMM (see :func:`knn_distances`; ``None``: the device's).
 
     Returns:
-        A :class:`PreparedBank` (it keeps a reference to ``bank``: do not modify it in place afterwards).
+        A :class:`PreparedBank` (it keeps a reference to ``bank``, detached from autograd: do not modify it in
+        place afterwards).
 
     Raises:
-        ValueError: ``bank`` is not a 2-D floating tensor, has NaN/Inf rows, or spans squared distances
-            beyond the range of its result dtype.
+        ValueError: ``bank`` is not a 2-D float64/float32/float16/bfloat16 tensor with at least one column, has
+            NaN/Inf rows, or spans squared distances beyond the range of its result dtype.
     """
     _check_matrix("bank", bank)
+    bank = bank.detach()
     candidate_dtype = candidate_dtype or default_candidate_dtype(bank.device)
     if candidate_dtype not in _UNIT_ROUNDOFF:
         raise ValueError(f"candidate_dtype={candidate_dtype} must be one of {list(_UNIT_ROUNDOFF)}.")
@@ -269,6 +277,7 @@ def list_knn_backends() -> list[str]:
     return list(KNN_BACKENDS)
 
 
+@torch.no_grad()
 def knn_distances(
     queries: Tensor,
     bank: Tensor | PreparedBank,
@@ -281,10 +290,10 @@ def knn_distances(
     """Exact k nearest neighbours of each query row among the bank rows (squared L2).
 
     Args:
-        queries: ``[M, D]`` finite floating tensor (``M`` may be 0).
-        bank: ``[N, D]`` finite floating tensor on the same device, or a :class:`PreparedBank` of it (saves
-            re-centring the bank when it is searched many times).
-        k: number of neighbours, ``1 <= k <= N``.
+        queries: ``[M, D]`` finite float64, float32, float16 or bfloat16 tensor (``M`` may be 0, ``D`` not).
+        bank: ``[N, D]`` such a tensor on the same device, or a :class:`PreparedBank` of it (saves re-centring
+            the bank when it is searched many times).
+        k: number of neighbours, an integer (Python or NumPy) with ``1 <= k <= N``.
         backend: one of :func:`list_knn_backends`.
         max_memory_bytes: budget for temporary buffers of the ``"torch"`` backend (default 512 MiB).
         candidate_dtype: dtype of the ``"torch"`` backend's candidate GEMM: ``None`` (float16 on CUDA,
@@ -294,7 +303,8 @@ def knn_distances(
 
     Returns:
         ``KNNResult(values, indices)``, values ascending: float64 if ``queries`` or ``bank`` is float64
-        (searched exactly in float64), else float32.
+        (searched exactly in float64), else float32. They are not differentiable: inputs that require grad are
+        searched as if detached, and no autograd graph is recorded.
 
     Raises:
         ValueError: on shapes, dtypes, devices, ``k`` or ``backend`` that cannot work, NaN/Inf rows, or
@@ -306,6 +316,7 @@ def knn_distances(
         KNNResult(values=tensor([[0.0100, 0.8100]]), indices=tensor([[1, 0]]))
     """
     _validate_inputs(queries, bank, k, backend, max_memory_bytes, candidate_dtype)
+    queries, k = queries.detach(), operator.index(k)
     candidate_dtype = candidate_dtype or default_candidate_dtype(queries.device)
     # Under Trainer(precision="bf16-mixed") autocast would silently lower the GEMM below the precision the
     # error bound assumes; the search picks its own precisions.
@@ -372,8 +383,15 @@ def _check_matrix(name: str, tensor: object) -> None:
     if not isinstance(tensor, Tensor) or tensor.ndim != 2:
         shape = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
         raise ValueError(f"`{name}` must be a 2-D tensor [rows, dim], got {shape}.")
-    if not tensor.is_floating_point():
-        raise ValueError(f"`{name}` must be a floating tensor, got dtype {tensor.dtype}.")
+    if tensor.dtype not in _INPUT_DTYPES:
+        raise ValueError(
+            f"`{name}` must be a floating tensor of dtype {', '.join(map(_dtype_name, _INPUT_DTYPES))}, got dtype "
+            f"{_dtype_name(tensor.dtype)}. Convert it first (e.g. with .float())."
+        )
+    if tensor.shape[1] == 0:
+        raise ValueError(
+            f"`{name}` has feature dimension 0 (shape {tuple(tensor.shape)}): rows need at least one feature."
+        )
 
 
 def _check_finite(name: str, tensor: Tensor, offset: int = 0) -> None:
@@ -408,7 +426,7 @@ def _validate_inputs(
     if queries.device != bank.device:
         raise ValueError(f"`queries` are on {queries.device} but the `bank` is on {bank.device}.")
     n = bank.shape[0]
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= n:
         raise ValueError(f"k={k!r} must be an integer with 1 <= k <= bank size ({n}).")
     if max_memory_bytes is not None and max_memory_bytes < 2**16:
         raise ValueError(f"max_memory_bytes={max_memory_bytes} is too small; give at least 65536 bytes.")

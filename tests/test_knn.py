@@ -640,9 +640,53 @@ def test_subnormal_squared_distances_are_ordered_exactly(backend):
     assert torch.equal(result.indices, brute_force_knn(queries, bank, 3).indices)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inputs_that_require_grad_are_searched_without_autograd(backend):
+    g = torch.Generator().manual_seed(27)
+    bank = torch.randn(200, 8, generator=g).requires_grad_()
+    queries = torch.randn(20, 8, generator=g).requires_grad_()
+    for searched in (bank, prepare_bank(bank)):
+        result = knn_distances(queries, searched, 3, backend)
+        assert not result.values.requires_grad
+        assert_exact(result, queries.detach(), bank.detach(), 3)
+
+
+def test_zero_feature_dimension_is_named():
+    with pytest.raises(ValueError, match=r"`queries` has feature dimension 0 \(shape \(3, 0\)\)"):
+        knn_distances(torch.empty(3, 0), torch.empty(5, 0), 2)
+    with pytest.raises(ValueError, match=r"`bank` has feature dimension 0"):
+        prepare_bank(torch.empty(5, 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_unsupported_dtypes_are_refused_by_name(dtype):
+    supported = r"float64, float32, float16, bfloat16, got dtype"
+    with pytest.raises(ValueError, match=rf"`queries` must be a floating tensor of dtype {supported}"):
+        knn_distances(torch.randn(3, 4).to(dtype), torch.randn(5, 4).to(dtype), 2)
+    with pytest.raises(ValueError, match=rf"`bank` must be a floating tensor of dtype {supported}"):
+        knn_distances(torch.randn(3, 4), torch.randn(5, 4).to(dtype), 2)
+
+
 def test_overflowing_float32_norms_report_the_real_radius():
     g = torch.Generator().manual_seed(28)
     bank = 1e20 * torch.randn(50, 8, generator=g)
     radius = (bank.double() - bank.double().mean(0)).norm(dim=1).max().item()
     with pytest.raises(ValueError, match=re.escape(f"`bank` rows lie up to {radius:.3g} from their mean")):
         knn_distances(torch.randn(2, 8), bank, 2)
+
+
+def test_numpy_integer_k_is_accepted():
+    import numpy as np
+
+    from dn2_lightning.validation import check_k
+
+    g = torch.Generator().manual_seed(29)
+    bank, queries = torch.randn(50, 4, generator=g), torch.randn(5, 4, generator=g)
+    for k in (np.int64(2), np.int32(2), np.uint8(2)):
+        check_k(k)
+        assert_exact(knn_distances(queries, bank, k), queries, bank, 2)
+    for bad in (np.int64(0), True, np.float64(2.0), 2.0):
+        with pytest.raises(ValueError, match=r"k=.* must be an integer"):
+            check_k(bad)
+        with pytest.raises(ValueError, match=r"k=.* must be an integer"):
+            knn_distances(queries, bank, bad)
