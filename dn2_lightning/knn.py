@@ -765,7 +765,8 @@ def _pair_distances(
     subnormals (below 2^-126), where the relative error is unbounded."""
     work = work or _pair_dtype(queries, bank)
     out = torch.empty(len(query_rows), dtype=torch.float64, device=queries.device)
-    step = max(1, _PAIR_CHUNK_BYTES.get(queries.device.type, 2**28) // (work.itemsize * queries.shape[1]))
+    # rows per chunk: the float64 squares are the largest temporary
+    step = max(1, _PAIR_CHUNK_BYTES.get(queries.device.type, 2**28) // (8 * queries.shape[1]))
     for start in range(0, len(query_rows), step):
         diff = torch.index_select(queries, 0, query_rows[start : start + step]).to(work)
         diff.sub_(torch.index_select(bank, 0, bank_rows[start : start + step]))
