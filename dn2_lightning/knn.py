@@ -29,11 +29,13 @@ is tested against a float64 brute force.
   low-dimensional GPU data only (a rule still to be checked against GPU measurements: benchmarks/RESULTS.md).
 
 Dtypes: float64 inputs (queries or bank) are searched exactly in float64 arithmetic (differences in
-float64) and returned as float64; float32, float16 and bfloat16 inputs are returned as float32, from
-float32 differences accumulated in float64 (relative error below 2**-22, allowed for by the certification;
-neighbours closer than that to each other are re-ordered from float64 differences). Inputs must be
+float64, also against a float32 bank) and returned as float64; float32, float16 and bfloat16 inputs are
+returned as float32, from float32 differences squared and accumulated in float64 (relative error below
+2**-22, allowed for by the certification; neighbours closer than that to each other are re-ordered from
+float64 differences). Exact means: equal to a float64 brute force of the inputs as given. Inputs must be
 finite, and float32 results must fit float32: data whose squared distances could exceed 3.4e38 are
-refused with a ValueError (rescale them or pass float64).
+refused with a ValueError (rescale them or pass float64). Other dtypes (float8, integers) are refused.
+Results are not differentiable (no autograd graph is recorded).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import numbers
+import operator
 import os
 import subprocess
 import sys
@@ -65,6 +69,8 @@ _UNIT_ROUNDOFF = {
     torch.float16: 2.0**-11,
 }
 _TF32_UNIT_ROUNDOFF = 2.0**-11
+# Input dtypes the search takes (float8 and complex tensors cannot be promoted or ordered this way).
+_INPUT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 # Queries farther than this (squared, in units of the bank's radius) would overflow the candidate GEMM; they
 # are searched by float64 differences instead. float16 holds |-2 q| and |q.b| only up to 65504.
 _MAX_SCALED_SQUARED_NORM = {torch.float32: 2.0**100, torch.bfloat16: 2.0**100, torch.float16: 2.0**28}
@@ -145,6 +151,7 @@ class PreparedBank:
         return _result_dtype(self.source.dtype)
 
 
+@torch.no_grad()
 def prepare_bank(bank: Tensor, candidate_dtype: torch.dtype | None = None) -> PreparedBank:
     """Centre the bank on its mean and scale it by a power of two (distances are unchanged up to that exact
     factor; norms, cancellation and overflow shrink). Done once per bank, reused by every search.
@@ -154,13 +161,15 @@ def prepare_bank(bank: Tensor, candidate_dtype: torch.dtype | None = None) -> Pr
         candidate_dtype: dtype of the candidate GEMM (see :func:`knn_distances`; ``None``: the device's).
 
     Returns:
-        A :class:`PreparedBank` (it keeps a reference to ``bank``: do not modify it in place afterwards).
+        A :class:`PreparedBank` (it keeps a reference to ``bank``, detached from autograd: do not modify it in
+        place afterwards).
 
     Raises:
-        ValueError: ``bank`` is not a 2-D floating tensor, has NaN/Inf rows, or spans squared distances
-            beyond the range of its result dtype.
+        ValueError: ``bank`` is not a 2-D float64/float32/float16/bfloat16 tensor with at least one column, has
+            NaN/Inf rows, or spans squared distances beyond the range of its result dtype.
     """
     _check_matrix("bank", bank)
+    bank = bank.detach()
     candidate_dtype = candidate_dtype or default_candidate_dtype(bank.device)
     if candidate_dtype not in _UNIT_ROUNDOFF:
         raise ValueError(f"candidate_dtype={candidate_dtype} must be one of {list(_UNIT_ROUNDOFF)}.")
@@ -179,22 +188,24 @@ def _prepare_bank(bank: Tensor, candidate_dtype: torch.dtype) -> PreparedBank:
         norms = torch.linalg.vecdot(rows, rows)
         radius = math.sqrt(float(norms.max())) if n else 0.0  # inf once a norm overflows: refused below
     else:  # float64: norms in float64, since the centred rows may not fit float32 before scaling
-        step = max(1, 2**22 // max(1, dim))  # rows per chunk: float64 temporaries of 32 MiB
-        norms64 = torch.cat([_row_norms64(c - center) for c in bank.split(step)]) if n else bank.new_zeros(0)
-        radius = float(norms64.max()) if n else 0.0
+        radius = _radius64(bank, center)
     if not math.isfinite(radius):  # NaN/Inf rows (the mean, hence every norm, is then NaN too)
         _check_finite("bank", bank)
     limit = torch.finfo(_result_dtype(bank.dtype)).max
-    if not (2 * radius) ** 2 <= limit:
+    if not _square(2 * radius) <= limit:
+        radius = _radius64(bank, center)  # a float32 norm overflows to inf: say how far the rows really lie
         raise ValueError(
             f"`bank` rows lie up to {radius:.3g} from their mean, so squared distances could reach "
-            f"{(2 * radius) ** 2:.3g}, beyond {_dtype_name(_result_dtype(bank.dtype))}'s range ({limit:.3g}). "
+            f"{_square(2 * radius):.3g}, beyond {_dtype_name(_result_dtype(bank.dtype))}'s range ({limit:.3g}). "
             "Rescale the embeddings (e.g. divide them by their largest norm) or pass float64 tensors."
         )
     # A power of two (exact in binary floating point) bringing the radius into [1/2, 1), so that neither the
-    # GEMM (float16 included) nor its error bound under- or overflows.
-    bound = 120 if work == torch.float32 else 480  # float32 arithmetic cannot hold factors past 2**126
-    exponent = 0 if radius == 0 else max(-bound, min(bound, -math.frexp(radius)[1]))
+    # GEMM (float16 included) nor its error bound under- or overflows. Only tiny banks clamp it (float32
+    # arithmetic cannot hold factors past 2**126, nor float64 scale**2 past 2**1023): their rows fall into the
+    # candidate dtype's subnormals, which the bound covers. Large banks never clamp: the range check above
+    # keeps the radius below 2**63 (float32) or 2**511 (float64), so every candidate row fits float16 and
+    # scale**2 >= 2**-1022 stays a normal float64.
+    exponent = 0 if radius == 0 else min(120 if work == torch.float32 else 480, -math.frexp(radius)[1])
     scale = 2.0**exponent
     if work == torch.float32:
         if exponent:  # the same operations as _frame_rows, so that recomputed rows are these bit for bit
@@ -266,6 +277,7 @@ def list_knn_backends() -> list[str]:
     return list(KNN_BACKENDS)
 
 
+@torch.no_grad()
 def knn_distances(
     queries: Tensor,
     bank: Tensor | PreparedBank,
@@ -278,10 +290,10 @@ def knn_distances(
     """Exact k nearest neighbours of each query row among the bank rows (squared L2).
 
     Args:
-        queries: ``[M, D]`` finite floating tensor (``M`` may be 0).
-        bank: ``[N, D]`` finite floating tensor on the same device, or a :class:`PreparedBank` of it (saves
-            re-centring the bank when it is searched many times).
-        k: number of neighbours, ``1 <= k <= N``.
+        queries: ``[M, D]`` finite float64, float32, float16 or bfloat16 tensor (``M`` may be 0, ``D`` not).
+        bank: ``[N, D]`` such a tensor on the same device, or a :class:`PreparedBank` of it (saves re-centring
+            the bank when it is searched many times).
+        k: number of neighbours, an integer (Python or NumPy) with ``1 <= k <= N``.
         backend: one of :func:`list_knn_backends`.
         max_memory_bytes: budget for temporary buffers of the ``"torch"`` backend (default 512 MiB).
         candidate_dtype: dtype of the ``"torch"`` backend's candidate GEMM: ``None`` (float16 on CUDA,
@@ -291,7 +303,8 @@ def knn_distances(
 
     Returns:
         ``KNNResult(values, indices)``, values ascending: float64 if ``queries`` or ``bank`` is float64
-        (searched exactly in float64), else float32.
+        (searched exactly in float64), else float32. They are not differentiable: inputs that require grad are
+        searched as if detached, and no autograd graph is recorded.
 
     Raises:
         ValueError: on shapes, dtypes, devices, ``k`` or ``backend`` that cannot work, NaN/Inf rows, or
@@ -303,6 +316,7 @@ def knn_distances(
         KNNResult(values=tensor([[0.0100, 0.8100]]), indices=tensor([[1, 0]]))
     """
     _validate_inputs(queries, bank, k, backend, max_memory_bytes, candidate_dtype)
+    queries, k = queries.detach(), operator.index(k)
     candidate_dtype = candidate_dtype or default_candidate_dtype(queries.device)
     # Under Trainer(precision="bf16-mixed") autocast would silently lower the GEMM below the precision the
     # error bound assumes; the search picks its own precisions.
@@ -351,12 +365,33 @@ def _row_norms64(rows: Tensor) -> Tensor:
     return torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64)
 
 
+def _square(x: float) -> float:
+    """``x * x``; inf where it overflows (Python's ``x ** 2`` raises OverflowError instead)."""
+    return x * x
+
+
+def _radius64(rows: Tensor, center: Tensor) -> float:
+    """Largest float64 norm of ``rows - center`` (differences in float64, chunks of 32 MiB); 0 for no rows."""
+    if not len(rows):
+        return 0.0
+    step = max(1, 2**22 // max(1, rows.shape[1]))
+    center = center.double()
+    return float(torch.stack([_row_norms64(c.double() - center).max() for c in rows.split(step)]).max())  # NaN stays
+
+
 def _check_matrix(name: str, tensor: object) -> None:
     if not isinstance(tensor, Tensor) or tensor.ndim != 2:
         shape = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
         raise ValueError(f"`{name}` must be a 2-D tensor [rows, dim], got {shape}.")
-    if not tensor.is_floating_point():
-        raise ValueError(f"`{name}` must be a floating tensor, got dtype {tensor.dtype}.")
+    if tensor.dtype not in _INPUT_DTYPES:
+        raise ValueError(
+            f"`{name}` must be a floating tensor of dtype {', '.join(map(_dtype_name, _INPUT_DTYPES))}, got dtype "
+            f"{_dtype_name(tensor.dtype)}. Convert it first (e.g. with .float())."
+        )
+    if tensor.shape[1] == 0:
+        raise ValueError(
+            f"`{name}` has feature dimension 0 (shape {tuple(tensor.shape)}): rows need at least one feature."
+        )
 
 
 def _check_finite(name: str, tensor: Tensor, offset: int = 0) -> None:
@@ -391,7 +426,7 @@ def _validate_inputs(
     if queries.device != bank.device:
         raise ValueError(f"`queries` are on {queries.device} but the `bank` is on {bank.device}.")
     n = bank.shape[0]
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= n:
         raise ValueError(f"k={k!r} must be an integer with 1 <= k <= bank size ({n}).")
     if max_memory_bytes is not None and max_memory_bytes < 2**16:
         raise ValueError(f"max_memory_bytes={max_memory_bytes} is too small; give at least 65536 bytes.")
@@ -452,6 +487,12 @@ class _BlockSearch:
     def certify(self, approx: Tensor, cand: Tensor) -> tuple[Tensor, Tensor]:
         """Exact k nearest neighbours (float64 values) of the block from its GEMM candidates."""
         bank = self.bank
+        # A GEMM that overflowed (NaN or inf among the candidates or the group minima) certifies nothing and its
+        # minima exclude nothing (NaN compares false): such rows are searched by differences.
+        broken = ~torch.isfinite(approx).all(1) | ~torch.isfinite(self.group_mins).all(1)
+        if broken.any():
+            self.far = self.far | broken
+            approx, cand = approx.masked_fill(broken[:, None], 0), cand.masked_fill(broken[:, None], 0)
         bound = _error_bound(self.error_scale, self.q_norms, bank.max_norm, bank.low)
         v, i, kth, uncertain = _certified_topk(self.queries, bank, approx, cand, bound, self.k)
         uncertain |= self.far
@@ -523,8 +564,11 @@ def _one_thread(device: torch.device) -> Iterator[None]:
 
 
 def _center(queries: Tensor, bank: PreparedBank) -> Tensor:
-    """Queries in the bank's centred, scaled float32 frame."""
-    return torch.sub(queries.to(bank.center.dtype), bank.center).mul_(bank.scale).to(torch.float32)
+    """Queries in the bank's centred, scaled float32 frame. The difference is taken in the wider of the two
+    dtypes (float64 queries stay float64 against a float32 centre), so that it rounds once relative to the
+    centred value, as the error bound assumes; rounding a float64 query to float32 first would err by u ||q||.
+    Rows too far out for float32 become inf (see :func:`_frame_queries`)."""
+    return torch.sub(queries, bank.center).mul_(bank.scale).to(torch.float32)
 
 
 def _frame_queries(
@@ -544,15 +588,15 @@ def _frame_queries(
     limit = torch.finfo(dtype).max
     radius = bank.max_norm / bank.scale
     worst = math.sqrt(largest) / bank.scale
-    if not (worst + radius) ** 2 * 1.01 <= limit:  # cheap screen; exact float64 norms decide
-        norms = _row_norms64(queries.to(bank.center.dtype) - bank.center)
+    if not _square(worst + radius) * 1.01 <= limit:  # cheap screen; exact float64 norms decide
+        norms = _row_norms64(queries.double() - bank.center.double())  # the float32 frame may overflow
         over = ((norms + radius) ** 2 > limit).nonzero().flatten()
         if len(over):
             worst = float(norms.max())
             shown = ", ".join(str(r) for r in (over[:10] + offset).tolist()) + (", ..." if len(over) > 10 else "")
             raise ValueError(
                 f"`queries` rows {shown} lie up to {worst:.3g} from the bank's mean (bank radius {radius:.3g}), so "
-                f"squared distances could reach {(worst + radius) ** 2:.3g}, beyond {_dtype_name(dtype)}'s range "
+                f"squared distances could reach {_square(worst + radius):.3g}, beyond {_dtype_name(dtype)}'s range "
                 f"({limit:.3g}). Rescale queries and bank by the same factor (e.g. divide both by the bank's largest "
                 "norm) or pass float64 tensors, which are searched and returned in float64."
             )
@@ -685,12 +729,13 @@ def _certified_topk(
     query's k-th distance from above (scaled frame) and ``uncertain`` marks the queries for which a bank row
     outside the candidates could still be nearer."""
     # The k-th exact distance is at most approx_k + bound: candidates whose lower bound exceeds it are out.
-    keep = approx - bound[:, None] <= (approx[:, k - 1] + bound)[:, None]
+    # Comparisons are written so that NaN (no bound at all) keeps a candidate and never certifies a query.
+    keep = ~(approx - bound[:, None] > (approx[:, k - 1] + bound)[:, None])
     v, i = _exact_topk(queries, bank, cand, keep, k)
     kth = v[:, -1] * bank.scale**2 * (1 + _exact_slack(queries, bank))  # with the recompute's own rounding
     # rows outside the candidates have approx >= approx_c, so exact >= approx_c - bound
-    uncertain = approx[:, -1] - bound <= kth if cand.shape[1] < bank.shape[0] else torch.zeros_like(kth).bool()
-    return v, i, kth, uncertain
+    uncertain = ~(approx[:, -1] - bound > kth) if cand.shape[1] < bank.shape[0] else torch.zeros_like(kth).bool()
+    return v, i, kth, uncertain | ~torch.isfinite(approx).all(1)  # an overflowed approximation bounds nothing
 
 
 def _exact_topk(queries: Tensor, bank: PreparedBank, cand: Tensor, keep: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -713,16 +758,19 @@ def _exact_topk(queries: Tensor, bank: PreparedBank, cand: Tensor, keep: Tensor,
 def _pair_distances(
     queries: Tensor, bank: Tensor, query_rows: Tensor, bank_rows: Tensor, work: torch.dtype | None = None
 ) -> Tensor:
-    """``||queries[query_rows[p]] - bank[bank_rows[p]]||^2`` accumulated in float64, a cache-sized chunk of
-    pairs at a time (never ``[queries, candidates, D]`` at once). Differences are taken in ``work`` (default
-    float64 when either side is float64, exact; else float32, relative error <= 2^-22 per distance)."""
+    """``||queries[query_rows[p]] - bank[bank_rows[p]]||^2`` squared and accumulated in float64, a cache-sized
+    chunk of pairs at a time (never ``[queries, candidates, D]`` at once). Differences are taken in ``work``
+    (default float64 when either side is float64, exact; else float32, relative error <= 2^-22 per distance).
+    A float32 difference squares exactly in float64; squared in float32 it could fall into float32's
+    subnormals (below 2^-126), where the relative error is unbounded."""
     work = work or _pair_dtype(queries, bank)
     out = torch.empty(len(query_rows), dtype=torch.float64, device=queries.device)
-    step = max(1, _PAIR_CHUNK_BYTES.get(queries.device.type, 2**28) // (work.itemsize * queries.shape[1]))
+    # rows per chunk: the float64 squares are the largest temporary
+    step = max(1, _PAIR_CHUNK_BYTES.get(queries.device.type, 2**28) // (8 * queries.shape[1]))
     for start in range(0, len(query_rows), step):
         diff = torch.index_select(queries, 0, query_rows[start : start + step]).to(work)
         diff.sub_(torch.index_select(bank, 0, bank_rows[start : start + step]))
-        torch.sum(diff.square_(), 1, dtype=torch.float64, out=out[start : start + step])
+        torch.sum(diff.to(torch.float64).square_(), 1, out=out[start : start + step])
     return out
 
 
@@ -731,7 +779,8 @@ def _pair_dtype(queries: Tensor, bank: Tensor) -> torch.dtype:
 
 
 def _exact_slack(queries: Tensor, bank: PreparedBank) -> float:
-    """Relative error bound of :func:`_pair_distances` (float32 differences and squares round twice)."""
+    """Relative error bound of :func:`_pair_distances` (a float32 difference rounds once, its square twice
+    that; the float64 squares and sum add ``(D + 2) 2^-53`` each)."""
     dim = bank.shape[1]
     rounding = 0.0 if _pair_dtype(queries, bank.source) == torch.float64 else 4 * _UNIT_ROUNDOFF[torch.float32]
     return rounding + 4 * (dim + 2) * 2.0**-53

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from numbers import Real
+from numbers import Integral, Real
 
 
 def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
@@ -78,8 +78,11 @@ def check_fraction(
 
 
 def check_k(k: object) -> None:
-    """``k``, the neighbours averaged in the DN2 score."""
-    check_positive_int("k", k, hint=" (the paper uses k=2)")
+    """``k``, the neighbours averaged in the DN2 score: a Python or NumPy integer (``numbers.Integral``, not
+    ``bool``), as :func:`dn2_lightning.knn.knn_distances` takes it."""
+    check_positive_int(
+        "k", int(k) if isinstance(k, Integral) and not isinstance(k, bool) else k, hint=" (the paper uses k=2)"
+    )
 
 
 def check_input_size(input_size: object) -> None:

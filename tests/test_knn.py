@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -520,3 +521,172 @@ def test_zero_query_rows_give_empty_results_issue11(prepared):
 def test_bank_must_be_a_matrix_issue11(bank):
     with pytest.raises(ValueError, match=r"`bank` must be a 2-D tensor \[rows, dim\]"):
         prepare_bank(bank)
+
+
+# --------------------------------------------------------------------------------------------------
+# fuzzer findings: exact means equal to a float64 brute force of the inputs as given
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_queries_against_a_float32_bank_are_centred_in_float64(backend):
+    """A float64 query rounded to the float32 bank's dtype before centring moved by u * |q| (here 4 at 1e8, half
+    the grid's spacing of 8), which the bound (rounding relative to |q - center|) does not cover: the 5th
+    neighbour came back at 141.61 instead of 80.81."""
+    grid = [[1e8 + 8 * a, 1e8 + 8 * b] for a in range(-12, 13) for b in range(-12, 13)]
+    bank = torch.tensor(grid, dtype=torch.float32)
+    queries = torch.tensor([[1e8 + 3.9, 1e8]], dtype=torch.float64)
+    result = knn_distances(queries, bank, 5, backend)
+    assert result.values.dtype == torch.float64
+    assert torch.equal(result.values, brute_force_knn(queries, bank, 5).values)
+    g = torch.Generator().manual_seed(21)
+    bank = (1e6 + torch.randn(2000, 16, generator=g, dtype=torch.float64)).float()
+    queries = 1e6 + torch.randn(100, 16, generator=g, dtype=torch.float64)
+    result = knn_distances(queries, bank, 5, backend)
+    assert torch.equal(result.indices, brute_force_knn(queries, bank, 5).indices)
+    assert_exact(result, queries, bank, 5, rtol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 120),
+    m=st.integers(1, 8),
+    d=st.integers(1, 16),
+    k_frac=st.floats(0, 1),
+    offset=st.sampled_from([0.0, 1e4, 1e6, 1e8]),
+    spread=st.sampled_from([1e-2, 1.0, 1e2]),
+    candidate=st.sampled_from([torch.float32, torch.float16]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_float64_queries_and_float32_bank_match_brute_force(n, m, d, k_frac, offset, spread, candidate, seed):
+    g = torch.Generator().manual_seed(seed)
+    bank = (offset + spread * torch.randn(n, d, generator=g, dtype=torch.float64)).float()
+    queries = offset + spread * torch.randn(m, d, generator=g, dtype=torch.float64)
+    k = 1 + int(k_frac * (n - 1))
+    result = knn_distances(queries, bank, k, "torch", candidate_dtype=candidate)
+    assert result.values.dtype == torch.float64
+    assert_exact(result, queries, bank, k, rtol=1e-12)
+
+
+def test_float64_query_far_beyond_float32_range_of_a_float32_bank_is_searched():
+    """A float64 query at 1e100 was cast to the float32 bank's dtype (inf) and refused; its squared distances
+    (~4e200) fit float64, the result dtype."""
+    g = torch.Generator().manual_seed(22)
+    bank = torch.randn(100, 4, generator=g)
+    queries = torch.cat([torch.full((1, 4), 1e100, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)])
+    result = knn_distances(queries, bank, 2)
+    assert result.values.dtype == torch.float64 and torch.isfinite(result.values).all()
+    assert_exact(result, queries, bank, 2, rtol=1e-12)
+
+
+@pytest.mark.parametrize("radius", [1e149, 1e152, 1e153])
+def test_float64_banks_up_to_the_float64_range_fit_every_candidate_dtype(radius):
+    """The bank's scaling factor was clamped at 2**-480, so above ~1e149 the float16 candidate rows overflowed to
+    inf, the GEMM gave NaN, NaN passed as certified (inf returned at a wrong row) or padding columns came back as
+    candidates (IndexError). Every candidate dtype must hold the rows up to float64's range."""
+    torch.manual_seed(0)
+    small = torch.randn(8, 4, dtype=torch.float64) * 1e152
+    g = torch.Generator().manual_seed(23)
+    bank = torch.randn(500, 6, generator=g, dtype=torch.float64) * (radius / 4)
+    queries = torch.cat([bank[:20] + radius * 1e-10, radius * torch.randn(10, 6, generator=g, dtype=torch.float64)])
+    for candidate in (torch.float16, torch.bfloat16, torch.float32):
+        result = knn_distances(small.mean(0, keepdim=True), small, 1, "torch", candidate_dtype=candidate)
+        assert_exact(result, small.mean(0, keepdim=True), small, 1, rtol=1e-12)
+        result = knn_distances(queries, bank, 3, "torch", candidate_dtype=candidate)
+        assert torch.equal(result.indices, brute_force_knn(queries, bank, 3).indices)
+        assert_exact(result, queries, bank, 3, rtol=1e-12)
+
+
+def test_distances_beyond_the_float64_range_are_refused_not_overflowed():
+    """Python's float ** 2 raises OverflowError: squared distances past 1.8e308 must be named instead."""
+    g = torch.Generator().manual_seed(24)
+    with pytest.raises(ValueError, match=r"`bank` rows lie up to .* beyond float64's range"):
+        knn_distances(torch.zeros(1, 6, dtype=torch.float64), 1e154 * torch.randn(50, 6, generator=g).double(), 2)
+    bank = 1e150 * torch.randn(50, 6, generator=g, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"`queries` rows 1 lie up to .* beyond float64's range"):
+        knn_distances(torch.cat([bank[:1], bank[1:2] * 1e10]), bank, 2)
+
+
+def test_overflowed_candidates_are_never_certified():
+    """NaN (and inf) approximations compare false: they must leave a query uncertified and be searched exactly,
+    never certify a wrong neighbour or hand padding columns on as candidates. A bank operand overflowed on
+    purpose: row 7 gives NaN, row 300 +inf, for every query."""
+    import dataclasses
+
+    g = torch.Generator().manual_seed(25)
+    bank = torch.randn(500, 8, generator=g)
+    prepared = prepare_bank(bank, torch.float16)
+    low = prepared.low.clone()
+    low[7, 0] = float("nan")
+    low[300, 0] = -float("inf") * torch.sign(prepared.frame_rows()[300, 0])  # -2 q.b = +inf near row 300
+    broken = dataclasses.replace(prepared, low=low)
+    queries = torch.cat([bank[[7, 300]] + 1e-3 * torch.randn(2, 8, generator=g), torch.randn(5, 8, generator=g)])
+    for k in (1, 3):
+        result = knn_distances(queries, broken, k, "torch", candidate_dtype=torch.float16)
+        assert torch.equal(result.indices, brute_force_knn(queries, bank, k).indices)
+        assert_exact(result, queries, bank, k)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_subnormal_squared_distances_are_ordered_exactly(backend):
+    """float32 squares below 2**-126 are subnormal (relative error unbounded): 1.4718781e-39 and 1.4718777e-39
+    came back in the wrong order. Squares are taken in float64."""
+    queries = torch.zeros(1, 2)
+    bank = torch.tensor([[3.836506332521277e-20, 0.0], [2.712819275106922e-20, 2.712819275106922e-20]])
+    assert knn_distances(queries, bank, 1, backend).indices.tolist() == [[1]]
+    assert knn_distances(queries, bank, 2, backend).indices.tolist() == [[1, 0]]
+    g = torch.Generator().manual_seed(26)
+    bank, queries = 1e-21 * torch.randn(400, 4, generator=g), 1e-21 * torch.randn(40, 4, generator=g)
+    result = knn_distances(queries, bank, 3, backend)
+    assert torch.equal(result.indices, brute_force_knn(queries, bank, 3).indices)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inputs_that_require_grad_are_searched_without_autograd(backend):
+    g = torch.Generator().manual_seed(27)
+    bank = torch.randn(200, 8, generator=g).requires_grad_()
+    queries = torch.randn(20, 8, generator=g).requires_grad_()
+    for searched in (bank, prepare_bank(bank)):
+        result = knn_distances(queries, searched, 3, backend)
+        assert not result.values.requires_grad
+        assert_exact(result, queries.detach(), bank.detach(), 3)
+
+
+def test_zero_feature_dimension_is_named():
+    with pytest.raises(ValueError, match=r"`queries` has feature dimension 0 \(shape \(3, 0\)\)"):
+        knn_distances(torch.empty(3, 0), torch.empty(5, 0), 2)
+    with pytest.raises(ValueError, match=r"`bank` has feature dimension 0"):
+        prepare_bank(torch.empty(5, 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_unsupported_dtypes_are_refused_by_name(dtype):
+    supported = r"float64, float32, float16, bfloat16, got dtype"
+    with pytest.raises(ValueError, match=rf"`queries` must be a floating tensor of dtype {supported}"):
+        knn_distances(torch.randn(3, 4).to(dtype), torch.randn(5, 4).to(dtype), 2)
+    with pytest.raises(ValueError, match=rf"`bank` must be a floating tensor of dtype {supported}"):
+        knn_distances(torch.randn(3, 4), torch.randn(5, 4).to(dtype), 2)
+
+
+def test_overflowing_float32_norms_report_the_real_radius():
+    g = torch.Generator().manual_seed(28)
+    bank = 1e20 * torch.randn(50, 8, generator=g)
+    radius = (bank.double() - bank.double().mean(0)).norm(dim=1).max().item()
+    with pytest.raises(ValueError, match=re.escape(f"`bank` rows lie up to {radius:.3g} from their mean")):
+        knn_distances(torch.randn(2, 8), bank, 2)
+
+
+def test_numpy_integer_k_is_accepted():
+    import numpy as np
+
+    from dn2_lightning.validation import check_k
+
+    g = torch.Generator().manual_seed(29)
+    bank, queries = torch.randn(50, 4, generator=g), torch.randn(5, 4, generator=g)
+    for k in (np.int64(2), np.int32(2), np.uint8(2)):
+        check_k(k)
+        assert_exact(knn_distances(queries, bank, k), queries, bank, 2)
+    for bad in (np.int64(0), True, np.float64(2.0), 2.0):
+        with pytest.raises(ValueError, match=r"k=.* must be an integer"):
+            check_k(bad)
+        with pytest.raises(ValueError, match=r"k=.* must be an integer"):
+            knn_distances(queries, bank, bad)
