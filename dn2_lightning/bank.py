@@ -189,11 +189,12 @@ class BankBuilder:
             return len(self.bank)
         return sum(count_rows(len(self.bank), self.bank.embeddings.device))
 
-    def rows(self, collector: BankCollector) -> tuple[Tensor, Tensor, Tensor]:
+    def rows(self, collector: BankCollector, rows_per_sample: int = 1) -> tuple[Tensor, Tensor, Tensor]:
         """The collected ``(embeddings, indices, labels)``, one row per train sample (de-duplicated by dataset
-        index): every rank's rows gathered, or this rank's own share of them when sharded."""
+        index; ``rows_per_sample``: rows a sample adds, e.g. a group's members): every rank's rows gathered, or
+        this rank's own share of them when sharded."""
         embeddings, indices, labels = collector.collect()
-        check_unique_indices(gather_rows(indices), "training samples")
+        check_unique_indices(gather_rows(indices), "training samples", padded_rows=rows_per_sample)
         if self.sharded:
             own = keep_first_owner(indices)
             indices, embeddings, labels = unique_by_index(indices[own], embeddings[own], labels[own])

@@ -40,20 +40,23 @@ def gather_rows_to_cpu(tensor: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
-def check_unique_indices(indices: Tensor, what: str) -> None:
+def check_unique_indices(indices: Tensor, what: str, padded_rows: int = 1) -> None:
     """Refuse dataset indices that repeat more often than ``DistributedSampler``'s padding can explain.
 
     Rows are matched to samples by their dataset ``index``: under DDP the sampler pads the ranks with fewer than
-    ``world_size`` repeated samples, which are dropped. Any other repeat means that different samples share an
-    index (a ``ConcatDataset`` of datasets that each number their samples from 0, a custom ``index``), and
-    dropping those rows would silently lose samples.
+    ``world_size`` repeated samples, whose rows are dropped. Any other repeat means that different samples share
+    an index (a ``ConcatDataset`` of datasets that each number their samples from 0, a custom ``index``), and
+    dropping those rows would silently lose samples. Fewer repeats than the padding allows cannot be told apart
+    from it (under DDP only).
 
     Args:
         indices: every rank's dataset indices, gathered.
         what: the rows, for the message (e.g. ``"training samples"``).
+        padded_rows: rows per padded sample (a group's members when each is a row); 0 where the sampler does not
+            pad (Lightning's predict sampler).
     """
     repeats = len(indices) - int(torch.unique(indices).numel())
-    if repeats < world_size():
+    if repeats <= (world_size() - 1) * padded_rows:
         return
     values, counts = torch.unique(indices, return_counts=True)
     shared = values[counts > 1][:5].tolist()

@@ -85,8 +85,9 @@ class ScoreCollector(Metric):
     full_state_update = False
     higher_is_better = None
 
-    def __init__(self) -> None:
+    def __init__(self, padded: bool = True) -> None:
         super().__init__()
+        self.padded = padded  # the evaluation's sampler pads ranks with repeats (Lightning's predict sampler does not)
         for name in ("indices", "scores", "labels", "neighbours", "distances"):
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
@@ -100,7 +101,7 @@ class ScoreCollector(Metric):
     def compute(self) -> AnomalyScores:
         if isinstance(self.indices, list) and not self.indices:
             raise RuntimeError("no samples were scored: the evaluation dataloader is empty.")
-        check_unique_indices(dim_zero_cat(self.indices), "scored samples")
+        check_unique_indices(dim_zero_cat(self.indices), "scored samples", padded_rows=int(self.padded))
         indices, scores, labels, neighbours, distances = unique_by_index(
             dim_zero_cat(self.indices),
             dim_zero_cat(self.scores),
@@ -109,6 +110,19 @@ class ScoreCollector(Metric):
             dim_zero_cat(self.distances),
         )
         return AnomalyScores(indices, scores, labels, neighbours, distances)
+
+    def collect(self) -> AnomalyScores:
+        """:meth:`compute` with every field's shape kept for a single sample (torchmetrics squeezes one-element
+        results to 0-d)."""
+        result = self.compute()
+        n = result.indices.numel()
+        return AnomalyScores(
+            result.indices.reshape(n),
+            result.scores.reshape(n),
+            result.labels.reshape(n),
+            result.neighbours.reshape(n, -1),
+            result.distances.reshape(n, -1),
+        )
 
 
 def unknown_labels(n: int, device: torch.device) -> Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sized
 from pathlib import Path
 from typing import Any
 
@@ -174,7 +175,7 @@ class DN2Module(LightningModule):
         self._ddp_params_and_buffers_to_ignore += [f"maps.bank.{name}" for name, _ in PatchBank().named_buffers()]
         self.val_collector = ScoreCollector()
         self.test_collector = ScoreCollector()
-        self.predict_collector = ScoreCollector()
+        self.predict_collector = ScoreCollector(padded=False)
         # inputs are already gathered and de-duplicated by the collectors, so no second sync
         self.val_auroc = BinaryAUROC(sync_on_compute=False)
         self.test_auroc = BinaryAUROC(sync_on_compute=False)
@@ -187,6 +188,7 @@ class DN2Module(LightningModule):
         self._stream_position = 0  # samples seen this epoch, to index datasets that give no indices
         self._stream_loader: DataLoader | None = None  # the loader being read outside Lightning's loops
         self._members_per_group = 0  # M of the group batches whose members are bank rows (group_pooling="none")
+        self._searches_owed = 0  # sharded predict: collective searches this rank still has to join
         self._bank_is_shard = False
 
     # ------------------------------------------------------------------------------------------ forward
@@ -309,6 +311,25 @@ class DN2Module(LightningModule):
         self.predict_scores = None
         self._ensure_bank()
         self._start_evaluation()
+        self._searches_owed = 0
+        batches = self.trainer.num_predict_batches
+        if self._sharded and all(math.isfinite(n) for n in batches):
+            # every sharded search is a collective, one per batch, but Lightning's predict sampler does not pad:
+            # a rank with fewer batches joins the others' remaining searches with empty ones once its own end
+            mine = int(sum(batches))
+            self._searches_owed = max(gather_objects(mine)) - mine
+            if mine == 0:
+                self._pay_owed_searches()
+
+    def on_predict_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._searches_owed and batch_idx + 1 == self.trainer.num_predict_batches[dataloader_idx]:
+            self._pay_owed_searches()
+
+    def _pay_owed_searches(self) -> None:
+        empty = torch.empty(0, self.bank.dim, device=self.bank.embeddings.device)
+        for _ in range(self._searches_owed):
+            self._search(empty, self.hparams.k)
+        self._searches_owed = 0
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         """Per sample: ``score``, ``normalized`` score, ``is_anomaly`` (score > threshold; ``None`` when no
@@ -514,7 +535,7 @@ class DN2Module(LightningModule):
 
     def _collect(self, stage: str, collector: ScoreCollector) -> AnomalyScores:
         """Every rank's rows of this stage, one per sample, in dataset order, with threshold and paths."""
-        result = collector.compute()
+        result = collector.collect()
         collector.reset()
         paths = self._all_paths(self._paths, "test" if stage == "val" else stage)
         threshold = float(self.threshold)
@@ -616,7 +637,7 @@ class DN2Module(LightningModule):
         assert self._collector is not None
         collector, self._collector = self._collector, None
         builder, hp = self._bank_builder, self.hparams
-        embeddings, indices, labels = builder.rows(collector)
+        embeddings, indices, labels = builder.rows(collector, max(1, self._members_per_group))
         if embeddings.ndim == 3:  # packed group members [N, M, D + 1]: fit the group pooling, then pool
             embeddings = builder.pool_groups(self.group_pool, *unpack_members(embeddings), indices)
         report = builder.build(embeddings, indices, labels, hp.k, hp.clean_fraction, hp.clean_k)
@@ -754,26 +775,34 @@ class DN2Module(LightningModule):
     def _indices_of(self, batch: Batch, batch_idx: int) -> Tensor:
         if batch.indices is not None:
             return torch.as_tensor(batch.indices, device=batch.images.device).long()
-        # datasets without indices are assumed to be read in order, as an unshuffled
-        # DistributedSampler deals them: sample i of this rank's stream is rank + world * i
+        # datasets without indices are assumed to be read in order, as an unshuffled DistributedSampler deals
+        # them: sample i of this rank's stream is position rank + world * i of the sampler's list, which pads
+        # the dataset's N samples with its first ones again (so the position modulo N)
+        loader = self._current_loader()
         if self._stream_position == 0:
-            self._warn_if_shuffled()
+            self._warn_if_shuffled(loader)
         size = batch.images.shape[0]
         local = torch.arange(self._stream_position, self._stream_position + size, device=batch.images.device)
         self._stream_position += size
-        return self.global_rank + world_size() * local
+        positions = self.global_rank + world_size() * local
+        dataset = getattr(loader, "dataset", None)
+        return positions % len(dataset) if isinstance(dataset, Sized) and len(dataset) else positions
 
-    def _warn_if_shuffled(self) -> None:
+    def _current_loader(self) -> Any:
+        """The dataloader being read: the bank's (built outside Lightning's loops) or the running stage's."""
+        if self._stream_loader is not None or self._trainer is None:
+            return self._stream_loader
+        return {
+            RunningStage.TRAINING: lambda: self.trainer.train_dataloader,
+            RunningStage.TESTING: lambda: self.trainer.test_dataloaders,
+            RunningStage.PREDICTING: lambda: self.trainer.predict_dataloaders,
+            RunningStage.VALIDATING: lambda: self.trainer.val_dataloaders,
+        }.get(self.trainer.state.stage, lambda: None)()
+
+    @staticmethod
+    def _warn_if_shuffled(loader: Any) -> None:
         """Samples without an ``index`` are numbered in the order they are read; a shuffling loader makes those
         numbers (neighbour indices, paths, the order of the scores) mean nothing, though scores stay right."""
-        loader = self._stream_loader
-        if loader is None and self._trainer is not None:
-            loader = {
-                RunningStage.TRAINING: lambda: self.trainer.train_dataloader,
-                RunningStage.TESTING: lambda: self.trainer.test_dataloaders,
-                RunningStage.PREDICTING: lambda: self.trainer.predict_dataloaders,
-                RunningStage.VALIDATING: lambda: self.trainer.val_dataloaders,
-            }.get(self.trainer.state.stage, lambda: None)()
         sampler = getattr(loader, "sampler", None)
         if isinstance(sampler, RandomSampler) or getattr(sampler, "shuffle", False):
             rank_zero_warn(

@@ -2,6 +2,7 @@
 
 Lightning's ddp launcher re-executes this script for every rank, so it is a script, not a test function.
 Usage: python tests/ddp_run.py OUT.pt DEVICES SETTING fit|test|predict replicate|shard
+(SETTING: unimodal, unsupervised, noindex, uneven, group_none)
 """
 
 from __future__ import annotations
@@ -12,17 +13,62 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import BlobDataModule, linear_backbone  # noqa: E402
-from lightning import Trainer  # noqa: E402
+from helpers import BlobDataModule, DictDataset, linear_backbone  # noqa: E402
+from lightning import LightningDataModule, Trainer  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from dn2_lightning import DN2Module  # noqa: E402
 
 
+class NoIndexDataModule(BlobDataModule):
+    """Tuples without an 'index': samples are numbered in the order read (the sampler's padding included)."""
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.train_images, torch.zeros(len(self.train_images))), batch_size=8)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.test_images, self.test_labels), batch_size=8)
+
+
+class GroupsDataModule(LightningDataModule):
+    """37 groups of 3 members (odd: the sampler pads a whole group), half the test groups with a bright member."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.train = torch.rand(37, 3, 3, 8, 8, generator=g) * 0.6
+        self.test = torch.rand(21, 3, 3, 8, 8, generator=g) * 0.6
+        self.labels = (torch.arange(21) >= 11).long()
+        self.test[11:, 0] += 0.3
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(DictDataset(self.train, torch.zeros(37)), batch_size=4)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(DictDataset(self.test, self.labels), batch_size=4)
+
+
+def datamodule(setting: str) -> LightningDataModule:
+    if setting == "noindex":
+        return NoIndexDataModule(n_train=103, n_normal=41, n_anomalous=26)
+    if setting == "uneven":  # 5 samples in batches of 2: rank 0 reads 2 batches, rank 1 one (predict does not pad)
+        return BlobDataModule(n_train=103, n_normal=3, n_anomalous=2, batch_size=2)
+    if setting == "group_none":
+        return GroupsDataModule()
+    return BlobDataModule(n_train=103, n_normal=41, n_anomalous=26, batch_size=8)
+
+
 def main(out: str, devices: int, setting: str, mode: str, sharding: str = "replicate") -> None:
-    dm = BlobDataModule(n_train=103, n_normal=41, n_anomalous=26, batch_size=8)
+    dm = datamodule(setting)
     clean = 0.2 if setting == "unsupervised" else 0.0
     model = DN2Module(
-        k=2, backbone=linear_backbone(), clean_fraction=clean, clean_k=3, bank_sharding=sharding, reports=False
+        k=2,
+        backbone=linear_backbone(),
+        clean_fraction=clean,
+        clean_k=3,
+        bank_sharding=sharding,
+        reports=False,
+        group_pooling="none" if setting == "group_none" else "mean",
     )
     trainer = Trainer(
         accelerator="cpu",

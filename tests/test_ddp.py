@@ -74,6 +74,25 @@ def test_ddp_predict_gathers_every_sample_once(tmp_path, sharding):
     single = run(tmp_path, 1, "unimodal", "predict")
     ddp = run(tmp_path, 2, "unimodal", "predict", sharding)
     assert single["world_size"] == 1 and ddp["world_size"] == 2
-    # 67 samples: rank 0 alone holds 34, the sampler pads one duplicate
+    # 67 samples: rank 0 reads 34, rank 1 33 (Lightning's predict sampler does not pad)
     assert torch.equal(ddp["indices"], torch.arange(67))
     torch.testing.assert_close(ddp["scores"], single["scores"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "setting, mode, sharding, n",
+    [
+        ("noindex", "test", "replicate", 67),  # padded samples without an index must not count as new ones
+        ("uneven", "predict", "shard", 5),  # ranks read 2 and 1 batches: the sharded searches still pair up
+        ("group_none", "test", "replicate", 21),  # a padded group adds 3 member rows, all padding
+    ],
+)
+def test_ddp_edge_cases_equal_single_device(tmp_path, setting, mode, sharding, n):
+    single = run(tmp_path, 1, setting, mode, sharding)
+    ddp = run(tmp_path, 2, setting, mode, sharding)
+    assert torch.equal(ddp["indices"], torch.arange(n)) and torch.equal(single["indices"], torch.arange(n))
+    torch.testing.assert_close(ddp["scores"], single["scores"], rtol=1e-5, atol=1e-6)
+    if mode == "test":
+        assert ddp["bank_rows"] == single["bank_rows"]
+        assert ddp["auroc"] == pytest.approx(single["auroc"], abs=1e-9)
+        torch.testing.assert_close(ddp["threshold"], single["threshold"], rtol=1e-5, atol=1e-6)

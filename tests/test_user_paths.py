@@ -152,3 +152,16 @@ def test_several_test_dataloaders_and_an_empty_train_loader_are_clear_errors():
     empty = DataLoader(DictDataset(dm.train_images[:0], torch.zeros(0)), batch_size=4)
     with pytest.raises(ValueError, match="fit read no training batches"):
         quiet_trainer().fit(DN2Module(k=2, backbone=linear_backbone()), train_dataloaders=empty)
+
+
+def test_a_single_test_or_predict_sample_keeps_its_shape_and_score():
+    dm = BlobDataModule()
+    model = DN2Module(k=2, backbone=linear_backbone())
+    quiet_trainer().fit(model, datamodule=dm)
+    one = DataLoader(DictDataset(dm.test_images[:1], dm.test_labels[:1]), batch_size=4)
+    expected = brute_force_scores(model, dm.train_images, dm.test_images[:1], 2)
+    quiet_trainer().test(model, dataloaders=one)
+    quiet_trainer().predict(model, dataloaders=one)
+    for scores in (model.test_scores, model.predict_scores):
+        assert scores.indices.tolist() == [0] and scores.neighbours.shape == (1, 2)
+        np.testing.assert_allclose(scores.scores.numpy(), expected, rtol=1e-5)

@@ -182,6 +182,8 @@ class AnomalyMaps(nn.Module):
         """``{"pixel_auroc", "pro"}`` of the collected test maps (``{}`` when the masks have no anomalous
         pixel). The maps and masks are kept, on the CPU, in :attr:`test_results`."""
         results = self.test_maps.compute()
+        # torchmetrics squeezes one-element results to 0-d: a single sample's index
+        results = results._replace(indices=results.indices.reshape(-1))
         self.test_maps.reset()
         self.test_results = PixelResults(*(t.cpu() for t in results))
         return pixel_metrics(results.maps, results.masks, self.thresholds)
