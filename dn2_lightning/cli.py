@@ -38,9 +38,9 @@ from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
 
 from dn2_lightning.backbones import list_backbones
+from dn2_lightning.console import info
 from dn2_lightning.data import GroupDataModule, OneClassDataModule, list_datasets
 from dn2_lightning.module import CUSTOM_BACKBONE, DN2Module
 
@@ -237,10 +237,10 @@ class DN2CLI(LightningCLI):
         callback = self.trainer.checkpoint_callback
         path = (callback.best_model_path or callback.last_model_path) if callback is not None else ""
         if path:
-            rank_zero_info(f"DN2: checkpoint (memory bank + threshold) written to {path}")
-            rank_zero_info(f"DN2: reuse it with: dn2 test|predict --config ... --ckpt_path={path}")
+            info(f"DN2: checkpoint (memory bank + threshold) written to {path}")
+            info(f"DN2: reuse it with: dn2 test|predict --config ... --ckpt_path={path}")
         else:
-            rank_zero_info("DN2: no checkpoint written (enable_checkpointing=false): the bank is not saved.")
+            info("DN2: no checkpoint written (enable_checkpointing=false): the bank is not saved.")
         self._print_run_files()
 
     def before_validate(self) -> None:
@@ -265,9 +265,9 @@ class DN2CLI(LightningCLI):
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank reads it
         config = Path(log_dir or self.trainer.default_root_dir) / "config.yaml"
         if self.save_config_callback is not None and config.is_file():
-            rank_zero_info(f"DN2: run config written to {config} (rerun with --config)")
+            info(f"DN2: run config written to {config} (rerun with --config)")
         if self.trainer.loggers:
-            rank_zero_info(f"DN2: logs in {log_dir}")
+            info(f"DN2: logs in {log_dir}")
 
 
 def _ignore_fit_callback_states() -> None:
