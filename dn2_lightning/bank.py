@@ -21,7 +21,7 @@ from dn2_lightning.distributed import (
     world_size,
 )
 from dn2_lightning.knn import KNNResult, PreparedBank, knn_distances, prepare_bank
-from dn2_lightning.scoring import drop_self, keep_lowest, knn_scores
+from dn2_lightning.scoring import drop_own_group, drop_self, keep_lowest, knn_scores
 from dn2_lightning.sharding import sharded_knn
 
 
@@ -194,12 +194,13 @@ class BankBuilder:
         index; ``rows_per_sample``: rows a sample adds, e.g. a group's members): every rank's rows gathered, or
         this rank's own share of them when sharded."""
         embeddings, indices, labels = collector.collect()
-        check_unique_indices(gather_rows(indices), "training samples", padded_rows=rows_per_sample)
+        all_indices = gather_rows(indices)
+        check_unique_indices(all_indices, "training samples", padded_rows=rows_per_sample)
         if self.sharded:
             own = keep_first_owner(indices)
             indices, embeddings, labels = unique_by_index(indices[own], embeddings[own], labels[own])
         else:
-            indices, embeddings, labels = unique_by_index(*(gather_rows(t) for t in (indices, embeddings, labels)))
+            indices, embeddings, labels = unique_by_index(all_indices, gather_rows(embeddings), gather_rows(labels))
         return embeddings, indices, labels
 
     def pool_groups(self, pool: nn.Module, members: Tensor, mask: Tensor, indices: Tensor) -> Tensor:
@@ -239,12 +240,19 @@ class BankBuilder:
                 )
         return report
 
-    def leave_one_out_scores(self, k: int, labels: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def leave_one_out_scores(
+        self, k: int, labels: Tensor | None = None, members: int = 1
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Every bank row's leave-one-out DN2 score over the whole bank, as ``(ids, scores, labels)`` sorted by
-        id (gathered from all shards when sharded); ``k`` is capped at the bank size - 1."""
+        id (gathered from all shards when sharded); ``k`` is capped at the bank size - 1. With ``members > 1``
+        the rows are group members (ids ``group * members + member``) and each leaves its whole group out."""
         ids = self.bank.sample_indices
         k = min(k, self.size() - 1)
-        scores = knn_scores(drop_self(self.search(self.bank.embeddings, k + 1), ids))
+        if members > 1:
+            knn = self.search(self.bank.embeddings, min(k + members, self.size()))
+            scores = knn_scores(drop_own_group(knn, ids, members, k))
+        else:
+            scores = knn_scores(drop_self(self.search(self.bank.embeddings, k + 1), ids))
         labels = labels if labels is not None else torch.full_like(ids, -1)
         if self.sharded:
             ids, scores, labels = gather_rows(ids), gather_rows(scores), gather_rows(labels)
@@ -255,12 +263,13 @@ class BankBuilder:
 
         A bank of group members (``group_pooling="none"``, rows ``group * M + member``, ``members_per_group`` in
         the bank's spec) scores a group by its worst member, so its threshold scores are per group too: each
-        training group's largest member score.
+        training group's largest member score, with the whole group left out (a test group's members are never
+        in the bank).
         """
         if self.size() > k:
-            ids, scores, _ = self.leave_one_out_scores(k)
-            members = self.bank.spec.get("members_per_group")
-            if members:
+            members = int(self.bank.spec.get("members_per_group") or 1)
+            ids, scores, _ = self.leave_one_out_scores(k, members=members)
+            if members > 1:
                 groups = torch.unique(ids // members, return_inverse=True)[1]
                 worst = torch.full((int(groups.max()) + 1,), float("-inf"), dtype=scores.dtype, device=scores.device)
                 scores = worst.scatter_reduce(0, groups, scores, "amax")

@@ -11,11 +11,11 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 from torchmetrics.classification import BinaryAUROC
 
@@ -316,10 +316,8 @@ class DN2Module(LightningModule):
         if self._sharded and all(math.isfinite(n) for n in batches):
             # every sharded search is a collective, one per batch, but Lightning's predict sampler does not pad:
             # a rank with fewer batches joins the others' remaining searches with empty ones once its own end
-            mine = int(sum(batches))
+            mine = int(sum(batches))  # at least one (Lightning runs no predict hook on a rank without batches)
             self._searches_owed = max(gather_objects(mine)) - mine
-            if mine == 0:
-                self._pay_owed_searches()
 
     def on_predict_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         if self._searches_owed and batch_idx + 1 == self.trainer.num_predict_batches[dataloader_idx]:
@@ -569,6 +567,8 @@ class DN2Module(LightningModule):
 
     def _ensure_bank(self) -> None:
         """Finalise a bank still being collected by fit, else build it from the datamodule if missing."""
+        if self._collector is not None and self.trainer.state.fn != TrainerFn.FITTING:
+            self._collector = None  # rows of a fit that stopped on an error: never a bank
         if self._collector is not None and len(self._collector):
             if not self.trainer.is_last_batch:
                 warnings.warn(
@@ -597,12 +597,17 @@ class DN2Module(LightningModule):
             self.maps.start_collecting()
         self._stream_position, self._stream_loader = 0, loader
         batches = _progress(loader, "DN2: building the memory bank", self.trainer.progress_bar_callback is not None)
-        # the same precision context (e.g. bf16 autocast) as fit's training_step, so both banks are alike
-        with torch.no_grad(), self.trainer.precision_plugin.train_step_context():
-            for batch_idx, batch in enumerate(batches):
-                parsed = unpack_batch(self._on_device(batch, batch_idx), batch_idx)
-                self._collector.add(*self._bank_rows(parsed, batch_idx), parsed.paths)
-        self._stream_loader = None
+        try:
+            # the same precision context (e.g. bf16 autocast) as fit's training_step, so both banks are alike
+            with torch.no_grad(), self.trainer.precision_plugin.train_step_context():
+                for batch_idx, batch in enumerate(batches):
+                    parsed = unpack_batch(self._on_device(batch, batch_idx), batch_idx)
+                    self._collector.add(*self._bank_rows(parsed, batch_idx), parsed.paths)
+        except BaseException:
+            self._collector = None  # a build that stopped part-way leaves no partial bank behind
+            raise
+        finally:
+            self._stream_loader = None
         self._finalize_bank()
 
     def _bank_rows(self, batch: Batch, batch_idx: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -780,13 +785,14 @@ class DN2Module(LightningModule):
         # the dataset's N samples with its first ones again (so the position modulo N)
         loader = self._current_loader()
         if self._stream_position == 0:
-            self._warn_if_shuffled(loader)
+            self._warn_if_out_of_order(loader)
         size = batch.images.shape[0]
         local = torch.arange(self._stream_position, self._stream_position + size, device=batch.images.device)
         self._stream_position += size
         positions = self.global_rank + world_size() * local
         dataset = getattr(loader, "dataset", None)
-        return positions % len(dataset) if isinstance(dataset, Sized) and len(dataset) else positions
+        padded = isinstance(getattr(loader, "sampler", None), DistributedSampler)
+        return positions % len(dataset) if padded and isinstance(dataset, Sized) and len(dataset) else positions
 
     def _current_loader(self) -> Any:
         """The dataloader being read: the bank's (built outside Lightning's loops) or the running stage's."""
@@ -800,15 +806,18 @@ class DN2Module(LightningModule):
         }.get(self.trainer.state.stage, lambda: None)()
 
     @staticmethod
-    def _warn_if_shuffled(loader: Any) -> None:
-        """Samples without an ``index`` are numbered in the order they are read; a shuffling loader makes those
-        numbers (neighbour indices, paths, the order of the scores) mean nothing, though scores stay right."""
+    def _warn_if_out_of_order(loader: Any) -> None:
+        """Samples without an ``index`` are numbered in the order they are read; a loader that shuffles or picks
+        makes those numbers (neighbour indices, paths, the order of the scores) mean nothing, though scores stay
+        right."""
         sampler = getattr(loader, "sampler", None)
-        if isinstance(sampler, RandomSampler) or getattr(sampler, "shuffle", False):
+        sequential = isinstance(sampler, SequentialSampler | DistributedSampler)
+        if sampler is not None and not (sequential and not getattr(sampler, "shuffle", False)):
             rank_zero_warn(
-                "the dataloader shuffles and its samples carry no 'index': they are numbered in the order they are "
-                "read, so neighbour indices (and paths) do not point at dataset positions and scores are not in "
-                "dataset order (the scores themselves are right). Use shuffle=False or give samples an 'index'.",
+                "the dataloader does not read in order (it shuffles, or its sampler picks) and its samples carry no "
+                "'index': they are numbered in the order they are read, so neighbour indices (and paths) do not "
+                "point at dataset positions and scores are not in dataset order (the scores themselves are right). "
+                "Use shuffle=False or give samples an 'index'.",
             )
 
     def _on_device(self, batch: Any, batch_idx: int) -> Any:

@@ -68,6 +68,15 @@ def drop_self(knn: KNNResult, own_ids: Tensor) -> KNNResult:
     return KNNResult(knn.values[keep].view(n, k), knn.indices[keep].view(n, k))
 
 
+def drop_own_group(knn: KNNResult, own_ids: Tensor, members: int, k: int) -> KNNResult:
+    """Each row's ``k`` nearest neighbours outside its own group (ids ``group * members + member``), from its
+    ``k + members`` nearest: the leave-one-out of a whole group. Rows of the own group fill in only when the
+    bank has too few others."""
+    outside = knn.indices // members != (own_ids // members)[:, None]
+    order = torch.argsort((~outside).to(torch.uint8), dim=1, stable=True)[:, :k]  # outside rows first, in order
+    return KNNResult(knn.values.gather(1, order), knn.indices.gather(1, order))
+
+
 def keep_lowest(scores: Tensor, fraction: float) -> Tensor:
     """Mask keeping all but the ``fraction`` (rounded) of rows with the largest scores; ties broken by row
     order."""

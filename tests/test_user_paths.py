@@ -69,7 +69,7 @@ def test_a_shuffled_loader_without_indices_warns_that_neighbour_indices_are_posi
     dm = BlobDataModule()
     dataset = TensorDataset(dm.train_images, torch.zeros(len(dm.train_images)))
     model = DN2Module(k=2, backbone=linear_backbone())
-    with pytest.warns(UserWarning, match="shuffles and its samples carry no 'index'"):
+    with pytest.warns(UserWarning, match="does not read in order .* carry no 'index'"):
         quiet_trainer().fit(model, train_dataloaders=DataLoader(dataset, batch_size=16, shuffle=True))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -112,14 +112,15 @@ def test_point_wise_group_scores_are_thresholded_on_per_group_leave_one_out_scor
     train = PaddedGroups(60, fill=0.0, seed=0)
     model = DN2Module(k=2, backbone=linear_backbone(), group_pooling="none", threshold_quantile=0.9)
     quiet_trainer().fit(model, train_dataloaders=DataLoader(train, batch_size=8))
-    # reference: every real member's leave-one-out score over all other members; a group's is its worst member's
+    # reference: every real member's score over the members of the other groups (a test group's members are never
+    # in the bank, so a training group leaves itself out); a group's is its worst member's
     with torch.no_grad():
         members = model.backbone(train.images.flatten(0, 1)).double().numpy()
     real = train.mask.flatten().numpy()
     group_of = np.repeat(np.arange(60), 4)[real]
     rows = members[real]
     distances = ((rows[:, None] - rows[None]) ** 2).sum(-1)
-    np.fill_diagonal(distances, np.inf)
+    distances[group_of[:, None] == group_of[None]] = np.inf
     member_loo = np.sort(distances, axis=1)[:, :2].mean(1)
     group_loo = np.array([member_loo[group_of == g].max() for g in range(60)])
     np.testing.assert_allclose(model.bank.loo_scores.numpy(), np.sort(group_loo), rtol=1e-5)
@@ -165,3 +166,16 @@ def test_a_single_test_or_predict_sample_keeps_its_shape_and_score():
     for scores in (model.test_scores, model.predict_scores):
         assert scores.indices.tolist() == [0] and scores.neighbours.shape == (1, 2)
         np.testing.assert_allclose(scores.scores.numpy(), expected, rtol=1e-5)
+
+
+def test_a_bank_build_that_fails_part_way_leaves_no_partial_bank():
+    broken, good = BlobDataModule(), BlobDataModule()
+    broken.train_images = broken.train_images.clone()
+    broken.train_images[40, 0, 0, 0] = float("nan")  # batch 2 of 16
+    model = DN2Module(k=2, backbone=linear_backbone())
+    with pytest.raises(ValueError, match="NaN or Inf in input images in batch 2"):
+        quiet_trainer().test(model, datamodule=broken)
+    quiet_trainer().test(model, datamodule=good)
+    assert len(model.bank) == 101
+    expected = brute_force_scores(model, good.train_images, good.test_images, 2)
+    np.testing.assert_allclose(model.test_scores.scores.numpy(), expected, rtol=1e-5)
