@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jsonargparse import DefaultHelpFormatter
+from jsonargparse import DefaultHelpFormatter, Namespace
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
@@ -196,13 +196,25 @@ class DN2CLI(LightningCLI):
             for choice in getattr(action, "_choices_actions", []):
                 choice.help = SUBCOMMAND_HELP.get(choice.dest, choice.help)
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Lightning's parsing, plus which model settings the run gives itself (its config files and flags, without
+        the defaults), so that ``--ckpt_path`` can tell "left out" from "given as the default value"."""
+        super().parse_arguments(parser, args)
+        self._given_model: set[str] | None = None
+        subcommand = self.config.get("subcommand")
+        if subcommand and not isinstance(args, dict | Namespace):
+            with contextlib.suppress(Exception, SystemExit):  # a form jsonargparse cannot re-read: compare defaults
+                given = parser.parse_args(args, defaults=False)[subcommand].get("model")
+                self._given_model = set(vars(given)) if isinstance(given, Namespace) else set()
+
     def _parse_ckpt_path(self) -> None:
         """With ``--ckpt_path``, Lightning replaces every model setting by the checkpoint's, so ``--model.k=50``
         would silently run with the saved k. DN2 keeps the user's scoring settings (``k``, kNN backend, memory
-        budget, reports) and takes from the checkpoint the settings that define the bank and were left at their
-        defaults (a bank setting the user set to another value is refused when the checkpoint loads,
+        budget, reports) and takes from the checkpoint the settings that define the bank and the run did not
+        set (a bank setting the user set to another value is refused when the checkpoint loads,
         ``DN2Module.on_load_checkpoint``, naming both values), and its decision threshold (``threshold``,
-        ``threshold_quantile``, e.g. from ``set_threshold``) when the user sets neither."""
+        ``threshold_quantile``, e.g. from ``set_threshold``) when the user sets neither. "Set" means given by
+        the run's config files or flags (:meth:`parse_arguments`), even to the default value."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or not Path(ckpt_path).is_file():
@@ -212,7 +224,11 @@ class DN2CLI(LightningCLI):
         if model is None:
             return
         defaults = {n: p.default for n, p in inspect.signature(DN2Module.__init__).parameters.items()}
-        left_at_default = {name for name, default in defaults.items() if name in model and model[name] == default}
+        given = getattr(self, "_given_model", None)
+        if given is not None:
+            left_at_default = {name for name in defaults if name in model and name not in given}
+        else:
+            left_at_default = {name for name, default in defaults.items() if name in model and model[name] == default}
         restored = [*BANK_HPARAMS]
         if left_at_default.issuperset(THRESHOLD_HPARAMS):  # the checkpoint's threshold, unless the run sets one
             restored += THRESHOLD_HPARAMS

@@ -104,6 +104,11 @@ def test_the_threshold_saved_by_set_threshold_is_used_by_cli_ckpt_path_runs(tmp_
         ["predict", *common, f"--ckpt_path={tmp_path / 'fixed.ckpt'}", "--model.threshold_quantile=0.9"]
     )
     assert quantile.model.hparams.threshold is None and quantile.model.hparams.threshold_quantile == 0.9
+    # also when the value given is DN2Module's default
+    default = build_cli(
+        ["predict", *common, f"--ckpt_path={tmp_path / 'fixed.ckpt'}", "--model.threshold_quantile=0.99"]
+    )
+    assert default.model.hparams.threshold is None and default.model.hparams.threshold_quantile == 0.99
 
 
 def test_point_wise_group_scores_are_thresholded_on_per_group_leave_one_out_scores():
