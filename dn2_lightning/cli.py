@@ -224,9 +224,8 @@ class DN2CLI(LightningCLI):
         if model is None:
             return
         defaults = {n: p.default for n, p in inspect.signature(DN2Module.__init__).parameters.items()}
-        given = getattr(self, "_given_model", None)
-        if given is not None:
-            left_at_default = {name for name in defaults if name in model and name not in given}
+        if self._given_model is not None:
+            left_at_default = {name for name in defaults if name in model and name not in self._given_model}
         else:
             left_at_default = {name for name, default in defaults.items() if name in model and model[name] == default}
         restored = [*BANK_HPARAMS]

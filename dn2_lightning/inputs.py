@@ -16,6 +16,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms.v2.functional import resize
 
+from dn2_lightning.batch import check_pixels
 from dn2_lightning.data.images import load_image, pil_to_uint8
 
 ImageLike = Union[Tensor, Image.Image, str, os.PathLike]  # noqa: UP007 (a runtime alias)
@@ -70,16 +71,10 @@ def _to_chw(item: ImageLike, position: int, load_size: int | None) -> tuple[Tens
             raise ValueError(
                 f"{where}: a tensor image must be [C, H, W] or [B, C, H, W] with C = 1 or 3, got {tuple(item.shape)}."
             )
-        if item.dtype == torch.uint8:
-            return item.cpu(), None
-        if not item.is_floating_point():
-            raise ValueError(f"{where}: tensor images must be uint8 (0..255) or float (0..1), got {item.dtype}.")
-        if not bool(torch.isfinite(item).all()) or item.min() < 0 or item.max() > 1:
-            raise ValueError(
-                f"{where}: float images must hold values in [0, 1] (the backbone normalises them itself); got "
-                f"[{float(item.nan_to_num().min()):.3g}, {float(item.nan_to_num().max()):.3g}]. Pass raw images, "
-                "not normalised ones."
-            )
+        try:
+            check_pixels(item if item.ndim == 4 else item[None])  # the DataLoader path's rule and message
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
         return item.cpu(), None
     raise ValueError(
         f"{where}: cannot read a {type(item).__name__}; give a tensor, a PIL image or a file path (str/Path)."

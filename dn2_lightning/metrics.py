@@ -101,9 +101,10 @@ class ScoreCollector(Metric):
     def compute(self) -> AnomalyScores:
         if isinstance(self.indices, list) and not self.indices:
             raise RuntimeError("no samples were scored: the evaluation dataloader is empty.")
-        check_unique_indices(dim_zero_cat(self.indices), "scored samples", padded_rows=int(self.padded))
+        indices = dim_zero_cat(self.indices)
+        check_unique_indices(indices, "scored samples", padded_rows=int(self.padded))
         indices, scores, labels, neighbours, distances = unique_by_index(
-            dim_zero_cat(self.indices),
+            indices,
             dim_zero_cat(self.scores),
             dim_zero_cat(self.labels),
             dim_zero_cat(self.neighbours),

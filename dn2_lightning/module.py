@@ -61,6 +61,13 @@ from dn2_lightning.validation import (
 
 CUSTOM_BACKBONE = "custom:"  # hparams value recording a user nn.Module backbone (not serialisable)
 BANK_SHARDINGS = ("replicate", "shard")
+# the Trainer attribute holding the dataloader each stage reads
+_STAGE_LOADERS = {
+    RunningStage.TRAINING: "train_dataloader",
+    RunningStage.TESTING: "test_dataloaders",
+    RunningStage.PREDICTING: "predict_dataloaders",
+    RunningStage.VALIDATING: "val_dataloaders",
+}
 NO_BANK_MESSAGE = (
     "DN2Module has no memory bank yet and cannot build one: call trainer.fit(model, datamodule) first, "
     "pass a datamodule with a train_dataloader() to trainer.{fn}(model, datamodule=...), or load a fitted "
@@ -798,12 +805,8 @@ class DN2Module(LightningModule):
         """The dataloader being read: the bank's (built outside Lightning's loops) or the running stage's."""
         if self._stream_loader is not None or self._trainer is None:
             return self._stream_loader
-        return {
-            RunningStage.TRAINING: lambda: self.trainer.train_dataloader,
-            RunningStage.TESTING: lambda: self.trainer.test_dataloaders,
-            RunningStage.PREDICTING: lambda: self.trainer.predict_dataloaders,
-            RunningStage.VALIDATING: lambda: self.trainer.val_dataloaders,
-        }.get(self.trainer.state.stage, lambda: None)()
+        name = _STAGE_LOADERS.get(self.trainer.state.stage)
+        return getattr(self.trainer, name) if name else None
 
     @staticmethod
     def _warn_if_out_of_order(loader: Any) -> None:
