@@ -184,3 +184,10 @@ def test_a_bank_build_that_fails_part_way_leaves_no_partial_bank():
     assert len(model.bank) == 101
     expected = brute_force_scores(model, good.train_images, good.test_images, 2)
     np.testing.assert_allclose(model.test_scores.scores.numpy(), expected, rtol=1e-5)
+
+
+def test_renumbered_names_what_it_cannot_wrap():
+    with pytest.raises(ValueError, match=r"dataset must be a map-style dataset .* got a int"):
+        Renumbered(5)
+    with pytest.raises(ValueError, match="Renumbered wraps datasets of dict samples; sample 0 is a tuple"):
+        Renumbered(TensorDataset(torch.zeros(2, 3, 4, 4)))[0]

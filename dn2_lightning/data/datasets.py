@@ -110,6 +110,11 @@ class Renumbered(Dataset):
     """
 
     def __init__(self, dataset: Dataset) -> None:
+        if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+            raise ValueError(
+                f"dataset must be a map-style dataset (with __len__ and __getitem__, e.g. a ConcatDataset), got a "
+                f"{type(dataset).__name__}."
+            )
         self.dataset = dataset
 
     def __len__(self) -> int:
