@@ -1,8 +1,10 @@
 """Pixel-level metrics of anomaly maps against ground-truth masks: pixel AUROC and PRO.
 
 * :func:`pixel_auroc`: ROC area over every pixel of every image, with torchmetrics'
-  ``BinaryAUROC(thresholds=N)`` (a ``[N, 2, 2]`` state) fed in chunks, so millions of pixels never need
+  ``BinaryAUROC(thresholds=...)`` (a ``[N, 2, 2]`` state) fed in chunks, so millions of pixels never need
   a sorted copy or an ``[pixels, N]`` comparison matrix.
+* Both bin scores at :func:`score_levels`: thresholds at evenly spaced quantiles of the scores, so every
+  bin holds about the same share of pixels however far a few extreme pixels stretch the range.
 * :func:`pro_score`: the per-region overlap of MVTec AD (Bergmann et al., IJCV 2021): ground-truth
   regions are the 8-connected components of each mask (``scipy.ndimage.label``); at each threshold the
   PRO is the mean, over all regions of all images, of the fraction of the region's pixels above the
@@ -29,6 +31,7 @@ from dn2_lightning.distributed import unique_by_index
 DEFAULT_THRESHOLDS = 1000
 DEFAULT_FPR_LIMIT = 0.3
 _CHUNK = 2**20  # pixels per histogram update
+_QUANTILE_SAMPLE = 2**22  # scores sorted to place the thresholds; beyond that, a seeded sample of them
 
 
 class PixelResults(NamedTuple):
@@ -62,18 +65,50 @@ def _normalise(maps: Tensor) -> Tensor:
     return (maps - low) / (high - low) if high > low else torch.zeros_like(maps)
 
 
+def _check_threshold_count(thresholds: object, allow_none: bool = False) -> None:
+    if isinstance(thresholds, bool) or not isinstance(thresholds, int) or thresholds < 2:
+        exact = "None (exact) or " if allow_none else ""
+        raise ValueError(f"thresholds={thresholds!r} must be {exact}an integer >= 2.")
+
+
+def score_levels(scores: Tensor, count: int) -> Tensor:
+    """Ascending thresholds at ``count`` evenly spaced quantiles of ``scores``, from the smallest score to
+    the largest (fewer when scores repeat).
+
+    Each bin between two thresholds then holds about ``1 / count`` of the pixels. Evenly spaced thresholds
+    over ``min..max`` do not: a few extreme pixels stretch the range and leave nearly every pixel in one
+    bin, where the binned metrics treat them as ties. Beyond ``2**22`` scores the quantiles are those of a
+    seeded random sample of that size (the same thresholds on every run).
+
+    >>> score_levels(torch.tensor([0.0, 1.0, 2.0, 3.0, 1000.0]), 3)
+    tensor([   0.,    2., 1000.])
+    """
+    flat = scores.detach().flatten()
+    sample = flat
+    if flat.numel() > _QUANTILE_SAMPLE:
+        generator = torch.Generator().manual_seed(0)
+        sample = flat[torch.randint(flat.numel(), (_QUANTILE_SAMPLE,), generator=generator).to(flat.device)]
+    ordered = sample.sort().values
+    ranks = torch.linspace(0, ordered.numel() - 1, count, dtype=torch.float64).round().long()
+    levels = ordered[ranks.to(ordered.device)]
+    levels[0], levels[-1] = flat.min(), flat.max()  # a sample may miss the extremes
+    return torch.unique(levels)
+
+
 def pixel_auroc(maps: Tensor, masks: Tensor, thresholds: int = DEFAULT_THRESHOLDS) -> float:
     """Area under the pixel-level ROC curve, computed by torchmetrics' ``BinaryAUROC(thresholds=N)``.
 
-    Scores are mapped affinely to [0, 1] (the ROC is unchanged) and binned at ``thresholds`` evenly spaced
-    thresholds. The metric's ``[N, 2, 2]`` confusion-matrix state is filled by :func:`binned_confmat`
+    Scores are mapped affinely to [0, 1] (the ROC is unchanged) and binned at ``thresholds`` thresholds
+    placed at quantiles of the scores (:func:`score_levels`), plus one above the largest score, where the
+    curve starts at (0, 0). The metric's ``[N, 2, 2]`` confusion-matrix state is filled by :func:`binned_confmat`
     (a histogram: ``O(pixels)`` time, chunked memory) instead of its own update, which compares every
     pixel with every threshold; torchmetrics computes the curve and its area from that state.
 
     Args:
         maps: ``[N, H, W]`` anomaly maps.
         masks: ``[N, H, W]`` ground truth (non-zero = anomalous pixel).
-        thresholds: number of thresholds (memory ``O(thresholds)``; the binning error shrinks as it grows).
+        thresholds: number of thresholds (memory ``O(thresholds)``; the binning error shrinks as it grows:
+            pixels in one bin count as ties, and each bin holds about ``1 / thresholds`` of them).
 
     Returns:
         The AUROC in [0, 1].
@@ -87,20 +122,22 @@ def pixel_auroc(maps: Tensor, masks: Tensor, thresholds: int = DEFAULT_THRESHOLD
         1.0
     """
     _check_maps_and_masks(maps, masks)
-    if isinstance(thresholds, bool) or not isinstance(thresholds, int) or thresholds < 2:
-        raise ValueError(f"thresholds={thresholds!r} must be an integer >= 2.")
+    _check_threshold_count(thresholds)
     target = masks.flatten() != 0
     if target.all() or not target.any():
         raise ValueError("pixel AUROC needs both anomalous and normal pixels in the masks.")
-    metric = BinaryAUROC(thresholds=thresholds).to(maps.device)
+    preds = _normalise(maps.flatten().double()).float()
+    levels = score_levels(preds, thresholds)
+    metric = BinaryAUROC(thresholds=torch.cat([levels, levels.new_full((1,), float("inf"))])).to(maps.device)
     metric.update(maps.new_empty(0), target.new_empty(0).long())  # marks the state as updated; adds nothing
-    metric.confmat += binned_confmat(_normalise(maps.flatten().double()).float(), target, metric.thresholds)
+    metric.confmat += binned_confmat(preds, target, metric.thresholds)
     return float(metric.compute())
 
 
 def binned_confmat(preds: Tensor, target: Tensor, thresholds: Tensor) -> Tensor:
     """torchmetrics' multi-threshold confusion matrix ``[T, 2, 2]`` (``[t, target, preds >= thresholds[t]]``)
-    of ``preds [P]`` in [0, 1] and bool ``target [P]``, from histograms, ``_CHUNK`` pixels at a time.
+    of ``preds [P]`` and bool ``target [P]`` for ascending ``thresholds [T]``, from histograms, ``_CHUNK``
+    pixels at a time.
 
     >>> binned_confmat(torch.tensor([0.2, 0.7]), torch.tensor([False, True]), torch.tensor([0.0, 0.5, 1.0]))[1]
     tensor([[1, 0],
@@ -143,7 +180,7 @@ def pro_curve(maps: Tensor, masks: Tensor, thresholds: int | None = None) -> tup
         maps: ``[N, H, W]`` anomaly maps.
         masks: ``[N, H, W]`` ground truth (non-zero = anomalous).
         thresholds: ``None`` uses every distinct score as a threshold (exact); an integer uses that many
-            evenly spaced thresholds over the score range (memory ``O(pixels)`` integers, no sort).
+            thresholds at quantiles of the scores (:func:`score_levels`; memory ``O(pixels)`` integers).
 
     Returns:
         ``(fpr, pro)`` float64 arrays of equal length.
@@ -159,9 +196,8 @@ def pro_curve(maps: Tensor, masks: Tensor, thresholds: int | None = None) -> tup
     if thresholds is None:
         levels = np.unique(scores)
     else:
-        if isinstance(thresholds, bool) or not isinstance(thresholds, int) or thresholds < 2:
-            raise ValueError(f"thresholds={thresholds!r} must be None (exact) or an integer >= 2.")
-        levels = np.linspace(scores.min(), scores.max(), thresholds)
+        _check_threshold_count(thresholds, allow_none=True)
+        levels = score_levels(torch.from_numpy(scores), thresholds).numpy()
     # level of each pixel: the largest threshold it reaches (a pixel is positive at t when score >= t)
     level = np.searchsorted(levels, scores, side="right") - 1
     level = np.clip(level, 0, len(levels) - 1).ravel()

@@ -40,3 +40,14 @@ def test_extract_bench_cpu_preset_reports_every_path_for_a_small_run(tmp_path):
     paths = ("bare", "preprocess", "on_device_input", "protocol", "dataloader")
     assert all(row[f"{path}_img_per_s"] > 0 for path in paths), row
     assert row["protocol_over_bare"] == row["protocol_img_per_s"] / row["bare_img_per_s"]
+
+
+def test_pixel_metrics_bench_quantile_binning_matches_exact_in_every_row():
+    result = subprocess.run(
+        [sys.executable, "benchmarks/pixel_metrics_bench.py"], cwd=ROOT, check=True, capture_output=True, text=True
+    )
+    rows = [line.strip("|").split("|") for line in result.stdout.splitlines()[2:]]
+    assert len(rows) == 9
+    for row in rows:
+        auroc_exact, auroc_binned, _, pro_exact, pro_binned = (float(cell) for cell in row[2:])
+        assert abs(auroc_binned - auroc_exact) <= 2e-4 and abs(pro_binned - pro_exact) <= 2e-4, row

@@ -18,6 +18,7 @@ from dn2_lightning.pixel_metrics import (
     pixel_metrics,
     pro_curve,
     pro_score,
+    score_levels,
 )
 
 
@@ -73,6 +74,41 @@ def test_pixel_auroc_is_exact_when_each_score_level_has_its_own_bin():
     masks = (maps + 6 * torch.rand(3, 10, 10, generator=g)) > 12
     exact = roc_auc_score(masks.flatten().numpy(), maps.flatten().numpy())
     assert pixel_auroc(maps, masks, thresholds=101) == pytest.approx(exact, abs=1e-6)
+
+
+def with_extreme_pixels(maps: torch.Tensor, masks: torch.Tensor, offset: float) -> torch.Tensor:
+    """Raise three normal pixels by ``offset``: they stretch the score range far beyond the rest."""
+    out = maps.clone()
+    out.view(-1)[(~masks).flatten().nonzero().flatten()[:3]] += offset
+    return out
+
+
+@pytest.mark.parametrize("offset", [20.0, 2000.0])
+def test_binned_metrics_stay_exact_to_binning_error_when_a_few_pixels_stretch_the_range(offset):
+    # evenly spaced thresholds over min..max put every other pixel in one bin: AUROC 0.4998 (exact 0.6705)
+    # and PRO 0.1497 (exact 0.4005) at +2000
+    maps, masks = random_maps_and_masks(0, n=6, size=40)
+    maps = with_extreme_pixels(maps, masks, offset)
+    exact = roc_auc_score(masks.flatten().numpy(), maps.flatten().numpy())
+    assert pixel_auroc(maps, masks) == pytest.approx(exact, abs=5e-4)
+    assert pro_score(maps, masks, thresholds=1000) == pytest.approx(pro_score(maps, masks), abs=5e-4)
+
+
+def test_score_levels_are_quantiles_from_min_to_max_also_when_sampled(monkeypatch):
+    g = torch.Generator().manual_seed(6)
+    scores = torch.randn(20_000, generator=g).exp()  # skewed, with a long tail
+    levels = score_levels(scores, 11)
+    np.testing.assert_allclose(levels.numpy(), np.quantile(scores.numpy(), np.linspace(0, 1, 11)), rtol=1e-3)
+    monkeypatch.setattr("dn2_lightning.pixel_metrics._QUANTILE_SAMPLE", 2_000)
+    sampled = score_levels(scores, 11)
+    assert sampled[0] == scores.min() and sampled[-1] == scores.max()
+    share_below = (scores[None, :] < sampled[1:-1, None]).double().mean(1)
+    np.testing.assert_allclose(share_below.numpy(), np.linspace(0.1, 0.9, 9), atol=0.03)
+    assert torch.equal(sampled, score_levels(scores, 11))  # seeded: the same thresholds every run
+    maps, masks = random_maps_and_masks(1, n=6, size=40)
+    maps = with_extreme_pixels(maps, masks, 2000.0)
+    exact = roc_auc_score(masks.flatten().numpy(), maps.flatten().numpy())
+    assert pixel_auroc(maps, masks) == pytest.approx(exact, abs=2e-3)
 
 
 def test_binned_confmat_equals_torchmetrics_own_update():
