@@ -4,7 +4,9 @@
   ``weights_only`` off for URLs, so :class:`WeightsOnlyCheckpointIO` pins it for ``Trainer(...,
   ckpt_path=...)`` and ``DN2Module.load_from_checkpoint`` pins it for direct loads.
 * The bank records how it was built (:data:`BANK_SETTINGS`); :func:`check_bank_settings` refuses a
-  checkpoint whose bank was built with other settings than the model or data it meets, naming both values.
+  checkpoint whose bank was built with other settings than the model or data it meets, naming both values,
+  and :func:`check_train_set` a bank built from other training data (another normal class, contamination,
+  seed or groups) than the datamodule's.
   Settings that only affect scoring (``k``, the threshold, the kNN backend, its memory budget, reports)
   are the user's to change.
 """
@@ -77,6 +79,26 @@ def check_bank_settings(
             f"would not be comparable: {'; '.join(mismatches)}. Use the checkpoint's values (e.g. "
             "DN2Module.load_from_checkpoint(path) without overriding them, or the same --model/--data flags "
             "as at fit time), or build a new bank with fit."
+        )
+
+
+def check_train_set(saved: Mapping[str, Any] | None, current: Mapping[str, Any] | None) -> None:
+    """Refuse a bank built from other training data than the datamodule's (another normal class, contamination,
+    seed or groups): its scores would be distances to the bank's images, not to this data's normal images.
+    Either side ``None`` (a folder, a plain dataloader, an older checkpoint) is not compared."""
+    if saved is None or current is None:
+        return
+    differing = [name for name in sorted({*saved, *current}) if not _same(saved.get(name), current.get(name))]
+    if differing:
+        pairs = "; ".join(
+            f"{name}={_show(saved.get(name))} (bank) vs {name}={_show(current.get(name))} (datamodule)"
+            for name in differing
+        )
+        raise ValueError(
+            f"the memory bank was built from other training data than this datamodule's: {pairs}. Its scores "
+            "would measure the distance to those images, not to this datamodule's normal data. Use a new "
+            "DN2Module for each training set (e.g. one per normal class), a checkpoint built from this data, or "
+            "the datamodule settings the bank was built with."
         )
 
 

@@ -27,6 +27,7 @@ from dn2_lightning.checkpointing import (
     DATA_SETTINGS,
     WeightsOnlyCheckpointIO,
     check_bank_settings,
+    check_train_set,
     refuse_unsafe_load,
 )
 from dn2_lightning.console import info
@@ -531,6 +532,8 @@ class DN2Module(LightningModule):
         self._paths = {}
         for collector in (self.val_collector, self.test_collector, self.predict_collector):
             collector.reset()  # a run that stopped on an error left its rows
+        if self.maps is not None:
+            self.maps.start_evaluation()
         if self.bank.is_fitted:
             self._loo_scores()  # a collective when sharded: every rank computes it here, not lazily later
 
@@ -689,7 +692,11 @@ class DN2Module(LightningModule):
     def _data_settings(self) -> dict[str, Any]:
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         hparams = getattr(datamodule, "hparams", None) or {}
-        return {name: hparams[name] for name in DATA_SETTINGS if name in hparams}
+        settings = {name: hparams[name] for name in DATA_SETTINGS if name in hparams}
+        identity = getattr(datamodule, "train_set_identity", None)  # the dn2 datamodules' training data
+        if callable(identity) and (train_set := identity()) is not None:
+            settings["train_set"] = train_set
+        return settings
 
     def _record_bank_spec(self, paths: dict[int, str]) -> None:
         ids = self.bank.sample_indices.tolist()
@@ -712,7 +719,9 @@ class DN2Module(LightningModule):
         return paths
 
     def _check_data_settings(self) -> None:
-        check_bank_settings(self.bank.spec, self._data_settings(), DATA_SETTINGS, "this datamodule")
+        current = self._data_settings()
+        check_bank_settings(self.bank.spec, current, DATA_SETTINGS, "this datamodule")
+        check_train_set(self.bank.spec.get("train_set"), current.get("train_set"))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self._sharded:

@@ -354,6 +354,13 @@ def run_protocol(
         if len(normal) == 0:
             raise ValueError(f"class {c} ({names[c]!r}) has no training samples in {dataset}.")
         contaminants = draw_contaminants(train_labels, c, contamination, seed) if contamination else normal[:0]
+        rows = len(normal) + len(contaminants)
+        kept = rows - int(round(clean_fraction * rows))
+        if k > kept:
+            after = f" after cleaning {clean_fraction:g} of {rows}" if kept < rows else ""
+            raise ValueError(
+                f"k={k} exceeds the {kept} training embeddings{after} of class {c} ({names[c]!r}); lower k."
+            )
         banks[c] = (normal, contaminants)
     kwargs = dict(
         backbone=backbone,

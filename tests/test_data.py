@@ -123,7 +123,20 @@ def test_missing_mnist_offline_names_paths_files_and_fix(tmp_path, offline):
         load_split("mnist", "train", tmp_path / "nowhere")
     message = str(info.value)
     assert str(tmp_path / "nowhere" / "MNIST" / "raw") in message and "train-images-idx3-ubyte" in message
-    assert f"download the four MNIST IDX files into {tmp_path / 'nowhere'}" in message
+    assert f"download the four MNIST IDX files into {tmp_path / 'nowhere' / 'MNIST' / 'raw'}" in message
+
+
+def test_mnist_and_fashionmnist_files_are_never_read_as_each_other(tmp_path):
+    # both were read from the bare root first, where the two datasets' files have the same names: FashionMNIST
+    # files put there (as the offline hint said) came back as dataset="mnist", with MNIST's class names
+    images = np.arange(5 * 4 * 3).reshape(5, 4, 3) % 256
+    for folder in (tmp_path, tmp_path / "FashionMNIST" / "raw"):
+        folder.mkdir(parents=True, exist_ok=True)
+        write_idx(folder / "t10k-images-idx3-ubyte.gz", images)
+        write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.array([3, 1, 4, 1, 5]))
+    with pytest.raises(DatasetNotFoundError, match=r"lie directly in .*move them to .*MNIST/raw"):
+        load_split("mnist", "test", tmp_path)
+    assert load_split("fashionmnist", "test", tmp_path).classes[0] == "T-shirt/top"
 
 
 def test_missing_cifar_offline_names_path_and_fix(tmp_path, offline):
@@ -245,6 +258,15 @@ def test_fashionmnist_class_name_is_case_insensitive():
 def test_bad_datamodule_arguments_name_the_parameter(kwargs, match):
     with pytest.raises(ValueError, match=match):
         OneClassDataModule(**({"dataset": "digits"} | kwargs))
+
+
+def test_a_contamination_that_rounds_to_no_anomaly_is_refused_with_the_smallest_that_does_not():
+    # 0.004 of digits' 106 zeros gave 0 contaminants, and dn2-protocol still reported the run as contaminated
+    with pytest.raises(ValueError, match=r"contamination=0.004 .* 106 normal samples rounds to 0 anomalies.*>= 0.0047"):
+        OneClassDataModule(dataset="digits", normal_class=0, contamination=0.004).setup()
+    dm = OneClassDataModule(dataset="digits", normal_class=0, contamination=0.0047)
+    dm.setup()
+    assert int(dm.train_is_contaminant.sum()) == 1
 
 
 @pytest.mark.parametrize("fraction", [0.05, 0.1, 0.2])

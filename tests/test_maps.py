@@ -375,3 +375,36 @@ def test_building_a_patch_bank_too_large_for_the_host_fails_before_any_search(sm
     with pytest.raises(MemoryError, match=r"patch bank \(12 images x 16x16 positions x 16 channels\) needs 0\.50 GiB"):
         quiet_trainer().test(model, datamodule=dm)
     assert not model.maps.bank.is_fitted
+
+
+def test_maps_of_a_test_run_that_stopped_on_an_error_never_join_the_next_runs_metrics(small_set):
+    # they did: the next run's pixel AUROC / PRO mixed the stopped run's maps in (0.9797 -> 0.9758 in a review)
+    dm = OneClassDataModule(dataset="folder", root=str(small_set), load_size=32, batch_size=5)
+    model = DN2Module(backbone=tiny_conv(), anomaly_maps=True, map_layers=["1", "3"], map_images=4, reports=False)
+    first = quiet_trainer().test(model, datamodule=dm)[0]
+
+    class MirroredThenVanished(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(dm.test_dataset)
+
+        def __getitem__(self, i: int) -> dict:
+            if i == 7:
+                raise RuntimeError("file vanished")
+            sample = dict(dm.test_dataset[i])
+            sample["image"] = sample["image"].flip(-1)  # other maps, the same masks
+            return sample
+
+    with pytest.raises(RuntimeError, match="file vanished"):
+        quiet_trainer().test(model, dataloaders=torch.utils.data.DataLoader(MirroredThenVanished(), batch_size=5))
+    again = quiet_trainer().test(model, datamodule=dm)[0]
+    assert again["test/pixel_auroc"] == first["test/pixel_auroc"] and again["test/pro"] == first["test/pro"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_maps_are_float32_under_mixed_precision_autocast(dtype):
+    patch_maps = torch.rand(2, 8, 8) * 1e5  # beyond float16's 65504
+    expected = to_image_maps(patch_maps, (32, 32), sigma=4.0)
+    with torch.autocast("cpu", dtype=dtype):
+        maps = to_image_maps(patch_maps, (32, 32), sigma=4.0)
+    assert maps.dtype == torch.float32
+    torch.testing.assert_close(maps, expected)

@@ -122,13 +122,14 @@ def test_embed_split_keeps_the_order_and_labels_of_the_split(small_extractor, mo
 
 
 def write_mnist_test_split(root: Path, seed: int, n: int = 24) -> Path:
-    """MNIST's two test IDX files under ``root``: n random 8x8 images, labels 0..9 in turn."""
+    """MNIST's two test IDX files under ``root/MNIST/raw``: n random 8x8 images, labels 0..9 in turn."""
     images = np.random.default_rng(seed).integers(0, 256, (n, 8, 8), dtype=np.uint8)
     labels = (np.arange(n) % 10).astype(np.uint8)
-    root.mkdir(parents=True, exist_ok=True)
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
     for name, array in [("t10k-images-idx3-ubyte.gz", images), ("t10k-labels-idx1-ubyte.gz", labels)]:
         header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
-        (root / name).write_bytes(gzip.compress(header + array.tobytes()))
+        (raw / name).write_bytes(gzip.compress(header + array.tobytes()))
     _load_cached.cache_clear()  # load_split caches per root; the files just changed
     return root
 
@@ -206,6 +207,9 @@ def test_an_interrupted_cache_write_leaves_no_file_behind(tmp_path, monkeypatch)
         ({"precision": "16"}, r"precision='16' is not one of \['32', 'bf16'\]"),
         ({"dataset": "svhn"}, r"dataset='svhn' is not one of"),
         ({"contamination": 0.95, "classes": [2]}, r"contamination=0.95 needs \d+ anomalies"),
+        ({"contamination": 0.001}, r"contamination=0.001 of a train set of \d+ normal samples rounds to 0"),
+        ({"k": 200, "classes": [1, 0]}, r"k=200 exceeds the 109 training embeddings of class 1 \('1'\)"),
+        ({"k": 60, "clean_fraction": 0.5}, r"k=60 exceeds the 53 training embeddings after cleaning 0.5 of 106 "),
     ],
 )
 def test_bad_settings_are_refused_before_any_extraction(kwargs, match, no_extraction, tmp_path):

@@ -3,6 +3,8 @@ needed: ``dn2-protocol`` uses these without the DataModules)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -43,6 +45,14 @@ def draw_contaminants(labels: Tensor, normal_class: int, contamination: float, s
     n_normal = int((labels == normal_class).sum())
     n = round(contamination * n_normal / (1.0 - contamination))
     others = (labels != normal_class).nonzero().flatten()
+    if contamination > 0 and n == 0:
+        one = 0.5 / (n_normal + 0.5)  # the fraction whose count rounds to one anomaly; shown rounded up
+        step = 10.0 ** (math.floor(math.log10(one)) - 1)
+        smallest = math.ceil(one / step * (1 + 1e-9)) * step
+        raise ValueError(
+            f"contamination={contamination} of a train set of {n_normal} normal samples rounds to 0 anomalies, so "
+            f"the run would be unsupervised in name only; use contamination >= {smallest:.2g} (one anomaly) or 0."
+        )
     if n > len(others):
         raise ValueError(f"contamination={contamination} needs {n} anomalies but only {len(others)} exist.")
     g = torch.Generator().manual_seed(seed)

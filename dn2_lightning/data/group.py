@@ -8,6 +8,7 @@ swaps one member for an image of a class that never appears in normal groups (``
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -127,6 +128,12 @@ class GroupDataModule(LightningDataModule):
         self.hparams.pixel_format = dict(PIXEL_FORMAT)  # what the images are, for the model to record
         self.train_dataset: GroupDataset | None = None
         self.test_dataset: GroupDataset | None = None
+
+    def train_set_identity(self) -> dict[str, Any]:
+        """What defines the training groups, for a memory bank built from them to recognise other ones."""
+        hp = self.hparams
+        names = ("dataset", "group_size", "n_train_groups", "held_out_classes", "seed")
+        return {name: list(hp[name] or []) if name == "held_out_classes" else hp[name] for name in names}
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is not None:

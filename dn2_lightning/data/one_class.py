@@ -7,6 +7,7 @@ holds a seeded sample of anomalies from the other classes, and keeps the bookkee
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -121,6 +122,21 @@ class OneClassDataModule(LightningDataModule):
             self._setup_folder()
         else:
             self._setup_classes()
+
+    def train_set_identity(self) -> dict[str, Any] | None:
+        """What defines the training images (dataset, normal class by index, contamination and its seed), for
+        a memory bank built from them to recognise other training data; ``None`` for folders, whose path may
+        differ between machines."""
+        hp = self.hparams
+        if hp.dataset == FOLDER:
+            return None
+        if hp.dataset == SYNTHETIC:
+            return {"dataset": SYNTHETIC}
+        self.setup()  # the class index of a class given by name
+        identity = {"dataset": hp.dataset, "normal_class": self.normal_class_index, "contamination": hp.contamination}
+        if hp.contamination:
+            identity["seed"] = hp.seed
+        return identity
 
     def _setup_classes(self) -> None:
         hp = self.hparams

@@ -137,10 +137,17 @@ def _find_idx(split: str, folders: list[Path]) -> tuple[Path, Path] | None:
 
 
 def _mnist_like(split: str, root: Path, torchvision_name: str, classes: tuple[str, ...], hint: str) -> LabeledImages:
-    folders = [root, root / torchvision_name / "raw"]
+    # never the bare root: MNIST and FashionMNIST files have the same names, so one would be read as the other
+    folders = [root / torchvision_name / "raw"]
     if torchvision_name == "FashionMNIST":
         folders.append(DEBIAN_FASHION_MNIST)
     found = _find_idx(split, folders)
+    if found is None and _find_idx(split, [root]) is not None:
+        raise DatasetNotFoundError(
+            f"{torchvision_name} {split} files were looked for in {[str(f) for f in folders]}; IDX files of these "
+            f"names lie directly in {root}, but MNIST and FashionMNIST name their files alike, so neither is read "
+            f"from there. If they are {torchvision_name}'s, move them to {folders[0]} (torchvision's layout)."
+        )
     if found is None:
         import torchvision
 
@@ -163,13 +170,13 @@ def _mnist_like(split: str, root: Path, torchvision_name: str, classes: tuple[st
 def _fashionmnist(split: str, root: Path) -> LabeledImages:
     hint = (
         f"Offline: `apt-get install dataset-fashion-mnist` (files land in {DEBIAN_FASHION_MNIST}) "
-        f"or download them into {root}."
+        f"or download them into {root / 'FashionMNIST' / 'raw'}."
     )
     return _mnist_like(split, root, "FashionMNIST", FASHION_MNIST_CLASSES, hint)
 
 
 def _mnist(split: str, root: Path) -> LabeledImages:
-    hint = f"Offline: download the four MNIST IDX files into {root}."
+    hint = f"Offline: download the four MNIST IDX files into {root / 'MNIST' / 'raw'}."
     return _mnist_like(split, root, "MNIST", tuple(str(d) for d in range(10)), hint)
 
 

@@ -166,6 +166,11 @@ class AnomalyMaps(nn.Module):
 
     # ------------------------------------------------------------------------------------------- metrics
 
+    def start_evaluation(self) -> None:
+        """Forget the maps of an evaluation that stopped on an error (else they would join this one's metrics)."""
+        self.test_maps.reset()
+        self.test_results = None
+
     def update_metrics(self, indices: Tensor, maps: Tensor, masks: Tensor | None) -> None:
         """Collect a test batch's maps ``[B, H, W]`` with its ground-truth masks (``None``: no masks, every
         pixel counts as normal)."""

@@ -142,5 +142,8 @@ def to_image_maps(patch_maps: Tensor, size: tuple[int, int], sigma: float = 4.0)
     Returns:
         ``[B, H, W]`` float32 anomaly maps.
     """
-    up = F.interpolate(patch_maps.float()[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
-    return gaussian_blur(up, sigma)
+    # outside autocast (Trainer(precision="bf16-mixed" | "16-mixed")): the blur's convolution would round the maps
+    # to 8 bits of mantissa, or overflow float16 beyond 65504
+    with torch.autocast(patch_maps.device.type, enabled=False):
+        up = F.interpolate(patch_maps.float()[:, None], size=tuple(size), mode="bilinear", align_corners=False)
+        return gaussian_blur(up[:, 0], sigma)
