@@ -65,6 +65,8 @@ def _to_chw(item: ImageLike, position: int, load_size: int | None) -> tuple[Tens
             raise ValueError(f"{where}: no such image file {str(path)!r}.")
         return load_image(path, load_size), str(path)  # the datasets' decoding, JPEG draft scale included
     if isinstance(item, Image.Image):
+        if _unread_jpeg_file(item):  # decoded as dn2 predict decodes its file: at the JPEG draft scale
+            return load_image(item.filename, load_size), None
         return pil_to_uint8(item, load_size), None
     if isinstance(item, Tensor):
         if item.ndim not in (3, 4) or item.shape[-3] not in (1, 3):
@@ -79,3 +81,9 @@ def _to_chw(item: ImageLike, position: int, load_size: int | None) -> tuple[Tens
     raise ValueError(
         f"{where}: cannot read a {type(item).__name__}; give a tensor, a PIL image or a file path (str/Path)."
     )
+
+
+def _unread_jpeg_file(image: Image.Image) -> bool:
+    """A JPEG opened from a file and not decoded yet (``Image.open`` without ``load``, ``convert``, ...): read
+    from its file, it decodes exactly as the datasets decode that file, and the caller's image is left as it is."""
+    return image.format == "JPEG" and bool(getattr(image, "tile", None)) and Path(image.filename or "").is_file()

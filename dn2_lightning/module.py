@@ -371,7 +371,8 @@ class DN2Module(LightningModule):
         scores = self.predict_scores
         flagged = "undefined (no threshold)" if scores.is_anomaly is None else int(scores.is_anomaly.sum())
         info(
-            f"DN2 predict: {len(scores)} samples scored, flagged as anomalous: {flagged}; {self._describe_threshold()}."
+            f"DN2 predict: {len(scores)} samples scored against a bank of {self._bank_builder.size()} embeddings, "
+            f"flagged as anomalous: {flagged}; {self._describe_threshold()}."
         )
 
     # ------------------------------------------------------------------------------------------ scoring
@@ -570,7 +571,9 @@ class DN2Module(LightningModule):
             auroc.update(to_unit_interval(result.scores), labels)
             self.log(f"{stage}/auroc", auroc.compute(), sync_dist=True)
             auroc.reset()
-        info(f"DN2 {stage}: {len(result)} samples scored; {self._describe_threshold()}.")
+        bank = self._bank_builder.size()  # a collective when sharded: every rank gets here
+        threshold = self._describe_threshold()
+        info(f"DN2 {stage}: {len(result)} samples scored against a bank of {bank} embeddings; {threshold}.")
         return result
 
     # ------------------------------------------------------------------------------------- memory bank

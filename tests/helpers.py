@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import tempfile
+from collections.abc import Iterator
 
 import torch
 from lightning import LightningDataModule
@@ -77,3 +80,17 @@ def quiet_trainer(**kwargs):
     )
     defaults.update(kwargs)
     return Trainer(**defaults)
+
+
+@contextlib.contextmanager
+def dn2_messages() -> Iterator[list[str]]:
+    """The messages of the ``dn2_lightning`` logger while the block runs (whatever its handlers)."""
+    records: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("dn2_lightning")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)

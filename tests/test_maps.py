@@ -3,17 +3,14 @@ and DN2Module(anomaly_maps=True) end to end against an independent reference."""
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import quiet_trainer
+from helpers import dn2_messages, quiet_trainer
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 from torch import nn
@@ -279,20 +276,6 @@ def test_fit_checkpoint_predict_returns_the_same_maps_and_writes_pngs(small_set,
     result = restored.score_images(dm.source_paths("test"))
     torch.testing.assert_close(result.anomaly_maps, predicted)
     torch.testing.assert_close(result.scores, torch.cat([b["score"] for b in batches]))
-
-
-@contextlib.contextmanager
-def dn2_messages() -> Iterator[list[str]]:
-    """The messages of the ``dn2_lightning`` logger while the block runs (whatever its handlers)."""
-    records: list[str] = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = lambda record: records.append(record.getMessage())
-    logger = logging.getLogger("dn2_lightning")
-    logger.addHandler(handler)
-    try:
-        yield records
-    finally:
-        logger.removeHandler(handler)
 
 
 def test_predicted_maps_get_one_file_per_image_and_every_map_file_is_listed(small_set, tmp_path):

@@ -5,16 +5,20 @@ number a user would see, compared with an independent brute force, or a clear er
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import BlobDataModule, DictDataset, linear_backbone, quiet_trainer
+import yaml
+from helpers import BlobDataModule, DictDataset, dn2_messages, linear_backbone, quiet_trainer
 from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
 
 from dn2_lightning import DN2Module, GroupDataModule, OneClassDataModule
 from dn2_lightning.cli import build_cli
 from dn2_lightning.data import Renumbered
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def brute_force_scores(model: DN2Module, bank_images: torch.Tensor, images: torch.Tensor, k: int) -> np.ndarray:
@@ -95,8 +99,11 @@ def test_the_threshold_saved_by_set_threshold_is_used_by_cli_ckpt_path_runs(tmp_
     trainer.save_checkpoint(tmp_path / "fixed.ckpt")
     assert DN2Module.load_from_checkpoint(tmp_path / "fixed.ckpt").threshold == 2000.0
 
-    predict = build_cli(["predict", *common, f"--ckpt_path={tmp_path / 'fixed.ckpt'}"])
+    with dn2_messages() as messages:
+        predict = build_cli(["predict", *common, f"--ckpt_path={tmp_path / 'fixed.ckpt'}"])
     assert float(predict.model.threshold) == 2000.0
+    bank = len(predict.model.bank)
+    assert any(f"samples scored against a bank of {bank} embeddings" in line for line in messages), messages
     flagged = predict.model.predict_scores.scores > 2000.0
     assert torch.equal(predict.model.predict_scores.is_anomaly, flagged)
     # a threshold given by the run wins over the checkpoint's
@@ -109,6 +116,14 @@ def test_the_threshold_saved_by_set_threshold_is_used_by_cli_ckpt_path_runs(tmp_
         ["predict", *common, f"--ckpt_path={tmp_path / 'fixed.ckpt'}", "--model.threshold_quantile=0.99"]
     )
     assert default.model.hparams.threshold is None and default.model.hparams.threshold_quantile == 0.99
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS.glob("*.yaml")), ids=lambda path: path.name)
+def test_no_shipped_config_sets_a_threshold(config):
+    # configs/folder.yaml set threshold_quantile: 0.99, so README's own `dn2 test|predict --config configs/folder.yaml
+    # --ckpt_path=...` replaced a threshold saved with set_threshold (408 vs 657 images flagged)
+    model = (yaml.safe_load(config.read_text()) or {}).get("model") or {}
+    assert not {"threshold", "threshold_quantile"} & set(model.get("init_args", model)), config
 
 
 def test_point_wise_group_scores_are_thresholded_on_per_group_leave_one_out_scores():

@@ -6,6 +6,7 @@ holds a seeded sample of anomalies from the other classes, and keeps the bookkee
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -164,7 +165,7 @@ class OneClassDataModule(LightningDataModule):
 
     def _setup_folder(self) -> None:
         hp = self.hparams
-        root = Path(hp.root)
+        root = Path(hp.root).absolute()  # paths in reports and checkpoints point at the files from anywhere
         self.normal_class_index, self.normal_class_name = 0, hp.normal_dir
         if (root / "train").is_dir():
             paths = list_image_files(root / "train")
@@ -178,6 +179,15 @@ class OneClassDataModule(LightningDataModule):
             if hp.normal_dir not in kinds:
                 raise ValueError(f"normal_dir={hp.normal_dir!r} is not a subfolder of {root / 'test'}; found {kinds}.")
             self.classes = tuple(kinds)
+            loose = sorted(
+                p.name for p in (root / "test").iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+            )
+            if loose:
+                warnings.warn(
+                    f"{len(loose)} image(s) directly in {root / 'test'} (e.g. {loose[:3]}) are not scored: a test "
+                    f"image's folder is its kind. Move them into test/{hp.normal_dir}/ (normal) or test/<defect>/.",
+                    stacklevel=2,
+                )
             paths, labels = [], []
             for kind in kinds:
                 files = list_image_files(root / "test" / kind)
