@@ -133,6 +133,9 @@ class BankCollector:
         self._indices: list[Tensor] = []
         self._labels: list[Tensor] = []
         self.paths: dict[int, str] = {}  # dataset index -> file, when batches carry paths
+        # group member row -> its image's index in the source dataset (group_pooling="none"), so that the
+        # leave-one-out threshold also skips that image's copies in other training groups
+        self.member_sources: dict[int, int] = {}
         self.num_batches = 0
 
     def __len__(self) -> int:
@@ -241,16 +244,20 @@ class BankBuilder:
         return report
 
     def leave_one_out_scores(
-        self, k: int, labels: Tensor | None = None, members: int = 1
+        self, k: int, labels: Tensor | None = None, members: int = 1, member_sources: list[int] | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Every bank row's leave-one-out DN2 score over the whole bank, as ``(ids, scores, labels)`` sorted by
         id (gathered from all shards when sharded); ``k`` is capped at the bank size - 1. With ``members > 1``
-        the rows are group members (ids ``group * members + member``) and each leaves its whole group out."""
+        the rows are group members (ids ``group * members + member``) and each leaves its whole group out, and
+        with ``member_sources`` (row id -> source image, -1 unknown) also its own image's copies in other groups."""
         ids = self.bank.sample_indices
         k = min(k, self.size() - 1)
         if members > 1:
-            knn = self.search(self.bank.embeddings, min(k + members, self.size()))
-            scores = knn_scores(drop_own_group(knn, ids, members, k))
+            sources = torch.tensor(member_sources or [], dtype=torch.long, device=ids.device)
+            known = sources[sources >= 0]
+            copies = int(torch.bincount(known).max()) - 1 if len(known) else 0  # of one image beyond itself
+            knn = self.search(self.bank.embeddings, min(k + members + copies, self.size()))
+            scores = knn_scores(drop_own_group(knn, ids, members, k, sources if len(known) else None))
         else:
             scores = knn_scores(drop_self(self.search(self.bank.embeddings, k + 1), ids))
         labels = labels if labels is not None else torch.full_like(ids, -1)
@@ -264,11 +271,13 @@ class BankBuilder:
         A bank of group members (``group_pooling="none"``, rows ``group * M + member``, ``members_per_group`` in
         the bank's spec) scores a group by its worst member, so its threshold scores are per group too: each
         training group's largest member score, with the whole group left out (a test group's members are never
-        in the bank).
+        in the bank), and, where the batches gave each member's source image (``members``), that image's copies
+        in other groups too.
         """
         if self.size() > k:
             members = int(self.bank.spec.get("members_per_group") or 1)
-            ids, scores, _ = self.leave_one_out_scores(k, members=members)
+            sources = self.bank.spec.get("member_sources")
+            ids, scores, _ = self.leave_one_out_scores(k, members=members, member_sources=sources)
             if members > 1:
                 groups = torch.unique(ids // members, return_inverse=True)[1]
                 worst = torch.full((int(groups.max()) + 1,), float("-inf"), dtype=scores.dtype, device=scores.device)

@@ -10,14 +10,17 @@ from torch import Tensor
 
 
 class Batch(NamedTuple):
-    """Images ``[B, C, H, W]`` (or groups ``[B, M, C, H, W]`` with ``mask [B, M]``), labels ``[B]``
-    (1 = anomalous, -1 = unknown), dataset indices ``[B]`` (``None`` if the dataset gives none)."""
+    """Images ``[B, C, H, W]`` (or groups ``[B, M, C, H, W]`` with ``mask [B, M]`` and, from
+    :class:`~dn2_lightning.data.GroupDataModule`, ``members [B, M]``: each member's image index in the source
+    dataset), labels ``[B]`` (1 = anomalous, -1 = unknown), dataset indices ``[B]`` (``None`` if the dataset
+    gives none)."""
 
     images: Tensor
     labels: Tensor
     indices: Tensor | None
     mask: Tensor | None = None
     paths: list[str] | None = None
+    members: Tensor | None = None
 
 
 def unpack_batch(batch: object, batch_idx: int | None = None) -> Batch:
@@ -28,12 +31,12 @@ def unpack_batch(batch: object, batch_idx: int | None = None) -> Batch:
         if "image" not in batch:
             raise ValueError(f"a dict batch needs an 'image' key; got keys {sorted(batch)}.")
         images, labels, indices, mask = batch["image"], batch.get("label"), batch.get("index"), batch.get("mask")
-        paths = batch.get("path")
+        paths, members = batch.get("path"), batch.get("members")
     elif isinstance(batch, Tensor):
-        images, labels, indices, mask, paths = batch, None, None, None, None
+        images, labels, indices, mask, paths, members = batch, None, None, None, None, None
     elif isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) in (2, 3):
         images, labels = batch[0], batch[1]
-        indices, mask, paths = (batch[2] if len(batch) == 3 else None), None, None
+        indices, mask, paths, members = (batch[2] if len(batch) == 3 else None), None, None, None
     else:
         raise ValueError(
             "cannot read the batch: give dicts with 'image' (and 'label', 'index'), (images, labels[, indices]) "
@@ -47,7 +50,9 @@ def unpack_batch(batch: object, batch_idx: int | None = None) -> Batch:
         labels = torch.full((images.shape[0],), -1, dtype=torch.long, device=images.device)
     labels = torch.as_tensor(labels, device=images.device)
     check_labels(labels)
-    return Batch(images, labels.long(), indices, mask, paths)
+    if not (isinstance(members, Tensor) and members.shape == images.shape[:2] and images.ndim == 5):
+        members = None  # only group batches' member sources are used
+    return Batch(images, labels.long(), indices, mask, paths, members)
 
 
 def check_pixels(images: Tensor, indices: object = None, batch_idx: int | None = None) -> None:

@@ -634,6 +634,9 @@ class DN2Module(LightningModule):
             member = torch.arange(m, device=indices.device)
             rows = (indices[:, None] * m + member).flatten()
             labels = batch.labels.repeat_interleave(m)
+            if batch.members is not None and self._collector is not None:
+                sources = zip(rows.tolist(), batch.members.flatten().tolist(), strict=True)
+                self._collector.member_sources.update(sources)
             if batch.mask is not None:
                 real = batch.mask.bool().flatten()
                 return embeddings[real], rows[real], labels[real]
@@ -662,7 +665,7 @@ class DN2Module(LightningModule):
         self._bank_is_shard = self._sharded
         if self.maps is not None:
             self.maps.finalize(self.bank.sample_indices)
-        self._record_bank_spec(collector.paths)
+        self._record_bank_spec(collector.paths, collector.member_sources)
         builder.update_loo_scores(hp.k)
         self._warn_if_no_threshold()
         report["bank/size"] = float(builder.size())
@@ -701,12 +704,15 @@ class DN2Module(LightningModule):
             settings["train_set"] = train_set
         return settings
 
-    def _record_bank_spec(self, paths: dict[int, str]) -> None:
+    def _record_bank_spec(self, paths: dict[int, str], member_sources: dict[int, int]) -> None:
         ids = self.bank.sample_indices.tolist()
         all_paths = self._all_paths(paths, "train")
         spec = {**self._model_settings(), **self._data_settings(), "format": 1}
         if self._members_per_group:  # rows are group members (group_pooling="none"): row = group * M + member
             spec["members_per_group"] = self._members_per_group
+            sources = {row: source for part in gather_objects(member_sources) for row, source in part.items()}
+            if sources:  # row -> source image, so the leave-one-out threshold skips copies in other groups
+                spec["member_sources"] = [sources.get(row, -1) for row in range(max(sources) + 1)]
         if all_paths:  # train files by dataset index, for neighbour paths
             spec["train_paths"] = [all_paths.get(i, "") for i in range(max(ids) + 1)] if ids else []
         self.bank.spec = spec

@@ -68,11 +68,20 @@ def drop_self(knn: KNNResult, own_ids: Tensor) -> KNNResult:
     return KNNResult(knn.values[keep].view(n, k), knn.indices[keep].view(n, k))
 
 
-def drop_own_group(knn: KNNResult, own_ids: Tensor, members: int, k: int) -> KNNResult:
+def drop_own_group(knn: KNNResult, own_ids: Tensor, members: int, k: int, sources: Tensor | None = None) -> KNNResult:
     """Each row's ``k`` nearest neighbours outside its own group (ids ``group * members + member``), from its
-    ``k + members`` nearest: the leave-one-out of a whole group. Rows of the own group fill in only when the
-    bank has too few others."""
+    ``k + members`` nearest: the leave-one-out of a whole group. With ``sources`` (row id -> source image, -1
+    unknown; searched ``k + members + copies`` deep) rows holding the same image as the query are left out too.
+    Left-out rows fill in only when the bank has too few others."""
     outside = knn.indices // members != (own_ids // members)[:, None]
+    if sources is not None:
+
+        def source_of(rows: Tensor) -> Tensor:
+            inside = rows < len(sources)
+            return torch.where(inside, sources[rows.clamp(max=len(sources) - 1)], -1)
+
+        own = source_of(own_ids)[:, None]
+        outside &= (source_of(knn.indices) != own) | (own < 0)
     order = torch.argsort((~outside).to(torch.uint8), dim=1, stable=True)[:, :k]  # outside rows first, in order
     return KNNResult(knn.values.gather(1, order), knn.indices.gather(1, order))
 

@@ -30,19 +30,32 @@ class NoIndexDataModule(BlobDataModule):
         return DataLoader(TensorDataset(self.test_images, self.test_labels), batch_size=8)
 
 
+class SharedMemberGroups(DictDataset):
+    """Groups whose members are drawn from a pool, so groups share images; samples name them (``members``)."""
+
+    def __init__(self, pool: torch.Tensor, members: torch.Tensor) -> None:
+        super().__init__(pool[members], torch.zeros(len(members)))
+        self.members = members
+
+    def __getitem__(self, i: int) -> dict:
+        return {**super().__getitem__(i), "members": self.members[i]}
+
+
 class GroupsDataModule(LightningDataModule):
-    """37 groups of 3 members (odd: the sampler pads a whole group), half the test groups with a bright member."""
+    """37 groups of 3 members from a pool of 60 images (odd: the sampler pads a whole group; shared images:
+    the threshold skips copies), half the test groups with a bright member."""
 
     def __init__(self) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(0)
-        self.train = torch.rand(37, 3, 3, 8, 8, generator=g) * 0.6
+        self.pool = torch.rand(60, 3, 8, 8, generator=g) * 0.6
+        self.members = torch.randint(60, (37, 3), generator=g)
         self.test = torch.rand(21, 3, 3, 8, 8, generator=g) * 0.6
         self.labels = (torch.arange(21) >= 11).long()
         self.test[11:, 0] += 0.3
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(DictDataset(self.train, torch.zeros(37)), batch_size=4)
+        return DataLoader(SharedMemberGroups(self.pool, self.members), batch_size=4)
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader(DictDataset(self.test, self.labels), batch_size=4)

@@ -85,6 +85,7 @@ def test_ddp_predict_gathers_every_sample_once(tmp_path, sharding):
         ("noindex", "test", "replicate", 67),  # padded samples without an index must not count as new ones
         ("uneven", "predict", "shard", 5),  # ranks read 2 and 1 batches: the sharded searches still pair up
         ("group_none", "test", "replicate", 21),  # a padded group adds 3 member rows, all padding
+        ("group_none", "test", "shard", 21),  # and member copies are skipped across shards
     ],
 )
 def test_ddp_edge_cases_equal_single_device(tmp_path, setting, mode, sharding, n):

@@ -147,6 +147,48 @@ def test_point_wise_group_scores_are_thresholded_on_per_group_leave_one_out_scor
     assert float(model.threshold) == pytest.approx(np.quantile(group_loo, 0.9), rel=1e-5)
 
 
+class GroupsSharingImages(torch.utils.data.Dataset):
+    """Groups of 4 images drawn with replacement from a pool of 50, as GroupDataModule draws members: different
+    groups share images. Samples carry each member's pool index as ``members``."""
+
+    def __init__(self, n: int = 60, pool: int = 50) -> None:
+        g = torch.Generator().manual_seed(3)
+        self.pool = torch.rand(pool, 3, 8, 8, generator=g) * 0.6
+        self.members = torch.randint(pool, (n, 4), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def __getitem__(self, i: int) -> dict:
+        members = self.members[i]
+        return {"image": self.pool[members], "label": torch.tensor(0), "index": torch.tensor(i), "members": members}
+
+
+def test_point_wise_group_threshold_also_leaves_out_copies_of_a_members_image_in_other_groups(tmp_path):
+    # a member's copy in another training group is at distance 0: the threshold was far too low (digits, M = 4,
+    # q = 0.95: 18.5% of normal test groups flagged instead of about 5%)
+    train = GroupsSharingImages()
+    model = DN2Module(k=2, backbone=linear_backbone(), group_pooling="none", threshold_quantile=0.9, reports=False)
+    trainer = quiet_trainer()
+    trainer.fit(model, train_dataloaders=DataLoader(train, batch_size=8))
+    with torch.no_grad():
+        pool = model.backbone(train.pool).double().numpy()
+
+    def reference(k: int) -> np.ndarray:
+        source = train.members.flatten().numpy()
+        group_of = np.repeat(np.arange(len(train)), 4)
+        distances = ((pool[source][:, None] - pool[source][None]) ** 2).sum(-1)
+        distances[(group_of[:, None] == group_of[None]) | (source[:, None] == source[None])] = np.inf
+        member_loo = np.sort(distances, axis=1)[:, :k].mean(1)
+        return np.sort([member_loo[group_of == g].max() for g in range(len(train))])
+
+    np.testing.assert_allclose(model.bank.loo_scores.numpy(), reference(2), rtol=1e-5)
+    assert float(model.threshold) == pytest.approx(np.quantile(reference(2), 0.9), rel=1e-5)
+    trainer.save_checkpoint(tmp_path / "groups.ckpt")  # a checkpoint at another k: the same rule
+    loaded = DN2Module.load_from_checkpoint(tmp_path / "groups.ckpt", backbone=linear_backbone(), k=3)
+    assert float(loaded.threshold) == pytest.approx(np.quantile(reference(3), 0.9), rel=1e-5)
+
+
 def test_a_maps_checkpoint_loads_without_maps_and_a_plain_one_refuses_maps(tmp_path):
     dm = OneClassDataModule(dataset="digits", normal_class=0, batch_size=128)
     options = dict(k=2, backbone="efficientnet_lite0", input_size=32, reports=False, map_images=3)
