@@ -88,6 +88,12 @@ def check_train_set(saved: Mapping[str, Any] | None, current: Mapping[str, Any] 
     Either side ``None`` (a folder, a plain dataloader, an older checkpoint) is not compared."""
     if saved is None or current is None:
         return
+    if saved.get("datamodule") != current.get("datamodule"):
+        raise ValueError(
+            f"the memory bank was built from a {saved.get('datamodule')}'s training data ({_describe(saved)}); "
+            f"this is a {current.get('datamodule')} ({_describe(current)}). Use a checkpoint built from this kind "
+            "of data, or a new DN2Module."
+        )
     differing = [name for name in sorted({*saved, *current}) if not _same(saved.get(name), current.get(name))]
     if differing:
         pairs = "; ".join(
@@ -100,6 +106,10 @@ def check_train_set(saved: Mapping[str, Any] | None, current: Mapping[str, Any] 
             "DN2Module for each training set (e.g. one per normal class), a checkpoint built from this data, or "
             "the datamodule settings the bank was built with."
         )
+
+
+def _describe(identity: Mapping[str, Any]) -> str:
+    return ", ".join(f"{name}={_show(value)}" for name, value in identity.items() if name != "datamodule")
 
 
 def _same(a: Any, b: Any) -> bool:

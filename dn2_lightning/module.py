@@ -707,7 +707,7 @@ class DN2Module(LightningModule):
     def _record_bank_spec(self, paths: dict[int, str], member_sources: dict[int, int]) -> None:
         ids = self.bank.sample_indices.tolist()
         all_paths = self._all_paths(paths, "train")
-        spec = {**self._model_settings(), **self._data_settings(), "format": 1}
+        spec = {**self._model_settings(), "train_set": None, **self._data_settings(), "format": 1}
         if self._members_per_group:  # rows are group members (group_pooling="none"): row = group * M + member
             spec["members_per_group"] = self._members_per_group
             sources = {row: source for part in gather_objects(member_sources) for row, source in part.items()}
@@ -731,6 +731,13 @@ class DN2Module(LightningModule):
         current = self._data_settings()
         check_bank_settings(self.bank.spec, current, DATA_SETTINGS, "this datamodule")
         check_train_set(self.bank.spec.get("train_set"), current.get("train_set"))
+        if "train_set" not in self.bank.spec and current.get("train_set") is not None:
+            warnings.warn(
+                "this memory bank does not record the training data it was built from (a checkpoint saved by an "
+                "earlier dn2-lightning), so nothing checks that it matches this datamodule's "
+                f"({current['train_set']}): make sure it does, or fit again to record it.",
+                stacklevel=2,
+            )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self._sharded:

@@ -138,6 +138,10 @@ def test_mnist_and_fashionmnist_files_are_never_read_as_each_other(tmp_path):
     with pytest.raises(DatasetNotFoundError, match=r"lie directly in .*move them to .*MNIST/raw"):
         load_split("mnist", "test", tmp_path)
     assert load_split("fashionmnist", "test", tmp_path).classes[0] == "T-shirt/top"
+    # torchvision's own folder as the root is read as it is
+    assert load_split("fashionmnist", "test", tmp_path / "FashionMNIST" / "raw").labels.tolist() == [3, 1, 4, 1, 5]
+    with pytest.raises(DatasetNotFoundError, match="lie directly in"):
+        load_split("mnist", "test", tmp_path / "FashionMNIST" / "raw")
 
 
 def test_missing_cifar_offline_names_path_and_fix(tmp_path, offline):
@@ -341,8 +345,9 @@ def test_folder_images_loose_in_test_warn_and_paths_are_absolute_from_a_relative
     # checkpoint's neighbour paths) that point nowhere from another directory
     make_folder(tmp_path / "parts", corrupt=False)
     Image.new("RGB", (8, 8)).save(tmp_path / "parts/test/loose.png")
-    monkeypatch.chdir(tmp_path)
-    dm = OneClassDataModule(dataset="folder", root="parts", load_size=16)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    dm = OneClassDataModule(dataset="folder", root="../parts", load_size=16)
     with pytest.warns(
         UserWarning, match=r"1 image\(s\) directly in .*parts/test \(e.g. \['loose.png'\]\) are not scored"
     ):

@@ -282,10 +282,25 @@ def test_a_bank_is_never_reused_for_another_normal_class_contamination_or_groups
 
 
 def test_a_group_bank_is_never_reused_for_other_training_groups():
-    def groups(seed: int) -> GroupDataModule:
-        return GroupDataModule(dataset="digits", group_size=4, n_train_groups=30, n_test_groups=40, seed=seed)
+    def groups(seed: int = 0, **kwargs) -> GroupDataModule:
+        options = dict(dataset="digits", group_size=4, n_train_groups=30, n_test_groups=40, seed=seed)
+        return GroupDataModule(**(options | kwargs))
 
     model = DN2Module(k=2, backbone=linear_backbone())
     quiet_trainer().test(model, datamodule=groups(0))
     with pytest.raises(ValueError, match=r"seed=0 \(bank\) vs seed=1 \(datamodule\)"):
         quiet_trainer().test(model, datamodule=groups(1))
+    with pytest.raises(ValueError, match=r"built from a GroupDataModule's training data .* is a OneClassDataModule"):
+        quiet_trainer().test(model, datamodule=digits(0))
+    # settings that resolve to the same groups are the same training data
+    everything = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    quiet_trainer().test(everything, datamodule=groups(group_size=None, held_out_classes=[8, 9]))
+    quiet_trainer().test(everything, datamodule=groups(group_size=8, held_out_classes=[9, 8]))
+
+
+def test_a_bank_that_does_not_record_its_training_data_warns_that_it_cannot_be_checked():
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    quiet_trainer().test(model, datamodule=digits(0))
+    del model.bank.spec["train_set"]  # as in a checkpoint saved before banks recorded it
+    with pytest.warns(UserWarning, match=r"does not record the training data .*'normal_class': 3"):
+        quiet_trainer().test(model, datamodule=digits(3))

@@ -132,8 +132,15 @@ class GroupDataModule(LightningDataModule):
     def train_set_identity(self) -> dict[str, Any]:
         """What defines the training groups, for a memory bank built from them to recognise other ones."""
         hp = self.hparams
-        names = ("dataset", "group_size", "n_train_groups", "held_out_classes", "seed")
-        return {name: list(hp[name] or []) if name == "held_out_classes" else hp[name] for name in names}
+        self.setup()  # the group size that None resolves to
+        return {
+            "datamodule": type(self).__name__,
+            "dataset": hp.dataset,
+            "group_size": self.group_size,
+            "n_train_groups": hp.n_train_groups,
+            "held_out_classes": sorted(set(hp.held_out_classes or [])),
+            "seed": hp.seed,
+        }
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is not None:

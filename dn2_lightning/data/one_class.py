@@ -6,6 +6,7 @@ holds a seeded sample of anomalies from the other classes, and keeps the bookkee
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -131,10 +132,12 @@ class OneClassDataModule(LightningDataModule):
         hp = self.hparams
         if hp.dataset == FOLDER:
             return None
+        kind = type(self).__name__
         if hp.dataset == SYNTHETIC:
-            return {"dataset": SYNTHETIC}
+            return {"datamodule": kind, "dataset": SYNTHETIC}
         self.setup()  # the class index of a class given by name
-        identity = {"dataset": hp.dataset, "normal_class": self.normal_class_index, "contamination": hp.contamination}
+        identity = {"datamodule": kind, "dataset": hp.dataset, "normal_class": self.normal_class_index}
+        identity["contamination"] = hp.contamination
         if hp.contamination:
             identity["seed"] = hp.seed
         return identity
@@ -165,7 +168,7 @@ class OneClassDataModule(LightningDataModule):
 
     def _setup_folder(self) -> None:
         hp = self.hparams
-        root = Path(hp.root).absolute()  # paths in reports and checkpoints point at the files from anywhere
+        root = Path(os.path.abspath(hp.root))  # paths in reports and checkpoints point at the files from anywhere
         self.normal_class_index, self.normal_class_name = 0, hp.normal_dir
         if (root / "train").is_dir():
             paths = list_image_files(root / "train")

@@ -137,8 +137,10 @@ def _find_idx(split: str, folders: list[Path]) -> tuple[Path, Path] | None:
 
 
 def _mnist_like(split: str, root: Path, torchvision_name: str, classes: tuple[str, ...], hint: str) -> LabeledImages:
-    # never the bare root: MNIST and FashionMNIST files have the same names, so one would be read as the other
+    # never a bare root: MNIST and FashionMNIST files have the same names, so one would be read as the other
     folders = [root / torchvision_name / "raw"]
+    if root.name == "raw" and root.parent.name == torchvision_name:  # root given as torchvision's own folder
+        folders.insert(0, root)
     if torchvision_name == "FashionMNIST":
         folders.append(DEBIAN_FASHION_MNIST)
     found = _find_idx(split, folders)
