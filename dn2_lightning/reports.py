@@ -516,11 +516,11 @@ def _image_reader(dataset: Any) -> Callable[[int], Tensor] | None:
 
 def _describe(summary: dict[str, Any], out: Path, files: dict[str, Path]) -> str:
     threshold = summary["threshold"]
-    line = f"DN2 {summary['stage']}: {summary['n_scored']} samples scored"
+    line = f"DN2 {summary['stage']} report: "  # the module's line before it gave the bank and the threshold
     if threshold is not None:
-        line += f", {summary['n_flagged']} flagged anomalous (score > threshold {threshold:.6g})"
+        line += f"{summary['n_flagged']} of {summary['n_scored']} samples flagged anomalous"
     else:
-        line += ", no threshold (undefined: the bank is too small), nothing flagged"
+        line += f"{summary['n_scored']} samples, none flagged (no threshold: the bank is too small)"
     if summary["auroc"] is not None:
         line += f", AUROC {summary['auroc']:.4f}"
     listing = "\n".join(entry for p in files.values() if (entry := _listing(p)))
