@@ -44,6 +44,7 @@ class MemoryBank(nn.Module):
 
     embeddings: Tensor
     sample_indices: Tensor
+    removed: Tensor
     loo_scores: Tensor
     loo_k: Tensor
 
@@ -51,6 +52,9 @@ class MemoryBank(nn.Module):
         super().__init__()
         self.register_buffer("embeddings", torch.empty(0, 0))
         self.register_buffer("sample_indices", torch.empty(0, dtype=torch.long))
+        # training rows that cleaning removed (unsupervised setting): not searched, but scored against the bank
+        # with the rest for the threshold, as a test image is
+        self.register_buffer("removed", torch.empty(0, 0))
         # sorted leave-one-out DN2 scores of the whole bank at k = loo_k (0: not computed yet)
         self.register_buffer("loo_scores", torch.empty(0))
         self.register_buffer("loo_k", torch.tensor(0))
@@ -88,6 +92,12 @@ class MemoryBank(nn.Module):
             self.sample_indices = sample_indices.detach().to(torch.long).clone()
             self.set_loo_scores(self.loo_scores.new_empty(0), 0)
 
+    def set_removed(self, rows: Tensor) -> None:
+        """Keep the training rows that cleaning removed (``[R, D]``), for the threshold's scores."""
+        with torch.inference_mode(False):
+            self.removed = rows.detach().to(torch.float32).clone()
+            self.set_loo_scores(self.loo_scores.new_empty(0), 0)
+
     def set_loo_scores(self, scores: Tensor, k: int) -> None:
         """Keep the whole bank's leave-one-out scores at ``k`` (sorted) for thresholds and normalised scores."""
         with torch.inference_mode(False):
@@ -96,6 +106,7 @@ class MemoryBank(nn.Module):
 
     def reset(self) -> None:
         self.set(self.embeddings.new_empty(0, 0), self.sample_indices.new_empty(0))
+        self.set_removed(self.removed.new_empty(0, 0))
 
     def get_extra_state(self) -> dict[str, Any]:
         return dict(self.spec)
@@ -115,9 +126,10 @@ class MemoryBank(nn.Module):
         # checkpoints written before these entries existed: recomputed on first need
         state_dict.setdefault(prefix + "loo_scores", torch.empty(0))
         state_dict.setdefault(prefix + "loo_k", torch.tensor(0))
+        state_dict.setdefault(prefix + "removed", torch.empty(0, 0))
         state_dict.setdefault(prefix + "_extra_state", {})
         # resize before nn.Module copies in place, so any saved bank size loads strictly
-        for name in ("embeddings", "sample_indices", "loo_scores"):
+        for name in ("embeddings", "sample_indices", "removed", "loo_scores"):
             saved = state_dict.get(prefix + name)
             if saved is not None:
                 current = getattr(self, name)
@@ -223,6 +235,7 @@ class BankBuilder:
         """Make these rows the bank, without the ``clean_fraction`` of largest leave-one-out scores over
         ``clean_k`` neighbours when asked (the unsupervised setting). Returns the cleaning report."""
         self.bank.set(embeddings, indices)
+        self.bank.set_removed(embeddings[:0])
         n = self.size()
         if n < k:
             raise ValueError(f"k={k} exceeds the number of training embeddings ({n}); use k <= {n}.")
@@ -236,6 +249,7 @@ class BankBuilder:
             report["bank/removed"] = float((~keep).sum())
             mine = torch.isin(indices, ids[keep])
             self.bank.set(embeddings[mine], indices[mine])
+            self.bank.set_removed(embeddings[~mine])
             if int(keep.sum()) < k:
                 raise ValueError(
                     f"clean_fraction={clean_fraction} leaves {int(keep.sum())} embeddings, fewer than k={k}; lower "
@@ -266,7 +280,9 @@ class BankBuilder:
         return unique_by_index(ids, scores, labels)
 
     def update_loo_scores(self, k: int) -> None:
-        """Store the whole bank's leave-one-out scores at ``k`` (for thresholds), if the bank has more than k rows.
+        """Store the whole bank's leave-one-out scores at ``k`` (for thresholds), if the bank has more than k rows,
+        with the scores against the bank of the rows that cleaning removed (every training row, scored as a test
+        image would be, the kept ones leaving themselves out).
 
         A bank of group members (``group_pooling="none"``, rows ``group * M + member``, ``members_per_group`` in
         the bank's spec) scores a group by its worst member, so its threshold scores are per group too: each
@@ -278,6 +294,12 @@ class BankBuilder:
             members = int(self.bank.spec.get("members_per_group") or 1)
             sources = self.bank.spec.get("member_sources")
             ids, scores, _ = self.leave_one_out_scores(k, members=members, member_sources=sources)
+            removed = self.bank.removed
+            if members == 1 and (sum(count_rows(len(removed), removed.device)) if self.sharded else len(removed)):
+                # rows removed by cleaning are scored against the bank too: the kept half alone is the densest
+                # (its leave-one-out scores flagged 25-30% of normal test images at threshold_quantile=0.99)
+                removed_scores = knn_scores(self.search(removed, k))
+                scores = torch.cat([scores, gather_rows(removed_scores) if self.sharded else removed_scores])
             if members > 1:
                 groups = torch.unique(ids // members, return_inverse=True)[1]
                 worst = torch.full((int(groups.max()) + 1,), float("-inf"), dtype=scores.dtype, device=scores.device)
@@ -289,6 +311,8 @@ class BankBuilder:
         rows = slice(rank(), None, world_size())
         loo, loo_k = self.bank.loo_scores, int(self.bank.loo_k)  # of the whole bank: still valid
         self.bank.set(self.bank.embeddings[rows], self.bank.sample_indices[rows])
+        if len(self.bank.removed):
+            self.bank.set_removed(self.bank.removed[rows])
         self.bank.set_loo_scores(loo, loo_k)
 
     def whole_bank_on_cpu(self) -> tuple[Tensor, Tensor]:
@@ -296,3 +320,7 @@ class BankBuilder:
         for a checkpoint that loads on any number of devices."""
         ids, rows = gather_rows_to_cpu(self.bank.sample_indices), gather_rows_to_cpu(self.bank.embeddings)
         return unique_by_index(ids, rows)
+
+    def all_removed_on_cpu(self) -> Tensor:
+        """The rows cleaning removed, from every shard, in host memory (for a checkpoint)."""
+        return gather_rows_to_cpu(self.bank.removed)

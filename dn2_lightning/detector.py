@@ -46,8 +46,9 @@ class DN2Detector:
 
     Args:
         k: neighbours averaged in the score (paper: 2).
-        threshold_quantile: ``threshold_`` is this quantile of the bank's leave-one-out scores (the expected
-            share of normal rows flagged is ``1 - threshold_quantile``), as PyOD's ``contamination`` sets it.
+        threshold_quantile: ``threshold_`` is this quantile of the training rows' scores against the bank
+            (kept rows leaving themselves out; the expected share of rows like the training data flagged is
+            ``1 - threshold_quantile``), as PyOD's ``contamination`` sets it.
         clean_fraction: unsupervised setting: drop this fraction of ``X`` with the largest leave-one-out
             scores over ``clean_k`` neighbours before keeping it (0: keep everything).
         clean_k: neighbours of the cleaning score (capped at the number of rows - 1).
@@ -57,7 +58,8 @@ class DN2Detector:
     Attributes (after ``fit``):
         bank_: ``[N, D]`` tensor of kept training rows (float64 for float64 ``X``, else float32).
         kept_: bool mask over ``X``'s rows.
-        decision_scores_: leave-one-out scores of the kept rows (PyOD's training scores).
+        decision_scores_: ``[N]`` every training row's score against the bank, in ``X``'s order, kept rows
+            leaving themselves out (PyOD's training scores).
         threshold_: the decision threshold. ``labels_``: ``decision_scores_ > threshold_`` as 0/1.
     """
 
@@ -97,7 +99,14 @@ class DN2Detector:
                     f"k={self.k}; lower clean_fraction or k."
                 )
         self.bank_ = x[self.kept_]
-        self.decision_scores_ = knn_scores(leave_one_out_knn(self.bank_, self.k, self.knn_backend, **self._kwargs()))
+        # every training row scored against the bank (the kept ones leaving themselves out), as a test row is:
+        # the kept rows alone are the densest and would put the threshold too low
+        kept_scores = knn_scores(leave_one_out_knn(self.bank_, self.k, self.knn_backend, **self._kwargs()))
+        scores = kept_scores.new_empty(n)
+        scores[self.kept_] = kept_scores
+        if not self.kept_.all():
+            scores[~self.kept_] = self._scores(x[~self.kept_])
+        self.decision_scores_ = scores
         self._sorted_scores = self.decision_scores_.sort().values
         self.threshold_ = quantile_threshold(self.decision_scores_, self.threshold_quantile)
         self.labels_ = (self.decision_scores_ > self.threshold_).long()

@@ -746,6 +746,7 @@ class DN2Module(LightningModule):
             ids, rows = self._bank_builder.whole_bank_on_cpu()
             checkpoint["state_dict"]["bank.sample_indices"] = ids
             checkpoint["state_dict"]["bank.embeddings"] = rows
+            checkpoint["state_dict"]["bank.removed"] = self._bank_builder.all_removed_on_cpu()
 
     @classmethod
     def load_from_checkpoint(  # type: ignore[override]
@@ -760,10 +761,13 @@ class DN2Module(LightningModule):
         """Lightning's ``load_from_checkpoint``, always weights-only (also for URLs) and in eval mode.
 
         Keyword arguments override saved hyperparameters: scoring settings (``k``, ``threshold_quantile``,
-        ``threshold``, ``knn_backend``, ``max_memory_bytes``, ``reports``) freely; settings that define the
+        ``threshold``, ``knn_backend``, ``max_memory_bytes``, ``reports``) freely (``threshold_quantile`` alone
+        also replaces a fixed threshold saved by ``set_threshold(value=...)``); settings that define the
         bank (backbone, ``input_size``, cleaning, pooling) must match the saved bank or raise ``ValueError``.
         """
         refuse_unsafe_load(weights_only)
+        if "threshold_quantile" in kwargs and "threshold" not in kwargs:
+            kwargs["threshold"] = None  # a quantile asked for replaces a fixed value saved by set_threshold
         model = super().load_from_checkpoint(
             checkpoint_path, map_location, hparams_file, strict, weights_only=True, **kwargs
         )

@@ -60,13 +60,19 @@ def test_ddp_equals_single_device(tmp_path, setting, mode, sharding):
         assert set(ddp["bank_indices"].tolist()) < set(single["bank_indices"].tolist())
 
 
-@pytest.mark.parametrize("sharding", ["replicate", "shard"])
-def test_ddp_checkpoint_reloads_on_one_device(tmp_path, sharding):
-    ddp = run(tmp_path, 2, "unimodal", "fit", sharding)
-    model = DN2Module.load_from_checkpoint(tmp_path / f"2-unimodal-fit-{sharding}.ckpt", backbone=linear_backbone())
-    assert len(model.bank) == 103  # the whole bank, also when it was sharded
-    quiet_trainer().test(model, datamodule=BlobDataModule(n_train=103, n_normal=41, n_anomalous=26, batch_size=8))
-    torch.testing.assert_close(model.test_scores.scores, ddp["scores"], rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize(
+    "setting, sharding", [("unimodal", "replicate"), ("unimodal", "shard"), ("unsupervised", "shard")]
+)
+def test_ddp_checkpoint_reloads_on_one_device(tmp_path, setting, sharding):
+    ddp = run(tmp_path, 2, setting, "fit", sharding)
+    model = DN2Module.load_from_checkpoint(tmp_path / f"2-{setting}-fit-{sharding}.ckpt", backbone=linear_backbone())
+    # the whole bank, also when it was sharded, and the rows cleaning removed (for the threshold)
+    assert (len(model.bank), len(model.bank.removed)) == ((103, 0) if setting == "unimodal" else (82, 21))
+    model.bank.set_loo_scores(model.bank.loo_scores[:0], 0)  # recomputed here, from the checkpoint's rows
+    torch.testing.assert_close(model.threshold, ddp["threshold"], rtol=1e-5, atol=1e-6)
+    if setting == "unimodal":
+        quiet_trainer().test(model, datamodule=BlobDataModule(n_train=103, n_normal=41, n_anomalous=26, batch_size=8))
+        torch.testing.assert_close(model.test_scores.scores, ddp["scores"], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("sharding", ["replicate", "shard"])

@@ -14,7 +14,7 @@ import yaml
 from helpers import BlobDataModule, DictDataset, dn2_messages, linear_backbone, quiet_trainer
 from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
 
-from dn2_lightning import DN2Module, GroupDataModule, OneClassDataModule
+from dn2_lightning import DN2Detector, DN2Module, GroupDataModule, OneClassDataModule
 from dn2_lightning.cli import build_cli
 from dn2_lightning.data import Renumbered
 
@@ -98,6 +98,10 @@ def test_the_threshold_saved_by_set_threshold_is_used_by_cli_ckpt_path_runs(tmp_
     trainer.strategy.connect(model)
     trainer.save_checkpoint(tmp_path / "fixed.ckpt")
     assert DN2Module.load_from_checkpoint(tmp_path / "fixed.ckpt").threshold == 2000.0
+    # a quantile asked for replaces it, from Python as from the command line (it kept 2000.0)
+    requantiled = DN2Module.load_from_checkpoint(tmp_path / "fixed.ckpt", threshold_quantile=0.9)
+    expected = float(np.quantile(requantiled.bank.loo_scores.double().numpy(), 0.9))
+    assert requantiled.hparams.threshold is None and float(requantiled.threshold) == pytest.approx(expected, rel=1e-6)
 
     with dn2_messages() as messages:
         predict = build_cli(["predict", *common, f"--ckpt_path={tmp_path / 'fixed.ckpt'}"])
@@ -304,3 +308,36 @@ def test_a_bank_that_does_not_record_its_training_data_warns_that_it_cannot_be_c
     del model.bank.spec["train_set"]  # as in a checkpoint saved before banks recorded it
     with pytest.warns(UserWarning, match=r"does not record the training data .*'normal_class': 3"):
         quiet_trainer().test(model, datamodule=digits(3))
+
+
+def test_the_unsupervised_threshold_scores_every_training_row_against_the_cleaned_bank(tmp_path):
+    # the kept half alone (the densest rows, each against the others) set the threshold: 25-30% of normal digits
+    # test images were flagged at threshold_quantile=0.99 after cleaning half the bank, not about 1%
+    dm = BlobDataModule()
+    options = dict(k=2, backbone=linear_backbone(), clean_fraction=0.5, clean_k=5, threshold_quantile=0.9)
+    model = DN2Module(**options, reports=False)
+    trainer = quiet_trainer()
+    trainer.fit(model, datamodule=dm)
+    with torch.no_grad():
+        rows = model.backbone(dm.train_images).double().numpy()
+    distances = ((rows[:, None] - rows[None]) ** 2).sum(-1)
+    np.fill_diagonal(distances, np.inf)
+    cleaning = np.sort(distances, axis=1)[:, :5].mean(1)
+    kept = np.zeros(len(rows), dtype=bool)
+    kept[np.argsort(cleaning, kind="stable")[: len(rows) - round(0.5 * len(rows))]] = True
+
+    def reference(k: int) -> np.ndarray:  # every training row against the kept rows, without itself
+        to_kept = distances[:, kept]
+        return np.sort(to_kept, axis=1)[:, :k].mean(1)
+
+    assert len(model.bank) == kept.sum() and len(model.bank.removed) == (~kept).sum()
+    np.testing.assert_allclose(model.bank.loo_scores.numpy(), np.sort(reference(2)), rtol=1e-5)
+    assert float(model.threshold) == pytest.approx(np.quantile(reference(2), 0.9), rel=1e-5)
+    trainer.save_checkpoint(tmp_path / "cleaned.ckpt")
+    loaded = DN2Module.load_from_checkpoint(tmp_path / "cleaned.ckpt", backbone=linear_backbone(), k=3)
+    assert float(loaded.threshold) == pytest.approx(np.quantile(reference(3), 0.9), rel=1e-5)
+
+    detector = DN2Detector(k=2, threshold_quantile=0.9, clean_fraction=0.5, clean_k=5).fit(rows)
+    np.testing.assert_array_equal(detector.kept_.numpy(), kept)
+    np.testing.assert_allclose(detector.decision_scores_.numpy(), reference(2), rtol=1e-9)
+    assert detector.threshold_ == pytest.approx(np.quantile(reference(2), 0.9), rel=1e-9)
