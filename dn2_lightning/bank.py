@@ -3,6 +3,7 @@ over the train data, and the builder that turns what was collected into the bank
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,9 +53,10 @@ class MemoryBank(nn.Module):
         super().__init__()
         self.register_buffer("embeddings", torch.empty(0, 0))
         self.register_buffer("sample_indices", torch.empty(0, dtype=torch.long))
-        # training rows that cleaning removed (unsupervised setting): not searched, but scored against the bank
-        # with the rest for the threshold, as a test image is
+        # training rows that cleaning removed (unsupervised setting) and their dataset indices: not searched, but
+        # scored against the bank with the rest for the threshold, as a test image is
         self.register_buffer("removed", torch.empty(0, 0))
+        self.register_buffer("removed_indices", torch.empty(0, dtype=torch.long))
         # sorted leave-one-out DN2 scores of the whole bank at k = loo_k (0: not computed yet)
         self.register_buffer("loo_scores", torch.empty(0))
         self.register_buffer("loo_k", torch.tensor(0))
@@ -90,12 +92,14 @@ class MemoryBank(nn.Module):
         with torch.inference_mode(False):
             self.embeddings = embeddings.detach().to(torch.float32).clone()
             self.sample_indices = sample_indices.detach().to(torch.long).clone()
-            self.set_loo_scores(self.loo_scores.new_empty(0), 0)
+        self.set_removed(self.embeddings[:0], self.sample_indices[:0])
 
-    def set_removed(self, rows: Tensor) -> None:
-        """Keep the training rows that cleaning removed (``[R, D]``), for the threshold's scores."""
+    def set_removed(self, rows: Tensor, sample_indices: Tensor) -> None:
+        """Keep the training rows that cleaning removed (``[R, D]``, with their dataset indices ``[R]``), for the
+        threshold's scores; :meth:`set` clears them."""
         with torch.inference_mode(False):
             self.removed = rows.detach().to(torch.float32).clone()
+            self.removed_indices = sample_indices.detach().to(torch.long).clone()
             self.set_loo_scores(self.loo_scores.new_empty(0), 0)
 
     def set_loo_scores(self, scores: Tensor, k: int) -> None:
@@ -106,7 +110,6 @@ class MemoryBank(nn.Module):
 
     def reset(self) -> None:
         self.set(self.embeddings.new_empty(0, 0), self.sample_indices.new_empty(0))
-        self.set_removed(self.removed.new_empty(0, 0))
 
     def get_extra_state(self) -> dict[str, Any]:
         return dict(self.spec)
@@ -123,13 +126,38 @@ class MemoryBank(nn.Module):
                 f"{None if ids is None else tuple(ids.shape)}; expected [N, D] and [N]. The file is damaged "
                 "or was edited: rebuild the bank with fit."
             )
+        removed, removed_ids = state_dict.get(prefix + "removed"), state_dict.get(prefix + "removed_indices")
+        if (
+            removed is not None
+            and len(removed)
+            and (
+                removed_ids is None
+                or removed_ids.shape != removed.shape[:1]
+                or (embeddings is not None and removed.shape[1:] != embeddings.shape[1:])
+            )
+        ):
+            raise ValueError(
+                f"the checkpoint's memory bank is inconsistent: {prefix}removed has shape {tuple(removed.shape)}, "
+                f"{prefix}removed_indices {None if removed_ids is None else tuple(removed_ids.shape)} and "
+                f"{prefix}embeddings {None if embeddings is None else tuple(embeddings.shape)}. The file is damaged "
+                "or was edited: rebuild the bank with fit."
+            )
+        spec = state_dict.get(prefix + "_extra_state") or {}
+        if removed is None and embeddings is not None and len(embeddings) and (spec.get("clean_fraction") or 0) > 0:
+            warnings.warn(
+                "this checkpoint (saved by an earlier dn2-lightning) does not hold the rows that cleaning removed, "
+                "so its threshold and normalised scores come from the kept rows alone, the densest of the training "
+                "set: far more than 1 - threshold_quantile of normal images get flagged. Fit again to fix it.",
+                stacklevel=2,
+            )
         # checkpoints written before these entries existed: recomputed on first need
         state_dict.setdefault(prefix + "loo_scores", torch.empty(0))
         state_dict.setdefault(prefix + "loo_k", torch.tensor(0))
         state_dict.setdefault(prefix + "removed", torch.empty(0, 0))
+        state_dict.setdefault(prefix + "removed_indices", torch.empty(0, dtype=torch.long))
         state_dict.setdefault(prefix + "_extra_state", {})
         # resize before nn.Module copies in place, so any saved bank size loads strictly
-        for name in ("embeddings", "sample_indices", "removed", "loo_scores"):
+        for name in ("embeddings", "sample_indices", "removed", "removed_indices", "loo_scores"):
             saved = state_dict.get(prefix + name)
             if saved is not None:
                 current = getattr(self, name)
@@ -235,7 +263,6 @@ class BankBuilder:
         """Make these rows the bank, without the ``clean_fraction`` of largest leave-one-out scores over
         ``clean_k`` neighbours when asked (the unsupervised setting). Returns the cleaning report."""
         self.bank.set(embeddings, indices)
-        self.bank.set_removed(embeddings[:0])
         n = self.size()
         if n < k:
             raise ValueError(f"k={k} exceeds the number of training embeddings ({n}); use k <= {n}.")
@@ -249,7 +276,7 @@ class BankBuilder:
             report["bank/removed"] = float((~keep).sum())
             mine = torch.isin(indices, ids[keep])
             self.bank.set(embeddings[mine], indices[mine])
-            self.bank.set_removed(embeddings[~mine])
+            self.bank.set_removed(embeddings[~mine], indices[~mine])
             if int(keep.sum()) < k:
                 raise ValueError(
                     f"clean_fraction={clean_fraction} leaves {int(keep.sum())} embeddings, fewer than k={k}; lower "
@@ -267,17 +294,24 @@ class BankBuilder:
         ids = self.bank.sample_indices
         k = min(k, self.size() - 1)
         if members > 1:
-            sources = torch.tensor(member_sources or [], dtype=torch.long, device=ids.device)
-            known = sources[sources >= 0]
-            copies = int(torch.bincount(known).max()) - 1 if len(known) else 0  # of one image beyond itself
-            knn = self.search(self.bank.embeddings, min(k + members + copies, self.size()))
-            scores = knn_scores(drop_own_group(knn, ids, members, k, sources if len(known) else None))
+            scores = self._outside_group_scores(self.bank.embeddings, ids, k, members, member_sources)
         else:
             scores = knn_scores(drop_self(self.search(self.bank.embeddings, k + 1), ids))
         labels = labels if labels is not None else torch.full_like(ids, -1)
         if self.sharded:
             ids, scores, labels = gather_rows(ids), gather_rows(scores), gather_rows(labels)
         return unique_by_index(ids, scores, labels)
+
+    def _outside_group_scores(
+        self, rows: Tensor, ids: Tensor, k: int, members: int, member_sources: list[int] | None
+    ) -> Tensor:
+        """DN2 scores of group-member ``rows`` (ids ``group * members + member``) over the bank rows outside
+        their own group and, with ``member_sources``, other than copies of their own image."""
+        sources = torch.tensor(member_sources or [], dtype=torch.long, device=ids.device)
+        known = sources[sources >= 0]
+        copies = int(torch.bincount(known).max()) - 1 if len(known) else 0  # of one image beyond itself
+        knn = self.search(rows, min(k + members + copies, self.size()))
+        return knn_scores(drop_own_group(knn, ids, members, k, sources if len(known) else None))
 
     def update_loo_scores(self, k: int) -> None:
         """Store the whole bank's leave-one-out scores at ``k`` (for thresholds), if the bank has more than k rows,
@@ -294,12 +328,18 @@ class BankBuilder:
             members = int(self.bank.spec.get("members_per_group") or 1)
             sources = self.bank.spec.get("member_sources")
             ids, scores, _ = self.leave_one_out_scores(k, members=members, member_sources=sources)
-            removed = self.bank.removed
-            if members == 1 and (sum(count_rows(len(removed), removed.device)) if self.sharded else len(removed)):
+            removed, removed_ids = self.bank.removed, self.bank.removed_indices
+            if sum(count_rows(len(removed), removed.device)) if self.sharded else len(removed):
                 # rows removed by cleaning are scored against the bank too: the kept half alone is the densest
                 # (its leave-one-out scores flagged 25-30% of normal test images at threshold_quantile=0.99)
-                removed_scores = knn_scores(self.search(removed, k))
-                scores = torch.cat([scores, gather_rows(removed_scores) if self.sharded else removed_scores])
+                if members > 1:
+                    k_out = min(k, self.size() - 1)
+                    removed_scores = self._outside_group_scores(removed, removed_ids, k_out, members, sources)
+                else:
+                    removed_scores = knn_scores(self.search(removed, min(k, self.size())))
+                if self.sharded:
+                    removed_ids, removed_scores = gather_rows(removed_ids), gather_rows(removed_scores)
+                ids, scores = torch.cat([ids, removed_ids]), torch.cat([scores, removed_scores])
             if members > 1:
                 groups = torch.unique(ids // members, return_inverse=True)[1]
                 worst = torch.full((int(groups.max()) + 1,), float("-inf"), dtype=scores.dtype, device=scores.device)
@@ -310,9 +350,10 @@ class BankBuilder:
         """A whole bank (from a checkpoint) meeting a sharded run: keep this rank's share of the rows."""
         rows = slice(rank(), None, world_size())
         loo, loo_k = self.bank.loo_scores, int(self.bank.loo_k)  # of the whole bank: still valid
+        removed, removed_ids = self.bank.removed, self.bank.removed_indices
         self.bank.set(self.bank.embeddings[rows], self.bank.sample_indices[rows])
-        if len(self.bank.removed):
-            self.bank.set_removed(self.bank.removed[rows])
+        if len(removed):
+            self.bank.set_removed(removed[rows], removed_ids[rows])
         self.bank.set_loo_scores(loo, loo_k)
 
     def whole_bank_on_cpu(self) -> tuple[Tensor, Tensor]:
@@ -321,6 +362,6 @@ class BankBuilder:
         ids, rows = gather_rows_to_cpu(self.bank.sample_indices), gather_rows_to_cpu(self.bank.embeddings)
         return unique_by_index(ids, rows)
 
-    def all_removed_on_cpu(self) -> Tensor:
-        """The rows cleaning removed, from every shard, in host memory (for a checkpoint)."""
-        return gather_rows_to_cpu(self.bank.removed)
+    def all_removed_on_cpu(self) -> tuple[Tensor, Tensor]:
+        """``(removed_indices, removed)``: the rows cleaning removed, from every shard, in host memory."""
+        return gather_rows_to_cpu(self.bank.removed_indices), gather_rows_to_cpu(self.bank.removed)

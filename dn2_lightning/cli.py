@@ -46,7 +46,7 @@ from dn2_lightning.module import CUSTOM_BACKBONE, DN2Module
 
 SUBCOMMAND_HELP = {
     "fit": "Build the memory bank: embed the train set once with the frozen backbone, set the threshold from the "
-    "bank's leave-one-out scores, and save both in a checkpoint.",
+    "training images' leave-one-out scores, and save both in a checkpoint.",
     "validate": "Score the datamodule's validation set against the memory bank and report its AUROC.",
     "test": "Score the test set against the memory bank and report AUROC; write scores.csv, summary.json and figures.",
     "predict": "Score images (e.g. a folder) against the memory bank and write predictions.csv, summary.json "

@@ -124,8 +124,8 @@ class DN2Detector:
         return labels if isinstance(X, Tensor) else labels.cpu().numpy()
 
     def predict_proba(self, X: ArrayLike) -> np.ndarray | Tensor:  # noqa: N803
-        """``[M, 2]`` (normal, anomalous) from the normalised score: the share of the bank's leave-one-out
-        scores below each score."""
+        """``[M, 2]`` (normal, anomalous) from the normalised score: the share of the training rows' scores
+        (``decision_scores_``) below each score."""
         anomalous = normalized_scores(self._sorted_scores, self._scores(X))
         proba = torch.stack([1 - anomalous, anomalous], dim=1)
         return proba if isinstance(X, Tensor) else proba.cpu().numpy()

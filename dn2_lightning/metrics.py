@@ -24,7 +24,7 @@ class AnomalyScores:
         neighbours: ``[N, k]`` train-set indices of the k nearest bank embeddings.
         distances: ``[N, k]`` their squared distances, ascending.
         threshold: the decision threshold the scores were judged by (NaN: undefined).
-        normalized: ``[N]`` share of the bank's leave-one-out scores below each score, in [0, 1].
+        normalized: ``[N]`` share of the training images' leave-one-out scores below each score, in [0, 1].
         paths: file path of each sample, when the data came from files.
     """
 
@@ -52,7 +52,7 @@ class ImageScores:
 
     Attributes:
         scores: ``[B]`` DN2 scores (mean squared distance to the k nearest bank embeddings).
-        normalized: ``[B]`` share of the bank's leave-one-out scores below each score, in [0, 1].
+        normalized: ``[B]`` share of the training images' leave-one-out scores below each score, in [0, 1].
         is_anomaly: ``[B]`` score > threshold, or ``None`` when no threshold is defined.
         threshold: the decision threshold (NaN: undefined).
         neighbours: ``[B, k]`` train-set indices of the nearest bank embeddings.

@@ -99,7 +99,7 @@ class DN2Module(LightningModule):
             assignments to k-means centroids of the training members), or ``"none"`` (point-wise).
         group_clusters: k-means centroids of the histogram pooling.
         group_temperature: softness of the histogram's member-to-centroid assignments.
-        threshold_quantile: the threshold is this quantile of the bank's leave-one-out scores (never test
+        threshold_quantile: the threshold is this quantile of the training images' leave-one-out scores (never test
             data); about ``1 - threshold_quantile`` of normal images are flagged.
         threshold: a fixed threshold on the score instead (``None``: use the quantile).
         bank_sharding: under DDP, ``"replicate"`` the bank on every rank or ``"shard"`` it (exact).
@@ -456,13 +456,13 @@ class DN2Module(LightningModule):
     @property
     def threshold(self) -> Tensor:
         """The decision threshold on the DN2 score (a 0-d tensor; NaN when undefined): ``threshold`` if set,
-        else the ``threshold_quantile`` of the bank's leave-one-out scores at the current ``k``."""
+        else the ``threshold_quantile`` of the training images' leave-one-out scores at the current ``k``."""
         if self.hparams.threshold is not None:
             return torch.tensor(float(self.hparams.threshold))
         return torch.tensor(quantile_threshold(self._loo_scores(), self.hparams.threshold_quantile))
 
     def set_threshold(self, quantile: float | None = None, value: float | None = None) -> float:
-        """Set the decision threshold: a ``quantile`` of the bank's leave-one-out scores (normal data only,
+        """Set the decision threshold: a ``quantile`` of the training images' leave-one-out scores (normal data only,
         never test labels: about ``1 - quantile`` of normal images get flagged) or a fixed score ``value``.
         Give exactly one. Returns the threshold; it is saved with the checkpoint's hyperparameters."""
         if (quantile is None) == (value is None):
@@ -479,7 +479,7 @@ class DN2Module(LightningModule):
         return threshold
 
     def normalized(self, scores: Tensor) -> Tensor:
-        """Share of the bank's leave-one-out scores below each score, in [0, 1] (NaN without them): 0.5 is a
+        """Share of the training images' leave-one-out scores below each score, in [0, 1] (NaN without them): 0.5 is a
         typical normal image, values near 1 are beyond almost every normal one."""
         return normalized_scores(self._loo_scores(), scores)
 
@@ -498,7 +498,7 @@ class DN2Module(LightningModule):
             return f"threshold {threshold:.6g} (fixed value)"
         q = self.hparams.threshold_quantile
         return (
-            f"threshold {threshold:.6g} (quantile {q:g} of the bank's leave-one-out scores: about "
+            f"threshold {threshold:.6g} (quantile {q:g} of the training images' leave-one-out scores: about "
             f"{100 * (1 - q):.3g}% of normal images are flagged)"
         )
 
@@ -746,7 +746,9 @@ class DN2Module(LightningModule):
             ids, rows = self._bank_builder.whole_bank_on_cpu()
             checkpoint["state_dict"]["bank.sample_indices"] = ids
             checkpoint["state_dict"]["bank.embeddings"] = rows
-            checkpoint["state_dict"]["bank.removed"] = self._bank_builder.all_removed_on_cpu()
+            removed_ids, removed = self._bank_builder.all_removed_on_cpu()
+            checkpoint["state_dict"]["bank.removed_indices"] = removed_ids
+            checkpoint["state_dict"]["bank.removed"] = removed
 
     @classmethod
     def load_from_checkpoint(  # type: ignore[override]

@@ -14,7 +14,7 @@ number, so a run never overwrites an earlier one)::
 
 CSV columns: ``index, path, label, score, normalized_score, is_anomaly, threshold``, then ``neighbour_j,
 distance_j`` for j < k. ``label`` is 1 anomalous, 0 normal, -1 unknown; ``normalized_score`` is the share of
-the bank's leave-one-out scores below the score (empty when the model cannot tell); ``is_anomaly`` is
+the training images' leave-one-out scores below the score (empty when the model cannot tell); ``is_anomaly`` is
 ``score > threshold`` (empty when the threshold is undefined).
 
 Text cells (file paths) follow two rules, so that no cell can act as a spreadsheet formula and the true path
@@ -477,7 +477,7 @@ def _threshold_of(pl_module: LightningModule) -> float | None:
     return None if math.isnan(value) else value
 
 
-QUANTILE_SOURCE = "quantile of the bank's leave-one-out scores"
+QUANTILE_SOURCE = "quantile of the training images' leave-one-out scores"
 
 
 def threshold_source(pl_module: LightningModule, threshold: float | None) -> dict[str, Any]:

@@ -118,11 +118,11 @@ def check_contamination(contamination: object) -> None:
 
 
 def check_threshold(quantile: object, value: object = None) -> None:
-    """The decision threshold: a quantile in (0, 1] of the bank's leave-one-out scores, or a finite score."""
+    """The decision threshold: a quantile in (0, 1] of the training images' leave-one-out scores, or a finite score."""
     if isinstance(quantile, bool) or not isinstance(quantile, int | float) or not 0.0 < quantile <= 1.0:
         raise ValueError(
-            f"threshold_quantile={quantile!r} must be in (0, 1]: the share of the bank's leave-one-out scores "
-            "below the threshold (0.99 flags about 1% of normal images)."
+            f"threshold_quantile={quantile!r} must be in (0, 1]: the share of the training images' leave-one-out "
+            "scores below the threshold (0.99 flags about 1% of normal images)."
         )
     finite = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     if value is not None and not finite:

@@ -181,7 +181,7 @@ def test_summary_records_how_the_threshold_was_set(tmp_path):
     for summary, value in ((fixed, 0.25), (fixed_again, 0.5)):
         assert summary["threshold"] == value
         assert summary["threshold_source"] == "value" and summary["threshold_quantile"] is None
-    assert quantile["threshold_source"] == "quantile of the bank's leave-one-out scores"
+    assert quantile["threshold_source"] == "quantile of the training images' leave-one-out scores"
     assert quantile["threshold_quantile"] == 0.9
     assert quantile["threshold"] == pytest.approx(np.quantile(model.bank.loo_scores.double().numpy(), 0.9))
 

@@ -341,3 +341,45 @@ def test_the_unsupervised_threshold_scores_every_training_row_against_the_cleane
     np.testing.assert_array_equal(detector.kept_.numpy(), kept)
     np.testing.assert_allclose(detector.decision_scores_.numpy(), reference(2), rtol=1e-9)
     assert detector.threshold_ == pytest.approx(np.quantile(reference(2), 0.9), rel=1e-9)
+
+
+def test_point_wise_group_threshold_after_cleaning_covers_the_removed_members_too():
+    train = GroupsSharingImages()
+    model = DN2Module(k=2, backbone=linear_backbone(), group_pooling="none", clean_fraction=0.3, clean_k=3)
+    quiet_trainer().fit(model, train_dataloaders=DataLoader(train, batch_size=8))
+    with torch.no_grad():
+        pool = model.backbone(train.pool).double().numpy()
+    source = train.members.flatten().numpy()
+    group_of = np.repeat(np.arange(len(train)), 4)
+    distances = ((pool[source][:, None] - pool[source][None]) ** 2).sum(-1)
+    cleaning = distances.copy()
+    np.fill_diagonal(cleaning, np.inf)  # cleaning scores each member row against every other row
+    cleaning = np.sort(cleaning, axis=1)[:, :3].mean(1)
+    kept = np.zeros(len(source), dtype=bool)
+    kept[np.argsort(cleaning, kind="stable")[: len(source) - round(0.3 * len(source))]] = True
+    # every member (kept or removed) against the kept rows outside its group, copies of its image left out
+    distances[(group_of[:, None] == group_of[None]) | (source[:, None] == source[None])] = np.inf
+    member = np.sort(distances[:, kept], axis=1)[:, :2].mean(1)
+    groups = np.sort([member[group_of == g].max() for g in range(len(train))])
+    assert (len(model.bank), len(model.bank.removed)) == (kept.sum(), (~kept).sum())
+    np.testing.assert_allclose(model.bank.loo_scores.numpy(), groups, rtol=1e-5)
+
+
+def test_removed_rows_follow_the_bank_and_checkpoints_without_them_warn(tmp_path):
+    model = DN2Module(k=2, backbone=linear_backbone(), clean_fraction=0.5, clean_k=5, reports=False)
+    trainer = quiet_trainer()
+    trainer.fit(model, datamodule=BlobDataModule())
+    trainer.save_checkpoint(tmp_path / "cleaned.ckpt")
+    checkpoint = torch.load(tmp_path / "cleaned.ckpt", weights_only=True)
+    for name in ("bank.removed", "bank.removed_indices"):  # as saved before the bank kept them
+        del checkpoint["state_dict"][name]
+    torch.save(checkpoint, tmp_path / "older.ckpt")
+    with pytest.warns(UserWarning, match="does not hold the rows that cleaning removed"):
+        DN2Module.load_from_checkpoint(tmp_path / "older.ckpt", backbone=linear_backbone())
+    checkpoint = torch.load(tmp_path / "cleaned.ckpt", weights_only=True)
+    checkpoint["state_dict"]["bank.removed"] = checkpoint["state_dict"]["bank.removed"][:, :3]
+    torch.save(checkpoint, tmp_path / "damaged.ckpt")
+    with pytest.raises(ValueError, match=r"bank.removed has shape \(50, 3\)"):
+        DN2Module.load_from_checkpoint(tmp_path / "damaged.ckpt", backbone=linear_backbone())
+    model.bank.set(model.bank.embeddings[:10], model.bank.sample_indices[:10])  # a new bank: no stale rows
+    assert len(model.bank.removed) == 0
