@@ -97,6 +97,11 @@ class MemoryBank(nn.Module):
     def set_removed(self, rows: Tensor, sample_indices: Tensor) -> None:
         """Keep the training rows that cleaning removed (``[R, D]``, with their dataset indices ``[R]``), for the
         threshold's scores; :meth:`set` clears them."""
+        if rows.ndim != 2 or rows.shape[0] != sample_indices.shape[0] or (len(rows) and rows.shape[1] != self.dim):
+            raise ValueError(
+                f"removed rows {tuple(rows.shape)} and sample_indices {tuple(sample_indices.shape)} must be [R, D] "
+                f"and [R], with the bank's D = {self.dim}."
+            )
         with torch.inference_mode(False):
             self.removed = rows.detach().to(torch.float32).clone()
             self.removed_indices = sample_indices.detach().to(torch.long).clone()

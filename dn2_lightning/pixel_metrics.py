@@ -71,11 +71,11 @@ def _check_threshold_count(thresholds: object, allow_none: bool = False) -> None
         raise ValueError(f"thresholds={thresholds!r} must be {exact}an integer >= 2.")
 
 
-def score_levels(scores: Tensor, count: int) -> Tensor:
-    """Ascending thresholds at ``count`` evenly spaced quantiles of ``scores``, from the smallest score to
+def score_levels(scores: Tensor, thresholds: int) -> Tensor:
+    """Ascending thresholds at ``thresholds`` evenly spaced quantiles of ``scores``, from the smallest score to
     the largest (fewer when scores repeat).
 
-    Each bin between two thresholds then holds about ``1 / count`` of the pixels. Evenly spaced thresholds
+    Each bin between two thresholds then holds about ``1 / thresholds`` of the pixels. Evenly spaced thresholds
     over ``min..max`` do not: a few extreme pixels stretch the range and leave nearly every pixel in one
     bin, where the binned metrics treat them as ties. Beyond ``2**22`` scores the quantiles are those of a
     seeded random sample of that size (the same thresholds on every run).
@@ -83,13 +83,16 @@ def score_levels(scores: Tensor, count: int) -> Tensor:
     >>> score_levels(torch.tensor([0.0, 1.0, 2.0, 3.0, 1000.0]), 3)
     tensor([   0.,    2., 1000.])
     """
+    _check_threshold_count(thresholds)
     flat = scores.detach().flatten()
+    if flat.numel() == 0 or not torch.isfinite(flat).all():
+        raise ValueError("score_levels needs scores: a non-empty tensor of finite values.")
     sample = flat
     if flat.numel() > _QUANTILE_SAMPLE:
         generator = torch.Generator().manual_seed(0)
         sample = flat[torch.randint(flat.numel(), (_QUANTILE_SAMPLE,), generator=generator).to(flat.device)]
     ordered = sample.sort().values
-    ranks = torch.linspace(0, ordered.numel() - 1, count, dtype=torch.float64).round().long()
+    ranks = torch.linspace(0, ordered.numel() - 1, thresholds, dtype=torch.float64).round().long()
     levels = ordered[ranks.to(ordered.device)]
     levels[0], levels[-1] = flat.min(), flat.max()  # a sample may miss the extremes
     return torch.unique(levels)

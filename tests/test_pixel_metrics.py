@@ -205,3 +205,12 @@ def test_map_collector_keeps_one_row_per_index_in_index_order():
     metrics = pixel_metrics(result.maps, result.masks)
     assert metrics["pixel_auroc"] == pytest.approx(pixel_auroc(maps, masks))
     assert pixel_metrics(maps, torch.zeros_like(masks)) == {}
+
+
+def test_score_levels_names_a_bad_threshold_count_or_empty_scores():
+    with pytest.raises(ValueError, match=r"thresholds=1 must be an integer >= 2"):
+        score_levels(torch.rand(10), 1)
+    with pytest.raises(ValueError, match=r"thresholds=2.5 must be an integer >= 2"):
+        score_levels(torch.rand(10), 2.5)
+    with pytest.raises(ValueError, match="non-empty tensor of finite values"):
+        score_levels(torch.tensor([0.0, float("nan")]), 10)

@@ -383,3 +383,5 @@ def test_removed_rows_follow_the_bank_and_checkpoints_without_them_warn(tmp_path
         DN2Module.load_from_checkpoint(tmp_path / "damaged.ckpt", backbone=linear_backbone())
     model.bank.set(model.bank.embeddings[:10], model.bank.sample_indices[:10])  # a new bank: no stale rows
     assert len(model.bank.removed) == 0
+    with pytest.raises(ValueError, match=r"removed rows \(3, 5\) and sample_indices \(3,\) must be .* D = 16"):
+        model.bank.set_removed(torch.zeros(3, 5), torch.arange(3))
