@@ -290,16 +290,16 @@ class BankBuilder:
         return report
 
     def leave_one_out_scores(
-        self, k: int, labels: Tensor | None = None, members: int = 1, member_sources: list[int] | None = None
+        self, k: int, labels: Tensor | None = None, members: int = 1, sources: tuple[Tensor, int] | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Every bank row's leave-one-out DN2 score over the whole bank, as ``(ids, scores, labels)`` sorted by
         id (gathered from all shards when sharded); ``k`` is capped at the bank size - 1. With ``members > 1``
         the rows are group members (ids ``group * members + member``) and each leaves its whole group out, and
-        with ``member_sources`` (row id -> source image, -1 unknown) also its own image's copies in other groups."""
+        with ``sources`` (:func:`_source_table`) also its own image's copies in other groups."""
         ids = self.bank.sample_indices
         k = min(k, self.size() - 1)
         if members > 1:
-            scores = self._outside_group_scores(self.bank.embeddings, ids, k, members, member_sources)
+            scores = self._outside_group_scores(self.bank.embeddings, ids, k, members, sources)
         else:
             scores = knn_scores(drop_self(self.search(self.bank.embeddings, k + 1), ids))
         labels = labels if labels is not None else torch.full_like(ids, -1)
@@ -308,15 +308,13 @@ class BankBuilder:
         return unique_by_index(ids, scores, labels)
 
     def _outside_group_scores(
-        self, rows: Tensor, ids: Tensor, k: int, members: int, member_sources: list[int] | None
+        self, rows: Tensor, ids: Tensor, k: int, members: int, sources: tuple[Tensor, int] | None
     ) -> Tensor:
         """DN2 scores of group-member ``rows`` (ids ``group * members + member``) over the bank rows outside
-        their own group and, with ``member_sources``, other than copies of their own image."""
-        sources = torch.tensor(member_sources or [], dtype=torch.long, device=ids.device)
-        known = sources[sources >= 0]
-        copies = int(torch.bincount(known).max()) - 1 if len(known) else 0  # of one image beyond itself
+        their own group and, with ``sources`` (:func:`_source_table`), other than copies of their own image."""
+        table, copies = sources if sources is not None else (None, 0)
         knn = self.search(rows, min(k + members + copies, self.size()))
-        return knn_scores(drop_own_group(knn, ids, members, k, sources if len(known) else None))
+        return knn_scores(drop_own_group(knn, ids, members, k, table))
 
     def update_loo_scores(self, k: int) -> None:
         """Store the whole bank's leave-one-out scores at ``k`` (for thresholds), if the bank has more than k rows,
@@ -331,8 +329,8 @@ class BankBuilder:
         """
         if self.size() > k:
             members = int(self.bank.spec.get("members_per_group") or 1)
-            sources = self.bank.spec.get("member_sources")
-            ids, scores, _ = self.leave_one_out_scores(k, members=members, member_sources=sources)
+            sources = _source_table(self.bank.spec.get("member_sources"), self.bank.embeddings.device)
+            ids, scores, _ = self.leave_one_out_scores(k, members=members, sources=sources)
             removed, removed_ids = self.bank.removed, self.bank.removed_indices
             if sum(count_rows(len(removed), removed.device)) if self.sharded else len(removed):
                 # rows removed by cleaning are scored against the bank too: the kept half alone is the densest
@@ -370,3 +368,11 @@ class BankBuilder:
     def all_removed_on_cpu(self) -> tuple[Tensor, Tensor]:
         """``(removed_indices, removed)``: the rows cleaning removed, from every shard, in host memory."""
         return gather_rows_to_cpu(self.bank.removed_indices), gather_rows_to_cpu(self.bank.removed)
+
+
+def _source_table(member_sources: list[int] | None, device: torch.device) -> tuple[Tensor, int] | None:
+    """Row id -> source image (-1 unknown) as a tensor, with the most copies of one image beyond itself (how much
+    deeper a search must go to skip them); ``None`` when no source is known."""
+    table = torch.tensor(member_sources or [], dtype=torch.long, device=device)
+    known = table[table >= 0]
+    return (table, int(torch.bincount(known).max()) - 1) if len(known) else None

@@ -75,15 +75,15 @@ def drop_own_group(knn: KNNResult, own_ids: Tensor, members: int, k: int, source
     Left-out rows fill in only when the bank has too few others."""
     outside = knn.indices // members != (own_ids // members)[:, None]
     if sources is not None:
-
-        def source_of(rows: Tensor) -> Tensor:
-            inside = rows < len(sources)
-            return torch.where(inside, sources[rows.clamp(max=len(sources) - 1)], -1)
-
-        own = source_of(own_ids)[:, None]
-        outside &= (source_of(knn.indices) != own) | (own < 0)
+        own = _lookup(sources, own_ids)[:, None]
+        outside &= (_lookup(sources, knn.indices) != own) | (own < 0)
     order = torch.argsort((~outside).to(torch.uint8), dim=1, stable=True)[:, :k]  # outside rows first, in order
     return KNNResult(knn.values.gather(1, order), knn.indices.gather(1, order))
+
+
+def _lookup(table: Tensor, rows: Tensor) -> Tensor:
+    """``table[rows]``, -1 for rows beyond the table."""
+    return torch.where(rows < len(table), table[rows.clamp(max=len(table) - 1)], -1)
 
 
 def keep_lowest(scores: Tensor, fraction: float) -> Tensor:
