@@ -1,10 +1,11 @@
 """Group anomaly detection on FashionMNIST: point-wise, mean and composition-histogram poolings, AUROC (%).
 
-Works on cached per-image embeddings (``dn2_lightning.protocol.embed_split``) and forms groups with
-``dn2_lightning.data.group.sample_groups``, so no image is re-embedded. Pooling and scoring go through the
-functions ``DN2Module`` calls: ``GroupPooling`` (fit on the training groups' members, then forward on train
-and test groups), ``knn_distances`` and ``knn_scores``; the point-wise baseline scores every member against
-the training members and takes the max, as ``DN2Module(group_pooling="none")`` does.
+Works on cached per-image embeddings (``dn2_lightning.protocol.embed_split``) and draws groups with
+``dn2_lightning.data.group.draw_group_sets`` (as ``GroupDataModule`` does), so no image is re-embedded.
+Pooling and scoring go through the functions ``DN2Module`` calls: ``GroupPooling`` (fit on the training
+groups' members, then forward on train and test groups), ``knn_distances`` and ``knn_scores``; the point-wise
+baseline scores every member against the training members and takes the max, as
+``DN2Module(group_pooling="none")`` does.
 
 Settings: normal groups hold M images of M different classes. Hard anomaly: one class twice, another
 missing (all ten classes normal). Easy anomaly: one member from held-out class 9 (ankle boot; classes 0-8
@@ -21,7 +22,7 @@ import time
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
-from dn2_lightning.data.group import sample_groups
+from dn2_lightning.data.group import draw_group_sets
 from dn2_lightning.group_pooling import GroupPooling
 from dn2_lightning.knn import knn_distances
 from dn2_lightning.protocol import embed_split
@@ -39,12 +40,10 @@ def make_groups(train_labels, test_labels, m, n_train, n_test, kind, seed=0):
     held_out = [HELD_OUT] if kind == "easy" else []
     classes = [c for c in range(10) if c not in held_out]
     m = min(m, len(classes))
-    g = torch.Generator().manual_seed(seed)
-    train = sample_groups(train_labels, classes, m, n_train, None, g)
-    normal = sample_groups(test_labels, classes, m, n_test // 2, None, g)
-    anomalous = sample_groups(test_labels, classes, m, n_test - n_test // 2, kind, g, held_out)
-    labels = torch.cat([torch.zeros(len(normal)), torch.ones(len(anomalous))])
-    return train, torch.cat([normal, anomalous]), labels, m
+    train, test, labels = draw_group_sets(
+        train_labels, test_labels, classes, m, n_train, n_test, kind, 0.5, seed, held_out
+    )
+    return train, test, labels, m
 
 
 def pooled_auroc(pooling: GroupPooling, train_members, test_members, labels, k=2) -> float:

@@ -1,7 +1,7 @@
 """Accuracy of the unsupervised (contaminated) and group settings on FashionMNIST, mean over 10 classes.
 
 Works on cached per-image embeddings (``dn2_lightning.protocol.embed_split``), with the same functions
-DN2Module uses (``cleaning_mask``, ``knn_distances``, ``knn_scores``, ``pool_groups``, ``sample_groups``):
+DN2Module uses (``cleaning_mask``, ``knn_distances``, ``knn_scores``, ``pool_groups``, ``draw_group_sets``):
 a group embedding is the mean of its members' embeddings, exactly what ``DN2Module.forward`` computes.
 
     python benchmarks/settings_bench.py --input_size 64
@@ -16,7 +16,7 @@ import torch
 from torchmetrics.functional.classification import binary_auroc
 
 from dn2_lightning.data.classes import draw_contaminants
-from dn2_lightning.data.group import sample_groups
+from dn2_lightning.data.group import draw_group_sets
 from dn2_lightning.knn import knn_distances
 from dn2_lightning.protocol import embed_split
 from dn2_lightning.scoring import cleaning_mask, knn_scores, pool_groups, to_unit_interval
@@ -55,12 +55,9 @@ def groups(train, train_labels, test, test_labels, sizes, n_train, n_test, k=2, 
     print("|---:|---:|---:|")
     classes = list(range(10))
     for m in sizes:
-        g = torch.Generator().manual_seed(seed)
-        train_groups = sample_groups(train_labels, classes, m, n_train, None, g)
-        normal = sample_groups(test_labels, classes, m, n_test // 2, None, g)
-        anomalous = sample_groups(test_labels, classes, m, n_test - n_test // 2, "hard", g)
-        test_groups = torch.cat([normal, anomalous])
-        labels = torch.cat([torch.zeros(len(normal)), torch.ones(len(anomalous))])
+        train_groups, test_groups, labels = draw_group_sets(
+            train_labels, test_labels, classes, m, n_train, n_test, "hard", 0.5, seed
+        )
         pooled = knn_scores(knn_distances(pool_groups(test[test_groups]), pool_groups(train[train_groups]), k))
         members = knn_scores(knn_distances(test[test_groups.flatten()], train[train_groups.flatten()], k))
         pointwise = members.view(len(test_groups), m).max(1).values
@@ -72,7 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--input_size", type=int, default=None)
-    parser.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.1, 0.2])
+    parser.add_argument("--fractions", type=float, nargs="*", default=[0.05, 0.1, 0.2], help="none: skip cleaning")
     parser.add_argument("--clean_ks", type=int, nargs="+", default=[2, 5, 10, 20, 50])
     parser.add_argument("--group_sizes", type=int, nargs="*", default=[3, 5, 10], help="none: skip groups")
     parser.add_argument("--n_train_groups", type=int, default=2000)
@@ -85,7 +82,8 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     train, test = train.to(device), test.to(device)
     print(f"FashionMNIST, {args.backbone} @ {args.input_size or 'native'} px, k=2, device {name}")
-    unsupervised(train, train_labels.to(device), test, test_labels.to(device), args.fractions, args.clean_ks)
+    if args.fractions:
+        unsupervised(train, train_labels.to(device), test, test_labels.to(device), args.fractions, args.clean_ks)
     if args.group_sizes:
         groups(train, train_labels, test, test_labels, args.group_sizes, args.n_train_groups, args.n_test_groups)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")

@@ -25,6 +25,7 @@ from dn2_lightning.data import (
     load_split,
 )
 from dn2_lightning.data.datasets import PIXEL_FORMAT, iter_image_batches
+from dn2_lightning.data.group import sample_groups
 from dn2_lightning.data.images import ImageTooLargeError, UnreadableImageError, image_problem, load_image
 from dn2_lightning.data.sources import DEBIAN_FASHION_MNIST, default_data_root, read_idx
 from dn2_lightning.inputs import as_image_batches
@@ -397,6 +398,25 @@ def test_group_datamodule_easy_anomalies_hold_a_held_out_class_and_seeds_reprodu
     same = GroupDataModule(**options)
     same.setup()
     assert torch.equal(same.test_dataset.members, dm.test_dataset.members)
+
+
+def test_group_test_set_does_not_depend_on_the_number_of_training_groups():
+    def groups(**kwargs) -> GroupDataModule:
+        dm = GroupDataModule(**({"dataset": "digits", "group_size": 4, "n_test_groups": 30, "seed": 5} | kwargs))
+        dm.setup()
+        return dm
+
+    few, many = groups(n_train_groups=10), groups(n_train_groups=40)
+    assert torch.equal(few.test_dataset.members, many.test_dataset.members)
+    assert torch.equal(few.test_dataset.labels, many.test_dataset.labels)
+    assert torch.equal(few.train_dataset.members, many.train_dataset.members[:10])  # one stream, drawn in order
+    # the training stream is the plain seeded generator, so banks built before the streams split still match
+    labels = load_split("digits", "train").labels
+    expected = sample_groups(labels, list(range(10)), 4, 10, None, torch.Generator().manual_seed(5))
+    assert torch.equal(few.train_dataset.members, expected)
+    # nor do the normal test groups depend on how many anomalous ones are drawn
+    normal = few.test_dataset.members[few.test_dataset.labels == 0]
+    assert torch.equal(groups(n_train_groups=10, anomaly_ratio=0.2).test_dataset.members[:15], normal)
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
@@ -81,6 +82,42 @@ def sample_groups(
     return groups
 
 
+def group_streams(seed: int) -> tuple[torch.Generator, torch.Generator, torch.Generator]:
+    """Independent generators for the training, normal test and anomalous test groups of ``seed``.
+
+    The training stream is ``torch.Generator().manual_seed(seed)``; the test streams come from NumPy's
+    ``SeedSequence`` children, so how many training (or normal test) groups are drawn never changes the others.
+    """
+    test_seeds = [int(s.generate_state(1, np.uint64)[0]) for s in np.random.SeedSequence(seed).spawn(2)]
+    return tuple(torch.Generator().manual_seed(s) for s in (seed, *test_seeds))  # type: ignore[return-value]
+
+
+def draw_group_sets(
+    train_labels: Tensor,
+    test_labels: Tensor,
+    classes: Sequence[int],
+    group_size: int,
+    n_train_groups: int,
+    n_test_groups: int,
+    anomaly: str,
+    anomaly_ratio: float,
+    seed: int,
+    held_out: Sequence[int] = (),
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Training groups, test groups (normal first) and test labels (1 = anomalous) of one group setting.
+
+    Each set comes from its own stream (:func:`group_streams`): the same ``seed`` gives the same test groups
+    whatever ``n_train_groups``, and the same normal test groups whatever the anomaly kind or ratio.
+    """
+    train_stream, normal_stream, anomalous_stream = group_streams(seed)
+    n_anomalous = round(anomaly_ratio * n_test_groups)
+    train = sample_groups(train_labels, classes, group_size, n_train_groups, None, train_stream)
+    normal = sample_groups(test_labels, classes, group_size, n_test_groups - n_anomalous, None, normal_stream)
+    anomalous = sample_groups(test_labels, classes, group_size, n_anomalous, anomaly, anomalous_stream, held_out)
+    labels = torch.cat([torch.zeros(len(normal)), torch.ones(len(anomalous))]).long()
+    return train, torch.cat([normal, anomalous]), labels
+
+
 class GroupDataModule(LightningDataModule):
     """Group anomaly detection on a classification dataset (paper §3.3).
 
@@ -92,7 +129,9 @@ class GroupDataModule(LightningDataModule):
         anomaly: ``"hard"`` (one class twice, one missing) or ``"easy"`` (one member from a held-out class).
         held_out_classes: classes never used in normal groups (required for ``anomaly="easy"``).
         anomaly_ratio: fraction of anomalous test groups.
-        seed: seeds every random draw; the same seed gives the same groups.
+        seed: seeds every random draw; the same seed gives the same groups. The training, normal test and
+            anomalous test groups are drawn from independent streams of it, so changing ``n_train_groups``
+            keeps the test groups (:func:`draw_group_sets`).
         root, batch_size, num_workers, load_size: as in :class:`OneClassDataModule` (``load_size`` is the CPU
             resize while loading, not the model's ``input_size``).
     """
@@ -160,17 +199,15 @@ class GroupDataModule(LightningDataModule):
             )
         if hp.anomaly == "hard" and group_size < 2:
             raise ValueError("anomaly='hard' needs group_size >= 2 (one class twice, another missing).")
-        g = torch.Generator().manual_seed(hp.seed)
-        train_groups = sample_groups(train.labels, normal_classes, group_size, hp.n_train_groups, None, g)
-        n_anomalous = round(hp.anomaly_ratio * hp.n_test_groups)
-        normal = sample_groups(test.labels, normal_classes, group_size, hp.n_test_groups - n_anomalous, None, g)
-        anomalous = sample_groups(test.labels, normal_classes, group_size, n_anomalous, hp.anomaly, g, held_out)
-        test_labels = torch.cat([torch.zeros(len(normal)), torch.ones(len(anomalous))]).long()
+        train_groups, test_groups, test_labels = draw_group_sets(
+            train.labels, test.labels, normal_classes, group_size, hp.n_train_groups, hp.n_test_groups,
+            hp.anomaly, hp.anomaly_ratio, hp.seed, held_out,
+        )  # fmt: skip
         self.group_size = group_size
         self.train_dataset = GroupDataset(
             train, train_groups, torch.zeros(len(train_groups), dtype=torch.long), hp.load_size
         )
-        self.test_dataset = GroupDataset(test, torch.cat([normal, anomalous]), test_labels, hp.load_size)
+        self.test_dataset = GroupDataset(test, test_groups, test_labels, hp.load_size)
 
     def _loader(self, dataset: Dataset) -> DataLoader:
         return DataLoader(
