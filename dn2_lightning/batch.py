@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.utils.data import Subset
 
 
 class Batch(NamedTuple):
@@ -37,22 +38,50 @@ def unpack_batch(batch: object, batch_idx: int | None = None) -> Batch:
     elif isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) in (2, 3):
         images, labels = batch[0], batch[1]
         indices, mask, paths, members = (batch[2] if len(batch) == 3 else None), None, None, None
+        if indices is not None:
+            check_tuple_indices(indices)
     else:
-        raise ValueError(
-            "cannot read the batch: give dicts with 'image' (and 'label', 'index'), (images, labels[, indices]) "
-            f"tuples, or image tensors; got {type(batch).__name__}."
-        )
+        length = f" of {len(batch)} elements" if isinstance(batch, Sequence) else ""
+        raise ValueError(f"cannot read a {type(batch).__name__} batch{length}. {BATCH_LAYOUTS}.")
     if not isinstance(images, Tensor) or images.ndim not in (4, 5):
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"batch images must be [B, C, H, W] or groups [B, M, C, H, W], got {shape}.")
     check_pixels(images, indices, batch_idx)
     if labels is None:
         labels = torch.full((images.shape[0],), -1, dtype=torch.long, device=images.device)
+    if isinstance(labels, Sequence) and any(isinstance(v, str) for v in labels):
+        raise ValueError(
+            f"batch labels must be {LABEL_CONVENTION}; got strings {list(labels)[:5]}. Map them to integers, e.g. "
+            "target_transform=lambda name: int(name != 'good')."
+        )
     labels = torch.as_tensor(labels, device=images.device)
     check_labels(labels)
     if not (isinstance(members, Tensor) and members.shape == images.shape[:2] and images.ndim == 5):
         members = None  # only group batches' member sources are used
     return Batch(images, labels.long(), indices, mask, paths, members)
+
+
+BATCH_LAYOUTS = (
+    "DN2 reads a batch as a dict ({'image', 'label', 'index', 'path', 'gt_mask'}: only 'image' required), "
+    "an (images, labels) or (images, labels, indices) tuple, or an image tensor"
+)
+
+
+def check_tuple_indices(indices: object) -> None:
+    """The third element of a tuple batch is read as dataset indices: refuse what cannot be one (paths, masks)."""
+    if isinstance(indices, Sequence) and any(isinstance(v, str) for v in indices):
+        found = f"strings such as {indices[0]!r}"
+    elif not isinstance(indices, Tensor | Sequence):
+        found = type(indices).__name__
+    else:
+        tensor = torch.as_tensor(indices) if not isinstance(indices, Tensor) else indices
+        if tensor.ndim == 1 and not tensor.is_floating_point() and not tensor.is_complex():
+            return
+        found = f"a {tensor.dtype} tensor of shape {tuple(tensor.shape)}"
+    raise ValueError(
+        f"the third element of a tuple batch is read as the samples' dataset indices ([B] integers); got {found}. "
+        f"{BATCH_LAYOUTS}: return a dict from the dataset to pass paths or masks."
+    )
 
 
 def check_pixels(images: Tensor, indices: object = None, batch_idx: int | None = None) -> None:
@@ -108,3 +137,22 @@ def check_labels(labels: Tensor) -> None:
             "OneClassDataModule(dataset='folder', root=...), which labels the test/<normal_dir> folder 0 and "
             "every other folder 1."
         )
+
+
+def check_dataset_labels(dataset: object) -> None:
+    """Refuse a torchvision ``ImageFolder`` (any ``DatasetFolder``) of several classes without a
+    ``target_transform``: its labels are class indices, and with two classes they pass as 0/1 anomaly labels,
+    inverted whenever the normal folder does not sort first (``{'crack': 0, 'good': 1}``)."""
+    from torchvision.datasets import DatasetFolder
+
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    if not isinstance(dataset, DatasetFolder) or dataset.target_transform is not None or len(dataset.classes) < 2:
+        return
+    normal = next((c for c in dataset.classes if c.lower() in ("good", "normal", "ok")), dataset.classes[0])
+    raise ValueError(
+        f"the dataset is a {type(dataset).__name__} whose labels are class indices {dataset.class_to_idx}, not "
+        f"anomaly labels ({LABEL_CONVENTION}). Map them, e.g. {type(dataset).__name__}(root, "
+        f"target_transform=lambda y: int(y != {dataset.class_to_idx[normal]})) if {normal!r} holds the normal "
+        "images, or use OneClassDataModule(dataset='folder', root=...), which labels test/<normal_dir> 0."
+    )

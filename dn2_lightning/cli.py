@@ -44,6 +44,11 @@ from dn2_lightning.console import info
 from dn2_lightning.data import GroupDataModule, OneClassDataModule, list_datasets
 from dn2_lightning.module import CUSTOM_BACKBONE, DN2Module
 
+try:  # how jsonargparse defers --print_config (no public API): without it, it prints before --ckpt_path applies
+    from jsonargparse._actions import _ActionPrintConfig as _PrintConfig
+except ImportError:  # pragma: no cover
+    _PrintConfig = None
+
 SUBCOMMAND_HELP = {
     "fit": "Build the memory bank: embed the train set once with the frozen backbone, set the threshold from the "
     "training images' leave-one-out scores, and save both in a checkpoint.",
@@ -198,14 +203,21 @@ class DN2CLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Lightning's parsing, plus which model settings the run gives itself (its config files and flags, without
-        the defaults), so that ``--ckpt_path`` can tell "left out" from "given as the default value"."""
-        super().parse_arguments(parser, args)
-        self._given_model: set[str] | None = None
-        subcommand = self.config.get("subcommand")
-        if subcommand and not isinstance(args, dict | Namespace):
-            with contextlib.suppress(Exception, SystemExit):  # a form jsonargparse cannot re-read: compare defaults
-                given = parser.parse_args(args, defaults=False)[subcommand].get("model")
-                self._given_model = set(vars(given)) if isinstance(given, Namespace) else set()
+        the defaults), so that ``--ckpt_path`` can tell "left out" from "given as the default value".
+
+        ``--print_config`` prints after the checkpoint's settings are applied (:meth:`_parse_ckpt_path`), so the
+        printed file reruns what the run would do (jsonargparse would print before them)."""
+        with _print_config_deferred():
+            super().parse_arguments(parser, args)
+            self._given_model: set[str] | None = None
+            subcommand = self.config.get("subcommand")
+            if subcommand and not isinstance(args, dict | Namespace):
+                with contextlib.suppress(Exception, SystemExit):  # a form jsonargparse cannot re-read: defaults
+                    given = parser.parse_args(args, defaults=False)[subcommand].get("model")
+                    self._given_model = set(vars(given)) if isinstance(given, Namespace) else set()
+        if _PrintConfig is not None and _PrintConfig.is_print_config_requested(parser):
+            self._parse_ckpt_path()
+            _PrintConfig.print_config_if_requested(parser, self.config)
 
     def _parse_ckpt_path(self) -> None:
         """With ``--ckpt_path``, Lightning replaces every model setting by the checkpoint's, so ``--model.k=50``
@@ -251,7 +263,9 @@ class DN2CLI(LightningCLI):
     def after_fit(self) -> None:
         callback = self.trainer.checkpoint_callback
         path = (callback.best_model_path or callback.last_model_path) if callback is not None else ""
-        if path:
+        if not self.model.fit_built_bank:
+            info(f"DN2: the bank is --ckpt_path's ({self.trainer.ckpt_path}); no new checkpoint was written.")
+        elif path:
             info(f"DN2: checkpoint (memory bank + threshold) written to {path}")
             info(f"DN2: reuse it with: dn2 test|predict --config ... --ckpt_path={path}")
         else:
@@ -283,6 +297,11 @@ class DN2CLI(LightningCLI):
             info(f"DN2: run config written to {config} (rerun with --config)")
         if self.trainer.loggers:
             info(f"DN2: logs in {log_dir}")
+
+
+def _print_config_deferred() -> contextlib.AbstractContextManager:
+    """jsonargparse's ``--print_config`` held back while parsing (printed by ``DN2CLI.parse_arguments``)."""
+    return _PrintConfig.skip_print_config() if _PrintConfig is not None else contextlib.nullcontext()
 
 
 def _ignore_fit_callback_states() -> None:

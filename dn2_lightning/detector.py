@@ -56,7 +56,8 @@ class DN2Detector:
         max_memory_bytes: temporary-memory budget of one search.
 
     Attributes (after ``fit``):
-        bank_: ``[N, D]`` tensor of kept training rows (float64 for float64 ``X``, else float32).
+        bank_: ``[N, D]`` tensor of kept training rows (float64 for float64 ``X`` and for integers beyond 2**24, which
+            float32 would round; else float32).
         kept_: bool mask over ``X``'s rows.
         decision_scores_: ``[N]`` every training row's score against the bank, in ``X``'s order, kept rows
             leaving themselves out (PyOD's training scores).
@@ -154,8 +155,10 @@ def _as_matrix(values: ArrayLike, name: str, device: torch.device | None = None)
         )
     if not (tensor.is_floating_point() or tensor.dtype in (torch.int32, torch.int64, torch.uint8)):
         raise ValueError(f"{name} must hold numbers, got dtype {tensor.dtype}.")
-    # float64 stays float64 (exact at large offsets, as knn_distances searches it); other dtypes become float32
-    dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    # float64 stays float64 (exact at large offsets, as knn_distances searches it), and so do integers beyond
+    # float32's 2**24 (which float32 would round); other dtypes become float32
+    exact_in_float32 = tensor.is_floating_point() or not len(tensor) or int(tensor.abs().max()) <= 2**24
+    dtype = torch.float64 if tensor.dtype == torch.float64 or not exact_in_float32 else torch.float32
     tensor = tensor.to(device or tensor.device, dtype)
     if not bool(torch.isfinite(tensor).all()):
         rows = (~torch.isfinite(tensor).all(1)).nonzero().flatten().tolist()

@@ -21,7 +21,7 @@ from torchmetrics.classification import BinaryAUROC
 
 from dn2_lightning.backbones import build_backbone
 from dn2_lightning.bank import BankBuilder, BankCollector, MemoryBank
-from dn2_lightning.batch import Batch, unpack_batch
+from dn2_lightning.batch import Batch, check_dataset_labels, unpack_batch
 from dn2_lightning.checkpointing import (
     BANK_SETTINGS,
     DATA_SETTINGS,
@@ -198,6 +198,8 @@ class DN2Module(LightningModule):
         self._members_per_group = 0  # M of the group batches whose members are bank rows (group_pooling="none")
         self._searches_owed = 0  # sharded predict: collective searches this rank still has to join
         self._bank_is_shard = False
+        self._warned_no_threshold: tuple[int, int] | None = None  # (bank size, k) of the last such warning
+        self.fit_built_bank = False  # whether the last fit embedded its train data (not so when resumed when done)
 
     # ------------------------------------------------------------------------------------------ forward
 
@@ -234,7 +236,11 @@ class DN2Module(LightningModule):
         self._collector.add(embeddings, indices, labels, parsed.paths)
         self._count_bank_step()
 
+    def on_fit_start(self) -> None:
+        self.fit_built_bank = False
+
     def on_train_epoch_start(self) -> None:
+        self.fit_built_bank = True
         self._collector = BankCollector()
         if self.maps is not None:
             self.maps.start_collecting()
@@ -253,6 +259,10 @@ class DN2Module(LightningModule):
                 "fit read no training batches (the train dataloader is empty, or limit_train_batches=0), so "
                 "there is no memory bank: give it the normal training images."
             )
+        if not self.fit_built_bank and self.bank.is_fitted:
+            # fit resumed from a checkpoint whose one pass was done: the bank is the checkpoint's, not this data's
+            self._check_data_settings()
+            info("DN2: fit restored the memory bank from ckpt_path (its pass was complete): nothing was embedded.")
 
     def _warn_if_partial_pass(self, seen: int) -> None:
         total = len(self.trainer.train_dataloader) if self.trainer.train_dataloader is not None else seen
@@ -488,6 +498,7 @@ class DN2Module(LightningModule):
         k = self.hparams.k
         if self.bank.is_fitted and int(self.bank.loo_k) != k:
             self._bank_builder.update_loo_scores(k)
+            self._warn_if_no_threshold()  # e.g. a k given at load that leaves no leave-one-out scores
         return self.bank.loo_scores if int(self.bank.loo_k) == k else self.bank.loo_scores[:0]
 
     def _describe_threshold(self) -> str:
@@ -503,8 +514,9 @@ class DN2Module(LightningModule):
         )
 
     def _warn_if_no_threshold(self) -> None:
-        size = self._bank_builder.size()
-        if self.hparams.threshold is None and size <= self.hparams.k:
+        size, k = self._bank_builder.size(), self.hparams.k
+        if self.hparams.threshold is None and size <= k and self._warned_no_threshold != (size, k):
+            self._warned_no_threshold = (size, k)  # once per bank size and k, not per batch
             warnings.warn(
                 f"the memory bank holds {size} embeddings, not more than k={self.hparams.k}: there are "
                 "no leave-one-out scores to set a threshold from, so is_anomaly is undefined (None, empty CSV "
@@ -529,6 +541,7 @@ class DN2Module(LightningModule):
         self._remember_paths(indices, batch.paths)
 
     def _start_evaluation(self) -> None:
+        check_dataset_labels(getattr(self._current_loader(), "dataset", None))
         self._stream_position = 0
         self._paths = {}
         for collector in (self.val_collector, self.test_collector, self.predict_collector):

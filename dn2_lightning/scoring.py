@@ -126,7 +126,9 @@ def normalized_scores(sorted_loo_scores: Tensor, scores: Tensor) -> Tensor:
     """
     if sorted_loo_scores.numel() == 0:
         return torch.full(scores.shape, float("nan"), device=scores.device)
-    below = torch.searchsorted(sorted_loo_scores.to(scores.device, torch.float32), scores.float().contiguous())
+    # compared in float64 when either side is (a float64 detector's scores differ below float32's resolution)
+    dtype = torch.float64 if torch.float64 in (sorted_loo_scores.dtype, scores.dtype) else torch.float32
+    below = torch.searchsorted(sorted_loo_scores.to(scores.device, dtype), scores.to(dtype).contiguous())
     return below.float() / sorted_loo_scores.numel()
 
 

@@ -70,6 +70,26 @@ def test_print_config_reruns_the_same_experiment(tmp_path, capsys):
     assert "test/auroc" in cli.trainer.callback_metrics
 
 
+def test_print_config_beside_ckpt_path_carries_the_checkpoints_threshold(tmp_path, capsys):
+    common = ["--config", "configs/digits.yaml", f"--trainer.default_root_dir={tmp_path}", *FAST]
+    fit = build_cli(["fit", *common, "--model.reports=false"])
+    saved = torch.load(fit.trainer.checkpoint_callback.best_model_path, weights_only=True)
+    saved["hyper_parameters"]["threshold"] = 12.0  # what set_threshold(value=12) and a save leave
+    ckpt = tmp_path / "fixed.ckpt"
+    torch.save(saved, ckpt)
+    direct = build_cli(["test", *common, f"--ckpt_path={ckpt}", "--model.reports=false"])
+    assert float(direct.model.threshold) == 12.0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        build_cli(["test", *common, f"--ckpt_path={ckpt}", "--print_config"])
+    printed = capsys.readouterr().out
+    assert yaml.safe_load(printed)["model"]["threshold"] == 12.0
+    (tmp_path / "rerun.yaml").write_text(printed)
+    rerun = build_cli(["test", "--config", str(tmp_path / "rerun.yaml"), "--model.reports=false"])
+    assert float(rerun.model.threshold) == 12.0
+    assert torch.equal(rerun.model.test_scores.is_anomaly, direct.model.test_scores.is_anomaly)
+
+
 def test_cli_runs_the_unsupervised_and_group_configs_offline(tmp_path):
     common = [f"--trainer.default_root_dir={tmp_path}", "--model.reports=false", *FAST]
     cli = build_cli(["test", "--config", "configs/digits_unsupervised.yaml", *common])
@@ -198,6 +218,20 @@ def test_ckpt_path_keeps_the_users_scoring_settings_and_checks_the_bank_issue11_
     assert test.model.hparams.threshold_quantile == 0.8
     with pytest.raises(ValueError, match=r"input_size=32 \(checkpoint\) vs input_size=48 \(this model\)"):
         build_cli(["test", *data, f"--ckpt_path={ckpt}", "--model.input_size=48", *common])
+
+
+def test_fit_resumed_from_a_done_checkpoint_checks_its_data_and_says_it_wrote_nothing(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    common = ["--config", "configs/digits.yaml", f"--trainer.default_root_dir={tmp_path}", *FAST]
+    first = build_cli(["fit", *common, "--model.reports=false"])
+    ckpt = first.trainer.checkpoint_callback.best_model_path
+    caplog.clear()
+    again = build_cli(["fit", *common, f"--ckpt_path={ckpt}"])  # the same data: the bank is kept, said so
+    assert torch.equal(again.model.bank.embeddings, first.model.bank.embeddings) and not again.model.fit_built_bank
+    assert f"the bank is --ckpt_path's ({ckpt}); no new checkpoint was written" in caplog.text
+    assert "checkpoint (memory bank + threshold) written" not in caplog.text
+    with pytest.raises(ValueError, match=r"normal_class=0 \(bank\) vs normal_class=3 \(datamodule\)"):
+        build_cli(["fit", *common, "--data.normal_class=3", f"--ckpt_path={ckpt}"])
 
 
 LOGGER_PROBE = """

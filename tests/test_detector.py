@@ -67,6 +67,28 @@ def test_float64_input_is_scored_exactly_far_from_the_origin():
     assert detector.bank_.dtype == torch.float64
 
 
+def test_large_integer_features_are_not_rounded_to_float32():
+    # 2**24 + 1 is not a float32: rounded, the query would equal the first training row
+    train = np.array([[2**24], [2**24 + 2], [2**24 + 84], [2**24 + 284]], dtype=np.int64)
+    query = np.array([[2**24 + 1]], dtype=np.int64)
+    detector = DN2Detector(k=1).fit(train)
+    assert detector.decision_function(query).tolist() == [1.0]  # numpy: min((q - x)^2) = 1
+    assert detector.bank_.dtype == torch.float64
+    small = DN2Detector(k=1).fit(np.arange(10).reshape(5, 2))  # exact in float32: kept there
+    assert small.bank_.dtype == torch.float32
+
+
+def test_predict_proba_agrees_with_predict_for_float64_scores_closer_than_float32_resolution():
+    # k = 1 leave-one-out scores 1, 1, 1 + 2e-9, 1 + 2e-9, 1 + 4e-9, 1 + 4e-9 (float32 rounds all to 1)
+    train = np.array([[0.0], [1.0], [10.0], [11 + 1e-9], [20.0], [21 + 2e-9]])
+    test = np.array([[-1 - 3e-9], [22 + 5e-9]])  # each 1 + 3e-9 from its nearest row: score 1 + 6e-9
+    detector = DN2Detector(k=1, threshold_quantile=0.5).fit(train)
+    scores = detector.decision_function(test)
+    np.testing.assert_allclose(scores, 1 + 6e-9, rtol=0, atol=1e-14)
+    assert detector.predict(test).tolist() == [1, 1]  # above every training score
+    assert detector.predict_proba(test)[:, 1].tolist() == [1.0, 1.0]  # so all of them lie below it
+
+
 @pytest.mark.parametrize(
     "call, match",
     [

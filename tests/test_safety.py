@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import math
 import pickle
 import threading
 
@@ -15,7 +16,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from dn2_lightning import DN2Module
 
@@ -85,14 +86,59 @@ def test_class_index_labels_are_refused_with_the_mapping_issue11_2(tmp_path):
     quiet_trainer().fit(model, train_dataloaders=train)
 
     raw = ImageFolder(tmp_path / "test", transform=tvf.pil_to_tensor)  # labels 0..3, "good" is 3
-    with pytest.raises(ValueError, match=r"labels must be 0 = normal, 1 = anomalous, -1 = unknown.*\[0, 1, 2\]"):
+    with pytest.raises(ValueError, match=r"class indices \{'a_bad': 0, .*'good': 3\}.*lambda y: int\(y != 3\)"):
         quiet_trainer().test(model, dataloaders=DataLoader(raw, batch_size=4))
+    # the same labels from a plain dataset of tuples: refused by value
+    tuples = [(image, y) for image, y in raw]
+    with pytest.raises(ValueError, match=r"labels must be 0 = normal, 1 = anomalous, -1 = unknown.*\[0, 1, 2\]"):
+        quiet_trainer().test(model, dataloaders=DataLoader(tuples, batch_size=4))
 
     good = raw.class_to_idx["good"]
     mapped = ImageFolder(tmp_path / "test", transform=tvf.pil_to_tensor, target_transform=lambda y: int(y != good))
     results = quiet_trainer().test(model, dataloaders=DataLoader(mapped, batch_size=4))
     labels = [int(y != good) for _, y in raw.samples]
     assert results[0]["test/auroc"] == pytest.approx(roc_auc_score(labels, model.test_scores.scores.numpy()))
+
+
+def test_two_class_image_folder_labels_are_refused_not_read_inverted(tmp_path):
+    """{'crack': 0, 'good': 1}: class indices that pass as 0/1 labels, with normal and anomalous swapped."""
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import functional as tvf
+
+    _image_folder(tmp_path / "train", {"good": [0.2, 0.25, 0.3, 0.35, 0.4]})
+    _image_folder(tmp_path / "test", {"crack": [0.8, 0.9, 0.7], "good": [0.3, 0.33, 0.27]})
+    train = DataLoader(ImageFolder(tmp_path / "train", transform=tvf.pil_to_tensor), batch_size=4)
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    quiet_trainer().fit(model, train_dataloaders=train)
+
+    raw = ImageFolder(tmp_path / "test", transform=tvf.pil_to_tensor)
+    for run in (quiet_trainer().test, quiet_trainer().predict):
+        with pytest.raises(ValueError, match=r"class indices \{'crack': 0, 'good': 1\}.*lambda y: int\(y != 1\)"):
+            run(model, dataloaders=DataLoader(Subset(raw, range(6)), batch_size=4))
+    mapped = ImageFolder(tmp_path / "test", transform=tvf.pil_to_tensor, target_transform=lambda y: int(y != 1))
+    results = quiet_trainer().test(model, dataloaders=DataLoader(mapped, batch_size=4))
+    assert model.test_scores.labels.tolist() == [1, 1, 1, 0, 0, 0]
+    assert results[0]["test/auroc"] == pytest.approx(roc_auc_score([1, 1, 1, 0, 0, 0], model.test_scores.scores))
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (lambda i: f"img_{i}.png", r"third element .* dataset indices .* got strings such as 'img_0.png'"),
+        (lambda i: torch.zeros(8, 8), r"third element .* got a torch.float32 tensor of shape \(4, 8, 8\)"),
+        (None, r"labels must be 0 = normal, 1 = anomalous, -1 = unknown; got strings \['good', 'good'"),
+    ],
+    ids=["(image, label, path)", "(image, label, mask)", "(image, class name)"],
+)
+def test_tuple_batches_dn2_cannot_read_are_refused_naming_the_layouts(extra, match):
+    dm = BlobDataModule()
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    quiet_trainer().fit(model, datamodule=dm)
+    images = dm.test_images[:8]
+    samples = [(x, 0, extra(i)) if extra else (x, "good") for i, x in enumerate(images)]
+    with pytest.raises(ValueError, match=match) as error:
+        quiet_trainer().test(model, dataloaders=DataLoader(samples, batch_size=4))
+    assert extra is None or "return a dict from the dataset" in str(error.value)
 
 
 def test_scoring_settings_follow_the_user_not_the_checkpoint_issue11_5(tmp_path):
@@ -146,6 +192,20 @@ def test_bank_no_larger_than_k_leaves_is_anomaly_undefined_issue11_7():
     assert torch.isnan(model.threshold)
     model.set_threshold(value=float(model.predict_scores.scores.median()))
     assert int(model.score_images(dm.test_images).is_anomaly.sum()) == (len(dm.test_images) - 1) // 2
+
+
+def test_k_given_at_load_that_leaves_no_threshold_warns_once(tmp_path):
+    trainer = quiet_trainer(default_root_dir=tmp_path, enable_checkpointing=True)
+    dm = BlobDataModule(n_train=6)
+    trainer.fit(DN2Module(k=2, backbone=linear_backbone(), reports=False), datamodule=dm)
+    ckpt = trainer.checkpoint_callback.best_model_path
+    model = DN2Module.load_from_checkpoint(ckpt, backbone=linear_backbone(), k=6)  # k = the bank's 6 rows
+    with pytest.warns(UserWarning, match="holds 6 embeddings, not more than k=6") as caught:
+        result = model.score_images(dm.test_images)
+        quiet_trainer().predict(model, datamodule=dm)
+    assert result.is_anomaly is None and model.predict_scores.is_anomaly is None
+    assert sum("not more than k" in str(w.message) for w in caught) == 1
+    assert not math.isnan(float(DN2Module.load_from_checkpoint(ckpt, backbone=linear_backbone(), k=5).threshold))
 
 
 def test_inconsistent_checkpoint_bank_is_a_clear_error_issue11_13(tmp_path):
