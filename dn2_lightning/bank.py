@@ -65,7 +65,8 @@ class MemoryBank(nn.Module):
 
     @property
     def is_fitted(self) -> bool:
-        return self.embeddings.shape[0] > 0
+        """Whether the bank was set (rows of a known width; one rank's shard of a sharded bank may hold none)."""
+        return self.embeddings.shape[1] > 0
 
     def __len__(self) -> int:
         return self.embeddings.shape[0]

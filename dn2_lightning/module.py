@@ -195,6 +195,7 @@ class DN2Module(LightningModule):
         self._collector: BankCollector | None = None
         self._stream_position = 0  # samples seen this epoch, to index datasets that give no indices
         self._stream_loader: DataLoader | None = None  # the loader being read outside Lightning's loops
+        self._stream_order: Tensor | None = None  # dataset index of each sample of this rank's stream, when known
         self._members_per_group = 0  # M of the group batches whose members are bank rows (group_pooling="none")
         self._searches_owed = 0  # sharded predict: collective searches this rank still has to join
         self._bank_is_shard = False
@@ -718,7 +719,6 @@ class DN2Module(LightningModule):
         return settings
 
     def _record_bank_spec(self, paths: dict[int, str], member_sources: dict[int, int]) -> None:
-        ids = self.bank.sample_indices.tolist()
         all_paths = self._all_paths(paths, "train")
         spec = {**self._model_settings(), "train_set": None, **self._data_settings(), "format": 1}
         if self._members_per_group:  # rows are group members (group_pooling="none"): row = group * M + member
@@ -726,8 +726,8 @@ class DN2Module(LightningModule):
             sources = {row: source for part in gather_objects(member_sources) for row, source in part.items()}
             if sources:  # row -> source image, so the leave-one-out threshold skips copies in other groups
                 spec["member_sources"] = [sources.get(row, -1) for row in range(max(sources) + 1)]
-        if all_paths:  # train files by dataset index, for neighbour paths
-            spec["train_paths"] = [all_paths.get(i, "") for i in range(max(ids) + 1)] if ids else []
+        if all_paths:  # train files by dataset index (every rank's, also when the bank is sharded), for neighbour paths
+            spec["train_paths"] = [all_paths.get(i, "") for i in range(max(all_paths) + 1)]
         self.bank.spec = spec
 
     def _all_paths(self, local: dict[int, str], split: str) -> dict[int, str]:
@@ -831,15 +831,20 @@ class DN2Module(LightningModule):
     def _indices_of(self, batch: Batch, batch_idx: int) -> Tensor:
         if batch.indices is not None:
             return torch.as_tensor(batch.indices, device=batch.images.device).long()
-        # datasets without indices are assumed to be read in order, as an unshuffled DistributedSampler deals
-        # them: sample i of this rank's stream is position rank + world * i of the sampler's list, which pads
-        # the dataset's N samples with its first ones again (so the position modulo N)
+        # samples without indices are numbered by the order this rank reads them: a DistributedSampler's own list
+        # for this epoch (shuffled or not, its padding included) when it can be read again, else the stream as an
+        # unshuffled DistributedSampler deals it: sample i of this rank is position rank + world * i of the
+        # sampler's list, which pads the dataset's N samples with its first ones again (so the position modulo N)
         loader = self._current_loader()
         if self._stream_position == 0:
-            self._warn_if_out_of_order(loader)
+            self._stream_order = _sampler_order(loader)
+            if self._stream_order is None:
+                self._warn_if_out_of_order(loader)
         size = batch.images.shape[0]
         local = torch.arange(self._stream_position, self._stream_position + size, device=batch.images.device)
         self._stream_position += size
+        if self._stream_order is not None:
+            return self._stream_order.to(local.device)[local]
         positions = self.global_rank + world_size() * local
         dataset = getattr(loader, "dataset", None)
         padded = isinstance(getattr(loader, "sampler", None), DistributedSampler)
@@ -912,6 +917,23 @@ def _progress(loader: DataLoader, description: str, enabled: bool) -> Any:
 
 def _is_rank_zero() -> bool:
     return rank() == 0
+
+
+def _sampler_order(loader: Any) -> Tensor | None:
+    """The dataset index of each sample this rank reads, from its ``DistributedSampler`` (whose order for an epoch
+    can be listed again: seed + epoch); ``None`` where it cannot be known (then numbered as read). Under DDP a
+    loader without one may hand every rank the same samples (``use_distributed_sampler=False``): refused."""
+    sampler = getattr(loader, "sampler", None)
+    if world_size() > 1 and not isinstance(sampler, DistributedSampler):
+        raise ValueError(
+            f"under DDP, samples without an 'index' are numbered from the DistributedSampler that Lightning gives "
+            f"each rank, but this dataloader reads with a {type(sampler).__name__} (Trainer(use_distributed_sampler="
+            "False)?), so ranks may read the same samples under different numbers: give every sample its dataset "
+            "'index' (dict samples, or (image, label, index) tuples), or leave use_distributed_sampler=True."
+        )
+    if isinstance(sampler, DistributedSampler) and type(sampler).__iter__ is DistributedSampler.__iter__:
+        return torch.tensor(list(sampler), dtype=torch.long)  # wrappers re-draw their inner sampler: not these
+    return None
 
 
 def _shard_for_this_rank(loader: DataLoader) -> DataLoader:

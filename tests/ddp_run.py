@@ -2,7 +2,7 @@
 
 Lightning's ddp launcher re-executes this script for every rank, so it is a script, not a test function.
 Usage: python tests/ddp_run.py OUT.pt DEVICES SETTING fit|test|predict replicate|shard
-(SETTING: unimodal, unsupervised, noindex, uneven, group_none)
+(SETTING: unimodal, unsupervised, noindex, noindex_no_sampler, uneven, group_none, paths, outliers_on_rank_zero)
 """
 
 from __future__ import annotations
@@ -28,6 +28,31 @@ class NoIndexDataModule(BlobDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(self.test_images, self.test_labels), batch_size=8)
+
+
+class PathsDataModule(BlobDataModule):
+    """Training samples that name their files (``path``), so the bank records every sample's path."""
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_WithPaths(self.train_images, torch.zeros(len(self.train_images))), batch_size=8)
+
+
+class _WithPaths(DictDataset):
+    def __getitem__(self, i: int) -> dict:
+        return {**super().__getitem__(i), "path": f"train/{i:03d}.png"}
+
+
+class OutliersOnRankZero(BlobDataModule):
+    """Six training images, the even ones far out (white, a stripe pattern, black) from the dim odd ones: cleaning
+    half removes them, and an unshuffled DistributedSampler of two ranks deals them all to rank 0, whose shard of
+    the cleaned bank is then empty."""
+
+    def __init__(self) -> None:
+        super().__init__(n_train=6, n_normal=11, n_anomalous=8, batch_size=4)
+        self.train_images[1::2] = self.train_images[1::2] * 0.2 + 0.2
+        self.train_images[0] = 1.0
+        self.train_images[2] = (torch.arange(64).view(8, 8) % 2).float()
+        self.train_images[4] = 0.0
 
 
 class SharedMemberGroups(DictDataset):
@@ -62,18 +87,22 @@ class GroupsDataModule(LightningDataModule):
 
 
 def datamodule(setting: str) -> LightningDataModule:
-    if setting == "noindex":
+    if setting in ("noindex", "noindex_no_sampler"):
         return NoIndexDataModule(n_train=103, n_normal=41, n_anomalous=26)
     if setting == "uneven":  # 5 samples in batches of 2: rank 0 reads 2 batches, rank 1 one (predict does not pad)
         return BlobDataModule(n_train=103, n_normal=3, n_anomalous=2, batch_size=2)
     if setting == "group_none":
         return GroupsDataModule()
+    if setting == "paths":
+        return PathsDataModule(n_train=104, n_normal=41, n_anomalous=26)  # rank 0 reads 0, 2, ..., 102: not 103
+    if setting == "outliers_on_rank_zero":
+        return OutliersOnRankZero()
     return BlobDataModule(n_train=103, n_normal=41, n_anomalous=26, batch_size=8)
 
 
 def main(out: str, devices: int, setting: str, mode: str, sharding: str = "replicate") -> None:
     dm = datamodule(setting)
-    clean = 0.2 if setting == "unsupervised" else 0.0
+    clean = {"unsupervised": 0.2, "outliers_on_rank_zero": 0.5}.get(setting, 0.0)
     model = DN2Module(
         k=2,
         backbone=linear_backbone(),
@@ -91,6 +120,7 @@ def main(out: str, devices: int, setting: str, mode: str, sharding: str = "repli
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=str(Path(out).parent),
+        use_distributed_sampler=setting != "noindex_no_sampler",
     )
     if mode == "fit":
         trainer.fit(model, datamodule=dm)
@@ -116,6 +146,7 @@ def main(out: str, devices: int, setting: str, mode: str, sharding: str = "repli
                 "bank_indices": model.bank.sample_indices,
                 "bank_rows": bank_rows,
                 "threshold": model.threshold,
+                "train_paths": model.bank.spec.get("train_paths", []),
             },
             out,
         )

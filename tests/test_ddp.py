@@ -75,6 +75,19 @@ def test_ddp_checkpoint_reloads_on_one_device(tmp_path, setting, sharding):
         torch.testing.assert_close(model.test_scores.scores, ddp["scores"], rtol=1e-5, atol=1e-6)
 
 
+def test_ddp_without_distributed_sampler_refuses_samples_without_index(tmp_path):
+    # each rank would read every sample and number it differently: 2x the bank, silently
+    with pytest.raises(AssertionError, match=r"samples without an 'index' are numbered from the DistributedSampler"):
+        run(tmp_path, 2, "noindex_no_sampler", "test")
+
+
+def test_ddp_sharded_bank_records_every_training_path(tmp_path):
+    # rank 0's shard lacks the highest index: the paths (checkpointed from rank 0) must still reach it
+    ddp = run(tmp_path, 2, "paths", "test", "shard")
+    assert ddp["train_paths"] == [f"train/{i:03d}.png" for i in range(104)]
+    assert 103 not in ddp["bank_indices"].tolist()
+
+
 @pytest.mark.parametrize("sharding", ["replicate", "shard"])
 def test_ddp_predict_gathers_every_sample_once(tmp_path, sharding):
     single = run(tmp_path, 1, "unimodal", "predict")
@@ -92,6 +105,8 @@ def test_ddp_predict_gathers_every_sample_once(tmp_path, sharding):
         ("uneven", "predict", "shard", 5),  # ranks read 2 and 1 batches: the sharded searches still pair up
         ("group_none", "test", "replicate", 21),  # a padded group adds 3 member rows, all padding
         ("group_none", "test", "shard", 21),  # and member copies are skipped across shards
+        ("noindex", "fit", "replicate", 67),  # fit's sampler shuffles under DDP: rows keep their dataset index
+        ("outliers_on_rank_zero", "test", "shard", 19),  # cleaning empties rank 0's shard
     ],
 )
 def test_ddp_edge_cases_equal_single_device(tmp_path, setting, mode, sharding, n):
@@ -99,7 +114,12 @@ def test_ddp_edge_cases_equal_single_device(tmp_path, setting, mode, sharding, n
     ddp = run(tmp_path, 2, setting, mode, sharding)
     assert torch.equal(ddp["indices"], torch.arange(n)) and torch.equal(single["indices"], torch.arange(n))
     torch.testing.assert_close(ddp["scores"], single["scores"], rtol=1e-5, atol=1e-6)
-    if mode == "test":
+    if mode != "predict" and sharding == "replicate":
+        assert torch.equal(ddp["bank_indices"], single["bank_indices"])
+        torch.testing.assert_close(ddp["bank"], single["bank"], rtol=1e-5, atol=1e-6)
+    if setting == "outliers_on_rank_zero":
+        assert len(ddp["bank_indices"]) == 0 and ddp["bank_rows"] == 3  # the case: rank 0 holds no row
+    if mode != "predict":
         assert ddp["bank_rows"] == single["bank_rows"]
         assert ddp["auroc"] == pytest.approx(single["auroc"], abs=1e-9)
         torch.testing.assert_close(ddp["threshold"], single["threshold"], rtol=1e-5, atol=1e-6)
