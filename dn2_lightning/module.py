@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Sized
@@ -201,6 +202,7 @@ class DN2Module(LightningModule):
         self._bank_is_shard = False
         self._warned_no_threshold: tuple[int, int] | None = None  # (bank size, k) of the last such warning
         self.fit_built_bank = False  # whether the last fit embedded its train data (not so when resumed when done)
+        self._bank_autocast: str | None = None  # autocast dtype the bank rows are being embedded under, if any
 
     # ------------------------------------------------------------------------------------------ forward
 
@@ -394,7 +396,8 @@ class DN2Module(LightningModule):
             raise RuntimeError(NO_BANK_MESSAGE.format(fn="test"))
         if batch.images.ndim == 5 and self.hparams.group_pooling == "none":
             b, m = batch.images.shape[:2]
-            members = self._embed(batch.images.flatten(0, 1), batch, batch_idx)
+            with self._embedding_precision():
+                members = self._embed(batch.images.flatten(0, 1), batch, batch_idx)
             knn = self._search(members, self.hparams.k)
             member_scores = knn_scores(knn).view(b, m)
             if batch.mask is not None:
@@ -402,7 +405,9 @@ class DN2Module(LightningModule):
             worst = member_scores.argmax(1)
             rows = torch.arange(b, device=worst.device) * m + worst
             return member_scores.max(1).values, KNNResult(knn.values[rows], knn.indices[rows])
-        knn = self._search(self._embed(batch.images, batch, batch_idx), self.hparams.k)
+        with self._embedding_precision():
+            embeddings = self._embed(batch.images, batch, batch_idx)
+        knn = self._search(embeddings, self.hparams.k)
         return knn_scores(knn), knn
 
     def score_with_maps(self, batch: Batch, batch_idx: int = 0) -> tuple[Tensor, KNNResult, Tensor]:
@@ -410,7 +415,8 @@ class DN2Module(LightningModule):
         backbone pass over single images ``[B, C, H, W]``."""
         if not self.bank.is_fitted:
             raise RuntimeError(NO_BANK_MESSAGE.format(fn="test"))
-        embeddings, patches = self.maps.embed(self.backbone, batch.images)
+        with self._embedding_precision():
+            embeddings, patches = self.maps.embed(self.backbone, batch.images)
         _check_finite(embeddings, "embeddings", batch, batch_idx)
         knn = self._search(embeddings, self.hparams.k)
         maps = self.maps.maps_for(embeddings, patches, self._search, batch.images.shape[-2:])
@@ -639,6 +645,7 @@ class DN2Module(LightningModule):
 
     def _bank_rows(self, batch: Batch, batch_idx: int) -> tuple[Tensor, Tensor, Tensor]:
         """Embeddings, dataset indices and labels that a training batch adds to the bank."""
+        self._bank_autocast = _active_autocast(batch.images.device)  # queries are embedded the same way
         indices = self._indices_of(batch, batch_idx)
         if batch.images.ndim == 5 and self.hparams.group_pooling == "none":
             # point-wise baseline: every member is a bank row, indexed group * M + member
@@ -721,6 +728,7 @@ class DN2Module(LightningModule):
     def _record_bank_spec(self, paths: dict[int, str], member_sources: dict[int, int]) -> None:
         all_paths = self._all_paths(paths, "train")
         spec = {**self._model_settings(), "train_set": None, **self._data_settings(), "format": 1}
+        spec["autocast"] = self._bank_autocast
         if self._members_per_group:  # rows are group members (group_pooling="none"): row = group * M + member
             spec["members_per_group"] = self._members_per_group
             sources = {row: source for part in gather_objects(member_sources) for row, source in part.items()}
@@ -821,6 +829,17 @@ class DN2Module(LightningModule):
 
     # ---------------------------------------------------------------------------------------- helpers
 
+    def _embedding_precision(self) -> contextlib.AbstractContextManager:
+        """Embed queries under the autocast the bank rows were embedded under (``Trainer(precision="bf16-mixed")``
+        or not), whatever is in force now: ``score_images``, a reloaded checkpoint or another Trainer precision
+        then give the bank's scores. Banks saved before this was recorded keep whatever is in force."""
+        if "autocast" not in self.bank.spec:
+            return contextlib.nullcontext()
+        dtype = self.bank.spec["autocast"]
+        if dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=getattr(torch, dtype))
+
     def _embed(self, images: Tensor, batch: Batch, batch_idx: int) -> Tensor:
         """Backbone embeddings (group-pooled for group batches), refusing non-finite outputs (the pixels were
         checked by ``unpack_batch``)."""
@@ -917,6 +936,13 @@ def _progress(loader: DataLoader, description: str, enabled: bool) -> Any:
 
 def _is_rank_zero() -> bool:
     return rank() == 0
+
+
+def _active_autocast(device: torch.device) -> str | None:
+    """The autocast dtype in force on ``device``'s type (e.g. ``"bfloat16"`` under bf16-mixed), else ``None``."""
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return str(torch.get_autocast_dtype(device.type)).removeprefix("torch.")
 
 
 def _sampler_order(loader: Any) -> Tensor | None:

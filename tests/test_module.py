@@ -248,6 +248,32 @@ def test_bf16_mixed_precision_embeds_in_bf16_and_scores_exactly_in_float32():
     assert results[0]["test/auroc"] == pytest.approx(roc_auc_score(dm.test_labels.numpy(), full), abs=0.05)
 
 
+def test_queries_are_embedded_at_the_banks_precision_from_every_entry_point(tmp_path):
+    """A bank embedded under bf16-mixed: score_images, a float32 Trainer and a reloaded checkpoint give the
+    scores of the bf16 test (before, they embedded queries in float32 against bf16 rows); and a float32 bank
+    tested under bf16-mixed keeps its float32 scores."""
+    dm = BlobDataModule()
+    trainer = quiet_trainer(precision="bf16-mixed", default_root_dir=tmp_path, enable_checkpointing=True)
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    trainer.fit(model, datamodule=dm)
+    trainer.test(model, datamodule=dm)
+    bf16 = model.test_scores.scores
+    assert model.bank.spec["autocast"] == "bfloat16"
+    assert not np.allclose(bf16.numpy(), reference_scores(model, dm, 2), rtol=1e-6), "bf16 must have been used"
+    torch.testing.assert_close(model.score_images(dm.test_images).scores, bf16, rtol=1e-6, atol=0)
+    quiet_trainer().test(model, datamodule=dm)
+    torch.testing.assert_close(model.test_scores.scores, bf16, rtol=1e-6, atol=0)
+    loaded = DN2Module.load_from_checkpoint(trainer.checkpoint_callback.best_model_path, backbone=linear_backbone())
+    torch.testing.assert_close(loaded.score_images(dm.test_images).scores, bf16, rtol=1e-6, atol=0)
+
+    float32 = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    quiet_trainer().test(float32, datamodule=dm)
+    assert float32.bank.spec["autocast"] is None
+    expected = float32.test_scores.scores
+    quiet_trainer(precision="bf16-mixed").test(float32, datamodule=dm)
+    torch.testing.assert_close(float32.test_scores.scores, expected, rtol=1e-6, atol=0)
+
+
 class _RunsCodeWhenUnpickled:
     def __init__(self, marker):
         self.marker = marker
