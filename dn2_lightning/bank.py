@@ -65,7 +65,11 @@ class MemoryBank(nn.Module):
 
     @property
     def is_fitted(self) -> bool:
-        """Whether the bank was set (rows of a known width; one rank's shard of a sharded bank may hold none)."""
+        return self.embeddings.shape[0] > 0
+
+    @property
+    def is_set(self) -> bool:
+        """Whether the bank was set, possibly with no rows (one rank's shard of a sharded bank may hold none)."""
         return self.embeddings.shape[1] > 0
 
     def __len__(self) -> int:

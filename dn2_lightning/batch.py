@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Subset
@@ -71,10 +72,10 @@ def check_tuple_indices(indices: object) -> None:
     """The third element of a tuple batch is read as dataset indices: refuse what cannot be one (paths, masks)."""
     if isinstance(indices, Sequence) and any(isinstance(v, str) for v in indices):
         found = f"strings such as {indices[0]!r}"
-    elif not isinstance(indices, Tensor | Sequence):
+    elif not isinstance(indices, Tensor | Sequence | np.ndarray):
         found = type(indices).__name__
     else:
-        tensor = torch.as_tensor(indices) if not isinstance(indices, Tensor) else indices
+        tensor = torch.as_tensor(np.asarray(indices)) if not isinstance(indices, Tensor) else indices
         if tensor.ndim == 1 and not tensor.is_floating_point() and not tensor.is_complex():
             return
         found = f"a {tensor.dtype} tensor of shape {tuple(tensor.shape)}"
@@ -149,7 +150,10 @@ def check_dataset_labels(dataset: object) -> None:
         dataset = dataset.dataset
     if not isinstance(dataset, DatasetFolder) or dataset.target_transform is not None or len(dataset.classes) < 2:
         return
-    normal = next((c for c in dataset.classes if c.lower() in ("good", "normal", "ok")), dataset.classes[0])
+    normal = next((c for c in dataset.classes if c.lower() in ("good", "normal", "ok")), None)
+    if normal is not None and all(i == int(c != normal) for c, i in dataset.class_to_idx.items()):
+        return  # the indices already are the labels ({'good': 0, 'scratch': 1}, or a find_classes that maps them)
+    normal = normal or dataset.classes[0]
     raise ValueError(
         f"the dataset is a {type(dataset).__name__} whose labels are class indices {dataset.class_to_idx}, not "
         f"anomaly labels ({LABEL_CONVENTION}). Map them, e.g. {type(dataset).__name__}(root, "

@@ -16,7 +16,7 @@ from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 from torchmetrics.classification import BinaryAUROC
 
@@ -231,6 +231,7 @@ class DN2Module(LightningModule):
             strategy.configure_ddp = lambda: broadcast_module_state(self.backbone)
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
+        self.fit_built_bank = True  # also when fit resumes mid-epoch (on_train_epoch_start is skipped then)
         parsed = unpack_batch(batch, batch_idx)
         with torch.no_grad():
             embeddings, indices, labels = self._bank_rows(parsed, batch_idx)
@@ -257,12 +258,12 @@ class DN2Module(LightningModule):
         self.trainer.should_stop = True
 
     def on_fit_end(self) -> None:
-        if not self.bank.is_fitted and self._collector is None:
+        if not self._has_bank and self._collector is None:
             raise ValueError(
                 "fit read no training batches (the train dataloader is empty, or limit_train_batches=0), so "
                 "there is no memory bank: give it the normal training images."
             )
-        if not self.fit_built_bank and self.bank.is_fitted:
+        if not self.fit_built_bank and self._has_bank:
             # fit resumed from a checkpoint whose one pass was done: the bank is the checkpoint's, not this data's
             self._check_data_settings()
             info("DN2: fit restored the memory bank from ckpt_path (its pass was complete): nothing was embedded.")
@@ -392,7 +393,7 @@ class DN2Module(LightningModule):
 
     def score(self, batch: Batch, batch_idx: int = 0) -> tuple[Tensor, KNNResult]:
         """DN2 scores ``[B]`` of a batch, and the kNN result behind them (neighbours as train indices)."""
-        if not self.bank.is_fitted:
+        if not self._has_bank:
             raise RuntimeError(NO_BANK_MESSAGE.format(fn="test"))
         if batch.images.ndim == 5 and self.hparams.group_pooling == "none":
             b, m = batch.images.shape[:2]
@@ -413,7 +414,7 @@ class DN2Module(LightningModule):
     def score_with_maps(self, batch: Batch, batch_idx: int = 0) -> tuple[Tensor, KNNResult, Tensor]:
         """DN2 scores ``[B]``, their kNN result and anomaly maps ``[B, H, W]`` (``anomaly_maps=True``), from one
         backbone pass over single images ``[B, C, H, W]``."""
-        if not self.bank.is_fitted:
+        if not self._has_bank:
             raise RuntimeError(NO_BANK_MESSAGE.format(fn="test"))
         with self._embedding_precision():
             embeddings, patches = self.maps.embed(self.backbone, batch.images)
@@ -440,7 +441,7 @@ class DN2Module(LightningModule):
             RuntimeError: the model has no memory bank (fit it or load a checkpoint first).
             ValueError: an input it cannot read, naming its position.
         """
-        if not self.bank.is_fitted:
+        if not self._has_bank:
             raise RuntimeError(NO_BANK_MESSAGE.format(fn="test"))
         parts: list[tuple[Tensor, KNNResult]] = []
         maps: list[Tensor] = []
@@ -503,7 +504,7 @@ class DN2Module(LightningModule):
     def _loo_scores(self) -> Tensor:
         """The bank's sorted leave-one-out scores at the current k, recomputed when k changed."""
         k = self.hparams.k
-        if self.bank.is_fitted and int(self.bank.loo_k) != k:
+        if self._has_bank and int(self.bank.loo_k) != k:
             self._bank_builder.update_loo_scores(k)
             self._warn_if_no_threshold()  # e.g. a k given at load that leaves no leave-one-out scores
         return self.bank.loo_scores if int(self.bank.loo_k) == k else self.bank.loo_scores[:0]
@@ -538,6 +539,11 @@ class DN2Module(LightningModule):
         return self._bank_builder.search(embeddings, k)
 
     @property
+    def _has_bank(self) -> bool:
+        """A bank is built or loaded: rows here, or this rank's shard of a sharded one (which may hold none)."""
+        return self.bank.is_fitted or (self._sharded and self.bank.is_set)
+
+    @property
     def _sharded(self) -> bool:
         return self.hparams.bank_sharding == "shard" and world_size() > 1
 
@@ -555,7 +561,7 @@ class DN2Module(LightningModule):
             collector.reset()  # a run that stopped on an error left its rows
         if self.maps is not None:
             self.maps.start_evaluation()
-        if self.bank.is_fitted:
+        if self._has_bank:
             self._loo_scores()  # a collective when sharded: every rank computes it here, not lazily later
 
     def _remember_paths(self, indices: Tensor, paths: list[str] | None) -> None:
@@ -609,7 +615,7 @@ class DN2Module(LightningModule):
                     stacklevel=2,
                 )
             self._finalize_bank()
-        elif not self.bank.is_fitted:
+        elif not self._has_bank:
             self._build_bank_from_datamodule()
         else:
             self._check_data_settings()
@@ -949,17 +955,32 @@ def _sampler_order(loader: Any) -> Tensor | None:
     """The dataset index of each sample this rank reads, from its ``DistributedSampler`` (whose order for an epoch
     can be listed again: seed + epoch); ``None`` where it cannot be known (then numbered as read). Under DDP a
     loader without one may hand every rank the same samples (``use_distributed_sampler=False``): refused."""
-    sampler = getattr(loader, "sampler", None)
-    if world_size() > 1 and not isinstance(sampler, DistributedSampler):
+    sampler = _distributed_sampler(loader)
+    iterable = isinstance(getattr(loader, "dataset", None), IterableDataset)  # splits itself: rank + world * i
+    if world_size() > 1 and sampler is None and not iterable:
+        sampler = getattr(loader, "sampler", None)
         raise ValueError(
             f"under DDP, samples without an 'index' are numbered from the DistributedSampler that Lightning gives "
             f"each rank, but this dataloader reads with a {type(sampler).__name__} (Trainer(use_distributed_sampler="
             "False)?), so ranks may read the same samples under different numbers: give every sample its dataset "
             "'index' (dict samples, or (image, label, index) tuples), or leave use_distributed_sampler=True."
         )
-    if isinstance(sampler, DistributedSampler) and type(sampler).__iter__ is DistributedSampler.__iter__:
-        return torch.tensor(list(sampler), dtype=torch.long)  # wrappers re-draw their inner sampler: not these
+    # read back only a plain one that the loader batches in order (wrappers re-draw their inner sampler; a custom
+    # batch sampler may regroup): the others keep the unshuffled numbering
+    plain = sampler is not None and type(sampler).__iter__ is DistributedSampler.__iter__
+    if plain and sampler is loader.sampler and type(loader.batch_sampler) is BatchSampler:
+        return torch.tensor(list(sampler), dtype=torch.long)
     return None
+
+
+def _distributed_sampler(loader: Any) -> DistributedSampler | None:
+    """The loader's ``DistributedSampler``: its sampler, or inside its batch sampler (Lightning's predict wraps it
+    there, and a custom ``BatchSampler`` gets it there too)."""
+    candidates = [getattr(loader, "sampler", None)]
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    for holder in (batch_sampler, getattr(batch_sampler, "_batch_sampler", None)):
+        candidates.append(getattr(holder, "sampler", None))
+    return next((c for c in candidates if isinstance(c, DistributedSampler)), None)
 
 
 def _shard_for_this_rank(loader: DataLoader) -> DataLoader:

@@ -2,7 +2,8 @@
 
 Lightning's ddp launcher re-executes this script for every rank, so it is a script, not a test function.
 Usage: python tests/ddp_run.py OUT.pt DEVICES SETTING fit|test|predict replicate|shard
-(SETTING: unimodal, unsupervised, noindex, noindex_no_sampler, uneven, group_none, paths, outliers_on_rank_zero)
+(SETTING: unimodal, unsupervised, noindex, noindex_no_sampler, uneven, group_none, paths, outliers_on_rank_zero,
+iterable)
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import BlobDataModule, DictDataset, linear_backbone  # noqa: E402
 from lightning import LightningDataModule, Trainer  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset  # noqa: E402
 
 from dn2_lightning import DN2Module  # noqa: E402
 
@@ -40,6 +41,24 @@ class PathsDataModule(BlobDataModule):
 class _WithPaths(DictDataset):
     def __getitem__(self, i: int) -> dict:
         return {**super().__getitem__(i), "path": f"train/{i:03d}.png"}
+
+
+class RankSplitSamples(IterableDataset):
+    """(image, label) tuples without an index that split themselves across ranks: sample i goes to rank i % world."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __iter__(self):
+        ranks = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        for i in range(rank, len(self.images), ranks):
+            yield self.images[i], self.labels[i]
+
+
+class IterableTestDataModule(BlobDataModule):
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(RankSplitSamples(self.test_images, self.test_labels), batch_size=8)
 
 
 class OutliersOnRankZero(BlobDataModule):
@@ -93,6 +112,8 @@ def datamodule(setting: str) -> LightningDataModule:
         return BlobDataModule(n_train=103, n_normal=3, n_anomalous=2, batch_size=2)
     if setting == "group_none":
         return GroupsDataModule()
+    if setting == "iterable":
+        return IterableTestDataModule(n_train=103, n_normal=41, n_anomalous=26)
     if setting == "paths":
         return PathsDataModule(n_train=104, n_normal=41, n_anomalous=26)  # rank 0 reads 0, 2, ..., 102: not 103
     if setting == "outliers_on_rank_zero":

@@ -106,6 +106,8 @@ def test_ddp_predict_gathers_every_sample_once(tmp_path, sharding):
         ("group_none", "test", "replicate", 21),  # a padded group adds 3 member rows, all padding
         ("group_none", "test", "shard", 21),  # and member copies are skipped across shards
         ("noindex", "fit", "replicate", 67),  # fit's sampler shuffles under DDP: rows keep their dataset index
+        ("noindex", "predict", "replicate", 67),  # predict's sampler sits in the batch sampler
+        ("iterable", "test", "replicate", 67),  # an IterableDataset that deals sample i to rank i % world
         ("outliers_on_rank_zero", "test", "shard", 19),  # cleaning empties rank 0's shard
     ],
 )

@@ -7,6 +7,7 @@ import http.server
 import math
 import pickle
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -119,6 +120,42 @@ def test_two_class_image_folder_labels_are_refused_not_read_inverted(tmp_path):
     results = quiet_trainer().test(model, dataloaders=DataLoader(mapped, batch_size=4))
     assert model.test_scores.labels.tolist() == [1, 1, 1, 0, 0, 0]
     assert results[0]["test/auroc"] == pytest.approx(roc_auc_score([1, 1, 1, 0, 0, 0], model.test_scores.scores))
+
+    # class indices that already are the labels are read as they are: {'good': 0, 'scratch': 1}, or a
+    # find_classes (torchvision's hook) that maps every folder to 0/1
+    class GoodIsZero(ImageFolder):
+        def find_classes(self, directory):
+            classes = sorted(p.name for p in Path(directory).iterdir())
+            return classes, {c: int(c != "good") for c in classes}
+
+    (tmp_path / "test" / "crack").rename(tmp_path / "test" / "scratch")
+    for dataset in (ImageFolder(tmp_path / "test", transform=tvf.pil_to_tensor), GoodIsZero(tmp_path / "test")):
+        dataset.transform = tvf.pil_to_tensor
+        quiet_trainer().test(model, dataloaders=DataLoader(dataset, batch_size=4))
+        assert model.test_scores.labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_numpy_indices_in_tuple_batches_are_read():
+    dm = BlobDataModule()
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    samples = [(x, int(y), i) for i, (x, y) in enumerate(zip(dm.test_images, dm.test_labels, strict=True))]
+
+    def collate(batch):
+        images, labels, indices = zip(*batch, strict=True)
+        return torch.stack(images), torch.tensor(labels), np.array(indices)
+
+    quiet_trainer().test(model, datamodule=dm)
+    expected = model.test_scores.scores
+    quiet_trainer().test(model, dataloaders=DataLoader(samples, batch_size=8, collate_fn=collate))
+    assert torch.equal(model.test_scores.indices, torch.arange(len(samples)))
+    torch.testing.assert_close(model.test_scores.scores, expected)
+
+
+def test_an_empty_bank_is_no_bank():
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    model.bank.set(torch.empty(0, 16), torch.empty(0, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="no memory bank yet"):
+        model.score_images(BlobDataModule().test_images)
 
 
 @pytest.mark.parametrize(

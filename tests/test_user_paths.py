@@ -385,3 +385,25 @@ def test_removed_rows_follow_the_bank_and_checkpoints_without_them_warn(tmp_path
     assert len(model.bank.removed) == 0
     with pytest.raises(ValueError, match=r"removed rows \(3, 5\) and sample_indices \(3,\) must be .* D = 16"):
         model.bank.set_removed(torch.zeros(3, 5), torch.arange(3))
+
+
+def test_fit_resumed_mid_epoch_embeds_the_rest_and_does_not_claim_it_restored_a_bank(tmp_path):
+    """A fit that crashed mid-pass, resumed from a mid-epoch checkpoint: its batches are embedded (the bank is
+    partial, and the warning says so), never reported as "restored from ckpt_path"."""
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+    class CrashAtBatch4(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 4:
+                raise RuntimeError("crash")
+
+    dm = BlobDataModule(batch_size=8)  # 101 images: 13 batches
+    every3 = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
+    crashing = quiet_trainer(enable_checkpointing=True, callbacks=[every3, CrashAtBatch4()])
+    with pytest.raises(RuntimeError, match="crash"):
+        crashing.fit(DN2Module(k=2, backbone=linear_backbone(), reports=False), datamodule=dm)
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    with dn2_messages() as messages, pytest.warns(UserWarning, match=r"built from \d+ of 13 training batches"):
+        quiet_trainer().fit(model, datamodule=dm, ckpt_path=tmp_path / "epoch=0-step=3.ckpt")
+    assert model.fit_built_bank and 0 < len(model.bank) < 101
+    assert not any("restored the memory bank" in m for m in messages)

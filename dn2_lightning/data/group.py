@@ -88,7 +88,8 @@ def group_streams(seed: int) -> tuple[torch.Generator, torch.Generator, torch.Ge
     The training stream is ``torch.Generator().manual_seed(seed)``; the test streams come from NumPy's
     ``SeedSequence`` children, so how many training (or normal test) groups are drawn never changes the others.
     """
-    test_seeds = [int(s.generate_state(1, np.uint64)[0]) for s in np.random.SeedSequence(seed).spawn(2)]
+    children = np.random.SeedSequence(seed % 2**64).spawn(2)  # SeedSequence takes no negative seed; torch does
+    test_seeds = [int(s.generate_state(1, np.uint64)[0]) for s in children]
     return tuple(torch.Generator().manual_seed(s) for s in (seed, *test_seeds))  # type: ignore[return-value]
 
 
