@@ -72,6 +72,8 @@ def check_tuple_indices(indices: object) -> None:
     """The third element of a tuple batch is read as dataset indices: refuse what cannot be one (paths, masks)."""
     if isinstance(indices, Sequence) and any(isinstance(v, str) for v in indices):
         found = f"strings such as {indices[0]!r}"
+    elif isinstance(indices, np.ndarray) and indices.dtype.kind not in "iub":
+        found = f"a NumPy array of dtype {indices.dtype}"
     elif not isinstance(indices, Tensor | Sequence | np.ndarray):
         found = type(indices).__name__
     else:

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSamplerWrapper
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
@@ -269,7 +270,8 @@ class DN2Module(LightningModule):
             info("DN2: fit restored the memory bank from ckpt_path (its pass was complete): nothing was embedded.")
 
     def _warn_if_partial_pass(self, seen: int) -> None:
-        total = len(self.trainer.train_dataloader) if self.trainer.train_dataloader is not None else seen
+        loader = self.trainer.train_dataloader
+        total = len(loader) if loader is not None and _has_len(loader) else seen  # an IterableDataset may have none
         if seen < total:
             warnings.warn(
                 f"the memory bank was built from {seen} of {total} training batches (limit_train_batches, "
@@ -944,6 +946,14 @@ def _is_rank_zero() -> bool:
     return rank() == 0
 
 
+def _has_len(loader: Any) -> bool:
+    try:
+        len(loader)
+    except TypeError:
+        return False
+    return True
+
+
 def _active_autocast(device: torch.device) -> str | None:
     """The autocast dtype in force on ``device``'s type (e.g. ``"bfloat16"`` under bf16-mixed), else ``None``."""
     if not torch.is_autocast_enabled(device.type):
@@ -956,14 +966,15 @@ def _sampler_order(loader: Any) -> Tensor | None:
     can be listed again: seed + epoch); ``None`` where it cannot be known (then numbered as read). Under DDP a
     loader without one may hand every rank the same samples (``use_distributed_sampler=False``): refused."""
     sampler = _distributed_sampler(loader)
-    iterable = isinstance(getattr(loader, "dataset", None), IterableDataset)  # splits itself: rank + world * i
-    if world_size() > 1 and sampler is None and not iterable:
-        sampler = getattr(loader, "sampler", None)
+    if world_size() > 1 and sampler is None:
+        how = "an IterableDataset" if isinstance(getattr(loader, "dataset", None), IterableDataset) else None
+        how = how or f"a {type(getattr(loader, 'batch_sampler', None) or getattr(loader, 'sampler', None)).__name__}"
         raise ValueError(
             f"under DDP, samples without an 'index' are numbered from the DistributedSampler that Lightning gives "
-            f"each rank, but this dataloader reads with a {type(sampler).__name__} (Trainer(use_distributed_sampler="
-            "False)?), so ranks may read the same samples under different numbers: give every sample its dataset "
-            "'index' (dict samples, or (image, label, index) tuples), or leave use_distributed_sampler=True."
+            f"each rank, but this dataloader reads {how} (a custom sampler or batch sampler, or "
+            "Trainer(use_distributed_sampler=False)?), so ranks may read the same samples under different numbers: "
+            "give every sample its dataset 'index' (dict samples, or (image, label, index) tuples), or leave "
+            "use_distributed_sampler=True with a plain sampler."
         )
     # read back only a plain one that the loader batches in order (wrappers re-draw their inner sampler; a custom
     # batch sampler may regroup): the others keep the unshuffled numbering
@@ -974,13 +985,17 @@ def _sampler_order(loader: Any) -> Tensor | None:
 
 
 def _distributed_sampler(loader: Any) -> DistributedSampler | None:
-    """The loader's ``DistributedSampler``: its sampler, or inside its batch sampler (Lightning's predict wraps it
-    there, and a custom ``BatchSampler`` gets it there too)."""
-    candidates = [getattr(loader, "sampler", None)]
+    """The loader's ``DistributedSampler``: its sampler, or Lightning's predict sampler in its batch sampler (which
+    deals in order and does not pad). One inside another batch sampler is not taken: it may regroup or pad."""
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, DistributedSampler):
+        return sampler
     batch_sampler = getattr(loader, "batch_sampler", None)
     for holder in (batch_sampler, getattr(batch_sampler, "_batch_sampler", None)):
-        candidates.append(getattr(holder, "sampler", None))
-    return next((c for c in candidates if isinstance(c, DistributedSampler)), None)
+        inner = getattr(holder, "sampler", None)
+        if type(holder) is BatchSampler and isinstance(inner, UnrepeatedDistributedSamplerWrapper):
+            return inner
+    return None
 
 
 def _shard_for_this_rank(loader: DataLoader) -> DataLoader:

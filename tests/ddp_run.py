@@ -3,7 +3,7 @@
 Lightning's ddp launcher re-executes this script for every rank, so it is a script, not a test function.
 Usage: python tests/ddp_run.py OUT.pt DEVICES SETTING fit|test|predict replicate|shard
 (SETTING: unimodal, unsupervised, noindex, noindex_no_sampler, uneven, group_none, paths, outliers_on_rank_zero,
-iterable)
+iterable, custom_batch_sampler)
 """
 
 from __future__ import annotations
@@ -16,7 +16,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import BlobDataModule, DictDataset, linear_backbone  # noqa: E402
 from lightning import LightningDataModule, Trainer  # noqa: E402
-from torch.utils.data import DataLoader, IterableDataset, TensorDataset  # noqa: E402
+from torch.utils.data import (  # noqa: E402
+    BatchSampler,
+    DataLoader,
+    IterableDataset,
+    SequentialSampler,
+    TensorDataset,
+)
 
 from dn2_lightning import DN2Module  # noqa: E402
 
@@ -44,7 +50,8 @@ class _WithPaths(DictDataset):
 
 
 class RankSplitSamples(IterableDataset):
-    """(image, label) tuples without an index that split themselves across ranks: sample i goes to rank i % world."""
+    """(image, label) tuples without an index that split themselves across ranks (sample i to rank i % world): DN2
+    cannot know that they do, so it refuses them under DDP."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         self.images, self.labels = images, labels
@@ -59,6 +66,16 @@ class RankSplitSamples(IterableDataset):
 class IterableTestDataModule(BlobDataModule):
     def test_dataloader(self) -> DataLoader:
         return DataLoader(RankSplitSamples(self.test_images, self.test_labels), batch_size=8)
+
+
+class OwnBatchSampler(BatchSampler):
+    """A custom batch sampler: Lightning rebuilds it around its DistributedSampler, which it may regroup or pad."""
+
+
+class CustomBatchSamplerDataModule(NoIndexDataModule):
+    def test_dataloader(self) -> DataLoader:
+        dataset = TensorDataset(self.test_images, self.test_labels)
+        return DataLoader(dataset, batch_sampler=OwnBatchSampler(SequentialSampler(dataset), 8, False))
 
 
 class OutliersOnRankZero(BlobDataModule):
@@ -112,6 +129,8 @@ def datamodule(setting: str) -> LightningDataModule:
         return BlobDataModule(n_train=103, n_normal=3, n_anomalous=2, batch_size=2)
     if setting == "group_none":
         return GroupsDataModule()
+    if setting == "custom_batch_sampler":
+        return CustomBatchSamplerDataModule(n_train=103, n_normal=41, n_anomalous=26)
     if setting == "iterable":
         return IterableTestDataModule(n_train=103, n_normal=41, n_anomalous=26)
     if setting == "paths":

@@ -75,10 +75,11 @@ def test_ddp_checkpoint_reloads_on_one_device(tmp_path, setting, sharding):
         torch.testing.assert_close(model.test_scores.scores, ddp["scores"], rtol=1e-5, atol=1e-6)
 
 
-def test_ddp_without_distributed_sampler_refuses_samples_without_index(tmp_path):
-    # each rank would read every sample and number it differently: 2x the bank, silently
+@pytest.mark.parametrize("setting", ["noindex_no_sampler", "iterable", "custom_batch_sampler"])
+def test_ddp_without_distributed_sampler_refuses_samples_without_index(tmp_path, setting):
+    # ranks may read every sample and number it differently (2x the bank), or a batch sampler may regroup or pad
     with pytest.raises(AssertionError, match=r"samples without an 'index' are numbered from the DistributedSampler"):
-        run(tmp_path, 2, "noindex_no_sampler", "test")
+        run(tmp_path, 2, setting, "test")
 
 
 def test_ddp_sharded_bank_records_every_training_path(tmp_path):
@@ -107,7 +108,6 @@ def test_ddp_predict_gathers_every_sample_once(tmp_path, sharding):
         ("group_none", "test", "shard", 21),  # and member copies are skipped across shards
         ("noindex", "fit", "replicate", 67),  # fit's sampler shuffles under DDP: rows keep their dataset index
         ("noindex", "predict", "replicate", 67),  # predict's sampler sits in the batch sampler
-        ("iterable", "test", "replicate", 67),  # an IterableDataset that deals sample i to rank i % world
         ("outliers_on_rank_zero", "test", "shard", 19),  # cleaning empties rank 0's shard
     ],
 )

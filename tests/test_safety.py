@@ -151,6 +151,14 @@ def test_numpy_indices_in_tuple_batches_are_read():
     torch.testing.assert_close(model.test_scores.scores, expected)
 
 
+def test_numpy_paths_as_tuple_indices_are_named():
+    from dn2_lightning.batch import check_tuple_indices
+
+    with pytest.raises(ValueError, match=r"third element .* got a NumPy array of dtype <U5"):
+        check_tuple_indices(np.array(["a.png", "b.png"]))
+    check_tuple_indices(np.array([3, 4]))
+
+
 def test_an_empty_bank_is_no_bank():
     model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
     model.bank.set(torch.empty(0, 16), torch.empty(0, dtype=torch.long))

@@ -407,3 +407,18 @@ def test_fit_resumed_mid_epoch_embeds_the_rest_and_does_not_claim_it_restored_a_
         quiet_trainer().fit(model, datamodule=dm, ckpt_path=tmp_path / "epoch=0-step=3.ckpt")
     assert model.fit_built_bank and 0 < len(model.bank) < 101
     assert not any("restored the memory bank" in m for m in messages)
+
+
+def test_fit_on_an_iterable_dataset_without_length():
+    from torch.utils.data import IterableDataset
+
+    dm = BlobDataModule()
+
+    class Stream(IterableDataset):  # no __len__: Lightning cannot count its batches
+        def __iter__(self):
+            for i, image in enumerate(dm.train_images):
+                yield {"image": image, "label": 0, "index": i}
+
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    quiet_trainer().fit(model, train_dataloaders=DataLoader(Stream(), batch_size=16))
+    assert torch.equal(model.bank.sample_indices, torch.arange(len(dm.train_images)))
