@@ -1002,6 +1002,12 @@ def _shard_for_this_rank(loader: DataLoader) -> DataLoader:
     """Give each rank a disjoint share of the train set when building the bank outside fit."""
     if world_size() == 1:
         return loader
+    if loader.batch_size is None:
+        raise ValueError(
+            f"building the memory bank under DDP outside fit splits the train dataloader across ranks, which needs "
+            f"its batch_size; this one batches with a {type(loader.batch_sampler).__name__}, which cannot be split: "
+            "run trainer.fit first (Lightning splits it), or give the train dataloader a batch_size."
+        )
     return DataLoader(
         loader.dataset,
         batch_size=loader.batch_size,

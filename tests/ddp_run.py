@@ -73,6 +73,10 @@ class OwnBatchSampler(BatchSampler):
 
 
 class CustomBatchSamplerDataModule(NoIndexDataModule):
+    def train_dataloader(self) -> DataLoader:
+        dataset = DictDataset(self.train_images, torch.zeros(len(self.train_images)))
+        return DataLoader(dataset, batch_sampler=OwnBatchSampler(SequentialSampler(dataset), 8, False))
+
     def test_dataloader(self) -> DataLoader:
         dataset = TensorDataset(self.test_images, self.test_labels)
         return DataLoader(dataset, batch_sampler=OwnBatchSampler(SequentialSampler(dataset), 8, False))

@@ -75,11 +75,18 @@ def test_ddp_checkpoint_reloads_on_one_device(tmp_path, setting, sharding):
         torch.testing.assert_close(model.test_scores.scores, ddp["scores"], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("setting", ["noindex_no_sampler", "iterable", "custom_batch_sampler"])
-def test_ddp_without_distributed_sampler_refuses_samples_without_index(tmp_path, setting):
+@pytest.mark.parametrize(
+    "setting, mode", [("noindex_no_sampler", "test"), ("iterable", "test"), ("custom_batch_sampler", "fit")]
+)
+def test_ddp_without_distributed_sampler_refuses_samples_without_index(tmp_path, setting, mode):
     # ranks may read every sample and number it differently (2x the bank), or a batch sampler may regroup or pad
     with pytest.raises(AssertionError, match=r"samples without an 'index' are numbered from the DistributedSampler"):
-        run(tmp_path, 2, setting, "test")
+        run(tmp_path, 2, setting, mode)
+
+
+def test_ddp_bank_outside_fit_from_a_custom_batch_sampler_is_a_clear_error(tmp_path):
+    with pytest.raises(AssertionError, match=r"building the memory bank under DDP outside fit .* OwnBatchSampler"):
+        run(tmp_path, 2, "custom_batch_sampler", "test")
 
 
 def test_ddp_sharded_bank_records_every_training_path(tmp_path):
