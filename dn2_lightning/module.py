@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.data import sized_len
 from lightning.pytorch import LightningModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSamplerWrapper
 from lightning.pytorch.strategies import DDPStrategy
@@ -271,7 +272,7 @@ class DN2Module(LightningModule):
 
     def _warn_if_partial_pass(self, seen: int) -> None:
         loader = self.trainer.train_dataloader
-        total = len(loader) if loader is not None and _has_len(loader) else seen  # an IterableDataset may have none
+        total = sized_len(loader) or seen  # an IterableDataset may have no length
         if seen < total:
             warnings.warn(
                 f"the memory bank was built from {seen} of {total} training batches (limit_train_batches, "
@@ -944,14 +945,6 @@ def _progress(loader: DataLoader, description: str, enabled: bool) -> Any:
 
 def _is_rank_zero() -> bool:
     return rank() == 0
-
-
-def _has_len(loader: Any) -> bool:
-    try:
-        len(loader)
-    except TypeError:
-        return False
-    return True
 
 
 def _active_autocast(device: torch.device) -> str | None:
