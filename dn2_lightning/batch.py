@@ -50,7 +50,7 @@ def unpack_batch(batch: object, batch_idx: int | None = None) -> Batch:
     check_pixels(images, indices, batch_idx)
     if labels is None:
         labels = torch.full((images.shape[0],), -1, dtype=torch.long, device=images.device)
-    if isinstance(labels, Sequence) and any(isinstance(v, str) for v in labels):
+    if _holds_strings(labels):
         raise ValueError(
             f"batch labels must be {LABEL_CONVENTION}; got strings {list(labels)[:5]}. Map them to integers, e.g. "
             "target_transform=lambda name: int(name != 'good')."
@@ -70,7 +70,7 @@ BATCH_LAYOUTS = (
 
 def check_tuple_indices(indices: object) -> None:
     """The third element of a tuple batch is read as dataset indices: refuse what cannot be one (paths, masks)."""
-    if isinstance(indices, Sequence) and any(isinstance(v, str) for v in indices):
+    if _holds_strings(indices):
         found = f"strings such as {indices[0]!r}"
     elif isinstance(indices, np.ndarray) and indices.dtype.kind not in "iub":
         found = f"a NumPy array of dtype {indices.dtype}"
@@ -85,6 +85,11 @@ def check_tuple_indices(indices: object) -> None:
         f"the third element of a tuple batch is read as the samples' dataset indices ([B] integers); got {found}. "
         f"{BATCH_LAYOUTS}: return a dict from the dataset to pass paths or masks."
     )
+
+
+def _holds_strings(values: object) -> bool:
+    """Whether a collated field is a list of strings (class names or paths where numbers belong)."""
+    return isinstance(values, Sequence) and any(isinstance(v, str) for v in values)
 
 
 def check_pixels(images: Tensor, indices: object = None, batch_idx: int | None = None) -> None:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from dn2_lightning.scoring import pool_groups
+from dn2_lightning.validation import check_int, check_positive_float
 
 GROUP_POOLINGS = ("mean", "histogram", "none")
 DEFAULT_KMEANS_ITERATIONS = 100
@@ -182,6 +183,9 @@ class GroupPooling(nn.Module):
         if method not in GROUP_POOLINGS or method == "none":
             valid = [p for p in GROUP_POOLINGS if p != "none"]
             raise ValueError(f"group_pooling={method!r} is not one of {valid}.")
+        check_int("clusters", clusters, 2, hint="about the number of member classes; default 10")
+        check_positive_float("temperature", temperature, hint="default 0.3")
+        check_int("iterations", iterations, 1)
         self.method, self.clusters, self.temperature = method, clusters, temperature
         self.iterations, self.seed = iterations, seed
         if self.needs_fit:  # "mean" keeps no state, so its checkpoints hold no pooling keys

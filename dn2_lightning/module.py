@@ -60,6 +60,7 @@ from dn2_lightning.validation import (
     check_int,
     check_k,
     check_knn_backend,
+    check_positive_float,
     check_threshold,
 )
 
@@ -204,6 +205,7 @@ class DN2Module(LightningModule):
         self._bank_is_shard = False
         self._warned_no_threshold: tuple[int, int] | None = None  # (bank size, k) of the last such warning
         self.fit_built_bank = False  # whether the last fit embedded its train data (not so when resumed when done)
+        self._pass_started = self._resumed_mid_pass = False  # this fit's epoch began here; it began in a checkpoint
         self._bank_autocast: str | None = None  # autocast dtype the bank rows are being embedded under, if any
 
     # ------------------------------------------------------------------------------------------ forward
@@ -234,6 +236,12 @@ class DN2Module(LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         self.fit_built_bank = True  # also when fit resumes mid-epoch (on_train_epoch_start is skipped then)
+        if not self._pass_started:
+            # resumed mid-epoch: Lightning feeds the epoch's remaining batch count from a restarted iterator, so
+            # these batches are not the missing ones; the whole pass is read again at the epoch's end instead
+            self._resumed_mid_pass = True
+            self._count_bank_step()
+            return
         parsed = unpack_batch(batch, batch_idx)
         with torch.no_grad():
             embeddings, indices, labels = self._bank_rows(parsed, batch_idx)
@@ -244,16 +252,21 @@ class DN2Module(LightningModule):
 
     def on_fit_start(self) -> None:
         self.fit_built_bank = False
+        self._pass_started = self._resumed_mid_pass = False
 
     def on_train_epoch_start(self) -> None:
-        self.fit_built_bank = True
+        self.fit_built_bank = self._pass_started = True
         self._collector = BankCollector()
         if self.maps is not None:
             self.maps.start_collecting()
         self._stream_position = 0
 
     def on_train_epoch_end(self) -> None:
-        if self._collector is not None:
+        if self._resumed_mid_pass:
+            info("DN2: fit resumed from a mid-epoch checkpoint: reading the whole training pass again for the bank.")
+            self._build_bank_from(self.trainer.train_dataloader, limit=self.trainer.num_training_batches)
+            self._resumed_mid_pass = False
+        elif self._collector is not None:
             self._warn_if_partial_pass(self._collector.num_batches)
             self._finalize_bank()
         # one pass is all DN2 needs; more epochs would rebuild the same bank
@@ -632,8 +645,11 @@ class DN2Module(LightningModule):
         if datamodule is None or not is_overridden("train_dataloader", datamodule):
             raise RuntimeError(NO_BANK_MESSAGE.format(fn=fn))
         datamodule.setup("fit")
-        loader = _shard_for_this_rank(datamodule.train_dataloader())
         info(f"DN2: building the memory bank from {type(datamodule).__name__}.train_dataloader().")
+        self._build_bank_from(_shard_for_this_rank(datamodule.train_dataloader()))
+
+    def _build_bank_from(self, loader: DataLoader, limit: int | float = float("inf")) -> None:
+        """One pass over ``loader`` (at most ``limit`` batches) outside Lightning's loops, into the bank."""
         self._collector = BankCollector()
         if self.maps is not None:
             self.maps.start_collecting()
@@ -643,6 +659,8 @@ class DN2Module(LightningModule):
             # the same precision context (e.g. bf16 autocast) as fit's training_step, so both banks are alike
             with torch.no_grad(), self.trainer.precision_plugin.train_step_context():
                 for batch_idx, batch in enumerate(batches):
+                    if batch_idx >= limit:
+                        break
                     parsed = unpack_batch(self._on_device(batch, batch_idx), batch_idx)
                     self._collector.add(*self._bank_rows(parsed, batch_idx), parsed.paths)
         except BaseException:
@@ -650,6 +668,8 @@ class DN2Module(LightningModule):
             raise
         finally:
             self._stream_loader = None
+        if limit < float("inf"):  # a pass of Lightning's train dataloader, which limit_train_batches may cut short
+            self._warn_if_partial_pass(self._collector.num_batches)
         self._finalize_bank()
 
     def _bank_rows(self, batch: Batch, batch_idx: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -940,7 +960,7 @@ def _progress(loader: DataLoader, description: str, enabled: bool) -> Any:
         return loader
     from rich.progress import track
 
-    return track(loader, description=description, total=len(loader), transient=True)
+    return track(loader, description=description, total=sized_len(loader), transient=True)
 
 
 def _is_rank_zero() -> bool:
@@ -1033,11 +1053,6 @@ def _validate_hparams(
     check_clean_k(clean_k)
     check_choice("group_pooling", group_pooling, GROUP_POOLINGS)
     check_int("group_clusters", group_clusters, 2, hint="about the number of member classes; default 10")
-    if (
-        not isinstance(group_temperature, int | float)
-        or isinstance(group_temperature, bool)
-        or not (0.0 < group_temperature < float("inf"))
-    ):
-        raise ValueError(f"group_temperature={group_temperature!r} must be a finite number > 0 (default 0.3).")
+    check_positive_float("group_temperature", group_temperature, hint="default 0.3")
     check_threshold(threshold_quantile, threshold)
     check_choice("bank_sharding", bank_sharding, BANK_SHARDINGS)

@@ -117,6 +117,12 @@ def check_contamination(contamination: object) -> None:
     check_fraction("contamination", contamination, hint="; 0 means a clean train set")
 
 
+def check_positive_float(name: str, value: object, hint: str = "") -> None:
+    """Raise ValueError unless ``value`` is a finite number > 0 (``bool`` is refused)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (0.0 < value < float("inf")):
+        raise ValueError(f"{name}={value!r} must be a finite number > 0{_hint(hint)}.")
+
+
 def check_threshold(quantile: object, value: object = None) -> None:
     """The decision threshold: a quantile in (0, 1] of the training images' leave-one-out scores, or a finite score."""
     if isinstance(quantile, bool) or not isinstance(quantile, int | float) or not 0.0 < quantile <= 1.0:

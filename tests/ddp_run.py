@@ -1,7 +1,8 @@
 """Run one DN2 evaluation under `Trainer(strategy="ddp", devices=N)` on CPU and save what rank 0 saw.
 
 Lightning's ddp launcher re-executes this script for every rank, so it is a script, not a test function.
-Usage: python tests/ddp_run.py OUT.pt DEVICES SETTING fit|test|predict replicate|shard
+Usage: python tests/ddp_run.py OUT.pt DEVICES SETTING fit|resume|test|predict replicate|shard
+(resume: a fit stopped after 2 steps with a mid-epoch checkpoint, then fit resumed from it, then test)
 (SETTING: unimodal, unsupervised, noindex, noindex_no_sampler, uneven, group_none, paths, outliers_on_rank_zero,
 iterable, custom_batch_sampler)
 """
@@ -147,16 +148,16 @@ def datamodule(setting: str) -> LightningDataModule:
 def main(out: str, devices: int, setting: str, mode: str, sharding: str = "replicate") -> None:
     dm = datamodule(setting)
     clean = {"unsupervised": 0.2, "outliers_on_rank_zero": 0.5}.get(setting, 0.0)
-    model = DN2Module(
+    settings = dict(
         k=2,
-        backbone=linear_backbone(),
         clean_fraction=clean,
         clean_k=3,
         bank_sharding=sharding,
         reports=False,
         group_pooling="none" if setting == "group_none" else "mean",
     )
-    trainer = Trainer(
+    model = DN2Module(**settings, backbone=linear_backbone())
+    trainer_settings = dict(
         accelerator="cpu",
         devices=devices,
         strategy="ddp" if devices > 1 else "auto",
@@ -166,6 +167,15 @@ def main(out: str, devices: int, setting: str, mode: str, sharding: str = "repli
         default_root_dir=str(Path(out).parent),
         use_distributed_sampler=setting != "noindex_no_sampler",
     )
+    trainer = Trainer(**trainer_settings)
+    if mode == "resume":
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        folder = Path(out).with_suffix(".ckpts")
+        every2 = ModelCheckpoint(dirpath=folder, every_n_train_steps=2, save_top_k=-1)
+        stopped = Trainer(**trainer_settings, max_steps=2, callbacks=[every2], enable_checkpointing=True)
+        stopped.fit(DN2Module(**settings, backbone=linear_backbone()), datamodule=dm)
+        trainer.fit(model, datamodule=dm, ckpt_path=folder / "epoch=0-step=2.ckpt")
     if mode == "fit":
         trainer.fit(model, datamodule=dm)
         ckpt = Path(out).with_suffix(".ckpt")

@@ -116,10 +116,12 @@ def test_ddp_predict_gathers_every_sample_once(tmp_path, sharding):
         ("noindex", "fit", "replicate", 67),  # fit's sampler shuffles under DDP: rows keep their dataset index
         ("noindex", "predict", "replicate", 67),  # predict's sampler sits in the batch sampler
         ("outliers_on_rank_zero", "test", "shard", 19),  # cleaning empties rank 0's shard
+        ("noindex", "resume", "replicate", 67),  # fit resumed from a mid-epoch checkpoint reads its pass again
+        ("unsupervised", "resume", "shard", 67),
     ],
 )
 def test_ddp_edge_cases_equal_single_device(tmp_path, setting, mode, sharding, n):
-    single = run(tmp_path, 1, setting, mode, sharding)
+    single = run(tmp_path, 1, setting, "fit" if mode == "resume" else mode, sharding)  # resumed: a clean fit's
     ddp = run(tmp_path, 2, setting, mode, sharding)
     assert torch.equal(ddp["indices"], torch.arange(n)) and torch.equal(single["indices"], torch.arange(n))
     torch.testing.assert_close(ddp["scores"], single["scores"], rtol=1e-5, atol=1e-6)

@@ -305,6 +305,21 @@ def test_bad_group_hyperparameters_name_the_parameter(kwargs, match):
         DN2Module(backbone=linear_backbone(), **kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"temperature": 0.0}, "temperature=0.0 must be a finite number > 0"),
+        ({"temperature": float("nan")}, "temperature=nan"),
+        ({"clusters": 1}, "clusters=1 must be an integer >= 2"),
+        ({"iterations": 0}, "iterations=0"),
+    ],
+)
+def test_group_pooling_used_directly_checks_its_arguments(kwargs, match):
+    # a NaN temperature would make every histogram NaN, and a zero one divides by zero
+    with pytest.raises(ValueError, match=match):
+        GroupPooling("histogram", **kwargs)
+
+
 def test_more_clusters_than_training_members_is_a_clear_error():
     dm = GroupDataModule(dataset="digits", group_size=2, n_train_groups=3, n_test_groups=4, seed=0, batch_size=8)
     model = DN2Module(k=2, backbone=linear_backbone(), group_pooling="histogram", group_clusters=10, reports=False)

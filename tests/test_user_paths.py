@@ -387,9 +387,11 @@ def test_removed_rows_follow_the_bank_and_checkpoints_without_them_warn(tmp_path
         model.bank.set_removed(torch.zeros(3, 5), torch.arange(3))
 
 
-def test_fit_resumed_mid_epoch_embeds_the_rest_and_does_not_claim_it_restored_a_bank(tmp_path):
-    """A fit that crashed mid-pass, resumed from a mid-epoch checkpoint: its batches are embedded (the bank is
-    partial, and the warning says so), never reported as "restored from ckpt_path"."""
+@pytest.mark.parametrize("with_index", [True, False])
+def test_fit_resumed_mid_epoch_builds_the_whole_bank_of_a_clean_fit(tmp_path, with_index):
+    """A fit that crashed mid-pass, resumed from a mid-epoch checkpoint (ModelCheckpoint every_n_train_steps):
+    Lightning restarts the train iterator and feeds only the epoch's remaining batch count, so the pass is read
+    again whole; the bank, its threshold and the test scores are a clean fit's, never "restored from ckpt_path"."""
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
     class CrashAtBatch4(Callback):
@@ -398,15 +400,41 @@ def test_fit_resumed_mid_epoch_embeds_the_rest_and_does_not_claim_it_restored_a_
                 raise RuntimeError("crash")
 
     dm = BlobDataModule(batch_size=8)  # 101 images: 13 batches
+    if not with_index:  # samples numbered by the order they are read
+        dm.train_dataloader = lambda: DataLoader(TensorDataset(dm.train_images, torch.zeros(101).long()), batch_size=8)
+    clean = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    quiet_trainer().fit(clean, datamodule=dm)
     every3 = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
     crashing = quiet_trainer(enable_checkpointing=True, callbacks=[every3, CrashAtBatch4()])
     with pytest.raises(RuntimeError, match="crash"):
         crashing.fit(DN2Module(k=2, backbone=linear_backbone(), reports=False), datamodule=dm)
     model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
-    with dn2_messages() as messages, pytest.warns(UserWarning, match=r"built from \d+ of 13 training batches"):
-        quiet_trainer().fit(model, datamodule=dm, ckpt_path=tmp_path / "epoch=0-step=3.ckpt")
-    assert model.fit_built_bank and 0 < len(model.bank) < 101
+    trainer = quiet_trainer()
+    with dn2_messages() as messages, warnings.catch_warnings():
+        warnings.filterwarnings("error", message="the memory bank was built from")  # no partial-bank warning
+        trainer.fit(model, datamodule=dm, ckpt_path=tmp_path / "epoch=0-step=3.ckpt")
+    assert model.fit_built_bank and trainer.global_step == 13
+    assert any("mid-epoch checkpoint" in m for m in messages)
     assert not any("restored the memory bank" in m for m in messages)
+    assert torch.equal(model.bank.sample_indices, clean.bank.sample_indices)
+    torch.testing.assert_close(model.bank.embeddings, clean.bank.embeddings)
+    torch.testing.assert_close(model.threshold, clean.threshold)
+    resumed = quiet_trainer().test(model, datamodule=dm)[0]["test/auroc"]
+    assert resumed == quiet_trainer().test(clean, datamodule=dm)[0]["test/auroc"]
+
+
+def test_fit_resumed_mid_epoch_keeps_limit_train_batches(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    dm = BlobDataModule(batch_size=8)
+    every3 = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
+    quiet_trainer(enable_checkpointing=True, callbacks=[every3], limit_train_batches=5).fit(
+        DN2Module(k=2, backbone=linear_backbone(), reports=False), datamodule=dm
+    )
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    with pytest.warns(UserWarning, match="built from 5 of 13 training batches"):
+        quiet_trainer(limit_train_batches=5).fit(model, datamodule=dm, ckpt_path=tmp_path / "epoch=0-step=3.ckpt")
+    assert torch.equal(model.bank.sample_indices, torch.arange(40))
 
 
 def test_fit_on_an_iterable_dataset_without_length():
