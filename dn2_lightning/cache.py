@@ -4,13 +4,16 @@ A cache file holds ``{"key": key, ...payload}``. :func:`load_cached` returns the
 equals the expected one (everything the content depends on); a file that cannot be read (cut short by a kill,
 disk error) gives a warning naming it and a miss, so the caller recomputes and overwrites it. :func:`atomic_write`
 (behind :func:`save_atomic` and the report files) writes to a temporary file in the same folder and renames it
-into place (``os.replace``), so a reader never sees a half-written file.
+into place (``os.replace``), so a reader never sees a half-written file; temporary files that killed writers left
+behind are deleted by the next write of the same file once an hour old.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import time
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -67,10 +70,24 @@ def atomic_write(path: str | Path, mode: str = "wb", **open_kwargs: Any) -> Iter
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _remove_stale_temporaries(path)
     finally:
         if os.path.exists(tmp):
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+
+
+STALE_TEMPORARY_SECONDS = 3600.0
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete ``path``'s temporary files left by killed writers (a SIGKILL skips the cleanup above): those not
+    written to for an hour. A writer at work keeps touching its file, so it is never taken for one."""
+    now = time.time()
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if now - stale.stat().st_mtime > STALE_TEMPORARY_SECONDS:
+                stale.unlink()
 
 
 def save_atomic(obj: Any, path: str | Path) -> bool:

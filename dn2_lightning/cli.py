@@ -266,11 +266,27 @@ class DN2CLI(LightningCLI):
         if not self.model.fit_built_bank:
             info(f"DN2: the bank is --ckpt_path's ({self.trainer.ckpt_path}); no new checkpoint was written.")
         elif path:
+            path = self._checkpoint_with_bank(path)
             info(f"DN2: checkpoint (memory bank + threshold) written to {path}")
             info(f"DN2: reuse it with: dn2 test|predict --config ... --ckpt_path={path}")
         else:
             info("DN2: no checkpoint written (enable_checkpointing=false): the bank is not saved.")
         self._print_run_files()
+
+    def _checkpoint_with_bank(self, path: str) -> str:
+        """``path`` when it holds this fit's bank, else a checkpoint saved now beside it (``bank.ckpt``): a
+        ``ModelCheckpoint(every_n_train_steps=N)`` may save last before the pass's final step, and a fit resumed
+        from a partial bank reads its pass again after Lightning's last save."""
+        holds = _holds_bank(path, self.model.bank.spec) if self.trainer.is_global_zero else None
+        if self.trainer.strategy.broadcast(holds):
+            return path
+        fresh = str(Path(path).with_name("bank.ckpt"))
+        self.trainer.save_checkpoint(fresh)
+        return fresh
+
+    def before_fit(self) -> None:
+        # after_fit saves a checkpoint holding the bank when ModelCheckpoint's last one does not (and says so)
+        warnings.filterwarnings("ignore", message="no checkpoint of this fit holds its memory bank")
 
     def before_validate(self) -> None:
         _ignore_fit_callback_states()
@@ -297,6 +313,14 @@ class DN2CLI(LightningCLI):
             info(f"DN2: run config written to {config} (rerun with --config)")
         if self.trainer.loggers:
             info(f"DN2: logs in {log_dir}")
+
+
+def _holds_bank(path: str, spec: dict[str, Any]) -> bool:
+    """Whether checkpoint ``path`` holds a bank from the same pass as ``spec`` (its tensors are not read)."""
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("state_dict", {})
+    saved = state.get("bank.embeddings")
+    saved_spec = state.get("bank._extra_state") or {}
+    return saved is not None and saved.numel() > 0 and saved_spec.get("train_batches") == spec.get("train_batches")
 
 
 def _print_config_deferred() -> contextlib.AbstractContextManager:

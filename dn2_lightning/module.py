@@ -206,6 +206,9 @@ class DN2Module(LightningModule):
         self._warned_no_threshold: tuple[int, int] | None = None  # (bank size, k) of the last such warning
         self.fit_built_bank = False  # whether the last fit embedded its train data (not so when resumed when done)
         self._pass_started = self._resumed_mid_pass = False  # this fit's epoch began here; it began in a checkpoint
+        self._pass_batches: tuple[int, int] | None = None  # (read, in all) of the training pass being finalised
+        self._bank_step = 0  # the global step at which fit built the bank (checkpoints saved before lack it)
+        self._trainer_spent = False  # this fit's Trainer had run its epochs before it started
         self._bank_autocast: str | None = None  # autocast dtype the bank rows are being embedded under, if any
 
     # ------------------------------------------------------------------------------------------ forward
@@ -241,6 +244,8 @@ class DN2Module(LightningModule):
             # these batches are not the missing ones; the whole pass is read again at the epoch's end instead
             self._resumed_mid_pass = True
             self._count_bank_step()
+            if self._pass_ends_here():
+                self._reread_pass("fit resumed from a mid-epoch checkpoint")
             return
         parsed = unpack_batch(batch, batch_idx)
         with torch.no_grad():
@@ -249,10 +254,17 @@ class DN2Module(LightningModule):
             self._collector = BankCollector()
         self._collector.add(embeddings, indices, labels, parsed.paths)
         self._count_bank_step()
+        if self._pass_ends_here():  # the bank now, so a checkpoint saved at this step (every_n_train_steps) holds it
+            self._end_pass()
 
     def on_fit_start(self) -> None:
         self.fit_built_bank = False
         self._pass_started = self._resumed_mid_pass = False
+        max_epochs, max_steps = self.trainer.max_epochs, self.trainer.max_steps
+        # a Trainer that already ran its epochs (or steps) in an earlier fit runs none in this one
+        self._trainer_spent = (max_epochs is not None and 0 < max_epochs <= self.trainer.current_epoch) or (
+            0 < max_steps <= self.trainer.global_step
+        )
 
     def on_train_epoch_start(self) -> None:
         self.fit_built_bank = self._pass_started = True
@@ -263,29 +275,85 @@ class DN2Module(LightningModule):
 
     def on_train_epoch_end(self) -> None:
         if self._resumed_mid_pass:
-            info("DN2: fit resumed from a mid-epoch checkpoint: reading the whole training pass again for the bank.")
-            self._build_bank_from(self.trainer.train_dataloader, limit=self.trainer.num_training_batches)
-            self._resumed_mid_pass = False
+            self._reread_pass("fit resumed from a mid-epoch checkpoint")
         elif self._collector is not None:
-            self._warn_if_partial_pass(self._collector.num_batches)
-            self._finalize_bank()
+            self._end_pass()
         # one pass is all DN2 needs; more epochs would rebuild the same bank
         self.trainer.should_stop = True
 
     def on_fit_end(self) -> None:
-        if not self._has_bank and self._collector is None:
+        restored = self.trainer.ckpt_path is not None
+        if not self.fit_built_bank and not restored and self._trainer_spent:
+            raise RuntimeError(
+                f"trainer.fit ran no training epoch: this Trainer already ran its max_epochs={self.trainer.max_epochs}"
+                f" (max_steps={self.trainer.max_steps}) in an earlier fit, so nothing was embedded. Use a new "
+                "Trainer for each fit."
+            )
+        if not self._has_bank and (self.fit_built_bank or not restored):
             raise ValueError(
                 "fit read no training batches (the train dataloader is empty, or limit_train_batches=0), so "
                 "there is no memory bank: give it the normal training images."
             )
-        if not self.fit_built_bank and self._has_bank:
+        if self.fit_built_bank:
+            self._warn_if_no_checkpoint_holds_the_bank()
+        else:
             # fit resumed from a checkpoint whose one pass was done: the bank is the checkpoint's, not this data's
+            seen, total = self.bank.spec.get("train_batches") or (0, 0)
+            if not self._has_bank:
+                self._reread_pass("the checkpoint holds no memory bank (saved before its training pass ended)")
+                self._warn_if_no_checkpoint_holds_the_bank(after_last_save=True)
+                return
+            if seen < min(total, self.trainer.num_training_batches):
+                self._reread_pass(f"the checkpoint's bank was built from {seen} of {total} training batches")
+                self._warn_if_no_checkpoint_holds_the_bank(after_last_save=True)
+                return
             self._check_data_settings()
+            if seen < total:
+                warnings.warn(
+                    f"fit restored a memory bank built from {seen} of {total} training batches (this run reads "
+                    f"{seen} too): scores use a partial bank; fit without the limit to read the whole pass.",
+                    stacklevel=2,
+                )
+                return
             info("DN2: fit restored the memory bank from ckpt_path (its pass was complete): nothing was embedded.")
+
+    def _warn_if_no_checkpoint_holds_the_bank(self, after_last_save: bool = False) -> None:
+        """ModelCheckpoint(every_n_train_steps=N) may save last before the pass's final step (its checkpoints then
+        hold no bank), and nothing saves a bank built after the fit loop (``after_last_save``)."""
+        saved = [getattr(c, "_last_global_step_saved", 0) for c in self.trainer.checkpoint_callbacks]
+        saved = [step for step in saved if step > 0]  # 0: never saved (fast_dev_run, every_n_epochs=2, ...)
+        if saved and (after_last_save or max(saved) < self._bank_step):
+            rank_zero_warn(
+                f"no checkpoint of this fit holds its memory bank: ModelCheckpoint saved last at step {max(saved)}, "
+                f"before the bank was built (step {self._bank_step}). Save it with trainer.save_checkpoint(path), "
+                "or let ModelCheckpoint save at the epoch's end (every_n_epochs=1)."
+            )
+
+    def _pass_ends_here(self) -> bool:
+        """Whether this training batch is the pass's last: the loader's (``limit_train_batches`` included) or
+        ``max_steps``'."""
+        max_steps = self.trainer.max_steps
+        return self.trainer.is_last_batch or 0 <= max_steps <= self.trainer.global_step
+
+    def _end_pass(self) -> None:
+        """The training pass is over: its collected rows become the bank (with a warning when partial)."""
+        assert self._collector is not None
+        self._warn_if_partial_pass(self._collector.num_batches)
+        self._finalize_bank()
+        self._bank_step = self.trainer.global_step
+
+    def _reread_pass(self, why: str) -> None:
+        """Build the bank from one whole pass of the trainer's train dataloader (within its batch limit)."""
+        info(f"DN2: {why}: reading the training pass again for the memory bank.")
+        max_steps = self.trainer.max_steps if self.trainer.max_steps >= 0 else float("inf")
+        self._build_bank_from(self.trainer.train_dataloader, limit=min(self.trainer.num_training_batches, max_steps))
+        self._resumed_mid_pass, self.fit_built_bank = False, True
+        self._bank_step = self.trainer.global_step
 
     def _warn_if_partial_pass(self, seen: int) -> None:
         loader = self.trainer.train_dataloader
         total = sized_len(loader) or seen  # an IterableDataset may have no length
+        self._pass_batches = (seen, total)
         if seen < total:
             warnings.warn(
                 f"the memory bank was built from {seen} of {total} training batches (limit_train_batches, "
@@ -344,6 +412,11 @@ class DN2Module(LightningModule):
             pixel = self.maps.compute_metrics()
             if pixel:
                 self.log_dict({f"test/{name}": value for name, value in pixel.items()}, sync_dist=False)
+            else:
+                info(
+                    "DN2 test: no anomalous pixel in the test masks (no 'gt_mask' in the batches: a folder dataset "
+                    "reads root/ground_truth/<kind>/<stem>_mask.png), so pixel AUROC and PRO are not computed."
+                )
 
     def on_predict_epoch_start(self) -> None:
         self.predict_scores = None
@@ -532,6 +605,11 @@ class DN2Module(LightningModule):
         if self.hparams.threshold is not None:
             return f"threshold {threshold:.6g} (fixed value)"
         q = self.hparams.threshold_quantile
+        if self.hparams.clean_fraction > 0:  # unsupervised: the training images include the contaminants
+            return (
+                f"threshold {threshold:.6g} (quantile {q:g} of every training image's score, contaminants included: "
+                "for a fraction c of contaminants, threshold_quantile = (1 - c) x 0.99 flags about 1% of normal images)"
+            )
         return (
             f"threshold {threshold:.6g} (quantile {q:g} of the training images' leave-one-out scores: about "
             f"{100 * (1 - q):.3g}% of normal images are flagged)"
@@ -625,12 +703,12 @@ class DN2Module(LightningModule):
         if self._collector is not None and self.trainer.state.fn != TrainerFn.FITTING:
             self._collector = None  # rows of a fit that stopped on an error: never a bank
         if self._collector is not None and len(self._collector):
-            if not self.trainer.is_last_batch:
-                warnings.warn(
-                    "validation inside a training epoch sees a partial memory bank; use val_check_interval=1.0.",
-                    stacklevel=2,
-                )
-            self._finalize_bank()
+            warnings.warn(
+                "validation inside a training epoch sees a partial memory bank (the rows read so far; the pass goes "
+                "on collecting); use val_check_interval=1.0.",
+                stacklevel=2,
+            )
+            self._finalize_bank(keep_collecting=True)
         elif not self._has_bank:
             self._build_bank_from_datamodule()
         else:
@@ -703,10 +781,13 @@ class DN2Module(LightningModule):
             return embeddings, indices, batch.labels
         return self._embed(batch.images, batch, batch_idx), indices, batch.labels
 
-    def _finalize_bank(self) -> None:
-        """Turn the collected rows into the bank (``BankBuilder``), with its maps, spec and threshold scores."""
+    def _finalize_bank(self, keep_collecting: bool = False) -> None:
+        """Turn the collected rows into the bank (``BankBuilder``), with its maps, spec and threshold scores;
+        ``keep_collecting``: a bank of the rows so far, for validation inside the pass, which goes on."""
         assert self._collector is not None
-        collector, self._collector = self._collector, None
+        collector = self._collector
+        if not keep_collecting:
+            self._collector = None
         builder, hp = self._bank_builder, self.hparams
         embeddings, indices, labels = builder.rows(collector, max(1, self._members_per_group))
         if embeddings.ndim == 3:  # packed group members [N, M, D + 1]: fit the group pooling, then pool
@@ -714,7 +795,7 @@ class DN2Module(LightningModule):
         report = builder.build(embeddings, indices, labels, hp.k, hp.clean_fraction, hp.clean_k)
         self._bank_is_shard = self._sharded
         if self.maps is not None:
-            self.maps.finalize(self.bank.sample_indices)
+            self.maps.finalize(self.bank.sample_indices, keep_collecting)
         self._record_bank_spec(collector.paths, collector.member_sources)
         builder.update_loo_scores(hp.k)
         self._warn_if_no_threshold()
@@ -758,6 +839,9 @@ class DN2Module(LightningModule):
         all_paths = self._all_paths(paths, "train")
         spec = {**self._model_settings(), "train_set": None, **self._data_settings(), "format": 1}
         spec["autocast"] = self._bank_autocast
+        if self._pass_batches is not None:  # (batches read, batches in the pass): a partial bank is known as one
+            spec["train_batches"] = list(self._pass_batches)
+            self._pass_batches = None
         if self._members_per_group:  # rows are group members (group_pooling="none"): row = group * M + member
             spec["members_per_group"] = self._members_per_group
             sources = {row: source for part in gather_objects(member_sources) for row, source in part.items()}
@@ -832,6 +916,7 @@ class DN2Module(LightningModule):
         check_bank_settings(state.get("bank._extra_state") or {}, self._model_settings(), BANK_SETTINGS, "this model")
         self._match_patch_bank(state)
         saved = state.get("bank.embeddings")
+        self._warn_if_bank_incomplete(saved, state.get("bank._extra_state") or {})
         expected = self.backbone.feature_dim
         # a bank of pooled groups may hold another size than the backbone's (histogram pooling)
         allowed = {expected, self.group_pool.output_dim(expected)} if expected is not None else set()
@@ -840,6 +925,25 @@ class DN2Module(LightningModule):
                 f"the checkpoint's memory bank holds {saved.shape[1]}-d embeddings but backbone="
                 f"{self.hparams.get('backbone')!r} gives {expected}-d ones; load it with the backbone it was "
                 "built with."
+            )
+
+    def _warn_if_bank_incomplete(self, embeddings: Tensor | None, spec: dict[str, Any]) -> None:
+        """A checkpoint saved mid-pass holds no bank, one of a capped pass a partial bank: said when it is loaded
+        for evaluation (a resumed fit reads the pass again itself)."""
+        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            return
+        seen, total = spec.get("train_batches") or (0, 0)
+        if embeddings is not None and not embeddings.numel():
+            rank_zero_warn(
+                "this checkpoint holds no memory bank: it was saved before its fit's training pass ended (e.g. by "
+                "ModelCheckpoint(every_n_train_steps=...)); test/predict build one from the datamodule's training "
+                "data. Use the checkpoint saved at the end of the pass."
+            )
+        elif seen < total:
+            rank_zero_warn(
+                f"this checkpoint's memory bank was built from {seen} of {total} training batches (limit_train_batches,"
+                " max_steps or fast_dev_run): scores use a partial bank. `dn2 fit --ckpt_path` of it without the "
+                "limit reads the whole pass."
             )
 
     def _match_patch_bank(self, state: dict[str, Any]) -> None:

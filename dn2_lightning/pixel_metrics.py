@@ -3,8 +3,9 @@
 * :func:`pixel_auroc`: ROC area over every pixel of every image, with torchmetrics'
   ``BinaryAUROC(thresholds=...)`` (a ``[N, 2, 2]`` state) fed in chunks, so millions of pixels never need
   a sorted copy or an ``[pixels, N]`` comparison matrix.
-* Both bin scores at :func:`score_levels`: thresholds at evenly spaced quantiles of the scores, so every
-  bin holds about the same share of pixels however far a few extreme pixels stretch the range.
+* Both bin scores at :func:`score_levels`: thresholds at evenly spaced quantiles of the scores (a value held
+  by many pixels gets its own), so every bin holds about the same share of pixels however far a few extreme
+  pixels stretch the range or however many pixels tie.
 * :func:`pro_score`: the per-region overlap of MVTec AD (Bergmann et al., IJCV 2021): ground-truth
   regions are the 8-connected components of each mask (``scipy.ndimage.label``); at each threshold the
   PRO is the mean, over all regions of all images, of the fraction of the region's pixels above the
@@ -73,15 +74,20 @@ def _check_threshold_count(thresholds: object, allow_none: bool = False) -> None
 
 def score_levels(scores: Tensor, thresholds: int) -> Tensor:
     """Ascending thresholds at ``thresholds`` evenly spaced quantiles of ``scores``, from the smallest score to
-    the largest (fewer when scores repeat).
+    the largest; every distinct score when there are no more of them (the binned metrics are then exact).
 
     Each bin between two thresholds then holds about ``1 / thresholds`` of the pixels. Evenly spaced thresholds
     over ``min..max`` do not: a few extreme pixels stretch the range and leave nearly every pixel in one
-    bin, where the binned metrics treat them as ties. Beyond ``2**22`` scores the quantiles are those of a
-    seeded random sample of that size (the same thresholds on every run).
+    bin, where the binned metrics treat them as ties. A value shared by more than ``1 / thresholds`` of the
+    scores (e.g. a map clipped at 0 over most of the image) is a threshold of its own, and the others are
+    placed at quantiles of the remaining scores, so such a mass cannot squeeze the rest into a few bins.
+    Beyond ``2**22`` scores the quantiles are those of a seeded random sample of that size (the same
+    thresholds on every run).
 
     >>> score_levels(torch.tensor([0.0, 1.0, 2.0, 3.0, 1000.0]), 3)
     tensor([   0.,    2., 1000.])
+    >>> score_levels(torch.tensor([0.0] * 96 + [1.0, 2.0, 3.0, 4.0]), 3)  # not [0, 0, 4]: 0 holds 96%
+    tensor([0., 1., 4.])
     """
     _check_threshold_count(thresholds)
     flat = scores.detach().flatten()
@@ -91,9 +97,15 @@ def score_levels(scores: Tensor, thresholds: int) -> Tensor:
     if flat.numel() > _QUANTILE_SAMPLE:
         generator = torch.Generator().manual_seed(0)
         sample = flat[torch.randint(flat.numel(), (_QUANTILE_SAMPLE,), generator=generator).to(flat.device)]
-    ordered = sample.sort().values
-    ranks = torch.linspace(0, ordered.numel() - 1, thresholds, dtype=torch.float64).round().long()
-    levels = ordered[ranks.to(ordered.device)]
+    values, counts = torch.unique(sample, sorted=True, return_counts=True)
+    if values.numel() <= thresholds:
+        levels = values
+    else:
+        heavy = counts > sample.numel() / thresholds
+        rest = torch.repeat_interleave(values[~heavy], counts[~heavy])  # sorted, the heavy values left out
+        ranks = torch.linspace(0, rest.numel() - 1, thresholds - int(heavy.sum()), dtype=torch.float64)
+        levels = torch.cat([values[heavy], rest[ranks.round().long().to(rest.device)]])
+    levels = levels.sort().values
     levels[0], levels[-1] = flat.min(), flat.max()  # a sample may miss the extremes
     return torch.unique(levels)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import sys
 import time
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from dn2_lightning.backbones import build_backbone, get_backbone_spec
-from dn2_lightning.cache import load_cached, save_atomic
+from dn2_lightning.cache import atomic_write, load_cached, save_atomic
 from dn2_lightning.data.classes import draw_contaminants, resolve_class
 from dn2_lightning.data.datasets import ArrayImageDataset, iter_image_batches
 from dn2_lightning.data.sources import LabeledImages, default_data_root, list_datasets, load_split
@@ -42,8 +43,10 @@ from dn2_lightning.validation import (
     check_positive_int,
 )
 
-# DN2's published mean AUROC (%) with its ResNet backbone (Bergman et al. 2020, Table 1), shown beside ours.
+# DN2's published mean AUROC (%) with its ResNet backbone (Bergman et al. 2020, Table 1; unimodal, every class
+# in turn), shown beside ours when a run is that setting; and how many classes that mean is over.
 PAPER_MEAN_AUROC = {"cifar10": 92.5, "fashionmnist": 94.4, "cifar100": 89.3}
+PAPER_CLASSES = {"cifar10": 10, "fashionmnist": 10, "cifar100": 20}
 CACHE_FORMAT = 2  # layout of the cache files and of their key
 #: Version of the code that turns stored images into embeddings (dataset decoding, CPU resize, the backbone's
 #: preprocessing); bump it when a change alters the embeddings, and every cached file is recomputed.
@@ -76,7 +79,9 @@ class ProtocolResult:
         return sum(c.auroc for c in self.classes) / len(self.classes)
 
     def to_markdown(self) -> str:
-        paper = PAPER_MEAN_AUROC.get(self.dataset)
+        every_class = len({c.normal_class for c in self.classes}) == PAPER_CLASSES.get(self.dataset)
+        unimodal = not self.settings.get("contamination") and not self.settings.get("clean_fraction")
+        paper = PAPER_MEAN_AUROC.get(self.dataset) if every_class and unimodal else None
         lines = ["| class | name | AUROC (%) | train | bank |", "|---:|---|---:|---:|---:|"]
         lines += [
             f"| {c.normal_class} | {c.name} | {100 * c.auroc:.1f} | {c.n_train} | {c.n_bank} |" for c in self.classes
@@ -87,14 +92,22 @@ class ProtocolResult:
         return "\n".join(lines)
 
     def save(self, out_dir: str | Path) -> None:
+        """``protocol.md``, ``protocol.json`` and ``protocol.csv`` in ``out_dir``, each written whole or not at
+        all (a killed run leaves the previous run's file, never a cut one)."""
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, fieldnames=list(asdict(self.classes[0])))
+        writer.writeheader()
+        writer.writerows(asdict(c) for c in self.classes)
+        texts = {  # all rendered first, so the files are replaced one right after another
+            "protocol.md": self.to_markdown() + "\n",
+            "protocol.json": json.dumps({**asdict(self), "mean_auroc": self.mean_auroc}, indent=2),
+            "protocol.csv": table.getvalue(),
+        }
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "protocol.md").write_text(self.to_markdown() + "\n")
-        (out / "protocol.json").write_text(json.dumps({**asdict(self), "mean_auroc": self.mean_auroc}, indent=2))
-        with (out / "protocol.csv").open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(asdict(self.classes[0])))
-            writer.writeheader()
-            writer.writerows(asdict(c) for c in self.classes)
+        for name, text in texts.items():
+            with atomic_write(out / name, "w", newline="", encoding="utf-8") as f:
+                f.write(text)
 
 
 def embed_split(

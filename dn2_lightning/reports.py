@@ -5,7 +5,8 @@ is the logger's version folder, or ``trainer.default_root_dir`` without a logger
 number, so a run never overwrites an earlier one)::
 
     scores.csv | predictions.csv   one row per sample, columns CSV columns below (same order for both)
-    summary.json                   n_scored, n_flagged, threshold and how it was set (threshold_source:
+    config.yaml                    the run's config, for `dn2 ... --config` (runs of the `dn2` command only)
+    summary.json                   k, ckpt_path, n_scored, n_flagged, threshold and how it was set (threshold_source:
                                    "value" or the quantile's, threshold_quantile), AUROC (labelled data),
                                    files, escaped paths
     figures/roc.png                ROC with the operating point (labelled data only)
@@ -31,6 +32,7 @@ Files are UTF-8. Numeric cells are never escaped. matplotlib is imported lazily 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -373,6 +375,13 @@ class EvaluationReport(Callback):
         folder = next_run_dir(base, stage) if trainer.is_global_zero else None
         return Path(trainer.strategy.broadcast(str(folder) if folder else None))
 
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # a run that stopped before writing (e.g. a bank refused at the epoch's start) leaves no empty folder
+        if trainer.is_global_zero and self.run_dir is not None and self.run_dir.is_dir():
+            with contextlib.suppress(OSError):
+                self.run_dir.rmdir()  # only when empty: a run that wrote some files keeps them
+        self.run_dir = None
+
     def list_file(self, name: str, path: str | Path) -> None:
         """Print ``path`` with this run's report files: a file, or a folder (printed with its PNG count). For
         report callbacks writing into :attr:`run_dir`, e.g. :class:`~dn2_lightning.maps.figures.MapReport`."""
@@ -443,8 +452,16 @@ class EvaluationReport(Callback):
         name_of = (lambda i: paths[i]) if paths is not None else None
         for name, png in save_figures(scores, out / "figures", threshold, image_of, name_of).items():
             files[name] = png
+        config = _run_config(trainer)
+        if config is not None:  # the CLI run's config, beside its results (the log dir's copy is overwritten)
+            with atomic_write(out / "config.yaml", "w", encoding="utf-8") as f:
+                f.write(config)
+            files["config"] = out / "config.yaml"
         summary = summarize(stage, scores, threshold, auroc)
         summary.update(threshold_source(pl_module, threshold))
+        hparams = getattr(pl_module, "hparams", {})
+        summary["k"] = hparams.get("k")  # what the scores were computed with, beside the checkpoint they came from
+        summary["ckpt_path"] = str(trainer.ckpt_path) if trainer.ckpt_path else None
         summary["escaped_paths"] = escaped_paths(paths, scores.indices)
         summary["files"] = {name: display_path(str(p)) for name, p in files.items()}
         files["summary"] = write_summary(summary, out / "summary.json")
@@ -467,6 +484,16 @@ def scores_from_predictions(predictions: Sequence[Any]) -> tuple[AnomalyScores, 
         by_index = {int(i): p for b in batches for i, p in zip(b["index"], b["path"], strict=True)}
         paths = [by_index.get(i, "") for i in range(int(indices.max()) + 1)]
     return AnomalyScores(indices, scores, labels, neighbours, distances), paths
+
+
+def _run_config(trainer: Trainer) -> str | None:
+    """The config of a ``dn2`` (LightningCLI) run as YAML, from its ``SaveConfigCallback``; ``None`` otherwise."""
+    from lightning.pytorch.cli import SaveConfigCallback
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, SaveConfigCallback):
+            return callback.parser.dump(callback.config, skip_none=False)
+    return None
 
 
 def _threshold_of(pl_module: LightningModule) -> float | None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -234,7 +236,33 @@ def test_fit_resumed_from_a_done_checkpoint_checks_its_data_and_says_it_wrote_no
         build_cli(["fit", *common, "--data.normal_class=3", f"--ckpt_path={ckpt}"])
 
 
+def test_dn2_fit_always_names_a_checkpoint_that_holds_the_bank(tmp_path, caplog):
+    """every_n_train_steps=2 over 3 batches saves last at step 2, before the pass ends; a capped fit resumed
+    without its cap reads its pass again after Lightning's last save: either way the checkpoint named holds
+    the whole bank, and testing it gives the clean fit's AUROC."""
+    caplog.set_level(logging.INFO)
+    common = ["--config", "configs/digits.yaml", f"--trainer.default_root_dir={tmp_path}", *FAST]
+    common += ["--model.reports=false", "--data.batch_size=48"]  # 106 class-0 digits: 3 batches
+    clean = build_cli(["fit", *common])
+    steps = "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps=2"
+    caplog.clear()
+    stepped = build_cli(["fit", *common, *steps])
+    ckpt = re.search(r"written to (\S+)", caplog.text).group(1)
+    assert Path(ckpt).name == "bank.ckpt"
+    loaded = DN2Module.load_from_checkpoint(ckpt)
+    assert len(loaded.bank) == len(clean.model.bank) == 106 == len(stepped.model.bank)
+    capped = build_cli(["fit", *common, "--trainer.limit_train_batches=1"])
+    partial = capped.trainer.checkpoint_callback.best_model_path
+    caplog.clear()
+    resumed = build_cli(["fit", *common, f"--ckpt_path={partial}"])
+    assert "built from 1 of 3 training batches: reading the training pass again" in caplog.text
+    ckpt = re.search(r"written to (\S+)", caplog.text).group(1)
+    assert len(DN2Module.load_from_checkpoint(ckpt).bank) == 106 == len(resumed.model.bank)
+    torch.testing.assert_close(resumed.model.threshold, clean.model.threshold)
+
+
 LOGGER_PROBE = """
+import json
 import logging
 {before}
 import dn2_lightning
@@ -266,3 +294,27 @@ def test_importing_keeps_the_log_level_the_application_set(before, level, shown)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == [level]
     assert ("probe message" in proc.stderr) == shown
+
+
+def test_every_report_folder_keeps_its_runs_config_and_rerunning_it_gives_the_same_scores(tmp_path):
+    """With logger=false every run writes the same <default_root_dir>/config.yaml; each report folder keeps its own
+    run's config (after --ckpt_path's settings), and --config of that file reruns the run."""
+    from dn2_lightning.reports import read_report
+
+    common = ["--config", "configs/digits.yaml", f"--trainer.default_root_dir={tmp_path}", "--model.input_size=32"]
+    common += ["--trainer.logger=false"]
+    fit = build_cli(["fit", *common, "--model.threshold_quantile=0.9"])
+    ckpt = fit.trainer.checkpoint_callback.best_model_path
+    build_cli(["test", *common, "--model.k=3"])
+    build_cli(["test", *common, f"--ckpt_path={ckpt}"])  # the checkpoint's threshold_quantile 0.9
+    first, second = (yaml.safe_load((tmp_path / "dn2_reports" / f"test_{n}" / "config.yaml").read_text()) for n in "01")
+    assert (first["model"]["k"], first["model"]["threshold_quantile"]) == (3, 0.99)
+    assert (second["model"]["k"], second["model"]["threshold_quantile"]) == (2, 0.9)
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["model"]["threshold_quantile"] == 0.9  # the latest
+    rerun_dir = tmp_path / "rerun"
+    config = tmp_path / "dn2_reports" / "test_0" / "config.yaml"
+    build_cli(["test", "--config", str(config), f"--trainer.default_root_dir={rerun_dir}"])
+    before = read_report(tmp_path / "dn2_reports" / "test_0" / "scores.csv")
+    after = read_report(rerun_dir / "dn2_reports" / "test_0" / "scores.csv")
+    assert [row["score"] for row in after] == [row["score"] for row in before] and len(before) > 300
+    assert "config" in json.loads((rerun_dir / "dn2_reports" / "test_0" / "summary.json").read_text())["files"]

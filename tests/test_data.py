@@ -231,9 +231,20 @@ def test_normal_class_by_name_and_bad_names():
     dm.setup()
     assert dm.normal_class_index == 7
     with pytest.raises(ValueError, match=r"normal_class=12 is out of range 0..9"):
-        OneClassDataModule(dataset="digits", normal_class=12).setup()
+        OneClassDataModule(dataset="digits", normal_class=12)  # refused when built, before any work
     with pytest.raises(ValueError, match=r"normal_class='dog' is not a class name; choose one of 0='0'"):
-        OneClassDataModule(dataset="digits", normal_class="dog").setup()
+        OneClassDataModule(dataset="digits", normal_class="dog")
+    with pytest.raises(ValueError, match=r"normal_class=20 is out of range 0..19.*19='vehicles_2'"):
+        OneClassDataModule(dataset="cifar100", normal_class=20)  # no files needed to say so
+
+
+@pytest.mark.parametrize("dataset", ["digits", "fashionmnist"])
+def test_the_class_names_known_before_loading_are_the_loaded_ones(dataset):
+    from dn2_lightning.data.sources import known_classes
+
+    if dataset == "fashionmnist" and not DEBIAN_FASHION_MNIST.is_dir():
+        pytest.skip("needs Debian's dataset-fashion-mnist")
+    assert load_split(dataset, "test").classes == known_classes(dataset)
 
 
 @needs_fmnist
@@ -243,7 +254,7 @@ def test_fashionmnist_class_name_is_case_insensitive():
     assert dm.normal_class_index == 9 and dm.normal_class_name == "Ankle boot" and len(dm.train_dataset) == 6000
     assert len(dm.test_dataset) == 10000 and int(dm.test_dataset.labels.sum()) == 9000
     with pytest.raises(ValueError, match=r"normal_class='boot' is not a class name.*9='Ankle boot'"):
-        OneClassDataModule(dataset="fashionmnist", normal_class="boot").setup()
+        OneClassDataModule(dataset="fashionmnist", normal_class="boot")
 
 
 @pytest.mark.parametrize(

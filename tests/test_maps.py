@@ -186,6 +186,105 @@ def test_folder_data_reads_mvtec_masks_resized_to_the_images(tmp_path):
         OneClassDataModule(dataset="folder", root=str(root)).setup()
 
 
+def _mvtec_folder(root: Path) -> Path:
+    """train/good (3 PNGs), test/good (1), test/hole with a defect painted at a known place."""
+    rng = np.random.default_rng(0)
+    for folder, n in (("train/good", 3), ("test/good", 1)):
+        (root / folder).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(root / folder / f"{i:03d}.png")
+    (root / "test" / "hole").mkdir(parents=True)
+    (root / "ground_truth" / "hole").mkdir(parents=True)
+    return root
+
+
+def _exif_rotated_jpeg(path: Path, stored: np.ndarray, orientation: int) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(path, exif=exif, quality=95)
+
+
+def test_a_mask_drawn_on_the_stored_grid_of_an_exif_rotated_photo_is_refused_an_upright_one_aligns(tmp_path):
+    """A phone photo stored 60 x 40 with EXIF orientation 6 is loaded upright (40 x 60); a mask made with
+    np.array(Image.open(photo)) follows the stored grid and would be squashed onto the upright image unrotated."""
+    root = _mvtec_folder(tmp_path / "set")
+    stored = np.full((40, 60, 3), 40, np.uint8)
+    stored[5:15, 40:55] = 250  # the defect, in stored (unrotated) pixels
+    _exif_rotated_jpeg(root / "test" / "hole" / "000.jpg", stored, 6)
+    stored_mask = np.zeros((40, 60), np.uint8)
+    stored_mask[5:15, 40:55] = 255
+    Image.fromarray(stored_mask).save(root / "ground_truth" / "hole" / "000_mask.png")
+    dm = OneClassDataModule(dataset="folder", root=str(root), load_size=48)
+    with pytest.raises(ValueError, match=r"60 x 40 mask for a 40 x 60 .*EXIF orientation 6.*ROTATE_270"):
+        dm.setup()
+    upright_mask = Image.fromarray(stored_mask).transpose(Image.Transpose.ROTATE_270)
+    upright_mask.save(root / "ground_truth" / "hole" / "000_mask.png")
+    dm.setup()  # the same datamodule, set up again after the error: with its masks this time
+    sample = next(dm.test_dataset[i] for i in range(len(dm.test_dataset)) if dm.test_dataset[i]["label"] == 1)
+    bright = sample["image"].float().mean(0) > 150
+    assert (bright & sample["gt_mask"].bool()).sum() > 0.8 * sample["gt_mask"].sum() > 0  # mask on the defect
+    Image.fromarray(np.zeros((50, 50), np.uint8)).save(root / "ground_truth" / "hole" / "000_mask.png")
+    with pytest.raises(ValueError, match="50 x 50 mask for a 40 x 60 .*not the image's shape"):
+        OneClassDataModule(dataset="folder", root=str(root), load_size=48).setup()
+
+
+def test_a_full_size_mask_of_a_downscaled_image_is_accepted_and_a_ground_truth_in_capitals_warned(tmp_path):
+    root = _mvtec_folder(tmp_path / "set")
+    Image.fromarray(np.full((68, 100, 3), 90, np.uint8)).save(root / "test" / "hole" / "000.png")  # 1024 x 700 / 10.24
+    Image.fromarray(np.zeros((700, 1024), np.uint8)).save(root / "ground_truth" / "hole" / "000_mask.png")
+    dm = OneClassDataModule(dataset="folder", root=str(root), load_size=32)
+    dm.setup()
+    assert isinstance(dm.test_dataset, MaskedImageDataset)
+    (root / "ground_truth").rename(root / "Ground_Truth")
+    with pytest.warns(UserWarning, match=r"no ground_truth folder but has \['Ground_Truth'\]"):
+        OneClassDataModule(dataset="folder", root=str(root)).setup()
+
+
+def test_masks_of_images_in_subfolders_mirror_them_and_a_shared_mask_is_refused(tmp_path):
+    root = _mvtec_folder(tmp_path / "set")
+    for line, (top, left) in (("lineA", (2, 2)), ("lineB", (25, 45))):
+        image = np.full((40, 60, 3), 40, np.uint8)
+        image[top : top + 10, left : left + 10] = 250
+        (root / "test" / "hole" / line).mkdir()
+        Image.fromarray(image).save(root / "test" / "hole" / line / "000.png")
+    with pytest.raises(ValueError, match="2 ground-truth mask"):  # each missing mirrored mask listed once
+        OneClassDataModule(dataset="folder", root=str(root), load_size=40).setup()
+    flat = np.zeros((40, 60), np.uint8)
+    flat[2:12, 2:12] = 255  # lineA's defect only
+    Image.fromarray(flat).save(root / "ground_truth" / "hole" / "000_mask.png")
+    with pytest.raises(ValueError, match=r"000_mask.png for \[.*lineA/000.png.*lineB/000.png"):
+        OneClassDataModule(dataset="folder", root=str(root), load_size=40).setup()  # was: both took lineA's
+    for line, (top, left) in (("lineA", (2, 2)), ("lineB", (25, 45))):
+        mask = np.zeros((40, 60), np.uint8)
+        mask[top : top + 10, left : left + 10] = 255
+        (root / "ground_truth" / "hole" / line).mkdir()
+        Image.fromarray(mask).save(root / "ground_truth" / "hole" / line / "000_mask.png")
+    dm = OneClassDataModule(dataset="folder", root=str(root), load_size=40)
+    dm.setup()
+    defects = [dm.test_dataset[i] for i in range(len(dm.test_dataset)) if dm.test_dataset[i]["label"] == 1]
+    assert len(defects) == 2
+    for sample in defects:  # each image's own defect: IoU of the mask with the bright square
+        bright, mask = sample["image"].float().mean(0) > 150, sample["gt_mask"].bool()
+        assert (bright & mask).sum() / (bright | mask).sum() > 0.7, sample["path"]
+
+
+def test_part_png_and_part_jpg_cannot_share_one_mask(tmp_path):
+    root = _mvtec_folder(tmp_path / "set")
+    for suffix in ("png", "jpg"):
+        Image.fromarray(np.full((40, 60, 3), 90, np.uint8)).save(root / "test" / "hole" / f"part.{suffix}")
+    Image.fromarray(np.zeros((40, 60), np.uint8)).save(root / "ground_truth" / "hole" / "part_mask.png")
+    with pytest.raises(ValueError, match="part.png and part.jpg share one"):
+        OneClassDataModule(dataset="folder", root=str(root)).setup()
+
+
+def test_a_misnamed_ground_truth_folder_is_named_in_a_warning(tmp_path):
+    root = _mvtec_folder(tmp_path / "set")
+    Image.fromarray(np.full((40, 60, 3), 90, np.uint8)).save(root / "test" / "hole" / "000.png")
+    (root / "ground_truth").rename(root / "groundtruth")
+    with pytest.warns(UserWarning, match=r"no ground_truth folder but has \['groundtruth'\]"):
+        OneClassDataModule(dataset="folder", root=str(root)).setup()
+
+
 # ------------------------------------------------------------------------------------ DN2Module + maps
 
 
@@ -253,6 +352,19 @@ def test_test_logs_pixel_metrics_of_maps_equal_to_an_independent_reference(small
     np.testing.assert_allclose(every.maps.test_results.maps.numpy(), with_all_images, rtol=1e-4, atol=1e-5)
 
 
+def test_a_test_set_without_masks_says_why_it_has_no_pixel_metrics(small_set, tmp_path):
+    import shutil
+
+    root = shutil.copytree(small_set, tmp_path / "set")
+    shutil.rmtree(root / "ground_truth")
+    dm = OneClassDataModule(dataset="folder", root=str(root), load_size=32, batch_size=5)
+    model = DN2Module(backbone=tiny_conv(), anomaly_maps=True, map_layers=["1", "3"], map_images=4, reports=False)
+    with dn2_messages() as messages:
+        results = quiet_trainer().test(model, datamodule=dm)[0]
+    assert "test/auroc" in results and "test/pixel_auroc" not in results
+    assert any("pixel AUROC and PRO are not computed" in m for m in messages)
+
+
 def test_fit_checkpoint_predict_returns_the_same_maps_and_writes_pngs(small_set, tmp_path):
     dm = OneClassDataModule(dataset="folder", root=str(small_set), load_size=32, batch_size=5)
     options = dict(anomaly_maps=True, map_layers=["1", "3"], map_images=3)
@@ -298,6 +410,20 @@ def test_predicted_maps_get_one_file_per_image_and_every_map_file_is_listed(smal
     assert {p.name for p in (run / "anomaly_maps").iterdir()} == expected  # one map per CSV row
     assert f"{run / 'anomaly_maps'}{os.sep} (4 PNG files)" in text
     assert str(tmp_path / "runs" / "dn2_reports" / "test_0" / "figures" / "anomaly_maps.png") in text
+
+
+def test_a_map_is_drawn_over_the_original_image_at_its_own_size():
+    from dn2_lightning.maps import map_overlay
+
+    anomaly_map = torch.zeros(224, 224)
+    anomaly_map[:, 168:] = 5.0  # hot in the right quarter of the loaded (squashed) image
+    original = torch.full((3, 200, 300), 128, dtype=torch.uint8)  # H x W = 200 x 300
+    overlay = map_overlay(original, anomaly_map)
+    assert overlay.shape == (200, 300, 3)
+    red = overlay[..., 0].astype(int) - overlay[..., 2].astype(int)
+    assert (red[:, 230:] > 50).all() and (red[:, :220] < 0).all()  # the hot quarter lands on the right quarter
+    with pytest.raises(ValueError, match=r"one image \[C, H, W\] and its map"):
+        map_overlay(original[None], anomaly_map)
 
 
 def test_map_png_names_are_unique_and_readable():
@@ -391,3 +517,28 @@ def test_maps_are_float32_under_mixed_precision_autocast(dtype):
         maps = to_image_maps(patch_maps, (32, 32), sigma=4.0)
     assert maps.dtype == torch.float32
     torch.testing.assert_close(maps, expected)
+
+
+def test_a_synthetic_set_another_job_wrote_meanwhile_is_kept_not_replaced(tmp_path, monkeypatch):
+    """Two jobs creating dataset="synthetic" at once: the later one must not delete the set the first one
+    finished and is reading (a reviewer's run: FileNotFoundError in the first job, 3 of 3 trials)."""
+    import dn2_lightning.data.synthetic as synthetic
+
+    root, small = tmp_path / "set", dict(n_train=2, n_test_good=1, n_test_per_kind=1, image_size=32)
+    real_render, other_job = synthetic._render, []
+
+    def render_while_another_job_finishes(folder, settings):
+        real_render(folder, settings)
+        if not other_job:
+            other_job.append(1)
+            write_synthetic_defects(root, **small)  # the other job: done first
+            other_job.append((root / "train" / "good" / "000.png").stat().st_ino)
+
+    monkeypatch.setattr(synthetic, "_render", render_while_another_job_finishes)
+    assert write_synthetic_defects(root, **small) == root
+    assert (root / "train" / "good" / "000.png").stat().st_ino == other_job[1]  # the same files, not replaced
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+    monkeypatch.setattr(synthetic, "_render", real_render)
+    write_synthetic_defects(root, **{**small, "n_train": 3})  # other settings: replaced in one rename
+    assert len(list((root / "train" / "good").iterdir())) == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

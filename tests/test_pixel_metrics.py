@@ -207,6 +207,38 @@ def test_map_collector_keeps_one_row_per_index_in_index_order():
     assert pixel_metrics(maps, torch.zeros_like(masks)) == {}
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_most_pixels_tied_at_one_value_cannot_squeeze_the_rest_into_a_few_bins(seed):
+    """Maps clipped at 0 over most of the image (a reviewer's case: 200k normal pixels at exactly 0, the
+    anomalous ones above): the tied mass is one threshold, the other 999 stay spread over the rest."""
+    g = torch.Generator().manual_seed(seed)
+    maps = torch.zeros(8, 160, 160)
+    masks = torch.zeros(8, 160, 160, dtype=torch.bool)
+    masks[:4, 20:30, 40:52] = True
+    maps[masks] = 1.0 + torch.rand(int(masks.sum()), generator=g)
+    assert pixel_auroc(maps, masks) == pytest.approx(1.0, abs=1e-9)  # was 0.835 with 5 of 1,000 levels left
+    assert pro_score(maps, masks, thresholds=1000) == pytest.approx(1.0, abs=1e-9)  # was 0.7195
+    # some normal pixels above the tied mass too, among the anomalous ones: binned = exact to 1e-3
+    noisy = maps.clone()
+    spots = torch.rand(maps.shape, generator=g) < 0.01
+    noisy[spots & ~masks] = 1.0 + 1.2 * torch.rand(int((spots & ~masks).sum()), generator=g)
+    exact = roc_auc_score(masks.flatten().numpy(), noisy.flatten().numpy())
+    assert 0.9 < exact < 0.999
+    assert pixel_auroc(noisy, masks) == pytest.approx(exact, abs=1e-3)
+    assert pro_score(noisy, masks, thresholds=1000) == pytest.approx(pro_score(noisy, masks), abs=2e-3)
+    levels = score_levels(noisy, 1000)
+    assert len(levels) > 900 and levels[0] == 0.0
+
+
+def test_few_distinct_scores_are_every_threshold_and_exact():
+    g = torch.Generator().manual_seed(3)
+    maps = torch.randint(0, 40, (5, 30, 30), generator=g).float()  # 40 distinct values, many ties
+    masks = torch.rand(5, 30, 30, generator=g) < maps / 80
+    assert torch.equal(score_levels(maps, 1000), maps.unique())
+    exact = roc_auc_score(masks.flatten().numpy(), maps.flatten().numpy())
+    assert pixel_auroc(maps, masks) == pytest.approx(exact, abs=1e-6)  # torchmetrics sums in float32
+
+
 def test_score_levels_names_a_bad_threshold_count_or_empty_scores():
     with pytest.raises(ValueError, match=r"thresholds=1 must be an integer >= 2"):
         score_levels(torch.rand(10), 1)

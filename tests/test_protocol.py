@@ -15,7 +15,7 @@ import dn2_lightning.protocol as protocol
 from dn2_lightning import DN2Module, OneClassDataModule
 from dn2_lightning.backbones import build_backbone
 from dn2_lightning.data.datasets import ArrayImageDataset
-from dn2_lightning.data.sources import _load_cached, load_split
+from dn2_lightning.data.sources import load_split
 from dn2_lightning.protocol import embed_split, extract_embeddings, main, run_protocol
 
 FAST = dict(backbone="efficientnet_lite0", input_size=32, device="cpu")
@@ -130,7 +130,6 @@ def write_mnist_test_split(root: Path, seed: int, n: int = 24) -> Path:
     for name, array in [("t10k-images-idx3-ubyte.gz", images), ("t10k-labels-idx1-ubyte.gz", labels)]:
         header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
         (raw / name).write_bytes(gzip.compress(header + array.tobytes()))
-    _load_cached.cache_clear()  # load_split caches per root; the files just changed
     return root
 
 
@@ -183,6 +182,27 @@ def test_an_interrupted_cache_write_leaves_no_file_behind(tmp_path, monkeypatch)
     with pytest.raises(RuntimeError, match="killed during the save"):
         embed_split("mnist", "test", root=str(root), cache_dir=str(cache), **FAST)
     assert list(cache.iterdir()) == []  # neither a half-written cache file nor a temporary one
+
+
+def test_temporary_files_of_killed_writers_are_removed_by_the_next_write(tmp_path):
+    """A SIGKILL mid-write leaves `.<name>.<id>.tmp` (a reviewer: ~300 MB per kill for FashionMNIST's train
+    embeddings); the next write of that file removes those an hour old, never a fresh one (a writer at work)."""
+    import os
+    import time
+
+    from dn2_lightning.cache import save_atomic
+
+    target = tmp_path / "train.pt"
+    killed, working = tmp_path / ".train.pt.0123456789ab.tmp", tmp_path / ".train.pt.ba9876543210.tmp"
+    other = tmp_path / ".test.pt.0123456789ab.tmp"  # another file's: not this write's business
+    for leftover in (killed, working, other):
+        leftover.write_bytes(b"half")
+    hours_ago = time.time() - 7200
+    for old in (killed, other):
+        os.utime(old, (hours_ago, hours_ago))
+    assert save_atomic({"key": 1}, target)
+    assert not killed.exists() and working.exists() and other.exists()
+    assert torch.load(target, weights_only=True) == {"key": 1}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -269,3 +289,50 @@ def test_extract_embeddings_names_a_bad_setting(small_extractor, kwargs, match):
     settings = {"batch_size": 2, "precision": "32", **kwargs}
     with pytest.raises(ValueError, match=match):
         extract_embeddings(small_extractor, images, settings["batch_size"], "cpu", settings["precision"])
+
+
+def _result(classes: list[int], contamination: float = 0.0, clean_fraction: float = 0.0) -> protocol.ProtocolResult:
+    rows = [protocol.ClassResult(c, f"c{c}", 0.9, 100, 100) for c in classes]
+    settings = {"contamination": contamination, "clean_fraction": clean_fraction}
+    return protocol.ProtocolResult("fashionmnist", "efficientnet_lite0", 64, 2, settings, rows)
+
+
+def test_the_papers_mean_is_shown_only_beside_the_papers_setting():
+    assert "paper (ResNet) | | 94.4" in _result(list(range(10))).to_markdown()
+    assert "paper" not in _result([0, 3]).to_markdown()  # a 2-class mean is not the paper's 10-class one
+    assert "paper" not in _result(list(range(10)), contamination=0.05).to_markdown()  # nor an unsupervised run
+    assert "paper" not in _result(list(range(10)), clean_fraction=0.5).to_markdown()  # nor a cleaned bank
+
+
+def test_a_run_killed_while_saving_leaves_the_previous_files_whole(tmp_path, monkeypatch):
+    _result([0, 1]).save(tmp_path)
+    before = {name: (tmp_path / name).read_text() for name in ("protocol.md", "protocol.json", "protocol.csv")}
+
+    real_write = protocol.atomic_write
+    calls = []
+
+    def killed_on_the_second_file(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_write(path, *args, **kwargs)
+
+    monkeypatch.setattr(protocol, "atomic_write", killed_on_the_second_file)
+    with pytest.raises(KeyboardInterrupt):
+        _result([2]).save(tmp_path)
+    assert (tmp_path / "protocol.json").read_text() == before["protocol.json"]
+    assert (tmp_path / "protocol.csv").read_text() == before["protocol.csv"]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_split_rewritten_on_disk_is_read_again_in_the_same_process(tmp_path):
+    """load_split keeps splits in memory; a notebook or service whose data files change between runs gets the
+    new images, with or without the embedding cache (a reviewer saw the old AUROCs with use_cache=False)."""
+    root = write_mnist_test_split(tmp_path / "data", seed=1)
+    first = load_split("mnist", "test", str(root))
+    assert load_split("mnist", "test", str(root)) is first  # unchanged: served from memory
+    write_mnist_test_split(root, seed=2)
+    second = load_split("mnist", "test", str(root))
+    assert not torch.equal(second.images, first.images)
+    truth = np.random.default_rng(2).integers(0, 256, (24, 8, 8), dtype=np.uint8)
+    assert np.array_equal(second.images.numpy(), truth)

@@ -150,6 +150,21 @@ def test_reports_never_overwrite_and_never_land_in_the_working_directory(tmp_pat
     assert first == (tmp_path / "dn2_reports/test_1/scores.csv").read_bytes()  # same run twice, both kept
 
 
+def test_a_test_refused_before_scoring_leaves_no_empty_report_folder_and_summaries_name_k_and_checkpoint(tmp_path):
+    dm = OneClassDataModule("digits", normal_class=0, batch_size=128)
+    model = DN2Module(k=2, backbone=linear_backbone(in_features=3 * 32 * 32), input_size=32)
+    trainer = quiet_trainer(default_root_dir=tmp_path)
+    trainer.test(model, datamodule=dm)
+    with pytest.raises(ValueError, match="normal_class=0 \\(bank\\) vs normal_class=3"):
+        quiet_trainer(default_root_dir=tmp_path).test(model, datamodule=OneClassDataModule("digits", normal_class=3))
+    assert sorted(p.name for p in (tmp_path / "dn2_reports").iterdir()) == ["test_0"]  # no empty test_1
+    trainer.save_checkpoint(tmp_path / "bank.ckpt")
+    quiet_trainer(default_root_dir=tmp_path).test(model, datamodule=dm, ckpt_path=tmp_path / "bank.ckpt")
+    first, second = (json.loads((tmp_path / f"dn2_reports/test_{n}/summary.json").read_text()) for n in "01")
+    assert (first["k"], first["ckpt_path"]) == (2, None)
+    assert (second["k"], second["ckpt_path"]) == (2, str(tmp_path / "bank.ckpt"))
+
+
 def test_reports_can_be_switched_off(tmp_path):
     quiet_trainer(default_root_dir=tmp_path).test(
         DN2Module(k=2, backbone=linear_backbone(), reports=False), datamodule=BlobDataModule()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import BlobDataModule, DictDataset, dn2_messages, linear_backbone, quiet_trainer
+from helpers import BlobDataModule, BlobWithValDataModule, DictDataset, dn2_messages, linear_backbone, quiet_trainer
 from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
 
 from dn2_lightning import DN2Detector, DN2Module, GroupDataModule, OneClassDataModule
@@ -435,6 +435,104 @@ def test_fit_resumed_mid_epoch_keeps_limit_train_batches(tmp_path):
     with pytest.warns(UserWarning, match="built from 5 of 13 training batches"):
         quiet_trainer(limit_train_batches=5).fit(model, datamodule=dm, ckpt_path=tmp_path / "epoch=0-step=3.ckpt")
     assert torch.equal(model.bank.sample_indices, torch.arange(40))
+
+
+def test_a_checkpoint_saved_at_the_passs_last_step_holds_the_bank(tmp_path):
+    """ModelCheckpoint(every_n_train_steps) saves in on_train_batch_end: the bank is finalised in the last
+    training_step, so the checkpoint of that step (and save_last's) holds it; earlier ones warn that they hold none."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    dm = BlobDataModule(batch_size=8)  # 101 images: 13 batches
+    every = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=13, save_last=True)
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    quiet_trainer(enable_checkpointing=True, callbacks=[every]).fit(model, datamodule=dm)
+    for name in ("epoch=0-step=13.ckpt", "last.ckpt"):
+        loaded = DN2Module.load_from_checkpoint(tmp_path / name, backbone=linear_backbone())
+        torch.testing.assert_close(loaded.bank.embeddings, model.bank.embeddings)
+        assert loaded.bank.spec["train_batches"] == [13, 13]
+    mid = ModelCheckpoint(dirpath=tmp_path / "mid", every_n_train_steps=5)  # saves at 5 and 10 of 13 steps
+    with pytest.warns(UserWarning, match="no checkpoint of this fit holds its memory bank: .* at step 10"):
+        quiet_trainer(enable_checkpointing=True, callbacks=[mid]).fit(
+            DN2Module(k=2, backbone=linear_backbone(), reports=False), datamodule=dm
+        )
+    with pytest.warns(UserWarning, match="holds no memory bank: it was saved before its fit's training pass ended"):
+        empty = DN2Module.load_from_checkpoint(tmp_path / "mid" / "epoch=0-step=10.ckpt", backbone=linear_backbone())
+    test = quiet_trainer().test(empty, datamodule=dm)[0]["test/auroc"]  # built from the datamodule, as said
+    assert test == quiet_trainer().test(model, datamodule=dm)[0]["test/auroc"]
+
+
+def test_a_capped_fit_resumed_without_its_cap_reads_the_whole_pass(tmp_path):
+    dm = BlobDataModule(batch_size=8)
+    clean = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    quiet_trainer().fit(clean, datamodule=dm)
+    capped = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    with pytest.warns(UserWarning, match="built from 4 of 13 training batches"):
+        trainer = quiet_trainer(limit_train_batches=4, enable_checkpointing=True, default_root_dir=tmp_path)
+        trainer.fit(capped, datamodule=dm)
+    Path(trainer.checkpoint_callback.best_model_path).rename(tmp_path / "capped.ckpt")  # saved at the epoch's end
+    with pytest.warns(UserWarning, match="built from 4 of 13 training batches .* without the limit reads"):
+        DN2Module.load_from_checkpoint(tmp_path / "capped.ckpt", backbone=linear_backbone())
+    resumed = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    with dn2_messages() as messages:  # max_epochs=1 (as `dn2 fit`): Lightning sees the checkpoint's epoch as done
+        quiet_trainer(max_epochs=1).fit(resumed, datamodule=dm, ckpt_path=tmp_path / "capped.ckpt")
+    assert any("built from 4 of 13 training batches: reading the training pass again" in m for m in messages)
+    assert torch.equal(resumed.bank.sample_indices, clean.bank.sample_indices)
+    torch.testing.assert_close(resumed.threshold, clean.threshold)
+    assert resumed.bank.spec["train_batches"] == [13, 13]
+    again = DN2Module(k=2, backbone=linear_backbone(), reports=False)  # resumed with the same cap: kept as it is
+    with pytest.warns(UserWarning, match="built from 4 of 13"):
+        quiet_trainer(max_epochs=1, limit_train_batches=4).fit(again, datamodule=dm, ckpt_path=tmp_path / "capped.ckpt")
+    assert len(again.bank) == 32
+
+
+def test_a_resumed_fit_keeps_max_steps_and_validation_inside_the_pass_keeps_every_row(tmp_path):
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+    class CrashAtBatch4(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 4:
+                raise RuntimeError("crash")
+
+    dm = BlobWithValDataModule(batch_size=8)  # 101 images: 13 batches
+    capped = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    with pytest.warns(UserWarning, match="built from 6 of 13"):
+        quiet_trainer(max_steps=6, limit_val_batches=0).fit(capped, datamodule=dm)
+    every3 = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
+    with pytest.raises(RuntimeError, match="crash"):
+        quiet_trainer(max_steps=6, enable_checkpointing=True, callbacks=[every3, CrashAtBatch4()]).fit(
+            DN2Module(k=2, backbone=linear_backbone(), reports=False), datamodule=dm
+        )
+    resumed = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    with pytest.warns(UserWarning, match="built from 6 of 13"):
+        quiet_trainer(max_steps=6, limit_val_batches=0).fit(
+            resumed, datamodule=dm, ckpt_path=tmp_path / "epoch=0-step=3.ckpt"
+        )
+    assert torch.equal(resumed.bank.sample_indices, capped.bank.sample_indices) and len(capped.bank) == 48
+
+    clean = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    quiet_trainer(limit_val_batches=0).fit(clean, datamodule=dm)
+    validated = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    with pytest.warns(UserWarning, match="validation inside a training epoch sees a partial memory bank"):
+        quiet_trainer(val_check_interval=0.5).fit(validated, datamodule=dm)  # was a bank of the last batch only
+    assert torch.equal(validated.bank.sample_indices, clean.bank.sample_indices)
+    torch.testing.assert_close(validated.threshold, clean.threshold)
+
+
+def test_fits_that_run_no_epoch_for_other_reasons_are_not_called_spent_nor_warn_about_checkpoints():
+    dm = BlobDataModule()
+    with pytest.raises(ValueError, match="fit read no training batches"):
+        quiet_trainer(max_steps=0).fit(DN2Module(k=2, backbone=linear_backbone(), reports=False), datamodule=dm)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="no checkpoint of this fit holds")
+        quiet_trainer(fast_dev_run=True).fit(DN2Module(k=2, backbone=linear_backbone(), reports=False), datamodule=dm)
+
+
+def test_a_second_fit_on_a_used_trainer_says_the_trainer_is_spent():
+    dm = BlobDataModule()
+    trainer = quiet_trainer(max_epochs=1)  # as `dn2 fit` (with Lightning's default 1000 a second fit runs an epoch)
+    trainer.fit(DN2Module(k=2, backbone=linear_backbone(), reports=False), datamodule=dm)
+    with pytest.raises(RuntimeError, match=r"already ran its max_epochs=1 .* Use a new Trainer for each fit"):
+        trainer.fit(DN2Module(k=2, backbone=linear_backbone(), reports=False), datamodule=dm)
 
 
 def test_fit_on_an_iterable_dataset_without_length():

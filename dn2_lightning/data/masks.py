@@ -7,6 +7,7 @@ anomalous pixel); images of the normal kind have none (all zero). Samples get it
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,14 +19,52 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2.functional import resize
 
 MASK_SUFFIX = "_mask.png"
+# EXIF orientation -> the transpose that shows the image upright (what PIL.ImageOps.exif_transpose applies)
+_UPRIGHT = {
+    2: "FLIP_LEFT_RIGHT",
+    3: "ROTATE_180",
+    4: "FLIP_TOP_BOTTOM",
+    5: "TRANSPOSE",
+    6: "ROTATE_270",
+    7: "TRANSVERSE",
+    8: "ROTATE_90",
+}
+_LIKELY_MASK_FOLDERS = ("groundtruth", "ground-truth", "ground truth", "gt", "masks", "mask", "ground_truths")
 
 
 def mvtec_mask_path(root: str | Path, image: str | Path, normal_dir: str = "good") -> Path | None:
-    """MVTec AD's mask of test image ``root/test/<kind>/<stem>.<ext>``: ``root/ground_truth/<kind>/<stem>_mask.png``,
-    or ``None`` for the normal kind (all zero)."""
+    """MVTec AD's mask of test image ``root/test/<kind>/<stem>.<ext>``: ``root/ground_truth/<kind>/<stem>_mask.png``
+    (an image in a subfolder, ``test/<kind>/<sub>/<stem>.<ext>``, has it in the same subfolder of
+    ``ground_truth/<kind>``), or ``None`` for the normal kind (all zero)."""
     image = Path(image)
-    kind = image.relative_to(Path(root) / "test").parts[0]
-    return None if kind == normal_dir else Path(root) / "ground_truth" / kind / f"{image.stem}{MASK_SUFFIX}"
+    relative = image.relative_to(Path(root) / "test")
+    if relative.parts[0] == normal_dir:
+        return None
+    return Path(root) / "ground_truth" / relative.parent / f"{image.stem}{MASK_SUFFIX}"
+
+
+def mask_geometry_problem(image: str | Path, mask: str | Path) -> str | None:
+    """Why ``mask`` cannot be the mask of ``image``, or ``None``: its aspect ratio must be the upright image's
+    (EXIF orientation applied, as the image is loaded; a mask at another scale is resized). Reads headers only."""
+    try:
+        with Image.open(image) as img:
+            (width, height), orientation = img.size, img.getexif().get(0x0112, 1)
+        with Image.open(mask) as img:
+            mask_width, mask_height = img.size
+    except (OSError, SyntaxError, ValueError):
+        return None  # unreadable files are reported where they are loaded
+    rotated = orientation in (5, 6, 7, 8)
+    upright = (height, width) if rotated else (width, height)
+    # the same shape within a pixel of rounding, on whichever side was resized (mask or image)
+    if abs(mask_width * upright[1] - mask_height * upright[0]) <= max(*upright, mask_width, mask_height):
+        return None
+    found = f"{mask_width} x {mask_height} mask for a {upright[0]} x {upright[1]} (W x H) image"
+    if rotated and abs(mask_width * height - mask_height * width) <= max(width, height, mask_width, mask_height):
+        return (
+            f"{found} shown upright (EXIF orientation {orientation}): the mask follows the stored pixel grid; "
+            f"save it upright, e.g. mask.transpose(Image.Transpose.{_UPRIGHT[orientation]})"
+        )
+    return f"{found}: not the image's shape"
 
 
 class MaskedImageDataset(Dataset):
@@ -53,6 +92,17 @@ class MaskedImageDataset(Dataset):
                 f"{len(missing)} ground-truth mask(s) missing: {listing}. Every anomalous test image needs "
                 f"root/ground_truth/<kind>/<stem>{MASK_SUFFIX}, or remove root/ground_truth to test without masks."
             )
+        mismatched = [
+            f"{mask}: {problem}"
+            for image, mask in zip(paths, mask_paths, strict=True)
+            if mask is not None and (problem := mask_geometry_problem(image, mask)) is not None
+        ]
+        if mismatched:
+            listing = "; ".join(mismatched[:5]) + (f"; ... ({len(mismatched)} in all)" if len(mismatched) > 5 else "")
+            raise ValueError(
+                f"{len(mismatched)} ground-truth mask(s) do not match their image's shape, so their pixels would "
+                f"land elsewhere: {listing}."
+            )
         self.dataset, self.mask_paths = dataset, [None if p is None else Path(p) for p in mask_paths]
 
     @property
@@ -78,7 +128,40 @@ class MaskedImageDataset(Dataset):
 
 def with_mvtec_masks(dataset: Dataset, root: str | Path, normal_dir: str = "good") -> Dataset:
     """``dataset`` (test files under ``root/test``) with ``gt_mask`` added when ``root/ground_truth`` exists,
-    else ``dataset`` unchanged."""
-    if not (Path(root) / "ground_truth").is_dir():
+    else ``dataset`` unchanged (with a warning when a folder looks like a misnamed ``ground_truth``).
+
+    An image in a subfolder of its kind takes the mask in the same subfolder of ``ground_truth/<kind>``, else
+    ``ground_truth/<kind>/<stem>_mask.png``; two images that would share one mask file are refused."""
+    root = Path(root)
+    if not (root / "ground_truth").is_dir():
+        lookalikes = [p.name for p in root.iterdir() if p.is_dir() and p.name.lower() in _LIKELY_MASK_FOLDERS]
+        lookalikes += [p.name for p in root.iterdir() if p.is_dir() and p.name.lower() == "ground_truth"]
+        if lookalikes:
+            warnings.warn(
+                f"{root} has no ground_truth folder but has {lookalikes}: masks are read from "
+                f"root/ground_truth/<kind>/<stem>{MASK_SUFFIX} only, so no pixel metrics are computed; rename it.",
+                stacklevel=2,
+            )
         return dataset
-    return MaskedImageDataset(dataset, [mvtec_mask_path(root, p, normal_dir) for p in dataset.paths])
+    masks: list[Path | None] = []
+    for image in dataset.paths:
+        mask = mvtec_mask_path(root, image, normal_dir)
+        if mask is not None and not mask.is_file():
+            kind = Path(image).relative_to(root / "test").parts[0]
+            flat = root / "ground_truth" / kind / mask.name
+            mask = flat if flat.is_file() else mask
+        masks.append(mask)
+    takers: dict[Path, list[str]] = {}
+    for image, mask in zip(dataset.paths, masks, strict=True):
+        if mask is not None:
+            takers.setdefault(mask, []).append(str(image))
+    shared = {mask: images for mask, images in takers.items() if len(images) > 1}
+    if shared:
+        mask, images = next(iter(shared.items()))
+        raise ValueError(
+            f"{len(shared)} ground-truth mask file(s) would be read for several test images, e.g. {mask} for "
+            f"{images}: masks are matched by file stem (part.png and part.jpg share one), and an image in a "
+            f"subfolder takes the mask in the same subfolder of ground_truth/<kind>. Rename the images or mirror "
+            "their subfolders under ground_truth."
+        )
+    return MaskedImageDataset(dataset, masks)

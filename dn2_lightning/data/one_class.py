@@ -25,7 +25,7 @@ from dn2_lightning.data.datasets import (
     list_image_files,
 )
 from dn2_lightning.data.masks import with_mvtec_masks
-from dn2_lightning.data.sources import list_datasets, load_split
+from dn2_lightning.data.sources import known_classes, list_datasets, load_split
 from dn2_lightning.data.synthetic import ensure_synthetic_defects
 from dn2_lightning.validation import (
     check_choice,
@@ -86,6 +86,8 @@ class OneClassDataModule(LightningDataModule):
         super().__init__()
         check_choice("dataset", dataset, [*list_datasets(), SYNTHETIC, FOLDER])
         check_class_ref("normal_class", normal_class)
+        if dataset in list_datasets():  # out of range or an unknown name: refused now, not at set-up
+            resolve_class(normal_class, known_classes(dataset))
         check_positive_int("batch_size", batch_size)
         check_int("num_workers", num_workers, minimum=0)
         check_load_size(load_size)
@@ -120,10 +122,14 @@ class OneClassDataModule(LightningDataModule):
             return
         if self.hparams.dataset == SYNTHETIC:
             self.hparams.root = str(ensure_synthetic_defects(self.hparams.root))
-        if self.hparams.dataset in (FOLDER, SYNTHETIC):
-            self._setup_folder()
-        else:
-            self._setup_classes()
+        try:
+            if self.hparams.dataset in (FOLDER, SYNTHETIC):
+                self._setup_folder()
+            else:
+                self._setup_classes()
+        except BaseException:  # e.g. a mask refused after the test images were read: the next call starts afresh
+            self.train_dataset = self.test_dataset = self.predict_dataset = None
+            raise
 
     def train_set_identity(self) -> dict[str, Any] | None:
         """What defines the training images (dataset, normal class by index, contamination and its seed), for

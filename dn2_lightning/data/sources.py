@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import os
 import pickle
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,16 @@ from torch import Tensor
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+DIGIT_CLASSES = tuple(str(d) for d in range(10))  # digits and MNIST
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)  # fmt: skip
+CIFAR100_COARSE_CLASSES = (
+    "aquatic_mammals", "fish", "flowers", "food_containers", "fruit_and_vegetables", "household_electrical_devices",
+    "household_furniture", "insects", "large_carnivores", "large_man-made_outdoor_things",
+    "large_natural_outdoor_scenes", "large_omnivores_and_herbivores", "medium_mammals", "non-insect_invertebrates",
+    "people", "reptiles", "small_mammals", "trees", "vehicles_1", "vehicles_2",
 )  # fmt: skip
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 SPLITS = ("train", "test")
@@ -68,13 +79,26 @@ def default_data_root() -> Path:
     return Path(os.environ.get("DN2_DATA_DIR", Path.home() / ".cache" / "dn2_lightning" / "data"))
 
 
+def known_classes(name: str) -> tuple[str, ...]:
+    """The class names of dataset ``name`` without reading its files (so a ``normal_class`` is checked before any
+    work); the files' own names are used once loaded."""
+    return {
+        "digits": DIGIT_CLASSES,
+        "mnist": DIGIT_CLASSES,
+        "fashionmnist": FASHION_MNIST_CLASSES,
+        "cifar10": CIFAR10_CLASSES,
+        "cifar100": CIFAR100_COARSE_CLASSES,
+    }[name]
+
+
 def list_datasets() -> list[str]:
     """Names accepted by :func:`load_split` (and ``OneClassDataModule(dataset=...)``, plus ``"folder"``)."""
     return sorted(_LOADERS)
 
 
 def load_split(name: str, split: str, root: str | Path | None = None) -> LabeledImages:
-    """The ``"train"`` or ``"test"`` split of dataset ``name``, cached per ``(name, split, root)``.
+    """The ``"train"`` or ``"test"`` split of dataset ``name``, cached in the process per ``(name, split, root)``
+    until one of its files changes on disk.
 
     Args:
         name: one of :func:`list_datasets`. ``"cifar100"`` uses the 20 coarse superclasses (as the DN2 paper
@@ -97,9 +121,37 @@ def load_split(name: str, split: str, root: str | Path | None = None) -> Labeled
     return _load_cached(name, split, str(Path(root) if root is not None else default_data_root()))
 
 
-@functools.lru_cache(maxsize=8)
+_LOADED: OrderedDict[tuple[str, str, str], tuple[tuple, LabeledImages]] = OrderedDict()  # the 8 latest splits
+
+
+def _file_stamps(files: tuple[str, ...]) -> tuple:
+    """(path, inode, size, modification and change times) of each file: a file rewritten or replaced on disk
+    changes its stamp."""
+    stamps = []
+    for file in files:
+        try:
+            stat = os.stat(file)
+        except OSError:
+            return ()  # gone: never equal to the stamps recorded at load time
+        stamps.append((file, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
+    return tuple(stamps)
+
+
 def _load_cached(name: str, split: str, root: str) -> LabeledImages:
-    return _LOADERS[name](split, Path(root))
+    """``load_split``'s in-process cache: a split is read again when one of its files changed on disk (a
+    notebook or service that rewrites the data between runs gets the new images, as a new process would)."""
+    key = (name, split, root)
+    cached = _LOADED.get(key)
+    if cached is not None and cached[1].files and _file_stamps(cached[1].files) == cached[0]:
+        _LOADED.move_to_end(key)
+        return cached[1]
+    if cached is not None and not cached[1].files:  # built in memory (digits): nothing on disk to change
+        return cached[1]
+    loaded = _LOADERS[name](split, Path(root))
+    _LOADED[key] = (_file_stamps(loaded.files), loaded)
+    while len(_LOADED) > 8:
+        _LOADED.popitem(last=False)
+    return loaded
 
 
 # --------------------------------------------------------------------------------------------------
@@ -179,7 +231,7 @@ def _fashionmnist(split: str, root: Path) -> LabeledImages:
 
 def _mnist(split: str, root: Path) -> LabeledImages:
     hint = f"Offline: download the four MNIST IDX files into {root / 'MNIST' / 'raw'}."
-    return _mnist_like(split, root, "MNIST", tuple(str(d) for d in range(10)), hint)
+    return _mnist_like(split, root, "MNIST", DIGIT_CLASSES, hint)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -254,9 +306,7 @@ def _digits(split: str, root: Path) -> LabeledImages:
         members = np.flatnonzero(labels == c)
         in_train[members[: int(0.6 * len(members))]] = True
     keep = in_train if split == "train" else ~in_train
-    return LabeledImages(
-        torch.from_numpy(images[keep].copy()), torch.from_numpy(labels[keep]), tuple(str(d) for d in range(10)), files
-    )
+    return LabeledImages(torch.from_numpy(images[keep].copy()), torch.from_numpy(labels[keep]), DIGIT_CLASSES, files)
 
 
 _LOADERS: dict[str, Callable[[str, Path], LabeledImages]] = {

@@ -136,21 +136,36 @@ def write_synthetic_defects(
     }
     _validate(settings)
     root = Path(root)
-    marker = root / _MARKER
-    if marker.is_file() and json.loads(marker.read_text()) == settings:
+    if _holds(root, settings):
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     try:
         _render(staging, settings)
         (staging / _MARKER).write_text(json.dumps(settings))
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(staging, root)
+        if _holds(root, settings):  # another job wrote the same set meanwhile (and may be reading it): keep it
+            return root
+        if root.exists():  # moved aside before it is deleted, so the new set appears in one rename
+            old = Path(tempfile.mkdtemp(prefix=f".{root.name}-old-", dir=root.parent))
+            os.replace(root, old / root.name)
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(staging, root)
+        except OSError:
+            if not _holds(root, settings):  # another job moved its set in first: fine if it is this one
+                raise
     finally:
         if staging.exists():
-            shutil.rmtree(staging)
+            shutil.rmtree(staging, ignore_errors=True)
     return root
+
+
+def _holds(root: Path, settings: dict) -> bool:
+    """Whether ``root`` holds a complete set written with ``settings``."""
+    try:
+        return json.loads((root / _MARKER).read_text()) == settings
+    except (OSError, ValueError):
+        return False
 
 
 def _validate(settings: dict) -> None:

@@ -6,6 +6,7 @@ kNN, upsampling, smoothing) -> ``head`` (:class:`AnomalyMaps`, the life cycle us
 """
 
 from dn2_lightning.maps.bank import PatchBank
+from dn2_lightning.maps.figures import map_overlay
 from dn2_lightning.maps.head import AnomalyMaps, gt_masks_of, validate_map_options
 from dn2_lightning.maps.pyramid import embed_with_patches, pyramid_layers
 from dn2_lightning.maps.spade import (
@@ -24,6 +25,7 @@ __all__ = [
     "embed_with_patches",
     "gaussian_blur",
     "gt_masks_of",
+    "map_overlay",
     "nearest_image_patch_scores",
     "pyramid_layers",
     "to_image_maps",

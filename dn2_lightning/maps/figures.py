@@ -73,10 +73,19 @@ def save_map_figure(
 
 def map_overlay(image: Tensor, anomaly_map: Tensor) -> np.ndarray:
     """uint8 ``[H, W, 3]``: the image blended with its map in the jet colour map, scaled to the map's own
-    range (colours compare positions within one image, not across images)."""
+    range (colours compare positions within one image, not across images).
+
+    Maps come at the loaded size (``load_size`` square, the backbone's view); an ``image`` of another size,
+    e.g. the original file, gets the map resized to it (bilinear), so it can be drawn over the original."""
     from matplotlib import colormaps
 
     m = anomaly_map.detach().cpu().float()
+    if image.ndim != 3 or m.ndim != 2:
+        raise ValueError(
+            f"map_overlay takes one image [C, H, W] and its map [H, W]; got {tuple(image.shape)} and {tuple(m.shape)}."
+        )
+    if tuple(m.shape) != tuple(image.shape[-2:]):
+        m = torch.nn.functional.interpolate(m[None, None], size=image.shape[-2:], mode="bilinear")[0, 0]
     m = (m - m.min()) / (m.max() - m.min()) if m.max() > m.min() else torch.zeros_like(m)
     heat = colormaps["jet"](m.numpy())[..., :3]
     return np.round((0.5 * _hwc(image) + 0.5 * heat) * 255).astype(np.uint8)

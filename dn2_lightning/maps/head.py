@@ -104,9 +104,10 @@ class AnomalyMaps(nn.Module):
         self._patches.append(patches.detach())
         self._indices.append(indices.detach().long())
 
-    def finalize(self, keep_indices: Tensor) -> None:
+    def finalize(self, keep_indices: Tensor, keep_collecting: bool = False) -> None:
         """Build the patch bank from the collected batches (gathered from every rank), keeping one row per
-        dataset index in ``keep_indices`` (the image bank's rows, after cleaning).
+        dataset index in ``keep_indices`` (the image bank's rows, after cleaning); ``keep_collecting``: the
+        batches stay for a later finalisation (validation inside the pass).
 
         Raises:
             MemoryError: the bank does not fit the device (checked before it is assembled).
@@ -114,7 +115,8 @@ class AnomalyMaps(nn.Module):
         if not self._patches:
             raise RuntimeError("no training patches were collected for the anomaly maps.")
         patches, indices = self._patches, self._indices
-        self._patches, self._indices = [], []
+        if not keep_collecting:
+            self._patches, self._indices = [], []
         _, c, h, w = patches[0].shape
         rows = sum(len(i) for i in indices)
         device = patches[0].device
