@@ -8,7 +8,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Subset
+from torch.utils.data import ConcatDataset, Subset
 
 
 class Batch(NamedTuple):
@@ -36,17 +36,23 @@ def unpack_batch(batch: object, batch_idx: int | None = None) -> Batch:
         paths, members = batch.get("path"), batch.get("members")
     elif isinstance(batch, Tensor):
         images, labels, indices, mask, paths, members = batch, None, None, None, None, None
-    elif isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) in (2, 3):
-        images, labels = batch[0], batch[1]
+    elif isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) in (1, 2, 3):
+        # (images,) is what a one-tensor TensorDataset gives: unlabelled
+        images, labels = batch[0], (batch[1] if len(batch) > 1 else None)
         indices, mask, paths, members = (batch[2] if len(batch) == 3 else None), None, None, None
         if indices is not None:
             check_tuple_indices(indices)
     else:
         length = f" of {len(batch)} elements" if isinstance(batch, Sequence) else ""
         raise ValueError(f"cannot read a {type(batch).__name__} batch{length}. {BATCH_LAYOUTS}.")
-    if not isinstance(images, Tensor) or images.ndim not in (4, 5):
+    if not isinstance(images, Tensor) or images.ndim not in (4, 5) or _channels_last(images):
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise ValueError(f"batch images must be [B, C, H, W] or groups [B, M, C, H, W], got {shape}.")
+        hint = ""
+        if isinstance(images, Tensor) and images.ndim == 3:
+            hint = " (grayscale [B, H, W]? add the channel: images[:, None], or transforms.ToImage())"
+        elif isinstance(images, Tensor) and _channels_last(images):
+            hint = " (channels last [B, H, W, C]? images.permute(0, 3, 1, 2), or transforms.ToImage())"
+        raise ValueError(f"batch images must be [B, C, H, W] or groups [B, M, C, H, W], got {shape}{hint}.")
     check_pixels(images, indices, batch_idx)
     if labels is None:
         labels = torch.full((images.shape[0],), -1, dtype=torch.long, device=images.device)
@@ -64,7 +70,7 @@ def unpack_batch(batch: object, batch_idx: int | None = None) -> Batch:
 
 BATCH_LAYOUTS = (
     "DN2 reads a batch as a dict ({'image', 'label', 'index', 'path', 'gt_mask'}: only 'image' required), "
-    "an (images, labels) or (images, labels, indices) tuple, or an image tensor"
+    "an (images,), (images, labels) or (images, labels, indices) tuple, or an image tensor"
 )
 
 
@@ -85,6 +91,11 @@ def check_tuple_indices(indices: object) -> None:
         f"the third element of a tuple batch is read as the samples' dataset indices ([B] integers); got {found}. "
         f"{BATCH_LAYOUTS}: return a dict from the dataset to pass paths or masks."
     )
+
+
+def _channels_last(images: Tensor) -> bool:
+    """[B, H, W, 1|3] that cannot be [B, C, H, W] (its 'channels' are not 1 or 3), e.g. np.array(image) batches."""
+    return images.ndim == 4 and images.shape[1] not in (1, 3) and images.shape[-1] in (1, 3)
 
 
 def _holds_strings(values: object) -> bool:
@@ -155,6 +166,10 @@ def check_dataset_labels(dataset: object) -> None:
 
     while isinstance(dataset, Subset):
         dataset = dataset.dataset
+    if isinstance(dataset, ConcatDataset):  # e.g. one ImageFolder per production line: each is checked
+        for part in dataset.datasets:
+            check_dataset_labels(part)
+        return
     if not isinstance(dataset, DatasetFolder) or dataset.target_transform is not None or len(dataset.classes) < 2:
         return
     normal = next((c for c in dataset.classes if c.lower() in ("good", "normal", "ok")), None)

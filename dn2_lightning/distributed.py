@@ -62,10 +62,11 @@ def check_unique_indices(indices: Tensor, what: str, padded_rows: int = 1) -> No
     shared = values[counts > 1][:5].tolist()
     raise ValueError(
         f"{repeats} of {len(indices)} {what} share their dataset 'index' with another sample (e.g. indices "
-        f"{shared}); rows are matched to samples by index, so every sample needs its own. A ConcatDataset of "
-        "dn2 datasets numbers each part from 0: wrap it, dn2_lightning.data.Renumbered(ConcatDataset([...])), "
-        "or give samples no 'index' (they are then numbered in the order their sampler deals them: under DDP, "
-        "Lightning's DistributedSampler)."
+        f"{shared}); rows are matched to samples by index (a dict sample's 'index', or the third element of a "
+        "tuple sample: an (image, label, class_id) tuple would be read so), so every sample needs its own. A "
+        "ConcatDataset of dn2 datasets numbers each part from 0: wrap it, "
+        "dn2_lightning.data.Renumbered(ConcatDataset([...])), or give samples no 'index' (they are then numbered "
+        "in the order their sampler deals them: under DDP, Lightning's DistributedSampler)."
     )
 
 

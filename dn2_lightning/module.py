@@ -303,15 +303,17 @@ class DN2Module(LightningModule):
                 self._reread_pass("the checkpoint holds no memory bank (saved before its training pass ended)")
                 self._warn_if_no_checkpoint_holds_the_bank(after_last_save=True)
                 return
-            if seen < min(total, self.trainer.num_training_batches):
-                self._reread_pass(f"the checkpoint's bank was built from {seen} of {total} training batches")
+            if seen < min(total if total is not None else float("inf"), self.trainer.num_training_batches):
+                self._reread_pass(
+                    f"the checkpoint's bank was built from {seen} of {_batch_count(total)} training batches"
+                )
                 self._warn_if_no_checkpoint_holds_the_bank(after_last_save=True)
                 return
             self._check_data_settings()
-            if seen < total:
+            if total is None or seen < total:
                 warnings.warn(
-                    f"fit restored a memory bank built from {seen} of {total} training batches (this run reads "
-                    f"{seen} too): scores use a partial bank; fit without the limit to read the whole pass.",
+                    f"fit restored a memory bank built from {seen} of {_batch_count(total)} training batches (this "
+                    f"run reads {seen} too): scores use a partial bank; fit without the limit to read the whole pass.",
                     stacklevel=2,
                 )
                 return
@@ -339,6 +341,7 @@ class DN2Module(LightningModule):
         """The training pass is over: its collected rows become the bank (with a warning when partial)."""
         assert self._collector is not None
         self._warn_if_partial_pass(self._collector.num_batches)
+        _warn_if_drop_last(self.trainer.train_dataloader, "training samples are not in the memory bank")
         self._finalize_bank()
         self._bank_step = self.trainer.global_step
 
@@ -351,13 +354,15 @@ class DN2Module(LightningModule):
         self._bank_step = self.trainer.global_step
 
     def _warn_if_partial_pass(self, seen: int) -> None:
-        loader = self.trainer.train_dataloader
-        total = sized_len(loader) or seen  # an IterableDataset may have no length
+        total = sized_len(self.trainer.train_dataloader)
+        if total is None:  # no length (an IterableDataset): whole, unless a batch limit is what stopped the pass
+            max_steps = self.trainer.max_steps if self.trainer.max_steps >= 0 else float("inf")
+            total = None if seen >= min(self.trainer.num_training_batches, max_steps) else seen
         self._pass_batches = (seen, total)
-        if seen < total:
+        if total is None or seen < total:
             warnings.warn(
-                f"the memory bank was built from {seen} of {total} training batches (limit_train_batches, "
-                "max_steps or fast_dev_run); scores use a partial bank.",
+                f"the memory bank was built from {seen} of {_batch_count(total)} training batches "
+                "(limit_train_batches, max_steps or fast_dev_run); scores use a partial bank.",
                 stacklevel=2,
             )
 
@@ -648,7 +653,9 @@ class DN2Module(LightningModule):
         self._remember_paths(indices, batch.paths)
 
     def _start_evaluation(self) -> None:
-        check_dataset_labels(getattr(self._current_loader(), "dataset", None))
+        loader = self._current_loader()
+        check_dataset_labels(getattr(loader, "dataset", None))
+        _warn_if_drop_last(loader, "samples are not scored (the metrics cover the others)")
         self._stream_position = 0
         self._paths = {}
         for collector in (self.val_collector, self.test_collector, self.predict_collector):
@@ -748,6 +755,7 @@ class DN2Module(LightningModule):
             self._stream_loader = None
         if limit < float("inf"):  # a pass of Lightning's train dataloader, which limit_train_batches may cut short
             self._warn_if_partial_pass(self._collector.num_batches)
+        _warn_if_drop_last(loader, "training samples are not in the memory bank")
         self._finalize_bank()
 
     def _bank_rows(self, batch: Batch, batch_idx: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -939,11 +947,11 @@ class DN2Module(LightningModule):
                 "ModelCheckpoint(every_n_train_steps=...)); test/predict build one from the datamodule's training "
                 "data. Use the checkpoint saved at the end of the pass."
             )
-        elif seen < total:
+        elif total is None or seen < total:
             rank_zero_warn(
-                f"this checkpoint's memory bank was built from {seen} of {total} training batches (limit_train_batches,"
-                " max_steps or fast_dev_run): scores use a partial bank. `dn2 fit --ckpt_path` of it without the "
-                "limit reads the whole pass."
+                f"this checkpoint's memory bank was built from {seen} of {_batch_count(total)} training batches "
+                "(limit_train_batches, max_steps or fast_dev_run): scores use a partial bank. `dn2 fit --ckpt_path` "
+                "of it without the limit reads the whole pass."
             )
 
     def _match_patch_bank(self, state: dict[str, Any]) -> None:
@@ -1038,6 +1046,23 @@ class DN2Module(LightningModule):
 
     def _knn_kwargs(self) -> dict[str, Any]:
         return {"backend": self.hparams.knn_backend, "max_memory_bytes": self.hparams.max_memory_bytes}
+
+
+def _warn_if_drop_last(loader: Any, consequence: str) -> None:
+    """``DataLoader(drop_last=True)`` leaves out a short last batch without a word (Lightning says nothing)."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    size = getattr(batch_sampler, "batch_size", None)
+    samples = sized_len(getattr(batch_sampler, "sampler", None) or []) if batch_sampler is not None else None
+    if getattr(batch_sampler, "drop_last", False) and size and samples and samples % size:
+        rank_zero_warn(
+            f"the dataloader has drop_last=True: its last {samples % size} {consequence}. Use drop_last=False (DN2 "
+            "needs every sample, and any batch size works)."
+        )
+
+
+def _batch_count(total: int | None) -> str:
+    """A pass's batch count for messages; ``None``: a dataloader without a length that a batch limit stopped."""
+    return str(total) if total is not None else "an unknown number of (a dataloader without a length)"
 
 
 def _check_finite(values: Tensor, what: str, batch: Batch, batch_idx: int) -> None:

@@ -17,7 +17,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Subset
 
 from dn2_lightning import DN2Module
 
@@ -116,6 +116,10 @@ def test_two_class_image_folder_labels_are_refused_not_read_inverted(tmp_path):
     for run in (quiet_trainer().test, quiet_trainer().predict):
         with pytest.raises(ValueError, match=r"class indices \{'crack': 0, 'good': 1\}.*lambda y: int\(y != 1\)"):
             run(model, dataloaders=DataLoader(Subset(raw, range(6)), batch_size=4))
+    # one ImageFolder per production line, concatenated (a reviewer's run: AUROC 0.8419 for a true 0.1581)
+    lines = ConcatDataset([raw, ImageFolder(tmp_path / "test", transform=tvf.pil_to_tensor)])
+    with pytest.raises(ValueError, match=r"class indices \{'crack': 0, 'good': 1\}"):
+        quiet_trainer().test(model, dataloaders=DataLoader(Subset(lines, range(12)), batch_size=4))
     mapped = ImageFolder(tmp_path / "test", transform=tvf.pil_to_tensor, target_transform=lambda y: int(y != 1))
     results = quiet_trainer().test(model, dataloaders=DataLoader(mapped, batch_size=4))
     assert model.test_scores.labels.tolist() == [1, 1, 1, 0, 0, 0]
@@ -327,3 +331,24 @@ def test_checkpoint_bank_with_a_nan_row_is_refused_issue11_6(tmp_path):
     model = DN2Module.load_from_checkpoint(tmp_path / "nan.ckpt", backbone=linear_backbone())
     with pytest.raises(ValueError, match=r"NaN or Inf.*\b17\b"):
         quiet_trainer().test(model, datamodule=BlobDataModule())
+
+
+def test_drop_last_is_named_and_one_tensor_tuples_and_channels_last_batches_are_read_or_explained():
+    from torch.utils.data import TensorDataset
+
+    dm = BlobDataModule()  # 101 training images, 71 test images
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    with pytest.warns(UserWarning, match="drop_last=True: its last 5 training samples are not in the memory bank"):
+        quiet_trainer().fit(model, train_dataloaders=DataLoader(dm.train_images, batch_size=16, drop_last=True))
+    assert len(model.bank) == 96  # what the warning says
+    test = TensorDataset(dm.test_images, dm.test_labels)
+    with pytest.warns(UserWarning, match="drop_last=True: its last 7 samples are not scored"):
+        quiet_trainer().test(model, dataloaders=DataLoader(test, batch_size=16, drop_last=True))
+    # (images,) from a one-tensor TensorDataset: unlabelled images, scored as a bare tensor batch is
+    quiet_trainer().predict(model, dataloaders=DataLoader(TensorDataset(dm.test_images), batch_size=16))
+    unlabelled = model.predict_scores.scores
+    quiet_trainer().predict(model, dataloaders=DataLoader(dm.test_images, batch_size=16))
+    torch.testing.assert_close(unlabelled, model.predict_scores.scores)
+    channels_last = DataLoader(dm.test_images.permute(0, 2, 3, 1).contiguous()[:, :7], batch_size=16)
+    with pytest.raises(ValueError, match=r"channels last \[B, H, W, C\]\? images.permute\(0, 3, 1, 2\)"):
+        quiet_trainer().predict(model, dataloaders=channels_last)

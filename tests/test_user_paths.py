@@ -548,3 +548,17 @@ def test_fit_on_an_iterable_dataset_without_length():
     model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
     quiet_trainer().fit(model, train_dataloaders=DataLoader(Stream(), batch_size=16))
     assert torch.equal(model.bank.sample_indices, torch.arange(len(dm.train_images)))
+    assert model.bank.spec["train_batches"] == [7, 7]
+
+    # capped: whether the pass was whole cannot be known, so the bank is said (and recorded) to be maybe partial
+    capped = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    trainer = quiet_trainer(limit_train_batches=3, max_epochs=1)
+    with pytest.warns(UserWarning, match="built from 3 of an unknown number of"):
+        trainer.fit(capped, train_dataloaders=DataLoader(Stream(), batch_size=16))
+    assert len(capped.bank) == 48 and capped.bank.spec["train_batches"] == [3, None]
+    path = Path(trainer.default_root_dir) / "capped.ckpt"
+    trainer.save_checkpoint(path)
+    resumed = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    with dn2_messages() as messages:  # without the cap: the whole stream is read again
+        quiet_trainer(max_epochs=1).fit(resumed, train_dataloaders=DataLoader(Stream(), batch_size=16), ckpt_path=path)
+    assert len(resumed.bank) == 101 and any("reading the training pass again" in m for m in messages)
