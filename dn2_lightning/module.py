@@ -201,6 +201,7 @@ class DN2Module(LightningModule):
         self._stream_loader: DataLoader | None = None  # the loader being read outside Lightning's loops
         self._stream_order: Tensor | None = None  # dataset index of each sample of this rank's stream, when known
         self._members_per_group = 0  # M of the group batches whose members are bank rows (group_pooling="none")
+        self._bank_of_groups = False  # the pass being read has group batches [B, M, C, H, W]
         self._searches_owed = 0  # sharded predict: collective searches this rank still has to join
         self._bank_is_shard = False
         self._warned_no_threshold: tuple[int, int] | None = None  # (bank size, k) of the last such warning
@@ -268,10 +269,14 @@ class DN2Module(LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self.fit_built_bank = self._pass_started = True
+        self._start_pass()
+
+    def _start_pass(self) -> None:
+        """A new pass over the training data: nothing collected yet."""
         self._collector = BankCollector()
         if self.maps is not None:
             self.maps.start_collecting()
-        self._stream_position = 0
+        self._stream_position, self._members_per_group, self._bank_of_groups = 0, 0, False
 
     def on_train_epoch_end(self) -> None:
         if self._resumed_mid_pass:
@@ -537,6 +542,12 @@ class DN2Module(LightningModule):
         """
         if not self._has_bank:
             raise RuntimeError(NO_BANK_MESSAGE.format(fn="test"))
+        if self.bank.spec.get("groups") or "group_size" in (self.bank.spec.get("train_set") or {}):
+            raise ValueError(
+                f"score_images scores single images, but this memory bank holds training groups (group_pooling="
+                f"{self.hparams.group_pooling!r}): a single image's score against it means nothing. Score groups "
+                "[B, M, C, H, W] with trainer.test or trainer.predict (a GroupDataModule, or your own group batches)."
+            )
         parts: list[tuple[Tensor, KNNResult]] = []
         maps: list[Tensor] = []
         for chunk, _ in as_image_batches(images, self.bank.spec.get("load_size")):
@@ -735,10 +746,8 @@ class DN2Module(LightningModule):
 
     def _build_bank_from(self, loader: DataLoader, limit: int | float = float("inf")) -> None:
         """One pass over ``loader`` (at most ``limit`` batches) outside Lightning's loops, into the bank."""
-        self._collector = BankCollector()
-        if self.maps is not None:
-            self.maps.start_collecting()
-        self._stream_position, self._stream_loader = 0, loader
+        self._start_pass()
+        self._stream_loader = loader
         batches = _progress(loader, "DN2: building the memory bank", self.trainer.progress_bar_callback is not None)
         try:
             # the same precision context (e.g. bf16 autocast) as fit's training_step, so both banks are alike
@@ -762,9 +771,11 @@ class DN2Module(LightningModule):
         """Embeddings, dataset indices and labels that a training batch adds to the bank."""
         self._bank_autocast = _active_autocast(batch.images.device)  # queries are embedded the same way
         indices = self._indices_of(batch, batch_idx)
+        self._bank_of_groups = self._bank_of_groups or batch.images.ndim == 5
         if batch.images.ndim == 5 and self.hparams.group_pooling == "none":
             # point-wise baseline: every member is a bank row, indexed group * M + member
             b, m = batch.images.shape[:2]
+            _check_point_wise_groups(m, self._members_per_group)
             self._members_per_group = m
             embeddings = self._embed(batch.images.flatten(0, 1), batch, batch_idx)
             member = torch.arange(m, device=indices.device)
@@ -850,6 +861,8 @@ class DN2Module(LightningModule):
         if self._pass_batches is not None:  # (batches read, batches in the pass): a partial bank is known as one
             spec["train_batches"] = list(self._pass_batches)
             self._pass_batches = None
+        if self._bank_of_groups:  # its rows describe groups: single images are not scored against it
+            spec["groups"] = True
         if self._members_per_group:  # rows are group members (group_pooling="none"): row = group * M + member
             spec["members_per_group"] = self._members_per_group
             sources = {row: source for part in gather_objects(member_sources) for row, source in part.items()}
@@ -1057,6 +1070,16 @@ def _warn_if_drop_last(loader: Any, consequence: str) -> None:
         rank_zero_warn(
             f"the dataloader has drop_last=True: its last {samples % size} {consequence}. Use drop_last=False (DN2 "
             "needs every sample, and any batch size works)."
+        )
+
+
+def _check_point_wise_groups(m: int, earlier: int) -> None:
+    """``group_pooling="none"`` numbers member rows ``group * M + member`` with one M for the whole bank."""
+    if earlier and m != earlier:
+        raise ValueError(
+            f"group_pooling='none' needs every training batch padded to the same group size M (its member rows are "
+            f"numbered group * M + member); got batches of M = {earlier} and M = {m}. Pad every group to the "
+            "largest size, with a 'mask' marking the real members."
         )
 
 

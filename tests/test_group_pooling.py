@@ -375,3 +375,30 @@ def test_ddp_fits_the_same_centroids_and_scores_as_one_device(tmp_path, sharding
     torch.testing.assert_close(ddp["centroids"], single["centroids"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ddp["scale"], single["scale"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ddp["scores"], single["scores"], rtol=1e-4, atol=1e-6)
+
+
+def test_point_wise_groups_padded_per_batch_are_refused_and_group_banks_refuse_single_images():
+    """group_pooling='none' numbers member rows group * M + member with one M for the bank: batches padded to their
+    own largest group (M = 2 then 4) made the threshold regroup rows wrongly (a reviewer: 40 'groups' instead of
+    50, threshold 34.860 vs 34.506), silently."""
+    groups = PaddedGroups(16, 0.0, seed=0)
+
+    def per_batch_padding(samples):  # a pad_sequence-style collate: each batch padded to its own largest group
+        m = max(int(s["mask"].sum()) for s in samples)
+        return {
+            "image": torch.stack([s["image"][:m] for s in samples]),
+            "mask": torch.stack([s["mask"][:m] for s in samples]),
+            "label": torch.stack([s["label"] for s in samples]),
+            "index": torch.stack([s["index"] for s in samples]),
+        }
+
+    order = sorted(range(16), key=lambda i: int(groups.sizes[i]))  # smallest groups first: M grows per batch
+    loader = DataLoader(torch.utils.data.Subset(groups, order), batch_size=4, collate_fn=per_batch_padding)
+    model = DN2Module(k=2, backbone=linear_backbone(), group_pooling="none", reports=False)
+    with pytest.raises(ValueError, match=r"same group size M .* got batches of M = 2 and M = 3"):
+        quiet_trainer().fit(model, train_dataloaders=loader)
+    for pooling in ("mean", "none"):
+        fitted = DN2Module(k=2, backbone=linear_backbone(), group_pooling=pooling, reports=False)
+        quiet_trainer().fit(fitted, train_dataloaders=DataLoader(groups, batch_size=4))
+        with pytest.raises(ValueError, match="score_images scores single images, but this memory bank holds"):
+            fitted.score_images(groups.images[0])
