@@ -49,7 +49,10 @@ def unpack_batch(batch: object, batch_idx: int | None = None) -> Batch:
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         hint = ""
         if isinstance(images, Tensor) and images.ndim == 3:
-            hint = " (grayscale [B, H, W]? add the channel: images[:, None], or transforms.ToImage())"
+            hint = (
+                " (one image [C, H, W], e.g. from batch_size=None? batch it: images[None]; grayscale images "
+                "[B, H, W]? add the channel: images[:, None], or transforms.ToImage())"
+            )
         elif isinstance(images, Tensor) and _channels_last(images):
             hint = " (channels last [B, H, W, C]? images.permute(0, 3, 1, 2), or transforms.ToImage())"
         raise ValueError(f"batch images must be [B, C, H, W] or groups [B, M, C, H, W], got {shape}{hint}.")
@@ -167,8 +170,11 @@ def check_dataset_labels(dataset: object) -> None:
     while isinstance(dataset, Subset):
         dataset = dataset.dataset
     if isinstance(dataset, ConcatDataset):  # e.g. one ImageFolder per production line: each is checked
-        for part in dataset.datasets:
-            check_dataset_labels(part)
+        for i, part in enumerate(dataset.datasets):
+            try:
+                check_dataset_labels(part)
+            except ValueError as err:
+                raise ValueError(f"part {i} of the ConcatDataset: {err}") from None
         return
     if not isinstance(dataset, DatasetFolder) or dataset.target_transform is not None or len(dataset.classes) < 2:
         return

@@ -309,15 +309,13 @@ class DN2Module(LightningModule):
                 self._warn_if_no_checkpoint_holds_the_bank(after_last_save=True)
                 return
             if seen < min(total if total is not None else float("inf"), self.trainer.num_training_batches):
-                self._reread_pass(
-                    f"the checkpoint's bank was built from {seen} of {_batch_count(total)} training batches"
-                )
+                self._reread_pass(f"the checkpoint's bank was built from {_batch_count(seen, total)}")
                 self._warn_if_no_checkpoint_holds_the_bank(after_last_save=True)
                 return
             self._check_data_settings()
             if total is None or seen < total:
                 warnings.warn(
-                    f"fit restored a memory bank built from {seen} of {_batch_count(total)} training batches (this "
+                    f"fit restored a memory bank built from {_batch_count(seen, total)} (this "
                     f"run reads {seen} too): scores use a partial bank; fit without the limit to read the whole pass.",
                     stacklevel=2,
                 )
@@ -366,7 +364,7 @@ class DN2Module(LightningModule):
         self._pass_batches = (seen, total)
         if total is None or seen < total:
             warnings.warn(
-                f"the memory bank was built from {seen} of {_batch_count(total)} training batches "
+                f"the memory bank was built from {_batch_count(seen, total)} "
                 "(limit_train_batches, max_steps or fast_dev_run); scores use a partial bank.",
                 stacklevel=2,
             )
@@ -542,7 +540,9 @@ class DN2Module(LightningModule):
         """
         if not self._has_bank:
             raise RuntimeError(NO_BANK_MESSAGE.format(fn="test"))
-        if self.bank.spec.get("groups") or "group_size" in (self.bank.spec.get("train_set") or {}):
+        spec = self.bank.spec
+        pooled_groups = spec.get("groups") or "group_size" in (spec.get("train_set") or {})
+        if pooled_groups and not spec.get("members_per_group"):  # point-wise banks hold member images: scorable
             raise ValueError(
                 f"score_images scores single images, but this memory bank holds training groups (group_pooling="
                 f"{self.hparams.group_pooling!r}): a single image's score against it means nothing. Score groups "
@@ -808,6 +808,11 @@ class DN2Module(LightningModule):
         if not keep_collecting:
             self._collector = None
         builder, hp = self._bank_builder, self.hparams
+        if hp.group_pooling == "none" and world_size() > 1:  # every rank numbered its member rows with one M
+            sizes = sorted({int(m) for m in gather_objects(self._members_per_group) if m})
+            if len(sizes) > 1:
+                _check_point_wise_groups(sizes[-1], sizes[0])
+            self._members_per_group = sizes[-1] if sizes else 0
         embeddings, indices, labels = builder.rows(collector, max(1, self._members_per_group))
         if embeddings.ndim == 3:  # packed group members [N, M, D + 1]: fit the group pooling, then pool
             embeddings = builder.pool_groups(self.group_pool, *unpack_members(embeddings), indices)
@@ -962,7 +967,7 @@ class DN2Module(LightningModule):
             )
         elif total is None or seen < total:
             rank_zero_warn(
-                f"this checkpoint's memory bank was built from {seen} of {_batch_count(total)} training batches "
+                f"this checkpoint's memory bank was built from {_batch_count(seen, total)} "
                 "(limit_train_batches, max_steps or fast_dev_run): scores use a partial bank. `dn2 fit --ckpt_path` "
                 "of it without the limit reads the whole pass."
             )
@@ -1065,11 +1070,15 @@ def _warn_if_drop_last(loader: Any, consequence: str) -> None:
     """``DataLoader(drop_last=True)`` leaves out a short last batch without a word (Lightning says nothing)."""
     batch_sampler = getattr(loader, "batch_sampler", None)
     size = getattr(batch_sampler, "batch_size", None)
-    samples = sized_len(getattr(batch_sampler, "sampler", None) or []) if batch_sampler is not None else None
+    sampler = getattr(batch_sampler, "sampler", None)
+    samples = sized_len(sampler) if sampler is not None else None  # None for an IterableDataset's sampler
+    if samples is None and isinstance(getattr(loader, "dataset", None), IterableDataset):
+        samples = sized_len(loader.dataset)  # an iterable with a length (each worker drops its own remainder)
     if getattr(batch_sampler, "drop_last", False) and size and samples and samples % size:
+        per_rank = " (of each rank)" if world_size() > 1 else ""
         rank_zero_warn(
-            f"the dataloader has drop_last=True: its last {samples % size} {consequence}. Use drop_last=False (DN2 "
-            "needs every sample, and any batch size works)."
+            f"the dataloader has drop_last=True: its last {samples % size}{per_rank} {consequence}. Use "
+            "drop_last=False (DN2 needs every sample, and any batch size works)."
         )
 
 
@@ -1083,9 +1092,12 @@ def _check_point_wise_groups(m: int, earlier: int) -> None:
         )
 
 
-def _batch_count(total: int | None) -> str:
-    """A pass's batch count for messages; ``None``: a dataloader without a length that a batch limit stopped."""
-    return str(total) if total is not None else "an unknown number of (a dataloader without a length)"
+def _batch_count(seen: int, total: int | None) -> str:
+    """How much of a pass was read, for messages; ``total`` ``None``: a dataloader without a length that a batch
+    limit stopped."""
+    if total is None:
+        return f"the first {seen} training batches of a dataloader without a length (maybe not all of them)"
+    return f"{seen} of {total} training batches"
 
 
 def _check_finite(values: Tensor, what: str, batch: Batch, batch_idx: int) -> None:

@@ -397,8 +397,42 @@ def test_point_wise_groups_padded_per_batch_are_refused_and_group_banks_refuse_s
     model = DN2Module(k=2, backbone=linear_backbone(), group_pooling="none", reports=False)
     with pytest.raises(ValueError, match=r"same group size M .* got batches of M = 2 and M = 3"):
         quiet_trainer().fit(model, train_dataloaders=loader)
-    for pooling in ("mean", "none"):
-        fitted = DN2Module(k=2, backbone=linear_backbone(), group_pooling=pooling, reports=False)
-        quiet_trainer().fit(fitted, train_dataloaders=DataLoader(groups, batch_size=4))
-        with pytest.raises(ValueError, match="score_images scores single images, but this memory bank holds"):
-            fitted.score_images(groups.images[0])
+    pooled = DN2Module(k=2, backbone=linear_backbone(), group_pooling="mean", reports=False)
+    quiet_trainer().fit(pooled, train_dataloaders=DataLoader(groups, batch_size=4))
+    with pytest.raises(ValueError, match="score_images scores single images, but this memory bank holds"):
+        pooled.score_images(groups.images[0])
+    point_wise = DN2Module(k=2, backbone=linear_backbone(), group_pooling="none", reports=False)
+    quiet_trainer().fit(point_wise, train_dataloaders=DataLoader(groups, batch_size=4))
+    assert len(point_wise.score_images(groups.images[0]).scores) == 4  # its rows are member images: scorable
+
+
+PER_RANK_M_SCRIPT = """
+import sys
+import torch
+sys.path.insert(0, {tests!r})
+from helpers import linear_backbone
+from lightning import Trainer
+from torch.utils.data import DataLoader
+from test_group_pooling import PaddedGroups
+from dn2_lightning import DN2Module
+
+groups = PaddedGroups(16, 0.0, seed=0)
+groups.mask = torch.arange(4)[None] < torch.tensor([2, 3] * 8)[:, None]  # at most 3 real members of 4 slots
+
+def pad_per_rank(samples):  # a collate that pads rank 0's batches to 3 slots and rank 1's to 4 (as a
+    m = 3 + torch.distributed.get_rank()  # per-batch padding does when the ranks' groups differ in size)
+    keys = ("image", "mask", "label", "index")
+    return {{k: torch.stack([s[k][:m] if k in ("image", "mask") else s[k] for s in samples]) for k in keys}}
+
+model = DN2Module(k=2, backbone=linear_backbone(), group_pooling="none", reports=False)
+trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, enable_checkpointing=False, default_root_dir={root!r})
+trainer.fit(model, train_dataloaders=DataLoader(groups, batch_size=4, collate_fn=pad_per_rank))
+"""
+
+
+def test_point_wise_groups_padded_differently_on_each_rank_are_refused(tmp_path):
+    script = tmp_path / "per_rank_m.py"
+    script.write_text(PER_RANK_M_SCRIPT.format(tests=str(Path(__file__).parent), root=str(tmp_path)))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "got batches of M = 3 and M = 4" in proc.stderr, proc.stderr[-3000:]

@@ -344,6 +344,19 @@ def test_drop_last_is_named_and_one_tensor_tuples_and_channels_last_batches_are_
     test = TensorDataset(dm.test_images, dm.test_labels)
     with pytest.warns(UserWarning, match="drop_last=True: its last 7 samples are not scored"):
         quiet_trainer().test(model, dataloaders=DataLoader(test, batch_size=16, drop_last=True))
+
+    class Stream(torch.utils.data.IterableDataset):  # an iterable with a length: its sampler has none
+        def __iter__(self):
+            yield from dm.train_images
+
+        def __len__(self):
+            return len(dm.train_images)
+
+    with pytest.warns(UserWarning, match="drop_last=True: its last 5 training samples are not in the memory bank"):
+        quiet_trainer().fit(
+            DN2Module(k=2, backbone=linear_backbone(), reports=False),
+            train_dataloaders=DataLoader(Stream(), batch_size=16, drop_last=True),
+        )
     # (images,) from a one-tensor TensorDataset: unlabelled images, scored as a bare tensor batch is
     quiet_trainer().predict(model, dataloaders=DataLoader(TensorDataset(dm.test_images), batch_size=16))
     unlabelled = model.predict_scores.scores

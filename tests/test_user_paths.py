@@ -553,7 +553,7 @@ def test_fit_on_an_iterable_dataset_without_length():
     # capped: whether the pass was whole cannot be known, so the bank is said (and recorded) to be maybe partial
     capped = DN2Module(k=2, backbone=linear_backbone(), reports=False)
     trainer = quiet_trainer(limit_train_batches=3, max_epochs=1)
-    with pytest.warns(UserWarning, match="built from 3 of an unknown number of"):
+    with pytest.warns(UserWarning, match="built from the first 3 training batches of a dataloader without a length"):
         trainer.fit(capped, train_dataloaders=DataLoader(Stream(), batch_size=16))
     assert len(capped.bank) == 48 and capped.bank.spec["train_batches"] == [3, None]
     path = Path(trainer.default_root_dir) / "capped.ckpt"
