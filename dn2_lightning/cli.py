@@ -274,11 +274,10 @@ class DN2CLI(LightningCLI):
         self._print_run_files()
 
     def _checkpoint_with_bank(self, path: str) -> str:
-        """``path`` when it holds this fit's bank, else a checkpoint saved now beside it (``bank.ckpt``): a
-        ``ModelCheckpoint(every_n_train_steps=N)`` may save last before the pass's final step, and a fit resumed
-        from a partial bank reads its pass again after Lightning's last save."""
-        holds = _holds_bank(path, self.model.bank.spec) if self.trainer.is_global_zero else None
-        if self.trainer.strategy.broadcast(holds):
+        """``path``, or a checkpoint saved now beside it (``bank.ckpt``) when no ModelCheckpoint save holds this
+        fit's bank (``DN2Module.checkpoints_lack_the_bank``: ``every_n_train_steps=N`` missing the pass's final step,
+        or a fit resumed from a partial bank that read its pass again after Lightning's last save)."""
+        if not self.model.checkpoints_lack_the_bank:  # the same on every rank
             return path
         fresh = str(Path(path).with_name("bank.ckpt"))
         self.trainer.save_checkpoint(fresh)
@@ -313,14 +312,6 @@ class DN2CLI(LightningCLI):
             info(f"DN2: run config written to {config} (rerun with --config)")
         if self.trainer.loggers:
             info(f"DN2: logs in {log_dir}")
-
-
-def _holds_bank(path: str, spec: dict[str, Any]) -> bool:
-    """Whether checkpoint ``path`` holds a bank from the same pass as ``spec`` (its tensors are not read)."""
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("state_dict", {})
-    saved = state.get("bank.embeddings")
-    saved_spec = state.get("bank._extra_state") or {}
-    return saved is not None and saved.numel() > 0 and saved_spec.get("train_batches") == spec.get("train_batches")
 
 
 def _print_config_deferred() -> contextlib.AbstractContextManager:

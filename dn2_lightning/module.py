@@ -208,7 +208,7 @@ class DN2Module(LightningModule):
         self.fit_built_bank = False  # whether the last fit embedded its train data (not so when resumed when done)
         self._pass_started = self._resumed_mid_pass = False  # this fit's epoch began here; it began in a checkpoint
         self._pass_batches: tuple[int, int] | None = None  # (read, in all) of the training pass being finalised
-        self._bank_step = 0  # the global step at which fit built the bank (checkpoints saved before lack it)
+        self._bank_step: float = 0  # the global step at which fit built the bank (checkpoints saved before lack it)
         self._trainer_spent = False  # this fit's Trainer had run its epochs before it started
         self._bank_autocast: str | None = None  # autocast dtype the bank rows are being embedded under, if any
 
@@ -299,19 +299,24 @@ class DN2Module(LightningModule):
                 "fit read no training batches (the train dataloader is empty, or limit_train_batches=0), so "
                 "there is no memory bank: give it the normal training images."
             )
-        if self.fit_built_bank:
-            self._warn_if_no_checkpoint_holds_the_bank()
+        if not self.fit_built_bank:
+            self._restore_or_reread_the_pass()
+        if self.fit_built_bank and self.checkpoints_lack_the_bank:
+            rank_zero_warn(
+                f"no checkpoint of this fit holds its memory bank: ModelCheckpoint's files (last saved at step "
+                f"{self._last_checkpoint_step}) predate it. Save it with trainer.save_checkpoint(path), or let "
+                "ModelCheckpoint save at the epoch's end (every_n_epochs=1)."
+            )
+
+    def _restore_or_reread_the_pass(self) -> None:
+        """Fit resumed from a checkpoint whose pass Lightning counts as done: keep its bank (checked against this
+        data) unless it holds none or a pass this run would read further, which is then read again."""
+        seen, total = self.bank.spec.get("train_batches") or (0, 0)
+        if not self._has_bank:
+            self._reread_pass("the checkpoint holds no memory bank (saved before its training pass ended)")
+        elif seen < min(total if total is not None else float("inf"), self.trainer.num_training_batches):
+            self._reread_pass(f"the checkpoint's bank was built from {_batch_count(seen, total)}")
         else:
-            # fit resumed from a checkpoint whose one pass was done: the bank is the checkpoint's, not this data's
-            seen, total = self.bank.spec.get("train_batches") or (0, 0)
-            if not self._has_bank:
-                self._reread_pass("the checkpoint holds no memory bank (saved before its training pass ended)")
-                self._warn_if_no_checkpoint_holds_the_bank(after_last_save=True)
-                return
-            if seen < min(total if total is not None else float("inf"), self.trainer.num_training_batches):
-                self._reread_pass(f"the checkpoint's bank was built from {_batch_count(seen, total)}")
-                self._warn_if_no_checkpoint_holds_the_bank(after_last_save=True)
-                return
             self._check_data_settings()
             if total is None or seen < total:
                 warnings.warn(
@@ -319,20 +324,25 @@ class DN2Module(LightningModule):
                     f"run reads {seen} too): scores use a partial bank; fit without the limit to read the whole pass.",
                     stacklevel=2,
                 )
-                return
-            info("DN2: fit restored the memory bank from ckpt_path (its pass was complete): nothing was embedded.")
+            else:
+                info("DN2: fit restored the memory bank from ckpt_path (its pass was complete): nothing was embedded.")
+            return
+        self._bank_step = math.inf  # built after the fit loop, so after every save Lightning made
 
-    def _warn_if_no_checkpoint_holds_the_bank(self, after_last_save: bool = False) -> None:
-        """ModelCheckpoint(every_n_train_steps=N) may save last before the pass's final step (its checkpoints then
-        hold no bank), and nothing saves a bank built after the fit loop (``after_last_save``)."""
-        saved = [getattr(c, "_last_global_step_saved", 0) for c in self.trainer.checkpoint_callbacks]
-        saved = [step for step in saved if step > 0]  # 0: never saved (fast_dev_run, every_n_epochs=2, ...)
-        if saved and (after_last_save or max(saved) < self._bank_step):
-            rank_zero_warn(
-                f"no checkpoint of this fit holds its memory bank: ModelCheckpoint saved last at step {max(saved)}, "
-                f"before the bank was built (step {self._bank_step}). Save it with trainer.save_checkpoint(path), "
-                "or let ModelCheckpoint save at the epoch's end (every_n_epochs=1)."
-            )
+    @property
+    def _last_checkpoint_step(self) -> int:
+        """The global step of this fit's last ModelCheckpoint save (0: none; ``_last_global_step_saved`` starts
+        at 0, and fast_dev_run or every_n_epochs=2 on one epoch never save)."""
+        return max((getattr(c, "_last_global_step_saved", 0) for c in self.trainer.checkpoint_callbacks), default=0)
+
+    @property
+    def checkpoints_lack_the_bank(self) -> bool:
+        """Whether this fit's ModelCheckpoint files all predate its bank: saves of every_n_train_steps=N that miss
+        the pass's last step, or any file it names (also one restored from ckpt_path) when the bank was read again
+        after the fit loop."""
+        if not self.trainer.checkpoint_callbacks:
+            return False
+        return self._bank_step == math.inf or 0 < self._last_checkpoint_step < self._bank_step
 
     def _pass_ends_here(self) -> bool:
         """Whether this training batch is the pass's last: the loader's (``limit_train_batches`` included) or
@@ -340,27 +350,33 @@ class DN2Module(LightningModule):
         max_steps = self.trainer.max_steps
         return self.trainer.is_last_batch or 0 <= max_steps <= self.trainer.global_step
 
-    def _end_pass(self) -> None:
-        """The training pass is over: its collected rows become the bank (with a warning when partial)."""
+    def _end_pass(self, loader: Any = None, partial: bool = True) -> None:
+        """The pass over ``loader`` (the trainer's train dataloader by default) is over: its collected rows become
+        the bank, with a warning when ``partial`` batch limits or ``drop_last`` left rows out."""
         assert self._collector is not None
-        self._warn_if_partial_pass(self._collector.num_batches)
-        _warn_if_drop_last(self.trainer.train_dataloader, "training samples are not in the memory bank")
+        if partial:
+            self._warn_if_partial_pass(self._collector.num_batches)
+        loader = loader if loader is not None else self.trainer.train_dataloader
+        _warn_if_drop_last(loader, "training samples are not in the memory bank")
         self._finalize_bank()
         self._bank_step = self.trainer.global_step
 
     def _reread_pass(self, why: str) -> None:
-        """Build the bank from one whole pass of the trainer's train dataloader (within its batch limit)."""
+        """Build the bank from one whole pass of the trainer's train dataloader (within its batch limits)."""
         info(f"DN2: {why}: reading the training pass again for the memory bank.")
-        max_steps = self.trainer.max_steps if self.trainer.max_steps >= 0 else float("inf")
-        self._build_bank_from(self.trainer.train_dataloader, limit=min(self.trainer.num_training_batches, max_steps))
+        self._build_bank_from(self.trainer.train_dataloader, limit=self._batch_limit)
         self._resumed_mid_pass, self.fit_built_bank = False, True
-        self._bank_step = self.trainer.global_step
+
+    @property
+    def _batch_limit(self) -> float:
+        """The most training batches this fit reads in its pass: ``limit_train_batches`` and ``max_steps``."""
+        max_steps = self.trainer.max_steps if self.trainer.max_steps >= 0 else float("inf")
+        return min(self.trainer.num_training_batches, max_steps)
 
     def _warn_if_partial_pass(self, seen: int) -> None:
         total = sized_len(self.trainer.train_dataloader)
         if total is None:  # no length (an IterableDataset): whole, unless a batch limit is what stopped the pass
-            max_steps = self.trainer.max_steps if self.trainer.max_steps >= 0 else float("inf")
-            total = None if seen >= min(self.trainer.num_training_batches, max_steps) else seen
+            total = None if seen >= self._batch_limit else seen
         self._pass_batches = (seen, total)
         if total is None or seen < total:
             warnings.warn(
@@ -762,10 +778,8 @@ class DN2Module(LightningModule):
             raise
         finally:
             self._stream_loader = None
-        if limit < float("inf"):  # a pass of Lightning's train dataloader, which limit_train_batches may cut short
-            self._warn_if_partial_pass(self._collector.num_batches)
-        _warn_if_drop_last(loader, "training samples are not in the memory bank")
-        self._finalize_bank()
+        # a pass of Lightning's train dataloader (a limit given) may be cut short by limit_train_batches
+        self._end_pass(loader, partial=limit < float("inf"))
 
     def _bank_rows(self, batch: Batch, batch_idx: int) -> tuple[Tensor, Tensor, Tensor]:
         """Embeddings, dataset indices and labels that a training batch adds to the bank."""

@@ -29,7 +29,7 @@ from dn2_lightning.backbones import build_backbone, get_backbone_spec
 from dn2_lightning.cache import atomic_write, load_cached, save_atomic
 from dn2_lightning.data.classes import draw_contaminants, resolve_class
 from dn2_lightning.data.datasets import ArrayImageDataset, iter_image_batches
-from dn2_lightning.data.sources import LabeledImages, default_data_root, list_datasets, load_split
+from dn2_lightning.data.sources import LabeledImages, default_data_root, known_classes, list_datasets, load_split
 from dn2_lightning.knn import knn_distances
 from dn2_lightning.scoring import cleaning_mask, knn_scores, rank_auroc
 from dn2_lightning.validation import (
@@ -44,9 +44,8 @@ from dn2_lightning.validation import (
 )
 
 # DN2's published mean AUROC (%) with its ResNet backbone (Bergman et al. 2020, Table 1; unimodal, every class
-# in turn), shown beside ours when a run is that setting; and how many classes that mean is over.
+# in turn), shown beside ours when a run is that setting.
 PAPER_MEAN_AUROC = {"cifar10": 92.5, "fashionmnist": 94.4, "cifar100": 89.3}
-PAPER_CLASSES = {"cifar10": 10, "fashionmnist": 10, "cifar100": 20}
 CACHE_FORMAT = 2  # layout of the cache files and of their key
 #: Version of the code that turns stored images into embeddings (dataset decoding, CPU resize, the backbone's
 #: preprocessing); bump it when a change alters the embeddings, and every cached file is recomputed.
@@ -79,7 +78,7 @@ class ProtocolResult:
         return sum(c.auroc for c in self.classes) / len(self.classes)
 
     def to_markdown(self) -> str:
-        every_class = len({c.normal_class for c in self.classes}) == PAPER_CLASSES.get(self.dataset)
+        every_class = len({c.normal_class for c in self.classes}) == len(known_classes(self.dataset))
         unimodal = not self.settings.get("contamination") and not self.settings.get("clean_fraction")
         paper = PAPER_MEAN_AUROC.get(self.dataset) if every_class and unimodal else None
         lines = ["| class | name | AUROC (%) | train | bank |", "|---:|---|---:|---:|---:|"]

@@ -29,7 +29,10 @@ _UPRIGHT = {
     7: "TRANSVERSE",
     8: "ROTATE_90",
 }
-_LIKELY_MASK_FOLDERS = ("groundtruth", "ground-truth", "ground truth", "gt", "masks", "mask", "ground_truths")
+# (lower-cased; "ground_truth" itself: another capitalisation of it, since the exact one is looked for first)
+_LIKELY_MASK_FOLDERS = (
+    "ground_truth", "groundtruth", "ground-truth", "ground truth", "gt", "masks", "mask", "ground_truths",
+)  # fmt: skip
 
 
 def mvtec_mask_path(root: str | Path, image: str | Path, normal_dir: str = "good") -> Path | None:
@@ -135,7 +138,6 @@ def with_mvtec_masks(dataset: Dataset, root: str | Path, normal_dir: str = "good
     root = Path(root)
     if not (root / "ground_truth").is_dir():
         lookalikes = [p.name for p in root.iterdir() if p.is_dir() and p.name.lower() in _LIKELY_MASK_FOLDERS]
-        lookalikes += [p.name for p in root.iterdir() if p.is_dir() and p.name.lower() == "ground_truth"]
         if lookalikes:
             warnings.warn(
                 f"{root} has no ground_truth folder but has {lookalikes}: masks are read from "

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dn2_lightning.validation import check_choice
+
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
@@ -82,6 +84,7 @@ def default_data_root() -> Path:
 def known_classes(name: str) -> tuple[str, ...]:
     """The class names of dataset ``name`` without reading its files (so a ``normal_class`` is checked before any
     work); the files' own names are used once loaded."""
+    check_choice("dataset", name, list_datasets())
     return {
         "digits": DIGIT_CLASSES,
         "mnist": DIGIT_CLASSES,
@@ -142,10 +145,8 @@ def _load_cached(name: str, split: str, root: str) -> LabeledImages:
     notebook or service that rewrites the data between runs gets the new images, as a new process would)."""
     key = (name, split, root)
     cached = _LOADED.get(key)
-    if cached is not None and cached[1].files and _file_stamps(cached[1].files) == cached[0]:
+    if cached is not None and _file_stamps(cached[1].files) == cached[0]:  # (digits: no files, always equal)
         _LOADED.move_to_end(key)
-        return cached[1]
-    if cached is not None and not cached[1].files:  # built in memory (digits): nothing on disk to change
         return cached[1]
     loaded = _LOADERS[name](split, Path(root))
     _LOADED[key] = (_file_stamps(loaded.files), loaded)
