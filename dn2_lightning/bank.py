@@ -257,8 +257,8 @@ class BankBuilder:
         return embeddings, indices, labels
 
     def pool_groups(self, pool: nn.Module, members: Tensor, mask: Tensor, indices: Tensor) -> Tensor:
-        """Fit the group pooling on every training group's members, in dataset order (so the fit is the
-        single-device one; rank 0's state is then broadcast), and pool this rank's groups."""
+        """Fit the group pooling on every training group's members (all ranks' when sharded, so the fit is
+        the single-device one; rank 0's state is then broadcast), and pool this rank's groups."""
         if self.sharded:  # this rank holds only its shard: fit on all of them
             _, all_members, all_mask = unique_by_index(*(gather_rows(t) for t in (indices, members, mask)))
             pool.fit(all_members, all_mask)

@@ -13,9 +13,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import zipfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.fabric.plugins import CheckpointIO
 
 # model settings that define the bank's content: a bank built with other values scores differently
@@ -30,6 +34,7 @@ BANK_SETTINGS = (
     "group_pooling",
     "group_clusters",
     "group_temperature",
+    "map_layers",
 )
 # the data settings that define it: the datamodule's CPU resize and decoding of the images
 DATA_SETTINGS = ("load_size", "pixel_format")
@@ -46,13 +51,49 @@ class WeightsOnlyCheckpointIO(CheckpointIO):
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> Any:
         refuse_unsafe_load(weights_only)
-        return self.inner.load_checkpoint(path, map_location=map_location, weights_only=True)
+        with readable_checkpoint(path):
+            return self.inner.load_checkpoint(path, map_location=map_location, weights_only=True)
 
     def remove_checkpoint(self, path: Any) -> None:
         self.inner.remove_checkpoint(path)
 
     def teardown(self) -> None:
         self.inner.teardown()
+
+
+@contextlib.contextmanager
+def readable_checkpoint(path: Any) -> Iterator[None]:
+    """Turn what torch and Lightning raise for a checkpoint file that is empty, cut short (a run stopped while
+    writing it) or not a Lightning checkpoint (a plain ``state_dict``) into a ``ValueError`` naming the file."""
+    try:
+        yield
+    except (EOFError, RuntimeError, OSError) as error:
+        file = Path(str(path))
+        if not file.is_file() or zipfile.is_zipfile(file) or _loads(file):  # missing, or whole: the error stands
+            raise
+        size = file.stat().st_size
+        state = "is empty (0 bytes)" if size == 0 else f"is cut short or damaged ({size} bytes)"
+        raise ValueError(
+            f"the checkpoint {path} {state}: a run stopped while writing it? Use another checkpoint (e.g. the one "
+            f"saved before it, or last.ckpt). ({type(error).__name__}: {error})"
+        ) from error
+    except KeyError as error:
+        if error.args != ("pytorch-lightning_version",) and error.args != ("state_dict",):
+            raise
+        raise ValueError(
+            f"{path} is not a Lightning checkpoint (it has no {error.args[0]!r}): a file of "
+            "torch.save(model.state_dict()) loads with model.load_state_dict(torch.load(path)) into a DN2Module "
+            "built with the same settings."
+        ) from error
+
+
+def _loads(file: Path) -> bool:
+    """Whether torch reads the file (e.g. one in torch's legacy, non-zip format), whatever failed after."""
+    try:
+        torch.load(file, weights_only=True, map_location="cpu")
+    except Exception:  # noqa: BLE001 (any failure means the file itself is unreadable)
+        return False
+    return True
 
 
 def refuse_unsafe_load(weights_only: bool | None) -> None:

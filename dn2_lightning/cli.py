@@ -40,6 +40,7 @@ from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from dn2_lightning.backbones import list_backbones
+from dn2_lightning.checkpointing import readable_checkpoint
 from dn2_lightning.console import info
 from dn2_lightning.data import GroupDataModule, OneClassDataModule, list_datasets
 from dn2_lightning.module import CUSTOM_BACKBONE, DN2Module
@@ -231,7 +232,11 @@ class DN2CLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
-        saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        with readable_checkpoint(ckpt_path):
+            checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+            if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+                raise KeyError("state_dict")
+        saved = checkpoint.get("hyper_parameters", {})
         model = self.config[subcommand].get("model")
         if model is None:
             return

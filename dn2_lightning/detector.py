@@ -153,8 +153,10 @@ def _as_matrix(values: ArrayLike, name: str, device: torch.device | None = None)
         raise ValueError(
             f"{name} must be a 2-D array [rows, features] with at least one row, got {tuple(tensor.shape)}."
         )
-    if not (tensor.is_floating_point() or tensor.dtype in (torch.int32, torch.int64, torch.uint8)):
-        raise ValueError(f"{name} must hold numbers, got dtype {tensor.dtype}.")
+    if tensor.is_complex():
+        raise ValueError(f"{name} must hold real numbers, got dtype {tensor.dtype}.")
+    if not tensor.is_floating_point():  # bool and integers of any width (some lack abs/max on the CPU)
+        tensor = tensor.double() if tensor.dtype == torch.uint64 else tensor.long()  # uint64 would wrap in int64
     # float64 stays float64 (exact at large offsets, as knn_distances searches it), and so do integers beyond
     # float32's 2**24 (which float32 would round); other dtypes become float32
     exact_in_float32 = tensor.is_floating_point() or not len(tensor) or int(tensor.abs().max()) <= 2**24

@@ -59,6 +59,12 @@ def check_unique_indices(indices: Tensor, what: str, padded_rows: int = 1) -> No
     if repeats <= (world_size() - 1) * padded_rows:
         return
     values, counts = torch.unique(indices, return_counts=True)
+    if world_size() > 1 and bool((counts == world_size()).all()):
+        raise ValueError(
+            f"every one of the {len(values)} {what} was read by all {world_size()} ranks: the dataloader does not "
+            "split its samples across ranks (Trainer(use_distributed_sampler=False), or a sampler of your own). "
+            "Leave use_distributed_sampler=True, or give each rank its share of the samples."
+        )
     shared = values[counts > 1][:5].tolist()
     raise ValueError(
         f"{repeats} of {len(indices)} {what} share their dataset 'index' with another sample (e.g. indices "

@@ -32,7 +32,9 @@ def fit_kmeans(
     """Seeded k-means: k-means++ initialisation, then at most ``iterations`` Lloyd steps, stopping early
     when no assignment changes.
 
-    The same points, seed and device give the same centroids. An emptied cluster keeps its centroid.
+    The centroids depend on the points as a multiset, not on their order: k-means runs on the distinct
+    points in sorted order, each weighted by how often it occurs (which is k-means on all of them). The
+    same points, seed and device give the same centroids. An emptied cluster keeps its centroid.
 
     Args:
         points: ``[N, D]`` floating tensor, ``N >= clusters``.
@@ -51,29 +53,32 @@ def fit_kmeans(
     >>> sorted(round(c, 2) for c in centroids.flatten().tolist())
     [0.05, 10.05]
     """
-    x = points.detach().float()
-    n = x.shape[0]
+    n = points.shape[0]
     if n < clusters:
         raise ValueError(f"group_clusters={clusters} exceeds the {n} member embeddings to fit them on; lower it.")
+    # sorted distinct rows: the canonical order that makes the draws below independent of the input order
+    x, inverse, counts = torch.unique(points.detach().float(), dim=0, return_inverse=True, return_counts=True)
+    if x.shape[0] < clusters:
+        raise ValueError(f"group_clusters={clusters} exceeds the {x.shape[0]} distinct member embeddings; lower it.")
+    weights = counts.to(x.dtype)
     generator = torch.Generator().manual_seed(seed)
-    first = int(torch.randint(n, (1,), generator=generator))
+
+    def draw(mass: Tensor) -> int:  # a row with probability proportional to mass, by inverse CDF
+        cumulative = mass.double().cpu().cumsum(0)  # (torch.multinomial stops at 2**24 categories)
+        u = torch.rand(1, generator=generator, dtype=torch.float64) * cumulative[-1]
+        return min(int(torch.searchsorted(cumulative, u, right=True)), len(cumulative) - 1)
+
+    first = draw(weights)
     centroids = [x[first]]
     nearest = ((x - x[first]) ** 2).sum(1)
     for _ in range(1, clusters):
-        cumulative = nearest.double().cpu().cumsum(0)
-        if not bool(cumulative[-1] > 0):
-            raise ValueError(
-                f"group_clusters={clusters} exceeds the {len(centroids)} distinct member embeddings; lower it."
-            )
-        # D^2 sampling by inverse CDF (torch.multinomial stops at 2**24 categories)
-        u = torch.rand(1, generator=generator, dtype=torch.float64) * cumulative[-1]
-        chosen = min(int(torch.searchsorted(cumulative, u, right=True)), n - 1)
+        chosen = draw(weights * nearest)  # D^2 sampling, each point counted as often as it occurs
         centroids.append(x[chosen])
         nearest = torch.minimum(nearest, ((x - x[chosen]) ** 2).sum(1))
     c = torch.stack(centroids)
     # Lloyd steps assign by the GEMM expansion on centred data (fast; a near-tie it may flip moves no
     # centroid measurably); the returned distances are exact
-    center = x.mean(0)
+    center = (weights[:, None] * x).sum(0) / weights.sum()
     xc = x - center
     assignment = None
     for _ in range(iterations):
@@ -82,11 +87,11 @@ def fit_kmeans(
         if assignment is not None and torch.equal(new_assignment, assignment):
             break
         assignment = new_assignment
-        # one-hot matmul, not index_add_: deterministic on every device
-        one_hot = torch.nn.functional.one_hot(assignment, clusters).to(x.dtype)
-        counts = one_hot.sum(0)
-        c = torch.where(counts[:, None] > 0, (one_hot.T @ x) / counts.clamp_min(1)[:, None], c)
-    return c, squared_distances(x, c).min(1).values
+        # weighted one-hot matmul, not index_add_: deterministic on every device
+        one_hot = torch.nn.functional.one_hot(assignment, clusters).to(x.dtype) * weights[:, None]
+        mass = one_hot.sum(0)
+        c = torch.where(mass[:, None] > 0, (one_hot.T @ x) / mass.clamp_min(1)[:, None], c)
+    return c, squared_distances(x, c).min(1).values[inverse]
 
 
 def squared_distances(points: Tensor, centroids: Tensor) -> Tensor:

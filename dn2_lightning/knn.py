@@ -646,10 +646,15 @@ def _float32_matmul_roundoff(device: torch.device) -> float:
     """Unit roundoff of a float32 GEMM's inputs under the user's settings: TF32 (``set_float32_matmul_precision
     ("high")`` on CUDA) keeps 11 bits, bfloat16 (``"medium"``, or any lowered mode on a CPU, where oneDNN
     uses AMX bf16) 8 bits."""
-    backend = getattr(getattr(torch.backends, "cuda" if device.type == "cuda" else "mkldnn", None), "matmul", None)
-    mode = str(getattr(backend, "fp32_precision", "none"))
+    # torch's per-backend settings, most specific first ("none" inherits from the next), then the legacy one
+    backend = getattr(torch.backends, "cuda" if device.type == "cuda" else "mkldnn", None)
+    settings = (getattr(backend, "matmul", None), backend, torch.backends)
+    mode = next((m for m in (str(getattr(s, "fp32_precision", "none")) for s in settings) if m != "none"), "none")
     if mode == "none":
-        mode = {"highest": "ieee", "high": "tf32"}.get(torch.get_float32_matmul_precision(), "bf16")
+        try:
+            mode = {"highest": "ieee", "high": "tf32"}.get(torch.get_float32_matmul_precision(), "bf16")
+        except RuntimeError:  # legacy and per-backend settings mixed (e.g. only CUDA's set): assume the coarsest
+            mode = "bf16"
     if mode == "ieee":
         return _UNIT_ROUNDOFF[torch.float32]
     return _TF32_UNIT_ROUNDOFF if mode == "tf32" and device.type == "cuda" else _UNIT_ROUNDOFF[torch.bfloat16]

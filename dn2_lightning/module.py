@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from lightning.fabric.utilities.data import sized_len
+from lightning.fabric.utilities.distributed import _DatasetSamplerWrapper
 from lightning.pytorch import LightningModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSamplerWrapper
 from lightning.pytorch.strategies import DDPStrategy
@@ -18,7 +19,15 @@ from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
-from torch.utils.data import BatchSampler, DataLoader, IterableDataset, SequentialSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    SubsetRandomSampler,
+    WeightedRandomSampler,
+)
 from torch.utils.data.distributed import DistributedSampler
 from torchmetrics.classification import BinaryAUROC
 
@@ -31,9 +40,11 @@ from dn2_lightning.checkpointing import (
     WeightsOnlyCheckpointIO,
     check_bank_settings,
     check_train_set,
+    readable_checkpoint,
     refuse_unsafe_load,
 )
 from dn2_lightning.console import info
+from dn2_lightning.data_source import running_datamodule
 from dn2_lightning.distributed import (
     broadcast_module_state,
     gather_objects,
@@ -73,6 +84,9 @@ _STAGE_LOADERS = {
     RunningStage.PREDICTING: "predict_dataloaders",
     RunningStage.VALIDATING: "val_dataloaders",
 }
+# checkpoint key: the fixed threshold saved and the k it scores at (load_from_checkpoint's overrides rewrite the
+# checkpoint's hyperparameters before on_load_checkpoint sees them)
+THRESHOLD_KEY = "dn2_threshold"
 NO_BANK_MESSAGE = (
     "DN2Module has no memory bank yet and cannot build one: call trainer.fit(model, datamodule) first, "
     "pass a datamodule with a train_dataloader() to trainer.{fn}(model, datamodule=...), or load a fitted "
@@ -231,6 +245,13 @@ class DN2Module(LightningModule):
         # paths with weights_only=False, i.e. it would run a downloaded file's pickled code)
         if not isinstance(strategy.checkpoint_io, WeightsOnlyCheckpointIO):
             strategy.checkpoint_io = WeightsOnlyCheckpointIO(strategy.checkpoint_io)
+        precision = str(self.trainer.precision)
+        if precision in ("bf16-true", "16-true"):
+            raise ValueError(
+                f"Trainer(precision={precision!r}) casts the backbone's weights to 16 bits, which DN2's float32 "
+                "preprocessing and memory bank do not take: use precision='bf16-mixed' (autocast: the backbone runs "
+                "in bfloat16 where it is safe, the bank stays float32) or '32-true'."
+            )
         frozen = not any(p.requires_grad for p in self.parameters())
         if stage == "fit" and isinstance(strategy, DDPStrategy) and frozen:
             # torch's DistributedDataParallel refuses a module without trainable parameters, and DN2 has no
@@ -317,7 +338,7 @@ class DN2Module(LightningModule):
         elif seen < min(total if total is not None else float("inf"), self.trainer.num_training_batches):
             self._reread_pass(f"the checkpoint's bank was built from {_batch_count(seen, total)}")
         else:
-            self._check_data_settings()
+            self._check_settings_against_bank()
             if total is None or seen < total:
                 warnings.warn(
                     f"fit restored a memory bank built from {_batch_count(seen, total)} (this "
@@ -508,6 +529,7 @@ class DN2Module(LightningModule):
         """DN2 scores ``[B]`` of a batch, and the kNN result behind them (neighbours as train indices)."""
         if not self._has_bank:
             raise RuntimeError(NO_BANK_MESSAGE.format(fn="test"))
+        self._check_sample_kind(batch.images.ndim == 5)
         if batch.images.ndim == 5 and self.hparams.group_pooling == "none":
             b, m = batch.images.shape[:2]
             with self._embedding_precision():
@@ -524,11 +546,32 @@ class DN2Module(LightningModule):
         knn = self._search(embeddings, self.hparams.k)
         return knn_scores(knn), knn
 
+    def _check_sample_kind(self, groups: bool) -> None:
+        """Refuse single images against a bank of pooled training groups, and pooled groups against a bank of single
+        images (recorded since bank format 2): either score would mean nothing. Point-wise groups
+        (``group_pooling="none"``) score their members as images, against either."""
+        spec, pooling = self.bank.spec, self.hparams.group_pooling
+        bank_of_groups = bool(spec.get("groups") or "group_size" in (spec.get("train_set") or {}))
+        if bank_of_groups and not groups and not spec.get("members_per_group"):
+            raise ValueError(
+                f"these samples are single images [B, C, H, W], but this memory bank holds pooled training groups "
+                f"(group_pooling={pooling!r}): a single image's score against it means nothing. Score groups "
+                "[B, M, C, H, W] (a GroupDataModule, or your own group batches), or fit on single images."
+            )
+        if groups and not bank_of_groups and pooling != "none" and spec.get("format", 1) >= 2:
+            raise ValueError(
+                f"these samples are groups [B, M, C, H, W], but this memory bank holds single training images: a "
+                f"pooled group (group_pooling={pooling!r}) scored against them means nothing. Fit on training groups "
+                "(a GroupDataModule, or your own group batches), or score each member as an image "
+                "(group_pooling='none': a group scores as its worst member)."
+            )
+
     def score_with_maps(self, batch: Batch, batch_idx: int = 0) -> tuple[Tensor, KNNResult, Tensor]:
         """DN2 scores ``[B]``, their kNN result and anomaly maps ``[B, H, W]`` (``anomaly_maps=True``), from one
         backbone pass over single images ``[B, C, H, W]``."""
         if not self._has_bank:
             raise RuntimeError(NO_BANK_MESSAGE.format(fn="test"))
+        self._check_sample_kind(False)
         with self._embedding_precision():
             embeddings, patches = self.maps.embed(self.backbone, batch.images)
         _check_finite(embeddings, "embeddings", batch, batch_idx)
@@ -556,14 +599,7 @@ class DN2Module(LightningModule):
         """
         if not self._has_bank:
             raise RuntimeError(NO_BANK_MESSAGE.format(fn="test"))
-        spec = self.bank.spec
-        pooled_groups = spec.get("groups") or "group_size" in (spec.get("train_set") or {})
-        if pooled_groups and not spec.get("members_per_group"):  # point-wise banks hold member images: scorable
-            raise ValueError(
-                f"score_images scores single images, but this memory bank holds training groups (group_pooling="
-                f"{self.hparams.group_pooling!r}): a single image's score against it means nothing. Score groups "
-                "[B, M, C, H, W] with trainer.test or trainer.predict (a GroupDataModule, or your own group batches)."
-            )
+        check_bank_settings(self.bank.spec, self._model_settings(), BANK_SETTINGS, "this model")
         parts: list[tuple[Tensor, KNNResult]] = []
         maps: list[Tensor] = []
         for chunk, _ in as_image_batches(images, self.bank.spec.get("load_size")):
@@ -746,13 +782,13 @@ class DN2Module(LightningModule):
         elif not self._has_bank:
             self._build_bank_from_datamodule()
         else:
-            self._check_data_settings()
+            self._check_settings_against_bank()
             if self._sharded and not self._bank_is_shard:
                 self._bank_builder.keep_own_shard()
         self._bank_is_shard = self._sharded
 
     def _build_bank_from_datamodule(self) -> None:
-        datamodule = self.trainer.datamodule
+        datamodule = running_datamodule(self._trainer)
         fn = self.trainer.state.fn.value if self.trainer.state.fn else "test"
         if datamodule is None or not is_overridden("train_dataloader", datamodule):
             raise RuntimeError(NO_BANK_MESSAGE.format(fn=fn))
@@ -862,10 +898,12 @@ class DN2Module(LightningModule):
             "group_pooling": hp.group_pooling,
             "group_clusters": hp.group_clusters if "histogram" in hp.group_pooling else None,
             "group_temperature": hp.group_temperature if "histogram" in hp.group_pooling else None,
+            # the patch bank's stages (compared only when both sides have maps: image scores do not use them)
+            **({"map_layers": list(self.maps.layers)} if self.maps is not None else {}),
         }
 
     def _data_settings(self) -> dict[str, Any]:
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        datamodule = running_datamodule(self._trainer)
         hparams = getattr(datamodule, "hparams", None) or {}
         settings = {name: hparams[name] for name in DATA_SETTINGS if name in hparams}
         identity = getattr(datamodule, "train_set_identity", None)  # the dn2 datamodules' training data
@@ -875,7 +913,7 @@ class DN2Module(LightningModule):
 
     def _record_bank_spec(self, paths: dict[int, str], member_sources: dict[int, int]) -> None:
         all_paths = self._all_paths(paths, "train")
-        spec = {**self._model_settings(), "train_set": None, **self._data_settings(), "format": 1}
+        spec = {**self._model_settings(), "train_set": None, **self._data_settings(), "format": 2}
         spec["autocast"] = self._bank_autocast
         if self._pass_batches is not None:  # (batches read, batches in the pass): a partial bank is known as one
             spec["train_batches"] = list(self._pass_batches)
@@ -896,10 +934,17 @@ class DN2Module(LightningModule):
         paths: dict[int, str] = {}
         for part in gather_objects(local):
             paths.update(part)
-        if not paths and self._trainer is not None and hasattr(self.trainer.datamodule, "source_paths"):
-            listed = self.trainer.datamodule.source_paths(split)
+        datamodule = running_datamodule(self._trainer)
+        if not paths and hasattr(datamodule, "source_paths"):
+            listed = datamodule.source_paths(split)
             paths = dict(enumerate(listed)) if listed else {}
         return paths
+
+    def _check_settings_against_bank(self) -> None:
+        """The model's and the datamodule's settings against the bank's record, on every use: a bank can also
+        arrive by ``load_state_dict``, which no Lightning hook sees."""
+        check_bank_settings(self.bank.spec, self._model_settings(), BANK_SETTINGS, "this model")
+        self._check_data_settings()
 
     def _check_data_settings(self) -> None:
         current = self._data_settings()
@@ -914,6 +959,7 @@ class DN2Module(LightningModule):
             )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[THRESHOLD_KEY] = {"value": self.hparams.threshold, "k": self.hparams.k}
         if self._sharded:
             # each rank holds a shard: the checkpoint gets the whole bank, so it loads on any number of devices.
             # It is assembled in host memory, one shard on the device at a time.
@@ -944,9 +990,10 @@ class DN2Module(LightningModule):
         refuse_unsafe_load(weights_only)
         if "threshold_quantile" in kwargs and "threshold" not in kwargs:
             kwargs["threshold"] = None  # a quantile asked for replaces a fixed value saved by set_threshold
-        model = super().load_from_checkpoint(
-            checkpoint_path, map_location, hparams_file, strict, weights_only=True, **kwargs
-        )
+        with readable_checkpoint(checkpoint_path):
+            model = super().load_from_checkpoint(
+                checkpoint_path, map_location, hparams_file, strict, weights_only=True, **kwargs
+            )
         return model.eval()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -954,6 +1001,7 @@ class DN2Module(LightningModule):
         state = checkpoint.get("state_dict", {})
         state.pop("threshold", None)  # checkpoints before the threshold was derived from bank.loo_scores
         check_bank_settings(state.get("bank._extra_state") or {}, self._model_settings(), BANK_SETTINGS, "this model")
+        self._warn_if_fixed_threshold_meets_another_k(**checkpoint.get(THRESHOLD_KEY, {}))
         self._match_patch_bank(state)
         saved = state.get("bank.embeddings")
         self._warn_if_bank_incomplete(saved, state.get("bank._extra_state") or {})
@@ -965,6 +1013,16 @@ class DN2Module(LightningModule):
                 f"the checkpoint's memory bank holds {saved.shape[1]}-d embeddings but backbone="
                 f"{self.hparams.get('backbone')!r} gives {expected}-d ones; load it with the backbone it was "
                 "built with."
+            )
+
+    def _warn_if_fixed_threshold_meets_another_k(self, value: float | None = None, k: int | None = None) -> None:
+        """A fixed threshold is a score at the k it was set for; a quantile threshold follows k, a value cannot."""
+        now = self.hparams.k
+        if value is not None and self.hparams.threshold == value and k is not None and k != now:
+            rank_zero_warn(
+                f"threshold={value:g} is a fixed score set for k={k} scores, but this model scores with "
+                f"k={now} (a larger k gives larger scores): set a threshold for k={now} (threshold=..., or "
+                "set_threshold(value=...)), or use threshold_quantile (it follows k)."
             )
 
     def _warn_if_bank_incomplete(self, embeddings: Tensor | None, spec: dict[str, Any]) -> None:
@@ -1021,13 +1079,16 @@ class DN2Module(LightningModule):
         return embeddings
 
     def _indices_of(self, batch: Batch, batch_idx: int) -> Tensor:
+        loader = self._current_loader()
+        if self._stream_position == 0:
+            _refuse_ranks_drawing_their_own_samples(loader)
         if batch.indices is not None:
+            self._stream_position += batch.images.shape[0]
             return torch.as_tensor(batch.indices, device=batch.images.device).long()
         # samples without indices are numbered by the order this rank reads them: a DistributedSampler's own list
         # for this epoch (shuffled or not, its padding included) when it can be read again, else the stream as an
         # unshuffled DistributedSampler deals it: sample i of this rank is position rank + world * i of the
         # sampler's list, which pads the dataset's N samples with its first ones again (so the position modulo N)
-        loader = self._current_loader()
         if self._stream_position == 0:
             self._stream_order = _sampler_order(loader)
             if self._stream_order is None:
@@ -1054,7 +1115,7 @@ class DN2Module(LightningModule):
         """Samples without an ``index`` are numbered in the order they are read; a loader that shuffles or picks
         makes those numbers (neighbour indices, paths, the order of the scores) mean nothing, though scores stay
         right."""
-        sampler = getattr(loader, "sampler", None)
+        sampler = _drawing_sampler(loader)
         sequential = isinstance(sampler, SequentialSampler | DistributedSampler)
         if sampler is not None and not (sequential and not getattr(sampler, "shuffle", False)):
             rank_zero_warn(
@@ -1173,6 +1234,36 @@ def _sampler_order(loader: Any) -> Tensor | None:
     if plain and sampler is loader.sampler and type(loader.batch_sampler) is BatchSampler:
         return torch.tensor(list(sampler), dtype=torch.long)
     return None
+
+
+def _drawing_sampler(loader: Any) -> Any:
+    """The sampler that decides which samples the loader reads and in which order, under the wrappers Lightning
+    puts around it (predict's batch sampler wrapper; the DistributedSamplerWrapper of a custom or predict
+    sampler, which draws the wrapped sampler again on every rank)."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    batch_sampler = getattr(batch_sampler, "_batch_sampler", batch_sampler)
+    sampler = getattr(batch_sampler, "sampler", None)
+    sampler = sampler if sampler is not None else getattr(loader, "sampler", None)
+    while isinstance(getattr(sampler, "dataset", None), _DatasetSamplerWrapper):
+        sampler = sampler.dataset._sampler
+    return sampler
+
+
+def _refuse_ranks_drawing_their_own_samples(loader: Any) -> None:
+    """Under DDP, a random sampler inside Lightning's DistributedSamplerWrapper is drawn on every rank on its own,
+    so the ranks' shares overlap: some samples are read twice and others never (a different set of samples than
+    the dataset's, whatever their indices say)."""
+    sampler = _drawing_sampler(loader)
+    random = isinstance(sampler, RandomSampler | WeightedRandomSampler | SubsetRandomSampler)
+    seeded = getattr(sampler, "generator", None) is not None  # every rank draws the same order from its seed
+    if world_size() > 1 and random and not seeded and not isinstance(sampler, DistributedSampler):
+        raise ValueError(
+            f"under DDP this dataloader's {type(sampler).__name__} draws its own order on every rank (Lightning "
+            "wraps it, as it does every sampler of a predict dataloader and every custom sampler), so some samples "
+            "would be scored twice and others never: use shuffle=False and no random sampler (DN2's scores do not "
+            "depend on the order; Lightning's DistributedSampler then splits the samples across ranks), or give it a "
+            "seeded generator (the same order on every rank)."
+        )
 
 
 def _distributed_sampler(loader: Any) -> DistributedSampler | None:

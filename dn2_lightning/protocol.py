@@ -31,7 +31,7 @@ from dn2_lightning.data.classes import draw_contaminants, resolve_class
 from dn2_lightning.data.datasets import ArrayImageDataset, iter_image_batches
 from dn2_lightning.data.sources import LabeledImages, default_data_root, known_classes, list_datasets, load_split
 from dn2_lightning.knn import knn_distances
-from dn2_lightning.scoring import cleaning_mask, knn_scores, rank_auroc
+from dn2_lightning.scoring import cleaning_mask, knn_scores, rank_auroc, removed_count
 from dn2_lightning.validation import (
     check_choice,
     check_clean_fraction,
@@ -367,7 +367,7 @@ def run_protocol(
             raise ValueError(f"class {c} ({names[c]!r}) has no training samples in {dataset}.")
         contaminants = draw_contaminants(train_labels, c, contamination, seed) if contamination else normal[:0]
         rows = len(normal) + len(contaminants)
-        kept = rows - int(round(clean_fraction * rows))
+        kept = rows - removed_count(clean_fraction, rows)
         if k > kept:
             after = f" after cleaning {clean_fraction:g} of {rows}" if kept < rows else ""
             raise ValueError(

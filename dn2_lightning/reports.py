@@ -48,6 +48,7 @@ from torch import Tensor
 
 from dn2_lightning.cache import atomic_write
 from dn2_lightning.console import info
+from dn2_lightning.data_source import running_datamodule
 from dn2_lightning.distributed import unique_by_index
 from dn2_lightning.metrics import AnomalyScores
 
@@ -431,8 +432,7 @@ class EvaluationReport(Callback):
         paths: Sequence[str] | None = None,
     ) -> None:
         threshold = _threshold_of(pl_module)
-        datamodule = trainer.datamodule
-        source_paths = getattr(datamodule, "source_paths", None)
+        source_paths = getattr(running_datamodule(trainer), "source_paths", None)
         if scores.paths is not None:  # per row, gathered by the module from the batches: index them
             by_index = [""] * (int(scores.indices.max()) + 1 if len(scores) else 0)
             for i, path in zip(scores.indices.tolist(), scores.paths, strict=True):
@@ -522,7 +522,7 @@ def threshold_source(pl_module: LightningModule, threshold: float | None) -> dic
 
 
 def _dataset_of(trainer: Trainer, stage: str) -> Any:
-    dataset = getattr(trainer.datamodule, f"{stage}_dataset", None)
+    dataset = getattr(running_datamodule(trainer), f"{stage}_dataset", None)
     if dataset is None:
         loaders = trainer.test_dataloaders if stage == "test" else trainer.predict_dataloaders
         loaders = loaders if isinstance(loaders, list | tuple) else [loaders]

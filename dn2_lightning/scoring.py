@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import torch
 from torch import Tensor
 
@@ -86,11 +89,23 @@ def _lookup(table: Tensor, rows: Tensor) -> Tensor:
     return torch.where(rows < len(table), table[rows.clamp(max=len(table) - 1)], -1)
 
 
+def removed_count(fraction: float, rows: int) -> int:
+    """How many of ``rows`` a cleaning ``fraction`` removes: ``fraction * rows`` rounded half up (Python's
+    ``round`` rounds half to even: 0.5 of 5 rows would remove 2 but of 7 rows 4).
+
+    >>> [removed_count(0.5, n) for n in (5, 7, 9)], removed_count(0.05, 10), removed_count(0.35, 90)
+    ([3, 4, 5], 1, 32)
+    """
+    return math.floor(
+        Fraction(repr(float(fraction))) * rows + Fraction(1, 2)
+    )  # exact: 0.35 * 90 is 31.5, not 31.4999...
+
+
 def keep_lowest(scores: Tensor, fraction: float) -> Tensor:
-    """Mask keeping all but the ``fraction`` (rounded) of rows with the largest scores; ties broken by row
-    order."""
+    """Mask keeping all but the ``fraction`` (:func:`removed_count`) of rows with the largest scores; ties broken
+    by row order."""
     n = scores.shape[0]
-    n_removed = int(round(fraction * n))
+    n_removed = removed_count(fraction, n)
     keep = torch.zeros(n, dtype=torch.bool, device=scores.device)
     keep[torch.argsort(scores, stable=True)[: n - n_removed]] = True
     return keep
@@ -101,7 +116,7 @@ def cleaning_mask(bank: Tensor, fraction: float, k: int, backend: str = "auto", 
 
     Returns a bool mask over bank rows (``True`` = kept). Ties are broken by row order.
     """
-    if int(round(fraction * bank.shape[0])) == 0:
+    if removed_count(fraction, bank.shape[0]) == 0:
         return torch.ones(bank.shape[0], dtype=torch.bool, device=bank.device)
     k = min(k, bank.shape[0] - 1)
     return keep_lowest(knn_scores(leave_one_out_knn(bank, k, backend, **knn_kwargs)), fraction)

@@ -3,8 +3,8 @@
 Lightning's ddp launcher re-executes this script for every rank, so it is a script, not a test function.
 Usage: python tests/ddp_run.py OUT.pt DEVICES SETTING fit|resume|test|predict replicate|shard
 (resume: a fit stopped after 2 steps with a mid-epoch checkpoint, then fit resumed from it, then test)
-(SETTING: unimodal, unsupervised, noindex, noindex_no_sampler, uneven, group_none, paths, outliers_on_rank_zero,
-iterable, custom_batch_sampler)
+(SETTING: unimodal, unsupervised, noindex, noindex_no_sampler, index_no_sampler, uneven, group_none, paths,
+outliers_on_rank_zero, iterable, custom_batch_sampler, [seeded_]shuffled_predict)
 """
 
 from __future__ import annotations
@@ -36,6 +36,19 @@ class NoIndexDataModule(BlobDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(self.test_images, self.test_labels), batch_size=8)
+
+
+class ShuffledPredictDataModule(BlobDataModule):
+    """Indexed samples whose predict dataloader shuffles: Lightning wraps its RandomSampler, drawn on every rank."""
+
+    def __init__(self, seeded: bool, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.seeded = seeded
+
+    def predict_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(0) if self.seeded else None  # seeded: one order on every rank
+        dataset = DictDataset(self.test_images, self.test_labels)
+        return DataLoader(dataset, batch_size=8, shuffle=True, generator=generator)
 
 
 class PathsDataModule(BlobDataModule):
@@ -142,6 +155,8 @@ def datamodule(setting: str) -> LightningDataModule:
         return PathsDataModule(n_train=104, n_normal=41, n_anomalous=26)  # rank 0 reads 0, 2, ..., 102: not 103
     if setting == "outliers_on_rank_zero":
         return OutliersOnRankZero()
+    if setting in ("shuffled_predict", "seeded_shuffled_predict"):
+        return ShuffledPredictDataModule(setting.startswith("seeded"), n_train=103, n_normal=41, n_anomalous=26)
     return BlobDataModule(n_train=103, n_normal=41, n_anomalous=26, batch_size=8)
 
 
@@ -165,7 +180,7 @@ def main(out: str, devices: int, setting: str, mode: str, sharding: str = "repli
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=str(Path(out).parent),
-        use_distributed_sampler=setting != "noindex_no_sampler",
+        use_distributed_sampler=setting not in ("noindex_no_sampler", "index_no_sampler"),
     )
     trainer = Trainer(**trainer_settings)
     if mode == "resume":

@@ -84,6 +84,18 @@ def test_ddp_without_distributed_sampler_refuses_samples_without_index(tmp_path,
         run(tmp_path, 2, setting, mode)
 
 
+def test_ddp_without_distributed_sampler_names_it_for_indexed_samples(tmp_path):
+    # every rank read every sample: the error blamed a ConcatDataset's shared indices and suggested dropping them
+    with pytest.raises(AssertionError, match=r"read by all 2 ranks: .*use_distributed_sampler=False"):
+        run(tmp_path, 2, "index_no_sampler", "test")
+
+
+def test_ddp_predict_from_a_shuffling_dataloader_is_refused(tmp_path):
+    # each rank drew its own permutation: 537-542 of 723 samples scored, about 185 twice and 185 never, silently
+    with pytest.raises(AssertionError, match=r"RandomSampler draws its own order on every rank .* shuffle=False"):
+        run(tmp_path, 2, "shuffled_predict", "predict")
+
+
 def test_ddp_bank_outside_fit_from_a_custom_batch_sampler_is_a_clear_error(tmp_path):
     with pytest.raises(AssertionError, match=r"building the memory bank under DDP outside fit .* OwnBatchSampler"):
         run(tmp_path, 2, "custom_batch_sampler", "test")
@@ -115,6 +127,7 @@ def test_ddp_predict_gathers_every_sample_once(tmp_path, sharding):
         ("group_none", "test", "shard", 21),  # and member copies are skipped across shards
         ("noindex", "fit", "replicate", 67),  # fit's sampler shuffles under DDP: rows keep their dataset index
         ("noindex", "predict", "replicate", 67),  # predict's sampler sits in the batch sampler
+        ("seeded_shuffled_predict", "predict", "replicate", 67),  # a seeded shuffle: one order on every rank
         ("outliers_on_rank_zero", "test", "shard", 19),  # cleaning empties rank 0's shard
         ("noindex", "resume", "replicate", 67),  # fit resumed from a mid-epoch checkpoint reads its pass again
         ("unsupervised", "resume", "shard", 67),

@@ -78,6 +78,25 @@ def test_large_integer_features_are_not_rounded_to_float32():
     assert small.bank_.dtype == torch.float32
 
 
+def test_uint64_features_beyond_int64_do_not_wrap():
+    train = np.array([[2**63 - 4096], [2**63 + 4096], [2**63 + 8192]], dtype=np.uint64)
+    scores = DN2Detector(k=1).fit(train).decision_scores_.tolist()  # int64 wrapped them: 3.4e38 for 6.7e7
+    assert scores == [8192.0**2, 4096.0**2, 4096.0**2]
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.uint16, np.uint32, np.bool_])
+def test_features_of_any_integer_width_or_bool_are_numbers(dtype):
+    # int16, uint16, int8 and bool features were refused as "must hold numbers"
+    train = (np.arange(12).reshape(6, 2) % 3 > 0 if dtype is np.bool_ else np.arange(12).reshape(6, 2)).astype(dtype)
+    query = train[:2]
+    detector = DN2Detector(k=2).fit(train)
+    x, q = train.astype(np.float64), query.astype(np.float64)
+    expected = np.sort(((q[:, None] - x[None]) ** 2).sum(-1), axis=1)[:, :2].mean(1)
+    np.testing.assert_allclose(detector.decision_function(query), expected)
+    with pytest.raises(ValueError, match="X must hold real numbers"):
+        DN2Detector(k=1).fit(train.astype(np.complex64))
+
+
 def test_predict_proba_agrees_with_predict_for_float64_scores_closer_than_float32_resolution():
     # k = 1 leave-one-out scores 1, 1, 1 + 2e-9, 1 + 2e-9, 1 + 4e-9, 1 + 4e-9 (float32 rounds all to 1)
     train = np.array([[0.0], [1.0], [10.0], [11 + 1e-9], [20.0], [21 + 2e-9]])

@@ -14,7 +14,7 @@ from helpers import BlobDataModule, linear_backbone, quiet_trainer
 from lightning import LightningDataModule
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from dn2_lightning import DN2Module, GroupDataModule
 from dn2_lightning.batch import Batch
@@ -55,6 +55,26 @@ def test_kmeans_is_deterministic_for_a_seed_and_a_lloyd_fixed_point():
     for j in range(5):
         np.testing.assert_allclose(c[j], x[owner == j].mean(0), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(nearest.numpy(), distances.min(1), rtol=1e-4, atol=1e-4)
+
+
+def test_kmeans_depends_on_the_points_not_their_order_and_counts_duplicates():
+    points, _, _ = blobs(classes=5, spread=3.0)  # overlapping blobs: the start decides the local optimum
+    points = torch.cat([points, points[:40]])  # 40 points occur twice
+    shuffled = points[torch.randperm(len(points), generator=torch.Generator().manual_seed(7))]
+    for seed in range(3):
+        a, nearest_a = fit_kmeans(points, 5, seed=seed)
+        b, nearest_b = fit_kmeans(shuffled, 5, seed=seed)
+        assert torch.equal(a, b)
+        # each point's distance stays its own (returned in input order)
+        np.testing.assert_allclose(
+            nearest_a.numpy(), ((points[:, None] - a[None]) ** 2).sum(-1).min(1).values.numpy(), rtol=1e-4
+        )
+        assert torch.equal(nearest_a.sort().values, nearest_b.sort().values)
+    # duplicates weigh as often as they occur: a converged centroid is the mean of all its points (numpy)
+    x, c = points.double().numpy(), a.double().numpy()
+    owner = ((x[:, None, :] - c[None]) ** 2).sum(-1).argmin(1)
+    for j in range(5):
+        np.testing.assert_allclose(c[j], x[owner == j].mean(0), rtol=1e-4, atol=1e-4)
 
 
 def test_kmeans_recovers_well_separated_blob_centres():
@@ -224,6 +244,34 @@ def test_module_scores_are_orderless_in_the_members():
         a = model.score(Batch(images, torch.zeros(8), None))[0]
         b = model.score(Batch(images[:, perm], torch.zeros(8), None))[0]
     torch.testing.assert_close(a, b)
+
+
+class Renumbered(Dataset):
+    """``dataset``'s items in ``order``, each numbered by its new position (as a re-listed folder would be)."""
+
+    def __init__(self, dataset: Dataset, order: list[int]) -> None:
+        self.dataset, self.order = dataset, order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.dataset[self.order[i]], "index": torch.tensor(i)}
+
+
+def test_the_order_of_the_training_groups_changes_neither_centroids_nor_scores():
+    dm = group_datamodule()
+    dm.setup("fit")
+    results = []
+    for order in (range(60), reversed(range(60))):  # the same training groups, listed in two orders
+        train = Renumbered(dm.train_dataset, list(order))
+        model = DN2Module(k=2, backbone=linear_backbone(), group_pooling="histogram", group_clusters=5, reports=False)
+        trainer = quiet_trainer()
+        trainer.fit(model, train_dataloaders=DataLoader(train, batch_size=8))
+        trainer.test(model, dataloaders=DataLoader(dm.test_dataset, batch_size=8))
+        results.append(model)
+    torch.testing.assert_close(results[0].group_pool.centroids, results[1].group_pool.centroids, rtol=0, atol=0)
+    torch.testing.assert_close(results[0].test_scores.scores, results[1].test_scores.scores, rtol=1e-6, atol=1e-7)
 
 
 class PaddedGroups(Dataset):
@@ -399,11 +447,33 @@ def test_point_wise_groups_padded_per_batch_are_refused_and_group_banks_refuse_s
         quiet_trainer().fit(model, train_dataloaders=loader)
     pooled = DN2Module(k=2, backbone=linear_backbone(), group_pooling="mean", reports=False)
     quiet_trainer().fit(pooled, train_dataloaders=DataLoader(groups, batch_size=4))
-    with pytest.raises(ValueError, match="score_images scores single images, but this memory bank holds"):
+    with pytest.raises(ValueError, match=r"single images \[B, C, H, W\], but this memory bank holds pooled"):
         pooled.score_images(groups.images[0])
     point_wise = DN2Module(k=2, backbone=linear_backbone(), group_pooling="none", reports=False)
     quiet_trainer().fit(point_wise, train_dataloaders=DataLoader(groups, batch_size=4))
     assert len(point_wise.score_images(groups.images[0]).scores) == 4  # its rows are member images: scorable
+
+
+@pytest.mark.parametrize("pooling", ["mean", "histogram"])
+def test_predict_and_test_refuse_single_images_against_groups_and_groups_against_images(pooling):
+    """score_images refused single images against a bank of groups, but trainer.predict/test scored them silently
+    (mean) or blamed the backbone (histogram); groups against a bank of single images were mean-pooled silently."""
+    groups = PaddedGroups(16, 0.0, seed=0)
+    images = DataLoader(TensorDataset(groups.images[:, 0]), batch_size=4)  # single images [B, C, H, W]
+    model = DN2Module(k=2, backbone=linear_backbone(), group_pooling=pooling, group_clusters=3, reports=False)
+    quiet_trainer().fit(model, train_dataloaders=DataLoader(groups, batch_size=4))
+    with pytest.raises(ValueError, match=r"single images \[B, C, H, W\], but this memory bank holds pooled"):
+        quiet_trainer().predict(model, dataloaders=images)
+    with pytest.raises(ValueError, match=r"single images \[B, C, H, W\], but this memory bank holds pooled"):
+        quiet_trainer().test(model, dataloaders=DataLoader(TensorDataset(groups.images[:, 0], groups.labels)))
+    on_images = DN2Module(k=2, backbone=linear_backbone(), group_pooling=pooling, reports=False)
+    quiet_trainer().fit(on_images, train_dataloaders=images)
+    with pytest.raises(ValueError, match=r"groups \[B, M, C, H, W\], but this memory bank holds single training"):
+        quiet_trainer().predict(on_images, dataloaders=DataLoader(groups, batch_size=4))
+    point_wise = DN2Module(k=2, backbone=linear_backbone(), group_pooling="none", reports=False)
+    quiet_trainer().fit(point_wise, train_dataloaders=images)  # members scored as images: allowed
+    quiet_trainer().predict(point_wise, dataloaders=DataLoader(groups, batch_size=4))
+    assert len(point_wise.predict_scores) == 16
 
 
 PER_RANK_M_SCRIPT = """

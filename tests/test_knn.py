@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dn2_lightning.detector import DN2Detector
 from dn2_lightning.knn import (
     brute_force_knn,
     keops_probe,
@@ -129,6 +130,30 @@ def test_lowered_float32_matmul_precision_stays_exact(precision):
         torch.set_float32_matmul_precision(before)
     assert torch.equal(result.indices, brute_force_knn(queries, bank, 3).indices)
     assert_exact(result, queries, bank, 3)
+
+
+@pytest.mark.parametrize("setting", [("cuda", "tf32"), ("mkldnn", "bf16"), ("mkldnn", "ieee")])
+def test_per_backend_matmul_precision_settings_stay_exact(setting):
+    """torch's per-backend API (``torch.backends.cuda.matmul.fp32_precision = "tf32"``, common in training
+    scripts even on a CPU) mixed with the legacy one made every search raise torch's "mix of the legacy and new
+    APIs" error; the search must run, exact, under any of them."""
+    g = torch.Generator().manual_seed(16)
+    bank, queries = 5 + torch.randn(3000, 64, generator=g), 5 + torch.randn(300, 64, generator=g)
+    matmul = getattr(torch.backends, setting[0]).matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = setting[1]
+    try:
+        result = knn_distances(queries, bank, 3, "torch")
+        detector = DN2Detector(k=2).fit(bank[:500].numpy())
+    finally:
+        matmul.fp32_precision = before
+    assert torch.equal(result.indices, brute_force_knn(queries, bank, 3).indices)
+    assert_exact(result, queries, bank, 3)
+    reference = ((bank[:500, None].double() - bank[None, :500].double()) ** 2).sum(-1)
+    reference.fill_diagonal_(float("inf"))
+    torch.testing.assert_close(
+        detector.decision_scores_.double(), reference.sort(1).values[:, :2].mean(1), rtol=1e-5, atol=0
+    )
 
 
 @pytest.mark.parametrize("budget", [2**20, 64 * 2**20, 512 * 2**20])

@@ -542,3 +542,19 @@ def test_a_synthetic_set_another_job_wrote_meanwhile_is_kept_not_replaced(tmp_pa
     write_synthetic_defects(root, **{**small, "n_train": 3})  # other settings: replaced in one rename
     assert len(list((root / "train" / "good").iterdir())) == 3
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_patch_bank_of_other_map_layers_is_refused_even_with_the_same_shapes(small_set, tmp_path):
+    # layers "0" (conv) and "1" (its ReLU) give the same [6, 16, 16] patches: only the shape was compared, so maps
+    # of a bank built from other layers were silently wrong (a reviewer: up to 2255 of a 4709 maximum)
+    dm = OneClassDataModule(dataset="folder", root=str(small_set), load_size=32, batch_size=5)
+    model = DN2Module(backbone=tiny_conv(), anomaly_maps=True, map_layers=["1"], map_images=3, reports=False)
+    trainer = quiet_trainer()
+    trainer.fit(model, datamodule=dm)
+    trainer.save_checkpoint(tmp_path / "maps.ckpt")
+    with pytest.raises(ValueError, match=r"map_layers=\['1'\] \(checkpoint\) vs map_layers=\['0'\] \(this model\)"):
+        DN2Module.load_from_checkpoint(tmp_path / "maps.ckpt", backbone=tiny_conv(), map_layers=["0"])
+    restored = DN2Module.load_from_checkpoint(tmp_path / "maps.ckpt", backbone=tiny_conv(), map_layers=["1"])
+    assert restored.bank.spec["map_layers"] == ["1"]
+    images = DN2Module.load_from_checkpoint(tmp_path / "maps.ckpt", backbone=tiny_conv(), anomaly_maps=False)
+    assert len(images.score_images(dm.source_paths("test")).scores) == len(dm.test_dataset)  # no maps: no check

@@ -289,3 +289,23 @@ def test_checkpoint_with_pickled_code_is_refused_without_running_it(tmp_path):
     with pytest.raises(pickle.UnpicklingError, match="[Ww]eights only"):
         DN2Module.load_from_checkpoint(ckpt, backbone=linear_backbone())
     assert not marker.exists()
+
+
+def test_a_bank_loaded_by_load_state_dict_is_checked_against_the_model_settings():
+    # on_load_checkpoint (a Lightning hook) checked the bank's settings, plain load_state_dict nothing: a bank built
+    # at input_size=32 was searched with queries embedded at 64 (a reviewer: AUROC 0.3346 for 0.9921), silently
+    dm = BlobDataModule()
+    cleaned = DN2Module(k=2, backbone=linear_backbone(), clean_fraction=0.5, reports=False)
+    quiet_trainer().fit(cleaned, datamodule=dm)
+    plain = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    plain.load_state_dict(cleaned.state_dict())
+    match = r"clean_fraction=0.5 \(checkpoint\) vs clean_fraction=0.0 \(this model\)"
+    with pytest.raises(ValueError, match=match):
+        quiet_trainer().test(plain, datamodule=dm)
+    with pytest.raises(ValueError, match=match):
+        plain.score_images(dm.test_images[:3])
+    same = DN2Module(k=2, backbone=linear_backbone(), clean_fraction=0.5, reports=False)
+    same.load_state_dict(cleaned.state_dict())
+    torch.testing.assert_close(
+        same.score_images(dm.test_images[:3]).scores, cleaned.score_images(dm.test_images[:3]).scores
+    )

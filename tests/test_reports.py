@@ -14,6 +14,7 @@ import torch
 from helpers import BlobDataModule, linear_backbone, quiet_trainer
 from PIL import Image
 from test_data import make_folder
+from torch.utils.data import DataLoader, TensorDataset
 
 from dn2_lightning import AnomalyScores, DN2Module, OneClassDataModule
 from dn2_lightning.cli import build_cli
@@ -322,3 +323,28 @@ def test_cli_predict_on_a_folder_with_a_corrupt_file(tmp_path):
     assert summary["n_scored"] == 3 and summary["auroc"] is None
     assert summary["n_flagged"] == sum(int(r["is_anomaly"]) for r in rows)
     assert "roc" not in summary["files"] and Path(summary["files"]["top_anomalies"]).is_file()
+
+
+def test_predict_on_dataloaders_after_a_datamodule_fit_reports_the_samples_it_read(tmp_path):
+    """A Trainer keeps the datamodule of an earlier call: predicting other dataloaders on it wrote the old
+    datamodule's files into predictions.csv and predict_scores, drew its images in top_anomalies.png under the new
+    scores, and crashed (IndexError) given more samples than it has."""
+    dm = OneClassDataModule(dataset="folder", root=str(make_folder(tmp_path / "images", corrupt=False)), load_size=8)
+    model = DN2Module(k=2, backbone=linear_backbone())
+    trainer = quiet_trainer(default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=dm)
+    new = torch.rand(9, 3, 8, 8, generator=torch.Generator().manual_seed(3))  # 9 > the folder's 5, no files
+    trainer.predict(model, dataloaders=DataLoader(TensorDataset(new), batch_size=4))
+    out = only_run_dir(tmp_path, "predict")
+    rows = read_csv(out / "predictions.csv")
+    assert [r["index"] for r in rows] == [str(i) for i in range(9)] and {r["path"] for r in rows} == {""}
+    assert not any(model.predict_scores.paths or [])
+    reference = model.score_images(new).scores
+    np.testing.assert_allclose([float(r["score"]) for r in rows], reference.numpy(), rtol=1e-5)
+    assert "top_anomalies" not in json.loads((out / "summary.json").read_text())["files"]
+    fresh, loader = DN2Module(k=2, backbone=linear_backbone()), DataLoader(TensorDataset(new, new[:, 0, 0, 0]))
+    with pytest.raises(RuntimeError, match="has no memory bank yet"):  # nor builds a new model's bank from it
+        trainer.test(fresh, dataloaders=loader)
+    trainer.predict(model, datamodule=dm)  # the datamodule's own samples keep their files
+    rows = read_csv(sorted((tmp_path / "dn2_reports").glob("predict_*"))[-1] / "predictions.csv")
+    assert [Path(r["path"]).name for r in rows] == ["0.png", "1.png", "2.png", "0.png", "1.png"]

@@ -267,6 +267,37 @@ def test_inconsistent_checkpoint_bank_is_a_clear_error_issue11_13(tmp_path):
         DN2Module.load_from_checkpoint(tmp_path / "cut.ckpt", backbone=linear_backbone())
 
 
+def test_empty_cut_short_or_plain_state_dict_checkpoints_are_named(tmp_path):
+    # a bare EOFError (empty file), KeyError 'pytorch-lightning_version' (a plain state_dict); from the CLI also an
+    # AttributeError for a file of one tensor
+    from dn2_lightning.cli import build_cli
+
+    trainer = quiet_trainer(default_root_dir=tmp_path, enable_checkpointing=True)
+    model = DN2Module(k=2, backbone=linear_backbone())
+    trainer.fit(model, datamodule=BlobDataModule())
+    whole = Path(trainer.checkpoint_callback.best_model_path).read_bytes()
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    (tmp_path / "cut.ckpt").write_bytes(whole[: len(whole) // 2])
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    cases = [
+        ("empty.ckpt", r"empty.ckpt is empty \(0 bytes\): a run stopped while writing it\?"),
+        ("cut.ckpt", rf"cut.ckpt is cut short or damaged \({len(whole) // 2} bytes\)"),
+        ("plain.pt", r"plain.pt is not a Lightning checkpoint .*model.load_state_dict\(torch.load\(path\)\)"),
+    ]
+    for name, match in cases:
+        with pytest.raises(ValueError, match=match):
+            DN2Module.load_from_checkpoint(tmp_path / name, backbone=linear_backbone())
+    with pytest.raises(ValueError, match=r"tensor.pt is not a Lightning checkpoint"):
+        build_cli(["test", "--config", "configs/digits.yaml", f"--ckpt_path={tmp_path / 'tensor.pt'}"])
+    with pytest.raises(ValueError, match=cases[0][1]):
+        build_cli(["test", "--config", "configs/digits.yaml", f"--ckpt_path={tmp_path / 'empty.ckpt'}"])
+    with pytest.raises(ValueError, match=cases[1][1]):
+        quiet_trainer().test(
+            DN2Module(k=2, backbone=linear_backbone()), BlobDataModule(), ckpt_path=tmp_path / "cut.ckpt"
+        )
+
+
 def test_custom_backbone_checkpoint_asks_for_the_backbone_issue11_14(tmp_path):
     trainer = quiet_trainer(default_root_dir=tmp_path, enable_checkpointing=True)
     trainer.fit(DN2Module(k=2, backbone=linear_backbone()), datamodule=BlobDataModule())
@@ -365,3 +396,10 @@ def test_drop_last_is_named_and_one_tensor_tuples_and_channels_last_batches_are_
     channels_last = DataLoader(dm.test_images.permute(0, 2, 3, 1).contiguous()[:, :7], batch_size=16)
     with pytest.raises(ValueError, match=r"channels last \[B, H, W, C\]\? images.permute\(0, 3, 1, 2\)"):
         quiet_trainer().predict(model, dataloaders=channels_last)
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
+def test_true_half_precision_is_refused_by_name(precision):
+    # it failed deep inside the backbone's first convolution (float32 input, bfloat16 weights)
+    with pytest.raises(ValueError, match=rf"precision='{precision}'\) casts .* use precision='bf16-mixed'"):
+        quiet_trainer(precision=precision).test(DN2Module(k=2, backbone=linear_backbone()), BlobDataModule())

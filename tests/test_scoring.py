@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dn2_lightning.detector import DN2Detector
 from dn2_lightning.knn import brute_force_knn
 from dn2_lightning.scoring import cleaning_mask, knn_scores, leave_one_out_knn, pool_groups, to_unit_interval
 
@@ -51,6 +52,25 @@ def test_cleaning_fraction_zero_keeps_everything_and_rounding_is_exact():
     bank, _, _ = contaminated_bank()
     assert cleaning_mask(bank, 0.0, 2).all()
     assert cleaning_mask(bank, 0.5, 2).sum() == 46
+
+
+@pytest.mark.parametrize("rows", [5, 7, 9, 10])
+def test_cleaning_removes_the_fraction_rounded_half_up_whatever_the_parity(rows):
+    # Python's round() rounds half to even: 0.5 of 5 rows removed 2 (kept 3) but of 7 rows removed 4 (kept 3)
+    bank = torch.arange(rows, dtype=torch.float32)[:, None] ** 2  # leave-one-out scores grow with the row
+    for fraction, removed in [(0.5, (rows + 1) // 2), (0.25, (rows + 2) // 4), (0.05, rows // 10)]:
+        keep = cleaning_mask(bank, fraction, 1)
+        assert int((~keep).sum()) == removed, fraction
+        assert keep[: rows - removed].all()  # the rows nearest the others stay
+        detector = DN2Detector(k=1, clean_fraction=fraction).fit(bank.numpy())
+        assert int(detector.kept_.sum()) == rows - removed
+
+
+def test_the_removed_count_is_exact_where_floats_are_not():
+    # 0.35 x 90 = 31.499999999999996 and 0.29 x 50 = 14.499999999999998 in floats: half up is 32 and 15
+    for fraction, rows, removed in [(0.35, 90, 32), (0.29, 50, 15), (0.45, 70, 32), (0.1, 3, 0)]:
+        bank = torch.arange(rows, dtype=torch.float32)[:, None] ** 2
+        assert int((~cleaning_mask(bank, fraction, 1)).sum()) == removed, (fraction, rows)
 
 
 def test_knn_scores_are_the_mean_of_k_squared_distances():

@@ -53,7 +53,7 @@ def test_unsupervised_cleaning_matches_independent_reference(clean_k):
 def test_cleaning_that_leaves_fewer_rows_than_k_is_a_clear_error():
     dm = OneClassDataModule(dataset="digits", normal_class=1, batch_size=64)
     model = DN2Module(k=100, backbone=linear_backbone(), clean_fraction=0.5)
-    with pytest.raises(ValueError, match="clean_fraction=0.5 leaves 55 embeddings, fewer than k=100"):
+    with pytest.raises(ValueError, match="clean_fraction=0.5 leaves 54 embeddings, fewer than k=100"):
         quiet_trainer().test(model, datamodule=dm)
 
 

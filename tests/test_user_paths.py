@@ -81,6 +81,11 @@ def test_a_shuffled_loader_without_indices_warns_that_neighbour_indices_are_posi
     assert not [w for w in caught if "carry no 'index'" in str(w.message)]  # read in order: nothing to warn about
     scores = model.score_images(dm.train_images[:5])
     assert scores.neighbours[:, 0].tolist() == [0, 1, 2, 3, 4]
+    # predict: Lightning moves the loader's RandomSampler into its batch sampler (loader.sampler is sequential)
+    with pytest.warns(UserWarning, match="does not read in order .* carry no 'index'"):
+        quiet_trainer().predict(
+            model, dataloaders=DataLoader(TensorDataset(dm.test_images), batch_size=8, shuffle=True)
+        )
 
 
 def test_the_threshold_saved_by_set_threshold_is_used_by_cli_ckpt_path_runs(tmp_path):
@@ -120,6 +125,16 @@ def test_the_threshold_saved_by_set_threshold_is_used_by_cli_ckpt_path_runs(tmp_
         ["predict", *common, f"--ckpt_path={tmp_path / 'fixed.ckpt'}", "--model.threshold_quantile=0.99"]
     )
     assert default.model.hparams.threshold is None and default.model.hparams.threshold_quantile == 0.99
+    # a fixed value is a score at the k it was set for: another k keeps it, and says so (it was silent: a reviewer
+    # saw 18 of 72 normal digits flagged at k=50 with k=2's value, 2 of 72 at k=2)
+    with pytest.warns(UserWarning, match=r"threshold=2000 is a fixed score set for k=2 scores, .* k=5"):
+        assert float(DN2Module.load_from_checkpoint(tmp_path / "fixed.ckpt", k=5).threshold) == 2000.0
+    with pytest.warns(UserWarning, match=r"threshold=2000 is a fixed score set for k=2 scores, .* k=5"):
+        build_cli(["predict", *common, f"--ckpt_path={tmp_path / 'fixed.ckpt'}", "--model.k=5"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        DN2Module.load_from_checkpoint(tmp_path / "fixed.ckpt", k=5, threshold=2500.0)  # a value for k=5: quiet
+    assert not [w for w in caught if "fixed score" in str(w.message)]
 
 
 @pytest.mark.parametrize("config", sorted(CONFIGS.glob("*.yaml")), ids=lambda path: path.name)
@@ -324,7 +339,7 @@ def test_the_unsupervised_threshold_scores_every_training_row_against_the_cleane
     np.fill_diagonal(distances, np.inf)
     cleaning = np.sort(distances, axis=1)[:, :5].mean(1)
     kept = np.zeros(len(rows), dtype=bool)
-    kept[np.argsort(cleaning, kind="stable")[: len(rows) - round(0.5 * len(rows))]] = True
+    kept[np.argsort(cleaning, kind="stable")[: len(rows) - int(np.floor(0.5 * len(rows) + 0.5))]] = True
 
     def reference(k: int) -> np.ndarray:  # every training row against the kept rows, without itself
         to_kept = distances[:, kept]
@@ -356,7 +371,7 @@ def test_point_wise_group_threshold_after_cleaning_covers_the_removed_members_to
     np.fill_diagonal(cleaning, np.inf)  # cleaning scores each member row against every other row
     cleaning = np.sort(cleaning, axis=1)[:, :3].mean(1)
     kept = np.zeros(len(source), dtype=bool)
-    kept[np.argsort(cleaning, kind="stable")[: len(source) - round(0.3 * len(source))]] = True
+    kept[np.argsort(cleaning, kind="stable")[: len(source) - int(np.floor(0.3 * len(source) + 0.5))]] = True
     # every member (kept or removed) against the kept rows outside its group, copies of its image left out
     distances[(group_of[:, None] == group_of[None]) | (source[:, None] == source[None])] = np.inf
     member = np.sort(distances[:, kept], axis=1)[:, :2].mean(1)
@@ -379,7 +394,7 @@ def test_removed_rows_follow_the_bank_and_checkpoints_without_them_warn(tmp_path
     checkpoint = torch.load(tmp_path / "cleaned.ckpt", weights_only=True)
     checkpoint["state_dict"]["bank.removed"] = checkpoint["state_dict"]["bank.removed"][:, :3]
     torch.save(checkpoint, tmp_path / "damaged.ckpt")
-    with pytest.raises(ValueError, match=r"bank.removed has shape \(50, 3\)"):
+    with pytest.raises(ValueError, match=r"bank.removed has shape \(51, 3\)"):
         DN2Module.load_from_checkpoint(tmp_path / "damaged.ckpt", backbone=linear_backbone())
     model.bank.set(model.bank.embeddings[:10], model.bank.sample_indices[:10])  # a new bank: no stale rows
     assert len(model.bank.removed) == 0

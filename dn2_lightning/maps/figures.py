@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
+from dn2_lightning.data_source import running_datamodule
 from dn2_lightning.pixel_metrics import PixelResults
 
 
@@ -155,7 +156,7 @@ class MapReport(Callback):
         out = _run_dir(trainer)
         results = getattr(pl_module.maps, "test_results", None)
         scores = getattr(pl_module, "test_scores", None)
-        dataset = getattr(trainer.datamodule, "test_dataset", None)
+        dataset = getattr(running_datamodule(trainer), "test_dataset", None)
         if not trainer.is_global_zero or results is None or scores is None or dataset is None:
             return
         if not torch.equal(scores.indices, results.indices):
