@@ -268,18 +268,36 @@ class BankBuilder:
         return pool(members, mask)
 
     def build(
-        self, embeddings: Tensor, indices: Tensor, labels: Tensor, k: int, clean_fraction: float, clean_k: int
+        self,
+        embeddings: Tensor,
+        indices: Tensor,
+        labels: Tensor,
+        k: int,
+        clean_fraction: float,
+        clean_k: int,
+        members: int = 1,
+        member_sources: list[int] | None = None,
     ) -> dict[str, float]:
         """Make these rows the bank, without the ``clean_fraction`` of largest leave-one-out scores over
-        ``clean_k`` neighbours when asked (the unsupervised setting). Returns the cleaning report."""
+        ``clean_k`` neighbours when asked (the unsupervised setting). Returns the cleaning report.
+
+        With ``members > 1`` the rows are group members (``group_pooling="none"``, ids ``group * members +
+        member``, ``member_sources`` as in the bank's spec) and cleaning removes whole groups: the ``clean_fraction``
+        of training groups whose worst member scores highest, each member leaving its group (and its image's copies)
+        out, as the threshold scores them."""
         self.bank.set(embeddings, indices)
         n = self.size()
         if n < k:
             raise ValueError(f"k={k} exceeds the number of training embeddings ({n}); use k <= {n}.")
         report: dict[str, float] = {"bank/size_before_cleaning": float(n)}
         if clean_fraction > 0:
-            ids, scores, all_labels = self.leave_one_out_scores(clean_k, labels)
-            keep = keep_lowest(scores, clean_fraction)
+            sources = _source_table(member_sources, embeddings.device) if members > 1 else None
+            ids, scores, all_labels = self.leave_one_out_scores(clean_k, labels, members, sources)
+            if members > 1:  # a group goes or stays whole
+                group_of_row, worst = _worst_per_group(ids, scores, members)
+                keep = keep_lowest(worst, clean_fraction)[group_of_row]
+            else:
+                keep = keep_lowest(scores, clean_fraction)
             if (all_labels >= 0).all() and (all_labels > 0).any():
                 report["bank/contaminants_before"] = float((all_labels > 0).sum())
                 report["bank/contaminants_kept"] = float((all_labels[keep] > 0).sum())
@@ -349,9 +367,7 @@ class BankBuilder:
                     removed_ids, removed_scores = gather_rows(removed_ids), gather_rows(removed_scores)
                 ids, scores = torch.cat([ids, removed_ids]), torch.cat([scores, removed_scores])
             if members > 1:
-                groups = torch.unique(ids // members, return_inverse=True)[1]
-                worst = torch.full((int(groups.max()) + 1,), float("-inf"), dtype=scores.dtype, device=scores.device)
-                scores = worst.scatter_reduce(0, groups, scores, "amax")
+                scores = _worst_per_group(ids, scores, members)[1]
             self.bank.set_loo_scores(scores, k)
 
     def keep_own_shard(self) -> None:
@@ -373,6 +389,14 @@ class BankBuilder:
     def all_removed_on_cpu(self) -> tuple[Tensor, Tensor]:
         """``(removed_indices, removed)``: the rows cleaning removed, from every shard, in host memory."""
         return gather_rows_to_cpu(self.bank.removed_indices), gather_rows_to_cpu(self.bank.removed)
+
+
+def _worst_per_group(ids: Tensor, scores: Tensor, members: int) -> tuple[Tensor, Tensor]:
+    """Group-member rows (ids ``group * members + member``) to groups: ``(group of each row, the largest score of
+    each group)``, groups in id order."""
+    group_of_row = torch.unique(ids // members, return_inverse=True)[1]
+    worst = scores.new_full((int(group_of_row.max()) + 1,), float("-inf"))
+    return group_of_row, worst.scatter_reduce(0, group_of_row, scores, "amax")
 
 
 def _source_table(member_sources: list[int] | None, device: torch.device) -> tuple[Tensor, int] | None:

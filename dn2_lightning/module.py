@@ -866,11 +866,15 @@ class DN2Module(LightningModule):
         embeddings, indices, labels = builder.rows(collector, max(1, self._members_per_group))
         if embeddings.ndim == 3:  # packed group members [N, M, D + 1]: fit the group pooling, then pool
             embeddings = builder.pool_groups(self.group_pool, *unpack_members(embeddings), indices)
-        report = builder.build(embeddings, indices, labels, hp.k, hp.clean_fraction, hp.clean_k)
+        members = self._members_per_group
+        sources = _gathered_sources(collector.member_sources) if members else None
+        report = builder.build(
+            embeddings, indices, labels, hp.k, hp.clean_fraction, hp.clean_k, max(1, members), sources
+        )
         self._bank_is_shard = self._sharded
         if self.maps is not None:
             self.maps.finalize(self.bank.sample_indices, keep_collecting)
-        self._record_bank_spec(collector.paths, collector.member_sources)
+        self._record_bank_spec(collector.paths, sources)
         builder.update_loo_scores(hp.k)
         self._warn_if_no_threshold()
         report["bank/size"] = float(builder.size())
@@ -911,7 +915,7 @@ class DN2Module(LightningModule):
             settings["train_set"] = train_set
         return settings
 
-    def _record_bank_spec(self, paths: dict[int, str], member_sources: dict[int, int]) -> None:
+    def _record_bank_spec(self, paths: dict[int, str], member_sources: list[int] | None) -> None:
         all_paths = self._all_paths(paths, "train")
         spec = {**self._model_settings(), "train_set": None, **self._data_settings(), "format": 2}
         spec["autocast"] = self._bank_autocast
@@ -922,9 +926,8 @@ class DN2Module(LightningModule):
             spec["groups"] = True
         if self._members_per_group:  # rows are group members (group_pooling="none"): row = group * M + member
             spec["members_per_group"] = self._members_per_group
-            sources = {row: source for part in gather_objects(member_sources) for row, source in part.items()}
-            if sources:  # row -> source image, so the leave-one-out threshold skips copies in other groups
-                spec["member_sources"] = [sources.get(row, -1) for row in range(max(sources) + 1)]
+            if member_sources:  # row -> source image, so the leave-one-out threshold skips copies in other groups
+                spec["member_sources"] = member_sources
         if all_paths:  # train files by dataset index (every rank's, also when the bank is sharded), for neighbour paths
             spec["train_paths"] = [all_paths.get(i, "") for i in range(max(all_paths) + 1)]
         self.bank.spec = spec
@@ -1234,6 +1237,13 @@ def _sampler_order(loader: Any) -> Tensor | None:
     if plain and sampler is loader.sampler and type(loader.batch_sampler) is BatchSampler:
         return torch.tensor(list(sampler), dtype=torch.long)
     return None
+
+
+def _gathered_sources(local: dict[int, int]) -> list[int] | None:
+    """Every rank's member row -> source image (:class:`~dn2_lightning.data.GroupDataModule`'s ``members``) as a list
+    by row (-1 unknown), ``None`` when no batch gave them. A collective: every rank calls it."""
+    sources = {row: source for part in gather_objects(local) for row, source in part.items()}
+    return [sources.get(row, -1) for row in range(max(sources) + 1)] if sources else None
 
 
 def _drawing_sampler(loader: Any) -> Any:

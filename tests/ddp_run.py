@@ -3,7 +3,7 @@
 Lightning's ddp launcher re-executes this script for every rank, so it is a script, not a test function.
 Usage: python tests/ddp_run.py OUT.pt DEVICES SETTING fit|resume|test|predict replicate|shard
 (resume: a fit stopped after 2 steps with a mid-epoch checkpoint, then fit resumed from it, then test)
-(SETTING: unimodal, unsupervised, noindex, noindex_no_sampler, index_no_sampler, uneven, group_none, paths,
+(SETTING: unimodal, unsupervised, noindex, noindex_no_sampler, index_no_sampler, uneven, group_none[_clean], paths,
 outliers_on_rank_zero, iterable, custom_batch_sampler, [seeded_]shuffled_predict)
 """
 
@@ -145,7 +145,7 @@ def datamodule(setting: str) -> LightningDataModule:
         return NoIndexDataModule(n_train=103, n_normal=41, n_anomalous=26)
     if setting == "uneven":  # 5 samples in batches of 2: rank 0 reads 2 batches, rank 1 one (predict does not pad)
         return BlobDataModule(n_train=103, n_normal=3, n_anomalous=2, batch_size=2)
-    if setting == "group_none":
+    if setting in ("group_none", "group_none_clean"):
         return GroupsDataModule()
     if setting == "custom_batch_sampler":
         return CustomBatchSamplerDataModule(n_train=103, n_normal=41, n_anomalous=26)
@@ -162,14 +162,14 @@ def datamodule(setting: str) -> LightningDataModule:
 
 def main(out: str, devices: int, setting: str, mode: str, sharding: str = "replicate") -> None:
     dm = datamodule(setting)
-    clean = {"unsupervised": 0.2, "outliers_on_rank_zero": 0.5}.get(setting, 0.0)
+    clean = {"unsupervised": 0.2, "outliers_on_rank_zero": 0.5, "group_none_clean": 0.3}.get(setting, 0.0)
     settings = dict(
         k=2,
         clean_fraction=clean,
         clean_k=3,
         bank_sharding=sharding,
         reports=False,
-        group_pooling="none" if setting == "group_none" else "mean",
+        group_pooling="none" if setting.startswith("group_none") else "mean",
     )
     model = DN2Module(**settings, backbone=linear_backbone())
     trainer_settings = dict(

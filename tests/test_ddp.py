@@ -125,6 +125,7 @@ def test_ddp_predict_gathers_every_sample_once(tmp_path, sharding):
         ("uneven", "predict", "shard", 5),  # ranks read 2 and 1 batches: the sharded searches still pair up
         ("group_none", "test", "replicate", 21),  # a padded group adds 3 member rows, all padding
         ("group_none", "test", "shard", 21),  # and member copies are skipped across shards
+        ("group_none_clean", "test", "shard", 21),  # cleaning removes whole groups across shards
         ("noindex", "fit", "replicate", 67),  # fit's sampler shuffles under DDP: rows keep their dataset index
         ("noindex", "predict", "replicate", 67),  # predict's sampler sits in the batch sampler
         ("seeded_shuffled_predict", "predict", "replicate", 67),  # a seeded shuffle: one order on every rank

@@ -358,7 +358,7 @@ def test_the_unsupervised_threshold_scores_every_training_row_against_the_cleane
     assert detector.threshold_ == pytest.approx(np.quantile(reference(2), 0.9), rel=1e-9)
 
 
-def test_point_wise_group_threshold_after_cleaning_covers_the_removed_members_too():
+def test_point_wise_group_cleaning_removes_whole_groups_and_the_threshold_covers_them_too():
     train = GroupsSharingImages()
     model = DN2Module(k=2, backbone=linear_backbone(), group_pooling="none", clean_fraction=0.3, clean_k=3)
     quiet_trainer().fit(model, train_dataloaders=DataLoader(train, batch_size=8))
@@ -367,16 +367,20 @@ def test_point_wise_group_threshold_after_cleaning_covers_the_removed_members_to
     source = train.members.flatten().numpy()
     group_of = np.repeat(np.arange(len(train)), 4)
     distances = ((pool[source][:, None] - pool[source][None]) ** 2).sum(-1)
-    cleaning = distances.copy()
-    np.fill_diagonal(cleaning, np.inf)  # cleaning scores each member row against every other row
-    cleaning = np.sort(cleaning, axis=1)[:, :3].mean(1)
-    kept = np.zeros(len(source), dtype=bool)
-    kept[np.argsort(cleaning, kind="stable")[: len(source) - int(np.floor(0.3 * len(source) + 0.5))]] = True
-    # every member (kept or removed) against the kept rows outside its group, copies of its image left out
+    # each member against the rows outside its group, copies of its image left out (as its threshold score)
     distances[(group_of[:, None] == group_of[None]) | (source[:, None] == source[None])] = np.inf
+    # cleaning removes 30% of the groups (18 of 60), by their worst member; it removed member rows one by one,
+    # each judged with its own group-mates as neighbours (while the threshold left them out)
+    cleaning = np.sort(distances, axis=1)[:, :3].mean(1)
+    worst = np.array([cleaning[group_of == g].max() for g in range(len(train))])
+    kept_groups = np.zeros(len(train), dtype=bool)
+    kept_groups[np.argsort(worst, kind="stable")[: len(train) - 18]] = True
+    kept = kept_groups[group_of]
+    # every member (kept or removed) against the kept rows outside its group
     member = np.sort(distances[:, kept], axis=1)[:, :2].mean(1)
     groups = np.sort([member[group_of == g].max() for g in range(len(train))])
-    assert (len(model.bank), len(model.bank.removed)) == (kept.sum(), (~kept).sum())
+    assert (len(model.bank), len(model.bank.removed)) == (4 * 42, 4 * 18)
+    assert set((model.bank.sample_indices // 4).tolist()) == set(np.flatnonzero(kept_groups).tolist())
     np.testing.assert_allclose(model.bank.loo_scores.numpy(), groups, rtol=1e-5)
 
 
