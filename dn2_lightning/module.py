@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Sized
+from collections.abc import Mapping, Sized
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSamplerWrapper
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torch.utils.data import (
@@ -269,7 +269,7 @@ class DN2Module(LightningModule):
             if self._pass_ends_here():
                 self._reread_pass("fit resumed from a mid-epoch checkpoint")
             return
-        parsed = unpack_batch(batch, batch_idx)
+        parsed = unpack_batch(_one_batch(batch, self.trainer.train_dataloader), batch_idx)
         with torch.no_grad():
             embeddings, indices, labels = self._bank_rows(parsed, batch_idx)
         if self._collector is None:
@@ -377,7 +377,7 @@ class DN2Module(LightningModule):
         assert self._collector is not None
         if partial:
             self._warn_if_partial_pass(self._collector.num_batches)
-        loader = loader if loader is not None else self.trainer.train_dataloader
+        loader = loader if loader is not None else self._train_loader
         _warn_if_drop_last(loader, "training samples are not in the memory bank")
         self._finalize_bank()
         self._bank_step = self.trainer.global_step
@@ -385,7 +385,7 @@ class DN2Module(LightningModule):
     def _reread_pass(self, why: str) -> None:
         """Build the bank from one whole pass of the trainer's train dataloader (within its batch limits)."""
         info(f"DN2: {why}: reading the training pass again for the memory bank.")
-        self._build_bank_from(self.trainer.train_dataloader, limit=self._batch_limit)
+        self._build_bank_from(self._train_loader, limit=self._batch_limit)
         self._resumed_mid_pass, self.fit_built_bank = False, True
 
     @property
@@ -395,7 +395,7 @@ class DN2Module(LightningModule):
         return min(self.trainer.num_training_batches, max_steps)
 
     def _warn_if_partial_pass(self, seen: int) -> None:
-        total = sized_len(self.trainer.train_dataloader)
+        total = sized_len(self._train_loader)
         if total is None:  # no length (an IterableDataset): whole, unless a batch limit is what stopped the pass
             total = None if seen >= self._batch_limit else seen
         self._pass_batches = (seen, total)
@@ -794,7 +794,7 @@ class DN2Module(LightningModule):
             raise RuntimeError(NO_BANK_MESSAGE.format(fn=fn))
         datamodule.setup("fit")
         info(f"DN2: building the memory bank from {type(datamodule).__name__}.train_dataloader().")
-        self._build_bank_from(_shard_for_this_rank(datamodule.train_dataloader()))
+        self._build_bank_from(_shard_for_this_rank(_one_loader(datamodule.train_dataloader(), fn)))
 
     def _build_bank_from(self, loader: DataLoader, limit: int | float = float("inf")) -> None:
         """One pass over ``loader`` (at most ``limit`` batches) outside Lightning's loops, into the bank."""
@@ -882,7 +882,7 @@ class DN2Module(LightningModule):
         info("DN2: " + ", ".join(f"{name}={value:g}" for name, value in report.items()))
         info(f"DN2: memory bank of {report['bank/size']:g} embeddings; {self._describe_threshold()}.")
         if hp.clean_fraction > 0 and self._trainer is not None and self.trainer.state.fn != "predict":
-            self.log_dict(report, sync_dist=False, rank_zero_only=True)
+            self.log_dict(report, on_step=False, on_epoch=True, sync_dist=False, rank_zero_only=True)
 
     @property
     def _bank_builder(self) -> BankBuilder:
@@ -1111,7 +1111,12 @@ class DN2Module(LightningModule):
         if self._stream_loader is not None or self._trainer is None:
             return self._stream_loader
         name = _STAGE_LOADERS.get(self.trainer.state.stage)
-        return getattr(self.trainer, name) if name else None
+        return _one_loader(getattr(self.trainer, name), self.trainer.state.fn.value) if name else None
+
+    @property
+    def _train_loader(self) -> Any:
+        """The fit's one train dataloader."""
+        return _one_loader(self.trainer.train_dataloader, "fit")
 
     @staticmethod
     def _warn_if_out_of_order(loader: Any) -> None:
@@ -1190,10 +1195,36 @@ def _check_finite(values: Tensor, what: str, batch: Batch, batch_idx: int) -> No
 
 def _refuse_second_dataloader(dataloader_idx: int, fn: str) -> None:
     if dataloader_idx > 0:
-        raise ValueError(
-            f"DN2Module scores one dataloader per trainer.{fn}() call (its scores, AUROC and reports describe one "
-            f"set, matched by dataset index); call trainer.{fn}() once per dataloader."
-        )
+        raise ValueError(_ONE_LOADER.format(fn=fn))
+
+
+_ONE_LOADER = (
+    "DN2Module reads one dataloader per trainer.{fn}() call (its bank, scores, AUROC and reports describe one set, "
+    "matched by dataset index); call trainer.{fn}() once per dataloader."
+)
+
+
+def _one_loader(loaders: Any, fn: str) -> Any:
+    """The DataLoader behind what Lightning keeps for a stage: what it was given, a loader or a list, dict or
+    CombinedLoader of them. One wrapped loader is that loader (its checks must see it); several are refused."""
+    if isinstance(loaders, CombinedLoader):
+        loaders = loaders.flattened
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    if isinstance(loaders, list | tuple):
+        if len(loaders) != 1:
+            raise ValueError(_ONE_LOADER.format(fn=fn))
+        return loaders[0]
+    return loaders
+
+
+def _one_batch(batch: Any, loaders: Any) -> Any:
+    """A training batch of one wrapped train loader (Lightning gives ``[batch]`` or ``{name: batch}``) unwrapped."""
+    if isinstance(loaders, Mapping) and isinstance(batch, Mapping) and batch.keys() == loaders.keys():
+        return next(iter(batch.values()))
+    if isinstance(loaders, list | tuple) and isinstance(batch, list | tuple) and len(batch) == len(loaders) == 1:
+        return batch[0]
+    return batch
 
 
 def _progress(loader: DataLoader, description: str, enabled: bool) -> Any:

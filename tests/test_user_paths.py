@@ -236,6 +236,44 @@ def test_several_test_dataloaders_and_an_empty_train_loader_are_clear_errors():
         quiet_trainer().fit(DN2Module(k=2, backbone=linear_backbone()), train_dataloaders=empty)
 
 
+def test_one_dataloader_in_a_list_or_dict_is_read_and_checked_as_itself(tmp_path):
+    """Lightning keeps the container it was given: checks that read trainer.test_dataloaders saw a list, so an
+    ImageFolder's inverted class indices gave AUROC 0.0 for 1.0 (the bare loader is refused), drop_last and shuffling
+    went unsaid; train_dataloader() returning [loader] failed with "batch images must be [B, C, H, W]"."""
+    from lightning.pytorch.loggers import CSVLogger
+    from torch.utils.data import TensorDataset
+
+    dm = BlobDataModule()
+    bare = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    quiet_trainer().fit(bare, train_dataloaders=dm.train_dataloader())
+    wrapped = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    quiet_trainer().fit(wrapped, train_dataloaders=[dm.train_dataloader()])
+    torch.testing.assert_close(wrapped.bank.embeddings, bare.bank.embeddings)
+    from_datamodule = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+
+    class ListDataModule(BlobDataModule):
+        def train_dataloader(self):
+            return {"only": super().train_dataloader()}
+
+    quiet_trainer().test(from_datamodule, datamodule=ListDataModule())
+    torch.testing.assert_close(from_datamodule.bank.embeddings, bare.bank.embeddings)
+    test = TensorDataset(dm.test_images, dm.test_labels)
+    with pytest.warns(UserWarning, match="drop_last=True: its last 7 samples are not scored"):
+        quiet_trainer().test(bare, dataloaders=[DataLoader(test, batch_size=16, drop_last=True)])
+    with pytest.warns(UserWarning, match="does not read in order .* carry no 'index'"):
+        quiet_trainer().test(bare, dataloaders={"a": DataLoader(test, batch_size=16, shuffle=True)})
+    both = {"a": dm.train_dataloader(), "b": dm.train_dataloader()}
+    with pytest.raises(ValueError, match=r"one dataloader per trainer.fit\(\) call"):
+        quiet_trainer().fit(DN2Module(k=2, backbone=linear_backbone()), train_dataloaders=both)
+    # cleaning's bank/* metrics reach the logger whatever log_every_n_steps (they were logged on one step only)
+    cleaned = DN2Module(k=2, backbone=linear_backbone(), clean_fraction=0.2, clean_k=3, reports=False)
+    quiet_trainer(logger=CSVLogger(tmp_path)).fit(cleaned, datamodule=dm)
+    rows = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("bank/removed,bank/size,bank/size_before_cleaning") and rows[1].startswith(
+        "20.0,81.0,101.0"
+    )
+
+
 def test_a_single_test_or_predict_sample_keeps_its_shape_and_score():
     dm = BlobDataModule()
     model = DN2Module(k=2, backbone=linear_backbone())
