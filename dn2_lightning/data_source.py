@@ -1,10 +1,12 @@
-"""Which datamodule, if any, feeds the dataloaders of the Trainer call that is running."""
+"""Which data feeds the Trainer call that is running: its datamodule, if any, and its one dataloader."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from lightning import LightningDataModule, Trainer
+from lightning.pytorch.utilities import CombinedLoader
 
 
 def running_datamodule(trainer: Trainer | None) -> LightningDataModule | None:
@@ -23,3 +25,35 @@ def running_datamodule(trainer: Trainer | None) -> LightningDataModule | None:
     if source is None or not hasattr(source, "instance"):
         return datamodule  # another Lightning version: keep the attached datamodule
     return datamodule if source.instance is datamodule else None
+
+
+ONE_LOADER = (
+    "DN2Module reads one dataloader per trainer.{fn}() call (its bank, scores, AUROC and reports describe one set, "
+    "matched by dataset index); call trainer.{fn}() once per dataloader."
+)
+
+
+def one_loader(loaders: Any, fn: str) -> Any:
+    """The DataLoader behind what Lightning keeps for a stage: what it was given, a loader or a list, dict or
+    CombinedLoader of them. One wrapped loader is that loader (its checks must see it); several are refused."""
+    if isinstance(loaders, CombinedLoader):
+        loaders = loaders.flattened
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    if isinstance(loaders, list | tuple):
+        if len(loaders) != 1:
+            raise ValueError(ONE_LOADER.format(fn=fn))
+        return loaders[0]
+    return loaders
+
+
+def one_batch(batch: Any, loaders: Any) -> Any:
+    """A batch of one wrapped dataloader, unwrapped: Lightning gives ``[batch]`` or ``{name: batch}`` for a train
+    loader in a list or dict, or a CombinedLoader of one in a non-sequential mode."""
+    if isinstance(loaders, CombinedLoader):
+        loaders = loaders.iterables
+    if isinstance(loaders, Mapping) and isinstance(batch, Mapping) and batch.keys() == loaders.keys():
+        return next(iter(batch.values()))
+    if isinstance(loaders, list | tuple) and isinstance(batch, list | tuple) and len(batch) == len(loaders) == 1:
+        return batch[0]
+    return batch

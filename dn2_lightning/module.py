@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Mapping, Sized
+from collections.abc import Sized
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSamplerWrapper
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
-from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torch.utils.data import (
@@ -44,7 +44,7 @@ from dn2_lightning.checkpointing import (
     refuse_unsafe_load,
 )
 from dn2_lightning.console import info
-from dn2_lightning.data_source import running_datamodule
+from dn2_lightning.data_source import ONE_LOADER, one_batch, one_loader, running_datamodule
 from dn2_lightning.distributed import (
     broadcast_module_state,
     gather_objects,
@@ -269,7 +269,7 @@ class DN2Module(LightningModule):
             if self._pass_ends_here():
                 self._reread_pass("fit resumed from a mid-epoch checkpoint")
             return
-        parsed = unpack_batch(_one_batch(batch, self.trainer.train_dataloader), batch_idx)
+        parsed = unpack_batch(self._stage_batch(batch), batch_idx)
         with torch.no_grad():
             embeddings, indices, labels = self._bank_rows(parsed, batch_idx)
         if self._collector is None:
@@ -290,6 +290,7 @@ class DN2Module(LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self.fit_built_bank = self._pass_started = True
+        _refuse_ranks_drawing_their_own_samples(self._train_loader)
         self._start_pass()
 
     def _start_pass(self) -> None:
@@ -430,7 +431,7 @@ class DN2Module(LightningModule):
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         _refuse_second_dataloader(dataloader_idx, "validate")
         if not self.trainer.sanity_checking:  # the sanity check runs before the bank exists
-            self._score_into(self.val_collector, unpack_batch(batch, batch_idx), batch_idx)
+            self._score_into(self.val_collector, unpack_batch(self._stage_batch(batch), batch_idx), batch_idx)
 
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:
@@ -442,6 +443,7 @@ class DN2Module(LightningModule):
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         _refuse_second_dataloader(dataloader_idx, "test")
+        batch = self._stage_batch(batch)
         parsed = unpack_batch(batch, batch_idx)
         if self.maps is None:
             self._score_into(self.test_collector, parsed, batch_idx)
@@ -490,7 +492,7 @@ class DN2Module(LightningModule):
         threshold is defined), ``label``, ``index``, and the train-set ``neighbours`` with their squared
         ``distances``. All ranks' rows are also gathered into :attr:`predict_scores` at the end."""
         _refuse_second_dataloader(dataloader_idx, "predict")
-        parsed = unpack_batch(batch, batch_idx)
+        parsed = unpack_batch(self._stage_batch(batch), batch_idx)
         indices = self._indices_of(parsed, batch_idx)
         if self.maps is None:
             scores, knn = self.score(parsed, batch_idx)
@@ -717,6 +719,7 @@ class DN2Module(LightningModule):
 
     def _start_evaluation(self) -> None:
         loader = self._current_loader()
+        _refuse_ranks_drawing_their_own_samples(loader)
         check_dataset_labels(getattr(loader, "dataset", None))
         _warn_if_drop_last(loader, "samples are not scored (the metrics cover the others)")
         self._stream_position = 0
@@ -794,7 +797,7 @@ class DN2Module(LightningModule):
             raise RuntimeError(NO_BANK_MESSAGE.format(fn=fn))
         datamodule.setup("fit")
         info(f"DN2: building the memory bank from {type(datamodule).__name__}.train_dataloader().")
-        self._build_bank_from(_shard_for_this_rank(_one_loader(datamodule.train_dataloader(), fn)))
+        self._build_bank_from(_shard_for_this_rank(one_loader(datamodule.train_dataloader(), fn)))
 
     def _build_bank_from(self, loader: DataLoader, limit: int | float = float("inf")) -> None:
         """One pass over ``loader`` (at most ``limit`` batches) outside Lightning's loops, into the bank."""
@@ -882,7 +885,11 @@ class DN2Module(LightningModule):
         info("DN2: " + ", ".join(f"{name}={value:g}" for name, value in report.items()))
         info(f"DN2: memory bank of {report['bank/size']:g} embeddings; {self._describe_threshold()}.")
         if hp.clean_fraction > 0 and self._trainer is not None and self.trainer.state.fn != "predict":
-            self.log_dict(report, on_step=False, on_epoch=True, sync_dist=False, rank_zero_only=True)
+            if self._current_fx_name == "on_fit_end":  # a pass read again after the loop: self.log is closed there
+                for logger in self.trainer.loggers if self.trainer.is_global_zero else ():
+                    logger.log_metrics(report, step=self.trainer.global_step)
+            else:
+                self.log_dict(report, on_step=False, on_epoch=True, sync_dist=False, rank_zero_only=True)
 
     @property
     def _bank_builder(self) -> BankBuilder:
@@ -1082,12 +1089,9 @@ class DN2Module(LightningModule):
         return embeddings
 
     def _indices_of(self, batch: Batch, batch_idx: int) -> Tensor:
-        loader = self._current_loader()
-        if self._stream_position == 0:
-            _refuse_ranks_drawing_their_own_samples(loader)
         if batch.indices is not None:
-            self._stream_position += batch.images.shape[0]
             return torch.as_tensor(batch.indices, device=batch.images.device).long()
+        loader = self._current_loader()
         # samples without indices are numbered by the order this rank reads them: a DistributedSampler's own list
         # for this epoch (shuffled or not, its padding included) when it can be read again, else the stream as an
         # unshuffled DistributedSampler deals it: sample i of this rank is position rank + world * i of the
@@ -1111,12 +1115,18 @@ class DN2Module(LightningModule):
         if self._stream_loader is not None or self._trainer is None:
             return self._stream_loader
         name = _STAGE_LOADERS.get(self.trainer.state.stage)
-        return _one_loader(getattr(self.trainer, name), self.trainer.state.fn.value) if name else None
+        return one_loader(getattr(self.trainer, name), self.trainer.state.fn.value) if name else None
+
+    def _stage_batch(self, batch: Any) -> Any:
+        """A batch of the running stage's one dataloader, unwrapped where Lightning wraps it (``[batch]`` or
+        ``{name: batch}``: one train loader in a list or dict, a CombinedLoader of one)."""
+        name = _STAGE_LOADERS.get(self.trainer.state.stage)
+        return one_batch(batch, getattr(self.trainer, name)) if name else batch
 
     @property
     def _train_loader(self) -> Any:
         """The fit's one train dataloader."""
-        return _one_loader(self.trainer.train_dataloader, "fit")
+        return one_loader(self.trainer.train_dataloader, "fit")
 
     @staticmethod
     def _warn_if_out_of_order(loader: Any) -> None:
@@ -1195,36 +1205,7 @@ def _check_finite(values: Tensor, what: str, batch: Batch, batch_idx: int) -> No
 
 def _refuse_second_dataloader(dataloader_idx: int, fn: str) -> None:
     if dataloader_idx > 0:
-        raise ValueError(_ONE_LOADER.format(fn=fn))
-
-
-_ONE_LOADER = (
-    "DN2Module reads one dataloader per trainer.{fn}() call (its bank, scores, AUROC and reports describe one set, "
-    "matched by dataset index); call trainer.{fn}() once per dataloader."
-)
-
-
-def _one_loader(loaders: Any, fn: str) -> Any:
-    """The DataLoader behind what Lightning keeps for a stage: what it was given, a loader or a list, dict or
-    CombinedLoader of them. One wrapped loader is that loader (its checks must see it); several are refused."""
-    if isinstance(loaders, CombinedLoader):
-        loaders = loaders.flattened
-    if isinstance(loaders, Mapping):
-        loaders = list(loaders.values())
-    if isinstance(loaders, list | tuple):
-        if len(loaders) != 1:
-            raise ValueError(_ONE_LOADER.format(fn=fn))
-        return loaders[0]
-    return loaders
-
-
-def _one_batch(batch: Any, loaders: Any) -> Any:
-    """A training batch of one wrapped train loader (Lightning gives ``[batch]`` or ``{name: batch}``) unwrapped."""
-    if isinstance(loaders, Mapping) and isinstance(batch, Mapping) and batch.keys() == loaders.keys():
-        return next(iter(batch.values()))
-    if isinstance(loaders, list | tuple) and isinstance(batch, list | tuple) and len(batch) == len(loaders) == 1:
-        return batch[0]
-    return batch
+        raise ValueError(ONE_LOADER.format(fn=fn))
 
 
 def _progress(loader: DataLoader, description: str, enabled: bool) -> Any:
@@ -1293,17 +1274,21 @@ def _drawing_sampler(loader: Any) -> Any:
 def _refuse_ranks_drawing_their_own_samples(loader: Any) -> None:
     """Under DDP, a random sampler inside Lightning's DistributedSamplerWrapper is drawn on every rank on its own,
     so the ranks' shares overlap: some samples are read twice and others never (a different set of samples than
-    the dataset's, whatever their indices say)."""
+    the dataset's, whatever their indices say). Unless every rank seeded its generator alike: a collective then
+    (called where every rank is, at the start of a stage's epoch)."""
     sampler = _drawing_sampler(loader)
     random = isinstance(sampler, RandomSampler | WeightedRandomSampler | SubsetRandomSampler)
-    seeded = getattr(sampler, "generator", None) is not None  # every rank draws the same order from its seed
-    if world_size() > 1 and random and not seeded and not isinstance(sampler, DistributedSampler):
+    if world_size() == 1 or not random or isinstance(sampler, DistributedSampler):
+        return
+    generator = getattr(sampler, "generator", None)
+    seeds = gather_objects(generator.initial_seed() if generator is not None else None)
+    if None in seeds or len(set(seeds)) > 1:
         raise ValueError(
             f"under DDP this dataloader's {type(sampler).__name__} draws its own order on every rank (Lightning "
             "wraps it, as it does every sampler of a predict dataloader and every custom sampler), so some samples "
             "would be scored twice and others never: use shuffle=False and no random sampler (DN2's scores do not "
             "depend on the order; Lightning's DistributedSampler then splits the samples across ranks), or give it a "
-            "seeded generator (the same order on every rank)."
+            "generator seeded alike on every rank (torch.Generator().manual_seed(0): the same order everywhere)."
         )
 
 

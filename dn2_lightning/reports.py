@@ -48,7 +48,7 @@ from torch import Tensor
 
 from dn2_lightning.cache import atomic_write
 from dn2_lightning.console import info
-from dn2_lightning.data_source import running_datamodule
+from dn2_lightning.data_source import one_loader, running_datamodule
 from dn2_lightning.distributed import unique_by_index
 from dn2_lightning.metrics import AnomalyScores
 
@@ -525,9 +525,8 @@ def _dataset_of(trainer: Trainer, stage: str) -> Any:
     dataset = getattr(running_datamodule(trainer), f"{stage}_dataset", None)
     if dataset is None:
         loaders = trainer.test_dataloaders if stage == "test" else trainer.predict_dataloaders
-        loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
-        if len(loaders) == 1 and loaders[0] is not None:
-            dataset = getattr(loaders[0], "dataset", None)
+        with contextlib.suppress(ValueError):  # several loaders: no one dataset to draw from
+            dataset = getattr(one_loader(loaders, stage), "dataset", None)
     return dataset
 
 

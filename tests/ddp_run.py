@@ -4,7 +4,7 @@ Lightning's ddp launcher re-executes this script for every rank, so it is a scri
 Usage: python tests/ddp_run.py OUT.pt DEVICES SETTING fit|resume|test|predict replicate|shard
 (resume: a fit stopped after 2 steps with a mid-epoch checkpoint, then fit resumed from it, then test)
 (SETTING: unimodal, unsupervised, noindex, noindex_no_sampler, index_no_sampler, uneven, group_none[_clean], paths,
-outliers_on_rank_zero, iterable, custom_batch_sampler, [seeded_]shuffled_predict)
+outliers_on_rank_zero, iterable, custom_batch_sampler, [seeded_|rank_seeded_]shuffled_predict)
 """
 
 from __future__ import annotations
@@ -41,12 +41,14 @@ class NoIndexDataModule(BlobDataModule):
 class ShuffledPredictDataModule(BlobDataModule):
     """Indexed samples whose predict dataloader shuffles: Lightning wraps its RandomSampler, drawn on every rank."""
 
-    def __init__(self, seeded: bool, **kwargs) -> None:
+    def __init__(self, seeded: str, **kwargs) -> None:
         super().__init__(**kwargs)
         self.seeded = seeded
 
     def predict_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(0) if self.seeded else None  # seeded: one order on every rank
+        # "seeded": one order on every rank; "rank_seeded": each rank its own
+        seed = torch.distributed.get_rank() if self.seeded == "rank_seeded" else 0
+        generator = torch.Generator().manual_seed(seed) if self.seeded else None
         dataset = DictDataset(self.test_images, self.test_labels)
         return DataLoader(dataset, batch_size=8, shuffle=True, generator=generator)
 
@@ -155,8 +157,9 @@ def datamodule(setting: str) -> LightningDataModule:
         return PathsDataModule(n_train=104, n_normal=41, n_anomalous=26)  # rank 0 reads 0, 2, ..., 102: not 103
     if setting == "outliers_on_rank_zero":
         return OutliersOnRankZero()
-    if setting in ("shuffled_predict", "seeded_shuffled_predict"):
-        return ShuffledPredictDataModule(setting.startswith("seeded"), n_train=103, n_normal=41, n_anomalous=26)
+    if setting.endswith("shuffled_predict"):
+        seeded = setting.removesuffix("shuffled_predict").rstrip("_")
+        return ShuffledPredictDataModule(seeded, n_train=103, n_normal=41, n_anomalous=26)
     return BlobDataModule(n_train=103, n_normal=41, n_anomalous=26, batch_size=8)
 
 

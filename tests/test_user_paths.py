@@ -262,9 +262,16 @@ def test_one_dataloader_in_a_list_or_dict_is_read_and_checked_as_itself(tmp_path
         quiet_trainer().test(bare, dataloaders=[DataLoader(test, batch_size=16, drop_last=True)])
     with pytest.warns(UserWarning, match="does not read in order .* carry no 'index'"):
         quiet_trainer().test(bare, dataloaders={"a": DataLoader(test, batch_size=16, shuffle=True)})
-    both = {"a": dm.train_dataloader(), "b": dm.train_dataloader()}
-    with pytest.raises(ValueError, match=r"one dataloader per trainer.fit\(\) call"):
-        quiet_trainer().fit(DN2Module(k=2, backbone=linear_backbone()), train_dataloaders=both)
+    for both in ({"a": dm.train_dataloader(), "b": dm.train_dataloader()}, [dm.train_dataloader()] * 2):
+        with pytest.raises(ValueError, match=r"one dataloader per trainer.fit\(\) call"):
+            quiet_trainer().fit(DN2Module(k=2, backbone=linear_backbone()), train_dataloaders=both)
+    # a CombinedLoader of one in a mode that wraps its batches ({"a": batch})
+    from lightning.pytorch.utilities import CombinedLoader
+
+    combined = CombinedLoader({"a": dm.test_dataloader()}, "max_size_cycle")
+    quiet_trainer().test(wrapped, dataloaders=combined)
+    quiet_trainer().test(bare, datamodule=dm)
+    torch.testing.assert_close(wrapped.test_scores.scores, bare.test_scores.scores)
     # cleaning's bank/* metrics reach the logger whatever log_every_n_steps (they were logged on one step only)
     cleaned = DN2Module(k=2, backbone=linear_backbone(), clean_fraction=0.2, clean_k=3, reports=False)
     quiet_trainer(logger=CSVLogger(tmp_path)).fit(cleaned, datamodule=dm)
@@ -272,6 +279,23 @@ def test_one_dataloader_in_a_list_or_dict_is_read_and_checked_as_itself(tmp_path
     assert rows[0].startswith("bank/removed,bank/size,bank/size_before_cleaning") and rows[1].startswith(
         "20.0,81.0,101.0"
     )
+
+
+def test_a_cleaned_fit_resumed_from_a_capped_checkpoint_reads_its_pass_again_and_logs_it(tmp_path):
+    # the pass read again in on_fit_end logged bank/* there, where Lightning refuses self.log: the fit crashed
+    from lightning.pytorch.loggers import CSVLogger
+
+    dm = BlobDataModule()
+    options = dict(k=2, backbone=linear_backbone(), clean_fraction=0.2, clean_k=3, reports=False)
+    capped = quiet_trainer(limit_train_batches=2, max_epochs=1)
+    capped.fit(DN2Module(**options), datamodule=dm)
+    capped.save_checkpoint(tmp_path / "capped.ckpt")
+    model = DN2Module(**options)  # its one epoch is done: the pass is read again once the fit ends
+    trainer = quiet_trainer(logger=CSVLogger(tmp_path), max_epochs=1)
+    trainer.fit(model, datamodule=dm, ckpt_path=tmp_path / "capped.ckpt")
+    assert len(model.bank) + len(model.bank.removed) == 101 and len(model.bank) == 81
+    rows = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    assert any(row.startswith("20.0,81.0,101.0") for row in rows[1:]), rows
 
 
 def test_a_single_test_or_predict_sample_keeps_its_shape_and_score():
