@@ -1120,6 +1120,8 @@ class DN2Module(LightningModule):
     def _stage_batch(self, batch: Any) -> Any:
         """A batch of the running stage's one dataloader, unwrapped where Lightning wraps it (``[batch]`` or
         ``{name: batch}``: one train loader in a list or dict, a CombinedLoader of one)."""
+        if self._trainer is None:  # a step called by hand
+            return batch
         name = _STAGE_LOADERS.get(self.trainer.state.stage)
         return one_batch(batch, getattr(self.trainer, name)) if name else batch
 
