@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import warnings
 from collections.abc import Sized
@@ -801,6 +802,7 @@ class DN2Module(LightningModule):
 
     def _build_bank_from(self, loader: DataLoader, limit: int | float = float("inf")) -> None:
         """One pass over ``loader`` (at most ``limit`` batches) outside Lightning's loops, into the bank."""
+        _refuse_ranks_drawing_their_own_samples(loader)
         self._start_pass()
         self._stream_loader = loader
         batches = _progress(loader, "DN2: building the memory bank", self.trainer.progress_bar_callback is not None)
@@ -1276,21 +1278,24 @@ def _drawing_sampler(loader: Any) -> Any:
 def _refuse_ranks_drawing_their_own_samples(loader: Any) -> None:
     """Under DDP, a random sampler inside Lightning's DistributedSamplerWrapper is drawn on every rank on its own,
     so the ranks' shares overlap: some samples are read twice and others never (a different set of samples than
-    the dataset's, whatever their indices say). Unless every rank seeded its generator alike: a collective then
-    (called where every rank is, at the start of a stage's epoch)."""
+    the dataset's, whatever their indices say). Unless every rank's generator is in one state. A collective under
+    DDP: every rank calls it where all are (a stage's epoch start, a pass read outside the loops)."""
+    if world_size() == 1:
+        return
     sampler = _drawing_sampler(loader)
     random = isinstance(sampler, RandomSampler | WeightedRandomSampler | SubsetRandomSampler)
-    if world_size() == 1 or not random or isinstance(sampler, DistributedSampler):
-        return
-    generator = getattr(sampler, "generator", None)
-    seeds = gather_objects(generator.initial_seed() if generator is not None else None)
-    if None in seeds or len(set(seeds)) > 1:
+    random = random and not isinstance(sampler, DistributedSampler)
+    generator = getattr(sampler, "generator", None) if random else None
+    state = hashlib.sha1(generator.get_state().numpy().tobytes()).hexdigest() if generator is not None else None
+    drawn = gather_objects((type(sampler).__name__, state) if random else None)
+    kinds = [d for d in drawn if d is not None]
+    if kinds and (len(kinds) < len(drawn) or len(set(drawn)) > 1 or any(s is None for _, s in kinds)):
         raise ValueError(
-            f"under DDP this dataloader's {type(sampler).__name__} draws its own order on every rank (Lightning "
-            "wraps it, as it does every sampler of a predict dataloader and every custom sampler), so some samples "
-            "would be scored twice and others never: use shuffle=False and no random sampler (DN2's scores do not "
-            "depend on the order; Lightning's DistributedSampler then splits the samples across ranks), or give it a "
-            "generator seeded alike on every rank (torch.Generator().manual_seed(0): the same order everywhere)."
+            f"under DDP this dataloader's {kinds[0][0]} draws its own order on every rank (Lightning wraps it, as "
+            "it does every sampler of a predict dataloader and every custom sampler), so some samples would be scored "
+            "twice and others never: use shuffle=False and no random sampler (DN2's scores do not depend on the "
+            "order; Lightning's DistributedSampler then splits the samples across ranks), or give it a generator in "
+            "one state on every rank (torch.Generator().manual_seed(0) on each: the same order everywhere)."
         )
 
 

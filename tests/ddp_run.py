@@ -4,7 +4,8 @@ Lightning's ddp launcher re-executes this script for every rank, so it is a scri
 Usage: python tests/ddp_run.py OUT.pt DEVICES SETTING fit|resume|test|predict replicate|shard
 (resume: a fit stopped after 2 steps with a mid-epoch checkpoint, then fit resumed from it, then test)
 (SETTING: unimodal, unsupervised, noindex, noindex_no_sampler, index_no_sampler, uneven, group_none[_clean], paths,
-outliers_on_rank_zero, iterable, custom_batch_sampler, [seeded_|rank_seeded_]shuffled_predict)
+outliers_on_rank_zero, iterable, custom_batch_sampler, [seeded_|rank_seeded_|mixed_]shuffled_predict,
+random_on_resume)
 """
 
 from __future__ import annotations
@@ -46,11 +47,26 @@ class ShuffledPredictDataModule(BlobDataModule):
         self.seeded = seeded
 
     def predict_dataloader(self) -> DataLoader:
-        # "seeded": one order on every rank; "rank_seeded": each rank its own
+        # "seeded": one order on every rank; "rank_seeded": each rank its own; "mixed": only rank 0 shuffles
         seed = torch.distributed.get_rank() if self.seeded == "rank_seeded" else 0
         generator = torch.Generator().manual_seed(seed) if self.seeded else None
+        shuffle = self.seeded != "mixed" or torch.distributed.get_rank() == 0
         dataset = DictDataset(self.test_images, self.test_labels)
-        return DataLoader(dataset, batch_size=8, shuffle=True, generator=generator)
+        return DataLoader(dataset, batch_size=8, shuffle=shuffle, generator=generator if shuffle else None)
+
+
+class RandomOnResumeDataModule(BlobDataModule):
+    """Reads its train set in order for the first fit, then (the resumed fit) through an unseeded random sampler,
+    which Lightning wraps: the resumed pass, read again outside the loops, must be refused too."""
+
+    calls = 0
+
+    def train_dataloader(self) -> DataLoader:
+        RandomOnResumeDataModule.calls += 1
+        if RandomOnResumeDataModule.calls == 1:
+            return super().train_dataloader()
+        sampler = torch.utils.data.SubsetRandomSampler(range(len(self.train_images)))
+        return DataLoader(DictDataset(self.train_images, torch.zeros(len(self.train_images))), 8, sampler=sampler)
 
 
 class PathsDataModule(BlobDataModule):
@@ -157,6 +173,8 @@ def datamodule(setting: str) -> LightningDataModule:
         return PathsDataModule(n_train=104, n_normal=41, n_anomalous=26)  # rank 0 reads 0, 2, ..., 102: not 103
     if setting == "outliers_on_rank_zero":
         return OutliersOnRankZero()
+    if setting == "random_on_resume":
+        return RandomOnResumeDataModule(n_train=103, n_normal=41, n_anomalous=26)
     if setting.endswith("shuffled_predict"):
         seeded = setting.removesuffix("shuffled_predict").rstrip("_")
         return ShuffledPredictDataModule(seeded, n_train=103, n_normal=41, n_anomalous=26)
