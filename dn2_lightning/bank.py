@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from dn2_lightning.distributed import (
@@ -302,6 +303,12 @@ class BankBuilder:
                 report["bank/contaminants_before"] = float((all_labels > 0).sum())
                 report["bank/contaminants_kept"] = float((all_labels[keep] > 0).sum())
             report["bank/removed"] = float((~keep).sum())
+            if keep.all():
+                candidates = f"{len(worst)} groups" if members > 1 else f"{len(keep)} training embeddings"
+                rank_zero_warn(
+                    f"clean_fraction={clean_fraction} of {candidates} rounds to none removed, so the bank is not "
+                    "cleaned: raise clean_fraction (or use 0 to say no cleaning)."
+                )
             mine = torch.isin(indices, ids[keep])
             self.bank.set(embeddings[mine], indices[mine])
             self.bank.set_removed(embeddings[~mine], indices[~mine])

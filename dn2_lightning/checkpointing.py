@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import pickle
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -67,31 +68,41 @@ def readable_checkpoint(path: Any) -> Iterator[None]:
     writing it) or not a Lightning checkpoint (a plain ``state_dict``) into a ``ValueError`` naming the file."""
     try:
         yield
-    except (EOFError, RuntimeError, OSError) as error:
-        file = Path(str(path))
-        if not file.is_file() or zipfile.is_zipfile(file) or _loads(file):  # missing, or whole: the error stands
-            raise
-        size = file.stat().st_size
-        state = "is empty (0 bytes)" if size == 0 else f"is cut short or damaged ({size} bytes)"
-        raise ValueError(
-            f"the checkpoint {path} {state}: a run stopped while writing it? Use another checkpoint (e.g. the one "
-            f"saved before it, or last.ckpt). ({type(error).__name__}: {error})"
-        ) from error
     except KeyError as error:
-        if error.args != ("pytorch-lightning_version",) and error.args != ("state_dict",):
-            raise
-        raise ValueError(
-            f"{path} is not a Lightning checkpoint (it has no {error.args[0]!r}): a file of "
-            "torch.save(model.state_dict()) loads with model.load_state_dict(torch.load(path)) into a DN2Module "
-            "built with the same settings."
-        ) from error
+        if error.args in (("pytorch-lightning_version",), ("state_dict",)):
+            raise ValueError(
+                f"{path} is not a Lightning checkpoint (it has no {error.args[0]!r}): a file of "
+                "torch.save(model.state_dict()) loads with model.load_state_dict(torch.load(path)) into a DN2Module "
+                "built with the same settings."
+            ) from error
+        _raise_if_unreadable(path, error)  # torch's unpickler fails so on a file that is no pickle at all
+        raise
+    except (EOFError, RuntimeError, OSError, pickle.UnpicklingError) as error:
+        _raise_if_unreadable(path, error)
+        raise
+
+
+def _raise_if_unreadable(path: Any, error: BaseException) -> None:
+    """A ``ValueError`` naming ``path`` when torch cannot read the file at all (empty, cut short, not a checkpoint);
+    nothing when it is missing or whole (the error then stands)."""
+    file = Path(str(path))
+    if not file.is_file() or zipfile.is_zipfile(file) or _loads(file):
+        return
+    size = file.stat().st_size
+    state = "is empty (0 bytes)" if size == 0 else f"is cut short, damaged or not a checkpoint file ({size} bytes)"
+    raise ValueError(
+        f"the checkpoint {path} {state}: a run stopped while writing it, or another file? Use another checkpoint "
+        f"(e.g. the one saved before it, or last.ckpt). ({type(error).__name__}: {error})"
+    ) from error
 
 
 def _loads(file: Path) -> bool:
     """Whether torch reads the file (e.g. one in torch's legacy, non-zip format), whatever failed after."""
     try:
         torch.load(file, weights_only=True, map_location="cpu")
-    except Exception:  # noqa: BLE001 (any failure means the file itself is unreadable)
+    except pickle.UnpicklingError as error:  # read, but holding a type weights-only loading refuses: torch says which
+        return "Unsupported global" in str(error)  # (bytes that are no pickle: "Unsupported operand")
+    except Exception:  # noqa: BLE001 (any other failure means the file itself is unreadable)
         return False
     return True
 

@@ -270,6 +270,12 @@ class DN2CLI(LightningCLI):
         path = (callback.best_model_path or callback.last_model_path) if callback is not None else ""
         if not self.model.fit_built_bank:
             info(f"DN2: the bank is --ckpt_path's ({self.trainer.ckpt_path}); no new checkpoint was written.")
+        elif callback is not None and callback.dirpath and self.model.checkpoints_missing:
+            # ModelCheckpoint saved nothing (e.g. check_val_every_n_epoch=2 on DN2's one epoch): save the bank here
+            path = str(Path(callback.dirpath) / "bank.ckpt")
+            self.trainer.save_checkpoint(path)
+            info(f"DN2: checkpoint (memory bank + threshold) written to {path} (ModelCheckpoint saved none)")
+            info(f"DN2: reuse it with: dn2 test|predict --config ... --ckpt_path={path}")
         elif path:
             path = self._checkpoint_with_bank(path)
             info(f"DN2: checkpoint (memory bank + threshold) written to {path}")
@@ -291,6 +297,7 @@ class DN2CLI(LightningCLI):
     def before_fit(self) -> None:
         # after_fit saves a checkpoint holding the bank when ModelCheckpoint's last one does not (and says so)
         warnings.filterwarnings("ignore", message="no checkpoint of this fit holds its memory bank")
+        warnings.filterwarnings("ignore", message="ModelCheckpoint saved no checkpoint in this fit")
 
     def before_validate(self) -> None:
         _ignore_fit_callback_states()

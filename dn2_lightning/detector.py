@@ -148,10 +148,20 @@ class DN2Detector:
 
 
 def _as_matrix(values: ArrayLike, name: str, device: torch.device | None = None) -> Tensor:
-    tensor = values if isinstance(values, Tensor) else torch.as_tensor(np.asarray(values))
-    if tensor.ndim != 2 or tensor.shape[0] == 0:
+    if isinstance(values, Tensor):
+        tensor = values
+    else:
+        try:
+            array = np.asarray(values)
+        except ValueError as err:  # ragged rows: "inhomogeneous shape"
+            raise ValueError(f"{name} must be a 2-D array [rows, features] of numbers; NumPy says: {err}") from None
+        if array.dtype.kind not in "biufc":  # strings, objects, dates: nothing torch can measure distances on
+            raise ValueError(f"{name} must hold numbers (bool, integer or float), got a NumPy {array.dtype} array.")
+        tensor = torch.as_tensor(array)
+    if tensor.ndim != 2 or tensor.shape[0] == 0 or tensor.shape[1] == 0:
         raise ValueError(
-            f"{name} must be a 2-D array [rows, features] with at least one row, got {tuple(tensor.shape)}."
+            f"{name} must be a 2-D array [rows, features] with at least one row and one feature, got "
+            f"{tuple(tensor.shape)}."
         )
     if tensor.is_complex():
         raise ValueError(f"{name} must hold real numbers, got dtype {tensor.dtype}.")

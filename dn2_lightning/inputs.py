@@ -7,6 +7,7 @@ scored with :meth:`DN2Module.score_images` gets the same score as through ``dn2 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Union
@@ -65,6 +66,9 @@ def _to_chw(item: ImageLike, position: int, load_size: int | None) -> tuple[Tens
             raise ValueError(f"{where}: no such image file {str(path)!r}.")
         return load_image(path, load_size), str(path)  # the datasets' decoding, JPEG draft scale included
     if isinstance(item, Image.Image):
+        if not item.width or not item.height:
+            raise ValueError(f"{where}: an empty image ({item.width} x {item.height} pixels).")
+        _warn_if_eight_bit_values_in_a_wide_mode(item, where)
         if _unread_jpeg_file(item):  # decoded as dn2 predict decodes its file: at the JPEG draft scale
             return load_image(item.filename, load_size), None
         return pil_to_uint8(item, load_size), None
@@ -73,6 +77,8 @@ def _to_chw(item: ImageLike, position: int, load_size: int | None) -> tuple[Tens
             raise ValueError(
                 f"{where}: a tensor image must be [C, H, W] or [B, C, H, W] with C = 1 or 3, got {tuple(item.shape)}."
             )
+        if not item.numel():
+            raise ValueError(f"{where}: an empty tensor of shape {tuple(item.shape)}.")
         try:
             check_pixels(item if item.ndim == 4 else item[None])  # the DataLoader path's rule and message
         except ValueError as err:
@@ -81,6 +87,20 @@ def _to_chw(item: ImageLike, position: int, load_size: int | None) -> tuple[Tens
     raise ValueError(
         f"{where}: cannot read a {type(item).__name__}; give a tensor, a PIL image or a file path (str/Path)."
     )
+
+
+def _warn_if_eight_bit_values_in_a_wide_mode(image: Image.Image, where: str) -> None:
+    """An image built in memory in a 16/32-bit integer mode (``Image.fromarray`` of an int32 or uint16 array) has
+    no bit depth on record: it is read as 16 bit (values / 65535), which makes 8-bit values nearly black."""
+    if image.format is None and image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        high = image.getextrema()[1]
+        if high <= 255:
+            warnings.warn(
+                f"{where}: a mode {image.mode!r} image is read as 16 bit (0..65535), but its values are at most "
+                f"{high}: if it holds 8-bit data, pass Image.fromarray(array.astype(np.uint8)) (mode 'L') or a uint8 "
+                "tensor; its score is that of a nearly black image otherwise.",
+                stacklevel=4,
+            )
 
 
 def _unread_jpeg_file(image: Image.Image) -> bool:

@@ -3,31 +3,23 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import warnings
+import weakref
 from collections.abc import Sized
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.utilities.data import sized_len
-from lightning.fabric.utilities.distributed import _DatasetSamplerWrapper
 from lightning.pytorch import LightningModule
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSamplerWrapper
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torch.utils.data import (
-    BatchSampler,
     DataLoader,
-    IterableDataset,
-    RandomSampler,
-    SequentialSampler,
-    SubsetRandomSampler,
-    WeightedRandomSampler,
 )
 from torch.utils.data.distributed import DistributedSampler
 from torchmetrics.classification import BinaryAUROC
@@ -58,6 +50,16 @@ from dn2_lightning.knn import KNNResult
 from dn2_lightning.maps.bank import PatchBank
 from dn2_lightning.maps.head import AnomalyMaps, gt_masks_of, validate_map_options
 from dn2_lightning.metrics import AnomalyScores, ImageScores, ScoreCollector
+from dn2_lightning.samplers import (
+    Reading,
+    refuse_iterable_cut_short,
+    refuse_ranks_drawing_their_own_samples,
+    sampler_order,
+    shard_for_this_rank,
+    warn_if_drop_last,
+    warn_if_out_of_order,
+    warn_if_workers_repeat_unnumbered_samples,
+)
 from dn2_lightning.scoring import (
     knn_scores,
     normalized_scores,
@@ -65,6 +67,7 @@ from dn2_lightning.scoring import (
     to_unit_interval,
 )
 from dn2_lightning.validation import (
+    check_bool,
     check_choice,
     check_clean_fraction,
     check_clean_k,
@@ -73,6 +76,7 @@ from dn2_lightning.validation import (
     check_k,
     check_knn_backend,
     check_positive_float,
+    check_positive_int,
     check_threshold,
 )
 
@@ -172,6 +176,8 @@ class DN2Module(LightningModule):
             threshold,
             bank_sharding,
         )
+        for name, flag in (("pretrained", pretrained), ("reports", reports), ("anomaly_maps", anomaly_maps)):
+            check_bool(name, flag)
         if isinstance(backbone, str) and backbone.startswith(CUSTOM_BACKBONE):
             raise ValueError(
                 f"this model was built with a custom backbone ({backbone[len(CUSTOM_BACKBONE) :]}), which a "
@@ -212,9 +218,10 @@ class DN2Module(LightningModule):
         self._paths: dict[int, str] = {}  # dataset index -> file, for the stage being evaluated
         self.bank_report: dict[str, float] = {}
         self._collector: BankCollector | None = None
-        self._stream_position = 0  # samples seen this epoch, to index datasets that give no indices
+        # how far this rank has read the training pass / the evaluation being run (kept apart: a validation inside
+        # the training epoch must not renumber the training samples that follow it)
+        self._train_stream, self._eval_stream = Reading(), Reading()
         self._stream_loader: DataLoader | None = None  # the loader being read outside Lightning's loops
-        self._stream_order: Tensor | None = None  # dataset index of each sample of this rank's stream, when known
         self._members_per_group = 0  # M of the group batches whose members are bank rows (group_pooling="none")
         self._bank_of_groups = False  # the pass being read has group batches [B, M, C, H, W]
         self._searches_owed = 0  # sharded predict: collective searches this rank still has to join
@@ -222,10 +229,17 @@ class DN2Module(LightningModule):
         self._warned_no_threshold: tuple[int, int] | None = None  # (bank size, k) of the last such warning
         self.fit_built_bank = False  # whether the last fit embedded its train data (not so when resumed when done)
         self._pass_started = self._resumed_mid_pass = False  # this fit's epoch began here; it began in a checkpoint
+        self._pass_done = False  # this fit read its whole pass (later epochs, forced by min_epochs/min_steps, do not)
+        self._bank_datamodule: weakref.ref | None = None  # the datamodule a bank built on first need came from
         self._pass_batches: tuple[int, int] | None = None  # (read, in all) of the training pass being finalised
         self._bank_step: float = 0  # the global step at which fit built the bank (checkpoints saved before lack it)
         self._trainer_spent = False  # this fit's Trainer had run its epochs before it started
         self._bank_autocast: str | None = None  # autocast dtype the bank rows are being embedded under, if any
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_bank_datamodule"] = None  # a weakref (which cannot be pickled) to an object of this process
+        return state
 
     # ------------------------------------------------------------------------------------------ forward
 
@@ -270,6 +284,9 @@ class DN2Module(LightningModule):
             if self._pass_ends_here():
                 self._reread_pass("fit resumed from a mid-epoch checkpoint")
             return
+        if self._pass_done:  # an epoch after the pass (min_epochs, min_steps): counted, not embedded
+            self._count_bank_step()
+            return
         parsed = unpack_batch(self._stage_batch(batch), batch_idx)
         with torch.no_grad():
             embeddings, indices, labels = self._bank_rows(parsed, batch_idx)
@@ -282,7 +299,7 @@ class DN2Module(LightningModule):
 
     def on_fit_start(self) -> None:
         self.fit_built_bank = False
-        self._pass_started = self._resumed_mid_pass = False
+        self._pass_started = self._resumed_mid_pass = self._pass_done = False
         max_epochs, max_steps = self.trainer.max_epochs, self.trainer.max_steps
         # a Trainer that already ran its epochs (or steps) in an earlier fit runs none in this one
         self._trainer_spent = (max_epochs is not None and 0 < max_epochs <= self.trainer.current_epoch) or (
@@ -291,7 +308,13 @@ class DN2Module(LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self.fit_built_bank = self._pass_started = True
-        _refuse_ranks_drawing_their_own_samples(self._train_loader)
+        if self._pass_done:  # Lightning runs more epochs only for min_epochs or min_steps
+            info(
+                f"DN2: the memory bank is complete; epoch {self.trainer.current_epoch} runs only for the Trainer's "
+                f"min_epochs={self.trainer.min_epochs} / min_steps={self.trainer.min_steps} and embeds nothing."
+            )
+            return
+        refuse_ranks_drawing_their_own_samples(self._train_loader)
         self._start_pass()
 
     def _start_pass(self) -> None:
@@ -299,13 +322,14 @@ class DN2Module(LightningModule):
         self._collector = BankCollector()
         if self.maps is not None:
             self.maps.start_collecting()
-        self._stream_position, self._members_per_group, self._bank_of_groups = 0, 0, False
+        self._train_stream, self._members_per_group, self._bank_of_groups = Reading(), 0, False
 
     def on_train_epoch_end(self) -> None:
         if self._resumed_mid_pass:
             self._reread_pass("fit resumed from a mid-epoch checkpoint")
         elif self._collector is not None:
             self._end_pass()
+        self._pass_done = self._pass_done or self._has_bank
         # one pass is all DN2 needs; more epochs would rebuild the same bank
         self.trainer.should_stop = True
 
@@ -319,8 +343,8 @@ class DN2Module(LightningModule):
             )
         if not self._has_bank and (self.fit_built_bank or not restored):
             raise ValueError(
-                "fit read no training batches (the train dataloader is empty, or limit_train_batches=0), so "
-                "there is no memory bank: give it the normal training images."
+                "fit read no training batches (the train dataloader is empty, limit_train_batches=0, or max_time ran "
+                "out first), so there is no memory bank: give it the normal training images."
             )
         if not self.fit_built_bank:
             self._restore_or_reread_the_pass()
@@ -329,6 +353,13 @@ class DN2Module(LightningModule):
                 f"no checkpoint of this fit holds its memory bank: ModelCheckpoint's files (last saved at step "
                 f"{self._last_checkpoint_step}) predate it. Save it with trainer.save_checkpoint(path), or let "
                 "ModelCheckpoint save at the epoch's end (every_n_epochs=1)."
+            )
+        elif self.fit_built_bank and self.checkpoints_missing:
+            rank_zero_warn(
+                "ModelCheckpoint saved no checkpoint in this fit: DN2's fit is one epoch, and it saves after a "
+                "validation or an epoch that this one was not (check_val_every_n_epoch > 1, every_n_epochs > 1, "
+                "every_n_train_steps above the pass's steps). Save the bank with trainer.save_checkpoint(path), or "
+                "use check_val_every_n_epoch=1 and ModelCheckpoint's defaults."
             )
 
     def _restore_or_reread_the_pass(self) -> None:
@@ -367,6 +398,15 @@ class DN2Module(LightningModule):
             return False
         return self._bank_step == math.inf or 0 < self._last_checkpoint_step < self._bank_step
 
+    @property
+    def checkpoints_missing(self) -> bool:
+        """Whether this fit has a ModelCheckpoint that saved nothing (e.g. ``check_val_every_n_epoch=2``: DN2 stops
+        after one epoch, before its first validation)."""
+        saving = [c for c in self.trainer.checkpoint_callbacks if getattr(c, "save_top_k", 1) or c.save_last]
+        if not saving or self.trainer.fast_dev_run or self._bank_step == math.inf:  # inf: checkpoints_lack_the_bank
+            return False
+        return self._last_checkpoint_step == 0
+
     def _pass_ends_here(self) -> bool:
         """Whether this training batch is the pass's last: the loader's (``limit_train_batches`` included) or
         ``max_steps``'."""
@@ -380,7 +420,8 @@ class DN2Module(LightningModule):
         if partial:
             self._warn_if_partial_pass(self._collector.num_batches)
         loader = loader if loader is not None else self._train_loader
-        _warn_if_drop_last(loader, "training samples are not in the memory bank")
+        refuse_iterable_cut_short(loader, self._train_stream, "training")
+        warn_if_drop_last(loader, "training samples are not in the memory bank")
         self._finalize_bank()
         self._bank_step = self.trainer.global_step
 
@@ -404,7 +445,7 @@ class DN2Module(LightningModule):
         if total is None or seen < total:
             warnings.warn(
                 f"the memory bank was built from {_batch_count(seen, total)} "
-                "(limit_train_batches, max_steps or fast_dev_run); scores use a partial bank.",
+                "(limit_train_batches, max_steps, overfit_batches or fast_dev_run); scores use a partial bank.",
                 stacklevel=2,
             )
 
@@ -600,6 +641,7 @@ class DN2Module(LightningModule):
             RuntimeError: the model has no memory bank (fit it or load a checkpoint first).
             ValueError: an input it cannot read, naming its position.
         """
+        check_positive_int("batch_size", batch_size, hint=" (images per backbone call)")
         if not self._has_bank:
             raise RuntimeError(NO_BANK_MESSAGE.format(fn="test"))
         check_bank_settings(self.bank.spec, self._model_settings(), BANK_SETTINGS, "this model")
@@ -720,10 +762,10 @@ class DN2Module(LightningModule):
 
     def _start_evaluation(self) -> None:
         loader = self._current_loader()
-        _refuse_ranks_drawing_their_own_samples(loader)
+        refuse_ranks_drawing_their_own_samples(loader)
         check_dataset_labels(getattr(loader, "dataset", None))
-        _warn_if_drop_last(loader, "samples are not scored (the metrics cover the others)")
-        self._stream_position = 0
+        warn_if_drop_last(loader, "samples are not scored (the metrics cover the others)")
+        self._eval_stream = Reading()
         self._paths = {}
         for collector in (self.val_collector, self.test_collector, self.predict_collector):
             collector.reset()  # a run that stopped on an error left its rows
@@ -738,6 +780,7 @@ class DN2Module(LightningModule):
 
     def _collect(self, stage: str, collector: ScoreCollector) -> AnomalyScores:
         """Every rank's rows of this stage, one per sample, in dataset order, with threshold and paths."""
+        refuse_iterable_cut_short(self._current_loader(), self._eval_stream, stage)
         result = collector.collect()
         collector.reset()
         paths = self._all_paths(self._paths, "test" if stage == "val" else stage)
@@ -782,11 +825,14 @@ class DN2Module(LightningModule):
                 "on collecting); use val_check_interval=1.0.",
                 stacklevel=2,
             )
+            # recorded as partial, so a checkpoint saved by this validation (ModelCheckpoint's best) says so
+            self._pass_batches = (self._collector.num_batches, sized_len(self._train_loader))
             self._finalize_bank(keep_collecting=True)
         elif not self._has_bank:
             self._build_bank_from_datamodule()
         else:
             self._check_settings_against_bank()
+            self._warn_if_bank_from_another_datamodule()
             if self._sharded and not self._bank_is_shard:
                 self._bank_builder.keep_own_shard()
         self._bank_is_shard = self._sharded
@@ -798,11 +844,27 @@ class DN2Module(LightningModule):
             raise RuntimeError(NO_BANK_MESSAGE.format(fn=fn))
         datamodule.setup("fit")
         info(f"DN2: building the memory bank from {type(datamodule).__name__}.train_dataloader().")
-        self._build_bank_from(_shard_for_this_rank(one_loader(datamodule.train_dataloader(), fn)))
+        self._build_bank_from(shard_for_this_rank(one_loader(datamodule.train_dataloader(), fn)))
+        self._bank_datamodule = weakref.ref(datamodule)
+
+    def _warn_if_bank_from_another_datamodule(self) -> None:
+        """A bank built on first need from one datamodule meets another, whose training data nothing can compare
+        (no ``train_set_identity``): said, since the bank was never asked for explicitly."""
+        current = running_datamodule(self._trainer)
+        if self._bank_datamodule is None or current is None or self._bank_datamodule() is current:
+            return
+        if not is_overridden("train_dataloader", current) or self._data_settings().get("train_set") is not None:
+            return
+        rank_zero_warn(
+            f"{type(current).__name__} is not the datamodule this memory bank was built from on first need (in an "
+            "earlier call), and DN2 cannot compare their training data: scores use the bank of the earlier one. If "
+            "the training data differ, use a new DN2Module (or fit this one again); a datamodule method "
+            "train_set_identity() returning a dict that describes its training data makes DN2 check it."
+        )
 
     def _build_bank_from(self, loader: DataLoader, limit: int | float = float("inf")) -> None:
         """One pass over ``loader`` (at most ``limit`` batches) outside Lightning's loops, into the bank."""
-        _refuse_ranks_drawing_their_own_samples(loader)
+        refuse_ranks_drawing_their_own_samples(loader)
         self._start_pass()
         self._stream_loader = loader
         batches = _progress(loader, "DN2: building the memory bank", self.trainer.progress_bar_callback is not None)
@@ -859,6 +921,7 @@ class DN2Module(LightningModule):
         """Turn the collected rows into the bank (``BankBuilder``), with its maps, spec and threshold scores;
         ``keep_collecting``: a bank of the rows so far, for validation inside the pass, which goes on."""
         assert self._collector is not None
+        self._bank_datamodule = None  # set again by a build on first need
         collector = self._collector
         if not keep_collecting:
             self._collector = None
@@ -1010,6 +1073,7 @@ class DN2Module(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._bank_is_shard = False
+        self._bank_datamodule = None
         state = checkpoint.get("state_dict", {})
         state.pop("threshold", None)  # checkpoints before the threshold was derived from bank.loo_scores
         check_bank_settings(state.get("bank._extra_state") or {}, self._model_settings(), BANK_SETTINGS, "this model")
@@ -1051,9 +1115,10 @@ class DN2Module(LightningModule):
             )
         elif total is None or seen < total:
             rank_zero_warn(
-                f"this checkpoint's memory bank was built from {_batch_count(seen, total)} "
-                "(limit_train_batches, max_steps or fast_dev_run): scores use a partial bank. `dn2 fit --ckpt_path` "
-                "of it without the limit reads the whole pass."
+                f"this checkpoint's memory bank was built from {_batch_count(seen, total)} (limit_train_batches, "
+                "max_steps, overfit_batches or fast_dev_run, or a checkpoint saved by a validation inside the training "
+                "epoch, e.g. ModelCheckpoint's best with val_check_interval < 1): scores use a partial bank. Use the "
+                "checkpoint saved at the end of the pass, or `dn2 fit --ckpt_path` of it without the limit."
             )
 
     def _match_patch_bank(self, state: dict[str, Any]) -> None:
@@ -1091,22 +1156,29 @@ class DN2Module(LightningModule):
         return embeddings
 
     def _indices_of(self, batch: Batch, batch_idx: int) -> Tensor:
+        training = self._stream_loader is not None or (
+            self._trainer is not None and self.trainer.state.stage == RunningStage.TRAINING
+        )
+        stream = self._train_stream if training else self._eval_stream
+        stream.batches += 1
         if batch.indices is not None:
+            stream.samples += batch.images.shape[0]
             return torch.as_tensor(batch.indices, device=batch.images.device).long()
         loader = self._current_loader()
         # samples without indices are numbered by the order this rank reads them: a DistributedSampler's own list
         # for this epoch (shuffled or not, its padding included) when it can be read again, else the stream as an
         # unshuffled DistributedSampler deals it: sample i of this rank is position rank + world * i of the
         # sampler's list, which pads the dataset's N samples with its first ones again (so the position modulo N)
-        if self._stream_position == 0:
-            self._stream_order = _sampler_order(loader)
-            if self._stream_order is None:
-                self._warn_if_out_of_order(loader)
+        if stream.samples == 0:
+            stream.order = sampler_order(loader)
+            if stream.order is None:
+                warn_if_out_of_order(loader)
+                warn_if_workers_repeat_unnumbered_samples(loader)
         size = batch.images.shape[0]
-        local = torch.arange(self._stream_position, self._stream_position + size, device=batch.images.device)
-        self._stream_position += size
-        if self._stream_order is not None:
-            return self._stream_order.to(local.device)[local]
+        local = torch.arange(stream.samples, stream.samples + size, device=batch.images.device)
+        stream.samples += size
+        if stream.order is not None:
+            return stream.order.to(local.device)[local]
         positions = self.global_rank + world_size() * local
         dataset = getattr(loader, "dataset", None)
         padded = isinstance(getattr(loader, "sampler", None), DistributedSampler)
@@ -1132,21 +1204,6 @@ class DN2Module(LightningModule):
         """The fit's one train dataloader."""
         return one_loader(self.trainer.train_dataloader, "fit")
 
-    @staticmethod
-    def _warn_if_out_of_order(loader: Any) -> None:
-        """Samples without an ``index`` are numbered in the order they are read; a loader that shuffles or picks
-        makes those numbers (neighbour indices, paths, the order of the scores) mean nothing, though scores stay
-        right."""
-        sampler = _drawing_sampler(loader)
-        sequential = isinstance(sampler, SequentialSampler | DistributedSampler)
-        if sampler is not None and not (sequential and not getattr(sampler, "shuffle", False)):
-            rank_zero_warn(
-                "the dataloader does not read in order (it shuffles, or its sampler picks) and its samples carry no "
-                "'index': they are numbered in the order they are read, so neighbour indices (and paths) do not "
-                "point at dataset positions and scores are not in dataset order (the scores themselves are right). "
-                "Use shuffle=False or give samples an 'index'.",
-            )
-
     def _on_device(self, batch: Any, batch_idx: int) -> Any:
         batch = self.on_before_batch_transfer(batch, 0)
         batch = self.transfer_batch_to_device(batch, self.device, 0)
@@ -1161,22 +1218,6 @@ class DN2Module(LightningModule):
 
     def _knn_kwargs(self) -> dict[str, Any]:
         return {"backend": self.hparams.knn_backend, "max_memory_bytes": self.hparams.max_memory_bytes}
-
-
-def _warn_if_drop_last(loader: Any, consequence: str) -> None:
-    """``DataLoader(drop_last=True)`` leaves out a short last batch without a word (Lightning says nothing)."""
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    size = getattr(batch_sampler, "batch_size", None)
-    sampler = getattr(batch_sampler, "sampler", None)
-    samples = sized_len(sampler) if sampler is not None else None  # None for an IterableDataset's sampler
-    if samples is None and isinstance(getattr(loader, "dataset", None), IterableDataset):
-        samples = sized_len(loader.dataset)  # an iterable with a length (each worker drops its own remainder)
-    if getattr(batch_sampler, "drop_last", False) and size and samples and samples % size:
-        per_rank = " (of each rank)" if world_size() > 1 else ""
-        rank_zero_warn(
-            f"the dataloader has drop_last=True: its last {samples % size}{per_rank} {consequence}. Use "
-            "drop_last=False (DN2 needs every sample, and any batch size works)."
-        )
 
 
 def _check_point_wise_groups(m: int, earlier: int) -> None:
@@ -1232,105 +1273,11 @@ def _active_autocast(device: torch.device) -> str | None:
     return str(torch.get_autocast_dtype(device.type)).removeprefix("torch.")
 
 
-def _sampler_order(loader: Any) -> Tensor | None:
-    """The dataset index of each sample this rank reads, from its ``DistributedSampler`` (whose order for an epoch
-    can be listed again: seed + epoch); ``None`` where it cannot be known (then numbered as read). Under DDP a
-    loader without one may hand every rank the same samples (``use_distributed_sampler=False``): refused."""
-    sampler = _distributed_sampler(loader)
-    if world_size() > 1 and sampler is None:
-        how = "an IterableDataset" if isinstance(getattr(loader, "dataset", None), IterableDataset) else None
-        how = how or f"a {type(getattr(loader, 'batch_sampler', None) or getattr(loader, 'sampler', None)).__name__}"
-        raise ValueError(
-            f"under DDP, samples without an 'index' are numbered from the DistributedSampler that Lightning gives "
-            f"each rank, but this dataloader reads {how} (a custom sampler or batch sampler, or "
-            "Trainer(use_distributed_sampler=False)?), so ranks may read the same samples under different numbers: "
-            "give every sample its dataset 'index' (dict samples, or (image, label, index) tuples), or leave "
-            "use_distributed_sampler=True with a plain sampler."
-        )
-    # read back only a plain one that the loader batches in order (wrappers re-draw their inner sampler; a custom
-    # batch sampler may regroup): the others keep the unshuffled numbering
-    plain = sampler is not None and type(sampler).__iter__ is DistributedSampler.__iter__
-    if plain and sampler is loader.sampler and type(loader.batch_sampler) is BatchSampler:
-        return torch.tensor(list(sampler), dtype=torch.long)
-    return None
-
-
 def _gathered_sources(local: dict[int, int]) -> list[int] | None:
     """Every rank's member row -> source image (:class:`~dn2_lightning.data.GroupDataModule`'s ``members``) as a list
     by row (-1 unknown), ``None`` when no batch gave them. A collective: every rank calls it."""
     sources = {row: source for part in gather_objects(local) for row, source in part.items()}
     return [sources.get(row, -1) for row in range(max(sources) + 1)] if sources else None
-
-
-def _drawing_sampler(loader: Any) -> Any:
-    """The sampler that decides which samples the loader reads and in which order, under the wrappers Lightning
-    puts around it (predict's batch sampler wrapper; the DistributedSamplerWrapper of a custom or predict
-    sampler, which draws the wrapped sampler again on every rank)."""
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    batch_sampler = getattr(batch_sampler, "_batch_sampler", batch_sampler)
-    sampler = getattr(batch_sampler, "sampler", None)
-    sampler = sampler if sampler is not None else getattr(loader, "sampler", None)
-    while isinstance(getattr(sampler, "dataset", None), _DatasetSamplerWrapper):
-        sampler = sampler.dataset._sampler
-    return sampler
-
-
-def _refuse_ranks_drawing_their_own_samples(loader: Any) -> None:
-    """Under DDP, a random sampler inside Lightning's DistributedSamplerWrapper is drawn on every rank on its own,
-    so the ranks' shares overlap: some samples are read twice and others never (a different set of samples than
-    the dataset's, whatever their indices say). Unless every rank's generator is in one state. A collective under
-    DDP: every rank calls it where all are (a stage's epoch start, a pass read outside the loops)."""
-    if world_size() == 1:
-        return
-    sampler = _drawing_sampler(loader)
-    random = isinstance(sampler, RandomSampler | WeightedRandomSampler | SubsetRandomSampler)
-    random = random and not isinstance(sampler, DistributedSampler)
-    generator = getattr(sampler, "generator", None) if random else None
-    state = hashlib.sha1(generator.get_state().numpy().tobytes()).hexdigest() if generator is not None else None
-    drawn = gather_objects((type(sampler).__name__, state) if random else None)
-    kinds = [d for d in drawn if d is not None]
-    if kinds and (len(kinds) < len(drawn) or len(set(drawn)) > 1 or any(s is None for _, s in kinds)):
-        raise ValueError(
-            f"under DDP this dataloader's {kinds[0][0]} draws its own order on every rank (Lightning wraps it, as "
-            "it does every sampler of a predict dataloader and every custom sampler), so some samples would be scored "
-            "twice and others never: use shuffle=False and no random sampler (DN2's scores do not depend on the "
-            "order; Lightning's DistributedSampler then splits the samples across ranks), or give it a generator in "
-            "one state on every rank (torch.Generator().manual_seed(0) on each: the same order everywhere)."
-        )
-
-
-def _distributed_sampler(loader: Any) -> DistributedSampler | None:
-    """The loader's ``DistributedSampler``: its sampler, or Lightning's predict sampler in its batch sampler (which
-    deals in order and does not pad). One inside another batch sampler is not taken: it may regroup or pad."""
-    sampler = getattr(loader, "sampler", None)
-    if isinstance(sampler, DistributedSampler):
-        return sampler
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    for holder in (batch_sampler, getattr(batch_sampler, "_batch_sampler", None)):
-        inner = getattr(holder, "sampler", None)
-        if type(holder) is BatchSampler and isinstance(inner, UnrepeatedDistributedSamplerWrapper):
-            return inner
-    return None
-
-
-def _shard_for_this_rank(loader: DataLoader) -> DataLoader:
-    """Give each rank a disjoint share of the train set when building the bank outside fit."""
-    if world_size() == 1:
-        return loader
-    if loader.batch_size is None:
-        raise ValueError(
-            f"building the memory bank under DDP outside fit splits the train dataloader across ranks, which needs "
-            f"its batch_size; this one batches with a {type(loader.batch_sampler).__name__}, which cannot be split: "
-            "run trainer.fit first (Lightning splits it), or give the train dataloader a batch_size."
-        )
-    return DataLoader(
-        loader.dataset,
-        batch_size=loader.batch_size,
-        sampler=DistributedSampler(loader.dataset, shuffle=False),
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-    )
 
 
 def _validate_hparams(

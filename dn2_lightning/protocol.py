@@ -41,6 +41,7 @@ from dn2_lightning.validation import (
     check_k,
     check_knn_backend,
     check_positive_int,
+    check_seed,
 )
 
 # DN2's published mean AUROC (%) with its ResNet backbone (Bergman et al. 2020, Table 1; unimodal, every class
@@ -144,6 +145,7 @@ def embed_split(
     check_choice("precision", precision, PRECISIONS)
     check_input_size(input_size)
     check_positive_int("batch_size", batch_size)
+    _resolve_device(device)
     source = load_split(dataset, split, root)
     key = None
     if use_cache:
@@ -264,9 +266,17 @@ def embedding_cache_key(
 
 
 def _resolve_device(device: str) -> torch.device:
+    """``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` (or another torch device), refused
+    with the fix when torch does not know it or sees no CUDA device."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N' (a torch device).") from None
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}, but torch sees no CUDA device here: use device='auto' or 'cpu'.")
+    return target
 
 
 def _progress_bar(enabled: bool | None):
@@ -356,6 +366,13 @@ def run_protocol(
     check_knn_backend(knn_backend)
     check_positive_int("batch_size", batch_size)
     check_choice("precision", precision, PRECISIONS)
+    check_seed("seed", seed)
+    _resolve_device(device)
+    if out is not None:  # a folder that cannot be made fails now, not after every class is scored
+        try:
+            Path(out).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"out={out!r}: cannot create the results folder ({err}).") from None
     train_source = load_split(dataset, "train", root)
     names = train_source.classes
     chosen = resolve_classes(classes, names)

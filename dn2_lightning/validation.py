@@ -39,7 +39,23 @@ def check_int(
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         none = f"None ({none_means}) or " if allow_none and none_means else "None or " if allow_none else ""
+        if isinstance(value, Integral) and not isinstance(value, bool) and value >= minimum:
+            hint = f"{hint}; a {type(value).__name__} (NumPy?): pass int(value)"
         raise ValueError(f"{name}={value!r} must be {none}an integer >= {minimum}{_hint(hint)}.")
+
+
+def check_seed(name: str, value: object) -> None:
+    """Raise ValueError unless ``value`` is an integer that torch's and NumPy's generators take (|seed| < 2**63)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not -(2**63) <= value < 2**63:
+        numpy = isinstance(value, Integral) and not isinstance(value, bool)
+        hint = f" (a {type(value).__name__}, NumPy?: pass int(value))" if numpy else ""
+        raise ValueError(f"{name}={value!r} must be an integer in [-2**63, 2**63){hint}.")
+
+
+def check_bool(name: str, value: object) -> None:
+    """Raise ValueError unless ``value`` is ``True`` or ``False`` (a string such as ``"no"`` would read as true)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} must be True or False.")
 
 
 def check_positive_int(

@@ -270,6 +270,8 @@ def test_fashionmnist_class_name_is_case_insensitive():
         ({"on_corrupt": "ignore"}, r"on_corrupt='ignore' is not one of \['skip', 'raise'\]"),
         ({"dataset": "folder", "root": "/nonexistent"}, "root='/nonexistent'"),
         ({"dataset": "folder"}, "root=None"),
+        ({"contamination": 0.1, "seed": 2**64}, r"seed=18446744073709551616 must be an integer in \[-2\*\*63"),
+        ({"seed": 1.5}, r"seed=1.5 must be an integer"),  # was torch's "manual_seed expected a long"
     ],
 )
 def test_bad_datamodule_arguments_name_the_parameter(kwargs, match):
@@ -439,11 +441,26 @@ def test_group_test_set_does_not_depend_on_the_number_of_training_groups():
         ({"anomaly": "easy"}, "held_out_classes"),
         ({"anomaly_ratio": 1.0}, "anomaly_ratio=1.0"),
         ({"n_train_groups": 0}, "n_train_groups=0"),
+        # the ratio's count rounds to one kind only: a test set whose AUROC is undefined, seen only at test time
+        ({"anomaly_ratio": 0.01, "n_test_groups": 6}, r"gives 0 anomalous test groups: the test set needs both"),
+        ({"anomaly_ratio": 0.5, "n_test_groups": 1}, r"n_test_groups=1 gives 0 anomalous"),
+        ({"anomaly_ratio": 0.95, "n_test_groups": 10}, r"gives 10 anomalous test groups"),
+        ({"anomaly": "easy", "held_out_classes": ["9"]}, r"held_out_classes=\['9'\] must be a list of class indices"),
+        ({"anomaly": "easy", "held_out_classes": 9}, r"held_out_classes=9 must be a list"),
+        ({"seed": 2**64}, r"seed=18446744073709551616 must be an integer"),
     ],
 )
 def test_group_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GroupDataModule(**({"dataset": "digits"} | kwargs))
+
+
+def test_group_held_out_classes_take_numpy_integers_and_ranges_as_plain_ints():
+    for held_out in ([np.int64(9)], range(9, 10), (9,)):
+        dm = GroupDataModule(dataset="digits", anomaly="easy", held_out_classes=held_out)
+        assert dm.hparams.held_out_classes == [9] and type(dm.hparams.held_out_classes[0]) is int
+    with pytest.raises(ValueError, match=r"seed=np.int64\(3\) must be an integer .*pass int\(value\)"):
+        GroupDataModule(dataset="digits", seed=np.int64(3))
 
 
 def test_group_size_larger_than_classes_is_refused():

@@ -119,6 +119,10 @@ def test_predict_proba_agrees_with_predict_for_float64_scores_closer_than_float3
         (lambda: DN2Detector().fit(np.zeros(4)), "2-D array"),
         (lambda: DN2Detector().decision_function(np.zeros((1, 3))), "not fitted"),
         (lambda: DN2Detector().fit(np.random.rand(10, 3)).predict(np.zeros((1, 4))), "4 features"),
+        # were NumPy's "inhomogeneous shape", torch's "can't convert np.ndarray of type numpy.str_", and `queries`
+        (lambda: DN2Detector().fit([[1.0, 2.0], [3.0]]), r"X must be a 2-D array \[rows, features\] of numbers"),
+        (lambda: DN2Detector().fit(np.array([["a", "b"], ["c", "d"]])), r"X must hold numbers .*<U1"),
+        (lambda: DN2Detector().fit(np.zeros((10, 0))), r"X must be a 2-D array .*one feature, got \(10, 0\)"),
     ],
 )
 def test_bad_input_names_the_parameter(call, match):

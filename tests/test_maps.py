@@ -4,6 +4,7 @@ and DN2Module(anomaly_maps=True) end to end against an independent reference."""
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +119,8 @@ def test_unknown_trunk_needs_map_layers_and_bad_names_are_listed():
         DN2Module(backbone=tiny_conv(), anomaly_maps=True)
     with pytest.raises(ValueError, match="not submodules"):
         DN2Module(backbone=tiny_conv(), anomaly_maps=True, map_layers=["7"])
+    with pytest.raises(ValueError, match=r"names \['1'\] more than once"):  # was accepted: its distances weighed twice
+        DN2Module(backbone=tiny_conv(), anomaly_maps=True, map_layers=["1", "1"])
     with pytest.raises(ValueError, match="patch_bank='some'"):
         DN2Module(backbone=tiny_conv(), patch_bank="some")
     with pytest.raises(ValueError, match="bank_sharding='replicate'"):
@@ -226,6 +229,25 @@ def test_a_mask_drawn_on_the_stored_grid_of_an_exif_rotated_photo_is_refused_an_
     Image.fromarray(np.zeros((50, 50), np.uint8)).save(root / "ground_truth" / "hole" / "000_mask.png")
     with pytest.raises(ValueError, match="50 x 50 mask for a 40 x 60 .*not the image's shape"):
         OneClassDataModule(dataset="folder", root=str(root), load_size=48).setup()
+
+
+@pytest.mark.parametrize("orientation, size, said", [(3, (40, 60), True), (2, (40, 60), True), (6, (50, 50), True),
+                                                     (6, (60, 40), False), (1, (40, 60), False)])  # fmt: skip
+def test_a_mask_whose_shape_cannot_confirm_the_exif_orientation_is_said(tmp_path, orientation, size, said):
+    """A half turn or a flip (or a quarter turn of a square photo) keeps the shape: a mask drawn on the stored pixels
+    would land elsewhere, and its shape cannot show it. A quarter turn of a 40 x 60 photo is checked by the shape."""
+    root = _mvtec_folder(tmp_path / "set")
+    _exif_rotated_jpeg(root / "test" / "hole" / "000.jpg", np.full((*size, 3), 40, np.uint8), orientation)
+    upright = size[::-1] if orientation in (5, 6, 7, 8) else size
+    Image.fromarray(np.full(upright, 255, np.uint8)).save(root / "ground_truth" / "hole" / "000_mask.png")
+    dm = OneClassDataModule(dataset="folder", root=str(root), load_size=32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dm.setup()
+    messages = [str(w.message) for w in caught if "EXIF orientation that turns them" in str(w.message)]
+    assert len(messages) == (1 if said else 0)
+    if said:
+        assert f"000.jpg: orientation {orientation}" in messages[0]
 
 
 def test_a_full_size_mask_of_a_downscaled_image_is_accepted_and_a_ground_truth_in_capitals_warned(tmp_path):

@@ -186,6 +186,10 @@ def test_checkpoint_with_other_bank_dimension_is_refused(tmp_path):
         ({"threshold_quantile": 0.0}, "threshold_quantile=0.0"),
         ({"backbone": "resnet9000"}, "backbone='resnet9000'"),
         ({"input_size": 2}, "input_size=2"),
+        ({"pretrained": "no"}, "pretrained='no' must be True or False"),  # was read as True: a download
+        ({"reports": "yes"}, "reports='yes' must be True or False"),
+        ({"anomaly_maps": 1}, "anomaly_maps=1 must be True or False"),
+        ({"clean_k": np.int64(5)}, r"clean_k=np.int64\(5\) must be an integer >= 1.*NumPy\?\): pass int\(value\)"),
     ],
 )
 def test_bad_hyperparameters_name_the_parameter(kwargs, match):

@@ -230,6 +230,10 @@ def test_temporary_files_of_killed_writers_are_removed_by_the_next_write(tmp_pat
         ({"contamination": 0.001}, r"contamination=0.001 of a train set of \d+ normal samples rounds to 0"),
         ({"k": 200, "classes": [1, 0]}, r"k=200 exceeds the 109 training embeddings of class 1 \('1'\)"),
         ({"k": 60, "clean_fraction": 0.5}, r"k=60 exceeds the 53 training embeddings after cleaning 0.5 of 106 "),
+        # were torch's messages after the data had loaded, and a FileNotFoundError after every class was scored
+        ({"device": "gpu"}, r"device='gpu' must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+        ({"seed": 1.5}, r"seed=1.5 must be an integer"),
+        ({"out": "/proc/dn2-results"}, r"out='/proc/dn2-results': cannot create the results folder"),
     ],
 )
 def test_bad_settings_are_refused_before_any_extraction(kwargs, match, no_extraction, tmp_path):

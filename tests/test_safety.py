@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import http.server
 import math
 import pickle
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -281,17 +283,29 @@ def test_empty_cut_short_or_plain_state_dict_checkpoints_are_named(tmp_path):
     torch.save(model.state_dict(), tmp_path / "plain.pt")
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
     cases = [
-        ("empty.ckpt", r"empty.ckpt is empty \(0 bytes\): a run stopped while writing it\?"),
-        ("cut.ckpt", rf"cut.ckpt is cut short or damaged \({len(whole) // 2} bytes\)"),
+        ("empty.ckpt", r"empty.ckpt is empty \(0 bytes\): a run stopped while writing it, or another file\?"),
+        ("cut.ckpt", rf"cut.ckpt is cut short, damaged or not a checkpoint file \({len(whole) // 2} bytes\)"),
         ("plain.pt", r"plain.pt is not a Lightning checkpoint .*model.load_state_dict\(torch.load\(path\)\)"),
+        (
+            "config.ckpt",
+            r"config.ckpt is cut short, damaged or not a checkpoint file \(22 bytes\)",
+        ),  # was KeyError: 101
     ]
+    (tmp_path / "config.ckpt").write_text("model:\n  k: 2\nseed: 0\n")
     for name, match in cases:
         with pytest.raises(ValueError, match=match):
             DN2Module.load_from_checkpoint(tmp_path / name, backbone=linear_backbone())
     with pytest.raises(ValueError, match=r"tensor.pt is not a Lightning checkpoint"):
         build_cli(["test", "--config", "configs/digits.yaml", f"--ckpt_path={tmp_path / 'tensor.pt'}"])
-    with pytest.raises(ValueError, match=cases[0][1]):
-        build_cli(["test", "--config", "configs/digits.yaml", f"--ckpt_path={tmp_path / 'empty.ckpt'}"])
+    # a whole checkpoint in torch's legacy format holding a type weights-only loading refuses: torch's own message
+    legacy = torch.load(trainer.checkpoint_callback.best_model_path, weights_only=True)
+    legacy["extra"] = argparse.Namespace(a=1)
+    torch.save(legacy, tmp_path / "legacy.ckpt", _use_new_zipfile_serialization=False)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        DN2Module.load_from_checkpoint(tmp_path / "legacy.ckpt", backbone=linear_backbone())
+    for name, match in (cases[0], cases[3]):
+        with pytest.raises(ValueError, match=match):
+            build_cli(["test", "--config", "configs/digits.yaml", f"--ckpt_path={tmp_path / name}"])
     with pytest.raises(ValueError, match=cases[1][1]):
         quiet_trainer().test(
             DN2Module(k=2, backbone=linear_backbone()), BlobDataModule(), ckpt_path=tmp_path / "cut.ckpt"
@@ -403,3 +417,60 @@ def test_true_half_precision_is_refused_by_name(precision):
     # it failed deep inside the backbone's first convolution (float32 input, bfloat16 weights)
     with pytest.raises(ValueError, match=rf"precision='{precision}'\) casts .* use precision='bf16-mixed'"):
         quiet_trainer(precision=precision).test(DN2Module(k=2, backbone=linear_backbone()), BlobDataModule())
+
+
+# --------------------------------------------------------------------------- bad input at the public entry points
+
+
+def test_score_images_names_empty_inputs_a_bad_batch_size_and_eight_bit_values_in_a_wide_mode():
+    dm = BlobDataModule()
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    quiet_trainer().fit(model, datamodule=dm)
+    cases = [  # were torch's aminmax / resize / split errors
+        (lambda: model.score_images(torch.zeros(0, 3, 8, 8)), r"images\[0\]: an empty tensor of shape \(0, 3, 8, 8\)"),
+        (lambda: model.score_images(torch.zeros(3, 8, 0)), r"images\[0\]: an empty tensor of shape \(3, 8, 0\)"),
+        (lambda: model.score_images([dm.test_images[0], Image.new("RGB", (0, 0))]), r"images\[1\]: an empty image"),
+        (lambda: model.score_images(dm.test_images, batch_size=0), r"batch_size=0 must be an integer >= 1"),
+    ]
+    for call, match in cases:
+        with pytest.raises(ValueError, match=match):
+            call()
+    gray = (dm.test_images[0, 0] * 255).round().to(torch.uint8).numpy()
+    with pytest.warns(UserWarning, match=r"a mode 'I' image is read as 16 bit .* values are at most \d+"):
+        wide = model.score_images(Image.fromarray(gray.astype(np.int32))).scores
+    eight_bit = model.score_images(Image.fromarray(gray)).scores
+    assert not torch.allclose(wide, eight_bit)  # what the warning is about: 8-bit values read as 16 bit
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="a mode 'I")
+        model.score_images(Image.fromarray(gray.astype(np.int32) * 257))  # 16-bit values: read as meant
+
+
+def test_a_clean_fraction_that_removes_no_row_says_so():
+    """0.01 of 101 rows rounds to 1 removed; 0.004 to none: the bank was left uncleaned without a word."""
+    dm = BlobDataModule()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="clean_fraction=")
+        quiet_trainer().fit(DN2Module(k=2, backbone=linear_backbone(), clean_fraction=0.01), datamodule=dm)
+    model = DN2Module(k=2, backbone=linear_backbone(), clean_fraction=0.004, reports=False)
+    with pytest.warns(UserWarning, match=r"clean_fraction=0.004 of 101 training embeddings rounds to none removed"):
+        quiet_trainer().fit(model, datamodule=dm)
+    assert len(model.bank) == 101
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_dn2_protocol_on_cuda_without_a_gpu_is_refused_before_loading_data():
+    from dn2_lightning.protocol import run_protocol
+
+    with pytest.raises(ValueError, match=r"device='cuda', but torch sees no CUDA device here"):
+        run_protocol("digits", device="cuda", root="/nonexistent")
+
+
+def test_synthetic_defects_take_one_kind_as_a_string_and_any_seed(tmp_path):
+    from dn2_lightning.data.synthetic import write_synthetic_defects
+
+    small = {"n_train": 1, "n_test_good": 1, "n_test_per_kind": 1, "image_size": 32}
+    root = write_synthetic_defects(tmp_path / "one", kinds="scratch", **small)  # was kinds=['s','c','r',...]
+    assert sorted(p.name for p in (root / "test").iterdir()) == ["good", "scratch"]
+    write_synthetic_defects(tmp_path / "negative", seed=-1, **small)  # as GroupDataModule takes it
+    with pytest.raises(ValueError, match=r"seed=1.5 must be an integer"):
+        write_synthetic_defects(tmp_path / "bad", seed=1.5, **small)

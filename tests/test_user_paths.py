@@ -4,6 +4,7 @@ number a user would see, compared with an independent brute force, or a clear er
 
 from __future__ import annotations
 
+import pickle
 import warnings
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 import yaml
 from helpers import BlobDataModule, BlobWithValDataModule, DictDataset, dn2_messages, linear_backbone, quiet_trainer
+from sklearn.metrics import roc_auc_score
 from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
 
 from dn2_lightning import DN2Detector, DN2Module, GroupDataModule, OneClassDataModule
@@ -551,7 +553,7 @@ def test_a_capped_fit_resumed_without_its_cap_reads_the_whole_pass(tmp_path):
         trainer = quiet_trainer(limit_train_batches=4, enable_checkpointing=True, default_root_dir=tmp_path)
         trainer.fit(capped, datamodule=dm)
     Path(trainer.checkpoint_callback.best_model_path).rename(tmp_path / "capped.ckpt")  # saved at the epoch's end
-    with pytest.warns(UserWarning, match="built from 4 of 13 training batches .* without the limit reads"):
+    with pytest.warns(UserWarning, match="built from 4 of 13 training batches .* of it without the limit"):
         DN2Module.load_from_checkpoint(tmp_path / "capped.ckpt", backbone=linear_backbone())
     resumed = DN2Module(k=2, backbone=linear_backbone(), reports=False)
     with dn2_messages() as messages:  # max_epochs=1 (as `dn2 fit`): Lightning sees the checkpoint's epoch as done
@@ -643,3 +645,177 @@ def test_fit_on_an_iterable_dataset_without_length():
     with dn2_messages() as messages:  # without the cap: the whole stream is read again
         quiet_trainer(max_epochs=1).fit(resumed, train_dataloaders=DataLoader(Stream(), batch_size=16), ckpt_path=path)
     assert len(resumed.bank) == 101 and any("reading the training pass again" in m for m in messages)
+
+
+# --------------------------------------------------------------------------- Trainer flags beyond one epoch
+
+
+@pytest.mark.parametrize("flags", [{"min_steps": 10}, {"min_epochs": 2, "max_steps": 10}, {"min_steps": 20}])
+def test_epochs_forced_by_min_steps_or_min_epochs_keep_the_whole_bank(flags):
+    """DN2 stops fit after its one pass, but Lightning runs on to min_steps / min_epochs: those epochs used to
+    start a new pass that the stop flag cut after the first steps (48 of 101 rows, AUROC 0.62 for 0.54)."""
+    dm = BlobDataModule()  # 101 images, 7 batches
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    trainer = quiet_trainer(**flags)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="the memory bank was built from")
+        trainer.fit(model, datamodule=dm)
+    assert trainer.current_epoch >= 2
+    assert sorted(model.bank.sample_indices.tolist()) == list(range(101))
+    results = trainer.test(model, datamodule=dm)
+    expected = brute_force_scores(model, dm.train_images, dm.test_images, k=2)
+    np.testing.assert_allclose(model.test_scores.scores.numpy(), expected, rtol=1e-5)
+    assert results[0]["test/auroc"] == pytest.approx(roc_auc_score(dm.test_labels.numpy(), expected), abs=1e-6)
+
+
+def test_a_best_checkpoint_saved_by_a_validation_inside_the_pass_says_its_bank_is_partial(tmp_path):
+    """With val_check_interval=0.5 the validation after 3 of 7 batches scores a partial bank; ModelCheckpoint may
+    keep that one as best. Loading it used to give the partial bank's AUROC without a word."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    dm = BlobWithValDataModule()
+    best = ModelCheckpoint(dirpath=tmp_path, monitor="val/auroc", mode="max", save_top_k=-1)
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    trainer = quiet_trainer(val_check_interval=0.5, enable_checkpointing=True, callbacks=[best])
+    with pytest.warns(UserWarning, match="validation inside a training epoch") as caught:
+        trainer.fit(model, datamodule=dm)  # validations after 3 and 6 of 7 batches
+    assert any("no checkpoint of this fit holds its memory bank" in str(w.message) for w in caught)
+    for step, rows in ((3, 48), (6, 96)):
+        with pytest.warns(UserWarning, match=rf"from {step} of 7 training batches .*validation inside the training"):
+            partial = DN2Module.load_from_checkpoint(tmp_path / f"epoch=0-step={step}.ckpt", backbone=linear_backbone())
+        assert len(partial.bank) == rows
+    trainer.save_checkpoint(tmp_path / "whole.ckpt")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="this checkpoint's memory bank was built from")
+        whole = DN2Module.load_from_checkpoint(tmp_path / "whole.ckpt", backbone=linear_backbone())
+    assert sorted(whole.bank.sample_indices.tolist()) == list(range(101))
+
+
+def test_a_fit_whose_model_checkpoint_saves_nothing_says_so_and_dn2_fit_saves_the_bank(tmp_path):
+    """check_val_every_n_epoch=2: DN2's one epoch ends before the first validation, after which ModelCheckpoint
+    would save: no file, and README says ModelCheckpoint saves the bank."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    dm = BlobWithValDataModule()
+    saver = ModelCheckpoint(dirpath=tmp_path / "plain")
+    with pytest.warns(UserWarning, match="ModelCheckpoint saved no checkpoint in this fit"):
+        quiet_trainer(check_val_every_n_epoch=2, enable_checkpointing=True, callbacks=[saver]).fit(
+            DN2Module(k=2, backbone=linear_backbone(), reports=False), datamodule=dm
+        )
+    assert not (tmp_path / "plain").exists() or not list((tmp_path / "plain").iterdir())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="ModelCheckpoint saved no checkpoint")
+        quiet_trainer(enable_checkpointing=True, default_root_dir=tmp_path / "default").fit(
+            DN2Module(k=2, backbone=linear_backbone(), reports=False), datamodule=dm
+        )
+        none_asked = ModelCheckpoint(dirpath=tmp_path / "none", save_top_k=0)  # saves nothing, as asked
+        quiet_trainer(enable_checkpointing=True, callbacks=[none_asked]).fit(
+            DN2Module(k=2, backbone=linear_backbone(), reports=False), datamodule=dm
+        )
+
+    config = CONFIGS / "digits.yaml"
+    cli = build_cli(
+        [
+            "fit", f"--config={config}", f"--trainer.default_root_dir={tmp_path / 'cli'}",
+            "--trainer.check_val_every_n_epoch=2", "--model.input_size=32", "--model.pretrained=false",
+            "--model.reports=false", "--trainer.enable_progress_bar=false",
+        ]
+    )  # fmt: skip
+    saved = list((tmp_path / "cli").rglob("bank.ckpt"))
+    assert len(saved) == 1
+    loaded = DN2Module.load_from_checkpoint(saved[0])
+    torch.testing.assert_close(loaded.bank.embeddings, cli.model.bank.embeddings)
+
+
+def test_a_bank_built_on_first_need_meeting_another_datamodule_is_said():
+    """test(dm1) builds the bank from dm1's training data; test(dm2), a datamodule with other training data that
+    DN2 cannot compare, scored against dm1's bank without a word (AUROC 0.56 for 0.60)."""
+    dm1, dm2 = BlobDataModule(seed=0), BlobDataModule(seed=1, n_train=57)
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    trainer = quiet_trainer()
+    trainer.test(model, datamodule=dm1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="is not the datamodule this memory bank was built from")
+        trainer.test(model, datamodule=dm1)  # the same one again
+    with pytest.warns(UserWarning, match=r"BlobDataModule is not the datamodule .* on first need .*train_set_identity"):
+        trainer.test(model, datamodule=dm2)
+    copy = pickle.loads(pickle.dumps(model))  # the record of dm1 (a weakref) does not travel
+    torch.testing.assert_close(copy.score_images(dm1.test_images).scores, model.score_images(dm1.test_images).scores)
+    fitted = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    quiet_trainer().fit(fitted, datamodule=dm1)
+    with warnings.catch_warnings():  # a fitted bank is the user's choice: tested on other data as asked
+        warnings.filterwarnings("error", message="is not the datamodule this memory bank was built from")
+        quiet_trainer().test(fitted, datamodule=dm2)
+
+
+# --------------------------------------------------------------------------- DataLoader workers
+
+
+class _WorkerIterable(torch.utils.data.IterableDataset):
+    """Blob samples streamed; ``split``: each worker yields its share (torch's recipe), else all of them."""
+
+    def __init__(self, images, labels, split=True, index=True, length=True):
+        self.images, self.labels, self.split, self.index, self.length = images, labels, split, index, length
+
+    def __len__(self):
+        if not self.length:
+            raise TypeError("no length")
+        return len(self.images)
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        ids = range(len(self.images))
+        if self.split and worker is not None:
+            ids = range(worker.id, len(self.images), worker.num_workers)
+        for i in ids:
+            sample = {"image": self.images[i], "label": self.labels[i]}
+            yield sample | {"index": torch.tensor(i)} if self.index else sample
+
+
+def test_an_iterable_with_a_length_read_by_two_workers_is_not_cut_short_silently():
+    """Each worker ends its share with a short batch: 8 batches for len(dataloader) = 7, and Lightning stops at 7.
+    The bank held 99 of 101 rows and test scored 68 of 71 (AUROC 0.5104 for 0.5382), silently."""
+    dm = BlobDataModule()
+    train = DataLoader(_WorkerIterable(dm.train_images, torch.zeros(101)), batch_size=16, num_workers=2)
+    test = DataLoader(_WorkerIterable(dm.test_images, dm.test_labels), batch_size=16, num_workers=2)
+    with pytest.raises(ValueError, match=r"training dataloader read 99 of its IterableDataset's 101 samples.*workers"):
+        quiet_trainer().fit(DN2Module(k=2, backbone=linear_backbone(), reports=False), train_dataloaders=train)
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    quiet_trainer().fit(model, datamodule=dm)
+    with pytest.raises(ValueError, match=r"test dataloader read 68 of its IterableDataset's 71 samples"):
+        quiet_trainer().test(model, dataloaders=test)
+    one_worker = DataLoader(_WorkerIterable(dm.test_images, dm.test_labels), batch_size=16, num_workers=1)
+    quiet_trainer().test(model, dataloaders=one_worker)
+    expected = brute_force_scores(model, dm.train_images, dm.test_images, k=2)
+    np.testing.assert_allclose(model.test_scores.scores.numpy(), expected, rtol=1e-5)
+
+
+def test_an_unsplit_iterable_of_unnumbered_samples_under_workers_is_said():
+    """Every worker yields every sample: without an 'index' each is embedded twice and its copy is its nearest
+    neighbour (k = 2 scores became 1-NN distances, the threshold halved), under a warning that said the scores
+    were right."""
+    dm = BlobDataModule()
+    unsplit = _WorkerIterable(dm.train_images, torch.zeros(101), split=False, index=False, length=False)
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    with pytest.warns(UserWarning, match=r"IterableDataset read by 2 workers, whose samples carry no 'index'"):
+        quiet_trainer().fit(model, train_dataloaders=DataLoader(unsplit, batch_size=16, num_workers=2))
+    indexed = _WorkerIterable(dm.train_images, torch.zeros(101), split=False, index=True, length=False)
+    with pytest.raises(ValueError, match="share their dataset 'index'"):  # with an index the copies are refused
+        quiet_trainer().fit(
+            DN2Module(k=2, backbone=linear_backbone(), reports=False),
+            train_dataloaders=DataLoader(indexed, batch_size=16, num_workers=2),
+        )
+
+
+def test_a_validation_inside_the_pass_does_not_renumber_the_training_samples_after_it():
+    """Samples without an 'index' are numbered as read; the validation inside the epoch restarted that count, so
+    the training rows after it took its numbers: a false "share their dataset 'index'" error (20 validation
+    samples), or bank rows numbered past the training set."""
+    dm = BlobDataModule()
+    train = DataLoader(TensorDataset(dm.train_images, torch.zeros(101)), batch_size=16)
+    for n_val in (20, 213):
+        val = DataLoader(TensorDataset(dm.test_images.repeat(3, 1, 1, 1)[:n_val], dm.test_labels.repeat(3)[:n_val]))
+        model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+        with pytest.warns(UserWarning, match="validation inside a training epoch"):
+            quiet_trainer(val_check_interval=0.5, num_sanity_val_steps=0).fit(model, train, val)
+        assert sorted(model.bank.sample_indices.tolist()) == list(range(101))

@@ -8,6 +8,7 @@ swaps one member for an image of a class that never appears in normal groups (``
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Integral
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from dn2_lightning.data.datasets import PIXEL_FORMAT, to_chw_uint8
 from dn2_lightning.data.sources import LabeledImages, list_datasets, load_split
-from dn2_lightning.validation import check_choice, check_fraction, check_int, check_load_size, check_positive_int
+from dn2_lightning.validation import (
+    check_choice,
+    check_fraction,
+    check_int,
+    check_load_size,
+    check_positive_int,
+    check_seed,
+)
 
 ANOMALY_KINDS = ("hard", "easy")
 
@@ -161,6 +169,22 @@ class GroupDataModule(LightningDataModule):
         if anomaly == "easy" and not held_out_classes:
             raise ValueError("anomaly='easy' needs held_out_classes, e.g. held_out_classes=[9].")
         check_fraction("anomaly_ratio", anomaly_ratio, low_inclusive=False, hint="; the test set needs both kinds")
+        n_anomalous = round(anomaly_ratio * n_test_groups)
+        if not 0 < n_anomalous < n_test_groups:
+            raise ValueError(
+                f"anomaly_ratio={anomaly_ratio} of n_test_groups={n_test_groups} gives {n_anomalous} anomalous test "
+                "groups: the test set needs both kinds (its AUROC is undefined otherwise); raise n_test_groups or "
+                "move anomaly_ratio towards 0.5."
+            )
+        if held_out_classes is not None and (
+            not isinstance(held_out_classes, Sequence)
+            or isinstance(held_out_classes, str)
+            or any(isinstance(c, bool) or not isinstance(c, Integral) for c in held_out_classes)
+        ):
+            raise ValueError(f"held_out_classes={held_out_classes!r} must be a list of class indices, e.g. [9].")
+        if held_out_classes is not None:  # plain ints (NumPy's, a range) for the hyperparameters a checkpoint keeps
+            held_out_classes = [int(c) for c in held_out_classes]
+        check_seed("seed", seed)
         check_positive_int("batch_size", batch_size)
         check_int("num_workers", num_workers, minimum=0)
         check_load_size(load_size)

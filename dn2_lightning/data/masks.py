@@ -46,28 +46,52 @@ def mvtec_mask_path(root: str | Path, image: str | Path, normal_dir: str = "good
     return Path(root) / "ground_truth" / relative.parent / f"{image.stem}{MASK_SUFFIX}"
 
 
+def _headers(image: str | Path, mask: str | Path) -> tuple[tuple[int, int], int, tuple[int, int]] | None:
+    """(stored image size W x H, its EXIF orientation, mask size W x H) from the headers; ``None`` if unreadable."""
+    try:
+        with Image.open(image) as img:
+            size, orientation = img.size, img.getexif().get(0x0112, 1)
+        with Image.open(mask) as img:
+            return size, orientation, img.size
+    except (OSError, SyntaxError, ValueError):
+        return None  # unreadable files are reported where they are loaded
+
+
+def _same_shape(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """The same aspect ratio within a pixel of rounding, on whichever side was resized."""
+    return abs(a[0] * b[1] - a[1] * b[0]) <= max(*a, *b)
+
+
 def mask_geometry_problem(image: str | Path, mask: str | Path) -> str | None:
     """Why ``mask`` cannot be the mask of ``image``, or ``None``: its aspect ratio must be the upright image's
     (EXIF orientation applied, as the image is loaded; a mask at another scale is resized). Reads headers only."""
-    try:
-        with Image.open(image) as img:
-            (width, height), orientation = img.size, img.getexif().get(0x0112, 1)
-        with Image.open(mask) as img:
-            mask_width, mask_height = img.size
-    except (OSError, SyntaxError, ValueError):
-        return None  # unreadable files are reported where they are loaded
+    headers = _headers(image, mask)
+    if headers is None:
+        return None
+    (width, height), orientation, mask_size = headers
     rotated = orientation in (5, 6, 7, 8)
     upright = (height, width) if rotated else (width, height)
-    # the same shape within a pixel of rounding, on whichever side was resized (mask or image)
-    if abs(mask_width * upright[1] - mask_height * upright[0]) <= max(*upright, mask_width, mask_height):
+    if _same_shape(mask_size, upright):
         return None
-    found = f"{mask_width} x {mask_height} mask for a {upright[0]} x {upright[1]} (W x H) image"
-    if rotated and abs(mask_width * height - mask_height * width) <= max(width, height, mask_width, mask_height):
+    found = f"{mask_size[0]} x {mask_size[1]} mask for a {upright[0]} x {upright[1]} (W x H) image"
+    if rotated and _same_shape(mask_size, (width, height)):
         return (
             f"{found} shown upright (EXIF orientation {orientation}): the mask follows the stored pixel grid; "
             f"save it upright, e.g. mask.transpose(Image.Transpose.{_UPRIGHT[orientation]})"
         )
     return f"{found}: not the image's shape"
+
+
+def unconfirmed_orientation(image: str | Path, mask: str | Path) -> int | None:
+    """The EXIF orientation that turns ``image`` when it is loaded when ``mask``'s shape fits both the upright image
+    and the stored pixel grid (a flip or a half turn; a quarter turn of a square image), so nothing shows which one
+    the mask was drawn on; else ``None``."""
+    headers = _headers(image, mask)
+    if headers is None or headers[1] not in _UPRIGHT:
+        return None
+    (width, height), orientation, mask_size = headers
+    upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    return orientation if _same_shape(mask_size, (width, height)) and _same_shape(mask_size, upright) else None
 
 
 class MaskedImageDataset(Dataset):
@@ -105,6 +129,21 @@ class MaskedImageDataset(Dataset):
             raise ValueError(
                 f"{len(mismatched)} ground-truth mask(s) do not match their image's shape, so their pixels would "
                 f"land elsewhere: {listing}."
+            )
+        turned = [
+            (image, orientation)
+            for image, mask in zip(paths, mask_paths, strict=True)
+            if mask is not None and (orientation := unconfirmed_orientation(image, mask)) is not None
+        ]
+        if turned:
+            image, orientation = turned[0]
+            warnings.warn(
+                f"{len(turned)} test image(s) with a mask carry an EXIF orientation that turns them when loaded (e.g. "
+                f"{image}: orientation {orientation}, {_UPRIGHT[orientation]}), and the mask's shape cannot show "
+                "whether it was drawn on the upright image or on the stored pixels: it is read as drawn on the "
+                "upright image (as viewers show it). If it follows the stored pixels, its anomalous pixels land "
+                "elsewhere: save the images upright (PIL.ImageOps.exif_transpose) or transpose the masks.",
+                stacklevel=2,
             )
         self.dataset, self.mask_paths = dataset, [None if p is None else Path(p) for p in mask_paths]
 

@@ -33,6 +33,7 @@ from dn2_lightning.validation import (
     check_int,
     check_load_size,
     check_positive_int,
+    check_seed,
 )
 
 FOLDER = "folder"
@@ -92,6 +93,7 @@ class OneClassDataModule(LightningDataModule):
         check_int("num_workers", num_workers, minimum=0)
         check_load_size(load_size)
         check_contamination(contamination)
+        check_seed("seed", seed)
         check_choice("on_corrupt", on_corrupt, CORRUPT_POLICIES)
         check_positive_int("max_image_pixels", max_image_pixels, allow_none=True)
         if dataset == FOLDER:

@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dn2_lightning.validation import check_seed
+
 DEFECT_KINDS = ("patch", "scratch", "blob")
 NORMAL_KIND = "good"
 _MARKER = "synthetic_defects.json"
@@ -125,6 +127,7 @@ def write_synthetic_defects(
     Returns:
         ``root`` as a Path.
     """
+    kinds = (kinds,) if isinstance(kinds, str) else kinds  # one kind, not its letters
     settings = {
         "n_train": n_train,
         "n_test_good": n_test_good,
@@ -176,6 +179,7 @@ def _validate(settings: dict) -> None:
     size = settings["image_size"]
     if isinstance(size, bool) or not isinstance(size, int) or size < 32:
         raise ValueError(f"image_size={size!r} must be an integer >= 32.")
+    check_seed("seed", settings["seed"])
     unknown = [k for k in settings["kinds"] if k not in DEFECT_KINDS]
     if unknown or not settings["kinds"]:
         raise ValueError(f"kinds={settings['kinds']!r} must be a non-empty subset of {list(DEFECT_KINDS)}.")
@@ -184,7 +188,7 @@ def _validate(settings: dict) -> None:
 def _render(root: Path, settings: dict) -> None:
     size, seed = settings["image_size"], settings["seed"]
     # one independent stream per image, so every file depends only on (seed, split, kind, number)
-    streams = np.random.SeedSequence(seed)
+    streams = np.random.SeedSequence(seed % 2**64)  # SeedSequence takes no negative seed; torch does
 
     def rng(*key: int) -> np.random.Generator:
         return np.random.default_rng(np.random.SeedSequence([streams.entropy, *key]))

@@ -78,6 +78,9 @@ def check_layers(backbone: FeatureExtractor, layers: Sequence[str]) -> list[str]
             f"map_layers {missing} are not submodules of the backbone trunk; some valid names: "
             f"{[n for n in available if n][:30]}."
         )
+    repeated = sorted({name for name in layers if list(layers).count(name) > 1})
+    if repeated:  # a stage twice would weigh its patch distances twice
+        raise ValueError(f"map_layers={list(layers)!r} names {repeated} more than once; list each stage once.")
     return list(layers)
 
 
