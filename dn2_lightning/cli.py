@@ -28,6 +28,7 @@ import re
 import shutil
 import textwrap
 import warnings
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -233,7 +234,9 @@ class DN2CLI(LightningCLI):
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
         with readable_checkpoint(ckpt_path):
-            checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+            # memory-mapped where torch can (zip files): only the hyperparameters are read here, not the bank
+            mmap = zipfile.is_zipfile(ckpt_path)
+            checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=mmap)
             if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
                 raise KeyError("state_dict")
         saved = checkpoint.get("hyper_parameters", {})

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.base import BaseEstimator
 from torch import Tensor
 
 from dn2_lightning.knn import knn_distances
@@ -37,8 +38,11 @@ from dn2_lightning.validation import (
 ArrayLike = Any  # numpy array, torch tensor, or nested lists of numbers
 
 
-class DN2Detector:
+class DN2Detector(BaseEstimator):
     """Deep Nearest Neighbour anomaly detection on feature vectors, with PyOD's interface.
+
+    A scikit-learn estimator: ``get_params`` / ``set_params``, ``sklearn.base.clone`` and the last step of a
+    ``Pipeline`` work as for PyOD's detectors (labels are PyOD's 0 = normal / 1 = anomalous).
 
     ``fit(X)`` keeps the rows of ``X`` (after optional cleaning) as the memory bank; ``decision_function(Y)``
     is the mean squared Euclidean distance of each row of ``Y`` to its ``k`` nearest bank rows (exact);
@@ -73,19 +77,24 @@ class DN2Detector:
         knn_backend: str = "auto",
         max_memory_bytes: int | None = None,
     ) -> None:
-        check_k(k)
-        check_threshold(threshold_quantile)
-        check_clean_fraction(clean_fraction)
-        check_clean_k(clean_k)
-        check_knn_backend(knn_backend)
-        check_int("max_memory_bytes", max_memory_bytes, 2**16, allow_none=True)
         self.k, self.threshold_quantile = k, threshold_quantile
         self.clean_fraction, self.clean_k = clean_fraction, clean_k
         self.knn_backend, self.max_memory_bytes = knn_backend, max_memory_bytes
+        self._check_params()
         self.bank_: Tensor | None = None
+
+    def _check_params(self) -> None:
+        """At construction and again in ``fit`` (``set_params`` changes them in between)."""
+        check_k(self.k)
+        check_threshold(self.threshold_quantile)
+        check_clean_fraction(self.clean_fraction)
+        check_clean_k(self.clean_k)
+        check_knn_backend(self.knn_backend)
+        check_int("max_memory_bytes", self.max_memory_bytes, 2**16, allow_none=True)
 
     def fit(self, X: ArrayLike, y: Any = None) -> DN2Detector:  # noqa: N803 (scikit-learn's names)
         """Keep ``X`` ``[N, D]`` (cleaned if asked) as the bank and set ``threshold_``. ``y`` is ignored."""
+        self._check_params()
         x = _as_matrix(X, "X")
         n = x.shape[0]
         if n <= self.k:
@@ -113,6 +122,11 @@ class DN2Detector:
         self.labels_ = (self.decision_scores_ > self.threshold_).long()
         return self
 
+    def fit_predict(self, X: ArrayLike, y: Any = None) -> np.ndarray | Tensor:  # noqa: N803
+        """``fit(X)``, then the training rows' 0/1 labels (:attr:`labels_`), as PyOD's ``fit_predict``."""
+        self.fit(X)
+        return self.labels_ if isinstance(X, Tensor) else self.labels_.cpu().numpy()
+
     def decision_function(self, X: ArrayLike) -> np.ndarray | Tensor:  # noqa: N803
         """DN2 scores ``[M]`` of the rows of ``X`` (higher = more anomalous), as a numpy array for numpy
         input and a tensor on ``X``'s device for tensor input."""
@@ -132,7 +146,7 @@ class DN2Detector:
         return proba if isinstance(X, Tensor) else proba.cpu().numpy()
 
     def _scores(self, X: ArrayLike) -> Tensor:  # noqa: N803
-        if self.bank_ is None:
+        if getattr(self, "bank_", None) is None:
             raise RuntimeError("this DN2Detector is not fitted yet: call fit(X) first.")
         x = _as_matrix(X, "X", self.bank_.device)
         if x.shape[1] != self.bank_.shape[1]:

@@ -91,6 +91,8 @@ def warn_if_out_of_order(loader: Any) -> None:
     """Samples without an ``index`` are numbered in the order they are read; a loader that shuffles or picks
     makes those numbers (neighbour indices, paths, the order of the scores) mean nothing, though scores stay
     right."""
+    if isinstance(getattr(loader, "dataset", None), IterableDataset):
+        return  # an iterable has no positions to point at but its own order (workers: see the warning below)
     sampler = drawing_sampler(loader)
     sequential = isinstance(sampler, SequentialSampler | DistributedSampler)
     if sampler is not None and not (sequential and not getattr(sampler, "shuffle", False)):
@@ -170,6 +172,8 @@ def refuse_iterable_cut_short(loader: Any, reading: Reading, what: str) -> None:
     dataset = getattr(loader, "dataset", None)
     if world_size() > 1 or not isinstance(dataset, IterableDataset) or getattr(loader, "num_workers", 0) < 2:
         return
+    if getattr(getattr(loader, "batch_sampler", None), "drop_last", False):
+        return  # each worker drops its own remainder: warn_if_drop_last says so
     length, batches = sized_len(dataset), sized_len(loader)
     if length is None or batches is None or reading.batches < batches or reading.samples >= length:
         return

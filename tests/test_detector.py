@@ -128,3 +128,28 @@ def test_predict_proba_agrees_with_predict_for_float64_scores_closer_than_float3
 def test_bad_input_names_the_parameter(call, match):
     with pytest.raises((ValueError, RuntimeError), match=match):
         call()
+
+
+def test_a_scikit_learn_estimator_clone_set_params_pipeline_and_pickle():
+    """As PyOD's detectors: clone (GridSearchCV, cross_val_score) needs get_params, and a Pipeline's last step."""
+    import pickle
+
+    from sklearn.base import clone
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(0)
+    train, test = rng.normal(size=(80, 5)) * [1, 2, 3, 4, 5], rng.normal(size=(7, 5)) * 4
+    detector = DN2Detector(k=3, threshold_quantile=0.9, clean_fraction=0.1, clean_k=20)
+    copy = clone(detector)
+    assert copy.get_params() == detector.get_params() and copy.get_params()["k"] == 3
+    pipeline = make_pipeline(StandardScaler(), DN2Detector(k=3)).fit(train)
+    scaler = StandardScaler().fit(train)
+    reference = DN2Detector(k=3).fit(scaler.transform(train)).decision_function(scaler.transform(test))
+    np.testing.assert_allclose(pipeline.decision_function(test), reference)
+    np.testing.assert_array_equal(DN2Detector(k=3).fit_predict(train), DN2Detector(k=3).fit(train).labels_.numpy())
+    fitted = DN2Detector(k=3).fit(train)
+    unpickled = pickle.loads(pickle.dumps(fitted))
+    np.testing.assert_array_equal(unpickled.decision_function(test), fitted.decision_function(test))
+    with pytest.raises(ValueError, match="k=0"):  # set_params is checked when fit runs
+        DN2Detector().set_params(k=0).fit(train)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from dn2_lightning.backbones import FeatureExtractor
-from dn2_lightning.distributed import gather_rows, unique_by_index
+from dn2_lightning.distributed import count_rows, gather_rows, unique_by_index
 from dn2_lightning.knn import DEFAULT_MAX_MEMORY_BYTES, KNNResult
 from dn2_lightning.maps.bank import PatchBank, ensure_room
 from dn2_lightning.maps.pyramid import check_layers, embed_with_patches, pyramid_layers
@@ -118,8 +118,9 @@ class AnomalyMaps(nn.Module):
         if not keep_collecting:
             self._patches, self._indices = [], []
         _, c, h, w = patches[0].shape
-        rows = sum(len(i) for i in indices)
         device = patches[0].device
+        # every rank holds the whole gathered bank: count every rank's rows (a collective, as the gather below)
+        rows = sum(count_rows(sum(len(i) for i in indices), device))
         # assembling copies the rows once; 'all' then needs their norms and the search's temporaries
         needed = rows * c * h * w * 4 + (rows * h * w * 4 + self._budget() if self.patch_bank == "all" else 0)
         ensure_room(needed, device, f"the patch bank ({rows} images x {h}x{w} positions x {c} channels)")
