@@ -28,7 +28,6 @@ import re
 import shutil
 import textwrap
 import warnings
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -235,7 +234,8 @@ class DN2CLI(LightningCLI):
             return
         with readable_checkpoint(ckpt_path):
             # memory-mapped where torch can (zip files): only the hyperparameters are read here, not the bank
-            mmap = zipfile.is_zipfile(ckpt_path)
+            with open(ckpt_path, "rb") as file:  # torch's zip format (what mmap needs) starts with a zip entry
+                mmap = file.read(4) == b"PK\x03\x04"
             checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=mmap)
             if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
                 raise KeyError("state_dict")

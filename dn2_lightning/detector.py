@@ -10,7 +10,6 @@ as :class:`~dn2_lightning.DN2Module`.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -81,7 +80,6 @@ class DN2Detector(BaseEstimator):
         self.clean_fraction, self.clean_k = clean_fraction, clean_k
         self.knn_backend, self.max_memory_bytes = knn_backend, max_memory_bytes
         self._check_params()
-        self.bank_: Tensor | None = None
 
     def _check_params(self) -> None:
         """At construction and again in ``fit`` (``set_params`` changes them in between)."""
@@ -157,8 +155,8 @@ class DN2Detector(BaseEstimator):
         return {"max_memory_bytes": self.max_memory_bytes}
 
     def __repr__(self) -> str:
-        threshold = getattr(self, "threshold_", math.nan)
-        return f"DN2Detector(k={self.k}, threshold_quantile={self.threshold_quantile}, threshold_={threshold:.4g})"
+        threshold = getattr(self, "threshold_", None)  # scikit-learn's repr: the settings not at their default
+        return super().__repr__() + (f" with threshold_={float(threshold):.4g}" if threshold is not None else "")
 
 
 def _as_matrix(values: ArrayLike, name: str, device: torch.device | None = None) -> Tensor:

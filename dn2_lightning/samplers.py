@@ -112,6 +112,8 @@ def warn_if_drop_last(loader: Any, consequence: str) -> None:
     samples = sized_len(sampler) if sampler is not None else None  # None for an IterableDataset's sampler
     if samples is None and isinstance(getattr(loader, "dataset", None), IterableDataset):
         samples = sized_len(loader.dataset)  # an iterable with a length (each worker drops its own remainder)
+    if isinstance(getattr(loader, "dataset", None), IterableDataset) and getattr(loader, "num_workers", 0) > 1:
+        return  # each worker drops its own remainder: counted after the pass (refuse_iterable_cut_short)
     if getattr(batch_sampler, "drop_last", False) and size and samples and samples % size:
         per_rank = " (of each rank)" if world_size() > 1 else ""
         rank_zero_warn(
@@ -172,11 +174,18 @@ def refuse_iterable_cut_short(loader: Any, reading: Reading, what: str) -> None:
     dataset = getattr(loader, "dataset", None)
     if world_size() > 1 or not isinstance(dataset, IterableDataset) or getattr(loader, "num_workers", 0) < 2:
         return
-    if getattr(getattr(loader, "batch_sampler", None), "drop_last", False):
-        return  # each worker drops its own remainder: warn_if_drop_last says so
     length, batches = sized_len(dataset), sized_len(loader)
-    if length is None or batches is None or reading.batches < batches or reading.samples >= length:
+    if length is None or batches is None or reading.samples >= length:
         return
+    if getattr(getattr(loader, "batch_sampler", None), "drop_last", False):  # each worker drops its own remainder
+        rank_zero_warn(
+            f"the {what} dataloader has drop_last=True and {loader.num_workers} workers, each dropping the remainder "
+            f"of its share: {length - reading.samples} of the IterableDataset's {length} samples were not read (with "
+            "any batch limit's). Use drop_last=False (DN2 needs every sample, and any batch size works)."
+        )
+        return
+    if reading.batches < batches:
+        return  # a batch limit (limit_train_batches, max_steps, ...) stopped the pass: said elsewhere
     raise ValueError(
         f"the {what} dataloader read {reading.samples} of its IterableDataset's {length} samples: its "
         f"{loader.num_workers} workers each end their share with a short batch, which makes more batches than "

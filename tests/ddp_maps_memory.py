@@ -12,15 +12,20 @@ from test_maps import tiny_conv
 import dn2_lightning.maps.bank as patch_bank
 from dn2_lightning import DN2Module, OneClassDataModule
 
-root, limit = sys.argv[1], int(sys.argv[2])
-patch_bank._host_available_bytes = lambda: limit
-model = DN2Module(backbone=tiny_conv(), anomaly_maps=True, map_layers=["1", "3"], map_images=4, reports=False)
-trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
-                  enable_model_summary=False, enable_checkpointing=False, default_root_dir=root)  # fmt: skip
-try:
-    trainer.fit(model, datamodule=OneClassDataModule(dataset="folder", root=root, load_size=32, batch_size=2))
-    print(f"rank {trainer.global_rank}: accepted", flush=True)
-except MemoryError as error:
-    print(f"rank {trainer.global_rank}: refused: {error}", flush=True)
-if torch.distributed.is_initialized():
-    torch.distributed.destroy_process_group()
+
+def main(root: str, limit: int) -> None:
+    patch_bank._host_available_bytes = lambda: limit
+    model = DN2Module(backbone=tiny_conv(), anomaly_maps=True, map_layers=["1", "3"], map_images=4, reports=False)
+    trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, default_root_dir=root)  # fmt: skip
+    try:
+        trainer.fit(model, datamodule=OneClassDataModule(dataset="folder", root=root, load_size=32, batch_size=2))
+        print(f"rank {trainer.global_rank}: accepted", flush=True)
+    except MemoryError as error:
+        print(f"rank {trainer.global_rank}: refused: {error}", flush=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))

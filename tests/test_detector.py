@@ -153,3 +153,11 @@ def test_a_scikit_learn_estimator_clone_set_params_pipeline_and_pickle():
     np.testing.assert_array_equal(unpickled.decision_function(test), fitted.decision_function(test))
     with pytest.raises(ValueError, match="k=0"):  # set_params is checked when fit runs
         DN2Detector().set_params(k=0).fit(train)
+    from sklearn.exceptions import NotFittedError
+    from sklearn.utils.validation import check_is_fitted
+
+    with pytest.raises(NotFittedError):  # no fitted attribute (bank_) before fit
+        check_is_fitted(DN2Detector())
+    assert repr(DN2Detector(clean_fraction=0.1, knn_backend="torch")) == (
+        "DN2Detector(clean_fraction=0.1, knn_backend='torch')"
+    )
