@@ -62,12 +62,9 @@ def _same_shape(a: tuple[int, int], b: tuple[int, int]) -> bool:
     return abs(a[0] * b[1] - a[1] * b[0]) <= max(*a, *b)
 
 
-def mask_geometry_problem(image: str | Path, mask: str | Path) -> str | None:
-    """Why ``mask`` cannot be the mask of ``image``, or ``None``: its aspect ratio must be the upright image's
-    (EXIF orientation applied, as the image is loaded; a mask at another scale is resized). Reads headers only."""
-    headers = _headers(image, mask)
-    if headers is None:
-        return None
+def mask_geometry_problem(headers: tuple[tuple[int, int], int, tuple[int, int]]) -> str | None:
+    """Why a mask cannot be its image's, from their :func:`_headers`, or ``None``: its aspect ratio must be the
+    upright image's (EXIF orientation applied, as the image is loaded; a mask at another scale is resized)."""
     (width, height), orientation, mask_size = headers
     rotated = orientation in (5, 6, 7, 8)
     upright = (height, width) if rotated else (width, height)
@@ -82,14 +79,13 @@ def mask_geometry_problem(image: str | Path, mask: str | Path) -> str | None:
     return f"{found}: not the image's shape"
 
 
-def unconfirmed_orientation(image: str | Path, mask: str | Path) -> int | None:
-    """The EXIF orientation that turns ``image`` when it is loaded when ``mask``'s shape fits both the upright image
-    and the stored pixel grid (a flip or a half turn; a quarter turn of a square image), so nothing shows which one
-    the mask was drawn on; else ``None``."""
-    headers = _headers(image, mask)
-    if headers is None or headers[1] not in _UPRIGHT:
-        return None
+def unconfirmed_orientation(headers: tuple[tuple[int, int], int, tuple[int, int]]) -> int | None:
+    """From an image's and its mask's :func:`_headers`: the EXIF orientation that turns the image when it is loaded
+    when the mask's shape fits both the upright image and the stored pixel grid (a flip or a half turn; a quarter
+    turn of a square image), so nothing shows which one the mask was drawn on; else ``None``."""
     (width, height), orientation, mask_size = headers
+    if orientation not in _UPRIGHT:
+        return None
     upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
     return orientation if _same_shape(mask_size, (width, height)) and _same_shape(mask_size, upright) else None
 
@@ -119,10 +115,11 @@ class MaskedImageDataset(Dataset):
                 f"{len(missing)} ground-truth mask(s) missing: {listing}. Every anomalous test image needs "
                 f"root/ground_truth/<kind>/<stem>{MASK_SUFFIX}, or remove root/ground_truth to test without masks."
             )
+        # both checks read the headers only, once per pair (unreadable files are reported where they are loaded)
+        pairs = [(image, mask) for image, mask in zip(paths, mask_paths, strict=True) if mask is not None]
+        headers = [(image, mask, found) for image, mask in pairs if (found := _headers(image, mask)) is not None]
         mismatched = [
-            f"{mask}: {problem}"
-            for image, mask in zip(paths, mask_paths, strict=True)
-            if mask is not None and (problem := mask_geometry_problem(image, mask)) is not None
+            f"{mask}: {problem}" for _, mask, found in headers if (problem := mask_geometry_problem(found)) is not None
         ]
         if mismatched:
             listing = "; ".join(mismatched[:5]) + (f"; ... ({len(mismatched)} in all)" if len(mismatched) > 5 else "")
@@ -132,8 +129,8 @@ class MaskedImageDataset(Dataset):
             )
         turned = [
             (image, orientation)
-            for image, mask in zip(paths, mask_paths, strict=True)
-            if mask is not None and (orientation := unconfirmed_orientation(image, mask)) is not None
+            for image, _, found in headers
+            if (orientation := unconfirmed_orientation(found)) is not None
         ]
         if turned:
             image, orientation = turned[0]
