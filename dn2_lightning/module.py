@@ -831,8 +831,9 @@ class DN2Module(LightningModule):
         elif not self._has_bank:
             self._build_bank_from_datamodule()
         else:
-            self._check_settings_against_bank()
-            self._warn_if_bank_from_another_datamodule()
+            data_settings = self._data_settings()  # may set up the datamodule: read once for both checks
+            self._check_settings_against_bank(data_settings)
+            self._warn_if_bank_from_another_datamodule(data_settings)
             if self._sharded and not self._bank_is_shard:
                 self._bank_builder.keep_own_shard()
         self._bank_is_shard = self._sharded
@@ -847,13 +848,13 @@ class DN2Module(LightningModule):
         self._build_bank_from(shard_for_this_rank(one_loader(datamodule.train_dataloader(), fn)))
         self._bank_datamodule = weakref.ref(datamodule)
 
-    def _warn_if_bank_from_another_datamodule(self) -> None:
+    def _warn_if_bank_from_another_datamodule(self, data_settings: dict[str, Any]) -> None:
         """A bank built on first need from one datamodule meets another, whose training data nothing can compare
         (no ``train_set_identity``): said, since the bank was never asked for explicitly."""
         current = running_datamodule(self._trainer)
         if self._bank_datamodule is None or current is None or self._bank_datamodule() is current:
             return
-        if not is_overridden("train_dataloader", current) or self._data_settings().get("train_set") is not None:
+        if not is_overridden("train_dataloader", current) or data_settings.get("train_set") is not None:
             return
         rank_zero_warn(
             f"{type(current).__name__} is not the datamodule this memory bank was built from on first need (in an "
@@ -1015,14 +1016,14 @@ class DN2Module(LightningModule):
             paths = dict(enumerate(listed)) if listed else {}
         return paths
 
-    def _check_settings_against_bank(self) -> None:
+    def _check_settings_against_bank(self, data_settings: dict[str, Any] | None = None) -> None:
         """The model's and the datamodule's settings against the bank's record, on every use: a bank can also
         arrive by ``load_state_dict``, which no Lightning hook sees."""
         check_bank_settings(self.bank.spec, self._model_settings(), BANK_SETTINGS, "this model")
-        self._check_data_settings()
+        self._check_data_settings(data_settings)
 
-    def _check_data_settings(self) -> None:
-        current = self._data_settings()
+    def _check_data_settings(self, current: dict[str, Any] | None = None) -> None:
+        current = self._data_settings() if current is None else current
         check_bank_settings(self.bank.spec, current, DATA_SETTINGS, "this datamodule")
         check_train_set(self.bank.spec.get("train_set"), current.get("train_set"))
         if "train_set" not in self.bank.spec and current.get("train_set") is not None:

@@ -1,5 +1,6 @@
 """2-rank DDP fit with anomaly maps under a host-memory limit that one rank's share of the patch bank fits but the
-gathered bank does not (run by tests/test_ddp.py): every rank must refuse it before assembling it."""
+gathered bank does not, on every rank or on one (run by tests/test_ddp.py): every rank must refuse it before
+assembling it."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import dn2_lightning.maps.bank as patch_bank
 from dn2_lightning import DN2Module, OneClassDataModule
 
 
-def main(root: str, limit: int) -> None:
-    patch_bank._host_available_bytes = lambda: limit
+def main(root: str, limit: int, only_rank: int | None = None) -> None:
+    # only_rank: that rank alone lacks the memory (the others have plenty)
+    patch_bank._host_available_bytes = lambda: limit if only_rank in (None, trainer.global_rank) else 2**40
     model = DN2Module(backbone=tiny_conv(), anomaly_maps=True, map_layers=["1", "3"], map_images=4, reports=False)
     trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
                       enable_model_summary=False, enable_checkpointing=False, default_root_dir=root)  # fmt: skip
@@ -28,4 +30,4 @@ def main(root: str, limit: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else None)

@@ -160,17 +160,20 @@ def test_ddp_edge_cases_equal_single_device(tmp_path, setting, mode, sharding, n
         torch.testing.assert_close(ddp["threshold"], single["threshold"], rtol=1e-5, atol=1e-6)
 
 
-def test_ddp_patch_bank_memory_check_counts_every_rank(tmp_path):
+@pytest.mark.parametrize("short_rank", [None, 1])
+def test_ddp_patch_bank_memory_check_counts_every_rank(tmp_path, short_rank):
     """Each rank holds the gathered patch bank: the check before assembling it counted this rank's share only (7
-    of 13 images: a bank of 212,992 bytes accepted under a 150,000-byte limit, then built on every rank)."""
+    of 13 images: a bank of 212,992 bytes accepted under a 150,000-byte limit, then built on every rank). With one
+    rank short of memory (``short_rank``), that rank refused alone and the other waited in the gather for ever."""
     from dn2_lightning.data.synthetic import write_synthetic_defects
 
     root = write_synthetic_defects(tmp_path / "set", n_train=13, n_test_good=3, n_test_per_kind=2, image_size=32)
     script = Path(__file__).with_name("ddp_maps_memory.py")
-    proc = subprocess.run(
-        [sys.executable, str(script), str(root), "150000"], capture_output=True, text=True, timeout=600
-    )
+    args = [sys.executable, str(script), str(root), "150000"] + ([] if short_rank is None else [str(short_rank)])
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("rank ")]
     assert sorted(line[:16] for line in lines) == ["rank 0: refused:", "rank 1: refused:"], proc.stdout[-2000:]
+    if short_rank is not None:
+        assert all(f"on rank {short_rank}:" in line for line in lines), proc.stdout[-2000:]
     assert all("14 images" in line for line in lines)  # 13 and the DistributedSampler's padding copy

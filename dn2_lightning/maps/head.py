@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from dn2_lightning.backbones import FeatureExtractor
-from dn2_lightning.distributed import count_rows, gather_rows, unique_by_index
+from dn2_lightning.distributed import count_rows, gather_objects, gather_rows, unique_by_index, world_size
 from dn2_lightning.knn import DEFAULT_MAX_MEMORY_BYTES, KNNResult
 from dn2_lightning.maps.bank import PatchBank, ensure_room
 from dn2_lightning.maps.pyramid import check_layers, embed_with_patches, pyramid_layers
@@ -123,7 +123,16 @@ class AnomalyMaps(nn.Module):
         rows = sum(count_rows(sum(len(i) for i in indices), device))
         # assembling copies the rows once; 'all' then needs their norms and the search's temporaries
         needed = rows * c * h * w * 4 + (rows * h * w * 4 + self._budget() if self.patch_bank == "all" else 0)
-        ensure_room(needed, device, f"the patch bank ({rows} images x {h}x{w} positions x {c} channels)")
+        # decided together: a rank refusing alone would leave the others waiting in the gather below
+        refusal = None
+        try:
+            ensure_room(needed, device, f"the patch bank ({rows} images x {h}x{w} positions x {c} channels)")
+        except MemoryError as error:
+            refusal = str(error)
+        refusals = [(r, text) for r, text in enumerate(gather_objects(refusal)) if text is not None]
+        if refusals:
+            where, text = refusals[0]
+            raise MemoryError(text if world_size() == 1 else f"on rank {where}: {text}")
         indices, patches = gather_rows(torch.cat(indices)), gather_rows(torch.cat(patches))
         indices, patches = unique_by_index(indices, patches)
         keep = torch.isin(indices, keep_indices.to(indices.device))
