@@ -187,6 +187,7 @@ class BankCollector:
         # group member row -> its image's index in the source dataset (group_pooling="none"), so that the
         # leave-one-out threshold also skips that image's copies in other training groups
         self.member_sources: dict[int, int] = {}
+        self.image_sizes: set[tuple[int, int]] = set()  # (H, W) of the batches read, as the loader gave them
         self.num_batches = 0
 
     def __len__(self) -> int:

@@ -24,14 +24,17 @@ ImageLike = Union[Tensor, Image.Image, str, os.PathLike]  # noqa: UP007 (a runti
 ImagesLike = Union[ImageLike, Sequence[ImageLike]]  # noqa: UP007
 
 
-def as_image_batches(images: ImagesLike, load_size: int | None = None) -> Iterator[tuple[Tensor, list[str] | None]]:
+def as_image_batches(
+    images: ImagesLike, load_size: int | tuple[int, int] | None = None
+) -> Iterator[tuple[Tensor, list[str] | None]]:
     """Yield ``(images [b, C, H, W], paths or None)`` batches of equal-sized images, in input order.
 
     Args:
         images: a uint8 (0..255) or float (0..1) tensor ``[B, C, H, W]`` or ``[C, H, W]`` with 1 or 3
             channels, a PIL image, a file path, or a list of these.
-        load_size: resize every image to ``load_size`` squared on the CPU first, as the datamodule the bank
-            was built from did (``None``: keep the size; the backbone resizes to its input size anyway).
+        load_size: resize every image to ``load_size`` squared (or ``(H, W)``) on the CPU first, as the loader
+            the bank was built from did, in 8 bits as the datasets resize (``None``: keep the size; the backbone
+            resizes to its input size anyway).
 
     Raises:
         ValueError: an input of another type, shape or value range, naming it and its position.
@@ -39,13 +42,17 @@ def as_image_batches(images: ImagesLike, load_size: int | None = None) -> Iterat
     items = list(images) if isinstance(images, list | tuple) else [images]
     if not items:
         raise ValueError("images is empty: give a tensor, a PIL image, a path, or a non-empty list of these.")
+    size = (load_size, load_size) if isinstance(load_size, int) else load_size
+    square = size[0] if size is not None and size[0] == size[1] else None  # decoded at this size (JPEG draft)
     run: list[Tensor] = []
     run_paths: list[str | None] = []
     for position, item in enumerate(items):
-        chw, path = _to_chw(item, position, load_size)
+        chw, path = _to_chw(item, position, square)
         for image in chw.unbind(0) if chw.ndim == 4 else [chw]:
-            if load_size is not None and tuple(image.shape[-2:]) != (load_size, load_size):
-                image = resize(image, [load_size, load_size], antialias=True)
+            if size is not None and tuple(image.shape[-2:]) != tuple(size):
+                if image.is_floating_point():  # [0, 1] floats: resized in 8 bits, as the same image's file is
+                    image = image.mul(255).round().to(torch.uint8)
+                image = resize(image, list(size), antialias=True)
             if run and (image.shape != run[0].shape or image.dtype != run[0].dtype):
                 yield _flush(run, run_paths)
                 run, run_paths = [], []

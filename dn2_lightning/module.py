@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import warnings
 import weakref
@@ -92,6 +93,21 @@ _STAGE_LOADERS = {
 # checkpoint key: the fixed threshold saved and the k it scores at (load_from_checkpoint's overrides rewrite the
 # checkpoint's hyperparameters before on_load_checkpoint sees them)
 THRESHOLD_KEY = "dn2_threshold"
+# hyperparameters read into submodules at construction: editing them in hparams later is refused
+FIXED_AT_CONSTRUCTION = (
+    "backbone",
+    "pretrained",
+    "input_size",
+    "group_pooling",
+    "group_clusters",
+    "group_temperature",
+    "anomaly_maps",
+    "patch_bank",
+    "map_images",
+    "map_kappa",
+    "map_sigma",
+    "map_layers",
+)
 NO_BANK_MESSAGE = (
     "DN2Module has no memory bank yet and cannot build one: call trainer.fit(model, datamodule) first, "
     "pass a datamodule with a train_dataloader() to trainer.{fn}(model, datamodule=...), or load a fitted "
@@ -187,6 +203,7 @@ class DN2Module(LightningModule):
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
         if isinstance(backbone, nn.Module):
             self.hparams["backbone"] = CUSTOM_BACKBONE + type(backbone).__qualname__
+        self._built_with = {name: copy.deepcopy(self.hparams[name]) for name in FIXED_AT_CONSTRUCTION}
         # DN2 has nothing to optimise: fit is one feature-extraction pass, driven by training_step.
         self.automatic_optimization = False
         self.backbone = build_backbone(backbone, pretrained=pretrained, image_size=input_size)
@@ -227,6 +244,9 @@ class DN2Module(LightningModule):
         self._searches_owed = 0  # sharded predict: collective searches this rank still has to join
         self._bank_is_shard = False
         self._warned_no_threshold: tuple[int, int] | None = None  # (bank size, k) of the last such warning
+        # (value, k) of a fixed threshold: the k whose scores it was set for (it does not follow later k changes)
+        self._fixed_threshold: tuple[float, int] | None = None if threshold is None else (float(threshold), k)
+        self._warned_threshold_k: tuple[float, int, int] | None = None
         self.fit_built_bank = False  # whether the last fit embedded its train data (not so when resumed when done)
         self._pass_started = self._resumed_mid_pass = False  # this fit's epoch began here; it began in a checkpoint
         self._pass_done = False  # this fit read its whole pass (later epochs, forced by min_epochs/min_steps, do not)
@@ -255,6 +275,7 @@ class DN2Module(LightningModule):
     # ----------------------------------------------------------------------------------------- training
 
     def setup(self, stage: str) -> None:
+        self._check_hparams()
         strategy = self.trainer.strategy
         # runs before Lightning restores ckpt_path: make that load weights-only too (Lightning loads remote
         # paths with weights_only=False, i.e. it would run a downloaded file's pickled code)
@@ -641,13 +662,14 @@ class DN2Module(LightningModule):
             RuntimeError: the model has no memory bank (fit it or load a checkpoint first).
             ValueError: an input it cannot read, naming its position.
         """
+        self._check_hparams()
         check_positive_int("batch_size", batch_size, hint=" (images per backbone call)")
         if not self._has_bank:
             raise RuntimeError(NO_BANK_MESSAGE.format(fn="test"))
         check_bank_settings(self.bank.spec, self._model_settings(), BANK_SETTINGS, "this model")
         parts: list[tuple[Tensor, KNNResult]] = []
         maps: list[Tensor] = []
-        for chunk, _ in as_image_batches(images, self.bank.spec.get("load_size")):
+        for chunk, _ in as_image_batches(images, self._scoring_size()):
             for piece in chunk.split(batch_size):
                 batch = Batch(piece.to(self.device), torch.full((len(piece),), -1, device=self.device), None)
                 if self.maps is None:
@@ -670,6 +692,15 @@ class DN2Module(LightningModule):
             neighbour_paths=[[train_paths[i] for i in row] for row in knn.indices.tolist()] if train_paths else None,
             anomaly_maps=(torch.stack(maps) if len({m.shape for m in maps}) == 1 else maps) if maps else None,
         )
+
+    def _scoring_size(self) -> int | tuple[int, int] | None:
+        """The CPU resize of :meth:`score_images`: the datamodule's ``load_size``, else the one image size of the
+        training batches (a plain DataLoader or a datamodule that resizes in its own transforms)."""
+        spec = self.bank.spec
+        if spec.get("load_size") is not None:
+            return int(spec["load_size"])
+        size = spec.get("train_image_size")
+        return (int(size[0]), int(size[1])) if size else None
 
     # --------------------------------------------------------------------------------------- threshold
 
@@ -694,6 +725,7 @@ class DN2Module(LightningModule):
             self.hparams.threshold_quantile, self.hparams.threshold = float(quantile), None
         else:
             self.hparams.threshold = float(value)
+            self._fixed_threshold = (float(value), self.hparams.k)
         threshold = float(self.threshold)
         info(f"DN2: {self._describe_threshold()}.")
         return threshold
@@ -773,6 +805,7 @@ class DN2Module(LightningModule):
             self.maps.start_evaluation()
         if self._has_bank:
             self._loo_scores()  # a collective when sharded: every rank computes it here, not lazily later
+        self._warn_if_fixed_threshold_meets_another_k()  # e.g. hparams.k changed after set_threshold(value=...)
 
     def _remember_paths(self, indices: Tensor, paths: list[str] | None) -> None:
         if paths is not None:
@@ -812,6 +845,33 @@ class DN2Module(LightningModule):
         threshold = self._describe_threshold()
         info(f"DN2 {stage}: {len(result)} samples scored against a bank of {bank} embeddings; {threshold}.")
         return result
+
+    def _check_hparams(self) -> None:
+        """``hparams`` may be edited between calls: the settings read at each use (``k``, the threshold, cleaning)
+        are checked again; those built into the backbone, the group pooling or the anomaly maps at construction are
+        refused when changed (they would be recorded with the bank and the checkpoint, but not used)."""
+        hp = self.hparams
+        for name, built in self._built_with.items():
+            if hp.get(name) != built:
+                raise ValueError(
+                    f"hparams.{name} was changed to {hp.get(name)!r} after this DN2Module was built with {built!r}; "
+                    f"{name} is fixed at construction (it shapes the memory bank): build and fit a new "
+                    f"DN2Module({name}=...) instead."
+                )
+        _validate_hparams(
+            hp.k,
+            hp.input_size,
+            hp.knn_backend,
+            hp.max_memory_bytes,
+            hp.clean_fraction,
+            hp.clean_k,
+            hp.group_pooling,
+            hp.group_clusters,
+            hp.group_temperature,
+            hp.threshold_quantile,
+            hp.threshold,
+            hp.bank_sharding,
+        )
 
     # ------------------------------------------------------------------------------------- memory bank
 
@@ -888,6 +948,8 @@ class DN2Module(LightningModule):
     def _bank_rows(self, batch: Batch, batch_idx: int) -> tuple[Tensor, Tensor, Tensor]:
         """Embeddings, dataset indices and labels that a training batch adds to the bank."""
         self._bank_autocast = _active_autocast(batch.images.device)  # queries are embedded the same way
+        if self._collector is not None:
+            self._collector.image_sizes.add((int(batch.images.shape[-2]), int(batch.images.shape[-1])))
         indices = self._indices_of(batch, batch_idx)
         self._bank_of_groups = self._bank_of_groups or batch.images.ndim == 5
         if batch.images.ndim == 5 and self.hparams.group_pooling == "none":
@@ -943,7 +1005,8 @@ class DN2Module(LightningModule):
         self._bank_is_shard = self._sharded
         if self.maps is not None:
             self.maps.finalize(self.bank.sample_indices, keep_collecting)
-        self._record_bank_spec(collector.paths, sources)
+        image_sizes = {size for part in gather_objects(collector.image_sizes) for size in part}
+        self._record_bank_spec(collector.paths, sources, image_sizes)
         builder.update_loo_scores(hp.k)
         self._warn_if_no_threshold()
         report["bank/size"] = float(builder.size())
@@ -988,9 +1051,13 @@ class DN2Module(LightningModule):
             settings["train_set"] = train_set
         return settings
 
-    def _record_bank_spec(self, paths: dict[int, str], member_sources: list[int] | None) -> None:
+    def _record_bank_spec(
+        self, paths: dict[int, str], member_sources: list[int] | None, image_sizes: set[tuple[int, int]]
+    ) -> None:
         all_paths = self._all_paths(paths, "train")
         spec = {**self._model_settings(), "train_set": None, **self._data_settings(), "format": 2}
+        if len(image_sizes) == 1:  # the training loader's one image size: score_images resizes to it without load_size
+            spec["train_image_size"] = list(next(iter(image_sizes)))
         spec["autocast"] = self._bank_autocast
         if self._pass_batches is not None:  # (batches read, batches in the pass): a partial bank is known as one
             spec["train_batches"] = list(self._pass_batches)
@@ -1035,7 +1102,7 @@ class DN2Module(LightningModule):
             )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[THRESHOLD_KEY] = {"value": self.hparams.threshold, "k": self.hparams.k}
+        checkpoint[THRESHOLD_KEY] = {"value": self.hparams.threshold, "k": self._threshold_k()}
         if self._sharded:
             # each rank holds a shard: the checkpoint gets the whole bank, so it loads on any number of devices.
             # It is assembled in host memory, one shard on the device at a time.
@@ -1078,7 +1145,10 @@ class DN2Module(LightningModule):
         state = checkpoint.get("state_dict", {})
         state.pop("threshold", None)  # checkpoints before the threshold was derived from bank.loo_scores
         check_bank_settings(state.get("bank._extra_state") or {}, self._model_settings(), BANK_SETTINGS, "this model")
-        self._warn_if_fixed_threshold_meets_another_k(**checkpoint.get(THRESHOLD_KEY, {}))
+        saved = checkpoint.get(THRESHOLD_KEY, {})
+        if saved.get("value") is not None and saved["value"] == self.hparams.threshold and saved.get("k") is not None:
+            self._fixed_threshold = (float(saved["value"]), int(saved["k"]))
+        self._warn_if_fixed_threshold_meets_another_k()
         self._match_patch_bank(state)
         saved = state.get("bank.embeddings")
         self._warn_if_bank_incomplete(saved, state.get("bank._extra_state") or {})
@@ -1092,10 +1162,18 @@ class DN2Module(LightningModule):
                 "built with."
             )
 
-    def _warn_if_fixed_threshold_meets_another_k(self, value: float | None = None, k: int | None = None) -> None:
+    def _threshold_k(self) -> int:
+        """The k whose scores the fixed threshold was set for (the current k for one set through ``hparams``)."""
+        value = self.hparams.threshold
+        if self._fixed_threshold is not None and value is not None and self._fixed_threshold[0] == float(value):
+            return self._fixed_threshold[1]
+        return self.hparams.k
+
+    def _warn_if_fixed_threshold_meets_another_k(self) -> None:
         """A fixed threshold is a score at the k it was set for; a quantile threshold follows k, a value cannot."""
-        now = self.hparams.k
-        if value is not None and self.hparams.threshold == value and k is not None and k != now:
+        value, k, now = self.hparams.threshold, self._threshold_k(), self.hparams.k
+        if value is not None and k != now and self._warned_threshold_k != (value, k, now):
+            self._warned_threshold_k = (value, k, now)  # once per change, not per evaluation
             rank_zero_warn(
                 f"threshold={value:g} is a fixed score set for k={k} scores, but this model scores with "
                 f"k={now} (a larger k gives larger scores): set a threshold for k={now} (threshold=..., or "

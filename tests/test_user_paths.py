@@ -139,6 +139,64 @@ def test_the_threshold_saved_by_set_threshold_is_used_by_cli_ckpt_path_runs(tmp_
     assert not [w for w in caught if "fixed score" in str(w.message)]
 
 
+def _fixed_score_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if "fixed score" in str(w.message)]
+
+
+def test_fixed_threshold_keeps_the_k_it_was_set_for(tmp_path):
+    """A checkpoint recorded the k in force when saved, not the k the value was set for: set at k=2, loaded with k=5
+    and saved again, it said k=5, so loading it at k=5 was quiet and at k=2 warned (both the wrong way round)."""
+    dm, backbone = BlobDataModule(), linear_backbone()
+    model = DN2Module(k=2, backbone=backbone)
+    trainer = quiet_trainer()
+    trainer.fit(model, datamodule=dm)
+    model.set_threshold(value=0.3)
+    trainer.save_checkpoint(tmp_path / "k2.ckpt")
+    with pytest.warns(UserWarning, match=r"threshold=0.3 is a fixed score set for k=2 scores, .* k=5"):
+        moved = DN2Module.load_from_checkpoint(tmp_path / "k2.ckpt", k=5, backbone=backbone)
+    trainer = quiet_trainer()
+    trainer.test(moved, datamodule=dm)
+    trainer.save_checkpoint(tmp_path / "k5.ckpt")
+    assert torch.load(tmp_path / "k5.ckpt", weights_only=True)["dn2_threshold"] == {"value": 0.3, "k": 2}
+    with pytest.warns(UserWarning, match=r"threshold=0.3 is a fixed score set for k=2 scores, .* k=5"):
+        DN2Module.load_from_checkpoint(tmp_path / "k5.ckpt", backbone=backbone)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        back = DN2Module.load_from_checkpoint(tmp_path / "k5.ckpt", k=2, backbone=backbone)
+    assert not _fixed_score_warnings(caught) and back.hparams.k == 2 and float(back.threshold) == pytest.approx(0.3)
+    # a new value is set for the k in force; k changed in the same process after it is said at the next evaluation
+    model.set_threshold(value=0.4)
+    model.hparams.k = 5
+    with pytest.warns(UserWarning, match=r"threshold=0.4 is a fixed score set for k=2 scores, .* k=5"):
+        quiet_trainer().test(model, datamodule=dm)
+    model.set_threshold(value=0.5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer().test(model, datamodule=dm)
+    assert not _fixed_score_warnings(caught)
+
+
+def test_settings_built_in_at_construction_are_refused_when_edited_in_hparams(tmp_path):
+    """group_temperature edited in hparams after construction was recorded with the bank and the checkpoint while the
+    pooling kept 0.3: the model scored 0.6775 AUROC, its own reloaded checkpoint 0.6025. Live settings (k) still
+    follow edits, and are checked as at construction."""
+    dm = GroupDataModule(dataset="digits", group_size=4, n_train_groups=12, n_test_groups=12, seed=0, batch_size=16)
+    model = DN2Module(k=2, backbone=linear_backbone(in_features=3 * 64 * 64), group_pooling="histogram",
+                      group_clusters=3, input_size=64)  # fmt: skip
+    model.hparams.group_temperature = 1.0
+    with pytest.raises(ValueError, match=r"hparams.group_temperature was changed to 1.0 .* built with 0.3"):
+        quiet_trainer().fit(model, datamodule=dm)
+    with pytest.raises(ValueError, match=r"hparams.group_temperature .* DN2Module\(group_temperature=...\)"):
+        model.score_images(torch.rand(2, 3, 8, 8))
+    model.hparams.group_temperature = 0.3
+    model.hparams.k = 0
+    with pytest.raises(ValueError, match=r"\bk\b"):
+        quiet_trainer().test(model, datamodule=dm)
+    model.hparams.k = 3
+    quiet_trainer().test(model, datamodule=dm)
+    assert model.test_scores is not None and len(model.test_scores) == 12
+
+
 @pytest.mark.parametrize("config", sorted(CONFIGS.glob("*.yaml")), ids=lambda path: path.name)
 def test_no_shipped_config_sets_a_threshold(config):
     # configs/folder.yaml set threshold_quantile: 0.99, so README's own `dn2 test|predict --config configs/folder.yaml
@@ -830,3 +888,64 @@ def test_a_validation_inside_the_pass_does_not_renumber_the_training_samples_aft
         with pytest.warns(UserWarning, match="validation inside a training epoch"):
             quiet_trainer(val_check_interval=0.5, num_sanity_val_steps=0).fit(model, train, val)
         assert sorted(model.bank.sample_indices.tolist()) == list(range(101))
+
+
+def _pooled_conv() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()
+    )
+
+
+def _photos(folder: Path, n: int, seed: int) -> list[Path]:
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        coarse = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)  # smooth content, 90 x 120 pixels
+        Image.fromarray(coarse).resize((120, 90), Image.BILINEAR).save(folder / f"{i}.png")
+        paths.append(folder / f"{i}.png")
+    return paths
+
+
+def test_score_images_resizes_as_a_plain_training_loader_did(tmp_path):
+    """README's ImageFolder(root, loader=lambda p: load_image(p, 32)) bank: nothing recorded its 32 px, so
+    score_images fed the same files at 90 x 120 (scores 11-26% off with EfficientNet-Lite0, 100x with a backbone
+    that does not resize)."""
+    from torchvision.datasets import ImageFolder
+
+    from dn2_lightning.data.images import load_image
+
+    _photos(tmp_path / "train" / "normal", 9, seed=0)
+    dataset = ImageFolder(str(tmp_path / "train"), loader=lambda path: load_image(path, 32))
+    model = DN2Module(k=2, backbone=_pooled_conv(), reports=False)
+    trainer = quiet_trainer()
+    trainer.fit(model, train_dataloaders=DataLoader(dataset, batch_size=4))
+    assert model.bank.spec["train_image_size"] == [32, 32]
+    predicted = torch.cat([out["score"] for out in trainer.predict(model, DataLoader(dataset, batch_size=4))])
+    files = [path for path, _ in dataset.samples]
+    torch.testing.assert_close(model.score_images(files).scores, predicted, rtol=1e-5, atol=1e-7)
+    as_uint8 = torch.stack([load_image(path) for path in files])  # native 90 x 120: resized as the files are
+    torch.testing.assert_close(model.score_images(as_uint8).scores, predicted, rtol=1e-5, atol=1e-7)
+    # the same after a checkpoint
+    trainer.save_checkpoint(tmp_path / "bank.ckpt")
+    loaded = DN2Module.load_from_checkpoint(tmp_path / "bank.ckpt", backbone=_pooled_conv())
+    torch.testing.assert_close(loaded.score_images(files).scores, predicted, rtol=1e-5, atol=1e-7)
+
+
+def test_float_images_are_resized_in_eight_bits_as_files_are(tmp_path):
+    """score_images resized [0, 1] float tensors in float, the datasets resize 8-bit pixels: normal images' scores
+    moved by up to 3.9% (a training image 12%) against the same image given by path or as uint8."""
+    _photos(tmp_path / "set" / "train", 9, seed=0)
+    tests = _photos(tmp_path / "set" / "test" / "good", 3, seed=1)
+    dm = OneClassDataModule(dataset="folder", root=str(tmp_path / "set"), load_size=32, batch_size=4)
+    model = DN2Module(k=2, backbone=_pooled_conv(), reports=False)
+    quiet_trainer().fit(model, datamodule=dm)
+    from dn2_lightning.data.images import load_image
+
+    uint8 = torch.stack([load_image(path) for path in tests])
+    by_path = model.score_images(tests).scores
+    torch.testing.assert_close(model.score_images(uint8).scores, by_path, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(model.score_images(uint8.float() / 255).scores, by_path, rtol=1e-5, atol=1e-7)
