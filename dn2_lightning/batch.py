@@ -66,6 +66,8 @@ def unpack_batch(batch: object, batch_idx: int | None = None) -> Batch:
         )
     labels = torch.as_tensor(labels, device=images.device)
     check_labels(labels)
+    if mask is not None and images.ndim == 5:
+        check_group_mask(mask, images, batch_idx)
     if not (isinstance(members, Tensor) and members.shape == images.shape[:2] and images.ndim == 5):
         members = None  # only group batches' member sources are used
     return Batch(images, labels.long(), indices, mask, paths, members)
@@ -188,3 +190,20 @@ def check_dataset_labels(dataset: object) -> None:
         f"target_transform=lambda y: int(y != {dataset.class_to_idx[normal]})) if {normal!r} holds the normal "
         "images, or use OneClassDataModule(dataset='folder', root=...), which labels test/<normal_dir> 0."
     )
+
+
+def check_group_mask(mask: Tensor, images: Tensor, batch_idx: int | None = None) -> None:
+    """A group batch's ``mask [B, M]`` marks each group's real members: it must match the groups, and every group
+    needs one (an empty group was scored as a zero embedding, or never flagged)."""
+    if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(images.shape[:2]):
+        shape = list(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(
+            f"a group batch's mask must be [B, M] = {list(images.shape[:2])} (True: a real member), got {shape}."
+        )
+    empty = (~mask.bool()).all(1).nonzero().flatten().tolist()
+    if empty:
+        where = f" of batch {batch_idx}" if batch_idx is not None else ""
+        raise ValueError(
+            f"group(s) {empty[:10]}{where} have no real member (mask rows all False): a group needs at least one "
+            "image; leave empty groups out of the dataset."
+        )

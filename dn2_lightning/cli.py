@@ -76,7 +76,7 @@ TRAINER_HINTS = {
     "devices": "count, list of ids, or auto",
     "num_nodes": "machines, for multi-node DDP",
     "precision": "32-true, bf16-mixed, 16-mixed, 64-true",
-    "logger": "true = TensorBoard; false = none",
+    "logger": "true = TensorBoard or CSV; false = none",
     "callbacks": "extra Lightning callbacks",
     "default_root_dir": "logs, checkpoints, dn2_reports/",
     "limit_train_batches": "a partial pass = a partial bank",

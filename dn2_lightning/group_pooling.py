@@ -244,6 +244,7 @@ class GroupPooling(nn.Module):
         centroids, nearest = fit_kmeans(real, self.clusters, self.iterations, self.seed)
         ordered = nearest.double().sort().values  # the median, averaging the middle two as numpy does
         scale = ((ordered[(len(ordered) - 1) // 2] + ordered[len(ordered) // 2]) / 2).float()
+        _refuse_underflow(real, centroids, scale)
         with torch.inference_mode(False):
             self.centroids = centroids.clone()
             # a zero scale (members sitting on their centroids) would divide by zero
@@ -261,3 +262,19 @@ class GroupPooling(nn.Module):
             if saved is not None and hasattr(self, name):
                 setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _refuse_underflow(members: Tensor, centroids: Tensor, scale: Tensor) -> None:
+    """A zero median distance is fine when members sit on their centroids, not when float32 flushed tiny
+    embeddings' distances to 0 (every histogram would then be uniform, every group alike)."""
+    tiny = torch.finfo(torch.float32).tiny
+    if float(scale) >= tiny:
+        return
+    exact = torch.cdist(members.double(), centroids.double(), compute_mode="donot_use_mm_for_euclid_dist")
+    median = float(exact.min(1).values.square().median())
+    if median > 0:
+        raise ValueError(
+            f"group_pooling='histogram': the members' median squared distance to their centroid is {median:.3g}, "
+            f"below float32's normal range ({tiny:.3g}): the embeddings are too small for the pooling. Rescale the "
+            "backbone's output (e.g. divide it by a typical norm)."
+        )

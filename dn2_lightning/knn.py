@@ -357,6 +357,23 @@ def _result_dtype(dtype: torch.dtype) -> torch.dtype:
     return _work_dtype(dtype)
 
 
+def _result_values(values: Tensor, dtype: torch.dtype, bank: PreparedBank) -> Tensor:
+    """Exact float64 distances in the result dtype. In float32, distances below its normal range lose their
+    precision or become 0: negligible beside a bank of ordinary size (two rows nearly alike), but a bank that
+    small itself would be scored on rounding (at 1e-24 every score was 0, an AUROC of 0.5): refused, as overflow."""
+    tiny = torch.finfo(torch.float32).tiny
+    if dtype != torch.float32 or values.dtype != torch.float64 or (bank.max_norm / bank.scale) ** 2 >= tiny * 2**24:
+        return values.to(dtype)
+    below = (values > 0) & (values < tiny)
+    if bool(below.any()):
+        raise ValueError(
+            f"squared distances as small as {float(values[below].min()):.3g} lie below float32's normal range "
+            f"({tiny:.3g}), where they lose precision or round to 0: the embeddings are too small. Rescale them "
+            "(e.g. divide them by their largest norm) or pass float64 tensors."
+        )
+    return values.to(dtype)
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -466,7 +483,7 @@ def _torch_knn(queries: Tensor, bank: PreparedBank, k: int, max_memory_bytes: in
         with _one_thread(bank.device):
             search = _BlockSearch(block, q_norms, far, group_mins, bank, k, error_scale, max_memory_bytes)
             v, i = search.certify(approx, cand)
-        values[start : start + len(block)] = v.to(dtype)
+        values[start : start + len(block)] = _result_values(v, dtype, bank)
         indices[start : start + len(block)] = i
     return KNNResult(values, indices)
 
@@ -860,7 +877,7 @@ def _keops_knn(queries: Tensor, bank: PreparedBank, k: int, budget: int, dtype: 
     if uncertain.any():
         rows = uncertain.nonzero().flatten()
         v[rows], i[rows] = _torch_knn(queries[rows], bank, k, budget, torch.float64)
-    return KNNResult(v.to(dtype), i)
+    return KNNResult(_result_values(v, dtype, bank), i)
 
 
 _PROBE = textwrap.dedent(

@@ -27,7 +27,7 @@ from torchmetrics.classification import BinaryAUROC
 
 from dn2_lightning.backbones import build_backbone
 from dn2_lightning.bank import BankBuilder, BankCollector, MemoryBank
-from dn2_lightning.batch import Batch, check_dataset_labels, unpack_batch
+from dn2_lightning.batch import Batch, check_dataset_labels, check_group_mask, unpack_batch
 from dn2_lightning.checkpointing import (
     BANK_SETTINGS,
     DATA_SETTINGS,
@@ -267,6 +267,8 @@ class DN2Module(LightningModule):
         """Embeddings ``[B, D]`` of images ``[B, C, H, W]``, or pooled embeddings of groups
         ``[B, M, C, H, W]`` (``mask [B, M]`` marks real members; pooling by ``group_pooling``)."""
         if images.ndim == 5:
+            if mask is not None:
+                check_group_mask(mask, images)
             b, m = images.shape[:2]
             members = self.backbone(images.flatten(0, 1)).view(b, m, -1)
             return self.group_pool(members, mask)
@@ -595,6 +597,8 @@ class DN2Module(LightningModule):
         if not self._has_bank:
             raise RuntimeError(NO_BANK_MESSAGE.format(fn="test"))
         self._check_sample_kind(batch.images.ndim == 5)
+        if batch.images.ndim == 5 and batch.mask is not None:
+            check_group_mask(batch.mask, batch.images, batch_idx)
         if batch.images.ndim == 5 and self.hparams.group_pooling == "none":
             b, m = batch.images.shape[:2]
             with self._embedding_precision():

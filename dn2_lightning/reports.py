@@ -27,7 +27,7 @@ can always be recovered (:func:`read_report` undoes both):
    written with each undecodable byte as ``\\xNN``; the exact bytes are in ``summary.json`` under
    ``escaped_paths`` as ``{index: hex}``: ``os.fsdecode(bytes.fromhex(hex))`` is the true path.
 
-Files are UTF-8. Numeric cells are never escaped. matplotlib is imported lazily (extra ``reports``).
+Files are UTF-8. Numeric cells are never escaped. matplotlib (a dependency) is imported lazily, when figures are drawn.
 """
 
 from __future__ import annotations

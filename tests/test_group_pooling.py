@@ -506,3 +506,39 @@ def test_point_wise_groups_padded_differently_on_each_rank_are_refused(tmp_path)
     script.write_text(PER_RANK_M_SCRIPT.format(tests=str(Path(__file__).parent), root=str(tmp_path)))
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "got batches of M = 3 and M = 4" in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("pooling", ["none", "mean", "histogram"])
+def test_a_group_without_real_members_is_refused(pooling):
+    """A mask row of all False was scored: -inf ('none', never flagged, the most normal in AUROC), a zero vector
+    ('mean', 0.51) or a zero 'histogram' flagged as anomalous."""
+    groups = PaddedGroups(16, 0.0, seed=0)
+    model = DN2Module(k=2, backbone=linear_backbone(), group_pooling=pooling, group_clusters=3, reports=False)
+    quiet_trainer().fit(model, train_dataloaders=DataLoader(groups, batch_size=4))
+    images, mask = groups.images[:3], groups.mask[:3].clone()
+    mask[1] = False
+    with pytest.raises(ValueError, match=r"group\(s\) \[1\] of batch 0 have no real member"):
+        model.score(Batch(images, torch.zeros(3, dtype=torch.long), None, mask))
+    with pytest.raises(ValueError, match=r"group\(s\) \[1\] have no real member"):
+        model(images, mask)
+    batch = [{**groups[i], "mask": mask[i]} for i in range(3)]
+    with pytest.raises(ValueError, match=r"group\(s\) \[1\] of batch 0 have no real member"):
+        quiet_trainer().test(model, DataLoader(batch, batch_size=3))
+    with pytest.raises(ValueError, match=r"mask must be \[B, M\] = \[3, 4\]"):
+        model.score(Batch(images, torch.zeros(3, dtype=torch.long), None, mask[:, :2]))
+
+
+def test_histogram_pooling_refuses_embeddings_too_small_for_float32():
+    """At 1e-22 the members' squared distances flushed to 0 in float32, the scale fell back to 1 and every group's
+    histogram was uniform (all scores 0, AUROC 0.5); the same data at scale 1 gives distinct histograms."""
+    points, _, _ = blobs()
+    members = points[torch.randperm(200, generator=torch.Generator().manual_seed(0))].view(50, 4, 8)
+    fitted = GroupPooling("histogram", clusters=4)
+    fitted.fit(members)
+    assert len(torch.unique(fitted(members[:10]), dim=0)) > 5  # (uniform histograms would be one)
+    with pytest.raises(ValueError, match=r"below float32's normal range .* too small for the pooling"):
+        GroupPooling("histogram", clusters=4).fit(members * 1e-22)
+    on_centroids = (4 * torch.eye(4, 8))[torch.randint(4, (20, 3), generator=torch.Generator().manual_seed(1))]
+    exact = GroupPooling("histogram", clusters=4)
+    exact.fit(on_centroids)  # members on their centroids: a zero median distance that is no underflow
+    assert float(exact.scale) == 1.0

@@ -654,15 +654,34 @@ def test_overflowed_candidates_are_never_certified():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_subnormal_squared_distances_are_ordered_exactly(backend):
     """float32 squares below 2**-126 are subnormal (relative error unbounded): 1.4718781e-39 and 1.4718777e-39
-    came back in the wrong order. Squares are taken in float64."""
+    came back in the wrong order. Squares are taken in float64. Beside a bank of ordinary size they are rows nearly
+    alike, returned rounded to float32."""
     queries = torch.zeros(1, 2)
-    bank = torch.tensor([[3.836506332521277e-20, 0.0], [2.712819275106922e-20, 2.712819275106922e-20]])
+    bank = torch.tensor([[3.836506332521277e-20, 0.0], [2.712819275106922e-20, 2.712819275106922e-20], [1.0, 1.0]])
     assert knn_distances(queries, bank, 1, backend).indices.tolist() == [[1]]
-    assert knn_distances(queries, bank, 2, backend).indices.tolist() == [[1, 0]]
+    result = knn_distances(queries, bank, 2, backend)
+    assert result.indices.tolist() == [[1, 0]]
+    assert result.values.tolist() == brute_force_knn(queries, bank, 2).values.float().tolist()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [1e-21, 1e-24])
+def test_banks_too_small_for_float32_distances_are_refused(backend, scale):
+    """A bank whose distances are all float32 subnormals was scored on rounding: at 1e-24 every distance came back
+    0 (an AUROC of 0.5 where float64 gives 1.0), at 1e-21 with relative errors of 2e-4. Refused, with the fix;
+    float64 input is exact, and 1e-18 (normal float32 distances) is still searched in float32."""
     g = torch.Generator().manual_seed(26)
-    bank, queries = 1e-21 * torch.randn(400, 4, generator=g), 1e-21 * torch.randn(40, 4, generator=g)
-    result = knn_distances(queries, bank, 3, backend)
-    assert torch.equal(result.indices, brute_force_knn(queries, bank, 3).indices)
+    bank, queries = (
+        torch.randn(400, 4, generator=g, dtype=torch.float64),
+        torch.randn(40, 4, generator=g, dtype=torch.float64),
+    )
+    with pytest.raises(ValueError, match=r"below float32's normal range .* Rescale them .* float64"):
+        knn_distances((scale * queries).float(), (scale * bank).float(), 3, backend)
+    assert_exact(knn_distances(scale * queries, scale * bank, 3, backend), scale * queries, scale * bank, 3, 1e-12)
+    small = knn_distances((1e-18 * queries).float(), (1e-18 * bank).float(), 3, backend)
+    assert_exact(small, (1e-18 * queries).float(), (1e-18 * bank).float(), 3)
+    with pytest.raises(ValueError, match=r"below float32's normal range"):
+        DN2Detector(k=2).fit((scale * bank).float().numpy())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

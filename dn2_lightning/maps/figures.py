@@ -1,6 +1,6 @@
 """Anomaly-map figures: heatmap overlays with ground-truth contours, and one map PNG per predicted image.
 
-matplotlib is imported lazily (extra ``reports``), as in :mod:`dn2_lightning.reports`.
+matplotlib is imported lazily, when figures are drawn, as in :mod:`dn2_lightning.reports`.
 """
 
 from __future__ import annotations
