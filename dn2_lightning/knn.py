@@ -359,10 +359,12 @@ def _result_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _result_values(values: Tensor, dtype: torch.dtype, bank: PreparedBank) -> Tensor:
     """Exact float64 distances in the result dtype. In float32, distances below its normal range lose their
-    precision or become 0: negligible beside a bank of ordinary size (two rows nearly alike), but a bank that
-    small itself would be scored on rounding (at 1e-24 every score was 0, an AUROC of 0.5): refused, as overflow."""
+    precision or become 0. Between embeddings of ordinary size that is two rows nearly alike (float32 coordinates
+    near 1 cannot differ by less than 1e-7), negligible; embeddings that small themselves would be scored on
+    rounding (at 1e-24 every score was 0, an AUROC of 0.5): refused, as overflow is."""
     tiny = torch.finfo(torch.float32).tiny
-    if dtype != torch.float32 or values.dtype != torch.float64 or (bank.max_norm / bank.scale) ** 2 >= tiny * 2**24:
+    size = max(bank.max_norm / bank.scale, float(bank.center.double().norm()))  # spread, or offset of a 1-row bank
+    if dtype != torch.float32 or values.dtype != torch.float64 or size**2 >= tiny * 2**24:
         return values.to(dtype)
     below = (values > 0) & (values < tiny)
     if bool(below.any()):

@@ -857,11 +857,17 @@ class DN2Module(LightningModule):
         hp = self.hparams
         for name, built in self._built_with.items():
             if hp.get(name) != built:
+                fix = (
+                    f"it shapes the memory bank: build and fit a new DN2Module({name}=...)"
+                    if name in BANK_SETTINGS or name == "anomaly_maps"
+                    else f"pass it to DN2Module({name}=...) or DN2Module.load_from_checkpoint(path, {name}=...)"
+                )
                 raise ValueError(
                     f"hparams.{name} was changed to {hp.get(name)!r} after this DN2Module was built with {built!r}; "
-                    f"{name} is fixed at construction (it shapes the memory bank): build and fit a new "
-                    f"DN2Module({name}=...) instead."
+                    f"{name} is read when the model is built, so the edit would not be used: {fix}."
                 )
+        if self.maps is not None:  # the patch search follows the image search's settings
+            self.maps.knn_backend, self.maps.max_memory_bytes = hp.knn_backend, hp.max_memory_bytes
         _validate_hparams(
             hp.k,
             hp.input_size,

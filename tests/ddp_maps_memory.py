@@ -14,6 +14,12 @@ import dn2_lightning.maps.bank as patch_bank
 from dn2_lightning import DN2Module, OneClassDataModule
 
 
+def say(line: str) -> None:
+    """One write per line: the ranks share the pipe, and print's separate newline let their lines run together."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def main(root: str, limit: int, only_rank: int | None = None) -> None:
     # only_rank: that rank alone lacks the memory (the others have plenty)
     patch_bank._host_available_bytes = lambda: limit if only_rank in (None, trainer.global_rank) else 2**40
@@ -22,9 +28,9 @@ def main(root: str, limit: int, only_rank: int | None = None) -> None:
                       enable_model_summary=False, enable_checkpointing=False, default_root_dir=root)  # fmt: skip
     try:
         trainer.fit(model, datamodule=OneClassDataModule(dataset="folder", root=root, load_size=32, batch_size=2))
-        print(f"rank {trainer.global_rank}: accepted", flush=True)
+        say(f"rank {trainer.global_rank}: accepted")
     except MemoryError as error:
-        print(f"rank {trainer.global_rank}: refused: {error}", flush=True)
+        say(f"rank {trainer.global_rank}: refused: {error}")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

@@ -682,6 +682,11 @@ def test_banks_too_small_for_float32_distances_are_refused(backend, scale):
     assert_exact(small, (1e-18 * queries).float(), (1e-18 * bank).float(), 3)
     with pytest.raises(ValueError, match=r"below float32's normal range"):
         DN2Detector(k=2).fit((scale * bank).float().numpy())
+    # a bank of one row (or copies of one) has no spread: its size is its norm, here 1, so a query 1e-20 off it is
+    # a row nearly alike, returned as float32's rounding (it was refused, "the embeddings are too small")
+    one_row = torch.tensor([[1.0, 0.0]])
+    nearly = knn_distances(torch.tensor([[1.0, 1e-20], [3.0, 0.0]]), one_row, 1, backend)
+    assert nearly.values.flatten().tolist() == torch.tensor([1e-40, 4.0]).tolist()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -186,7 +186,9 @@ def test_settings_built_in_at_construction_are_refused_when_edited_in_hparams(tm
     model.hparams.group_temperature = 1.0
     with pytest.raises(ValueError, match=r"hparams.group_temperature was changed to 1.0 .* built with 0.3"):
         quiet_trainer().fit(model, datamodule=dm)
-    with pytest.raises(ValueError, match=r"hparams.group_temperature .* DN2Module\(group_temperature=...\)"):
+    with pytest.raises(
+        ValueError, match=r"hparams.group_temperature .* build and fit a new DN2Module\(group_temperature=...\)"
+    ):
         model.score_images(torch.rand(2, 3, 8, 8))
     model.hparams.group_temperature = 0.3
     model.hparams.k = 0
@@ -195,6 +197,17 @@ def test_settings_built_in_at_construction_are_refused_when_edited_in_hparams(tm
     model.hparams.k = 3
     quiet_trainer().test(model, datamodule=dm)
     assert model.test_scores is not None and len(model.test_scores) == 12
+    # map settings are read by the maps head at construction: a load_from_checkpoint override is the fix, no refit
+    from test_maps import tiny_conv
+
+    maps = DN2Module(backbone=tiny_conv(), anomaly_maps=True, map_layers=["1", "3"], reports=False)
+    maps.hparams.map_sigma = 1.0
+    with pytest.raises(ValueError, match=r"hparams.map_sigma .*\.load_from_checkpoint\(path, map_sigma=...\)"):
+        maps.score_images(torch.rand(1, 3, 32, 32))
+    maps.hparams.map_sigma, maps.hparams.max_memory_bytes = 4.0, 2**20
+    with pytest.raises(RuntimeError, match="no memory bank|fit"):
+        maps.score_images(torch.rand(1, 3, 32, 32))
+    assert maps.maps.max_memory_bytes == 2**20  # the patch search follows the live setting, as the image search does
 
 
 @pytest.mark.parametrize("config", sorted(CONFIGS.glob("*.yaml")), ids=lambda path: path.name)
