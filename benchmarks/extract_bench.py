@@ -43,6 +43,8 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, installed or not
+from bench_args import require_device
+
 from dn2_lightning.backbones import build_backbone  # noqa: E402
 from dn2_lightning.data.datasets import ArrayImageDataset  # noqa: E402
 from dn2_lightning.data.sources import load_split  # noqa: E402
@@ -142,6 +144,7 @@ def main() -> None:
     p = dict(PRESETS[args.preset])
     p.update({k: v for k, v in {"batch_size": args.batch_size, "images": args.images}.items() if v})
     device = torch.device("cuda" if args.preset == "gpu" else "cpu")
+    require_device(parser, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"

@@ -20,6 +20,7 @@ import argparse
 import time
 
 import torch
+from bench_args import at_least, positive_float
 from torchmetrics.functional.classification import binary_auroc
 
 from dn2_lightning.data.group import draw_group_sets
@@ -66,12 +67,12 @@ def main() -> None:
     parser.add_argument("--dataset", default="fashionmnist", help="a 10-class dataset (digits: a quick smoke run)")
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--input_size", type=int, default=None)
-    parser.add_argument("--group_sizes", type=int, nargs="+", default=[3, 5, 10])
+    parser.add_argument("--group_sizes", type=at_least(2), nargs="+", default=[3, 5, 10])
     parser.add_argument("--n_train_groups", type=int, nargs="+", default=[2000, 5000])
-    parser.add_argument("--n_test_groups", type=int, default=2000)
+    parser.add_argument("--n_test_groups", type=at_least(2), default=2000)
     parser.add_argument("--anomalies", nargs="+", default=["hard", "easy"], choices=["hard", "easy"])
     parser.add_argument("--clusters", type=int, nargs="+", default=[5, 10, 20, 40], help="K swept")
-    parser.add_argument("--temperatures", type=float, nargs="+", default=[0.1, 0.3, 0.5, 1.0], help="T swept")
+    parser.add_argument("--temperatures", type=positive_float, nargs="+", default=[0.1, 0.3, 0.5, 1.0], help="T swept")
     parser.add_argument(
         "--sweep_train_groups", type=int, nargs="*", default=[2000], help="train-group counts that get the K x T sweep"
     )

@@ -28,8 +28,10 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+from bench_args import at_least, require_device
 
 import dn2_lightning.knn as knn
 from dn2_lightning.knn import KNNResult, keops_probe, knn_distances, prepare_bank
@@ -201,12 +203,17 @@ def methods(
             lambda: before.knn_distances(queries, old_prepared, k, "torch"),
             StageClock(before, device),
         )
-    if keops and keops_probe(str(device)) is None:
+    reason = keops_probe(str(device)) if keops else None
+    if keops and reason is None:
         table["dn2 keops"] = (lambda: knn_distances(queries, prepared, k, "keops"), None)
         table["dn2 auto"] = (lambda: knn_distances(queries, prepared, k, "auto"), clock)
-    with contextlib.suppress(ImportError):
+    elif keops:
+        _note_once(f"KeOps rows left out: its probe failed ({reason})")
+    try:
         import faiss
-
+    except ImportError:
+        _note_once("faiss rows left out: faiss is not installed (pip install 'dn2-lightning[bench]')")
+    else:
         if device.type == "cpu":
             index = faiss.IndexFlatL2(bank.shape[1])
             index.add(bank.numpy())
@@ -266,12 +273,22 @@ def bare_gemms(
     return floors
 
 
+_NOTED: set[str] = set()
+
+
+def _note_once(text: str) -> None:
+    """Say on stderr, once per run, why rows are missing from the table."""
+    if text not in _NOTED:
+        _NOTED.add(text)
+        print(f"note: {text}", file=sys.stderr)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=["fashionmnist", *sorted(SYNTHETIC)], default="gpu")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda for --preset gpu, else cpu)")
-    parser.add_argument("--k", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--k", type=at_least(1), default=2)
+    parser.add_argument("--repeats", type=at_least(1), default=3)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch, faiss and BLAS")
     parser.add_argument("--keops", action="store_true", help="include KeOps (probed in a subprocess first)")
     parser.add_argument("--before", default=None, help="path of an older knn.py to time in the same run")
@@ -284,6 +301,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     device = torch.device(args.device or ("cuda" if args.preset == "gpu" else "cpu"))
+    require_device(parser, device)
+    if args.before is not None and not Path(args.before).is_file():
+        parser.error(f"--before: no such file {args.before!r} (the path of an older knn.py)")
     dtypes = device.type == "cuda" if args.dtypes is None else args.dtypes
     if args.threads:
         torch.set_num_threads(args.threads)

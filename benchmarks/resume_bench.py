@@ -54,7 +54,8 @@ def row(name: str, model: DN2Module, root: Path) -> str:
 def main() -> None:
     warnings.simplefilter("ignore")
     logging.disable(logging.WARNING)  # DN2's and Lightning's progress lines: only the table is printed
-    tmp = Path(tempfile.mkdtemp(prefix="dn2-resume-"))
+    scratch = tempfile.TemporaryDirectory(prefix="dn2-resume-")  # removed when the script ends
+    tmp = Path(scratch.name)
     print("| run | bank rows | threshold | flagged (of 723) | AUROC |")
     print("|---|---:|---:|---:|---:|")
     clean = new_model()

@@ -13,6 +13,7 @@ import argparse
 import time
 
 import torch
+from bench_args import at_least, unit_fraction
 from torchmetrics.functional.classification import binary_auroc
 
 from dn2_lightning.data.classes import draw_contaminants
@@ -69,11 +70,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--input_size", type=int, default=None)
-    parser.add_argument("--fractions", type=float, nargs="*", default=[0.05, 0.1, 0.2], help="none: skip cleaning")
-    parser.add_argument("--clean_ks", type=int, nargs="+", default=[2, 5, 10, 20, 50])
-    parser.add_argument("--group_sizes", type=int, nargs="*", default=[3, 5, 10], help="none: skip groups")
+    parser.add_argument(
+        "--fractions", type=unit_fraction, nargs="*", default=[0.05, 0.1, 0.2], help="none: skip cleaning"
+    )
+    parser.add_argument("--clean_ks", type=at_least(1), nargs="+", default=[2, 5, 10, 20, 50])
+    parser.add_argument("--group_sizes", type=at_least(2), nargs="*", default=[3, 5, 10], help="none: skip groups")
     parser.add_argument("--n_train_groups", type=int, default=2000)
-    parser.add_argument("--n_test_groups", type=int, default=2000)
+    parser.add_argument("--n_test_groups", type=at_least(2), default=2000)
     args = parser.parse_args()
     start = time.perf_counter()
     train, train_labels = embed_split("fashionmnist", "train", backbone=args.backbone, input_size=args.input_size)
