@@ -145,11 +145,11 @@ def embed_split(
     check_choice("precision", precision, PRECISIONS)
     check_input_size(input_size)
     check_positive_int("batch_size", batch_size)
-    _resolve_device(device)
+    target = _resolve_device(device)
     source = load_split(dataset, split, root)
     key = None
     if use_cache:
-        key = embedding_cache_key(source, dataset, split, backbone, input_size, pretrained, precision)
+        key = embedding_cache_key(source, dataset, split, backbone, input_size, pretrained, precision, target.type)
     path = None
     if key is not None:
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -157,7 +157,6 @@ def embed_split(
         cached = (load_cached(path, key) or {}).get("embeddings")
         if isinstance(cached, Tensor) and cached.ndim == 2 and len(cached) == len(source):
             return cached, source.labels
-    target = _resolve_device(device)
     extractor = build_backbone(backbone, pretrained=pretrained, image_size=input_size).to(target).eval()
     images = ArrayImageDataset(source.images, source.labels)
     description = f"embedding {dataset} {split} ({len(source)} images)"
@@ -237,9 +236,12 @@ def embedding_cache_key(
     input_size: int | None,
     pretrained: bool,
     precision: str,
+    device_type: str = "cpu",
 ) -> dict | None:
     """Everything a split's embeddings depend on, as a JSON-ready dict; ``None`` when they must not be cached
-    (random weights, or a registered backbone without ``weights_id``)."""
+    (random weights, or a registered backbone without ``weights_id``). ``device_type`` is part of it: CUDA's
+    kernels (TF32 convolutions by default) round otherwise than the CPU's, so a cache written by one is not
+    served to a run on the other."""
     spec = get_backbone_spec(backbone)
     if not pretrained:
         return None  # a random initialisation is not reproducible: nothing to key it by
@@ -261,6 +263,7 @@ def embedding_cache_key(
         "mean": spec.mean,
         "std": spec.std,
         "precision": precision,
+        "device": device_type,
     }
     return json.loads(json.dumps(key))  # the form it has after a save and load (tuples become lists)
 

@@ -157,6 +157,19 @@ def test_cache_key_covers_data_location_content_and_weights(tmp_path, monkeypatc
     assert extractions == [1]  # other weights: recomputed
 
 
+def test_cache_key_names_the_device_type(tmp_path):
+    """CUDA's kernels (TF32 convolutions by default) round otherwise than the CPU's: a cache written on one is not
+    served to a run on the other (the key had no device)."""
+    from dn2_lightning.data import load_split
+
+    root = write_mnist_test_split(tmp_path / "A", seed=1)
+    source = load_split("mnist", "test", str(root))
+    args = (source, "mnist", "test", "efficientnet_lite0", 32, True, "32")
+    on_cpu, on_cuda = protocol.embedding_cache_key(*args, "cpu"), protocol.embedding_cache_key(*args, "cuda")
+    assert on_cpu["device"] == "cpu" and on_cuda["device"] == "cuda"
+    assert {k: v for k, v in on_cpu.items() if k != "device"} == {k: v for k, v in on_cuda.items() if k != "device"}
+
+
 def test_a_cache_file_cut_short_warns_with_its_name_and_is_recomputed(tmp_path):
     root = write_mnist_test_split(tmp_path / "data", seed=4)
     first, _ = embed_split("mnist", "test", root=str(root), cache_dir=str(tmp_path), **FAST)
