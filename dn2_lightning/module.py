@@ -7,7 +7,7 @@ import copy
 import math
 import warnings
 import weakref
-from collections.abc import Sized
+from collections.abc import Mapping, Sized
 from pathlib import Path
 from typing import Any
 
@@ -178,20 +178,6 @@ class DN2Module(LightningModule):
         map_layers: list[str] | None = None,
     ) -> None:
         super().__init__()
-        _validate_hparams(
-            k,
-            input_size,
-            knn_backend,
-            max_memory_bytes,
-            clean_fraction,
-            clean_k,
-            group_pooling,
-            group_clusters,
-            group_temperature,
-            threshold_quantile,
-            threshold,
-            bank_sharding,
-        )
         for name, flag in (("pretrained", pretrained), ("reports", reports), ("anomaly_maps", anomaly_maps)):
             check_bool(name, flag)
         if isinstance(backbone, str) and backbone.startswith(CUSTOM_BACKBONE):
@@ -201,6 +187,7 @@ class DN2Module(LightningModule):
                 "backbone=MyBackbone()) (in a config: model.backbone.class_path)."
             )
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
+        _validate_hparams(self.hparams)
         if isinstance(backbone, nn.Module):
             self.hparams["backbone"] = CUSTOM_BACKBONE + type(backbone).__qualname__
         self._built_with = {name: copy.deepcopy(self.hparams[name]) for name in FIXED_AT_CONSTRUCTION}
@@ -868,20 +855,7 @@ class DN2Module(LightningModule):
                 )
         if self.maps is not None:  # the patch search follows the image search's settings
             self.maps.knn_backend, self.maps.max_memory_bytes = hp.knn_backend, hp.max_memory_bytes
-        _validate_hparams(
-            hp.k,
-            hp.input_size,
-            hp.knn_backend,
-            hp.max_memory_bytes,
-            hp.clean_fraction,
-            hp.clean_k,
-            hp.group_pooling,
-            hp.group_clusters,
-            hp.group_temperature,
-            hp.threshold_quantile,
-            hp.threshold,
-            hp.bank_sharding,
-        )
+        _validate_hparams(hp)
 
     # ------------------------------------------------------------------------------------- memory bank
 
@@ -1369,28 +1343,16 @@ def _gathered_sources(local: dict[int, int]) -> list[int] | None:
     return [sources.get(row, -1) for row in range(max(sources) + 1)] if sources else None
 
 
-def _validate_hparams(
-    k: int,
-    input_size: int | None,
-    knn_backend: str,
-    max_memory_bytes: int | None,
-    clean_fraction: float,
-    clean_k: int,
-    group_pooling: str,
-    group_clusters: int,
-    group_temperature: float,
-    threshold_quantile: float,
-    threshold: float | None,
-    bank_sharding: str,
-) -> None:
-    check_k(k)
-    check_input_size(input_size)
-    check_knn_backend(knn_backend)
-    check_int("max_memory_bytes", max_memory_bytes, 2**16, allow_none=True)
-    check_clean_fraction(clean_fraction)
-    check_clean_k(clean_k)
-    check_choice("group_pooling", group_pooling, GROUP_POOLINGS)
-    check_int("group_clusters", group_clusters, 2, hint="about the number of member classes; default 10")
-    check_positive_float("group_temperature", group_temperature, hint="default 0.3")
-    check_threshold(threshold_quantile, threshold)
-    check_choice("bank_sharding", bank_sharding, BANK_SHARDINGS)
+def _validate_hparams(hp: Mapping[str, Any]) -> None:
+    """The settings' checks: at construction, and again at each use (``hparams`` may be edited between calls)."""
+    check_k(hp["k"])
+    check_input_size(hp["input_size"])
+    check_knn_backend(hp["knn_backend"])
+    check_int("max_memory_bytes", hp["max_memory_bytes"], 2**16, allow_none=True)
+    check_clean_fraction(hp["clean_fraction"])
+    check_clean_k(hp["clean_k"])
+    check_choice("group_pooling", hp["group_pooling"], GROUP_POOLINGS)
+    check_int("group_clusters", hp["group_clusters"], 2, hint="about the number of member classes; default 10")
+    check_positive_float("group_temperature", hp["group_temperature"], hint="default 0.3")
+    check_threshold(hp["threshold_quantile"], hp["threshold"])
+    check_choice("bank_sharding", hp["bank_sharding"], BANK_SHARDINGS)
