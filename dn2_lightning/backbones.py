@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dn2_lightning.validation import check_int
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -175,11 +177,17 @@ def build_backbone(
             ([B, 3, H, W]) to [B, D]; a user module gets no normalisation and no resize unless
             ``image_size`` is given.
         pretrained: load ImageNet weights (registry backbones only).
-        image_size: input resolution; ``None`` uses the backbone's native size.
+        image_size: input resolution; ``None`` uses the backbone's native size (a :class:`FeatureExtractor`'s
+            own ``image_size``: another one is refused).
     """
-    if image_size is not None and (isinstance(image_size, bool) or image_size < 8):
-        raise ValueError(f"image_size={image_size!r} must be None or an integer >= 8.")
+    check_int("image_size", image_size, 8, allow_none=True, none_means="the backbone's own")
     if isinstance(backbone, FeatureExtractor):
+        if image_size is not None and image_size != backbone.image_size:
+            raise ValueError(
+                f"input_size={image_size} would be ignored: the backbone is a FeatureExtractor built with "
+                f"image_size={backbone.image_size}. Build it with FeatureExtractor(..., image_size={image_size}), "
+                "or leave input_size=None to use its own."
+            )
         return backbone
     if isinstance(backbone, nn.Module):
         return FeatureExtractor(backbone, image_size=image_size)

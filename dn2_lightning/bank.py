@@ -23,7 +23,7 @@ from dn2_lightning.distributed import (
     world_size,
 )
 from dn2_lightning.knn import KNNResult, PreparedBank, knn_distances, prepare_bank
-from dn2_lightning.scoring import drop_own_group, drop_self, keep_lowest, knn_scores
+from dn2_lightning.scoring import drop_own_group, keep_lowest, knn_scores, leave_one_out_scores
 from dn2_lightning.sharding import sharded_knn
 
 
@@ -49,6 +49,8 @@ class MemoryBank(nn.Module):
     removed: Tensor
     loo_scores: Tensor
     loo_k: Tensor
+    loo_samples: Tensor
+    loo_drawn: Tensor
 
     def __init__(self) -> None:
         super().__init__()
@@ -58,9 +60,12 @@ class MemoryBank(nn.Module):
         # scored against the bank with the rest for the threshold, as a test image is
         self.register_buffer("removed", torch.empty(0, 0))
         self.register_buffer("removed_indices", torch.empty(0, dtype=torch.long))
-        # sorted leave-one-out DN2 scores of the whole bank at k = loo_k (0: not computed yet)
+        # sorted leave-one-out DN2 scores of the training samples at k = loo_k (0: not computed yet), for
+        # threshold_samples = loo_samples (0: None); loo_drawn: they are a random draw, not every sample's
         self.register_buffer("loo_scores", torch.empty(0))
         self.register_buffer("loo_k", torch.tensor(0))
+        self.register_buffer("loo_samples", torch.tensor(0))
+        self.register_buffer("loo_drawn", torch.tensor(False))
         self.spec: dict[str, Any] = {}
         self._prepared: tuple[tuple, PreparedBank] | None = None
 
@@ -88,36 +93,48 @@ class MemoryBank(nn.Module):
             self._prepared = (key, prepare_bank(e))
         return self._prepared[1]
 
-    def set(self, embeddings: Tensor, sample_indices: Tensor) -> None:
-        """Replace the bank. Copies out of inference mode so later fits and loads may update it."""
+    def set(self, embeddings: Tensor, sample_indices: Tensor, copy: bool = True) -> None:
+        """Replace the bank with copies of these rows, made outside inference mode so that later fits and loads
+        may replace them; ``copy=False`` keeps the tensors themselves where it can (the caller does not modify
+        them afterwards)."""
         if embeddings.ndim != 2 or embeddings.shape[0] != sample_indices.shape[0]:
             raise ValueError(
                 f"bank embeddings {tuple(embeddings.shape)} and sample_indices {tuple(sample_indices.shape)} "
                 "do not match."
             )
-        with torch.inference_mode(False):
-            self.embeddings = embeddings.detach().to(torch.float32).clone()
-            self.sample_indices = sample_indices.detach().to(torch.long).clone()
+        self._prepared = None  # the old bank's search copy is not kept alive next to the new one
+        self.embeddings = as_buffer(embeddings, torch.float32, copy=copy)
+        self.sample_indices = as_buffer(sample_indices, torch.long, copy=copy)
         self.set_removed(self.embeddings[:0], self.sample_indices[:0])
 
-    def set_removed(self, rows: Tensor, sample_indices: Tensor) -> None:
+    def set_removed(self, rows: Tensor, sample_indices: Tensor, copy: bool = True) -> None:
         """Keep the training rows that cleaning removed (``[R, D]``, with their dataset indices ``[R]``), for the
-        threshold's scores; :meth:`set` clears them."""
+        threshold's scores (``copy`` as in :meth:`set`, which clears them)."""
         if rows.ndim != 2 or rows.shape[0] != sample_indices.shape[0] or (len(rows) and rows.shape[1] != self.dim):
             raise ValueError(
                 f"removed rows {tuple(rows.shape)} and sample_indices {tuple(sample_indices.shape)} must be [R, D] "
                 f"and [R], with the bank's D = {self.dim}."
             )
-        with torch.inference_mode(False):
-            self.removed = rows.detach().to(torch.float32).clone()
-            self.removed_indices = sample_indices.detach().to(torch.long).clone()
-            self.set_loo_scores(self.loo_scores.new_empty(0), 0)
+        self.removed = as_buffer(rows, torch.float32, copy=copy)
+        self.removed_indices = as_buffer(sample_indices, torch.long, copy=copy)
+        self.set_loo_scores(self.loo_scores.new_empty(0), 0)
 
-    def set_loo_scores(self, scores: Tensor, k: int) -> None:
-        """Keep the whole bank's leave-one-out scores at ``k`` (sorted) for thresholds and normalised scores."""
+    def set_loo_scores(self, scores: Tensor, k: int, samples: int | None = None, drawn: bool = False) -> None:
+        """Keep the training samples' leave-one-out scores at ``k`` (sorted) for thresholds and normalised scores:
+        every sample's, or (``drawn``) those of a random draw for ``threshold_samples=samples``."""
         with torch.inference_mode(False):
             self.loo_scores = scores.detach().to(torch.float32).sort().values.clone()
             self.loo_k = torch.tensor(int(k), device=self.loo_k.device)
+            self.loo_samples = torch.tensor(int(samples or 0), device=self.loo_k.device)
+            self.loo_drawn = torch.tensor(bool(drawn), device=self.loo_k.device)
+
+    def has_loo_scores(self, k: int, samples: int | None) -> bool:
+        """Whether the kept leave-one-out scores serve ``k`` and ``threshold_samples=samples``: scores at ``k`` of
+        every training sample (also kept for a smaller ``samples``: a draw would only be less exact), or of the
+        draw made for ``samples``."""
+        if int(self.loo_k) != k or k == 0:
+            return False
+        return not bool(self.loo_drawn) or int(self.loo_samples) == (samples or 0)
 
     def reset(self) -> None:
         self.set(self.embeddings.new_empty(0, 0), self.sample_indices.new_empty(0))
@@ -164,16 +181,36 @@ class MemoryBank(nn.Module):
         # checkpoints written before these entries existed: recomputed on first need
         state_dict.setdefault(prefix + "loo_scores", torch.empty(0))
         state_dict.setdefault(prefix + "loo_k", torch.tensor(0))
+        state_dict.setdefault(prefix + "loo_samples", torch.tensor(0))  # saved before threshold_samples: all
+        state_dict.setdefault(prefix + "loo_drawn", torch.tensor(False))
         state_dict.setdefault(prefix + "removed", torch.empty(0, 0))
         state_dict.setdefault(prefix + "removed_indices", torch.empty(0, dtype=torch.long))
         state_dict.setdefault(prefix + "_extra_state", {})
-        # resize before nn.Module copies in place, so any saved bank size loads strictly
+        # take the saved tensors themselves (any bank size loads strictly; nn.Module's copy into them is then a
+        # no-op): a new buffer to copy into would hold the bank twice while loading
+        self._prepared = None  # nor is the old bank kept alive by its search copy
         for name in ("embeddings", "sample_indices", "removed", "removed_indices", "loo_scores"):
             saved = state_dict.get(prefix + name)
-            if saved is not None:
+            if isinstance(saved, Tensor):
                 current = getattr(self, name)
-                setattr(self, name, torch.empty_like(saved, device=current.device))
+                setattr(self, name, as_buffer(saved, current.dtype, current.device, copy=False))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def as_buffer(tensor: Tensor, dtype: torch.dtype, device: torch.device | None = None, copy: bool = True) -> Tensor:
+    """``tensor`` as a bank buffer: detached, of ``dtype`` on ``device``, contiguous, usable outside inference mode
+    (later fits and loads replace it), and a copy unless ``copy=False``. Then it is ``tensor`` itself where it can
+    be: not when a conversion is needed (that is the copy), nor for an inference tensor, nor for a view of part of
+    a larger storage (e.g. a backbone's ``x[:, 0]``: the bank would keep, and checkpoints save, all of it)."""
+    tensor = tensor.detach()
+    converted = tensor.to(device=device, dtype=dtype)
+    if converted is not tensor and not converted.is_inference() and converted.is_contiguous():
+        return converted
+    partial = converted.untyped_storage().nbytes() != converted.numel() * converted.element_size()
+    if copy or partial or converted.is_inference() or not converted.is_contiguous():
+        with torch.inference_mode(False):
+            return converted.clone(memory_format=torch.contiguous_format)
+    return converted
 
 
 class BankCollector:
@@ -202,10 +239,14 @@ class BankCollector:
         self.num_batches += 1
 
     def collect(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Concatenated ``(embeddings [N, D], indices [N], labels [N])``."""
+        """Concatenated ``(embeddings [N, D], indices [N], labels [N])``; the batches are released (they are kept as
+        these tensors, which a further ``add`` extends), so the rows are held once, not twice."""
         if not self._embeddings:
             raise RuntimeError("no training batches were seen; the train dataloader is empty.")
-        return torch.cat(self._embeddings), torch.cat(self._indices), torch.cat(self._labels)
+        for parts in (self._embeddings, self._indices, self._labels):
+            if len(parts) > 1:
+                parts[:] = [torch.cat(parts)]
+        return self._embeddings[0], self._indices[0], self._labels[0]
 
 
 @dataclass
@@ -287,7 +328,7 @@ class BankBuilder:
         member``, ``member_sources`` as in the bank's spec) and cleaning removes whole groups: the ``clean_fraction``
         of training groups whose worst member scores highest, each member leaving its group (and its image's copies)
         out, as the threshold scores them."""
-        self.bank.set(embeddings, indices)
+        self.bank.set(embeddings, indices, copy=False)  # rows made for the bank: held once, not copied
         n = self.size()
         if n < k:
             raise ValueError(f"k={k} exceeds the number of training embeddings ({n}); use k <= {n}.")
@@ -311,8 +352,8 @@ class BankBuilder:
                     "cleaned: raise clean_fraction (or use 0 to say no cleaning)."
                 )
             mine = torch.isin(indices, ids[keep])
-            self.bank.set(embeddings[mine], indices[mine])
-            self.bank.set_removed(embeddings[~mine], indices[~mine])
+            self.bank.set(embeddings[mine], indices[mine], copy=False)
+            self.bank.set_removed(embeddings[~mine], indices[~mine], copy=False)
             if int(keep.sum()) < k:
                 raise ValueError(
                     f"clean_fraction={clean_fraction} leaves {int(keep.sum())} embeddings, fewer than k={k}; lower "
@@ -321,18 +362,27 @@ class BankBuilder:
         return report
 
     def leave_one_out_scores(
-        self, k: int, labels: Tensor | None = None, members: int = 1, sources: tuple[Tensor, int] | None = None
+        self,
+        k: int,
+        labels: Tensor | None = None,
+        members: int = 1,
+        sources: tuple[Tensor, int] | None = None,
+        chosen: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Every bank row's leave-one-out DN2 score over the whole bank, as ``(ids, scores, labels)`` sorted by
         id (gathered from all shards when sharded); ``k`` is capped at the bank size - 1. With ``members > 1``
         the rows are group members (ids ``group * members + member``) and each leaves its whole group out, and
-        with ``sources`` (:func:`_source_table`) also its own image's copies in other groups."""
-        ids = self.bank.sample_indices
+        with ``sources`` (:func:`_source_table`) also its own image's copies in other groups. ``chosen``: only the
+        rows of these samples (:meth:`threshold_draw`)."""
+        ids, rows = self.bank.sample_indices, self.bank.embeddings
+        if chosen is not None:
+            pick = torch.isin(ids // members, chosen)
+            ids, rows, labels = ids[pick], rows[pick], None if labels is None else labels[pick]
         k = min(k, self.size() - 1)
         if members > 1:
-            scores = self._outside_group_scores(self.bank.embeddings, ids, k, members, sources)
+            scores = self._outside_group_scores(rows, ids, k, members, sources)
         else:
-            scores = knn_scores(drop_self(self.search(self.bank.embeddings, k + 1), ids))
+            scores = leave_one_out_scores(rows, ids, k, self.search, chunked=not self.sharded)
         labels = labels if labels is not None else torch.full_like(ids, -1)
         if self.sharded:
             ids, scores, labels = gather_rows(ids), gather_rows(scores), gather_rows(labels)
@@ -347,10 +397,24 @@ class BankBuilder:
         knn = self.search(rows, min(k + members + copies, self.size()))
         return knn_scores(drop_own_group(knn, ids, members, k, table))
 
-    def update_loo_scores(self, k: int) -> None:
-        """Store the whole bank's leave-one-out scores at ``k`` (for thresholds), if the bank has more than k rows,
-        with the scores against the bank of the rows that cleaning removed (every training row, scored as a test
-        image would be, the kept ones leaving themselves out).
+    def threshold_draw(self, samples: int | None, members: int = 1) -> Tensor | None:
+        """The training samples whose leave-one-out scores set the threshold, as sorted ids (of groups when
+        ``members > 1``): ``None`` (all of them) when there are no more than ``samples``, else ``samples`` of them
+        drawn with a fixed seed from the ids of every rank, so that the draw does not depend on the sharding."""
+        if samples is None:
+            return None
+        ids = torch.cat([self.bank.sample_indices, self.bank.removed_indices]) // members
+        population = torch.unique(gather_rows(ids) if self.sharded else ids)  # sorted
+        if len(population) <= samples:
+            return None
+        draw = torch.randperm(len(population), generator=torch.Generator().manual_seed(0))[:samples]
+        return population[draw.to(population.device)].sort().values
+
+    def update_loo_scores(self, k: int, samples: int | None = None) -> None:
+        """Store the training samples' leave-one-out scores at ``k`` (for thresholds), if the bank has more than k
+        rows: every bank row's, and the scores against the bank of the rows that cleaning removed (every training
+        row, scored as a test image would be, the kept ones leaving themselves out); only those of
+        :meth:`threshold_draw`'s samples when there are more than ``samples`` (``threshold_samples``).
 
         A bank of group members (``group_pooling="none"``, rows ``group * M + member``, ``members_per_group`` in
         the bank's spec) scores a group by its worst member, so its threshold scores are per group too: each
@@ -361,8 +425,12 @@ class BankBuilder:
         if self.size() > k:
             members = int(self.bank.spec.get("members_per_group") or 1)
             sources = _source_table(self.bank.spec.get("member_sources"), self.bank.embeddings.device)
-            ids, scores, _ = self.leave_one_out_scores(k, members=members, sources=sources)
+            chosen = self.threshold_draw(samples, members)
+            ids, scores, _ = self.leave_one_out_scores(k, members=members, sources=sources, chosen=chosen)
             removed, removed_ids = self.bank.removed, self.bank.removed_indices
+            if chosen is not None:
+                pick = torch.isin(removed_ids // members, chosen)
+                removed, removed_ids = removed[pick], removed_ids[pick]
             if sum(count_rows(len(removed), removed.device)) if self.sharded else len(removed):
                 # rows removed by cleaning are scored against the bank too: the kept half alone is the densest
                 # (its leave-one-out scores flagged 25-30% of normal test images at threshold_quantile=0.99)
@@ -376,17 +444,18 @@ class BankBuilder:
                 ids, scores = torch.cat([ids, removed_ids]), torch.cat([scores, removed_scores])
             if members > 1:
                 scores = _worst_per_group(ids, scores, members)[1]
-            self.bank.set_loo_scores(scores, k)
+            self.bank.set_loo_scores(scores, k, samples, drawn=chosen is not None)
 
     def keep_own_shard(self) -> None:
         """A whole bank (from a checkpoint) meeting a sharded run: keep this rank's share of the rows."""
         rows = slice(rank(), None, world_size())
         loo, loo_k = self.bank.loo_scores, int(self.bank.loo_k)  # of the whole bank: still valid
+        loo_samples, loo_drawn = int(self.bank.loo_samples) or None, bool(self.bank.loo_drawn)
         removed, removed_ids = self.bank.removed, self.bank.removed_indices
         self.bank.set(self.bank.embeddings[rows], self.bank.sample_indices[rows])
         if len(removed):
             self.bank.set_removed(removed[rows], removed_ids[rows])
-        self.bank.set_loo_scores(loo, loo_k)
+        self.bank.set_loo_scores(loo, loo_k, loo_samples, loo_drawn)
 
     def whole_bank_on_cpu(self) -> tuple[Tensor, Tensor]:
         """``(sample_indices, embeddings)`` of the whole bank in host memory (one shard on the device at a time),

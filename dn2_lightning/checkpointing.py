@@ -21,7 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.plugins import CheckpointIO
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
+
+from dn2_lightning.cache import atomic_write
 
 # model settings that define the bank's content: a bank built with other values scores differently
 BANK_SETTINGS = (
@@ -48,6 +52,13 @@ class WeightsOnlyCheckpointIO(CheckpointIO):
         self.inner = inner
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        fs, local_path = url_to_fs(str(path))
+        if type(self.inner) is TorchCheckpointIO and storage_options is None and isinstance(fs, LocalFileSystem):
+            # Lightning's save serialises the whole checkpoint into memory first (a second copy of the bank);
+            # torch.save streams it into the file, written as atomically (a crash leaves the old file or none)
+            with atomic_write(local_path) as file:
+                torch.save(checkpoint, file)
+            return
         self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> Any:

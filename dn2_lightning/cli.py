@@ -99,7 +99,8 @@ METHOD_ARGUMENT_HELP = {
 
 class DN2HelpFormatter(DefaultHelpFormatter):
     """jsonargparse's formatter, shortened: no "known subclasses" lists, no reST markup, one line for the
-    options marked ``one_line``, option names without metavars, and descriptions kept as written."""
+    options marked ``one_line``, none for those marked ``dn2_hidden`` (named in their group's description),
+    option names without metavars, and descriptions kept as written."""
 
     def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 32, width: int | None = None):
         super().__init__(prog, indent_increment, max_help_position, width)
@@ -114,6 +115,8 @@ class DN2HelpFormatter(DefaultHelpFormatter):
         return "-c" in action.option_strings or action.dest in ("print_config", "trainer", "model")
 
     def _format_action(self, action: argparse.Action) -> str:
+        if getattr(action, "dn2_hidden", False):
+            return ""
         one_line = getattr(action, "one_line", None)
         if one_line is not None:
             return f"  {action.option_strings[0]:<29} {one_line}".rstrip() + "\n"
@@ -167,6 +170,9 @@ BANK_HPARAMS = (
 
 # the decision threshold a checkpoint carries (DN2Module.set_threshold): used when the run sets neither
 THRESHOLD_HPARAMS = ("threshold", "threshold_quantile")
+# scoring settings a checkpoint carries and a run keeps unless it sets them (the threshold's draw of training
+# images: another one would recompute their leave-one-out scores)
+KEPT_HPARAMS = ("threshold_samples",)
 
 
 class DN2CLI(LightningCLI):
@@ -223,9 +229,10 @@ class DN2CLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """With ``--ckpt_path``, Lightning replaces every model setting by the checkpoint's, so ``--model.k=50``
         would silently run with the saved k. DN2 keeps the user's scoring settings (``k``, kNN backend, memory
-        budget, reports) and takes from the checkpoint the settings that define the bank and the run did not
-        set (a bank setting the user set to another value is refused when the checkpoint loads,
-        ``DN2Module.on_load_checkpoint``, naming both values), and its decision threshold (``threshold``,
+        budget, reports) and takes from the checkpoint the settings that define the bank (and
+        ``threshold_samples``) that the run did not set (a bank setting the user set to another value is refused
+        when the checkpoint loads, ``DN2Module.on_load_checkpoint``, naming both values), and its decision
+        threshold (``threshold``,
         ``threshold_quantile``, e.g. from ``set_threshold``) when the user sets neither. "Set" means given by
         the run's config files or flags (:meth:`parse_arguments`), even to the default value."""
         subcommand = self.config.get("subcommand")
@@ -248,7 +255,7 @@ class DN2CLI(LightningCLI):
             left_at_default = {name for name in defaults if name in model and name not in self._given_model}
         else:
             left_at_default = {name for name, default in defaults.items() if name in model and model[name] == default}
-        restored = [*BANK_HPARAMS]
+        restored = [*BANK_HPARAMS, *KEPT_HPARAMS]
         if left_at_default.issuperset(THRESHOLD_HPARAMS):  # the checkpoint's threshold, unless the run sets one
             restored += THRESHOLD_HPARAMS
         for name in restored:
@@ -415,8 +422,8 @@ def _tidy_help(parser: LightningArgumentParser) -> None:
             if name in TRAINER_HINTS:
                 hint = TRAINER_HINTS[name]
                 action.one_line = f"{_default_text(parser.get_default(dest)):<6}" + (f" {hint}" if hint else "")
-            else:
-                action.help = argparse.SUPPRESS
+            else:  # listed by name only; not SUPPRESS, which would also drop it from --print_config and config.yaml
+                action.dn2_hidden = True
                 others.append(name)
         elif dest == "model.backbone":
             action.help = (

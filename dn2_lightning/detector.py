@@ -10,6 +10,7 @@ as :class:`~dn2_lightning.DN2Module`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -17,11 +18,11 @@ import torch
 from sklearn.base import BaseEstimator
 from torch import Tensor
 
-from dn2_lightning.knn import knn_distances
+from dn2_lightning.knn import KNNResult, knn_distances, prepare_bank
 from dn2_lightning.scoring import (
     keep_lowest,
     knn_scores,
-    leave_one_out_knn,
+    leave_one_out_scores,
     normalized_scores,
     quantile_threshold,
 )
@@ -99,17 +100,19 @@ class DN2Detector(BaseEstimator):
             raise ValueError(f"X has {n} rows; DN2 with k={self.k} needs more than k rows to fit and set a threshold.")
         self.kept_ = torch.ones(n, dtype=torch.bool, device=x.device)
         if self.clean_fraction > 0:
-            loo = knn_scores(leave_one_out_knn(x, min(self.clean_k, n - 1), self.knn_backend, **self._kwargs()))
+            loo = leave_one_out_scores(x, torch.arange(n, device=x.device), min(self.clean_k, n - 1), self._searcher(x))
             self.kept_ = keep_lowest(loo, self.clean_fraction)
             if int(self.kept_.sum()) <= self.k:
                 raise ValueError(
                     f"clean_fraction={self.clean_fraction} leaves {int(self.kept_.sum())} rows, not more than "
                     f"k={self.k}; lower clean_fraction or k."
                 )
-        self.bank_ = x[self.kept_]
+        self.bank_ = x[self.kept_]  # a copy: X may be the caller's own array, which it can modify afterwards
+        self._prepared = None
         # every training row scored against the bank (the kept ones leaving themselves out), as a test row is:
         # the kept rows alone are the densest and would put the threshold too low
-        kept_scores = knn_scores(leave_one_out_knn(self.bank_, self.k, self.knn_backend, **self._kwargs()))
+        bank_ids = torch.arange(len(self.bank_), device=x.device)
+        kept_scores = leave_one_out_scores(self.bank_, bank_ids, self.k, self._searcher())
         scores = kept_scores.new_empty(n)
         scores[self.kept_] = kept_scores
         if not self.kept_.all():
@@ -149,10 +152,24 @@ class DN2Detector(BaseEstimator):
         x = _as_matrix(X, "X", self.bank_.device)
         if x.shape[1] != self.bank_.shape[1]:
             raise ValueError(f"X has {x.shape[1]} features but the detector was fitted on {self.bank_.shape[1]}.")
-        return knn_scores(knn_distances(x, self.bank_, self.k, self.knn_backend, **self._kwargs()))
+        return knn_scores(self._searcher()(x, self.k))
 
-    def _kwargs(self) -> dict[str, Any]:
-        return {"max_memory_bytes": self.max_memory_bytes}
+    def _searcher(self, bank: Tensor | None = None) -> Callable[[Tensor, int], KNNResult]:
+        """``search(queries, k)`` in ``bank`` (by default the fitted bank), which is prepared for search once (the
+        fitted bank once per fit), not per call: that would be a centred copy of the bank each time."""
+        if bank is None:
+            if getattr(self, "_prepared", None) is None:
+                self._prepared = prepare_bank(self.bank_)
+            prepared = self._prepared
+        else:
+            prepared = prepare_bank(bank)
+        backend, budget = self.knn_backend, self.max_memory_bytes
+        return lambda queries, k: knn_distances(queries, prepared, k, backend, max_memory_bytes=budget)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())  # scikit-learn's may be this object's own __dict__
+        state.pop("_prepared", None)  # a copy of bank_: made again on first use
+        return state
 
     def __repr__(self) -> str:
         threshold = getattr(self, "threshold_", None)  # scikit-learn's repr: the settings not at their default

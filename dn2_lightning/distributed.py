@@ -77,12 +77,16 @@ def check_unique_indices(indices: Tensor, what: str, padded_rows: int = 1) -> No
 
 
 def unique_by_index(indices: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
-    """Sort rows by dataset index and keep one row per index (DistributedSampler pads with repeats)."""
+    """Sort rows by dataset index and keep one row per index (DistributedSampler pads with repeats).
+
+    Rows already in strictly increasing order (one process's pass) come back as they are, without a copy."""
+    if len(indices) < 2 or bool((indices[1:] > indices[:-1]).all()):
+        return (indices, *tensors)
     order = torch.argsort(indices, stable=True)
-    indices = indices[order]
     keep = torch.ones_like(indices, dtype=torch.bool)
-    keep[1:] = indices[1:] != indices[:-1]
-    return (indices[keep], *(t[order][keep] for t in tensors))
+    keep[1:] = indices[order[1:]] != indices[order[:-1]]
+    rows = order[keep]  # one gather per tensor, not a sorted copy and then a filtered one
+    return (indices[rows], *(t[rows] for t in tensors))
 
 
 def broadcast_module_state(module: torch.nn.Module) -> None:

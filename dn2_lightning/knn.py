@@ -182,10 +182,10 @@ def _prepare_bank(bank: Tensor, candidate_dtype: torch.dtype) -> PreparedBank:
     extra = n * dim * 4 + (0 if candidate_dtype == torch.float32 else n * (dim + 10) * 2)
     ensure_fits(extra + DEFAULT_MAX_MEMORY_BYTES, bank.device, "searching the memory bank")
     work = _work_dtype(bank.dtype)
-    center = bank.mean(0, dtype=torch.float64).to(work) if n else bank.new_zeros(dim, dtype=work)
+    center = float64_mean(bank).to(work) if n else bank.new_zeros(dim, dtype=work)
     if work == torch.float32:  # centre in float32 (one rounding, in the error bound); norms from the result
         rows = torch.sub(bank, center)
-        norms = torch.linalg.vecdot(rows, rows)
+        norms = squared_norms(rows)
         radius = math.sqrt(float(norms.max())) if n else 0.0  # inf once a norm overflows: refused below
     else:  # float64: norms in float64, since the centred rows may not fit float32 before scaling
         radius = _radius64(bank, center)
@@ -210,10 +210,10 @@ def _prepare_bank(bank: Tensor, candidate_dtype: torch.dtype) -> PreparedBank:
     if work == torch.float32:
         if exponent:  # the same operations as _frame_rows, so that recomputed rows are these bit for bit
             rows.mul_(scale)
-            norms = torch.linalg.vecdot(rows, rows)
+            norms = squared_norms(rows)
     else:
         rows = _frame_rows(bank, center, scale)
-        norms = torch.linalg.vecdot(rows, rows)
+        norms = squared_norms(rows)
     max_norm = math.sqrt(float(norms.max())) if n else 0.0
     low = _low_rows(rows, norms, candidate_dtype)
     return PreparedBank(center, rows if low is rows else None, norms, low, max_norm, bank, scale)
@@ -387,6 +387,25 @@ def _row_norms64(rows: Tensor) -> Tensor:
 def _square(x: float) -> float:
     """``x * x``; inf where it overflows (Python's ``x ** 2`` raises OverflowError instead)."""
     return x * x
+
+
+def squared_norms(rows: Tensor) -> Tensor:
+    """``[N]`` squared norms of the rows of ``rows``, by chunks of 4 MiB (``vecdot`` of the whole bank makes a
+    temporary of its size)."""
+    step = max(1, 2**20 // max(1, rows.shape[1]))
+    if len(rows) <= step:
+        return torch.linalg.vecdot(rows, rows)
+    return torch.cat([torch.linalg.vecdot(chunk, chunk) for chunk in rows.split(step)])
+
+
+def float64_mean(rows: Tensor) -> Tensor:
+    """float64 mean of the rows of ``rows``, summed by chunks of 8 MiB (``mean(dtype=float64)`` would first make
+    a float64 copy of the whole bank: twice its size)."""
+    step = max(1, 2**20 // max(1, rows.shape[1]))
+    total = torch.zeros(rows.shape[1], dtype=torch.float64, device=rows.device)
+    for chunk in rows.split(step):
+        total += chunk.sum(0, dtype=torch.float64)
+    return total / rows.shape[0]
 
 
 def _radius64(rows: Tensor, center: Tensor) -> float:

@@ -68,6 +68,7 @@ from dn2_lightning.scoring import (
     to_unit_interval,
 )
 from dn2_lightning.validation import (
+    as_python,
     check_bool,
     check_choice,
     check_clean_fraction,
@@ -141,6 +142,7 @@ class DN2Module(LightningModule):
         threshold_quantile: the threshold is this quantile of the training images' leave-one-out scores (never test
             data); about ``1 - threshold_quantile`` of normal images are flagged.
         threshold: a fixed threshold on the score instead (``None``: use the quantile).
+        threshold_samples: at most this many training images' scores (drawn, fixed seed) set the quantile; None: all.
         bank_sharding: under DDP, ``"replicate"`` the bank on every rank or ``"shard"`` it (exact).
         reports: write CSVs, ``summary.json`` and figures to ``<log dir>/dn2_reports/<stage>_<N>/``.
         anomaly_maps: also compute SPADE pixel maps (``anomaly_map`` in predict, pixel AUROC/PRO in test).
@@ -168,6 +170,7 @@ class DN2Module(LightningModule):
         group_temperature: float = 0.3,
         threshold_quantile: float = 0.99,
         threshold: float | None = None,
+        threshold_samples: int | None = 20_000,
         bank_sharding: str = "replicate",
         reports: bool = True,
         anomaly_maps: bool = False,
@@ -187,23 +190,32 @@ class DN2Module(LightningModule):
                 "backbone=MyBackbone()) (in a config: model.backbone.class_path)."
             )
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
-        _validate_hparams(self.hparams)
+        hp = self.hparams
+        hp.update(as_python(dict(hp)))  # NumPy numbers (e.g. from a grid search) as Python ones, for checkpoints
+        _validate_hparams(hp)
         if isinstance(backbone, nn.Module):
-            self.hparams["backbone"] = CUSTOM_BACKBONE + type(backbone).__qualname__
-        self._built_with = {name: copy.deepcopy(self.hparams[name]) for name in FIXED_AT_CONSTRUCTION}
+            hp["backbone"] = CUSTOM_BACKBONE + type(backbone).__qualname__
+        self._built_with = {name: copy.deepcopy(hp[name]) for name in FIXED_AT_CONSTRUCTION}
         # DN2 has nothing to optimise: fit is one feature-extraction pass, driven by training_step.
         self.automatic_optimization = False
-        self.backbone = build_backbone(backbone, pretrained=pretrained, image_size=input_size)
+        self.backbone = build_backbone(backbone, pretrained=pretrained, image_size=hp.input_size)
         self.bank = MemoryBank()
         pooling = "mean" if group_pooling == "none" else group_pooling  # "none" pools nothing: members are scored
-        self.group_pool = GroupPooling(pooling, clusters=group_clusters, temperature=group_temperature)
-        validate_map_options(patch_bank, map_images, map_kappa, map_sigma)
+        self.group_pool = GroupPooling(pooling, clusters=hp.group_clusters, temperature=hp.group_temperature)
+        validate_map_options(patch_bank, hp.map_images, hp.map_kappa, hp.map_sigma)
         self.maps: AnomalyMaps | None = None
         if anomaly_maps:
             if bank_sharding == "shard":
                 raise ValueError("anomaly_maps=True needs bank_sharding='replicate' (the patch bank is not sharded).")
             self.maps = AnomalyMaps(
-                self.backbone, patch_bank, map_images, map_kappa, map_sigma, map_layers, knn_backend, max_memory_bytes
+                self.backbone,
+                patch_bank,
+                hp.map_images,
+                hp.map_kappa,
+                hp.map_sigma,
+                hp.map_layers,
+                knn_backend,
+                hp.max_memory_bytes,
             )
         # DDP broadcasts rank 0's buffers at set-up; the banks and the group centroids are made consistent by
         # their own gathering (and the bank differs per rank when sharded), so they are excluded as DDP allows.
@@ -232,7 +244,7 @@ class DN2Module(LightningModule):
         self._bank_is_shard = False
         self._warned_no_threshold: tuple[int, int] | None = None  # (bank size, k) of the last such warning
         # (value, k) of a fixed threshold: the k whose scores it was set for (it does not follow later k changes)
-        self._fixed_threshold: tuple[float, int] | None = None if threshold is None else (float(threshold), k)
+        self._fixed_threshold: tuple[float, int] | None = None if threshold is None else (float(threshold), hp.k)
         self._warned_threshold_k: tuple[float, int, int] | None = None
         self.fit_built_bank = False  # whether the last fit embedded its train data (not so when resumed when done)
         self._pass_started = self._resumed_mid_pass = False  # this fit's epoch began here; it began in a checkpoint
@@ -625,6 +637,11 @@ class DN2Module(LightningModule):
     def score_with_maps(self, batch: Batch, batch_idx: int = 0) -> tuple[Tensor, KNNResult, Tensor]:
         """DN2 scores ``[B]``, their kNN result and anomaly maps ``[B, H, W]`` (``anomaly_maps=True``), from one
         backbone pass over single images ``[B, C, H, W]``."""
+        if self.maps is None:
+            raise ValueError(
+                "score_with_maps needs a model built with anomaly_maps=True (DN2Module(anomaly_maps=True), then fit); "
+                "for scores alone use score_images."
+            )
         if not self._has_bank:
             raise RuntimeError(NO_BANK_MESSAGE.format(fn="test"))
         self._check_sample_kind(False)
@@ -727,12 +744,13 @@ class DN2Module(LightningModule):
         return normalized_scores(self._loo_scores(), scores)
 
     def _loo_scores(self) -> Tensor:
-        """The bank's sorted leave-one-out scores at the current k, recomputed when k changed."""
-        k = self.hparams.k
-        if self._has_bank and int(self.bank.loo_k) != k:
-            self._bank_builder.update_loo_scores(k)
+        """The bank's sorted leave-one-out scores at the current k and ``threshold_samples``, recomputed when either
+        changed."""
+        k, samples = self.hparams.k, self.hparams.threshold_samples
+        if self._has_bank and not self.bank.has_loo_scores(k, samples):
+            self._bank_builder.update_loo_scores(k, samples)
             self._warn_if_no_threshold()  # e.g. a k given at load that leaves no leave-one-out scores
-        return self.bank.loo_scores if int(self.bank.loo_k) == k else self.bank.loo_scores[:0]
+        return self.bank.loo_scores if self.bank.has_loo_scores(k, samples) else self.bank.loo_scores[:0]
 
     def _describe_threshold(self) -> str:
         threshold = float(self.threshold)
@@ -741,13 +759,15 @@ class DN2Module(LightningModule):
         if self.hparams.threshold is not None:
             return f"threshold {threshold:.6g} (fixed value)"
         q = self.hparams.threshold_quantile
+        drawn = f", {len(self.bank.loo_scores):,} drawn at random" if self.bank.loo_drawn else ""
         if self.hparams.clean_fraction > 0:  # unsupervised: the training images include the contaminants
             return (
-                f"threshold {threshold:.6g} (quantile {q:g} of every training image's score, contaminants included: "
-                "for a fraction c of contaminants, threshold_quantile = (1 - c) x 0.99 flags about 1% of normal images)"
+                f"threshold {threshold:.6g} (quantile {q:g} of every training image's score{drawn}, contaminants "
+                "included: for a fraction c of contaminants, threshold_quantile = (1 - c) x 0.99 flags about 1% of "
+                "normal images)"
             )
         return (
-            f"threshold {threshold:.6g} (quantile {q:g} of the training images' leave-one-out scores: about "
+            f"threshold {threshold:.6g} (quantile {q:g} of the training images' leave-one-out scores{drawn}: about "
             f"{100 * (1 - q):.3g}% of normal images are flagged)"
         )
 
@@ -842,6 +862,7 @@ class DN2Module(LightningModule):
         are checked again; those built into the backbone, the group pooling or the anomaly maps at construction are
         refused when changed (they would be recorded with the bank and the checkpoint, but not used)."""
         hp = self.hparams
+        hp.update(as_python(dict(hp)))  # an edit may bring NumPy numbers too
         for name, built in self._built_with.items():
             if hp.get(name) != built:
                 fix = (
@@ -991,7 +1012,7 @@ class DN2Module(LightningModule):
             self.maps.finalize(self.bank.sample_indices, keep_collecting)
         image_sizes = {size for part in gather_objects(collector.image_sizes) for size in part}
         self._record_bank_spec(collector.paths, sources, image_sizes)
-        builder.update_loo_scores(hp.k)
+        builder.update_loo_scores(hp.k, hp.threshold_samples)
         self._warn_if_no_threshold()
         report["bank/size"] = float(builder.size())
         self.bank_report = report
@@ -1087,6 +1108,11 @@ class DN2Module(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[THRESHOLD_KEY] = {"value": self.hparams.threshold, "k": self._threshold_k()}
+        # weights-only loading refuses NumPy scalars: one in any setting (the model's or hparams edited since, the
+        # datamodule's, the bank's record of its training data) would make the file unloadable
+        state = checkpoint.get("state_dict", {})
+        checkpoint.update(as_python({key: value for key, value in checkpoint.items() if key != "state_dict"}))
+        state.update({key: as_python(value) for key, value in state.items() if not isinstance(value, Tensor)})
         if self._sharded:
             # each rank holds a shard: the checkpoint gets the whole bank, so it loads on any number of devices.
             # It is assembled in host memory, one shard on the device at a time.
@@ -1355,4 +1381,5 @@ def _validate_hparams(hp: Mapping[str, Any]) -> None:
     check_int("group_clusters", hp["group_clusters"], 2, hint="about the number of member classes; default 10")
     check_positive_float("group_temperature", hp["group_temperature"], hint="default 0.3")
     check_threshold(hp["threshold_quantile"], hp["threshold"])
+    check_positive_int("threshold_samples", hp["threshold_samples"], allow_none=True, none_means="all of them")
     check_choice("bank_sharding", hp["bank_sharding"], BANK_SHARDINGS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from fractions import Fraction
 
 import torch
@@ -60,6 +61,30 @@ def leave_one_out_knn(bank: Tensor, k: int, backend: str = "auto", **knn_kwargs:
         raise ValueError(f"leave-one-out k={k} must satisfy 1 <= k <= bank size - 1 ({n - 1}).")
     knn = knn_distances(bank, bank, k + 1, backend, **knn_kwargs)
     return drop_self(knn, torch.arange(n, device=bank.device))
+
+
+#: the neighbour lists of one chunk of :func:`leave_one_out_scores` (about 34 bytes a neighbour, copies included)
+LEAVE_ONE_OUT_CHUNK_BYTES = 64 * 2**20
+
+
+def leave_one_out_scores(
+    rows: Tensor, ids: Tensor, k: int, search: Callable[[Tensor, int], KNNResult], chunked: bool = True
+) -> Tensor:
+    """DN2 scores ``[N]`` of bank rows over the *other* bank rows: each row's ``k + 1`` nearest (by ``search``, whose
+    neighbour ids are those of ``ids``) without itself, as :func:`leave_one_out_knn`.
+
+    By chunks of rows whose neighbour lists take about 64 MiB: the whole ``[N, k + 1]`` result at once would be
+    7 GB for 200k rows at ``k = 1000``. ``chunked=False`` searches all rows in one call (a collective search, which
+    every rank must call equally often).
+
+    >>> bank = torch.tensor([[0.0], [0.0], [3.0]])
+    >>> leave_one_out_scores(bank, torch.arange(3), 1, lambda q, k: knn_distances(q, bank, k))
+    tensor([0., 0., 9.])
+    """
+    step = max(1, LEAVE_ONE_OUT_CHUNK_BYTES // (34 * (k + 1))) if chunked else max(1, len(rows))
+    chunks = zip(rows.split(step), ids.split(step), strict=True)
+    scores = [knn_scores(drop_self(search(part, k + 1), own)) for part, own in chunks]
+    return torch.cat(scores) if scores else rows.new_empty(0)
 
 
 def drop_self(knn: KNNResult, own_ids: Tensor) -> KNNResult:

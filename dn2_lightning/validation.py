@@ -12,9 +12,13 @@ ValueError: contamination=1.5 must be in [0, 1).
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from numbers import Integral, Real
+from typing import Any
+
+import numpy as np
 
 
 def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
@@ -149,6 +153,28 @@ def check_threshold(quantile: object, value: object = None) -> None:
     finite = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     if value is not None and not finite:
         raise ValueError(f"threshold={value!r} must be None (use threshold_quantile) or a finite DN2 score.")
+
+
+def as_python(value: Any) -> Any:
+    """``value`` with every NumPy scalar (``np.int64(2)``, ``np.float64(0.5)``, ``np.bool_``) turned into the Python
+    number it holds, inside dicts, lists and tuples too; anything else (tensors included) is returned as it is.
+
+    Settings are stored this way: a weights-only checkpoint load refuses NumPy objects (a checkpoint holding one
+    could never be loaded again), and JSON cannot write them.
+
+    >>> as_python({"k": np.int64(2), "layers": [np.float32(0.5)]})
+    {'k': 2, 'layers': [0.5]}
+    """
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        converted = copy.copy(value)  # the same kind of dict (AttributeDict, OrderedDict, ...)
+        for key, item in value.items():
+            converted[key] = as_python(item)
+        return converted
+    if isinstance(value, list | tuple) and not hasattr(value, "_fields"):  # a namedtuple keeps its own type
+        return type(value)(as_python(item) for item in value)
+    return value
 
 
 def _hint(hint: str) -> str:

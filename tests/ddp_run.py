@@ -184,7 +184,9 @@ def datamodule(setting: str) -> LightningDataModule:
 def main(out: str, devices: int, setting: str, mode: str, sharding: str = "replicate") -> None:
     dm = datamodule(setting)
     clean = {"unsupervised": 0.2, "outliers_on_rank_zero": 0.5, "group_none_clean": 0.3}.get(setting, 0.0)
+    clean = 0.2 if setting == "unsupervised_drawn" else clean
     settings = dict(
+        threshold_samples=30 if setting.endswith("drawn") else 20_000,  # a draw of 30 of the 103 training images
         k=2,
         clean_fraction=clean,
         clean_k=3,
@@ -236,6 +238,7 @@ def main(out: str, devices: int, setting: str, mode: str, sharding: str = "repli
                 "bank_indices": model.bank.sample_indices,
                 "bank_rows": bank_rows,
                 "threshold": model.threshold,
+                "loo_scores": model.bank.loo_scores,
                 "train_paths": model.bank.spec.get("train_paths", []),
             },
             out,

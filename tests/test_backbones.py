@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
-from dn2_lightning.backbones import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor
+from dn2_lightning import DN2Module
+from dn2_lightning.backbones import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor, build_backbone
 
 
 def reference(images: torch.Tensor, size: int | None, mean, std) -> torch.Tensor:
@@ -50,3 +51,17 @@ def test_preprocess_names_the_expected_image_layout(shape):
     extractor = FeatureExtractor(nn.Identity(), image_size=32)
     with pytest.raises(ValueError, match=r"\[batch, channels, height, width\] with 1 or 3 channels"):
         extractor.preprocess(torch.zeros(shape, dtype=torch.uint8))
+
+
+def test_input_size_is_applied_or_refused_never_ignored():
+    trunk = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten())
+    extractor = FeatureExtractor(trunk, image_size=64)
+    assert build_backbone(extractor, image_size=64) is extractor and build_backbone(extractor) is extractor
+    # before, a FeatureExtractor kept its own size and input_size=128 was recorded but never applied
+    fix = r"FeatureExtractor\(\.\.\., image_size=128\)"
+    with pytest.raises(ValueError, match=r"input_size=128 would be ignored.*" + fix):
+        DN2Module(backbone=extractor, input_size=128)
+    with pytest.raises(ValueError, match=r"image_size=100.5 must be None .* or an integer >= 8"):
+        build_backbone(trunk, image_size=100.5)  # before: accepted, then failed inside F.interpolate
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    assert build_backbone(trunk, image_size=48).preprocess(images).shape == (2, 3, 48, 48)

@@ -51,3 +51,21 @@ def test_pixel_metrics_bench_quantile_binning_matches_exact_in_every_row():
     for row in rows:
         auroc_exact, auroc_binned, _, pro_exact, pro_binned = (float(cell) for cell in row[2:])
         assert abs(auroc_binned - auroc_exact) <= 2e-4 and abs(pro_binned - pro_exact) <= 2e-4, row
+
+
+def test_memory_bench_reports_every_stage_of_a_small_bank():
+    command = [sys.executable, "benchmarks/memory_bench.py", "--rows", "400", "--clean_rows", "120", "--queries", "40"]
+    done = subprocess.run(
+        [*command, "--dim", "32", "--every_threshold_image"], cwd=ROOT, check=True, capture_output=True, timeout=300
+    )
+    rows = [line.split("|")[1].strip() for line in done.stdout.decode().splitlines() if line.startswith("| ")][1:]
+    assert rows == [
+        "fit",
+        "fit, threshold_samples=None",
+        "save checkpoint",
+        "load_from_checkpoint",
+        "first test (40 images)",
+        "fit, clean_fraction=0.5",
+        "DN2Detector.fit",
+        "DN2Detector.decision_function x 3 (40 rows)",
+    ]

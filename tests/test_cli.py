@@ -73,6 +73,20 @@ def test_print_config_reruns_the_same_experiment(tmp_path, capsys):
     assert "test/auroc" in cli.trainer.callback_metrics
 
 
+def test_print_config_keeps_trainer_options_that_help_lists_by_name_only(capsys):
+    # --help lists most Trainer options by name only; hiding them with argparse.SUPPRESS also dropped them from
+    # --print_config and the saved config.yaml, so a rerun lost e.g. max_epochs, max_steps, overfit_batches
+    args = ["--trainer.max_epochs=3", "--trainer.log_every_n_steps=7", "--trainer.overfit_batches=2"]
+    with pytest.raises(SystemExit):
+        build_cli(["fit", "--config", "configs/digits.yaml", *args, "--print_config"])
+    trainer = yaml.safe_load(capsys.readouterr().out)["trainer"]
+    assert (trainer["max_epochs"], trainer["log_every_n_steps"], trainer["overfit_batches"]) == (3, 7, 2)
+    with pytest.raises(SystemExit):
+        build_cli(["fit", "--help"])
+    text = capsys.readouterr().out
+    assert "--trainer.max_epochs" not in text and "max_epochs" in text  # named in the group's description only
+
+
 def test_print_config_beside_ckpt_path_carries_the_checkpoints_threshold(tmp_path, capsys):
     common = ["--config", "configs/digits.yaml", f"--trainer.default_root_dir={tmp_path}", *FAST]
     fit = build_cli(["fit", *common, "--model.reports=false"])

@@ -31,6 +31,18 @@ def run(tmp_path: Path, devices: int, setting: str, mode: str, sharding: str = "
     return torch.load(out, weights_only=True)
 
 
+@pytest.mark.parametrize("setting, sharding", [("drawn", "replicate"), ("unsupervised_drawn", "shard")])
+def test_ddp_threshold_draws_the_single_device_training_images(tmp_path, setting, sharding):
+    # threshold_samples=30 of 103: every rank must draw the same images as one device does, whichever rank holds
+    # them (the draw is made from every rank's ids), with the images cleaning removed drawn from the same set
+    single = run(tmp_path, 1, setting, "fit")
+    ddp = run(tmp_path, 2, setting, "fit", sharding)
+    assert len(single["loo_scores"]) == 30
+    torch.testing.assert_close(ddp["loo_scores"], single["loo_scores"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ddp["threshold"], single["threshold"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ddp["scores"], single["scores"], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "setting, mode, sharding",
     [

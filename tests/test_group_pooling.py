@@ -85,6 +85,26 @@ def test_kmeans_recovers_well_separated_blob_centres():
     assert distances.min(1).values.max() < 0.3  # at each blob's centre (its mean of 50 noisy points)
 
 
+def test_kmeans_plus_plus_seeds_a_centroid_in_every_small_far_blob():
+    """One blob of 1000 points and four of 5 points each, 1e4 away: k-means++ draws each next seed with weight
+    D^2, so the small far blobs get their own centroids whatever the seed. Guards the D^2 weighting: seeds drawn
+    by weight alone almost all land in the large blob, and Lloyd steps cannot move them out (most seeds failed)."""
+    g = torch.Generator().manual_seed(0)
+    means = torch.cat([torch.zeros(1, 4), 1e4 * torch.eye(4)]).double()
+    labels = torch.arange(5).repeat_interleave(torch.tensor([1000, 5, 5, 5, 5]))
+    points = (means[labels] + torch.randn(len(labels), 4, generator=g, dtype=torch.float64)).float()
+    x, blob = points.double().numpy(), labels.numpy()
+    for seed in range(10):
+        centroids, _ = fit_kmeans(points, 5, seed=seed)
+        c = centroids.double().numpy()
+        owner = ((x[:, None, :] - c[None]) ** 2).sum(-1).argmin(1)  # numpy brute force
+        # each blob has a centroid of its own, at the mean of the blob's points
+        assert len({owner[blob == b][0] for b in range(5)}) == 5, seed
+        for b in range(5):
+            assert (owner[blob == b] == owner[blob == b][0]).all(), seed
+            np.testing.assert_allclose(c[owner[blob == b][0]], x[blob == b].mean(0), atol=1e-2)
+
+
 def test_kmeans_needs_as_many_distinct_points_as_clusters():
     with pytest.raises(ValueError, match="group_clusters=5 exceeds the 3 member embeddings"):
         fit_kmeans(torch.randn(3, 2), 5)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy.spatial.distance import cdist
 
 from dn2_lightning.detector import DN2Detector
 from dn2_lightning.knn import (
@@ -35,6 +37,13 @@ def assert_exact(result, queries, bank, k, rtol=1e-5):
     own = ((queries.double()[:, None, :] - bank.double()[result.indices]) ** 2).sum(-1)
     assert ((own - ref.values).abs() / scale).max() < rtol
     assert (result.values[:, 1:] >= result.values[:, :-1]).all()
+
+
+def numpy_knn(queries, bank, k):
+    """Independent reference: scipy's float64 squared distances (by differences), stable argsort; (values, indices)."""
+    d = cdist(queries.double().numpy(), bank.double().numpy(), "sqeuclidean")
+    indices = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(d, indices, 1), indices
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -78,6 +87,26 @@ def test_torch_memory_budget_forces_many_blocks():
     big = knn_distances(queries, bank, 4, "torch")
     assert torch.equal(small.indices, big.indices)
     assert_exact(small, queries, bank, 4)
+
+
+def test_candidates_of_several_bank_blocks_are_merged_with_their_own_rows(monkeypatch):
+    """At max_memory_bytes=2**16 a GEMM block holds 8192 bank rows, so 20,000 rows take three blocks whose
+    candidates are merged. Guards the merge: each block's columns offset by its start and concatenated in the
+    same order as its values (a swapped order returned wrong rows; an offset one too far left 187 of 200
+    queries uncertified and searched again)."""
+    from dn2_lightning.knn import _block_sizes
+
+    g = torch.Generator().manual_seed(30)
+    bank, queries = torch.randn(20000, 16, generator=g), torch.randn(200, 16, generator=g)
+    k = 3
+    _, bank_rows = _block_sizes(200, 20000, 16, 2 * k + 8, 2**16, torch.device("cpu"))
+    assert bank_rows * 2 < len(bank)  # at least three blocks
+    seen = _count_pairs(monkeypatch)
+    result = knn_distances(queries, bank, k, "torch", max_memory_bytes=2**16)
+    values, indices = numpy_knn(queries, bank, k)
+    np.testing.assert_array_equal(result.indices.numpy(), indices)
+    np.testing.assert_allclose(result.values.double().numpy(), values, rtol=1e-6)
+    assert seen["rescans"] == 0  # the merged candidates certify every query
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -326,6 +355,26 @@ def test_near_ties_inside_the_bound_are_ordered_exactly(monkeypatch):
     assert_exact(result, queries, bank, 4, rtol=3e-7)  # float32 differences and output: <= 3 roundings
 
 
+def test_near_ties_closer_than_float32_differences_resolve_are_reordered_from_float64():
+    """200 bank rows at distance ~1 from the query, in random directions: their distances differ by less than
+    the float32 differences' rounding, so float32 alone returns the wrong 10 nearest in the wrong order. Guards
+    _exact_topk's near-tie test (recompute from float64 differences when neighbours lie within the rounding of
+    each other), which a test for exact ties only skips."""
+    g = torch.Generator().manual_seed(0)
+    query = 0.3 * torch.rand(1, 64, generator=g, dtype=torch.float64)
+    directions = torch.nn.functional.normalize(torch.randn(200, 64, generator=g, dtype=torch.float64), dim=1)
+    bank = torch.cat([query + directions, query + 3 * directions[:100]]).float()
+    query = query.float()
+    k = 10
+    values, indices = numpy_knn(query, bank, k + 1)
+    assert (np.diff(values[0]) < 4 * 2.0**-24 * values[0, 1:]).any()  # within float32 differences' rounding
+    result = knn_distances(query, bank, k, "torch")
+    assert result.indices.tolist() == indices[:, :k].tolist()
+    own = cdist(query.double().numpy(), bank.double().numpy()[result.indices[0].numpy()], "sqeuclidean")[0]
+    assert (np.diff(own) > 0).all()  # ascending in float64
+    np.testing.assert_allclose(result.values.double().numpy(), values[:, :k], rtol=1e-7)
+
+
 def test_uncertified_queries_are_searched_again_over_every_row_the_bound_cannot_exclude(monkeypatch):
     """More near-equidistant rows than candidates: the last candidate cannot prove the rest of the bank out,
     so the query is searched again over every row the bound cannot exclude."""
@@ -339,6 +388,25 @@ def test_uncertified_queries_are_searched_again_over_every_row_the_bound_cannot_
     assert seen["rescans"] >= 1
     assert torch.equal(result.indices, brute_force_knn(queries, bank, 2).indices)
     assert_exact(result, queries, bank, 2, rtol=3e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_small_embeddings_are_certified_in_the_banks_scaled_frame(monkeypatch, dtype):
+    """The same shell scaled by 1e-3: prepare_bank scales the bank up by 32, so distances in its frame are
+    32**2 times the true ones. Guards the k-th exact distance's conversion into that frame (by scale**2): by
+    scale alone it came out 32 times too small, and wrong neighbours were certified without a re-search."""
+    g = torch.Generator().manual_seed(9)
+    shell = torch.nn.functional.normalize(torch.randn(100, 32, generator=g, dtype=torch.float64), dim=1)
+    shell = shell * (1 + 1e-7 * torch.rand(100, 1, generator=g, dtype=torch.float64))
+    bank = (1e-3 * torch.cat([shell, 5 + torch.randn(400, 32, generator=g, dtype=torch.float64)])).float().to(dtype)
+    queries = torch.zeros(1, 32, dtype=dtype)
+    assert prepare_bank(bank).scale > 1
+    seen = _count_pairs(monkeypatch)
+    result = knn_distances(queries, bank, 2, "torch")
+    values, indices = numpy_knn(queries, bank, 2)
+    np.testing.assert_array_equal(result.indices.numpy(), indices)
+    np.testing.assert_allclose(result.values.double().numpy(), values, rtol=1e-12 if dtype == torch.float64 else 1e-7)
+    assert seen["rescans"] == 1  # the near-equidistant shell leaves the query to the re-search
 
 
 @pytest.mark.skipif(not KEOPS_OK, reason="KeOps does not compile on this machine")

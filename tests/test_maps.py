@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from helpers import dn2_messages, quiet_trainer
 from PIL import Image
 from scipy.ndimage import gaussian_filter
+from scipy.spatial.distance import cdist
 from torch import nn
 
 from dn2_lightning import DN2Module, OneClassDataModule, build_backbone
@@ -43,7 +44,7 @@ def brute_force_patch_scores(queries: torch.Tensor, bank: torch.Tensor, kappa: i
 
 
 @pytest.mark.parametrize("kappa", [1, 3])
-@pytest.mark.parametrize("budget", [2**16, None])  # 64 KiB forces one neighbour image per chunk
+@pytest.mark.parametrize("budget", [2**16, None])  # at these shapes both fit all four images in one chunk
 def test_nearest_image_patch_scores_are_exact(kappa, budget):
     g = torch.Generator().manual_seed(kappa)
     train = torch.randn(9, 20, 6, generator=g) * 3 + 10  # offset: exactness must not depend on centring
@@ -56,6 +57,30 @@ def test_nearest_image_patch_scores_are_exact(kappa, budget):
         torch.testing.assert_close(scores[i].double(), expected, rtol=1e-5, atol=1e-5)
     if kappa == 1:
         assert scores[1, 2] == 0
+
+
+def test_nearest_image_patch_scores_merge_every_chunk_of_neighbour_images(monkeypatch):
+    """64 positions x 64 channels: at 64 KiB a chunk holds one neighbour image, so each test image is searched in
+    four chunks whose top-kappa lists are merged. Guards the chunk loop: stopping one chunk early dropped the
+    last neighbour image's patches (scores up to 20 too high)."""
+    import dn2_lightning.maps.spade as spade
+
+    g = torch.Generator().manual_seed(1)
+    train, queries = torch.randn(9, 64, 64, generator=g), torch.randn(3, 64, 64, generator=g)
+    neighbours = torch.tensor([[0, 4, 8, 2], [4, 1, 3, 5], [8, 7, 6, 0]])
+    searched, search = [], spade.knn_distances
+
+    def spy(queries, bank, *args, **kwargs):
+        searched.append(len(bank))
+        return search(queries, bank, *args, **kwargs)
+
+    monkeypatch.setattr(spade, "knn_distances", spy)
+    scores = nearest_image_patch_scores(queries, train, neighbours, 1, max_memory_bytes=2**16)
+    assert max(searched) < 4 * 64  # fewer images per chunk than neighbours
+    for i in range(3):
+        bank = train[neighbours[i]].reshape(-1, 64).double().numpy()
+        expected = cdist(queries[i].double().numpy(), bank, "sqeuclidean").min(1)
+        np.testing.assert_allclose(scores[i].double().numpy(), expected, rtol=1e-6)
 
 
 def test_all_patch_scores_are_exact_and_equal_nearest_images_with_every_image():
@@ -73,10 +98,21 @@ def test_kappa_larger_than_the_neighbour_positions_is_refused():
         nearest_image_patch_scores(torch.zeros(1, 4, 2), torch.zeros(3, 4, 2), torch.tensor([[0, 1]]), kappa=9)
 
 
+def test_map_settings_of_the_wrong_kind_and_maps_from_a_model_without_them_are_refused():
+    with pytest.raises(ValueError, match=r"map_sigma=True must be a finite number >= 0"):
+        DN2Module(backbone=nn.Flatten(), anomaly_maps=True, map_sigma=True)
+    model = DN2Module(backbone=nn.Flatten())  # anomaly_maps=False: before, an AttributeError on None
+    with pytest.raises(ValueError, match=r"score_with_maps needs a model built with anomaly_maps=True"):
+        model.score_with_maps(None)
+
+
 # ---------------------------------------------------------------------------------- upsample and blur
 
 
-@pytest.mark.parametrize(("shape", "sigma"), [((2, 30, 41), 4.0), ((1, 5, 7), 4.0), ((1, 12, 12), 1.5)])
+@pytest.mark.parametrize(
+    ("shape", "sigma"),
+    [((2, 30, 41), 4.0), ((1, 5, 7), 4.0), ((1, 12, 12), 1.5), ((1, 12, 12), 0.7)],  # 0.7: radius 2.8 rounds to 3
+)
 def test_gaussian_blur_matches_scipy_reflect(shape, sigma):
     maps = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
     expected = np.stack([gaussian_filter(m, sigma, mode="reflect", truncate=4.0) for m in maps.double().numpy()])

@@ -183,6 +183,18 @@ def test_threshold_uses_train_data_only():
     assert ra != rb and torch.equal(ma.threshold, mb.threshold) and torch.isfinite(ma.threshold)
 
 
+def test_a_score_equal_to_the_threshold_is_not_an_anomaly():
+    """is_anomaly is score > threshold, strictly: the median of five scores is one of them and stays normal.
+    Guards the comparison (>= flagged 3 of 5 scores above their own median)."""
+    scores = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    threshold = float(np.quantile(scores.numpy(), 0.5))
+    assert threshold in scores.tolist()
+    zeros = torch.zeros(5, dtype=torch.long)
+    result = AnomalyScores(torch.arange(5), scores, zeros, zeros[:, None], torch.zeros(5, 1), threshold=threshold)
+    assert torch.equal(result.is_anomaly, scores > threshold)
+    assert result.is_anomaly.tolist() == [False, False, False, True, True]
+
+
 def test_summary_records_how_the_threshold_was_set(tmp_path):
     dm = BlobDataModule()
     model = DN2Module(k=2, backbone=linear_backbone(), threshold=0.25)

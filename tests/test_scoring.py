@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -9,7 +10,15 @@ from hypothesis import strategies as st
 
 from dn2_lightning.detector import DN2Detector
 from dn2_lightning.knn import brute_force_knn
-from dn2_lightning.scoring import cleaning_mask, knn_scores, leave_one_out_knn, pool_groups, to_unit_interval
+from dn2_lightning.scoring import (
+    cleaning_mask,
+    knn_scores,
+    leave_one_out_knn,
+    normalized_scores,
+    pool_groups,
+    quantile_threshold,
+    to_unit_interval,
+)
 
 
 def contaminated_bank(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -73,6 +82,28 @@ def test_the_removed_count_is_exact_where_floats_are_not():
         assert int((~cleaning_mask(bank, fraction, 1)).sum()) == removed, (fraction, rows)
 
 
+def numpy_cleaning_mask(bank: torch.Tensor, fraction: float, k: int) -> np.ndarray:
+    """Reference: mean squared distance to the k nearest other rows (float64), the largest fraction * n rounded
+    half up removed, ties by row order."""
+    x = bank.double().numpy()
+    d = ((x[:, None] - x[None]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    scores = np.sort(d, 1)[:, :k].mean(1)
+    removed = int(np.floor(fraction * len(x) + 0.5))
+    keep = np.zeros(len(x), dtype=bool)
+    keep[np.argsort(scores, kind="stable")[: len(x) - removed]] = True
+    return keep
+
+
+def test_cleaning_with_k_beyond_the_bank_averages_over_every_other_row():
+    """clean_k larger than the bank means every other row (n - 1 of them). Guards the cap: at n - 2 the score
+    drops each row's farthest neighbour and another pair of rows is removed."""
+    bank = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    expected = numpy_cleaning_mask(bank, 0.25, 7)
+    assert not np.array_equal(expected, numpy_cleaning_mask(bank, 0.25, 6))  # the data tells n - 1 from n - 2
+    np.testing.assert_array_equal(cleaning_mask(bank, 0.25, k=200).numpy(), expected)
+
+
 def test_knn_scores_are_the_mean_of_k_squared_distances():
     g = torch.Generator().manual_seed(1)
     bank, queries = torch.randn(50, 3, generator=g), torch.randn(7, 3, generator=g)
@@ -80,6 +111,29 @@ def test_knn_scores_are_the_mean_of_k_squared_distances():
     torch.testing.assert_close(
         knn_scores(ref), ((queries[:, None].double() - bank.double()) ** 2).sum(-1).sort(1).values[:, :3].mean(1)
     )
+
+
+def test_threshold_is_the_linearly_interpolated_quantile_of_the_leave_one_out_scores():
+    """50 rows: (50 - 1) * 0.9 = 44.1 falls between two scores, where interpolation methods disagree (at 101 rows
+    and 0.9 they all agree). Guards numpy's default, linear interpolation."""
+    train = np.random.default_rng(0).normal(size=(50, 4))
+    d = ((train[:, None] - train[None]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    loo = np.sort(d, 1)[:, :2].mean(1)
+    expected = np.quantile(loo, 0.9)
+    assert np.quantile(loo, 0.9, method="lower") < expected * (1 - 1e-4)  # the methods differ here
+    assert quantile_threshold(torch.from_numpy(loo), 0.9) == pytest.approx(expected, rel=1e-12)
+    assert DN2Detector(k=2, threshold_quantile=0.9).fit(train).threshold_ == pytest.approx(expected, rel=1e-9)
+
+
+def test_normalized_scores_count_only_the_leave_one_out_scores_strictly_below():
+    """A score equal to a leave-one-out score does not count it. Guards the strict comparison (searchsorted's
+    left side): counting ties gave [0.5, 0.75]."""
+    loo, scores = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([2.0, 3.0])
+    expected = (loo.numpy()[None] < scores.numpy()[:, None]).mean(1)
+    assert expected.tolist() == [0.25, 0.5]
+    assert normalized_scores(loo, scores).tolist() == expected.tolist()
+    assert normalized_scores(loo.double(), scores.double()).tolist() == expected.tolist()
 
 
 def test_pool_groups_is_orderless_and_respects_the_mask():

@@ -237,6 +237,11 @@ def test_point_wise_group_scores_are_thresholded_on_per_group_leave_one_out_scor
     group_loo = np.array([member_loo[group_of == g].max() for g in range(60)])
     np.testing.assert_allclose(model.bank.loo_scores.numpy(), np.sort(group_loo), rtol=1e-5)
     assert float(model.threshold) == pytest.approx(np.quantile(group_loo, 0.9), rel=1e-5)
+    # threshold_samples draws whole groups: each drawn group's worst member, exactly as above
+    model.hparams.threshold_samples = 25
+    assert float(model.threshold) > 0 and len(model.bank.loo_scores) == 25
+    drawn = model._bank_builder.threshold_draw(25, members=4).numpy()
+    np.testing.assert_allclose(model.bank.loo_scores.numpy(), np.sort(group_loo[drawn]), rtol=1e-5)
 
 
 class GroupsSharingImages(torch.utils.data.Dataset):
@@ -962,3 +967,22 @@ def test_float_images_are_resized_in_eight_bits_as_files_are(tmp_path):
     by_path = model.score_images(tests).scores
     torch.testing.assert_close(model.score_images(uint8).scores, by_path, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(model.score_images(uint8.float() / 255).scores, by_path, rtol=1e-5, atol=1e-7)
+
+
+def test_numpy_numbers_in_settings_give_a_checkpoint_that_loads(tmp_path):
+    # a grid search hands NumPy numbers: before, fit and save worked but every load of the file failed
+    # (weights-only loading refuses NumPy scalars, found in the hyperparameters, the threshold's k and the bank's
+    # record of its training data)
+    settings = dict(k=np.int64(2), threshold_quantile=np.float64(0.95), clean_fraction=np.float64(0.2))
+    model = DN2Module(backbone=linear_backbone(in_features=192), clean_k=np.int64(5), **settings)
+    assert type(model.hparams.k) is int and type(model.hparams.clean_fraction) is float
+    dm = OneClassDataModule("digits", normal_class=0, contamination=np.float64(0.05), load_size=8, batch_size=64)
+    trainer = quiet_trainer()
+    trainer.fit(model, datamodule=dm)
+    model.hparams.k = np.int64(3)  # an edit after construction, saved with the checkpoint
+    trainer.save_checkpoint(tmp_path / "numpy.ckpt")
+    loaded = DN2Module.load_from_checkpoint(tmp_path / "numpy.ckpt", backbone=linear_backbone(in_features=192))
+    assert loaded.hparams.k == 3 and loaded.hparams.threshold_quantile == 0.95
+    assert torch.equal(loaded.bank.embeddings, model.bank.embeddings)
+    test = quiet_trainer().test(loaded, datamodule=dm, verbose=False)[0]["test/auroc"]
+    assert test == pytest.approx(quiet_trainer().test(model, datamodule=dm, verbose=False)[0]["test/auroc"], abs=1e-7)

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from dn2_lightning.data.datasets import PIXEL_FORMAT, to_chw_uint8
 from dn2_lightning.data.sources import LabeledImages, list_datasets, load_split
 from dn2_lightning.validation import (
+    as_python,
     check_choice,
     check_fraction,
     check_int,
@@ -189,6 +190,7 @@ class GroupDataModule(LightningDataModule):
         check_int("num_workers", num_workers, minimum=0)
         check_load_size(load_size)
         self.save_hyperparameters()
+        self.hparams.update(as_python(dict(self.hparams)))  # NumPy numbers as Python ones, for checkpoints
         self.hparams.pixel_format = dict(PIXEL_FORMAT)  # what the images are, for the model to record
         self.train_dataset: GroupDataset | None = None
         self.test_dataset: GroupDataset | None = None

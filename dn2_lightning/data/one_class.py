@@ -28,6 +28,7 @@ from dn2_lightning.data.masks import with_mvtec_masks
 from dn2_lightning.data.sources import known_classes, list_datasets, load_split
 from dn2_lightning.data.synthetic import ensure_synthetic_defects
 from dn2_lightning.validation import (
+    as_python,
     check_choice,
     check_contamination,
     check_int,
@@ -105,6 +106,7 @@ class OneClassDataModule(LightningDataModule):
                     "contaminants are drawn from the other classes of a classification dataset."
                 )
         self.save_hyperparameters()
+        self.hparams.update(as_python(dict(self.hparams)))  # NumPy numbers as Python ones, for checkpoints
         if dataset in (FOLDER, SYNTHETIC) and load_size is None:
             self.hparams.load_size = DEFAULT_FOLDER_LOAD_SIZE  # the size used, for the model to record
         self.hparams.pixel_format = dict(PIXEL_FORMAT)

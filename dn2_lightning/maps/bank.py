@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dn2_lightning.knn import PreparedBank, ensure_fits
+from dn2_lightning.bank import as_buffer
+from dn2_lightning.knn import PreparedBank, ensure_fits, float64_mean, squared_norms
 
 
 class PatchBank(nn.Module):
@@ -56,9 +57,9 @@ class PatchBank(nn.Module):
         n, c, h, w = patches.shape
         order = torch.argsort(sample_indices)
         with torch.inference_mode(False), torch.no_grad():
-            rows = patches[order].to(torch.float32).permute(0, 2, 3, 1).reshape(n, h * w, c)
-            center = rows.mean((0, 1), dtype=torch.float64).to(torch.float32)
-            self.patches = (rows - center).contiguous()
+            rows = patches[order].to(torch.float32).permute(0, 2, 3, 1).reshape(n, h * w, c).contiguous()  # a copy
+            center = float64_mean(rows.view(-1, c)).to(torch.float32)
+            self.patches = rows.sub_(center)  # centred in place: the patch bank is held once
             self.center = center
             self.sample_indices = sample_indices[order].detach().long().clone()
             self.grid_size = torch.tensor([h, w], dtype=torch.long, device=patches.device)
@@ -81,18 +82,19 @@ class PatchBank(nn.Module):
         key = (p.data_ptr(), p.device, tuple(p.shape), p._version)
         if self._prepared is None or self._prepared[0] != key:
             rows = p.view(-1, p.shape[-1])
-            norms = (rows * rows).sum(1)
+            norms = squared_norms(rows)
             center = torch.zeros(p.shape[-1], device=p.device)
             bank = PreparedBank(center, rows, norms, rows, float(norms.max().sqrt()), source=rows)
             self._prepared = (key, bank)
         return self._prepared[1]
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        # resize before nn.Module copies in place, so any saved bank size loads strictly
+        # take the saved tensors themselves (any size loads strictly; nn.Module's copy is then a no-op)
         for name in ("patches", "center", "sample_indices", "grid_size"):
             saved = state_dict.get(prefix + name)
-            if saved is not None:
-                setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
+            if isinstance(saved, Tensor):
+                current = getattr(self, name)
+                setattr(self, name, as_buffer(saved, current.dtype, current.device, copy=False))
         self._prepared = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

@@ -33,7 +33,7 @@ def validate_map_options(patch_bank: str, num_images: int, kappa: int, sigma: fl
         raise ValueError(f"map_images={num_images!r} must be an integer >= 1 (SPADE uses 50).")
     if isinstance(kappa, bool) or not isinstance(kappa, int) or kappa < 1:
         raise ValueError(f"map_kappa={kappa!r} must be an integer >= 1 (SPADE uses 1).")
-    if not isinstance(sigma, int | float) or not 0 <= sigma < float("inf"):
+    if isinstance(sigma, bool) or not isinstance(sigma, int | float) or not 0 <= sigma < float("inf"):
         raise ValueError(f"map_sigma={sigma!r} must be a finite number >= 0 (SPADE uses 4; 0 = no smoothing).")
 
 
