@@ -238,10 +238,11 @@ def test_point_wise_group_scores_are_thresholded_on_per_group_leave_one_out_scor
     np.testing.assert_allclose(model.bank.loo_scores.numpy(), np.sort(group_loo), rtol=1e-5)
     assert float(model.threshold) == pytest.approx(np.quantile(group_loo, 0.9), rel=1e-5)
     # threshold_samples draws whole groups: each drawn group's worst member, exactly as above
-    model.hparams.threshold_samples = 25
-    assert float(model.threshold) > 0 and len(model.bank.loo_scores) == 25
-    drawn = model._bank_builder.threshold_draw(25, members=4).numpy()
-    np.testing.assert_allclose(model.bank.loo_scores.numpy(), np.sort(group_loo[drawn]), rtol=1e-5)
+    drawn_model = DN2Module(k=2, backbone=linear_backbone(), group_pooling="none", threshold_samples=25)
+    quiet_trainer().fit(drawn_model, train_dataloaders=DataLoader(train, batch_size=8))
+    assert len(drawn_model.bank.loo_scores) == 25 and bool(drawn_model.bank.loo_drawn)
+    drawn = drawn_model._bank_builder.threshold_draw(25, members=4).numpy()
+    np.testing.assert_allclose(drawn_model.bank.loo_scores.numpy(), np.sort(group_loo[drawn]), rtol=1e-5)
 
 
 class GroupsSharingImages(torch.utils.data.Dataset):
