@@ -333,3 +333,19 @@ def test_every_report_folder_keeps_its_runs_config_and_rerunning_it_gives_the_sa
     after = read_report(rerun_dir / "dn2_reports" / "test_0" / "scores.csv")
     assert [row["score"] for row in after] == [row["score"] for row in before] and len(before) > 300
     assert "config" in json.loads((rerun_dir / "dn2_reports" / "test_0" / "summary.json").read_text())["files"]
+
+
+def test_ckpt_path_restores_threshold_samples_and_keeps_the_default_k(tmp_path):
+    # --ckpt_path dropped the checkpoint's threshold_samples (another draw of threshold images), or overrode the
+    # run's k (left at its default) with the checkpoint's, against the docstring's "the user's scoring settings"
+    config = Path(__file__).parents[1].joinpath("configs", "digits.yaml").read_text().splitlines()
+    (tmp_path / "digits.yaml").write_text("\n".join(line for line in config if not line.strip().startswith("k:")))
+    common = ["--config", str(tmp_path / "digits.yaml"), f"--trainer.default_root_dir={tmp_path}", *FAST]
+    common += ["--model.reports=false"]
+    fit = build_cli(["fit", *common, "--model.k=5", "--model.threshold_samples=40"])
+    ckpt = fit.trainer.checkpoint_callback.best_model_path
+    predict = build_cli(["predict", *common, f"--ckpt_path={ckpt}"])
+    assert predict.model.hparams.threshold_samples == 40  # restored from the checkpoint
+    assert predict.model.hparams.k == 2  # the run's (default) scoring k, not the checkpoint's 5
+    expected = DN2Module.load_from_checkpoint(ckpt, k=2).threshold
+    assert float(predict.model.threshold) == pytest.approx(float(expected), rel=1e-6)

@@ -615,3 +615,40 @@ def test_a_pil_jpeg_opened_from_a_file_is_decoded_as_its_file(tmp_path):
     assert opened.size == (512, 512)  # the caller's image is left as it was
     ((decoded, _),) = as_image_batches(Image.open(path).convert("RGB"), load_size=64)  # already decoded
     assert decoded.shape == from_file.shape and not torch.equal(decoded, from_file)
+
+
+def test_a_contaminated_bank_is_refused_for_another_contamination_seed():
+    # the seed drawing the contaminants was not part of the training set's identity: a seed=0 bank scored seed=1 data
+    from helpers import linear_backbone, quiet_trainer
+
+    from dn2_lightning import DN2Module
+
+    def digits(**kwargs) -> OneClassDataModule:
+        return OneClassDataModule(dataset="digits", batch_size=64, **kwargs)
+
+    seed0, seed1 = digits(contamination=0.1, seed=0), digits(contamination=0.1, seed=1)
+    seed0.setup(), seed1.setup()
+    assert set(seed0.train_source_indices.tolist()) != set(seed1.train_source_indices.tolist())
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    quiet_trainer().test(model, datamodule=seed0)
+    with pytest.raises(ValueError, match=r"seed=0 \(bank\) vs seed=1 \(datamodule\)"):
+        quiet_trainer().test(model, datamodule=seed1)
+    clean = DN2Module(k=2, backbone=linear_backbone(), reports=False)  # no contaminants: the seed draws nothing
+    quiet_trainer().test(clean, datamodule=digits(seed=0))
+    quiet_trainer().test(clean, datamodule=digits(seed=1))
+
+
+def test_a_group_bank_is_refused_for_other_held_out_classes():
+    # held_out_classes was not part of a group bank's identity: groups of classes 0-8 were scored as if of 0-7, 9
+    from helpers import linear_backbone, quiet_trainer
+
+    from dn2_lightning import DN2Module
+
+    def groups(held_out: list[int]) -> GroupDataModule:
+        options = dict(dataset="digits", group_size=4, n_train_groups=12, n_test_groups=12, anomaly="easy", seed=0)
+        return GroupDataModule(held_out_classes=held_out, **options)
+
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    quiet_trainer().test(model, datamodule=groups([9]))
+    with pytest.raises(ValueError, match=r"held_out_classes=\[9\] \(bank\) vs held_out_classes=\[8\] \(datamodule\)"):
+        quiet_trainer().test(model, datamodule=groups([8]))

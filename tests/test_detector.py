@@ -161,3 +161,12 @@ def test_a_scikit_learn_estimator_clone_set_params_pipeline_and_pickle():
     assert repr(DN2Detector(clean_fraction=0.1, knn_backend="torch")) == (
         "DN2Detector(clean_fraction=0.1, knn_backend='torch')"
     )
+
+
+def test_a_training_score_equal_to_the_threshold_is_not_labelled_an_anomaly():
+    # guards labels_ = scores >= threshold_ (101 scores, q = 0.99: the threshold is the 100th score itself)
+    train = np.random.default_rng(0).normal(size=(101, 4))
+    detector = DN2Detector(k=2, threshold_quantile=0.99).fit(train)
+    scores = detector.decision_scores_.double().numpy()
+    assert np.isin(detector.threshold_, scores)
+    assert int(detector.labels_.sum()) == int((scores > detector.threshold_).sum()) == 1

@@ -374,3 +374,32 @@ def test_a_bank_loaded_by_load_state_dict_is_checked_against_the_model_settings(
     torch.testing.assert_close(
         same.score_images(dm.test_images[:3]).scores, cleaned.score_images(dm.test_images[:3]).scores
     )
+
+
+def test_threshold_samples_with_cleaning_draws_from_every_training_image_removed_ones_included():
+    # guards the draw built from the kept rows only (removed images never scored for the threshold)
+    dm = BlobDataModule(n_train=101)
+    model = DN2Module(
+        k=2, backbone=linear_backbone(), clean_fraction=0.3, clean_k=5, threshold_samples=40, reports=False
+    )
+    quiet_trainer().fit(model, datamodule=dm)
+    draw = torch.randperm(101, generator=torch.Generator().manual_seed(0))[:40].sort().values.numpy()
+    removed = model.bank.removed_indices.numpy()
+    assert len(removed) > 0 and np.isin(draw, removed).any()  # the draw reaches images cleaning removed
+    reference = threshold_reference(model, dm, 2)
+    np.testing.assert_allclose(model.bank.loo_scores.numpy(), np.sort(reference[draw]), rtol=1e-5)
+
+
+def test_predict_normalized_is_the_share_of_leave_one_out_scores_below_each_score():
+    # guards predict_step normalizing something other than the score (e.g. the nearest distance alone)
+    dm = BlobDataModule()
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    quiet_trainer().fit(model, datamodule=dm)
+    out = quiet_trainer().predict(model, datamodule=dm)
+    scores = torch.cat([o["score"] for o in out]).double().numpy()
+    normalized = torch.cat([o["normalized"] for o in out]).double().numpy()
+    loo = model.bank.loo_scores.double().numpy()
+    expected = (loo[None, :] < scores[:, None]).mean(1)
+    assert 0 < expected.min() < expected.max() < 1  # scores spread among the training scores: a real comparison
+    np.testing.assert_allclose(normalized, expected, atol=1e-6)
+    np.testing.assert_allclose(model.predict_scores.normalized.double().numpy(), normalized, atol=1e-6)

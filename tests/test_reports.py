@@ -360,3 +360,29 @@ def test_predict_on_dataloaders_after_a_datamodule_fit_reports_the_samples_it_re
     trainer.predict(model, datamodule=dm)  # the datamodule's own samples keep their files
     rows = read_csv(sorted((tmp_path / "dn2_reports").glob("predict_*"))[-1] / "predictions.csv")
     assert [Path(r["path"]).name for r in rows] == ["0.png", "1.png", "2.png", "0.png", "1.png"]
+
+
+def test_a_score_equal_to_the_threshold_is_not_flagged_in_any_output(tmp_path):
+    # guards >= in place of > in predict_step, score_images, the CSVs or summary.json's n_flagged
+    dm = BlobDataModule()
+    model = DN2Module(k=2, backbone=linear_backbone())
+    trainer = quiet_trainer(default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=dm)
+    reference = model.score_images(dm.test_images).scores
+    j = int(torch.argsort(reference)[len(reference) // 2])
+    model.set_threshold(value=float(reference[j]))
+    t = float(model.threshold)
+    assert t == float(reference[j])  # the threshold is exactly one image's score
+    expected = int((reference > t).sum())
+    direct = model.score_images(dm.test_images)
+    assert not bool(direct.is_anomaly[j]) and int(direct.is_anomaly.sum()) == expected
+    out = trainer.predict(model, datamodule=dm)
+    scores, flags = torch.cat([o["score"] for o in out]), torch.cat([o["is_anomaly"] for o in out])
+    assert float(scores[j]) == t and not bool(flags[j]) and int(flags.sum()) == expected
+    trainer.test(model, datamodule=dm)
+    for stage, name in (("predict", "predictions.csv"), ("test", "scores.csv")):
+        folder = only_run_dir(tmp_path, stage)
+        rows = {int(r["index"]): r for r in read_report(folder / name)}
+        assert rows[j]["is_anomaly"] == "0"
+        assert sum(int(r["is_anomaly"]) for r in rows.values()) == expected
+        assert json.loads((folder / "summary.json").read_text())["n_flagged"] == expected

@@ -474,3 +474,32 @@ def test_synthetic_defects_take_one_kind_as_a_string_and_any_seed(tmp_path):
     write_synthetic_defects(tmp_path / "negative", seed=-1, **small)  # as GroupDataModule takes it
     with pytest.raises(ValueError, match=r"seed=1.5 must be an integer"):
         write_synthetic_defects(tmp_path / "bad", seed=1.5, **small)
+
+
+def test_a_checkpoint_cleaned_with_one_clean_k_is_refused_with_another(tmp_path):
+    # the bank's clean_k was not checked: a clean_k=5 bank loaded with clean_k=50 kept the clean_k=5 cleaning silently
+    dm = BlobDataModule()
+    for clean_fraction in (0.3, 0.0):
+        trainer = quiet_trainer()
+        trainer.fit(
+            DN2Module(k=2, backbone=linear_backbone(), clean_fraction=clean_fraction, clean_k=5, reports=False),
+            datamodule=dm,
+        )
+        trainer.save_checkpoint(tmp_path / f"{clean_fraction}.ckpt")
+    with pytest.raises(ValueError, match=r"clean_k=5 \(checkpoint\) vs clean_k=50"):
+        DN2Module.load_from_checkpoint(tmp_path / "0.3.ckpt", backbone=linear_backbone(), clean_k=50)
+    # without cleaning, clean_k does not shape the bank: any value loads
+    loaded = DN2Module.load_from_checkpoint(tmp_path / "0.0.ckpt", backbone=linear_backbone(), clean_k=50)
+    assert loaded.hparams.clean_k == 50 and len(loaded.bank) == len(dm.train_images)
+
+
+def test_one_dataset_index_shared_by_two_training_samples_is_refused():
+    # one process tolerated one repeated index (as if DDP padding): the second sample's row was silently dropped
+    class SharedLastIndex(DictDataset):
+        def __getitem__(self, i: int) -> dict:
+            return {**super().__getitem__(i), "index": torch.tensor(min(i, len(self) - 2))}
+
+    dm = BlobDataModule(n_train=101)
+    data = SharedLastIndex(dm.train_images, torch.zeros(len(dm.train_images), dtype=torch.long))
+    with pytest.raises(ValueError, match=r"1 of 101 .*share their dataset 'index' with another sample .*\[99\]"):
+        quiet_trainer().fit(DN2Module(k=2, backbone=linear_backbone(), reports=False), DataLoader(data, batch_size=16))

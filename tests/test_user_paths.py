@@ -987,3 +987,64 @@ def test_numpy_numbers_in_settings_give_a_checkpoint_that_loads(tmp_path):
     assert torch.equal(loaded.bank.embeddings, model.bank.embeddings)
     test = quiet_trainer().test(loaded, datamodule=dm, verbose=False)[0]["test/auroc"]
     assert test == pytest.approx(quiet_trainer().test(model, datamodule=dm, verbose=False)[0]["test/auroc"], abs=1e-7)
+
+
+@pytest.mark.parametrize("clean_fraction", [0.0, 0.3])
+def test_point_wise_group_threshold_draw_is_pinned_over_every_training_group(clean_fraction):
+    # guards the draw picking members or removed rows by row id instead of group id (ids // members)
+    from test_group_pooling import PaddedGroups
+
+    train = PaddedGroups(60, fill=0.0, seed=0)
+    model = DN2Module(
+        k=2,
+        backbone=linear_backbone(),
+        group_pooling="none",
+        clean_fraction=clean_fraction,
+        clean_k=5,
+        threshold_samples=25,
+        reports=False,
+    )
+    quiet_trainer().fit(model, train_dataloaders=DataLoader(train, batch_size=8))
+    with torch.no_grad():
+        members = model.backbone(train.images.flatten(0, 1)).double().numpy()
+    real = train.mask.flatten().numpy()
+    group_of = np.repeat(np.arange(60), 4)[real]
+    rows = members[real]
+    kept = np.isin(group_of, np.unique(model.bank.sample_indices.numpy() // 4))  # kept groups' members form the bank
+    distances = ((rows[:, None] - rows[kept][None]) ** 2).sum(-1)
+    distances[group_of[:, None] == group_of[kept][None]] = np.inf  # a group leaves itself out
+    member_loo = np.sort(distances, axis=1)[:, :2].mean(1)
+    group_loo = np.array([member_loo[group_of == g].max() for g in range(60)])
+    draw = torch.randperm(60, generator=torch.Generator().manual_seed(0))[:25].sort().values.numpy()
+    if clean_fraction:
+        removed_groups = np.unique(model.bank.removed_indices.numpy() // 4)
+        assert np.isin(draw, removed_groups).any() and not kept.all()  # removed groups are in the draw
+    assert len(model.bank.loo_scores) == 25 and bool(model.bank.loo_drawn)
+    np.testing.assert_allclose(model.bank.loo_scores.numpy(), np.sort(group_loo[draw]), rtol=1e-5)
+
+
+def test_point_wise_group_scores_use_real_members_only_whatever_the_padding_holds():
+    # guards padded slots entering the bank or the test scores, and the best member taken instead of the worst
+    from test_group_pooling import PaddedGroups
+
+    results = []
+    for fill in (0.0, 1.0):
+        train, test = PaddedGroups(60, fill=fill, seed=0), PaddedGroups(30, fill=fill, seed=1, with_anomalies=True)
+        model = DN2Module(k=2, backbone=linear_backbone(), group_pooling="none", reports=False)
+        trainer = quiet_trainer()
+        trainer.fit(model, train_dataloaders=DataLoader(train, batch_size=8))
+        trainer.test(model, dataloaders=DataLoader(test, batch_size=8))
+        assert len(model.bank) == int(train.mask.sum())  # one bank row per real member, none for padding
+        with torch.no_grad():
+            bank = model.backbone(train.images.flatten(0, 1)).double().numpy()[train.mask.flatten().numpy()]
+            queries = model.backbone(test.images.flatten(0, 1)).double().numpy()
+        nearest = np.sort(((queries[:, None] - bank[None]) ** 2).sum(-1), axis=1)[:, :2]
+        member = nearest.mean(1).reshape(30, 4)
+        member[~test.mask.numpy()] = -np.inf  # padded slots never score
+        worst = member.argmax(1)
+        assert (member.argmin(1) != worst).any()
+        np.testing.assert_allclose(model.test_scores.scores.numpy(), member.max(1), rtol=1e-5)
+        expected_distances = nearest.reshape(30, 4, 2)[np.arange(30), worst]
+        np.testing.assert_allclose(model.test_scores.distances.numpy(), expected_distances, rtol=1e-5)
+        results.append(model.test_scores.scores)
+    torch.testing.assert_close(results[0], results[1])
