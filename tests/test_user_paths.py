@@ -218,6 +218,14 @@ def test_no_shipped_config_sets_a_threshold(config):
     assert not {"threshold", "threshold_quantile"} & set(model.get("init_args", model)), config
 
 
+def real_member_rows(model: DN2Module, groups) -> tuple[np.ndarray, np.ndarray]:
+    """The embeddings (float64) of the real members of ``PaddedGroups`` of 4, and the group of each."""
+    with torch.no_grad():
+        members = model.backbone(groups.images.flatten(0, 1)).double().numpy()
+    real = groups.mask.flatten().numpy()
+    return members[real], np.repeat(np.arange(len(groups.images)), 4)[real]
+
+
 def test_point_wise_group_scores_are_thresholded_on_per_group_leave_one_out_scores():
     from test_group_pooling import PaddedGroups
 
@@ -226,23 +234,13 @@ def test_point_wise_group_scores_are_thresholded_on_per_group_leave_one_out_scor
     quiet_trainer().fit(model, train_dataloaders=DataLoader(train, batch_size=8))
     # reference: every real member's score over the members of the other groups (a test group's members are never
     # in the bank, so a training group leaves itself out); a group's is its worst member's
-    with torch.no_grad():
-        members = model.backbone(train.images.flatten(0, 1)).double().numpy()
-    real = train.mask.flatten().numpy()
-    group_of = np.repeat(np.arange(60), 4)[real]
-    rows = members[real]
+    rows, group_of = real_member_rows(model, train)
     distances = ((rows[:, None] - rows[None]) ** 2).sum(-1)
     distances[group_of[:, None] == group_of[None]] = np.inf
     member_loo = np.sort(distances, axis=1)[:, :2].mean(1)
     group_loo = np.array([member_loo[group_of == g].max() for g in range(60)])
     np.testing.assert_allclose(model.bank.loo_scores.numpy(), np.sort(group_loo), rtol=1e-5)
     assert float(model.threshold) == pytest.approx(np.quantile(group_loo, 0.9), rel=1e-5)
-    # threshold_samples draws whole groups: each drawn group's worst member, exactly as above
-    drawn_model = DN2Module(k=2, backbone=linear_backbone(), group_pooling="none", threshold_samples=25)
-    quiet_trainer().fit(drawn_model, train_dataloaders=DataLoader(train, batch_size=8))
-    assert len(drawn_model.bank.loo_scores) == 25 and bool(drawn_model.bank.loo_drawn)
-    drawn = drawn_model._bank_builder.threshold_draw(25, members=4).numpy()
-    np.testing.assert_allclose(drawn_model.bank.loo_scores.numpy(), np.sort(group_loo[drawn]), rtol=1e-5)
 
 
 class GroupsSharingImages(torch.utils.data.Dataset):
@@ -1005,11 +1003,7 @@ def test_point_wise_group_threshold_draw_is_pinned_over_every_training_group(cle
         reports=False,
     )
     quiet_trainer().fit(model, train_dataloaders=DataLoader(train, batch_size=8))
-    with torch.no_grad():
-        members = model.backbone(train.images.flatten(0, 1)).double().numpy()
-    real = train.mask.flatten().numpy()
-    group_of = np.repeat(np.arange(60), 4)[real]
-    rows = members[real]
+    rows, group_of = real_member_rows(model, train)
     kept = np.isin(group_of, np.unique(model.bank.sample_indices.numpy() // 4))  # kept groups' members form the bank
     distances = ((rows[:, None] - rows[kept][None]) ** 2).sum(-1)
     distances[group_of[:, None] == group_of[kept][None]] = np.inf  # a group leaves itself out
