@@ -125,6 +125,14 @@ class DN2HelpFormatter(DefaultHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         return _plain(re.sub(r", known subclasses: [^)]*", "", super()._get_help_string(action)))
 
+    def _expand_help(self, action: argparse.Action) -> str:
+        return re.sub(r"type: Literal\[([^\]]*)\],", _choices, super()._expand_help(action))
+
+
+def _choices(literal: re.Match) -> str:
+    """``type: Literal['auto', 'torch'],`` as ``auto | torch;``: the choices, short enough for one line."""
+    return " | ".join(choice.strip(" '\"") for choice in literal.group(1).split(",")) + ";"
+
     def _fill_text(self, text: str, width: int, indent: str) -> str:
         # line breaks are kept (the data options are a table); only over-long lines are wrapped
         lines = []

@@ -18,7 +18,7 @@ import torch
 from sklearn.base import BaseEstimator
 from torch import Tensor
 
-from dn2_lightning.knn import KNNResult, knn_distances, prepare_bank
+from dn2_lightning.knn import KNNBackend, KNNResult, knn_distances, prepare_bank
 from dn2_lightning.scoring import (
     keep_lowest,
     knn_scores,
@@ -74,7 +74,7 @@ class DN2Detector(BaseEstimator):
         threshold_quantile: float = 0.99,
         clean_fraction: float = 0.0,
         clean_k: int = 200,
-        knn_backend: str = "auto",
+        knn_backend: KNNBackend = "auto",
         max_memory_bytes: int | None = None,
     ) -> None:
         self.k, self.threshold_quantile = k, threshold_quantile

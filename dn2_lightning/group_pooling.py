@@ -14,7 +14,7 @@ fitted centroids as checkpointed buffers.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from dn2_lightning.scoring import pool_groups
 from dn2_lightning.validation import check_int, check_positive_float
 
-GROUP_POOLINGS = ("mean", "histogram", "none")
+GroupPoolingName = Literal["mean", "histogram", "none"]
+GROUP_POOLINGS: tuple[str, ...] = get_args(GroupPoolingName)
 DEFAULT_KMEANS_ITERATIONS = 100
 
 

@@ -52,12 +52,13 @@ import textwrap
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor
 
-KNN_BACKENDS = ("auto", "torch", "keops")
+KNNBackend = Literal["auto", "torch", "keops"]
+KNN_BACKENDS: tuple[str, ...] = get_args(KNNBackend)
 DEFAULT_MAX_MEMORY_BYTES = 512 * 2**20
 # Below this embedding size KeOps' register-resident reduction beats cuBLAS (KeOps documentation).
 _KEOPS_MAX_AUTO_DIM = 64
@@ -282,7 +283,7 @@ def knn_distances(
     queries: Tensor,
     bank: Tensor | PreparedBank,
     k: int,
-    backend: str = "auto",
+    backend: KNNBackend = "auto",
     *,
     max_memory_bytes: int | None = None,
     candidate_dtype: torch.dtype | None = None,

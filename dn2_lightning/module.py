@@ -9,7 +9,7 @@ import warnings
 import weakref
 from collections.abc import Mapping, Sized
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from lightning.fabric.utilities.data import sized_len
@@ -45,11 +45,11 @@ from dn2_lightning.distributed import (
     rank,
     world_size,
 )
-from dn2_lightning.group_pooling import GROUP_POOLINGS, GroupPooling, pack_members, unpack_members
+from dn2_lightning.group_pooling import GROUP_POOLINGS, GroupPooling, GroupPoolingName, pack_members, unpack_members
 from dn2_lightning.inputs import ImagesLike, as_image_batches
-from dn2_lightning.knn import KNNResult
+from dn2_lightning.knn import KNNBackend, KNNResult
 from dn2_lightning.maps.bank import PatchBank
-from dn2_lightning.maps.head import AnomalyMaps, gt_masks_of, validate_map_options
+from dn2_lightning.maps.head import AnomalyMaps, PatchBankName, gt_masks_of, validate_map_options
 from dn2_lightning.metrics import AnomalyScores, ImageScores, ScoreCollector
 from dn2_lightning.samplers import (
     Reading,
@@ -83,7 +83,8 @@ from dn2_lightning.validation import (
 )
 
 CUSTOM_BACKBONE = "custom:"  # hparams value recording a user nn.Module backbone (not serialisable)
-BANK_SHARDINGS = ("replicate", "shard")
+BankSharding = Literal["replicate", "shard"]
+BANK_SHARDINGS: tuple[str, ...] = get_args(BankSharding)
 # the Trainer attribute holding the dataloader each stage reads
 _STAGE_LOADERS = {
     RunningStage.TRAINING: "train_dataloader",
@@ -130,7 +131,7 @@ class DN2Module(LightningModule):
             images ``[B, 3, H, W]`` in [0, 1] to ``[B, D]``.
         pretrained: load the backbone's ImageNet weights.
         input_size: the backbone's input resolution (resized on the device); ``None``: its own.
-        knn_backend: one of :func:`~dn2_lightning.list_knn_backends`.
+        knn_backend: exact kNN by ``"torch"`` or ``"keops"``; ``"auto"``: KeOps on CUDA for embeddings up to 64-D.
         max_memory_bytes: temporary-memory budget of one kNN search (``None``: 512 MiB).
         clean_fraction: unsupervised setting: share of the bank with the largest leave-one-out scores
             dropped (paper: 0.5); 0 = no cleaning.
@@ -161,20 +162,20 @@ class DN2Module(LightningModule):
         backbone: str | nn.Module = "resnet152",
         pretrained: bool = True,
         input_size: int | None = None,
-        knn_backend: str = "auto",
+        knn_backend: KNNBackend = "auto",
         max_memory_bytes: int | None = None,
         clean_fraction: float = 0.0,
         clean_k: int = 200,
-        group_pooling: str = "mean",
+        group_pooling: GroupPoolingName = "mean",
         group_clusters: int = 10,
         group_temperature: float = 0.3,
         threshold_quantile: float = 0.99,
         threshold: float | None = None,
         threshold_samples: int | None = 20_000,
-        bank_sharding: str = "replicate",
+        bank_sharding: BankSharding = "replicate",
         reports: bool = True,
         anomaly_maps: bool = False,
-        patch_bank: str = "nearest_images",
+        patch_bank: PatchBankName = "nearest_images",
         map_images: int = 50,
         map_kappa: int = 1,
         map_sigma: float = 4.0,

@@ -30,7 +30,7 @@ from dn2_lightning.cache import atomic_write, load_cached, save_atomic
 from dn2_lightning.data.classes import draw_contaminants, resolve_class
 from dn2_lightning.data.datasets import ArrayImageDataset, iter_image_batches
 from dn2_lightning.data.sources import LabeledImages, default_data_root, known_classes, list_datasets, load_split
-from dn2_lightning.knn import knn_distances
+from dn2_lightning.knn import KNNBackend, knn_distances
 from dn2_lightning.scoring import cleaning_mask, knn_scores, rank_auroc, removed_count
 from dn2_lightning.validation import (
     check_choice,
@@ -326,7 +326,7 @@ def run_protocol(
     clean_fraction: float = 0.0,
     clean_k: int = 200,
     seed: int = 0,
-    knn_backend: str = "auto",
+    knn_backend: KNNBackend = "auto",
     root: str | None = None,
     batch_size: int = 256,
     device: str = "auto",

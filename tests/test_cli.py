@@ -168,6 +168,27 @@ def test_options_hidden_from_help_still_parse():
     assert cli.trainer.gradient_clip_val == 0.5
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "choices"),
+    [
+        ("model.knn_backend", "faiss", "'auto', 'torch', 'keops'"),
+        ("model.group_pooling", "max", "'mean', 'histogram', 'none'"),
+        ("model.bank_sharding", "split", "'replicate', 'shard'"),
+        ("model.patch_bank", "nearest", "'nearest_images', 'all'"),
+        ("data.on_corrupt", "ignore", "'skip', 'raise'"),
+    ],
+)
+def test_a_choice_outside_its_list_is_refused_by_the_parser_naming_key_and_choices(option, value, choices, capsys):
+    with pytest.raises(SystemExit):
+        build_cli(["test", "--config", "configs/digits.yaml", f"--{option}={value}", "--print_config"])
+    error = " ".join(capsys.readouterr().err.split())
+    name = option.split(".")[1]  # the data group names its class's key ("on_corrupt"), the model its full key
+    assert f'{name}":' in error and f"Literal[{choices}]" in error and f"Got value: {value}" in error
+    if option.startswith("model."):  # (--help shows the data options as a table of their own)
+        listed = " | ".join(choice.strip("'") for choice in choices.split(", "))
+        assert f"({listed}; default: " in " ".join(help_text(["test", "--help"], capsys).split())
+
+
 # --------------------------------------------------------------------------------------- console
 
 

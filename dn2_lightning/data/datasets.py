@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -19,7 +20,8 @@ from dn2_lightning.data.images import image_problem, load_image, resize_square
 from dn2_lightning.validation import check_choice, check_load_size, check_positive_int
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-CORRUPT_POLICIES = ("skip", "raise")
+CorruptPolicy = Literal["skip", "raise"]
+CORRUPT_POLICIES: tuple[str, ...] = get_args(CorruptPolicy)
 #: What every dataset here yields, whatever the backbone: DataModules expose it as ``hparams.pixel_format`` so a
 #: model can record and check it (the backbone's own normalisation, mean/std, is applied on the device).
 PIXEL_FORMAT = {"dtype": "uint8", "channels": 3, "min": 0, "max": 255, "resize": "bilinear, antialiased"}
@@ -151,7 +153,7 @@ class ImageFolderDataset(Dataset):
         paths: Sequence[str | Path],
         labels: Sequence[int],
         load_size: int = 224,
-        on_corrupt: str = "skip",
+        on_corrupt: CorruptPolicy = "skip",
         max_pixels: int | None = None,
     ) -> None:
         check_choice("on_corrupt", on_corrupt, CORRUPT_POLICIES)

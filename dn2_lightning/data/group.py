@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from numbers import Integral
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -29,7 +29,8 @@ from dn2_lightning.validation import (
     check_seed,
 )
 
-ANOMALY_KINDS = ("hard", "easy")
+GroupAnomaly = Literal["hard", "easy"]
+ANOMALY_KINDS: tuple[str, ...] = get_args(GroupAnomaly)
 
 
 class GroupDataset(Dataset):
@@ -152,7 +153,7 @@ class GroupDataModule(LightningDataModule):
         group_size: int | None = None,
         n_train_groups: int = 1000,
         n_test_groups: int = 1000,
-        anomaly: str = "hard",
+        anomaly: GroupAnomaly = "hard",
         held_out_classes: list[int] | None = None,
         anomaly_ratio: float = 0.5,
         seed: int = 0,

@@ -21,6 +21,7 @@ from dn2_lightning.data.datasets import (
     IMAGE_EXTENSIONS,
     PIXEL_FORMAT,
     ArrayImageDataset,
+    CorruptPolicy,
     ImageFolderDataset,
     list_image_files,
 )
@@ -81,7 +82,7 @@ class OneClassDataModule(LightningDataModule):
         contamination: float = 0.0,
         seed: int = 0,
         normal_dir: str = "good",
-        on_corrupt: str = "skip",
+        on_corrupt: CorruptPolicy = "skip",
         pin_memory: bool = True,
         max_image_pixels: int | None = None,
     ) -> None:

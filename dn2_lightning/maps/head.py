@@ -15,10 +15,16 @@ from torch import Tensor, nn
 
 from dn2_lightning.backbones import FeatureExtractor
 from dn2_lightning.distributed import count_rows, gather_objects, gather_rows, unique_by_index, world_size
-from dn2_lightning.knn import DEFAULT_MAX_MEMORY_BYTES, KNNResult
+from dn2_lightning.knn import DEFAULT_MAX_MEMORY_BYTES, KNNBackend, KNNResult
 from dn2_lightning.maps.bank import PatchBank, ensure_room
 from dn2_lightning.maps.pyramid import check_layers, embed_with_patches, pyramid_layers
-from dn2_lightning.maps.spade import PATCH_BANKS, all_patch_scores, nearest_image_patch_scores, to_image_maps
+from dn2_lightning.maps.spade import (
+    PATCH_BANKS,
+    PatchBankName,
+    all_patch_scores,
+    nearest_image_patch_scores,
+    to_image_maps,
+)
 from dn2_lightning.pixel_metrics import DEFAULT_THRESHOLDS, MapCollector, PixelResults, pixel_metrics
 
 GT_MASK_KEYS = ("gt_mask", "pixel_mask")
@@ -65,12 +71,12 @@ class AnomalyMaps(nn.Module):
     def __init__(
         self,
         backbone: FeatureExtractor,
-        patch_bank: str = "nearest_images",
+        patch_bank: PatchBankName = "nearest_images",
         num_images: int = 50,
         kappa: int = 1,
         sigma: float = 4.0,
         layers: Sequence[str] | None = None,
-        knn_backend: str = "auto",
+        knn_backend: KNNBackend = "auto",
         max_memory_bytes: int | None = None,
         thresholds: int = DEFAULT_THRESHOLDS,
     ) -> None:

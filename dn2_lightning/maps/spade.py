@@ -13,6 +13,7 @@ Both use :func:`dn2_lightning.knn.knn_distances` (exact), within a temporary-mem
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,8 @@ from torch import Tensor
 
 from dn2_lightning.knn import DEFAULT_MAX_MEMORY_BYTES, PreparedBank, knn_distances, merge_topk
 
-PATCH_BANKS = ("nearest_images", "all")
+PatchBankName = Literal["nearest_images", "all"]
+PATCH_BANKS: tuple[str, ...] = get_args(PatchBankName)
 
 
 def nearest_image_patch_scores(
