@@ -62,7 +62,7 @@ def unpack_batch(batch: object, batch_idx: int | None = None) -> Batch:
     if _holds_strings(labels):
         raise ValueError(
             f"batch labels must be {LABEL_CONVENTION}; got strings {list(labels)[:5]}. Map them to integers, e.g. "
-            "target_transform=lambda name: int(name != 'good')."
+            "target_transform=dn2_lightning.data.AnomalyLabel(normal='good')."
         )
     labels = torch.as_tensor(labels, device=images.device)
     check_labels(labels)
@@ -157,7 +157,7 @@ def check_labels(labels: Tensor) -> None:
         raise ValueError(
             f"batch labels must be {LABEL_CONVENTION}; got the values {values[:10]}. Class indices (as "
             "torchvision's ImageFolder gives) are not anomaly labels: map them, e.g. "
-            "ImageFolder(root, target_transform=lambda y: int(y != normal_index)), or use "
+            "ImageFolder(root, target_transform=dn2_lightning.data.AnomalyLabel(normal=normal_index)), or use "
             "OneClassDataModule(dataset='folder', root=...), which labels the test/<normal_dir> folder 0 and "
             "every other folder 1."
         )
@@ -187,8 +187,8 @@ def check_dataset_labels(dataset: object) -> None:
     raise ValueError(
         f"the dataset is a {type(dataset).__name__} whose labels are class indices {dataset.class_to_idx}, not "
         f"anomaly labels ({LABEL_CONVENTION}). Map them, e.g. {type(dataset).__name__}(root, "
-        f"target_transform=lambda y: int(y != {dataset.class_to_idx[normal]})) if {normal!r} holds the normal "
-        "images, or use OneClassDataModule(dataset='folder', root=...), which labels test/<normal_dir> 0."
+        f"target_transform=dn2_lightning.data.AnomalyLabel({dataset.class_to_idx[normal]})) if {normal!r} holds "
+        "the normal images, or use OneClassDataModule(dataset='folder', root=...), which labels test/<normal_dir> 0."
     )
 
 

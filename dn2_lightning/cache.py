@@ -69,7 +69,13 @@ def atomic_write(path: str | Path, mode: str = "wb", **open_kwargs: Any) -> Iter
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except PermissionError as err:
+            raise PermissionError(
+                f"cannot replace {path} ({err}). On Windows a file that another program holds open (a spreadsheet, "
+                "a viewer) cannot be replaced: close it and run again."
+            ) from err
         _remove_stale_temporaries(path)
     finally:
         if os.path.exists(tmp):

@@ -156,13 +156,21 @@ def shard_for_this_rank(loader: DataLoader) -> DataLoader:
             f"its batch_size; this one batches with a {type(loader.batch_sampler).__name__}, which cannot be split: "
             "run trainer.fit first (Lightning splits it), or give the train dataloader a batch_size."
         )
-    return DataLoader(
+    workers = loader.num_workers
+    return DataLoader(  # the same loader, its sampler aside (spawn context, worker set-up and seeds included)
         loader.dataset,
         batch_size=loader.batch_size,
         sampler=DistributedSampler(loader.dataset, shuffle=False),
-        num_workers=loader.num_workers,
+        num_workers=workers,
         collate_fn=loader.collate_fn,
         pin_memory=loader.pin_memory,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context if workers else None,
+        generator=loader.generator,
+        prefetch_factor=loader.prefetch_factor if workers else None,
+        persistent_workers=loader.persistent_workers,
+        pin_memory_device=loader.pin_memory_device,
     )
 
 

@@ -69,6 +69,28 @@ class RandomOnResumeDataModule(BlobDataModule):
         return DataLoader(DictDataset(self.train_images, torch.zeros(len(self.train_images))), 8, sampler=sampler)
 
 
+class _WorkerScaled(DictDataset):
+    """Images scaled by what the loader's worker_init_fn set in its worker (1 without it)."""
+
+    scale = 1.0
+
+    def __getitem__(self, i: int) -> dict:
+        return {**super().__getitem__(i), "image": self.images[i] * _WorkerScaled.scale}
+
+
+def _scale_images_in_this_worker(worker_id: int) -> None:
+    _WorkerScaled.scale = 0.5
+
+
+class WorkerInitDataModule(BlobDataModule):
+    """A train loader whose workers are set up by a worker_init_fn: the bank built on first need under DDP (its
+    loader rebuilt with a DistributedSampler) must be embedded as that loader embeds, through the same set-up."""
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = _WorkerScaled(self.train_images, torch.zeros(len(self.train_images)))
+        return DataLoader(dataset, batch_size=8, num_workers=1, worker_init_fn=_scale_images_in_this_worker)
+
+
 class PathsDataModule(BlobDataModule):
     """Training samples that name their files (``path``), so the bank records every sample's path."""
 
@@ -169,6 +191,8 @@ def datamodule(setting: str) -> LightningDataModule:
         return CustomBatchSamplerDataModule(n_train=103, n_normal=41, n_anomalous=26)
     if setting == "iterable":
         return IterableTestDataModule(n_train=103, n_normal=41, n_anomalous=26)
+    if setting == "worker_init":
+        return WorkerInitDataModule(n_train=103, n_normal=41, n_anomalous=26)
     if setting == "paths":
         return PathsDataModule(n_train=104, n_normal=41, n_anomalous=26)  # rank 0 reads 0, 2, ..., 102: not 103
     if setting == "outliers_on_rank_zero":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import pickle
 import socket
 import struct
 import warnings
@@ -588,6 +589,30 @@ def test_the_pixel_limit_is_configurable_and_jpeg_drafts_count_after_reduction(t
         torch.from_numpy(gradient)[None, None].float(), size=(100, 100), mode="bilinear", antialias=True
     )[0, 0]
     assert torch.equal(image, full) and (image[0].float() - reference).abs().mean() < 2.0
+
+
+def test_a_raised_pixel_limit_holds_in_spawned_workers(tmp_path, monkeypatch):
+    """macOS and Windows start DataLoader workers by spawn, which re-imports the modules at their defaults: the
+    limits in force when the dataset checked its files must still be the ones its workers load with."""
+    from dn2_lightning.data import images
+
+    Image.fromarray(np.full((32, 32, 3), 7, dtype=np.uint8)).save(tmp_path / "a.png")  # 1024 pixels
+    monkeypatch.setenv("DN2_MAX_IMAGE_PIXELS", "100")  # what a fresh import in a worker starts from
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 10_000)  # the user raised it in this process
+    dataset = ImageFolderDataset([tmp_path / "a.png"], [0], 16)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=1, multiprocessing_context="spawn")
+    (batch,) = list(loader)
+    assert batch["image"].shape == (1, 3, 16, 16) and int(batch["image"].float().mean().round()) == 7
+    # Pillow's own limit (which the library's error message tells users to raise) goes along the same way
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    shipped = pickle.dumps(ImageFolderDataset([tmp_path / "a.png"], [0], 16))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 89_478_485)  # a fresh worker's default
+    assert len(pickle.loads(shipped)) == 1 and Image.MAX_IMAGE_PIXELS is None
+    Image.MAX_IMAGE_PIXELS = 1_100
+    shipped = pickle.dumps(ImageFolderDataset([tmp_path / "a.png"], [0], 16))
+    Image.MAX_IMAGE_PIXELS = 5_000
+    pickle.loads(shipped)
+    assert Image.MAX_IMAGE_PIXELS == 5_000  # a lower limit than the worker's own is not imposed on it
 
 
 def test_datamodules_expose_load_size_and_pixel_format(tmp_path):

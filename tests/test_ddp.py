@@ -118,6 +118,17 @@ def test_ddp_fit_resumed_mid_epoch_refuses_a_random_sampler_in_the_pass_it_reads
         run(tmp_path, 2, "random_on_resume", "resume")
 
 
+def test_ddp_bank_built_on_first_need_reads_the_train_loader_with_its_worker_setup(tmp_path):
+    # under DDP the train loader is rebuilt with a DistributedSampler: its worker_init_fn (here: images x 0.5 in
+    # each worker), spawn context, seeds and the rest must come along, or the bank is not the one fit builds
+    single = run(tmp_path, 1, "worker_init", "test")
+    ddp = run(tmp_path, 2, "worker_init", "test")
+    rows = torch.empty_like(ddp["bank"])
+    rows[ddp["bank_indices"]] = ddp["bank"]
+    torch.testing.assert_close(rows, single["bank"][single["bank_indices"].argsort()])
+    torch.testing.assert_close(ddp["scores"], single["scores"], rtol=1e-5, atol=1e-6)
+
+
 def test_ddp_bank_outside_fit_from_a_custom_batch_sampler_is_a_clear_error(tmp_path):
     with pytest.raises(AssertionError, match=r"building the memory bank under DDP outside fit .* OwnBatchSampler"):
         run(tmp_path, 2, "custom_batch_sampler", "test")

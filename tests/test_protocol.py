@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import os
 from pathlib import Path
 
 import numpy as np
@@ -340,6 +341,24 @@ def test_a_run_killed_while_saving_leaves_the_previous_files_whole(tmp_path, mon
     assert (tmp_path / "protocol.json").read_text() == before["protocol.json"]
     assert (tmp_path / "protocol.csv").read_text() == before["protocol.csv"]
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_result_file_held_open_elsewhere_is_named_with_the_fix_and_the_old_file_kept(tmp_path, monkeypatch):
+    """Windows refuses to replace a file another program holds open (protocol.csv in a spreadsheet); the
+    error must name the file and say what to do, and leave the previous file and no temporary behind."""
+    _result([0, 1]).save(tmp_path)
+    before = (tmp_path / "protocol.csv").read_text()
+    real_replace = os.replace
+
+    def held_open(src, dst):
+        if Path(dst).name == "protocol.csv":
+            raise PermissionError(13, "The process cannot access the file because it is being used by another process")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", held_open)
+    with pytest.raises(PermissionError, match=r"cannot replace .*protocol.csv .*close it and run again"):
+        _result([2]).save(tmp_path)
+    assert (tmp_path / "protocol.csv").read_text() == before and not list(tmp_path.glob(".*.tmp"))
 
 
 def test_a_split_rewritten_on_disk_is_read_again_in_the_same_process(tmp_path):

@@ -4,6 +4,7 @@ number a user would see, compared with an independent brute force, or a clear er
 
 from __future__ import annotations
 
+import functools
 import pickle
 import warnings
 from pathlib import Path
@@ -928,7 +929,7 @@ def _photos(folder: Path, n: int, seed: int) -> list[Path]:
 
 
 def test_score_images_resizes_as_a_plain_training_loader_did(tmp_path):
-    """README's ImageFolder(root, loader=lambda p: load_image(p, 32)) bank: nothing recorded its 32 px, so
+    """README's ImageFolder(root, loader=partial(load_image, size=32)) bank: nothing recorded its 32 px, so
     score_images fed the same files at 90 x 120 (scores 11-26% off with EfficientNet-Lite0, 100x with a backbone
     that does not resize)."""
     from torchvision.datasets import ImageFolder
@@ -936,7 +937,7 @@ def test_score_images_resizes_as_a_plain_training_loader_did(tmp_path):
     from dn2_lightning.data.images import load_image
 
     _photos(tmp_path / "train" / "normal", 9, seed=0)
-    dataset = ImageFolder(str(tmp_path / "train"), loader=lambda path: load_image(path, 32))
+    dataset = ImageFolder(str(tmp_path / "train"), loader=functools.partial(load_image, size=32))
     model = DN2Module(k=2, backbone=_pooled_conv(), reports=False)
     trainer = quiet_trainer()
     trainer.fit(model, train_dataloaders=DataLoader(dataset, batch_size=4))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dn2_lightning._lazy import lazy_exports
 
 _EXPORTS = {
+    "AnomalyLabel": "classes",
     "ArrayImageDataset": "datasets",
     "ImageFolderDataset": "datasets",
     "Renumbered": "datasets",

@@ -4,9 +4,28 @@ needed: ``dn2-protocol`` uses these without the DataModules)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+
+@dataclass(frozen=True)
+class AnomalyLabel:
+    """A ``target_transform`` from class to anomaly label: 0 for the ``normal`` class (an index, or a name
+    for targets that are names), 1 for any other. Unlike a lambda it can be pickled, as DataLoader workers
+    started by spawn (the default on macOS and Windows) need.
+
+    >>> from torchvision.datasets import ImageFolder  # doctest: +SKIP
+    >>> ImageFolder(root, target_transform=AnomalyLabel(normal=1))  # doctest: +SKIP
+    >>> [AnomalyLabel(1)(y) for y in (0, 1, 2)], AnomalyLabel("good")("crack")
+    ([1, 0, 1], 1)
+    """
+
+    normal: int | str
+
+    def __call__(self, target: int | str) -> int:
+        return int(target != self.normal)
 
 
 def resolve_class(normal_class: int | str, classes: tuple[str, ...], name: str = "normal_class") -> int:

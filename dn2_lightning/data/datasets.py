@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Literal, get_args
 
 import torch
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from dn2_lightning.data import images
 from dn2_lightning.data.images import image_problem, load_image, resize_square
 from dn2_lightning.validation import check_choice, check_load_size, check_positive_int
 
@@ -146,6 +148,10 @@ class ImageFolderDataset(Dataset):
             PNG checksums, other formats decoded once); ``"skip"`` drops unreadable ones with one warning
             listing them and the reasons (kept in ``skipped``), ``"raise"`` raises ValueError listing them.
         max_pixels: larger images are unreadable; ``None`` = ``dn2_lightning.data.images.MAX_IMAGE_PIXELS``.
+
+    The size limits in force at construction (this one, and Pillow's ``PIL.Image.MAX_IMAGE_PIXELS``) go with the
+    dataset into DataLoader workers: a spawned worker (macOS, Windows) re-imports both modules at their defaults,
+    and would refuse images that the check at construction accepted.
     """
 
     def __init__(
@@ -178,7 +184,16 @@ class ImageFolderDataset(Dataset):
             warnings.warn(f"skipping {len(self.skipped)} unreadable image file(s): {listing}", stacklevel=2)
         self.paths = [p for p, _ in readable]
         self.labels = torch.tensor([label for _, label in readable], dtype=torch.long)
-        self.load_size, self.max_pixels = load_size, max_pixels
+        self.load_size = load_size
+        self.max_pixels = images.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels  # the limit checked above
+        self._pillow_max_pixels = Image.MAX_IMAGE_PIXELS
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        # in a worker: Pillow's limit as the check at construction had it (raised only; never lowered here)
+        self.__dict__.update(state)
+        saved, current = state.get("_pillow_max_pixels"), Image.MAX_IMAGE_PIXELS
+        if current is not None and (saved is None or saved > current):
+            Image.MAX_IMAGE_PIXELS = saved
 
     def __len__(self) -> int:
         return len(self.paths)
