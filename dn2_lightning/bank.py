@@ -4,6 +4,7 @@ over the train data, and the builder that turns what was collected into the bank
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,12 +23,21 @@ from dn2_lightning.distributed import (
     unique_by_index,
     world_size,
 )
-from dn2_lightning.knn import KNNResult, PreparedBank, knn_distances, prepare_bank
+from dn2_lightning.knn import KNNResult, PreparedBank, knn_distances, lacks_float64, prepare_bank
 from dn2_lightning.scoring import drop_own_group, keep_lowest, knn_scores, leave_one_out_scores
 from dn2_lightning.sharding import sharded_knn
 
 
-class MemoryBank(nn.Module):
+class BankModule(nn.Module):
+    """A module of bank buffers, which stay on the CPU when it is moved to a device without float64 (Apple's
+    MPS): the exact search needs float64 and runs there, while the backbone runs on the device."""
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> BankModule:
+        # an empty tensor tells where ``fn`` goes without moving the bank there first
+        return self if lacks_float64(fn(torch.empty(0)).device) else super()._apply(fn, recurse)
+
+
+class MemoryBank(BankModule):
     """Training embeddings ``[N, D]`` and the dataset index of each row, as persistent buffers, with what
     the decision threshold needs (the rows' leave-one-out scores) and how the bank was built.
 
@@ -231,6 +241,8 @@ class BankCollector:
         return sum(len(i) for i in self._indices)
 
     def add(self, embeddings: Tensor, indices: Tensor, labels: Tensor, paths: list[str] | None = None) -> None:
+        if lacks_float64(embeddings.device):  # the bank is built and kept on the CPU (MemoryBank._apply)
+            embeddings, indices, labels = embeddings.cpu(), indices.cpu(), labels.cpu()
         self._embeddings.append(embeddings.detach())
         self._indices.append(indices.detach().long())
         self._labels.append(labels.detach().long())
@@ -277,7 +289,8 @@ class BankBuilder:
         if self.sharded:
             return sharded_knn(embeddings, prepared, self.bank.sample_indices, k, **self.knn_kwargs)
         knn = knn_distances(embeddings, prepared, k, **self.knn_kwargs)
-        return KNNResult(knn.values, self.bank.sample_indices[knn.indices])
+        ids = self.bank.sample_indices  # on the CPU for embeddings from an MPS device
+        return KNNResult(knn.values, ids[knn.indices.to(ids.device)].to(knn.indices.device))
 
     def size(self) -> int:
         """Rows in the whole bank (summed over shards)."""

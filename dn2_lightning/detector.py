@@ -126,25 +126,22 @@ class DN2Detector(BaseEstimator):
     def fit_predict(self, X: ArrayLike, y: Any = None) -> np.ndarray | Tensor:  # noqa: N803
         """``fit(X)``, then the training rows' 0/1 labels (:attr:`labels_`), as PyOD's ``fit_predict``."""
         self.fit(X)
-        return self.labels_ if isinstance(X, Tensor) else self.labels_.cpu().numpy()
+        return _like_input(self.labels_, X)
 
     def decision_function(self, X: ArrayLike) -> np.ndarray | Tensor:  # noqa: N803
         """DN2 scores ``[M]`` of the rows of ``X`` (higher = more anomalous), as a numpy array for numpy
         input and a tensor on ``X``'s device for tensor input."""
-        scores = self._scores(X)
-        return scores if isinstance(X, Tensor) else scores.cpu().numpy()
+        return _like_input(self._scores(X), X)
 
     def predict(self, X: ArrayLike) -> np.ndarray | Tensor:  # noqa: N803
         """0/1 labels ``[M]``: 1 where the score exceeds :attr:`threshold_`."""
-        labels = (self._scores(X) > self.threshold_).long()
-        return labels if isinstance(X, Tensor) else labels.cpu().numpy()
+        return _like_input((self._scores(X) > self.threshold_).long(), X)
 
     def predict_proba(self, X: ArrayLike) -> np.ndarray | Tensor:  # noqa: N803
         """``[M, 2]`` (normal, anomalous) from the normalised score: the share of the training rows' scores
         (``decision_scores_``) below each score."""
         anomalous = normalized_scores(self._sorted_scores, self._scores(X))
-        proba = torch.stack([1 - anomalous, anomalous], dim=1)
-        return proba if isinstance(X, Tensor) else proba.cpu().numpy()
+        return _like_input(torch.stack([1 - anomalous, anomalous], dim=1), X)
 
     def _scores(self, X: ArrayLike) -> Tensor:  # noqa: N803
         if getattr(self, "bank_", None) is None:
@@ -174,6 +171,11 @@ class DN2Detector(BaseEstimator):
     def __repr__(self) -> str:
         threshold = getattr(self, "threshold_", None)  # scikit-learn's repr: the settings not at their default
         return super().__repr__() + (f" with threshold_={float(threshold):.4g}" if threshold is not None else "")
+
+
+def _like_input(result: Tensor, X: ArrayLike) -> np.ndarray | Tensor:  # noqa: N803
+    """A tensor on ``X``'s device for tensor input (the bank may be elsewhere), else a NumPy array."""
+    return result.to(X.device) if isinstance(X, Tensor) else result.cpu().numpy()
 
 
 def _as_matrix(values: ArrayLike, name: str, device: torch.device | None = None) -> Tensor:

@@ -65,7 +65,7 @@ def fit_kmeans(
     generator = torch.Generator().manual_seed(seed)
 
     def draw(mass: Tensor) -> int:  # a row with probability proportional to mass, by inverse CDF
-        cumulative = mass.double().cpu().cumsum(0)  # (torch.multinomial stops at 2**24 categories)
+        cumulative = mass.cpu().double().cumsum(0)  # (torch.multinomial stops at 2**24 categories)
         u = torch.rand(1, generator=generator, dtype=torch.float64) * cumulative[-1]
         return min(int(torch.searchsorted(cumulative, u, right=True)), len(cumulative) - 1)
 
@@ -243,8 +243,8 @@ class GroupPooling(nn.Module):
         members = members.detach().float()
         real = members[mask.bool()] if mask is not None else members.flatten(0, 1)
         centroids, nearest = fit_kmeans(real, self.clusters, self.iterations, self.seed)
-        ordered = nearest.double().sort().values  # the median, averaging the middle two as numpy does
-        scale = ((ordered[(len(ordered) - 1) // 2] + ordered[len(ordered) // 2]) / 2).float()
+        ordered = nearest.cpu().double().sort().values  # the median, averaging the middle two as numpy does
+        scale = ((ordered[(len(ordered) - 1) // 2] + ordered[len(ordered) // 2]) / 2).float().to(nearest.device)
         _refuse_underflow(real, centroids, scale)
         with torch.inference_mode(False):
             self.centroids = centroids.clone()

@@ -171,6 +171,8 @@ def prepare_bank(bank: Tensor, candidate_dtype: torch.dtype | None = None) -> Pr
     """
     _check_matrix("bank", bank)
     bank = bank.detach()
+    if lacks_float64(bank.device):  # the exact search needs float64: prepared (and searched) on the CPU
+        bank = bank.cpu()
     candidate_dtype = candidate_dtype or default_candidate_dtype(bank.device)
     if candidate_dtype not in _UNIT_ROUNDOFF:
         raise ValueError(f"candidate_dtype={candidate_dtype} must be one of {list(_UNIT_ROUNDOFF)}.")
@@ -259,6 +261,12 @@ def default_candidate_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
+def lacks_float64(device: torch.device | str) -> bool:
+    """Whether ``device`` cannot hold float64 tensors (Apple's MPS). The exact search needs float64, so banks on
+    such a device are kept, prepared and searched on the CPU; only the backbone runs on the device."""
+    return torch.device(device).type == "mps"
+
+
 def ensure_fits(nbytes: int, device: torch.device, what: str) -> None:
     """Fail before any work when a CUDA device cannot hold ``nbytes`` more (instead of an OOM mid-run)."""
     if device.type != "cuda":
@@ -315,7 +323,17 @@ def knn_distances(
         >>> bank = torch.tensor([[0.0, 0.0], [1.0, 0.0], [5.0, 5.0]])
         >>> knn_distances(torch.tensor([[0.9, 0.0]]), bank, k=2)
         KNNResult(values=tensor([[0.0100, 0.8100]]), indices=tensor([[1, 0]]))
+
+    On a device without float64 (Apple's MPS: :func:`lacks_float64`) the search runs on the CPU, exactly as
+    there, and the results come back on the queries' device.
     """
+    on_host = [isinstance(t, Tensor) and lacks_float64(t.device) for t in (queries, bank)]
+    if isinstance(queries, Tensor) and any(on_host):
+        host_bank = bank.cpu() if on_host[1] else bank
+        found = knn_distances(
+            queries.cpu(), host_bank, k, backend, max_memory_bytes=max_memory_bytes, candidate_dtype=candidate_dtype
+        )
+        return KNNResult(found.values.to(queries.device), found.indices.to(queries.device))
     _validate_inputs(queries, bank, k, backend, max_memory_bytes, candidate_dtype)
     queries, k = queries.detach(), operator.index(k)
     candidate_dtype = candidate_dtype or default_candidate_dtype(queries.device)

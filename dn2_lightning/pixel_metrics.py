@@ -28,6 +28,7 @@ from torchmetrics.classification import BinaryAUROC
 from torchmetrics.utilities import dim_zero_cat
 
 from dn2_lightning.distributed import unique_by_index
+from dn2_lightning.knn import lacks_float64
 
 DEFAULT_THRESHOLDS = 1000
 DEFAULT_FPR_LIMIT = 0.3
@@ -207,7 +208,7 @@ def pro_curve(maps: Tensor, masks: Tensor, thresholds: int | None = None) -> tup
         raise ValueError("PRO needs at least one anomalous region in the masks.")
     if not normal.any():
         raise ValueError("PRO needs anomaly-free pixels to measure false positives.")
-    scores = maps.detach().double().cpu().numpy()
+    scores = maps.detach().cpu().double().numpy()
     if thresholds is None:
         levels = np.unique(scores)
     else:
@@ -273,6 +274,8 @@ def pixel_metrics(
 ) -> dict[str, float]:
     """``{"pixel_auroc": ..., "pro": ...}`` of maps ``[N, H, W]`` against masks ``[N, H, W]``, both binned
     with ``thresholds`` thresholds; ``{}`` when the masks hold no anomalous (or no normal) pixel."""
+    if lacks_float64(maps.device):  # (Apple's MPS) the binning is computed in float64
+        maps, masks = maps.cpu(), masks.cpu()
     if not masks.any() or masks.all():
         return {}
     return {

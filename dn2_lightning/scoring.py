@@ -9,7 +9,7 @@ from fractions import Fraction
 import torch
 from torch import Tensor
 
-from dn2_lightning.knn import KNNResult, knn_distances
+from dn2_lightning.knn import KNNResult, knn_distances, lacks_float64
 
 
 def knn_scores(knn: KNNResult) -> Tensor:
@@ -29,7 +29,7 @@ def rank_auroc(scores: Tensor, labels: Tensor) -> float:
     >>> rank_auroc(torch.tensor([0.1, 0.4, 0.4, 0.9]), torch.tensor([0, 0, 1, 1]))
     0.875
     """
-    scores, labels = scores.detach().double().flatten(), torch.as_tensor(labels).flatten()
+    scores, labels = scores.detach().cpu().double().flatten(), torch.as_tensor(labels).cpu().flatten()
     if len(scores) != len(labels) or not ((labels == 0) | (labels == 1)).all():
         raise ValueError(
             f"rank_auroc needs one 0/1 label per score; got {len(scores)} scores and {len(labels)} labels with "
@@ -155,7 +155,7 @@ def quantile_threshold(loo_scores: Tensor, quantile: float) -> float:
     """
     if loo_scores.numel() == 0:
         return float("nan")
-    return float(torch.quantile(loo_scores.double(), quantile))
+    return float(torch.quantile(loo_scores.detach().cpu().double(), quantile))  # (no float64 on MPS)
 
 
 def normalized_scores(sorted_loo_scores: Tensor, scores: Tensor) -> Tensor:
@@ -192,5 +192,7 @@ def to_unit_interval(scores: Tensor) -> Tensor:
     >>> to_unit_interval(torch.tensor([5.0, 100.0, 5.0, 7.0]))
     tensor([0.0000, 1.0000, 0.0000, 0.5000], dtype=torch.float64)
     """
+    if lacks_float64(scores.device):
+        scores = scores.cpu()  # float64 ranks: returned on the CPU
     _, ranks = torch.unique(scores, sorted=True, return_inverse=True)
     return ranks.to(torch.float64) / max(1, int(ranks.max()) if ranks.numel() else 1)

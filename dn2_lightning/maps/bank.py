@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from dn2_lightning.bank import as_buffer
-from dn2_lightning.knn import PreparedBank, ensure_fits, float64_mean, squared_norms
+from dn2_lightning.bank import BankModule, as_buffer
+from dn2_lightning.knn import PreparedBank, ensure_fits, float64_mean, lacks_float64, squared_norms
 
 
-class PatchBank(nn.Module):
+class PatchBank(BankModule):
     """Patch features ``[N, P, C]`` of ``N`` training images (``P = h * w`` positions), centred on their
     mean ``center [C]`` (distances are unchanged and the search needs no centred copy), with the dataset
     index of each image, sorted.
@@ -54,6 +54,8 @@ class PatchBank(nn.Module):
                 f"patches {tuple(patches.shape)} must be [N, C, h, w] with N = len(sample_indices) "
                 f"({sample_indices.shape[0]})."
             )
+        if lacks_float64(patches.device):  # kept on the CPU, where the search runs (BankModule)
+            patches, sample_indices = patches.cpu(), sample_indices.cpu()
         n, c, h, w = patches.shape
         order = torch.argsort(sample_indices)
         with torch.inference_mode(False), torch.no_grad():

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from dn2_lightning.backbones import FeatureExtractor
 from dn2_lightning.distributed import count_rows, gather_objects, gather_rows, unique_by_index, world_size
-from dn2_lightning.knn import DEFAULT_MAX_MEMORY_BYTES, KNNBackend, KNNResult
+from dn2_lightning.knn import DEFAULT_MAX_MEMORY_BYTES, KNNBackend, KNNResult, lacks_float64
 from dn2_lightning.maps.bank import PatchBank, ensure_room
 from dn2_lightning.maps.pyramid import check_layers, embed_with_patches, pyramid_layers
 from dn2_lightning.maps.spade import (
@@ -107,8 +107,9 @@ class AnomalyMaps(nn.Module):
 
     def collect(self, patches: Tensor, indices: Tensor) -> None:
         """Keep a training batch's patches ``[B, C, h, w]`` and dataset indices ``[B]``."""
-        self._patches.append(patches.detach())
-        self._indices.append(indices.detach().long())
+        home = torch.device("cpu") if lacks_float64(patches.device) else patches.device  # as the image bank
+        self._patches.append(patches.detach().to(home))
+        self._indices.append(indices.detach().long().to(home))
 
     def finalize(self, keep_indices: Tensor, keep_collecting: bool = False) -> None:
         """Build the patch bank from the collected batches (gathered from every rank), keeping one row per
@@ -162,6 +163,8 @@ class AnomalyMaps(nn.Module):
         """
         if not self.bank.is_fitted:
             raise RuntimeError("the patch bank is empty: build the memory bank (fit) with anomaly_maps=True.")
+        if lacks_float64(patches.device):  # computed where the patch bank is kept (the CPU), returned on the device
+            return self.maps_for(embeddings.cpu(), patches.cpu(), search, image_size).to(patches.device)
         b, c, h, w = patches.shape
         if (h, w) != self.bank.grid or c != self.bank.patches.shape[-1]:
             raise ValueError(
@@ -209,4 +212,4 @@ class AnomalyMaps(nn.Module):
         results = results._replace(indices=results.indices.reshape(-1))
         self.test_maps.reset()
         self.test_results = PixelResults(*(t.cpu() for t in results))
-        return pixel_metrics(results.maps, results.masks, self.thresholds)
+        return pixel_metrics(self.test_results.maps, self.test_results.masks, self.thresholds)

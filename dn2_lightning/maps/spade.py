@@ -96,9 +96,9 @@ def all_patch_scores(
 def gaussian_kernel(sigma: float, truncate: float = 4.0, device: torch.device | None = None) -> Tensor:
     """Normalised 1-D Gaussian of radius ``round(truncate * sigma)``, as ``scipy.ndimage.gaussian_filter``."""
     radius = int(truncate * sigma + 0.5)
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64, device=device)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)  # on the CPU: float64 is not on every device
     kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    return (kernel / kernel.sum()).float()
+    return (kernel / kernel.sum()).float().to(device)
 
 
 def _reflect_indices(n: int, radius: int, device: torch.device) -> Tensor:

@@ -1,0 +1,170 @@
+"""Apple silicon: on a Mac, ``Trainer()`` picks the MPS device, which has no float64. The backbone runs there; the
+memory bank, the exact search and everything after it run on the CPU, with the CPU's exact results.
+
+No Mac here: ``fake_mps`` is a CPU-backed "mps" device that refuses float64 (and mixed devices) as MPS does, so
+every test below fails on code that sends float64 to the device.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+import torch
+from fake_mps import FakeMPSAccelerator, fake_mps
+from helpers import BlobDataModule, linear_backbone, quiet_trainer
+from lightning import Trainer
+from torch import nn
+
+from dn2_lightning import DN2Detector, DN2Module
+from dn2_lightning.data import GroupDataModule
+from dn2_lightning.knn import brute_force_knn, knn_distances, lacks_float64, prepare_bank
+
+
+def mps_trainer() -> Trainer:
+    return Trainer(
+        accelerator=FakeMPSAccelerator(),
+        devices=1,
+        inference_mode=False,  # (the fake device's tensors cannot be inference tensors; no_grad is used instead)
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tempfile.mkdtemp(prefix="dn2-test-"),
+    )
+
+
+def small_conv() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(6, 10, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
+
+
+def test_the_fake_device_refuses_float64_as_mps_does():
+    with fake_mps():
+        x = torch.ones(3, device="mps")
+        assert x.device.type == "mps" and lacks_float64(x.device)
+        for make in (
+            lambda: torch.zeros(3, dtype=torch.float64, device="mps"),
+            lambda: x.double(),
+            lambda: x.sum(dtype=torch.float64),
+            lambda: torch.linalg.vector_norm(x, dtype=torch.float64),
+            lambda: torch.ones(3, dtype=torch.float64).to("mps"),
+        ):
+            with pytest.raises(TypeError, match="MPS framework doesn't support float64"):
+                make()
+        with pytest.raises(RuntimeError, match="same device"):
+            x + torch.ones(3)
+        assert x.cpu().double().sum().item() == 3.0
+
+
+def test_exact_knn_of_mps_tensors_equals_brute_force_and_comes_back_on_the_device():
+    g = torch.Generator().manual_seed(0)
+    queries, bank = torch.randn(9, 6, generator=g), torch.randn(70, 6, generator=g)
+    expected = brute_force_knn(queries, bank, 3)
+    with fake_mps():
+        for q, b in [
+            (queries.to("mps"), bank.to("mps")),
+            (queries.to("mps"), prepare_bank(bank.to("mps"))),  # prepared (and kept) on the CPU
+            (queries.to("mps"), bank),
+            (queries, bank.to("mps")),
+        ]:
+            found = knn_distances(q, b, 3)
+            assert found.values.device == q.device and found.indices.device == q.device
+            assert torch.equal(found.indices.cpu(), expected.indices)
+            torch.testing.assert_close(found.values.cpu().double(), expected.values, rtol=1e-6, atol=1e-6)
+
+
+def run_on_both(make_model, datamodule, stage: str) -> tuple[DN2Module, DN2Module]:
+    """The same model run on the CPU and on the (fake) MPS device."""
+    on_cpu = make_model()
+    getattr(quiet_trainer(), stage)(on_cpu, datamodule)
+    with fake_mps():
+        on_mps = make_model()
+        getattr(mps_trainer(), stage)(on_mps, datamodule)
+    return on_cpu, on_mps
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"clean_fraction": 0.5, "clean_k": 5}, {"threshold_samples": 30}],
+    ids=["plain", "cleaned", "threshold_drawn"],
+)
+def test_test_without_fit_on_mps_scores_as_on_the_cpu(settings):
+    dm = BlobDataModule()
+    cpu, mps = run_on_both(lambda: DN2Module(k=2, backbone=linear_backbone(), reports=False, **settings), dm, "test")
+    assert torch.equal(mps.test_scores.scores, cpu.test_scores.scores)
+    assert mps.test_scores.threshold == cpu.test_scores.threshold
+    assert torch.equal(mps.test_scores.normalized, cpu.test_scores.normalized)
+    assert mps.bank.embeddings.device.type == "cpu"  # the bank stays where the search runs
+
+
+def test_fit_then_predict_on_mps_and_the_bank_stays_on_the_cpu():
+    dm = BlobDataModule()
+    cpu = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    quiet_trainer().fit(cpu, dm)
+    expected = torch.cat([out["score"] for out in quiet_trainer().predict(cpu, dm)])
+    with fake_mps():
+        model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+        trainer = mps_trainer()
+        trainer.fit(model, dm)  # (Lightning moves the module back to the CPU when it is done)
+        model.to("mps")
+        assert next(model.backbone.parameters()).device.type == "mps"
+        assert {b.device.type for b in model.bank.buffers()} == {"cpu"}
+        predicted = torch.cat([out["score"].cpu() for out in trainer.predict(model, dm)])
+        model.to("mps")
+        one_by_one = model.score_images(dm.test_images[:5])  # the Python path of README's "One image"
+    torch.testing.assert_close(model.bank.embeddings, cpu.bank.embeddings)
+    assert torch.equal(predicted, expected)
+    assert torch.equal(one_by_one.scores.cpu(), cpu.score_images(dm.test_images[:5]).scores)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "histogram", "none"])
+def test_groups_on_mps_score_as_on_the_cpu(pooling):
+    dm = GroupDataModule(dataset="digits", group_size=4, n_train_groups=12, n_test_groups=12, seed=0, batch_size=16)
+
+    def model() -> DN2Module:
+        backbone = linear_backbone(in_features=3 * 32 * 32)
+        return DN2Module(k=2, backbone=backbone, input_size=32, group_pooling=pooling, group_clusters=3, reports=False)
+
+    cpu, mps = run_on_both(model, dm, "test")
+    torch.testing.assert_close(mps.test_scores.scores, cpu.test_scores.scores, rtol=1e-5, atol=1e-6)
+    assert mps.test_scores.threshold == pytest.approx(cpu.test_scores.threshold, rel=1e-5)
+
+
+def test_anomaly_maps_on_mps_equal_the_cpus():
+    dm = BlobDataModule()
+
+    def model() -> DN2Module:
+        return DN2Module(
+            k=2, backbone=small_conv(), anomaly_maps=True, map_layers=["1", "3"], map_images=4, reports=False
+        )
+
+    cpu, mps = run_on_both(model, dm, "test")
+    assert torch.equal(mps.test_scores.scores, cpu.test_scores.scores)
+    assert mps.maps.bank.patches.device.type == "cpu"
+    torch.testing.assert_close(mps.maps.test_results.maps, cpu.maps.test_results.maps)
+    with fake_mps():
+        maps = torch.cat([out["anomaly_map"].cpu() for out in mps_trainer().predict(mps, dm)])
+    torch.testing.assert_close(maps, cpu.maps.test_results.maps[cpu.maps.test_results.indices.argsort()])
+
+
+def test_the_detector_takes_mps_tensors():
+    g = torch.Generator().manual_seed(1)
+    train, queries = torch.randn(80, 5, generator=g), torch.randn(12, 5, generator=g) * 2
+    expected = DN2Detector(k=2, clean_fraction=0.2, clean_k=5).fit(train).decision_function(queries)
+    with fake_mps():
+        detector = DN2Detector(k=2, clean_fraction=0.2, clean_k=5).fit(train.to("mps"))
+        scores = detector.decision_function(queries.to("mps"))
+        assert scores.device.type == "mps"  # on X's device, as documented
+        scores = scores.cpu()
+        fitted_on_cpu = DN2Detector(k=2, clean_fraction=0.2, clean_k=5).fit(train)
+        assert fitted_on_cpu.decision_function(queries.to("mps")).device.type == "mps"
+        assert fitted_on_cpu.predict_proba(queries.to("mps")).device.type == "mps"
+    assert torch.equal(scores, expected)
