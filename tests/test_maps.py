@@ -181,9 +181,22 @@ def test_patch_bank_round_trips_through_a_state_dict_and_maps_indices_to_rows():
         restored.rows_of(torch.tensor([3]))
 
 
-def test_a_bank_larger_than_the_machine_fails_before_the_search_with_its_size():
+def test_a_bank_larger_than_the_machine_fails_before_the_search_with_its_size(monkeypatch):
     with pytest.raises(MemoryError, match=r"needs 1024\.00 GiB .*patch_bank='nearest_images'"):
         ensure_room(2**40, torch.device("cpu"), "the patch bank")
+    # macOS has no /proc/meminfo: its physical memory bounds what a bank may take
+    real_open = open
+    monkeypatch.setattr(
+        "builtins.open", lambda f, *a, **k: _raise(OSError()) if f == "/proc/meminfo" else real_open(f, *a, **k)
+    )
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    with pytest.raises(MemoryError, match=rf"only {physical / 2**30:.2f} GiB are available"):
+        ensure_room(physical + 2**20, torch.device("cpu"), "the patch bank")
+    ensure_room(2**20, torch.device("cpu"), "the patch bank")  # fits: no error
+
+
+def _raise(error: Exception) -> None:
+    raise error
 
 
 # ----------------------------------------------------------------------------- masks and synthetic data

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -103,7 +104,7 @@ class PatchBank(BankModule):
 
 def ensure_room(nbytes: int, device: torch.device, what: str) -> None:
     """Fail before any work when ``device`` cannot hold ``nbytes`` more: free CUDA memory, or the host's
-    available memory (``MemAvailable``) for the CPU. The message gives the size needed and the fixes."""
+    available memory (:func:`_host_available_bytes`) for the CPU. The message gives the size needed and the fixes."""
     fixes = (
         "Use patch_bank='nearest_images', a smaller model.input_size (the patch grid is input_size / 4 squared), "
         "fewer map_layers, or fewer training images."
@@ -123,6 +124,8 @@ def ensure_room(nbytes: int, device: torch.device, what: str) -> None:
 
 
 def _host_available_bytes() -> int | None:
+    """The host memory still available (Linux: ``MemAvailable``); where that is not reported (macOS), the
+    physical memory, an upper bound; ``None`` when neither is known (Windows)."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -130,4 +133,7 @@ def _host_available_bytes() -> int | None:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return None
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
