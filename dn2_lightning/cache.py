@@ -73,8 +73,10 @@ def atomic_write(path: str | Path, mode: str = "wb", **open_kwargs: Any) -> Iter
             os.replace(tmp, path)
         except PermissionError as err:
             raise PermissionError(
-                f"cannot replace {path} ({err}). On Windows a file that another program holds open (a spreadsheet, "
-                "a viewer) cannot be replaced: close it and run again."
+                err.errno,
+                f"cannot replace the file ({err.strerror}): if another program holds it open (a spreadsheet, a "
+                "viewer; Windows refuses to replace such a file), close it and run again",
+                str(path),
             ) from err
         _remove_stale_temporaries(path)
     finally:

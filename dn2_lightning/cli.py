@@ -128,11 +128,6 @@ class DN2HelpFormatter(DefaultHelpFormatter):
     def _expand_help(self, action: argparse.Action) -> str:
         return re.sub(r"type: Literal\[([^\]]*)\],", _choices, super()._expand_help(action))
 
-
-def _choices(literal: re.Match) -> str:
-    """``type: Literal['auto', 'torch'],`` as ``auto | torch;``: the choices, short enough for one line."""
-    return " | ".join(choice.strip(" '\"") for choice in literal.group(1).split(",")) + ";"
-
     def _fill_text(self, text: str, width: int, indent: str) -> str:
         # line breaks are kept (the data options are a table); only over-long lines are wrapped
         lines = []
@@ -143,6 +138,11 @@ def _choices(literal: re.Match) -> str:
             hang = " " * (len(line) - len(line.lstrip()))
             lines += textwrap.wrap(line, width, initial_indent=indent, subsequent_indent=indent + hang) or [indent]
         return "\n".join(lines)
+
+
+def _choices(literal: re.Match) -> str:
+    """``type: Literal['auto', 'torch'],`` as ``auto | torch;``: the choices, short enough for one line."""
+    return " | ".join(choice.strip(" '\"") for choice in literal.group(1).split(",")) + ";"
 
 
 class _NoVersionMixin:

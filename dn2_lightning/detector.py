@@ -18,7 +18,7 @@ import torch
 from sklearn.base import BaseEstimator
 from torch import Tensor
 
-from dn2_lightning.knn import KNNBackend, KNNResult, knn_distances, prepare_bank
+from dn2_lightning.knn import KNNBackend, KNNResult, knn_distances, lacks_float64, prepare_bank
 from dn2_lightning.scoring import (
     keep_lowest,
     knn_scores,
@@ -174,8 +174,11 @@ class DN2Detector(BaseEstimator):
 
 
 def _like_input(result: Tensor, X: ArrayLike) -> np.ndarray | Tensor:  # noqa: N803
-    """A tensor on ``X``'s device for tensor input (the bank may be elsewhere), else a NumPy array."""
-    return result.to(X.device) if isinstance(X, Tensor) else result.cpu().numpy()
+    """A tensor on ``X``'s device for tensor input (the bank may be elsewhere; float64 results stay on the CPU for
+    a device without float64), else a NumPy array."""
+    if not isinstance(X, Tensor):
+        return result.cpu().numpy()
+    return result if result.dtype == torch.float64 and lacks_float64(X.device) else result.to(X.device)
 
 
 def _as_matrix(values: ArrayLike, name: str, device: torch.device | None = None) -> Tensor:
@@ -202,7 +205,10 @@ def _as_matrix(values: ArrayLike, name: str, device: torch.device | None = None)
     # float32's 2**24 (which float32 would round); other dtypes become float32
     exact_in_float32 = tensor.is_floating_point() or not len(tensor) or int(tensor.abs().max()) <= 2**24
     dtype = torch.float64 if tensor.dtype == torch.float64 or not exact_in_float32 else torch.float32
-    tensor = tensor.to(device or tensor.device, dtype)
+    device = device or tensor.device
+    if dtype == torch.float64 and (lacks_float64(device) or lacks_float64(tensor.device)):
+        tensor, device = tensor.cpu(), torch.device("cpu")  # (Apple's MPS) cast on the CPU, where such banks stay
+    tensor = tensor.to(device, dtype)
     if not bool(torch.isfinite(tensor).all()):
         rows = (~torch.isfinite(tensor).all(1)).nonzero().flatten().tolist()
         raise ValueError(f"{name} holds NaN or Inf in rows {rows[:10]}; drop or impute them first.")

@@ -131,11 +131,11 @@ class DN2Module(LightningModule):
             images ``[B, 3, H, W]`` in [0, 1] to ``[B, D]``.
         pretrained: load the backbone's ImageNet weights.
         input_size: the backbone's input resolution (resized on the device); ``None``: its own.
-        knn_backend: exact kNN by ``"torch"`` or ``"keops"``; ``"auto"``: KeOps on CUDA for embeddings up to 64-D.
+        knn_backend: exact kNN engine; ``"auto"``: KeOps on CUDA if D <= 64.
         max_memory_bytes: temporary-memory budget of one kNN search (``None``: 512 MiB).
         clean_fraction: unsupervised setting: share of the bank with the largest leave-one-out scores
             dropped (paper: 0.5); 0 = no cleaning.
-        clean_k: neighbours of the cleaning score (200: best of a sweep, ``benchmarks/RESULTS.md``).
+        clean_k: neighbours of the cleaning score (200: best of a sweep in ``benchmarks/RESULTS.md``).
         group_pooling: groups ``[B, M, C, H, W]``: ``"mean"`` (paper), ``"histogram"`` (composition: soft
             assignments to k-means centroids of the training members), or ``"none"`` (point-wise).
         group_clusters: k-means centroids of the histogram pooling.

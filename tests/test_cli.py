@@ -146,6 +146,7 @@ def test_test_help_fits_on_a_screen_and_speaks_dn2(monkeypatch, capsys):
     for option in ("--data.dataset", "--data.root", "--data.normal_dir", "--data.on_corrupt", "--data.group_size"):
         assert option in text
     assert "folder" in text and "--ckpt_path" in text and "--trainer.devices" in text
+    assert "\n    --data.dataset " in text and "\n    --data.on_corrupt " in text  # the data options, a table
     assert "torchvision" not in text and "known subclasses" not in text and "``" not in text
     assert "Score the test set" in text and "AUROC" in text
     assert "Perform one evaluation epoch" not in text and "A DataModule standardizes" not in text

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import gzip
+import multiprocessing
 import pickle
 import socket
 import struct
@@ -603,16 +605,25 @@ def test_a_raised_pixel_limit_holds_in_spawned_workers(tmp_path, monkeypatch):
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=1, multiprocessing_context="spawn")
     (batch,) = list(loader)
     assert batch["image"].shape == (1, 3, 16, 16) and int(batch["image"].float().mean().round()) == 7
-    # Pillow's own limit (which the library's error message tells users to raise) goes along the same way
+    # Pillow's own limit (which the library's error message tells users to raise) goes along the same way, into
+    # worker processes only: in this process copy.copy and deepcopy unpickle too, and change nothing
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
-    shipped = pickle.dumps(ImageFolderDataset([tmp_path / "a.png"], [0], 16))
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 89_478_485)  # a fresh worker's default
+    built_unlimited = ImageFolderDataset([tmp_path / "a.png"], [0], 16)
+    shipped = pickle.dumps(built_unlimited)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 89_478_485)  # the default again, as in a fresh worker
+    copy.deepcopy(built_unlimited), copy.copy(built_unlimited), pickle.loads(shipped)
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485
+    monkeypatch.setattr(multiprocessing, "parent_process", lambda: object())  # as in a worker
     assert len(pickle.loads(shipped)) == 1 and Image.MAX_IMAGE_PIXELS is None
     Image.MAX_IMAGE_PIXELS = 1_100
     shipped = pickle.dumps(ImageFolderDataset([tmp_path / "a.png"], [0], 16))
     Image.MAX_IMAGE_PIXELS = 5_000
     pickle.loads(shipped)
     assert Image.MAX_IMAGE_PIXELS == 5_000  # a lower limit than the worker's own is not imposed on it
+    older = ImageFolderDataset([tmp_path / "a.png"], [0], 16)
+    del older._pillow_max_pixels  # pickled by a version without it: nothing is changed
+    pickle.loads(pickle.dumps(older))
+    assert Image.MAX_IMAGE_PIXELS == 5_000
 
 
 def test_datamodules_expose_load_size_and_pixel_format(tmp_path):

@@ -356,7 +356,7 @@ def test_a_result_file_held_open_elsewhere_is_named_with_the_fix_and_the_old_fil
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", held_open)
-    with pytest.raises(PermissionError, match=r"cannot replace .*protocol.csv .*close it and run again"):
+    with pytest.raises(PermissionError, match=r"cannot replace the file .*close it and run again: .*protocol.csv"):
         _result([2]).save(tmp_path)
     assert (tmp_path / "protocol.csv").read_text() == before and not list(tmp_path.glob(".*.tmp"))
 

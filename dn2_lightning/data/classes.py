@@ -20,11 +20,21 @@ class AnomalyLabel:
     >>> ImageFolder(root, target_transform=AnomalyLabel(normal=1))  # doctest: +SKIP
     >>> [AnomalyLabel(1)(y) for y in (0, 1, 2)], AnomalyLabel("good")("crack")
     ([1, 0, 1], 1)
+    >>> AnomalyLabel("good")(1)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    TypeError: AnomalyLabel(normal='good') got a class index, 1: give the normal class the same way ...
     """
 
     normal: int | str
 
     def __call__(self, target: int | str) -> int:
+        if isinstance(target, str) != isinstance(self.normal, str):  # every target would be "not normal"
+            given = "a class name" if isinstance(target, str) else "a class index"
+            raise TypeError(
+                f"AnomalyLabel(normal={self.normal!r}) got {given}, {target!r}: give the normal class the same way "
+                "(an ImageFolder's targets are indices: AnomalyLabel(dataset.class_to_idx['good']))."
+            )
         return int(target != self.normal)
 
 

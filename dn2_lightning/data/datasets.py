@@ -7,6 +7,7 @@ device, in the backbone. Files are decoded by :func:`dn2_lightning.data.images.l
 
 from __future__ import annotations
 
+import multiprocessing
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -189,9 +190,12 @@ class ImageFolderDataset(Dataset):
         self._pillow_max_pixels = Image.MAX_IMAGE_PIXELS
 
     def __setstate__(self, state: dict[str, object]) -> None:
-        # in a worker: Pillow's limit as the check at construction had it (raised only; never lowered here)
+        # in a spawned worker: Pillow's limit as the check at construction had it (raised only, never lowered;
+        # not in this process, where copy.copy and deepcopy also come here)
         self.__dict__.update(state)
-        saved, current = state.get("_pillow_max_pixels"), Image.MAX_IMAGE_PIXELS
+        if "_pillow_max_pixels" not in state or multiprocessing.parent_process() is None:
+            return
+        saved, current = state["_pillow_max_pixels"], Image.MAX_IMAGE_PIXELS
         if current is not None and (saved is None or saved > current):
             Image.MAX_IMAGE_PIXELS = saved
 

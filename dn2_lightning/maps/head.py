@@ -212,4 +212,4 @@ class AnomalyMaps(nn.Module):
         results = results._replace(indices=results.indices.reshape(-1))
         self.test_maps.reset()
         self.test_results = PixelResults(*(t.cpu() for t in results))
-        return pixel_metrics(self.test_results.maps, self.test_results.masks, self.thresholds)
+        return pixel_metrics(results.maps, results.masks, self.thresholds)  # on the device (MPS: on the CPU)
