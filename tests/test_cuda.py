@@ -271,7 +271,11 @@ def test_tf32_and_high_matmul_precision_stay_exact(offset_data, backend):
     queries, bank, truth = offset_data
     matmul = torch.backends.cuda.matmul
     before = torch.get_float32_matmul_precision(), matmul.allow_tf32
-    modes = [(m, m.fp32_precision) for m in (matmul, torch.backends.mkldnn.matmul) if hasattr(m, "fp32_precision")]
+    modes = [
+        (m, m.fp32_precision)
+        for m in (matmul, getattr(torch.backends.mkldnn, "matmul", None))
+        if hasattr(m, "fp32_precision")
+    ]
     flags = ("allow_tf32", "allow_fp16_reduced_precision_reduction", "allow_bf16_reduced_precision_reduction")
     try:
         matmul.allow_tf32 = True

@@ -55,7 +55,8 @@ def brute_force_pro(maps: torch.Tensor, masks: torch.Tensor, fpr_limit: float = 
     inside = x <= fpr_limit
     xs = np.append(x[inside], fpr_limit)
     ys = np.append(y[inside], np.interp(fpr_limit, x, y))  # x ascending; ties keep the last point's order
-    return float(np.trapezoid(ys, xs) / fpr_limit)
+    trapezoid = getattr(np, "trapezoid", None) or np.trapz  # (numpy 1.x has only trapz)
+    return float(trapezoid(ys, xs) / fpr_limit)
 
 
 # ------------------------------------------------------------------------------------------ pixel AUROC
