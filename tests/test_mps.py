@@ -14,7 +14,7 @@ import torch
 from fake_mps import FakeMPSAccelerator, fake_mps
 from helpers import BlobDataModule, linear_backbone, quiet_trainer
 from lightning import Callback, Trainer
-from torch import nn
+from test_maps import tiny_conv
 
 from dn2_lightning import DN2Detector, DN2Module
 from dn2_lightning.data import GroupDataModule, OneClassDataModule
@@ -49,18 +49,6 @@ def mps_trainer(*callbacks: Callback) -> Trainer:
         enable_model_summary=False,
         enable_checkpointing=False,
         default_root_dir=tempfile.mkdtemp(prefix="dn2-test-"),
-    )
-
-
-def small_conv() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 6, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(6, 10, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
     )
 
 
@@ -163,7 +151,7 @@ def test_anomaly_maps_on_mps_equal_the_cpus():
 
     def model() -> DN2Module:
         return DN2Module(
-            k=2, backbone=small_conv(), anomaly_maps=True, map_layers=["1", "3"], map_images=4, reports=False
+            k=2, backbone=tiny_conv(), anomaly_maps=True, map_layers=["1", "3"], map_images=4, reports=False
         )
 
     cpu, mps = run_on_both(model, dm, "test")
@@ -182,7 +170,7 @@ def test_pixel_metrics_of_maps_on_mps_equal_the_cpus(tmp_path):
 
     def model() -> DN2Module:
         maps = dict(anomaly_maps=True, map_layers=["1", "3"], map_images=3, input_size=32)
-        return DN2Module(k=2, backbone=small_conv(), reports=False, **maps)
+        return DN2Module(k=2, backbone=tiny_conv(), reports=False, **maps)
 
     on_cpu = quiet_trainer().test(model(), datamodule())[0]
     with fake_mps():
