@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 import json
 import math
@@ -492,19 +493,17 @@ def _run_config(trainer: Trainer) -> str | None:
 
     for callback in trainer.callbacks:
         if isinstance(callback, SaveConfigCallback):
-            return callback.parser.dump(callback.config, **{_KEEP_NONE_ENTRIES: False})
+            return callback.parser.dump(callback.config, **{_keep_none_entries_name(): False})
     return None
 
 
+@functools.cache
 def _keep_none_entries_name() -> str:
     """jsonargparse 4.49 renamed ``dump``'s ``skip_none`` to ``skip_unset`` (the old name goes in 5.0)."""
     from importlib.metadata import version
 
     major, minor = (int(part) for part in version("jsonargparse").split(".")[:2])
     return "skip_unset" if (major, minor) >= (4, 49) else "skip_none"
-
-
-_KEEP_NONE_ENTRIES = _keep_none_entries_name()
 
 
 def _threshold_of(pl_module: LightningModule) -> float | None:

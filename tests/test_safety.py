@@ -98,6 +98,9 @@ def test_class_index_labels_are_refused_with_the_mapping_issue11_2(tmp_path):
         quiet_trainer().test(model, dataloaders=DataLoader(tuples, batch_size=4))
 
     good = raw.class_to_idx["good"]
+    for nonsense in (None, 1.5, True):
+        with pytest.raises(TypeError, match=r"AnomalyLabel\(normal=.*index or name"):
+            AnomalyLabel(nonsense)
     # the mapping the message names, through a worker started by spawn (macOS, Windows), which pickles it
     mapped = ImageFolder(tmp_path / "test", transform=tvf.pil_to_tensor, target_transform=AnomalyLabel(good))
     spawned = DataLoader(mapped, batch_size=4, num_workers=1, multiprocessing_context="spawn")

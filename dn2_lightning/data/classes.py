@@ -4,6 +4,7 @@ needed: ``dn2-protocol`` uses these without the DataModules)."""
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,10 @@ class AnomalyLabel:
     """
 
     normal: int | str
+
+    def __post_init__(self) -> None:
+        if isinstance(self.normal, bool) or not isinstance(self.normal, numbers.Integral | str):
+            raise TypeError(f"AnomalyLabel(normal={self.normal!r}): give the normal class's index or name.")
 
     def __call__(self, target: int | str) -> int:
         if isinstance(target, str) != isinstance(self.normal, str):  # every target would be "not normal"

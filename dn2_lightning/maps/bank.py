@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from dn2_lightning.bank import BankModule, as_buffer
-from dn2_lightning.knn import PreparedBank, ensure_fits, float64_mean, lacks_float64, squared_norms
+from dn2_lightning.knn import PreparedBank, ensure_fits, float64_mean, squared_norms
 
 
 class PatchBank(BankModule):
@@ -55,8 +55,6 @@ class PatchBank(BankModule):
                 f"patches {tuple(patches.shape)} must be [N, C, h, w] with N = len(sample_indices) "
                 f"({sample_indices.shape[0]})."
             )
-        if lacks_float64(patches.device):  # kept on the CPU, where the search runs (BankModule)
-            patches, sample_indices = patches.cpu(), sample_indices.cpu()
         n, c, h, w = patches.shape
         order = torch.argsort(sample_indices)
         with torch.inference_mode(False), torch.no_grad():
