@@ -91,7 +91,8 @@ class FeatureExtractor(nn.Module):
 
     Args:
         trunk: module mapping normalised images to [B, D] (or [B, D, 1, 1]).
-        mean, std: per-channel normalisation applied to [0, 1] images.
+        mean: per-channel mean subtracted from [0, 1] images.
+        std: per-channel standard deviation the centred images are divided by.
         image_size: square input resolution; ``None`` keeps the input size.
         feature_dim: D if known in advance (used to validate checkpoints).
     """

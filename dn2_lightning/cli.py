@@ -131,7 +131,7 @@ class DN2HelpFormatter(DefaultHelpFormatter):
     def _fill_text(self, text: str, width: int, indent: str) -> str:
         # line breaks are kept (the data options are a table); only over-long lines are wrapped
         lines = []
-        for line in text.splitlines():
+        for line in _plain(text).splitlines():
             if len(line) <= width:
                 lines.append(indent + line)
                 continue
@@ -181,6 +181,14 @@ THRESHOLD_HPARAMS = ("threshold", "threshold_quantile")
 # scoring settings a checkpoint carries and a run keeps unless it sets them (the threshold's draw of training
 # images: another one would recompute their leave-one-out scores)
 KEPT_HPARAMS = ("threshold_samples",)
+
+
+class DN2ArgumentParser(LightningArgumentParser):
+    """Lightning's parser with :class:`DN2HelpFormatter` by default, also for the parsers jsonargparse makes
+    from it (``--data.help CLASS`` builds ``type(parser)(...)``)."""
+
+    def __init__(self, *args: Any, formatter_class: type[argparse.HelpFormatter] = DN2HelpFormatter, **kwargs: Any):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
 
 class DN2CLI(LightningCLI):
@@ -391,6 +399,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
         return DN2CLI(
             DN2Module,
             LightningDataModule,
+            parser_class=DN2ArgumentParser,
             subclass_mode_data=True,
             args=args,
             run=run,

@@ -83,7 +83,8 @@ _MAX_BANK_BLOCK_ROWS = {"cpu": 16384, "cuda": 65536}
 # minimum hold the c smallest values, so top-k runs over (rows / group) minima plus c * group values instead
 # of every row; the group minima also tell an uncertified query which groups can still hold a nearer row.
 _GROUP_ROWS = 32  # 16 to 64 time alike on the CPU (RESULTS.md section 4)
-# Bytes per float64 operand in one chunk of the survivor recompute: in L2 cache on a CPU, large on a GPU.
+# Bytes per float64 operand in one chunk of the survivor recompute: in L2 cache on a CPU, large on a GPU;
+# never more than an eighth of the search's budget (a chunk's temporaries are about 2.5 times this).
 _PAIR_CHUNK_BYTES = {"cpu": 2**19, "cuda": 2**28}
 
 
@@ -551,7 +552,7 @@ class _BlockSearch:
             self.far = self.far | broken
             approx, cand = approx.masked_fill(broken[:, None], 0), cand.masked_fill(broken[:, None], 0)
         bound = _error_bound(self.error_scale, self.q_norms, bank.max_norm, bank.low)
-        v, i, kth, uncertain = _certified_topk(self.queries, bank, approx, cand, bound, self.k)
+        v, i, kth, uncertain = _certified_topk(self.queries, bank, approx, cand, bound, self.k, self.budget)
         uncertain |= self.far
         if uncertain.any():
             rows = uncertain.nonzero().flatten()
@@ -581,7 +582,7 @@ class _BlockSearch:
         values, indices = [], []
         for start in range(0, len(rows), step):
             part = slice(start, start + step)
-            v, i = _exact_topk(self.queries[rows[part]], self.bank, cand[part], valid[part], self.k)
+            v, i = _exact_topk(self.queries[rows[part]], self.bank, cand[part], valid[part], self.k, self.budget)
             values.append(v)
             indices.append(i)
         return torch.cat(values), torch.cat(indices)
@@ -784,7 +785,7 @@ def _block_topk(out: Tensor, c: int, group: int) -> tuple[Tensor, Tensor, Tensor
 
 
 def _certified_topk(
-    queries: Tensor, bank: PreparedBank, approx: Tensor, cand: Tensor, bound: Tensor, k: int
+    queries: Tensor, bank: PreparedBank, approx: Tensor, cand: Tensor, bound: Tensor, k: int, budget: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The exact top k among candidates ``cand`` whose ascending approximate distances ``approx`` (scaled frame)
     lie within ``bound`` of the exact ones: ``(values, indices, kth, uncertain)``, where ``kth`` bounds each
@@ -793,42 +794,51 @@ def _certified_topk(
     # The k-th exact distance is at most approx_k + bound: candidates whose lower bound exceeds it are out.
     # Comparisons are written so that NaN (no bound at all) keeps a candidate and never certifies a query.
     keep = ~(approx - bound[:, None] > (approx[:, k - 1] + bound)[:, None])
-    v, i = _exact_topk(queries, bank, cand, keep, k)
+    v, i = _exact_topk(queries, bank, cand, keep, k, budget)
     kth = v[:, -1] * bank.scale**2 * (1 + _exact_slack(queries, bank))  # with the recompute's own rounding
     # rows outside the candidates have approx >= approx_c, so exact >= approx_c - bound
     uncertain = ~(approx[:, -1] - bound > kth) if cand.shape[1] < bank.shape[0] else torch.zeros_like(kth).bool()
     return v, i, kth, uncertain | ~torch.isfinite(approx).all(1)  # an overflowed approximation bounds nothing
 
 
-def _exact_topk(queries: Tensor, bank: PreparedBank, cand: Tensor, keep: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def _exact_topk(
+    queries: Tensor, bank: PreparedBank, cand: Tensor, keep: Tensor, k: int, budget: int
+) -> tuple[Tensor, Tensor]:
     """Exact distances (float64) for the kept candidates only; the k smallest per query, ascending (``keep``
     holds at least k per row). Rows whose k + 1 smallest include values too close for float32 differences
     to order are recomputed with float64 differences, so membership and order are exact."""
     rows, cols = keep.nonzero(as_tuple=True)
     exact = torch.full(keep.shape, math.inf, dtype=torch.float64, device=keep.device)
-    exact[rows, cols] = _pair_distances(queries, bank.source, rows, cand[rows, cols])
+    chunk = min(_PAIR_CHUNK_BYTES.get(keep.device.type, 2**28), budget // 8)
+    exact[rows, cols] = _pair_distances(queries, bank.source, rows, cand[rows, cols], chunk)
     if _pair_dtype(queries, bank.source) != torch.float64:
         top = exact.topk(min(k + 1, exact.shape[1]), dim=1, largest=False, sorted=True).values
         close = (top[:, 1:] <= top[:, :-1] * (1 + 2 * _exact_slack(queries, bank))).any(1)
         if close.any():
             rows, cols = (keep & close[:, None]).nonzero(as_tuple=True)
-            exact[rows, cols] = _pair_distances(queries, bank.source, rows, cand[rows, cols], torch.float64)
+            exact[rows, cols] = _pair_distances(queries, bank.source, rows, cand[rows, cols], chunk, torch.float64)
     values, pos = exact.topk(k, dim=1, largest=False, sorted=True)
     return values, cand.gather(1, pos)
 
 
 def _pair_distances(
-    queries: Tensor, bank: Tensor, query_rows: Tensor, bank_rows: Tensor, work: torch.dtype | None = None
+    queries: Tensor,
+    bank: Tensor,
+    query_rows: Tensor,
+    bank_rows: Tensor,
+    chunk_bytes: int,
+    work: torch.dtype | None = None,
 ) -> Tensor:
-    """``||queries[query_rows[p]] - bank[bank_rows[p]]||^2`` squared and accumulated in float64, a cache-sized
-    chunk of pairs at a time (never ``[queries, candidates, D]`` at once). Differences are taken in ``work``
-    (default float64 when either side is float64, exact; else float32, relative error <= 2^-22 per distance).
+    """``||queries[query_rows[p]] - bank[bank_rows[p]]||^2`` squared and accumulated in float64, a chunk of
+    pairs at a time whose float64 squares take ``chunk_bytes`` (never ``[queries, candidates, D]`` at once).
+    Differences are taken in ``work`` (default float64 when either side is float64, exact; else float32,
+    relative error <= 2^-22 per distance).
     A float32 difference squares exactly in float64; squared in float32 it could fall into float32's
     subnormals (below 2^-126), where the relative error is unbounded."""
     work = work or _pair_dtype(queries, bank)
     out = torch.empty(len(query_rows), dtype=torch.float64, device=queries.device)
     # rows per chunk: the float64 squares are the largest temporary
-    step = max(1, _PAIR_CHUNK_BYTES.get(queries.device.type, 2**28) // (8 * queries.shape[1]))
+    step = max(1, chunk_bytes // (8 * queries.shape[1]))
     for start in range(0, len(query_rows), step):
         diff = torch.index_select(queries, 0, query_rows[start : start + step]).to(work)
         diff.sub_(torch.index_select(bank, 0, bank_rows[start : start + step]))
@@ -857,7 +867,7 @@ def _difference_scan(queries: Tensor, bank: PreparedBank, k: int, budget: int) -
         qs = queries[start : start + step]
         keep = torch.ones(len(qs), n, dtype=torch.bool, device=qs.device)
         cand = torch.arange(n, device=qs.device).expand_as(keep)
-        v, i = _exact_topk(qs, bank, cand, keep, k)
+        v, i = _exact_topk(qs, bank, cand, keep, k, budget)
         values.append(v)
         indices.append(i)
     return torch.cat(values), torch.cat(indices)
@@ -912,7 +922,7 @@ def _keops_knn(queries: Tensor, bank: PreparedBank, k: int, budget: int, dtype: 
     u = _UNIT_ROUNDOFF[torch.float32]
     gamma = (dim + 3) * u / (1 - (dim + 3) * u)
     bound = _error_bound(1.01 * (gamma + 2 * u + 2 * u * u), q_norms, bank.max_norm, rows)
-    v, i, _, uncertain = _certified_topk(queries, bank, approx.double(), cand.long(), bound, k)
+    v, i, _, uncertain = _certified_topk(queries, bank, approx.double(), cand.long(), bound, k, budget)
     uncertain |= far
     if uncertain.any():
         rows = uncertain.nonzero().flatten()

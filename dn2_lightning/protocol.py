@@ -348,11 +348,17 @@ def run_protocol(
         input_size: the backbone's input resolution on the device (``None`` = its own), as ``DN2Module``'s.
         classes: normal classes to evaluate, indices or names (default: all); ``--classes 0 1`` on the command
             line.
-        contamination, seed: unsupervised setting, as in ``OneClassDataModule``.
-        clean_fraction, clean_k: bank cleaning, as in ``DN2Module``.
+        contamination: fraction of anomalies in the training set (unsupervised setting), as in
+            ``OneClassDataModule``.
+        clean_fraction: fraction of the bank removed before scoring (bank cleaning), as in ``DN2Module``.
+        clean_k: neighbours of the cleaning's leave-one-out score, as in ``DN2Module``.
+        seed: seeds the choice of contaminants.
         knn_backend: as in ``DN2Module``.
-        root, batch_size, device: data location, extraction batch size, ``"auto"``/``"cpu"``/``"cuda"``.
-        cache_dir, use_cache: the embedding cache (default ``<data root>/embeddings``).
+        root: where the data are (default ``$DN2_DATA_DIR`` or ``~/.cache/dn2_lightning/data``).
+        batch_size: extraction batch size.
+        device: where the backbone runs: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        cache_dir: the embedding cache folder (default ``<data root>/embeddings``).
+        use_cache: read and write the embedding cache.
         precision: ``"32"`` or ``"bf16"`` (bfloat16 autocast during extraction).
         out: folder for protocol.md/.csv/.json.
         progress: progress bars for the extraction and the class loop; ``None`` = only when stdout is a
@@ -472,7 +478,10 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of ``dn2-protocol`` (``args`` defaults to the command line)."""
     from jsonargparse import CLI
 
-    CLI(run_protocol, as_positional=False, args=join_list_option(sys.argv[1:] if args is None else args))
+    from .cli import DN2HelpFormatter
+
+    arguments = join_list_option(sys.argv[1:] if args is None else args)
+    CLI(run_protocol, as_positional=False, args=arguments, prog="dn2-protocol", formatter_class=DN2HelpFormatter)
 
 
 if __name__ == "__main__":

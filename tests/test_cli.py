@@ -152,6 +152,50 @@ def test_test_help_fits_on_a_screen_and_speaks_dn2(monkeypatch, capsys):
     assert "Perform one evaluation epoch" not in text and "A DataModule standardizes" not in text
 
 
+def option_descriptions(text: str) -> dict[str, str]:
+    """``--option -> its help text`` (unwrapped) from argparse's two-column layout."""
+    options: dict[str, str] = {}
+    current = None
+    for line in text.splitlines():
+        match = re.match(r"  (--[\w.]+)\s*(.*)", line)
+        if match:
+            current = match.group(1)
+            options[current] = match.group(2)
+        elif current and line.startswith("    "):
+            options[current] += " " + line.strip()
+        else:
+            current = None
+    return options
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["test", "--data.help", "OneClassDataModule"],
+        ["test", "--data.help", "dn2_lightning.GroupDataModule"],
+        ["dn2-protocol", "--help"],
+    ],
+    ids=["OneClassDataModule", "GroupDataModule", "dn2-protocol"],
+)
+def test_every_option_of_the_other_helps_is_described_in_plain_text(args, monkeypatch, capsys):
+    """``--data.help CLASS`` was printed by jsonargparse's own formatter (raw ``Literal[...]``, reST markup),
+    and options documented together in one docstring entry (``batch_size, num_workers: ...``) had no
+    description there or in ``dn2-protocol --help``."""
+    from dn2_lightning.protocol import main as protocol_main
+
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit) as exit_info:
+        protocol_main(args[1:]) if args[0] == "dn2-protocol" else build_cli(args)
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    options = {name: help for name, help in option_descriptions(text).items() if name not in ("--help", "--config")}
+    assert len(options) >= 10, text
+    undescribed = sorted(name for name, help in options.items() if not help or help.startswith("(type:"))
+    assert not undescribed, f"{' '.join(args)}: options without a description: {undescribed}"
+    for raw in ("Literal[", "``", ":func:", ":class:"):
+        assert raw not in text, f"{' '.join(args)} shows {raw!r}"
+
+
 def test_subcommands_are_described_in_dn2_terms(monkeypatch, capsys):
     monkeypatch.setenv("COLUMNS", "80")
     text = " ".join(help_text(["--help"], capsys).split())  # unwrapped

@@ -338,6 +338,24 @@ def test_a_bank_too_large_for_the_device_is_refused_before_allocating():
         assert grown < 2**20, f"{name} allocated {grown / 2**20:.1f} MiB before refusing the bank"
 
 
+@cuda_only
+def test_the_search_stays_near_max_memory_bytes():
+    """Queries too far for the float32 GEMM go to the float64 recompute, whose chunk was a fixed 256 MiB on
+    CUDA: a 16 MiB budget grew by about 384 MiB. Every temporary now follows the budget."""
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    bank = prepare_bank(torch.randn(20000, 256, device=DEVICE, generator=g))
+    queries = torch.randn(400, 256, device=DEVICE, generator=g)
+    queries[:200] *= 2.0**52
+    budget = 2**24
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    result = knn_distances(queries, bank, 2, "torch", max_memory_bytes=budget)
+    grown = torch.cuda.max_memory_allocated() - before
+    check_exact(result, queries, bank.source, reference(queries, bank.source, 2), "far queries, 16 MiB budget")
+    assert grown < 3 * budget, f"a search with a 16 MiB budget grew the allocated memory by {grown / 2**20:.0f} MiB"
+
+
 # --------------------------------------------------------------------------------------------------
 # 4, 5. DN2Module on the device
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -87,6 +89,36 @@ def test_torch_memory_budget_forces_many_blocks():
     big = knn_distances(queries, bank, 4, "torch")
     assert torch.equal(small.indices, big.indices)
     assert_exact(small, queries, bank, 4)
+
+
+_PAIR_RECOMPUTE_PEAK = """
+import resource, torch
+import dn2_lightning.knn as knn
+knn._PAIR_CHUNK_BYTES["cpu"] = knn._PAIR_CHUNK_BYTES["cuda"]  # the GPU's 256 MiB chunks, measurable on a CPU
+g = torch.Generator().manual_seed(0)
+bank, queries = torch.randn(20000, 256, generator=g), torch.randn(40, 256, generator=g)
+queries[:20] *= 2.0**52  # too far for the float32 GEMM: searched by float64 differences over the whole bank
+knn.knn_distances(queries[20:], bank, 2, "torch", max_memory_bytes=2**20)  # warm-up
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+knn.knn_distances(queries, bank, 2, "torch", max_memory_bytes=2**20)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss is in KiB on Linux only")
+def test_the_float64_recompute_stays_within_max_memory_bytes():
+    """The recompute's chunk was a fixed 256 MiB on CUDA whatever ``max_memory_bytes`` said: with a 1 MiB
+    budget the peak grew by 300 MiB. It is now an eighth of the budget at most (run with the GPU's chunk size
+    on the CPU, in a fresh process so that the peak resident size is this search's)."""
+    run = subprocess.run(
+        [sys.executable, "-c", _PAIR_RECOMPUTE_PEAK],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        check=True,
+    )
+    grown_mib = float(run.stdout.split()[-1])
+    assert grown_mib < 32, f"a search with max_memory_bytes=1 MiB grew the peak resident memory by {grown_mib} MiB"
 
 
 def test_candidates_of_several_bank_blocks_are_merged_with_their_own_rows(monkeypatch):

@@ -143,8 +143,11 @@ class GroupDataModule(LightningDataModule):
         seed: seeds every random draw; the same seed gives the same groups. The training, normal test and
             anomalous test groups are drawn from independent streams of it, so changing ``n_train_groups``
             keeps the test groups (:func:`draw_group_sets`).
-        root, batch_size, num_workers, load_size: as in :class:`OneClassDataModule` (``load_size`` is the CPU
-            resize while loading, not the model's ``input_size``).
+        root: where the files are, as in :class:`OneClassDataModule`.
+        batch_size: groups per batch.
+        num_workers: DataLoader worker processes.
+        load_size: resize images to this square size while loading (CPU), as in :class:`OneClassDataModule`;
+            not the model's ``input_size``.
     """
 
     def __init__(

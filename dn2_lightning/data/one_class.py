@@ -55,7 +55,8 @@ class OneClassDataModule(LightningDataModule):
             masks, written on first use (:mod:`dn2_lightning.data.synthetic`).
         normal_class: index or (case-insensitive) name of the normal class; ignored for folders.
         root: where the files are (default ``$DN2_DATA_DIR`` or ``~/.cache/dn2_lightning/data``).
-        batch_size, num_workers, pin_memory: DataLoader settings.
+        batch_size: images per batch.
+        num_workers: DataLoader worker processes.
         load_size: resize images to this square size while loading (CPU, uint8); ``None`` keeps the native
             size (folders: 224). Not the model's resolution: the backbone resizes to its own ``input_size`` on
             the device. ``hparams.load_size`` holds the size actually used, ``hparams.pixel_format`` what

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
+import psutil
 import torch
 from torch import Tensor
 
@@ -114,24 +114,13 @@ def ensure_room(nbytes: int, device: torch.device, what: str) -> None:
             raise MemoryError(f"{err} {fixes}") from None
         return
     available = _host_available_bytes()
-    if available is not None and nbytes > available:
+    if nbytes > available:
         raise MemoryError(
             f"{what} needs {nbytes / 2**30:.2f} GiB of host memory but only {available / 2**30:.2f} GiB are "
             f"available. {fixes}"
         )
 
 
-def _host_available_bytes() -> int | None:
-    """The host memory still available (Linux: ``MemAvailable``); where that is not reported (macOS), the
-    physical memory, an upper bound; ``None`` when neither is known (Windows)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
+def _host_available_bytes() -> int:
+    """The host memory still available without swapping (Linux ``MemAvailable``; macOS and Windows alike)."""
+    return psutil.virtual_memory().available
