@@ -3,7 +3,6 @@ over the train data, and the builder that turns what was collected into the bank
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -182,11 +181,11 @@ class MemoryBank(BankModule):
             )
         spec = state_dict.get(prefix + "_extra_state") or {}
         if removed is None and embeddings is not None and len(embeddings) and (spec.get("clean_fraction") or 0) > 0:
-            warnings.warn(
+            rank_zero_warn(
                 "this checkpoint (saved by an earlier dn2-lightning) does not hold the rows that cleaning removed, "
                 "so its threshold and normalised scores come from the kept rows alone, the densest of the training "
                 "set: far more than 1 - threshold_quantile of normal images get flagged. Fit again to fix it.",
-                stacklevel=2,
+                stacklevel=5,
             )
         # checkpoints written before these entries existed: recomputed on first need
         state_dict.setdefault(prefix + "loo_scores", torch.empty(0))

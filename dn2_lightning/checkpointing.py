@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import pickle
+import re
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_warn
 
 from dn2_lightning.cache import atomic_write
 
@@ -43,6 +45,9 @@ BANK_SETTINGS = (
 )
 # the data settings that define it: the datamodule's CPU resize and decoding of the images
 DATA_SETTINGS = ("load_size", "pixel_format")
+# The layout of a bank's record (``bank.spec``): 2 since the record names single images vs groups. A newer
+# layout may hold settings this version would not check, so it is refused.
+BANK_FORMAT = 2
 
 
 class WeightsOnlyCheckpointIO(CheckpointIO):
@@ -90,7 +95,24 @@ def readable_checkpoint(path: Any) -> Iterator[None]:
         raise
     except (EOFError, RuntimeError, OSError, pickle.UnpicklingError) as error:
         _raise_if_unreadable(path, error)
+        _raise_if_unsafe_type(path, error)
         raise
+
+
+def _raise_if_unsafe_type(path: Any, error: BaseException) -> None:
+    """Torch's error, said for dn2, when a whole checkpoint holds a type that weights-only loading refuses: torch
+    advises ``weights_only=False``, which dn2 refuses; allowing the one type is the way, for a trusted file."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+    if found is None:
+        return
+    name = found.group(1)
+    raise pickle.UnpicklingError(
+        f"Weights only load failed: the checkpoint {path} holds a {name}, which weights-only loading refuses "
+        "(dn2-lightning loads every checkpoint weights-only). A file from elsewhere may be crafted to run code "
+        f"when loaded. Only if you trust it and {name} is a plain data type (e.g. pathlib.PosixPath in an older "
+        f"checkpoint's saved hyperparameters), allow it: `torch.serialization.add_safe_globals([{name}])` (import "
+        "its module first)."
+    ) from error
 
 
 def _raise_if_unreadable(path: Any, error: BaseException) -> None:
@@ -123,6 +145,27 @@ def refuse_unsafe_load(weights_only: bool | None) -> None:
         raise ValueError(
             "weights_only=False would let a checkpoint run arbitrary code when loaded; dn2-lightning "
             "checkpoints hold tensors and plain values only, so every load is weights-only. Drop the argument."
+        )
+
+
+def check_bank_format(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    """Refuse a bank recorded by a newer dn2-lightning; warn about model settings an older record lacks, which
+    therefore cannot be checked (``map_layers`` is recorded only for banks with anomaly maps)."""
+    version = saved.get("format", 1)
+    if version > BANK_FORMAT:
+        raise ValueError(
+            f"the memory bank was saved by a newer dn2-lightning (bank format {version}; this version reads up to "
+            f"{BANK_FORMAT}), which may depend on settings this version does not check. Upgrade dn2-lightning, or "
+            "build the bank again with fit."
+        )
+    missing = [name for name in BANK_SETTINGS if name != "map_layers" and name in current and name not in saved]
+    if missing:
+        shown = ", ".join(f"{name}={_show(current[name])}" for name in missing)
+        rank_zero_warn(
+            f"this memory bank does not record {', '.join(missing)} (a checkpoint saved by an earlier "
+            f"dn2-lightning), so nothing checks that it was built with this model's {shown}: make sure it was, "
+            "or fit again to record it.",
+            stacklevel=6,
         )
 
 
@@ -163,6 +206,8 @@ def check_train_set(saved: Mapping[str, Any] | None, current: Mapping[str, Any] 
             f"{name}={_show(saved.get(name))} (bank) vs {name}={_show(current.get(name))} (datamodule)"
             for name in differing
         )
+        if "train_files" in differing:
+            pairs += " (train_files: a fingerprint of the names and sizes of the images under root/train)"
         raise ValueError(
             f"the memory bank was built from other training data than this datamodule's: {pairs}. Its scores "
             "would measure the distance to those images, not to this datamodule's normal data. Use a new "

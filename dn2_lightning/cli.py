@@ -66,6 +66,9 @@ SILENCED_WARNINGS = (
     r"You defined a `validation_step` but have no `val_dataloader`",
     # lightning 2.6 vs torch >= 2.10 (lightning/pytorch/utilities/_pytree.py), nothing a user can act on
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # DDP test/validate: DN2 drops the DistributedSampler's padded duplicates (by sample index), so every sample
+    # counts once, which this warning says it would not
+    r"Using `DistributedSampler` with the dataloaders",
 )
 SILENCED_INFO = ("💡 Tip:",)  # advertisements for litlogger / litmodels, printed by every Trainer
 # The Trainer options that matter to DN2, shown one per line with a hint; the others (optimisation, epochs,
@@ -223,6 +226,18 @@ class DN2CLI(LightningCLI):
         for action in self.parser._actions:
             for choice in getattr(action, "_choices_actions", []):
                 choice.help = SUBCOMMAND_HELP.get(choice.dest, choice.help)
+
+    def instantiate_classes(self) -> None:
+        """Lightning's, with a setting that DN2 refuses while building the model or the data said as a command
+        line error (usage, the message, exit code 2), as a value outside a choice is, not as a traceback."""
+        try:
+            super().instantiate_classes()
+        except Exception as error:
+            refusal = _dn2_refusal(error)
+            if refusal is None:
+                raise
+            parser = getattr(self, "_subcommand_parsers", {}).get(self.subcommand, self.parser)
+            parser.error(str(refusal))
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Lightning's parsing, plus which model settings the run gives itself (its config files and flags, without
@@ -510,6 +525,24 @@ def _param_lines(params: dict[str, tuple[Any, str]], width: int) -> list[str]:
         text = f"{description} (default: {_default_text(default)})".strip()
         lines += textwrap.wrap(text, width, initial_indent=head, subsequent_indent=" " * len(head))
     return lines
+
+
+def _dn2_refusal(error: BaseException) -> BaseException | None:
+    """The ``ValueError``/``TypeError``/``OSError`` raised by this package's own checks in ``error``'s chain
+    (jsonargparse wraps a class's refusal into "Does not validate against any of the Union subtypes")."""
+    package = Path(__file__).parent
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        frame = current.__traceback__
+        while frame is not None and frame.tb_next is not None:
+            frame = frame.tb_next
+        raised_here = frame is not None and Path(frame.tb_frame.f_code.co_filename).is_relative_to(package)
+        if raised_here and isinstance(current, ValueError | TypeError | OSError):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _help_width() -> int:

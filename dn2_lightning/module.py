@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import warnings
 import weakref
 from collections.abc import Mapping, Sized
 from pathlib import Path
@@ -29,9 +28,11 @@ from dn2_lightning.backbones import build_backbone
 from dn2_lightning.bank import BankBuilder, BankCollector, MemoryBank
 from dn2_lightning.batch import Batch, check_dataset_labels, check_group_mask, unpack_batch
 from dn2_lightning.checkpointing import (
+    BANK_FORMAT,
     BANK_SETTINGS,
     DATA_SETTINGS,
     WeightsOnlyCheckpointIO,
+    check_bank_format,
     check_bank_settings,
     check_train_set,
     readable_checkpoint,
@@ -321,6 +322,9 @@ class DN2Module(LightningModule):
             self._end_pass()
 
     def on_fit_start(self) -> None:
+        # a module from load_from_checkpoint is in eval mode, which Lightning warns about before training; the
+        # backbone embeds alike in either mode
+        self.train()
         self.fit_built_bank = False
         self._pass_started = self._resumed_mid_pass = self._pass_done = False
         max_epochs, max_steps = self.trainer.max_epochs, self.trainer.max_steps
@@ -396,10 +400,10 @@ class DN2Module(LightningModule):
         else:
             self._check_settings_against_bank()
             if total is None or seen < total:
-                warnings.warn(
+                rank_zero_warn(
                     f"fit restored a memory bank built from {_batch_count(seen, total)} (this "
                     f"run reads {seen} too): scores use a partial bank; fit without the limit to read the whole pass.",
-                    stacklevel=2,
+                    stacklevel=5,
                 )
             else:
                 info("DN2: fit restored the memory bank from ckpt_path (its pass was complete): nothing was embedded.")
@@ -466,25 +470,29 @@ class DN2Module(LightningModule):
             total = None if seen >= self._batch_limit else seen
         self._pass_batches = (seen, total)
         if total is None or seen < total:
-            warnings.warn(
+            rank_zero_warn(
                 f"the memory bank was built from {_batch_count(seen, total)} "
                 "(limit_train_batches, max_steps, overfit_batches or fast_dev_run); scores use a partial bank.",
-                stacklevel=2,
+                stacklevel=5,
             )
 
     def configure_optimizers(self) -> list:
         return []
 
     def configure_callbacks(self) -> list:
+        """The report callbacks (``reports=True``), except kinds the Trainer already has: the user's own (e.g.
+        ``EvaluationReport(out_dir=...)``), which Lightning would otherwise replace, or those of an earlier call."""
         from dn2_lightning.reports import EvaluationReport
 
         if not self.hparams.reports:
             return []
+        reports: list = [EvaluationReport()]
         if self.maps is not None:
             from dn2_lightning.maps.figures import MapReport
 
-            return [EvaluationReport(), MapReport()]
-        return [EvaluationReport()]
+            reports.append(MapReport())
+        present = self._trainer.callbacks if self._trainer is not None else []
+        return [report for report in reports if not any(isinstance(c, type(report)) for c in present)]
 
     # --------------------------------------------------------------------------------------- evaluation
 
@@ -776,11 +784,11 @@ class DN2Module(LightningModule):
         size, k = self._bank_builder.size(), self.hparams.k
         if self.hparams.threshold is None and size <= k and self._warned_no_threshold != (size, k):
             self._warned_no_threshold = (size, k)  # once per bank size and k, not per batch
-            warnings.warn(
+            rank_zero_warn(
                 f"the memory bank holds {size} embeddings, not more than k={self.hparams.k}: there are "
                 "no leave-one-out scores to set a threshold from, so is_anomaly is undefined (None, empty CSV "
                 "cells) and normalised scores are NaN. Use a larger train set or set_threshold(value=...).",
-                stacklevel=2,
+                stacklevel=5,
             )
 
     # ------------------------------------------------------------------------------------------ search
@@ -843,11 +851,11 @@ class DN2Module(LightningModule):
         if (labels < 0).any():
             info(f"DN2: {stage} data has no labels; scores are kept in module.{stage}_scores, no AUROC.")
         elif labels.unique().numel() < 2:
-            warnings.warn(
+            rank_zero_warn(
                 f"AUROC is undefined: every {stage} sample has label {int(labels[0])}. The test set needs both "
                 "normal (0) and anomalous (1) samples; scores are still kept in module."
                 f"{stage}_scores.",
-                stacklevel=2,
+                stacklevel=5,
             )
         else:
             auroc.update(to_unit_interval(result.scores), labels)
@@ -886,10 +894,10 @@ class DN2Module(LightningModule):
         if self._collector is not None and self.trainer.state.fn != TrainerFn.FITTING:
             self._collector = None  # rows of a fit that stopped on an error: never a bank
         if self._collector is not None and len(self._collector):
-            warnings.warn(
+            rank_zero_warn(
                 "validation inside a training epoch sees a partial memory bank (the rows read so far; the pass goes "
                 "on collecting); use val_check_interval=1.0.",
-                stacklevel=2,
+                stacklevel=5,
             )
             # recorded as partial, so a checkpoint saved by this validation (ModelCheckpoint's best) says so
             self._pass_batches = (self._collector.num_batches, sized_len(self._train_loader))
@@ -1061,7 +1069,7 @@ class DN2Module(LightningModule):
         self, paths: dict[int, str], member_sources: list[int] | None, image_sizes: set[tuple[int, int]]
     ) -> None:
         all_paths = self._all_paths(paths, "train")
-        spec = {**self._model_settings(), "train_set": None, **self._data_settings(), "format": 2}
+        spec = {**self._model_settings(), "train_set": None, **self._data_settings(), "format": BANK_FORMAT}
         if len(image_sizes) == 1:  # the training loader's one image size: score_images resizes to it without load_size
             spec["train_image_size"] = list(next(iter(image_sizes)))
         spec["autocast"] = self._bank_autocast
@@ -1092,7 +1100,9 @@ class DN2Module(LightningModule):
     def _check_settings_against_bank(self, data_settings: dict[str, Any] | None = None) -> None:
         """The model's and the datamodule's settings against the bank's record, on every use: a bank can also
         arrive by ``load_state_dict``, which no Lightning hook sees."""
-        check_bank_settings(self.bank.spec, self._model_settings(), BANK_SETTINGS, "this model")
+        model_settings = self._model_settings()
+        check_bank_format(self.bank.spec, model_settings)
+        check_bank_settings(self.bank.spec, model_settings, BANK_SETTINGS, "this model")
         self._check_data_settings(data_settings)
 
     def _check_data_settings(self, current: dict[str, Any] | None = None) -> None:
@@ -1100,11 +1110,11 @@ class DN2Module(LightningModule):
         check_bank_settings(self.bank.spec, current, DATA_SETTINGS, "this datamodule")
         check_train_set(self.bank.spec.get("train_set"), current.get("train_set"))
         if "train_set" not in self.bank.spec and current.get("train_set") is not None:
-            warnings.warn(
+            rank_zero_warn(
                 "this memory bank does not record the training data it was built from (a checkpoint saved by an "
                 "earlier dn2-lightning), so nothing checks that it matches this datamodule's "
                 f"({current['train_set']}): make sure it does, or fit again to record it.",
-                stacklevel=2,
+                stacklevel=5,
             )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 import sys
 import time
 import warnings
@@ -153,7 +154,8 @@ def embed_split(
     path = None
     if key is not None:
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        path = Path(cache_dir or default_data_root() / "embeddings") / f"{dataset}-{split}-{backbone}-{digest}.pt"
+        readable = re.sub(r"[^\w.-]", "_", backbone)  # a registered name may hold "/" (the digest keeps it apart)
+        path = Path(cache_dir or default_data_root() / "embeddings") / f"{dataset}-{split}-{readable}-{digest}.pt"
         cached = (load_cached(path, key) or {}).get("embeddings")
         if isinstance(cached, Tensor) and cached.ndim == 2 and len(cached) == len(source):
             return cached, source.labels

@@ -209,7 +209,8 @@ def _incomplete(csv_path: Path, reason: str) -> NoReturn:
 
 def summarize(stage: str, scores: AnomalyScores, threshold: float | None, auroc: float | None = None) -> dict[str, Any]:
     """Counts of a run: ``stage``, ``n_scored``, ``n_flagged`` (score > threshold), ``threshold``,
-    ``n_labelled_anomalous`` and ``auroc`` (``None`` where undefined)."""
+    ``n_labelled_anomalous``, of the labelled samples those flagged (``n_flagged_anomalous``: anomalies caught;
+    ``n_flagged_normal``: false alarms) and ``auroc`` (``None`` where undefined)."""
     defined = threshold is not None and not math.isnan(threshold)
     labels = scores.labels
     labelled = bool((labels >= 0).all()) and len(labels) > 0
@@ -217,12 +218,15 @@ def summarize(stage: str, scores: AnomalyScores, threshold: float | None, auroc:
         from sklearn.metrics import roc_auc_score
 
         auroc = float(roc_auc_score(labels.numpy(), scores.scores.double().numpy()))
+    flagged = scores.scores > threshold if defined else None
     return {
         "stage": stage,
         "n_scored": len(scores),
-        "n_flagged": int((scores.scores > threshold).sum()) if defined else None,
+        "n_flagged": int(flagged.sum()) if flagged is not None else None,
         "threshold": float(threshold) if defined else None,
         "n_labelled_anomalous": int((labels == 1).sum()) if labelled else None,
+        "n_flagged_anomalous": int(flagged[labels == 1].sum()) if labelled and defined else None,
+        "n_flagged_normal": int(flagged[labels == 0].sum()) if labelled and defined else None,
         "auroc": auroc,
     }
 
@@ -555,12 +559,23 @@ def _describe(summary: dict[str, Any], out: Path, files: dict[str, Path]) -> str
     line = f"DN2 {summary['stage']} report: "  # the module's line before it gave the bank and the threshold
     if threshold is not None:
         line += f"{summary['n_flagged']} of {summary['n_scored']} samples flagged anomalous"
+        if summary.get("n_flagged_anomalous") is not None:
+            anomalous = summary["n_labelled_anomalous"]
+            normal = summary["n_scored"] - anomalous
+            line += (
+                f" ({_share(summary['n_flagged_anomalous'], anomalous)} anomalous, "
+                f"{_share(summary['n_flagged_normal'], normal)} normal)"
+            )
     else:
         line += f"{summary['n_scored']} samples, none flagged (no threshold: the bank is too small)"
     if summary["auroc"] is not None:
         line += f", AUROC {summary['auroc']:.4f}"
     listing = "\n".join(entry for p in files.values() if (entry := _listing(p)))
     return f"{line}.\nDN2 reports written to {display_path(str(out))}:\n{listing}"
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{part} of {whole}" + (f" = {100 * part / whole:.1f}%" if whole else "")
 
 
 def _listing(path: Path) -> str:

@@ -16,6 +16,7 @@ import copy
 import math
 from collections.abc import Sequence
 from numbers import Integral, Real
+from pathlib import PurePath
 from typing import Any
 
 import numpy as np
@@ -157,16 +158,19 @@ def check_threshold(quantile: object, value: object = None) -> None:
 
 def as_python(value: Any) -> Any:
     """``value`` with every NumPy scalar (``np.int64(2)``, ``np.float64(0.5)``, ``np.bool_``) turned into the Python
-    number it holds, inside dicts, lists and tuples too; anything else (tensors included) is returned as it is.
+    number it holds and every path (``pathlib.Path``) into its string, inside dicts, lists and tuples too;
+    anything else (tensors included) is returned as it is.
 
-    Settings are stored this way: a weights-only checkpoint load refuses NumPy objects (a checkpoint holding one
-    could never be loaded again), and JSON cannot write them.
+    Settings are stored this way: a weights-only checkpoint load refuses NumPy and pathlib objects (a checkpoint
+    holding one could never be loaded again), and JSON cannot write them.
 
     >>> as_python({"k": np.int64(2), "layers": [np.float32(0.5)]})
     {'k': 2, 'layers': [0.5]}
     """
     if isinstance(value, np.generic):
         return value.item()
+    if isinstance(value, PurePath):
+        return str(value)
     if isinstance(value, dict):
         converted = copy.copy(value)  # the same kind of dict (AttributeDict, OrderedDict, ...)
         for key, item in value.items():

@@ -196,6 +196,26 @@ def test_every_option_of_the_other_helps_is_described_in_plain_text(args, monkey
         assert raw not in text, f"{' '.join(args)} shows {raw!r}"
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--config", "configs/folder.yaml", "--data.root=/nonexistent"], "root='/nonexistent' must be an existing"),
+        (["--config", "configs/digits.yaml", "--model.k=0"], "k=0 must be an integer >= 1"),
+        (["--config", "configs/digits.yaml", "--model.backbone=resnet"], "backbone='resnet' is not registered"),
+    ],
+    ids=["missing root", "k=0", "unknown backbone"],
+)
+def test_a_setting_dn2_refuses_is_a_command_line_error_not_a_traceback(flags, message, capsys):
+    """A wrong --data.root printed 73 lines of traceback ending in jsonargparse's "Does not validate against any of
+    the Union subtypes ... Expected a <class 'NoneType'>"; now usage, the refusal and exit code 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(["test", *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: {message}" in err and "usage: dn2 test" in err
+    assert "Traceback" not in err and "Union subtypes" not in err and len(err.splitlines()) < 10
+
+
 def test_subcommands_are_described_in_dn2_terms(monkeypatch, capsys):
     monkeypatch.setenv("COLUMNS", "80")
     text = " ".join(help_text(["--help"], capsys).split())  # unwrapped
@@ -271,6 +291,10 @@ def test_console_shows_checkpoint_and_report_paths_and_no_lightning_noise(tmp_pa
     assert {p.name for p in reports} >= {"scores.csv", "summary.json", "roc.png", "score_histogram.png"}
     assert all(str(p) in out for p in reports)
     assert "test/auroc" in out and "samples scored against a bank of" in out and "samples flagged anomalous" in out
+    summary = json.loads(Path(test.trainer.log_dir, "dn2_reports", "test_0", "summary.json").read_text())
+    anomalous, normal = summary["n_labelled_anomalous"], summary["n_scored"] - summary["n_labelled_anomalous"]
+    caught, false_alarms = summary["n_flagged_anomalous"], summary["n_flagged_normal"]
+    assert f"({caught} of {anomalous} = {100 * caught / anomalous:.1f}% anomalous, {false_alarms} of {normal} " in out
 
     predict, predict_warnings = run_recording(["predict", *common, f"--ckpt_path={ckpt}"])
     out = console()

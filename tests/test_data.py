@@ -155,6 +155,39 @@ def test_missing_cifar_offline_names_path_and_fix(tmp_path, offline):
         load_split("cifar100", "test", tmp_path)
 
 
+class _RunsCode:
+    """Unpickling this creates a file: the stand-in for a crafted pickle that runs code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("crafted", ["a pickle that runs code", "cut short", "another size"])
+def test_cifar_files_are_checked_against_their_published_md5_before_unpickling(tmp_path, crafted):
+    """A CIFAR folder in a shared data root was unpickled as found: a crafted test_batch ran code, a cut-short one
+    raised a bare UnpicklingError, one of 1,000 images instead of 10,000 was read silently."""
+    import pickle
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    marker = tmp_path / "code-ran"
+    labels = {"label_names": [f"class {i}" for i in range(10)]}
+    batch = {"data": np.zeros((1000, 3072), dtype=np.uint8), "labels": [0] * 1000}
+    (folder / "batches.meta").write_bytes(pickle.dumps(labels))
+    content = {
+        "a pickle that runs code": pickle.dumps({"data": _RunsCode(marker), "labels": []}),
+        "cut short": pickle.dumps(batch)[:5000],
+        "another size": pickle.dumps(batch),
+    }[crafted]
+    (folder / "test_batch").write_bytes(content)
+    with pytest.raises(ValueError, match=r"cifar-10-batches-py/(test_batch|batches.meta) is not CIFAR10's file .*MD5"):
+        load_split("cifar10", "test", tmp_path)
+    assert not marker.exists()
+
+
 def test_array_dataset_expands_grayscale_permutes_rgb_and_resizes():
     gray = torch.arange(2 * 4 * 4, dtype=torch.uint8).reshape(2, 4, 4)
     sample = ArrayImageDataset(gray, torch.tensor([0, 1]))[1]

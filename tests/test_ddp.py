@@ -200,3 +200,23 @@ def test_ddp_patch_bank_memory_check_counts_every_rank(tmp_path, short_rank):
     if short_rank is not None:
         assert all(f"on rank {short_rank}:" in line for line in lines), proc.stdout[-2000:]
     assert all("14 images" in line for line in lines)  # 13 and the DistributedSampler's padding copy
+
+
+def test_ddp_cli_says_each_warning_once_and_not_lightnings_sampler_advice(tmp_path):
+    """Under 2 ranks every DN2 warning was printed by each rank (the bank, the data and the AUROC are the same on
+    both), and `dn2 test` repeated Lightning's advice to test on one device, which DN2's de-duplication makes moot."""
+    common = ["--config", str(Path("configs/digits.yaml").resolve()), "--model.input_size=32", "--trainer.devices=2"]
+    common += ["--trainer.strategy=ddp", "--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path}"]
+    outputs = {}
+    for stage, extra in [("fit", ["--trainer.limit_train_batches=1", "--data.batch_size=32"]), ("test", [])]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "dn2_lightning.cli", stage, *common, *extra],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=tmp_path,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs[stage] = proc.stdout + proc.stderr
+    assert outputs["fit"].count("the memory bank was built from 1 of") == 1, outputs["fit"][-3000:]
+    assert "DistributedSampler" not in outputs["test"] and outputs["test"].count("AUROC") >= 1

@@ -500,6 +500,10 @@ def test_a_map_is_drawn_over_the_original_image_at_its_own_size():
 
 
 def test_map_png_names_are_unique_and_readable():
+    # two legal 150-byte names made one of 300+: "File name too long", and predict wrote no predictions.csv
+    long = map_png_name(12, "/data/" + "é" * 75 + "/" + "x" * 150 + ".png")
+    assert long.startswith("12_é") and len(long.encode()) <= 200 and long.isprintable()
+    assert map_png_name(13, "/data/" + "é" * 75 + "/" + "x" * 150 + ".png") != long
     assert map_png_name(3, "/data/test/scratch/000.png") == "3_scratch_000"
     assert map_png_name(4, "part.png") == "4_part" and map_png_name(5) == "5"
     names = [map_png_name(i, p) for i, p in enumerate(["x/part.png", "x/part.jpg", "a/x/0.png", "b/x/0.png"])]
@@ -615,6 +619,24 @@ def test_a_synthetic_set_another_job_wrote_meanwhile_is_kept_not_replaced(tmp_pa
     write_synthetic_defects(root, **{**small, "n_train": 3})  # other settings: replaced in one rename
     assert len(list((root / "train" / "good").iterdir())) == 3
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_the_synthetic_set_never_replaces_a_folder_it_did_not_write(tmp_path):
+    """dataset="synthetic" with root at the user's own images moved the folder aside and deleted it."""
+    mine = tmp_path / "my_bottle"
+    (mine / "train" / "good").mkdir(parents=True)
+    (mine / "train" / "good" / "000.png").write_bytes(b"the user's image")
+    (mine / "notes.txt").write_text("annotations")
+    dm = OneClassDataModule(dataset="synthetic", root=str(mine))
+    with pytest.raises(FileExistsError, match=r"my_bottle.*not a synthetic set.*dataset='folder'"):
+        dm.setup("test")
+    assert (mine / "notes.txt").read_text() == "annotations"
+    assert (mine / "train" / "good" / "000.png").read_bytes() == b"the user's image"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my_bottle"]  # nothing moved aside
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    small = dict(n_train=2, n_test_good=1, n_test_per_kind=1, image_size=32)
+    assert len(list((write_synthetic_defects(empty, **small) / "train" / "good").iterdir())) == 2
 
 
 def test_a_patch_bank_of_other_map_layers_is_refused_even_with_the_same_shapes(small_set, tmp_path):

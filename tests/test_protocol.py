@@ -158,6 +158,20 @@ def test_cache_key_covers_data_location_content_and_weights(tmp_path, monkeypatc
     assert extractions == [1]  # other weights: recomputed
 
 
+def test_a_backbone_name_with_slashes_keeps_its_cache_file_in_the_cache_folder(tmp_path, monkeypatch):
+    """A registered name went into the file name as it was: "org/net" made a subfolder, "../../x" a file outside
+    ``cache_dir``."""
+    root = write_mnist_test_split(tmp_path / "data", seed=1)
+    spec = backbones.get_backbone_spec("efficientnet_lite0")
+    for name in ("org/net", "../../escaped"):
+        monkeypatch.setitem(backbones._REGISTRY, name, dataclasses.replace(spec, name=name))
+        embed_split(
+            "mnist", "test", root=str(root), cache_dir=str(tmp_path / "a" / "b" / "cache"), **{**FAST, "backbone": name}
+        )
+    files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.pt"))
+    assert len(files) == 2 and all(f.startswith("a/b/cache/mnist-test-") and f.count("/") == 3 for f in files), files
+
+
 def test_cache_key_names_the_device_type(tmp_path):
     """CUDA's kernels (TF32 convolutions by default) round otherwise than the CPU's: a cache written on one is not
     served to a run on the other (the key had no device)."""

@@ -68,6 +68,9 @@ def test_test_writes_scores_csv_summary_and_valid_png_figures(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_scored"] == len(dm.test_dataset)
     assert summary["n_flagged"] == sum(int(r["is_anomaly"]) for r in rows)
+    caught = sum(int(r["is_anomaly"]) for r in rows if r["label"] == "1")
+    false_alarms = sum(int(r["is_anomaly"]) for r in rows if r["label"] == "0")
+    assert (summary["n_flagged_anomalous"], summary["n_flagged_normal"]) == (caught, false_alarms)
     assert summary["threshold"] == pytest.approx(float(model.threshold))
     from sklearn.metrics import roc_auc_score
 
@@ -75,6 +78,30 @@ def test_test_writes_scores_csv_summary_and_valid_png_figures(tmp_path):
     for name in ("roc.png", "score_histogram.png", "top_anomalies.png"):
         assert_png(out / "figures" / name)
     assert set(summary["files"]) == {"csv", "roc", "histogram", "top_anomalies"}
+
+
+def test_the_users_own_report_callback_is_kept_and_a_second_stage_overrides_nothing(tmp_path, caplog):
+    """Trainer(callbacks=[EvaluationReport(out_dir=...)]) was replaced by the module's own report (reports went to
+    default_root_dir), and every stage after the first said it overrode "callbacks passed to Trainer"."""
+    import logging
+
+    from dn2_lightning.reports import EvaluationReport
+
+    dm = BlobDataModule()
+    trainer = quiet_trainer(default_root_dir=tmp_path / "root", callbacks=[EvaluationReport(out_dir=tmp_path / "mine")])
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        trainer.test(DN2Module(k=2, backbone=linear_backbone()), datamodule=dm)
+        model = DN2Module(k=2, backbone=linear_backbone())
+        plain = quiet_trainer(default_root_dir=tmp_path / "plain")
+        plain.fit(model, datamodule=dm)
+        plain.test(model, datamodule=dm)
+        plain.predict(model, datamodule=dm)
+    assert "will override existing callbacks" not in caplog.text
+    assert only_run_dir(tmp_path / "mine", "test").joinpath("scores.csv").is_file()
+    assert not (tmp_path / "root" / "dn2_reports").exists()
+    assert sum(isinstance(c, EvaluationReport) for c in trainer.callbacks) == 1
+    assert only_run_dir(tmp_path / "plain", "test").joinpath("scores.csv").is_file()
+    assert only_run_dir(tmp_path / "plain", "predict").joinpath("predictions.csv").is_file()
 
 
 def test_normalized_score_is_the_models_when_it_offers_one(tmp_path):

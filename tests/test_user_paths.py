@@ -457,6 +457,53 @@ def test_a_group_bank_is_never_reused_for_other_training_groups():
     quiet_trainer().test(everything, datamodule=groups(group_size=8, held_out_classes=[9, 8]))
 
 
+def _digit_folder(root: Path, normal: int, anomalous: int) -> Path:
+    """An MVTec-like folder of digits; file names 000.png... as in every MVTec category."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = np.round(data.images * 255 / 16).astype(np.uint8)
+    normal_rows, anomalous_rows = np.flatnonzero(data.target == normal), np.flatnonzero(data.target == anomalous)
+    for folder, rows in [
+        ("train/good", normal_rows[:40]),
+        ("test/good", normal_rows[40:60]),
+        ("test/bad", anomalous_rows[:20]),
+    ]:
+        (root / folder).mkdir(parents=True)
+        for n, row in enumerate(rows):
+            Image.fromarray(images[row]).save(root / folder / f"{n:03d}.png")
+    return root
+
+
+def test_a_folder_bank_is_never_reused_for_another_folders_training_images(tmp_path):
+    """Fitted on one folder ("bottle"), tested with its checkpoint on another ("cable"): folders had no training
+    identity, so the other folder was scored against the first one's bank without a word (a reviewer: 30 of 30
+    normal images flagged). A copy of the same folder elsewhere (another machine) is the same training data."""
+    import shutil
+
+    def folder(root: Path) -> OneClassDataModule:
+        return OneClassDataModule("folder", root=str(root), load_size=8, batch_size=16)
+
+    bottle, cable = _digit_folder(tmp_path / "bottle", 0, 5), _digit_folder(tmp_path / "cable", 1, 7)
+    model = DN2Module(k=2, backbone=linear_backbone(in_features=3 * 8 * 8), reports=False)
+    trainer = quiet_trainer()
+    trainer.fit(model, datamodule=folder(bottle))
+    trainer.save_checkpoint(tmp_path / "bottle.ckpt")
+    fresh = DN2Module(k=2, backbone=linear_backbone(in_features=3 * 8 * 8), reports=False)
+    with pytest.raises(
+        ValueError, match=r"other training data .*train_files=.* \(bank\) vs train_files=.*names and sizes"
+    ):
+        quiet_trainer().test(fresh, datamodule=folder(cable), ckpt_path=tmp_path / "bottle.ckpt")
+    moved = shutil.copytree(bottle, tmp_path / "elsewhere" / "bottle")
+    quiet_trainer().test(fresh, datamodule=folder(moved), ckpt_path=tmp_path / "bottle.ckpt")
+    quiet_trainer().test(model, datamodule=folder(bottle))
+    assert torch.equal(fresh.test_scores.scores, model.test_scores.scores)
+    (moved / "train" / "good" / "000.png").unlink()  # the training images changed since the fit
+    with pytest.raises(ValueError, match=r"train_images=40 \(bank\) vs train_images=39 \(datamodule\)"):
+        quiet_trainer().test(fresh, datamodule=folder(moved))
+
+
 def test_a_bank_that_does_not_record_its_training_data_warns_that_it_cannot_be_checked():
     model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
     quiet_trainer().test(model, datamodule=digits(0))
@@ -1043,3 +1090,19 @@ def test_point_wise_group_scores_use_real_members_only_whatever_the_padding_hold
         np.testing.assert_allclose(model.test_scores.distances.numpy(), expected_distances, rtol=1e-5)
         results.append(model.test_scores.scores)
     torch.testing.assert_close(results[0], results[1])
+
+
+def test_fitting_a_module_fresh_from_load_from_checkpoint_gives_no_eval_mode_warning(tmp_path):
+    """load_from_checkpoint returns eval mode; a fit of it had Lightning warn "Found 12 module(s) in eval mode at
+    the start of training. This may lead to unexpected behavior", false for DN2's backbone."""
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    trainer = quiet_trainer()
+    trainer.fit(model, datamodule=BlobDataModule())
+    trainer.save_checkpoint(tmp_path / "bank.ckpt")
+    loaded = DN2Module.load_from_checkpoint(tmp_path / "bank.ckpt", backbone=linear_backbone())
+    assert not loaded.training
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer().fit(loaded, datamodule=BlobDataModule())
+    assert not [str(w.message) for w in caught if "eval mode" in str(w.message)]
+    torch.testing.assert_close(loaded.bank.embeddings, model.bank.embeddings)

@@ -7,6 +7,7 @@ device, in the backbone. Files are decoded by :func:`dn2_lightning.data.images.l
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import warnings
 from collections.abc import Iterator, Sequence
@@ -135,6 +136,15 @@ class Renumbered(Dataset):
 def list_image_files(folder: str | Path) -> list[Path]:
     """Image files under ``folder`` (recursive), sorted for a deterministic order."""
     return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def files_fingerprint(files: list[Path], folder: Path) -> str:
+    """A short hash of the files' names relative to ``folder`` and their sizes: the same for a copy of the
+    folder elsewhere, another for other files (MVTec's categories share names like ``000.png``)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for name, size in sorted((f.relative_to(folder).as_posix(), f.stat().st_size) for f in files):
+        digest.update(f"{name}\0{size}\n".encode())
+    return digest.hexdigest()
 
 
 class ImageFolderDataset(Dataset):

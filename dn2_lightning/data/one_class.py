@@ -23,6 +23,7 @@ from dn2_lightning.data.datasets import (
     ArrayImageDataset,
     CorruptPolicy,
     ImageFolderDataset,
+    files_fingerprint,
     list_image_files,
 )
 from dn2_lightning.data.masks import with_mvtec_masks
@@ -139,12 +140,18 @@ class OneClassDataModule(LightningDataModule):
 
     def train_set_identity(self) -> dict[str, Any] | None:
         """What defines the training images (dataset, normal class by index, contamination and its seed), for
-        a memory bank built from them to recognise other training data; ``None`` for folders, whose path may
-        differ between machines."""
+        a memory bank built from them to recognise other training data. Folders: the number of training images
+        and a fingerprint of their names (relative to ``root/train``, so the folder may move) and sizes;
+        ``None`` for a flat folder to predict on, which has no training images."""
         hp = self.hparams
-        if hp.dataset == FOLDER:
-            return None
         kind = type(self).__name__
+        if hp.dataset == FOLDER:
+            self.setup()
+            if self.train_dataset is None:
+                return None
+            files = [Path(p) for p in self.train_dataset.paths]
+            fingerprint = files_fingerprint(files, Path(os.path.abspath(hp.root)) / "train")
+            return {"datamodule": kind, "dataset": FOLDER, "train_images": len(files), "train_files": fingerprint}
         if hp.dataset == SYNTHETIC:
             return {"datamodule": kind, "dataset": SYNTHETIC}
         self.setup()  # the class index of a class given by name

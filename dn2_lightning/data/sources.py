@@ -240,25 +240,46 @@ def _mnist(split: str, root: Path) -> LabeledImages:
 
 
 def _cifar_files(cls_name: str, folder: str, archive: str, files: list[str], root: Path) -> Path:
-    """``root/folder``, downloading the archive with torchvision only when one of ``files`` is missing."""
+    """``root/folder``, downloading the archive with torchvision only when one of ``files`` is missing; each
+    file is checked against its published MD5 before anything unpickles it."""
     import torchvision
 
+    dataset = getattr(torchvision.datasets, cls_name)
     path = root / folder
-    if all((path / f).is_file() for f in files):
-        return path
-    try:
-        getattr(torchvision.datasets, cls_name)(str(root), download=True)
-    except Exception as err:
-        raise DatasetNotFoundError(
-            f"{cls_name}: {files} not found in {path} and the download failed ({type(err).__name__}: {err}). "
-            f"Download {archive} from https://www.cs.toronto.edu/~kriz/ and extract it into {root} "
-            f"(it creates the folder {folder})."
-        ) from err
+    if not all((path / f).is_file() for f in files):
+        try:
+            dataset(str(root), download=True)
+        except Exception as err:
+            raise DatasetNotFoundError(
+                f"{cls_name}: {files} not found in {path} and the download failed ({type(err).__name__}: {err}). "
+                f"Download {archive} from https://www.cs.toronto.edu/~kriz/ and extract it into {root} "
+                f"(it creates the folder {folder})."
+            ) from err
+    published = dict([*dataset.train_list, *dataset.test_list, (dataset.meta["filename"], dataset.meta["md5"])])
+    for name in files:
+        file = path / name
+        stat = file.stat()
+        if not _has_md5(str(file), stat.st_size, stat.st_mtime_ns, published[name]):
+            raise ValueError(
+                f"{file} is not {cls_name}'s file {name}: its MD5 differs from the published one (a download cut "
+                f"short, a damaged copy or another file), so it is not read (CIFAR files are pickles, which can run "
+                f"code). Delete {path} and run again to download it, or extract {archive} from "
+                f"https://www.cs.toronto.edu/~kriz/ into {root}."
+            )
     return path
 
 
+@functools.cache
+def _has_md5(file: str, size: int, mtime_ns: int, md5: str) -> bool:
+    """Whether ``file`` has this MD5 (remembered per size and modification time: checked once per process)."""
+    from torchvision.datasets.utils import check_integrity
+
+    return check_integrity(file, md5)
+
+
 def _unpickle(path: Path) -> dict:
-    # the CIFAR archives are pickles by design; torchvision reads them the same way
+    # the CIFAR archives are pickles by design (torchvision reads them the same way); only files whose MD5
+    # matched the published one get here
     with path.open("rb") as f:
         return pickle.load(f, encoding="latin1")
 

@@ -96,6 +96,16 @@ def add_defect(image: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[
     return out, mask
 
 
+def _refuse_foreign_folder(root: Path) -> None:
+    """A set written here before (its marker file) may be replaced; anything else at ``root`` is the user's."""
+    if root.exists() and not (root / _MARKER).is_file() and (not root.is_dir() or any(root.iterdir())):
+        raise FileExistsError(
+            f"root={str(root)!r} holds files that are not a synthetic set (no {_MARKER}), and writing the set "
+            "there would replace them. Give dataset='synthetic' an empty or new folder as root (or none: "
+            "<data root>/synthetic_defects), or dataset='folder' to read the images that are there."
+        )
+
+
 def _to_png(array: np.ndarray, path: Path) -> None:
     Image.fromarray(np.round(np.clip(array, 0, 1) * 255).astype(np.uint8)).save(path)
 
@@ -109,7 +119,8 @@ def write_synthetic_defects(
     seed: int = 0,
     kinds: tuple[str, ...] = DEFECT_KINDS,
 ) -> Path:
-    """Write the data set to ``root`` (replacing what a previous call with other settings wrote).
+    """Write the data set to ``root`` (replacing what a previous call with other settings wrote; any other
+    non-empty folder is refused, never deleted).
 
     Files are rendered into a temporary folder next to ``root`` and moved into place at the end, so a
     crashed run never leaves a half-written set that looks complete. A call with the settings already on
@@ -141,6 +152,7 @@ def write_synthetic_defects(
     root = Path(root)
     if _holds(root, settings):
         return root
+    _refuse_foreign_folder(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     try:
@@ -222,7 +234,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     options = {k: v for k, v in vars(args).items() if k != "root"}
-    print(write_synthetic_defects(synthetic_defects_root(args.root), **options))
+    try:
+        print(write_synthetic_defects(synthetic_defects_root(args.root), **options))
+    except (FileExistsError, ValueError) as err:
+        parser.error(str(err))
 
 
 if __name__ == "__main__":

@@ -106,11 +106,15 @@ def write_map_pngs(images: Tensor, maps: Tensor, names: Sequence[str], out_dir: 
     return written
 
 
+MAX_NAME_BYTES = 200  # of a map's file stem: room for ".png" and a file system's 255-byte limit
+
+
 def map_png_name(index: int, path: str | None = None) -> str:
     """File stem of a predicted image's map: ``<index>_<folder>_<stem>``, or ``<index>`` without a path.
 
     The dataset index (the CSV's ``index`` column) makes it unique: ``part.png`` and ``part.jpg``, or
-    ``a/x/0.png`` and ``b/x/0.png``, get a map each; folder and stem keep it readable.
+    ``a/x/0.png`` and ``b/x/0.png``, get a map each; folder and stem keep it readable, cut to
+    :data:`MAX_NAME_BYTES` in UTF-8 (file systems take 255 bytes per name).
 
     >>> map_png_name(7, "/data/test/scratch/000.png"), map_png_name(8, "part.jpg"), map_png_name(9)
     ('7_scratch_000', '8_part', '9')
@@ -118,7 +122,8 @@ def map_png_name(index: int, path: str | None = None) -> str:
     if not path:
         return str(index)
     source = Path(path)
-    return "_".join(part for part in (str(index), source.parent.name, source.stem) if part)
+    name = "_".join(part for part in (str(index), source.parent.name, source.stem) if part)
+    return name.encode()[:MAX_NAME_BYTES].decode(errors="ignore")  # a character cut in two is dropped
 
 
 def _run_dir(trainer: Trainer) -> Path:
