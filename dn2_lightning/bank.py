@@ -457,6 +457,8 @@ class BankBuilder:
             if members > 1:
                 scores = _worst_per_group(ids, scores, members)[1]
             self.bank.set_loo_scores(scores, k, samples, drawn=chosen is not None)
+        else:  # none to keep; kept as known, so that no later call (e.g. rank 0's report) asks the shards again
+            self.bank.set_loo_scores(self.bank.loo_scores.new_empty(0), k, samples)
 
     def keep_own_shard(self) -> None:
         """A whole bank (from a checkpoint) meeting a sharded run: keep this rank's share of the rows."""

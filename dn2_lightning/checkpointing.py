@@ -107,11 +107,11 @@ def _raise_if_unsafe_type(path: Any, error: BaseException) -> None:
         return
     name = found.group(1)
     raise pickle.UnpicklingError(
-        f"Weights only load failed: the checkpoint {path} holds a {name}, which weights-only loading refuses "
-        "(dn2-lightning loads every checkpoint weights-only). A file from elsewhere may be crafted to run code "
-        f"when loaded. Only if you trust it and {name} is a plain data type (e.g. pathlib.PosixPath in an older "
-        f"checkpoint's saved hyperparameters), allow it: `torch.serialization.add_safe_globals([{name}])` (import "
-        "its module first)."
+        f"Weights only load failed: the checkpoint {path} holds an object of type {name}, which weights-only "
+        "loading refuses (dn2-lightning loads every checkpoint weights-only). A file from elsewhere may be crafted "
+        f"to run code when loaded. Only if you trust it and {name} is a plain data type (e.g. pathlib.PosixPath in "
+        "an older checkpoint's saved hyperparameters), allow it for this load: `with "
+        f"torch.serialization.safe_globals([{name}]): ...` (import its module first)."
     ) from error
 
 
@@ -158,7 +158,11 @@ def check_bank_format(saved: Mapping[str, Any], current: Mapping[str, Any]) -> N
             f"{BANK_FORMAT}), which may depend on settings this version does not check. Upgrade dn2-lightning, or "
             "build the bank again with fit."
         )
-    missing = [name for name in BANK_SETTINGS if name != "map_layers" and name in current and name not in saved]
+    missing = [
+        name
+        for name in BANK_SETTINGS
+        if name != "map_layers" and current.get(name) is not None and name not in saved  # None: does not apply
+    ]
     if missing:
         shown = ", ".join(f"{name}={_show(current[name])}" for name in missing)
         rank_zero_warn(
@@ -190,8 +194,9 @@ def check_bank_settings(
 
 def check_train_set(saved: Mapping[str, Any] | None, current: Mapping[str, Any] | None) -> None:
     """Refuse a bank built from other training data than the datamodule's (another normal class, contamination,
-    seed or groups): its scores would be distances to the bank's images, not to this data's normal images.
-    Either side ``None`` (a folder, a plain dataloader, an older checkpoint) is not compared."""
+    seed or groups; for folders, other image files under ``root/train``): its scores would be distances to the
+    bank's images, not to this data's normal images. Either side ``None`` (a plain dataloader, a flat folder to
+    predict on, a checkpoint saved before banks recorded it) is not compared."""
     if saved is None or current is None:
         return
     if saved.get("datamodule") != current.get("datamodule"):
@@ -206,8 +211,13 @@ def check_train_set(saved: Mapping[str, Any] | None, current: Mapping[str, Any] 
             f"{name}={_show(saved.get(name))} (bank) vs {name}={_show(current.get(name))} (datamodule)"
             for name in differing
         )
-        if "train_files" in differing:
-            pairs += " (train_files: a fingerprint of the names and sizes of the images under root/train)"
+        if saved.get("dataset") == "folder" and "train_files" in differing:
+            raise ValueError(
+                f"the memory bank was built from other images than those under this datamodule's root/train: {pairs} "
+                "(train_files: a fingerprint of the files' names and sizes). Point root at the folder the bank was "
+                "built from, predict on a folder without train/ (a flat folder of images, or root/test/...), or fit "
+                "again on this one."
+            )
         raise ValueError(
             f"the memory bank was built from other training data than this datamodule's: {pairs}. Its scores "
             "would measure the distance to those images, not to this datamodule's normal data. Use a new "

@@ -237,7 +237,7 @@ class DN2CLI(LightningCLI):
             if refusal is None:
                 raise
             parser = getattr(self, "_subcommand_parsers", {}).get(self.subcommand, self.parser)
-            parser.error(str(refusal))
+            parser.error(str(refusal), ex=error)  # JSONARGPARSE_DEBUG=true shows the whole chain
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Lightning's parsing, plus which model settings the run gives itself (its config files and flags, without
@@ -528,8 +528,9 @@ def _param_lines(params: dict[str, tuple[Any, str]], width: int) -> list[str]:
 
 
 def _dn2_refusal(error: BaseException) -> BaseException | None:
-    """The ``ValueError``/``TypeError``/``OSError`` raised by this package's own checks in ``error``'s chain
-    (jsonargparse wraps a class's refusal into "Does not validate against any of the Union subtypes")."""
+    """The ``ValueError``/``OSError`` raised by this package's own checks in ``error``'s chain (jsonargparse wraps
+    a class's refusal into "Does not validate against any of the Union subtypes"). A ``TypeError`` (a wrong call
+    inside the package) keeps its traceback."""
     package = Path(__file__).parent
     seen: set[int] = set()
     current: BaseException | None = error
@@ -539,7 +540,7 @@ def _dn2_refusal(error: BaseException) -> BaseException | None:
         while frame is not None and frame.tb_next is not None:
             frame = frame.tb_next
         raised_here = frame is not None and Path(frame.tb_frame.f_code.co_filename).is_relative_to(package)
-        if raised_here and isinstance(current, ValueError | TypeError | OSError):
+        if raised_here and isinstance(current, ValueError | OSError):
             return current
         current = current.__cause__ or current.__context__
     return None

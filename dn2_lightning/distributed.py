@@ -144,3 +144,25 @@ def gather_objects(obj: object) -> list[object]:
     out: list[object] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def refuse_ranks_with_other_banks(embeddings: Tensor, sample_indices: Tensor) -> None:
+    """Under DDP with a bank on every rank (not sharded), the ranks' banks must be one: each node may have loaded
+    its own copy of a checkpoint path (a node-local disk), and Lightning broadcasts rank 0's parameters but not the
+    bank's buffers. Compared by size and float64 sums (a collective)."""
+    if world_size() == 1:
+        return
+    total = magnitude = 0.0
+    for rows in embeddings.split(8192):  # float64 sums a few rows at a time: no copy of the whole bank
+        wide = rows.double()
+        total, magnitude = total + float(wide.sum()), magnitude + float(wide.abs_().sum())
+    seen = gather_objects((len(embeddings), int(sample_indices.sum()), total, magnitude))
+    first = seen[0]
+    slack = 1e-9 * max(first[3], 1.0)  # the same rows summed by another device's kernels may round otherwise
+    if not all(s[:2] == first[:2] and abs(s[2] - first[2]) <= slack and abs(s[3] - first[3]) <= slack for s in seen):
+        sizes = ", ".join(f"rank {r}: {s[0]} rows" for r, s in enumerate(seen))
+        raise ValueError(
+            f"under DDP the ranks hold different memory banks ({sizes}; their values differ), e.g. a checkpoint path "
+            "that holds another file on another node's disk. Give every node the same checkpoint (one shared copy), "
+            "or fit again."
+        )

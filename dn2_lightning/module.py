@@ -44,6 +44,7 @@ from dn2_lightning.distributed import (
     broadcast_module_state,
     gather_objects,
     rank,
+    refuse_ranks_with_other_banks,
     world_size,
 )
 from dn2_lightning.group_pooling import GROUP_POOLINGS, GroupPooling, GroupPoolingName, pack_members, unpack_members
@@ -56,6 +57,7 @@ from dn2_lightning.samplers import (
     Reading,
     refuse_iterable_cut_short,
     refuse_ranks_drawing_their_own_samples,
+    refuse_ranks_reading_other_data,
     sampler_order,
     shard_for_this_rank,
     warn_if_drop_last,
@@ -342,6 +344,7 @@ class DN2Module(LightningModule):
             )
             return
         refuse_ranks_drawing_their_own_samples(self._train_loader)
+        refuse_ranks_reading_other_data(self._train_loader)
         self._start_pass()
 
     def _start_pass(self) -> None:
@@ -683,7 +686,9 @@ class DN2Module(LightningModule):
         check_positive_int("batch_size", batch_size, hint=" (images per backbone call)")
         if not self._has_bank:
             raise RuntimeError(NO_BANK_MESSAGE.format(fn="test"))
-        check_bank_settings(self.bank.spec, self._model_settings(), BANK_SETTINGS, "this model")
+        model_settings = self._model_settings()
+        check_bank_format(self.bank.spec, model_settings)
+        check_bank_settings(self.bank.spec, model_settings, BANK_SETTINGS, "this model")
         parts: list[tuple[Tensor, KNNResult]] = []
         maps: list[Tensor] = []
         for chunk, _ in as_image_batches(images, self._scoring_size()):
@@ -815,6 +820,7 @@ class DN2Module(LightningModule):
     def _start_evaluation(self) -> None:
         loader = self._current_loader()
         refuse_ranks_drawing_their_own_samples(loader)
+        refuse_ranks_reading_other_data(loader)
         check_dataset_labels(getattr(loader, "dataset", None))
         warn_if_drop_last(loader, "samples are not scored (the metrics cover the others)")
         self._eval_stream = Reading()
@@ -908,6 +914,8 @@ class DN2Module(LightningModule):
             data_settings = self._data_settings()  # may set up the datamodule: read once for both checks
             self._check_settings_against_bank(data_settings)
             self._warn_if_bank_from_another_datamodule(data_settings)
+            if not self._bank_is_shard:  # a whole bank on every rank, e.g. each node's copy of a checkpoint
+                refuse_ranks_with_other_banks(self.bank.embeddings, self.bank.sample_indices)
             if self._sharded and not self._bank_is_shard:
                 self._bank_builder.keep_own_shard()
         self._bank_is_shard = self._sharded
@@ -940,6 +948,7 @@ class DN2Module(LightningModule):
     def _build_bank_from(self, loader: DataLoader, limit: int | float = float("inf")) -> None:
         """One pass over ``loader`` (at most ``limit`` batches) outside Lightning's loops, into the bank."""
         refuse_ranks_drawing_their_own_samples(loader)
+        refuse_ranks_reading_other_data(loader)
         self._start_pass()
         self._stream_loader = loader
         batches = _progress(loader, "DN2: building the memory bank", self.trainer.progress_bar_callback is not None)

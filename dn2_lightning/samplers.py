@@ -4,6 +4,7 @@ samplers DN2 refuses or warns about (a bank and its scores need every sample onc
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,6 +145,43 @@ def refuse_ranks_drawing_their_own_samples(loader: Any) -> None:
             "order; Lightning's DistributedSampler then splits the samples across ranks), or give it a generator in "
             "one state on every rank (torch.Generator().manual_seed(0) on each: the same order everywhere)."
         )
+
+
+def refuse_ranks_reading_other_data(loader: Any) -> None:
+    """Under DDP a ``DistributedSampler`` deals dataset indices to the ranks, so index i must be the same sample on
+    every rank; a dataset listed on each node from its own files (a file unreadable, missing or extra on one node,
+    whose ``on_corrupt="skip"`` drops it there only) numbers them otherwise, and scores, bank and AUROC would mix
+    samples silently. Compared: the length and, for image-file datasets, the files in index order (relative to
+    their common folder, which may lie elsewhere on each node). A collective, called where
+    :func:`refuse_ranks_drawing_their_own_samples` is."""
+    if world_size() == 1:
+        return
+    dataset = getattr(loader, "dataset", None)
+    dealt = distributed_sampler(loader) is not None
+    seen = gather_objects(_dataset_fingerprint(dataset) if dealt else None)
+    if None not in seen and len(set(seen)) > 1:
+        shown = "; ".join(
+            f"rank {r}: {n} samples" + (f", files {files}" if files else "") for r, (n, files) in enumerate(seen)
+        )
+        raise ValueError(
+            f"under DDP the ranks read different datasets ({shown}), so a dataset index would name other samples on "
+            "other ranks. Give every node the same files (e.g. one shared copy; a file unreadable on one node only is "
+            "dropped there with on_corrupt='skip': see that node's warning, or use on_corrupt='raise')."
+        )
+
+
+def _dataset_fingerprint(dataset: Any) -> tuple[int | None, str | None]:
+    paths = getattr(dataset, "paths", None)
+    digest = None
+    if paths:
+        names = [str(p) for p in paths]
+        try:
+            common = os.path.commonpath(names) if len(names) > 1 else os.path.dirname(names[0])
+            names = [os.path.relpath(n, common) for n in names]
+        except ValueError:  # absolute and relative paths mixed, or other drives: compared as given
+            pass
+        digest = hashlib.sha1("\0".join(names).encode()).hexdigest()[:12]
+    return sized_len(dataset) if dataset is not None else None, digest
 
 
 def shard_for_this_rank(loader: DataLoader) -> DataLoader:

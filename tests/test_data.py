@@ -153,6 +153,11 @@ def test_missing_cifar_offline_names_path_and_fix(tmp_path, offline):
         load_split("cifar10", "train", tmp_path)
     with pytest.raises(DatasetNotFoundError, match=r"cifar-100-python.*cifar-100-python.tar.gz"):
         load_split("cifar100", "test", tmp_path)
+    # the download belongs to prepare_data (once per node under DDP), not only to setup (every rank at once)
+    with pytest.raises(DatasetNotFoundError, match=r"cifar-10-batches-py"):
+        OneClassDataModule("cifar10", root=str(tmp_path)).prepare_data()
+    with pytest.raises(DatasetNotFoundError, match=r"cifar-100-python"):
+        GroupDataModule("cifar100", root=str(tmp_path)).prepare_data()
 
 
 class _RunsCode:

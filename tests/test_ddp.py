@@ -220,3 +220,49 @@ def test_ddp_cli_says_each_warning_once_and_not_lightnings_sampler_advice(tmp_pa
         outputs[stage] = proc.stdout + proc.stderr
     assert outputs["fit"].count("the memory bank was built from 1 of") == 1, outputs["fit"][-3000:]
     assert "DistributedSampler" not in outputs["test"] and outputs["test"].count("AUROC") >= 1
+
+
+def _run_node_local(mode: str, root: Path) -> list[str]:
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("ddp_node_local.py")), mode, str(root)],
+        capture_output=True,
+        text=True,
+        timeout=300,  # a hang (a collective only some ranks enter) fails the test instead of blocking it
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return sorted(line for line in proc.stdout.splitlines() if line.startswith("rank "))
+
+
+def test_ddp_ranks_reading_other_copies_of_the_data_or_the_checkpoint_are_refused(tmp_path):
+    """Nodes with their own disks: a train image unreadable on one node's copy only (on_corrupt="skip" drops it
+    there) numbered the files otherwise on that rank: 8 images twice in the bank, 8 missing, AUROC 0.571 -> 0.512
+    (a reviewer, 2 emulated nodes), and a hang with bank_sharding="shard"; a checkpoint path holding another file on
+    one node scored each rank against its own bank. Every rank now refuses; identical copies are accepted."""
+    import shutil
+
+    from test_user_paths import _digit_folder
+
+    _digit_folder(tmp_path / "copy0", 0, 5)
+    shutil.copytree(tmp_path / "copy0", tmp_path / "copy1")
+    assert _run_node_local("data", tmp_path) == ["rank 0: accepted", "rank 1: accepted"]
+    (tmp_path / "copy1" / "train" / "good" / "005.png").write_bytes(b"cut short")  # unreadable on rank 1 only
+    refused = _run_node_local("data", tmp_path)
+    assert [line[:16] for line in refused] == ["rank 0: refused:", "rank 1: refused:"], refused
+    assert "rank 0: 40 samples" in refused[0] and "rank 1: 39 samples" in refused[0]
+
+    from dn2_lightning import OneClassDataModule
+
+    for seed in (0, 1):  # one checkpoint per "node": the same training files, embedded by other weights
+        model = DN2Module(k=2, backbone=linear_backbone(seed, in_features=3 * 8 * 8), reports=False)
+        trainer = quiet_trainer()
+        trainer.fit(model, datamodule=OneClassDataModule("folder", root=str(tmp_path / "copy0"), load_size=8))
+        trainer.save_checkpoint(tmp_path / f"bank{seed}.ckpt")
+    refused = _run_node_local("bank", tmp_path)
+    assert [line[:16] for line in refused] == ["rank 0: refused:", "rank 1: refused:"], refused
+    assert "the ranks hold different memory banks" in refused[0]
+
+
+def test_ddp_sharded_bank_without_a_threshold_does_not_hang_rank_zeros_report(tmp_path):
+    """A sharded bank of exactly k rows has no threshold; rank 0's report asked for it again, a collective the
+    other rank never entered: rc=1, or a hang when that rank went on (test, then predict)."""
+    assert _run_node_local("small_bank", tmp_path) == ["rank 0: accepted", "rank 1: accepted"]

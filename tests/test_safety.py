@@ -283,6 +283,10 @@ def test_a_bank_record_of_a_newer_format_is_refused_and_an_older_ones_gaps_are_s
         ValueError, match=r"saved by a newer dn2-lightning \(bank format 3; this version reads up to 2\)"
     ):
         quiet_trainer().test(DN2Module.load_from_checkpoint(tmp_path / "newer.ckpt"), datamodule=dm)
+    with pytest.raises(ValueError, match=r"saved by a newer dn2-lightning"):  # outside a Trainer too
+        DN2Module.load_from_checkpoint(tmp_path / "newer.ckpt").score_images(
+            torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
+        )
     checkpoint["state_dict"]["bank._extra_state"] = {k: v for k, v in spec.items() if k != "input_size"}
     torch.save(checkpoint, tmp_path / "older.ckpt")
     with pytest.warns(UserWarning, match=r"does not record input_size .*this model's input_size=64"):
@@ -335,7 +339,10 @@ def test_empty_cut_short_or_plain_state_dict_checkpoints_are_named(tmp_path):
     legacy = torch.load(trainer.checkpoint_callback.best_model_path, weights_only=True)
     legacy["extra"] = argparse.Namespace(a=1)
     torch.save(legacy, tmp_path / "legacy.ckpt", _use_new_zipfile_serialization=False)
-    with pytest.raises(pickle.UnpicklingError, match=r"legacy.ckpt holds a argparse.Namespace.*add_safe_globals"):
+    with pytest.raises(
+        pickle.UnpicklingError,
+        match=r"legacy.ckpt holds an object of type argparse.Namespace.*safe_globals\(\[argparse.Namespace\]\)",
+    ):
         DN2Module.load_from_checkpoint(tmp_path / "legacy.ckpt", backbone=linear_backbone())
     with torch.serialization.safe_globals([argparse.Namespace]):  # the way out the message gives
         DN2Module.load_from_checkpoint(tmp_path / "legacy.ckpt", backbone=linear_backbone())

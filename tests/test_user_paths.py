@@ -492,7 +492,9 @@ def test_a_folder_bank_is_never_reused_for_another_folders_training_images(tmp_p
     trainer.save_checkpoint(tmp_path / "bottle.ckpt")
     fresh = DN2Module(k=2, backbone=linear_backbone(in_features=3 * 8 * 8), reports=False)
     with pytest.raises(
-        ValueError, match=r"other training data .*train_files=.* \(bank\) vs train_files=.*names and sizes"
+        ValueError,
+        match=r"other images than those under this datamodule's root/train: train_files=.* \(bank\) vs "
+        r"train_files=.*names and sizes",
     ):
         quiet_trainer().test(fresh, datamodule=folder(cable), ckpt_path=tmp_path / "bottle.ckpt")
     moved = shutil.copytree(bottle, tmp_path / "elsewhere" / "bottle")
@@ -502,6 +504,32 @@ def test_a_folder_bank_is_never_reused_for_another_folders_training_images(tmp_p
     (moved / "train" / "good" / "000.png").unlink()  # the training images changed since the fit
     with pytest.raises(ValueError, match=r"train_images=40 \(bank\) vs train_images=39 \(datamodule\)"):
         quiet_trainer().test(fresh, datamodule=folder(moved))
+
+
+def test_a_folder_bank_counts_the_listed_training_files_whatever_can_be_read(tmp_path):
+    """The fingerprint is of the files listed under root/train, not of those read: an unreadable file skipped at fit
+    (on_corrupt="skip") or unreadable only later does not make the same folder "other training data"."""
+    import os
+
+    root = _digit_folder(tmp_path / "parts", 0, 5)
+    (root / "train" / "good" / "broken.png").write_bytes(b"not an image")
+    dm = OneClassDataModule("folder", root=str(root), load_size=8, batch_size=16)
+    model = DN2Module(k=2, backbone=linear_backbone(in_features=3 * 8 * 8), reports=False)
+    with pytest.warns(UserWarning, match="skipping 1 unreadable"):
+        quiet_trainer().fit(model, datamodule=dm)
+    assert len(model.bank) == 40 and model.bank.spec["train_set"]["train_images"] == 41
+    os.chmod(root / "train" / "good" / "000.png", 0)  # unreadable now (as root it may still read: no matter)
+    try:
+        quiet_trainer().test(model, datamodule=OneClassDataModule("folder", root=str(root), load_size=8))
+    finally:
+        os.chmod(root / "train" / "good" / "000.png", 0o644)
+    (root / "train" / "good" / "041.png").write_bytes((root / "train" / "good" / "000.png").read_bytes())
+    with pytest.raises(
+        ValueError,
+        match=r"other images than those under this datamodule's root/train: .*train_images=41 \(bank\) vs "
+        r"train_images=42",
+    ):
+        quiet_trainer().test(model, datamodule=OneClassDataModule("folder", root=str(root), load_size=8))
 
 
 def test_a_bank_that_does_not_record_its_training_data_warns_that_it_cannot_be_checked():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
+import unicodedata
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -142,7 +143,10 @@ def files_fingerprint(files: list[Path], folder: Path) -> str:
     """A short hash of the files' names relative to ``folder`` and their sizes: the same for a copy of the
     folder elsewhere, another for other files (MVTec's categories share names like ``000.png``)."""
     digest = hashlib.blake2b(digest_size=8)
-    for name, size in sorted((f.relative_to(folder).as_posix(), f.stat().st_size) for f in files):
+    # NFC: a copy through macOS or SMB may spell accented names decomposed
+    for name, size in sorted(
+        (unicodedata.normalize("NFC", f.relative_to(folder).as_posix()), f.stat().st_size) for f in files
+    ):
         digest.update(f"{name}\0{size}\n".encode())
     return digest.hexdigest()
 

@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from dn2_lightning.data.datasets import PIXEL_FORMAT, to_chw_uint8
-from dn2_lightning.data.sources import LabeledImages, list_datasets, load_split
+from dn2_lightning.data.sources import SPLITS, LabeledImages, list_datasets, load_split
 from dn2_lightning.validation import (
     as_python,
     check_choice,
@@ -211,6 +211,11 @@ class GroupDataModule(LightningDataModule):
             "held_out_classes": sorted(set(hp.held_out_classes or [])),
             "seed": hp.seed,
         }
+
+    def prepare_data(self) -> None:
+        """Download the dataset's files unless they are there (once per node, not on every rank)."""
+        for split in SPLITS:
+            load_split(self.hparams.dataset, split, self.hparams.root)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is not None:

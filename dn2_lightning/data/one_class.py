@@ -27,7 +27,7 @@ from dn2_lightning.data.datasets import (
     list_image_files,
 )
 from dn2_lightning.data.masks import with_mvtec_masks
-from dn2_lightning.data.sources import known_classes, list_datasets, load_split
+from dn2_lightning.data.sources import SPLITS, known_classes, list_datasets, load_split
 from dn2_lightning.data.synthetic import ensure_synthetic_defects
 from dn2_lightning.validation import (
     as_python,
@@ -122,10 +122,11 @@ class OneClassDataModule(LightningDataModule):
         self.train_is_contaminant = torch.empty(0, dtype=torch.bool)
         self.train_source_indices = torch.empty(0, dtype=torch.long)
         self.test_source_indices = torch.empty(0, dtype=torch.long)
+        self._train_listing: tuple[Path, list[Path]] | None = None  # folders: root/train and its image files
 
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets (once; later calls do nothing)."""
-        if self.test_dataset is not None or self.predict_dataset is not None:
+        if self._train_listing is not None or self.test_dataset is not None or self.predict_dataset is not None:
             return
         if self.hparams.dataset == SYNTHETIC:
             self.hparams.root = str(ensure_synthetic_defects(self.hparams.root))
@@ -135,22 +136,22 @@ class OneClassDataModule(LightningDataModule):
             else:
                 self._setup_classes()
         except BaseException:  # e.g. a mask refused after the test images were read: the next call starts afresh
-            self.train_dataset = self.test_dataset = self.predict_dataset = None
+            self.train_dataset = self.test_dataset = self.predict_dataset = self._train_listing = None
             raise
 
     def train_set_identity(self) -> dict[str, Any] | None:
         """What defines the training images (dataset, normal class by index, contamination and its seed), for
-        a memory bank built from them to recognise other training data. Folders: the number of training images
-        and a fingerprint of their names (relative to ``root/train``, so the folder may move) and sizes;
-        ``None`` for a flat folder to predict on, which has no training images."""
+        a memory bank built from them to recognise other training data. Folders: the number of image files under
+        ``root/train`` (readable or not) and a fingerprint of their names (relative to it, so the folder may move)
+        and sizes; ``None`` for a flat folder to predict on, which has no training images."""
         hp = self.hparams
         kind = type(self).__name__
         if hp.dataset == FOLDER:
             self.setup()
-            if self.train_dataset is None:
+            if self._train_listing is None or not self._train_listing[1]:
                 return None
-            files = [Path(p) for p in self.train_dataset.paths]
-            fingerprint = files_fingerprint(files, Path(os.path.abspath(hp.root)) / "train")
+            folder, files = self._train_listing
+            fingerprint = files_fingerprint(files, folder)
             return {"datamodule": kind, "dataset": FOLDER, "train_images": len(files), "train_files": fingerprint}
         if hp.dataset == SYNTHETIC:
             return {"datamodule": kind, "dataset": SYNTHETIC}
@@ -191,6 +192,7 @@ class OneClassDataModule(LightningDataModule):
         self.normal_class_index, self.normal_class_name = 0, hp.normal_dir
         if (root / "train").is_dir():
             paths = list_image_files(root / "train")
+            self._train_listing = (root / "train", paths)
             if not paths:
                 raise ValueError(f"root={hp.root!r}: no images under {root / 'train'} (extensions {IMAGE_EXTENSIONS}).")
             self.train_dataset = self._folder_dataset(paths, [0] * len(paths), root / "train")
@@ -236,9 +238,13 @@ class OneClassDataModule(LightningDataModule):
         return dataset
 
     def prepare_data(self) -> None:
-        """``dataset="synthetic"``: write the synthetic-defect folder unless it is already there."""
+        """Download the dataset's files (``dataset="synthetic"``: write them) unless they are there. Lightning runs
+        this once per node (``prepare_data_per_node``), not on every rank as ``setup`` is."""
         if self.hparams.dataset == SYNTHETIC:
             ensure_synthetic_defects(self.hparams.root)
+        elif self.hparams.dataset != FOLDER:
+            for split in SPLITS:
+                load_split(self.hparams.dataset, split, self.hparams.root)
 
     def _loader(self, split: str) -> DataLoader:
         self.setup()

@@ -1,0 +1,51 @@
+"""2-rank DDP runs in which each rank reads its own copy of the data or of a checkpoint, as nodes with their own
+disks do (run by tests/test_ddp.py): copies that differ must be refused on every rank, never mixed silently;
+and a sharded bank without a threshold must not hang rank 0's report."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from helpers import BlobDataModule, linear_backbone
+from lightning import Trainer
+
+from dn2_lightning import DN2Module, OneClassDataModule
+
+
+def say(line: str) -> None:
+    sys.stdout.write(line + "\n")  # one write per line: the ranks share the pipe
+    sys.stdout.flush()
+
+
+def trainer(root: str) -> Trainer:
+    return Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, enable_checkpointing=False, default_root_dir=root)  # fmt: skip
+
+
+def main(mode: str, root: str) -> None:
+    rank = int(os.environ.get("LOCAL_RANK", "0"))  # set for the rank Lightning launches; 0 for this process
+    model = DN2Module(k=2, backbone=linear_backbone(in_features=3 * 8 * 8), reports=mode == "small_bank")
+    run = trainer(root)
+    try:
+        if mode == "data":  # each rank its own copy of the folder
+            dm = OneClassDataModule("folder", root=os.path.join(root, f"copy{rank}"), load_size=8, batch_size=8)
+            run.test(model, datamodule=dm, verbose=False)
+        elif mode == "bank":  # each rank its own copy of the checkpoint path
+            dm = OneClassDataModule("folder", root=os.path.join(root, "copy0"), load_size=8, batch_size=8)
+            run.test(model, datamodule=dm, ckpt_path=os.path.join(root, f"bank{rank}.ckpt"), verbose=False)
+        else:  # a sharded bank of k rows: no threshold, reports on; then predict on the same Trainer
+            model = DN2Module(k=4, backbone=linear_backbone(), bank_sharding="shard", reports=True)
+            dm = BlobDataModule(n_train=4, n_normal=5, n_anomalous=4, batch_size=2)
+            run.test(model, datamodule=dm, verbose=False)
+            run.predict(model, datamodule=dm, return_predictions=False)
+        say(f"rank {run.global_rank}: accepted")
+    except ValueError as error:
+        say(f"rank {run.global_rank}: refused: {error}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
