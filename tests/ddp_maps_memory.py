@@ -6,18 +6,12 @@ from __future__ import annotations
 
 import sys
 
-import torch
+from helpers import rank_verdict
 from lightning import Trainer
 from test_maps import tiny_conv
 
 import dn2_lightning.maps.bank as patch_bank
 from dn2_lightning import DN2Module, OneClassDataModule
-
-
-def say(line: str) -> None:
-    """One write per line: the ranks share the pipe, and print's separate newline let their lines run together."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
 
 
 def main(root: str, limit: int, only_rank: int | None = None) -> None:
@@ -26,13 +20,8 @@ def main(root: str, limit: int, only_rank: int | None = None) -> None:
     model = DN2Module(backbone=tiny_conv(), anomaly_maps=True, map_layers=["1", "3"], map_images=4, reports=False)
     trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
                       enable_model_summary=False, enable_checkpointing=False, default_root_dir=root)  # fmt: skip
-    try:
+    with rank_verdict(trainer, MemoryError):
         trainer.fit(model, datamodule=OneClassDataModule(dataset="folder", root=root, load_size=32, batch_size=2))
-        say(f"rank {trainer.global_rank}: accepted")
-    except MemoryError as error:
-        say(f"rank {trainer.global_rank}: refused: {error}")
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -7,16 +7,10 @@ from __future__ import annotations
 import os
 import sys
 
-import torch
-from helpers import BlobDataModule, linear_backbone
+from helpers import BlobDataModule, linear_backbone, rank_verdict
 from lightning import Trainer
 
 from dn2_lightning import DN2Module, OneClassDataModule
-
-
-def say(line: str) -> None:
-    sys.stdout.write(line + "\n")  # one write per line: the ranks share the pipe
-    sys.stdout.flush()
 
 
 def trainer(root: str) -> Trainer:
@@ -28,7 +22,7 @@ def main(mode: str, root: str) -> None:
     rank = int(os.environ.get("LOCAL_RANK", "0"))  # set for the rank Lightning launches; 0 for this process
     model = DN2Module(k=2, backbone=linear_backbone(in_features=3 * 8 * 8), reports=mode == "small_bank")
     run = trainer(root)
-    try:
+    with rank_verdict(run, ValueError):
         if mode == "data":  # each rank its own copy of the folder
             dm = OneClassDataModule("folder", root=os.path.join(root, f"copy{rank}"), load_size=8, batch_size=8)
             run.test(model, datamodule=dm, verbose=False)
@@ -40,11 +34,6 @@ def main(mode: str, root: str) -> None:
             dm = BlobDataModule(n_train=4, n_normal=5, n_anomalous=4, batch_size=2)
             run.test(model, datamodule=dm, verbose=False)
             run.predict(model, datamodule=dm, return_predictions=False)
-        say(f"rank {run.global_rank}: accepted")
-    except ValueError as error:
-        say(f"rank {run.global_rank}: refused: {error}")
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

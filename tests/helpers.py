@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import tempfile
 from collections.abc import Iterator
 
@@ -94,3 +95,22 @@ def dn2_messages() -> Iterator[list[str]]:
         yield records
     finally:
         logger.removeHandler(handler)
+
+
+def say(line: str) -> None:
+    """One write per line: DDP ranks share the pipe, and print's separate newline let their lines run together."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def rank_verdict(trainer, refusal: type[BaseException]) -> Iterator[None]:
+    """For the 2-rank DDP scripts: say "rank R: accepted" if the block ran, "rank R: refused: ..." if it raised
+    ``refusal``; then leave the process group (the test reads every rank's line)."""
+    try:
+        yield
+        say(f"rank {trainer.global_rank}: accepted")
+    except refusal as error:
+        say(f"rank {trainer.global_rank}: refused: {error}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
