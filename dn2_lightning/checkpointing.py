@@ -205,13 +205,16 @@ def check_train_set(saved: Mapping[str, Any] | None, current: Mapping[str, Any] 
             f"this is a {current.get('datamodule')} ({_describe(current)}). Use a checkpoint built from this kind "
             "of data, or a new DN2Module."
         )
-    differing = [name for name in sorted({*saved, *current}) if not _same(saved.get(name), current.get(name))]
+    # a synthetic set's bank saved before sets recorded their files: the rest is compared
+    unrecorded = {"train_images", "train_files"} - set(saved)
+    names = sorted({*saved, *current} - unrecorded)
+    differing = [name for name in names if not _same(saved.get(name), current.get(name))]
     if differing:
         pairs = "; ".join(
             f"{name}={_show(saved.get(name))} (bank) vs {name}={_show(current.get(name))} (datamodule)"
             for name in differing
         )
-        if saved.get("dataset") == "folder" and "train_files" in differing:
+        if saved.get("dataset") in ("folder", "synthetic") and "train_files" in differing:
             raise ValueError(
                 f"the memory bank was built from other images than those under this datamodule's root/train: {pairs} "
                 "(train_files: a fingerprint of the files' names and sizes). Point root at the folder the bank was "

@@ -197,6 +197,10 @@ class DN2ArgumentParser(LightningArgumentParser):
 class DN2CLI(LightningCLI):
     """LightningCLI for DN2: specific help, quiet Lightning defaults, and the paths of what a run wrote."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        with quiet_lightning():  # the filters of the before_* hooks also end with the command
+            super().__init__(*args, **kwargs)
+
     def setup_parser(
         self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
     ) -> None:
@@ -375,7 +379,7 @@ def _print_config_deferred() -> contextlib.AbstractContextManager:
 def _ignore_fit_callback_states() -> None:
     # validate/test/predict run without ModelCheckpoint (see instantiate_trainer); Lightning then warns that the
     # fit checkpoint's ModelCheckpoint state has no callback to go to, which is harmless: it only records the
-    # fit run's own checkpoint paths. Inside build_cli's catch_warnings, so the filter ends with the command.
+    # fit run's own checkpoint paths. Inside DN2CLI's catch_warnings, so the filter ends with the command.
     warnings.filterwarnings("ignore", message=r".*Be aware that when using `ckpt_path`, callbacks used to create")
 
 
@@ -410,22 +414,21 @@ def quiet_lightning() -> Iterator[None]:
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     """The LightningCLI behind ``dn2``; ``args``/``run`` as in LightningCLI (for tests and notebooks)."""
-    with quiet_lightning():
-        return DN2CLI(
-            DN2Module,
-            LightningDataModule,
-            parser_class=DN2ArgumentParser,
-            subclass_mode_data=True,
-            args=args,
-            run=run,
-            save_config_kwargs={"overwrite": True},
-            trainer_defaults={
-                "max_epochs": 1,  # DN2's fit is one pass and stops by itself; this spares "max_epochs not set"
-                "enable_model_summary": False,  # a frozen backbone: "Trainable params: 0" says nothing
-                "log_every_n_steps": 1,  # nothing is logged per step; spares "fewer batches than log interval"
-            },
-            auto_configure_optimizers=False,
-        )
+    return DN2CLI(
+        DN2Module,
+        LightningDataModule,
+        parser_class=DN2ArgumentParser,
+        subclass_mode_data=True,
+        args=args,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={
+            "max_epochs": 1,  # DN2's fit is one pass and stops by itself; this spares "max_epochs not set"
+            "enable_model_summary": False,  # a frozen backbone: "Trainable params: 0" says nothing
+            "log_every_n_steps": 1,  # nothing is logged per step; spares "fewer batches than log interval"
+        },
+        auto_configure_optimizers=False,
+    )
 
 
 def cli_main(args: list[str] | None = None) -> None:

@@ -247,6 +247,7 @@ class DN2Module(LightningModule):
         self._searches_owed = 0  # sharded predict: collective searches this rank still has to join
         self._bank_is_shard = False
         self._warned_no_threshold: tuple[int, int] | None = None  # (bank size, k) of the last such warning
+        self._threshold_said: str | None = None  # the threshold's last explanation printed
         # (value, k) of a fixed threshold: the k whose scores it was set for (it does not follow later k changes)
         self._fixed_threshold: tuple[float, int] | None = None if threshold is None else (float(threshold), hp.k)
         self._warned_threshold_k: tuple[float, int, int] | None = None
@@ -598,7 +599,7 @@ class DN2Module(LightningModule):
         flagged = "undefined (no threshold)" if scores.is_anomaly is None else int(scores.is_anomaly.sum())
         info(
             f"DN2 predict: {len(scores)} samples scored against a bank of {self._bank_builder.size()} embeddings, "
-            f"flagged as anomalous: {flagged}; {self._describe_threshold()}."
+            f"flagged as anomalous: {flagged}; {self._say_threshold()}."
         )
 
     # ------------------------------------------------------------------------------------------ scoring
@@ -631,7 +632,7 @@ class DN2Module(LightningModule):
         images (recorded since bank format 2): either score would mean nothing. Point-wise groups
         (``group_pooling="none"``) score their members as images, against either."""
         spec, pooling = self.bank.spec, self.hparams.group_pooling
-        bank_of_groups = bool(spec.get("groups") or "group_size" in (spec.get("train_set") or {}))
+        bank_of_groups = self._bank_of_group_samples
         if bank_of_groups and not groups and not spec.get("members_per_group"):
             raise ValueError(
                 f"these samples are single images [B, C, H, W], but this memory bank holds pooled training groups "
@@ -645,6 +646,12 @@ class DN2Module(LightningModule):
                 "(a GroupDataModule, or your own group batches), or score each member as an image "
                 "(group_pooling='none': a group scores as its worst member)."
             )
+
+    @property
+    def _bank_of_group_samples(self) -> bool:
+        """The bank was built from pooled training groups (recorded since bank format 2)."""
+        spec = self.bank.spec
+        return bool(spec.get("groups") or "group_size" in (spec.get("train_set") or {}))
 
     def score_with_maps(self, batch: Batch, batch_idx: int = 0) -> tuple[Tensor, KNNResult, Tensor]:
         """DN2 scores ``[B]``, their kNN result and anomaly maps ``[B, H, W]`` (``anomaly_maps=True``), from one
@@ -749,7 +756,8 @@ class DN2Module(LightningModule):
             self.hparams.threshold = float(value)
             self._fixed_threshold = (float(value), self.hparams.k)
         threshold = float(self.threshold)
-        info(f"DN2: {self._describe_threshold()}.")
+        self._threshold_said = None  # asked for: said in full
+        info(f"DN2: {self._say_threshold()}.")
         return threshold
 
     def normalized(self, scores: Tensor) -> Tensor:
@@ -774,16 +782,26 @@ class DN2Module(LightningModule):
             return f"threshold {threshold:.6g} (fixed value)"
         q = self.hparams.threshold_quantile
         drawn = f", {len(self.bank.loo_scores):,} drawn at random" if self.bank.loo_drawn else ""
-        if self.hparams.clean_fraction > 0:  # unsupervised: the training images include the contaminants
+        groups = self._bank_of_group_samples or self.bank.spec.get("members_per_group")  # point-wise: per group
+        sample = "group" if groups else "image"
+        if self.hparams.clean_fraction > 0:  # unsupervised: the training samples include the contaminants
             return (
-                f"threshold {threshold:.6g} (quantile {q:g} of every training image's score{drawn}, contaminants "
+                f"threshold {threshold:.6g} (quantile {q:g} of every training {sample}'s score{drawn}, contaminants "
                 "included: for a fraction c of contaminants, threshold_quantile = (1 - c) x 0.99 flags about 1% of "
-                "normal images)"
+                f"normal {sample}s)"
             )
         return (
-            f"threshold {threshold:.6g} (quantile {q:g} of the training images' leave-one-out scores{drawn}: about "
-            f"{100 * (1 - q):.3g}% of normal images are flagged)"
+            f"threshold {threshold:.6g} (quantile {q:g} of the training {sample}s' leave-one-out scores{drawn}: "
+            f"about {100 * (1 - q):.3g}% of normal {sample}s are flagged)"
         )
+
+    def _say_threshold(self) -> str:
+        """The threshold's description: in full the first time, then by its value while it stays the same."""
+        text = self._describe_threshold()
+        if text == self._threshold_said:
+            return text.split(" (", 1)[0] + " (as above)"
+        self._threshold_said = text
+        return text
 
     def _warn_if_no_threshold(self) -> None:
         size, k = self._bank_builder.size(), self.hparams.k
@@ -868,7 +886,7 @@ class DN2Module(LightningModule):
             self.log(f"{stage}/auroc", auroc.compute(), sync_dist=True)
             auroc.reset()
         bank = self._bank_builder.size()  # a collective when sharded: every rank gets here
-        threshold = self._describe_threshold()
+        threshold = self._say_threshold()
         info(f"DN2 {stage}: {len(result)} samples scored against a bank of {bank} embeddings; {threshold}.")
         return result
 
@@ -1034,8 +1052,9 @@ class DN2Module(LightningModule):
         self._warn_if_no_threshold()
         report["bank/size"] = float(builder.size())
         self.bank_report = report
-        info("DN2: " + ", ".join(f"{name}={value:g}" for name, value in report.items()))
-        info(f"DN2: memory bank of {report['bank/size']:g} embeddings; {self._describe_threshold()}.")
+        if "bank/removed" in report:  # the cleaning's figures; without it they only repeat the size
+            info("DN2: " + ", ".join(f"{name}={value:g}" for name, value in report.items()))
+        info(f"DN2: memory bank of {report['bank/size']:g} embeddings; {self._say_threshold()}.")
         if hp.clean_fraction > 0 and self._trainer is not None and self.trainer.state.fn != "predict":
             if self._current_fx_name == "on_fit_end":  # a pass read again after the loop: self.log is closed there
                 for logger in self.trainer.loggers if self.trainer.is_global_zero else ():

@@ -305,9 +305,17 @@ def test_console_shows_checkpoint_and_report_paths_and_no_lightning_noise(tmp_pa
         assert noise not in messages, noise
 
 
-def test_cli_leaves_warning_filters_as_it_found_them():
+def test_cli_leaves_warning_filters_as_it_found_them(tmp_path):
+    from lightning import LightningDataModule
+
+    from dn2_lightning.cli import DN2CLI
+
     before = list(warnings.filters)
     build_cli(["--config", "configs/digits.yaml"], run=False)
+    assert warnings.filters == before
+    # DN2CLI used directly, as a LightningCLI subclass: fit's hooks added filters that stayed after the command
+    args = ["fit", "--config", "configs/digits.yaml", "--model.input_size=32", f"--trainer.default_root_dir={tmp_path}"]
+    DN2CLI(DN2Module, LightningDataModule, subclass_mode_data=True, args=[*args, "--trainer.enable_progress_bar=false"])
     assert warnings.filters == before
 
 

@@ -144,6 +144,37 @@ def _fixed_score_warnings(caught) -> list[str]:
     return [str(w.message) for w in caught if "fixed score" in str(w.message)]
 
 
+def test_the_console_explains_the_threshold_once_and_then_gives_its_value():
+    """Building the bank and testing in one run said the threshold's whole explanation twice, and the bank's size
+    line repeated its size when nothing was cleaned."""
+    model, dm = DN2Module(k=2, backbone=linear_backbone(), reports=False), BlobDataModule()
+    with dn2_messages() as messages:
+        quiet_trainer().fit(model, datamodule=dm)
+        quiet_trainer().test(model, datamodule=dm)
+        quiet_trainer().predict(model, datamodule=dm)
+    value = f"threshold {float(model.threshold):.6g}"
+    explained = [m for m in messages if f"{value} (quantile 0.99 of the training images' leave-one-out" in m]
+    assert len(explained) == 1 and "memory bank of 101 embeddings" in explained[0], messages
+    assert sum(m.endswith(f"{value} (as above).") for m in messages) == 2, messages
+    assert not any("bank/size_before_cleaning" in m for m in messages), messages
+    with dn2_messages() as messages:  # asked for by the user: explained again
+        model.set_threshold(quantile=0.9)
+        quiet_trainer().test(model, datamodule=dm)
+    assert "(quantile 0.9 of the training images' leave-one-out scores: about 10% of" in messages[0], messages
+    assert messages[1].endswith("(as above)."), messages
+    unsupervised = DN2Module(k=2, backbone=linear_backbone(), reports=False, clean_fraction=0.2)
+    with dn2_messages() as messages:  # the cleaning's figures are still said
+        quiet_trainer().fit(unsupervised, datamodule=dm)
+    assert any("bank/removed=20" in m and "bank/size_before_cleaning=101" in m for m in messages), messages
+    for pooling in ("mean", "none"):  # a bank of groups: its threshold is said of groups, not images
+        groups = DN2Module(k=2, backbone=linear_backbone(in_features=3 * 8 * 8), reports=False, group_pooling=pooling)
+        dm = GroupDataModule(dataset="digits", group_size=3, n_train_groups=20, n_test_groups=10, seed=0)
+        with dn2_messages() as messages:
+            quiet_trainer().fit(groups, datamodule=dm)
+        bank_line = next(m for m in messages if "memory bank of" in m)
+        assert "training groups' leave-one-out scores: about 1% of normal groups are flagged" in bank_line, bank_line
+
+
 def test_fixed_threshold_keeps_the_k_it_was_set_for(tmp_path):
     """A checkpoint recorded the k in force when saved, not the k the value was set for: set at k=2, loaded with k=5
     and saved again, it said k=5, so loading it at k=5 was quiet and at k=2 warned (both the wrong way round)."""
@@ -530,6 +561,30 @@ def test_a_folder_bank_counts_the_listed_training_files_whatever_can_be_read(tmp
         r"train_images=42",
     ):
         quiet_trainer().test(model, datamodule=OneClassDataModule("folder", root=str(root), load_size=8))
+
+
+def test_a_synthetic_sets_bank_refuses_a_set_written_with_other_settings(tmp_path):
+    """dataset="synthetic" recorded only its name: a bank fitted on a set of one seed scored a set of another seed
+    (or size) at another root without a word. Its files now identify it as a folder's do; an older record without
+    them is still accepted."""
+    from dn2_lightning.data.synthetic import write_synthetic_defects
+
+    def synthetic(root: Path, seed: int) -> OneClassDataModule:
+        write_synthetic_defects(root, n_train=12, n_test_good=2, n_test_per_kind=1, image_size=32, seed=seed)
+        return OneClassDataModule("synthetic", root=str(root), load_size=8, batch_size=16)
+
+    model = DN2Module(k=2, backbone=linear_backbone(in_features=3 * 8 * 8), reports=False)
+    quiet_trainer().fit(model, datamodule=synthetic(tmp_path / "seed0", 0))
+    assert model.bank.spec["train_set"]["train_images"] == 12
+    quiet_trainer().test(model, datamodule=synthetic(tmp_path / "copy", 0))  # the same set elsewhere
+    with pytest.raises(ValueError, match=r"other images than those under this datamodule's root/train: train_files="):
+        quiet_trainer().test(model, datamodule=synthetic(tmp_path / "seed1", 1))
+    for name in ("train_images", "train_files"):  # a record from before sets listed their files
+        del model.bank.spec["train_set"][name]
+    quiet_trainer().test(model, datamodule=synthetic(tmp_path / "seed1", 1))
+    model.bank.spec["train_set"]["dataset"] = "folder"  # other differences are still refused
+    with pytest.raises(ValueError, match=r"dataset='synthetic' \(datamodule\)"):
+        quiet_trainer().test(model, datamodule=synthetic(tmp_path / "seed1", 1))
 
 
 def test_a_bank_that_does_not_record_its_training_data_warns_that_it_cannot_be_checked():

@@ -143,18 +143,17 @@ class OneClassDataModule(LightningDataModule):
         """What defines the training images (dataset, normal class by index, contamination and its seed), for
         a memory bank built from them to recognise other training data. Folders: the number of image files under
         ``root/train`` (readable or not) and a fingerprint of their names (relative to it, so the folder may move)
-        and sizes; ``None`` for a flat folder to predict on, which has no training images."""
+        and sizes (also for ``"synthetic"``); ``None`` for a flat folder to predict on, which has no training
+        images."""
         hp = self.hparams
         kind = type(self).__name__
-        if hp.dataset == FOLDER:
+        if hp.dataset in (FOLDER, SYNTHETIC):  # a synthetic set's files tell its settings (seed, sizes) apart
             self.setup()
             if self._train_listing is None or not self._train_listing[1]:
                 return None
             folder, files = self._train_listing
             fingerprint = files_fingerprint(files, folder)
-            return {"datamodule": kind, "dataset": FOLDER, "train_images": len(files), "train_files": fingerprint}
-        if hp.dataset == SYNTHETIC:
-            return {"datamodule": kind, "dataset": SYNTHETIC}
+            return {"datamodule": kind, "dataset": hp.dataset, "train_images": len(files), "train_files": fingerprint}
         self.setup()  # the class index of a class given by name
         identity = {"datamodule": kind, "dataset": hp.dataset, "normal_class": self.normal_class_index}
         identity["contamination"] = hp.contamination
