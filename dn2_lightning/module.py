@@ -98,6 +98,8 @@ _STAGE_LOADERS = {
 # checkpoint key: the fixed threshold saved and the k it scores at (load_from_checkpoint's overrides rewrite the
 # checkpoint's hyperparameters before on_load_checkpoint sees them)
 THRESHOLD_KEY = "dn2_threshold"
+# the same in the bank's extra state, for a plain state_dict (which has no hyperparameters) to carry it too
+THRESHOLD_RECORD = "fixed_threshold"
 # hyperparameters read into submodules at construction: editing them in hparams later is refused
 FIXED_AT_CONSTRUCTION = (
     "backbone",
@@ -250,6 +252,7 @@ class DN2Module(LightningModule):
         self._threshold_said: str | None = None  # the threshold's last explanation printed
         # (value, k) of a fixed threshold: the k whose scores it was set for (it does not follow later k changes)
         self._fixed_threshold: tuple[float, int] | None = None if threshold is None else (float(threshold), hp.k)
+        self._threshold_from_checkpoint = False  # on_load_checkpoint settled it: the state dict's record is not used
         self._warned_threshold_k: tuple[float, int, int] | None = None
         self.fit_built_bank = False  # whether the last fit embedded its train data (not so when resumed when done)
         self._pass_started = self._resumed_mid_pass = False  # this fit's epoch began here; it began in a checkpoint
@@ -265,18 +268,60 @@ class DN2Module(LightningModule):
         state["_bank_datamodule"] = None  # a weakref (which cannot be pickled) to an object of this process
         return state
 
+    def _apply(self, fn: Any, recurse: bool = True) -> DN2Module:
+        # .half(), .bfloat16(), .to(torch.float16): refused before anything is cast (an empty tensor tells what
+        # ``fn`` does), since a rounded bank would stay rounded after .float()
+        cast = fn(torch.empty(0)).dtype
+        if cast in (torch.float16, torch.bfloat16):
+            # Lightning's dtype property was set before the cast was asked for
+            self._dtype = next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
+            raise ValueError(
+                f"DN2Module cannot be cast to {cast} (.half(), .bfloat16(), .to({cast})): its preprocessing runs in "
+                "float32 and its memory bank would be rounded for good. Keep it in float32 and embed in 16 bits "
+                "under autocast: Trainer(precision='bf16-mixed') when fitting (score_images then embeds the same "
+                "way), or export the embedder under torch.autocast (README: Deploying)."
+            )
+        return super()._apply(fn, recurse)
+
+    def to_torchscript(self, *args: Any, **kwargs: Any) -> Any:
+        """Not supported (Lightning deprecates it): scripting fails on the bank's state, and tracing would fix the
+        example's dtype and size into the graph without a word. Export :meth:`forward` with ``torch.export`` or
+        :meth:`to_onnx` instead (README: Deploying)."""
+        raise NotImplementedError(
+            "DN2Module.to_torchscript is not supported: scripting fails on the memory bank's state, and a trace "
+            "would silently keep the example's dtype and image size (other inputs would embed wrongly). Export the "
+            "embedder with torch.export.export(model.eval(), (images,)) or model.to_onnx(path, images), which refuse "
+            "other inputs clearly, and score its output with DN2Detector fitted on model.bank.embeddings (README: "
+            "Deploying)."
+        )
+
+    def to_onnx(self, file_path: Any = None, input_sample: Any = None, **kwargs: Any) -> Any:
+        """Lightning's export of :meth:`forward` (the embedder) with torch's default (dynamo) exporter; the
+        TorchScript-based one (``dynamo=False``) cannot read the bank's state."""
+        if kwargs.get("dynamo") is False:
+            raise ValueError(
+                "to_onnx(..., dynamo=False): torch's TorchScript-based ONNX exporter cannot read the memory bank's "
+                "state. Leave dynamo at its default (True), or export model.backbone alone with it."
+            )
+        return super().to_onnx(file_path, input_sample, **kwargs)
+
     # ------------------------------------------------------------------------------------------ forward
 
     def forward(self, images: Tensor, mask: Tensor | None = None) -> Tensor:
         """Embeddings ``[B, D]`` of images ``[B, C, H, W]``, or pooled embeddings of groups
-        ``[B, M, C, H, W]`` (``mask [B, M]`` marks real members; pooling by ``group_pooling``)."""
-        if images.ndim == 5:
-            if mask is not None:
-                check_group_mask(mask, images)
-            b, m = images.shape[:2]
-            members = self.backbone(images.flatten(0, 1)).view(b, m, -1)
-            return self.group_pool(members, mask)
-        return self.backbone(images)
+        ``[B, M, C, H, W]`` (``mask [B, M]`` marks real members; pooling by ``group_pooling``).
+
+        Once a bank exists, images are embedded as its rows were (under their autocast, e.g. a
+        ``precision="bf16-mixed"`` fit), so ``forward`` and a model exported from it embed as ``score_images`` does.
+        It is the embedder only: README's "Deploying" shows how to score its output against the bank."""
+        with self._embedding_precision() if self._collector is None else contextlib.nullcontext():
+            if images.ndim == 5:
+                if mask is not None:
+                    check_group_mask(mask, images)
+                b, m = images.shape[:2]
+                members = self.backbone(images.flatten(0, 1)).view(b, m, -1)
+                return self.group_pool(members, mask)
+            return self.backbone(images)
 
     # ----------------------------------------------------------------------------------------- training
 
@@ -1188,7 +1233,34 @@ class DN2Module(LightningModule):
             )
         return model.eval()
 
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """``nn.Module.state_dict``, with a fixed threshold (``set_threshold(value=...)``) in the bank's extra state:
+        it is a hyperparameter, which a plain state dict would otherwise leave behind."""
+        state = super().state_dict(*args, **kwargs)
+        key = kwargs.get("prefix", "") + "bank._extra_state"
+        if isinstance(state.get(key), dict):
+            record = {"value": float(self.hparams.threshold or 0.0), "k": self._threshold_k()}
+            state[key] = {**state[key], THRESHOLD_RECORD: record} if self.hparams.threshold is not None else state[key]
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``; a fixed threshold the state dict records is used unless this module has
+        one of its own (or ``load_from_checkpoint``/``ckpt_path`` settled the threshold from the checkpoint)."""
+        from_checkpoint, self._threshold_from_checkpoint = self._threshold_from_checkpoint, False
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        saved = self.bank.spec.pop(THRESHOLD_RECORD, None)
+        if isinstance(saved, dict) and not from_checkpoint and self.hparams.threshold is None:
+            self.hparams.threshold = float(saved["value"])
+            self._fixed_threshold = (float(saved["value"]), int(saved["k"]))
+            info(
+                f"DN2: the state dict's fixed threshold {self.hparams.threshold:.6g} (set for k={saved['k']}) is used; "
+                "set_threshold(quantile=...) replaces it."
+            )
+            self._warn_if_fixed_threshold_meets_another_k()
+        return result
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._threshold_from_checkpoint = True
         self._bank_is_shard = False
         self._bank_datamodule = None
         state = checkpoint.get("state_dict", {})

@@ -175,6 +175,33 @@ def test_the_console_explains_the_threshold_once_and_then_gives_its_value():
         assert "training groups' leave-one-out scores: about 1% of normal groups are flagged" in bank_line, bank_line
 
 
+def test_a_fixed_threshold_travels_with_a_plain_state_dict(tmp_path):
+    """The threshold lived only in the hyperparameters: DN2Module(...).load_state_dict(other.state_dict()) (the path
+    dn2 advises for files of torch.save(model.state_dict())) scored with the quantile threshold instead of the value
+    set, and flipped decisions without a word."""
+    dm = BlobDataModule()
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    quiet_trainer().fit(model, datamodule=dm)
+    value = float(np.median(model.score_images(dm.test_images).scores.numpy()))
+    model.set_threshold(value=value)
+    expected = model.score_images(dm.test_images)
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    copy = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    with dn2_messages() as messages:
+        copy.load_state_dict(torch.load(tmp_path / "weights.pt"))  # weights-only
+    assert float(copy.threshold) == value and any(f"fixed threshold {value:.6g}" in m for m in messages), messages
+    got = copy.score_images(dm.test_images)
+    assert torch.equal(got.scores, expected.scores) and torch.equal(got.is_anomaly, expected.is_anomaly)
+    assert "fixed_threshold" not in copy.bank.spec  # a record in the state dict, not a setting of the bank
+    own = DN2Module(k=2, backbone=linear_backbone(), reports=False, threshold=1.0)  # a module's own threshold wins
+    own.load_state_dict(model.state_dict())
+    assert float(own.threshold) == 1.0
+    model.set_threshold(quantile=0.9)  # a quantile follows the bank: nothing is recorded
+    quantile = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    quantile.load_state_dict(model.state_dict())
+    assert quantile.hparams.threshold is None and quantile.hparams.threshold_quantile == 0.99
+
+
 def test_fixed_threshold_keeps_the_k_it_was_set_for(tmp_path):
     """A checkpoint recorded the k in force when saved, not the k the value was set for: set at k=2, loaded with k=5
     and saved again, it said k=5, so loading it at k=5 was quiet and at k=2 warned (both the wrong way round)."""
