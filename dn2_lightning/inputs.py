@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Union
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -100,7 +101,7 @@ def _warn_if_eight_bit_values_in_a_wide_mode(image: Image.Image, where: str) -> 
     """An image built in memory in a 16/32-bit integer mode (``Image.fromarray`` of an int32 or uint16 array) has
     no bit depth on record: it is read as 16 bit (values / 65535), which makes 8-bit values nearly black."""
     if image.format is None and image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-        high = image.getextrema()[1]
+        high = int(np.asarray(image).max())  # getextrema() does not take the big-endian "I;16B"
         if high <= 255:
             warnings.warn(
                 f"{where}: a mode {image.mode!r} image is read as 16 bit (0..65535), but its values are at most "

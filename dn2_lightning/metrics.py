@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
@@ -124,7 +123,3 @@ class ScoreCollector(Metric):
             result.neighbours.reshape(n, -1),
             result.distances.reshape(n, -1),
         )
-
-
-def unknown_labels(n: int, device: torch.device) -> Tensor:
-    return torch.full((n,), -1, dtype=torch.long, device=device)

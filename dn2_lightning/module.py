@@ -18,9 +18,7 @@ from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
-from torch.utils.data import (
-    DataLoader,
-)
+from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from torchmetrics.classification import BinaryAUROC
 
@@ -651,8 +649,7 @@ class DN2Module(LightningModule):
 
     def score(self, batch: Batch, batch_idx: int = 0) -> tuple[Tensor, KNNResult]:
         """DN2 scores ``[B]`` of a batch, and the kNN result behind them (neighbours as train indices)."""
-        if not self._has_bank:
-            raise RuntimeError(NO_BANK_MESSAGE.format(fn="test"))
+        self._require_bank()
         self._check_sample_kind(batch.images.ndim == 5)
         if batch.images.ndim == 5 and batch.mask is not None:
             check_group_mask(batch.mask, batch.images, batch_idx)
@@ -706,8 +703,7 @@ class DN2Module(LightningModule):
                 "score_with_maps needs a model built with anomaly_maps=True (DN2Module(anomaly_maps=True), then fit); "
                 "for scores alone use score_images."
             )
-        if not self._has_bank:
-            raise RuntimeError(NO_BANK_MESSAGE.format(fn="test"))
+        self._require_bank()
         self._check_sample_kind(False)
         with self._embedding_precision():
             embeddings, patches = self.maps.embed(self.backbone, batch.images)
@@ -736,8 +732,7 @@ class DN2Module(LightningModule):
         """
         self._check_hparams()
         check_positive_int("batch_size", batch_size, hint=" (images per backbone call)")
-        if not self._has_bank:
-            raise RuntimeError(NO_BANK_MESSAGE.format(fn="test"))
+        self._require_bank()
         model_settings = self._model_settings()
         check_bank_format(self.bank.spec, model_settings)
         check_bank_settings(self.bank.spec, model_settings, BANK_SETTINGS, "this model")
@@ -864,6 +859,10 @@ class DN2Module(LightningModule):
     def _search(self, embeddings: Tensor, k: int) -> KNNResult:
         """Exact kNN of ``embeddings`` in the whole bank; neighbours as train-set sample indices."""
         return self._bank_builder.search(embeddings, k)
+
+    def _require_bank(self) -> None:
+        if not self._has_bank:
+            raise RuntimeError(NO_BANK_MESSAGE.format(fn="test"))
 
     @property
     def _has_bank(self) -> bool:
@@ -1455,15 +1454,11 @@ def _refuse_second_dataloader(dataloader_idx: int, fn: str) -> None:
 
 def _progress(loader: DataLoader, description: str, enabled: bool) -> Any:
     """``loader`` with a rich progress bar (the one Lightning's RichProgressBar uses) on rank 0 when enabled."""
-    if not enabled or not _is_rank_zero():
+    if not enabled or rank() != 0:
         return loader
     from rich.progress import track
 
     return track(loader, description=description, total=sized_len(loader), transient=True)
-
-
-def _is_rank_zero() -> bool:
-    return rank() == 0
 
 
 def _active_autocast(device: torch.device) -> str | None:

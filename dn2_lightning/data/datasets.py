@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
+import os
 import unicodedata
 import warnings
 from collections.abc import Iterator, Sequence
@@ -134,9 +135,49 @@ class Renumbered(Dataset):
         return {**sample, "index": torch.tensor(i)}
 
 
+def is_hidden(name: str) -> bool:
+    """A name that tools keep beside the data (``.ipynb_checkpoints``, ``.DS_Store``, macOS's ``._x.png`` and
+    ``__MACOSX``): never a class folder or an image to read."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
 def list_image_files(folder: str | Path) -> list[Path]:
-    """Image files under ``folder`` (recursive), sorted for a deterministic order."""
-    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    """Image files under ``folder``, sorted for a deterministic order: recursive, following folder links (each
+    folder once), hidden names left out (:func:`is_hidden`). Files Pillow reads under other extensions, and links to
+    nothing, are not read: a warning names them."""
+    files, unread, broken, seen = [], [], [], set()
+    for top, folders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:  # a link back up the tree, or a second link to a folder already listed
+            folders[:] = []
+            continue
+        seen.add(real)
+        folders[:] = [name for name in folders if not is_hidden(name)]
+        for name in names:
+            path = Path(top) / name
+            suffix = path.suffix.lower()
+            if is_hidden(name):
+                continue
+            if suffix in IMAGE_EXTENSIONS:
+                (files if path.exists() else broken).append(path)
+            elif suffix in _pillow_extensions():
+                unread.append(path)
+    if unread or broken:
+        listing = [
+            *(f"{p} (extension {p.suffix})" for p in unread[:3]),
+            *(f"{p} (a link to nothing)" for p in broken[:3]),
+        ]
+        warnings.warn(
+            f"{len(unread) + len(broken)} file(s) under {folder} are not read: {'; '.join(listing)}. Images are read "
+            f"with the extensions {', '.join(IMAGE_EXTENSIONS)}: convert the others (e.g. to PNG), or mend the links.",
+            stacklevel=2,
+        )
+    return sorted(files)
+
+
+def _pillow_extensions() -> set[str]:
+    """Extensions of the formats Pillow opens (not those it only writes, such as PDF)."""
+    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
 
 
 def files_fingerprint(files: list[Path], folder: Path) -> str:

@@ -129,11 +129,12 @@ def _check_pixels(img: Image.Image, path: Path, max_pixels: int | None) -> None:
 
 
 def _to_uint8_rgb(img: Image.Image, path: Path) -> np.ndarray:
-    """Upright uint8 ``[H, W, 3]`` from any Pillow mode, scaling high-bit-depth values by their range."""
+    """Upright uint8 ``[H, W, 3]`` from any Pillow mode, scaling high-bit-depth values by their range and putting
+    transparent pixels on black."""
+    top = _integer_max(img)  # before exif_transpose, whose copy no longer says it is a TIFF (its bit depth)
     img = ImageOps.exif_transpose(img)
     if img.mode in (*_SIXTEEN_BIT_MODES, "I"):
         values = np.asarray(img)
-        top = _integer_max(img)
         low, high = int(values.min()), int(values.max())
         if low < 0 or high > top:
             raise UnreadableImageError(
@@ -150,10 +151,20 @@ def _to_uint8_rgb(img: Image.Image, path: Path) -> np.ndarray:
             )
         array = np.rint(values.astype(np.float64) * 255.0).astype(np.uint8)
     else:
-        array = np.array(img.convert("RGB"))  # a writable copy (torch refuses read-only buffers)
+        array = np.array(on_black(img).convert("RGB"))  # a writable copy (torch refuses read-only buffers)
     if array.ndim == 2:
         array = np.repeat(array[:, :, None], 3, axis=2)
     return np.ascontiguousarray(array)
+
+
+def on_black(img: Image.Image) -> Image.Image:
+    """``img`` with its transparency (an alpha channel, or a palette's or colour's ``transparency``) composited onto
+    black: ``convert("RGB")`` would keep the colour stored under transparent pixels, which no viewer shows and which
+    differs from file to file (two images that look alike would score apart)."""
+    if img.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in img.info:
+        return img
+    rgba = img.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
 
 
 def _integer_max(img: Image.Image) -> int:

@@ -13,10 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
+from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2.functional import resize
+
+from dn2_lightning.data.images import on_black
 
 MASK_SUFFIX = "_mask.png"
 # EXIF orientation -> the transpose that shows the image upright (what PIL.ImageOps.exif_transpose applies)
@@ -47,14 +50,35 @@ def mvtec_mask_path(root: str | Path, image: str | Path, normal_dir: str = "good
 
 
 def _headers(image: str | Path, mask: str | Path) -> tuple[tuple[int, int], int, tuple[int, int]] | None:
-    """(stored image size W x H, its EXIF orientation, mask size W x H) from the headers; ``None`` if unreadable."""
+    """(stored image size W x H, its EXIF orientation, upright mask size W x H) from the headers; ``None`` if
+    unreadable."""
     try:
         with Image.open(image) as img:
             size, orientation = img.size, img.getexif().get(0x0112, 1)
         with Image.open(mask) as img:
-            return size, orientation, img.size
+            turned = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # a mask is read upright too
+            return size, orientation, img.size[::-1] if turned else img.size
     except (OSError, SyntaxError, ValueError):
         return None  # unreadable files are reported where they are loaded
+
+
+def mask_problem(mask: str | Path) -> str | None:
+    """Why a mask file cannot be read (cut short, damaged, not an image), or ``None``; PNGs are checked without
+    decoding (every chunk's checksum), other formats are decoded."""
+    try:
+        with Image.open(mask) as img:
+            img.verify() if img.format == "PNG" else img.load()
+        return None
+    except (OSError, SyntaxError, ValueError) as err:
+        return f"{mask}: {type(err).__name__}: {err}"
+
+
+def read_mask(path: str | Path) -> Tensor:
+    """A mask file as uint8 ``[1, H, W]`` (1 = anomalous: non-zero after transparent pixels are put on black),
+    upright (its EXIF orientation applied, as images are)."""
+    with Image.open(path) as img:
+        upright = on_black(ImageOps.exif_transpose(img))
+        return (torch.from_numpy(np.array(upright.convert("L"))) > 0).to(torch.uint8)[None]
 
 
 def _same_shape(a: tuple[int, int], b: tuple[int, int]) -> bool:
@@ -115,8 +139,15 @@ class MaskedImageDataset(Dataset):
                 f"{len(missing)} ground-truth mask(s) missing: {listing}. Every anomalous test image needs "
                 f"root/ground_truth/<kind>/<stem>{MASK_SUFFIX}, or remove root/ground_truth to test without masks."
             )
-        # both checks read the headers only, once per pair (unreadable files are reported where they are loaded)
         pairs = [(image, mask) for image, mask in zip(paths, mask_paths, strict=True) if mask is not None]
+        unreadable = [problem for _, mask in pairs if (problem := mask_problem(mask)) is not None]
+        if unreadable:  # found here, not by a traceback part-way through a run
+            listing = "; ".join(unreadable[:5]) + (f"; ... ({len(unreadable)} in all)" if len(unreadable) > 5 else "")
+            raise ValueError(
+                f"{len(unreadable)} ground-truth mask(s) cannot be read: {listing}. Save them again (PNG, non-zero = "
+                "anomalous), or remove root/ground_truth to test without masks."
+            )
+        # both checks read the headers only, once per pair (unreadable images are reported where they are loaded)
         headers = [(image, mask, found) for image, mask in pairs if (found := _headers(image, mask)) is not None]
         mismatched = [
             f"{mask}: {problem}" for _, mask, found in headers if (problem := mask_geometry_problem(found)) is not None
@@ -157,8 +188,7 @@ class MaskedImageDataset(Dataset):
         if self.mask_paths[i] is None:
             sample["gt_mask"] = torch.zeros(size, dtype=torch.uint8)
             return sample
-        with Image.open(self.mask_paths[i]) as img:
-            mask = (torch.from_numpy(np.array(img.convert("L"))) > 0).to(torch.uint8)[None]
+        mask = read_mask(self.mask_paths[i])
         if list(mask.shape[-2:]) != size:
             mask = resize(mask, size, interpolation=InterpolationMode.NEAREST_EXACT)
         sample["gt_mask"] = mask[0]

@@ -24,6 +24,7 @@ from dn2_lightning.data.datasets import (
     CorruptPolicy,
     ImageFolderDataset,
     files_fingerprint,
+    is_hidden,
     list_image_files,
 )
 from dn2_lightning.data.masks import with_mvtec_masks
@@ -198,7 +199,7 @@ class OneClassDataModule(LightningDataModule):
             self.train_is_contaminant = torch.zeros(len(self.train_dataset), dtype=torch.bool)
             self.train_source_indices = torch.arange(len(self.train_dataset))
         if (root / "test").is_dir():
-            kinds = sorted(p.name for p in (root / "test").iterdir() if p.is_dir())
+            kinds = sorted(p.name for p in (root / "test").iterdir() if p.is_dir() and not is_hidden(p.name))
             if hp.normal_dir not in kinds:
                 raise ValueError(f"normal_dir={hp.normal_dir!r} is not a subfolder of {root / 'test'}; found {kinds}.")
             self.classes = tuple(kinds)

@@ -1,0 +1,153 @@
+"""The image files users keep in their folders: transparency, hidden folders, other extensions, links, masks drawn
+as layers or carrying their own orientation, damaged masks, 32-bit TIFFs and big-endian 16-bit images."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dn2_lightning.data import OneClassDataModule, list_image_files, load_image
+from dn2_lightning.data.images import pil_to_uint8
+from dn2_lightning.inputs import as_image_batches
+
+
+def _rgb(seed: int, size: tuple[int, int] = (12, 16)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)
+
+
+def _folder(root: Path) -> Path:
+    """train/good (4 PNGs), test/good (2), test/scratch (2) with masks in ground_truth/scratch."""
+    for folder, n in (("train/good", 4), ("test/good", 2), ("test/scratch", 2)):
+        (root / folder).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(_rgb(10 * len(folder) + i)).save(root / folder / f"{i}.png")
+    (root / "ground_truth" / "scratch").mkdir(parents=True)
+    for i in range(2):
+        mask = np.zeros((12, 16), np.uint8)
+        mask[2:5, 3:9] = 255
+        Image.fromarray(mask).save(root / "ground_truth" / "scratch" / f"{i}_mask.png")
+    return root
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparent_pixels_decode_alike_whatever_colour_is_stored_under_them(tmp_path, mode):
+    """convert("RGB") kept the colour stored under transparent pixels: two files that look alike in any viewer (black
+    or white under the transparency) scored 1260.8 and 395.7 on a threshold of 677.1 (a reviewer)."""
+    rgb, opaque = _rgb(0), np.zeros((12, 16), bool)
+    opaque[:, :8] = True
+    decoded = []
+    for hidden in (0, 255):
+        pixels = np.where(opaque[..., None], rgb, hidden).astype(np.uint8)
+        alpha = np.where(opaque, 255, 0).astype(np.uint8)
+        image = Image.fromarray(np.dstack([pixels, alpha]), "RGBA")
+        if mode == "LA":
+            image = Image.fromarray(np.dstack([pixels[..., 0], alpha]), "LA")
+        if mode == "P":  # a palette with one transparent entry
+            image = Image.fromarray(np.where(opaque, 1, 0).astype(np.uint8), "P")
+            image.putpalette([hidden, hidden, hidden, 200, 100, 50] + [0] * 762)
+            image.info["transparency"] = 0
+        image.save(tmp_path / f"{hidden}.png")
+        decoded.append(load_image(tmp_path / f"{hidden}.png"))
+        assert torch.equal(pil_to_uint8(image), decoded[-1])  # in memory as from the file
+    assert torch.equal(decoded[0], decoded[1])
+    assert int(decoded[0][:, :, 8:].max()) == 0  # transparent: black
+    expected = {"RGBA": rgb, "LA": np.repeat(rgb[..., :1], 3, 2), "P": np.array([200, 100, 50], np.uint8)}[mode]
+    assert torch.equal(
+        decoded[0][:, :, :8], torch.from_numpy(np.broadcast_to(expected, rgb.shape)[:, :8].copy()).permute(2, 0, 1)
+    )
+
+
+def test_hidden_folders_and_files_are_neither_kinds_nor_images(tmp_path):
+    """Jupyter's test/.ipynb_checkpoints/ became an anomalous kind (a normal image's copy labelled 1) and
+    train/.ipynb_checkpoints/ put a duplicate into the bank (its leave-one-out score near 0)."""
+    root = _folder(tmp_path / "set")
+    for hidden in ("train/good/.ipynb_checkpoints", "test/.ipynb_checkpoints", "test/__MACOSX", "train/__MACOSX"):
+        (root / hidden).mkdir(parents=True)
+        Image.fromarray(_rgb(0)).save(root / hidden / "0-checkpoint.png")
+    (root / "train" / "good" / "._0.png").write_bytes(b"\x00\x05\x16\x07")  # macOS's AppleDouble file
+    dm = OneClassDataModule("folder", root=str(root), load_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to skip: hidden files are not listed at all
+        dm.setup()
+    assert dm.classes == ("good", "scratch") and len(dm.train_dataset) == 4
+    assert sorted(dm.test_dataset[i]["label"].item() for i in range(len(dm.test_dataset))) == [0, 0, 1, 1]
+
+
+def test_files_of_other_extensions_and_broken_links_are_said_and_folder_links_followed(tmp_path):
+    """A test/dent/ of GIFs vanished (its kind's images not listed, no word), folder links were not followed and
+    links to nothing were dropped silently."""
+    root = _folder(tmp_path / "set")
+    (root / "test" / "dent").mkdir()
+    Image.fromarray(_rgb(5)).save(root / "test" / "dent" / "0.gif")
+    Image.fromarray(_rgb(6)).save(root / "test" / "dent" / "1.png")
+    elsewhere = tmp_path / "more"
+    elsewhere.mkdir()
+    Image.fromarray(_rgb(7)).save(elsewhere / "9.png")
+    os.symlink(elsewhere, root / "train" / "good" / "more")
+    os.symlink(root / "train", root / "train" / "good" / "loop")  # a link back up: listed once, no hang
+    os.symlink(tmp_path / "gone.png", root / "train" / "good" / "7.png")
+    with pytest.warns(UserWarning) as caught:
+        files = list_image_files(root / "train")
+    assert [p.relative_to(root / "train").as_posix() for p in files] == [f"good/{i}.png" for i in range(4)] + [
+        "good/more/9.png"
+    ]
+    assert "7.png (a link to nothing)" in str(caught[0].message)
+    with pytest.warns(UserWarning, match=r"1 file\(s\) under .*dent are not read: .*0\.gif \(extension \.gif\)"):
+        list_image_files(root / "test" / "dent")
+    (root / "notes.txt").write_text("not an image")  # not an image format: nothing to say
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert list_image_files(root / "test" / "good")
+
+
+def test_masks_drawn_as_layers_or_stored_turned_are_read_as_shown(tmp_path):
+    """An RGBA mask (an opaque defect on a transparent white layer) read as all anomalous (1024 of 1024 pixels); a
+    mask with its own EXIF orientation was read as stored while images are turned upright."""
+    root = _folder(tmp_path / "set")
+
+    def masks() -> list[torch.Tensor]:
+        dm = OneClassDataModule("folder", root=str(root), load_size=32)
+        dm.setup()
+        return [dm.test_dataset[i]["gt_mask"] for i in range(len(dm.test_dataset)) if dm.test_dataset[i]["label"]]
+
+    plain = masks()  # _folder's masks: an L image of 0 / 255
+    drawn = np.zeros((12, 16), bool)
+    drawn[2:5, 3:9] = True
+    layer = np.zeros((12, 16, 4), np.uint8)
+    layer[..., :3] = 255  # white, transparent
+    layer[drawn] = (255, 0, 0, 255)  # the defect: opaque red
+    Image.fromarray(layer, "RGBA").save(root / "ground_truth" / "scratch" / "0_mask.png")
+    turned = Image.fromarray(np.where(drawn, 255, 0).astype(np.uint8)).transpose(Image.Transpose.ROTATE_180)
+    exif = Image.Exif()
+    exif[0x0112] = 3  # shown turned back: the drawn defect
+    turned.save(root / "ground_truth" / "scratch" / "1_mask.png", exif=exif)
+    assert len(plain) == 2 and all(0 < int(m.sum()) < m.numel() for m in plain)
+    for mask, expected in zip(masks(), plain, strict=True):
+        assert torch.equal(mask, expected)
+
+
+def test_a_damaged_mask_is_refused_at_set_up_naming_the_file(tmp_path):
+    """A mask cut short was an OSError deep in a DataLoader part-way through dn2 test, naming no file."""
+    root = _folder(tmp_path / "set")
+    mask = root / "ground_truth" / "scratch" / "1_mask.png"
+    mask.write_bytes(mask.read_bytes()[:-30])
+    with pytest.raises(ValueError, match=r"1 ground-truth mask\(s\) cannot be read: .*1_mask\.png: .*Save them again"):
+        OneClassDataModule("folder", root=str(root)).setup()
+
+
+def test_a_32_bit_tiff_and_a_big_endian_16_bit_image_are_read_by_their_range(tmp_path):
+    """A full-range 32-bit TIFF was refused as outside 0..65535 (its bit depth was read after exif_transpose had
+    dropped the format); a big-endian 16-bit image in memory was a raw Pillow "image has wrong mode"."""
+    values = np.array([[0, 2**30], [2**31 - 1, 2**29]], np.int32)
+    Image.fromarray(values, "I").save(tmp_path / "deep.tif")
+    assert load_image(tmp_path / "deep.tif")[0].tolist() == [[0, 128], [255, 64]]
+    wide = Image.fromarray(np.array([[0, 65535], [32768, 255]], np.uint16).astype(">u2"))
+    assert wide.mode == "I;16B"
+    ((batch, _),) = list(as_image_batches(wide, None))
+    assert batch[0, 0].tolist() == [[0, 255], [128, 1]]
