@@ -67,6 +67,7 @@ from dn2_lightning.scoring import (
     normalized_scores,
     quantile_threshold,
     to_unit_interval,
+    worst_member,
 )
 from dn2_lightning.validation import (
     as_python,
@@ -654,16 +655,9 @@ class DN2Module(LightningModule):
         if batch.images.ndim == 5 and batch.mask is not None:
             check_group_mask(batch.mask, batch.images, batch_idx)
         if batch.images.ndim == 5 and self.hparams.group_pooling == "none":
-            b, m = batch.images.shape[:2]
             with self._embedding_precision():
                 members = self._embed(batch.images.flatten(0, 1), batch, batch_idx)
-            knn = self._search(members, self.hparams.k)
-            member_scores = knn_scores(knn).view(b, m)
-            if batch.mask is not None:
-                member_scores = member_scores.masked_fill(~batch.mask.bool(), float("-inf"))
-            worst = member_scores.argmax(1)
-            rows = torch.arange(b, device=worst.device) * m + worst
-            return member_scores.max(1).values, KNNResult(knn.values[rows], knn.indices[rows])
+            return worst_member(self._search(members, self.hparams.k), batch.images.shape[1], batch.mask)
         with self._embedding_precision():
             embeddings = self._embed(batch.images, batch, batch_idx)
         knn = self._search(embeddings, self.hparams.k)

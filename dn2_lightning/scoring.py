@@ -21,6 +21,24 @@ def knn_scores(knn: KNNResult) -> Tensor:
     return knn.values.mean(dim=1)
 
 
+def worst_member(knn: KNNResult, members: int, mask: Tensor | None = None) -> tuple[Tensor, KNNResult]:
+    """Point-wise group scores (``group_pooling="none"``): each group's worst member, from the kNN results of its
+    members (rows ``group * members + member``; ``mask [B, M]`` marks real members). Returns the groups' scores
+    ``[B]`` and the kNN result of the member behind each.
+
+    >>> knn = KNNResult(torch.tensor([[1.0], [5.0], [9.0], [2.0]]), torch.tensor([[7], [8], [9], [6]]))
+    >>> scores, behind = worst_member(knn, members=2, mask=torch.tensor([[1, 1], [0, 1]]))
+    >>> scores, behind.indices.flatten()
+    (tensor([5., 2.]), tensor([8, 6]))
+    """
+    member_scores = knn_scores(knn).view(-1, members)
+    if mask is not None:
+        member_scores = member_scores.masked_fill(~mask.bool(), float("-inf"))
+    worst = member_scores.argmax(1)
+    rows = torch.arange(len(worst), device=worst.device) * members + worst
+    return member_scores.max(1).values, KNNResult(knn.values[rows], knn.indices[rows])
+
+
 def rank_auroc(scores: Tensor, labels: Tensor) -> float:
     """AUROC of ``scores`` for ``labels`` (1 = anomalous, 0 = normal): the Mann-Whitney U statistic, tied scores
     sharing their average rank. Equal to torchmetrics' ``binary_auroc`` and scikit-learn's ``roc_auc_score``;
