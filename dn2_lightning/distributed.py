@@ -146,6 +146,22 @@ def gather_objects(obj: object) -> list[object]:
     return out
 
 
+def refuse_ranks_disagreeing_on_the_bank(state: tuple[bool, ...], what: str) -> None:
+    """Under DDP, refuse on every rank together when the ranks' bank ``state`` (whether each holds one, and how)
+    differs: each would take another branch and enter another collective (a hang, or errors about something else).
+    ``what`` names the fields of ``state``. A collective: every rank calls it at the same point."""
+    if world_size() == 1:
+        return
+    seen = gather_objects(tuple(state))
+    if any(s != seen[0] for s in seen):
+        states = ", ".join(f"rank {r}: {s}" for r, s in enumerate(seen))
+        raise ValueError(
+            f"under DDP the ranks disagree on their memory bank ({what}: {states}), e.g. a checkpoint path that holds "
+            "another file on another node's disk, or a module loaded on some ranks only. Give every node the same "
+            "checkpoint (one shared copy) and the same module, or fit again."
+        )
+
+
 def refuse_ranks_with_other_banks(embeddings: Tensor, sample_indices: Tensor) -> None:
     """Under DDP with a bank on every rank (not sharded), the ranks' banks must be one: each node may have loaded
     its own copy of a checkpoint path (a node-local disk), and Lightning broadcasts rank 0's parameters but not the

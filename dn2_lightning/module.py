@@ -42,6 +42,7 @@ from dn2_lightning.distributed import (
     broadcast_module_state,
     gather_objects,
     rank,
+    refuse_ranks_disagreeing_on_the_bank,
     refuse_ranks_with_other_banks,
     world_size,
 )
@@ -441,6 +442,7 @@ class DN2Module(LightningModule):
         """Fit resumed from a checkpoint whose pass Lightning counts as done: keep its bank (checked against this
         data) unless it holds none or a pass this run would read further, which is then read again."""
         seen, total = self.bank.spec.get("train_batches") or (0, 0)
+        refuse_ranks_disagreeing_on_the_bank((self._has_bank, seen, total), "(holds a bank, batches read, in pass)")
         if not self._has_bank:
             self._reread_pass("the checkpoint holds no memory bank (saved before its training pass ended)")
         elif seen < min(total if total is not None else float("inf"), self.trainer.num_training_batches):
@@ -455,6 +457,10 @@ class DN2Module(LightningModule):
                 )
             else:
                 info("DN2: fit restored the memory bank from ckpt_path (its pass was complete): nothing was embedded.")
+            refuse_ranks_with_other_banks(self.bank.embeddings, self.bank.sample_indices)
+            if self._sharded:  # the checkpoint's whole bank: each rank keeps its shard, as a bank built here would
+                self._bank_builder.keep_own_shard()
+            self._bank_is_shard = self._sharded
             return
         self._bank_step = math.inf  # built after the fit loop, so after every save Lightning made
 
@@ -955,7 +961,11 @@ class DN2Module(LightningModule):
         """Finalise a bank still being collected by fit, else build it from the datamodule if missing."""
         if self._collector is not None and self.trainer.state.fn != TrainerFn.FITTING:
             self._collector = None  # rows of a fit that stopped on an error: never a bank
-        if self._collector is not None and len(self._collector):
+        collecting = self._collector is not None and len(self._collector) > 0
+        refuse_ranks_disagreeing_on_the_bank(
+            (collecting, self._has_bank, self._bank_is_shard), "(collecting one, holds one, holds a shard)"
+        )
+        if collecting:
             rank_zero_warn(
                 "validation inside a training epoch sees a partial memory bank (the rows read so far; the pass goes "
                 "on collecting); use val_check_interval=1.0.",

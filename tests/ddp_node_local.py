@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import sys
 
-from helpers import BlobDataModule, linear_backbone, rank_verdict
+from helpers import BlobDataModule, linear_backbone, rank_verdict, say
 from lightning import Trainer
 
 from dn2_lightning import DN2Module, OneClassDataModule
@@ -15,7 +15,8 @@ from dn2_lightning import DN2Module, OneClassDataModule
 
 def trainer(root: str) -> Trainer:
     return Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
-                   enable_model_summary=False, enable_checkpointing=False, default_root_dir=root)  # fmt: skip
+                   enable_model_summary=False, enable_checkpointing=False, default_root_dir=root,
+                   max_epochs=1)  # fmt: skip
 
 
 def main(mode: str, root: str) -> None:
@@ -29,6 +30,12 @@ def main(mode: str, root: str) -> None:
         elif mode == "bank":  # each rank its own copy of the checkpoint path
             dm = OneClassDataModule("folder", root=os.path.join(root, "copy0"), load_size=8, batch_size=8)
             run.test(model, datamodule=dm, ckpt_path=os.path.join(root, f"bank{rank}.ckpt"), verbose=False)
+        elif mode == "resume_shard":  # both ranks resume fit from one complete checkpoint into a sharded model
+            model = DN2Module(k=3, backbone=linear_backbone(), bank_sharding="shard", reports=False)
+            dm = BlobDataModule(batch_size=8)
+            run.fit(model, datamodule=dm, ckpt_path=os.path.join(root, "whole.ckpt"))
+            scores = ", ".join(f"{float(x):.6f}" for x in model.score_images(dm.test_images[:4]).scores)
+            say(f"rank {rank}: threshold {float(model.threshold):.6f}, scores {scores}")
         else:  # a sharded bank of k rows: no threshold, reports on; then predict on the same Trainer
             model = DN2Module(k=4, backbone=linear_backbone(), bank_sharding="shard", reports=True)
             dm = BlobDataModule(n_train=4, n_normal=5, n_anomalous=4, batch_size=2)

@@ -260,6 +260,29 @@ def test_ddp_ranks_reading_other_copies_of_the_data_or_the_checkpoint_are_refuse
     refused = _run_node_local("bank", tmp_path)
     assert [line[:16] for line in refused] == ["rank 0: refused:", "rank 1: refused:"], refused
     assert "the ranks hold different memory banks" in refused[0]
+    # one node's checkpoint holds no bank: each rank entered another collective, which paired them with each
+    # other's payloads (a TypeError and an unrelated sampler error), or hung until the gloo timeout
+    fresh = DN2Module(k=2, backbone=linear_backbone(1, in_features=3 * 8 * 8), reports=False)
+    trainer = quiet_trainer()
+    trainer.strategy.connect(fresh)
+    trainer.save_checkpoint(tmp_path / "bank1.ckpt")
+    refused = _run_node_local("bank", tmp_path)
+    assert [line[:16] for line in refused] == ["rank 0: refused:", "rank 1: refused:"], refused
+    assert "the ranks disagree on their memory bank" in refused[0] and "rank 1: (False, False, False)" in refused[0]
+
+
+def test_ddp_fit_resumed_into_a_sharded_model_scores_as_one_process(tmp_path):
+    """A complete checkpoint restored by fit into a bank_sharding="shard" model stayed whole on every rank, which
+    then searched it as its shard: every row twice, the threshold 1.149 instead of 1.842 and score_images off by up
+    to 0.014, without a word (a reviewer, k=3)."""
+    trainer = quiet_trainer(max_epochs=1)
+    trainer.fit(DN2Module(k=2, backbone=linear_backbone(), reports=False), datamodule=BlobDataModule(batch_size=8))
+    trainer.save_checkpoint(tmp_path / "whole.ckpt")
+    single = DN2Module.load_from_checkpoint(tmp_path / "whole.ckpt", k=3, backbone=linear_backbone())
+    scores = ", ".join(f"{float(x):.6f}" for x in single.score_images(BlobDataModule().test_images[:4]).scores)
+    expected = f"threshold {float(single.threshold):.6f}, scores {scores}"
+    lines = ["rank 0: accepted", f"rank 0: {expected}", "rank 1: accepted", f"rank 1: {expected}"]
+    assert _run_node_local("resume_shard", tmp_path) == lines
 
 
 def test_ddp_sharded_bank_without_a_threshold_does_not_hang_rank_zeros_report(tmp_path):
