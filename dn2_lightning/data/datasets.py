@@ -145,7 +145,7 @@ def list_image_files(folder: str | Path) -> list[Path]:
     """Image files under ``folder``, sorted for a deterministic order: recursive, following folder links (each
     folder once), hidden names left out (:func:`is_hidden`). Files Pillow reads under other extensions, and links to
     nothing, are not read: a warning names them."""
-    files, unread, broken, seen = [], [], [], set()
+    files, unread, broken, seen, pillow = [], [], [], set(), _pillow_extensions()
     for top, folders, names in os.walk(folder, followlinks=True):
         real = os.path.realpath(top)
         if real in seen:  # a link back up the tree, or a second link to a folder already listed
@@ -160,7 +160,7 @@ def list_image_files(folder: str | Path) -> list[Path]:
                 continue
             if suffix in IMAGE_EXTENSIONS:
                 (files if path.exists() else broken).append(path)
-            elif suffix in _pillow_extensions():
+            elif suffix in pillow:
                 unread.append(path)
     if unread or broken:
         listing = [
