@@ -26,6 +26,10 @@ from dn2_lightning.knn import KNNResult, PreparedBank, knn_distances, lacks_floa
 from dn2_lightning.scoring import drop_own_group, keep_lowest, knn_scores, leave_one_out_scores
 from dn2_lightning.sharding import sharded_knn
 
+# key of the owner's fixed threshold in the bank's extra state within a state dict: a plain state dict (which has no
+# hyperparameters) carries it there; ``MemoryBank.set_extra_state`` keeps it out of the spec
+THRESHOLD_RECORD = "fixed_threshold"
+
 
 class BankModule(nn.Module):
     """A module of bank buffers, which stay on the CPU when it is moved to a device without float64 (Apple's
@@ -76,6 +80,7 @@ class MemoryBank(BankModule):
         self.register_buffer("loo_samples", torch.tensor(0))
         self.register_buffer("loo_drawn", torch.tensor(False))
         self.spec: dict[str, Any] = {}
+        self.loaded_threshold: dict[str, Any] | None = None  # the fixed threshold a loaded state dict recorded
         self._prepared: tuple[tuple, PreparedBank] | None = None
 
     @property
@@ -152,7 +157,11 @@ class MemoryBank(BankModule):
         return dict(self.spec)
 
     def set_extra_state(self, state: Any) -> None:
-        self.spec = dict(state) if isinstance(state, dict) else {}
+        spec = dict(state) if isinstance(state, dict) else {}
+        # the owner's fixed threshold, which a plain state dict carries here (see ``THRESHOLD_RECORD``): kept apart
+        # from the spec, for the owner to take up after loading
+        self.loaded_threshold = spec.pop(THRESHOLD_RECORD, None)
+        self.spec = spec
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         embeddings, ids = state_dict.get(prefix + "embeddings"), state_dict.get(prefix + "sample_indices")

@@ -23,7 +23,7 @@ from torch.utils.data.distributed import DistributedSampler
 from torchmetrics.classification import BinaryAUROC
 
 from dn2_lightning.backbones import build_backbone
-from dn2_lightning.bank import BankBuilder, BankCollector, MemoryBank
+from dn2_lightning.bank import THRESHOLD_RECORD, BankBuilder, BankCollector, MemoryBank
 from dn2_lightning.batch import Batch, check_dataset_labels, check_group_mask, unpack_batch
 from dn2_lightning.checkpointing import (
     BANK_FORMAT,
@@ -98,8 +98,6 @@ _STAGE_LOADERS = {
 # checkpoint key: the fixed threshold saved and the k it scores at (load_from_checkpoint's overrides rewrite the
 # checkpoint's hyperparameters before on_load_checkpoint sees them)
 THRESHOLD_KEY = "dn2_threshold"
-# the same in the bank's extra state, for a plain state_dict (which has no hyperparameters) to carry it too
-THRESHOLD_RECORD = "fixed_threshold"
 # hyperparameters read into submodules at construction: editing them in hparams later is refused
 FIXED_AT_CONSTRUCTION = (
     "backbone",
@@ -206,6 +204,9 @@ class DN2Module(LightningModule):
         self.automatic_optimization = False
         self.backbone = build_backbone(backbone, pretrained=pretrained, image_size=hp.input_size)
         self.bank = MemoryBank()
+        # a fixed threshold travels with plain state dicts too (also as a submodule's, or a compiled module's)
+        self.register_state_dict_post_hook(_record_fixed_threshold)
+        self.register_load_state_dict_post_hook(_adopt_recorded_threshold)
         pooling = "mean" if group_pooling == "none" else group_pooling  # "none" pools nothing: members are scored
         self.group_pool = GroupPooling(pooling, clusters=hp.group_clusters, temperature=hp.group_temperature)
         validate_map_options(patch_bank, hp.map_images, hp.map_kappa, hp.map_sigma)
@@ -252,7 +253,6 @@ class DN2Module(LightningModule):
         self._threshold_said: str | None = None  # the threshold's last explanation printed
         # (value, k) of a fixed threshold: the k whose scores it was set for (it does not follow later k changes)
         self._fixed_threshold: tuple[float, int] | None = None if threshold is None else (float(threshold), hp.k)
-        self._threshold_from_checkpoint = False  # on_load_checkpoint settled it: the state dict's record is not used
         self._warned_threshold_k: tuple[float, int, int] | None = None
         self.fit_built_bank = False  # whether the last fit embedded its train data (not so when resumed when done)
         self._pass_started = self._resumed_mid_pass = False  # this fit's epoch began here; it began in a checkpoint
@@ -273,8 +273,10 @@ class DN2Module(LightningModule):
         # ``fn`` does), since a rounded bank would stay rounded after .float()
         cast = fn(torch.empty(0)).dtype
         if cast in (torch.float16, torch.bfloat16):
-            # Lightning's dtype property was set before the cast was asked for
-            self._dtype = next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
+            # Lightning's dtype and device properties were set before the cast was asked for: nothing moved
+            weights = next((p for p in self.parameters() if p.is_floating_point()), None)
+            if weights is not None:
+                self._dtype, self._device = weights.dtype, weights.device
             raise ValueError(
                 f"DN2Module cannot be cast to {cast} (.half(), .bfloat16(), .to({cast})): its preprocessing runs in "
                 "float32 and its memory bank would be rounded for good. Keep it in float32 and embed in 16 bits "
@@ -314,14 +316,18 @@ class DN2Module(LightningModule):
         Once a bank exists, images are embedded as its rows were (under their autocast, e.g. a
         ``precision="bf16-mixed"`` fit), so ``forward`` and a model exported from it embed as ``score_images`` does.
         It is the embedder only: README's "Deploying" shows how to score its output against the bank."""
-        with self._embedding_precision() if self._collector is None else contextlib.nullcontext():
-            if images.ndim == 5:
-                if mask is not None:
-                    check_group_mask(mask, images)
-                b, m = images.shape[:2]
-                members = self.backbone(images.flatten(0, 1)).view(b, m, -1)
-                return self.group_pool(members, mask)
-            return self.backbone(images)
+        with self._embedding_precision():
+            return self._embed_images(images, mask)
+
+    def _embed_images(self, images: Tensor, mask: Tensor | None = None) -> Tensor:
+        """:meth:`forward` under the autocast in force (bank rows are embedded so, and record it)."""
+        if images.ndim == 5:
+            if mask is not None:
+                check_group_mask(mask, images)
+            b, m = images.shape[:2]
+            members = self.backbone(images.flatten(0, 1)).view(b, m, -1)
+            return self.group_pool(members, mask)
+        return self.backbone(images)
 
     # ----------------------------------------------------------------------------------------- training
 
@@ -1236,37 +1242,14 @@ class DN2Module(LightningModule):
             )
         return model.eval()
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """``nn.Module.state_dict``, with a fixed threshold (``set_threshold(value=...)``) in the bank's extra state:
-        it is a hyperparameter, which a plain state dict would otherwise leave behind."""
-        state = super().state_dict(*args, **kwargs)
-        key = kwargs.get("prefix", "") + "bank._extra_state"
-        if isinstance(state.get(key), dict):
-            record = {"value": float(self.hparams.threshold or 0.0), "k": self._threshold_k()}
-            state[key] = {**state[key], THRESHOLD_RECORD: record} if self.hparams.threshold is not None else state[key]
-        return state
-
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        """``nn.Module.load_state_dict``; a fixed threshold the state dict records is used unless this module has
-        one of its own (or ``load_from_checkpoint``/``ckpt_path`` settled the threshold from the checkpoint)."""
-        from_checkpoint, self._threshold_from_checkpoint = self._threshold_from_checkpoint, False
-        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        saved = self.bank.spec.pop(THRESHOLD_RECORD, None)
-        if isinstance(saved, dict) and not from_checkpoint and self.hparams.threshold is None:
-            self.hparams.threshold = float(saved["value"])
-            self._fixed_threshold = (float(saved["value"]), int(saved["k"]))
-            info(
-                f"DN2: the state dict's fixed threshold {self.hparams.threshold:.6g} (set for k={saved['k']}) is used; "
-                "set_threshold(quantile=...) replaces it."
-            )
-            self._warn_if_fixed_threshold_meets_another_k()
-        return result
-
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._threshold_from_checkpoint = True
         self._bank_is_shard = False
         self._bank_datamodule = None
         state = checkpoint.get("state_dict", {})
+        # the threshold comes from the checkpoint's hyperparameters (and the overrides given to load_from_checkpoint),
+        # not from the record a state dict carries for loads without them
+        if isinstance(state.get("bank._extra_state"), dict):
+            state["bank._extra_state"] = {k: v for k, v in state["bank._extra_state"].items() if k != THRESHOLD_RECORD}
         state.pop("threshold", None)  # checkpoints before the threshold was derived from bank.loo_scores
         check_bank_settings(state.get("bank._extra_state") or {}, self._model_settings(), BANK_SETTINGS, "this model")
         saved = checkpoint.get(THRESHOLD_KEY, {})
@@ -1354,7 +1337,7 @@ class DN2Module(LightningModule):
     def _embed(self, images: Tensor, batch: Batch, batch_idx: int) -> Tensor:
         """Backbone embeddings (group-pooled for group batches), refusing non-finite outputs (the pixels were
         checked by ``unpack_batch``)."""
-        embeddings = self(images, batch.mask) if images.ndim == 5 else self(images)
+        embeddings = self._embed_images(images, batch.mask if images.ndim == 5 else None)
         _check_finite(embeddings, "embeddings", batch, batch_idx)
         return embeddings
 
@@ -1463,6 +1446,30 @@ def _progress(loader: DataLoader, description: str, enabled: bool) -> Any:
     from rich.progress import track
 
     return track(loader, description=description, total=sized_len(loader), transient=True)
+
+
+def _record_fixed_threshold(module: DN2Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """State-dict hook: a fixed threshold (``set_threshold(value=...)``, a hyperparameter, which a plain state dict
+    would leave behind) is recorded in the bank's extra state."""
+    key = prefix + "bank._extra_state"
+    if isinstance(state_dict.get(key), dict) and module.hparams.threshold is not None:
+        record = {"value": float(module.hparams.threshold), "k": module._threshold_k()}
+        state_dict[key] = {**state_dict[key], THRESHOLD_RECORD: record}
+
+
+def _adopt_recorded_threshold(module: DN2Module, incompatible_keys: Any) -> None:
+    """Load hook: the fixed threshold a loaded state dict recorded is used, unless the module has one of its own
+    (``load_from_checkpoint`` and ``ckpt_path`` take it from the checkpoint's hyperparameters instead)."""
+    saved, module.bank.loaded_threshold = module.bank.loaded_threshold, None
+    if not isinstance(saved, dict) or module.hparams.threshold is not None:
+        return
+    module.hparams.threshold = float(saved["value"])
+    module._fixed_threshold = (float(saved["value"]), int(saved["k"]))
+    info(
+        f"DN2: the state dict's fixed threshold {module.hparams.threshold:.6g} (set for k={saved['k']}) is used; "
+        "set_threshold(quantile=...) replaces it."
+    )
+    module._warn_if_fixed_threshold_meets_another_k()
 
 
 def _active_autocast(device: torch.device) -> str | None:

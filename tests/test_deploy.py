@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import BlobDataModule, linear_backbone, quiet_trainer
+from lightning.pytorch import Callback
 
 from dn2_lightning import DN2Detector, DN2Module
 
@@ -35,6 +36,22 @@ def test_the_exported_embedder_scored_against_the_bank_gives_score_images_scores
         assert not torch.equal(model.backbone(images), model(images)) and torch.equal(under_autocast, model(images))
 
 
+def test_forward_embeds_as_the_bank_after_a_refit_that_stopped_part_way():
+    """A refit stopped by an error left its collector behind, which forward took for a pass under way: it embedded
+    in float32 instead of the bank's bfloat16 (1.3e-3 away from score_images)."""
+    model, images = fitted("bf16-mixed")
+    expected = model(images)
+
+    class Stop(Callback):
+        def on_train_batch_end(self, *args) -> None:
+            raise RuntimeError("stopped part-way")
+
+    with pytest.raises(RuntimeError, match="stopped part-way"):
+        quiet_trainer(callbacks=[Stop()]).fit(model, datamodule=BlobDataModule())
+    assert model.bank.spec["autocast"] == "bfloat16"  # the bank that stayed
+    assert torch.equal(model(images), expected)
+
+
 @pytest.mark.parametrize("cast", ["half", "bfloat16", "to_float16", "type_float16"])
 def test_a_16_bit_cast_is_refused_before_the_bank_is_rounded(cast):
     """model.half() cast the bank too: score_images then failed deep in the backbone, and .float() afterwards scored
@@ -50,6 +67,9 @@ def test_a_16_bit_cast_is_refused_before_the_bank_is_rounded(cast):
     with pytest.raises(ValueError, match=r"DN2Module cannot be cast to torch\.(b?float16).*bf16-mixed"):
         do()
     assert model.dtype == torch.float32 and torch.equal(model.bank.embeddings, bank)
+    with pytest.raises(ValueError, match="cannot be cast"):
+        model.to("meta", torch.float16)  # left Lightning's model.device at "meta" while nothing had moved
+    assert model.device == torch.device("cpu") and model.dtype == torch.float32
     assert torch.equal(model.score_images(images).scores, before.scores)
     model.double()  # float64 is exact enough: allowed
     torch.testing.assert_close(model.score_images(images).scores.float(), before.scores, rtol=1e-5, atol=1e-6)

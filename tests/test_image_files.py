@@ -106,6 +106,40 @@ def test_files_of_other_extensions_and_broken_links_are_said_and_folder_links_fo
         assert list_image_files(root / "test" / "good")
 
 
+@pytest.mark.parametrize("order", [sorted, lambda entries, key: sorted(entries, key=key, reverse=True)])
+def test_a_folder_reached_through_a_link_too_is_listed_alike_whatever_the_filesystems_order(
+    tmp_path, monkeypatch, order
+):
+    """os.walk lists folders in the filesystem's order: a folder reached both as itself and through a link was listed
+    under whichever came first, so a copy of the data on another filesystem had other paths and another fingerprint
+    (its bank refused as built from other images)."""
+    root = tmp_path / "good"
+    (root / "real").mkdir(parents=True)
+    Image.fromarray(_rgb(1)).save(root / "real" / "0.png")
+    os.symlink(root / "real", root / "a_link")
+    scandir = os.scandir
+
+    class Ordered:  # the listing order of another filesystem
+        def __init__(self, path):
+            with scandir(path) as entries:
+                self.entries = iter(order(list(entries), key=lambda entry: entry.name))
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            return next(self.entries)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(os, "scandir", Ordered)
+    assert [p.relative_to(root).as_posix() for p in list_image_files(root)] == ["real/0.png"]
+
+
 def test_masks_drawn_as_layers_or_stored_turned_are_read_as_shown(tmp_path):
     """An RGBA mask (an opaque defect on a transparent white layer) read as all anomalous (1024 of 1024 pixels); a
     mask with its own EXIF orientation was read as stored while images are turned upright."""
@@ -138,6 +172,24 @@ def test_a_damaged_mask_is_refused_at_set_up_naming_the_file(tmp_path):
     mask = root / "ground_truth" / "scratch" / "1_mask.png"
     mask.write_bytes(mask.read_bytes()[:-30])
     with pytest.raises(ValueError, match=r"1 ground-truth mask\(s\) cannot be read: .*1_mask\.png: .*Save them again"):
+        OneClassDataModule("folder", root=str(root)).setup()
+
+
+@pytest.mark.parametrize("kind", ["alpha_at_zero", "white_marked_transparent"])
+def test_a_mask_whose_transparency_hides_its_drawing_is_refused_at_set_up(tmp_path, kind):
+    """Compositing masks onto black read two kinds as empty, with no word: an RGBA mask whose alpha was left at 0
+    and an L mask whose white is its transparency colour (each read correctly before compositing came in)."""
+    root = _folder(tmp_path / "set")
+    path = root / "ground_truth" / "scratch" / "1_mask.png"
+    drawn = np.array(Image.open(path).convert("L"))
+    assert drawn.any() and not drawn.all()
+    if kind == "alpha_at_zero":
+        rgba = np.zeros((*drawn.shape, 4), np.uint8)
+        rgba[..., :3] = drawn[..., None]
+        Image.fromarray(rgba, "RGBA").save(path)
+    else:
+        Image.fromarray(drawn).save(path, transparency=255)
+    with pytest.raises(ValueError, match=r"1_mask\.png: its transparency hides every non-zero pixel.*convert\('L'\)"):
         OneClassDataModule("folder", root=str(root)).setup()
 
 

@@ -202,6 +202,50 @@ def test_a_fixed_threshold_travels_with_a_plain_state_dict(tmp_path):
     assert quantile.hparams.threshold is None and quantile.hparams.threshold_quantile == 0.99
 
 
+def test_a_fixed_threshold_travels_with_the_state_dict_of_a_parent_module(tmp_path):
+    """The record was written and read by DN2Module's own state_dict/load_state_dict, which a parent module (or
+    torch.compile's wrapper) never calls: the parent's load left the quantile threshold in force and the record in
+    the bank's spec, from where it leaked into the next state dict. A prefix given positionally was ignored."""
+    dm = BlobDataModule()
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    quiet_trainer().fit(model, datamodule=dm)
+    quantile_threshold = float(model.threshold)
+    value = float(np.median(model.score_images(dm.test_images).scores.numpy()))
+    model.set_threshold(value=value)
+    parent = torch.nn.ModuleDict({"detector": model})
+    state = parent.state_dict()
+    assert state["detector.bank._extra_state"]["fixed_threshold"] == {"value": value, "k": 2}
+    assert model.state_dict(None, "outer.")["outer.bank._extra_state"]["fixed_threshold"]["value"] == value
+    fresh = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    torch.nn.ModuleDict({"detector": fresh}).load_state_dict(state)
+    assert float(fresh.threshold) == value != quantile_threshold
+    assert "fixed_threshold" not in fresh.bank.spec
+    fresh.set_threshold(quantile=0.99)  # nothing left behind to come back in the next state dict
+    again = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    again.load_state_dict(fresh.state_dict())
+    assert again.hparams.threshold is None and float(again.threshold) == pytest.approx(quantile_threshold)
+
+
+def test_a_failed_checkpoint_restore_leaves_the_next_state_dict_load_as_it_is(tmp_path):
+    """A ckpt_path restore that stopped with an error left a flag telling the next load_state_dict to ignore the
+    state dict's fixed threshold."""
+    dm = BlobDataModule()
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    trainer = quiet_trainer()
+    trainer.fit(model, datamodule=dm)
+    model.set_threshold(value=0.25)
+    trainer.save_checkpoint(tmp_path / "fitted.ckpt")
+    checkpoint = torch.load(tmp_path / "fitted.ckpt", weights_only=True)
+    checkpoint["state_dict"]["bank.embeddings"] = checkpoint["state_dict"]["bank.embeddings"][:, :3]
+    checkpoint["state_dict"]["bank.removed"] = checkpoint["state_dict"]["bank.removed"][:, :3]
+    torch.save(checkpoint, tmp_path / "other_dim.ckpt")
+    other = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    with pytest.raises(ValueError, match="holds 3-d"):
+        quiet_trainer().test(other, datamodule=dm, ckpt_path=tmp_path / "other_dim.ckpt")
+    other.load_state_dict(model.state_dict())
+    assert float(other.threshold) == 0.25
+
+
 def test_fixed_threshold_keeps_the_k_it_was_set_for(tmp_path):
     """A checkpoint recorded the k in force when saved, not the k the value was set for: set at k=2, loaded with k=5
     and saved again, it said k=5, so loading it at k=5 was quiet and at k=2 warned (both the wrong way round)."""

@@ -157,11 +157,16 @@ def _to_uint8_rgb(img: Image.Image, path: Path) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+def has_transparency(img: Image.Image) -> bool:
+    """Whether ``img`` has an alpha channel or a palette's or colour's ``transparency`` (from its header)."""
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+
+
 def on_black(img: Image.Image) -> Image.Image:
     """``img`` with its transparency (an alpha channel, or a palette's or colour's ``transparency``) composited onto
     black: ``convert("RGB")`` would keep the colour stored under transparent pixels, which no viewer shows and which
     differs from file to file (two images that look alike would score apart)."""
-    if img.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in img.info:
+    if not has_transparency(img):
         return img
     rgba = img.convert("RGBA")
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)

@@ -19,9 +19,15 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2.functional import resize
 
-from dn2_lightning.data.images import on_black
+from dn2_lightning.data.images import has_transparency, on_black
 
 MASK_SUFFIX = "_mask.png"
+# a mask whose transparency hides every non-zero pixel: an empty layer, or a drawing made invisible by mistake
+HIDDEN_DRAWING = (
+    "its transparency hides every non-zero pixel (an alpha channel at 0 throughout, or the drawn colour marked "
+    "transparent), so nothing tells whether it is empty or marks those pixels: save it without transparency, e.g. "
+    "Image.open(path).convert('L').save(path) if its pixels are the mask, or all black if it is empty"
+)
 # EXIF orientation -> the transpose that shows the image upright (what PIL.ImageOps.exif_transpose applies)
 _UPRIGHT = {
     2: "FLIP_LEFT_RIGHT",
@@ -63,22 +69,29 @@ def _headers(image: str | Path, mask: str | Path) -> tuple[tuple[int, int], int,
 
 
 def mask_problem(mask: str | Path) -> str | None:
-    """Why a mask file cannot be read (cut short, damaged, not an image), or ``None``; PNGs are checked without
-    decoding (every chunk's checksum), other formats are decoded."""
+    """Why a mask file cannot be read (cut short, damaged, not an image, its drawing hidden by its transparency), or
+    ``None``; PNGs are checked without decoding (every chunk's checksum) unless they have transparency, other
+    formats are decoded."""
     try:
         with Image.open(mask) as img:
             img.verify() if img.format == "PNG" else img.load()
+            transparent = has_transparency(img)
+        if transparent:  # rare in masks: decoded, to refuse one whose transparency hides its drawing
+            read_mask(mask)
         return None
     except (OSError, SyntaxError, ValueError) as err:
-        return f"{mask}: {type(err).__name__}: {err}"
+        return str(err) if HIDDEN_DRAWING in str(err) else f"{mask}: {type(err).__name__}: {err}"
 
 
 def read_mask(path: str | Path) -> Tensor:
     """A mask file as uint8 ``[1, H, W]`` (1 = anomalous: non-zero after transparent pixels are put on black),
     upright (its EXIF orientation applied, as images are)."""
     with Image.open(path) as img:
-        upright = on_black(ImageOps.exif_transpose(img))
-        return (torch.from_numpy(np.array(upright.convert("L"))) > 0).to(torch.uint8)[None]
+        upright = ImageOps.exif_transpose(img)
+        shown = np.array(on_black(upright).convert("L")) > 0
+        if has_transparency(upright) and not shown.any() and np.array(upright.convert("L")).any():
+            raise ValueError(f"{path}: {HIDDEN_DRAWING}")
+        return torch.from_numpy(shown).to(torch.uint8)[None]
 
 
 def _same_shape(a: tuple[int, int], b: tuple[int, int]) -> bool:
