@@ -82,6 +82,7 @@ class MemoryBank(BankModule):
         self.spec: dict[str, Any] = {}
         self.loaded_threshold: dict[str, Any] | None = None  # the fixed threshold a loaded state dict recorded
         self._prepared: tuple[tuple, PreparedBank] | None = None
+        self._summary: tuple[tuple, tuple[int, int, float, float]] | None = None
 
     @property
     def is_fitted(self) -> bool:
@@ -99,12 +100,27 @@ class MemoryBank(BankModule):
     def dim(self) -> int:
         return self.embeddings.shape[1]
 
+    def summary(self) -> tuple[int, int, float, float]:
+        """(rows, sum of the sample indices, float64 sum of the embeddings and of their magnitudes): what tells two
+        ranks' copies of a bank apart, computed once per bank content."""
+        key = self._content_key()
+        if self._summary is None or self._summary[0] != key:
+            total = magnitude = 0.0
+            for rows in self.embeddings.split(8192):  # float64 sums a few rows at a time: no copy of the whole bank
+                wide = rows.double()
+                total, magnitude = total + float(wide.sum()), magnitude + float(wide.abs_().sum())
+            self._summary = (key, (len(self.embeddings), int(self.sample_indices.sum()), total, magnitude))
+        return self._summary[1]
+
+    def _content_key(self) -> tuple:
+        e, ids = self.embeddings, self.sample_indices
+        return (e.data_ptr(), e.device, tuple(e.shape), e._version, ids.data_ptr(), ids._version)
+
     def prepared(self) -> PreparedBank:
         """The bank centred for search, computed once per bank content and device."""
-        e = self.embeddings
-        key = (e.data_ptr(), e.device, tuple(e.shape), e._version)
+        key = self._content_key()
         if self._prepared is None or self._prepared[0] != key:
-            self._prepared = (key, prepare_bank(e))
+            self._prepared = (key, prepare_bank(self.embeddings))
         return self._prepared[1]
 
     def set(self, embeddings: Tensor, sample_indices: Tensor, copy: bool = True) -> None:
@@ -117,6 +133,7 @@ class MemoryBank(BankModule):
                 "do not match."
             )
         self._prepared = None  # the old bank's search copy is not kept alive next to the new one
+        self._summary = None
         self.embeddings = as_buffer(embeddings, torch.float32, copy=copy)
         self.sample_indices = as_buffer(sample_indices, torch.long, copy=copy)
         self.set_removed(self.embeddings[:0], self.sample_indices[:0])
@@ -207,6 +224,7 @@ class MemoryBank(BankModule):
         # take the saved tensors themselves (any bank size loads strictly; nn.Module's copy into them is then a
         # no-op): a new buffer to copy into would hold the bank twice while loading
         self._prepared = None  # nor is the old bank kept alive by its search copy
+        self._summary = None
         for name in ("embeddings", "sample_indices", "removed", "removed_indices", "loo_scores"):
             saved = state_dict.get(prefix + name)
             if isinstance(saved, Tensor):

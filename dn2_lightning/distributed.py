@@ -1,6 +1,10 @@
-"""Gathering rows of tensors across processes (unequal counts per rank allowed)."""
+"""Gathering rows of tensors across processes (unequal counts per rank allowed), and the checks that every rank
+passes or fails together."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -146,6 +150,47 @@ def gather_objects(obj: object) -> list[object]:
     return out
 
 
+@contextlib.contextmanager
+def stop_together() -> Iterator[None]:
+    """Run rank-local checks so that, under DDP, every rank stops when one does: after the block each rank's error
+    (or none) is gathered, and the ranks whose own checks passed raise too, naming the rank that failed. Without it
+    they would go on into the next collective and wait there for the process group's timeout (half an hour) before
+    failing without the reason. A collective: every rank enters the block at the same point."""
+    error: Exception | None = None
+    try:
+        yield
+    except Exception as err:
+        if world_size() == 1:
+            raise
+        error = err
+    if world_size() == 1:
+        return
+    seen = gather_objects(None if error is None else (type(error).__name__, str(error)))
+    if error is not None:
+        raise error
+    failed = [(r, found) for r, found in enumerate(seen) if found is not None]
+    if failed:
+        (r, (kind, message)), more = failed[0], len(failed) - 1
+        also = f" (and {more} other rank(s))" if more else ""
+        raise (ValueError if kind == "ValueError" else RuntimeError)(f"rank {r}{also} stopped: {kind}: {message}")
+
+
+def refuse_ranks_that_differ(values: dict[str, object], what: str, fix: str) -> None:
+    """Under DDP, refuse on every rank together when the ranks' ``values`` differ (e.g. a module loaded with other
+    overrides on one node, or another checkpoint to resume from): each rank would score its share of the samples
+    otherwise, or enter other collectives. ``what`` names the values, ``fix`` says what to do. A collective: every
+    rank calls it at the same point."""
+    if world_size() == 1:
+        return
+    seen = gather_objects({name: repr(value) for name, value in values.items()})
+    differ = sorted({name for s in seen for name in s if any(t.get(name) != s.get(name) for t in seen)})
+    if differ:
+        shown = "; ".join(
+            f"{name}: " + ", ".join(f"rank {r}: {s.get(name)}" for r, s in enumerate(seen)) for name in differ
+        )
+        raise ValueError(f"under DDP the ranks' {what} differ ({shown}). {fix}")
+
+
 def refuse_ranks_disagreeing_on_the_bank(state: tuple[bool, ...], what: str) -> None:
     """Under DDP, refuse on every rank together when the ranks' bank ``state`` (whether each holds one, and how)
     differs: each would take another branch and enter another collective (a hang, or errors about something else).
@@ -162,17 +207,13 @@ def refuse_ranks_disagreeing_on_the_bank(state: tuple[bool, ...], what: str) -> 
         )
 
 
-def refuse_ranks_with_other_banks(embeddings: Tensor, sample_indices: Tensor) -> None:
+def refuse_ranks_with_other_banks(summary: tuple[int, int, float, float]) -> None:
     """Under DDP with a bank on every rank (not sharded), the ranks' banks must be one: each node may have loaded
     its own copy of a checkpoint path (a node-local disk), and Lightning broadcasts rank 0's parameters but not the
-    bank's buffers. Compared by size and float64 sums (a collective)."""
+    bank's buffers. Compared by ``MemoryBank.summary()`` (size, index sum, float64 sums; a collective)."""
     if world_size() == 1:
         return
-    total = magnitude = 0.0
-    for rows in embeddings.split(8192):  # float64 sums a few rows at a time: no copy of the whole bank
-        wide = rows.double()
-        total, magnitude = total + float(wide.sum()), magnitude + float(wide.abs_().sum())
-    seen = gather_objects((len(embeddings), int(sample_indices.sum()), total, magnitude))
+    seen = gather_objects(tuple(summary))
     first = seen[0]
     slack = 1e-9 * max(first[3], 1.0)  # the same rows summed by another device's kernels may round otherwise
     if not all(s[:2] == first[:2] and abs(s[2] - first[2]) <= slack and abs(s[3] - first[3]) <= slack for s in seen):

@@ -6,7 +6,7 @@ import contextlib
 import copy
 import math
 import weakref
-from collections.abc import Mapping, Sized
+from collections.abc import Iterator, Mapping, Sized
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -43,7 +43,9 @@ from dn2_lightning.distributed import (
     gather_objects,
     rank,
     refuse_ranks_disagreeing_on_the_bank,
+    refuse_ranks_that_differ,
     refuse_ranks_with_other_banks,
+    stop_together,
     world_size,
 )
 from dn2_lightning.group_pooling import GROUP_POOLINGS, GroupPooling, GroupPoolingName, pack_members, unpack_members
@@ -262,6 +264,8 @@ class DN2Module(LightningModule):
         self._bank_step: float = 0  # the global step at which fit built the bank (checkpoints saved before lack it)
         self._trainer_spent = False  # this fit's Trainer had run its epochs before it started
         self._bank_autocast: str | None = None  # autocast dtype the bank rows are being embedded under, if any
+        self._held_error: Exception | None = None  # under DDP: this rank's error, raised with the others' later
+        self._searches_made = 0  # searches of the bank so far (a sharded one's are collectives)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -333,6 +337,8 @@ class DN2Module(LightningModule):
 
     def setup(self, stage: str) -> None:
         self._check_hparams()
+        same = "Build the same module on every rank (the same arguments, or one checkpoint with the same overrides)."
+        refuse_ranks_that_differ(dict(self.hparams), "DN2Module settings", same)
         strategy = self.trainer.strategy
         # runs before Lightning restores ckpt_path: make that load weights-only too (Lightning loads remote
         # paths with weights_only=False, i.e. it would run a downloaded file's pickled code)
@@ -365,12 +371,13 @@ class DN2Module(LightningModule):
         if self._pass_done:  # an epoch after the pass (min_epochs, min_steps): counted, not embedded
             self._count_bank_step()
             return
-        parsed = unpack_batch(self._stage_batch(batch), batch_idx)
-        with torch.no_grad():
-            embeddings, indices, labels = self._bank_rows(parsed, batch_idx)
-        if self._collector is None:
-            self._collector = BankCollector()
-        self._collector.add(embeddings, indices, labels, parsed.paths)
+        if self._held_error is None:
+            with self._holding_errors(), torch.no_grad():
+                parsed = unpack_batch(self._stage_batch(batch), batch_idx)
+                embeddings, indices, labels = self._bank_rows(parsed, batch_idx)
+                if self._collector is None:
+                    self._collector = BankCollector()
+                self._collector.add(embeddings, indices, labels, parsed.paths)
         self._count_bank_step()
         if self._pass_ends_here():  # the bank now, so a checkpoint saved at this step (every_n_train_steps) holds it
             self._end_pass()
@@ -401,7 +408,7 @@ class DN2Module(LightningModule):
 
     def _start_pass(self) -> None:
         """A new pass over the training data: nothing collected yet."""
-        self._collector = BankCollector()
+        self._collector, self._held_error = BankCollector(), None
         if self.maps is not None:
             self.maps.start_collecting()
         self._train_stream, self._members_per_group, self._bank_of_groups = Reading(), 0, False
@@ -454,7 +461,8 @@ class DN2Module(LightningModule):
         elif seen < min(total if total is not None else float("inf"), self.trainer.num_training_batches):
             self._reread_pass(f"the checkpoint's bank was built from {_batch_count(seen, total)}")
         else:
-            self._check_settings_against_bank()
+            with stop_together():
+                self._check_settings_against_bank()
             if total is None or seen < total:
                 rank_zero_warn(
                     f"fit restored a memory bank built from {_batch_count(seen, total)} (this "
@@ -463,7 +471,7 @@ class DN2Module(LightningModule):
                 )
             else:
                 info("DN2: fit restored the memory bank from ckpt_path (its pass was complete): nothing was embedded.")
-            refuse_ranks_with_other_banks(self.bank.embeddings, self.bank.sample_indices)
+            refuse_ranks_with_other_banks(self.bank.summary())
             if self._sharded:  # the checkpoint's whole bank: each rank keeps its shard, as a bank built here would
                 self._bank_builder.keep_own_shard()
             self._bank_is_shard = self._sharded
@@ -504,6 +512,7 @@ class DN2Module(LightningModule):
         """The pass over ``loader`` (the trainer's train dataloader by default) is over: its collected rows become
         the bank, with a warning when ``partial`` batch limits or ``drop_last`` left rows out."""
         assert self._collector is not None
+        self._raise_held_error()
         if partial:
             self._warn_if_partial_pass(self._collector.num_batches)
         loader = loader if loader is not None else self._train_loader
@@ -563,8 +572,9 @@ class DN2Module(LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         _refuse_second_dataloader(dataloader_idx, "validate")
-        if not self.trainer.sanity_checking:  # the sanity check runs before the bank exists
-            self._score_into(self.val_collector, unpack_batch(self._stage_batch(batch), batch_idx), batch_idx)
+        if not self.trainer.sanity_checking and self._evaluates_batch():  # the sanity check runs before the bank
+            with self._holding_errors(joins_search=True):
+                self._score_into(self.val_collector, unpack_batch(self._stage_batch(batch), batch_idx), batch_idx)
 
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:
@@ -576,15 +586,18 @@ class DN2Module(LightningModule):
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         _refuse_second_dataloader(dataloader_idx, "test")
-        batch = self._stage_batch(batch)
-        parsed = unpack_batch(batch, batch_idx)
-        if self.maps is None:
-            self._score_into(self.test_collector, parsed, batch_idx)
+        if not self._evaluates_batch():
             return
-        scores, knn, maps = self.score_with_maps(parsed, batch_idx)
-        indices = self._indices_of(parsed, batch_idx)
-        self.test_collector.update(indices, scores, parsed.labels, knn.indices, knn.values)
-        self.maps.update_metrics(indices, maps, gt_masks_of(batch))
+        with self._holding_errors(joins_search=True):
+            batch = self._stage_batch(batch)
+            parsed = unpack_batch(batch, batch_idx)
+            if self.maps is None:
+                self._score_into(self.test_collector, parsed, batch_idx)
+                return
+            scores, knn, maps = self.score_with_maps(parsed, batch_idx)
+            indices = self._indices_of(parsed, batch_idx)
+            self.test_collector.update(indices, scores, parsed.labels, knn.indices, knn.values)
+            self.maps.update_metrics(indices, maps, gt_masks_of(batch))
 
     def on_test_epoch_end(self) -> None:
         self.test_scores = self._report("test", self.test_collector, self.test_auroc)
@@ -620,11 +633,18 @@ class DN2Module(LightningModule):
             self._search(empty, self.hparams.k)
         self._searches_owed = 0
 
-    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any] | None:
         """Per sample: ``score``, ``normalized`` score, ``is_anomaly`` (score > threshold; ``None`` when no
         threshold is defined), ``label``, ``index``, and the train-set ``neighbours`` with their squared
         ``distances``. All ranks' rows are also gathered into :attr:`predict_scores` at the end."""
         _refuse_second_dataloader(dataloader_idx, "predict")
+        if not self._evaluates_batch():
+            return None
+        with self._holding_errors(joins_search=True):
+            return self._predict_batch(batch, batch_idx)
+        return None  # an error held under DDP (raised at the end, on every rank)
+
+    def _predict_batch(self, batch: Any, batch_idx: int) -> dict[str, Any]:
         parsed = unpack_batch(self._stage_batch(batch), batch_idx)
         indices = self._indices_of(parsed, batch_idx)
         if self.maps is None:
@@ -864,7 +884,40 @@ class DN2Module(LightningModule):
 
     def _search(self, embeddings: Tensor, k: int) -> KNNResult:
         """Exact kNN of ``embeddings`` in the whole bank; neighbours as train-set sample indices."""
+        self._searches_made += 1
         return self._bank_builder.search(embeddings, k)
+
+    @contextlib.contextmanager
+    def _holding_errors(self, joins_search: bool = False) -> Iterator[None]:
+        """Under DDP, an error in this rank's batch is held, and its later batches skipped, until the pass's or the
+        stage's end, where every rank raises it together (:meth:`_raise_held_error`): raised here, it would leave
+        the other ranks waiting in their next collective for the process group's timeout. ``joins_search``: the
+        batch's search of a sharded bank is a collective, which this rank still joins (with no queries)."""
+        searches = self._searches_made
+        try:
+            yield
+        except Exception as error:
+            if world_size() == 1:
+                raise
+            self._held_error = error
+        if joins_search and self._searches_made == searches and self._sharded and self._held_error is not None:
+            self._search(torch.empty(0, self.bank.dim, device=self.bank.embeddings.device), self.hparams.k)
+
+    def _evaluates_batch(self) -> bool:
+        """Whether this rank scores its batch: not after an error held under DDP (it then only joins the batch's
+        collective search of a sharded bank)."""
+        if self._held_error is None:
+            return True
+        if self._sharded:
+            self._search(torch.empty(0, self.bank.dim, device=self.bank.embeddings.device), self.hparams.k)
+        return False
+
+    def _raise_held_error(self) -> None:
+        """Raise on every rank together when any rank holds an error (see :meth:`_holding_errors`): a collective."""
+        error, self._held_error = self._held_error, None
+        with stop_together():
+            if error is not None:
+                raise error
 
     def _require_bank(self) -> None:
         if not self._has_bank:
@@ -897,8 +950,11 @@ class DN2Module(LightningModule):
             collector.reset()  # a run that stopped on an error left its rows
         if self.maps is not None:
             self.maps.start_evaluation()
-        if self._has_bank:
-            self._loo_scores()  # a collective when sharded: every rank computes it here, not lazily later
+        self._held_error = None
+        # a collective when sharded: every rank computes it here, not lazily later (the sanity check scores nothing,
+        # and runs before the ranks are checked to agree on their banks)
+        if self._has_bank and not self.trainer.sanity_checking:
+            self._loo_scores()
         self._warn_if_fixed_threshold_meets_another_k()  # e.g. hparams.k changed after set_threshold(value=...)
 
     def _remember_paths(self, indices: Tensor, paths: list[str] | None) -> None:
@@ -907,6 +963,7 @@ class DN2Module(LightningModule):
 
     def _collect(self, stage: str, collector: ScoreCollector) -> AnomalyScores:
         """Every rank's rows of this stage, one per sample, in dataset order, with threshold and paths."""
+        self._raise_held_error()
         refuse_iterable_cut_short(self._current_loader(), self._eval_stream, stage)
         result = collector.collect()
         collector.reset()
@@ -983,11 +1040,12 @@ class DN2Module(LightningModule):
         elif not self._has_bank:
             self._build_bank_from_datamodule()
         else:
-            data_settings = self._data_settings()  # may set up the datamodule: read once for both checks
-            self._check_settings_against_bank(data_settings)
-            self._warn_if_bank_from_another_datamodule(data_settings)
+            with stop_together():  # e.g. one node's copy of the folder holds another file
+                data_settings = self._data_settings()  # may set up the datamodule: read once for both checks
+                self._check_settings_against_bank(data_settings)
+                self._warn_if_bank_from_another_datamodule(data_settings)
             if not self._bank_is_shard:  # a whole bank on every rank, e.g. each node's copy of a checkpoint
-                refuse_ranks_with_other_banks(self.bank.embeddings, self.bank.sample_indices)
+                refuse_ranks_with_other_banks(self.bank.summary())
             if self._sharded and not self._bank_is_shard:
                 self._bank_builder.keep_own_shard()
         self._bank_is_shard = self._sharded
@@ -1028,10 +1086,11 @@ class DN2Module(LightningModule):
             # the same precision context (e.g. bf16 autocast) as fit's training_step, so both banks are alike
             with torch.no_grad(), self.trainer.precision_plugin.train_step_context():
                 for batch_idx, batch in enumerate(batches):
-                    if batch_idx >= limit:
+                    if batch_idx >= limit or self._held_error is not None:
                         break
-                    parsed = unpack_batch(self._on_device(batch, batch_idx), batch_idx)
-                    self._collector.add(*self._bank_rows(parsed, batch_idx), parsed.paths)
+                    with self._holding_errors():
+                        parsed = unpack_batch(self._on_device(batch, batch_idx), batch_idx)
+                        self._collector.add(*self._bank_rows(parsed, batch_idx), parsed.paths)
         except BaseException:
             self._collector = None  # a build that stopped part-way leaves no partial bank behind
             raise
@@ -1243,9 +1302,31 @@ class DN2Module(LightningModule):
         return model.eval()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # restored by a Trainer (ckpt_path) under DDP, every rank refuses together: one node's copy of the path may
+        # hold another file, and the other ranks would wait in their next collective
+        with stop_together() if self._trainer is not None else contextlib.nullcontext():
+            self._check_checkpoint(checkpoint)
+        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            # a rank resuming part-way through the pass and one resuming after it run different loops (Lightning's)
+            position = {"epoch": checkpoint.get("epoch"), "global_step": checkpoint.get("global_step")}
+            fix = "Give every node the same checkpoint to resume from (one shared copy)."
+            refuse_ranks_that_differ(position, "checkpoints to resume fit from", fix)
+
+    def _check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._bank_is_shard = False
         self._bank_datamodule = None
         state = checkpoint.get("state_dict", {})
+        own = dict(self.named_parameters())  # the bank's buffers take any shape; the weights must fit
+        other = [
+            (name, v.shape, own[name].shape) for name, v in state.items() if name in own and v.shape != own[name].shape
+        ]
+        if other:
+            name, saved, here = other[0]
+            raise ValueError(
+                f"the checkpoint's weights do not fit this model: {name} is {list(saved)} in the checkpoint but "
+                f"{list(here)} here{f' ({len(other) - 1} more differ)' if len(other) > 1 else ''}. Load it into a "
+                "DN2Module with the backbone (and its settings) it was saved with."
+            )
         # the threshold comes from the checkpoint's hyperparameters (and the overrides given to load_from_checkpoint),
         # not from the record a state dict carries for loads without them
         if isinstance(state.get("bank._extra_state"), dict):

@@ -30,6 +30,20 @@ def main(mode: str, root: str) -> None:
         elif mode == "bank":  # each rank its own copy of the checkpoint path
             dm = OneClassDataModule("folder", root=os.path.join(root, "copy0"), load_size=8, batch_size=8)
             run.test(model, datamodule=dm, ckpt_path=os.path.join(root, f"bank{rank}.ckpt"), verbose=False)
+        elif mode == "one_node_differs":  # one checkpoint; rank 1's copy of the folder holds one more train file
+            dm = OneClassDataModule("folder", root=os.path.join(root, f"copy{rank}"), load_size=8, batch_size=8)
+            run.test(model, datamodule=dm, ckpt_path=os.path.join(root, "bank.ckpt"), verbose=False)
+        elif mode in ("nan_on_one_rank", "nan_on_one_rank_shard"):  # a NaN pixel in a test image rank 1 reads
+            sharding = "shard" if mode.endswith("shard") else "replicate"
+            model = DN2Module(k=2, backbone=linear_backbone(), bank_sharding=sharding, reports=False)
+            dm = BlobDataModule(batch_size=4)
+            dm.test_images[5, 0, 0, 0] = float("nan")  # an unshuffled DistributedSampler deals index 5 to rank 1
+            run.test(model, datamodule=dm, verbose=False)
+        elif mode == "other_k":  # rank 1's module built with another k: each rank would score its share with its own
+            model = DN2Module(k=2 + rank, backbone=linear_backbone(), reports=False)
+            run.test(model, datamodule=BlobDataModule(batch_size=8), verbose=False)
+        elif mode == "resume_other":  # each node resumes fit from its own copy of the path: complete / not started
+            run.fit(model, datamodule=BlobDataModule(batch_size=8), ckpt_path=os.path.join(root, f"resume{rank}.ckpt"))
         elif mode == "resume_shard":  # both ranks resume fit from one complete checkpoint into a sharded model
             model = DN2Module(k=3, backbone=linear_backbone(), bank_sharding="shard", reports=False)
             dm = BlobDataModule(batch_size=8)

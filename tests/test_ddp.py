@@ -289,3 +289,46 @@ def test_ddp_sharded_bank_without_a_threshold_does_not_hang_rank_zeros_report(tm
     """A sharded bank of exactly k rows has no threshold; rank 0's report asked for it again, a collective the
     other rank never entered: rc=1, or a hang when that rank went on (test, then predict)."""
     assert _run_node_local("small_bank", tmp_path) == ["rank 0: accepted", "rank 1: accepted"]
+
+
+def test_ddp_an_error_on_one_rank_stops_every_rank_together(tmp_path):
+    """An error raised on one rank only (its node's copy of the folder holds another train file, its copy of the
+    checkpoint path another backbone's weights, a NaN pixel in an image it reads) left the other ranks waiting in
+    their next collective until the process group's timeout (30 min by default; 30 s in a reviewer's emulated 2
+    nodes), to fail without the reason. Every rank now stops together, rank 0 naming rank 1's error. Modules built
+    with another k on one rank scored each rank's share of the test set with its own k: now refused at set-up, as
+    is fit resumed from a complete checkpoint on one node and from one saved before the pass on the other (a
+    30 s gloo timeout in the emulated nodes: Lightning's loops ran different batches on each)."""
+    import shutil
+
+    from test_user_paths import _digit_folder
+
+    from dn2_lightning import OneClassDataModule
+
+    _digit_folder(tmp_path / "copy0", 0, 5)
+    shutil.copytree(tmp_path / "copy0", tmp_path / "copy1")
+    shutil.copy(tmp_path / "copy1" / "test" / "good" / "000.png", tmp_path / "copy1" / "train" / "good" / "999.png")
+    for name, dim in (("bank", 16), ("bank0", 16), ("bank1", 32)):
+        model = DN2Module(k=2, backbone=linear_backbone(in_features=3 * 8 * 8, dim=dim), reports=False)
+        trainer = quiet_trainer()
+        trainer.fit(model, datamodule=OneClassDataModule("folder", root=str(tmp_path / "copy0"), load_size=8))
+        trainer.save_checkpoint(tmp_path / f"{name}.ckpt")
+    expected = {
+        "one_node_differs": "rank 1 stopped: ValueError: the memory bank was built from other images",
+        "bank": "rank 1 stopped: ValueError: the checkpoint's weights do not fit this model: backbone.trunk",
+        "nan_on_one_rank": "rank 1 stopped: ValueError: NaN or Inf in input images",
+        "nan_on_one_rank_shard": "rank 1 stopped: ValueError: NaN or Inf in input images",
+        "other_k": "under DDP the ranks' DN2Module settings differ (k: rank 0: 2, rank 1: 3)",
+        "resume_other": "under DDP the ranks' checkpoints to resume fit from differ (epoch: rank 0: 1, rank 1: 0",
+    }
+    model = DN2Module(k=2, backbone=linear_backbone(in_features=3 * 8 * 8), reports=False)
+    trainer = quiet_trainer(max_epochs=1)
+    trainer.fit(model, datamodule=BlobDataModule(batch_size=8))
+    trainer.save_checkpoint(tmp_path / "resume0.ckpt")  # the pass complete
+    trainer = quiet_trainer()
+    trainer.strategy.connect(DN2Module(k=2, backbone=linear_backbone(in_features=3 * 8 * 8), reports=False))
+    trainer.save_checkpoint(tmp_path / "resume1.ckpt")  # saved before the pass began
+    for mode, reason in expected.items():
+        refused = _run_node_local(mode, tmp_path)
+        assert [line[:16] for line in refused] == ["rank 0: refused:", "rank 1: refused:"], (mode, refused)
+        assert reason in refused[0], (mode, refused)

@@ -82,3 +82,22 @@ def test_exports_that_cannot_work_are_refused_naming_the_one_that_does():
             model.to_torchscript(method=method, example_inputs=images)
     with pytest.raises(ValueError, match=r"dynamo=False.*Leave dynamo at its default"):
         model.to_onnx(None, images, dynamo=False)  # an AttributeError about a dict, 11 frames deep, before
+
+
+def test_a_checkpoint_of_other_weights_is_refused_naming_the_weight(tmp_path):
+    """Weights of another shape were torch's "Error(s) in loading state_dict", listing every tensor; under DDP a
+    node whose copy of the checkpoint path held such a file stopped alone, the others waiting in a collective."""
+    dm = BlobDataModule()
+    model = DN2Module(k=2, backbone=linear_backbone(dim=32), reports=False)
+    trainer = quiet_trainer()
+    trainer.fit(model, datamodule=dm)
+    trainer.save_checkpoint(tmp_path / "wide.ckpt")
+    match = (
+        r"weights do not fit this model: backbone\.trunk\.1\.weight is \[32, 192\] in the checkpoint but \[16, 192\]"
+    )
+    with pytest.raises(ValueError, match=match):
+        DN2Module.load_from_checkpoint(tmp_path / "wide.ckpt", backbone=linear_backbone())
+    with pytest.raises(ValueError, match=match):
+        quiet_trainer().test(
+            DN2Module(k=2, backbone=linear_backbone()), datamodule=dm, ckpt_path=tmp_path / "wide.ckpt"
+        )

@@ -203,3 +203,21 @@ def test_a_32_bit_tiff_and_a_big_endian_16_bit_image_are_read_by_their_range(tmp
     assert wide.mode == "I;16B"
     ((batch, _),) = list(as_image_batches(wide, None))
     assert batch[0, 0].tolist() == [[0, 255], [128, 1]]
+
+
+def test_twelve_bit_data_in_a_16_bit_file_is_said_once(tmp_path, monkeypatch):
+    """12-bit camera data saved as 16-bit PNGs read nearly black (at most 16 grey levels of 256) without a word."""
+    from dn2_lightning.data import images
+
+    monkeypatch.setattr(images, "_said_low_bit_depth", False)
+    twelve_bit = np.arange(64, dtype=np.uint16).reshape(8, 8) * 64  # 0..4032
+    for n in range(2):
+        Image.fromarray(twelve_bit).save(tmp_path / f"{n}.png")
+    with pytest.warns(UserWarning, match=r"0\.png is a 16-bit image whose values reach only 4032 .*values \* 16"):
+        dark = load_image(tmp_path / "0.png")
+    assert int(dark.max()) == 16  # what the backbone would see
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_image(tmp_path / "1.png")  # said once
+        Image.fromarray(twelve_bit * 16).save(tmp_path / "full.png")
+        assert int(load_image(tmp_path / "full.png").max()) == 251  # 64512 / 65535 * 255

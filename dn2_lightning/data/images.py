@@ -140,6 +140,8 @@ def _to_uint8_rgb(img: Image.Image, path: Path) -> np.ndarray:
             raise UnreadableImageError(
                 f"{path}: {img.mode} pixel values span {low}..{high}, outside 0..{top}; save it as 8 or 16 bit."
             )
+        if top == 65535 and 0 < high < 4096:
+            _warn_low_bit_depth(path, high)
         array = np.rint(values.astype(np.float64) * (255.0 / top)).astype(np.uint8)
     elif img.mode == "F":
         values = np.asarray(img)
@@ -155,6 +157,24 @@ def _to_uint8_rgb(img: Image.Image, path: Path) -> np.ndarray:
     if array.ndim == 2:
         array = np.repeat(array[:, :, None], 3, axis=2)
     return np.ascontiguousarray(array)
+
+
+_said_low_bit_depth = False
+
+
+def _warn_low_bit_depth(path: Path, high: int) -> None:
+    """Said once per process: 12-bit (or 10-bit) camera data stored in 16-bit files, scaled by the 16-bit range,
+    keeps at most 16 of the 256 grey levels the backbone sees."""
+    global _said_low_bit_depth
+    if _said_low_bit_depth:
+        return
+    _said_low_bit_depth = True
+    warnings.warn(
+        f"{path} is a 16-bit image whose values reach only {high} (of 65535): if it holds 12-bit (or 10-bit) camera "
+        "data, it is read nearly black, with at most 16 grey levels, and the embeddings lose its detail. Scale such "
+        "images to the 16-bit range (values * 16 for 12-bit) or save them as 8 bit. Said once.",
+        stacklevel=2,
+    )
 
 
 def has_transparency(img: Image.Image) -> bool:
