@@ -246,3 +246,11 @@ def _same(a: Any, b: Any) -> bool:
 
 def _show(value: Any) -> str:
     return repr(list(value) if isinstance(value, tuple) else value)
+
+
+def batch_count(seen: int, total: int | None) -> str:
+    """How much of a pass was read, for messages; ``total`` ``None``: a dataloader without a length that a batch
+    limit stopped."""
+    if total is None:
+        return f"the first {seen} training batches of a dataloader without a length (maybe not all of them)"
+    return f"{seen} of {total} training batches"

@@ -7,7 +7,6 @@ import copy
 import math
 import weakref
 from collections.abc import Iterator, Mapping, Sized
-from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
@@ -23,18 +22,18 @@ from torch.utils.data.distributed import DistributedSampler
 from torchmetrics.classification import BinaryAUROC
 
 from dn2_lightning.backbones import build_backbone
-from dn2_lightning.bank import THRESHOLD_RECORD, BankBuilder, BankCollector, MemoryBank
+from dn2_lightning.bank import BankBuilder, BankCollector, MemoryBank
+from dn2_lightning.bank_checkpointing import BankCheckpointing
 from dn2_lightning.batch import Batch, check_dataset_labels, check_group_mask, unpack_batch
 from dn2_lightning.checkpointing import (
     BANK_FORMAT,
     BANK_SETTINGS,
     DATA_SETTINGS,
     WeightsOnlyCheckpointIO,
+    batch_count,
     check_bank_format,
     check_bank_settings,
     check_train_set,
-    readable_checkpoint,
-    refuse_unsafe_load,
 )
 from dn2_lightning.console import info
 from dn2_lightning.data_source import ONE_LOADER, one_batch, one_loader, running_datamodule
@@ -67,11 +66,10 @@ from dn2_lightning.samplers import (
 )
 from dn2_lightning.scoring import (
     knn_scores,
-    normalized_scores,
-    quantile_threshold,
     to_unit_interval,
     worst_member,
 )
+from dn2_lightning.threshold import DecisionThreshold, adopt_recorded_threshold, record_fixed_threshold
 from dn2_lightning.validation import (
     as_python,
     check_bool,
@@ -97,9 +95,6 @@ _STAGE_LOADERS = {
     RunningStage.PREDICTING: "predict_dataloaders",
     RunningStage.VALIDATING: "val_dataloaders",
 }
-# checkpoint key: the fixed threshold saved and the k it scores at (load_from_checkpoint's overrides rewrite the
-# checkpoint's hyperparameters before on_load_checkpoint sees them)
-THRESHOLD_KEY = "dn2_threshold"
 # hyperparameters read into submodules at construction: editing them in hparams later is refused
 FIXED_AT_CONSTRUCTION = (
     "backbone",
@@ -122,7 +117,7 @@ NO_BANK_MESSAGE = (
 )
 
 
-class DN2Module(LightningModule):
+class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
     """Deep Nearest Neighbour anomaly detection (Bergman, Cohen & Hoshen, 2020).
 
     ``fit`` makes one pass over the train dataloader and keeps the embeddings (the memory bank, a
@@ -207,8 +202,8 @@ class DN2Module(LightningModule):
         self.backbone = build_backbone(backbone, pretrained=pretrained, image_size=hp.input_size)
         self.bank = MemoryBank()
         # a fixed threshold travels with plain state dicts too (also as a submodule's, or a compiled module's)
-        self.register_state_dict_post_hook(_record_fixed_threshold)
-        self.register_load_state_dict_post_hook(_adopt_recorded_threshold)
+        self.register_state_dict_post_hook(record_fixed_threshold)
+        self.register_load_state_dict_post_hook(adopt_recorded_threshold)
         pooling = "mean" if group_pooling == "none" else group_pooling  # "none" pools nothing: members are scored
         self.group_pool = GroupPooling(pooling, clusters=hp.group_clusters, temperature=hp.group_temperature)
         validate_map_options(patch_bank, hp.map_images, hp.map_kappa, hp.map_sigma)
@@ -459,13 +454,13 @@ class DN2Module(LightningModule):
         if not self._has_bank:
             self._reread_pass("the checkpoint holds no memory bank (saved before its training pass ended)")
         elif seen < min(total if total is not None else float("inf"), self.trainer.num_training_batches):
-            self._reread_pass(f"the checkpoint's bank was built from {_batch_count(seen, total)}")
+            self._reread_pass(f"the checkpoint's bank was built from {batch_count(seen, total)}")
         else:
             with stop_together():
                 self._check_settings_against_bank()
             if total is None or seen < total:
                 rank_zero_warn(
-                    f"fit restored a memory bank built from {_batch_count(seen, total)} (this "
+                    f"fit restored a memory bank built from {batch_count(seen, total)} (this "
                     f"run reads {seen} too): scores use a partial bank; fit without the limit to read the whole pass.",
                     stacklevel=5,
                 )
@@ -540,7 +535,7 @@ class DN2Module(LightningModule):
         self._pass_batches = (seen, total)
         if total is None or seen < total:
             rank_zero_warn(
-                f"the memory bank was built from {_batch_count(seen, total)} "
+                f"the memory bank was built from {batch_count(seen, total)} "
                 "(limit_train_batches, max_steps, overfit_batches or fast_dev_run); scores use a partial bank.",
                 stacklevel=5,
             )
@@ -796,89 +791,6 @@ class DN2Module(LightningModule):
             return int(spec["load_size"])
         size = spec.get("train_image_size")
         return (int(size[0]), int(size[1])) if size else None
-
-    # --------------------------------------------------------------------------------------- threshold
-
-    @property
-    def threshold(self) -> Tensor:
-        """The decision threshold on the DN2 score (a 0-d tensor; NaN when undefined): ``threshold`` if set,
-        else the ``threshold_quantile`` of the training images' leave-one-out scores at the current ``k``."""
-        if self.hparams.threshold is not None:
-            return torch.tensor(float(self.hparams.threshold))
-        return torch.tensor(quantile_threshold(self._loo_scores(), self.hparams.threshold_quantile))
-
-    def set_threshold(self, quantile: float | None = None, value: float | None = None) -> float:
-        """Set the decision threshold: a ``quantile`` of the training images' leave-one-out scores (normal data only,
-        never test labels: about ``1 - quantile`` of normal images get flagged) or a fixed score ``value``.
-        Give exactly one. Returns the threshold; it is saved with the checkpoint's hyperparameters."""
-        if (quantile is None) == (value is None):
-            raise ValueError(
-                f"set_threshold takes exactly one of quantile= or value=, got quantile={quantile!r}, value={value!r}."
-            )
-        check_threshold(quantile if quantile is not None else self.hparams.threshold_quantile, value)
-        if quantile is not None:
-            self.hparams.threshold_quantile, self.hparams.threshold = float(quantile), None
-        else:
-            self.hparams.threshold = float(value)
-            self._fixed_threshold = (float(value), self.hparams.k)
-        threshold = float(self.threshold)
-        self._threshold_said = None  # asked for: said in full
-        info(f"DN2: {self._say_threshold()}.")
-        return threshold
-
-    def normalized(self, scores: Tensor) -> Tensor:
-        """Share of the training images' leave-one-out scores below each score, in [0, 1] (NaN without them): 0.5 is a
-        typical normal image, values near 1 are beyond almost every normal one."""
-        return normalized_scores(self._loo_scores(), scores)
-
-    def _loo_scores(self) -> Tensor:
-        """The bank's sorted leave-one-out scores at the current k and ``threshold_samples``, recomputed when either
-        changed."""
-        k, samples = self.hparams.k, self.hparams.threshold_samples
-        if self._has_bank and not self.bank.has_loo_scores(k, samples):
-            self._bank_builder.update_loo_scores(k, samples)
-            self._warn_if_no_threshold()  # e.g. a k given at load that leaves no leave-one-out scores
-        return self.bank.loo_scores if self.bank.has_loo_scores(k, samples) else self.bank.loo_scores[:0]
-
-    def _describe_threshold(self) -> str:
-        threshold = float(self.threshold)
-        if math.isnan(threshold):
-            return "no decision threshold (is_anomaly undefined)"
-        if self.hparams.threshold is not None:
-            return f"threshold {threshold:.6g} (fixed value)"
-        q = self.hparams.threshold_quantile
-        drawn = f", {len(self.bank.loo_scores):,} drawn at random" if self.bank.loo_drawn else ""
-        groups = self._bank_of_group_samples or self.bank.spec.get("members_per_group")  # point-wise: per group
-        sample = "group" if groups else "image"
-        if self.hparams.clean_fraction > 0:  # unsupervised: the training samples include the contaminants
-            return (
-                f"threshold {threshold:.6g} (quantile {q:g} of every training {sample}'s score{drawn}, contaminants "
-                "included: for a fraction c of contaminants, threshold_quantile = (1 - c) x 0.99 flags about 1% of "
-                f"normal {sample}s)"
-            )
-        return (
-            f"threshold {threshold:.6g} (quantile {q:g} of the training {sample}s' leave-one-out scores{drawn}: "
-            f"about {100 * (1 - q):.3g}% of normal {sample}s are flagged)"
-        )
-
-    def _say_threshold(self) -> str:
-        """The threshold's description: in full the first time, then by its value while it stays the same."""
-        text = self._describe_threshold()
-        if text == self._threshold_said:
-            return text.split(" (", 1)[0] + " (as above)"
-        self._threshold_said = text
-        return text
-
-    def _warn_if_no_threshold(self) -> None:
-        size, k = self._bank_builder.size(), self.hparams.k
-        if self.hparams.threshold is None and size <= k and self._warned_no_threshold != (size, k):
-            self._warned_no_threshold = (size, k)  # once per bank size and k, not per batch
-            rank_zero_warn(
-                f"the memory bank holds {size} embeddings, not more than k={self.hparams.k}: there are "
-                "no leave-one-out scores to set a threshold from, so is_anomaly is undefined (None, empty CSV "
-                "cells) and normalised scores are NaN. Use a larger train set or set_threshold(value=...).",
-                stacklevel=5,
-            )
 
     # ------------------------------------------------------------------------------------------ search
 
@@ -1258,150 +1170,6 @@ class DN2Module(LightningModule):
                 stacklevel=5,
             )
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[THRESHOLD_KEY] = {"value": self.hparams.threshold, "k": self._threshold_k()}
-        # weights-only loading refuses NumPy scalars: one in any setting (the model's or hparams edited since, the
-        # datamodule's, the bank's record of its training data) would make the file unloadable
-        state = checkpoint.get("state_dict", {})
-        checkpoint.update(as_python({key: value for key, value in checkpoint.items() if key != "state_dict"}))
-        state.update({key: as_python(value) for key, value in state.items() if not isinstance(value, Tensor)})
-        if self._sharded:
-            # each rank holds a shard: the checkpoint gets the whole bank, so it loads on any number of devices.
-            # It is assembled in host memory, one shard on the device at a time.
-            ids, rows = self._bank_builder.whole_bank_on_cpu()
-            checkpoint["state_dict"]["bank.sample_indices"] = ids
-            checkpoint["state_dict"]["bank.embeddings"] = rows
-            removed_ids, removed = self._bank_builder.all_removed_on_cpu()
-            checkpoint["state_dict"]["bank.removed_indices"] = removed_ids
-            checkpoint["state_dict"]["bank.removed"] = removed
-
-    @classmethod
-    def load_from_checkpoint(  # type: ignore[override]
-        cls,
-        checkpoint_path: str | Path,
-        map_location: Any = None,
-        hparams_file: str | Path | None = None,
-        strict: bool | None = None,
-        weights_only: bool | None = None,
-        **kwargs: Any,
-    ) -> DN2Module:
-        """Lightning's ``load_from_checkpoint``, always weights-only (also for URLs) and in eval mode.
-
-        Keyword arguments override saved hyperparameters: scoring settings (``k``, ``threshold_quantile``,
-        ``threshold``, ``knn_backend``, ``max_memory_bytes``, ``reports``) freely (``threshold_quantile`` alone
-        also replaces a fixed threshold saved by ``set_threshold(value=...)``); settings that define the
-        bank (backbone, ``input_size``, cleaning, pooling) must match the saved bank or raise ``ValueError``.
-        """
-        refuse_unsafe_load(weights_only)
-        if "threshold_quantile" in kwargs and "threshold" not in kwargs:
-            kwargs["threshold"] = None  # a quantile asked for replaces a fixed value saved by set_threshold
-        with readable_checkpoint(checkpoint_path):
-            model = super().load_from_checkpoint(
-                checkpoint_path, map_location, hparams_file, strict, weights_only=True, **kwargs
-            )
-        return model.eval()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # restored by a Trainer (ckpt_path) under DDP, every rank refuses together: one node's copy of the path may
-        # hold another file, and the other ranks would wait in their next collective
-        with stop_together() if self._trainer is not None else contextlib.nullcontext():
-            self._check_checkpoint(checkpoint)
-        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
-            # a rank resuming part-way through the pass and one resuming after it run different loops (Lightning's)
-            position = {"epoch": checkpoint.get("epoch"), "global_step": checkpoint.get("global_step")}
-            fix = "Give every node the same checkpoint to resume from (one shared copy)."
-            refuse_ranks_that_differ(position, "checkpoints to resume fit from", fix)
-
-    def _check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._bank_is_shard = False
-        self._bank_datamodule = None
-        state = checkpoint.get("state_dict", {})
-        own = dict(self.named_parameters())  # the bank's buffers take any shape; the weights must fit
-        other = [
-            (name, v.shape, own[name].shape) for name, v in state.items() if name in own and v.shape != own[name].shape
-        ]
-        if other:
-            name, saved, here = other[0]
-            raise ValueError(
-                f"the checkpoint's weights do not fit this model: {name} is {list(saved)} in the checkpoint but "
-                f"{list(here)} here{f' ({len(other) - 1} more differ)' if len(other) > 1 else ''}. Load it into a "
-                "DN2Module with the backbone (and its settings) it was saved with."
-            )
-        # the threshold comes from the checkpoint's hyperparameters (and the overrides given to load_from_checkpoint),
-        # not from the record a state dict carries for loads without them
-        if isinstance(state.get("bank._extra_state"), dict):
-            state["bank._extra_state"] = {k: v for k, v in state["bank._extra_state"].items() if k != THRESHOLD_RECORD}
-        state.pop("threshold", None)  # checkpoints before the threshold was derived from bank.loo_scores
-        check_bank_settings(state.get("bank._extra_state") or {}, self._model_settings(), BANK_SETTINGS, "this model")
-        saved = checkpoint.get(THRESHOLD_KEY, {})
-        if saved.get("value") is not None and saved["value"] == self.hparams.threshold and saved.get("k") is not None:
-            self._fixed_threshold = (float(saved["value"]), int(saved["k"]))
-        self._warn_if_fixed_threshold_meets_another_k()
-        self._match_patch_bank(state)
-        saved = state.get("bank.embeddings")
-        self._warn_if_bank_incomplete(saved, state.get("bank._extra_state") or {})
-        expected = self.backbone.feature_dim
-        # a bank of pooled groups may hold another size than the backbone's (histogram pooling)
-        allowed = {expected, self.group_pool.output_dim(expected)} if expected is not None else set()
-        if saved is not None and saved.numel() and expected is not None and saved.shape[1] not in allowed:
-            raise ValueError(
-                f"the checkpoint's memory bank holds {saved.shape[1]}-d embeddings but backbone="
-                f"{self.hparams.get('backbone')!r} gives {expected}-d ones; load it with the backbone it was "
-                "built with."
-            )
-
-    def _threshold_k(self) -> int:
-        """The k whose scores the fixed threshold was set for (the current k for one set through ``hparams``)."""
-        value = self.hparams.threshold
-        if self._fixed_threshold is not None and value is not None and self._fixed_threshold[0] == float(value):
-            return self._fixed_threshold[1]
-        return self.hparams.k
-
-    def _warn_if_fixed_threshold_meets_another_k(self) -> None:
-        """A fixed threshold is a score at the k it was set for; a quantile threshold follows k, a value cannot."""
-        value, k, now = self.hparams.threshold, self._threshold_k(), self.hparams.k
-        if value is not None and k != now and self._warned_threshold_k != (value, k, now):
-            self._warned_threshold_k = (value, k, now)  # once per change, not per evaluation
-            rank_zero_warn(
-                f"threshold={value:g} is a fixed score set for k={k} scores, but this model scores with "
-                f"k={now} (a larger k gives larger scores): set a threshold for k={now} (threshold=..., or "
-                "set_threshold(value=...)), or use threshold_quantile (it follows k)."
-            )
-
-    def _warn_if_bank_incomplete(self, embeddings: Tensor | None, spec: dict[str, Any]) -> None:
-        """A checkpoint saved mid-pass holds no bank, one of a capped pass a partial bank: said when it is loaded
-        for evaluation (a resumed fit reads the pass again itself)."""
-        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
-            return
-        seen, total = spec.get("train_batches") or (0, 0)
-        if embeddings is not None and not embeddings.numel():
-            rank_zero_warn(
-                "this checkpoint holds no memory bank: it was saved before its fit's training pass ended (e.g. by "
-                "ModelCheckpoint(every_n_train_steps=...)); test/predict build one from the datamodule's training "
-                "data. Use the checkpoint saved at the end of the pass."
-            )
-        elif total is None or seen < total:
-            rank_zero_warn(
-                f"this checkpoint's memory bank was built from {_batch_count(seen, total)} (limit_train_batches, "
-                "max_steps, overfit_batches or fast_dev_run, or a checkpoint saved by a validation inside the training "
-                "epoch, e.g. ModelCheckpoint's best with val_check_interval < 1): scores use a partial bank. Use the "
-                "checkpoint saved at the end of the pass, or `dn2 fit --ckpt_path` of it without the limit."
-            )
-
-    def _match_patch_bank(self, state: dict[str, Any]) -> None:
-        """A checkpoint's patch bank (``anomaly_maps=True``) is dropped by a model without maps (image scores do
-        not use it); a model with maps needs one."""
-        saved = [name for name in state if name.startswith("maps.")]
-        if self.maps is None:
-            for name in saved:
-                del state[name]
-        elif state.get("bank.embeddings") is not None and not saved:
-            raise ValueError(
-                "anomaly_maps=True, but the checkpoint was fitted with anomaly_maps=False and holds no patch bank "
-                "for the maps: load it with anomaly_maps=False (image scores only), or fit again with "
-                "anomaly_maps=True."
-            )
-
     # ---------------------------------------------------------------------------------------- helpers
 
     def _embedding_precision(self) -> contextlib.AbstractContextManager:
@@ -1497,14 +1265,6 @@ def _check_point_wise_groups(m: int, earlier: int) -> None:
         )
 
 
-def _batch_count(seen: int, total: int | None) -> str:
-    """How much of a pass was read, for messages; ``total`` ``None``: a dataloader without a length that a batch
-    limit stopped."""
-    if total is None:
-        return f"the first {seen} training batches of a dataloader without a length (maybe not all of them)"
-    return f"{seen} of {total} training batches"
-
-
 def _check_finite(values: Tensor, what: str, batch: Batch, batch_idx: int) -> None:
     bad = ~torch.isfinite(values).flatten(1).all(1) if values.ndim > 1 else ~torch.isfinite(values)
     if bad.any():
@@ -1527,30 +1287,6 @@ def _progress(loader: DataLoader, description: str, enabled: bool) -> Any:
     from rich.progress import track
 
     return track(loader, description=description, total=sized_len(loader), transient=True)
-
-
-def _record_fixed_threshold(module: DN2Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    """State-dict hook: a fixed threshold (``set_threshold(value=...)``, a hyperparameter, which a plain state dict
-    would leave behind) is recorded in the bank's extra state."""
-    key = prefix + "bank._extra_state"
-    if isinstance(state_dict.get(key), dict) and module.hparams.threshold is not None:
-        record = {"value": float(module.hparams.threshold), "k": module._threshold_k()}
-        state_dict[key] = {**state_dict[key], THRESHOLD_RECORD: record}
-
-
-def _adopt_recorded_threshold(module: DN2Module, incompatible_keys: Any) -> None:
-    """Load hook: the fixed threshold a loaded state dict recorded is used, unless the module has one of its own
-    (``load_from_checkpoint`` and ``ckpt_path`` take it from the checkpoint's hyperparameters instead)."""
-    saved, module.bank.loaded_threshold = module.bank.loaded_threshold, None
-    if not isinstance(saved, dict) or module.hparams.threshold is not None:
-        return
-    module.hparams.threshold = float(saved["value"])
-    module._fixed_threshold = (float(saved["value"]), int(saved["k"]))
-    info(
-        f"DN2: the state dict's fixed threshold {module.hparams.threshold:.6g} (set for k={saved['k']}) is used; "
-        "set_threshold(quantile=...) replaces it."
-    )
-    module._warn_if_fixed_threshold_meets_another_k()
 
 
 def _active_autocast(device: torch.device) -> str | None:

@@ -1,0 +1,161 @@
+"""How a DN2Module's checkpoints are written and read: the whole bank (also from a sharded one), plain types only
+(weights-only loading), the threshold saved with its k, and a loaded checkpoint checked against the model (its
+weights, bank settings, embedding size, patch bank) before anything is used."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from dn2_lightning.bank import THRESHOLD_RECORD
+from dn2_lightning.checkpointing import (
+    BANK_SETTINGS,
+    batch_count,
+    check_bank_settings,
+    readable_checkpoint,
+    refuse_unsafe_load,
+)
+from dn2_lightning.distributed import refuse_ranks_that_differ, stop_together
+from dn2_lightning.validation import as_python
+
+if TYPE_CHECKING:
+    from dn2_lightning.module import DN2Module
+
+# checkpoint key: the fixed threshold saved and the k it scores at (load_from_checkpoint's overrides rewrite the
+# checkpoint's hyperparameters before on_load_checkpoint sees them)
+THRESHOLD_KEY = "dn2_threshold"
+
+
+class BankCheckpointing:
+    """DN2Module's checkpoint hooks (a mixin) and its weights-only ``load_from_checkpoint``."""
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[THRESHOLD_KEY] = {"value": self.hparams.threshold, "k": self._threshold_k()}
+        # weights-only loading refuses NumPy scalars: one in any setting (the model's or hparams edited since, the
+        # datamodule's, the bank's record of its training data) would make the file unloadable
+        state = checkpoint.get("state_dict", {})
+        checkpoint.update(as_python({key: value for key, value in checkpoint.items() if key != "state_dict"}))
+        state.update({key: as_python(value) for key, value in state.items() if not isinstance(value, Tensor)})
+        if self._sharded:
+            # each rank holds a shard: the checkpoint gets the whole bank, so it loads on any number of devices.
+            # It is assembled in host memory, one shard on the device at a time.
+            ids, rows = self._bank_builder.whole_bank_on_cpu()
+            checkpoint["state_dict"]["bank.sample_indices"] = ids
+            checkpoint["state_dict"]["bank.embeddings"] = rows
+            removed_ids, removed = self._bank_builder.all_removed_on_cpu()
+            checkpoint["state_dict"]["bank.removed_indices"] = removed_ids
+            checkpoint["state_dict"]["bank.removed"] = removed
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | Path,
+        map_location: Any = None,
+        hparams_file: str | Path | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
+    ) -> DN2Module:
+        """Lightning's ``load_from_checkpoint``, always weights-only (also for URLs) and in eval mode.
+
+        Keyword arguments override saved hyperparameters: scoring settings (``k``, ``threshold_quantile``,
+        ``threshold``, ``knn_backend``, ``max_memory_bytes``, ``reports``) freely (``threshold_quantile`` alone
+        also replaces a fixed threshold saved by ``set_threshold(value=...)``); settings that define the
+        bank (backbone, ``input_size``, cleaning, pooling) must match the saved bank or raise ``ValueError``.
+        """
+        refuse_unsafe_load(weights_only)
+        if "threshold_quantile" in kwargs and "threshold" not in kwargs:
+            kwargs["threshold"] = None  # a quantile asked for replaces a fixed value saved by set_threshold
+        with readable_checkpoint(checkpoint_path):
+            model = super().load_from_checkpoint(
+                checkpoint_path, map_location, hparams_file, strict, weights_only=True, **kwargs
+            )
+        return model.eval()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # restored by a Trainer (ckpt_path) under DDP, every rank refuses together: one node's copy of the path may
+        # hold another file, and the other ranks would wait in their next collective
+        with stop_together() if self._trainer is not None else contextlib.nullcontext():
+            self._check_checkpoint(checkpoint)
+        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            # a rank resuming part-way through the pass and one resuming after it run different loops (Lightning's)
+            position = {"epoch": checkpoint.get("epoch"), "global_step": checkpoint.get("global_step")}
+            fix = "Give every node the same checkpoint to resume from (one shared copy)."
+            refuse_ranks_that_differ(position, "checkpoints to resume fit from", fix)
+
+    def _check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._bank_is_shard = False
+        self._bank_datamodule = None
+        state = checkpoint.get("state_dict", {})
+        own = dict(self.named_parameters())  # the bank's buffers take any shape; the weights must fit
+        other = [
+            (name, v.shape, own[name].shape) for name, v in state.items() if name in own and v.shape != own[name].shape
+        ]
+        if other:
+            name, saved, here = other[0]
+            raise ValueError(
+                f"the checkpoint's weights do not fit this model: {name} is {list(saved)} in the checkpoint but "
+                f"{list(here)} here{f' ({len(other) - 1} more differ)' if len(other) > 1 else ''}. Load it into a "
+                "DN2Module with the backbone (and its settings) it was saved with."
+            )
+        # the threshold comes from the checkpoint's hyperparameters (and the overrides given to load_from_checkpoint),
+        # not from the record a state dict carries for loads without them
+        if isinstance(state.get("bank._extra_state"), dict):
+            state["bank._extra_state"] = {k: v for k, v in state["bank._extra_state"].items() if k != THRESHOLD_RECORD}
+        state.pop("threshold", None)  # checkpoints before the threshold was derived from bank.loo_scores
+        check_bank_settings(state.get("bank._extra_state") or {}, self._model_settings(), BANK_SETTINGS, "this model")
+        saved = checkpoint.get(THRESHOLD_KEY, {})
+        if saved.get("value") is not None and saved["value"] == self.hparams.threshold and saved.get("k") is not None:
+            self._fixed_threshold = (float(saved["value"]), int(saved["k"]))
+        self._warn_if_fixed_threshold_meets_another_k()
+        self._match_patch_bank(state)
+        saved = state.get("bank.embeddings")
+        self._warn_if_bank_incomplete(saved, state.get("bank._extra_state") or {})
+        expected = self.backbone.feature_dim
+        # a bank of pooled groups may hold another size than the backbone's (histogram pooling)
+        allowed = {expected, self.group_pool.output_dim(expected)} if expected is not None else set()
+        if saved is not None and saved.numel() and expected is not None and saved.shape[1] not in allowed:
+            raise ValueError(
+                f"the checkpoint's memory bank holds {saved.shape[1]}-d embeddings but backbone="
+                f"{self.hparams.get('backbone')!r} gives {expected}-d ones; load it with the backbone it was "
+                "built with."
+            )
+
+    def _warn_if_bank_incomplete(self, embeddings: Tensor | None, spec: dict[str, Any]) -> None:
+        """A checkpoint saved mid-pass holds no bank, one of a capped pass a partial bank: said when it is loaded
+        for evaluation (a resumed fit reads the pass again itself)."""
+        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            return
+        seen, total = spec.get("train_batches") or (0, 0)
+        if embeddings is not None and not embeddings.numel():
+            rank_zero_warn(
+                "this checkpoint holds no memory bank: it was saved before its fit's training pass ended (e.g. by "
+                "ModelCheckpoint(every_n_train_steps=...)); test/predict build one from the datamodule's training "
+                "data. Use the checkpoint saved at the end of the pass."
+            )
+        elif total is None or seen < total:
+            rank_zero_warn(
+                f"this checkpoint's memory bank was built from {batch_count(seen, total)} (limit_train_batches, "
+                "max_steps, overfit_batches or fast_dev_run, or a checkpoint saved by a validation inside the training "
+                "epoch, e.g. ModelCheckpoint's best with val_check_interval < 1): scores use a partial bank. Use the "
+                "checkpoint saved at the end of the pass, or `dn2 fit --ckpt_path` of it without the limit."
+            )
+
+    def _match_patch_bank(self, state: dict[str, Any]) -> None:
+        """A checkpoint's patch bank (``anomaly_maps=True``) is dropped by a model without maps (image scores do
+        not use it); a model with maps needs one."""
+        saved = [name for name in state if name.startswith("maps.")]
+        if self.maps is None:
+            for name in saved:
+                del state[name]
+        elif state.get("bank.embeddings") is not None and not saved:
+            raise ValueError(
+                "anomaly_maps=True, but the checkpoint was fitted with anomaly_maps=False and holds no patch bank "
+                "for the maps: load it with anomaly_maps=False (image scores only), or fit again with "
+                "anomaly_maps=True."
+            )
