@@ -3,6 +3,7 @@ over the train data, and the builder that turns what was collected into the bank
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,18 @@ from dn2_lightning.sharding import sharded_knn
 # key of the owner's fixed threshold in the bank's extra state within a state dict: a plain state dict (which has no
 # hyperparameters) carries it there; ``MemoryBank.set_extra_state`` keeps it out of the spec
 THRESHOLD_RECORD = "fixed_threshold"
+
+
+class _Same:
+    """A weak reference to a tensor that compares by identity (tensors compare element-wise)."""
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.ref = weakref.ref(tensor)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Same) and self.ref() is not None and self.ref() is other.ref()
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 class BankModule(nn.Module):
@@ -84,6 +97,10 @@ class MemoryBank(BankModule):
         self._prepared: tuple[tuple, PreparedBank] | None = None
         self._summary: tuple[tuple, tuple[int, int, float, float]] | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # the caches hold weak references (which cannot be pickled) and are rebuilt on first need
+        return {**super().__getstate__(), "_prepared": None, "_summary": None}
+
     @property
     def is_fitted(self) -> bool:
         return self.embeddings.shape[0] > 0
@@ -113,8 +130,10 @@ class MemoryBank(BankModule):
         return self._summary[1]
 
     def _content_key(self) -> tuple:
+        """What identifies the bank's content for the caches: its tensors themselves (weakly: a new tensor at a freed
+        one's address is another bank) and their in-place edits."""
         e, ids = self.embeddings, self.sample_indices
-        return (e.data_ptr(), e.device, tuple(e.shape), e._version, ids.data_ptr(), ids._version)
+        return (_Same(e), e._version, _Same(ids), ids._version)
 
     def prepared(self) -> PreparedBank:
         """The bank centred for search, computed once per bank content and device."""

@@ -4,7 +4,6 @@ weights, bank settings, embedding size, patch bank) before anything is used."""
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +19,7 @@ from dn2_lightning.checkpointing import (
     readable_checkpoint,
     refuse_unsafe_load,
 )
-from dn2_lightning.distributed import refuse_ranks_that_differ, stop_together
+from dn2_lightning.distributed import world_size
 from dn2_lightning.validation import as_python
 
 if TYPE_CHECKING:
@@ -78,15 +77,19 @@ class BankCheckpointing:
         return model.eval()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # restored by a Trainer (ckpt_path) under DDP, every rank refuses together: one node's copy of the path may
-        # hold another file, and the other ranks would wait in their next collective
-        with stop_together() if self._trainer is not None else contextlib.nullcontext():
+        self._restored_from = (checkpoint.get("epoch"), checkpoint.get("global_step"))
+        if self._trainer is None or world_size() == 1:
             self._check_checkpoint(checkpoint)
-        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
-            # a rank resuming part-way through the pass and one resuming after it run different loops (Lightning's)
-            position = {"epoch": checkpoint.get("epoch"), "global_step": checkpoint.get("global_step")}
-            fix = "Give every node the same checkpoint to resume from (one shared copy)."
-            refuse_ranks_that_differ(position, "checkpoints to resume fit from", fix)
+            return
+        # restored by a Trainer (ckpt_path) under DDP: one node's copy of the path may hold another file, or none
+        # (ckpt_path="last" found on one node's disk only, so some ranks restore nothing). A problem is raised on
+        # every rank together where they all meet (DN2Module._agree_on_the_checkpoint); until then this rank loads
+        # its own state again, so Lightning's load does not stop it alone.
+        try:
+            self._check_checkpoint(checkpoint)
+        except Exception as error:
+            self._checkpoint_error = error
+            checkpoint["state_dict"] = self.state_dict()
 
     def _check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._bank_is_shard = False

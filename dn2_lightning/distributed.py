@@ -3,6 +3,7 @@ passes or fails together."""
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 from collections.abc import Iterator
 
@@ -165,14 +166,18 @@ def stop_together() -> Iterator[None]:
         error = err
     if world_size() == 1:
         return
-    seen = gather_objects(None if error is None else (type(error).__name__, str(error)))
+    # the error's nearest built-in class travels too, for the other ranks to raise one a caller's ``except`` takes alike
+    built_in = None if error is None else next(c for c in type(error).__mro__ if c.__module__ == "builtins").__name__
+    seen = gather_objects(None if error is None else (built_in, type(error).__name__, str(error)))
     if error is not None:
         raise error
     failed = [(r, found) for r, found in enumerate(seen) if found is not None]
     if failed:
-        (r, (kind, message)), more = failed[0], len(failed) - 1
+        (r, (built_in, kind, message)), more = failed[0], len(failed) - 1
         also = f" (and {more} other rank(s))" if more else ""
-        raise (ValueError if kind == "ValueError" else RuntimeError)(f"rank {r}{also} stopped: {kind}: {message}")
+        cls = getattr(builtins, built_in, RuntimeError)
+        cls = cls if isinstance(cls, type) and issubclass(cls, Exception) else RuntimeError
+        raise cls(f"rank {r}{also} stopped: {kind}: {message}")
 
 
 def refuse_ranks_that_differ(values: dict[str, object], what: str, fix: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 import weakref
 from collections.abc import Iterator, Mapping, Sized
@@ -85,6 +86,7 @@ from dn2_lightning.validation import (
     check_threshold,
 )
 
+_log = logging.getLogger(__name__)
 CUSTOM_BACKBONE = "custom:"  # hparams value recording a user nn.Module backbone (not serialisable)
 BankSharding = Literal["replicate", "shard"]
 BANK_SHARDINGS: tuple[str, ...] = get_args(BankSharding)
@@ -259,7 +261,10 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         self._bank_step: float = 0  # the global step at which fit built the bank (checkpoints saved before lack it)
         self._trainer_spent = False  # this fit's Trainer had run its epochs before it started
         self._bank_autocast: str | None = None  # autocast dtype the bank rows are being embedded under, if any
-        self._held_error: Exception | None = None  # under DDP: this rank's error, raised with the others' later
+        # under DDP: this rank's error in the training pass / the evaluation, raised with the others' later
+        self._held_errors: dict[str, Exception] = {}
+        self._checkpoint_error: Exception | None = None  # under DDP: what is wrong with the checkpoint this rank read
+        self._restored_from: tuple[Any, Any] | None = None  # (epoch, global_step) of the checkpoint restored, if any
         self._searches_made = 0  # searches of the bank so far (a sharded one's are collectives)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -332,8 +337,11 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
 
     def setup(self, stage: str) -> None:
         self._check_hparams()
+        self._checkpoint_error, self._restored_from = None, None  # set again by this run's restore, if any
+        # (the kNN's backend and memory budget may follow each node's device: their results are the same)
+        settings = {k: v for k, v in self.hparams.items() if k not in ("knn_backend", "max_memory_bytes")}
         same = "Build the same module on every rank (the same arguments, or one checkpoint with the same overrides)."
-        refuse_ranks_that_differ(dict(self.hparams), "DN2Module settings", same)
+        refuse_ranks_that_differ(settings, "DN2Module settings", same)
         strategy = self.trainer.strategy
         # runs before Lightning restores ckpt_path: make that load weights-only too (Lightning loads remote
         # paths with weights_only=False, i.e. it would run a downloaded file's pickled code)
@@ -366,8 +374,8 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         if self._pass_done:  # an epoch after the pass (min_epochs, min_steps): counted, not embedded
             self._count_bank_step()
             return
-        if self._held_error is None:
-            with self._holding_errors(), torch.no_grad():
+        if "pass" not in self._held_errors:
+            with self._holding_errors("pass"), torch.no_grad():
                 parsed = unpack_batch(self._stage_batch(batch), batch_idx)
                 embeddings, indices, labels = self._bank_rows(parsed, batch_idx)
                 if self._collector is None:
@@ -378,6 +386,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
             self._end_pass()
 
     def on_fit_start(self) -> None:
+        self._agree_on_the_checkpoint(fitting=True)
         # a module from load_from_checkpoint is in eval mode, which Lightning warns about before training; the
         # backbone embeds alike in either mode
         self.train()
@@ -403,7 +412,8 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
 
     def _start_pass(self) -> None:
         """A new pass over the training data: nothing collected yet."""
-        self._collector, self._held_error = BankCollector(), None
+        self._collector = BankCollector()
+        self._held_errors.pop("pass", None)
         if self.maps is not None:
             self.maps.start_collecting()
         self._train_stream, self._members_per_group, self._bank_of_groups = Reading(), 0, False
@@ -507,7 +517,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         """The pass over ``loader`` (the trainer's train dataloader by default) is over: its collected rows become
         the bank, with a warning when ``partial`` batch limits or ``drop_last`` left rows out."""
         assert self._collector is not None
-        self._raise_held_error()
+        self._raise_held_error("pass")
         if partial:
             self._warn_if_partial_pass(self._collector.num_batches)
         loader = loader if loader is not None else self._train_loader
@@ -568,7 +578,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         _refuse_second_dataloader(dataloader_idx, "validate")
         if not self.trainer.sanity_checking and self._evaluates_batch():  # the sanity check runs before the bank
-            with self._holding_errors(joins_search=True):
+            with self._holding_errors("evaluation", joins_search=True):
                 self._score_into(self.val_collector, unpack_batch(self._stage_batch(batch), batch_idx), batch_idx)
 
     def on_validation_epoch_end(self) -> None:
@@ -583,7 +593,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         _refuse_second_dataloader(dataloader_idx, "test")
         if not self._evaluates_batch():
             return
-        with self._holding_errors(joins_search=True):
+        with self._holding_errors("evaluation", joins_search=True):
             batch = self._stage_batch(batch)
             parsed = unpack_batch(batch, batch_idx)
             if self.maps is None:
@@ -635,7 +645,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         _refuse_second_dataloader(dataloader_idx, "predict")
         if not self._evaluates_batch():
             return None
-        with self._holding_errors(joins_search=True):
+        with self._holding_errors("evaluation", joins_search=True):
             return self._predict_batch(batch, batch_idx)
         return None  # an error held under DDP (raised at the end, on every rank)
 
@@ -800,36 +810,62 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         return self._bank_builder.search(embeddings, k)
 
     @contextlib.contextmanager
-    def _holding_errors(self, joins_search: bool = False) -> Iterator[None]:
-        """Under DDP, an error in this rank's batch is held, and its later batches skipped, until the pass's or the
-        stage's end, where every rank raises it together (:meth:`_raise_held_error`): raised here, it would leave
-        the other ranks waiting in their next collective for the process group's timeout. ``joins_search``: the
-        batch's search of a sharded bank is a collective, which this rank still joins (with no queries)."""
+    def _holding_errors(self, stream: str, joins_search: bool = False) -> Iterator[None]:
+        """Under DDP, an error in this rank's batch of the training ``stream="pass"`` or the ``"evaluation"`` is held,
+        and its later batches skipped, until a point every rank reaches (the pass's or the stage's end), where every
+        rank raises it together (:meth:`_raise_held_error`): raised here, it would leave the other ranks waiting in
+        their next collective for the process group's timeout. It is logged at once, in case they never get there.
+        ``joins_search``: the batch's search of a sharded bank is a collective, which this rank still joins."""
         searches = self._searches_made
         try:
             yield
         except Exception as error:
             if world_size() == 1:
                 raise
-            self._held_error = error
-        if joins_search and self._searches_made == searches and self._sharded and self._held_error is not None:
-            self._search(torch.empty(0, self.bank.dim, device=self.bank.embeddings.device), self.hparams.k)
+            self._held_errors[stream] = error
+            _log.error(
+                f"DN2 rank {rank()}: {type(error).__name__}: {error} (raised on every rank at the {stream}'s end)"
+            )
+        held = stream in self._held_errors
+        if joins_search and held and self._searches_made == searches and self._sharded:
+            self._join_search()
 
     def _evaluates_batch(self) -> bool:
         """Whether this rank scores its batch: not after an error held under DDP (it then only joins the batch's
         collective search of a sharded bank)."""
-        if self._held_error is None:
+        if "evaluation" not in self._held_errors:
             return True
         if self._sharded:
-            self._search(torch.empty(0, self.bank.dim, device=self.bank.embeddings.device), self.hparams.k)
+            self._join_search()
         return False
 
-    def _raise_held_error(self) -> None:
-        """Raise on every rank together when any rank holds an error (see :meth:`_holding_errors`): a collective."""
-        error, self._held_error = self._held_error, None
+    def _join_search(self) -> None:
+        """Join the other ranks' collective search of a sharded bank with no queries, this rank holding an error: a
+        failure of its own part (it completes the collectives all the same) is not raised again."""
+        with contextlib.suppress(Exception):
+            self._search(torch.empty(0, self.bank.dim, device=self.bank.embeddings.device), self.hparams.k)
+
+    def _raise_held_error(self, stream: str) -> None:
+        """Raise on every rank together when any rank holds an error of ``stream`` (see :meth:`_holding_errors`): a
+        collective."""
+        error = self._held_errors.pop(stream, None)
         with stop_together():
             if error is not None:
                 raise error
+
+    def _agree_on_the_checkpoint(self, fitting: bool = False) -> None:
+        """Under DDP, a problem with the checkpoint one rank restored (see ``on_load_checkpoint``) is raised on every
+        rank together here, where they all meet; ``fitting``: the ranks must resume from the same point (one that
+        resumes part-way through the pass and one after it, or without a checkpoint, run other loops)."""
+        error, self._checkpoint_error = self._checkpoint_error, None
+        with stop_together():
+            if error is not None:
+                raise error
+        if fitting:
+            fix = "Give every node the same checkpoint to resume from (one shared copy), or none."
+            refuse_ranks_that_differ(
+                {"(epoch, global_step)": self._restored_from}, "checkpoints to resume fit from", fix
+            )
 
     def _require_bank(self) -> None:
         if not self._has_bank:
@@ -862,7 +898,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
             collector.reset()  # a run that stopped on an error left its rows
         if self.maps is not None:
             self.maps.start_evaluation()
-        self._held_error = None
+        self._held_errors.pop("evaluation", None)
         # a collective when sharded: every rank computes it here, not lazily later (the sanity check scores nothing,
         # and runs before the ranks are checked to agree on their banks)
         if self._has_bank and not self.trainer.sanity_checking:
@@ -875,7 +911,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
 
     def _collect(self, stage: str, collector: ScoreCollector) -> AnomalyScores:
         """Every rank's rows of this stage, one per sample, in dataset order, with threshold and paths."""
-        self._raise_held_error()
+        self._raise_held_error("evaluation")
         refuse_iterable_cut_short(self._current_loader(), self._eval_stream, stage)
         result = collector.collect()
         collector.reset()
@@ -934,6 +970,8 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
 
     def _ensure_bank(self) -> None:
         """Finalise a bank still being collected by fit, else build it from the datamodule if missing."""
+        self._agree_on_the_checkpoint()
+        self._raise_held_error("pass")  # a validation inside the training epoch: the pass so far must be whole
         if self._collector is not None and self.trainer.state.fn != TrainerFn.FITTING:
             self._collector = None  # rows of a fit that stopped on an error: never a bank
         collecting = self._collector is not None and len(self._collector) > 0
@@ -997,12 +1035,15 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         try:
             # the same precision context (e.g. bf16 autocast) as fit's training_step, so both banks are alike
             with torch.no_grad(), self.trainer.precision_plugin.train_step_context():
-                for batch_idx, batch in enumerate(batches):
-                    if batch_idx >= limit or self._held_error is not None:
-                        break
-                    with self._holding_errors():
+                batch_iter, batch_idx = iter(batches), 0
+                while batch_idx < limit and "pass" not in self._held_errors:
+                    with self._holding_errors("pass"):  # reading a file too: one node's copy may be unreadable
+                        batch = next(batch_iter, None)
+                        if batch is None:
+                            break
                         parsed = unpack_batch(self._on_device(batch, batch_idx), batch_idx)
                         self._collector.add(*self._bank_rows(parsed, batch_idx), parsed.paths)
+                    batch_idx += 1
         except BaseException:
             self._collector = None  # a build that stopped part-way leaves no partial bank behind
             raise

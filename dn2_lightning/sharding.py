@@ -25,9 +25,15 @@ def sharded_knn(queries: Tensor, shard: PreparedBank, shard_ids: Tensor, k: int,
     dtype = torch.float64 if torch.float64 in (queries.dtype, shard.dtype) else torch.float32  # knn_distances' policy
     values = torch.full((all_queries.shape[0], k), float("inf"), dtype=dtype, device=queries.device)
     ids = torch.full((all_queries.shape[0], k), -1, dtype=torch.long, device=queries.device)
+    failed: Exception | None = None
     if local_k > 0 and all_queries.shape[0] > 0:
-        local = knn_distances(all_queries, shard, local_k, **knn_kwargs)
-        values[:, :local_k], ids[:, :local_k] = local.values, shard_ids[local.indices]
+        try:
+            local = knn_distances(all_queries, shard, local_k, **knn_kwargs)
+            values[:, :local_k], ids[:, :local_k] = local.values, shard_ids[local.indices]
+        except Exception as error:  # e.g. MemoryError: the other ranks still wait in the gathers below
+            failed = error
     merged = merge_topk(all_gather_same_shape(values), all_gather_same_shape(ids), k)
+    if failed is not None:
+        raise failed
     start = sum(counts[: rank()])
     return KNNResult(merged.values[start : start + counts[rank()]], merged.indices[start : start + counts[rank()]])

@@ -7,23 +7,23 @@ from __future__ import annotations
 import os
 import sys
 
-from helpers import BlobDataModule, linear_backbone, rank_verdict, say
+from helpers import BlobDataModule, BlobWithValDataModule, linear_backbone, rank_verdict, say
 from lightning import Trainer
 
 from dn2_lightning import DN2Module, OneClassDataModule
 
 
-def trainer(root: str) -> Trainer:
+def trainer(root: str, **kwargs) -> Trainer:
     return Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
                    enable_model_summary=False, enable_checkpointing=False, default_root_dir=root,
-                   max_epochs=1)  # fmt: skip
+                   max_epochs=1, **kwargs)  # fmt: skip
 
 
 def main(mode: str, root: str) -> None:
     rank = int(os.environ.get("LOCAL_RANK", "0"))  # set for the rank Lightning launches; 0 for this process
     model = DN2Module(k=2, backbone=linear_backbone(in_features=3 * 8 * 8), reports=mode == "small_bank")
     run = trainer(root)
-    with rank_verdict(run, ValueError):
+    with rank_verdict(run, (ValueError, MemoryError)):
         if mode == "data":  # each rank its own copy of the folder
             dm = OneClassDataModule("folder", root=os.path.join(root, f"copy{rank}"), load_size=8, batch_size=8)
             run.test(model, datamodule=dm, verbose=False)
@@ -44,6 +44,29 @@ def main(mode: str, root: str) -> None:
             run.test(model, datamodule=BlobDataModule(batch_size=8), verbose=False)
         elif mode == "resume_other":  # each node resumes fit from its own copy of the path: complete / not started
             run.fit(model, datamodule=BlobDataModule(batch_size=8), ckpt_path=os.path.join(root, f"resume{rank}.ckpt"))
+        elif mode == "nan_in_the_pass_then_validation":  # a NaN pixel in a train image rank 1 reads
+            dm = BlobWithValDataModule(batch_size=4)
+            dm.train_images[5, 0, 0, 0] = float("nan")
+            trainer(root, val_check_interval=0.5, num_sanity_val_steps=0).fit(model, datamodule=dm)
+        elif mode == "checkpoint_on_one_node":  # ckpt_path="last" found on rank 0's disk only
+            path = os.path.join(root, "resume0.ckpt") if rank == 0 else None
+            run.fit(model, datamodule=BlobDataModule(batch_size=8), ckpt_path=path)
+        elif mode == "shard_search_fails":  # rank 1's part of a test batch's sharded search runs out of memory
+            from lightning.pytorch import Callback
+
+            import dn2_lightning.sharding
+
+            def out_of_memory(*args, **kwargs):
+                raise MemoryError("the local search cannot fit")
+
+            class FailsOnRankOne(Callback):
+                def on_test_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0) -> None:
+                    if rank == 1 and batch_idx == 1:  # its second batch
+                        dn2_lightning.sharding.knn_distances = out_of_memory
+
+            model = DN2Module(k=2, backbone=linear_backbone(), bank_sharding="shard", reports=False)
+            run = trainer(root, callbacks=[FailsOnRankOne()])
+            run.test(model, datamodule=BlobDataModule(batch_size=8), ckpt_path=os.path.join(root, "resume0.ckpt"))
         elif mode == "resume_shard":  # both ranks resume fit from one complete checkpoint into a sharded model
             model = DN2Module(k=3, backbone=linear_backbone(), bank_sharding="shard", reports=False)
             dm = BlobDataModule(batch_size=8)

@@ -101,3 +101,20 @@ def test_a_checkpoint_of_other_weights_is_refused_naming_the_weight(tmp_path):
         quiet_trainer().test(
             DN2Module(k=2, backbone=linear_backbone()), datamodule=dm, ckpt_path=tmp_path / "wide.ckpt"
         )
+
+
+def test_a_module_pickles_after_scoring_with_its_bank_caches_filled():
+    """The bank's caches (its search copy, its summary for the ranks' comparison) are keyed by the tensors
+    themselves, so a new tensor at a freed one's address is never taken for the old bank; they are left out of
+    pickles (ddp_spawn, torch.save(model)) and rebuilt."""
+    import pickle
+
+    model, images = fitted()
+    expected = model.score_images(images).scores
+    model.bank.summary()
+    copy = pickle.loads(pickle.dumps(model))
+    assert copy.bank._prepared is None and copy.bank._summary is None
+    assert torch.equal(copy.score_images(images).scores, expected)
+    model.bank.embeddings = model.bank.embeddings * 2  # a new tensor: both caches follow it
+    assert model.bank.summary()[2] == pytest.approx(2 * copy.bank.summary()[2])
+    assert not torch.equal(model.score_images(images).scores, expected)

@@ -171,8 +171,9 @@ def _warn_low_bit_depth(path: Path, high: int) -> None:
     _said_low_bit_depth = True
     warnings.warn(
         f"{path} is a 16-bit image whose values reach only {high} (of 65535): if it holds 12-bit (or 10-bit) camera "
-        "data, it is read nearly black, with at most 16 grey levels, and the embeddings lose its detail. Scale such "
-        "images to the 16-bit range (values * 16 for 12-bit) or save them as 8 bit. Said once.",
+        "data, it is read nearly black, with at most 16 (or 4) grey levels of 256, and the embeddings lose its "
+        "detail. Scale such images to the 16-bit range (values * 16 for 12-bit) or save them as 8 bit. Said once "
+        "per process (each DataLoader worker may say it).",
         stacklevel=2,
     )
 
