@@ -101,6 +101,11 @@ class MemoryBank(BankModule):
         # the caches hold weak references (which cannot be pickled) and are rebuilt on first need
         return {**super().__getstate__(), "_prepared": None, "_summary": None}
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for name in ("_prepared", "_summary", "loaded_threshold"):  # pickled by an earlier dn2-lightning
+            self.__dict__.setdefault(name, None)
+
     @property
     def is_fitted(self) -> bool:
         return self.embeddings.shape[0] > 0
@@ -232,6 +237,9 @@ class MemoryBank(BankModule):
                 "set: far more than 1 - threshold_quantile of normal images get flagged. Fit again to fix it.",
                 stacklevel=5,
             )
+        if embeddings is None:  # a partial load (strict=False, e.g. the backbone's weights alone): the bank stays
+            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+            return
         # checkpoints written before these entries existed: recomputed on first need
         state_dict.setdefault(prefix + "loo_scores", torch.empty(0))
         state_dict.setdefault(prefix + "loo_k", torch.tensor(0))

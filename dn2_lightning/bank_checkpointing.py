@@ -106,8 +106,9 @@ class BankCheckpointing:
                 f"{list(here)} here{f' ({len(other) - 1} more differ)' if len(other) > 1 else ''}. Load it into a "
                 "DN2Module with the backbone (and its settings) it was saved with."
             )
-        # the threshold comes from the checkpoint's hyperparameters (and the overrides given to load_from_checkpoint),
-        # not from the record a state dict carries for loads without them
+        # load_from_checkpoint takes the threshold from the checkpoint's hyperparameters (and its overrides); a
+        # ckpt_path restore keeps this model's own threshold settings (Lightning restores no hyperparameters there).
+        # Neither takes the record a plain state dict carries for loads without hyperparameters.
         if isinstance(state.get("bank._extra_state"), dict):
             state["bank._extra_state"] = {k: v for k, v in state["bank._extra_state"].items() if k != THRESHOLD_RECORD}
         state.pop("threshold", None)  # checkpoints before the threshold was derived from bank.loo_scores

@@ -261,6 +261,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         self._bank_step: float = 0  # the global step at which fit built the bank (checkpoints saved before lack it)
         self._trainer_spent = False  # this fit's Trainer had run its epochs before it started
         self._bank_autocast: str | None = None  # autocast dtype the bank rows are being embedded under, if any
+        self._embedding_bank_rows = False  # forward embeds under the autocast in force (else the bank's)
         # under DDP: this rank's error in the training pass / the evaluation, raised with the others' later
         self._held_errors: dict[str, Exception] = {}
         self._checkpoint_error: Exception | None = None  # under DDP: what is wrong with the checkpoint this rank read
@@ -272,21 +273,42 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         state["_bank_datamodule"] = None  # a weakref (which cannot be pickled) to an object of this process
         return state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_embedding_bank_rows", False)
+        # a module pickled by an earlier dn2-lightning has no state-dict hooks: the fixed threshold travels all the same
+        if record_fixed_threshold not in self._state_dict_hooks.values():
+            self.register_state_dict_post_hook(record_fixed_threshold)
+        if adopt_recorded_threshold not in self._load_state_dict_post_hooks.values():
+            self.register_load_state_dict_post_hook(adopt_recorded_threshold)
+
+    def to(self, *args: Any, **kwargs: Any) -> DN2Module:
+        _refuse_16_bit(torch._C._nn._parse_to(*args, **kwargs)[1])
+        return super().to(*args, **kwargs)
+
+    def half(self) -> DN2Module:
+        _refuse_16_bit(torch.float16)
+        return super().half()
+
+    def bfloat16(self) -> DN2Module:
+        _refuse_16_bit(torch.bfloat16)
+        return super().bfloat16()
+
+    def type(self, dst_type: str | torch.dtype) -> DN2Module:
+        _refuse_16_bit(dst_type if isinstance(dst_type, torch.dtype) else torch.empty(0).type(dst_type).dtype)
+        return super().type(dst_type)
+
     def _apply(self, fn: Any, recurse: bool = True) -> DN2Module:
         # .half(), .bfloat16(), .to(torch.float16): refused before anything is cast (an empty tensor tells what
         # ``fn`` does), since a rounded bank would stay rounded after .float()
+        # (a parent's cast reaches here only: to/half/bfloat16/type refuse before Lightning updates its properties)
         cast = fn(torch.empty(0)).dtype
         if cast in (torch.float16, torch.bfloat16):
             # Lightning's dtype and device properties were set before the cast was asked for: nothing moved
-            weights = next((p for p in self.parameters() if p.is_floating_point()), None)
+            weights = next((p for p in (*self.parameters(), *self.backbone.buffers()) if p.is_floating_point()), None)
             if weights is not None:
                 self._dtype, self._device = weights.dtype, weights.device
-            raise ValueError(
-                f"DN2Module cannot be cast to {cast} (.half(), .bfloat16(), .to({cast})): its preprocessing runs in "
-                "float32 and its memory bank would be rounded for good. Keep it in float32 and embed in 16 bits "
-                "under autocast: Trainer(precision='bf16-mixed') when fitting (score_images then embeds the same "
-                "way), or export the embedder under torch.autocast (README: Deploying)."
-            )
+            _refuse_16_bit(cast)
         return super()._apply(fn, recurse)
 
     def to_torchscript(self, *args: Any, **kwargs: Any) -> Any:
@@ -320,7 +342,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         Once a bank exists, images are embedded as its rows were (under their autocast, e.g. a
         ``precision="bf16-mixed"`` fit), so ``forward`` and a model exported from it embed as ``score_images`` does.
         It is the embedder only: README's "Deploying" shows how to score its output against the bank."""
-        with self._embedding_precision():
+        with contextlib.nullcontext() if self._embedding_bank_rows else self._embedding_precision():
             return self._embed_images(images, mask)
 
     def _embed_images(self, images: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -1053,7 +1075,15 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         self._end_pass(loader, partial=limit < float("inf"))
 
     def _bank_rows(self, batch: Batch, batch_idx: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Embeddings, dataset indices and labels that a training batch adds to the bank."""
+        """Embeddings, dataset indices and labels that a training batch adds to the bank (embedded under the autocast
+        in force, which forward otherwise replaces by the bank's)."""
+        self._embedding_bank_rows = True
+        try:
+            return self._new_bank_rows(batch, batch_idx)
+        finally:
+            self._embedding_bank_rows = False
+
+    def _new_bank_rows(self, batch: Batch, batch_idx: int) -> tuple[Tensor, Tensor, Tensor]:
         self._bank_autocast = _active_autocast(batch.images.device)  # queries are embedded the same way
         if self._collector is not None:
             self._collector.image_sizes.add((int(batch.images.shape[-2]), int(batch.images.shape[-1])))
@@ -1227,7 +1257,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
     def _embed(self, images: Tensor, batch: Batch, batch_idx: int) -> Tensor:
         """Backbone embeddings (group-pooled for group batches), refusing non-finite outputs (the pixels were
         checked by ``unpack_batch``)."""
-        embeddings = self._embed_images(images, batch.mask if images.ndim == 5 else None)
+        embeddings = self(images, batch.mask) if images.ndim == 5 else self(images)  # forward's hooks, compile
         _check_finite(embeddings, "embeddings", batch, batch_idx)
         return embeddings
 
@@ -1328,6 +1358,18 @@ def _progress(loader: DataLoader, description: str, enabled: bool) -> Any:
     from rich.progress import track
 
     return track(loader, description=description, total=sized_len(loader), transient=True)
+
+
+def _refuse_16_bit(dtype: torch.dtype | None) -> None:
+    """A 16-bit cast of DN2Module (``.half()``, ``.bfloat16()``, ``.to(torch.float16)``) is refused before anything
+    is cast, since a rounded bank would stay rounded after ``.float()``."""
+    if dtype in (torch.float16, torch.bfloat16):
+        raise ValueError(
+            f"DN2Module cannot be cast to {dtype} (.half(), .bfloat16(), .to({dtype})): its preprocessing runs in "
+            "float32 and its memory bank would be rounded for good. Keep it in float32 and embed in 16 bits "
+            "under autocast: Trainer(precision='bf16-mixed') when fitting (score_images then embeds the same "
+            "way), or export the embedder under torch.autocast (README: Deploying)."
+        )
 
 
 def _active_autocast(device: torch.device) -> str | None:

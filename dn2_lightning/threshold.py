@@ -137,7 +137,8 @@ def record_fixed_threshold(module: DN2Module, state_dict: dict[str, Any], prefix
 
 def adopt_recorded_threshold(module: DN2Module, incompatible_keys: Any) -> None:
     """Load hook: the fixed threshold a loaded state dict recorded is used, unless the module has one of its own
-    (``load_from_checkpoint`` and ``ckpt_path`` take it from the checkpoint's hyperparameters instead)."""
+    (``load_from_checkpoint`` takes it from the checkpoint's hyperparameters instead; a ``ckpt_path`` restore keeps
+    the model's own threshold settings)."""
     saved, module.bank.loaded_threshold = module.bank.loaded_threshold, None
     if not isinstance(saved, dict) or module.hparams.threshold is not None:
         return

@@ -118,3 +118,60 @@ def test_a_module_pickles_after_scoring_with_its_bank_caches_filled():
     model.bank.embeddings = model.bank.embeddings * 2  # a new tensor: both caches follow it
     assert model.bank.summary()[2] == pytest.approx(2 * copy.bank.summary()[2])
     assert not torch.equal(model.score_images(images).scores, expected)
+
+
+def test_forward_hooks_run_in_fit_test_and_score_images():
+    """Bank rows and queries were embedded past forward (to keep the bank's autocast apart), so a user's forward hooks
+    (and model.compile()) no longer ran in fit, test or score_images: 0 calls instead of 7, 5 and 2."""
+    calls = []
+    dm = BlobDataModule()
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    model.register_forward_hook(lambda module, args, output: calls.append(output.shape[0]))
+    quiet_trainer().fit(model, datamodule=dm)
+    assert sum(calls) == len(dm.train_images)
+    calls.clear()
+    quiet_trainer().test(model, datamodule=dm)
+    assert sum(calls) == len(dm.test_images)
+    calls.clear()
+    model.score_images(dm.test_images)
+    assert sum(calls) == len(dm.test_images)
+
+
+def test_a_16_bit_cast_of_a_backbone_without_weights_leaves_the_module_as_it_was():
+    """The refusal restored Lightning's device and dtype from the first weight: with a backbone without any,
+    model.to("meta", torch.float16) was refused but left device meta and dtype float16 (then an unsupported-scalar
+    crash in score_images)."""
+    dm = BlobDataModule()
+    model = DN2Module(k=2, backbone=torch.nn.Flatten(), reports=False)
+    quiet_trainer().fit(model, datamodule=dm)
+    expected = model.score_images(dm.test_images).scores
+    with pytest.raises(ValueError, match="cannot be cast"):
+        model.to("meta", torch.float16)
+    assert model.device == torch.device("cpu") and model.dtype == torch.float32
+    assert torch.equal(model.score_images(dm.test_images).scores, expected)
+
+
+def test_a_partial_state_dict_load_leaves_the_bank_as_it_is():
+    """load_state_dict(backbone weights only, strict=False) emptied the bank's record of how it was built (15 keys to
+    0, the bf16 autocast among them), its removed rows and leave-one-out scores: scores drifted without a word."""
+    model, images = fitted("bf16-mixed")
+    expected, spec = model.score_images(images).scores, dict(model.bank.spec)
+    weights = {k: v for k, v in model.state_dict().items() if k.startswith("backbone.")}
+    model.load_state_dict(weights, strict=False)
+    assert model.bank.spec == spec and torch.equal(model.score_images(images).scores, expected)
+
+
+def test_a_module_pickled_without_the_threshold_hooks_gets_them_back():
+    """A module pickled by the previous version had no state-dict hooks once unpickled: its fixed threshold no longer
+    travelled with its state dict (a fresh module loading it scored with the quantile threshold)."""
+    import pickle
+
+    model, images = fitted()
+    model.set_threshold(value=0.123)
+    model._state_dict_hooks.clear()  # as a module pickled before the hooks existed
+    model._load_state_dict_post_hooks.clear()
+    del model.bank.__dict__["loaded_threshold"], model.bank.__dict__["_summary"]
+    restored = pickle.loads(pickle.dumps(model))
+    fresh = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    fresh.load_state_dict(restored.state_dict())
+    assert float(fresh.threshold) == pytest.approx(0.123)

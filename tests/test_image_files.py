@@ -4,6 +4,7 @@ as layers or carrying their own orientation, damaged masks, 32-bit TIFFs and big
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -175,7 +176,7 @@ def test_a_damaged_mask_is_refused_at_set_up_naming_the_file(tmp_path):
         OneClassDataModule("folder", root=str(root)).setup()
 
 
-@pytest.mark.parametrize("kind", ["alpha_at_zero", "white_marked_transparent"])
+@pytest.mark.parametrize("kind", ["alpha_at_zero", "white_marked_transparent", "black_brush_on_a_layer"])
 def test_a_mask_whose_transparency_hides_its_drawing_is_refused_at_set_up(tmp_path, kind):
     """Compositing masks onto black read two kinds as empty, with no word: an RGBA mask whose alpha was left at 0
     and an L mask whose white is its transparency colour (each read correctly before compositing came in)."""
@@ -187,10 +188,24 @@ def test_a_mask_whose_transparency_hides_its_drawing_is_refused_at_set_up(tmp_pa
         rgba = np.zeros((*drawn.shape, 4), np.uint8)
         rgba[..., :3] = drawn[..., None]
         Image.fromarray(rgba, "RGBA").save(path)
+    elif kind == "black_brush_on_a_layer":  # the drawing in the alpha channel only: black on black
+        rgba = np.zeros((*drawn.shape, 4), np.uint8)
+        rgba[..., 3] = drawn
+        Image.fromarray(rgba, "RGBA").save(path)
+        with pytest.raises(ValueError, match=r"getchannel\('A'\)"):
+            OneClassDataModule("folder", root=str(root)).setup()
+        Image.open(path).getchannel("A").save(path)  # the message's fix for a drawing in the alpha channel
+        OneClassDataModule("folder", root=str(root)).setup()
+        return
     else:
         Image.fromarray(drawn).save(path, transparency=255)
-    with pytest.raises(ValueError, match=r"1_mask\.png: its transparency hides every non-zero pixel.*convert\('L'\)"):
+    with pytest.raises(ValueError, match=r"1 ground-truth mask\(s\) would read as empty: .*1_mask\.png: its "):
         OneClassDataModule("folder", root=str(root)).setup()
+    fix = "Image.fromarray(np.asarray(Image.open(path).convert('L'))).save(path)"
+    with pytest.raises(ValueError, match=re.escape(fix)):
+        OneClassDataModule("folder", root=str(root)).setup()
+    exec(fix)  # the fix the message gives works
+    OneClassDataModule("folder", root=str(root)).setup()
 
 
 def test_a_32_bit_tiff_and_a_big_endian_16_bit_image_are_read_by_their_range(tmp_path):

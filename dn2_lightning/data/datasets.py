@@ -152,8 +152,9 @@ def list_image_files(folder: str | Path) -> list[Path]:
             folders[:] = []
             continue
         seen.add(real)
-        # in a fixed order (os.walk's is the filesystem's), real folders before links: a folder reached both ways is
-        # listed under the same path on every machine, so a copy of the data gets the same fingerprint
+        # in a fixed order (os.walk's is the filesystem's), real folders before links within a folder: a folder
+        # reached more than one way is listed under the same path on every machine, so a copy gets the same
+        # fingerprint
         shown = (name for name in folders if not is_hidden(name))
         folders[:] = sorted(shown, key=lambda name: (os.path.islink(os.path.join(top, name)), name))
         for name in names:

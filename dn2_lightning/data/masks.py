@@ -22,12 +22,16 @@ from torchvision.transforms.v2.functional import resize
 from dn2_lightning.data.images import has_transparency, on_black
 
 MASK_SUFFIX = "_mask.png"
-# a mask whose transparency hides every non-zero pixel: an empty layer, or a drawing made invisible by mistake
+# a mask with transparency that shows nothing on black although it holds a drawing: in its colours (an alpha channel
+# at 0 throughout, its drawn colour marked transparent) or in its alpha channel alone (a black brush on a layer)
 HIDDEN_DRAWING = (
-    "its transparency hides every non-zero pixel (an alpha channel at 0 throughout, or the drawn colour marked "
-    "transparent), so nothing tells whether it is empty or marks those pixels: save it without transparency, e.g. "
-    "Image.open(path).convert('L').save(path) if its pixels are the mask, or all black if it is empty"
+    "its transparency hides its drawing (an alpha channel at 0 throughout, its drawn colour marked transparent, or a "
+    "black drawing on a transparent layer), so it would read as empty: save the mask as a plain grey image, e.g. "
+    "Image.fromarray(np.asarray(Image.open(path).convert('L'))).save(path) if its pixels are the mask, "
+    "Image.open(path).getchannel('A').save(path) if its alpha channel is, or all black if it is empty"
 )
+# masks with transparency are decoded at set-up to find hidden drawings: a few (those of one tool are alike)
+_TRANSPARENT_MASKS_CHECKED = 16
 # EXIF orientation -> the transpose that shows the image upright (what PIL.ImageOps.exif_transpose applies)
 _UPRIGHT = {
     2: "FLIP_LEFT_RIGHT",
@@ -69,18 +73,35 @@ def _headers(image: str | Path, mask: str | Path) -> tuple[tuple[int, int], int,
 
 
 def mask_problem(mask: str | Path) -> str | None:
-    """Why a mask file cannot be read (cut short, damaged, not an image, its drawing hidden by its transparency), or
-    ``None``; PNGs are checked without decoding (every chunk's checksum) unless they have transparency, other
-    formats are decoded."""
+    """Why a mask file cannot be read (cut short, damaged, not an image), or ``None``; PNGs are checked without
+    decoding (every chunk's checksum), other formats are decoded."""
     try:
         with Image.open(mask) as img:
             img.verify() if img.format == "PNG" else img.load()
-            transparent = has_transparency(img)
-        if transparent:  # rare in masks: decoded, to refuse one whose transparency hides its drawing
-            read_mask(mask)
         return None
     except (OSError, SyntaxError, ValueError) as err:
-        return str(err) if HIDDEN_DRAWING in str(err) else f"{mask}: {type(err).__name__}: {err}"
+        return f"{mask}: {type(err).__name__}: {err}"
+
+
+def hidden_drawings(masks: Sequence[str | Path]) -> list[str]:
+    """The masks whose transparency hides their drawing (:data:`HIDDEN_DRAWING`) among the first few with
+    transparency (each decoded: tens of ms for a large RGBA mask; those of one tool are alike, and the others are
+    refused when they are read)."""
+    hidden, decoded = [], 0
+    for mask in masks:
+        if decoded == _TRANSPARENT_MASKS_CHECKED:
+            break
+        with Image.open(mask) as img:
+            if not has_transparency(img):
+                continue
+        decoded += 1
+        try:
+            read_mask(mask)
+        except ValueError as err:
+            if HIDDEN_DRAWING not in str(err):
+                raise
+            hidden.append(str(mask))
+    return hidden
 
 
 def read_mask(path: str | Path) -> Tensor:
@@ -89,9 +110,15 @@ def read_mask(path: str | Path) -> Tensor:
     with Image.open(path) as img:
         upright = ImageOps.exif_transpose(img)
         shown = np.array(on_black(upright).convert("L")) > 0
-        if has_transparency(upright) and not shown.any() and np.array(upright.convert("L")).any():
+        if has_transparency(upright) and not shown.any() and _holds_a_drawing(upright):
             raise ValueError(f"{path}: {HIDDEN_DRAWING}")
         return torch.from_numpy(shown).to(torch.uint8)[None]
+
+
+def _holds_a_drawing(img: Image.Image) -> bool:
+    """Whether a mask with transparency holds a drawing: non-zero colours, or an alpha channel that varies."""
+    low, high = img.convert("RGBA").getchannel("A").getextrema()
+    return low != high or bool(np.array(img.convert("L")).any())
 
 
 def _same_shape(a: tuple[int, int], b: tuple[int, int]) -> bool:
@@ -160,6 +187,10 @@ class MaskedImageDataset(Dataset):
                 f"{len(unreadable)} ground-truth mask(s) cannot be read: {listing}. Save them again (PNG, non-zero = "
                 "anomalous), or remove root/ground_truth to test without masks."
             )
+        hidden = hidden_drawings([mask for _, mask in pairs])
+        if hidden:
+            listing = ", ".join(hidden[:5]) + (" ..." if len(hidden) > 5 else "")
+            raise ValueError(f"{len(hidden)} ground-truth mask(s) would read as empty: {listing}: {HIDDEN_DRAWING}.")
         # both checks read the headers only, once per pair (unreadable images are reported where they are loaded)
         headers = [(image, mask, found) for image, mask in pairs if (found := _headers(image, mask)) is not None]
         mismatched = [
