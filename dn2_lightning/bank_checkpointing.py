@@ -83,8 +83,8 @@ class BankCheckpointing:
             return
         # restored by a Trainer (ckpt_path) under DDP: one node's copy of the path may hold another file, or none
         # (ckpt_path="last" found on one node's disk only, so some ranks restore nothing). A problem is raised on
-        # every rank together where they all meet (DN2Module._agree_on_the_checkpoint); until then this rank loads
-        # its own state again, so Lightning's load does not stop it alone.
+        # every rank together where they all meet (DN2Module._agree_on_the_checkpoint in fit, _ensure_bank in an
+        # evaluation); until then this rank loads its own state again, so Lightning's load does not stop it alone.
         try:
             self._check_checkpoint(checkpoint)
         except Exception as error:

@@ -152,11 +152,12 @@ def gather_objects(obj: object) -> list[object]:
 
 
 @contextlib.contextmanager
-def stop_together() -> Iterator[None]:
+def stop_together(agree: dict[str, object] | None = None, what: str = "", fix: str = "") -> Iterator[None]:
     """Run rank-local checks so that, under DDP, every rank stops when one does: after the block each rank's error
     (or none) is gathered, and the ranks whose own checks passed raise too, naming the rank that failed. Without it
     they would go on into the next collective and wait there for the process group's timeout (half an hour) before
-    failing without the reason. A collective: every rank enters the block at the same point."""
+    failing without the reason. ``agree``: values every rank must share, compared in the same gather (see
+    :func:`refuse_ranks_that_differ`). A collective: every rank enters the block at the same point."""
     error: Exception | None = None
     try:
         yield
@@ -168,48 +169,36 @@ def stop_together() -> Iterator[None]:
         return
     # the error's nearest built-in class travels too, for the other ranks to raise one a caller's ``except`` takes alike
     built_in = None if error is None else next(c for c in type(error).__mro__ if c.__module__ == "builtins").__name__
-    seen = gather_objects(None if error is None else (built_in, type(error).__name__, str(error)))
+    values = {name: repr(value) for name, value in (agree or {}).items()}
+    seen = gather_objects((None if error is None else (built_in, type(error).__name__, str(error)), values))
     if error is not None:
         raise error
-    failed = [(r, found) for r, found in enumerate(seen) if found is not None]
+    failed = [(r, found) for r, (found, _) in enumerate(seen) if found is not None]
     if failed:
         (r, (built_in, kind, message)), more = failed[0], len(failed) - 1
         also = f" (and {more} other rank(s))" if more else ""
         cls = getattr(builtins, built_in, RuntimeError)
         cls = cls if isinstance(cls, type) and issubclass(cls, Exception) else RuntimeError
         raise cls(f"rank {r}{also} stopped: {kind}: {message}")
+    _refuse_differences([v for _, v in seen], what, fix)
 
 
 def refuse_ranks_that_differ(values: dict[str, object], what: str, fix: str) -> None:
     """Under DDP, refuse on every rank together when the ranks' ``values`` differ (e.g. a module loaded with other
-    overrides on one node, or another checkpoint to resume from): each rank would score its share of the samples
-    otherwise, or enter other collectives. ``what`` names the values, ``fix`` says what to do. A collective: every
-    rank calls it at the same point."""
-    if world_size() == 1:
-        return
-    seen = gather_objects({name: repr(value) for name, value in values.items()})
+    overrides on one node, another checkpoint to resume from, or a bank held on some ranks only): each rank would
+    score its share of the samples otherwise, or enter other collectives. ``what`` names the values, ``fix`` says
+    what to do. A collective: every rank calls it at the same point."""
+    with stop_together(values, what, fix):
+        pass
+
+
+def _refuse_differences(seen: list[dict[str, str]], what: str, fix: str) -> None:
     differ = sorted({name for s in seen for name in s if any(t.get(name) != s.get(name) for t in seen)})
     if differ:
         shown = "; ".join(
             f"{name}: " + ", ".join(f"rank {r}: {s.get(name)}" for r, s in enumerate(seen)) for name in differ
         )
         raise ValueError(f"under DDP the ranks' {what} differ ({shown}). {fix}")
-
-
-def refuse_ranks_disagreeing_on_the_bank(state: tuple[bool, ...], what: str) -> None:
-    """Under DDP, refuse on every rank together when the ranks' bank ``state`` (whether each holds one, and how)
-    differs: each would take another branch and enter another collective (a hang, or errors about something else).
-    ``what`` names the fields of ``state``. A collective: every rank calls it at the same point."""
-    if world_size() == 1:
-        return
-    seen = gather_objects(tuple(state))
-    if any(s != seen[0] for s in seen):
-        states = ", ".join(f"rank {r}: {s}" for r, s in enumerate(seen))
-        raise ValueError(
-            f"under DDP the ranks disagree on their memory bank ({what}: {states}), e.g. a checkpoint path that holds "
-            "another file on another node's disk, or a module loaded on some ranks only. Give every node the same "
-            "checkpoint (one shared copy) and the same module, or fit again."
-        )
 
 
 def refuse_ranks_with_other_banks(summary: tuple[int, int, float, float]) -> None:

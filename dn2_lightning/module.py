@@ -42,7 +42,6 @@ from dn2_lightning.distributed import (
     broadcast_module_state,
     gather_objects,
     rank,
-    refuse_ranks_disagreeing_on_the_bank,
     refuse_ranks_that_differ,
     refuse_ranks_with_other_banks,
     stop_together,
@@ -87,6 +86,12 @@ from dn2_lightning.validation import (
 )
 
 _log = logging.getLogger(__name__)
+# what the ranks' bank states are called, and the fix, when they differ (each rank would enter other collectives)
+_BANKS_DIFFER = (
+    "memory banks",
+    "e.g. a checkpoint path that holds another file on another node's disk, or a module loaded on some ranks only. "
+    "Give every node the same checkpoint (one shared copy) and the same module, or fit again.",
+)
 CUSTOM_BACKBONE = "custom:"  # hparams value recording a user nn.Module backbone (not serialisable)
 BankSharding = Literal["replicate", "shard"]
 BANK_SHARDINGS: tuple[str, ...] = get_args(BankSharding)
@@ -408,7 +413,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
             self._end_pass()
 
     def on_fit_start(self) -> None:
-        self._agree_on_the_checkpoint(fitting=True)
+        self._agree_on_the_checkpoint()
         # a module from load_from_checkpoint is in eval mode, which Lightning warns about before training; the
         # backbone embeds alike in either mode
         self.train()
@@ -482,7 +487,8 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         """Fit resumed from a checkpoint whose pass Lightning counts as done: keep its bank (checked against this
         data) unless it holds none or a pass this run would read further, which is then read again."""
         seen, total = self.bank.spec.get("train_batches") or (0, 0)
-        refuse_ranks_disagreeing_on_the_bank((self._has_bank, seen, total), "(holds a bank, batches read, in pass)")
+        state = {"(holds a bank, batches read, in pass)": (self._has_bank, seen, total)}
+        refuse_ranks_that_differ(state, *_BANKS_DIFFER)
         if not self._has_bank:
             self._reread_pass("the checkpoint holds no memory bank (saved before its training pass ended)")
         elif seen < min(total if total is not None else float("inf"), self.trainer.num_training_batches):
@@ -875,19 +881,17 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
             if error is not None:
                 raise error
 
-    def _agree_on_the_checkpoint(self, fitting: bool = False) -> None:
-        """Under DDP, a problem with the checkpoint one rank restored (see ``on_load_checkpoint``) is raised on every
-        rank together here, where they all meet; ``fitting``: the ranks must resume from the same point (one that
-        resumes part-way through the pass and one after it, or without a checkpoint, run other loops)."""
+    def _agree_on_the_checkpoint(self) -> None:
+        """Under DDP at fit's start, a problem with the checkpoint one rank restored (see ``on_load_checkpoint``) is
+        raised on every rank together, where they all meet, and the ranks must resume from the same point (one that
+        resumes part-way through the pass and one after it, or without a checkpoint, run other loops). One gather.
+        (An evaluation makes the same check in :meth:`_ensure_bank`.)"""
         error, self._checkpoint_error = self._checkpoint_error, None
-        with stop_together():
+        resumed = {"(epoch, global_step)": self._restored_from}
+        fix = "Give every node the same checkpoint to resume from (one shared copy), or none."
+        with stop_together(resumed, "checkpoints to resume fit from", fix):
             if error is not None:
                 raise error
-        if fitting:
-            fix = "Give every node the same checkpoint to resume from (one shared copy), or none."
-            refuse_ranks_that_differ(
-                {"(epoch, global_step)": self._restored_from}, "checkpoints to resume fit from", fix
-            )
 
     def _require_bank(self) -> None:
         if not self._has_bank:
@@ -992,14 +996,18 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
 
     def _ensure_bank(self) -> None:
         """Finalise a bank still being collected by fit, else build it from the datamodule if missing."""
-        self._agree_on_the_checkpoint()
-        self._raise_held_error("pass")  # a validation inside the training epoch: the pass so far must be whole
         if self._collector is not None and self.trainer.state.fn != TrainerFn.FITTING:
             self._collector = None  # rows of a fit that stopped on an error: never a bank
         collecting = self._collector is not None and len(self._collector) > 0
-        refuse_ranks_disagreeing_on_the_bank(
-            (collecting, self._has_bank, self._bank_is_shard), "(collecting one, holds one, holds a shard)"
-        )
+        # one gather: a problem with the checkpoint one rank restored (see on_load_checkpoint), an error held in the
+        # training pass (a validation inside the epoch: the pass so far must be whole), and each rank's bank state
+        errors = (self._checkpoint_error, self._held_errors.pop("pass", None))
+        self._checkpoint_error = None
+        state = {"(collecting one, holds one, holds a shard)": (collecting, self._has_bank, self._bank_is_shard)}
+        with stop_together(state, *_BANKS_DIFFER):
+            for error in errors:
+                if error is not None:
+                    raise error
         if collecting:
             rank_zero_warn(
                 "validation inside a training epoch sees a partial memory bank (the rows read so far; the pass goes "

@@ -268,7 +268,7 @@ def test_ddp_ranks_reading_other_copies_of_the_data_or_the_checkpoint_are_refuse
     trainer.save_checkpoint(tmp_path / "bank1.ckpt")
     refused = _run_node_local("bank", tmp_path)
     assert [line[:16] for line in refused] == ["rank 0: refused:", "rank 1: refused:"], refused
-    assert "the ranks disagree on their memory bank" in refused[0] and "rank 1: (False, False, False)" in refused[0]
+    assert "the ranks' memory banks differ" in refused[0] and "rank 1: (False, False, False)" in refused[0]
 
 
 def test_ddp_fit_resumed_into_a_sharded_model_scores_as_one_process(tmp_path):
