@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 
-from dn2_lightning.distributed import rank
+from dn2_lightning.distributed import process_rank
 
 logger = logging.getLogger("dn2_lightning")
 
 
 def info(message: str) -> None:
-    """Log ``message`` at INFO level once per job (on rank zero)."""
-    if rank() == 0:
+    """Log ``message`` at INFO level once per job (on rank zero of the process group)."""
+    if process_rank() == 0:
         logger.info(message)

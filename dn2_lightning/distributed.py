@@ -6,14 +6,53 @@ from __future__ import annotations
 import builtins
 import contextlib
 from collections.abc import Iterator
+from contextvars import ContextVar
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+# The world of the running Trainer: a single-device Trainer run after a DDP one in the same script (Lightning's advice
+# for testing, run by every process) finds the process group still up, but must not gather with the other processes.
+_trainer_world: ContextVar[int | None] = ContextVar("dn2_trainer_world", default=None)
+
+
+def follow_trainer(world: int) -> None:
+    """Make DN2's collectives follow a Trainer of ``world`` processes (its ``world_size``; set at each run's setup):
+    with 1, none of them gathers, even while a process group is up."""
+    _trainer_world.set(world)
+
+
+def process_world() -> int:
+    """Processes in the process group (1 without one), whatever the running Trainer's world."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def process_rank() -> int:
+    """This process's rank in the process group (0 without one)."""
+    return dist.get_rank() if process_world() > 1 else 0
+
 
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    """Ranks that DN2's collectives gather from: the process group's, or 1 under a single-device Trainer."""
+    return 1 if _trainer_world.get() == 1 else process_world()
+
+
+def collectives_available() -> bool:
+    """Whether DN2's collectives gather (torchmetrics' ``distributed_available_fn`` for DN2's metric states)."""
+    return world_size() > 1
+
+
+def run_by_process_zero_too(trainer: Any) -> bool:
+    """Whether ``trainer`` is a single-device Trainer that every process of a DDP script runs, and this process not
+    the first: process zero runs the same and writes its files (as Lightning's loggers do)."""
+    return trainer.world_size == 1 and process_rank() != 0
+
+
+def writes_files(trainer: Any) -> bool:
+    """Whether this process writes a run's reports: the Trainer's rank zero, once per job."""
+    return bool(trainer.is_global_zero) and not run_by_process_zero_too(trainer)
 
 
 def gather_rows(tensor: Tensor) -> Tensor:
@@ -103,6 +142,7 @@ def broadcast_module_state(module: torch.nn.Module) -> None:
 
 
 def rank() -> int:
+    """This process's rank among the ranks DN2's collectives gather from (0 under a single-device Trainer)."""
     return dist.get_rank() if world_size() > 1 else 0
 
 

@@ -885,13 +885,13 @@ def keops_environment(world: int | None = None, global_rank: int | None = None) 
     ``<folder>/rank<global rank>``; a single process keeps KeOps' own default. ``world`` and
     ``global_rank`` default to the running process group.
     """
-    from dn2_lightning.distributed import rank, world_size
+    from dn2_lightning.distributed import process_rank, process_world
 
     env = dict(os.environ)
-    world = world_size() if world is None else world
+    world = process_world() if world is None else world
     if world <= 1 or (env.get("KEOPS_CACHE_FOLDER") and env.get("KEOPS_CACHE_FOLDER") == env.get("DN2_KEOPS_FOLDER")):
         return env
-    global_rank = rank() if global_rank is None else global_rank
+    global_rank = process_rank() if global_rank is None else global_rank
     base = env.get("KEOPS_CACHE_FOLDER") or os.path.join(os.path.expanduser("~"), ".cache", "keops")
     env["KEOPS_CACHE_FOLDER"] = env["DN2_KEOPS_FOLDER"] = os.path.join(base, f"rank{global_rank}")
     return env

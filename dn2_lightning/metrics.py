@@ -9,7 +9,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from dn2_lightning.distributed import check_unique_indices, unique_by_index
+from dn2_lightning.distributed import check_unique_indices, collectives_available, unique_by_index
 
 
 @dataclass
@@ -85,7 +85,7 @@ class ScoreCollector(Metric):
     higher_is_better = None
 
     def __init__(self, padded: bool = True) -> None:
-        super().__init__()
+        super().__init__(distributed_available_fn=collectives_available)  # not under a single-device Trainer
         self.padded = padded  # the evaluation's sampler pads ranks with repeats (Lightning's predict sampler does not)
         for name in ("indices", "scores", "labels", "neighbours", "distances"):
             self.add_state(name, default=[], dist_reduce_fx="cat")

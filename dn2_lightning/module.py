@@ -40,7 +40,9 @@ from dn2_lightning.console import info
 from dn2_lightning.data_source import ONE_LOADER, one_batch, one_loader, running_datamodule
 from dn2_lightning.distributed import (
     broadcast_module_state,
+    follow_trainer,
     gather_objects,
+    process_rank,
     rank,
     refuse_ranks_that_differ,
     refuse_ranks_with_other_banks,
@@ -363,6 +365,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
     # ----------------------------------------------------------------------------------------- training
 
     def setup(self, stage: str) -> None:
+        follow_trainer(self.trainer.world_size)  # e.g. Trainer(devices=1).test after a DDP fit: no gathers
         self._check_hparams()
         self._checkpoint_error, self._restored_from = None, None  # set again by this run's restore, if any
         # (the kNN's backend and memory budget may follow each node's device: their results are the same)
@@ -896,6 +899,19 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
     def _require_bank(self) -> None:
         if not self._has_bank:
             raise RuntimeError(NO_BANK_MESSAGE.format(fn="test"))
+        self._refuse_a_lone_shard()
+
+    def _refuse_a_lone_shard(self) -> None:
+        """A shard of a bank sharded over ranks, met by a single-device run (e.g. ``Trainer(devices=1).test`` after a
+        DDP fit with ``bank_sharding="shard"``): scores against this rank's rows alone would be silently wrong."""
+        if self._bank_is_shard and not self._sharded and self.bank.is_fitted:
+            raise RuntimeError(
+                f"this DN2Module holds rank {process_rank()}'s shard of its memory bank ({len(self.bank)} rows; it was "
+                "fit with bank_sharding='shard' under DDP), and this run is on one device: it would score against "
+                "those rows alone. Save the whole bank under the DDP Trainer (trainer.save_checkpoint(path) gathers "
+                "it, as ModelCheckpoint does) and load it with DN2Module.load_from_checkpoint(path), evaluate with the "
+                "DDP Trainer, or fit with bank_sharding='replicate'."
+            )
 
     @property
     def _has_bank(self) -> bool:
@@ -996,6 +1012,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
 
     def _ensure_bank(self) -> None:
         """Finalise a bank still being collected by fit, else build it from the datamodule if missing."""
+        self._refuse_a_lone_shard()
         if self._collector is not None and self.trainer.state.fn != TrainerFn.FITTING:
             self._collector = None  # rows of a fit that stopped on an error: never a bank
         collecting = self._collector is not None and len(self._collector) > 0

@@ -50,7 +50,7 @@ from torch import Tensor
 from dn2_lightning.cache import atomic_write
 from dn2_lightning.console import info
 from dn2_lightning.data_source import one_loader, running_datamodule
-from dn2_lightning.distributed import unique_by_index
+from dn2_lightning.distributed import unique_by_index, writes_files
 from dn2_lightning.metrics import AnomalyScores
 
 REPORTS_DIR = "dn2_reports"
@@ -376,14 +376,15 @@ class EvaluationReport(Callback):
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.run_dir = self._reserve(trainer, "predict")
 
-    def _reserve(self, trainer: Trainer, stage: str) -> Path:
+    def _reserve(self, trainer: Trainer, stage: str) -> Path | None:
         base = self._base(trainer)  # a collective under DDP: every rank reads it
-        folder = next_run_dir(base, stage) if trainer.is_global_zero else None
-        return Path(trainer.strategy.broadcast(str(folder) if folder else None))
+        folder = next_run_dir(base, stage) if writes_files(trainer) else None
+        folder = trainer.strategy.broadcast(str(folder) if folder else None)
+        return Path(folder) if folder else None  # None: another process writes this run's files
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # a run that stopped before writing (e.g. a bank refused at the epoch's start) leaves no empty folder
-        if trainer.is_global_zero and self.run_dir is not None and self.run_dir.is_dir():
+        if writes_files(trainer) and self.run_dir is not None and self.run_dir.is_dir():
             with contextlib.suppress(OSError):
                 self.run_dir.rmdir()  # only when empty: a run that wrote some files keeps them
         self.run_dir = None
@@ -402,7 +403,7 @@ class EvaluationReport(Callback):
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         base = self._base(trainer)  # a collective under DDP: every rank reads it
         scores = getattr(pl_module, "test_scores", None)
-        if trainer.is_global_zero and scores is not None:
+        if writes_files(trainer) and scores is not None:
             auroc = trainer.callback_metrics.get("test/auroc")
             self._write("test", trainer, pl_module, scores, base, None if auroc is None else float(auroc))
 
@@ -415,7 +416,7 @@ class EvaluationReport(Callback):
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         base = self._base(trainer)  # a collective under DDP: every rank reads it
         predictions, self._predictions = self._predictions, None
-        if not trainer.is_global_zero:
+        if not writes_files(trainer):
             return
         scores, batch_paths = getattr(pl_module, "predict_scores", None), None
         if scores is None and predictions:  # a module without predict_scores: rank 0's own predictions

@@ -1,7 +1,8 @@
 """Run one DN2 evaluation under `Trainer(strategy="ddp", devices=N)` on CPU and save what rank 0 saw.
 
 Lightning's ddp launcher re-executes this script for every rank, so it is a script, not a test function.
-Usage: python tests/ddp_run.py OUT.pt DEVICES SETTING fit|resume|test|predict replicate|shard
+Usage: python tests/ddp_run.py OUT.pt DEVICES SETTING MODE replicate|shard
+(MODE: fit, resume, test, predict, fit_then_one_device[_on_rank_zero])
 (resume: a fit stopped after 2 steps with a mid-epoch checkpoint, then fit resumed from it, then test)
 (SETTING: unimodal, unsupervised, noindex, noindex_no_sampler, index_no_sampler, uneven, group_none[_clean], paths,
 outliers_on_rank_zero, iterable, custom_batch_sampler, [seeded_|rank_seeded_|mixed_]shuffled_predict,
@@ -238,6 +239,30 @@ def main(out: str, devices: int, setting: str, mode: str, sharding: str = "repli
         stopped = Trainer(**trainer_settings, max_steps=2, callbacks=[every2], enable_checkpointing=True)
         stopped.fit(DN2Module(**settings, backbone=linear_backbone()), datamodule=dm)
         trainer.fit(model, datamodule=dm, ckpt_path=folder / "epoch=0-step=2.ckpt")
+    if mode.startswith("fit_then_one_device"):  # Lightning's advice: test on one device after a DDP fit
+        settings["reports"] = True
+        model = DN2Module(**settings, backbone=linear_backbone())
+        trainer.fit(model, datamodule=dm)
+        if mode.endswith("on_rank_zero") and torch.distributed.get_rank() != 0:
+            return  # "if trainer.global_rank == 0:" around the test; otherwise every process runs it
+        trainer = Trainer(**{**trainer_settings, "devices": 1, "strategy": "auto"})
+        try:
+            results = trainer.test(model, datamodule=datamodule(setting))
+        except RuntimeError as error:  # a shard of the bank: refused
+            if torch.distributed.get_rank() == 0:
+                torch.save({"error": str(error)}, out)
+            return
+        if torch.distributed.get_rank() == 0:
+            torch.save(
+                {
+                    "auroc": results[0]["test/auroc"],
+                    "indices": model.test_scores.indices,
+                    "scores": model.test_scores.scores,
+                    "threshold": model.threshold,
+                },
+                out,
+            )
+        return
     if mode == "fit":
         trainer.fit(model, datamodule=dm)
         ckpt = Path(out).with_suffix(".ckpt")

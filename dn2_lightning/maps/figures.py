@@ -14,6 +14,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
 from dn2_lightning.data_source import running_datamodule
+from dn2_lightning.distributed import run_by_process_zero_too, writes_files
 from dn2_lightning.pixel_metrics import PixelResults
 
 
@@ -162,7 +163,7 @@ class MapReport(Callback):
         results = getattr(pl_module.maps, "test_results", None)
         scores = getattr(pl_module, "test_scores", None)
         dataset = getattr(running_datamodule(trainer), "test_dataset", None)
-        if not trainer.is_global_zero or results is None or scores is None or dataset is None:
+        if not writes_files(trainer) or results is None or scores is None or dataset is None:
             return
         if not torch.equal(scores.indices, results.indices):
             return  # image and pixel results of different samples: nothing sensible to draw
@@ -175,6 +176,9 @@ class MapReport(Callback):
         _list_with_report(trainer, "anomaly_maps", png)
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if run_by_process_zero_too(trainer):  # its maps are written there
+            self._predict_dir = None
+            return
         self._predict_dir = _run_dir(trainer) / "anomaly_maps"
         _list_with_report(trainer, "anomaly_map_pngs", self._predict_dir)  # listed with its count, if written
 
