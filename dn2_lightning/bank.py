@@ -400,7 +400,7 @@ class BankBuilder:
             raise ValueError(f"k={k} exceeds the number of training embeddings ({n}); use k <= {n}.")
         report: dict[str, float] = {"bank/size_before_cleaning": float(n)}
         if clean_fraction > 0:
-            sources = _source_table(member_sources, embeddings.device) if members > 1 else None
+            sources = _source_table(member_sources, embeddings.device)  # also for groups of one image
             ids, scores, all_labels = self.leave_one_out_scores(clean_k, labels, members, sources)
             if members > 1:  # a group goes or stays whole
                 group_of_row, worst = _worst_per_group(ids, scores, members)
@@ -445,7 +445,7 @@ class BankBuilder:
             pick = torch.isin(ids // members, chosen)
             ids, rows, labels = ids[pick], rows[pick], None if labels is None else labels[pick]
         k = min(k, self.size() - 1)
-        if members > 1:
+        if members > 1 or sources is not None:  # groups, even of one image each: their copies elsewhere left out
             scores = self._outside_group_scores(rows, ids, k, members, sources)
         else:
             scores = leave_one_out_scores(rows, ids, k, self.search, chunked=not self.sharded)
@@ -500,7 +500,7 @@ class BankBuilder:
             if sum(count_rows(len(removed), removed.device)) if self.sharded else len(removed):
                 # rows removed by cleaning are scored against the bank too: the kept half alone is the densest
                 # (its leave-one-out scores flagged 25-30% of normal test images at threshold_quantile=0.99)
-                if members > 1:
+                if members > 1 or sources is not None:
                     k_out = min(k, self.size() - 1)
                     removed_scores = self._outside_group_scores(removed, removed_ids, k_out, members, sources)
                 else:

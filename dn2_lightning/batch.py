@@ -65,6 +65,13 @@ def unpack_batch(batch: object, batch_idx: int | None = None) -> Batch:
             "target_transform=dn2_lightning.data.AnomalyLabel(normal='good')."
         )
     labels = torch.as_tensor(labels, device=images.device)
+    if labels.numel() != images.shape[0]:
+        raise ValueError(
+            f"batch labels must be one per sample ([B] or [B, 1], {LABEL_CONVENTION}); got shape "
+            f"{tuple(labels.shape)} for {images.shape[0]} samples. One-hot or per-class labels are not anomaly "
+            "labels: give each sample's 0 or 1, e.g. target_transform=dn2_lightning.data.AnomalyLabel(normal=...)."
+        )
+    labels = labels.reshape(images.shape[0])
     check_labels(labels)
     if mask is not None and images.ndim == 5:
         check_group_mask(mask, images, batch_idx)

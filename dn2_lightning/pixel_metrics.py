@@ -27,7 +27,7 @@ from torchmetrics import Metric
 from torchmetrics.classification import BinaryAUROC
 from torchmetrics.utilities import dim_zero_cat
 
-from dn2_lightning.distributed import unique_by_index
+from dn2_lightning.distributed import collectives_available, unique_by_index
 from dn2_lightning.knn import lacks_float64
 
 DEFAULT_THRESHOLDS = 1000
@@ -296,13 +296,20 @@ class MapCollector(Metric):
     higher_is_better = None
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(distributed_available_fn=collectives_available)  # not under a single-device Trainer
         for name in ("indices", "maps", "masks"):
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
     def update(self, indices: Tensor, maps: Tensor, masks: Tensor) -> None:
         """Add a batch: ``indices [B]``, ``maps [B, H, W]``, ``masks [B, H, W]``."""
         _check_maps_and_masks(maps, masks)
+        if self.maps and maps.shape[-2:] != self.maps[0].shape[-2:]:
+            raise ValueError(
+                f"anomaly maps of {tuple(maps.shape[-2:])} pixels after maps of {tuple(self.maps[0].shape[-2:])}: "
+                "the pixel metrics need test images of one size. Resize them and their masks to one (the "
+                "datamodules' load_size does, e.g. OneClassDataModule(load_size=224); in a dataset of your own, "
+                "transforms.Resize)."
+            )
         self.indices.append(indices.long())
         self.maps.append(maps.float())
         self.masks.append(masks != 0)

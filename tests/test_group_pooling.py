@@ -562,3 +562,25 @@ def test_histogram_pooling_refuses_embeddings_too_small_for_float32():
     exact = GroupPooling("histogram", clusters=4)
     exact.fit(on_centroids)  # members on their centroids: a zero median distance that is no underflow
     assert float(exact.scale) == 1.0
+
+
+def test_groups_of_one_image_leave_their_images_copies_out_of_the_threshold():
+    # 1,500 groups of one image drawn from fewer images: copies of a member's own image in other groups must be
+    # left out of its leave-one-out score, as for groups of several (they were counted for M = 1: 53% of normal
+    # test groups flagged at threshold_quantile=0.9 instead of 23%)
+    dm = GroupDataModule(
+        dataset="digits", group_size=1, anomaly="easy", held_out_classes=[9], n_train_groups=1500, n_test_groups=50
+    )
+    model = DN2Module(
+        k=2, backbone=linear_backbone(0, 192, 16), group_pooling="none", threshold_quantile=0.9, threshold_samples=None
+    )
+    quiet_trainer().fit(model, datamodule=dm)
+    sources = dm.train_dataset.members.flatten().numpy()
+    assert len(np.unique(sources)) < len(sources), "the draw must repeat images"
+    images = torch.stack([dm.train_dataset[i]["image"] for i in range(len(dm.train_dataset))]).flatten(0, 1)
+    with torch.no_grad():
+        rows = model.backbone(images).double().numpy()
+    d = ((rows[:, None] - rows[None]) ** 2).sum(-1)
+    own = sources[:, None] == sources[None]  # the row itself and its image's copies
+    expected = np.quantile([np.sort(d[r][~own[r]])[:2].mean() for r in range(len(rows))], 0.9)
+    assert float(model.threshold) == pytest.approx(expected, rel=1e-4)

@@ -176,6 +176,16 @@ def test_a_damaged_mask_is_refused_at_set_up_naming_the_file(tmp_path):
         OneClassDataModule("folder", root=str(root)).setup()
 
 
+@pytest.mark.parametrize("bits", [8, 16])
+def test_a_grey_level_marked_transparent_is_black_at_any_bit_depth(tmp_path, bits):
+    # a tRNS grey level was put on black at 8 bits but kept at 16 (30000 read as 117)
+    top = 2**bits - 1
+    grey = np.array([[0, top // 64, top // 2, top]], dtype=np.uint8 if bits == 8 else np.uint16)
+    Image.fromarray(grey).save(tmp_path / "grey.png", transparency=int(grey[0, 2]))
+    expected = [0, round(int(grey[0, 1]) * 255 / top), 0, 255]
+    assert load_image(tmp_path / "grey.png")[0, 0].tolist() == expected
+
+
 @pytest.mark.parametrize("kind", ["alpha_at_zero", "white_marked_transparent", "black_brush_on_a_layer"])
 def test_a_mask_whose_transparency_hides_its_drawing_is_refused_at_set_up(tmp_path, kind):
     """Compositing masks onto black read two kinds as empty, with no word: an RGBA mask whose alpha was left at 0

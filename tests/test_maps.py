@@ -16,6 +16,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 from scipy.spatial.distance import cdist
 from torch import nn
+from torch.utils.data import DataLoader
 
 from dn2_lightning import DN2Module, OneClassDataModule, build_backbone
 from dn2_lightning.data.masks import MaskedImageDataset, mvtec_mask_path
@@ -654,3 +655,25 @@ def test_a_patch_bank_of_other_map_layers_is_refused_even_with_the_same_shapes(s
     assert restored.bank.spec["map_layers"] == ["1"]
     images = DN2Module.load_from_checkpoint(tmp_path / "maps.ckpt", backbone=tiny_conv(), anomaly_maps=False)
     assert len(images.score_images(dm.source_paths("test")).scores) == len(dm.test_dataset)  # no maps: no check
+
+
+def test_test_images_of_two_sizes_are_refused_at_the_batch_that_changes_size():
+    # with input_size the backbone sees one size, but the maps keep each image's: the pass ran to its end and
+    # stopped in torch.cat ("Sizes of tensors must match"), losing test/auroc
+    g = torch.Generator().manual_seed(0)
+
+    def sample(i: int, h: int, w: int) -> dict:
+        image = (torch.rand(3, h, w, generator=g) * 100).to(torch.uint8)
+        return {"image": image, "label": torch.tensor(i % 2), "index": torch.tensor(i), "gt_mask": torch.zeros(h, w)}
+
+    train = [sample(i, 32, 32) | {"label": torch.tensor(0)} for i in range(8)]
+    test = [sample(i, *size) for i, size in enumerate([(32, 32), (32, 32), (40, 48), (40, 48)])]
+    model = DN2Module(
+        backbone=tiny_conv(), anomaly_maps=True, map_layers=["1", "3"], map_images=4, reports=False, input_size=32
+    )
+    quiet_trainer().fit(model, train_dataloaders=DataLoader(train, batch_size=4))
+    seen = []
+    model.on_test_batch_end = lambda outputs, batch, batch_idx, dataloader_idx=0: seen.append(batch_idx)
+    with pytest.raises(ValueError, match=r"maps of \(40, 48\) pixels after maps of \(32, 32\).*load_size"):
+        quiet_trainer().test(model, dataloaders=DataLoader(test, batch_size=2))
+    assert seen == [0]  # refused at the second batch, not after the pass

@@ -109,6 +109,20 @@ def test_class_index_labels_are_refused_with_the_mapping_issue11_2(tmp_path):
     assert results[0]["test/auroc"] == pytest.approx(roc_auc_score(labels, model.test_scores.scores.numpy()))
 
 
+def test_one_hot_labels_are_refused_at_the_first_batch_and_column_labels_score_alike():
+    # [B, 2] one-hot labels hold only 0 and 1: they passed the value check and failed after the whole test pass
+    dm = BlobDataModule()
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    quiet_trainer().fit(model, datamodule=dm)
+    one_hot = torch.nn.functional.one_hot(dm.test_labels.long(), 2)
+    test = DataLoader(list(zip(dm.test_images, one_hot, strict=True)), batch_size=8)
+    with pytest.raises(ValueError, match=r"one per sample .*got shape \(8, 2\) for 8 samples"):
+        quiet_trainer().test(model, dataloaders=test)
+    column = DataLoader(list(zip(dm.test_images, dm.test_labels[:, None], strict=True)), batch_size=8)
+    auroc = quiet_trainer().test(model, dataloaders=column)[0]["test/auroc"]
+    assert auroc == pytest.approx(roc_auc_score(dm.test_labels.numpy(), model.test_scores.scores.numpy()))
+
+
 def test_two_class_image_folder_labels_are_refused_not_read_inverted(tmp_path):
     """{'crack': 0, 'good': 1}: class indices that pass as 0/1 labels, with normal and anomalous swapped."""
     from torchvision.datasets import ImageFolder

@@ -143,6 +143,9 @@ def _to_uint8_rgb(img: Image.Image, path: Path) -> np.ndarray:
         if top == 65535 and 0 < high < 4096:
             _warn_low_bit_depth(path, high)
         array = np.rint(values.astype(np.float64) * (255.0 / top)).astype(np.uint8)
+        transparent = img.info.get("transparency")  # a grey level marked transparent: on black, as 8-bit images
+        if isinstance(transparent, int):
+            array[values == transparent] = 0
     elif img.mode == "F":
         values = np.asarray(img)
         low, high = float(values.min()), float(values.max())

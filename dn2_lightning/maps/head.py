@@ -169,7 +169,9 @@ class AnomalyMaps(nn.Module):
         if (h, w) != self.bank.grid or c != self.bank.patches.shape[-1]:
             raise ValueError(
                 f"patch features [{c}, {h}, {w}] do not match the patch bank's [{self.bank.patches.shape[-1]}, "
-                f"{self.bank.grid[0]}, {self.bank.grid[1]}]: use the input_size and map_layers the bank was built with."
+                f"{self.bank.grid[0]}, {self.bank.grid[1]}]: the images must have the training images' size (the "
+                "datamodules' load_size resizes every image to one; in a dataset of your own, transforms.Resize), "
+                "and the model the bank's input_size and map_layers."
             )
         queries = patches.permute(0, 2, 3, 1).reshape(b, h * w, c).float() - self.bank.center
         if self.patch_bank == "all":
