@@ -16,6 +16,7 @@ from dn2_lightning.distributed import (
     broadcast_module_state,
     check_unique_indices,
     count_rows,
+    gather_objects,
     gather_rows,
     gather_rows_to_cpu,
     keep_first_owner,
@@ -23,6 +24,7 @@ from dn2_lightning.distributed import (
     unique_by_index,
     world_size,
 )
+from dn2_lightning.group_pooling import pad_members
 from dn2_lightning.knn import KNNResult, PreparedBank, knn_distances, lacks_float64, prepare_bank
 from dn2_lightning.scoring import drop_own_group, keep_lowest, knn_scores, leave_one_out_scores
 from dn2_lightning.sharding import sharded_knn
@@ -308,6 +310,9 @@ class BankCollector:
         these tensors, which a further ``add`` extends), so the rows are held once, not twice."""
         if not self._embeddings:
             raise RuntimeError("no training batches were seen; the train dataloader is empty.")
+        if self._embeddings[0].ndim == 3:  # packed group members: batches of other group sizes padded to the largest
+            m = max(part.shape[1] for part in self._embeddings)
+            self._embeddings[:] = [pad_members(part, m) for part in self._embeddings]
         for parts in (self._embeddings, self._indices, self._labels):
             if len(parts) > 1:
                 parts[:] = [torch.cat(parts)]
@@ -356,6 +361,8 @@ class BankBuilder:
         index; ``rows_per_sample``: rows a sample adds, e.g. a group's members): every rank's rows gathered, or
         this rank's own share of them when sharded."""
         embeddings, indices, labels = collector.collect()
+        if embeddings.ndim == 3 and world_size() > 1:  # packed group members: one group size on every rank
+            embeddings = pad_members(embeddings, max(int(m) for m in gather_objects(embeddings.shape[1])))
         all_indices = gather_rows(indices)
         check_unique_indices(all_indices, "training samples", padded_rows=rows_per_sample)
         if self.sharded:

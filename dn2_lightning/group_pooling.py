@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, Literal, get_args
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dn2_lightning.scoring import pool_groups
@@ -144,6 +145,16 @@ def pack_members(members: Tensor, mask: Tensor | None = None) -> Tensor:
     if mask is None:
         mask = torch.ones(members.shape[:2], dtype=torch.bool, device=members.device)
     return torch.cat([members.float(), mask.to(members.device, torch.float32).unsqueeze(-1)], dim=-1)
+
+
+def pad_members(packed: Tensor, m: int) -> Tensor:
+    """Packed groups ``[B, M', D + 1]`` padded to ``m >= M'`` members with absent ones (mask 0), so that batches of
+    other group sizes join into one tensor.
+
+    >>> pad_members(pack_members(torch.ones(1, 2, 3)), 3)[..., -1]
+    tensor([[1., 1., 0.]])
+    """
+    return F.pad(packed, (0, 0, 0, m - packed.shape[1])) if packed.shape[1] < m else packed
 
 
 def unpack_members(packed: Tensor) -> tuple[Tensor, Tensor]:

@@ -584,3 +584,30 @@ def test_groups_of_one_image_leave_their_images_copies_out_of_the_threshold():
     own = sources[:, None] == sources[None]  # the row itself and its image's copies
     expected = np.quantile([np.sort(d[r][~own[r]])[:2].mean() for r in range(len(rows))], 0.9)
     assert float(model.threshold) == pytest.approx(expected, rel=1e-4)
+
+
+def test_histogram_pooling_takes_training_batches_of_other_group_sizes_as_padded_ones():
+    # batches of M = 3, 4, 3, 5 without a mask stopped in torch.cat ("Sizes of tensors must match"); they must give
+    # what the same groups padded to M = 5 with a mask give
+    g = torch.Generator().manual_seed(0)
+    sizes = [3, 4, 3, 5]
+    images = [torch.rand(6, m, 3, 4, 4, generator=g) for m in sizes]
+
+    def batch(i: int, padded: bool) -> dict:
+        x, m = images[i], sizes[i]
+        out = {"image": x, "label": torch.zeros(6, dtype=torch.long), "index": torch.arange(6) + 6 * i}
+        if padded:
+            out["image"] = torch.cat([x, torch.zeros(6, 5 - m, 3, 4, 4)], 1)
+            out["mask"] = torch.arange(5).expand(6, 5) < m
+        return out
+
+    tests = [{"image": torch.rand(5, 4, 3, 4, 4, generator=g), "label": torch.tensor([0, 1, 0, 1, 1])}]
+    scores = []
+    for padded in (False, True):
+        model = DN2Module(k=2, backbone=linear_backbone(0, 48, 8), group_pooling="histogram", group_clusters=4)
+        train = DataLoader([batch(i, padded) for i in range(4)], batch_size=None)
+        quiet_trainer().fit(model, train_dataloaders=train)
+        quiet_trainer().test(model, dataloaders=DataLoader(tests, batch_size=None))
+        scores.append(model.test_scores.scores)
+    assert len(model.bank) == 24
+    torch.testing.assert_close(scores[0], scores[1])
