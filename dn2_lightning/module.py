@@ -734,7 +734,8 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
     def _check_sample_kind(self, groups: bool) -> None:
         """Refuse single images against a bank of pooled training groups, and pooled groups against a bank of single
         images (recorded since bank format 2): either score would mean nothing. Point-wise groups
-        (``group_pooling="none"``) score their members as images, against either."""
+        (``group_pooling="none"``) score their members as images, against either, with a warning that the quantile
+        threshold was set on the other kind of sample."""
         spec, pooling = self.bank.spec, self.hparams.group_pooling
         bank_of_groups = self._bank_of_group_samples
         if bank_of_groups and not groups and not spec.get("members_per_group"):
@@ -749,6 +750,25 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
                 f"pooled group (group_pooling={pooling!r}) scored against them means nothing. Fit on training groups "
                 "(a GroupDataModule, or your own group batches), or score each member as an image "
                 "(group_pooling='none': a group scores as its worst member)."
+            )
+        if self.hparams.threshold is not None:  # a fixed threshold: the user chose it for these samples
+            return
+        if groups and not bank_of_groups:  # point-wise groups against single images
+            rank_zero_warn(
+                "these groups score as their worst member against a bank of single training images, whose threshold "
+                "is the threshold_quantile of single images' leave-one-out scores: the worst of M members lies higher, "
+                "so is_anomaly and normalized_score flag more than 1 - threshold_quantile of normal groups (scores and "
+                "AUROC are unaffected). Fit on training groups (a GroupDataModule) for a group threshold, or set one "
+                "with set_threshold(value=...).",
+                stacklevel=6,
+            )
+        elif not groups and spec.get("members_per_group"):  # single images against point-wise training groups
+            rank_zero_warn(
+                "these single images score against a bank of training groups' members, whose threshold is the "
+                "threshold_quantile of each training group's worst member: is_anomaly and normalized_score flag fewer "
+                "than 1 - threshold_quantile of normal images (scores and AUROC are unaffected). Fit on single images "
+                "for an image threshold, or set one with set_threshold(value=...).",
+                stacklevel=6,
             )
 
     @property

@@ -223,9 +223,10 @@ def pro_curve(maps: Tensor, masks: Tensor, thresholds: int | None = None) -> tup
     fp = np.bincount(level[normal.ravel()], minlength=t)[::-1].cumsum()[::-1] / normal.sum()
     region_size = np.bincount(flat_regions, minlength=n_regions + 1)[1:]
     anomalous = ~normal.ravel()
-    hits = np.bincount((flat_regions[anomalous] - 1) * t + level[anomalous], minlength=n_regions * t)
-    hits = hits.reshape(n_regions, t)[:, ::-1].cumsum(1)[:, ::-1]
-    pro = (hits / region_size[:, None]).mean(0)
+    # PRO at a threshold, the mean over regions of their share of pixels reaching it, is the sum over those pixels
+    # of 1 / (their region's size * R): memory O(pixels), not O(pixels * regions) with one count per region
+    weights = 1.0 / (region_size[flat_regions[anomalous] - 1] * float(n_regions))
+    pro = np.bincount(level[anomalous], weights=weights, minlength=t)[::-1].cumsum()[::-1]
     # thresholds descending = FPR ascending; the curve starts at (0, 0) and ends at (1, 1)
     fpr = np.concatenate([[0.0], np.minimum(fp[::-1], 1.0), [1.0]])
     pro = np.concatenate([[0.0], np.minimum(pro[::-1], 1.0), [1.0]])

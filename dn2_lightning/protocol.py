@@ -83,6 +83,8 @@ class ProtocolResult:
         every_class = len({c.normal_class for c in self.classes}) == len(known_classes(self.dataset))
         unimodal = not self.settings.get("contamination") and not self.settings.get("clean_fraction")
         paper = PAPER_MEAN_AUROC.get(self.dataset) if every_class and unimodal else None
+        # the contaminants cleaning kept in the bank, when the training set was contaminated (as the CSV and JSON)
+        kept = any(c.contaminants_kept is not None for c in self.classes)
         lines = ["| class | name | AUROC (%) | train | bank |", "|---:|---|---:|---:|---:|"]
         lines += [
             f"| {c.normal_class} | {c.name} | {100 * c.auroc:.1f} | {c.n_train} | {c.n_bank} |" for c in self.classes
@@ -90,6 +92,11 @@ class ProtocolResult:
         lines.append(f"| **mean** | | **{100 * self.mean_auroc:.1f}** | | |")
         if paper is not None:
             lines.append(f"| paper (ResNet) | | {paper:.1f} | | |")
+        if kept:
+            lines[0], lines[1] = lines[0] + " contaminants kept |", lines[1] + "---:|"
+            for row, c in enumerate(self.classes, start=2):
+                lines[row] += f" {c.contaminants_kept} |"
+            lines[2 + len(self.classes) :] = [line + " |" for line in lines[2 + len(self.classes) :]]
         return "\n".join(lines)
 
     def save(self, out_dir: str | Path) -> None:

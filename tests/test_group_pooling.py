@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from dn2_lightning import DN2Module, GroupDataModule
 from dn2_lightning.batch import Batch
+from dn2_lightning.data.datasets import to_chw_uint8
 from dn2_lightning.group_pooling import (
     GroupPooling,
     composition_histogram,
@@ -611,3 +613,24 @@ def test_histogram_pooling_takes_training_batches_of_other_group_sizes_as_padded
         scores.append(model.test_scores.scores)
     assert len(model.bank) == 24
     torch.testing.assert_close(scores[0], scores[1])
+
+
+def test_a_quantile_threshold_set_on_the_other_kind_of_sample_is_named():
+    # point-wise groups against a bank of single images flagged 63.5% of normal groups at q = 0.9 (32.0% against a
+    # bank of training groups), single images against a group bank 7.6%: the scores are right, the threshold not
+    dm = GroupDataModule(dataset="digits", group_size=3, n_train_groups=40, n_test_groups=20, batch_size=16, seed=0)
+    dm.setup()
+    source = dm.train_dataset.source  # the training groups' distinct member images, as single images
+    singles = torch.stack([to_chw_uint8(source.images[j], None) for j in dm.train_dataset.members.unique().tolist()])
+    single_bank = DN2Module(k=2, backbone=linear_backbone(0, 192, 16), group_pooling="none", reports=False)
+    quiet_trainer().fit(single_bank, train_dataloaders=DataLoader(TensorDataset(singles), batch_size=64))
+    with pytest.warns(UserWarning, match="groups score as their worst member against a bank of single training"):
+        quiet_trainer().test(single_bank, dataloaders=dm.test_dataloader())
+    group_bank = DN2Module(k=2, backbone=linear_backbone(0, 192, 16), group_pooling="none", reports=False)
+    quiet_trainer().fit(group_bank, datamodule=dm)
+    with pytest.warns(UserWarning, match="single images score against a bank of training groups' members"):
+        group_bank.score_images(singles[:4])
+    group_bank.set_threshold(value=float(group_bank.threshold))  # a fixed threshold: the user's choice, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        group_bank.score_images(singles[:4])

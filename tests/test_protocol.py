@@ -336,6 +336,15 @@ def test_the_papers_mean_is_shown_only_beside_the_papers_setting():
     assert "paper" not in _result(list(range(10)), clean_fraction=0.5).to_markdown()  # nor a cleaned bank
 
 
+def test_the_markdown_table_lists_the_contaminants_cleaning_kept_as_the_csv_does():
+    result = _result([0, 3], contamination=0.05, clean_fraction=0.5)
+    result.classes[0].contaminants_kept, result.classes[1].contaminants_kept = 4, 0
+    lines = result.to_markdown().splitlines()
+    assert lines[0].endswith("| bank | contaminants kept |") and lines[2].endswith("| 100 | 100 | 4 |")
+    assert lines[3].endswith("| 0 |") and {line.count("|") for line in lines} == {7}
+    assert "contaminants" not in _result([0, 3]).to_markdown()  # a clean training set: no column
+
+
 def test_a_run_killed_while_saving_leaves_the_previous_files_whole(tmp_path, monkeypatch):
     _result([0, 1]).save(tmp_path)
     before = {name: (tmp_path / name).read_text() for name in ("protocol.md", "protocol.json", "protocol.csv")}
