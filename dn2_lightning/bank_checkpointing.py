@@ -19,7 +19,7 @@ from dn2_lightning.checkpointing import (
     readable_checkpoint,
     refuse_unsafe_load,
 )
-from dn2_lightning.distributed import world_size
+from dn2_lightning.distributed import across_processes, world_size
 from dn2_lightning.validation import as_python
 
 if TYPE_CHECKING:
@@ -40,13 +40,14 @@ class BankCheckpointing:
         state = checkpoint.get("state_dict", {})
         checkpoint.update(as_python({key: value for key, value in checkpoint.items() if key != "state_dict"}))
         state.update({key: as_python(value) for key, value in state.items() if not isinstance(value, Tensor)})
-        if self._sharded:
+        if self._bank_is_shard:
             # each rank holds a shard: the checkpoint gets the whole bank, so it loads on any number of devices.
-            # It is assembled in host memory, one shard on the device at a time.
-            ids, rows = self._bank_builder.whole_bank_on_cpu()
+            # It is assembled in host memory, one shard on the device at a time, from every process that holds one.
+            with across_processes():
+                ids, rows = self._bank_builder.whole_bank_on_cpu()
+                removed_ids, removed = self._bank_builder.all_removed_on_cpu()
             checkpoint["state_dict"]["bank.sample_indices"] = ids
             checkpoint["state_dict"]["bank.embeddings"] = rows
-            removed_ids, removed = self._bank_builder.all_removed_on_cpu()
             checkpoint["state_dict"]["bank.removed_indices"] = removed_ids
             checkpoint["state_dict"]["bank.removed"] = removed
 

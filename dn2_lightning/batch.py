@@ -67,9 +67,10 @@ def unpack_batch(batch: object, batch_idx: int | None = None) -> Batch:
     labels = torch.as_tensor(labels, device=images.device)
     if labels.numel() != images.shape[0]:
         raise ValueError(
-            f"batch labels must be one per sample ([B] or [B, 1], {LABEL_CONVENTION}); got shape "
-            f"{tuple(labels.shape)} for {images.shape[0]} samples. One-hot or per-class labels are not anomaly "
-            "labels: give each sample's 0 or 1, e.g. target_transform=dn2_lightning.data.AnomalyLabel(normal=...)."
+            f"batch labels must be one per sample ([B] or [B, 1], {LABEL_CONVENTION}; a group batch: one per group); "
+            f"got shape {tuple(labels.shape)} for {images.shape[0]} samples. One-hot, per-class or per-member labels "
+            "are not a sample's anomaly label: give each sample's 0 or 1, e.g. "
+            "target_transform=dn2_lightning.data.AnomalyLabel(normal=...)."
         )
     labels = labels.reshape(images.shape[0])
     check_labels(labels)

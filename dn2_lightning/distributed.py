@@ -18,10 +18,21 @@ from torch import Tensor
 _trainer_world: ContextVar[int | None] = ContextVar("dn2_trainer_world", default=None)
 
 
-def follow_trainer(world: int) -> None:
-    """Make DN2's collectives follow a Trainer of ``world`` processes (its ``world_size``; set at each run's setup):
-    with 1, none of them gathers, even while a process group is up."""
+def follow_trainer(world: int | None) -> None:
+    """Make DN2's collectives follow a Trainer of ``world`` processes (its ``world_size``; set at each run's setup,
+    ``None`` at its teardown: the process group's): with 1, none of them gathers, even while a process group is up."""
     _trainer_world.set(world)
+
+
+@contextlib.contextmanager
+def across_processes() -> Iterator[None]:
+    """DN2's collectives gather from the whole process group in this block, whatever run set them last (e.g. saving a
+    bank sharded over the processes after a single-device run that stopped on an error, before its teardown)."""
+    token = _trainer_world.set(None)
+    try:
+        yield
+    finally:
+        _trainer_world.reset(token)
 
 
 def process_world() -> int:

@@ -415,6 +415,9 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         if self._pass_ends_here():  # the bank now, so a checkpoint saved at this step (every_n_train_steps) holds it
             self._end_pass()
 
+    def teardown(self, stage: str) -> None:
+        follow_trainer(None)  # outside a run (trainer.save_checkpoint, score_images): the process group's
+
     def on_fit_start(self) -> None:
         self._agree_on_the_checkpoint()
         # a module from load_from_checkpoint is in eval mode, which Lightning warns about before training; the
@@ -1150,6 +1153,10 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
                 real = batch.mask.bool().flatten()
                 return embeddings[real], rows[real], labels[real]
             return embeddings, rows, labels
+        one_image_groups = batch.images.ndim == 5 and batch.images.shape[1] == 1 and batch.members is not None
+        if one_image_groups and self._collector is not None:
+            # a pooled group of one image is that image: the threshold must leave out its copies in other groups
+            self._collector.member_sources.update(zip(indices.tolist(), batch.members[:, 0].tolist(), strict=True))
         if batch.images.ndim == 5 and self.group_pool.needs_fit:
             # the pooling is fitted on the whole bank's members: keep them (and the mask) until finalisation
             b, m = batch.images.shape[:2]
@@ -1180,7 +1187,8 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         if embeddings.ndim == 3:  # packed group members [N, M, D + 1]: fit the group pooling, then pool
             embeddings = builder.pool_groups(self.group_pool, *unpack_members(embeddings), indices)
         members = self._members_per_group
-        sources = _gathered_sources(collector.member_sources) if members else None
+        # member row (or, for pooled groups of one image, group) -> source image; None for single-image banks
+        sources = _gathered_sources(collector.member_sources) if members or self._bank_of_groups else None
         report = builder.build(
             embeddings, indices, labels, hp.k, hp.clean_fraction, hp.clean_k, max(1, members), sources
         )
@@ -1249,8 +1257,8 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
             spec["groups"] = True
         if self._members_per_group:  # rows are group members (group_pooling="none"): row = group * M + member
             spec["members_per_group"] = self._members_per_group
-            if member_sources:  # row -> source image, so the leave-one-out threshold skips copies in other groups
-                spec["member_sources"] = member_sources
+        if member_sources:  # row -> source image, so the leave-one-out threshold skips copies in other groups
+            spec["member_sources"] = member_sources
         if all_paths:  # train files by dataset index (every rank's, also when the bank is sharded), for neighbour paths
             spec["train_paths"] = [all_paths.get(i, "") for i in range(max(all_paths) + 1)]
         self.bank.spec = spec

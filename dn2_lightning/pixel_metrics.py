@@ -144,7 +144,10 @@ def pixel_auroc(maps: Tensor, masks: Tensor, thresholds: int = DEFAULT_THRESHOLD
         raise ValueError("pixel AUROC needs both anomalous and normal pixels in the masks.")
     preds = _normalise(maps.flatten().double()).float()
     levels = score_levels(preds, thresholds)
-    metric = BinaryAUROC(thresholds=torch.cat([levels, levels.new_full((1,), float("inf"))])).to(maps.device)
+    # every rank's maps are already here (MapCollector gathers them): no sync, which a single-device run after a DDP
+    # one in the same script would otherwise make with the other processes
+    thresholds_inf = torch.cat([levels, levels.new_full((1,), float("inf"))])
+    metric = BinaryAUROC(thresholds=thresholds_inf, sync_on_compute=False).to(maps.device)
     metric.update(maps.new_empty(0), target.new_empty(0).long())  # marks the state as updated; adds nothing
     metric.confmat += binned_confmat(preds, target, metric.thresholds)
     return float(metric.compute())

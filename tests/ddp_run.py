@@ -181,7 +181,34 @@ class GroupsDataModule(LightningDataModule):
         return DataLoader(DictDataset(self.test, self.labels), batch_size=4)
 
 
+class MapsDataModule(BlobDataModule):
+    """Blob images with pixel masks (a bright square in the anomalous ones) for anomaly maps; no prepare_data."""
+
+    def test_dataloader(self) -> DataLoader:
+        images, masks = self.test_images.clone(), torch.zeros(len(self.test_images), 8, 8)
+        anomalous = self.test_labels == 1
+        images[anomalous, :, 2:5, 3:6], masks[anomalous, 2:5, 3:6] = 1.0, 1.0
+        samples = [
+            {"image": x, "label": y, "index": torch.tensor(i), "gt_mask": m}
+            for i, (x, y, m) in enumerate(zip(images, self.test_labels, masks, strict=True))
+        ]
+        return DataLoader(samples, batch_size=self.batch_size)
+
+
+def conv_backbone() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 6, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(6, 8, 3, stride=2, padding=1),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+    )
+
+
 def datamodule(setting: str) -> LightningDataModule:
+    if setting == "maps":
+        return MapsDataModule(n_train=103, n_normal=41, n_anomalous=26)
     if setting in ("noindex", "noindex_no_sampler"):
         return NoIndexDataModule(n_train=103, n_normal=41, n_anomalous=26)
     if setting == "uneven":  # 5 samples in batches of 2: rank 0 reads 2 batches, rank 1 one (predict does not pad)
@@ -219,7 +246,10 @@ def main(out: str, devices: int, setting: str, mode: str, sharding: str = "repli
         reports=False,
         group_pooling="none" if setting.startswith("group_none") else "mean",
     )
-    model = DN2Module(**settings, backbone=linear_backbone())
+    if setting == "maps":
+        settings.update(anomaly_maps=True, map_layers=["1", "3"], map_images=4)
+    backbone = conv_backbone if setting == "maps" else linear_backbone
+    model = DN2Module(**settings, backbone=backbone())
     trainer_settings = dict(
         accelerator="cpu",
         devices=devices,
@@ -241,16 +271,19 @@ def main(out: str, devices: int, setting: str, mode: str, sharding: str = "repli
         trainer.fit(model, datamodule=dm, ckpt_path=folder / "epoch=0-step=2.ckpt")
     if mode.startswith("fit_then_one_device"):  # Lightning's advice: test on one device after a DDP fit
         settings["reports"] = True
-        model = DN2Module(**settings, backbone=linear_backbone())
+        model = DN2Module(**settings, backbone=backbone())
         trainer.fit(model, datamodule=dm)
         if mode.endswith("on_rank_zero") and torch.distributed.get_rank() != 0:
             return  # "if trainer.global_rank == 0:" around the test; otherwise every process runs it
-        trainer = Trainer(**{**trainer_settings, "devices": 1, "strategy": "auto"})
+        ddp, trainer = trainer, Trainer(**{**trainer_settings, "devices": 1, "strategy": "auto"})
         try:
             results = trainer.test(model, datamodule=datamodule(setting))
-        except RuntimeError as error:  # a shard of the bank: refused
+        except RuntimeError as error:  # a shard of the bank: refused; the fix it names saves the whole bank
+            ckpt = Path(out).with_suffix(".ckpt")
+            ddp.save_checkpoint(ckpt)
             if torch.distributed.get_rank() == 0:
-                torch.save({"error": str(error)}, out)
+                saved = torch.load(ckpt, weights_only=True)["state_dict"]["bank.embeddings"]
+                torch.save({"error": str(error), "saved_rows": len(saved)}, out)
             return
         if torch.distributed.get_rank() == 0:
             torch.save(
@@ -259,6 +292,7 @@ def main(out: str, devices: int, setting: str, mode: str, sharding: str = "repli
                     "indices": model.test_scores.indices,
                     "scores": model.test_scores.scores,
                     "threshold": model.threshold,
+                    "pixel": {k: v for k, v in results[0].items() if k in ("test/pixel_auroc", "test/pro")},
                 },
                 out,
             )
@@ -289,6 +323,7 @@ def main(out: str, devices: int, setting: str, mode: str, sharding: str = "repli
                 "threshold": model.threshold,
                 "loo_scores": model.bank.loo_scores,
                 "train_paths": model.bank.spec.get("train_paths", []),
+                "pixel": {k: v for k, v in results[0].items() if k in ("test/pixel_auroc", "test/pro")},
             },
             out,
         )

@@ -72,20 +72,26 @@ def test_ddp_equals_single_device(tmp_path, setting, mode, sharding):
         assert set(ddp["bank_indices"].tolist()) < set(single["bank_indices"].tolist())
 
 
-@pytest.mark.parametrize("where, sharding", [("", "replicate"), ("", "shard"), ("_on_rank_zero", "replicate")])
-def test_ddp_fit_then_a_single_device_test_scores_alone(tmp_path, where, sharding):
+@pytest.mark.parametrize(
+    "where, sharding, setting",
+    [("", "replicate", "unimodal"), ("", "shard", "unimodal"), ("_on_rank_zero", "replicate", "maps")],
+)
+def test_ddp_fit_then_a_single_device_test_scores_alone(tmp_path, where, sharding, setting):
     # Lightning's advice (test on one device, so that each sample is scored once) in a DDP script: every process,
     # or process 0 alone, runs Trainer(devices=1).test while the process group is still up. It must not gather with
     # the other process (each read every sample: "read by all 2 ranks"; or a hang), and its reports are written once.
-    single = run(tmp_path, 1, "unimodal", "test")
-    after = run(tmp_path, 2, "unimodal", "fit_then_one_device" + where, sharding)
+    # (process 0 alone with anomaly maps: the pixel AUROC's torchmetrics state synced with the process group: a hang)
+    single = run(tmp_path, 1, setting, "test")
+    after = run(tmp_path, 2, setting, "fit_then_one_device" + where, sharding)
     if sharding == "shard":  # each process holds half of the bank: scoring against it would be silently wrong
         assert "holds rank 0's shard" in after["error"] and "load_from_checkpoint" in after["error"]
+        assert after["saved_rows"] == 103  # the fix it names: trainer.save_checkpoint gathers the whole bank
         return
     assert torch.equal(after["indices"], torch.arange(67))
     torch.testing.assert_close(after["scores"], single["scores"], rtol=1e-5, atol=1e-6)
     assert after["auroc"] == pytest.approx(single["auroc"], abs=1e-9)
     torch.testing.assert_close(after["threshold"], single["threshold"], rtol=1e-5, atol=1e-6)
+    assert after["pixel"] == pytest.approx(single["pixel"]) and len(after["pixel"]) == (2 if setting == "maps" else 0)
     assert len(list(tmp_path.glob("**/dn2_reports/test_*/scores.csv"))) == 1
 
 

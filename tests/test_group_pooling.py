@@ -566,7 +566,8 @@ def test_histogram_pooling_refuses_embeddings_too_small_for_float32():
     assert float(exact.scale) == 1.0
 
 
-def test_groups_of_one_image_leave_their_images_copies_out_of_the_threshold():
+@pytest.mark.parametrize("pooling", ["none", "mean"])
+def test_groups_of_one_image_leave_their_images_copies_out_of_the_threshold(pooling):
     # 1,500 groups of one image drawn from fewer images: copies of a member's own image in other groups must be
     # left out of its leave-one-out score, as for groups of several (they were counted for M = 1: 53% of normal
     # test groups flagged at threshold_quantile=0.9 instead of 23%)
@@ -574,7 +575,7 @@ def test_groups_of_one_image_leave_their_images_copies_out_of_the_threshold():
         dataset="digits", group_size=1, anomaly="easy", held_out_classes=[9], n_train_groups=1500, n_test_groups=50
     )
     model = DN2Module(
-        k=2, backbone=linear_backbone(0, 192, 16), group_pooling="none", threshold_quantile=0.9, threshold_samples=None
+        k=2, backbone=linear_backbone(0, 192, 16), group_pooling=pooling, threshold_quantile=0.9, threshold_samples=None
     )
     quiet_trainer().fit(model, datamodule=dm)
     sources = dm.train_dataset.members.flatten().numpy()
