@@ -82,8 +82,8 @@ def unpack_batch(batch: object, batch_idx: int | None = None) -> Batch:
 
 
 BATCH_LAYOUTS = (
-    "DN2 reads a batch as a dict ({'image', 'label', 'index', 'path', 'gt_mask'}: only 'image' required), "
-    "an (images,), (images, labels) or (images, labels, indices) tuple, or an image tensor"
+    "DN2 reads a batch as a dict ({'image', 'label', 'index', 'path', 'gt_mask', 'gt_regions'}: only 'image' "
+    "required), an (images,), (images, labels) or (images, labels, indices) tuple, or an image tensor"
 )
 
 

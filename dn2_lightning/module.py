@@ -53,7 +53,7 @@ from dn2_lightning.group_pooling import GROUP_POOLINGS, GroupPooling, GroupPooli
 from dn2_lightning.inputs import ImagesLike, as_image_batches
 from dn2_lightning.knn import KNNBackend, KNNResult
 from dn2_lightning.maps.bank import PatchBank
-from dn2_lightning.maps.head import AnomalyMaps, PatchBankName, gt_masks_of, validate_map_options
+from dn2_lightning.maps.head import AnomalyMaps, PatchBankName, gt_masks_of, gt_regions_of, validate_map_options
 from dn2_lightning.metrics import AnomalyScores, ImageScores, ScoreCollector
 from dn2_lightning.samplers import (
     Reading,
@@ -636,7 +636,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
             scores, knn, maps = self.score_with_maps(parsed, batch_idx)
             indices = self._indices_of(parsed, batch_idx)
             self.test_collector.update(indices, scores, parsed.labels, knn.indices, knn.values)
-            self.maps.update_metrics(indices, maps, gt_masks_of(batch))
+            self.maps.update_metrics(indices, maps, gt_masks_of(batch), gt_regions_of(batch))
 
     def on_test_epoch_end(self) -> None:
         self.test_scores = self._report("test", self.test_collector, self.test_auroc)

@@ -7,7 +7,10 @@
   by many pixels gets its own), so every bin holds about the same share of pixels however far a few extreme
   pixels stretch the range or however many pixels tie.
 * :func:`pro_score`: the per-region overlap of MVTec AD (Bergmann et al., IJCV 2021): ground-truth
-  regions are the 8-connected components of each mask (``scipy.ndimage.label``); at each threshold the
+  regions are the 8-connected components of each mask (``scipy.ndimage.label``), or the ``regions`` given, e.g.
+  labelled where the mask was drawn, before it was resized (:class:`dn2_lightning.data.masks.MaskedImageDataset`
+  gives them as ``gt_regions``: a thin scratch resized to fewer pixels falls apart into pieces, each of which would
+  otherwise weigh as a whole defect); at each threshold the
   PRO is the mean, over all regions of all images, of the fraction of the region's pixels above the
   threshold; the false-positive rate counts anomaly-free pixels above it. The PRO-vs-FPR curve is
   integrated (trapezoids) from FPR 0 to ``fpr_limit`` (0.3) and divided by ``fpr_limit``, so a perfect
@@ -43,11 +46,14 @@ class PixelResults(NamedTuple):
         indices: ``[N]`` sample index in the evaluated dataset.
         maps: ``[N, H, W]`` float32 anomaly maps (higher = more anomalous).
         masks: ``[N, H, W]`` bool ground-truth masks (``True`` = anomalous pixel).
+        regions: ``[N, H, W]`` int32 ground-truth regions, numbered within each sample (0 = normal pixel), or
+            ``None`` (:func:`pro_score` labels the masks' 8-connected components).
     """
 
     indices: Tensor
     maps: Tensor
     masks: Tensor
+    regions: Tensor | None = None
 
 
 def _check_maps_and_masks(maps: Tensor, masks: Tensor) -> None:
@@ -192,7 +198,43 @@ def label_regions(masks: Tensor) -> tuple[np.ndarray, int]:
     return out, total
 
 
-def pro_curve(maps: Tensor, masks: Tensor, thresholds: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _check_regions(regions: Tensor, masks: Tensor) -> None:
+    if tuple(regions.shape) != tuple(masks.shape) or regions.is_floating_point() or regions.is_complex():
+        raise ValueError(
+            f"regions {tuple(regions.shape)} {regions.dtype} must be integer region ids of the masks' shape "
+            f"{tuple(masks.shape)} (0 = normal pixel)."
+        )
+    if regions.numel() and int(regions.min()) < 0:
+        raise ValueError("regions hold negative ids: number each sample's regions 1, 2, ... (0 = normal pixel).")
+    if bool(((regions != 0) != (masks != 0)).any()):
+        raise ValueError(
+            "regions and masks disagree on which pixels are anomalous: give regions whose non-zero pixels are "
+            "the masks' (both resized the same way, by nearest neighbour)."
+        )
+
+
+def number_regions(regions: Tensor, masks: Tensor) -> tuple[np.ndarray, int]:
+    """Given regions, numbered within each sample (any non-negative ids; 0 = normal), renumbered 1..R across all
+    samples, as :func:`label_regions` numbers them; they must mark exactly the masks' anomalous pixels.
+
+    Returns:
+        ``(labels [N, H, W] int64, R)``.
+    """
+    _check_regions(regions, masks)
+    ids = regions.cpu().numpy().astype(np.int64)
+    anomalous = ids != 0
+    sample = np.broadcast_to(np.arange(len(ids))[:, None, None], ids.shape)
+    # one id per (sample, region): regions of different samples never merge
+    pairs = sample[anomalous] * (int(ids.max(initial=0)) + 1) + ids[anomalous]
+    unique, inverse = np.unique(pairs, return_inverse=True)
+    labels = np.zeros(ids.shape, dtype=np.int64)
+    labels[anomalous] = inverse.ravel() + 1
+    return labels, len(unique)
+
+
+def pro_curve(
+    maps: Tensor, masks: Tensor, thresholds: int | None = None, regions: Tensor | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The (FPR, PRO) curve, from (0, 0) to (1, 1), FPR ascending.
 
     Args:
@@ -200,13 +242,15 @@ def pro_curve(maps: Tensor, masks: Tensor, thresholds: int | None = None) -> tup
         masks: ``[N, H, W]`` ground truth (non-zero = anomalous).
         thresholds: ``None`` uses every distinct score as a threshold (exact); an integer uses that many
             thresholds at quantiles of the scores (:func:`score_levels`; memory ``O(pixels)`` integers).
+        regions: ``[N, H, W]`` ground-truth regions numbered within each sample (0 = normal), marking the masks'
+            anomalous pixels; ``None``: the masks' 8-connected components.
 
     Returns:
         ``(fpr, pro)`` float64 arrays of equal length.
     """
     _check_maps_and_masks(maps, masks)
-    regions, n_regions = label_regions(masks)
-    normal = regions == 0
+    labels, n_regions = label_regions(masks) if regions is None else number_regions(regions, masks)
+    normal = labels == 0
     if n_regions == 0 or normal.all():
         raise ValueError("PRO needs at least one anomalous region in the masks.")
     if not normal.any():
@@ -220,7 +264,7 @@ def pro_curve(maps: Tensor, masks: Tensor, thresholds: int | None = None) -> tup
     # level of each pixel: the largest threshold it reaches (a pixel is positive at t when score >= t)
     level = np.searchsorted(levels, scores, side="right") - 1
     level = np.clip(level, 0, len(levels) - 1).ravel()
-    flat_regions = regions.ravel()
+    flat_regions = labels.ravel()
     t = len(levels)
     # positives per threshold = pixels at that level or above: reverse cumulative counts
     fp = np.bincount(level[normal.ravel()], minlength=t)[::-1].cumsum()[::-1] / normal.sum()
@@ -249,15 +293,20 @@ def integrate_until(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
 
 
 def pro_score(
-    maps: Tensor, masks: Tensor, fpr_limit: float = DEFAULT_FPR_LIMIT, thresholds: int | None = None
+    maps: Tensor,
+    masks: Tensor,
+    fpr_limit: float = DEFAULT_FPR_LIMIT,
+    thresholds: int | None = None,
+    regions: Tensor | None = None,
 ) -> float:
     """Normalised area under the PRO curve up to ``fpr_limit`` (MVTec AD's AU-PRO; 1 = perfect).
 
     Args:
         maps: ``[N, H, W]`` anomaly maps.
-        masks: ``[N, H, W]`` ground truth (non-zero = anomalous); regions are 8-connected components.
+        masks: ``[N, H, W]`` ground truth (non-zero = anomalous).
         fpr_limit: upper end of the integral over the false-positive rate, in (0, 1].
         thresholds: see :func:`pro_curve` (``None`` = exact).
+        regions: see :func:`pro_curve` (``None``: the masks' 8-connected components).
 
     Returns:
         The integral divided by ``fpr_limit``, in [0, 1].
@@ -269,31 +318,37 @@ def pro_score(
     """
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"fpr_limit={fpr_limit} must be in (0, 1]; MVTec AD uses 0.3.")
-    fpr, pro = pro_curve(maps, masks, thresholds)
+    fpr, pro = pro_curve(maps, masks, thresholds, regions)
     return float(integrate_until(fpr, pro, fpr_limit) / fpr_limit)
 
 
 def pixel_metrics(
-    maps: Tensor, masks: Tensor, thresholds: int = DEFAULT_THRESHOLDS, fpr_limit: float = DEFAULT_FPR_LIMIT
+    maps: Tensor,
+    masks: Tensor,
+    thresholds: int = DEFAULT_THRESHOLDS,
+    fpr_limit: float = DEFAULT_FPR_LIMIT,
+    regions: Tensor | None = None,
 ) -> dict[str, float]:
     """``{"pixel_auroc": ..., "pro": ...}`` of maps ``[N, H, W]`` against masks ``[N, H, W]``, both binned
-    with ``thresholds`` thresholds; ``{}`` when the masks hold no anomalous (or no normal) pixel."""
+    with ``thresholds`` thresholds; ``{}`` when the masks hold no anomalous (or no normal) pixel. ``regions``:
+    PRO's ground-truth regions (see :func:`pro_curve`; ``None``: the masks' 8-connected components)."""
     if lacks_float64(maps.device):  # (Apple's MPS) the binning is computed in float64
         maps, masks = maps.cpu(), masks.cpu()
     if not masks.any() or masks.all():
         return {}
     return {
         "pixel_auroc": pixel_auroc(maps, masks, thresholds),
-        "pro": pro_score(maps, masks, fpr_limit, thresholds),
+        "pro": pro_score(maps, masks, fpr_limit, thresholds, regions),
     }
 
 
 class MapCollector(Metric):
-    """Collects anomaly maps and masks over batches and DDP ranks; ``compute`` gives :class:`PixelResults`
+    """Collects anomaly maps and ground truth over batches and DDP ranks; ``compute`` gives :class:`PixelResults`
     with one row per sample index (``DistributedSampler`` repeats are dropped).
 
     Maps are kept (float32, one value per pixel: 10 M pixels take 40 MB) because PRO needs per-region
-    counts at every threshold and the report figures show them.
+    counts at every threshold and the report figures show them; so are the ground-truth regions (int32), as given
+    or, for a batch without them, the masks' 8-connected components (labelled in ``compute``).
     """
 
     full_state_update = False
@@ -301,11 +356,12 @@ class MapCollector(Metric):
 
     def __init__(self) -> None:
         super().__init__(distributed_available_fn=collectives_available)  # not under a single-device Trainer
-        for name in ("indices", "maps", "masks"):
+        for name in ("indices", "maps", "regions", "given"):
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
-    def update(self, indices: Tensor, maps: Tensor, masks: Tensor) -> None:
-        """Add a batch: ``indices [B]``, ``maps [B, H, W]``, ``masks [B, H, W]``."""
+    def update(self, indices: Tensor, maps: Tensor, masks: Tensor, regions: Tensor | None = None) -> None:
+        """Add a batch: ``indices [B]``, ``maps [B, H, W]``, ``masks [B, H, W]`` and, optionally, ``regions
+        [B, H, W]`` (integer ids within each sample, 0 = normal; see :func:`pro_curve`)."""
         _check_maps_and_masks(maps, masks)
         if self.maps and maps.shape[-2:] != self.maps[0].shape[-2:]:
             raise ValueError(
@@ -314,14 +370,21 @@ class MapCollector(Metric):
                 "datamodules' load_size does, e.g. OneClassDataModule(load_size=224); in a dataset of your own, "
                 "transforms.Resize)."
             )
+        if regions is not None:
+            _check_regions(regions, masks)
         self.indices.append(indices.long())
         self.maps.append(maps.float())
-        self.masks.append(masks != 0)
+        self.regions.append((masks != 0).int() if regions is None else regions.int())
+        self.given.append(torch.full((len(maps),), regions is not None, dtype=torch.bool, device=maps.device))
 
     def compute(self) -> PixelResults:
         if isinstance(self.indices, list) and not self.indices:
             raise RuntimeError("no anomaly maps were collected: the evaluation dataloader is empty.")
-        indices, maps, masks = unique_by_index(
-            dim_zero_cat(self.indices), dim_zero_cat(self.maps), dim_zero_cat(self.masks)
+        indices, maps, regions, given = unique_by_index(
+            dim_zero_cat(self.indices), dim_zero_cat(self.maps), dim_zero_cat(self.regions), dim_zero_cat(self.given)
         )
-        return PixelResults(indices, maps, masks)
+        missing = (~given.reshape(-1)).nonzero().flatten()
+        if len(missing):  # samples that came without regions: their masks' 8-connected components
+            labels, _ = label_regions(regions[missing])
+            regions[missing] = torch.from_numpy(labels).to(regions)
+        return PixelResults(indices, maps, regions != 0, regions)

@@ -182,15 +182,16 @@ class GroupsDataModule(LightningDataModule):
 
 
 class MapsDataModule(BlobDataModule):
-    """Blob images with pixel masks (a bright square in the anomalous ones) for anomaly maps; no prepare_data."""
+    """Blob images with pixel masks (a bright square in the anomalous ones) for anomaly maps; no prepare_data. The
+    square is two ground-truth regions (its top row and the rest), as if labelled before a resize joined them."""
 
     def test_dataloader(self) -> DataLoader:
-        images, masks = self.test_images.clone(), torch.zeros(len(self.test_images), 8, 8)
+        images, regions = self.test_images.clone(), torch.zeros(len(self.test_images), 8, 8, dtype=torch.int32)
         anomalous = self.test_labels == 1
-        images[anomalous, :, 2:5, 3:6], masks[anomalous, 2:5, 3:6] = 1.0, 1.0
+        images[anomalous, :, 2:5, 3:6], regions[anomalous, 2, 3:6], regions[anomalous, 3:5, 3:6] = 1.0, 1, 2
         samples = [
-            {"image": x, "label": y, "index": torch.tensor(i), "gt_mask": m}
-            for i, (x, y, m) in enumerate(zip(images, self.test_labels, masks, strict=True))
+            {"image": x, "label": y, "index": torch.tensor(i), "gt_mask": (r != 0).float(), "gt_regions": r}
+            for i, (x, y, r) in enumerate(zip(images, self.test_labels, regions, strict=True))
         ]
         return DataLoader(samples, batch_size=self.batch_size)
 

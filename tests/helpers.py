@@ -8,6 +8,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from lightning import LightningDataModule
 from torch import nn
@@ -114,3 +115,35 @@ def rank_verdict(trainer, refusal: type[BaseException]) -> Iterator[None]:
         say(f"rank {trainer.global_rank}: refused: {error}")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def brute_force_pro(
+    maps: torch.Tensor,
+    masks: torch.Tensor,
+    fpr_limit: float = 0.3,
+    regions: list[tuple[int, np.ndarray]] | None = None,
+) -> float:
+    """PRO by its definition: every distinct score as a threshold, every region measured directly. ``regions``:
+    ``(image, bool [H, W])`` pairs; default the masks' 8-connected components (scipy)."""
+    from scipy.ndimage import label
+
+    m, gt = maps.double().numpy(), masks.numpy() != 0
+    if regions is None:
+        regions = []
+        for i in range(len(m)):
+            labels, count = label(gt[i], structure=np.ones((3, 3)))
+            regions += [(i, labels == r) for r in range(1, count + 1)]
+    normal = ~gt
+    points = [(0.0, 0.0)]
+    for t in np.unique(m)[::-1]:
+        positive = m >= t
+        fpr = (positive & normal).sum() / normal.sum()
+        pro = np.mean([(positive[i] & region).sum() / region.sum() for i, region in regions])
+        points.append((fpr, pro))
+    points.append((1.0, 1.0))
+    x, y = np.array(points).T
+    inside = x <= fpr_limit
+    xs = np.append(x[inside], fpr_limit)
+    ys = np.append(y[inside], np.interp(fpr_limit, x, y))  # x ascending; ties keep the last point's order
+    trapezoid = getattr(np, "trapezoid", None) or np.trapz  # (numpy 1.x has only trapz)
+    return float(trapezoid(ys, xs) / fpr_limit)

@@ -314,6 +314,47 @@ def test_a_full_size_mask_of_a_downscaled_image_is_accepted_and_a_ground_truth_i
         OneClassDataModule(dataset="folder", root=str(root)).setup()
 
 
+def test_pro_weighs_a_thin_scratch_as_one_defect_not_as_the_pieces_a_resize_leaves(tmp_path):
+    """A 3 px scratch drawn on 256 px images falls apart into pieces when the mask is resized to the 32 px the maps
+    have: PRO's regions are those of the drawn mask (one per scratch), not every piece as a defect of its own."""
+    from PIL import ImageDraw
+    from scipy.ndimage import label
+
+    root = tmp_path / "set"
+    rng = np.random.default_rng(0)
+    for folder, n in (("train/good", 4), ("test/good", 2)):
+        (root / folder).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(90, 110, (256, 256, 3), dtype=np.uint8)).save(root / folder / f"{i:03d}.png")
+    (root / "test" / "scratch").mkdir(parents=True)
+    (root / "ground_truth" / "scratch").mkdir(parents=True)
+    for i, line in enumerate([(10, 20, 245, 100), (40, 230, 200, 10)]):
+        image, mask = Image.fromarray(rng.integers(90, 110, (256, 256, 3), dtype=np.uint8)), Image.new("L", (256, 256))
+        ImageDraw.Draw(image).line(line, fill=(255, 255, 255), width=9)
+        ImageDraw.Draw(mask).line(line, fill=255, width=3)
+        image.save(root / "test" / "scratch" / f"{i:03d}.png")
+        mask.save(root / "ground_truth" / "scratch" / f"{i:03d}_mask.png")
+    dm = OneClassDataModule(dataset="folder", root=str(root), load_size=32, batch_size=3)
+    dm.setup()
+    for sample in (dm.test_dataset[i] for i in range(len(dm.test_dataset))):
+        if sample["label"] == 1:  # one region, in pieces after the resize
+            assert sample["gt_regions"].unique().tolist() == [0, 1]
+            assert torch.equal(sample["gt_mask"], (sample["gt_regions"] != 0).to(torch.uint8))
+            assert label(sample["gt_mask"].numpy(), structure=np.ones((3, 3)))[1] > 2
+        else:
+            assert not sample["gt_regions"].any() and not sample["gt_mask"].any()
+
+    model = DN2Module(backbone=tiny_conv(), anomaly_maps=True, map_layers=["1", "3"], map_images=4, reports=False)
+    results = quiet_trainer().test(model, datamodule=dm)[0]
+    maps = model.maps.test_results
+    # the reference: each image's anomalous pixels as one region, as drawn
+    one_per_scratch = pro_score(maps.maps, maps.masks, thresholds=1000, regions=maps.masks.int())
+    pieces = pro_score(maps.maps, maps.masks, thresholds=1000)
+    assert results["test/pro"] == pytest.approx(one_per_scratch, abs=1e-6)
+    assert abs(one_per_scratch - pieces) > 1e-3, (one_per_scratch, pieces)  # same thresholds: the regions differ
+    assert torch.equal(maps.regions != 0, maps.masks)
+
+
 def test_masks_of_images_in_subfolders_mirror_them_and_a_shared_mask_is_refused(tmp_path):
     root = _mvtec_folder(tmp_path / "set")
     for line, (top, left) in (("lineA", (2, 2)), ("lineB", (25, 45))):

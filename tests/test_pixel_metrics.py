@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import brute_force_pro
 from scipy.ndimage import label
 from sklearn.metrics import roc_auc_score
 from torchmetrics.classification import BinaryAUROC
@@ -34,29 +35,6 @@ def random_maps_and_masks(seed: int, n: int = 4, size: int = 24) -> tuple[torch.
             masks[i, top : top + h, left : left + w] = True
     maps[masks] += 0.4 * torch.rand(int(masks.sum()), generator=g)
     return maps, masks
-
-
-def brute_force_pro(maps: torch.Tensor, masks: torch.Tensor, fpr_limit: float = 0.3) -> float:
-    """PRO by its definition: every distinct score as a threshold, every region measured directly."""
-    m, gt = maps.double().numpy(), masks.numpy()
-    regions = []
-    for i in range(len(m)):
-        labels, count = label(gt[i], structure=np.ones((3, 3)))
-        regions += [(i, labels == r) for r in range(1, count + 1)]
-    normal = ~gt
-    points = [(0.0, 0.0)]
-    for t in np.unique(m)[::-1]:
-        positive = m >= t
-        fpr = (positive & normal).sum() / normal.sum()
-        pro = np.mean([(positive[i] & region).sum() / region.sum() for i, region in regions])
-        points.append((fpr, pro))
-    points.append((1.0, 1.0))
-    x, y = np.array(points).T
-    inside = x <= fpr_limit
-    xs = np.append(x[inside], fpr_limit)
-    ys = np.append(y[inside], np.interp(fpr_limit, x, y))  # x ascending; ties keep the last point's order
-    trapezoid = getattr(np, "trapezoid", None) or np.trapz  # (numpy 1.x has only trapz)
-    return float(trapezoid(ys, xs) / fpr_limit)
 
 
 # ------------------------------------------------------------------------------------------ pixel AUROC
@@ -192,6 +170,38 @@ def test_pro_needs_regions_and_normal_pixels():
         pro_score(torch.rand(1, 3, 3), torch.eye(3)[None], fpr_limit=0)
 
 
+def whole_image_regions(masks: torch.Tensor) -> list[tuple[int, np.ndarray]]:
+    """Each image's anomalous pixels as one region (the reference for regions labelled before a resize)."""
+    return [(i, masks[i].numpy()) for i in range(len(masks)) if masks[i].any()]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_given_regions_are_the_pro_regions_and_never_merge_across_images(seed):
+    maps, masks = random_maps_and_masks(seed)
+    maps = (maps * 20).round() / 20
+    expected = brute_force_pro(maps, masks, regions=whole_image_regions(masks))
+    assert expected != pytest.approx(brute_force_pro(maps, masks), abs=1e-3)  # the grouping matters here
+    # id 1 in every image: one region per image, not one across them
+    assert pro_score(maps, masks, regions=masks.int()) == pytest.approx(expected, abs=1e-9)
+    assert pro_score(maps, masks, thresholds=10_000, regions=masks.int()) == pytest.approx(expected, abs=2e-3)
+    # any ids: the connected components numbered 40, 47, ... give the default's value
+    labels, _ = label_regions(masks)
+    scattered = torch.from_numpy(np.where(labels > 0, labels * 7 + 33, 0))
+    assert pro_score(maps, masks, regions=scattered) == pytest.approx(brute_force_pro(maps, masks), abs=1e-9)
+
+
+def test_regions_that_are_not_the_masks_are_refused():
+    maps, masks = random_maps_and_masks(0)
+    with pytest.raises(ValueError, match="disagree on which pixels are anomalous"):
+        pro_score(maps, masks, regions=torch.roll(masks.int(), 1, dims=-1))
+    with pytest.raises(ValueError, match="negative ids"):
+        pro_score(maps, masks, regions=-masks.int())
+    with pytest.raises(ValueError, match=r"must be integer region ids of the masks' shape \(4, 24, 24\)"):
+        pro_score(maps, masks, regions=masks.float())
+    with pytest.raises(ValueError, match="must be integer region ids"):
+        MapCollector().update(torch.arange(4), maps, masks, masks[:, :2].int())
+
+
 # ------------------------------------------------------------------------------------------- collector
 
 
@@ -206,6 +216,25 @@ def test_map_collector_keeps_one_row_per_index_in_index_order():
     metrics = pixel_metrics(result.maps, result.masks)
     assert metrics["pixel_auroc"] == pytest.approx(pixel_auroc(maps, masks))
     assert pixel_metrics(maps, torch.zeros_like(masks)) == {}
+
+
+def test_map_collector_keeps_given_regions_and_labels_the_masks_of_batches_without():
+    maps, masks = random_maps_and_masks(1)
+    maps = (maps * 20).round() / 20
+    collector = MapCollector()
+    collector.update(torch.tensor([2, 3]), maps[2:], masks[2:])  # no regions: the masks' connected components
+    collector.update(torch.tensor([0, 1]), maps[:2], masks[:2], masks[:2].int())  # each image's pixels one region
+    result = collector.compute()
+    assert torch.equal(result.masks, masks) and result.regions.dtype == torch.int32
+    components = []
+    for i in (2, 3):
+        labels, count = label(masks[i].numpy(), structure=np.ones((3, 3)))
+        components += [(i, labels == r) for r in range(1, count + 1)]
+    expected = brute_force_pro(maps, masks, regions=whole_image_regions(masks[:2]) + components)
+    assert expected != pytest.approx(brute_force_pro(maps, masks), abs=1e-3)
+    assert pro_score(result.maps, result.masks, regions=result.regions) == pytest.approx(expected, abs=1e-9)
+    binned = pixel_metrics(result.maps, result.masks, thresholds=10_000, regions=result.regions)["pro"]
+    assert binned == pytest.approx(expected, abs=2e-3)
 
 
 @pytest.mark.parametrize("seed", [0, 1])

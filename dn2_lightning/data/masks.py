@@ -2,7 +2,9 @@
 
 ``root/test/<kind>/<stem>.<ext>`` has the mask ``root/ground_truth/<kind>/<stem>_mask.png`` (non-zero =
 anomalous pixel); images of the normal kind have none (all zero). Samples get it as ``gt_mask`` (uint8
-``[H, W]``, at the image's size): the batch key ``mask`` already marks the members of a group.
+``[H, W]``, at the image's size): the batch key ``mask`` already marks the members of a group. They also get
+``gt_regions`` (int32 ``[H, W]``): the mask's 8-connected regions, labelled at the mask file's own resolution and
+resized with it, so that PRO counts a thin scratch that resizing breaks into pieces as the one defect it is.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2.functional import resize
 
 from dn2_lightning.data.images import has_transparency, on_black
+from dn2_lightning.pixel_metrics import label_regions
 
 MASK_SUFFIX = "_mask.png"
 # a mask with transparency that shows nothing on black although it holds a drawing: in its colours (an alpha channel
@@ -154,15 +157,23 @@ def unconfirmed_orientation(headers: tuple[tuple[int, int], int, tuple[int, int]
     return orientation if _same_shape(mask_size, (width, height)) and _same_shape(mask_size, upright) else None
 
 
+def mask_regions(mask: Tensor) -> Tensor:
+    """A mask ``[1, H, W]``'s 8-connected regions, numbered 1..R (0 = normal pixel), int32 ``[1, H, W]``."""
+    labels, _ = label_regions(mask)
+    return torch.from_numpy(labels).to(torch.int32)
+
+
 class MaskedImageDataset(Dataset):
-    """Adds ``gt_mask`` (uint8 ``[H, W]``, 1 = anomalous pixel, at the sample image's size) to the samples of
-    an image-file dataset with ``paths``. (The batch key ``mask`` marks group members; segmentation masks
-    use ``gt_mask``.)
+    """Adds ``gt_mask`` (uint8 ``[H, W]``, 1 = anomalous pixel, at the sample image's size) and ``gt_regions``
+    (int32 ``[H, W]``, the mask's 8-connected regions numbered 1..R, labelled at the mask file's resolution) to the
+    samples of an image-file dataset with ``paths``. (The batch key ``mask`` marks group members; segmentation
+    masks use ``gt_mask``.)
 
     Args:
         dataset: samples with an ``image`` ``[3, H, W]``; ``dataset.paths[i]`` is sample i's file.
         mask_paths: one mask file per ``dataset.paths`` entry, ``None`` for an all-normal image. Masks are
-            binarised (non-zero = anomalous) and resized to the image with nearest-neighbour interpolation.
+            binarised (non-zero = anomalous), their regions labelled, and both resized to the image with
+            nearest-neighbour interpolation (a region that resizing breaks apart keeps one id).
 
     Raises:
         ValueError: a mask file is missing (all are listed).
@@ -230,12 +241,13 @@ class MaskedImageDataset(Dataset):
         sample = dict(self.dataset[i])
         size = list(sample["image"].shape[-2:])
         if self.mask_paths[i] is None:
-            sample["gt_mask"] = torch.zeros(size, dtype=torch.uint8)
-            return sample
-        mask = read_mask(self.mask_paths[i])
-        if list(mask.shape[-2:]) != size:
-            mask = resize(mask, size, interpolation=InterpolationMode.NEAREST_EXACT)
-        sample["gt_mask"] = mask[0]
+            sample["gt_regions"] = torch.zeros(size, dtype=torch.int32)
+        else:
+            regions = mask_regions(read_mask(self.mask_paths[i]))
+            if list(regions.shape[-2:]) != size:
+                regions = resize(regions, size, interpolation=InterpolationMode.NEAREST_EXACT)
+            sample["gt_regions"] = regions[0]
+        sample["gt_mask"] = (sample["gt_regions"] != 0).to(torch.uint8)
         return sample
 
 

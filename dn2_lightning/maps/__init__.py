@@ -7,7 +7,7 @@ kNN, upsampling, smoothing) -> ``head`` (:class:`AnomalyMaps`, the life cycle us
 
 from dn2_lightning.maps.bank import PatchBank
 from dn2_lightning.maps.figures import map_overlay
-from dn2_lightning.maps.head import AnomalyMaps, gt_masks_of, validate_map_options
+from dn2_lightning.maps.head import AnomalyMaps, gt_masks_of, gt_regions_of, validate_map_options
 from dn2_lightning.maps.pyramid import embed_with_patches, pyramid_layers
 from dn2_lightning.maps.spade import (
     PATCH_BANKS,
@@ -25,6 +25,7 @@ __all__ = [
     "embed_with_patches",
     "gaussian_blur",
     "gt_masks_of",
+    "gt_regions_of",
     "map_overlay",
     "nearest_image_patch_scores",
     "pyramid_layers",

@@ -28,6 +28,7 @@ from dn2_lightning.maps.spade import (
 from dn2_lightning.pixel_metrics import DEFAULT_THRESHOLDS, MapCollector, PixelResults, pixel_metrics
 
 GT_MASK_KEYS = ("gt_mask", "pixel_mask")
+GT_REGIONS_KEY = "gt_regions"
 Search = Callable[[Tensor, int], KNNResult]
 
 
@@ -48,9 +49,18 @@ def gt_masks_of(batch: object) -> Tensor | None:
     if isinstance(batch, Mapping):
         for key in GT_MASK_KEYS:
             if key in batch:
-                masks = batch[key]
-                return masks[:, 0] if masks.ndim == 4 else masks
+                return _one_channel(batch[key])
     return None
+
+
+def gt_regions_of(batch: object) -> Tensor | None:
+    """The ground-truth regions ``[B, H, W]`` of a dict batch (key ``gt_regions``: region ids within each sample,
+    0 = normal, labelled before the masks were resized), else None."""
+    return _one_channel(batch[GT_REGIONS_KEY]) if isinstance(batch, Mapping) and GT_REGIONS_KEY in batch else None
+
+
+def _one_channel(masks: Tensor) -> Tensor:
+    return masks[:, 0] if masks.ndim == 4 else masks
 
 
 class AnomalyMaps(nn.Module):
@@ -194,17 +204,21 @@ class AnomalyMaps(nn.Module):
         self.test_maps.reset()
         self.test_results = None
 
-    def update_metrics(self, indices: Tensor, maps: Tensor, masks: Tensor | None) -> None:
+    def update_metrics(
+        self, indices: Tensor, maps: Tensor, masks: Tensor | None, regions: Tensor | None = None
+    ) -> None:
         """Collect a test batch's maps ``[B, H, W]`` with its ground-truth masks (``None``: no masks, every
-        pixel counts as normal)."""
+        pixel counts as normal) and, when the batch has them, its ground-truth regions (PRO's regions; else the
+        masks' connected components)."""
         if masks is None:
-            masks = torch.zeros_like(maps, dtype=torch.bool)
-        if masks.shape != maps.shape:
-            raise ValueError(
-                f"ground-truth masks {tuple(masks.shape)} must have the maps' shape {tuple(maps.shape)}: load masks "
-                "at the images' size."
-            )
-        self.test_maps.update(indices, maps, masks)
+            masks = torch.zeros_like(maps, dtype=torch.bool) if regions is None else regions != 0
+        for name, truth in (("masks", masks), ("regions", regions)):
+            if truth is not None and truth.shape != maps.shape:
+                raise ValueError(
+                    f"ground-truth {name} {tuple(truth.shape)} must have the maps' shape {tuple(maps.shape)}: load "
+                    f"{name} at the images' size."
+                )
+        self.test_maps.update(indices, maps, masks, regions)
 
     def compute_metrics(self) -> dict[str, float]:
         """``{"pixel_auroc", "pro"}`` of the collected test maps (``{}`` when the masks have no anomalous
@@ -214,4 +228,5 @@ class AnomalyMaps(nn.Module):
         results = results._replace(indices=results.indices.reshape(-1))
         self.test_maps.reset()
         self.test_results = PixelResults(*(t.cpu() for t in results))
-        return pixel_metrics(results.maps, results.masks, self.thresholds)  # on the device (MPS: on the CPU)
+        # on the device (MPS: on the CPU)
+        return pixel_metrics(results.maps, results.masks, self.thresholds, regions=results.regions)
