@@ -46,6 +46,7 @@ class BackboneSpec:
         mean, std: per-channel normalisation of [0, 1] images.
         weights_id: ``weights_id() -> str`` naming the pretrained weights' content (a file hash or a versioned
             file name), for caches of embeddings; ``None`` = unknown, nothing is cached.
+        min_input_size: the smallest resolution the trunk takes (smaller images shrink below a kernel).
     """
 
     name: str
@@ -55,6 +56,7 @@ class BackboneSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     weights_id: Callable[[], str] | None = None
+    min_input_size: int = 8
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -79,6 +81,18 @@ def get_backbone_spec(name: str) -> BackboneSpec:
             "mapping images [B, 3, H, W] to embeddings [B, D]."
         )
     return _REGISTRY[name]
+
+
+def check_backbone_input_size(backbone: object, input_size: int | None) -> None:
+    """A registered backbone's smallest resolution, checked before any image is loaded (a smaller one stops the
+    first batch deep inside a convolution: "Kernel size can't be greater than actual input size")."""
+    spec = _REGISTRY.get(backbone) if isinstance(backbone, str) else None
+    if spec is not None and input_size is not None and input_size < spec.min_input_size:
+        raise ValueError(
+            f"input_size={input_size} is below {spec.name}'s smallest input, {spec.min_input_size} px: its layers "
+            f"would shrink the image below their kernels. Use input_size >= {spec.min_input_size} (its own is "
+            f"{spec.image_size}), or None for its own."
+        )
 
 
 class FeatureExtractor(nn.Module):
@@ -195,6 +209,7 @@ def build_backbone(
     if not isinstance(backbone, str):
         raise ValueError(f"backbone must be a registry name or an nn.Module, got {type(backbone).__name__}.")
     spec = get_backbone_spec(backbone)
+    check_backbone_input_size(backbone, image_size)
     return FeatureExtractor(
         spec.build(pretrained),
         mean=spec.mean,
@@ -311,7 +326,8 @@ def _efficientnet_lite_weights_id(variant: int) -> str:
     return f"efficientnet_lite{variant}:sha256:{hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]}"
 
 
-for _variant, _size in [(0, 224), (1, 240), (2, 260)]:
+# the smallest inputs measured (lite0's layers use padding fixed for its own 224 px)
+for _variant, _size, _smallest in [(0, 224, 32), (1, 240, 16), (2, 260, 8)]:
     register_backbone(
         BackboneSpec(
             name=f"efficientnet_lite{_variant}",
@@ -321,5 +337,6 @@ for _variant, _size in [(0, 224), (1, 240), (2, 260)]:
             mean=(0.5, 0.5, 0.5),
             std=(0.5, 0.5, 0.5),
             weights_id=lambda _variant=_variant: _efficientnet_lite_weights_id(_variant),
+            min_input_size=_smallest,
         )
     )

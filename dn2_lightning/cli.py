@@ -38,8 +38,9 @@ from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from dn2_lightning.backbones import list_backbones
+from dn2_lightning.backbones import BackboneWeightsNotFoundError, list_backbones
 from dn2_lightning.checkpointing import readable_checkpoint
 from dn2_lightning.console import info
 from dn2_lightning.data import GroupDataModule, OneClassDataModule, list_datasets
@@ -53,7 +54,8 @@ except ImportError:  # pragma: no cover
 SUBCOMMAND_HELP = {
     "fit": "Build the memory bank: embed the train set once with the frozen backbone, set the threshold from the "
     "training images' leave-one-out scores, and save both in a checkpoint.",
-    "validate": "Score the datamodule's validation set against the memory bank and report its AUROC.",
+    "validate": "Score the datamodule's validation set against the memory bank and report its AUROC (a datamodule "
+    "of your own with val_dataloader; DN2's datamodules have train and test splits only: use test).",
     "test": "Score the test set against the memory bank and report AUROC; write scores.csv, summary.json and figures.",
     "predict": "Score images (e.g. a folder) against the memory bank and write predictions.csv, summary.json "
     "(n scored, n flagged, threshold) and figures.",
@@ -163,27 +165,8 @@ class DN2TQDMProgressBar(_NoVersionMixin, TQDMProgressBar):
     """Lightning's tqdm progress bar without ``v_num``."""
 
 
-# DN2Module arguments that define the bank's content (see dn2_lightning.checkpointing.BANK_SETTINGS)
-BANK_HPARAMS = (
-    "backbone",
-    "pretrained",
-    "input_size",
-    "clean_fraction",
-    "clean_k",
-    "group_pooling",
-    "group_clusters",
-    "group_temperature",
-    "anomaly_maps",
-    "patch_bank",
-    "map_layers",
-)
-
-
 # the decision threshold a checkpoint carries (DN2Module.set_threshold): used when the run sets neither
 THRESHOLD_HPARAMS = ("threshold", "threshold_quantile")
-# scoring settings a checkpoint carries and a run keeps unless it sets them (the threshold's draw of training
-# images: another one would recompute their leave-one-out scores)
-KEPT_HPARAMS = ("threshold_samples",)
 
 
 class DN2ArgumentParser(LightningArgumentParser):
@@ -243,6 +226,19 @@ class DN2CLI(LightningCLI):
             parser = getattr(self, "_subcommand_parsers", {}).get(self.subcommand, self.parser)
             parser.error(str(refusal), ex=error)  # JSONARGPARSE_DEBUG=true shows the whole chain
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Lightning's, with a setting that DN2 refuses while the run starts (a checkpoint's bank against other
+        data, an input size the checkpoint was not built at, missing weights) said as a command line error, as
+        :meth:`instantiate_classes` says those found while building the model or the data."""
+        try:
+            super()._run_subcommand(subcommand)
+        except Exception as error:
+            refusal = _dn2_refusal(error)
+            if refusal is None:
+                raise
+            parser = getattr(self, "_subcommand_parsers", {}).get(subcommand, self.parser)
+            parser.error(str(refusal), ex=error)  # JSONARGPARSE_DEBUG=true shows the whole chain
+
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Lightning's parsing, plus which model settings the run gives itself (its config files and flags, without
         the defaults), so that ``--ckpt_path`` can tell "left out" from "given as the default value".
@@ -263,13 +259,13 @@ class DN2CLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """With ``--ckpt_path``, Lightning replaces every model setting by the checkpoint's, so ``--model.k=50``
-        would silently run with the saved k. DN2 keeps the user's scoring settings (``k``, kNN backend, memory
-        budget, reports) and takes from the checkpoint the settings that define the bank (and
-        ``threshold_samples``) that the run did not set (a bank setting the user set to another value is refused
-        when the checkpoint loads, ``DN2Module.on_load_checkpoint``, naming both values), and its decision
-        threshold (``threshold``,
-        ``threshold_quantile``, e.g. from ``set_threshold``) when the user sets neither. "Set" means given by
-        the run's config files or flags (:meth:`parse_arguments`), even to the default value."""
+        would silently run with the saved k. DN2 keeps the settings the run gives (``k``, kNN backend, memory
+        budget, reports, map settings; a bank setting given another value is refused when the checkpoint loads,
+        ``DN2Module.on_load_checkpoint``, naming both values) and takes every other one from the checkpoint, as
+        ``DN2Module.load_from_checkpoint(path, **given)`` does: a run that leaves out the fit's ``--model.k=5``
+        scores with k = 5. The decision threshold (``threshold``, ``threshold_quantile``, e.g. from
+        ``set_threshold``) comes from the checkpoint only when the run sets neither. "Given" means set by the
+        run's config files or flags (:meth:`parse_arguments`), even to the default value."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or not Path(ckpt_path).is_file():
@@ -290,7 +286,7 @@ class DN2CLI(LightningCLI):
             left_at_default = {name for name in defaults if name in model and name not in self._given_model}
         else:
             left_at_default = {name for name, default in defaults.items() if name in model and model[name] == default}
-        restored = [*BANK_HPARAMS, *KEPT_HPARAMS]
+        restored = [name for name in defaults if name not in THRESHOLD_HPARAMS]
         if left_at_default.issuperset(THRESHOLD_HPARAMS):  # the checkpoint's threshold, unless the run sets one
             restored += THRESHOLD_HPARAMS
         for name in restored:
@@ -345,6 +341,13 @@ class DN2CLI(LightningCLI):
         warnings.filterwarnings("ignore", message="ModelCheckpoint saved no checkpoint in this fit")
 
     def before_validate(self) -> None:
+        datamodule = self.datamodule
+        if datamodule is not None and not is_overridden("val_dataloader", datamodule, LightningDataModule):
+            parser = self._subcommand_parsers.get("validate", self.parser)
+            parser.error(
+                f"{type(datamodule).__name__} has no validation split (no val_dataloader): score its test split with "
+                "`dn2 test`, or use a datamodule of your own that defines val_dataloader."
+            )
         _ignore_fit_callback_states()
 
     def before_test(self) -> None:
@@ -531,7 +534,8 @@ def _param_lines(params: dict[str, tuple[Any, str]], width: int) -> list[str]:
 
 
 def _dn2_refusal(error: BaseException) -> BaseException | None:
-    """The ``ValueError``/``OSError`` raised by this package's own checks in ``error``'s chain (jsonargparse wraps
+    """The ``ValueError``/``OSError``/:class:`BackboneWeightsNotFoundError` raised by this package's own checks in
+    ``error``'s chain (jsonargparse wraps
     a class's refusal into "Does not validate against any of the Union subtypes"). A ``TypeError`` (a wrong call
     inside the package) keeps its traceback."""
     package = Path(__file__).parent
@@ -543,7 +547,7 @@ def _dn2_refusal(error: BaseException) -> BaseException | None:
         while frame is not None and frame.tb_next is not None:
             frame = frame.tb_next
         raised_here = frame is not None and Path(frame.tb_frame.f_code.co_filename).is_relative_to(package)
-        if raised_here and isinstance(current, ValueError | OSError):
+        if raised_here and isinstance(current, ValueError | OSError | BackboneWeightsNotFoundError):
             return current
         current = current.__cause__ or current.__context__
     return None

@@ -66,6 +66,8 @@ class DN2Detector(BaseEstimator):
         decision_scores_: ``[N]`` every training row's score against the bank, in ``X``'s order, kept rows
             leaving themselves out (PyOD's training scores).
         threshold_: the decision threshold. ``labels_``: ``decision_scores_ > threshold_`` as 0/1.
+        ``kept_``, ``decision_scores_`` and ``labels_`` are NumPy arrays for NumPy (or list) ``X``, tensors on
+        ``X``'s device for a tensor, as the methods' results are.
     """
 
     def __init__(
@@ -98,35 +100,37 @@ class DN2Detector(BaseEstimator):
         n = x.shape[0]
         if n <= self.k:
             raise ValueError(f"X has {n} rows; DN2 with k={self.k} needs more than k rows to fit and set a threshold.")
-        self.kept_ = torch.ones(n, dtype=torch.bool, device=x.device)
+        kept = torch.ones(n, dtype=torch.bool, device=x.device)
         if self.clean_fraction > 0:
             loo = leave_one_out_scores(x, torch.arange(n, device=x.device), min(self.clean_k, n - 1), self._searcher(x))
-            self.kept_ = keep_lowest(loo, self.clean_fraction)
-            if int(self.kept_.sum()) <= self.k:
+            kept = keep_lowest(loo, self.clean_fraction)
+            if int(kept.sum()) <= self.k:
                 raise ValueError(
-                    f"clean_fraction={self.clean_fraction} leaves {int(self.kept_.sum())} rows, not more than "
+                    f"clean_fraction={self.clean_fraction} leaves {int(kept.sum())} rows, not more than "
                     f"k={self.k}; lower clean_fraction or k."
                 )
-        self.bank_ = x[self.kept_]  # a copy: X may be the caller's own array, which it can modify afterwards
+        self.bank_ = x[kept]  # a copy: X may be the caller's own array, which it can modify afterwards
         self._prepared = None
         # every training row scored against the bank (the kept ones leaving themselves out), as a test row is:
         # the kept rows alone are the densest and would put the threshold too low
         bank_ids = torch.arange(len(self.bank_), device=x.device)
         kept_scores = leave_one_out_scores(self.bank_, bank_ids, self.k, self._searcher())
         scores = kept_scores.new_empty(n)
-        scores[self.kept_] = kept_scores
-        if not self.kept_.all():
-            scores[~self.kept_] = self._scores(x[~self.kept_])
-        self.decision_scores_ = scores
-        self._sorted_scores = self.decision_scores_.sort().values
-        self.threshold_ = quantile_threshold(self.decision_scores_, self.threshold_quantile)
-        self.labels_ = (self.decision_scores_ > self.threshold_).long()
+        scores[kept] = kept_scores
+        if not kept.all():
+            scores[~kept] = self._scores(x[~kept])
+        self._sorted_scores = scores.sort().values
+        self.threshold_ = quantile_threshold(scores, self.threshold_quantile)
+        # NumPy for NumPy input, as PyOD's (and this class's methods') results
+        self.kept_ = _like_input(kept, X)
+        self.decision_scores_ = _like_input(scores, X)
+        self.labels_ = _like_input((scores > self.threshold_).long(), X)
         return self
 
     def fit_predict(self, X: ArrayLike, y: Any = None) -> np.ndarray | Tensor:  # noqa: N803
         """``fit(X)``, then the training rows' 0/1 labels (:attr:`labels_`), as PyOD's ``fit_predict``."""
         self.fit(X)
-        return _like_input(self.labels_, X)
+        return self.labels_
 
     def decision_function(self, X: ArrayLike) -> np.ndarray | Tensor:  # noqa: N803
         """DN2 scores ``[M]`` of the rows of ``X`` (higher = more anomalous), as a numpy array for numpy

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from torchmetrics.classification import BinaryAUROC
 
-from dn2_lightning.backbones import build_backbone
+from dn2_lightning.backbones import build_backbone, check_backbone_input_size
 from dn2_lightning.bank import BankBuilder, BankCollector, MemoryBank
 from dn2_lightning.bank_checkpointing import BankCheckpointing
 from dn2_lightning.batch import Batch, check_dataset_labels, check_group_mask, unpack_batch
@@ -1443,6 +1443,7 @@ def _validate_hparams(hp: Mapping[str, Any]) -> None:
     """The settings' checks: at construction, and again at each use (``hparams`` may be edited between calls)."""
     check_k(hp["k"])
     check_input_size(hp["input_size"])
+    check_backbone_input_size(hp.get("backbone"), hp["input_size"])
     check_knn_backend(hp["knn_backend"])
     check_int("max_memory_bytes", hp["max_memory_bytes"], 2**16, allow_none=True)
     check_clean_fraction(hp["clean_fraction"])

@@ -333,7 +333,7 @@ def pixel_metrics(
     with ``thresholds`` thresholds; ``{}`` when the masks hold no anomalous (or no normal) pixel. ``regions``:
     PRO's ground-truth regions (see :func:`pro_curve`; ``None``: the masks' 8-connected components)."""
     if lacks_float64(maps.device):  # (Apple's MPS) the binning is computed in float64
-        maps, masks = maps.cpu(), masks.cpu()
+        maps, masks, regions = maps.cpu(), masks.cpu(), None if regions is None else regions.cpu()
     if not masks.any() or masks.all():
         return {}
     return {

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from dn2_lightning.backbones import build_backbone, get_backbone_spec
+from dn2_lightning.backbones import build_backbone, check_backbone_input_size, get_backbone_spec
 from dn2_lightning.cache import atomic_write, load_cached, save_atomic
 from dn2_lightning.data.classes import draw_contaminants, resolve_class
 from dn2_lightning.data.datasets import ArrayImageDataset, iter_image_batches
@@ -152,6 +152,7 @@ def embed_split(
     """
     check_choice("precision", precision, PRECISIONS)
     check_input_size(input_size)
+    check_backbone_input_size(backbone, input_size)
     check_positive_int("batch_size", batch_size)
     target = _resolve_device(device)
     source = load_split(dataset, split, root)
@@ -378,6 +379,7 @@ def run_protocol(
     spec = get_backbone_spec(backbone)
     check_k(k)
     check_input_size(input_size)
+    check_backbone_input_size(backbone, input_size)
     check_contamination(contamination)
     check_clean_fraction(clean_fraction)
     check_clean_k(clean_k)
@@ -457,30 +459,49 @@ def run_protocol(
 
 
 def join_list_option(argv: Sequence[str], option: str = "--classes") -> list[str]:
-    """Rewrite ``option a b c`` (values up to the next ``--flag``) as ``option=[a, b, c]`` for jsonargparse.
+    """Rewrite ``option a b c`` (values up to the next flag, ``-h`` included) as ``option=[a, b, c]`` for
+    jsonargparse; ``option=a`` and ``option=[a, b]`` are read too, and repeated options are joined in order.
 
     A single value that is already a list (``'[0, 1]'``) or ``null`` is left as it is.
 
-    >>> join_list_option(["--classes", "0", "1", "--k", "2"])
-    ['--classes=[0, 1]', '--k', '2']
+    >>> join_list_option(["--classes", "0", "1", "--k", "2", "--classes=shirt"])
+    ['--classes=[0, 1, "shirt"]', '--k', '2']
     """
+    import yaml
+
     out: list[str] = []
+    found: list[str] = []  # every value token given to the option, in order
+    at = None  # where the joined option goes: the first occurrence
     i = 0
     while i < len(argv):
+        if argv[i].startswith(option + "="):
+            at = len(out) if at is None else at
+            found.append(argv[i][len(option) + 1 :])
+            i += 1
+            continue
         if argv[i] != option:
             out.append(argv[i])
             i += 1
             continue
+        at = len(out) if at is None else at
         j = i + 1
-        while j < len(argv) and not argv[j].startswith("--"):
+        while j < len(argv) and not (argv[j].startswith("-") and not argv[j].lstrip("-").isdigit()):
             j += 1
-        values = list(argv[i + 1 : j])
-        if not values or (len(values) == 1 and values[0].strip().startswith(("[", "null", "None"))):
-            out += argv[i:j]
-        else:
-            out.append(f"{option}={json.dumps([int(v) if v.lstrip('-').isdigit() else v for v in values])}")
+        found += argv[i + 1 : j]
         i = j
-    return out
+    if at is None:
+        return out
+    if len(found) == 1 and found[0].strip().startswith(("[", "null", "None")):
+        joined = [f"{option}={found[0]}"]
+    elif not found:
+        joined = [option]  # jsonargparse says that it needs a value
+    else:
+        values: list[object] = []
+        for token in found:
+            parsed = yaml.safe_load(token) if token.strip().startswith("[") else None
+            values += parsed if isinstance(parsed, list) else [int(token) if token.lstrip("-").isdigit() else token]
+        joined = [f"{option}={json.dumps(values)}"]
+    return out[:at] + joined + out[at:]
 
 
 def main(args: list[str] | None = None) -> None:

@@ -65,3 +65,22 @@ def test_input_size_is_applied_or_refused_never_ignored():
         build_backbone(trunk, image_size=100.5)  # before: accepted, then failed inside F.interpolate
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     assert build_backbone(trunk, image_size=48).preprocess(images).shape == (2, 3, 48, 48)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "resnet18"])
+def test_each_backbones_smallest_input_is_the_one_it_declares_and_a_smaller_one_is_refused_at_construction(name):
+    """EfficientNet-Lite0 stops inside a convolution below 32 px ("Kernel size can't be greater than actual input
+    size", after the data had loaded); input_size passed the generic check (>= 8)."""
+    from dn2_lightning.backbones import get_backbone_spec
+
+    spec = get_backbone_spec(name)
+    smallest = spec.min_input_size
+    trunk = spec.build(False).eval()
+    with torch.no_grad():
+        assert torch.isfinite(trunk(torch.rand(1, 3, smallest, smallest))).all()
+        if smallest > 8:  # one pixel less really fails: the declared value is the smallest, not a guess
+            with pytest.raises(RuntimeError, match="Kernel size can't be greater"):
+                trunk(torch.rand(1, 3, smallest - 1, smallest - 1))
+            with pytest.raises(ValueError, match=rf"input_size={smallest - 1} is below {name}'s smallest input"):
+                DN2Module(backbone=name, pretrained=False, input_size=smallest - 1)
+    assert DN2Module(backbone=name, pretrained=False, input_size=smallest).hparams.input_size == smallest

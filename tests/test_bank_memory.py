@@ -92,6 +92,9 @@ def test_unique_by_index_keeps_the_first_row_of_each_index_in_order():
     kept_indices, kept_rows = unique_by_index(indices, rows)
     assert kept_indices.tolist() == sorted(first)
     assert kept_rows.flatten().tolist() == [first[i] for i in sorted(first)]
+    # sorted but repeated (one test image on 2 ranks gathers [0, 0]): not the no-copy path
+    kept_indices, kept_rows = unique_by_index(torch.tensor([0, 0, 1]), torch.tensor([[1.0], [2.0], [3.0]]))
+    assert kept_indices.tolist() == [0, 1] and kept_rows.flatten().tolist() == [1.0, 3.0]
 
 
 def test_float64_mean_by_chunks_matches_numpy(monkeypatch):
@@ -136,14 +139,14 @@ def test_cleaning_by_chunks_removes_what_a_brute_force_removes(monkeypatch):
     loo = leave_one_out_reference(x, 5)
     expected = np.ones(len(x), dtype=bool)
     expected[np.argsort(loo, kind="stable")[-17:]] = False  # 25% of 68 rows, the largest scores
-    assert np.array_equal(detector.kept_.numpy(), expected)
+    assert np.array_equal(detector.kept_, expected)
     bank = x[expected]
     neighbours = NearestNeighbors(n_neighbors=2).fit(bank)
     kept_scores = leave_one_out_reference(bank, 2)
     removed_scores = (neighbours.kneighbors(x[~expected])[0] ** 2).mean(1)
     expected_scores = np.empty(len(x))
     expected_scores[expected], expected_scores[~expected] = kept_scores, removed_scores
-    np.testing.assert_allclose(detector.decision_scores_.numpy(), expected_scores, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(detector.decision_scores_, expected_scores, rtol=1e-5, atol=1e-6)
 
 
 def test_the_detector_prepares_its_bank_once_per_fit_and_pickles_without_it():

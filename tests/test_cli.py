@@ -319,7 +319,7 @@ def test_cli_leaves_warning_filters_as_it_found_them(tmp_path):
     assert warnings.filters == before
 
 
-def test_ckpt_path_keeps_the_users_scoring_settings_and_checks_the_bank_issue11_5(tmp_path):
+def test_ckpt_path_keeps_the_users_scoring_settings_and_checks_the_bank_issue11_5(tmp_path, capsys):
     common = [f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"]
     fit = build_cli(["fit", "--config", "configs/digits.yaml", "--model.input_size=32", *common])
     ckpt = fit.trainer.checkpoint_callback.best_model_path
@@ -331,11 +331,15 @@ def test_ckpt_path_keeps_the_users_scoring_settings_and_checks_the_bank_issue11_
     direct = build_cli(["test", "--config", "configs/digits.yaml", "--model.input_size=32", "--model.k=5", *common])
     torch.testing.assert_close(test.model.test_scores.scores, direct.model.test_scores.scores)
     assert test.model.hparams.threshold_quantile == 0.8
-    with pytest.raises(ValueError, match=r"input_size=32 \(checkpoint\) vs input_size=48 \(this model\)"):
+    # found while the run starts: a command line error with DN2's message, not a 100-line traceback
+    with pytest.raises(SystemExit) as stopped:
         build_cli(["test", *data, f"--ckpt_path={ckpt}", "--model.input_size=48", *common])
+    error = capsys.readouterr().err
+    assert stopped.value.code == 2 and "Traceback" not in error
+    assert re.search(r"error: .*input_size=32 \(checkpoint\) vs input_size=48 \(this model\)", error), error
 
 
-def test_fit_resumed_from_a_done_checkpoint_checks_its_data_and_says_it_wrote_nothing(tmp_path, caplog):
+def test_fit_resumed_from_a_done_checkpoint_checks_its_data_and_says_it_wrote_nothing(tmp_path, caplog, capsys):
     caplog.set_level(logging.INFO)
     common = ["--config", "configs/digits.yaml", f"--trainer.default_root_dir={tmp_path}", *FAST]
     first = build_cli(["fit", *common, "--model.reports=false"])
@@ -345,8 +349,33 @@ def test_fit_resumed_from_a_done_checkpoint_checks_its_data_and_says_it_wrote_no
     assert torch.equal(again.model.bank.embeddings, first.model.bank.embeddings) and not again.model.fit_built_bank
     assert f"the bank is --ckpt_path's ({ckpt}); no new checkpoint was written" in caplog.text
     assert "checkpoint (memory bank + threshold) written" not in caplog.text
-    with pytest.raises(ValueError, match=r"normal_class=0 \(bank\) vs normal_class=3 \(datamodule\)"):
+    with pytest.raises(SystemExit):
         build_cli(["fit", *common, "--data.normal_class=3", f"--ckpt_path={ckpt}"])
+    assert re.search(r"error: .*normal_class=0 \(bank\) vs normal_class=3 \(datamodule\)", capsys.readouterr().err)
+
+
+def test_weights_that_cannot_be_fetched_are_a_command_line_error_not_a_network_traceback(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))  # no cached torchvision weights
+    with pytest.raises(SystemExit) as stopped:
+        build_cli(["test", "--config", "configs/mvtec.yaml", f"--data.root={tmp_path}", "--model.backbone=resnet18"])
+    error = capsys.readouterr().err
+    assert stopped.value.code == 2 and "Traceback" not in error, error[-2000:]
+    assert re.search(r"error: .*resnet18", error) and "efficientnet_lite0" in error, error[-2000:]
+
+
+def test_validate_with_a_datamodule_without_a_validation_split_says_so_and_one_with_it_scores(tmp_path, capsys):
+    """``dn2 validate`` stopped with Lightning's "`val_dataloader` must be implemented" traceback for every
+    datamodule DN2 ships (train and test splits only)."""
+    common = ["--config", "configs/digits.yaml", f"--trainer.default_root_dir={tmp_path}", *FAST]
+    with pytest.raises(SystemExit) as stopped:
+        build_cli(["validate", *common])
+    error = capsys.readouterr().err
+    assert stopped.value.code == 2 and "Traceback" not in error
+    assert "OneClassDataModule has no validation split (no val_dataloader)" in error and "dn2 test" in error
+    validate = build_cli(
+        ["validate", "--data=helpers.BlobWithValDataModule", "--model.backbone=efficientnet_lite0", *common[2:]]
+    )
+    assert "val/auroc" in validate.trainer.callback_metrics
 
 
 def test_dn2_fit_always_names_a_checkpoint_that_holds_the_bank(tmp_path, caplog):
@@ -439,9 +468,10 @@ def test_every_report_folder_keeps_its_runs_config_and_rerunning_it_gives_the_sa
     assert "config" in json.loads((rerun_dir / "dn2_reports" / "test_0" / "summary.json").read_text())["files"]
 
 
-def test_ckpt_path_restores_threshold_samples_and_keeps_the_default_k(tmp_path):
-    # --ckpt_path dropped the checkpoint's threshold_samples (another draw of threshold images), or overrode the
-    # run's k (left at its default) with the checkpoint's, against the docstring's "the user's scoring settings"
+def test_ckpt_path_takes_the_settings_a_run_leaves_out_from_the_checkpoint_as_load_from_checkpoint(tmp_path):
+    # --ckpt_path dropped the checkpoint's threshold_samples (another draw of threshold images); and a scoring setting
+    # left out (the fit's --model.k=5) went back to the library's default: k = 2, another threshold than
+    # load_from_checkpoint gives for the same file, without a word
     config = Path(__file__).parents[1].joinpath("configs", "digits.yaml").read_text().splitlines()
     (tmp_path / "digits.yaml").write_text("\n".join(line for line in config if not line.strip().startswith("k:")))
     common = ["--config", str(tmp_path / "digits.yaml"), f"--trainer.default_root_dir={tmp_path}", *FAST]
@@ -449,7 +479,11 @@ def test_ckpt_path_restores_threshold_samples_and_keeps_the_default_k(tmp_path):
     fit = build_cli(["fit", *common, "--model.k=5", "--model.threshold_samples=40"])
     ckpt = fit.trainer.checkpoint_callback.best_model_path
     predict = build_cli(["predict", *common, f"--ckpt_path={ckpt}"])
-    assert predict.model.hparams.threshold_samples == 40  # restored from the checkpoint
-    assert predict.model.hparams.k == 2  # the run's (default) scoring k, not the checkpoint's 5
+    loaded = DN2Module.load_from_checkpoint(ckpt)
+    assert (predict.model.hparams.k, predict.model.hparams.threshold_samples) == (5, 40) == (loaded.hparams.k, 40)
+    assert float(predict.model.threshold) == pytest.approx(float(loaded.threshold), rel=1e-6)
+    assert float(loaded.threshold) != pytest.approx(float(DN2Module.load_from_checkpoint(ckpt, k=2).threshold))
+    given = build_cli(["predict", *common, f"--ckpt_path={ckpt}", "--model.k=2"])  # given, even the default: kept
+    assert given.model.hparams.k == 2
     expected = DN2Module.load_from_checkpoint(ckpt, k=2).threshold
-    assert float(predict.model.threshold) == pytest.approx(float(expected), rel=1e-6)
+    assert float(given.model.threshold) == pytest.approx(float(expected), rel=1e-6)

@@ -300,6 +300,16 @@ def test_command_line_takes_space_separated_classes_and_input_size(digits_cache,
     assert "| 7 | 7 |" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"classes\[1\]=12 is out of range"):
         main([*args, "--classes", "3", "12"])
+    # --classes=3 was a type error, and a repeated --classes kept its last list only (class 3 silently dropped)
+    main([*args, "--classes=3", "--k", "2", "--classes", "5"])
+    table = capsys.readouterr().out
+    assert "| 3 | 3 |" in table and "| 5 | 5 |" in table and table.count("| 5 | 5 |") == 1
+    with pytest.raises(SystemExit) as shown:  # -h ends the list of classes (it was read as a class name)
+        main([*args, "--classes", "3", "-h"])
+    assert shown.value.code == 0 and "--classes" in capsys.readouterr().out
+    # an input EfficientNet-Lite0 cannot take is refused before any image is read (it stopped in a convolution)
+    with pytest.raises(ValueError, match="input_size=16 is below efficientnet_lite0's smallest input, 32 px"):
+        main([*args[:2], "--input_size", "16", *args[4:], "--backbone", "efficientnet_lite0", "--classes", "3"])
 
 
 def test_progress_bars_on_request(tmp_path, digits_cache, capsys):

@@ -9,9 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dn2_lightning.detector import DN2Detector
-from dn2_lightning.knn import brute_force_knn
+from dn2_lightning.knn import KNNResult, brute_force_knn
 from dn2_lightning.scoring import (
     cleaning_mask,
+    drop_own_group,
+    keep_lowest,
     knn_scores,
     leave_one_out_knn,
     normalized_scores,
@@ -186,3 +188,24 @@ def test_rank_auroc_needs_both_classes_and_one_binary_label_per_score():
         rank_auroc(torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match=r"values \[0, 2\]"):
         rank_auroc(torch.tensor([0.1, 0.2]), torch.tensor([0, 2]))
+
+
+def test_keep_lowest_breaks_ties_by_row_order():
+    # 1 of 4 rows removed (0.25 x 4); rows 1 and 2 tie at the largest score: the later one goes
+    assert keep_lowest(torch.tensor([1.0, 2.0, 2.0, 0.0]), 0.25).tolist() == [True, True, False, True]
+
+
+@pytest.mark.parametrize(
+    "sources, expected",
+    [
+        ([-1, -1, 7, 8], [1, 2]),  # unknown sources are not one image: row 1 stays a neighbour of row 0
+        ([7, 7, 8, 9], [2, 3]),  # row 1 holds row 0's image: left out
+        (None, [1, 2]),
+    ],
+)
+def test_drop_own_group_leaves_out_copies_of_known_images_only(sources, expected):
+    knn = KNNResult(torch.tensor([[0.0, 1.0, 4.0, 9.0]]), torch.tensor([[0, 1, 2, 3]]))
+    table = None if sources is None else torch.tensor(sources)
+    kept = drop_own_group(knn, own_ids=torch.tensor([0]), members=1, k=2, sources=table)
+    assert kept.indices.tolist() == [expected]
+    assert kept.values.tolist() == [[float(i) ** 2 for i in expected]]

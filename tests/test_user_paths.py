@@ -694,8 +694,8 @@ def test_the_unsupervised_threshold_scores_every_training_row_against_the_cleane
     assert float(loaded.threshold) == pytest.approx(np.quantile(reference(3), 0.9), rel=1e-5)
 
     detector = DN2Detector(k=2, threshold_quantile=0.9, clean_fraction=0.5, clean_k=5).fit(rows)
-    np.testing.assert_array_equal(detector.kept_.numpy(), kept)
-    np.testing.assert_allclose(detector.decision_scores_.numpy(), reference(2), rtol=1e-9)
+    np.testing.assert_array_equal(detector.kept_, kept)
+    np.testing.assert_allclose(detector.decision_scores_, reference(2), rtol=1e-9)
     assert detector.threshold_ == pytest.approx(np.quantile(reference(2), 0.9), rel=1e-9)
 
 
