@@ -54,8 +54,7 @@ except ImportError:  # pragma: no cover
 SUBCOMMAND_HELP = {
     "fit": "Build the memory bank: embed the train set once with the frozen backbone, set the threshold from the "
     "training images' leave-one-out scores, and save both in a checkpoint.",
-    "validate": "Score the datamodule's validation set against the memory bank and report its AUROC (a datamodule "
-    "of your own with val_dataloader; DN2's datamodules have train and test splits only: use test).",
+    "validate": "Score a datamodule's validation set (its val_dataloader) against the memory bank; report AUROC.",
     "test": "Score the test set against the memory bank and report AUROC; write scores.csv, summary.json and figures.",
     "predict": "Score images (e.g. a folder) against the memory bank and write predictions.csv, summary.json "
     "(n scored, n flagged, threshold) and figures.",
@@ -167,6 +166,8 @@ class DN2TQDMProgressBar(_NoVersionMixin, TQDMProgressBar):
 
 # the decision threshold a checkpoint carries (DN2Module.set_threshold): used when the run sets neither
 THRESHOLD_HPARAMS = ("threshold", "threshold_quantile")
+# settings of the run and its machine, not of the model: a run that leaves them out gets the defaults, not the fit's
+RUN_HPARAMS = ("reports", "max_memory_bytes", "knn_backend", "bank_sharding")
 
 
 class DN2ArgumentParser(LightningArgumentParser):
@@ -261,10 +262,12 @@ class DN2CLI(LightningCLI):
         """With ``--ckpt_path``, Lightning replaces every model setting by the checkpoint's, so ``--model.k=50``
         would silently run with the saved k. DN2 keeps the settings the run gives (``k``, kNN backend, memory
         budget, reports, map settings; a bank setting given another value is refused when the checkpoint loads,
-        ``DN2Module.on_load_checkpoint``, naming both values) and takes every other one from the checkpoint, as
-        ``DN2Module.load_from_checkpoint(path, **given)`` does: a run that leaves out the fit's ``--model.k=5``
-        scores with k = 5. The decision threshold (``threshold``, ``threshold_quantile``, e.g. from
-        ``set_threshold``) comes from the checkpoint only when the run sets neither. "Given" means set by the
+        ``DN2Module.on_load_checkpoint``, naming both values) and takes the model's other settings from the
+        checkpoint, as ``DN2Module.load_from_checkpoint(path, **given)`` does: a run that leaves out the fit's
+        ``--model.k=5`` scores with k = 5 (and says so). Settings of the run and its machine (:data:`RUN_HPARAMS`:
+        reports, memory budget, kNN backend, bank sharding) are never the fit's. The decision threshold
+        (``threshold``, ``threshold_quantile``, e.g. from ``set_threshold``) comes from the checkpoint only when the
+        run sets neither. "Given" means set by the
         run's config files or flags (:meth:`parse_arguments`), even to the default value."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
@@ -286,14 +289,18 @@ class DN2CLI(LightningCLI):
             left_at_default = {name for name in defaults if name in model and name not in self._given_model}
         else:
             left_at_default = {name for name, default in defaults.items() if name in model and model[name] == default}
-        restored = [name for name in defaults if name not in THRESHOLD_HPARAMS]
+        restored = [name for name in defaults if name not in (*THRESHOLD_HPARAMS, *RUN_HPARAMS)]
         if left_at_default.issuperset(THRESHOLD_HPARAMS):  # the checkpoint's threshold, unless the run sets one
             restored += THRESHOLD_HPARAMS
+        taken = []
         for name in restored:
             if name not in saved or str(saved[name]).startswith(CUSTOM_BACKBONE):
                 continue
             if name in left_at_default and model[name] != saved[name]:
                 model[name] = saved[name]
+                taken.append(f"{name}={saved[name]!r}")
+        if taken:
+            info(f"DN2: from the checkpoint (this run leaves them out): {', '.join(taken)}")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})
@@ -342,7 +349,10 @@ class DN2CLI(LightningCLI):
 
     def before_validate(self) -> None:
         datamodule = self.datamodule
-        if datamodule is not None and not is_overridden("val_dataloader", datamodule, LightningDataModule):
+        has_split = is_overridden("val_dataloader", self.model, DN2Module) or (
+            datamodule is not None and is_overridden("val_dataloader", datamodule, LightningDataModule)
+        )
+        if datamodule is not None and not has_split:
             parser = self._subcommand_parsers.get("validate", self.parser)
             parser.error(
                 f"{type(datamodule).__name__} has no validation split (no val_dataloader): score its test split with "

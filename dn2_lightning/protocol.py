@@ -462,7 +462,8 @@ def join_list_option(argv: Sequence[str], option: str = "--classes") -> list[str
     """Rewrite ``option a b c`` (values up to the next flag, ``-h`` included) as ``option=[a, b, c]`` for
     jsonargparse; ``option=a`` and ``option=[a, b]`` are read too, and repeated options are joined in order.
 
-    A single value that is already a list (``'[0, 1]'``) or ``null`` is left as it is.
+    ``null`` (every class) stands alone: a later occurrence replaces it, and it replaces the earlier ones. An
+    occurrence without a value, or a list that does not parse, is passed on for jsonargparse to refuse.
 
     >>> join_list_option(["--classes", "0", "1", "--k", "2", "--classes=shirt"])
     ['--classes=[0, 1, "shirt"]', '--k', '2']
@@ -470,13 +471,13 @@ def join_list_option(argv: Sequence[str], option: str = "--classes") -> list[str
     import yaml
 
     out: list[str] = []
-    found: list[str] = []  # every value token given to the option, in order
+    occurrences: list[list[str]] = []  # the value tokens of each occurrence, in order
     at = None  # where the joined option goes: the first occurrence
     i = 0
     while i < len(argv):
         if argv[i].startswith(option + "="):
             at = len(out) if at is None else at
-            found.append(argv[i][len(option) + 1 :])
+            occurrences.append([argv[i][len(option) + 1 :]])
             i += 1
             continue
         if argv[i] != option:
@@ -487,21 +488,29 @@ def join_list_option(argv: Sequence[str], option: str = "--classes") -> list[str
         j = i + 1
         while j < len(argv) and not (argv[j].startswith("-") and not argv[j].lstrip("-").isdigit()):
             j += 1
-        found += argv[i + 1 : j]
+        occurrences.append(list(argv[i + 1 : j]))
         i = j
     if at is None:
         return out
-    if len(found) == 1 and found[0].strip().startswith(("[", "null", "None")):
-        joined = [f"{option}={found[0]}"]
-    elif not found:
-        joined = [option]  # jsonargparse says that it needs a value
-    else:
-        values: list[object] = []
-        for token in found:
-            parsed = yaml.safe_load(token) if token.strip().startswith("[") else None
-            values += parsed if isinstance(parsed, list) else [int(token) if token.lstrip("-").isdigit() else token]
-        joined = [f"{option}={json.dumps(values)}"]
-    return out[:at] + joined + out[at:]
+    if any(not tokens for tokens in occurrences):
+        return out[:at] + [option] + out[at:]  # jsonargparse: "expected one argument"
+    values: list[object] | None = []
+    for tokens in occurrences:
+        if len(tokens) == 1 and tokens[0].strip() in ("null", "None"):
+            values = None  # every class, until a later occurrence names some
+            continue
+        values = values or []
+        for token in tokens:
+            if token.strip().startswith("["):
+                try:
+                    parsed = yaml.safe_load(token)
+                except yaml.YAMLError:
+                    return out[:at] + [f"{option}={token}"] + out[at:]  # jsonargparse names the bad value
+                if isinstance(parsed, list):
+                    values += parsed
+                    continue
+            values.append(int(token) if token.lstrip("-").isdigit() else token)
+    return out[:at] + [f"{option}={'null' if values is None else json.dumps(values)}"] + out[at:]
 
 
 def main(args: list[str] | None = None) -> None:

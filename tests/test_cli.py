@@ -220,7 +220,7 @@ def test_subcommands_are_described_in_dn2_terms(monkeypatch, capsys):
     monkeypatch.setenv("COLUMNS", "80")
     text = " ".join(help_text(["--help"], capsys).split())  # unwrapped
     assert "fit Build the memory bank" in text
-    assert "validate Score the datamodule's validation set" in text
+    assert "validate Score a datamodule's validation set" in text
     assert "test Score the test set against the memory bank and report AUROC" in text
     assert "predict Score images" in text and "predictions.csv" in text
     assert "Runs the full optimization routine" not in text
@@ -354,7 +354,14 @@ def test_fit_resumed_from_a_done_checkpoint_checks_its_data_and_says_it_wrote_no
     assert re.search(r"error: .*normal_class=0 \(bank\) vs normal_class=3 \(datamodule\)", capsys.readouterr().err)
 
 
-def test_weights_that_cannot_be_fetched_are_a_command_line_error_not_a_network_traceback(tmp_path, capsys, monkeypatch):
+def test_weights_that_cannot_be_fetched_are_a_command_line_error_not_a_traceback(tmp_path, capsys, monkeypatch):
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled by the test")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)  # offline whatever the machine has
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))  # no cached torchvision weights
     with pytest.raises(SystemExit) as stopped:
         build_cli(["test", "--config", "configs/mvtec.yaml", f"--data.root={tmp_path}", "--model.backbone=resnet18"])
@@ -468,19 +475,26 @@ def test_every_report_folder_keeps_its_runs_config_and_rerunning_it_gives_the_sa
     assert "config" in json.loads((rerun_dir / "dn2_reports" / "test_0" / "summary.json").read_text())["files"]
 
 
-def test_ckpt_path_takes_the_settings_a_run_leaves_out_from_the_checkpoint_as_load_from_checkpoint(tmp_path):
+def test_ckpt_path_takes_the_model_settings_a_run_leaves_out_from_the_checkpoint(tmp_path, caplog):
     # --ckpt_path dropped the checkpoint's threshold_samples (another draw of threshold images); and a scoring setting
     # left out (the fit's --model.k=5) went back to the library's default: k = 2, another threshold than
-    # load_from_checkpoint gives for the same file, without a word
+    # load_from_checkpoint gives for the same file, without a word. The run's own settings (reports, memory budget)
+    # stay the run's: a fit without reports must not silence the test's
+    caplog.set_level(logging.INFO)
     config = Path(__file__).parents[1].joinpath("configs", "digits.yaml").read_text().splitlines()
     (tmp_path / "digits.yaml").write_text("\n".join(line for line in config if not line.strip().startswith("k:")))
     common = ["--config", str(tmp_path / "digits.yaml"), f"--trainer.default_root_dir={tmp_path}", *FAST]
-    common += ["--model.reports=false"]
-    fit = build_cli(["fit", *common, "--model.k=5", "--model.threshold_samples=40"])
+    run_settings = ["--model.reports=false", "--model.max_memory_bytes=70000"]
+    fit = build_cli(["fit", *common, *run_settings, "--model.k=5", "--model.threshold_samples=40"])
     ckpt = fit.trainer.checkpoint_callback.best_model_path
+    caplog.clear()
     predict = build_cli(["predict", *common, f"--ckpt_path={ckpt}"])
     loaded = DN2Module.load_from_checkpoint(ckpt)
-    assert (predict.model.hparams.k, predict.model.hparams.threshold_samples) == (5, 40) == (loaded.hparams.k, 40)
+    assert (predict.model.hparams.k, predict.model.hparams.threshold_samples) == (5, 40)
+    assert (loaded.hparams.k, loaded.hparams.threshold_samples) == (5, 40)
+    assert "from the checkpoint (this run leaves them out): k=5, threshold_samples=40" in caplog.text
+    assert predict.model.hparams.reports is True and predict.model.hparams.max_memory_bytes is None
+    assert list(tmp_path.glob("**/dn2_reports/predict_*/summary.json"))
     assert float(predict.model.threshold) == pytest.approx(float(loaded.threshold), rel=1e-6)
     assert float(loaded.threshold) != pytest.approx(float(DN2Module.load_from_checkpoint(ckpt, k=2).threshold))
     given = build_cli(["predict", *common, f"--ckpt_path={ckpt}", "--model.k=2"])  # given, even the default: kept

@@ -307,6 +307,13 @@ def test_command_line_takes_space_separated_classes_and_input_size(digits_cache,
     with pytest.raises(SystemExit) as shown:  # -h ends the list of classes (it was read as a class name)
         main([*args, "--classes", "3", "-h"])
     assert shown.value.code == 0 and "--classes" in capsys.readouterr().out
+    main([*args, "--classes=null", "--classes", "6"])  # null (every class) is replaced by a later list
+    table = capsys.readouterr().out
+    assert "| 6 | 6 |" in table and "| 0 | 0 |" not in table
+    for bad in (["--classes", "1", "--classes"], ["--classes", "[0, 1", "2"]):  # refused, not dropped or a traceback
+        with pytest.raises(SystemExit) as refused:
+            main([*args, *bad])
+        assert refused.value.code != 0 and "classes" in capsys.readouterr().err
     # an input EfficientNet-Lite0 cannot take is refused before any image is read (it stopped in a convolution)
     with pytest.raises(ValueError, match="input_size=16 is below efficientnet_lite0's smallest input, 32 px"):
         main([*args[:2], "--input_size", "16", *args[4:], "--backbone", "efficientnet_lite0", "--classes", "3"])
