@@ -241,15 +241,17 @@ def test_folder_data_reads_mvtec_masks_resized_to_the_images(tmp_path):
         OneClassDataModule(dataset="folder", root=str(root)).setup()
 
 
-def _mvtec_folder(root: Path) -> Path:
-    """train/good (3 PNGs), test/good (1), test/hole with a defect painted at a known place."""
+def _mvtec_folder(
+    root: Path, kind: str = "hole", size: tuple[int, int] = (40, 60), counts: tuple[int, int] = (3, 1), levels=(0, 255)
+) -> Path:
+    """train/good (3 noise PNGs), test/good (1), and empty test/<kind> and ground_truth/<kind> folders."""
     rng = np.random.default_rng(0)
-    for folder, n in (("train/good", 3), ("test/good", 1)):
+    for folder, n in zip(("train/good", "test/good"), counts, strict=True):
         (root / folder).mkdir(parents=True)
         for i in range(n):
-            Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(root / folder / f"{i:03d}.png")
-    (root / "test" / "hole").mkdir(parents=True)
-    (root / "ground_truth" / "hole").mkdir(parents=True)
+            Image.fromarray(rng.integers(*levels, (*size, 3), dtype=np.uint8)).save(root / folder / f"{i:03d}.png")
+    (root / "test" / kind).mkdir(parents=True)
+    (root / "ground_truth" / kind).mkdir(parents=True)
     return root
 
 
@@ -320,14 +322,8 @@ def test_pro_weighs_a_thin_scratch_as_one_defect_not_as_the_pieces_a_resize_leav
     from PIL import ImageDraw
     from scipy.ndimage import label
 
-    root = tmp_path / "set"
-    rng = np.random.default_rng(0)
-    for folder, n in (("train/good", 4), ("test/good", 2)):
-        (root / folder).mkdir(parents=True)
-        for i in range(n):
-            Image.fromarray(rng.integers(90, 110, (256, 256, 3), dtype=np.uint8)).save(root / folder / f"{i:03d}.png")
-    (root / "test" / "scratch").mkdir(parents=True)
-    (root / "ground_truth" / "scratch").mkdir(parents=True)
+    root = _mvtec_folder(tmp_path / "set", "scratch", size=(256, 256), counts=(4, 2), levels=(90, 110))
+    rng = np.random.default_rng(1)
     for i, line in enumerate([(10, 20, 245, 100), (40, 230, 200, 10)]):
         image, mask = Image.fromarray(rng.integers(90, 110, (256, 256, 3), dtype=np.uint8)), Image.new("L", (256, 256))
         ImageDraw.Draw(image).line(line, fill=(255, 255, 255), width=9)
