@@ -672,16 +672,35 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
             self._search(empty, self.hparams.k)
         self._searches_owed = 0
 
-    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any] | None:
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         """Per sample: ``score``, ``normalized`` score, ``is_anomaly`` (score > threshold; ``None`` when no
         threshold is defined), ``label``, ``index``, and the train-set ``neighbours`` with their squared
         ``distances``. All ranks' rows are also gathered into :attr:`predict_scores` at the end."""
         _refuse_second_dataloader(dataloader_idx, "predict")
         if not self._evaluates_batch():
-            return None
+            return self._no_predictions()
         with self._holding_errors("evaluation", joins_search=True):
             return self._predict_batch(batch, batch_idx)
-        return None  # an error held under DDP (raised at the end, on every rank)
+        return self._no_predictions()  # an error held under DDP (raised at the end, on every rank)
+
+    def _no_predictions(self) -> dict[str, Any]:
+        """A batch's outputs with no rows, after an error held under DDP: a prediction writer (or any
+        ``on_predict_batch_end``) reading the usual keys gets no rows instead of ``None``, so the held error, raised
+        on every rank at the end of the pass, is the one the user sees."""
+        k, device = self.hparams.k, self.device
+        rows = torch.empty(0, device=device)
+        out = {
+            "score": rows,
+            "normalized": rows,
+            "is_anomaly": None if self.threshold.isnan() else rows.bool(),
+            "label": rows.long(),
+            "index": rows.long(),
+            "neighbours": torch.empty(0, k, dtype=torch.long, device=device),
+            "distances": torch.empty(0, k, device=device),
+        }
+        if self.maps is not None:
+            out["anomaly_map"] = torch.empty(0, 0, 0, device=device)
+        return out
 
     def _predict_batch(self, batch: Any, batch_idx: int) -> dict[str, Any]:
         parsed = unpack_batch(self._stage_batch(batch), batch_idx)

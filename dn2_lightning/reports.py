@@ -52,6 +52,7 @@ from dn2_lightning.console import info
 from dn2_lightning.data_source import one_loader, running_datamodule
 from dn2_lightning.distributed import unique_by_index, writes_files
 from dn2_lightning.metrics import AnomalyScores
+from dn2_lightning.scoring import rank_auroc
 
 REPORTS_DIR = "dn2_reports"
 CSV_NAMES = {"test": "scores.csv", "predict": "predictions.csv"}
@@ -207,17 +208,17 @@ def _incomplete(csv_path: Path, reason: str) -> NoReturn:
 # -------------------------------------------------------------------------------------------- summary
 
 
-def summarize(stage: str, scores: AnomalyScores, threshold: float | None, auroc: float | None = None) -> dict[str, Any]:
+def summarize(stage: str, scores: AnomalyScores, threshold: float | None) -> dict[str, Any]:
     """Counts of a run: ``stage``, ``n_scored``, ``n_flagged`` (score > threshold), ``threshold``,
     ``n_labelled_anomalous``, of the labelled samples those flagged (``n_flagged_anomalous``: anomalies caught;
-    ``n_flagged_normal``: false alarms) and ``auroc`` (``None`` where undefined)."""
+    ``n_flagged_normal``: false alarms) and ``auroc`` (exact, from the scores in float64; ``None`` where
+    undefined)."""
     defined = threshold is not None and not math.isnan(threshold)
     labels = scores.labels
     labelled = bool((labels >= 0).all()) and len(labels) > 0
-    if auroc is None and labelled and labels.unique().numel() == 2:
-        from sklearn.metrics import roc_auc_score
-
-        auroc = float(roc_auc_score(labels.numpy(), scores.scores.double().numpy()))
+    auroc = None
+    if labelled and labels.unique().numel() == 2:
+        auroc = rank_auroc(scores.scores, labels)  # the logged test/auroc is torchmetrics' float32 value
     flagged = scores.scores > threshold if defined else None
     return {
         "stage": stage,
@@ -404,8 +405,7 @@ class EvaluationReport(Callback):
         base = self._base(trainer)  # a collective under DDP: every rank reads it
         scores = getattr(pl_module, "test_scores", None)
         if writes_files(trainer) and scores is not None:
-            auroc = trainer.callback_metrics.get("test/auroc")
-            self._write("test", trainer, pl_module, scores, base, None if auroc is None else float(auroc))
+            self._write("test", trainer, pl_module, scores, base)  # AUROC from the scores, in float64
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # the module's own on_predict_epoch_end (gathering ``predict_scores`` from every rank) runs after the
@@ -434,7 +434,6 @@ class EvaluationReport(Callback):
         pl_module: LightningModule,
         scores: AnomalyScores,
         base: Path,
-        auroc: float | None = None,
         paths: Sequence[str] | None = None,
     ) -> None:
         threshold = _threshold_of(pl_module)
@@ -463,7 +462,7 @@ class EvaluationReport(Callback):
             with atomic_write(out / "config.yaml", "w", encoding="utf-8") as f:
                 f.write(config)
             files["config"] = out / "config.yaml"
-        summary = summarize(stage, scores, threshold, auroc)
+        summary = summarize(stage, scores, threshold)
         summary.update(threshold_source(pl_module, threshold))
         hparams = getattr(pl_module, "hparams", {})
         summary["k"] = hparams.get("k")  # what the scores were computed with, beside the checkpoint they came from

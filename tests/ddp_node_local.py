@@ -39,6 +39,17 @@ def main(mode: str, root: str) -> None:
             dm = BlobDataModule(batch_size=4)
             dm.test_images[5, 0, 0, 0] = float("nan")  # an unshuffled DistributedSampler deals index 5 to rank 1
             run.test(model, datamodule=dm, verbose=False)
+        elif mode == "nan_on_one_rank_predict_writer":  # the same in predict, with a writer reading each batch's rows
+            from lightning.pytorch.callbacks import BasePredictionWriter
+
+            class ScoreWriter(BasePredictionWriter):
+                def write_on_batch_end(self, trainer, module, prediction, indices, batch, batch_idx, loader_idx):
+                    assert len(prediction["score"]) == len(prediction["index"]) == len(prediction["neighbours"])
+
+            model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+            dm = BlobDataModule(batch_size=2)
+            dm.test_images[5, 0, 0, 0] = float("nan")  # rank 1's third sample: two more batches follow on its side
+            trainer(root, callbacks=[ScoreWriter("batch")]).predict(model, datamodule=dm, return_predictions=False)
         elif mode == "other_k":  # rank 1's module built with another k: each rank would score its share with its own
             model = DN2Module(k=2 + rank, backbone=linear_backbone(), reports=False)
             run.test(model, datamodule=BlobDataModule(batch_size=8), verbose=False)

@@ -348,6 +348,8 @@ def test_ddp_an_error_on_one_rank_stops_every_rank_together(tmp_path):
         "bank": "rank 1 stopped: ValueError: the checkpoint's weights do not fit this model: backbone.trunk",
         "nan_on_one_rank": "rank 1 stopped: ValueError: NaN or Inf in input images",
         "nan_on_one_rank_shard": "rank 1 stopped: ValueError: NaN or Inf in input images",
+        # a BasePredictionWriter got None for rank 1's batches after its error (a TypeError in the user's writer)
+        "nan_on_one_rank_predict_writer": "rank 1 stopped: ValueError: NaN or Inf in input images",
         "other_k": "under DDP the ranks' DN2Module settings differ (k: rank 0: 2, rank 1: 3)",
         "resume_other": "the ranks' checkpoints to resume fit from differ ((epoch, global_step): rank 0: (1, ",
         "checkpoint_on_one_node": "checkpoints to resume fit from differ ((epoch, global_step): rank 0: (1, 13), rank "
