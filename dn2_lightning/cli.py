@@ -218,27 +218,28 @@ class DN2CLI(LightningCLI):
     def instantiate_classes(self) -> None:
         """Lightning's, with a setting that DN2 refuses while building the model or the data said as a command
         line error (usage, the message, exit code 2), as a value outside a choice is, not as a traceback."""
-        try:
+        with self._refusals_as_usage_errors():
             super().instantiate_classes()
-        except Exception as error:
-            refusal = _dn2_refusal(error)
-            if refusal is None:
-                raise
-            parser = getattr(self, "_subcommand_parsers", {}).get(self.subcommand, self.parser)
-            parser.error(str(refusal), ex=error)  # JSONARGPARSE_DEBUG=true shows the whole chain
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Lightning's, with a setting that DN2 refuses while the run starts (a checkpoint's bank against other
         data, an input size the checkpoint was not built at, missing weights) said as a command line error, as
         :meth:`instantiate_classes` says those found while building the model or the data."""
-        try:
+        with self._refusals_as_usage_errors():
             super()._run_subcommand(subcommand)
+
+    @contextlib.contextmanager
+    def _refusals_as_usage_errors(self) -> Iterator[None]:
+        try:
+            yield
         except Exception as error:
             refusal = _dn2_refusal(error)
             if refusal is None:
                 raise
-            parser = getattr(self, "_subcommand_parsers", {}).get(subcommand, self.parser)
-            parser.error(str(refusal), ex=error)  # JSONARGPARSE_DEBUG=true shows the whole chain
+            self._subcommand_parser().error(str(refusal), ex=error)  # JSONARGPARSE_DEBUG=true shows the whole chain
+
+    def _subcommand_parser(self) -> LightningArgumentParser:
+        return getattr(self, "_subcommand_parsers", {}).get(self.subcommand, self.parser)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Lightning's parsing, plus which model settings the run gives itself (its config files and flags, without
@@ -353,8 +354,7 @@ class DN2CLI(LightningCLI):
             datamodule is not None and is_overridden("val_dataloader", datamodule, LightningDataModule)
         )
         if datamodule is not None and not has_split:
-            parser = self._subcommand_parsers.get("validate", self.parser)
-            parser.error(
+            self._subcommand_parser().error(
                 f"{type(datamodule).__name__} has no validation split (no val_dataloader): score its test split with "
                 "`dn2 test`, or use a datamodule of your own that defines val_dataloader."
             )
