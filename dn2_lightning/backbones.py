@@ -64,6 +64,7 @@ _REGISTRY: dict[str, BackboneSpec] = {}
 
 def register_backbone(spec: BackboneSpec) -> BackboneSpec:
     """Add a backbone to the registry (also usable for your own trunks)."""
+    check_int("min_input_size", spec.min_input_size, 1)
     _REGISTRY[spec.name] = spec
     return spec
 

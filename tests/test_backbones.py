@@ -84,3 +84,14 @@ def test_each_backbones_smallest_input_is_the_one_it_declares_and_a_smaller_one_
             with pytest.raises(ValueError, match=rf"input_size={smallest - 1} is below {name}'s smallest input"):
                 DN2Module(backbone=name, pretrained=False, input_size=smallest - 1)
     assert DN2Module(backbone=name, pretrained=False, input_size=smallest).hparams.input_size == smallest
+
+
+def test_a_registered_backbone_with_a_nonsense_smallest_input_is_refused_naming_it():
+    from dataclasses import replace
+
+    from dn2_lightning.backbones import get_backbone_spec, list_backbones, register_backbone
+
+    spec = replace(get_backbone_spec("resnet18"), name="resnet18_copy", min_input_size="32")
+    with pytest.raises(ValueError, match="min_input_size"):
+        register_backbone(spec)
+    assert "resnet18_copy" not in list_backbones()
