@@ -23,6 +23,13 @@ from typing import IO, Any
 import torch
 
 
+def file_stamp(path: str | Path) -> tuple[int, int, int, int]:
+    """(inode, size, modification time, change time) of a file: rewriting or replacing it changes the stamp, also
+    when a copy keeps the size and modification time (``cp -p``, ``rsync -a``, an unpacked archive)."""
+    stat = os.stat(path)
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+
+
 def load_cached(path: str | Path, key: dict[str, Any]) -> dict[str, Any] | None:
     """The cached dict at ``path`` if its ``"key"`` equals ``key``, else ``None`` (also when there is no file).
 

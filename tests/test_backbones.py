@@ -95,3 +95,25 @@ def test_a_registered_backbone_with_a_nonsense_smallest_input_is_refused_naming_
     with pytest.raises(ValueError, match="min_input_size"):
         register_backbone(spec)
     assert "resnet18_copy" not in list_backbones()
+
+
+def test_torchvision_weights_are_named_in_the_embedding_cache_key_by_their_content(tmp_path, monkeypatch):
+    """The key named torchvision weights by file name alone (torch.hub checks the hash only while downloading): a
+    file replaced under that name, same size and time, was served the embeddings cached for the old one."""
+    import os
+
+    from torchvision.models import get_model_weights
+
+    from dn2_lightning.backbones import get_backbone_spec
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cached = tmp_path / "hub" / "checkpoints" / os.path.basename(get_model_weights("resnet18").DEFAULT.url)
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"weights one")
+    weights_id = get_backbone_spec("resnet18").weights_id
+    first = weights_id()
+    assert first.startswith(f"torchvision:{cached.name}:sha256:") and weights_id() == first
+    times = cached.stat().st_atime_ns, cached.stat().st_mtime_ns
+    cached.write_bytes(b"weights two")
+    os.utime(cached, ns=times)
+    assert weights_id() != first

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gzip
 import multiprocessing
+import os
 import pickle
 import socket
 import struct
@@ -726,3 +727,30 @@ def test_a_group_bank_is_refused_for_other_held_out_classes():
     quiet_trainer().test(model, datamodule=groups([9]))
     with pytest.raises(ValueError, match=r"held_out_classes=\[9\] \(bank\) vs held_out_classes=\[8\] \(datamodule\)"):
         quiet_trainer().test(model, datamodule=groups([8]))
+
+
+def test_a_cifar_file_replaced_in_process_by_a_copy_keeping_size_and_time_is_checked_again(tmp_path, monkeypatch):
+    """The MD5 check was remembered per path, size and modification time: a file replaced by another of the same size
+    with its time kept (cp -p, rsync -a, an unpacked archive) was unpickled unchecked in the same process."""
+    import hashlib
+    import pickle
+
+    import torchvision
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    meta = pickle.dumps({"label_names": [f"class {i}" for i in range(10)]})
+    batch = pickle.dumps({"data": np.zeros((20, 3072), dtype=np.uint8), "labels": list(range(10)) * 2})
+    (folder / "batches.meta").write_bytes(meta)
+    (folder / "test_batch").write_bytes(batch)
+    published = {name: hashlib.md5(content).hexdigest() for name, content in (("test_batch", batch), ("m", meta))}
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "test_list", [["test_batch", published["test_batch"]]])
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "meta", {"filename": "batches.meta", "md5": published["m"]})
+    assert int(load_split("cifar10", "test", tmp_path).images.sum()) == 0  # the published file: read
+    other = pickle.dumps({"data": np.ones((20, 3072), dtype=np.uint8), "labels": list(range(10)) * 2})
+    assert len(other) == len(batch)
+    times = os.stat(folder / "test_batch").st_atime_ns, os.stat(folder / "test_batch").st_mtime_ns
+    (folder / "test_batch").write_bytes(other)
+    os.utime(folder / "test_batch", ns=times)
+    with pytest.raises(ValueError, match=r"test_batch is not CIFAR10's file .*MD5"):
+        load_split("cifar10", "test", tmp_path)

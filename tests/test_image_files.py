@@ -246,3 +246,132 @@ def test_twelve_bit_data_in_a_16_bit_file_is_said_once(tmp_path, monkeypatch):
         load_image(tmp_path / "1.png")  # said once
         Image.fromarray(twelve_bit * 16).save(tmp_path / "full.png")
         assert int(load_image(tmp_path / "full.png").max()) == 251  # 64512 / 65535 * 255
+
+
+def test_sixteen_bit_data_in_a_32_bit_tiff_is_refused_at_set_up_not_read_black(tmp_path):
+    """uint16 camera data saved through .astype(np.int32) is a 32-bit TIFF whose values reach 65535 of 2**31 - 1:
+    read by that range every pixel was 0, so every image of the folder looked alike, with no word."""
+    root = _folder(tmp_path / "set")
+    camera = np.linspace(0, 65535, 12 * 16).reshape(12, 16).astype(np.int32)
+    Image.fromarray(camera, "I").save(root / "train" / "good" / "camera.tif")
+    dm = OneClassDataModule("folder", root=str(root))
+    with pytest.warns(UserWarning, match=r"skipping 1 .*camera\.tif: a 32-bit image whose values reach only 65535 "):
+        dm.setup()
+    assert len(dm.train_dataset) == 4
+    with pytest.raises(ValueError, match=r"camera\.tif: a 32-bit image .*save it as 16 bit \(np\.uint16\)"):
+        OneClassDataModule("folder", root=str(root), on_corrupt="raise").setup()
+    Image.fromarray(camera.astype(np.uint16)).save(root / "train" / "good" / "camera.tif")  # the fix it names
+    dm = OneClassDataModule("folder", root=str(root), on_corrupt="raise")
+    dm.setup()
+    assert len(dm.train_dataset) == 5
+    assert int(load_image(root / "train" / "good" / "camera.tif").max()) == 255
+
+
+def test_twelve_bit_data_in_a_48_bit_colour_png_is_said(tmp_path, monkeypatch):
+    """Pillow keeps the high byte of 16-bit colour channels, so 12-bit RGB camera data read at most 15 of 255 without
+    the word that 16-bit grey images get."""
+    import struct
+    import zlib
+
+    from dn2_lightning.data import images
+
+    def png48(path: Path, values: np.ndarray) -> None:  # Pillow cannot write 16-bit colour PNGs
+        def chunk(kind: bytes, data: bytes) -> bytes:
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+        height, width = values.shape[:2]
+        rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in values)
+        header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+        path.write_bytes(
+            b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+        )
+
+    twelve_bit = np.linspace(0, 4095, 8 * 8 * 3).reshape(8, 8, 3)
+    png48(tmp_path / "full.png", twelve_bit * 16)
+    png48(tmp_path / "twelve.png", twelve_bit)
+    monkeypatch.setattr(images, "_said_low_bit_depth", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert int(load_image(tmp_path / "full.png").max()) == 255  # the whole 16-bit range: no word
+    with pytest.warns(UserWarning, match=r"twelve\.png is a 16-bit colour image whose values stay below 4096"):
+        assert int(load_image(tmp_path / "twelve.png").max()) == 15
+
+
+def test_a_file_of_several_frames_is_said_to_be_read_as_its_first(tmp_path, monkeypatch):
+    from dn2_lightning.data import images
+
+    frames = [Image.fromarray(np.full((8, 8), value, np.uint8)) for value in (10, 200)]
+    frames[0].save(tmp_path / "stack.tif", save_all=True, append_images=frames[1:])
+    monkeypatch.setattr(images, "_said_many_frames", False)
+    with pytest.warns(UserWarning, match=r"stack\.tif holds 2 frames .*only its first frame is read"):
+        assert load_image(tmp_path / "stack.tif").unique().tolist() == [10]
+
+
+def _read_masks(root: Path) -> list[torch.Tensor]:
+    dm = OneClassDataModule("folder", root=str(root))
+    dm.setup()
+    return [dm.test_dataset[i]["gt_mask"] for i in range(len(dm.test_dataset)) if dm.test_dataset[i]["label"]]
+
+
+@pytest.mark.parametrize("kind", ["blue_channel_1", "float_0.3"])
+def test_a_mask_is_read_by_any_non_zero_value_not_by_its_grey_level(tmp_path, kind):
+    """Masks went through convert("L"): a label 1 in the blue channel alone and a float mask of 0.3 became grey 0,
+    so the drawing read as empty although README says non-zero = anomalous."""
+    root = _folder(tmp_path / "set")
+    expected = _read_masks(root)
+    drawn = np.array(Image.open(root / "ground_truth" / "scratch" / "0_mask.png")) > 0
+    path = root / "ground_truth" / "scratch" / "0_mask.png"
+    if kind == "blue_channel_1":
+        Image.fromarray(np.dstack([0 * drawn, 0 * drawn, drawn]).astype(np.uint8)).save(path)
+    else:
+        path.unlink()
+        path = path.with_suffix(".tif")
+        Image.fromarray(drawn.astype(np.float32) * 0.3, "F").save(path)
+        path.rename(path.with_suffix(".png"))  # the layout's name; Pillow reads the TIFF inside
+    assert all(reference.any() for reference in expected)
+    for mask, reference in zip(_read_masks(root), expected, strict=True):
+        assert torch.equal(mask, reference)
+
+
+def test_a_palette_mask_whose_palette_shows_black_is_refused_at_set_up_with_a_fix_that_works(tmp_path):
+    """Image.fromarray(mask01, "P") writes a one-entry black palette: its drawing read as empty, with no word."""
+    root = _folder(tmp_path / "set")
+    expected = _read_masks(root)
+    path = root / "ground_truth" / "scratch" / "1_mask.png"
+    Image.fromarray((np.array(Image.open(path)) > 0).astype(np.uint8), "P").save(path)
+    fix = "Image.fromarray((np.asarray(Image.open(path)) > 0).astype(np.uint8) * 255).save(path)"
+    with pytest.raises(ValueError, match=r"1 ground-truth mask\(s\) would read as empty: .*1_mask\.png: its palette"):
+        OneClassDataModule("folder", root=str(root)).setup()
+    with pytest.raises(ValueError, match=re.escape(fix)):
+        OneClassDataModule("folder", root=str(root)).setup()
+    exec(fix)
+    for mask, reference in zip(_read_masks(root), expected, strict=True):
+        assert torch.equal(mask, reference)
+
+
+def test_faint_mask_pixels_and_an_empty_mask_of_an_anomalous_image_are_said(tmp_path, monkeypatch):
+    """A mask that went through JPEG gained a rim and specks of faint values, read as anomalous pixels and regions of
+    their own (in the review, 720 drawn pixels in 1 region read as 872 in 4); a mask that reads empty gave no word."""
+    from dn2_lightning.data import masks
+
+    root = _folder(tmp_path / "set")
+    path = root / "ground_truth" / "scratch" / "0_mask.png"
+    drawn = np.zeros((48, 64), np.uint8)  # the images' shape, 4x
+    drawn[13:37, 11:41] = 255
+    Image.fromarray(drawn).save(tmp_path / "lossy.jpg", quality=90)
+    Image.open(tmp_path / "lossy.jpg").save(path)
+    values = np.array(Image.open(path))
+    faint = int(((values > 0) & (values <= values.max() // 2)).sum())
+    assert faint > 0
+    monkeypatch.setattr(masks, "_said_faint", False)
+    with pytest.warns(UserWarning, match=rf"0_mask\.png holds {faint} faint pixels .*> 127"):
+        read = masks.read_mask(path)
+    assert int(read.sum()) == int((values > 0).sum())  # still the documented rule: non-zero = anomalous
+    Image.fromarray(np.zeros((12, 16), np.uint8)).save(root / "ground_truth" / "scratch" / "1_mask.png")
+    monkeypatch.setattr(masks, "_said_empty", False)
+    dm = OneClassDataModule("folder", root=str(root))
+    dm.setup()
+    anomalous = [i for i in range(len(dm.test_dataset)) if dm.test_dataset.paths[i].parent.name == "scratch"]
+    with pytest.warns(UserWarning, match=r"1_mask\.png marks no anomalous pixel"):
+        for i in anomalous:
+            dm.test_dataset[i]

@@ -63,6 +63,7 @@ def load_image(path: str | Path, size: int | None = None, max_pixels: int | None
             if size is not None:
                 img.draft(None, (size, size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale when that stays >= size
             _check_pixels(img, path, max_pixels)
+            warn_if_many_frames(img, path)
             array = _to_uint8_rgb(img, path)
     except UnreadableImageError:
         raise
@@ -131,17 +132,23 @@ def _check_pixels(img: Image.Image, path: Path, max_pixels: int | None) -> None:
 def _to_uint8_rgb(img: Image.Image, path: Path) -> np.ndarray:
     """Upright uint8 ``[H, W, 3]`` from any Pillow mode, scaling high-bit-depth values by their range and putting
     transparent pixels on black."""
-    top = _integer_max(img)  # before exif_transpose, whose copy no longer says it is a TIFF (its bit depth)
+    # before exif_transpose, whose copy no longer says it is a TIFF or what its file holds (the bit depths)
+    top, stored_bits = _integer_max(img), _stored_bits_per_channel(img)
     img = ImageOps.exif_transpose(img)
     if img.mode in (*_SIXTEEN_BIT_MODES, "I"):
-        values = np.asarray(img)
+        values, bits = np.asarray(img), max(top.bit_length(), stored_bits)  # (a 32-bit TIFF's "I" is signed)
         low, high = int(values.min()), int(values.max())
         if low < 0 or high > top:
             raise UnreadableImageError(
                 f"{path}: {img.mode} pixel values span {low}..{high}, outside 0..{top}; save it as 8 or 16 bit."
             )
-        if top == 65535 and 0 < high < 4096:
-            _warn_low_bit_depth(path, high)
+        if top > 65535 and 0 < high <= 65535:  # e.g. uint16 camera data saved through .astype(np.int32)
+            raise UnreadableImageError(
+                f"{path}: a {bits}-bit image whose values reach only {high} (of {top}): read by its "
+                "range it is all black. If it holds 16-bit (or 12-bit) data, save it as 16 bit (np.uint16)."
+            )
+        if 0 < high < (top + 1) // 16:
+            _warn_low_bit_depth(path, f"a {bits}-bit image whose values reach only {high} (of {top})")
         array = np.rint(values.astype(np.float64) * (255.0 / top)).astype(np.uint8)
         transparent = img.info.get("transparency")  # a grey level marked transparent: on black, as 8-bit images
         if isinstance(transparent, int):
@@ -157,6 +164,8 @@ def _to_uint8_rgb(img: Image.Image, path: Path) -> np.ndarray:
         array = np.rint(values.astype(np.float64) * 255.0).astype(np.uint8)
     else:
         array = np.array(on_black(img).convert("RGB"))  # a writable copy (torch refuses read-only buffers)
+        if stored_bits == 16 and int(array.max()) < 16:  # Pillow keeps the high byte of 16-bit colour channels
+            _warn_low_bit_depth(path, f"a 16-bit colour image whose values stay below {(int(array.max()) + 1) * 256}")
     if array.ndim == 2:
         array = np.repeat(array[:, :, None], 3, axis=2)
     return np.ascontiguousarray(array)
@@ -165,19 +174,36 @@ def _to_uint8_rgb(img: Image.Image, path: Path) -> np.ndarray:
 _said_low_bit_depth = False
 
 
-def _warn_low_bit_depth(path: Path, high: int) -> None:
-    """Said once per process: 12-bit (or 10-bit) camera data stored in 16-bit files, scaled by the 16-bit range,
-    keeps at most 16 of the 256 grey levels the backbone sees."""
+def _warn_low_bit_depth(path: Path, found: str) -> None:
+    """Said once per process: 12-bit (or 10-bit) camera data stored in 16-bit (or wider) files, scaled by the
+    file's range, keeps at most 16 of the 256 levels the backbone sees."""
     global _said_low_bit_depth
     if _said_low_bit_depth:
         return
     _said_low_bit_depth = True
     warnings.warn(
-        f"{path} is a 16-bit image whose values reach only {high} (of 65535): if it holds 12-bit (or 10-bit) camera "
-        "data, it is read nearly black, with at most 16 (or 4) grey levels of 256, and the embeddings lose its "
-        "detail. Scale such images to the 16-bit range (values * 16 for 12-bit) or save them as 8 bit. Said once "
-        "per process (each DataLoader worker may say it).",
+        f"{path} is {found}: if it holds 12-bit (or 10-bit) camera data, it is read nearly black, with at most 16 "
+        "(or 4) levels of 256, and the embeddings lose its detail. Scale such images to the 16-bit range (values "
+        "* 16 for 12-bit) or save them as 8 bit. Said once per process (each DataLoader worker may say it).",
         stacklevel=2,
+    )
+
+
+_said_many_frames = False
+
+
+def warn_if_many_frames(img: Image.Image, path: str | Path) -> None:
+    """Said once per process: a file of several frames (a TIFF stack, an animated GIF/PNG/WebP) is read as its
+    first frame (images and masks alike)."""
+    global _said_many_frames
+    frames = getattr(img, "n_frames", 1)
+    if frames == 1 or _said_many_frames:
+        return
+    _said_many_frames = True
+    warnings.warn(
+        f"{path} holds {frames} frames (a stack or an animation): only its first frame is read. Save each frame you "
+        "mean as a file of its own. Said once per process (each DataLoader worker may say it).",
+        stacklevel=3,
     )
 
 
@@ -194,6 +220,18 @@ def on_black(img: Image.Image) -> Image.Image:
         return img
     rgba = img.convert("RGBA")
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+
+
+def _stored_bits_per_channel(img: Image.Image) -> int:
+    """The bits per channel a file stores, from its header (16 for a 48-bit colour PNG or TIFF, which Pillow
+    decodes to 8 bits); 8 when nothing says (an image in memory)."""
+    if img.format == "TIFF":
+        bits = img.tag_v2.get(258, 8)  # BitsPerSample
+        return int(bits[0] if isinstance(bits, tuple) else bits)
+    tile = getattr(img, "tile", None)  # a file's, before it is decoded (an image made in memory has none)
+    rawmode = tile[0][3] if tile else None  # PNG: e.g. "RGB;16B"
+    rawmode = rawmode[0] if isinstance(rawmode, tuple) and rawmode else rawmode
+    return 16 if isinstance(rawmode, str) and ";16" in rawmode else 8
 
 
 def _integer_max(img: Image.Image) -> int:

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2.functional import resize
 
-from dn2_lightning.data.images import has_transparency, on_black
+from dn2_lightning.data.images import has_transparency, on_black, warn_if_many_frames
 from dn2_lightning.pixel_metrics import label_regions
 
 MASK_SUFFIX = "_mask.png"
@@ -33,7 +33,13 @@ HIDDEN_DRAWING = (
     "Image.fromarray(np.asarray(Image.open(path).convert('L'))).save(path) if its pixels are the mask, "
     "Image.open(path).getchannel('A').save(path) if its alpha channel is, or all black if it is empty"
 )
-# masks with transparency are decoded at set-up to find hidden drawings: a few (those of one tool are alike)
+# a palette mask whose palette shows every pixel black although some pixels are not palette entry 0
+BLACK_PALETTE = (
+    "its palette shows every pixel black although its pixels (palette indices) are not all 0, so it would read as "
+    "empty: save the indices as a plain grey mask, e.g. "
+    "Image.fromarray((np.asarray(Image.open(path)) > 0).astype(np.uint8) * 255).save(path)"
+)
+# masks with transparency or a palette are decoded at set-up to find hidden drawings: a few (one tool's are alike)
 _TRANSPARENT_MASKS_CHECKED = 16
 # EXIF orientation -> the transpose that shows the image upright (what PIL.ImageOps.exif_transpose applies)
 _UPRIGHT = {
@@ -86,42 +92,82 @@ def mask_problem(mask: str | Path) -> str | None:
         return f"{mask}: {type(err).__name__}: {err}"
 
 
-def hidden_drawings(masks: Sequence[str | Path]) -> list[str]:
-    """The masks whose transparency hides their drawing (:data:`HIDDEN_DRAWING`) among the first few with
-    transparency (each decoded: tens of ms for a large RGBA mask; those of one tool are alike, and the others are
-    refused when they are read)."""
-    hidden, decoded = [], 0
+def hidden_drawings(masks: Sequence[str | Path]) -> dict[str, list[str]]:
+    """The masks that would read as empty although they hold a drawing, by reason (:data:`HIDDEN_DRAWING`,
+    :data:`BLACK_PALETTE`), among the first few with transparency or a palette (each decoded: tens of ms for a
+    large RGBA mask; those of one tool are alike, and the others are refused when they are read)."""
+    hidden: dict[str, list[str]] = {}
+    decoded = 0
     for mask in masks:
         if decoded == _TRANSPARENT_MASKS_CHECKED:
             break
         with Image.open(mask) as img:
-            if not has_transparency(img):
+            if not (has_transparency(img) or img.mode == "P"):
                 continue
         decoded += 1
         try:
             read_mask(mask)
         except ValueError as err:
-            if HIDDEN_DRAWING not in str(err):
+            reason = next((reason for reason in (HIDDEN_DRAWING, BLACK_PALETTE) if reason in str(err)), None)
+            if reason is None:
                 raise
-            hidden.append(str(mask))
+            hidden.setdefault(reason, []).append(str(mask))
     return hidden
 
 
 def read_mask(path: str | Path) -> Tensor:
-    """A mask file as uint8 ``[1, H, W]`` (1 = anomalous: non-zero after transparent pixels are put on black),
-    upright (its EXIF orientation applied, as images are)."""
+    """A mask file as uint8 ``[1, H, W]`` (1 = anomalous: a pixel with any channel non-zero after transparent
+    pixels are put on black), upright (its EXIF orientation applied, as images are)."""
     with Image.open(path) as img:
+        warn_if_many_frames(img, path)
         upright = ImageOps.exif_transpose(img)
-        shown = np.array(on_black(upright).convert("L")) > 0
-        if has_transparency(upright) and not shown.any() and _holds_a_drawing(upright):
-            raise ValueError(f"{path}: {HIDDEN_DRAWING}")
+        values = _pixel_values(on_black(upright))
+        shown = values != 0
+        if not shown.any():
+            if has_transparency(upright) and _holds_a_drawing(upright):
+                raise ValueError(f"{path}: {HIDDEN_DRAWING}")
+            if upright.mode == "P" and np.asarray(upright).any():
+                raise ValueError(f"{path}: {BLACK_PALETTE}")
+        _warn_if_faint(values, path)
         return torch.from_numpy(shown).to(torch.uint8)[None]
+
+
+def _pixel_values(img: Image.Image) -> np.ndarray:
+    """``[H, W]``: a one-channel image's values as stored (16-bit and float masks too), else the largest of the
+    R, G and B values (a mask drawn in one channel, e.g. (0, 0, 1), is not black)."""
+    if img.mode in ("1", "L", "I", "F") or img.mode.startswith("I;16"):
+        return np.asarray(img)
+    return np.asarray(img.convert("RGB")).max(axis=2)
+
+
+_said_faint = False
+
+
+def _warn_if_faint(values: np.ndarray, path: str | Path) -> None:
+    """Said once per process: an 8-bit drawing (values up to 128..255) with faint pixels (1 up to half its largest
+    value), as JPEG compression or an antialiased brush leaves, which the non-zero rule reads as anomalous."""
+    global _said_faint
+    if _said_faint or values.dtype != np.uint8:
+        return
+    top = int(values.max())
+    faint = int(((values > 0) & (values <= top // 2)).sum()) if top >= 128 else 0
+    if not faint:
+        return
+    _said_faint = True
+    warnings.warn(
+        f"{path} holds {faint} faint pixels (values 1 to {top // 2}, its drawing {top}), as JPEG compression or "
+        "an antialiased brush leaves around a drawing: every non-zero pixel is read as anomalous, so they widen its "
+        "regions and may add small ones, each of which PRO counts as a defect. If they are not anomalous, binarise "
+        "the masks, e.g. Image.fromarray(((np.asarray(Image.open(path).convert('L')) > 127) * 255).astype(np.uint8))"
+        ".save(path). Said once per process (each DataLoader worker may say it).",
+        stacklevel=3,
+    )
 
 
 def _holds_a_drawing(img: Image.Image) -> bool:
     """Whether a mask with transparency holds a drawing: non-zero colours, or an alpha channel that varies."""
-    low, high = img.convert("RGBA").getchannel("A").getextrema()
-    return low != high or bool(np.array(img.convert("L")).any())
+    rgba = np.asarray(img.convert("RGBA"))
+    return bool(rgba[..., 3].min() != rgba[..., 3].max() or rgba[..., :3].any())
 
 
 def _same_shape(a: tuple[int, int], b: tuple[int, int]) -> bool:
@@ -200,8 +246,11 @@ class MaskedImageDataset(Dataset):
             )
         hidden = hidden_drawings([mask for _, mask in pairs])
         if hidden:
-            listing = ", ".join(hidden[:5]) + (" ..." if len(hidden) > 5 else "")
-            raise ValueError(f"{len(hidden)} ground-truth mask(s) would read as empty: {listing}: {HIDDEN_DRAWING}.")
+            reasons = "; ".join(
+                ", ".join(paths[:5]) + (" ...: " if len(paths) > 5 else ": ") + why for why, paths in hidden.items()
+            )
+            count = sum(map(len, hidden.values()))
+            raise ValueError(f"{count} ground-truth mask(s) would read as empty: {reasons}.")
         # both checks read the headers only, once per pair (unreadable images are reported where they are loaded)
         headers = [(image, mask, found) for image, mask in pairs if (found := _headers(image, mask)) is not None]
         mismatched = [
@@ -244,6 +293,8 @@ class MaskedImageDataset(Dataset):
             sample["gt_regions"] = torch.zeros(size, dtype=torch.int32)
         else:
             regions = mask_regions(read_mask(self.mask_paths[i]))
+            if not regions.any():
+                _warn_empty_mask(self.mask_paths[i])
             if list(regions.shape[-2:]) != size:
                 regions = resize(regions, size, interpolation=InterpolationMode.NEAREST_EXACT)
             sample["gt_regions"] = regions[0]
@@ -289,3 +340,20 @@ def with_mvtec_masks(dataset: Dataset, root: str | Path, normal_dir: str = "good
             "their subfolders under ground_truth."
         )
     return MaskedImageDataset(dataset, masks)
+
+
+_said_empty = False
+
+
+def _warn_empty_mask(path: Path) -> None:
+    """Said once per process: the mask of an image in an anomalous kind's folder marks no pixel."""
+    global _said_empty
+    if _said_empty:
+        return
+    _said_empty = True
+    warnings.warn(
+        f"{path} marks no anomalous pixel, although its image is in an anomalous kind's folder: the image counts as "
+        "anomalous in the image AUROC but adds no anomalous pixel to the pixel metrics. If its drawing is lost (e.g. "
+        "saved in a colour that reads as 0), draw it again. Said once per process (each DataLoader worker may say it).",
+        stacklevel=3,
+    )

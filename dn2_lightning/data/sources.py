@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dn2_lightning.cache import file_stamp
 from dn2_lightning.validation import check_choice
 
 FASHION_MNIST_CLASSES = (
@@ -130,14 +131,10 @@ _LOADED: OrderedDict[tuple[str, str, str], tuple[tuple, LabeledImages]] = Ordere
 def _file_stamps(files: tuple[str, ...]) -> tuple:
     """(path, inode, size, modification and change times) of each file: a file rewritten or replaced on disk
     changes its stamp."""
-    stamps = []
-    for file in files:
-        try:
-            stat = os.stat(file)
-        except OSError:
-            return ()  # gone: never equal to the stamps recorded at load time
-        stamps.append((file, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
-    return tuple(stamps)
+    try:
+        return tuple((file, *file_stamp(file)) for file in files)
+    except OSError:
+        return ()  # gone: never equal to the stamps recorded at load time
 
 
 def _load_cached(name: str, split: str, root: str) -> LabeledImages:
@@ -258,8 +255,7 @@ def _cifar_files(cls_name: str, folder: str, archive: str, files: list[str], roo
     published = dict([*dataset.train_list, *dataset.test_list, (dataset.meta["filename"], dataset.meta["md5"])])
     for name in files:
         file = path / name
-        stat = file.stat()
-        if not _has_md5(str(file), stat.st_size, stat.st_mtime_ns, published[name]):
+        if not _has_md5(str(file), file_stamp(file), published[name]):
             raise ValueError(
                 f"{file} is not {cls_name}'s file {name}: its MD5 differs from the published one (a download cut "
                 f"short, a damaged copy or another file), so it is not read (CIFAR files are pickles, which can run "
@@ -270,8 +266,9 @@ def _cifar_files(cls_name: str, folder: str, archive: str, files: list[str], roo
 
 
 @functools.cache
-def _has_md5(file: str, size: int, mtime_ns: int, md5: str) -> bool:
-    """Whether ``file`` has this MD5 (remembered per size and modification time: checked once per process)."""
+def _has_md5(file: str, stamp: tuple[int, int, int, int], md5: str) -> bool:
+    """Whether ``file`` has this MD5, remembered per :func:`~dn2_lightning.cache.file_stamp` (checked once per
+    process and version of the file)."""
     from torchvision.datasets.utils import check_integrity
 
     return check_integrity(file, md5)
