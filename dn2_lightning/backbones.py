@@ -158,7 +158,22 @@ class FeatureExtractor(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         with frozen_eval(self.trunk):
             features = self.trunk(self.preprocess(images))
+        if not _embeddings_shaped(features):
+            found = f"a tensor of shape {tuple(features.shape)}" if isinstance(features, Tensor) else None
+            raise ValueError(
+                f"backbone={type(self.trunk).__name__}(...) returned {found or f'a {type(features).__name__}'}, where "
+                "DN2 needs one [batch, D] tensor of embeddings: return the features alone (not a tuple or dict), "
+                "and end a convolutional trunk with nn.AdaptiveAvgPool2d(1), nn.Flatten() (the paper's global "
+                "average pooling; tokens: their mean)."
+            )
         return features.flatten(1).to(torch.float32)
+
+
+def _embeddings_shaped(features: object) -> bool:
+    """``[B, D]``, or ``[B, D, 1, 1]`` (a pooled trunk without its flatten)."""
+    if not isinstance(features, Tensor):
+        return False
+    return features.ndim == 2 or (features.ndim == 4 and features.shape[-2:] == (1, 1))
 
 
 def _resize(x: Tensor, size: int) -> Tensor:

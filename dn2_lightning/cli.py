@@ -239,7 +239,8 @@ class DN2CLI(LightningCLI):
             self._subcommand_parser().error(str(refusal), ex=error)  # JSONARGPARSE_DEBUG=true shows the whole chain
 
     def _subcommand_parser(self) -> LightningArgumentParser:
-        return getattr(self, "_subcommand_parsers", {}).get(self.subcommand, self.parser)
+        subcommand = getattr(self, "subcommand", None) or self.config.get("subcommand")  # (set after parsing)
+        return getattr(self, "_subcommand_parsers", {}).get(subcommand, self.parser)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Lightning's parsing, plus which model settings the run gives itself (its config files and flags, without
@@ -272,8 +273,14 @@ class DN2CLI(LightningCLI):
         run's config files or flags (:meth:`parse_arguments`), even to the default value."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if not ckpt_path or not Path(ckpt_path).is_file():
+        if not ckpt_path or _lightning_finds_it(ckpt_path):
             return
+        with self._refusals_as_usage_errors():
+            self._apply_checkpoint_settings(subcommand, ckpt_path)
+
+    def _apply_checkpoint_settings(self, subcommand: str, ckpt_path: str) -> None:
+        if not Path(ckpt_path).is_file():
+            raise FileNotFoundError(_no_checkpoint_file(Path(ckpt_path)))
         with readable_checkpoint(ckpt_path):
             # memory-mapped where torch can (zip files): only the hyperparameters are read here, not the bank
             with open(ckpt_path, "rb") as file:  # torch's zip format (what mmap needs) starts with a zip entry
@@ -541,6 +548,22 @@ def _param_lines(params: dict[str, tuple[Any, str]], width: int) -> list[str]:
         text = f"{description} (default: {_default_text(default)})".strip()
         lines += textwrap.wrap(text, width, initial_indent=head, subsequent_indent=" " * len(head))
     return lines
+
+
+def _lightning_finds_it(ckpt_path: str) -> bool:
+    """A ``ckpt_path`` that the Trainer resolves itself: ``best``, ``last``, ``hpc``, ``registry[:...]`` or a URL."""
+    return ckpt_path in ("best", "last", "hpc") or ckpt_path.startswith("registry") or "://" in ckpt_path
+
+
+def _no_checkpoint_file(path: Path) -> str:
+    """Why ``--ckpt_path`` names no checkpoint file, with the ones nearby."""
+    folder = path if path.is_dir() else path.parent
+    # a folder of runs: lightning_logs/version_0/checkpoints/*.ckpt
+    patterns = ("*.ckpt", "*/*.ckpt", "*/*/*.ckpt", "*/*/*/*.ckpt") if path.is_dir() else ("*.ckpt",)
+    found = sorted(str(p) for pattern in patterns for p in folder.glob(pattern))[:5] if folder.is_dir() else []
+    listing = f" Checkpoints under {folder}: {', '.join(found)}." if found else ""
+    what = "is a folder, not a checkpoint file" if path.is_dir() else "does not exist"
+    return f"--ckpt_path={path} {what}: give the .ckpt file that `dn2 fit` printed.{listing}"
 
 
 def _dn2_refusal(error: BaseException) -> BaseException | None:

@@ -39,6 +39,7 @@ import io
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -46,12 +47,14 @@ from typing import Any, NoReturn
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
+from torch.utils.data import Subset
 
 from dn2_lightning.cache import atomic_write
 from dn2_lightning.console import info
 from dn2_lightning.data_source import one_loader, running_datamodule
 from dn2_lightning.distributed import unique_by_index, writes_files
 from dn2_lightning.metrics import AnomalyScores
+from dn2_lightning.samplers import reads_in_order
 from dn2_lightning.scoring import rank_auroc
 
 REPORTS_DIR = "dn2_reports"
@@ -316,17 +319,21 @@ def save_figures(
     ax.legend(fontsize=7)
     written["histogram"] = _save(fig, out_dir / "score_histogram.png")
 
-    if image_of is not None and len(scores):
-        top = torch.argsort(scores.scores, descending=True)[:n_top].tolist()
+    top = torch.argsort(scores.scores, descending=True)[:n_top].tolist()
+    try:
+        images = [image_of(int(scores.indices[i])) for i in top] if image_of is not None else []
+    except LookupError as err:  # an index that is no dataset position: no figure, not other samples' images
+        warnings.warn(f"the report's top anomalies are not drawn: {err}.", stacklevel=2)
+        images = []
+    if images:
         cols = min(8, len(top))
         rows = (len(top) + cols - 1) // cols
         fig = Figure(figsize=(1.7 * cols, 2.1 * rows))
         axes = fig.subplots(rows, cols, squeeze=False)
         for ax in axes.flat:
             ax.axis("off")
-        for ax, i in zip(axes.flat, top, strict=False):
+        for ax, i, image in zip(axes.flat, top, images, strict=False):
             index = int(scores.indices[i])
-            image = image_of(index)
             shown = image.permute(1, 2, 0) if image.shape[0] == 3 else image[0]
             ax.imshow(shown.numpy(), cmap="gray")
             title = f"{float(scores.scores[i]):.3g}" + (" (A)" if labels[i] == 1 else "")
@@ -452,8 +459,7 @@ class EvaluationReport(Callback):
 
         out = self.run_dir or next_run_dir(base, stage)
         files = {"csv": write_scores_csv(scores, out / CSV_NAMES[stage], paths, threshold, normalized)}
-        dataset = _dataset_of(trainer, stage)
-        image_of = _image_reader(dataset)
+        image_of = _image_reader(*_dataset_of(trainer, stage))
         name_of = (lambda i: paths[i]) if paths is not None else None
         for name, png in save_figures(scores, out / "figures", threshold, image_of, name_of).items():
             files[name] = png
@@ -535,23 +541,42 @@ def threshold_source(pl_module: LightningModule, threshold: float | None) -> dic
     return {"threshold_source": QUANTILE_SOURCE if quantile is not None else None, "threshold_quantile": quantile}
 
 
-def _dataset_of(trainer: Trainer, stage: str) -> Any:
+def _dataset_of(trainer: Trainer, stage: str) -> tuple[Any, Any]:
+    """(the stage's dataset, the dataloader that read it); either ``None`` where there is no one."""
+    loaders = trainer.test_dataloaders if stage == "test" else trainer.predict_dataloaders
+    loader = None
+    with contextlib.suppress(ValueError):  # several loaders: no one dataset to draw from
+        loader = one_loader(loaders, stage)
     dataset = getattr(running_datamodule(trainer), f"{stage}_dataset", None)
-    if dataset is None:
-        loaders = trainer.test_dataloaders if stage == "test" else trainer.predict_dataloaders
-        with contextlib.suppress(ValueError):  # several loaders: no one dataset to draw from
-            dataset = getattr(one_loader(loaders, stage), "dataset", None)
-    return dataset
+    return (dataset if dataset is not None else getattr(loader, "dataset", None)), loader
 
 
-def _image_reader(dataset: Any) -> Callable[[int], Tensor] | None:
-    """``index -> image`` for datasets of dicts holding one ``[C, H, W]`` image (not groups), else ``None``."""
+def _image_reader(dataset: Any, loader: Any = None) -> Callable[[int], Tensor] | None:
+    """``index -> image`` for datasets of dicts holding one ``[C, H, W]`` image (not groups), else ``None``.
+
+    An index is a dataset position only where the sample there carries it (a ``Subset`` is read through the dataset
+    it wraps) or, for samples without an ``index``, where the loader read in order; any other index raises
+    ``LookupError`` (:func:`save_figures` then draws no top anomalies, rather than other samples' images)."""
     if dataset is None or not hasattr(dataset, "__getitem__") or len(dataset) == 0:
         return None
     first = dataset[0]
     if not isinstance(first, dict) or not isinstance(first.get("image"), Tensor) or first["image"].ndim != 3:
         return None
-    return lambda i: dataset[i]["image"]
+    if "index" not in first and loader is not None and not reads_in_order(loader):
+        return None  # numbered as read (warn_if_out_of_order said so): no position to read them back from
+    sources = [dataset]
+    while isinstance(sources[-1], Subset):
+        sources.append(sources[-1].dataset)
+
+    def image_of(index: int) -> Tensor:
+        for source in sources:
+            if 0 <= index < len(source):
+                sample = source[index]
+                if isinstance(sample, dict) and int(sample.get("index", index)) == index:
+                    return sample["image"]
+        raise LookupError(f"no sample of the {type(dataset).__name__} at position {index} carries index {index}")
+
+    return image_of
 
 
 def _describe(summary: dict[str, Any], out: Path, files: dict[str, Path]) -> str:

@@ -94,15 +94,21 @@ def warn_if_out_of_order(loader: Any) -> None:
     right."""
     if isinstance(getattr(loader, "dataset", None), IterableDataset):
         return  # an iterable has no positions to point at but its own order (workers: see the warning below)
-    sampler = drawing_sampler(loader)
-    sequential = isinstance(sampler, SequentialSampler | DistributedSampler)
-    if sampler is not None and not (sequential and not getattr(sampler, "shuffle", False)):
+    if not reads_in_order(loader):
         rank_zero_warn(
             "the dataloader does not read in order (it shuffles, or its sampler picks) and its samples carry no "
             "'index': they are numbered in the order they are read, so neighbour indices (and paths) do not "
-            "point at dataset positions and scores are not in dataset order (the scores themselves are right). "
-            "Use shuffle=False or give samples an 'index'.",
+            "point at dataset positions, scores are not in dataset order and the report draws no top anomalies "
+            "(the scores themselves are right). Use shuffle=False or give samples an 'index'.",
         )
+
+
+def reads_in_order(loader: Any) -> bool:
+    """Whether the loader reads its dataset's positions in order (a sequential sampler, an unshuffled
+    ``DistributedSampler``, or no sampler at all)."""
+    sampler = drawing_sampler(loader)
+    sequential = isinstance(sampler, SequentialSampler | DistributedSampler)
+    return sampler is None or (sequential and not getattr(sampler, "shuffle", False))
 
 
 def warn_if_drop_last(loader: Any, consequence: str) -> None:

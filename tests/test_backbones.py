@@ -117,3 +117,37 @@ def test_torchvision_weights_are_named_in_the_embedding_cache_key_by_their_conte
     cached.write_bytes(b"weights two")
     os.utime(cached, ns=times)
     assert weights_id() != first
+
+
+class _Features(nn.Module):
+    """A custom trunk returning what users' trunks return: a tuple, a feature map, a pooled map or embeddings."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind, self.conv = kind, nn.Conv2d(3, 4, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> object:
+        maps = self.conv(x)
+        pooled = maps.mean((2, 3))
+        return {"tuple": (pooled, maps), "map": maps, "pooled_map": pooled[..., None, None], "embeddings": pooled}[
+            self.kind
+        ]
+
+
+@pytest.mark.parametrize("kind", ["tuple", "map"])
+def test_a_custom_backbone_that_returns_no_embeddings_is_refused_naming_it(kind):
+    """A tuple stopped with "'tuple' object has no attribute 'flatten'" 25 frames deep; a [B, C, h, w] map was
+    flattened into C*h*w features without a word, contrary to the documented [B, D]."""
+    from helpers import BlobDataModule, quiet_trainer
+
+    found = r"a tuple" if kind == "tuple" else r"a tensor of shape \(\d+, 4, \d+, \d+\)"
+    with pytest.raises(ValueError, match=rf"backbone=_Features\(\.\.\.\) returned {found}, .*AdaptiveAvgPool2d"):
+        quiet_trainer().fit(DN2Module(k=2, backbone=_Features(kind)), datamodule=BlobDataModule())
+
+
+def test_a_pooled_map_of_one_pixel_is_the_embeddings():
+    images = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    pooled = build_backbone(_Features("pooled_map"))(images)
+    torch.manual_seed(0)
+    assert pooled.shape == (5, 4) and torch.equal(pooled, build_backbone(_Features("embeddings"))(images))

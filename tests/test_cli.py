@@ -501,3 +501,25 @@ def test_ckpt_path_takes_the_model_settings_a_run_leaves_out_from_the_checkpoint
     assert given.model.hparams.k == 2
     expected = DN2Module.load_from_checkpoint(ckpt, k=2).threshold
     assert float(given.model.threshold) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_a_ckpt_path_that_is_no_checkpoint_is_a_usage_error_naming_the_ones_found(tmp_path, capsys):
+    """A missing file, a folder, the run's config.yaml or a state_dict file given as --ckpt_path stopped with a
+    traceback of 10 to 21 frames from inside Lightning or the CLI's checkpoint reading."""
+    common = ["--config", "configs/digits.yaml", f"--trainer.default_root_dir={tmp_path}", *FAST]
+    ckpt = build_cli(["fit", *common]).trainer.checkpoint_callback.best_model_path
+    config = Path(ckpt).parents[1] / "config.yaml"
+    torch.save(DN2Module(k=2, pretrained=False).state_dict(), tmp_path / "weights.pt")
+    cases = {
+        tmp_path / "missing.ckpt": r"missing\.ckpt does not exist: give the \.ckpt file",
+        tmp_path: rf"is a folder, not a checkpoint file: .*Checkpoints under {re.escape(str(tmp_path))}: .*\.ckpt",
+        config: r"config\.yaml",
+        tmp_path / "weights.pt": r"weights\.pt",
+    }
+    assert config.is_file()
+    for path, expected in cases.items():
+        with pytest.raises(SystemExit) as stopped:
+            build_cli(["test", *common, f"--ckpt_path={path}"])
+        error = " ".join(capsys.readouterr().err.split())
+        assert stopped.value.code == 2 and "Traceback" not in error, error
+        assert re.search(rf"error: .*{expected}", error), error

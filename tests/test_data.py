@@ -382,6 +382,18 @@ def test_folder_datamodule_layout_labels_and_corrupt_file_skipped(tmp_path):
     assert torch.equal(dm.test_source_indices, torch.arange(5))
 
 
+def test_a_flat_predict_folder_leaves_out_root_train_only(tmp_path):
+    """Every image under any folder named train was left out of a flat folder's predictions, without a word (e.g.
+    day1/train/b.png of a folder of dated runs); only root/train holds training images."""
+    for name in ("a.png", "day1/train/b.png", "day2/c.png", "train/d.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8), len(name), np.uint8)).save(tmp_path / name)
+    dm = OneClassDataModule(dataset="folder", root=str(tmp_path), load_size=8)
+    dm.setup("predict")
+    scored = sorted(str(Path(p).relative_to(tmp_path)) for p in dm.predict_dataset.paths)
+    assert scored == ["a.png", os.path.join("day1", "train", "b.png"), os.path.join("day2", "c.png")]
+
+
 def test_folder_default_load_size_and_no_contamination(tmp_path):
     dm = OneClassDataModule(dataset="folder", root=str(make_folder(tmp_path, corrupt=False)))
     dm.setup()
@@ -754,3 +766,43 @@ def test_a_cifar_file_replaced_in_process_by_a_copy_keeping_size_and_time_is_che
     os.utime(folder / "test_batch", ns=times)
     with pytest.raises(ValueError, match=r"test_batch is not CIFAR10's file .*MD5"):
         load_split("cifar10", "test", tmp_path)
+
+
+def test_a_held_out_class_that_is_not_the_last_never_joins_normal_groups():
+    # held-out classes were dropped by position (the last ones) instead of by value: held_out_classes=[0] left
+    # class 0 in every normal group and took class 9 out instead
+    dm = GroupDataModule(
+        dataset="digits", group_size=4, n_train_groups=40, n_test_groups=40, anomaly="easy", held_out_classes=[0]
+    )
+    dm.setup()
+    train_classes = {c for i in range(len(dm.train_dataset)) for c in dm.train_dataset[i]["member_classes"].tolist()}
+    assert 0 not in train_classes and 9 in train_classes
+    for i in range(len(dm.test_dataset)):
+        sample = dm.test_dataset[i]
+        assert (0 in sample["member_classes"].tolist()) == bool(sample["label"])
+
+
+def test_group_member_classes_and_images_follow_the_members_order():
+    # member_classes must be the class of members[j], image[j] its image: they were only checked as sets
+    dm = GroupDataModule(dataset="digits", group_size=5, n_train_groups=10, n_test_groups=10, seed=2)
+    dm.setup()
+    source = load_split("digits", "test")
+    for i in range(len(dm.test_dataset)):
+        sample = dm.test_dataset[i]
+        members = sample["members"].tolist()
+        assert sample["member_classes"].tolist() == [int(source.labels[j]) for j in members]
+        for slot, j in enumerate(members):
+            expected = torch.as_tensor(np.asarray(source.images[j]))
+            assert torch.equal(sample["image"][slot][0], expected)
+
+
+def test_a_flat_folder_inside_a_folder_named_train_is_predicted_on(tmp_path):
+    # images were left out when any folder above root was named "train", not only root/train itself
+    root = tmp_path / "train" / "inbox"
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    dm = OneClassDataModule(dataset="folder", root=str(root), load_size=8)
+    dm.setup()
+    assert dm.predict_dataset is not None and len(dm.predict_dataset) == 3

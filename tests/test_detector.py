@@ -173,3 +173,22 @@ def test_a_training_score_equal_to_the_threshold_is_not_labelled_an_anomaly():
     scores = detector.decision_scores_.astype(np.float64)
     assert np.isin(detector.threshold_, scores)
     assert int(detector.labels_.sum()) == int((scores > detector.threshold_).sum()) == 1
+
+
+def test_detector_predict_proba_ranks_against_every_training_rows_score_after_cleaning():
+    # predict_proba ranked scores among the kept rows' scores only (the densest rows): with cleaning, normal rows'
+    # anomaly probabilities came out far too high
+    rng = np.random.default_rng(0)
+    train = np.vstack([rng.normal(size=(120, 6)), rng.normal(loc=3.0, size=(15, 6))])
+    test = np.vstack([rng.normal(size=(30, 6)), rng.normal(loc=2.0, size=(10, 6))])
+    detector = DN2Detector(k=2, clean_fraction=0.2, clean_k=10).fit(train)
+    kept = np.asarray(detector.kept_)
+    d = ((train[:, None] - train[None, kept]) ** 2).sum(-1)  # every training row against the kept rows
+    d[np.flatnonzero(kept), np.arange(kept.sum())] = np.inf  # a kept row leaves itself out
+    training_scores = np.sort(d, axis=1)[:, :2].mean(1)
+    np.testing.assert_allclose(detector.decision_scores_, training_scores, rtol=1e-9)
+    test_scores = np.sort(((test[:, None] - train[None, kept]) ** 2).sum(-1), axis=1)[:, :2].mean(1)
+    expected = (training_scores[None, :] < test_scores[:, None]).mean(1)
+    proba = detector.predict_proba(test)
+    np.testing.assert_allclose(proba[:, 1], expected, atol=1e-6)
+    np.testing.assert_allclose(proba[:, 0], 1 - expected, atol=1e-6)

@@ -303,6 +303,11 @@ def test_a_file_of_several_frames_is_said_to_be_read_as_its_first(tmp_path, monk
     frames = [Image.fromarray(np.full((8, 8), value, np.uint8)) for value in (10, 200)]
     frames[0].save(tmp_path / "stack.tif", save_all=True, append_images=frames[1:])
     monkeypatch.setattr(images, "_said_many_frames", False)
+    photo = Image.fromarray(np.full((8, 8, 3), 10, np.uint8))
+    photo.save(tmp_path / "phone.jpg", format="MPO", save_all=True, append_images=[photo])  # a photo and a preview
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert load_image(tmp_path / "phone.jpg").shape == (3, 8, 8)  # a phone's photo: no word
     with pytest.warns(UserWarning, match=r"stack\.tif holds 2 frames .*only its first frame is read"):
         assert load_image(tmp_path / "stack.tif").unique().tolist() == [10]
 
@@ -375,3 +380,33 @@ def test_faint_mask_pixels_and_an_empty_mask_of_an_anomalous_image_are_said(tmp_
     with pytest.warns(UserWarning, match=r"1_mask\.png marks no anomalous pixel"):
         for i in anomalous:
             dm.test_dataset[i]
+
+
+def test_float_images_are_rounded_to_eight_bits_as_their_png_file_is(tmp_path):
+    # [0, 1] floats truncated (not rounded) to 8 bits before the resize: most pixels one level darker than the
+    # same image's PNG file, so score_images(floats) and dn2 predict on the file disagreed
+    x = torch.rand(3, 20, 24, generator=torch.Generator().manual_seed(0))
+    pixels = (x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "x.png")
+    [(from_float, _)] = list(as_image_batches(x, 12))
+    [(from_file, _)] = list(as_image_batches(tmp_path / "x.png", 12))
+    assert from_float.dtype == torch.uint8 and torch.equal(from_float, from_file)
+
+
+def test_uint8_and_float_images_of_one_size_never_share_a_batch():
+    # a uint8 image beside a [0, 1] float one was stacked into one float batch: its 0..255 values read as floats
+    a = torch.randint(0, 256, (3, 6, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    b = torch.rand(3, 6, 6, generator=torch.Generator().manual_seed(1))
+    batches = [images for images, _ in as_image_batches([a, b, a])]
+    assert [bt.dtype for bt in batches] == [torch.uint8, torch.float32, torch.uint8]
+    assert torch.equal(batches[0][0], a) and torch.equal(batches[1][0], b) and torch.equal(batches[2][0], a)
+
+
+def test_a_non_square_load_size_is_height_then_width():
+    # (H, W) read as (W, H): score_images resized images of a 12 x 18 training set to 18 x 12
+    from torchvision.transforms.v2.functional import resize
+
+    image = torch.randint(0, 256, (3, 20, 30), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    [(batch, _)] = list(as_image_batches(image, (12, 18)))
+    assert batch.shape == (1, 3, 12, 18)
+    assert torch.equal(batch[0], resize(image, [12, 18], antialias=True))

@@ -714,3 +714,27 @@ def test_test_images_of_two_sizes_are_refused_at_the_batch_that_changes_size():
     with pytest.raises(ValueError, match=r"maps of \(40, 48\) pixels after maps of \(32, 32\).*load_size"):
         quiet_trainer().test(model, dataloaders=DataLoader(test, batch_size=2))
     assert seen == [0]  # refused at the second batch, not after the pass
+
+
+def test_patch_bank_all_leaves_out_the_training_images_cleaning_removed(tmp_path):
+    # the patch bank kept every collected training image: with patch_bank="all" the contaminants that cleaning
+    # took out of the image bank still scored every test pixel
+    import types
+
+    from torch.utils.data import Subset
+
+    root = write_synthetic_defects(tmp_path / "set", n_train=12, n_test_good=2, n_test_per_kind=1, image_size=32)
+    dm = OneClassDataModule(dataset="folder", root=str(root), load_size=32, batch_size=5)
+    model = DN2Module(
+        backbone=tiny_conv(), anomaly_maps=True, map_layers=["1", "3"], map_kappa=2, patch_bank="all",
+        clean_fraction=0.25, clean_k=3, reports=False,
+    )  # fmt: skip
+
+    trainer = quiet_trainer()
+    trainer.fit(model, datamodule=dm)
+    kept = sorted(model.bank.sample_indices.tolist())
+    assert len(kept) == 9
+    trainer.test(model, datamodule=dm)
+    only_kept = types.SimpleNamespace(train_dataset=Subset(dm.train_dataset, kept), test_dataset=dm.test_dataset)
+    expected = reference_maps(model, only_kept, num_images=len(kept), kappa=2, sigma=4.0)
+    np.testing.assert_allclose(model.maps.test_results.maps.numpy(), expected, rtol=1e-4, atol=1e-5)

@@ -276,3 +276,26 @@ def test_score_levels_names_a_bad_threshold_count_or_empty_scores():
         score_levels(torch.rand(10), 2.5)
     with pytest.raises(ValueError, match="non-empty tensor of finite values"):
         score_levels(torch.tensor([0.0, float("nan")]), 10)
+
+
+def test_binned_pro_curve_counts_the_pixels_at_or_above_each_threshold():
+    # a score between two thresholds was counted as reaching the upper one: the binned curve's points were not
+    # the (FPR, PRO) of any threshold
+    from scipy.ndimage import label
+
+    from dn2_lightning.pixel_metrics import pro_curve, score_levels
+
+    g = torch.Generator().manual_seed(0)
+    maps = torch.rand(3, 16, 16, generator=g)
+    masks = torch.zeros(3, 16, 16, dtype=torch.bool)
+    masks[0, 2:6, 3:8] = masks[1, 9:14, 1:4] = masks[1, 0:2, 12:16] = masks[2, 5:11, 5:11] = True
+    maps[masks] += 0.3
+    fpr, pro = pro_curve(maps, masks, thresholds=9)
+    levels = score_levels(maps.double(), 9).numpy()
+    s, m = maps.double().numpy(), masks.numpy()
+    regions = [label(m[i], structure=np.ones((3, 3)))[0] for i in range(3)]
+    region_pixels = [s[i][regions[i] == r] for i in range(3) for r in range(1, regions[i].max() + 1)]
+    ref_fpr = np.array([(s[~m] >= t).mean() for t in levels])
+    ref_pro = np.array([np.mean([(px >= t).mean() for px in region_pixels]) for t in levels])
+    np.testing.assert_allclose(fpr[1:-1], ref_fpr[::-1], atol=1e-12)
+    np.testing.assert_allclose(pro[1:-1], ref_pro[::-1], atol=1e-12)

@@ -414,3 +414,63 @@ def test_a_score_equal_to_the_threshold_is_not_flagged_in_any_output(tmp_path):
         assert rows[j]["is_anomaly"] == "0"
         assert sum(int(r["is_anomaly"]) for r in rows.values()) == expected
         assert json.loads((folder / "summary.json").read_text())["n_flagged"] == expected
+
+
+def test_top_anomalies_show_the_samples_scored_or_are_not_drawn(tmp_path):
+    """The figure read sample ``index`` at ``dataset[index]``: a Subset of a folder dataset (its samples carry the
+    wrapped dataset's indices) raised IndexError after scoring, losing summary.json and trainer.test's result, or
+    drew other images under the scores; so did samples whose index is not their position, or that carry none and
+    were read shuffled."""
+    from torch.utils.data import Dataset, Subset
+
+    from dn2_lightning.reports import _dataset_of, _image_reader
+
+    dm = OneClassDataModule(dataset="folder", root=str(make_folder(tmp_path / "images", corrupt=False)), load_size=8)
+    dm.setup()
+    model = DN2Module(k=2, backbone=linear_backbone())
+    trainer = quiet_trainer(default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=dm)
+    trainer.test(model, dataloaders=DataLoader(Subset(dm.test_dataset, [4, 2, 3]), batch_size=2))
+    assert sorted(model.test_scores.indices.tolist()) == [2, 3, 4]
+    assert "top_anomalies" in json.loads((only_run_dir(tmp_path, "test") / "summary.json").read_text())["files"]
+    image_of = _image_reader(*_dataset_of(trainer, "test"))
+    for index in model.test_scores.indices.tolist():
+        assert torch.equal(image_of(index), dm.test_dataset[index]["image"])
+
+    class Renumbered(Dataset):  # indices that are no positions
+        def __len__(self) -> int:
+            return len(dm.test_dataset)
+
+        def __getitem__(self, i: int) -> dict:
+            return {**dm.test_dataset[i], "index": i + 10}
+
+    class Unnumbered(Renumbered):
+        def __getitem__(self, i: int) -> dict:
+            return {key: value for key, value in dm.test_dataset[i].items() if key != "index"}
+
+    with pytest.warns(UserWarning, match=r"top anomalies are not drawn: no sample of the Renumbered at position 1\d "):
+        trainer.test(model, dataloaders=DataLoader(Renumbered(), batch_size=2))
+    with pytest.warns(UserWarning, match=r"does not read in order .*draws no top anomalies"):
+        trainer.test(model, dataloaders=DataLoader(Unnumbered(), batch_size=2, shuffle=True))
+    for run in sorted((tmp_path / "dn2_reports").glob("test_*"))[1:]:
+        summary = json.loads((run / "summary.json").read_text())
+        assert "top_anomalies" not in summary["files"] and summary["auroc"] is not None
+
+
+def test_scores_csv_names_each_row_by_its_dataset_index_not_its_row_number(tmp_path):
+    # paths[i] in place of paths[index]: a report of a subset of a dataset (indices 1, 3, 4 of 0..4) put the
+    # wrong file name beside every score
+    from dn2_lightning.reports import read_report, write_scores_csv
+
+    paths = [f"/data/img_{i}.png" for i in range(5)]
+    indices = torch.tensor([1, 3, 4])
+    scores = AnomalyScores(
+        indices,
+        torch.tensor([0.5, 2.0, 1.0]),
+        torch.tensor([0, 1, 0]),
+        torch.zeros(3, 1, dtype=torch.long),
+        torch.zeros(3, 1),
+    )
+    rows = read_report(write_scores_csv(scores, tmp_path / "scores.csv", paths, threshold=0.75))
+    assert [r["index"] for r in rows] == ["1", "3", "4"]
+    assert [r["path"] for r in rows] == [paths[i] for i in indices.tolist()]

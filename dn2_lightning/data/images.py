@@ -39,9 +39,9 @@ class ImageTooLargeError(UnreadableImageError):
 def load_image(path: str | Path, size: int | None = None, max_pixels: int | None = None) -> Tensor:
     """Decode an image file into uint8 ``[3, H, W]`` RGB, upright, resized to ``size`` x ``size`` if given.
 
-    Grayscale is repeated over the three channels; alpha is dropped. 16-bit (and other integer) images are
-    scaled from their full range (``round(v * 255 / 65535)``), float images must hold values in [0, 1] and are
-    scaled by 255. The EXIF orientation tag is applied before resizing.
+    Grayscale is repeated over the three channels; transparent pixels are put on black (:func:`on_black`). 16-bit
+    (and other integer) images are scaled from their full range (``round(v * 255 / 65535)``), float images must
+    hold values in [0, 1] and are scaled by 255. The EXIF orientation tag is applied before resizing.
 
     Args:
         path: the image file.
@@ -197,7 +197,7 @@ def warn_if_many_frames(img: Image.Image, path: str | Path) -> None:
     first frame (images and masks alike)."""
     global _said_many_frames
     frames = getattr(img, "n_frames", 1)
-    if frames == 1 or _said_many_frames:
+    if frames == 1 or img.format == "MPO" or _said_many_frames:  # a phone's JPEG: the photo, then previews or depth
         return
     _said_many_frames = True
     warnings.warn(

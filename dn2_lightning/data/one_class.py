@@ -222,7 +222,8 @@ class OneClassDataModule(LightningDataModule):
             self.test_source_indices = torch.arange(len(self.test_dataset))
             self.predict_dataset = self.test_dataset
         else:  # a flat folder of images to score: labels unknown
-            paths = [p for p in list_image_files(root) if "train" not in p.relative_to(root).parts]
+            # root/train holds the training images (MVTec's layout without test/); a train/ deeper down is the user's
+            paths = [p for p in list_image_files(root) if p.relative_to(root).parts[0] != "train"]
             self.predict_dataset = self._folder_dataset(paths, [-1] * len(paths), root) if paths else None
 
     def _folder_dataset(self, paths: list[Path], labels: list[int], folder: Path) -> ImageFolderDataset:
