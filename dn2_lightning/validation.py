@@ -52,9 +52,15 @@ def check_int(
 def check_seed(name: str, value: object) -> None:
     """Raise ValueError unless ``value`` is an integer that torch's and NumPy's generators take (|seed| < 2**63)."""
     if isinstance(value, bool) or not isinstance(value, int) or not -(2**63) <= value < 2**63:
-        numpy = isinstance(value, Integral) and not isinstance(value, bool)
-        hint = f" (a {type(value).__name__}, NumPy?: pass int(value))" if numpy else ""
-        raise ValueError(f"{name}={value!r} must be an integer in [-2**63, 2**63){hint}.")
+        raise ValueError(f"{name}={value!r} must be an integer in [-2**63, 2**63){numpy_integer_hint(value)}.")
+
+
+def numpy_integer_hint(value: object) -> str:
+    """`` (a int64, NumPy?: pass int(value))`` for an integer that is not a Python ``int`` (a NumPy or torch scalar
+    fails ``isinstance(value, int)``), else ``""``."""
+    if isinstance(value, Integral) and not isinstance(value, bool | int):
+        return f" (a {type(value).__name__}, NumPy?: pass int(value))"
+    return ""
 
 
 def check_bool(name: str, value: object) -> None:

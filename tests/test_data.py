@@ -517,6 +517,15 @@ def test_group_held_out_classes_take_numpy_integers_and_ranges_as_plain_ints():
         GroupDataModule(dataset="digits", seed=np.int64(3))
 
 
+def test_the_numpy_hint_is_given_to_numpy_integers_only():
+    """normal_class=np.int64(3) (a loop over np.unique) got no hint; seed=2**64, a plain int, was told to pass
+    int(value)."""
+    with pytest.raises(ValueError, match=r"normal_class=(np.int64\()?3\)? must be a class index .*pass int\(value\)"):
+        OneClassDataModule(dataset="digits", normal_class=np.int64(3))
+    with pytest.raises(ValueError, match=r"seed=18446744073709551616 must be an integer in \[-2\*\*63, 2\*\*63\)\.$"):
+        OneClassDataModule(dataset="digits", seed=2**64)
+
+
 def test_group_size_larger_than_classes_is_refused():
     with pytest.raises(ValueError, match="group_size=11 exceeds the 10 normal classes"):
         GroupDataModule(dataset="digits", group_size=11).setup()

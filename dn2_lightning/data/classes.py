@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from dn2_lightning.validation import numpy_integer_hint
+
 
 @dataclass(frozen=True)
 class AnomalyLabel:
@@ -70,7 +72,9 @@ def resolve_class(normal_class: int | str, classes: tuple[str, ...], name: str =
 def check_class_ref(name: str, value: object) -> None:
     """Raise ValueError unless ``value`` is a class index (int) or a class name (str)."""
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError(f"{name}={value!r} must be a class index (int) or a class name (str).")
+        raise ValueError(
+            f"{name}={value!r} must be a class index (int) or a class name (str){numpy_integer_hint(value)}."
+        )
 
 
 def draw_contaminants(labels: Tensor, normal_class: int, contamination: float, seed: int) -> Tensor:
