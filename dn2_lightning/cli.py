@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import inspect
+import itertools
 import logging
 import re
 import shutil
@@ -279,6 +280,7 @@ class DN2CLI(LightningCLI):
             self._apply_checkpoint_settings(subcommand, ckpt_path)
 
     def _apply_checkpoint_settings(self, subcommand: str, ckpt_path: str) -> None:
+        ckpt_path = str(Path(ckpt_path).expanduser())  # `--ckpt_path=~/...`: no shell expands it (Lightning does)
         if not Path(ckpt_path).is_file():
             raise FileNotFoundError(_no_checkpoint_file(Path(ckpt_path)))
         with readable_checkpoint(ckpt_path):
@@ -552,7 +554,9 @@ def _param_lines(params: dict[str, tuple[Any, str]], width: int) -> list[str]:
 
 def _lightning_finds_it(ckpt_path: str) -> bool:
     """A ``ckpt_path`` that the Trainer resolves itself: ``best``, ``last``, ``hpc``, ``registry[:...]`` or a URL."""
-    return ckpt_path in ("best", "last", "hpc") or ckpt_path.startswith("registry") or "://" in ckpt_path
+    from lightning.pytorch.utilities.model_registry import _is_registry
+
+    return ckpt_path in ("best", "last", "hpc") or _is_registry(ckpt_path) or "://" in ckpt_path
 
 
 def _no_checkpoint_file(path: Path) -> str:
@@ -560,7 +564,8 @@ def _no_checkpoint_file(path: Path) -> str:
     folder = path if path.is_dir() else path.parent
     # a folder of runs: lightning_logs/version_0/checkpoints/*.ckpt
     patterns = ("*.ckpt", "*/*.ckpt", "*/*/*.ckpt", "*/*/*/*.ckpt") if path.is_dir() else ("*.ckpt",)
-    found = sorted(str(p) for pattern in patterns for p in folder.glob(pattern))[:5] if folder.is_dir() else []
+    found = (p for pattern in patterns for p in folder.glob(pattern)) if folder.is_dir() else iter(())
+    found = sorted(map(str, itertools.islice(found, 5)))  # (the first found: a whole disk is not walked)
     listing = f" Checkpoints under {folder}: {', '.join(found)}." if found else ""
     what = "is a folder, not a checkpoint file" if path.is_dir() else "does not exist"
     return f"--ckpt_path={path} {what}: give the .ckpt file that `dn2 fit` printed.{listing}"

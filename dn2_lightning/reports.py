@@ -45,9 +45,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
+from lightning.fabric.utilities.data import sized_len
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
-from torch.utils.data import Subset
+from torch.utils.data import IterableDataset, Subset
 
 from dn2_lightning.cache import atomic_write
 from dn2_lightning.console import info
@@ -323,7 +324,7 @@ def save_figures(
     try:
         images = [image_of(int(scores.indices[i])) for i in top] if image_of is not None else []
     except LookupError as err:  # an index that is no dataset position: no figure, not other samples' images
-        warnings.warn(f"the report's top anomalies are not drawn: {err}.", stacklevel=2)
+        warnings.warn(f"the report's top anomalies are not drawn ({type(err).__name__}: {err}).", stacklevel=2)
         images = []
     if images:
         cols = min(8, len(top))
@@ -557,8 +558,8 @@ def _image_reader(dataset: Any, loader: Any = None) -> Callable[[int], Tensor] |
     An index is a dataset position only where the sample there carries it (a ``Subset`` is read through the dataset
     it wraps) or, for samples without an ``index``, where the loader read in order; any other index raises
     ``LookupError`` (:func:`save_figures` then draws no top anomalies, rather than other samples' images)."""
-    if dataset is None or not hasattr(dataset, "__getitem__") or len(dataset) == 0:
-        return None
+    if isinstance(dataset, IterableDataset) or sized_len(dataset) in (None, 0) or not hasattr(dataset, "__getitem__"):
+        return None  # (an iterable has no positions to read samples back from)
     first = dataset[0]
     if not isinstance(first, dict) or not isinstance(first.get("image"), Tensor) or first["image"].ndim != 3:
         return None

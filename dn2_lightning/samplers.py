@@ -96,7 +96,8 @@ def warn_if_out_of_order(loader: Any) -> None:
         return  # an iterable has no positions to point at but its own order (workers: see the warning below)
     if not reads_in_order(loader):
         rank_zero_warn(
-            "the dataloader does not read in order (it shuffles, or its sampler picks) and its samples carry no "
+            "the dataloader does not read in order (it shuffles, its sampler picks, or a custom batch sampler "
+            "regroups) and its samples carry no "
             "'index': they are numbered in the order they are read, so neighbour indices (and paths) do not "
             "point at dataset positions, scores are not in dataset order and the report draws no top anomalies "
             "(the scores themselves are right). Use shuffle=False or give samples an 'index'.",
@@ -104,8 +105,13 @@ def warn_if_out_of_order(loader: Any) -> None:
 
 
 def reads_in_order(loader: Any) -> bool:
-    """Whether the loader reads its dataset's positions in order (a sequential sampler, an unshuffled
-    ``DistributedSampler``, or no sampler at all)."""
+    """Whether the loader reads its dataset's positions in order: a sequential sampler or an unshuffled
+    ``DistributedSampler`` (or none at all), batched by a plain ``BatchSampler`` (a custom batch sampler may
+    regroup, e.g. by size)."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    batch_sampler = getattr(batch_sampler, "_batch_sampler", batch_sampler)  # Lightning's predict wrapper
+    if batch_sampler is not None and type(batch_sampler) is not BatchSampler:
+        return False
     sampler = drawing_sampler(loader)
     sequential = isinstance(sampler, SequentialSampler | DistributedSampler)
     return sampler is None or (sequential and not getattr(sampler, "shuffle", False))

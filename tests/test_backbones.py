@@ -129,9 +129,13 @@ class _Features(nn.Module):
     def forward(self, x: torch.Tensor) -> object:
         maps = self.conv(x)
         pooled = maps.mean((2, 3))
-        return {"tuple": (pooled, maps), "map": maps, "pooled_map": pooled[..., None, None], "embeddings": pooled}[
-            self.kind
-        ]
+        return {
+            "tuple": (pooled, maps),
+            "map": maps,
+            "pooled_map": pooled[..., None, None],
+            "pooled_tokens": pooled[:, None],
+            "embeddings": pooled,
+        }[self.kind]
 
 
 @pytest.mark.parametrize("kind", ["tuple", "map"])
@@ -145,9 +149,10 @@ def test_a_custom_backbone_that_returns_no_embeddings_is_refused_naming_it(kind)
         quiet_trainer().fit(DN2Module(k=2, backbone=_Features(kind)), datamodule=BlobDataModule())
 
 
-def test_a_pooled_map_of_one_pixel_is_the_embeddings():
+@pytest.mark.parametrize("kind", ["pooled_map", "pooled_tokens"])
+def test_pooled_outputs_with_axes_of_one_are_the_embeddings(kind):
     images = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
-    pooled = build_backbone(_Features("pooled_map"))(images)
+    pooled = build_backbone(_Features(kind))(images)
     torch.manual_seed(0)
     assert pooled.shape == (5, 4) and torch.equal(pooled, build_backbone(_Features("embeddings"))(images))

@@ -503,11 +503,12 @@ def test_ckpt_path_takes_the_model_settings_a_run_leaves_out_from_the_checkpoint
     assert float(given.model.threshold) == pytest.approx(float(expected), rel=1e-6)
 
 
-def test_a_ckpt_path_that_is_no_checkpoint_is_a_usage_error_naming_the_ones_found(tmp_path, capsys):
+def test_a_ckpt_path_that_is_no_checkpoint_is_a_usage_error_naming_the_ones_found(tmp_path, capsys, monkeypatch):
     """A missing file, a folder, the run's config.yaml or a state_dict file given as --ckpt_path stopped with a
     traceback of 10 to 21 frames from inside Lightning or the CLI's checkpoint reading."""
     common = ["--config", "configs/digits.yaml", f"--trainer.default_root_dir={tmp_path}", *FAST]
-    ckpt = build_cli(["fit", *common]).trainer.checkpoint_callback.best_model_path
+    fit = build_cli(["fit", *common])
+    ckpt = fit.trainer.checkpoint_callback.best_model_path
     config = Path(ckpt).parents[1] / "config.yaml"
     torch.save(DN2Module(k=2, pretrained=False).state_dict(), tmp_path / "weights.pt")
     cases = {
@@ -517,6 +518,17 @@ def test_a_ckpt_path_that_is_no_checkpoint_is_a_usage_error_naming_the_ones_foun
         tmp_path / "weights.pt": r"weights\.pt",
     }
     assert config.is_file()
+    # paths that Lightning resolves are left to it; `~` (not expanded after `=` by a shell) is the home folder
+    from dn2_lightning.cli import _lightning_finds_it
+
+    assert all(map(_lightning_finds_it, ["best", "last", "hpc", "registry", "registry:dn2:v1", "s3://b/x.ckpt"]))
+    assert not any(map(_lightning_finds_it, ["registry_v2.ckpt", "registry/model.ckpt", "~/bank.ckpt"]))
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    Path(ckpt).rename(home / "bank.ckpt")
+    tilde = build_cli(["test", *common, "--ckpt_path=~/bank.ckpt"])
+    assert len(tilde.model.bank) == len(fit.model.bank) and "test/auroc" in tilde.trainer.callback_metrics
     for path, expected in cases.items():
         with pytest.raises(SystemExit) as stopped:
             build_cli(["test", *common, f"--ckpt_path={path}"])

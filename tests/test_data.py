@@ -806,7 +806,7 @@ def test_group_member_classes_and_images_follow_the_members_order():
 
 
 def test_a_flat_folder_inside_a_folder_named_train_is_predicted_on(tmp_path):
-    # images were left out when any folder above root was named "train", not only root/train itself
+    # guards the "root/train only" rule against looking at folders above root (as a mutation did)
     root = tmp_path / "train" / "inbox"
     root.mkdir(parents=True)
     rng = np.random.default_rng(0)

@@ -421,7 +421,7 @@ def test_top_anomalies_show_the_samples_scored_or_are_not_drawn(tmp_path):
     wrapped dataset's indices) raised IndexError after scoring, losing summary.json and trainer.test's result, or
     drew other images under the scores; so did samples whose index is not their position, or that carry none and
     were read shuffled."""
-    from torch.utils.data import Dataset, Subset
+    from torch.utils.data import Dataset, IterableDataset, Subset
 
     from dn2_lightning.reports import _dataset_of, _image_reader
 
@@ -448,10 +448,21 @@ def test_top_anomalies_show_the_samples_scored_or_are_not_drawn(tmp_path):
         def __getitem__(self, i: int) -> dict:
             return {key: value for key, value in dm.test_dataset[i].items() if key != "index"}
 
-    with pytest.warns(UserWarning, match=r"top anomalies are not drawn: no sample of the Renumbered at position 1\d "):
+    with pytest.warns(
+        UserWarning, match=r"top anomalies are not drawn \(LookupError: no sample of the Renumbered at position 1\d "
+    ):
         trainer.test(model, dataloaders=DataLoader(Renumbered(), batch_size=2))
     with pytest.warns(UserWarning, match=r"does not read in order .*draws no top anomalies"):
         trainer.test(model, dataloaders=DataLoader(Unnumbered(), batch_size=2, shuffle=True))
+    reversed_batches = [[4, 3], [2, 1], [0]]  # a custom batch sampler (e.g. by size) over samples without an index
+    with pytest.warns(UserWarning, match=r"custom batch sampler regroups.*draws no top anomalies"):
+        trainer.test(model, dataloaders=DataLoader(Unnumbered(), batch_sampler=reversed_batches))
+
+    class Stream(IterableDataset):  # no positions at all: the figure's reader crashed after scoring
+        def __iter__(self):
+            return (dm.test_dataset[i] for i in range(len(dm.test_dataset)))
+
+    trainer.test(model, dataloaders=DataLoader(Stream(), batch_size=2))
     for run in sorted((tmp_path / "dn2_reports").glob("test_*"))[1:]:
         summary = json.loads((run / "summary.json").read_text())
         assert "top_anomalies" not in summary["files"] and summary["auroc"] is not None

@@ -148,7 +148,9 @@ def _to_uint8_rgb(img: Image.Image, path: Path) -> np.ndarray:
                 "range it is all black. If it holds 16-bit (or 12-bit) data, save it as 16 bit (np.uint16)."
             )
         if 0 < high < (top + 1) // 16:
-            _warn_low_bit_depth(path, f"a {bits}-bit image whose values reach only {high} (of {top})")
+            data = "12-bit (or 10-bit) camera data" if top == 65535 else "16-bit (or 12-bit) data"
+            fix = "values * 16 for 12-bit" if top == 65535 else "or save 16-bit data as np.uint16"
+            _warn_low_bit_depth(path, f"a {bits}-bit image whose values reach only {high} (of {top})", data, fix)
         array = np.rint(values.astype(np.float64) * (255.0 / top)).astype(np.uint8)
         transparent = img.info.get("transparency")  # a grey level marked transparent: on black, as 8-bit images
         if isinstance(transparent, int):
@@ -164,47 +166,60 @@ def _to_uint8_rgb(img: Image.Image, path: Path) -> np.ndarray:
         array = np.rint(values.astype(np.float64) * 255.0).astype(np.uint8)
     else:
         array = np.array(on_black(img).convert("RGB"))  # a writable copy (torch refuses read-only buffers)
-        if stored_bits == 16 and int(array.max()) < 16:  # Pillow keeps the high byte of 16-bit colour channels
-            _warn_low_bit_depth(path, f"a 16-bit colour image whose values stay below {(int(array.max()) + 1) * 256}")
+        if stored_bits == 16 and 0 < int(array.max()) < 16:  # Pillow keeps the high byte of 16-bit colour channels
+            found = f"a 16-bit colour image whose values stay below {(int(array.max()) + 1) * 256}"
+            _warn_low_bit_depth(path, found, "12-bit (or 10-bit) camera data", "values * 16 for 12-bit")
     if array.ndim == 2:
         array = np.repeat(array[:, :, None], 3, axis=2)
     return np.ascontiguousarray(array)
 
 
-_said_low_bit_depth = False
+#: The once-per-process warnings already given (their keys); each DataLoader worker process has its own.
+SAID: set[str] = set()
 
 
-def _warn_low_bit_depth(path: Path, found: str) -> None:
-    """Said once per process: 12-bit (or 10-bit) camera data stored in 16-bit (or wider) files, scaled by the
-    file's range, keeps at most 16 of the 256 levels the backbone sees."""
-    global _said_low_bit_depth
-    if _said_low_bit_depth:
+def said(key: str) -> bool:
+    """Whether :func:`say_once` said ``key`` in this process."""
+    return key in SAID
+
+
+def say_once(key: str, message: str, stacklevel: int = 3) -> None:
+    """``warnings.warn(message)`` the first time ``key`` is said in this process."""
+    if said(key):
         return
-    _said_low_bit_depth = True
-    warnings.warn(
-        f"{path} is {found}: if it holds 12-bit (or 10-bit) camera data, it is read nearly black, with at most 16 "
-        "(or 4) levels of 256, and the embeddings lose its detail. Scale such images to the 16-bit range (values "
-        "* 16 for 12-bit) or save them as 8 bit. Said once per process (each DataLoader worker may say it).",
-        stacklevel=2,
+    SAID.add(key)
+    warnings.warn(f"{message} Said once per process (each DataLoader worker may say it).", stacklevel=stacklevel)
+
+
+def _warn_low_bit_depth(path: Path, found: str, data: str, fix: str) -> None:
+    """Said once per process: low-bit data stored in a wider file, scaled by the file's range, keeps at most 16 of
+    the 256 levels the backbone sees."""
+    say_once(
+        f"low bit depth: {data}",
+        f"{path} is {found}: if it holds {data}, it is read nearly black, with at most 16 (or 4) levels of 256, and "
+        f"the embeddings lose its detail. Scale such images to the file's range ({fix}) or save them as 8 bit.",
+        stacklevel=4,
     )
 
 
-_said_many_frames = False
-
-
-def warn_if_many_frames(img: Image.Image, path: str | Path) -> None:
-    """Said once per process: a file of several frames (a TIFF stack, an animated GIF/PNG/WebP) is read as its
-    first frame (images and masks alike)."""
-    global _said_many_frames
-    frames = getattr(img, "n_frames", 1)
-    if frames == 1 or img.format == "MPO" or _said_many_frames:  # a phone's JPEG: the photo, then previews or depth
+def warn_if_many_frames(img: Image.Image, path: str | Path, what: str = "image") -> None:
+    """Said once per process (for images, for masks): a file of several frames of one size (a TIFF stack, an
+    animated GIF/PNG/WebP) is read as its first frame. A phone's MPO JPEG (the photo, then previews or depth) and
+    a TIFF's reduced pages (a thumbnail, a pyramid) are not said."""
+    key = f"{what} of several frames"
+    if said(key) or getattr(img, "n_frames", 1) == 1 or img.format == "MPO":
         return
-    _said_many_frames = True
-    warnings.warn(
-        f"{path} holds {frames} frames (a stack or an animation): only its first frame is read. Save each frame you "
-        "mean as a file of its own. Said once per process (each DataLoader worker may say it).",
-        stacklevel=3,
-    )
+    size = img.size
+    img.seek(1)
+    alike = img.size == size
+    img.seek(0)
+    if alike:
+        say_once(
+            key,
+            f"{path} holds {img.n_frames} frames (a stack or an animation): only its first frame is read as the "
+            f"{what}. Save each frame you mean as a file of its own.",
+            stacklevel=4,
+        )
 
 
 def has_transparency(img: Image.Image) -> bool:

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2.functional import resize
 
-from dn2_lightning.data.images import has_transparency, on_black, warn_if_many_frames
+from dn2_lightning.data.images import has_transparency, on_black, said, say_once, warn_if_many_frames
 from dn2_lightning.pixel_metrics import label_regions
 
 MASK_SUFFIX = "_mask.png"
@@ -30,15 +30,26 @@ MASK_SUFFIX = "_mask.png"
 HIDDEN_DRAWING = (
     "its transparency hides its drawing (an alpha channel at 0 throughout, its drawn colour marked transparent, or a "
     "black drawing on a transparent layer), so it would read as empty: save the mask as a plain grey image, e.g. "
-    "Image.fromarray(np.asarray(Image.open(path).convert('L'))).save(path) if its pixels are the mask, "
+    "Image.fromarray(np.asarray(Image.open(path).convert('RGB')).max(2)).save(path) if its pixels are the mask, "
     "Image.open(path).getchannel('A').save(path) if its alpha channel is, or all black if it is empty"
 )
-# a palette mask whose palette shows every pixel black although some pixels are not palette entry 0
+# a palette mask whose palette shows every pixel black although its pixels hold palette index 0 and others
 BLACK_PALETTE = (
-    "its palette shows every pixel black although its pixels (palette indices) are not all 0, so it would read as "
+    "its palette shows every pixel black although its pixels hold palette index 0 and others, so it would read as "
     "empty: save the indices as a plain grey mask, e.g. "
     "Image.fromarray((np.asarray(Image.open(path)) > 0).astype(np.uint8) * 255).save(path)"
 )
+
+
+class HiddenDrawingError(ValueError):
+    """A mask that would read as empty although it holds a drawing; ``reason`` is :data:`HIDDEN_DRAWING` or
+    :data:`BLACK_PALETTE`."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.reason = reason
+
+
 # masks with transparency or a palette are decoded at set-up to find hidden drawings: a few (one tool's are alike)
 _TRANSPARENT_MASKS_CHECKED = 16
 # EXIF orientation -> the transpose that shows the image upright (what PIL.ImageOps.exif_transpose applies)
@@ -107,11 +118,8 @@ def hidden_drawings(masks: Sequence[str | Path]) -> dict[str, list[str]]:
         decoded += 1
         try:
             read_mask(mask)
-        except ValueError as err:
-            reason = next((reason for reason in (HIDDEN_DRAWING, BLACK_PALETTE) if reason in str(err)), None)
-            if reason is None:
-                raise
-            hidden.setdefault(reason, []).append(str(mask))
+        except HiddenDrawingError as err:
+            hidden.setdefault(err.reason, []).append(str(mask))
     return hidden
 
 
@@ -119,15 +127,15 @@ def read_mask(path: str | Path) -> Tensor:
     """A mask file as uint8 ``[1, H, W]`` (1 = anomalous: a pixel with any channel non-zero after transparent
     pixels are put on black), upright (its EXIF orientation applied, as images are)."""
     with Image.open(path) as img:
-        warn_if_many_frames(img, path)
+        warn_if_many_frames(img, path, "mask")
         upright = ImageOps.exif_transpose(img)
         values = _pixel_values(on_black(upright))
         shown = values != 0
         if not shown.any():
             if has_transparency(upright) and _holds_a_drawing(upright):
-                raise ValueError(f"{path}: {HIDDEN_DRAWING}")
-            if upright.mode == "P" and np.asarray(upright).any():
-                raise ValueError(f"{path}: {BLACK_PALETTE}")
+                raise HiddenDrawingError(path, HIDDEN_DRAWING)
+            if upright.mode == "P" and len(np.unique(np.asarray(upright))) > 1:  # index 0 and others, all black
+                raise HiddenDrawingError(path, BLACK_PALETTE)
         _warn_if_faint(values, path)
         return torch.from_numpy(shown).to(torch.uint8)[None]
 
@@ -140,27 +148,23 @@ def _pixel_values(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB")).max(axis=2)
 
 
-_said_faint = False
-
-
 def _warn_if_faint(values: np.ndarray, path: str | Path) -> None:
-    """Said once per process: an 8-bit drawing (values up to 128..255) with faint pixels (1 up to half its largest
-    value), as JPEG compression or an antialiased brush leaves, which the non-zero rule reads as anomalous."""
-    global _said_faint
-    if _said_faint or values.dtype != np.uint8:
+    """Said once per process: a drawing with faint pixels (above 0, at most half its largest value, in 8 or more
+    levels: a rim or specks, as JPEG compression or an antialiased brush leaves; a few levels are labels), which
+    the non-zero rule reads as anomalous."""
+    top = values.max()
+    faint = values[(values > 0) & (values <= top / 2)]
+    if said("faint mask pixels") or len(np.unique(faint)) < 8:
         return
-    top = int(values.max())
-    faint = int(((values > 0) & (values <= top // 2)).sum()) if top >= 128 else 0
-    if not faint:
-        return
-    _said_faint = True
-    warnings.warn(
-        f"{path} holds {faint} faint pixels (values 1 to {top // 2}, its drawing {top}), as JPEG compression or "
+    say_once(
+        "faint mask pixels",
+        f"{path} holds {faint.size} faint pixels (values up to half its drawing's {top:g}), as JPEG compression or "
         "an antialiased brush leaves around a drawing: every non-zero pixel is read as anomalous, so they widen its "
         "regions and may add small ones, each of which PRO counts as a defect. If they are not anomalous, binarise "
-        "the masks, e.g. Image.fromarray(((np.asarray(Image.open(path).convert('L')) > 127) * 255).astype(np.uint8))"
-        ".save(path). Said once per process (each DataLoader worker may say it).",
-        stacklevel=3,
+        "the masks at half the drawing's value, e.g. for 8-bit masks "
+        "Image.fromarray(((np.asarray(Image.open(path).convert('RGB')).max(2) > 127) * 255).astype(np.uint8))"
+        ".save(path).",
+        stacklevel=4,
     )
 
 
@@ -342,18 +346,12 @@ def with_mvtec_masks(dataset: Dataset, root: str | Path, normal_dir: str = "good
     return MaskedImageDataset(dataset, masks)
 
 
-_said_empty = False
-
-
 def _warn_empty_mask(path: Path) -> None:
     """Said once per process: the mask of an image in an anomalous kind's folder marks no pixel."""
-    global _said_empty
-    if _said_empty:
-        return
-    _said_empty = True
-    warnings.warn(
+    say_once(
+        "empty mask",
         f"{path} marks no anomalous pixel, although its image is in an anomalous kind's folder: the image counts as "
         "anomalous in the image AUROC but adds no anomalous pixel to the pixel metrics. If its drawing is lost (e.g. "
-        "saved in a colour that reads as 0), draw it again. Said once per process (each DataLoader worker may say it).",
-        stacklevel=3,
+        "saved in a colour that reads as 0), draw it again.",
+        stacklevel=4,
     )
