@@ -7,6 +7,7 @@ import functools
 import http.server
 import math
 import pickle
+import re
 import threading
 import warnings
 from pathlib import Path
@@ -320,10 +321,16 @@ def test_inconsistent_checkpoint_bank_is_a_clear_error_issue11_13(tmp_path):
         DN2Module.load_from_checkpoint(tmp_path / "cut.ckpt", backbone=linear_backbone())
 
 
-def test_empty_cut_short_or_plain_state_dict_checkpoints_are_named(tmp_path):
+def test_empty_cut_short_or_plain_state_dict_checkpoints_are_named(tmp_path, capsys):
     # a bare EOFError (empty file), KeyError 'pytorch-lightning_version' (a plain state_dict); from the CLI also an
-    # AttributeError for a file of one tensor
+    # AttributeError for a file of one tensor (now a command line error, exit code 2, naming the file)
     from dn2_lightning.cli import build_cli
+
+    def cli_error(ckpt: Path) -> str:
+        with pytest.raises(SystemExit) as stopped:
+            build_cli(["test", "--config", "configs/digits.yaml", f"--ckpt_path={ckpt}"])
+        assert stopped.value.code == 2
+        return " ".join(capsys.readouterr().err.split())
 
     trainer = quiet_trainer(default_root_dir=tmp_path, enable_checkpointing=True)
     model = DN2Module(k=2, backbone=linear_backbone())
@@ -346,8 +353,7 @@ def test_empty_cut_short_or_plain_state_dict_checkpoints_are_named(tmp_path):
     for name, match in cases:
         with pytest.raises(ValueError, match=match):
             DN2Module.load_from_checkpoint(tmp_path / name, backbone=linear_backbone())
-    with pytest.raises(ValueError, match=r"tensor.pt is not a Lightning checkpoint"):
-        build_cli(["test", "--config", "configs/digits.yaml", f"--ckpt_path={tmp_path / 'tensor.pt'}"])
+    assert re.search(r"error: .*tensor.pt is not a Lightning checkpoint", cli_error(tmp_path / "tensor.pt"))
     # a whole checkpoint holding a type weights-only loading refuses (legacy format too): torch's own message
     # advised weights_only=False, which dn2 refuses; the error names the type and how to allow it
     legacy = torch.load(trainer.checkpoint_callback.best_model_path, weights_only=True)
@@ -361,8 +367,7 @@ def test_empty_cut_short_or_plain_state_dict_checkpoints_are_named(tmp_path):
     with torch.serialization.safe_globals([argparse.Namespace]):  # the way out the message gives
         DN2Module.load_from_checkpoint(tmp_path / "legacy.ckpt", backbone=linear_backbone())
     for name, match in (cases[0], cases[3]):
-        with pytest.raises(ValueError, match=match):
-            build_cli(["test", "--config", "configs/digits.yaml", f"--ckpt_path={tmp_path / name}"])
+        assert re.search(rf"error: .*{match}", cli_error(tmp_path / name))
     with pytest.raises(ValueError, match=cases[1][1]):
         quiet_trainer().test(
             DN2Module(k=2, backbone=linear_backbone()), BlobDataModule(), ckpt_path=tmp_path / "cut.ckpt"
