@@ -241,8 +241,7 @@ def _stored_bits_per_channel(img: Image.Image) -> int:
     """The bits per channel a file stores, from its header (16 for a 48-bit colour PNG or TIFF, which Pillow
     decodes to 8 bits); 8 when nothing says (an image in memory)."""
     if img.format == "TIFF":
-        bits = img.tag_v2.get(258, 8)  # BitsPerSample
-        return int(bits[0] if isinstance(bits, tuple) else bits)
+        return _tiff_bits(img, default=8)
     tile = getattr(img, "tile", None)  # a file's, before it is decoded (an image made in memory has none)
     rawmode = tile[0][3] if tile else None  # PNG: e.g. "RGB;16B"
     rawmode = rawmode[0] if isinstance(rawmode, tuple) and rawmode else rawmode
@@ -252,10 +251,14 @@ def _stored_bits_per_channel(img: Image.Image) -> int:
 def _integer_max(img: Image.Image) -> int:
     """The largest value of an integer image's pixel format (16-bit unless a TIFF says otherwise)."""
     if img.mode == "I" and img.format == "TIFF":
-        bits = img.tag_v2.get(258, 32)  # BitsPerSample
-        bits = bits[0] if isinstance(bits, tuple) else bits
-        return 2 ** min(int(bits), 31) - 1  # a 32-bit TIFF is signed in Pillow's mode "I"
+        return 2 ** min(_tiff_bits(img, default=32), 31) - 1  # a 32-bit TIFF is signed in Pillow's mode "I"
     return 65535
+
+
+def _tiff_bits(img: Image.Image, default: int) -> int:
+    """A TIFF's BitsPerSample (of its first channel), ``default`` when the tag is missing."""
+    bits = img.tag_v2.get(258, default)
+    return int(bits[0] if isinstance(bits, tuple) else bits)
 
 
 def resize_square(image: Tensor, size: int) -> Tensor:

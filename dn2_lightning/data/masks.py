@@ -152,9 +152,11 @@ def _warn_if_faint(values: np.ndarray, path: str | Path) -> None:
     """Said once per process: a drawing with faint pixels (above 0, at most half its largest value, in 8 or more
     levels: a rim or specks, as JPEG compression or an antialiased brush leaves; a few levels are labels), which
     the non-zero rule reads as anomalous."""
+    if said("faint mask pixels"):  # (read_mask runs per sample: no work once said)
+        return
     top = values.max()
     faint = values[(values > 0) & (values <= top / 2)]
-    if said("faint mask pixels") or len(np.unique(faint)) < 8:
+    if len(np.unique(faint)) < 8:
         return
     say_once(
         "faint mask pixels",
