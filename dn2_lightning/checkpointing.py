@@ -125,7 +125,7 @@ def _raise_if_unreadable(path: Any, error: BaseException) -> None:
     state = "is empty (0 bytes)" if size == 0 else f"is cut short, damaged or not a checkpoint file ({size} bytes)"
     raise ValueError(
         f"the checkpoint {path} {state}: a run stopped while writing it, or another file? Use another checkpoint "
-        f"(e.g. the one saved before it, or last.ckpt). ({type(error).__name__}: {error})"
+        f"(one saved before it, where ModelCheckpoint kept several), or fit again. ({type(error).__name__}: {error})"
     ) from error
 
 
@@ -219,13 +219,13 @@ def check_train_set(saved: Mapping[str, Any] | None, current: Mapping[str, Any] 
                 f"the memory bank was built from other images than those under this datamodule's root/train: {pairs} "
                 "(train_files: a fingerprint of the files' names and sizes). Point root at the folder the bank was "
                 "built from, predict on a folder without train/ (a flat folder of images, or root/test/...), or fit "
-                "again on this one."
+                "again on this one (without ckpt_path: a fit resumed from a checkpoint keeps its bank)."
             )
         raise ValueError(
             f"the memory bank was built from other training data than this datamodule's: {pairs}. Its scores "
             "would measure the distance to those images, not to this datamodule's normal data. Use a new "
-            "DN2Module for each training set (e.g. one per normal class), a checkpoint built from this data, or "
-            "the datamodule settings the bank was built with."
+            "DN2Module for each training set (e.g. one per normal class; a fit resumed from a checkpoint, ckpt_path, "
+            "keeps its bank), a checkpoint built from this data, or the datamodule settings the bank was built with."
         )
 
 

@@ -10,6 +10,7 @@ as :class:`~dn2_lightning.DN2Module`.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -121,6 +122,7 @@ class DN2Detector(BaseEstimator):
             scores[~kept] = self._scores(x[~kept])
         self._sorted_scores = scores.sort().values
         self.threshold_ = quantile_threshold(scores, self.threshold_quantile)
+        self._threshold_set_at = {"k": self.k, "threshold_quantile": self.threshold_quantile}
         # NumPy for NumPy input, as PyOD's (and this class's methods') results
         self.kept_ = _like_input(kept, X)
         self.decision_scores_ = _like_input(scores, X)
@@ -139,13 +141,30 @@ class DN2Detector(BaseEstimator):
 
     def predict(self, X: ArrayLike) -> np.ndarray | Tensor:  # noqa: N803
         """0/1 labels ``[M]``: 1 where the score exceeds :attr:`threshold_`."""
+        self._check_threshold_settings()
         return _like_input((self._scores(X) > self.threshold_).long(), X)
 
     def predict_proba(self, X: ArrayLike) -> np.ndarray | Tensor:  # noqa: N803
         """``[M, 2]`` (normal, anomalous) from the normalised score: the share of the training rows' scores
         (``decision_scores_``) below each score."""
+        self._check_threshold_settings()
         anomalous = normalized_scores(self._sorted_scores, self._scores(X))
         return _like_input(torch.stack([1 - anomalous, anomalous], dim=1), X)
+
+    def _check_threshold_settings(self) -> None:
+        """``threshold_`` and ``decision_scores_`` are training scores at the fit's ``k``, cut at its quantile: a
+        ``k`` or ``threshold_quantile`` set since (``set_params``) would compare scores of one ``k`` with another's."""
+        fitted = getattr(self, "_threshold_set_at", None)
+        if getattr(self, "bank_", None) is None or fitted is None:
+            return
+        changed = {name: value for name, value in fitted.items() if getattr(self, name) != value}
+        if changed:
+            now = ", ".join(f"{name}={getattr(self, name)!r}" for name in changed)
+            then = ", ".join(f"{name}={value!r}" for name, value in changed.items())
+            raise ValueError(
+                f"{now} was set after fit, but threshold_ and decision_scores_ are from fit's {then}: call fit(X) "
+                f"again to set them for {now} (or set {then} back). decision_function gives scores at {now} as it is."
+            )
 
     def _scores(self, X: ArrayLike) -> Tensor:  # noqa: N803
         if getattr(self, "bank_", None) is None:
@@ -185,6 +204,27 @@ def _like_input(result: Tensor, X: ArrayLike) -> np.ndarray | Tensor:  # noqa: N
     return result if result.dtype == torch.float64 and lacks_float64(X.device) else result.to(X.device)
 
 
+def _warn_if_rounded(tensor: Tensor, name: str) -> None:
+    """Integers beyond 2**53 in magnitude are searched in float64, which rounds them (as scikit-learn's neighbours
+    do): say so, since distances between rows closer than that rounding are then wrong."""
+    if tensor.dtype == torch.bool or not tensor.numel():
+        return
+    if tensor.dtype == torch.uint64:  # (torch has no max for unsigned integers but uint8; uint64 > int64's range)
+        largest = int(tensor.cpu().numpy().max())
+    else:
+        signed = tensor.long()
+        largest = max(int(signed.max()), -int(signed.min()))
+    if largest > 2**53:
+        step = 2 ** (largest.bit_length() - 53)
+        warnings.warn(
+            f"{name} holds integers up to {largest:,} in magnitude, beyond 2**53: float64, in which they are "
+            f"searched, rounds them to multiples of up to {step:,}, so distances between rows closer than that are "
+            f"off. Subtract one offset from the training and test rows alike first (e.g. the training rows' "
+            f"column minimum), which keeps them exact.",
+            stacklevel=4,
+        )
+
+
 def _as_matrix(values: ArrayLike, name: str, device: torch.device | None = None) -> Tensor:
     if isinstance(values, Tensor):
         tensor = values
@@ -204,6 +244,7 @@ def _as_matrix(values: ArrayLike, name: str, device: torch.device | None = None)
     if tensor.is_complex():
         raise ValueError(f"{name} must hold real numbers, got dtype {tensor.dtype}.")
     if not tensor.is_floating_point():  # bool and integers of any width (some lack abs/max on the CPU)
+        _warn_if_rounded(tensor, name)
         tensor = tensor.double() if tensor.dtype == torch.uint64 else tensor.long()  # uint64 would wrap in int64
     # float64 stays float64 (exact at large offsets, as knn_distances searches it), and so do integers beyond
     # float32's 2**24 (which float32 would round); other dtypes become float32

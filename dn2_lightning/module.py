@@ -6,6 +6,7 @@ import contextlib
 import copy
 import logging
 import math
+import warnings
 import weakref
 from collections.abc import Iterator, Mapping, Sized
 from typing import Any, Literal, get_args
@@ -274,6 +275,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         self._checkpoint_error: Exception | None = None  # under DDP: what is wrong with the checkpoint this rank read
         self._restored_from: tuple[Any, Any] | None = None  # (epoch, global_step) of the checkpoint restored, if any
         self._searches_made = 0  # searches of the bank so far (a sharded one's are collectives)
+        self._size_warned = False  # this evaluation warned of images of another size than the training images
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -283,6 +285,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_embedding_bank_rows", False)
+        self.__dict__.setdefault("_size_warned", False)
         # a module pickled by an earlier dn2-lightning has no state-dict hooks: the fixed threshold travels all the same
         if record_fixed_threshold not in self._state_dict_hooks.values():
             self.register_state_dict_post_hook(record_fixed_threshold)
@@ -420,6 +423,9 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
 
     def on_fit_start(self) -> None:
         self._agree_on_the_checkpoint()
+        # ModelCheckpoint(every_n_train_steps=N) warns a module without automatic optimisation at each save that it
+        # saves the weights after optimizer.step(): DN2 has no optimizer, so nothing it says applies
+        warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization and every_n_train")
         # a module from load_from_checkpoint is in eval mode, which Lightning warns about before training; the
         # backbone embeds alike in either mode
         self.train()
@@ -742,6 +748,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         """DN2 scores ``[B]`` of a batch, and the kNN result behind them (neighbours as train indices)."""
         self._require_bank()
         self._check_sample_kind(batch.images.ndim == 5)
+        self._warn_if_other_image_size(batch.images)
         if batch.images.ndim == 5 and batch.mask is not None:
             check_group_mask(batch.mask, batch.images, batch_idx)
         if batch.images.ndim == 5 and self.hparams.group_pooling == "none":
@@ -793,6 +800,24 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
                 stacklevel=6,
             )
 
+    def _warn_if_other_image_size(self, images: Tensor) -> None:
+        """Warn (once per evaluation) of samples of another size than the training batches' one size: the backbone
+        resizes both to its input size, but from another resolution, so scores shift (a plain DataLoader resizing
+        test images to 20 px for a bank of 48 px images flagged 8 of 8 normal ones, scores up 12x)."""
+        trained = self.bank.spec.get("train_image_size")
+        size = tuple(images.shape[-2:])
+        if self._size_warned or not trained or size == tuple(trained):
+            return
+        self._size_warned = True
+        (h, w), (th, tw) = size, trained
+        rank_zero_warn(
+            f"these samples are {h}x{w} pixels, but the memory bank was built from {th}x{tw} training images: the "
+            f"backbone resizes both to its input size, from another resolution, so the scores shift (normal images "
+            f"may all score as anomalies). Resize them as the training images were (transforms.Resize(({th}, {tw})), "
+            "or the datamodule's load_size), or fit on images of this size.",
+            stacklevel=6,
+        )
+
     @property
     def _bank_of_group_samples(self) -> bool:
         """The bank was built from pooled training groups (recorded since bank format 2)."""
@@ -809,6 +834,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
             )
         self._require_bank()
         self._check_sample_kind(False)
+        self._warn_if_other_image_size(batch.images)
         with self._embedding_precision():
             embeddings, patches = self.maps.embed(self.backbone, batch.images)
         _check_finite(embeddings, "embeddings", batch, batch_idx)
@@ -983,6 +1009,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         if self.maps is not None:
             self.maps.start_evaluation()
         self._held_errors.pop("evaluation", None)
+        self._size_warned = False
         # a collective when sharded: every rank computes it here, not lazily later (the sanity check scores nothing,
         # and runs before the ranks are checked to agree on their banks)
         if self._has_bank and not self.trainer.sanity_checking:

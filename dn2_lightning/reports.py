@@ -453,6 +453,8 @@ class EvaluationReport(Callback):
             paths = by_index
         elif callable(source_paths):
             paths = source_paths(stage) or paths
+        if paths is None:  # e.g. a plain DataLoader over torchvision's ImageFolder, whose batches are tuples
+            paths = _folder_files(*_dataset_of(trainer, stage))
         normalized = scores.normalized
         normalize = getattr(pl_module, "normalized", None)
         if normalized is None and callable(normalize):
@@ -553,7 +555,8 @@ def _dataset_of(trainer: Trainer, stage: str) -> tuple[Any, Any]:
 
 
 def _image_reader(dataset: Any, loader: Any = None) -> Callable[[int], Tensor] | None:
-    """``index -> image`` for datasets of dicts holding one ``[C, H, W]`` image (not groups), else ``None``.
+    """``index -> image`` for datasets of dicts holding one ``[C, H, W]`` image (not groups) or of ``(image, label)``
+    tuples, else ``None``.
 
     An index is a dataset position only where the sample there carries it (a ``Subset`` is read through the dataset
     it wraps) or, for samples without an ``index``, where the loader read in order; any other index raises
@@ -561,6 +564,9 @@ def _image_reader(dataset: Any, loader: Any = None) -> Callable[[int], Tensor] |
     if isinstance(dataset, IterableDataset) or sized_len(dataset) in (None, 0) or not hasattr(dataset, "__getitem__"):
         return None  # (an iterable has no positions to read samples back from)
     first = dataset[0]
+    if isinstance(first, tuple | list) and first and isinstance(first[0], Tensor) and first[0].ndim == 3:
+        # (image, label) tuples, as torchvision's datasets give: numbered by their position when read in order
+        return (lambda index: dataset[index][0]) if loader is None or reads_in_order(loader) else None
     if not isinstance(first, dict) or not isinstance(first.get("image"), Tensor) or first["image"].ndim != 3:
         return None
     if "index" not in first and loader is not None and not reads_in_order(loader):
@@ -578,6 +584,21 @@ def _image_reader(dataset: Any, loader: Any = None) -> Callable[[int], Tensor] |
         raise LookupError(f"no sample of the {type(dataset).__name__} at position {index} carries index {index}")
 
     return image_of
+
+
+def _folder_files(dataset: Any, loader: Any = None) -> list[str] | None:
+    """The file of each position of a torchvision ``DatasetFolder`` (``ImageFolder``), or of a ``Subset`` of one,
+    read in order (its samples are numbered by position); else ``None``."""
+    from torchvision.datasets import DatasetFolder
+
+    if loader is not None and not reads_in_order(loader):
+        return None
+    if isinstance(dataset, Subset):
+        files = _folder_files(dataset.dataset)
+        return None if files is None else [files[i] for i in dataset.indices]
+    if isinstance(dataset, DatasetFolder) and len(dataset.samples) == len(dataset):
+        return [str(path) for path, _ in dataset.samples]
+    return None
 
 
 def _describe(summary: dict[str, Any], out: Path, files: dict[str, Path]) -> str:

@@ -382,6 +382,18 @@ def test_folder_datamodule_layout_labels_and_corrupt_file_skipped(tmp_path):
     assert torch.equal(dm.test_source_indices, torch.arange(5))
 
 
+def test_an_empty_test_kind_folder_is_named_in_a_warning(tmp_path):
+    """test/crack/ with no image (a copy that failed, files of another extension) was listed among the classes and
+    added no sample, without a word."""
+    root = make_folder(tmp_path, corrupt=False)
+    (root / "test" / "crack").mkdir()
+    (root / "test" / "crack" / "0.heic").write_bytes(b"not read")
+    dm = OneClassDataModule(dataset="folder", root=str(root), load_size=16)
+    with pytest.warns(UserWarning, match=r"1 test folder\(s\) hold no image .*\['test/crack'\]; they add no sample"):
+        dm.setup()
+    assert dm.test_dataset.labels.tolist() == [0, 0, 0, 1, 1]
+
+
 def test_a_flat_predict_folder_leaves_out_root_train_only(tmp_path):
     """Every image under any folder named train was left out of a flat folder's predictions, without a word (e.g.
     day1/train/b.png of a folder of dated runs); only root/train holds training images."""

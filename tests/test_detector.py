@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -83,8 +85,42 @@ def test_large_integer_features_are_not_rounded_to_float32():
 
 def test_uint64_features_beyond_int64_do_not_wrap():
     train = np.array([[2**63 - 4096], [2**63 + 4096], [2**63 + 8192]], dtype=np.uint64)
-    scores = DN2Detector(k=1).fit(train).decision_scores_.tolist()  # int64 wrapped them: 3.4e38 for 6.7e7
+    with pytest.warns(UserWarning, match="beyond 2\\*\\*53"):  # (these happen to be float64 numbers)
+        scores = DN2Detector(k=1).fit(train).decision_scores_.tolist()  # int64 wrapped them: 3.4e38 for 6.7e7
     assert scores == [8192.0**2, 4096.0**2, 4096.0**2]
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint64])
+def test_integers_float64_rounds_are_warned_about_and_an_offset_keeps_them_exact(dtype):
+    # 2**60 + 100 is not a float64 (multiples of 256 up there): rounded, the score was 18,939,904, not 4300**2
+    train = np.array([[2**60], [2**60 + 100], [2**60 + 300], [2**60 + 700]], dtype=dtype)
+    query = np.array([[2**60 + 5000]], dtype=dtype)
+    with pytest.warns(UserWarning, match=r"X holds integers up to 1,152,921,504,606,847,676 .*multiples of up to 256"):
+        DN2Detector(k=1).fit(train)
+    offset = train.min(axis=0)  # the fix the warning gives: exact
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        shifted = DN2Detector(k=1).fit(train - offset)
+        assert shifted.decision_function(query - offset).tolist() == [4300.0**2]
+        DN2Detector(k=1).fit(np.array([[2**53], [-(2**53)], [0]]))  # up to 2**53 every integer is a float64
+
+
+def test_predict_after_set_params_of_k_or_quantile_asks_for_a_refit():
+    rng = np.random.default_rng(4)
+    train, test = rng.normal(size=(100, 3)), rng.normal(size=(50, 3)) * 1.3
+    detector = DN2Detector(k=2).fit(train)
+    detector.set_params(k=10)  # threshold_ is the 99% quantile of k=2 scores: 11 of 50 flagged, not 4
+    refit = DN2Detector(k=10).fit(train)
+    np.testing.assert_array_equal(detector.decision_function(test), refit.decision_function(test))
+    for call in (detector.predict, detector.predict_proba):
+        with pytest.raises(ValueError, match=r"k=10 was set after fit.*fit's k=2: call fit\(X\) again"):
+            call(test)
+    detector.set_params(threshold_quantile=0.5)
+    with pytest.raises(ValueError, match=r"k=10, threshold_quantile=0.5 was set .*fit's k=2, threshold_quantile=0.99"):
+        detector.predict(test)
+    detector.set_params(k=2, threshold_quantile=0.99, knn_backend="torch")  # a search setting needs no refit
+    np.testing.assert_array_equal(detector.predict(test), DN2Detector(k=2).fit(train).predict(test))
+    np.testing.assert_array_equal(detector.fit(train).set_params(k=10).fit(train).predict(test), refit.predict(test))
 
 
 @pytest.mark.parametrize("dtype", [np.int8, np.int16, np.uint16, np.uint32, np.bool_])

@@ -4,6 +4,7 @@ and DN2Module(anomaly_maps=True) end to end against an independent reference."""
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -349,6 +350,19 @@ def test_pro_weighs_a_thin_scratch_as_one_defect_not_as_the_pieces_a_resize_leav
     assert results["test/pro"] == pytest.approx(one_per_scratch, abs=1e-6)
     assert abs(one_per_scratch - pieces) > 1e-3, (one_per_scratch, pieces)  # same thresholds: the regions differ
     assert torch.equal(maps.regions != 0, maps.masks)
+
+
+@pytest.mark.parametrize("saved_as", ["000_mask.PNG", "000.png"])
+def test_a_mask_saved_under_a_near_miss_of_its_name_is_named_in_the_missing_mask_error(tmp_path, saved_as):
+    """A mask saved as 000_mask.PNG or 000.png was reported "missing .../000_mask.png" with no word of the file
+    that is there (a reviewer looked for the fault in the image folder)."""
+    root = _mvtec_folder(tmp_path / "set")
+    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(root / "test" / "hole" / "000.png")
+    Image.fromarray(np.zeros((40, 60), np.uint8)).save(root / "ground_truth" / "hole" / saved_as)
+    Image.fromarray(np.zeros((40, 60), np.uint8)).save(root / "ground_truth" / "hole" / "100_mask.png")  # not near
+    expected = re.escape(f"hole/000_mask.png (in {root / 'ground_truth' / 'hole'}, found instead: {saved_as}).")
+    with pytest.raises(ValueError, match=f"1 ground-truth mask\\(s\\) missing: .*{expected} Every anomalous"):
+        OneClassDataModule(dataset="folder", root=str(root), load_size=40).setup()
 
 
 def test_masks_of_images_in_subfolders_mirror_them_and_a_shared_mask_is_refused(tmp_path):

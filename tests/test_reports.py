@@ -369,6 +369,8 @@ def test_predict_on_dataloaders_after_a_datamodule_fit_reports_the_samples_it_re
     """A Trainer keeps the datamodule of an earlier call: predicting other dataloaders on it wrote the old
     datamodule's files into predictions.csv and predict_scores, drew its images in top_anomalies.png under the new
     scores, and crashed (IndexError) given more samples than it has."""
+    from dn2_lightning.reports import _dataset_of, _image_reader
+
     dm = OneClassDataModule(dataset="folder", root=str(make_folder(tmp_path / "images", corrupt=False)), load_size=8)
     model = DN2Module(k=2, backbone=linear_backbone())
     trainer = quiet_trainer(default_root_dir=tmp_path)
@@ -381,7 +383,9 @@ def test_predict_on_dataloaders_after_a_datamodule_fit_reports_the_samples_it_re
     assert not any(model.predict_scores.paths or [])
     reference = model.score_images(new).scores
     np.testing.assert_allclose([float(r["score"]) for r in rows], reference.numpy(), rtol=1e-5)
-    assert "top_anomalies" not in json.loads((out / "summary.json").read_text())["files"]
+    assert "top_anomalies" in json.loads((out / "summary.json").read_text())["files"]  # of these samples:
+    image_of = _image_reader(*_dataset_of(trainer, "predict"))
+    assert all(torch.equal(image_of(i), new[i]) for i in range(9))
     fresh, loader = DN2Module(k=2, backbone=linear_backbone()), DataLoader(TensorDataset(new, new[:, 0, 0, 0]))
     with pytest.raises(RuntimeError, match="has no memory bank yet"):  # nor builds a new model's bank from it
         trainer.test(fresh, dataloaders=loader)
@@ -485,3 +489,46 @@ def test_scores_csv_names_each_row_by_its_dataset_index_not_its_row_number(tmp_p
     rows = read_report(write_scores_csv(scores, tmp_path / "scores.csv", paths, threshold=0.75))
     assert [r["index"] for r in rows] == ["1", "3", "4"]
     assert [r["path"] for r in rows] == [paths[i] for i in indices.tolist()]
+
+
+def test_a_plain_imagefolder_loader_gets_file_paths_and_top_anomalies(tmp_path):
+    """A plain DataLoader over torchvision's ImageFolder gives (image, label) batches: scores.csv and predictions.csv
+    had an empty path column and no top_anomalies.png was drawn, without a word (a reviewer)."""
+    import functools
+
+    from torch.utils.data import Subset
+    from torchvision.datasets import ImageFolder
+
+    from dn2_lightning.data import AnomalyLabel, load_image
+    from dn2_lightning.reports import _dataset_of, _image_reader
+
+    root = make_folder(tmp_path / "images", corrupt=False)
+    (root / "train" / "normal").mkdir()
+    for file in (root / "train").glob("*.png"):
+        file.rename(root / "train" / "normal" / file.name)
+    load = functools.partial(load_image, size=8)
+    test_set = ImageFolder(str(root / "test"), loader=load)
+    test_set.target_transform = AnomalyLabel(test_set.class_to_idx["good"])
+    model = DN2Module(k=2, backbone=linear_backbone())
+    trainer = quiet_trainer(default_root_dir=tmp_path)
+    trainer.fit(model, DataLoader(ImageFolder(str(root / "train"), loader=load), batch_size=2))
+    trainer.test(model, DataLoader(test_set, batch_size=2))
+    run = only_run_dir(tmp_path, "test")
+    rows = read_report(run / "scores.csv")
+    files = [path for path, _ in test_set.samples]
+    assert [row["path"] for row in rows] == [files[int(row["index"])] for row in rows]
+    assert {row["label"] for row in rows} == {"0", "1"} and len(rows) == 5
+    assert_png(run / "figures" / "top_anomalies.png")
+    image_of = _image_reader(*_dataset_of(trainer, "test"))
+    for index in range(5):  # the figure shows each score's own image
+        assert torch.equal(image_of(index), load(files[index]))
+
+    subset = Subset(test_set, [4, 1, 2])  # positions 0, 1, 2 of the subset: files 4, 1, 2
+    trainer.predict(model, DataLoader(subset, batch_size=2))
+    rows = read_report(only_run_dir(tmp_path, "predict") / "predictions.csv")
+    assert [row["path"] for row in rows] == [files[4], files[1], files[2]]
+    with pytest.warns(UserWarning, match="does not read in order"):  # positions unknown: no paths, no figure
+        trainer.predict(model, DataLoader(subset, batch_size=2, shuffle=True))
+    latest = sorted((tmp_path / "dn2_reports").glob("predict_*"))[-1]
+    assert [row["path"] for row in read_report(latest / "predictions.csv")] == ["", "", ""]
+    assert "top_anomalies" not in json.loads((latest / "summary.json").read_text())["files"]

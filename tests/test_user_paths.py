@@ -589,7 +589,7 @@ def test_a_folder_bank_is_never_reused_for_another_folders_training_images(tmp_p
 
     bottle, cable = _digit_folder(tmp_path / "bottle", 0, 5), _digit_folder(tmp_path / "cable", 1, 7)
     model = DN2Module(k=2, backbone=linear_backbone(in_features=3 * 8 * 8), reports=False)
-    trainer = quiet_trainer()
+    trainer = quiet_trainer(max_epochs=1)
     trainer.fit(model, datamodule=folder(bottle))
     trainer.save_checkpoint(tmp_path / "bottle.ckpt")
     fresh = DN2Module(k=2, backbone=linear_backbone(in_features=3 * 8 * 8), reports=False)
@@ -606,6 +606,13 @@ def test_a_folder_bank_is_never_reused_for_another_folders_training_images(tmp_p
     (moved / "train" / "good" / "000.png").unlink()  # the training images changed since the fit
     with pytest.raises(ValueError, match=r"train_images=40 \(bank\) vs train_images=39 \(datamodule\)"):
         quiet_trainer().test(fresh, datamodule=folder(moved))
+    # a fit resumed from a finished one (as dn2 fit's max_epochs=1) keeps its bank: the fix is to leave ckpt_path
+    # out, where the message said "fit again on this one" to a user fitting on it
+    resumed = DN2Module(k=2, backbone=linear_backbone(in_features=3 * 8 * 8), reports=False)
+    with pytest.raises(ValueError, match=r"fit again on this one \(without ckpt_path: a fit resumed from"):
+        quiet_trainer(max_epochs=1).fit(resumed, datamodule=folder(moved), ckpt_path=tmp_path / "bottle.ckpt")
+    quiet_trainer(max_epochs=1).fit(resumed, datamodule=folder(moved))  # which works
+    assert len(resumed.bank) == 39
 
 
 def test_a_folder_bank_counts_the_listed_training_files_whatever_can_be_read(tmp_path):
@@ -766,8 +773,11 @@ def test_fit_resumed_mid_epoch_builds_the_whole_bank_of_a_clean_fit(tmp_path, wi
     quiet_trainer().fit(clean, datamodule=dm)
     every3 = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
     crashing = quiet_trainer(enable_checkpointing=True, callbacks=[every3, CrashAtBatch4()])
-    with pytest.raises(RuntimeError, match="crash"):
+    with pytest.raises(RuntimeError, match="crash"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         crashing.fit(DN2Module(k=2, backbone=linear_backbone(), reports=False), datamodule=dm)
+    # Lightning's 17-line advice to save the weights before optimizer.step(), at each save: DN2 has no optimizer
+    assert not [w for w in caught if "optimiz" in str(w.message)], [str(w.message)[:80] for w in caught]
     model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
     trainer = quiet_trainer()
     with dn2_messages() as messages, warnings.catch_warnings():
@@ -1152,6 +1162,32 @@ def test_score_images_resizes_as_a_plain_training_loader_did(tmp_path):
     trainer.save_checkpoint(tmp_path / "bank.ckpt")
     loaded = DN2Module.load_from_checkpoint(tmp_path / "bank.ckpt", backbone=_pooled_conv())
     torch.testing.assert_close(loaded.score_images(files).scores, predicted, rtol=1e-5, atol=1e-7)
+
+
+def test_a_plain_loader_of_another_image_size_than_the_bank_is_warned_about(tmp_path):
+    """A bank of 32 px images tested through a plain DataLoader at 16 px: the backbone resizes both, but the scores
+    shift (a reviewer's 20 px loader flagged 8 of 8 normal images against a 48 px bank), without a word."""
+    from torchvision.datasets import ImageFolder
+
+    from dn2_lightning.data.images import load_image
+
+    _photos(tmp_path / "train" / "normal", 9, seed=0)
+    model = DN2Module(k=2, backbone=_pooled_conv(), reports=False)
+    trainer = quiet_trainer()
+
+    def loader(size: int) -> DataLoader:
+        return DataLoader(ImageFolder(str(tmp_path / "train"), loader=functools.partial(load_image, size=size)))
+
+    trainer.fit(model, train_dataloaders=loader(32))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*memory bank was built from")  # the training images' own size
+        same = torch.cat([out["score"] for out in trainer.predict(model, loader(32))])
+    with pytest.warns(
+        UserWarning, match=r"16x16 pixels, but the memory bank was built from 32x32 .*Resize\(\(32, 32\)\)"
+    ) as caught:
+        smaller = torch.cat([out["score"] for out in trainer.predict(model, loader(16))])
+    assert len([w for w in caught if "memory bank was built from" in str(w.message)]) == 1  # once per run
+    assert not torch.allclose(smaller, same, rtol=0.05)  # what the warning is about
 
 
 def test_float_images_are_resized_in_eight_bits_as_files_are(tmp_path):

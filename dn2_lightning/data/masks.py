@@ -215,6 +215,18 @@ def mask_regions(mask: Tensor) -> Tensor:
     return torch.from_numpy(labels).to(torch.int32)
 
 
+def _found_instead(missing: list[Path]) -> str:
+    """For a missing mask's error: the files beside where it was looked for whose names start with the image's
+    stem (``000_mask.PNG``, ``000.png``), which are near misses of the expected name."""
+    expected = missing[0]
+    stem = expected.name[: -len(MASK_SUFFIX)]
+    try:
+        near = sorted(p.name for p in expected.parent.iterdir() if p.name.lower().startswith(stem.lower()))
+    except OSError:
+        return ""
+    return f" (in {expected.parent}, found instead: {', '.join(near[:5])})" if near else ""
+
+
 class MaskedImageDataset(Dataset):
     """Adds ``gt_mask`` (uint8 ``[H, W]``, 1 = anomalous pixel, at the sample image's size) and ``gt_regions``
     (int32 ``[H, W]``, the mask's 8-connected regions numbered 1..R, labelled at the mask file's resolution) to the
@@ -235,12 +247,13 @@ class MaskedImageDataset(Dataset):
         paths = getattr(dataset, "paths", None)
         if paths is None or len(paths) != len(mask_paths):
             raise ValueError(f"mask_paths has {len(mask_paths)} entries; the dataset has {len(paths or [])} files.")
-        missing = [str(p) for p in mask_paths if p is not None and not Path(p).is_file()]
+        missing = [Path(p) for p in mask_paths if p is not None and not Path(p).is_file()]
         if missing:
-            listing = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+            listing = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
             raise ValueError(
-                f"{len(missing)} ground-truth mask(s) missing: {listing}. Every anomalous test image needs "
-                f"root/ground_truth/<kind>/<stem>{MASK_SUFFIX}, or remove root/ground_truth to test without masks."
+                f"{len(missing)} ground-truth mask(s) missing: {listing}{_found_instead(missing)}. Every anomalous "
+                f"test image needs root/ground_truth/<kind>/<stem>{MASK_SUFFIX} (that name exactly), or remove "
+                "root/ground_truth to test without masks."
             )
         pairs = [(image, mask) for image, mask in zip(paths, mask_paths, strict=True) if mask is not None]
         unreadable = [problem for _, mask in pairs if (problem := mask_problem(mask)) is not None]

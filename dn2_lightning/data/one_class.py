@@ -212,11 +212,18 @@ class OneClassDataModule(LightningDataModule):
                     f"image's folder is its kind. Move them into test/{hp.normal_dir}/ (normal) or test/<defect>/.",
                     stacklevel=2,
                 )
-            paths, labels = [], []
+            paths, labels, empty = [], [], []
             for kind in kinds:
                 files = list_image_files(root / "test" / kind)
                 paths += files
                 labels += [int(kind != hp.normal_dir)] * len(files)
+                empty += [] if files else [kind]
+            if empty:
+                warnings.warn(
+                    f"{len(empty)} test folder(s) hold no image (extensions {IMAGE_EXTENSIONS}): "
+                    f"{[f'test/{kind}' for kind in empty]}; they add no sample to the test set.",
+                    stacklevel=2,
+                )
             self.test_dataset = self._folder_dataset(paths, labels, root / "test")
             self.test_dataset = with_mvtec_masks(self.test_dataset, root, hp.normal_dir)
             self.test_source_indices = torch.arange(len(self.test_dataset))
