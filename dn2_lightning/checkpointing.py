@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -25,6 +26,7 @@ import torch
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
+from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from dn2_lightning.cache import atomic_write
@@ -254,3 +256,30 @@ def batch_count(seen: int, total: int | None) -> str:
     if total is None:
         return f"the first {seen} training batches of a dataloader without a length (maybe not all of them)"
     return f"{seen} of {total} training batches"
+
+
+class QuietOptimizerAdvice(Callback):
+    """Silences, during a DN2 fit only, the advice ``ModelCheckpoint(every_n_train_steps=N)`` gives a module without
+    automatic optimisation at each save (save the weights before ``optimizer.step()``, 17 lines): DN2 has no
+    optimizer. Other modules fitted in the process still get it."""
+
+    ADVICE = "Using ModelCheckpoint with manual optimization and every_n_train_steps"
+
+    def __init__(self) -> None:
+        self._filter: tuple | None = None
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        warnings.filterwarnings("ignore", message=re.escape(self.ADVICE))
+        self._filter = warnings.filters[0]
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self._remove()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        if self._filter is not None:
+            with contextlib.suppress(ValueError):  # (a warnings.catch_warnings block may have restored the list)
+                warnings.filters.remove(self._filter)
+            self._filter = None

@@ -28,6 +28,7 @@ import logging
 import re
 import shutil
 import textwrap
+import typing
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -215,6 +216,9 @@ class DN2CLI(LightningCLI):
         for action in self.parser._actions:
             for choice in getattr(action, "_choices_actions", []):
                 choice.help = SUBCOMMAND_HELP.get(choice.dest, choice.help)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        _ints_before_floats(parser)
 
     def instantiate_classes(self) -> None:
         """Lightning's, with a setting that DN2 refuses while building the model or the data said as a command
@@ -460,6 +464,21 @@ def cli_main(args: list[str] | None = None) -> None:
         # Lightning leaves the process group up; gloo's threads can then abort the exit (SIGABRT) of a run
         # that finished its work
         torch.distributed.destroy_process_group()
+
+
+def _ints_before_floats(parser: LightningArgumentParser) -> None:
+    """Parse the Trainer's ``int | float`` settings (``limit_*_batches``, ``overfit_batches``,
+    ``val_check_interval``: an int counts batches, a float is a fraction) int first, whatever was imported before.
+
+    ``typing`` caches ``Optional[Union[int, float]]`` under a key equal to ``Optional[Union[float, int]]`` (a Union
+    compares without order), so once a module has built the latter (``rich``, ``sklearn.metrics``), Lightning's
+    hint reads float first and jsonargparse parses ``--trainer.limit_train_batches=1`` as 1.0: every batch, not one.
+    A flat ``Union[int, float, ...]`` is cached by its members in order, so it keeps int first."""
+    for action in parser._actions:
+        hint = getattr(action, "_typehint", None)  # (jsonargparse's ActionTypeHint)
+        members = typing.get_args(hint) if typing.get_origin(hint) is typing.Union else ()
+        if int in members and float in members:
+            action._typehint = typing.Union[(int, float, *(m for m in members if m not in (int, float)))]
 
 
 # ------------------------------------------------------------------------------------------------ help

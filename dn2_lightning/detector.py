@@ -169,7 +169,7 @@ class DN2Detector(BaseEstimator):
     def _scores(self, X: ArrayLike) -> Tensor:  # noqa: N803
         if getattr(self, "bank_", None) is None:
             raise RuntimeError("this DN2Detector is not fitted yet: call fit(X) first.")
-        x = _as_matrix(X, "X", self.bank_.device)
+        x = _as_matrix(X, "X", self.bank_.device, stacklevel=4)  # (user -> method -> _scores -> here)
         if x.shape[1] != self.bank_.shape[1]:
             raise ValueError(f"X has {x.shape[1]} features but the detector was fitted on {self.bank_.shape[1]}.")
         return knn_scores(self._searcher()(x, self.k))
@@ -204,7 +204,7 @@ def _like_input(result: Tensor, X: ArrayLike) -> np.ndarray | Tensor:  # noqa: N
     return result if result.dtype == torch.float64 and lacks_float64(X.device) else result.to(X.device)
 
 
-def _warn_if_rounded(tensor: Tensor, name: str) -> None:
+def _warn_if_rounded(tensor: Tensor, name: str, stacklevel: int) -> None:
     """Integers beyond 2**53 in magnitude are searched in float64, which rounds them (as scikit-learn's neighbours
     do): say so, since distances between rows closer than that rounding are then wrong."""
     if tensor.dtype == torch.bool or not tensor.numel():
@@ -221,11 +221,13 @@ def _warn_if_rounded(tensor: Tensor, name: str) -> None:
             f"searched, rounds them to multiples of up to {step:,}, so distances between rows closer than that are "
             f"off. Subtract one offset from the training and test rows alike first (e.g. the training rows' "
             f"column minimum), which keeps them exact.",
-            stacklevel=4,
+            stacklevel=stacklevel,
         )
 
 
-def _as_matrix(values: ArrayLike, name: str, device: torch.device | None = None) -> Tensor:
+def _as_matrix(values: ArrayLike, name: str, device: torch.device | None = None, stacklevel: int = 3) -> Tensor:
+    """``values`` as a 2-D float tensor (see ``DN2Detector``'s attributes for the dtype); ``stacklevel``: the user's
+    call's frame, counted from here, for warnings."""
     if isinstance(values, Tensor):
         tensor = values
     else:
@@ -244,7 +246,7 @@ def _as_matrix(values: ArrayLike, name: str, device: torch.device | None = None)
     if tensor.is_complex():
         raise ValueError(f"{name} must hold real numbers, got dtype {tensor.dtype}.")
     if not tensor.is_floating_point():  # bool and integers of any width (some lack abs/max on the CPU)
-        _warn_if_rounded(tensor, name)
+        _warn_if_rounded(tensor, name, stacklevel + 1)
         tensor = tensor.double() if tensor.dtype == torch.uint64 else tensor.long()  # uint64 would wrap in int64
     # float64 stays float64 (exact at large offsets, as knn_distances searches it), and so do integers beyond
     # float32's 2**24 (which float32 would round); other dtypes become float32

@@ -6,7 +6,6 @@ import contextlib
 import copy
 import logging
 import math
-import warnings
 import weakref
 from collections.abc import Iterator, Mapping, Sized
 from typing import Any, Literal, get_args
@@ -31,6 +30,7 @@ from dn2_lightning.checkpointing import (
     BANK_FORMAT,
     BANK_SETTINGS,
     DATA_SETTINGS,
+    QuietOptimizerAdvice,
     WeightsOnlyCheckpointIO,
     batch_count,
     check_bank_format,
@@ -423,9 +423,6 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
 
     def on_fit_start(self) -> None:
         self._agree_on_the_checkpoint()
-        # ModelCheckpoint(every_n_train_steps=N) warns a module without automatic optimisation at each save that it
-        # saves the weights after optimizer.step(): DN2 has no optimizer, so nothing it says applies
-        warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization and every_n_train")
         # a module from load_from_checkpoint is in eval mode, which Lightning warns about before training; the
         # backbone embeds alike in either mode
         self.train()
@@ -594,19 +591,20 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         return []
 
     def configure_callbacks(self) -> list:
-        """The report callbacks (``reports=True``), except kinds the Trainer already has: the user's own (e.g.
-        ``EvaluationReport(out_dir=...)``), which Lightning would otherwise replace, or those of an earlier call."""
+        """:class:`~dn2_lightning.checkpointing.QuietOptimizerAdvice` and the report callbacks (``reports=True``),
+        except kinds the Trainer already has: the user's own (e.g. ``EvaluationReport(out_dir=...)``), which Lightning
+        would otherwise replace, or those of an earlier call."""
         from dn2_lightning.reports import EvaluationReport
 
-        if not self.hparams.reports:
-            return []
-        reports: list = [EvaluationReport()]
-        if self.maps is not None:
-            from dn2_lightning.maps.figures import MapReport
+        callbacks: list = [QuietOptimizerAdvice()]
+        if self.hparams.reports:
+            callbacks.append(EvaluationReport())
+            if self.maps is not None:
+                from dn2_lightning.maps.figures import MapReport
 
-            reports.append(MapReport())
+                callbacks.append(MapReport())
         present = self._trainer.callbacks if self._trainer is not None else []
-        return [report for report in reports if not any(isinstance(c, type(report)) for c in present)]
+        return [callback for callback in callbacks if not any(isinstance(c, type(callback)) for c in present)]
 
     # --------------------------------------------------------------------------------------- evaluation
 

@@ -565,8 +565,19 @@ def _image_reader(dataset: Any, loader: Any = None) -> Callable[[int], Tensor] |
         return None  # (an iterable has no positions to read samples back from)
     first = dataset[0]
     if isinstance(first, tuple | list) and first and isinstance(first[0], Tensor) and first[0].ndim == 3:
-        # (image, label) tuples, as torchvision's datasets give: numbered by their position when read in order
-        return (lambda index: dataset[index][0]) if loader is None or reads_in_order(loader) else None
+        # (image, label) tuples, as torchvision's datasets give, numbered by their position when read in order; or
+        # (image, label, index) tuples, which carry it
+        carried = len(first) >= 3
+        if not carried and loader is not None and not reads_in_order(loader):
+            return None
+
+        def tuple_image(index: int) -> Tensor:
+            sample = dataset[index]
+            if carried and int(sample[2]) != index:
+                raise LookupError(f"the sample of the {type(dataset).__name__} at position {index} carries {sample[2]}")
+            return sample[0]
+
+        return tuple_image
     if not isinstance(first, dict) or not isinstance(first.get("image"), Tensor) or first["image"].ndim != 3:
         return None
     if "index" not in first and loader is not None and not reads_in_order(loader):

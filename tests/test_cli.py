@@ -445,6 +445,29 @@ def test_importing_keeps_the_log_level_the_application_set(before, level, shown)
     assert ("probe message" in proc.stderr) == shown
 
 
+LIMIT_PROBE = """
+{before}
+from dn2_lightning.cli import build_cli
+
+for value in ("1", "1.0", "0.25", "3"):
+    cli = build_cli(["--config", "configs/digits.yaml", f"--trainer.limit_train_batches={{value}}"], run=False)
+    print(repr(cli.config["trainer"]["limit_train_batches"]))
+"""
+
+
+@pytest.mark.parametrize("before", ["", "import rich.console", "from sklearn.metrics import roc_auc_score"])
+def test_trainer_batch_limits_parse_as_written_whatever_was_imported_before(before):
+    """typing caches Optional[Union[int, float]] under a key equal to Optional[Union[float, int]]: after rich or
+    sklearn.metrics (which build the latter) --trainer.limit_train_batches=1 read as 1.0, the whole pass, not one
+    batch (found as a test that failed when test_detector.py ran before test_cli.py)."""
+    root = str(Path(__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    probe = LIMIT_PROBE.format(before=before)
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["1", "1.0", "0.25", "3"]
+
+
 def test_every_report_folder_keeps_its_runs_config_and_rerunning_it_gives_the_same_scores(tmp_path, monkeypatch):
     """With logger=false every run writes the same <default_root_dir>/config.yaml; each report folder keeps its own
     run's config (after --ckpt_path's settings), and --config of that file reruns the run."""

@@ -95,8 +95,13 @@ def test_integers_float64_rounds_are_warned_about_and_an_offset_keeps_them_exact
     # 2**60 + 100 is not a float64 (multiples of 256 up there): rounded, the score was 18,939,904, not 4300**2
     train = np.array([[2**60], [2**60 + 100], [2**60 + 300], [2**60 + 700]], dtype=dtype)
     query = np.array([[2**60 + 5000]], dtype=dtype)
-    with pytest.warns(UserWarning, match=r"X holds integers up to 1,152,921,504,606,847,676 .*multiples of up to 256"):
-        DN2Detector(k=1).fit(train)
+    with pytest.warns(
+        UserWarning, match=r"X holds integers up to 1,152,921,504,606,847,676 .*multiples of up to 256"
+    ) as fit:
+        detector = DN2Detector(k=1).fit(train)
+    with pytest.warns(UserWarning, match="beyond 2") as scoring:
+        detector.decision_function(query)
+    assert fit[0].filename == scoring[0].filename == __file__  # the user's line, not the library's
     offset = train.min(axis=0)  # the fix the warning gives: exact
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -635,3 +635,76 @@ def test_a_quantile_threshold_set_on_the_other_kind_of_sample_is_named():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         group_bank.score_images(singles[:4])
+
+
+class _GroupsWithOneSharedImage(torch.utils.data.Dataset):
+    """20 groups of 2 distinct pool images; the last group's last member is group 0's first image (an outlier)."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(5)
+        self.pool = torch.rand(39, 3, 8, 8, generator=g) * 0.5
+        self.pool[0] = (self.pool[0] + 0.45).clamp(max=1.0)  # far from every other image: its group's worst member
+        self.members = torch.arange(40).view(20, 2)
+        self.members[19, 1] = 0
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def __getitem__(self, i: int) -> dict:
+        m = self.members[i]
+        return {"image": self.pool[m], "label": torch.tensor(0), "index": torch.tensor(i), "members": m}
+
+
+def test_point_wise_threshold_leaves_out_the_copy_of_the_last_member_row():
+    # the member row with the largest id (last group, last member) holds a copy of another group's image: both
+    # must leave the other out of their leave-one-out neighbours, as every other row's copies are
+    train = _GroupsWithOneSharedImage()
+    model = DN2Module(k=1, backbone=linear_backbone(), group_pooling="none", reports=False)
+    quiet_trainer().fit(model, train_dataloaders=DataLoader(train, batch_size=8))
+    with torch.no_grad():
+        pool = model.backbone(train.pool).double().numpy()
+    source = train.members.flatten().numpy()
+    group_of = np.repeat(np.arange(20), 2)
+    distances = ((pool[source][:, None] - pool[source][None]) ** 2).sum(-1)
+    distances[(group_of[:, None] == group_of[None]) | (source[:, None] == source[None])] = np.inf
+    member_loo = distances.min(1)
+    group_loo = np.sort([member_loo[group_of == g].max() for g in range(20)])
+    assert group_loo[0] > 0  # no copy is anyone's neighbour
+    np.testing.assert_allclose(model.bank.loo_scores.numpy(), group_loo, rtol=1e-5)
+
+
+class _GroupsPartlyWithSources(torch.utils.data.Dataset):
+    """16 groups of 2 images; only groups 0-7 (the first batch of 8) say their members' pool images. Group 8's first
+    member is a copy of group 7's last one (an outlier), which no source names as a copy."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(7)
+        self.pool = torch.rand(32, 3, 8, 8, generator=g) * 0.5
+        self.pool[15] = (self.pool[15] + 0.45).clamp(max=1.0)
+        self.members = torch.arange(32).view(16, 2)
+        self.members[8, 0] = 15
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def __getitem__(self, i: int) -> dict:
+        m = self.members[i]
+        sample = {"image": self.pool[m], "label": torch.tensor(0), "index": torch.tensor(i)}
+        return sample | ({"members": m} if i < 8 else {})
+
+
+def test_point_wise_rows_beyond_the_known_sources_count_as_unknown_images():
+    train = _GroupsPartlyWithSources()
+    model = DN2Module(k=1, backbone=linear_backbone(), group_pooling="none", reports=False)
+    quiet_trainer().fit(model, train_dataloaders=DataLoader(train, batch_size=8))
+    with torch.no_grad():
+        pool = model.backbone(train.pool).double().numpy()
+    images = train.members.flatten().numpy()
+    known = np.where(np.arange(32) < 16, images, -1)  # rows of groups 8-15 have no source
+    group_of = np.repeat(np.arange(16), 2)
+    distances = ((pool[images][:, None] - pool[images][None]) ** 2).sum(-1)
+    same_source = (known[:, None] == known[None]) & (known[:, None] >= 0)
+    distances[(group_of[:, None] == group_of[None]) | same_source] = np.inf
+    member_loo = distances.min(1)
+    group_loo = np.sort([member_loo[group_of == g].max() for g in range(16)])
+    np.testing.assert_allclose(model.bank.loo_scores.numpy(), group_loo, rtol=1e-5)

@@ -359,7 +359,8 @@ def test_a_mask_saved_under_a_near_miss_of_its_name_is_named_in_the_missing_mask
     root = _mvtec_folder(tmp_path / "set")
     Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(root / "test" / "hole" / "000.png")
     Image.fromarray(np.zeros((40, 60), np.uint8)).save(root / "ground_truth" / "hole" / saved_as)
-    Image.fromarray(np.zeros((40, 60), np.uint8)).save(root / "ground_truth" / "hole" / "100_mask.png")  # not near
+    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(root / "test" / "hole" / "0001.png")
+    Image.fromarray(np.zeros((40, 60), np.uint8)).save(root / "ground_truth" / "hole" / "0001_mask.png")  # 0001's
     expected = re.escape(f"hole/000_mask.png (in {root / 'ground_truth' / 'hole'}, found instead: {saved_as}).")
     with pytest.raises(ValueError, match=f"1 ground-truth mask\\(s\\) missing: .*{expected} Every anomalous"):
         OneClassDataModule(dataset="folder", root=str(root), load_size=40).setup()

@@ -11,6 +11,7 @@ import torch
 from helpers import BlobDataModule, BlobWithValDataModule, linear_backbone, quiet_trainer
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
+from torch.utils.data import DataLoader, TensorDataset
 
 from dn2_lightning import DN2Module
 
@@ -403,3 +404,115 @@ def test_predict_normalized_is_the_share_of_leave_one_out_scores_below_each_scor
     assert 0 < expected.min() < expected.max() < 1  # scores spread among the training scores: a real comparison
     np.testing.assert_allclose(normalized, expected, atol=1e-6)
     np.testing.assert_allclose(model.predict_scores.normalized.double().numpy(), normalized, atol=1e-6)
+
+
+def test_is_anomaly_is_a_score_strictly_above_the_threshold():
+    dm = BlobDataModule()
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    trainer = quiet_trainer()
+    trainer.fit(model, datamodule=dm)
+    scores = torch.cat([o["score"] for o in trainer.predict(model, datamodule=dm)])
+    # a fixed threshold equal to one sample's score: that sample is not above it
+    at = int(scores.argsort()[len(scores) // 2])
+    model.set_threshold(value=float(scores[at]))
+    out = trainer.predict(model, datamodule=dm)
+    flagged = torch.cat([o["is_anomaly"] for o in out])
+    assert torch.equal(torch.cat([o["score"] for o in out]), scores)
+    assert not bool(flagged[at])
+    expected = scores.numpy() > np.float32(scores[at])
+    assert flagged.tolist() == expected.tolist()
+    assert torch.equal(model.predict_scores.is_anomaly, flagged)
+
+
+def test_auroc_is_the_scores_auroc_when_scores_are_far_above_one():
+    # squared distances of a wide-range backbone reach thousands: the AUROC must rank the scores themselves, not
+    # squash them through a sigmoid (which saturates to 1.0 for all of them: 0.5)
+    from sklearn.metrics import roc_auc_score
+
+    dm = BlobDataModule()
+    backbone = linear_backbone()
+    with torch.no_grad():
+        backbone[1].weight.mul_(1000.0)
+    model = DN2Module(k=2, backbone=backbone, reports=False)
+    results = quiet_trainer().test(model, datamodule=dm)
+    scores = model.test_scores.scores
+    assert float(scores.min()) > 100.0
+    expected = roc_auc_score(model.test_scores.labels.numpy(), scores.double().numpy())
+    assert abs(expected - 0.5) > 0.02  # a sigmoid-saturated AUROC (every score 1.0) is 0.5
+    assert results[0]["test/auroc"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_test_set_with_some_unknown_labels_is_scored_without_an_auroc():
+    # -1 = unknown: one such label leaves the AUROC undefined, whatever the other samples' labels are
+    dm = BlobDataModule()
+    labels = dm.test_labels.clone()
+    labels[::7] = -1
+    loader = DataLoader(TensorDataset(dm.test_images, labels), batch_size=16)
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    trainer = quiet_trainer()
+    trainer.fit(model, datamodule=dm)
+    results = trainer.test(model, dataloaders=loader)
+    assert "test/auroc" not in results[0]
+    assert torch.equal(model.test_scores.labels, labels)
+
+
+def test_a_fit_stopped_by_an_error_leaves_no_rows_for_a_later_test():
+    # the rows read before the error are no bank: a later test builds the whole bank from the datamodule
+    dm = BlobDataModule()
+    images = dm.train_images.clone()
+    images[40, 0, 0, 0] = float("nan")  # batch 2 of 16
+    broken = DataLoader(TensorDataset(images, torch.zeros(len(images), dtype=torch.long)), batch_size=16)
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    with pytest.raises(ValueError, match="NaN"):
+        quiet_trainer().fit(model, train_dataloaders=broken)
+    quiet_trainer().test(model, datamodule=dm)
+    assert model.bank.sample_indices.tolist() == list(range(len(dm.train_images)))
+    with torch.no_grad():
+        train, test = model.backbone(dm.train_images).double(), model.backbone(dm.test_images).double()
+    expected = torch.cdist(test, train).square().sort(1).values[:, :2].mean(1)
+    torch.testing.assert_close(model.test_scores.scores.double(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_a_test_run_stopped_by_an_error_leaves_no_rows_in_the_next_one():
+    dm = BlobDataModule()
+    images = dm.test_images.clone()
+    images[40, 0, 0, 0] = float("nan")  # batch 2 of 16: batches 0 and 1 were scored before the error
+    broken = DataLoader(TensorDataset(images, dm.test_labels), batch_size=16)
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    trainer = quiet_trainer()
+    trainer.fit(model, datamodule=dm)
+    with pytest.raises(ValueError, match="NaN"):
+        trainer.test(model, dataloaders=broken)
+    trainer.test(model, datamodule=dm)
+    assert model.test_scores.indices.tolist() == list(range(len(dm.test_images)))
+    with torch.no_grad():
+        train, test = model.backbone(dm.train_images).double(), model.backbone(dm.test_images).double()
+    expected = torch.cdist(test, train).square().sort(1).values[:, :2].mean(1)
+    torch.testing.assert_close(model.test_scores.scores.double(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_neighbour_paths_name_the_last_training_sample_too():
+    dm = BlobDataModule(n_train=20)
+    train = [
+        {"image": img, "label": 0, "index": i, "path": f"/data/train/{i:03d}.png"}
+        for i, img in enumerate(dm.train_images)
+    ]
+    model = DN2Module(k=1, backbone=linear_backbone(), reports=False)
+    quiet_trainer().fit(model, train_dataloaders=DataLoader(train, batch_size=8))
+    result = model.score_images(dm.train_images[[19, 0]])
+    assert result.neighbours[:, 0].tolist() == [19, 0]  # each image's nearest row is its own
+    assert [row[0] for row in result.neighbour_paths] == ["/data/train/019.png", "/data/train/000.png"]
+
+
+def test_a_checkpoint_saved_at_the_max_steps_step_holds_the_bank(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    dm = BlobDataModule(batch_size=8)  # 13 batches; max_steps=5 ends the pass after 5
+    every = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=5)
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    with pytest.warns(UserWarning, match="partial bank"):
+        quiet_trainer(enable_checkpointing=True, callbacks=[every], max_steps=5).fit(model, datamodule=dm)
+    assert len(model.bank) == 40
+    with pytest.warns(UserWarning, match="partial bank"):
+        loaded = DN2Module.load_from_checkpoint(tmp_path / "epoch=0-step=5.ckpt", backbone=linear_backbone())
+    torch.testing.assert_close(loaded.bank.embeddings, model.bank.embeddings)

@@ -532,3 +532,22 @@ def test_a_plain_imagefolder_loader_gets_file_paths_and_top_anomalies(tmp_path):
     latest = sorted((tmp_path / "dn2_reports").glob("predict_*"))[-1]
     assert [row["path"] for row in read_report(latest / "predictions.csv")] == ["", "", ""]
     assert "top_anomalies" not in json.loads((latest / "summary.json").read_text())["files"]
+
+
+def test_tuples_that_carry_their_index_are_drawn_by_it_or_not_at_all(tmp_path):
+    """(image, label, index) tuples are numbered by the index they carry: read back by position, the figure drew
+    other samples' images under the scores (an own-diff review of the tuple reader)."""
+    from dn2_lightning.reports import _dataset_of, _image_reader
+
+    dm = BlobDataModule()
+    model = DN2Module(k=2, backbone=linear_backbone())
+    trainer = quiet_trainer(default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=dm)
+    images, labels = dm.test_images[:10], dm.test_labels[:10]
+    trainer.test(model, DataLoader(TensorDataset(images, labels, torch.arange(10)), batch_size=4))
+    image_of = _image_reader(*_dataset_of(trainer, "test"))
+    assert all(torch.equal(image_of(i), images[i]) for i in range(10))
+    with pytest.warns(UserWarning, match=r"top anomalies are not drawn \(LookupError: the sample of the TensorDataset"):
+        trainer.test(model, DataLoader(TensorDataset(images, labels, torch.arange(10).flip(0)), batch_size=4))
+    latest = sorted((tmp_path / "dn2_reports").glob("test_*"))[-1]
+    assert "top_anomalies" not in json.loads((latest / "summary.json").read_text())["files"]

@@ -20,9 +20,10 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Subset, TensorDataset
 
 from dn2_lightning import DN2Module
+from dn2_lightning.batch import unpack_batch
 from dn2_lightning.data import AnomalyLabel
 
 
@@ -586,3 +587,56 @@ def test_one_dataset_index_shared_by_two_training_samples_is_refused():
     data = SharedLastIndex(dm.train_images, torch.zeros(len(dm.train_images), dtype=torch.long))
     with pytest.raises(ValueError, match=r"1 of 101 .*share their dataset 'index' with another sample .*\[99\]"):
         quiet_trainer().fit(DN2Module(k=2, backbone=linear_backbone(), reports=False), DataLoader(data, batch_size=16))
+
+
+def test_float_pixels_exactly_at_zero_and_one_are_read_and_just_outside_refused():
+    # ToTensor maps 0 and 255 to exactly 0.0 and 1.0: both ends of [0, 1] are valid pixels
+    images = torch.zeros(2, 3, 4, 4)
+    images[0] = 1.0
+    parsed = unpack_batch(images)
+    assert torch.equal(parsed.images, images)
+    for outside in (1 + 2**-20, -(2**-20)):
+        bad = images.clone()
+        bad[1, 0, 0, 0] = outside
+        with pytest.raises(ValueError, match=r"\[0, 1\]"):
+            unpack_batch(bad)
+
+
+def test_samples_without_labels_are_labelled_unknown_not_normal():
+    images = torch.rand(3, 3, 8, 8) * 0.5
+    for batch in (images, (images,), {"image": images}):
+        assert unpack_batch(batch).labels.tolist() == [-1, -1, -1]
+    # through the module: an unlabelled predict set comes back labelled -1 (unknown), never 0 (normal)
+    dm = BlobDataModule()
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    loader = DataLoader(TensorDataset(dm.test_images), batch_size=16)
+    trainer = quiet_trainer()
+    trainer.fit(model, datamodule=dm)
+    out = trainer.predict(model, dataloaders=loader)
+    assert torch.cat([o["label"] for o in out]).tolist() == [-1] * len(dm.test_images)
+    assert model.predict_scores.labels.tolist() == [-1] * len(dm.test_images)
+
+
+def test_a_tuple_batchs_third_element_of_more_than_one_dimension_is_not_read_as_indices():
+    images, labels = torch.rand(4, 3, 8, 8) * 0.5, torch.zeros(4, dtype=torch.long)
+    assert unpack_batch((images, labels, torch.arange(4))).indices.tolist() == [0, 1, 2, 3]
+    for third in (torch.zeros(4, 8, 8, dtype=torch.long), torch.arange(4)[:, None]):  # a mask, a column of ids
+        with pytest.raises(ValueError, match="dataset indices"):
+            unpack_batch((images, labels, third))
+
+
+def test_a_checkpoint_whose_weights_have_other_shapes_is_refused_naming_them(tmp_path):
+    # same embedding size (16), other hidden layer: the weights cannot be loaded into this backbone
+    def backbone(hidden: int) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, hidden), torch.nn.Linear(hidden, 16))
+
+    model = DN2Module(k=2, backbone=backbone(8), reports=False)
+    trainer = quiet_trainer()
+    trainer.fit(model, datamodule=BlobDataModule())
+    trainer.save_checkpoint(tmp_path / "eight.ckpt")
+    expected = r"do not fit this model: backbone\.trunk\.1\.weight is \[8, 192\] in the checkpoint but \[4, 192\]"
+    with pytest.raises(ValueError, match=expected):
+        DN2Module.load_from_checkpoint(tmp_path / "eight.ckpt", backbone=backbone(4))
+    loaded = DN2Module.load_from_checkpoint(tmp_path / "eight.ckpt", backbone=backbone(8))
+    assert torch.equal(loaded.bank.embeddings, model.bank.embeddings)

@@ -773,11 +773,14 @@ def test_fit_resumed_mid_epoch_builds_the_whole_bank_of_a_clean_fit(tmp_path, wi
     quiet_trainer().fit(clean, datamodule=dm)
     every3 = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
     crashing = quiet_trainer(enable_checkpointing=True, callbacks=[every3, CrashAtBatch4()])
-    with pytest.raises(RuntimeError, match="crash"), warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        crashing.fit(DN2Module(k=2, backbone=linear_backbone(), reports=False), datamodule=dm)
-    # Lightning's 17-line advice to save the weights before optimizer.step(), at each save: DN2 has no optimizer
-    assert not [w for w in caught if "optimiz" in str(w.message)], [str(w.message)[:80] for w in caught]
+        with pytest.raises(RuntimeError, match="crash"):
+            crashing.fit(DN2Module(k=2, backbone=linear_backbone(), reports=False), datamodule=dm)
+        # Lightning's 17-line advice to save the weights before optimizer.step(), at each save: DN2 has no optimizer
+        assert not [w for w in caught if "optimiz" in str(w.message)], [str(w.message)[:80] for w in caught]
+        warnings.warn("Using ModelCheckpoint with manual optimization and every_n_train_steps, but ...", stacklevel=1)
+        assert "optimiz" in str(caught[-1].message)  # quiet for DN2's fit only: a GAN's fit gets the advice
     model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
     trainer = quiet_trainer()
     with dn2_messages() as messages, warnings.catch_warnings():
@@ -801,6 +804,7 @@ def test_fit_resumed_mid_epoch_keeps_limit_train_batches(tmp_path):
     quiet_trainer(enable_checkpointing=True, callbacks=[every3], limit_train_batches=5).fit(
         DN2Module(k=2, backbone=linear_backbone(), reports=False), datamodule=dm
     )
+    assert not [f for f in warnings.filters if f[1] is not None and "every_n_train_steps" in f[1].pattern]  # gone
     model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
     with pytest.warns(UserWarning, match="built from 5 of 13 training batches"):
         quiet_trainer(limit_train_batches=5).fit(model, datamodule=dm, ckpt_path=tmp_path / "epoch=0-step=3.ckpt")
@@ -1296,3 +1300,65 @@ def test_fitting_a_module_fresh_from_load_from_checkpoint_gives_no_eval_mode_war
         quiet_trainer().fit(loaded, datamodule=BlobDataModule())
     assert not [str(w.message) for w in caught if "eval mode" in str(w.message)]
     torch.testing.assert_close(loaded.bank.embeddings, model.bank.embeddings)
+
+
+def test_score_images_does_not_resize_when_the_training_images_had_several_sizes():
+    # a training loader of two image sizes records none: score_images then scores images at their own size, as
+    # trainer.predict does (resizing to one of the training sizes would change the embedding)
+    g = torch.Generator().manual_seed(0)
+    small, large = torch.rand(16, 3, 8, 8, generator=g), torch.rand(16, 3, 10, 10, generator=g)
+    train = [{"image": img, "label": 0, "index": i} for i, img in enumerate([*small, *large])]
+    model = DN2Module(k=2, backbone=_pooled_conv(), reports=False)
+    trainer = quiet_trainer()
+    trainer.fit(model, train_dataloaders=DataLoader(train, batch_size=16))
+    query = torch.rand(3, 3, 12, 12, generator=g)
+    predicted = torch.cat([o["score"] for o in trainer.predict(model, DataLoader(TensorDataset(query), batch_size=3))])
+    torch.testing.assert_close(model.score_images(query).scores, predicted, rtol=1e-5, atol=1e-7)
+
+
+class _LoadSizeBlobs(BlobDataModule):
+    """Blobs whose datamodule records a CPU resize to 8 px (as OneClassDataModule's load_size does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.save_hyperparameters({"load_size": 8})
+
+
+def test_score_images_resizes_to_the_datamodules_load_size():
+    from torchvision.transforms.v2.functional import resize
+
+    dm = _LoadSizeBlobs()
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    trainer = quiet_trainer()
+    trainer.fit(model, datamodule=dm)
+    assert model.bank.spec["load_size"] == 8
+    g = torch.Generator().manual_seed(1)
+    large = (torch.rand(3, 3, 16, 16, generator=g) * 150).to(torch.uint8)
+    small = resize(large, [8, 8], antialias=True)
+    expected = torch.cat([o["score"] for o in trainer.predict(model, DataLoader(TensorDataset(small), batch_size=3))])
+    torch.testing.assert_close(model.score_images(large).scores, expected, rtol=1e-5, atol=1e-7)
+
+
+class _SplitIterable(torch.utils.data.IterableDataset):
+    """Indexed samples with a length, each worker yielding its share (torch's recipe)."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        ids = range(len(self.images)) if worker is None else range(worker.id, len(self.images), worker.num_workers)
+        for i in ids:
+            yield {"image": self.images[i], "label": torch.tensor(0), "index": torch.tensor(i)}
+
+
+def test_an_iterable_read_whole_by_two_workers_is_accepted():
+    # 32 samples, 2 workers of 16, batches of 8: 4 full batches = len(dataloader), every sample read
+    dm = BlobDataModule(n_train=32)
+    loader = DataLoader(_SplitIterable(dm.train_images), batch_size=8, num_workers=2)
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    quiet_trainer().fit(model, train_dataloaders=loader)
+    assert sorted(model.bank.sample_indices.tolist()) == list(range(32))

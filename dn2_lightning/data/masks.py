@@ -9,6 +9,7 @@ resized with it, so that PRO counts a thin scratch that resizing breaks into pie
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -216,12 +217,12 @@ def mask_regions(mask: Tensor) -> Tensor:
 
 
 def _found_instead(missing: list[Path]) -> str:
-    """For a missing mask's error: the files beside where it was looked for whose names start with the image's
-    stem (``000_mask.PNG``, ``000.png``), which are near misses of the expected name."""
+    """For a missing mask's error: the files beside where it was looked for named as the image's stem with another
+    extension or its case (``000_mask.PNG``), or without ``_mask`` (``000.png``): near misses of the expected name."""
     expected = missing[0]
-    stem = expected.name[: -len(MASK_SUFFIX)]
-    try:
-        near = sorted(p.name for p in expected.parent.iterdir() if p.name.lower().startswith(stem.lower()))
+    near_miss = re.compile(re.escape(expected.name[: -len(MASK_SUFFIX)]) + r"(_mask)?\.[^.]+", re.IGNORECASE)
+    try:  # (not 10_mask.png for 1.png: another image's mask)
+        near = sorted(p.name for p in expected.parent.iterdir() if near_miss.fullmatch(p.name))
     except OSError:
         return ""
     return f" (in {expected.parent}, found instead: {', '.join(near[:5])})" if near else ""
