@@ -661,16 +661,24 @@ def test_point_wise_threshold_leaves_out_the_copy_of_the_last_member_row():
     train = _GroupsWithOneSharedImage()
     model = DN2Module(k=1, backbone=linear_backbone(), group_pooling="none", reports=False)
     quiet_trainer().fit(model, train_dataloaders=DataLoader(train, batch_size=8))
-    with torch.no_grad():
-        pool = model.backbone(train.pool).double().numpy()
-    source = train.members.flatten().numpy()
-    group_of = np.repeat(np.arange(20), 2)
-    distances = ((pool[source][:, None] - pool[source][None]) ** 2).sum(-1)
-    distances[(group_of[:, None] == group_of[None]) | (source[:, None] == source[None])] = np.inf
-    member_loo = distances.min(1)
-    group_loo = np.sort([member_loo[group_of == g].max() for g in range(20)])
+    group_loo = _worst_member_loo(model, train, known=train.members.flatten().numpy())
     assert group_loo[0] > 0  # no copy is anyone's neighbour
     np.testing.assert_allclose(model.bank.loo_scores.numpy(), group_loo, rtol=1e-5)
+
+
+def _worst_member_loo(model: DN2Module, train, known: np.ndarray) -> np.ndarray:
+    """The sorted k=1 leave-one-out scores of point-wise training groups (each group's worst member) by brute force:
+    a member's neighbours leave out its own group and the rows of the same ``known`` source image (-1: unknown)."""
+    with torch.no_grad():
+        pool = model.backbone(train.pool).double().numpy()
+    images = train.members.flatten().numpy()
+    groups, size = train.members.shape
+    group_of = np.repeat(np.arange(groups), size)
+    distances = ((pool[images][:, None] - pool[images][None]) ** 2).sum(-1)
+    same_source = (known[:, None] == known[None]) & (known[:, None] >= 0)
+    distances[(group_of[:, None] == group_of[None]) | same_source] = np.inf
+    member_loo = distances.min(1)
+    return np.sort([member_loo[group_of == g].max() for g in range(groups)])
 
 
 class _GroupsPartlyWithSources(torch.utils.data.Dataset):
@@ -697,14 +705,5 @@ def test_point_wise_rows_beyond_the_known_sources_count_as_unknown_images():
     train = _GroupsPartlyWithSources()
     model = DN2Module(k=1, backbone=linear_backbone(), group_pooling="none", reports=False)
     quiet_trainer().fit(model, train_dataloaders=DataLoader(train, batch_size=8))
-    with torch.no_grad():
-        pool = model.backbone(train.pool).double().numpy()
-    images = train.members.flatten().numpy()
-    known = np.where(np.arange(32) < 16, images, -1)  # rows of groups 8-15 have no source
-    group_of = np.repeat(np.arange(16), 2)
-    distances = ((pool[images][:, None] - pool[images][None]) ** 2).sum(-1)
-    same_source = (known[:, None] == known[None]) & (known[:, None] >= 0)
-    distances[(group_of[:, None] == group_of[None]) | same_source] = np.inf
-    member_loo = distances.min(1)
-    group_loo = np.sort([member_loo[group_of == g].max() for g in range(16)])
-    np.testing.assert_allclose(model.bank.loo_scores.numpy(), group_loo, rtol=1e-5)
+    known = np.where(np.arange(32) < 16, train.members.flatten().numpy(), -1)  # groups 8-15 name no source
+    np.testing.assert_allclose(model.bank.loo_scores.numpy(), _worst_member_loo(model, train, known), rtol=1e-5)
