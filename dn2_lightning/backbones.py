@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dn2_lightning.cache import file_stamp
-from dn2_lightning.validation import check_int
+from dn2_lightning.validation import check_bool, check_int
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -211,6 +211,7 @@ def build_backbone(
             own ``image_size``: another one is refused).
     """
     check_int("image_size", image_size, 8, allow_none=True, none_means="the backbone's own")
+    check_bool("pretrained", pretrained)  # ("no" would read as true: a download)
     if isinstance(backbone, FeatureExtractor):
         if image_size is not None and image_size != backbone.image_size:
             raise ValueError(

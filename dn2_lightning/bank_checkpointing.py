@@ -4,6 +4,8 @@ weights, bank settings, embedding size, patch bank) before anything is used."""
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +71,7 @@ class BankCheckpointing:
         bank (backbone, ``input_size``, cleaning, pooling) must match the saved bank or raise ``ValueError``.
         """
         refuse_unsafe_load(weights_only)
+        _refuse_unknown_overrides(cls, kwargs)
         if "threshold_quantile" in kwargs and "threshold" not in kwargs:
             kwargs["threshold"] = None  # a quantile asked for replaces a fixed value saved by set_threshold
         with readable_checkpoint(checkpoint_path):
@@ -164,3 +167,20 @@ class BankCheckpointing:
                 "for the maps: load it with anomaly_maps=False (image scores only), or fit again with "
                 "anomaly_maps=True."
             )
+
+
+def _refuse_unknown_overrides(cls: type, overrides: dict[str, Any]) -> None:
+    """Lightning drops keyword arguments that are not ``__init__`` parameters without a word: a misspelt override
+    (``threshhold_quantile=0.5``) would leave the saved setting in force."""
+    known = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        hints = "; ".join(
+            f"{name!r}"
+            + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(name, known, 1)) else "")
+            for name in unknown
+        )
+        raise TypeError(
+            f"load_from_checkpoint got keyword argument(s) that are no {cls.__name__} setting: {hints}. The "
+            f"settings it takes: {', '.join(known)}."
+        )

@@ -157,6 +157,7 @@ class DN2Detector(BaseEstimator):
         fitted = getattr(self, "_threshold_set_at", None)
         if getattr(self, "bank_", None) is None or fitted is None:
             return
+        self._check_params()  # a value set out of range is said as such first
         changed = {name: value for name, value in fitted.items() if getattr(self, name) != value}
         if changed:
             now = ", ".join(f"{name}={getattr(self, name)!r}" for name in changed)

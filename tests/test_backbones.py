@@ -156,3 +156,9 @@ def test_pooled_outputs_with_axes_of_one_are_the_embeddings(kind):
     pooled = build_backbone(_Features(kind))(images)
     torch.manual_seed(0)
     assert pooled.shape == (5, 4) and torch.equal(pooled, build_backbone(_Features("embeddings"))(images))
+
+
+def test_build_backbone_refuses_a_pretrained_flag_that_is_no_bool():
+    # pretrained="no" read as true: a download of the weights, the opposite of what was asked (DN2Module refused it)
+    with pytest.raises(ValueError, match=r"pretrained='no' must be True or False"):
+        build_backbone("resnet18", pretrained="no")

@@ -412,6 +412,9 @@ def test_folder_default_load_size_and_no_contamination(tmp_path):
     assert dm.train_dataset[0]["image"].shape == (3, 224, 224)
     with pytest.raises(ValueError, match="contamination=0.1 is not supported for dataset='folder'"):
         OneClassDataModule(dataset="folder", root=str(tmp_path), contamination=0.1)
+    # the synthetic set too: it was accepted and set up a clean training set (0 contaminants), no word
+    with pytest.raises(ValueError, match="contamination=0.2 is not supported for dataset='synthetic'"):
+        OneClassDataModule(dataset="synthetic", root=str(tmp_path / "synthetic"), contamination=0.2)
 
 
 def test_folder_corrupt_file_raise_policy(tmp_path):
@@ -538,9 +541,19 @@ def test_the_numpy_hint_is_given_to_numpy_integers_only():
         OneClassDataModule(dataset="digits", seed=2**64)
 
 
-def test_group_size_larger_than_classes_is_refused():
+def test_group_classes_that_leave_no_valid_group_are_refused_at_construction():
+    """Refused when built, before the dataset's files are read (or downloaded); every class held out gave a torch
+    RuntimeError from deep in the sampling (anomaly="easy") or a message about group_size (anomaly="hard")."""
     with pytest.raises(ValueError, match="group_size=11 exceeds the 10 normal classes"):
-        GroupDataModule(dataset="digits", group_size=11).setup()
+        GroupDataModule(dataset="digits", group_size=11)
+    with pytest.raises(ValueError, match=r"held_out_classes contains 10; valid classes are 0..9"):
+        GroupDataModule(dataset="digits", anomaly="easy", held_out_classes=[10])
+    for anomaly in ("easy", "hard"):
+        with pytest.raises(ValueError, match=r"held_out_classes=\[0, .*, 9\] holds every one of the 10 classes"):
+            GroupDataModule(dataset="digits", anomaly=anomaly, held_out_classes=list(range(10)))
+    with pytest.raises(ValueError, match=r"anomaly='hard' needs group_size >= 2 .*it is 1 \(the 1 normal class left\)"):
+        GroupDataModule(dataset="digits", held_out_classes=list(range(9)))
+    GroupDataModule(dataset="digits", anomaly="easy", group_size=9, held_out_classes=[9]).setup()  # one left out
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -827,3 +840,24 @@ def test_a_flat_folder_inside_a_folder_named_train_is_predicted_on(tmp_path):
     dm = OneClassDataModule(dataset="folder", root=str(root), load_size=8)
     dm.setup()
     assert dm.predict_dataset is not None and len(dm.predict_dataset) == 3
+
+
+def test_load_image_and_anomaly_label_refuse_what_would_read_wrong(tmp_path):
+    """load_image(size=0) failed inside torch's resize and max_pixels=-1 refused every image as too large;
+    AnomalyLabel(-1) made every sample anomalous and AnomalyLabel("Good") every sample of class "good" (names are
+    case-insensitive for normal_class). A review of the public API."""
+    from dn2_lightning.data import AnomalyLabel
+
+    Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(tmp_path / "a.png")
+    for kwargs, match in [
+        ({"size": 0}, r"size=0 must be None \(the decoded size\) or an integer >= 1"),
+        ({"size": 32.0}, r"size=32.0 must be"),
+        ({"size": True}, r"size=True must be"),
+        ({"max_pixels": -1}, r"max_pixels=-1 must be None \(MAX_IMAGE_PIXELS\) or an integer >= 1"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            load_image(tmp_path / "a.png", **kwargs)
+    assert load_image(tmp_path / "a.png", size=6, max_pixels=144).shape == (3, 6, 6)
+    with pytest.raises(ValueError, match=r"AnomalyLabel\(normal=-1\): a class index is 0 or more"):
+        AnomalyLabel(-1)
+    assert [AnomalyLabel("Good")(name) for name in ("good", "GOOD", "crack")] == [0, 0, 1]

@@ -123,6 +123,9 @@ def test_predict_after_set_params_of_k_or_quantile_asks_for_a_refit():
     detector.set_params(threshold_quantile=0.5)
     with pytest.raises(ValueError, match=r"k=10, threshold_quantile=0.5 was set .*fit's k=2, threshold_quantile=0.99"):
         detector.predict(test)
+    detector.set_params(threshold_quantile=2.0)  # out of range: said as such, not as "set after fit"
+    with pytest.raises(ValueError, match=r"threshold_quantile=2.0 must be in \(0, 1\]"):
+        detector.predict(test)
     detector.set_params(k=2, threshold_quantile=0.99, knn_backend="torch")  # a search setting needs no refit
     np.testing.assert_array_equal(detector.predict(test), DN2Detector(k=2).fit(train).predict(test))
     np.testing.assert_array_equal(detector.fit(train).set_params(k=10).fit(train).predict(test), refit.predict(test))

@@ -259,6 +259,10 @@ def test_merge_topk_of_shards_equals_whole():
         ({"queries": torch.zeros(3, 5, dtype=torch.long)}, "floating"),
         ({"bank": torch.zeros(10)}, "2-D"),
         ({"max_memory_bytes": 10}, "max_memory_bytes"),
+        # a string, a float, NaN: a TypeError deep in the search, or NaN taken as a budget (a review)
+        ({"max_memory_bytes": "1000000"}, r"max_memory_bytes='1000000' must be None .* or an integer >= 65536"),
+        ({"max_memory_bytes": 1e6}, r"max_memory_bytes=1000000.0 must be"),
+        ({"max_memory_bytes": float("nan")}, r"max_memory_bytes=nan must be"),
     ],
 )
 def test_bad_arguments_name_the_parameter(kwargs, match):

@@ -640,3 +640,20 @@ def test_a_checkpoint_whose_weights_have_other_shapes_is_refused_naming_them(tmp
         DN2Module.load_from_checkpoint(tmp_path / "eight.ckpt", backbone=backbone(4))
     loaded = DN2Module.load_from_checkpoint(tmp_path / "eight.ckpt", backbone=backbone(8))
     assert torch.equal(loaded.bank.embeddings, model.bank.embeddings)
+
+
+def test_a_misspelt_load_from_checkpoint_override_is_refused_naming_the_setting(tmp_path):
+    """Lightning drops keyword arguments that are no __init__ parameter: threshhold_quantile=0.5 left the saved
+    0.99 in force, and K=5 left k=2, without a word (a review of the public API)."""
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    trainer = quiet_trainer()
+    trainer.fit(model, datamodule=BlobDataModule())
+    trainer.save_checkpoint(tmp_path / "bank.ckpt")
+    with pytest.raises(TypeError, match=r"'threshhold_quantile' \(did you mean 'threshold_quantile'\?\)"):
+        DN2Module.load_from_checkpoint(tmp_path / "bank.ckpt", backbone=linear_backbone(), threshhold_quantile=0.5)
+    with pytest.raises(TypeError, match=r"'K' \(did you mean 'k'\?\)|'K'.*settings it takes: k, backbone"):
+        DN2Module.load_from_checkpoint(tmp_path / "bank.ckpt", backbone=linear_backbone(), K=5)
+    loaded = DN2Module.load_from_checkpoint(
+        tmp_path / "bank.ckpt", map_location="cpu", backbone=linear_backbone(), threshold_quantile=0.5, k=3
+    )
+    assert (loaded.hparams.threshold_quantile, loaded.hparams.k) == (0.5, 3)

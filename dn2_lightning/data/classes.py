@@ -15,9 +15,9 @@ from dn2_lightning.validation import numpy_integer_hint
 
 @dataclass(frozen=True)
 class AnomalyLabel:
-    """A ``target_transform`` from class to anomaly label: 0 for the ``normal`` class (an index, or a name
-    for targets that are names), 1 for any other. Unlike a lambda it can be pickled, as DataLoader workers
-    started by spawn (the default on macOS and Windows) need.
+    """A ``target_transform`` from class to anomaly label: 0 for the ``normal`` class (an index, or a name,
+    matched case-insensitively, for targets that are names), 1 for any other. Unlike a lambda it can be pickled,
+    as DataLoader workers started by spawn (the default on macOS and Windows) need.
 
     >>> from torchvision.datasets import ImageFolder  # doctest: +SKIP
     >>> ImageFolder(root, target_transform=AnomalyLabel(normal=1))  # doctest: +SKIP
@@ -34,6 +34,8 @@ class AnomalyLabel:
     def __post_init__(self) -> None:
         if isinstance(self.normal, bool) or not isinstance(self.normal, numbers.Integral | str):
             raise TypeError(f"AnomalyLabel(normal={self.normal!r}): give the normal class's index or name.")
+        if isinstance(self.normal, numbers.Integral) and self.normal < 0:  # no target is negative: all anomalous
+            raise ValueError(f"AnomalyLabel(normal={self.normal!r}): a class index is 0 or more.")
 
     def __call__(self, target: int | str) -> int:
         if isinstance(target, str) != isinstance(self.normal, str):  # every target would be "not normal"
@@ -42,6 +44,8 @@ class AnomalyLabel:
                 f"AnomalyLabel(normal={self.normal!r}) got {given}, {target!r}: give the normal class the same way "
                 "(an ImageFolder's targets are indices: AnomalyLabel(dataset.class_to_idx['good']))."
             )
+        if isinstance(target, str):  # names as normal_class takes them: case-insensitive
+            return int(target.casefold() != self.normal.casefold())
         return int(target != self.normal)
 
 

@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from dn2_lightning.data.datasets import PIXEL_FORMAT, to_chw_uint8
-from dn2_lightning.data.sources import SPLITS, LabeledImages, list_datasets, load_split
+from dn2_lightning.data.sources import SPLITS, LabeledImages, known_classes, list_datasets, load_split
 from dn2_lightning.validation import (
     as_python,
     check_choice,
@@ -129,6 +129,32 @@ def draw_group_sets(
     return train, torch.cat([normal, anomalous]), labels
 
 
+def _check_classes(n_classes: int, held_out: list[int], group_size: int | None, anomaly: str) -> tuple[list[int], int]:
+    """The normal classes (those not held out) and the group size (``None``: one image of each), or a ``ValueError``
+    naming the setting that leaves no valid group."""
+    for c in held_out:
+        if not 0 <= c < n_classes:
+            raise ValueError(f"held_out_classes contains {c}; valid classes are 0..{n_classes - 1}.")
+    normal_classes = [c for c in range(n_classes) if c not in held_out]
+    if not normal_classes:
+        raise ValueError(
+            f"held_out_classes={sorted(set(held_out))} holds every one of the {n_classes} classes: no class is left "
+            "for the normal groups. Hold out only the classes anomalous groups take their odd member from."
+        )
+    size = group_size or len(normal_classes)
+    if size > len(normal_classes):
+        raise ValueError(
+            f"group_size={size} exceeds the {len(normal_classes)} normal classes: a normal group holds "
+            "one image of each of M different classes."
+        )
+    if anomaly == "hard" and size < 2:
+        raise ValueError(
+            f"anomaly='hard' needs group_size >= 2 (one class twice, another missing); it is {size}"
+            + (f" (the {len(normal_classes)} normal class left)." if group_size is None else ".")
+        )
+    return normal_classes, size
+
+
 class GroupDataModule(LightningDataModule):
     """Group anomaly detection on a classification dataset (paper §3.3).
 
@@ -189,6 +215,8 @@ class GroupDataModule(LightningDataModule):
             raise ValueError(f"held_out_classes={held_out_classes!r} must be a list of class indices, e.g. [9].")
         if held_out_classes is not None:  # plain ints (NumPy's, a range) for the hyperparameters a checkpoint keeps
             held_out_classes = [int(c) for c in held_out_classes]
+        # the classes against the dataset's known ones now, not after its files are read (or downloaded)
+        _check_classes(len(known_classes(dataset)), held_out_classes or [], group_size, anomaly)
         check_seed("seed", seed)
         check_positive_int("batch_size", batch_size)
         check_int("num_workers", num_workers, minimum=0)
@@ -223,18 +251,7 @@ class GroupDataModule(LightningDataModule):
         hp = self.hparams
         train, test = load_split(hp.dataset, "train", hp.root), load_split(hp.dataset, "test", hp.root)
         held_out = list(hp.held_out_classes or [])
-        for c in held_out:
-            if not 0 <= c < len(train.classes):
-                raise ValueError(f"held_out_classes contains {c}; valid classes are 0..{len(train.classes) - 1}.")
-        normal_classes = [c for c in range(len(train.classes)) if c not in held_out]
-        group_size = hp.group_size or len(normal_classes)
-        if group_size > len(normal_classes):
-            raise ValueError(
-                f"group_size={group_size} exceeds the {len(normal_classes)} normal classes: a normal group holds "
-                "one image of each of M different classes."
-            )
-        if hp.anomaly == "hard" and group_size < 2:
-            raise ValueError("anomaly='hard' needs group_size >= 2 (one class twice, another missing).")
+        normal_classes, group_size = _check_classes(len(train.classes), held_out, hp.group_size, hp.anomaly)
         train_groups, test_groups, test_labels = draw_group_sets(
             train.labels, test.labels, normal_classes, group_size, hp.n_train_groups, hp.n_test_groups,
             hp.anomaly, hp.anomaly_ratio, hp.seed, held_out,

@@ -18,6 +18,8 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
+from dn2_lightning.validation import check_positive_int
+
 #: Largest image (width x height, in pixels, after any JPEG scale reduction) that is decoded; larger files are
 #: refused with :class:`ImageTooLargeError` before any pixel is read. The default is Pillow's own
 #: decompression-bomb warning threshold (about 89.5 MP, 256 MiB as 8-bit RGB). Change it here, with the
@@ -57,6 +59,8 @@ def load_image(path: str | Path, size: int | None = None, max_pixels: int | None
         UnreadableImageError: anything else that stops the decoding (truncated file, unknown format, float
             values outside [0, 1], ...); the message names the file and the reason.
     """
+    check_positive_int("size", size, allow_none=True, none_means="the decoded size")
+    check_positive_int("max_pixels", max_pixels, allow_none=True, none_means="MAX_IMAGE_PIXELS")
     path = Path(path)
     try:
         with _open(path) as img:

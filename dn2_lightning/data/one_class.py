@@ -101,14 +101,13 @@ class OneClassDataModule(LightningDataModule):
         check_seed("seed", seed)
         check_choice("on_corrupt", on_corrupt, CORRUPT_POLICIES)
         check_positive_int("max_image_pixels", max_image_pixels, allow_none=True)
-        if dataset == FOLDER:
-            if root is None or not Path(root).is_dir():
-                raise ValueError(f"root={root!r} must be an existing directory for dataset='folder'.")
-            if contamination:
-                raise ValueError(
-                    f"contamination={contamination!r} is not supported for dataset='folder' (only 0.0): "
-                    "contaminants are drawn from the other classes of a classification dataset."
-                )
+        if dataset == FOLDER and (root is None or not Path(root).is_dir()):
+            raise ValueError(f"root={root!r} must be an existing directory for dataset='folder'.")
+        if dataset in (FOLDER, SYNTHETIC) and contamination:  # (synthetic's training set was silently clean)
+            raise ValueError(
+                f"contamination={contamination!r} is not supported for dataset={dataset!r} (only 0.0): "
+                "contaminants are drawn from the other classes of a classification dataset."
+            )
         self.save_hyperparameters()
         self.hparams.update(as_python(dict(self.hparams)))  # NumPy numbers as Python ones, for checkpoints
         if dataset in (FOLDER, SYNTHETIC) and load_size is None:
