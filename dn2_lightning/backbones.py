@@ -16,6 +16,7 @@ import functools
 import hashlib
 import io
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,9 +64,25 @@ class BackboneSpec:
 _REGISTRY: dict[str, BackboneSpec] = {}
 
 
-def register_backbone(spec: BackboneSpec) -> BackboneSpec:
-    """Add a backbone to the registry (also usable for your own trunks)."""
+def register_backbone(spec: BackboneSpec, overwrite: bool = False) -> BackboneSpec:
+    """Add a backbone to the registry (also usable for your own trunks), for the rest of the process. Replacing a
+    registered name (a built-in one too) warns unless ``overwrite=True``, as timm's registry does."""
+    if not isinstance(spec, BackboneSpec):
+        raise TypeError(
+            f"register_backbone takes a BackboneSpec(name, build, feature_dim, ...), got {type(spec).__name__}."
+        )
+    if not isinstance(spec.name, str) or not spec.name:
+        raise ValueError(f"BackboneSpec name={spec.name!r} must be a non-empty string.")
+    check_int("feature_dim", spec.feature_dim, 1)
+    check_int("image_size", spec.image_size, 1)
     check_int("min_input_size", spec.min_input_size, 1)
+    check_bool("overwrite", overwrite)
+    if spec.name in _REGISTRY and not overwrite:
+        warnings.warn(
+            f"backbone {spec.name!r} was registered already: this spec replaces it for the rest of the process "
+            "(pass overwrite=True to say so, or register it under another name).",
+            stacklevel=2,
+        )
     _REGISTRY[spec.name] = spec
     return spec
 

@@ -172,7 +172,10 @@ class BankCheckpointing:
 def _refuse_unknown_overrides(cls: type, overrides: dict[str, Any]) -> None:
     """Lightning drops keyword arguments that are not ``__init__`` parameters without a word: a misspelt override
     (``threshhold_quantile=0.5``) would leave the saved setting in force."""
-    known = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+    parameters = inspect.signature(cls.__init__).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return  # a subclass taking **kwargs: Lightning passes every keyword on, as it does
+    known = [name for name, p in parameters.items() if name != "self" and p.kind is not p.VAR_POSITIONAL]
     unknown = sorted(set(overrides) - set(known))
     if unknown:
         hints = "; ".join(

@@ -70,6 +70,11 @@ def _to_chw(item: ImageLike, position: int, load_size: int | None) -> tuple[Tens
     where = f"images[{position}]"
     if isinstance(item, str | os.PathLike):
         path = Path(item)
+        if path.is_dir():
+            raise ValueError(
+                f"{where}: {str(path)!r} is a folder; give its image files, e.g. "
+                "sorted(glob.glob(folder + '/*.png')) (dn2 predict --data.root=... reads a whole folder)."
+            )
         if not path.is_file():
             raise ValueError(f"{where}: no such image file {str(path)!r}.")
         return load_image(path, load_size), str(path)  # the datasets' decoding, JPEG draft scale included

@@ -57,8 +57,6 @@ from typing import Literal, NamedTuple, get_args
 import torch
 from torch import Tensor
 
-from dn2_lightning.validation import check_int
-
 KNNBackend = Literal["auto", "torch", "keops"]
 KNN_BACKENDS: tuple[str, ...] = get_args(KNNBackend)
 DEFAULT_MAX_MEMORY_BYTES = 512 * 2**20
@@ -488,7 +486,14 @@ def _validate_inputs(
     n = bank.shape[0]
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= n:
         raise ValueError(f"k={k!r} must be an integer with 1 <= k <= bank size ({n}).")
-    check_int("max_memory_bytes", max_memory_bytes, 2**16, allow_none=True, none_means="the default budget")
+    if max_memory_bytes is not None and (
+        isinstance(max_memory_bytes, bool)
+        or not isinstance(max_memory_bytes, numbers.Integral)
+        or max_memory_bytes < 2**16
+    ):
+        raise ValueError(
+            f"max_memory_bytes={max_memory_bytes!r} must be None (the default budget) or an integer >= 65536."
+        )
     if candidate_dtype is not None and candidate_dtype not in _UNIT_ROUNDOFF:
         raise ValueError(f"candidate_dtype={candidate_dtype} must be one of {list(_UNIT_ROUNDOFF)}.")
 

@@ -160,6 +160,11 @@ def check_threshold(quantile: object, value: object = None) -> None:
     finite = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     if value is not None and not finite:
         raise ValueError(f"threshold={value!r} must be None (use threshold_quantile) or a finite DN2 score.")
+    if finite and value < 0:  # a mean of squared distances: every sample would be flagged
+        raise ValueError(
+            f"threshold={value!r} is below 0, where no DN2 score (a mean of squared distances) lies: every sample "
+            "would be flagged. Give a score (the printed threshold, or scores.csv's score column), or None."
+        )
 
 
 def as_python(value: Any) -> Any:

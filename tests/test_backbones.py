@@ -162,3 +162,27 @@ def test_build_backbone_refuses_a_pretrained_flag_that_is_no_bool():
     # pretrained="no" read as true: a download of the weights, the opposite of what was asked (DN2Module refused it)
     with pytest.raises(ValueError, match=r"pretrained='no' must be True or False"):
         build_backbone("resnet18", pretrained="no")
+
+
+def test_register_backbone_checks_its_spec_and_warns_before_replacing_a_name():
+    """A dict failed with AttributeError, a negative feature_dim was taken, and registering "resnet18" again replaced
+    the built-in for the whole process without a word (a review of the public API)."""
+    import warnings
+    from dataclasses import replace
+
+    from dn2_lightning.backbones import _REGISTRY, get_backbone_spec, register_backbone
+
+    builtin = get_backbone_spec("resnet18")
+    with pytest.raises(TypeError, match="register_backbone takes a BackboneSpec"):
+        register_backbone({"name": "mine"})
+    with pytest.raises(ValueError, match="feature_dim=-1 must be"):
+        register_backbone(replace(builtin, name="mine", feature_dim=-1))
+    try:
+        with pytest.warns(UserWarning, match="backbone 'resnet18' was registered already: this spec replaces it"):
+            register_backbone(replace(builtin, feature_dim=512))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            register_backbone(builtin, overwrite=True)
+    finally:
+        _REGISTRY["resnet18"] = builtin
+    assert get_backbone_spec("resnet18") is builtin and "mine" not in _REGISTRY

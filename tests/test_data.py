@@ -858,6 +858,7 @@ def test_load_image_and_anomaly_label_refuse_what_would_read_wrong(tmp_path):
         with pytest.raises(ValueError, match=match):
             load_image(tmp_path / "a.png", **kwargs)
     assert load_image(tmp_path / "a.png", size=6, max_pixels=144).shape == (3, 6, 6)
+    assert load_image(tmp_path / "a.png", size=np.int64(6), max_pixels=float("inf")).shape == (3, 6, 6)
     with pytest.raises(ValueError, match=r"AnomalyLabel\(normal=-1\): a class index is 0 or more"):
         AnomalyLabel(-1)
     assert [AnomalyLabel("Good")(name) for name in ("good", "GOOD", "crack")] == [0, 0, 1]

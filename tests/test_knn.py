@@ -270,6 +270,7 @@ def test_bad_arguments_name_the_parameter(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         knn_distances(args.pop("queries"), args.pop("bank"), args.pop("k"), args.pop("backend"), **args)
+    knn_distances(torch.zeros(3, 5), torch.zeros(10, 5), np.int64(2), max_memory_bytes=np.int64(2**20))  # NumPy ints
 
 
 def test_backend_registry():

@@ -245,6 +245,7 @@ def test_checkpoint_with_other_bank_dimension_is_refused(tmp_path):
         ({"clean_k": 0}, "clean_k=0"),
         ({"group_pooling": "max"}, "group_pooling='max'"),
         ({"threshold_quantile": 0.0}, "threshold_quantile=0.0"),
+        ({"threshold": -5.0}, r"threshold=-5.0 is below 0, where no DN2 score .* lies: every sample would be flagged"),
         ({"backbone": "resnet9000"}, "backbone='resnet9000'"),
         ({"input_size": 2}, "input_size=2"),
         ({"pretrained": "no"}, "pretrained='no' must be True or False"),  # was read as True: a download

@@ -506,7 +506,7 @@ def test_true_half_precision_is_refused_by_name(precision):
 # --------------------------------------------------------------------------- bad input at the public entry points
 
 
-def test_score_images_names_empty_inputs_a_bad_batch_size_and_eight_bit_values_in_a_wide_mode():
+def test_score_images_names_empty_inputs_a_bad_batch_size_and_eight_bit_values_in_a_wide_mode(tmp_path):
     dm = BlobDataModule()
     model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
     quiet_trainer().fit(model, datamodule=dm)
@@ -515,6 +515,9 @@ def test_score_images_names_empty_inputs_a_bad_batch_size_and_eight_bit_values_i
         (lambda: model.score_images(torch.zeros(3, 8, 0)), r"images\[0\]: an empty tensor of shape \(3, 8, 0\)"),
         (lambda: model.score_images([dm.test_images[0], Image.new("RGB", (0, 0))]), r"images\[1\]: an empty image"),
         (lambda: model.score_images(dm.test_images, batch_size=0), r"batch_size=0 must be an integer >= 1"),
+        # a folder was "no such image file"
+        (lambda: model.score_images(tmp_path), rf"images\[0\]: '{tmp_path}' is a folder; give its image files"),
+        (lambda: model.score_images(tmp_path / "x.png"), r"images\[0\]: no such image file"),
     ]
     for call, match in cases:
         with pytest.raises(ValueError, match=match):
@@ -657,3 +660,9 @@ def test_a_misspelt_load_from_checkpoint_override_is_refused_naming_the_setting(
         tmp_path / "bank.ckpt", map_location="cpu", backbone=linear_backbone(), threshold_quantile=0.5, k=3
     )
     assert (loaded.hparams.threshold_quantile, loaded.hparams.k) == (0.5, 3)
+
+    class Sub(DN2Module):  # a subclass taking **kwargs: Lightning passes every keyword on, and so do we
+        def __init__(self, extra: int = 1, **kwargs) -> None:
+            super().__init__(**kwargs)
+
+    assert Sub.load_from_checkpoint(tmp_path / "bank.ckpt", backbone=linear_backbone(), k=3).hparams.k == 3

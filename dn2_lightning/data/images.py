@@ -9,6 +9,7 @@ check run over a folder before training: it returns the reason a file will not l
 
 from __future__ import annotations
 
+import numbers
 import os
 import warnings
 from pathlib import Path
@@ -17,8 +18,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch import Tensor
-
-from dn2_lightning.validation import check_positive_int
 
 #: Largest image (width x height, in pixels, after any JPEG scale reduction) that is decoded; larger files are
 #: refused with :class:`ImageTooLargeError` before any pixel is read. The default is Pillow's own
@@ -59,8 +58,8 @@ def load_image(path: str | Path, size: int | None = None, max_pixels: int | None
         UnreadableImageError: anything else that stops the decoding (truncated file, unknown format, float
             values outside [0, 1], ...); the message names the file and the reason.
     """
-    check_positive_int("size", size, allow_none=True, none_means="the decoded size")
-    check_positive_int("max_pixels", max_pixels, allow_none=True, none_means="MAX_IMAGE_PIXELS")
+    _check_size("size", size, numbers.Integral, "the decoded size")
+    _check_size("max_pixels", max_pixels, numbers.Real, "MAX_IMAGE_PIXELS")  # (float("inf") lifts the limit)
     path = Path(path)
     try:
         with _open(path) as img:
@@ -77,6 +76,12 @@ def load_image(path: str | Path, size: int | None = None, max_pixels: int | None
     if size is not None and tuple(image.shape[-2:]) != (size, size):
         image = resize_square(image, size)
     return image
+
+
+def _check_size(name: str, value: object, kind: type, none_means: str) -> None:
+    """``None`` or a number of ``kind`` >= 1 (NumPy's too: nothing here is saved in a checkpoint)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, kind) or not value >= 1):
+        raise ValueError(f"{name}={value!r} must be None ({none_means}) or an integer >= 1.")
 
 
 def pil_to_uint8(img: Image.Image, size: int | None = None) -> Tensor:
