@@ -69,6 +69,9 @@ class DecisionThreshold:
 
     def _describe_threshold(self) -> str:
         threshold = float(self.threshold)
+        if math.isnan(threshold) and not self._has_bank and self.hparams.threshold is None:
+            q = self.hparams.threshold_quantile  # set_threshold(quantile=...) before a fit: kept for it
+            return f"threshold_quantile {q:g} set; the threshold is computed once the model has a memory bank"
         if math.isnan(threshold):
             return "no decision threshold (is_anomaly undefined)"
         if self.hparams.threshold is not None:

@@ -16,7 +16,7 @@ import copy
 import math
 from collections.abc import Sequence
 from numbers import Integral, Real
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
@@ -115,6 +115,16 @@ def check_k(k: object) -> None:
 def check_input_size(input_size: object) -> None:
     """``input_size``, the backbone's resolution on the device (``None`` = the backbone's own)."""
     check_int("input_size", input_size, 8, allow_none=True, none_means="the backbone's own")
+
+
+def check_data_root(root: object) -> None:
+    """A datamodule's ``root``: ``None`` or a folder (missing is fine: a download makes it), never a file, which the
+    dataset's search would pass over for its other places without a word."""
+    if root is not None and Path(str(root)).is_file():
+        raise ValueError(
+            f"root={str(root)!r} is a file; give the folder that holds the dataset's files (None: $DN2_DATA_DIR, "
+            "else ~/.cache/dn2_lightning/data)."
+        )
 
 
 def check_load_size(load_size: object) -> None:

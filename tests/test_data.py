@@ -862,3 +862,13 @@ def test_load_image_and_anomaly_label_refuse_what_would_read_wrong(tmp_path):
     with pytest.raises(ValueError, match=r"AnomalyLabel\(normal=-1\): a class index is 0 or more"):
         AnomalyLabel(-1)
     assert [AnomalyLabel("Good")(name) for name in ("good", "GOOD", "crack")] == [0, 0, 1]
+
+
+def test_a_data_root_that_is_a_file_is_refused(tmp_path):
+    """dataset="fashionmnist" with root set to a file passed over it for Debian's copy without a word (a review of
+    the public API); a missing folder is fine (a download makes it)."""
+    (tmp_path / "notes.txt").write_text("not a folder")
+    for make in (OneClassDataModule, GroupDataModule):
+        with pytest.raises(ValueError, match=r"root='.*notes.txt' is a file; give the folder that holds"):
+            make(dataset="fashionmnist", root=str(tmp_path / "notes.txt"))
+        make(dataset="fashionmnist", root=str(tmp_path / "not_yet"))

@@ -511,3 +511,18 @@ def test_a_checkpoint_saved_at_the_max_steps_step_holds_the_bank(tmp_path):
     with pytest.warns(UserWarning, match="partial bank"):
         loaded = DN2Module.load_from_checkpoint(tmp_path / "epoch=0-step=5.ckpt", backbone=linear_backbone())
     torch.testing.assert_close(loaded.bank.embeddings, model.bank.embeddings)
+
+
+def test_a_quantile_set_before_the_bank_exists_is_said_as_kept_and_used_by_the_fit():
+    """set_threshold(quantile=0.9) before a fit said "no decision threshold (is_anomaly undefined)", as if it had
+    failed; the quantile is kept and sets the threshold once the bank exists (a review of the public API)."""
+    from helpers import dn2_messages
+
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    with dn2_messages() as messages:
+        assert np.isnan(model.set_threshold(quantile=0.9))
+    assert messages == ["DN2: threshold_quantile 0.9 set; the threshold is computed once the model has a memory bank."]
+    dm = BlobDataModule()
+    quiet_trainer().fit(model, datamodule=dm)
+    loo = threshold_reference(model, dm, 2)
+    assert float(model.threshold) == pytest.approx(float(np.quantile(loo, 0.9)), rel=1e-5)

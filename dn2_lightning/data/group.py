@@ -22,6 +22,7 @@ from dn2_lightning.data.sources import SPLITS, LabeledImages, known_classes, lis
 from dn2_lightning.validation import (
     as_python,
     check_choice,
+    check_data_root,
     check_fraction,
     check_int,
     check_load_size,
@@ -221,6 +222,7 @@ class GroupDataModule(LightningDataModule):
         check_positive_int("batch_size", batch_size)
         check_int("num_workers", num_workers, minimum=0)
         check_load_size(load_size)
+        check_data_root(root)
         self.save_hyperparameters()
         self.hparams.update(as_python(dict(self.hparams)))  # NumPy numbers as Python ones, for checkpoints
         self.hparams.pixel_format = dict(PIXEL_FORMAT)  # what the images are, for the model to record

@@ -34,6 +34,7 @@ from dn2_lightning.validation import (
     as_python,
     check_choice,
     check_contamination,
+    check_data_root,
     check_int,
     check_load_size,
     check_positive_int,
@@ -97,6 +98,7 @@ class OneClassDataModule(LightningDataModule):
         check_positive_int("batch_size", batch_size)
         check_int("num_workers", num_workers, minimum=0)
         check_load_size(load_size)
+        check_data_root(root)
         check_contamination(contamination)
         check_seed("seed", seed)
         check_choice("on_corrupt", on_corrupt, CORRUPT_POLICIES)
