@@ -453,8 +453,9 @@ class EvaluationReport(Callback):
             paths = by_index
         elif callable(source_paths):
             paths = source_paths(stage) or paths
+        dataset, loader = _dataset_of(trainer, stage)
         if paths is None:  # e.g. a plain DataLoader over torchvision's ImageFolder, whose batches are tuples
-            paths = _folder_files(*_dataset_of(trainer, stage))
+            paths = _folder_files(dataset, loader)
         normalized = scores.normalized
         normalize = getattr(pl_module, "normalized", None)
         if normalized is None and callable(normalize):
@@ -462,7 +463,7 @@ class EvaluationReport(Callback):
 
         out = self.run_dir or next_run_dir(base, stage)
         files = {"csv": write_scores_csv(scores, out / CSV_NAMES[stage], paths, threshold, normalized)}
-        image_of = _image_reader(*_dataset_of(trainer, stage))
+        image_of = _image_reader(dataset, loader)
         name_of = (lambda i: paths[i]) if paths is not None else None
         for name, png in save_figures(scores, out / "figures", threshold, image_of, name_of).items():
             files[name] = png

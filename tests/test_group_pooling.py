@@ -637,28 +637,32 @@ def test_a_quantile_threshold_set_on_the_other_kind_of_sample_is_named():
         group_bank.score_images(singles[:4])
 
 
-class _GroupsWithOneSharedImage(torch.utils.data.Dataset):
-    """20 groups of 2 distinct pool images; the last group's last member is group 0's first image (an outlier)."""
+class _GroupsOfPoolImages(torch.utils.data.Dataset):
+    """Groups of 2 images of a seeded pool, numbered in order, the pool image ``outlier`` moved far from the others
+    (its group's worst member) and put in the slot ``copy`` too; groups before ``named_groups`` say their members'
+    pool images (``members``), the others do not."""
 
-    def __init__(self) -> None:
-        g = torch.Generator().manual_seed(5)
-        self.pool = torch.rand(39, 3, 8, 8, generator=g) * 0.5
-        self.pool[0] = (self.pool[0] + 0.45).clamp(max=1.0)  # far from every other image: its group's worst member
-        self.members = torch.arange(40).view(20, 2)
-        self.members[19, 1] = 0
+    def __init__(self, n_groups: int, seed: int, outlier: int, copy: tuple[int, int], named_groups: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.pool = torch.rand(2 * n_groups, 3, 8, 8, generator=g) * 0.5
+        self.pool[outlier] = (self.pool[outlier] + 0.45).clamp(max=1.0)
+        self.members = torch.arange(2 * n_groups).view(n_groups, 2)
+        self.members[copy] = outlier
+        self.named_groups = named_groups
 
     def __len__(self) -> int:
         return len(self.members)
 
     def __getitem__(self, i: int) -> dict:
         m = self.members[i]
-        return {"image": self.pool[m], "label": torch.tensor(0), "index": torch.tensor(i), "members": m}
+        sample = {"image": self.pool[m], "label": torch.tensor(0), "index": torch.tensor(i)}
+        return sample | ({"members": m} if i < self.named_groups else {})
 
 
 def test_point_wise_threshold_leaves_out_the_copy_of_the_last_member_row():
     # the member row with the largest id (last group, last member) holds a copy of another group's image: both
     # must leave the other out of their leave-one-out neighbours, as every other row's copies are
-    train = _GroupsWithOneSharedImage()
+    train = _GroupsOfPoolImages(20, seed=5, outlier=0, copy=(19, 1), named_groups=20)  # group 0's image, again
     model = DN2Module(k=1, backbone=linear_backbone(), group_pooling="none", reports=False)
     quiet_trainer().fit(model, train_dataloaders=DataLoader(train, batch_size=8))
     group_loo = _worst_member_loo(model, train, known=train.members.flatten().numpy())
@@ -681,28 +685,9 @@ def _worst_member_loo(model: DN2Module, train, known: np.ndarray) -> np.ndarray:
     return np.sort([member_loo[group_of == g].max() for g in range(groups)])
 
 
-class _GroupsPartlyWithSources(torch.utils.data.Dataset):
-    """16 groups of 2 images; only groups 0-7 (the first batch of 8) say their members' pool images. Group 8's first
-    member is a copy of group 7's last one (an outlier), which no source names as a copy."""
-
-    def __init__(self) -> None:
-        g = torch.Generator().manual_seed(7)
-        self.pool = torch.rand(32, 3, 8, 8, generator=g) * 0.5
-        self.pool[15] = (self.pool[15] + 0.45).clamp(max=1.0)
-        self.members = torch.arange(32).view(16, 2)
-        self.members[8, 0] = 15
-
-    def __len__(self) -> int:
-        return len(self.members)
-
-    def __getitem__(self, i: int) -> dict:
-        m = self.members[i]
-        sample = {"image": self.pool[m], "label": torch.tensor(0), "index": torch.tensor(i)}
-        return sample | ({"members": m} if i < 8 else {})
-
-
 def test_point_wise_rows_beyond_the_known_sources_count_as_unknown_images():
-    train = _GroupsPartlyWithSources()
+    # group 8's first member is a copy of group 7's last one (an outlier), which no source names as a copy
+    train = _GroupsOfPoolImages(16, seed=7, outlier=15, copy=(8, 0), named_groups=8)
     model = DN2Module(k=1, backbone=linear_backbone(), group_pooling="none", reports=False)
     quiet_trainer().fit(model, train_dataloaders=DataLoader(train, batch_size=8))
     known = np.where(np.arange(32) < 16, train.members.flatten().numpy(), -1)  # groups 8-15 name no source
