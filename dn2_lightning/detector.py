@@ -21,6 +21,7 @@ from torch import Tensor
 
 from dn2_lightning.knn import KNNBackend, KNNResult, knn_distances, lacks_float64, prepare_bank
 from dn2_lightning.scoring import (
+    coarse_quantile_note,
     keep_lowest,
     knn_scores,
     leave_one_out_scores,
@@ -122,6 +123,9 @@ class DN2Detector(BaseEstimator):
             scores[~kept] = self._scores(x[~kept])
         self._sorted_scores = scores.sort().values
         self.threshold_ = quantile_threshold(scores, self.threshold_quantile)
+        note = coarse_quantile_note(n, self.threshold_quantile)
+        if note is not None:  # the scores are X's rows'
+            warnings.warn(f"{note} Fit more rows or lower threshold_quantile.", stacklevel=2)
         self._threshold_set_at = {"k": self.k, "threshold_quantile": self.threshold_quantile}
         # NumPy for NumPy input, as PyOD's (and this class's methods') results
         self.kept_ = _like_input(kept, X)

@@ -7,7 +7,7 @@ import copy
 import logging
 import math
 import weakref
-from collections.abc import Iterator, Mapping, Sized
+from collections.abc import Iterator, Mapping, Sequence, Sized
 from typing import Any, Literal, get_args
 
 import torch
@@ -257,6 +257,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         self._searches_owed = 0  # sharded predict: collective searches this rank still has to join
         self._bank_is_shard = False
         self._warned_no_threshold: tuple[int, int] | None = None  # (bank size, k) of the last such warning
+        self._warned_few_threshold_scores: tuple[int, float] | None = None  # (scores, quantile) of the last one
         self._threshold_said: str | None = None  # the threshold's last explanation printed
         # (value, k) of a fixed threshold: the k whose scores it was set for (it does not follow later k changes)
         self._fixed_threshold: tuple[float, int] | None = None if threshold is None else (float(threshold), hp.k)
@@ -275,7 +276,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         self._checkpoint_error: Exception | None = None  # under DDP: what is wrong with the checkpoint this rank read
         self._restored_from: tuple[Any, Any] | None = None  # (epoch, global_step) of the checkpoint restored, if any
         self._searches_made = 0  # searches of the bank so far (a sharded one's are collectives)
-        self._size_warned = False  # this evaluation warned of images of another size than the training images
+        self._other_size: tuple[int, int] | None = None  # this evaluation's first size other than the training one
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -285,7 +286,8 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_embedding_bank_rows", False)
-        self.__dict__.setdefault("_size_warned", False)
+        self.__dict__.setdefault("_other_size", None)
+        self.__dict__.setdefault("_warned_few_threshold_scores", None)
         # a module pickled by an earlier dn2-lightning has no state-dict hooks: the fixed threshold travels all the same
         if record_fixed_threshold not in self._state_dict_hooks.values():
             self.register_state_dict_post_hook(record_fixed_threshold)
@@ -801,20 +803,24 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
     def _warn_if_other_image_size(self, images: Tensor) -> None:
         """Warn (once per evaluation) of samples of another size than the training batches' one size: the backbone
         resizes both to its input size, but from another resolution, so scores shift (a plain DataLoader resizing
-        test images to 20 px for a bank of 48 px images flagged 8 of 8 normal ones, scores up 12x)."""
+        test images to 20 px for a bank of 48 px images flagged 8 of 8 normal ones, scores up 12x). Under DDP, a size
+        seen by other ranks only is warned of at the evaluation's end (:meth:`_warn_of_other_sizes_on_other_ranks`)."""
         trained = self.bank.spec.get("train_image_size")
         size = tuple(images.shape[-2:])
-        if self._size_warned or not trained or size == tuple(trained):
+        if self._other_size is not None or not trained or size == tuple(trained):
             return
-        self._size_warned = True
-        (h, w), (th, tw) = size, trained
-        rank_zero_warn(
-            f"these samples are {h}x{w} pixels, but the memory bank was built from {th}x{tw} training images: the "
-            f"backbone resizes both to its input size, from another resolution, so the scores shift (normal images "
-            f"may all score as anomalies). Resize them as the training images were (transforms.Resize(({th}, {tw})), "
-            "or the datamodule's load_size), or fit on images of this size.",
-            stacklevel=6,
-        )
+        self._other_size = size
+        rank_zero_warn(_other_size_message(size, trained), stacklevel=6)
+
+    def _warn_of_other_sizes_on_other_ranks(self) -> None:
+        """Rank 0 warns as soon as it sees another size; the other ranks' are gathered here (a collective)."""
+        if world_size() == 1:
+            return
+        seen = gather_objects(self._other_size)
+        others = [(r, size) for r, size in enumerate(seen) if size is not None]
+        if seen[0] is None and others:
+            r, size = others[0]
+            rank_zero_warn(_other_size_message(size, self.bank.spec["train_image_size"], rank=r))
 
     @property
     def _bank_of_group_samples(self) -> bool:
@@ -1007,7 +1013,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         if self.maps is not None:
             self.maps.start_evaluation()
         self._held_errors.pop("evaluation", None)
-        self._size_warned = False
+        self._other_size = None
         # a collective when sharded: every rank computes it here, not lazily later (the sanity check scores nothing,
         # and runs before the ranks are checked to agree on their banks)
         if self._has_bank and not self.trainer.sanity_checking:
@@ -1024,6 +1030,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         refuse_iterable_cut_short(self._current_loader(), self._eval_stream, stage)
         result = collector.collect()
         collector.reset()
+        self._warn_of_other_sizes_on_other_ranks()
         paths = self._all_paths(self._paths, "test" if stage == "val" else stage)
         threshold = float(self.threshold)
         return AnomalyScores(
@@ -1421,6 +1428,17 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
 
     def _knn_kwargs(self) -> dict[str, Any]:
         return {"backend": self.hparams.knn_backend, "max_memory_bytes": self.hparams.max_memory_bytes}
+
+
+def _other_size_message(size: tuple[int, int], trained: Sequence[int], rank: int | None = None) -> str:
+    (h, w), (th, tw) = size, trained
+    where = "these samples are" if rank is None else f"samples scored on rank {rank} are"
+    return (
+        f"{where} {h}x{w} pixels, but the memory bank was built from {th}x{tw} training images: the backbone "
+        "resizes both to its input size, from another resolution, so the scores shift (normal images may all score "
+        f"as anomalies). Resize them as the training images were (transforms.Resize(({th}, {tw})), or the "
+        "datamodule's load_size), or fit on images of this size."
+    )
 
 
 def _check_point_wise_groups(m: int, earlier: int) -> None:

@@ -176,6 +176,26 @@ def quantile_threshold(loo_scores: Tensor, quantile: float) -> float:
     return float(torch.quantile(loo_scores.detach().cpu().double(), quantile))  # (no float64 on MPS)
 
 
+def coarse_quantile_note(n: int, quantile: float) -> str | None:
+    """What is wrong with a ``quantile`` threshold of ``n`` scores, or ``None``: a quantile q of fewer than
+    1 / (1 - q) scores lies between the largest two, and flags about 1 to 2 in n + 1 normal samples, not 1 - q
+    (0.99 of 40 scores: 2.4-4.9%, not 1%).
+
+    >>> coarse_quantile_note(200, 0.99) is None
+    True
+    """
+    if n == 0 or quantile == 1.0 or n * (1.0 - quantile) >= 1.0 - 1e-9:  # (10 x (1 - 0.9) is 0.99...98)
+        return None
+    if n == 1:
+        return f"threshold_quantile={quantile:g} is set from a single score: the threshold is that score."
+    return (
+        f"threshold_quantile={quantile:g} is set from {n} scores, fewer than 1 / (1 - {quantile:g}) = "
+        f"{1.0 / (1.0 - quantile):.4g}: it lies between the largest two, and flags about 1 to 2 in {n + 1} normal "
+        f"samples, not {100 * (1.0 - quantile):.3g}%. A threshold_quantile of at most {1.0 - 1.0 / n:.3g} suits {n} "
+        "scores."
+    )
+
+
 def normalized_scores(sorted_loo_scores: Tensor, scores: Tensor) -> Tensor:
     """Share of the bank's (sorted) leave-one-out scores strictly below each score, in [0, 1] (NaN without any).
 

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from dn2_lightning.bank import THRESHOLD_RECORD
 from dn2_lightning.console import info
-from dn2_lightning.scoring import normalized_scores, quantile_threshold
+from dn2_lightning.scoring import coarse_quantile_note, normalized_scores, quantile_threshold
 from dn2_lightning.validation import check_threshold
 
 if TYPE_CHECKING:
@@ -23,8 +23,8 @@ class DecisionThreshold:
     """DN2Module's threshold (a mixin): ``threshold``, ``set_threshold``, ``normalized`` and what they say.
 
     State (set by ``DN2Module.__init__``): ``_fixed_threshold`` (value, k) of a fixed threshold, i.e. the k whose
-    scores it was set for; ``_threshold_said`` (the last explanation printed); ``_warned_no_threshold`` and
-    ``_warned_threshold_k`` (warnings said once per change)."""
+    scores it was set for; ``_threshold_said`` (the last explanation printed); ``_warned_no_threshold``,
+    ``_warned_few_threshold_scores`` and ``_warned_threshold_k`` (warnings said once per change)."""
 
     @property
     def threshold(self) -> Tensor:
@@ -32,7 +32,9 @@ class DecisionThreshold:
         else the ``threshold_quantile`` of the training images' leave-one-out scores at the current ``k``."""
         if self.hparams.threshold is not None:
             return torch.tensor(float(self.hparams.threshold))
-        return torch.tensor(quantile_threshold(self._loo_scores(), self.hparams.threshold_quantile))
+        loo_scores = self._loo_scores()
+        self._warn_if_few_threshold_scores(len(loo_scores))
+        return torch.tensor(quantile_threshold(loo_scores, self.hparams.threshold_quantile))
 
     def set_threshold(self, quantile: float | None = None, value: float | None = None) -> float:
         """Set the decision threshold: a ``quantile`` of the training images' leave-one-out scores (normal data only,
@@ -109,6 +111,19 @@ class DecisionThreshold:
                 "cells) and normalised scores are NaN. Use a larger train set or set_threshold(value=...).",
                 stacklevel=5,
             )
+
+    def _warn_if_few_threshold_scores(self, n: int) -> None:
+        """A quantile of too few leave-one-out scores (:func:`~dn2_lightning.scoring.coarse_quantile_note`)."""
+        q = self.hparams.threshold_quantile
+        note = coarse_quantile_note(n, q)
+        if note is None or self._warned_few_threshold_scores == (n, q):
+            return
+        self._warned_few_threshold_scores = (n, q)  # once per count and quantile, not per batch
+        more = "threshold_samples=None (every training sample)" if self.bank.loo_drawn else "more training samples"
+        rank_zero_warn(
+            f"{note} The scores are the training samples' leave-one-out ones: use {more}, a lower "
+            "threshold_quantile, or set_threshold(value=...)."
+        )
 
     def _threshold_k(self) -> int:
         """The k whose scores the fixed threshold was set for (the current k for one set through ``hparams``)."""

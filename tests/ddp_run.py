@@ -5,8 +5,8 @@ Usage: python tests/ddp_run.py OUT.pt DEVICES SETTING MODE replicate|shard
 (MODE: fit, resume, test, predict, fit_then_one_device[_on_rank_zero])
 (resume: a fit stopped after 2 steps with a mid-epoch checkpoint, then fit resumed from it, then test)
 (SETTING: unimodal, unsupervised, noindex, noindex_no_sampler, index_no_sampler, uneven, group_none[_clean], paths,
-outliers_on_rank_zero, iterable, custom_batch_sampler, [seeded_|rank_seeded_|mixed_]shuffled_predict,
-random_on_resume)
+outliers_on_rank_zero, other_size_on_rank_one, iterable, custom_batch_sampler,
+[seeded_|rank_seeded_|mixed_]shuffled_predict, random_on_resume)
 """
 
 from __future__ import annotations
@@ -196,6 +196,19 @@ class MapsDataModule(BlobDataModule):
         return DataLoader(samples, batch_size=self.batch_size)
 
 
+class OtherSizeOnRankOne(BlobDataModule):
+    """Test images of the training size (8 px) at even indices and of 12 px at odd ones: the distributed sampler
+    gives rank 1 the odd ones only."""
+
+    def test_dataloader(self) -> DataLoader:
+        big = torch.nn.functional.interpolate(self.test_images, size=(12, 12), mode="bilinear")
+        samples = [
+            {"image": big[i] if i % 2 else x, "label": y, "index": torch.tensor(i)}
+            for i, (x, y) in enumerate(zip(self.test_images, self.test_labels, strict=True))
+        ]
+        return DataLoader(samples, batch_size=1)
+
+
 def conv_backbone() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(
@@ -226,6 +239,8 @@ def datamodule(setting: str) -> LightningDataModule:
         return PathsDataModule(n_train=104, n_normal=41, n_anomalous=26)  # rank 0 reads 0, 2, ..., 102: not 103
     if setting == "outliers_on_rank_zero":
         return OutliersOnRankZero()
+    if setting == "other_size_on_rank_one":
+        return OtherSizeOnRankOne(n_train=103, n_normal=5, n_anomalous=4)
     if setting == "random_on_resume":
         return RandomOnResumeDataModule(n_train=103, n_normal=41, n_anomalous=26)
     if setting.endswith("shuffled_predict"):
@@ -249,7 +264,7 @@ def main(out: str, devices: int, setting: str, mode: str, sharding: str = "repli
     )
     if setting == "maps":
         settings.update(anomaly_maps=True, map_layers=["1", "3"], map_images=4)
-    backbone = conv_backbone if setting == "maps" else linear_backbone
+    backbone = conv_backbone if setting in ("maps", "other_size_on_rank_one") else linear_backbone
     model = DN2Module(**settings, backbone=backbone())
     trainer_settings = dict(
         accelerator="cpu",

@@ -517,6 +517,11 @@ def test_group_test_set_does_not_depend_on_the_number_of_training_groups():
         ({"anomaly": "easy", "held_out_classes": ["9"]}, r"held_out_classes=\['9'\] must be a list of class indices"),
         ({"anomaly": "easy", "held_out_classes": 9}, r"held_out_classes=9 must be a list"),
         ({"seed": 2**64}, r"seed=18446744073709551616 must be an integer"),
+        (
+            {"anomaly": "easy", "held_out_classes": np.array([[9]])},
+            r"held_out_classes=array\(\[\[9\]\]\) must be a list",
+        ),
+        ({"pin_memory": "no"}, r"pin_memory='no' must be True or False"),
     ],
 )
 def test_group_bad_arguments(kwargs, match):
@@ -525,7 +530,7 @@ def test_group_bad_arguments(kwargs, match):
 
 
 def test_group_held_out_classes_take_numpy_integers_and_ranges_as_plain_ints():
-    for held_out in ([np.int64(9)], range(9, 10), (9,)):
+    for held_out in ([np.int64(9)], range(9, 10), (9,), np.array([9])):  # an array's truth value is ambiguous
         dm = GroupDataModule(dataset="digits", anomaly="easy", held_out_classes=held_out)
         assert dm.hparams.held_out_classes == [9] and type(dm.hparams.held_out_classes[0]) is int
     with pytest.raises(ValueError, match=r"seed=(np.int64\()?3\)? must be an integer .*pass int\(value\)"):

@@ -210,6 +210,18 @@ def test_ddp_edge_cases_equal_single_device(tmp_path, setting, mode, sharding, n
         torch.testing.assert_close(ddp["threshold"], single["threshold"], rtol=1e-5, atol=1e-6)
 
 
+def test_ddp_images_of_another_size_on_another_rank_than_zero_are_warned_about(tmp_path):
+    """The warning of test images of another size than the bank's was rank 0's: the 12 px images that the sampler
+    gave rank 1 only went unmentioned."""
+    out = tmp_path / "other-size.pt"
+    args = [sys.executable, str(SCRIPT), str(out), "2", "other_size_on_rank_one", "test", "replicate"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = [line for line in proc.stderr.splitlines() if "memory bank was built from" in line]
+    assert len(said) == 1 and "samples scored on rank 1 are 12x12 pixels" in said[0], said
+    assert torch.equal(torch.load(out, weights_only=True)["indices"], torch.arange(9))  # every sample scored
+
+
 @pytest.mark.parametrize("short_rank", [None, 1])
 def test_ddp_patch_bank_memory_check_counts_every_rank(tmp_path, short_rank):
     """Each rank holds the gathered patch bank: the check before assembling it counted this rank's share only (7

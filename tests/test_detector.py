@@ -105,9 +105,25 @@ def test_integers_float64_rounds_are_warned_about_and_an_offset_keeps_them_exact
     offset = train.min(axis=0)  # the fix the warning gives: exact
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        shifted = DN2Detector(k=1).fit(train - offset)
+        shifted = DN2Detector(k=1, threshold_quantile=0.5).fit(train - offset)
         assert shifted.decision_function(query - offset).tolist() == [4300.0**2]
-        DN2Detector(k=1).fit(np.array([[2**53], [-(2**53)], [0]]))  # up to 2**53 every integer is a float64
+        DN2Detector(k=1, threshold_quantile=0.5).fit(
+            np.array([[2**53], [-(2**53)], [0]])
+        )  # up to 2**53 every integer is a float64
+
+
+def test_a_quantile_of_too_few_training_rows_is_warned_about_and_flags_what_it_says():
+    rng = np.random.default_rng(0)
+    with pytest.warns(UserWarning, match=r"set from 40 scores.*about 1 to 2 in 41 normal samples, not 1%") as caught:
+        detectors = [DN2Detector(k=2).fit(rng.normal(size=(40, 4))) for _ in range(10)]
+    assert caught[0].filename == __file__  # the user's line
+    # the claim, measured: new normal rows flagged by the 0.99 quantile of 40 training scores
+    flagged = np.mean([detector.predict(rng.normal(size=(4000, 4))).mean() for detector in detectors])
+    assert 1 / 41 <= flagged <= 2 / 41 and flagged > 2 * 0.01
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DN2Detector(k=2).fit(rng.normal(size=(100, 4)))  # 100 x 0.01 = 1 row above it
+        DN2Detector(k=2, threshold_quantile=0.9).fit(rng.normal(size=(10, 4)))
 
 
 def test_predict_after_set_params_of_k_or_quantile_asks_for_a_refit():

@@ -162,6 +162,41 @@ def test_threshold_samples_draws_training_images_and_scores_them_exactly(tmp_pat
         DN2Module(threshold_samples=0, backbone=linear_backbone())
 
 
+def test_a_quantile_of_too_few_leave_one_out_scores_is_warned_about_once():
+    # 0.99 of 40 scores lies between the largest two: it flags 1 to 2 in 41 normal images, not 1%
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    dm = BlobDataModule(n_train=40)
+    with pytest.warns(UserWarning) as caught:
+        quiet_trainer().test(model, datamodule=dm)
+        quiet_trainer().test(model, datamodule=dm)
+    coarse = [str(w.message) for w in caught if "is set from 40 scores" in str(w.message)]
+    assert len(coarse) == 1, coarse  # once, not per batch or run
+    assert "fewer than 1 / (1 - 0.99) = 100" in coarse[0] and "1 to 2 in 41 normal samples, not 1%" in coarse[0]
+    assert "at most 0.975 suits 40" in coarse[0] and "use more training samples" in coarse[0]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*is set from")
+        model.set_threshold(quantile=0.975)  # 40 x 0.025 = 1 score above it
+        fixed = DN2Module(k=2, backbone=linear_backbone(), reports=False, threshold=5.0)  # no quantile: no warning
+        quiet_trainer().test(fixed, datamodule=dm)
+    # a draw of 30 of 101 training images: the fix is to draw them all
+    drawn = DN2Module(k=2, backbone=linear_backbone(), reports=False, threshold_samples=30)
+    with pytest.warns(UserWarning, match=r"set from 30 scores.*use threshold_samples=None \(every training sample\)"):
+        quiet_trainer().test(drawn, datamodule=BlobDataModule(n_train=101))
+
+
+def test_a_module_pickled_before_the_newest_warnings_still_evaluates():
+    """A module pickled by an earlier dn2-lightning (e.g. saved whole with torch.save) lacks the newest attributes."""
+    dm = BlobDataModule(n_train=40)
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    quiet_trainer().fit(model, datamodule=dm)
+    for name in ("_other_size", "_warned_few_threshold_scores"):
+        del model.__dict__[name]
+    restored = pickle.loads(pickle.dumps(model))
+    with pytest.warns(UserWarning, match="is set from 40 scores"):
+        quiet_trainer().test(restored, datamodule=dm)
+    np.testing.assert_array_equal(restored.bank.embeddings.numpy(), model.bank.embeddings.numpy())
+
+
 def test_a_checkpoint_saved_before_threshold_samples_keeps_its_scores(tmp_path):
     dm = BlobDataModule(n_train=101)
     model = DN2Module(k=2, backbone=linear_backbone(), reports=False)

@@ -21,6 +21,7 @@ from dn2_lightning.data.datasets import PIXEL_FORMAT, to_chw_uint8
 from dn2_lightning.data.sources import SPLITS, LabeledImages, known_classes, list_datasets, load_split
 from dn2_lightning.validation import (
     as_python,
+    check_bool,
     check_choice,
     check_data_root,
     check_fraction,
@@ -175,6 +176,7 @@ class GroupDataModule(LightningDataModule):
         num_workers: DataLoader worker processes.
         load_size: resize images to this square size while loading (CPU), as in :class:`OneClassDataModule`;
             not the model's ``input_size``.
+        pin_memory: pin batches when CUDA is available.
     """
 
     def __init__(
@@ -191,6 +193,7 @@ class GroupDataModule(LightningDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
         load_size: int | None = None,
+        pin_memory: bool = True,
     ) -> None:
         super().__init__()
         check_choice("dataset", dataset, list_datasets())
@@ -198,6 +201,18 @@ class GroupDataModule(LightningDataModule):
         check_positive_int("n_train_groups", n_train_groups)
         check_positive_int("n_test_groups", n_test_groups)
         check_choice("anomaly", anomaly, ANOMALY_KINDS)
+        if (
+            isinstance(held_out_classes, np.ndarray)
+            and held_out_classes.ndim == 1
+            and held_out_classes.dtype.kind in "iu"
+        ):
+            held_out_classes = held_out_classes.tolist()  # (its truth value is ambiguous to the checks below)
+        if held_out_classes is not None and (
+            not isinstance(held_out_classes, Sequence)
+            or isinstance(held_out_classes, str)
+            or any(isinstance(c, bool) or not isinstance(c, Integral) for c in held_out_classes)
+        ):
+            raise ValueError(f"held_out_classes={held_out_classes!r} must be a list of class indices, e.g. [9].")
         if anomaly == "easy" and not held_out_classes:
             raise ValueError("anomaly='easy' needs held_out_classes, e.g. held_out_classes=[9].")
         check_fraction("anomaly_ratio", anomaly_ratio, low_inclusive=False, hint="; the test set needs both kinds")
@@ -208,12 +223,6 @@ class GroupDataModule(LightningDataModule):
                 "groups: the test set needs both kinds (its AUROC is undefined otherwise); raise n_test_groups or "
                 "move anomaly_ratio towards 0.5."
             )
-        if held_out_classes is not None and (
-            not isinstance(held_out_classes, Sequence)
-            or isinstance(held_out_classes, str)
-            or any(isinstance(c, bool) or not isinstance(c, Integral) for c in held_out_classes)
-        ):
-            raise ValueError(f"held_out_classes={held_out_classes!r} must be a list of class indices, e.g. [9].")
         if held_out_classes is not None:  # plain ints (NumPy's, a range) for the hyperparameters a checkpoint keeps
             held_out_classes = [int(c) for c in held_out_classes]
         # the classes against the dataset's known ones now, not after its files are read (or downloaded)
@@ -222,6 +231,7 @@ class GroupDataModule(LightningDataModule):
         check_positive_int("batch_size", batch_size)
         check_int("num_workers", num_workers, minimum=0)
         check_load_size(load_size)
+        check_bool("pin_memory", pin_memory)
         check_data_root(root)
         self.save_hyperparameters()
         self.hparams.update(as_python(dict(self.hparams)))  # NumPy numbers as Python ones, for checkpoints
@@ -270,6 +280,7 @@ class GroupDataModule(LightningDataModule):
             batch_size=self.hparams.batch_size,
             num_workers=self.hparams.num_workers,
             shuffle=False,
+            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.hparams.num_workers > 0,
         )
 

@@ -32,6 +32,7 @@ from dn2_lightning.data.sources import SPLITS, known_classes, list_datasets, loa
 from dn2_lightning.data.synthetic import ensure_synthetic_defects
 from dn2_lightning.validation import (
     as_python,
+    check_bool,
     check_choice,
     check_contamination,
     check_data_root,
@@ -98,6 +99,7 @@ class OneClassDataModule(LightningDataModule):
         check_positive_int("batch_size", batch_size)
         check_int("num_workers", num_workers, minimum=0)
         check_load_size(load_size)
+        check_bool("pin_memory", pin_memory)
         check_data_root(root)
         check_contamination(contamination)
         check_seed("seed", seed)
