@@ -72,6 +72,11 @@ class BankCheckpointing:
         """
         refuse_unsafe_load(weights_only)
         _refuse_unknown_overrides(cls, kwargs)
+        if hparams_file is not None and not Path(hparams_file).is_file():  # Lightning warns and uses the checkpoint's
+            raise FileNotFoundError(
+                f"hparams_file={str(hparams_file)!r} is not a file: give the path of a hparams.yaml (or .csv), or "
+                "leave it out to use the checkpoint's own hyperparameters."
+            )
         if "threshold_quantile" in kwargs and "threshold" not in kwargs:
             kwargs["threshold"] = None  # a quantile asked for replaces a fixed value saved by set_threshold
         with readable_checkpoint(checkpoint_path):

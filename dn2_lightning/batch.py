@@ -171,26 +171,36 @@ def check_labels(labels: Tensor) -> None:
         )
 
 
-def check_dataset_labels(dataset: object) -> None:
+NORMAL_FOLDER_NAMES = ("good", "normal", "ok")  # an ImageFolder class of normal images, in any case
+
+
+def check_dataset_labels(dataset: object) -> bool:
     """Refuse a torchvision ``ImageFolder`` (any ``DatasetFolder``) of several classes without a
     ``target_transform``: its labels are class indices, and with two classes they pass as 0/1 anomaly labels,
-    inverted whenever the normal folder does not sort first (``{'crack': 0, 'good': 1}``)."""
+    inverted whenever the normal folder does not sort first (``{'crack': 0, 'good': 1}``).
+
+    Returns whether the labels are to be read as unknown (-1): one class folder not named as the normal one
+    (``good``, ``normal``, ``ok``), without a ``target_transform``: the folder ``ImageFolder`` needs around
+    unlabelled images, whose class index 0 would count every image as normal."""
     from torchvision.datasets import DatasetFolder
 
     while isinstance(dataset, Subset):
         dataset = dataset.dataset
     if isinstance(dataset, ConcatDataset):  # e.g. one ImageFolder per production line: each is checked
+        unknown = []
         for i, part in enumerate(dataset.datasets):
             try:
-                check_dataset_labels(part)
+                unknown.append(check_dataset_labels(part))
             except ValueError as err:
                 raise ValueError(f"part {i} of the ConcatDataset: {err}") from None
-        return
-    if not isinstance(dataset, DatasetFolder) or dataset.target_transform is not None or len(dataset.classes) < 2:
-        return
-    normal = next((c for c in dataset.classes if c.lower() in ("good", "normal", "ok")), None)
+        return all(unknown)
+    if not isinstance(dataset, DatasetFolder) or dataset.target_transform is not None:
+        return False
+    if len(dataset.classes) == 1:
+        return dataset.classes[0].lower() not in NORMAL_FOLDER_NAMES
+    normal = next((c for c in dataset.classes if c.lower() in NORMAL_FOLDER_NAMES), None)
     if normal is not None and all(i == int(c != normal) for c, i in dataset.class_to_idx.items()):
-        return  # the indices already are the labels ({'good': 0, 'scratch': 1}, or a find_classes that maps them)
+        return False  # the indices already are the labels ({'good': 0, 'scratch': 1}, or a find_classes that maps them)
     normal = normal or dataset.classes[0]
     raise ValueError(
         f"the dataset is a {type(dataset).__name__} whose labels are class indices {dataset.class_to_idx}, not "

@@ -277,6 +277,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         self._restored_from: tuple[Any, Any] | None = None  # (epoch, global_step) of the checkpoint restored, if any
         self._searches_made = 0  # searches of the bank so far (a sharded one's are collectives)
         self._other_size: tuple[int, int] | None = None  # this evaluation's first size other than the training one
+        self._unlabelled_folder = False  # this evaluation reads a one-folder ImageFolder: its labels are unknown
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -287,6 +288,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         super().__setstate__(state)
         self.__dict__.setdefault("_embedding_bank_rows", False)
         self.__dict__.setdefault("_other_size", None)
+        self.__dict__.setdefault("_unlabelled_folder", False)
         self.__dict__.setdefault("_warned_few_threshold_scores", None)
         # a module pickled by an earlier dn2-lightning has no state-dict hooks: the fixed threshold travels all the same
         if record_fixed_threshold not in self._state_dict_hooks.values():
@@ -619,7 +621,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         _refuse_second_dataloader(dataloader_idx, "validate")
         if not self.trainer.sanity_checking and self._evaluates_batch():  # the sanity check runs before the bank
             with self._holding_errors("evaluation", joins_search=True):
-                self._score_into(self.val_collector, unpack_batch(self._stage_batch(batch), batch_idx), batch_idx)
+                self._score_into(self.val_collector, self._evaluation_batch(batch, batch_idx)[1], batch_idx)
 
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:
@@ -634,8 +636,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         if not self._evaluates_batch():
             return
         with self._holding_errors("evaluation", joins_search=True):
-            batch = self._stage_batch(batch)
-            parsed = unpack_batch(batch, batch_idx)
+            batch, parsed = self._evaluation_batch(batch, batch_idx)
             if self.maps is None:
                 self._score_into(self.test_collector, parsed, batch_idx)
                 return
@@ -709,7 +710,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         return out
 
     def _predict_batch(self, batch: Any, batch_idx: int) -> dict[str, Any]:
-        parsed = unpack_batch(self._stage_batch(batch), batch_idx)
+        parsed = self._evaluation_batch(batch, batch_idx)[1]
         indices = self._indices_of(parsed, batch_idx)
         if self.maps is None:
             scores, knn = self.score(parsed, batch_idx)
@@ -1004,7 +1005,12 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         loader = self._current_loader()
         refuse_ranks_drawing_their_own_samples(loader)
         refuse_ranks_reading_other_data(loader)
-        check_dataset_labels(getattr(loader, "dataset", None))
+        self._unlabelled_folder = check_dataset_labels(getattr(loader, "dataset", None))
+        if self._unlabelled_folder:
+            info(
+                "DN2: the dataset is an ImageFolder of one class folder, without a target_transform: its images are "
+                "read as unlabelled (label -1), not as normal. Name that folder 'good' to label them normal."
+            )
         warn_if_drop_last(loader, "samples are not scored (the metrics cover the others)")
         self._eval_stream = Reading()
         self._paths = {}
@@ -1019,6 +1025,14 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         if self._has_bank and not self.trainer.sanity_checking:
             self._loo_scores()
         self._warn_if_fixed_threshold_meets_another_k()  # e.g. hparams.k changed after set_threshold(value=...)
+
+    def _evaluation_batch(self, batch: Any, batch_idx: int) -> tuple[Any, Batch]:
+        """The evaluation batch on the device, and parsed (labels unknown for a one-folder ImageFolder)."""
+        staged = self._stage_batch(batch)
+        parsed = unpack_batch(staged, batch_idx)
+        if self._unlabelled_folder:
+            parsed = parsed._replace(labels=torch.full_like(parsed.labels, -1))
+        return staged, parsed
 
     def _remember_paths(self, indices: Tensor, paths: list[str] | None) -> None:
         if paths is not None:

@@ -41,6 +41,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Sequence
+from numbers import Integral
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -565,6 +566,9 @@ def _image_reader(dataset: Any, loader: Any = None) -> Callable[[int], Tensor] |
     if isinstance(dataset, IterableDataset) or sized_len(dataset) in (None, 0) or not hasattr(dataset, "__getitem__"):
         return None  # (an iterable has no positions to read samples back from)
     first = dataset[0]
+    sources = [dataset]
+    while isinstance(sources[-1], Subset):
+        sources.append(sources[-1].dataset)
     if isinstance(first, tuple | list) and first and isinstance(first[0], Tensor) and first[0].ndim == 3:
         # (image, label) tuples, as torchvision's datasets give, numbered by their position when read in order; or
         # (image, label, index) tuples, which carry it
@@ -573,43 +577,63 @@ def _image_reader(dataset: Any, loader: Any = None) -> Callable[[int], Tensor] |
             return None
 
         def tuple_image(index: int) -> Tensor:
-            sample = dataset[index]
-            if carried and int(sample[2]) != index:
-                raise LookupError(f"the sample of the {type(dataset).__name__} at position {index} carries {sample[2]}")
-            return sample[0]
+            return _carrying(sources, index, carried)[0]
 
         return tuple_image
     if not isinstance(first, dict) or not isinstance(first.get("image"), Tensor) or first["image"].ndim != 3:
         return None
     if "index" not in first and loader is not None and not reads_in_order(loader):
         return None  # numbered as read (warn_if_out_of_order said so): no position to read them back from
-    sources = [dataset]
-    while isinstance(sources[-1], Subset):
-        sources.append(sources[-1].dataset)
 
     def image_of(index: int) -> Tensor:
-        for source in sources:
-            if 0 <= index < len(source):
-                sample = source[index]
-                if isinstance(sample, dict) and int(sample.get("index", index)) == index:
-                    return sample["image"]
-        raise LookupError(f"no sample of the {type(dataset).__name__} at position {index} carries index {index}")
+        return _carrying(sources, index, carried="index" in first)["image"]
 
     return image_of
 
 
+def _carrying(sources: list[Any], index: int, carried: bool) -> Any:
+    """The sample numbered ``index``: at that position of the first of ``sources`` (a dataset, then the datasets
+    its ``Subset`` wraps) whose sample there carries it, or (``carried`` false) at that position of the first."""
+    for source in sources if carried else sources[:1]:
+        if 0 <= index < len(source):
+            sample = source[index]
+            if not carried or _carried_index(sample) == index:
+                return sample
+    raise LookupError(f"no sample of the {type(sources[0]).__name__} at position {index} carries index {index}")
+
+
 def _folder_files(dataset: Any, loader: Any = None) -> list[str] | None:
-    """The file of each position of a torchvision ``DatasetFolder`` (``ImageFolder``), or of a ``Subset`` of one,
-    read in order (its samples are numbered by position); else ``None``."""
+    """The file of each row's index for a torchvision ``DatasetFolder`` (``ImageFolder``), or a ``Subset`` of one:
+    by position for samples read in order; for samples that carry their own index (``(image, label, index)`` or a
+    dict's ``"index"``), by whichever that index counts, this dataset's positions or (under a ``Subset``) the
+    folder's, told by its first and last samples. Else ``None``."""
     from torchvision.datasets import DatasetFolder
 
-    if loader is not None and not reads_in_order(loader):
+    positions, base = list(range(sized_len(dataset) or 0)), dataset
+    while isinstance(base, Subset):  # each position's position in the dataset the Subset wraps, down to the folder
+        positions, base = [int(base.indices[p]) for p in positions], base.dataset
+    if not positions or not isinstance(base, DatasetFolder) or len(base.samples) != len(base):
         return None
-    if isinstance(dataset, Subset):
-        files = _folder_files(dataset.dataset)
-        return None if files is None else [files[i] for i in dataset.indices]
-    if isinstance(dataset, DatasetFolder) and len(dataset.samples) == len(dataset):
-        return [str(path) for path, _ in dataset.samples]
+    files = [str(path) for path, _ in base.samples]
+    by_position = [files[p] for p in positions]
+    ends = sorted({0, len(positions) - 1})
+    carried = [_carried_index(dataset[p]) for p in ends]
+    if carried[0] is None:  # numbered by their position as read
+        return by_position if loader is None or reads_in_order(loader) else None
+    if carried == ends:
+        return by_position
+    if carried == [positions[p] for p in ends]:
+        return files
+    return None  # an index of something else: no file is named rather than another sample's
+
+
+def _carried_index(sample: Any) -> int | None:
+    """The index a sample carries: the third item of a tuple, or a dict's ``"index"``; ``None`` without one."""
+    value = sample[2] if isinstance(sample, tuple | list) and len(sample) >= 3 else None
+    if isinstance(sample, dict):
+        value = sample.get("index")
+    if isinstance(value, Tensor) and value.numel() == 1 or isinstance(value, Integral):
+        return int(value)
     return None
 
 

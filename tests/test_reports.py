@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import BlobDataModule, linear_backbone, quiet_trainer
+from helpers import BlobDataModule, dn2_messages, linear_backbone, quiet_trainer
 from PIL import Image
 from test_data import make_folder
 from torch.utils.data import DataLoader, TensorDataset
@@ -534,6 +534,62 @@ def test_a_plain_imagefolder_loader_gets_file_paths_and_top_anomalies(tmp_path):
     assert "top_anomalies" not in json.loads((latest / "summary.json").read_text())["files"]
 
 
+def test_a_subset_of_an_image_folder_carrying_its_own_index_names_the_file_scored(tmp_path):
+    """An ImageFolder subclass returning (image, label, index) under a Subset: rows are keyed by the index carried
+    (the folder's position), but the path column was listed by the Subset's position: every row of
+    Subset(ds, [6, 7, 0, ...]) named another file than the one scored, and random_split(ds, [0.5, 0.5]) ended in an
+    IndexError after every sample was scored (a review of the predict path)."""
+    import functools
+
+    from torch.utils.data import Subset, random_split
+    from torchvision.datasets import ImageFolder
+
+    from dn2_lightning.data import AnomalyLabel, load_image
+
+    class IndexedImageFolder(ImageFolder):
+        def __getitem__(self, i: int) -> tuple:
+            return (*super().__getitem__(i), i)
+
+    root = make_folder(tmp_path / "images", corrupt=False)
+    load = functools.partial(load_image, size=8)
+    folder = IndexedImageFolder(str(root / "test"), loader=load)
+    folder.target_transform = AnomalyLabel(folder.class_to_idx["good"])
+    files = [path for path, _ in folder.samples]
+    model = DN2Module(k=2, backbone=linear_backbone())
+    trainer = quiet_trainer(default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=OneClassDataModule("folder", root=str(root), load_size=8))
+    direct = model.score_images(files)  # each file's own score, read from its path
+
+    generator = torch.Generator().manual_seed(0)
+    for dataset in (Subset(folder, [3, 4, 0, 1, 2]), random_split(folder, [0.6, 0.4], generator=generator)[1]):
+        trainer.predict(model, DataLoader(dataset, batch_size=2))
+        rows = read_report(sorted((tmp_path / "dn2_reports").glob("predict_*"))[-1] / "predictions.csv")
+        assert len(rows) == len(dataset)
+        for row in rows:  # the file named is the file whose score the row holds
+            assert row["path"] == files[int(row["index"])]
+            assert float(row["score"]) == pytest.approx(float(direct.scores[int(row["index"])]), rel=1e-5)
+    latest = sorted((tmp_path / "dn2_reports").glob("predict_*"))[-1]
+    assert "top_anomalies" in json.loads((latest / "summary.json").read_text())["files"]
+
+
+def test_predicting_a_flat_folder_that_holds_the_runs_reports_does_not_score_their_figures(tmp_path):
+    """`cd my_images && dn2 predict --data.root=.`: the run's reports land under the folder being predicted on, and
+    the second run scored the first one's figures as images (15 rows for 13 images, a review of the predict path)."""
+    root = make_folder(tmp_path / "images", corrupt=False)
+    for file in (root / "test").rglob("*.png"):  # a flat folder to score: images beside train/, no test/
+        file.rename(root / f"{file.parent.name}_{file.name}")
+    for folder in ("test/good", "test/scratch", "test"):
+        (root / folder).rmdir()
+    model = DN2Module(k=2, backbone=linear_backbone())
+    for run in range(2):
+        dm = OneClassDataModule("folder", root=str(root), load_size=8)
+        with dn2_messages() as said:
+            quiet_trainer(default_root_dir=root).predict(model, datamodule=dm)
+        assert len(model.predict_scores) == 5, run
+        assert (f"{root / 'dn2_reports'} holds this library's reports" in "\n".join(said)) == (run == 1)
+    assert len(list((root / "dn2_reports").rglob("*.png"))) >= 2  # the figures the second run did not score
+
+
 def test_tuples_that_carry_their_index_are_drawn_by_it_or_not_at_all(tmp_path):
     """(image, label, index) tuples are numbered by the index they carry: read back by position, the figure drew
     other samples' images under the scores (an own-diff review of the tuple reader)."""
@@ -547,7 +603,8 @@ def test_tuples_that_carry_their_index_are_drawn_by_it_or_not_at_all(tmp_path):
     trainer.test(model, DataLoader(TensorDataset(images, labels, torch.arange(10)), batch_size=4))
     image_of = _image_reader(*_dataset_of(trainer, "test"))
     assert all(torch.equal(image_of(i), images[i]) for i in range(10))
-    with pytest.warns(UserWarning, match=r"top anomalies are not drawn \(LookupError: the sample of the TensorDataset"):
+    drawn_by_position = r"not drawn \(LookupError: no sample of the TensorDataset at position \d+ carries"
+    with pytest.warns(UserWarning, match=drawn_by_position):
         trainer.test(model, DataLoader(TensorDataset(images, labels, torch.arange(10).flip(0)), batch_size=4))
     latest = sorted((tmp_path / "dn2_reports").glob("test_*"))[-1]
     assert "top_anomalies" not in json.loads((latest / "summary.json").read_text())["files"]

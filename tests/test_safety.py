@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import http.server
+import json
 import math
 import pickle
 import re
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import BlobDataModule, DictDataset, linear_backbone, quiet_trainer
+from helpers import BlobDataModule, DictDataset, dn2_messages, linear_backbone, quiet_trainer
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
@@ -161,6 +162,28 @@ def test_two_class_image_folder_labels_are_refused_not_read_inverted(tmp_path):
         dataset.transform = tvf.pil_to_tensor
         quiet_trainer().test(model, dataloaders=DataLoader(dataset, batch_size=4))
         assert model.test_scores.labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_a_one_folder_image_folder_is_unlabelled_unless_the_folder_is_named_normal(tmp_path):
+    """ImageFolder needs a class folder around unlabelled images: its class index 0 passed as label 0, so predict's
+    report counted every flag among normal images (2 of 7 normal flagged, both anomalies; a review)."""
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import functional as tvf
+
+    _image_folder(tmp_path / "train", {"good": [0.2, 0.25, 0.3, 0.35, 0.4]})
+    _image_folder(tmp_path / "new", {"images": [0.3, 0.9, 0.33]})
+    train = DataLoader(ImageFolder(tmp_path / "train", transform=tvf.pil_to_tensor), batch_size=4)
+    model = DN2Module(k=2, backbone=linear_backbone(), threshold=1.0)
+    trainer = quiet_trainer(default_root_dir=tmp_path)
+    trainer.fit(model, train_dataloaders=train)
+    with dn2_messages() as said:
+        trainer.predict(model, DataLoader(ImageFolder(tmp_path / "new", transform=tvf.pil_to_tensor)))
+    assert model.predict_scores.labels.tolist() == [-1, -1, -1] and "read as unlabelled (label -1)" in "\n".join(said)
+    summary = json.loads(sorted((tmp_path / "dn2_reports").glob("predict_*"))[-1].joinpath("summary.json").read_text())
+    assert summary.get("n_flagged_normal") is None and summary["n_flagged"] == 1
+    (tmp_path / "new" / "images").rename(tmp_path / "new" / "Good")  # named as the normal folder: labelled 0
+    trainer.predict(model, DataLoader(ImageFolder(tmp_path / "new", transform=tvf.pil_to_tensor)))
+    assert model.predict_scores.labels.tolist() == [0, 0, 0]
 
 
 def test_numpy_indices_in_tuple_batches_are_read():
@@ -660,6 +683,15 @@ def test_a_misspelt_load_from_checkpoint_override_is_refused_naming_the_setting(
         tmp_path / "bank.ckpt", map_location="cpu", backbone=linear_backbone(), threshold_quantile=0.5, k=3
     )
     assert (loaded.hparams.threshold_quantile, loaded.hparams.k) == (0.5, 3)
+
+    # a misspelt hparams_file: Lightning warned "Missing Tags" and used the checkpoint's settings
+    with pytest.raises(FileNotFoundError, match=r"hparams_file='.*hparam\.yaml' is not a file: give the path of"):
+        DN2Module.load_from_checkpoint(tmp_path / "bank.ckpt", hparams_file=tmp_path / "hparam.yaml")
+    (tmp_path / "hparams.yaml").write_text("k: 5\n")
+    from_file = DN2Module.load_from_checkpoint(
+        tmp_path / "bank.ckpt", hparams_file=tmp_path / "hparams.yaml", backbone=linear_backbone()
+    )
+    assert from_file.hparams.k == 5
 
     class Sub(DN2Module):  # a subclass taking **kwargs: Lightning passes every keyword on, and so do we
         def __init__(self, extra: int = 1, **kwargs) -> None:

@@ -21,8 +21,10 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from dn2_lightning.console import info
 from dn2_lightning.data import images
 from dn2_lightning.data.images import image_problem, load_image, resize_square
+from dn2_lightning.reports import REPORTS_DIR
 from dn2_lightning.validation import check_choice, check_load_size, check_positive_int
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -143,8 +145,8 @@ def is_hidden(name: str) -> bool:
 
 def list_image_files(folder: str | Path) -> list[Path]:
     """Image files under ``folder``, sorted for a deterministic order: recursive, following folder links (each
-    folder once), hidden names left out (:func:`is_hidden`). Files Pillow reads under other extensions, and links to
-    nothing, are not read: a warning names them."""
+    folder once), hidden names (:func:`is_hidden`) and ``dn2_reports`` folders (the reports' figures) left out.
+    Files Pillow reads under other extensions, and links to nothing, are not read: a warning names them."""
     files, unread, broken, seen, pillow = [], [], [], set(), _pillow_extensions()
     for top, folders, names in os.walk(folder, followlinks=True):
         real = os.path.realpath(top)
@@ -155,7 +157,10 @@ def list_image_files(folder: str | Path) -> list[Path]:
         # in a fixed order (os.walk's is the filesystem's), real folders before links within a folder: a folder
         # reached more than one way is listed under the same path on every machine, so a copy gets the same
         # fingerprint
-        shown = (name for name in folders if not is_hidden(name))
+        outputs = [name for name in folders if name == REPORTS_DIR]
+        for name in outputs:  # e.g. a predict root that is also the run's default_root_dir: last run's figures
+            info(f"DN2: {Path(top) / name} holds this library's reports: its images are not read as data.")
+        shown = (name for name in folders if not is_hidden(name) and name != REPORTS_DIR)
         folders[:] = sorted(shown, key=lambda name: (os.path.islink(os.path.join(top, name)), name))
         for name in names:
             path = Path(top) / name
