@@ -9,6 +9,7 @@ import inspect
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
@@ -72,7 +73,7 @@ class BankCheckpointing:
         """
         refuse_unsafe_load(weights_only)
         _refuse_unknown_overrides(cls, kwargs)
-        if hparams_file is not None and not Path(hparams_file).is_file():  # Lightning warns and uses the checkpoint's
+        if hparams_file is not None and not _is_file(hparams_file):  # Lightning warns and uses the checkpoint's
             raise FileNotFoundError(
                 f"hparams_file={str(hparams_file)!r} is not a file: give the path of a hparams.yaml (or .csv), or "
                 "leave it out to use the checkpoint's own hyperparameters."
@@ -192,3 +193,9 @@ def _refuse_unknown_overrides(cls: type, overrides: dict[str, Any]) -> None:
             f"load_from_checkpoint got keyword argument(s) that are no {cls.__name__} setting: {hints}. The "
             f"settings it takes: {', '.join(known)}."
         )
+
+
+def _is_file(path: str | Path) -> bool:
+    """Whether ``path`` (local, or an fsspec URL, as Lightning reads ``hparams_file``) is a file."""
+    filesystem = get_filesystem(path)
+    return bool(filesystem.isfile(str(path)))

@@ -193,11 +193,20 @@ def check_dataset_labels(dataset: object) -> bool:
                 unknown.append(check_dataset_labels(part))
             except ValueError as err:
                 raise ValueError(f"part {i} of the ConcatDataset: {err}") from None
+        if any(unknown) and not all(unknown):  # e.g. ImageFolder("good") + ImageFolder("crack"): both index 0
+            part = unknown.index(True)
+            raise ValueError(
+                f"part {part} of the ConcatDataset is an ImageFolder of one class folder, "
+                f"{dataset.datasets[part].classes[0]!r}, whose images would all be labelled 0 (normal) beside labelled "
+                "parts. Give each part a target_transform, e.g. target_transform=dn2_lightning.data.AnomalyLabel(1) "
+                "labels every image of a part anomalous (any class other than index 1 is)."
+            )
         return all(unknown)
     if not isinstance(dataset, DatasetFolder) or dataset.target_transform is not None:
         return False
-    if len(dataset.classes) == 1:
-        return dataset.classes[0].lower() not in NORMAL_FOLDER_NAMES
+    if len(dataset.classes) == 1:  # (a find_classes mapping it to 1 labels it anomalous, as it says)
+        name = dataset.classes[0]
+        return dataset.class_to_idx.get(name) == 0 and name.lower() not in NORMAL_FOLDER_NAMES
     normal = next((c for c in dataset.classes if c.lower() in NORMAL_FOLDER_NAMES), None)
     if normal is not None and all(i == int(c != normal) for c, i in dataset.class_to_idx.items()):
         return False  # the indices already are the labels ({'good': 0, 'scratch': 1}, or a find_classes that maps them)

@@ -315,6 +315,15 @@ class DN2CLI(LightningCLI):
                 taken.append(f"{name}={saved[name]!r}")
         if taken:
             info(f"DN2: from the checkpoint (this run leaves them out): {', '.join(taken)}")
+        # and what the run's config files (e.g. a shipped config's k: 2) or flags set in place of the checkpoint's
+        replaced = [
+            f"{name}={model[name]!r} (the checkpoint's: {saved[name]!r})"
+            for name in defaults
+            if name not in RUN_HPARAMS and name not in left_at_default and name in model and name in saved
+            and isinstance(model[name], bool | int | float | str | type(None)) and model[name] != saved[name]
+        ]  # fmt: skip
+        if replaced:
+            info(f"DN2: this run's config files or flags replace the checkpoint's {', '.join(replaced)}")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})

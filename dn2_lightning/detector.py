@@ -97,8 +97,12 @@ class DN2Detector(BaseEstimator):
 
     def fit(self, X: ArrayLike, y: Any = None) -> DN2Detector:  # noqa: N803 (scikit-learn's names)
         """Keep ``X`` ``[N, D]`` (cleaned if asked) as the bank and set ``threshold_``. ``y`` is ignored."""
+        return self._fit(X)
+
+    def _fit(self, X: ArrayLike, stacklevel: int = 3) -> DN2Detector:  # noqa: N803
+        """``fit``; ``stacklevel``: the user's call's frame, counted from here, for warnings."""
         self._check_params()
-        x = _as_matrix(X, "X")
+        x = _as_matrix(X, "X", stacklevel=stacklevel + 1)
         n = x.shape[0]
         if n <= self.k:
             raise ValueError(f"X has {n} rows; DN2 with k={self.k} needs more than k rows to fit and set a threshold.")
@@ -125,7 +129,7 @@ class DN2Detector(BaseEstimator):
         self.threshold_ = quantile_threshold(scores, self.threshold_quantile)
         note = coarse_quantile_note(n, self.threshold_quantile)
         if note is not None:  # the scores are X's rows'
-            warnings.warn(f"{note} Fit more rows or lower threshold_quantile.", stacklevel=2)
+            warnings.warn(f"{note} Fit more rows.", stacklevel=stacklevel)
         self._threshold_set_at = {"k": self.k, "threshold_quantile": self.threshold_quantile}
         # NumPy for NumPy input, as PyOD's (and this class's methods') results
         self.kept_ = _like_input(kept, X)
@@ -135,7 +139,7 @@ class DN2Detector(BaseEstimator):
 
     def fit_predict(self, X: ArrayLike, y: Any = None) -> np.ndarray | Tensor:  # noqa: N803
         """``fit(X)``, then the training rows' 0/1 labels (:attr:`labels_`), as PyOD's ``fit_predict``."""
-        self.fit(X)
+        self._fit(X)
         return self.labels_
 
     def decision_function(self, X: ArrayLike) -> np.ndarray | Tensor:  # noqa: N803

@@ -278,6 +278,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         self._searches_made = 0  # searches of the bank so far (a sharded one's are collectives)
         self._other_size: tuple[int, int] | None = None  # this evaluation's first size other than the training one
         self._unlabelled_folder = False  # this evaluation reads a one-folder ImageFolder: its labels are unknown
+        self._said_unlabelled: int | None = None  # id() of the last such dataset said so
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -289,6 +290,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         self.__dict__.setdefault("_embedding_bank_rows", False)
         self.__dict__.setdefault("_other_size", None)
         self.__dict__.setdefault("_unlabelled_folder", False)
+        self.__dict__.setdefault("_said_unlabelled", None)
         self.__dict__.setdefault("_warned_few_threshold_scores", None)
         # a module pickled by an earlier dn2-lightning has no state-dict hooks: the fixed threshold travels all the same
         if record_fixed_threshold not in self._state_dict_hooks.values():
@@ -1005,8 +1007,10 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         loader = self._current_loader()
         refuse_ranks_drawing_their_own_samples(loader)
         refuse_ranks_reading_other_data(loader)
-        self._unlabelled_folder = check_dataset_labels(getattr(loader, "dataset", None))
-        if self._unlabelled_folder:
+        dataset = getattr(loader, "dataset", None)
+        self._unlabelled_folder = check_dataset_labels(dataset)
+        if self._unlabelled_folder and self._said_unlabelled != id(dataset):  # once, not at every validation
+            self._said_unlabelled = id(dataset)
             info(
                 "DN2: the dataset is an ImageFolder of one class folder, without a target_transform: its images are "
                 "read as unlabelled (label -1), not as normal. Name that folder 'good' to label them normal."
@@ -1068,7 +1072,8 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
             )
         else:
             auroc.update(to_unit_interval(result.scores), labels)
-            self.log(f"{stage}/auroc", auroc.compute(), sync_dist=True)
+            # (float32 sums of exact rank areas can land above 1: 1.0000001 for 10 normal below 12 anomalous)
+            self.log(f"{stage}/auroc", auroc.compute().clamp(0.0, 1.0), sync_dist=True)
             auroc.reset()
         bank = self._bank_builder.size()  # a collective when sharded: every rank gets here
         threshold = self._say_threshold()

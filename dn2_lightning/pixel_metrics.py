@@ -156,7 +156,7 @@ def pixel_auroc(maps: Tensor, masks: Tensor, thresholds: int = DEFAULT_THRESHOLD
     metric = BinaryAUROC(thresholds=thresholds_inf, sync_on_compute=False).to(maps.device)
     metric.update(maps.new_empty(0), target.new_empty(0).long())  # marks the state as updated; adds nothing
     metric.confmat += binned_confmat(preds, target, metric.thresholds)
-    return float(metric.compute())
+    return float(metric.compute().clamp(0.0, 1.0))  # (float32 rounding can land above 1)
 
 
 def binned_confmat(preds: Tensor, target: Tensor, thresholds: Tensor) -> Tensor:

@@ -395,8 +395,9 @@ class EvaluationReport(Callback):
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # a run that stopped before writing (e.g. a bank refused at the epoch's start) leaves no empty folder
         if writes_files(trainer) and self.run_dir is not None and self.run_dir.is_dir():
-            with contextlib.suppress(OSError):
-                self.run_dir.rmdir()  # only when empty: a run that wrote some files keeps them
+            for folder in (self.run_dir, self.run_dir.parent):  # and dn2_reports/ if this run had made it
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only when empty: a run that wrote some files keeps them
         self.run_dir = None
 
     def list_file(self, name: str, path: str | Path) -> None:
@@ -620,10 +621,10 @@ def _folder_files(dataset: Any, loader: Any = None) -> list[str] | None:
     carried = [_carried_index(dataset[p]) for p in ends]
     if carried[0] is None:  # numbered by their position as read
         return by_position if loader is None or reads_in_order(loader) else None
+    if carried == [positions[p] for p in ends]:  # the folder's positions: what an ImageFolder subclass carries
+        return files
     if carried == ends:
         return by_position
-    if carried == [positions[p] for p in ends]:
-        return files
     return None  # an index of something else: no file is named rather than another sample's
 
 

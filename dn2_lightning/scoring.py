@@ -176,23 +176,39 @@ def quantile_threshold(loo_scores: Tensor, quantile: float) -> float:
     return float(torch.quantile(loo_scores.detach().cpu().double(), quantile))  # (no float64 on MPS)
 
 
-def coarse_quantile_note(n: int, quantile: float) -> str | None:
-    """What is wrong with a ``quantile`` threshold of ``n`` scores, or ``None``: a quantile q of fewer than
-    1 / (1 - q) scores lies between the largest two, and flags about 1 to 2 in n + 1 normal samples, not 1 - q
-    (0.99 of 40 scores: 2.4-4.9%, not 1%).
+def expected_flagged_share(n: int, quantile: float) -> float:
+    """The expected share of new samples above the ``quantile`` of ``n`` scores (linearly interpolated, as
+    :func:`quantile_threshold`), for new samples exchangeable with the scored ones: ``(n (1 - q) + q) / (n + 1)``,
+    about ``1 - q`` only for ``n`` large against ``1 / (1 - q)``.
 
-    >>> coarse_quantile_note(200, 0.99) is None
-    True
+    >>> round(expected_flagged_share(40, 0.99), 4), round(expected_flagged_share(20_000, 0.99), 4)
+    (0.0339, 0.01)
     """
-    if n == 0 or quantile == 1.0 or n * (1.0 - quantile) >= 1.0 - 1e-9:  # (10 x (1 - 0.9) is 0.99...98)
+    return (n * (1.0 - quantile) + quantile) / (n + 1)
+
+
+def coarse_quantile_note(n: int, quantile: float) -> str | None:
+    """What is wrong with a ``quantile`` threshold of ``n`` scores, or ``None``: too few scores for it to flag about
+    ``1 - q`` of normal samples (:func:`expected_flagged_share` off by over half of ``min(q, 1 - q)``), with the
+    number of scores ``q`` needs.
+
+    >>> coarse_quantile_note(200, 0.99) is None, coarse_quantile_note(100, 0.5) is None
+    (True, True)
+    """
+    target = 1.0 - quantile
+    if n == 0 or quantile == 1.0:  # (1.0: the largest score, asked for)
         return None
     if n == 1:
         return f"threshold_quantile={quantile:g} is set from a single score: the threshold is that score."
+    share = expected_flagged_share(n, quantile)
+    if abs(share - target) <= 0.5 * min(target, quantile):
+        return None
+    needed = math.ceil(2 * abs(2 * quantile - 1) / min(target, quantile) - 1)  # where |share - target| is half
     return (
-        f"threshold_quantile={quantile:g} is set from {n} scores, fewer than 1 / (1 - {quantile:g}) = "
-        f"{1.0 / (1.0 - quantile):.4g}: it lies between the largest two, and flags about 1 to 2 in {n + 1} normal "
-        f"samples, not {100 * (1.0 - quantile):.3g}%. A threshold_quantile of at most {1.0 - 1.0 / n:.3g} suits {n} "
-        "scores."
+        f"threshold_quantile={quantile:g} is set from {n} scores, too few for it to flag about {100 * target:.3g}% of "
+        f"normal samples: of {n} exchangeable scores, the expected share above their {quantile:g} quantile is "
+        f"(n (1 - q) + q) / (n + 1) = {100 * share:.3g}%, and {quantile:g} needs about {needed:,} scores to come "
+        f"within half of {100 * target:.3g}%."
     )
 
 

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from dn2_lightning.bank import THRESHOLD_RECORD
 from dn2_lightning.console import info
-from dn2_lightning.scoring import coarse_quantile_note, normalized_scores, quantile_threshold
+from dn2_lightning.scoring import coarse_quantile_note, expected_flagged_share, normalized_scores, quantile_threshold
 from dn2_lightning.validation import check_threshold
 
 if TYPE_CHECKING:
@@ -88,9 +88,10 @@ class DecisionThreshold:
                 "included: for a fraction c of contaminants, threshold_quantile = (1 - c) x 0.99 flags about 1% of "
                 f"normal {sample}s)"
             )
+        share = expected_flagged_share(len(self.bank.loo_scores), q)  # 1 - q only for many scores
         return (
             f"threshold {threshold:.6g} (quantile {q:g} of the training {sample}s' leave-one-out scores{drawn}: "
-            f"about {100 * (1 - q):.3g}% of normal {sample}s are flagged)"
+            f"about {100 * share:.3g}% of normal {sample}s are flagged)"
         )
 
     def _say_threshold(self) -> str:
@@ -121,8 +122,7 @@ class DecisionThreshold:
         self._warned_few_threshold_scores = (n, q)  # once per count and quantile, not per batch
         more = "threshold_samples=None (every training sample)" if self.bank.loo_drawn else "more training samples"
         rank_zero_warn(
-            f"{note} The scores are the training samples' leave-one-out ones: use {more}, a lower "
-            "threshold_quantile, or set_threshold(value=...)."
+            f"{note} Use {more}, or set a threshold read off normal images' scores (set_threshold(value=...))."
         )
 
     def _threshold_k(self) -> int:

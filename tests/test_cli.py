@@ -520,8 +520,11 @@ def test_ckpt_path_takes_the_model_settings_a_run_leaves_out_from_the_checkpoint
     assert list(tmp_path.glob("**/dn2_reports/predict_*/summary.json"))
     assert float(predict.model.threshold) == pytest.approx(float(loaded.threshold), rel=1e-6)
     assert float(loaded.threshold) != pytest.approx(float(DN2Module.load_from_checkpoint(ckpt, k=2).threshold))
+    caplog.clear()
     given = build_cli(["predict", *common, f"--ckpt_path={ckpt}", "--model.k=2"])  # given, even the default: kept
     assert given.model.hparams.k == 2
+    # and said: a shipped config's k: 2 replaced the fit's k=5 without a word (a README walk)
+    assert "this run's config files or flags replace the checkpoint's k=2 (the checkpoint's: 5)" in caplog.text
     expected = DN2Module.load_from_checkpoint(ckpt, k=2).threshold
     assert float(given.model.threshold) == pytest.approx(float(expected), rel=1e-6)
 

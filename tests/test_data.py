@@ -444,6 +444,12 @@ def test_folder_normal_dir_must_exist(tmp_path):
     dm = OneClassDataModule(dataset="folder", root=str(make_folder(tmp_path, corrupt=False)), normal_dir="ok")
     with pytest.raises(ValueError, match=r"normal_dir='ok' is not a subfolder.*\['good', 'scratch'\]"):
         dm.setup()
+    # the fixes it names (a test/ of defects only stopped fit, test and predict with no way out; a README walk)
+    with pytest.raises(ValueError, match=r"Name the folder of normal .*--data.normal_dir.*add ok/ there.*move test/ "):
+        dm.setup()
+    unlabelled = OneClassDataModule(dataset="folder", root=str(tmp_path / "test"), load_size=8)
+    unlabelled.setup()
+    assert len(unlabelled.predict_dataset) == 5 and set(unlabelled.predict_dataset.labels.tolist()) == {-1}
 
 
 def test_group_datamodule_hard_anomalies_are_made_of_normal_classes():

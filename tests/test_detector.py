@@ -113,17 +113,23 @@ def test_integers_float64_rounds_are_warned_about_and_an_offset_keeps_them_exact
 
 
 def test_a_quantile_of_too_few_training_rows_is_warned_about_and_flags_what_it_says():
+    from dn2_lightning.scoring import expected_flagged_share
+
     rng = np.random.default_rng(0)
-    with pytest.warns(UserWarning, match=r"set from 40 scores.*about 1 to 2 in 41 normal samples, not 1%") as caught:
+    with pytest.warns(UserWarning, match=r"set from 40 scores, too few for it to flag about 1% .* = 3.39%") as caught:
         detectors = [DN2Detector(k=2).fit(rng.normal(size=(40, 4))) for _ in range(10)]
     assert caught[0].filename == __file__  # the user's line
+    with pytest.warns(UserWarning, match="set from 40 scores") as caught:
+        DN2Detector(k=2).fit_predict(rng.normal(size=(40, 4)))
+    assert caught[0].filename == __file__
     # the claim, measured: new normal rows flagged by the 0.99 quantile of 40 training scores
     flagged = np.mean([detector.predict(rng.normal(size=(4000, 4))).mean() for detector in detectors])
     assert 1 / 41 <= flagged <= 2 / 41 and flagged > 2 * 0.01
+    assert expected_flagged_share(40, 0.99) == pytest.approx(flagged, abs=0.01)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        DN2Detector(k=2).fit(rng.normal(size=(100, 4)))  # 100 x 0.01 = 1 row above it
-        DN2Detector(k=2, threshold_quantile=0.9).fit(rng.normal(size=(10, 4)))
+        DN2Detector(k=2).fit(rng.normal(size=(200, 4)))  # (200 x 0.01 + 0.99) / 201 = 1.5%
+        DN2Detector(k=2, threshold_quantile=0.5).fit(rng.normal(size=(10, 4)))
 
 
 def test_predict_after_set_params_of_k_or_quantile_asks_for_a_refit():

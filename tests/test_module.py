@@ -163,7 +163,7 @@ def test_threshold_samples_draws_training_images_and_scores_them_exactly(tmp_pat
 
 
 def test_a_quantile_of_too_few_leave_one_out_scores_is_warned_about_once():
-    # 0.99 of 40 scores lies between the largest two: it flags 1 to 2 in 41 normal images, not 1%
+    # the 0.99 quantile of 40 scores flags about 3.4% of normal images, not 1%
     model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
     dm = BlobDataModule(n_train=40)
     with pytest.warns(UserWarning) as caught:
@@ -171,16 +171,16 @@ def test_a_quantile_of_too_few_leave_one_out_scores_is_warned_about_once():
         quiet_trainer().test(model, datamodule=dm)
     coarse = [str(w.message) for w in caught if "is set from 40 scores" in str(w.message)]
     assert len(coarse) == 1, coarse  # once, not per batch or run
-    assert "fewer than 1 / (1 - 0.99) = 100" in coarse[0] and "1 to 2 in 41 normal samples, not 1%" in coarse[0]
-    assert "at most 0.975 suits 40" in coarse[0] and "use more training samples" in coarse[0]
+    assert "(n (1 - q) + q) / (n + 1) = 3.39%, and 0.99 needs about 195 scores" in coarse[0]
+    assert "Use more training samples" in coarse[0]
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*is set from")
-        model.set_threshold(quantile=0.975)  # 40 x 0.025 = 1 score above it
+        model.set_threshold(quantile=0.9)  # (40 x 0.1 + 0.9) / 41 = 12%: about 10%
         fixed = DN2Module(k=2, backbone=linear_backbone(), reports=False, threshold=5.0)  # no quantile: no warning
         quiet_trainer().test(fixed, datamodule=dm)
     # a draw of 30 of 101 training images: the fix is to draw them all
     drawn = DN2Module(k=2, backbone=linear_backbone(), reports=False, threshold_samples=30)
-    with pytest.warns(UserWarning, match=r"set from 30 scores.*use threshold_samples=None \(every training sample\)"):
+    with pytest.warns(UserWarning, match=r"set from 30 scores.*Use threshold_samples=None \(every training sample\)"):
         quiet_trainer().test(drawn, datamodule=BlobDataModule(n_train=101))
 
 
@@ -476,6 +476,16 @@ def test_auroc_is_the_scores_auroc_when_scores_are_far_above_one():
     expected = roc_auc_score(model.test_scores.labels.numpy(), scores.double().numpy())
     assert abs(expected - 0.5) > 0.02  # a sigmoid-saturated AUROC (every score 1.0) is 0.5
     assert results[0]["test/auroc"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_perfectly_separated_test_set_logs_an_auroc_of_one_not_above():
+    # torchmetrics' float32 sums gave 1.0000001 for 10 normal images below 12 anomalous ones (a README walk)
+    dm = BlobDataModule(n_normal=10, n_anomalous=12)
+    dm.test_images[10:] = dm.test_images[10:] * 0.3 + 0.7  # far from every training image (in [0, 0.6])
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    results = quiet_trainer().test(model, datamodule=dm)
+    assert float(model.test_scores.scores[:10].max()) < float(model.test_scores.scores[10:].min())
+    assert results[0]["test/auroc"] == 1.0
 
 
 def test_a_test_set_with_some_unknown_labels_is_scored_without_an_auroc():

@@ -194,6 +194,13 @@ def test_a_test_refused_before_scoring_leaves_no_empty_report_folder_and_summari
     assert (second["k"], second["ckpt_path"]) == (2, str(tmp_path / "bank.ckpt"))
 
 
+def test_a_run_refused_before_writing_leaves_no_empty_report_folders(tmp_path):
+    model = DN2Module(k=2, backbone=linear_backbone())  # no bank, and no train data to build one from
+    with pytest.raises(Exception, match="memory bank"):
+        quiet_trainer(default_root_dir=tmp_path).test(model, BlobDataModule().test_dataloader())
+    assert not (tmp_path / "dn2_reports").exists()
+
+
 def test_reports_can_be_switched_off(tmp_path):
     quiet_trainer(default_root_dir=tmp_path).test(
         DN2Module(k=2, backbone=linear_backbone(), reports=False), datamodule=BlobDataModule()
@@ -561,7 +568,8 @@ def test_a_subset_of_an_image_folder_carrying_its_own_index_names_the_file_score
     direct = model.score_images(files)  # each file's own score, read from its path
 
     generator = torch.Generator().manual_seed(0)
-    for dataset in (Subset(folder, [3, 4, 0, 1, 2]), random_split(folder, [0.6, 0.4], generator=generator)[1]):
+    split = random_split(folder, [0.6, 0.4], generator=generator)[1]
+    for dataset in (Subset(folder, [3, 4, 0, 1, 2]), split, Subset(folder, [0, 2, 1, 3]), Subset(folder, [0, 4, 1, 3])):
         trainer.predict(model, DataLoader(dataset, batch_size=2))
         rows = read_report(sorted((tmp_path / "dn2_reports").glob("predict_*"))[-1] / "predictions.csv")
         assert len(rows) == len(dataset)

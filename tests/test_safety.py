@@ -185,6 +185,21 @@ def test_a_one_folder_image_folder_is_unlabelled_unless_the_folder_is_named_norm
     trainer.predict(model, DataLoader(ImageFolder(tmp_path / "new", transform=tvf.pil_to_tensor)))
     assert model.predict_scores.labels.tolist() == [0, 0, 0]
 
+    class Anomalies(ImageFolder):  # a find_classes labelling its one folder anomalous: kept
+        def find_classes(self, directory):
+            return ["Good"], {"Good": 1}
+
+    trainer.predict(model, DataLoader(Anomalies(tmp_path / "new", transform=tvf.pil_to_tensor)))
+    assert model.predict_scores.labels.tolist() == [1, 1, 1]
+    # one-folder ImageFolders concatenated, one named as normal: the other's index 0 would pass as normal too
+    _image_folder(tmp_path / "crack", {"crack": [0.9]})
+    lines = ConcatDataset([ImageFolder(tmp_path / "new", transform=tvf.pil_to_tensor)] * 2)
+    trainer.predict(model, DataLoader(lines))
+    assert model.predict_scores.labels.tolist() == [0] * 6
+    mixed = ConcatDataset([lines, ImageFolder(tmp_path / "crack", transform=tvf.pil_to_tensor)])
+    with pytest.raises(ValueError, match=r"part 1 of the ConcatDataset is an ImageFolder of one class folder, 'crack'"):
+        trainer.predict(model, DataLoader(mixed))
+
 
 def test_numpy_indices_in_tuple_batches_are_read():
     dm = BlobDataModule()
@@ -685,6 +700,8 @@ def test_a_misspelt_load_from_checkpoint_override_is_refused_naming_the_setting(
     assert (loaded.hparams.threshold_quantile, loaded.hparams.k) == (0.5, 3)
 
     # a misspelt hparams_file: Lightning warned "Missing Tags" and used the checkpoint's settings
+    import fsspec
+
     with pytest.raises(FileNotFoundError, match=r"hparams_file='.*hparam\.yaml' is not a file: give the path of"):
         DN2Module.load_from_checkpoint(tmp_path / "bank.ckpt", hparams_file=tmp_path / "hparam.yaml")
     (tmp_path / "hparams.yaml").write_text("k: 5\n")
@@ -692,6 +709,14 @@ def test_a_misspelt_load_from_checkpoint_override_is_refused_naming_the_setting(
         tmp_path / "bank.ckpt", hparams_file=tmp_path / "hparams.yaml", backbone=linear_backbone()
     )
     assert from_file.hparams.k == 5
+    with fsspec.open("memory://dn2-hparams/hparams.yaml", "w") as f:  # read through fsspec, as Lightning reads it
+        f.write("k: 4\n")
+    remote = DN2Module.load_from_checkpoint(
+        tmp_path / "bank.ckpt", hparams_file="memory://dn2-hparams/hparams.yaml", backbone=linear_backbone()
+    )
+    assert remote.hparams.k == 4
+    with pytest.raises(FileNotFoundError, match="is not a file"):
+        DN2Module.load_from_checkpoint(tmp_path / "bank.ckpt", hparams_file="memory://dn2-hparams/hparam.yaml")
 
     class Sub(DN2Module):  # a subclass taking **kwargs: Lightning passes every keyword on, and so do we
         def __init__(self, extra: int = 1, **kwargs) -> None:

@@ -160,7 +160,8 @@ def test_the_console_explains_the_threshold_once_and_then_gives_its_value():
     with dn2_messages() as messages:  # asked for by the user: explained again
         model.set_threshold(quantile=0.9)
         quiet_trainer().test(model, datamodule=dm)
-    assert "(quantile 0.9 of the training images' leave-one-out scores: about 10% of" in messages[0], messages
+    # about (101 x 0.1 + 0.9) / 102 of normal images, the expected share above the 0.9 quantile of 101 scores
+    assert "(quantile 0.9 of the training images' leave-one-out scores: about 10.8% of" in messages[0], messages
     assert messages[1].endswith("(as above)."), messages
     unsupervised = DN2Module(k=2, backbone=linear_backbone(), reports=False, clean_fraction=0.2)
     with dn2_messages() as messages:  # the cleaning's figures are still said
@@ -172,7 +173,8 @@ def test_the_console_explains_the_threshold_once_and_then_gives_its_value():
         with dn2_messages() as messages:
             quiet_trainer().fit(groups, datamodule=dm)
         bank_line = next(m for m in messages if "memory bank of" in m)
-        assert "training groups' leave-one-out scores: about 1% of normal groups are flagged" in bank_line, bank_line
+        # (20 x 0.01 + 0.99) / 21: the expected share above the 0.99 quantile of 20 scores
+        assert "training groups' leave-one-out scores: about 5.67% of normal groups are flagged" in bank_line, bank_line
 
 
 def test_a_fixed_threshold_travels_with_a_plain_state_dict(tmp_path):

@@ -204,7 +204,12 @@ class OneClassDataModule(LightningDataModule):
         if (root / "test").is_dir():
             kinds = sorted(p.name for p in (root / "test").iterdir() if p.is_dir() and not is_hidden(p.name))
             if hp.normal_dir not in kinds:
-                raise ValueError(f"normal_dir={hp.normal_dir!r} is not a subfolder of {root / 'test'}; found {kinds}.")
+                raise ValueError(
+                    f"normal_dir={hp.normal_dir!r} is not a subfolder of {root / 'test'}; found {kinds}. Name the "
+                    f"folder of normal test images (normal_dir=..., --data.normal_dir=...), add {hp.normal_dir}/ "
+                    f"there with normal images, or move test/ aside (a fit does not read it; a predict on "
+                    f"root={str(root / 'test')!r} scores its images without labels)."
+                )
             self.classes = tuple(kinds)
             loose = sorted(
                 p.name for p in (root / "test").iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
