@@ -196,10 +196,10 @@ def check_dataset_labels(dataset: object) -> bool:
         if any(unknown) and not all(unknown):  # e.g. ImageFolder("good") + ImageFolder("crack"): both index 0
             part = unknown.index(True)
             raise ValueError(
-                f"part {part} of the ConcatDataset is an ImageFolder of one class folder, "
-                f"{dataset.datasets[part].classes[0]!r}, whose images would all be labelled 0 (normal) beside labelled "
-                "parts. Give each part a target_transform, e.g. target_transform=dn2_lightning.data.AnomalyLabel(1) "
-                "labels every image of a part anomalous (any class other than index 1 is)."
+                f"part {part} of the ConcatDataset holds an ImageFolder of one class folder, whose images would all "
+                "be labelled 0 (normal) beside labelled parts. Give each such ImageFolder a target_transform, e.g. "
+                "target_transform=dn2_lightning.data.AnomalyLabel(1) labels every image of one anomalous (any class "
+                "other than index 1 is)."
             )
         return all(unknown)
     if not isinstance(dataset, DatasetFolder) or dataset.target_transform is not None:

@@ -170,6 +170,11 @@ class DN2TQDMProgressBar(_NoVersionMixin, TQDMProgressBar):
 THRESHOLD_HPARAMS = ("threshold", "threshold_quantile")
 # settings of the run and its machine, not of the model: a run that leaves them out gets the defaults, not the fit's
 RUN_HPARAMS = ("reports", "max_memory_bytes", "knn_backend", "bank_sharding")
+# settings that define the bank: a run's other value is refused against the checkpoint's, never used
+BANK_HPARAMS = (
+    "backbone", "pretrained", "input_size", "clean_fraction", "clean_k", "group_pooling", "group_clusters",
+    "group_temperature",
+)  # fmt: skip
 
 
 class DN2ArgumentParser(LightningArgumentParser):
@@ -316,11 +321,13 @@ class DN2CLI(LightningCLI):
         if taken:
             info(f"DN2: from the checkpoint (this run leaves them out): {', '.join(taken)}")
         # and what the run's config files (e.g. a shipped config's k: 2) or flags set in place of the checkpoint's
+        # scoring settings (bank settings are equal or refused), a fixed threshold dropped for a quantile included
         replaced = [
             f"{name}={model[name]!r} (the checkpoint's: {saved[name]!r})"
             for name in defaults
-            if name not in RUN_HPARAMS and name not in left_at_default and name in model and name in saved
-            and isinstance(model[name], bool | int | float | str | type(None)) and model[name] != saved[name]
+            if name not in (*RUN_HPARAMS, *BANK_HPARAMS) and name in model and name in saved
+            and model[name] != saved[name] and (name not in left_at_default or name == "threshold")
+            and isinstance(model[name], bool | int | float | str | list | tuple | type(None))
         ]  # fmt: skip
         if replaced:
             info(f"DN2: this run's config files or flags replace the checkpoint's {', '.join(replaced)}")

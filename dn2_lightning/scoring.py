@@ -189,10 +189,10 @@ def expected_flagged_share(n: int, quantile: float) -> float:
 
 def coarse_quantile_note(n: int, quantile: float) -> str | None:
     """What is wrong with a ``quantile`` threshold of ``n`` scores, or ``None``: too few scores for it to flag about
-    ``1 - q`` of normal samples (:func:`expected_flagged_share` off by over half of ``min(q, 1 - q)``), with the
-    number of scores ``q`` needs.
+    ``1 - q`` of normal samples (:func:`expected_flagged_share` off by more than ``min(q, 1 - q)``: twice ``1 - q``
+    for large q), with the number of scores ``q`` needs.
 
-    >>> coarse_quantile_note(200, 0.99) is None, coarse_quantile_note(100, 0.5) is None
+    >>> coarse_quantile_note(106, 0.99) is None, coarse_quantile_note(100, 0.5) is None  # 1.92%: under twice 1%
     (True, True)
     """
     target = 1.0 - quantile
@@ -200,15 +200,16 @@ def coarse_quantile_note(n: int, quantile: float) -> str | None:
         return None
     if n == 1:
         return f"threshold_quantile={quantile:g} is set from a single score: the threshold is that score."
-    share = expected_flagged_share(n, quantile)
-    if abs(share - target) <= 0.5 * min(target, quantile):
+    share, margin = expected_flagged_share(n, quantile), min(target, quantile)
+    if abs(share - target) <= margin * (1 + 1e-9):  # (with room for rounding: 0.9 of 15 scores is just within)
         return None
-    needed = math.ceil(2 * abs(2 * quantile - 1) / min(target, quantile) - 1)  # where |share - target| is half
+    needed = math.ceil(abs(2 * quantile - 1) / margin - 1 - 1e-9)  # the fewest with |share - target| <= margin
+    points = f"{100 * margin:.3g} percentage point" + ("" if f"{100 * margin:.3g}" == "1" else "s")
     return (
         f"threshold_quantile={quantile:g} is set from {n} scores, too few for it to flag about {100 * target:.3g}% of "
         f"normal samples: of {n} exchangeable scores, the expected share above their {quantile:g} quantile is "
         f"(n (1 - q) + q) / (n + 1) = {100 * share:.3g}%, and {quantile:g} needs about {needed:,} scores to come "
-        f"within half of {100 * target:.3g}%."
+        f"within {points} of {100 * target:.3g}%."
     )
 
 

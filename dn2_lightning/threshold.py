@@ -85,8 +85,8 @@ class DecisionThreshold:
         if self.hparams.clean_fraction > 0:  # unsupervised: the training samples include the contaminants
             return (
                 f"threshold {threshold:.6g} (quantile {q:g} of every training {sample}'s score{drawn}, contaminants "
-                "included: for a fraction c of contaminants, threshold_quantile = (1 - c) x 0.99 flags about 1% of "
-                f"normal {sample}s)"
+                "included: for a fraction c of contaminants, threshold_quantile = (1 - c) x 0.99 puts it near the "
+                f"normal {sample}s' 0.99 quantile)"
             )
         share = expected_flagged_share(len(self.bank.loo_scores), q)  # 1 - q only for many scores
         return (

@@ -128,8 +128,20 @@ def test_a_quantile_of_too_few_training_rows_is_warned_about_and_flags_what_it_s
     assert expected_flagged_share(40, 0.99) == pytest.approx(flagged, abs=0.01)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        DN2Detector(k=2).fit(rng.normal(size=(200, 4)))  # (200 x 0.01 + 0.99) / 201 = 1.5%
-        DN2Detector(k=2, threshold_quantile=0.5).fit(rng.normal(size=(10, 4)))
+        DN2Detector(k=2).fit(rng.normal(size=(106, 4)))  # (106 x 0.01 + 0.99) / 107 = 1.92%: under twice 1%
+        DN2Detector(k=2, threshold_quantile=0.9).fit(rng.normal(size=(7, 4)))  # 19.9%, within 10 points of 10%
+    with pytest.warns(UserWarning, match=r"set from 6 scores.* = 21.4%, and 0.9 needs about 7 scores"):
+        DN2Detector(k=2, threshold_quantile=0.9).fit(rng.normal(size=(6, 4)))
+
+    class Logged(DN2Detector):  # fit_predict goes through a subclass's fit, as scikit-learn's does
+        fitted = 0
+
+        def fit(self, X, y=None):  # noqa: N803
+            Logged.fitted += 1
+            return super().fit(X, y)
+
+    Logged(k=2).fit_predict(rng.normal(size=(200, 4)))
+    assert Logged.fitted == 1
 
 
 def test_predict_after_set_params_of_k_or_quantile_asks_for_a_refit():

@@ -171,7 +171,7 @@ def test_a_quantile_of_too_few_leave_one_out_scores_is_warned_about_once():
         quiet_trainer().test(model, datamodule=dm)
     coarse = [str(w.message) for w in caught if "is set from 40 scores" in str(w.message)]
     assert len(coarse) == 1, coarse  # once, not per batch or run
-    assert "(n (1 - q) + q) / (n + 1) = 3.39%, and 0.99 needs about 195 scores" in coarse[0]
+    assert "(n (1 - q) + q) / (n + 1) = 3.39%, and 0.99 needs about 97 scores" in coarse[0]
     assert "Use more training samples" in coarse[0]
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*is set from")

@@ -185,20 +185,23 @@ def test_a_one_folder_image_folder_is_unlabelled_unless_the_folder_is_named_norm
     trainer.predict(model, DataLoader(ImageFolder(tmp_path / "new", transform=tvf.pil_to_tensor)))
     assert model.predict_scores.labels.tolist() == [0, 0, 0]
 
+    _image_folder(tmp_path / "crack", {"crack": [0.9]})
+
     class Anomalies(ImageFolder):  # a find_classes labelling its one folder anomalous: kept
         def find_classes(self, directory):
-            return ["Good"], {"Good": 1}
+            return ["crack"], {"crack": 1}
 
-    trainer.predict(model, DataLoader(Anomalies(tmp_path / "new", transform=tvf.pil_to_tensor)))
-    assert model.predict_scores.labels.tolist() == [1, 1, 1]
+    trainer.predict(model, DataLoader(Anomalies(tmp_path / "crack", transform=tvf.pil_to_tensor)))
+    assert model.predict_scores.labels.tolist() == [1]
     # one-folder ImageFolders concatenated, one named as normal: the other's index 0 would pass as normal too
-    _image_folder(tmp_path / "crack", {"crack": [0.9]})
     lines = ConcatDataset([ImageFolder(tmp_path / "new", transform=tvf.pil_to_tensor)] * 2)
     trainer.predict(model, DataLoader(lines))
     assert model.predict_scores.labels.tolist() == [0] * 6
     mixed = ConcatDataset([lines, ImageFolder(tmp_path / "crack", transform=tvf.pil_to_tensor)])
-    with pytest.raises(ValueError, match=r"part 1 of the ConcatDataset is an ImageFolder of one class folder, 'crack'"):
-        trainer.predict(model, DataLoader(mixed))
+    nested = ConcatDataset([ConcatDataset([mixed.datasets[1]] * 2), lines])  # (nested: named by its part)
+    for dataset, part in ((mixed, 1), (nested, 0)):
+        with pytest.raises(ValueError, match=rf"part {part} of the ConcatDataset holds an ImageFolder of one class"):
+            trainer.predict(model, DataLoader(dataset))
 
 
 def test_numpy_indices_in_tuple_batches_are_read():
