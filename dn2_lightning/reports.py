@@ -53,13 +53,13 @@ from torch.utils.data import IterableDataset, Subset
 
 from dn2_lightning.cache import atomic_write
 from dn2_lightning.console import info
+from dn2_lightning.data.datasets import REPORTS_DIR
 from dn2_lightning.data_source import one_loader, running_datamodule
 from dn2_lightning.distributed import unique_by_index, writes_files
 from dn2_lightning.metrics import AnomalyScores
 from dn2_lightning.samplers import reads_in_order
 from dn2_lightning.scoring import rank_auroc
 
-REPORTS_DIR = "dn2_reports"
 CSV_NAMES = {"test": "scores.csv", "predict": "predictions.csv"}
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r", "'")
 

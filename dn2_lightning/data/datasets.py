@@ -24,9 +24,9 @@ from torch.utils.data import Dataset
 from dn2_lightning.console import info
 from dn2_lightning.data import images
 from dn2_lightning.data.images import image_problem, load_image, resize_square
-from dn2_lightning.reports import REPORTS_DIR
 from dn2_lightning.validation import check_choice, check_load_size, check_positive_int
 
+REPORTS_DIR = "dn2_reports"  # where the reports write (dn2_lightning.reports): never read as data
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 CorruptPolicy = Literal["skip", "raise"]
 CORRUPT_POLICIES: tuple[str, ...] = get_args(CorruptPolicy)
@@ -157,9 +157,8 @@ def list_image_files(folder: str | Path) -> list[Path]:
         # in a fixed order (os.walk's is the filesystem's), real folders before links within a folder: a folder
         # reached more than one way is listed under the same path on every machine, so a copy gets the same
         # fingerprint
-        outputs = [name for name in folders if name == REPORTS_DIR]
-        for name in outputs:  # e.g. a predict root that is also the run's default_root_dir: last run's figures
-            info(f"DN2: {Path(top) / name} holds this library's reports: its images are not read as data.")
+        if REPORTS_DIR in folders:  # e.g. a predict root that is also the run's default_root_dir: last run's figures
+            info(f"DN2: {Path(top) / REPORTS_DIR} holds this library's reports: its images are not read as data.")
         shown = (name for name in folders if not is_hidden(name) and name != REPORTS_DIR)
         folders[:] = sorted(shown, key=lambda name: (os.path.islink(os.path.join(top, name)), name))
         for name in names:
