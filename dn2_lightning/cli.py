@@ -25,7 +25,6 @@ import contextlib
 import inspect
 import itertools
 import logging
-import re
 import shutil
 import textwrap
 import typing
@@ -35,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jsonargparse import DefaultHelpFormatter, Namespace
+from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
@@ -46,6 +45,7 @@ from dn2_lightning.backbones import BackboneWeightsNotFoundError, list_backbones
 from dn2_lightning.checkpointing import readable_checkpoint
 from dn2_lightning.console import info
 from dn2_lightning.data import GroupDataModule, OneClassDataModule, list_datasets
+from dn2_lightning.help_format import DN2HelpFormatter, plain_text
 from dn2_lightning.module import CUSTOM_BACKBONE, DN2Module
 
 try:  # how jsonargparse defers --print_config (no public API): without it, it prints before --ckpt_path applies
@@ -101,54 +101,6 @@ METHOD_ARGUMENT_HELP = {
     "verbose": "print the metric table.",
     "return_predictions": "keep the per-batch outputs in memory.",
 }
-
-
-class DN2HelpFormatter(DefaultHelpFormatter):
-    """jsonargparse's formatter, shortened: no "known subclasses" lists, no reST markup, one line for the
-    options marked ``one_line``, none for those marked ``dn2_hidden`` (named in their group's description),
-    option names without metavars, and descriptions kept as written."""
-
-    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 32, width: int | None = None):
-        super().__init__(prog, indent_increment, max_help_position, width)
-
-    def _format_action_invocation(self, action: argparse.Action) -> str:
-        if action.option_strings and action.nargs != 0 and not self._is_config(action):
-            return ", ".join(action.option_strings)  # the metavar repeats the name; the type is in the help
-        return super()._format_action_invocation(action)
-
-    @staticmethod
-    def _is_config(action: argparse.Action) -> bool:
-        return "-c" in action.option_strings or action.dest in ("print_config", "trainer", "model")
-
-    def _format_action(self, action: argparse.Action) -> str:
-        if getattr(action, "dn2_hidden", False):
-            return ""
-        one_line = getattr(action, "one_line", None)
-        if one_line is not None:
-            return f"  {action.option_strings[0]:<29} {one_line}".rstrip() + "\n"
-        return super()._format_action(action)
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        return _plain(re.sub(r", known subclasses: [^)]*", "", super()._get_help_string(action)))
-
-    def _expand_help(self, action: argparse.Action) -> str:
-        return re.sub(r"type: Literal\[([^\]]*)\],", _choices, super()._expand_help(action))
-
-    def _fill_text(self, text: str, width: int, indent: str) -> str:
-        # line breaks are kept (the data options are a table); only over-long lines are wrapped
-        lines = []
-        for line in _plain(text).splitlines():
-            if len(line) <= width:
-                lines.append(indent + line)
-                continue
-            hang = " " * (len(line) - len(line.lstrip()))
-            lines += textwrap.wrap(line, width, initial_indent=indent, subsequent_indent=indent + hang) or [indent]
-        return "\n".join(lines)
-
-
-def _choices(literal: re.Match) -> str:
-    """``type: Literal['auto', 'torch'],`` as ``auto | torch;``: the choices, short enough for one line."""
-    return " | ".join(choice.strip(" '\"") for choice in literal.group(1).split(",")) + ";"
 
 
 class _NoVersionMixin:
@@ -573,7 +525,7 @@ def _documented_params(cls: type) -> dict[str, tuple[Any, str]]:
     descriptions: dict[str, str] = {}
     for param in parse(cls.__doc__ or "").params:
         for name in param.arg_name.split(","):
-            descriptions[name.strip()] = _plain(param.description or "")
+            descriptions[name.strip()] = plain_text(param.description or "")
     params = inspect.signature(cls.__init__).parameters
     return {n: (p.default, descriptions.get(n, "")) for n, p in params.items() if n != "self"}
 
@@ -640,13 +592,6 @@ def _default_text(default: Any) -> str:
 
 def _wrap(text: str, width: int) -> list[str]:
     return textwrap.wrap(text, width)
-
-
-def _plain(text: str) -> str:
-    """Drop reST markup from a docstring text: ``:func:`a.b``` -> ``a.b()``, double backquotes -> none."""
-    text = re.sub(r":(?:func|meth):`~?([^`]+)`", r"\1()", text)
-    text = re.sub(r":\w+:`~?([^`]+)`", r"\1", text)
-    return text.replace("``", "")
 
 
 if __name__ == "__main__":

@@ -24,9 +24,9 @@ is tested against a float64 brute force.
   centred float32 rows, certified like the GEMM's candidates (float32 cannot order near-ties far from the
   bank); uncertified queries go to ``"torch"``. Its JIT compiler can crash the process on some CUDA set-ups, so
   it is probed once in a subprocess; if the probe fails the search falls back to ``"torch"`` with a warning.
-* ``"auto"``: ``"torch"``. On CPU KeOps compiles slowly and loses to BLAS; on GPU KeOps' own documentation
-  says cuBLAS-based search wins above D ~ 50-100, and DN2 embeddings have D >= 512. KeOps is chosen for
-  low-dimensional GPU data only (a rule still to be checked against GPU measurements: benchmarks/RESULTS.md).
+* ``"auto"``: ``"torch"`` on every device. On CPU KeOps compiles slowly and loses to BLAS; on an H200 it was
+  slower at every shape measured, from 6,000 x 10,000 x 2048 (62 ms against 8.5 ms) to its own best case,
+  200,000 x 10,000 x 64 (58 ms against 34 ms): benchmarks/RESULTS.md, section 25.
 
 Dtypes: float64 inputs (queries or bank) are searched exactly in float64 arithmetic (differences in
 float64, also against a float32 bank) and returned as float64; float32, float16 and bfloat16 inputs are
@@ -60,8 +60,6 @@ from torch import Tensor
 KNNBackend = Literal["auto", "torch", "keops"]
 KNN_BACKENDS: tuple[str, ...] = get_args(KNNBackend)
 DEFAULT_MAX_MEMORY_BYTES = 512 * 2**20
-# Below this embedding size KeOps' register-resident reduction beats cuBLAS (KeOps documentation).
-_KEOPS_MAX_AUTO_DIM = 64
 # KeOps returns neighbour indices through its float accumulator: exact only below 2**24 rows.
 _KEOPS_MAX_ROWS = 2**24
 _UNIT_ROUNDOFF = {
@@ -86,6 +84,10 @@ _GROUP_ROWS = 32  # 16 to 64 time alike on the CPU (RESULTS.md section 4)
 # Bytes per float64 operand in one chunk of the survivor recompute: in L2 cache on a CPU, large on a GPU;
 # never more than an eighth of the search's budget (a chunk's temporaries are about 2.5 times this).
 _PAIR_CHUNK_BYTES = {"cpu": 2**19, "cuda": 2**28}
+# bytes per (query, candidate) pair of an exact search step: the candidates and their mask, and in _exact_topk the
+# float64 distances, the kept pairs' row and column indices, their bank rows and distances (8 each), and the
+# recompute of close rows (its own indices while the first ones are still held)
+_BYTES_PER_PAIR = 64
 
 
 class KNNResult(NamedTuple):
@@ -349,8 +351,8 @@ def knn_distances(
         if queries.shape[0] == 0:
             empty = torch.empty(0, k, device=queries.device)
             return KNNResult(empty.to(dtype), empty.long())
-        if backend == "auto":
-            backend = _auto_backend(queries.device, bank.shape[1])
+        if backend == "auto":  # KeOps was slower at every shape measured on an H200 (RESULTS.md section 25)
+            backend = "torch"
         if backend == "keops":
             if _keops_usable(queries.device, bank.shape[0]):
                 return _keops_knn(queries, bank, k, max_memory_bytes or DEFAULT_MAX_MEMORY_BYTES, dtype)
@@ -498,12 +500,6 @@ def _validate_inputs(
         raise ValueError(f"candidate_dtype={candidate_dtype} must be one of {list(_UNIT_ROUNDOFF)}.")
 
 
-def _auto_backend(device: torch.device, dim: int) -> str:
-    if device.type == "cuda" and dim <= _KEOPS_MAX_AUTO_DIM and _keops_usable(device, 0):
-        return "keops"
-    return "torch"
-
-
 # --------------------------------------------------------------------------------------------------
 # torch backend
 
@@ -578,17 +574,20 @@ class _BlockSearch:
         qualifies = self.group_mins[rows].double() <= limit[:, None]
         counts = qualifies.sum(1)
         widest = int(counts.max())
-        # qualifying groups first (stable), then their member rows, padded to the widest row
-        groups = torch.argsort((~qualifies).to(torch.uint8), dim=1, stable=True)[:, :widest]
-        members = (groups[:, :, None] * g + torch.arange(g, device=rows.device)).flatten(1)
-        valid = (torch.arange(widest, device=rows.device)[:, None] < counts[:, None, None]).expand(-1, -1, g)
-        valid = valid.flatten(1) & (members < n)
-        cand = members.clamp_max(n - 1)
-        step = max(1, self.budget // (24 * cand.shape[1]))
+        # the candidates of a step of rows (their qualifying groups' members) are made per step: for all rows
+        # at once they would take 17 bytes per row and bank row, beyond the budget on a large bank
+        step = max(1, self.budget // (_BYTES_PER_PAIR * widest * g))
         values, indices = [], []
         for start in range(0, len(rows), step):
             part = slice(start, start + step)
-            v, i = _exact_topk(self.queries[rows[part]], self.bank, cand[part], valid[part], self.k, self.budget)
+            # qualifying groups first (stable), then their member rows, padded to the widest row
+            groups = torch.argsort((~qualifies[part]).to(torch.uint8), dim=1, stable=True)[:, :widest]
+            members = (groups[:, :, None] * g + torch.arange(g, device=rows.device)).flatten(1)
+            valid = (torch.arange(widest, device=rows.device)[:, None] < counts[part, None, None]).expand(-1, -1, g)
+            valid = valid.flatten(1) & (members < n)
+            v, i = _exact_topk(
+                self.queries[rows[part]], self.bank, members.clamp_max_(n - 1), valid, self.k, self.budget
+            )
             values.append(v)
             indices.append(i)
         return torch.cat(values), torch.cat(indices)
@@ -867,7 +866,7 @@ def _exact_slack(queries: Tensor, bank: PreparedBank) -> float:
 def _difference_scan(queries: Tensor, bank: PreparedBank, k: int, budget: int) -> tuple[Tensor, Tensor]:
     """kNN by float64 differences over the whole bank, for queries too far out for the float32 GEMM."""
     n = bank.shape[0]
-    step = max(1, budget // (16 * n))
+    step = max(1, budget // (_BYTES_PER_PAIR * n))
     values, indices = [], []
     for start in range(0, len(queries), step):
         qs = queries[start : start + step]

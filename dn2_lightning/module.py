@@ -141,7 +141,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
             images ``[B, 3, H, W]`` in [0, 1] to ``[B, D]``.
         pretrained: load the backbone's ImageNet weights.
         input_size: the backbone's input resolution (resized on the device); ``None``: its own.
-        knn_backend: exact kNN engine; ``"auto"``: KeOps on CUDA if D <= 64.
+        knn_backend: exact kNN engine; ``"auto"`` is ``"torch"``.
         max_memory_bytes: temporary-memory budget of one kNN search (``None``: 512 MiB).
         clean_fraction: unsupervised setting: share of the bank with the largest leave-one-out scores
             dropped (paper: 0.5); 0 = no cleaning.

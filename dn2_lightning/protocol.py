@@ -517,7 +517,7 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of ``dn2-protocol`` (``args`` defaults to the command line)."""
     from jsonargparse import CLI
 
-    from .cli import DN2HelpFormatter
+    from .help_format import DN2HelpFormatter
 
     arguments = join_list_option(sys.argv[1:] if args is None else args)
     CLI(run_protocol, as_positional=False, args=arguments, prog="dn2-protocol", formatter_class=DN2HelpFormatter)

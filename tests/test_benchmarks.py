@@ -29,6 +29,24 @@ def test_knn_bench_smoke_preset_times_every_candidate_dtype_and_stays_exact(tmp_
         assert row["uncertified_rows_pct"] is not None and 0 <= row["uncertified_rows_pct"] <= 100
 
 
+def test_knn_profile_times_each_step_of_the_candidate_stage_on_a_small_shape():
+    done = subprocess.run(
+        [sys.executable, "benchmarks/knn_profile.py", "--shape", "3000", "200", "32", "--kernels", "3"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    steps = [line for line in done.stdout.splitlines() if line.startswith("| ") and "ms per block" not in line]
+    assert len(steps) == 8, done.stdout
+    blocks = int(done.stdout.split(" GEMM blocks per search")[0].rsplit(", ", 1)[1])
+    for line in steps:
+        per_block, per_search = (float(cell) for cell in line.strip("| ").split(" | ")[1:])
+        assert per_block > 0 and abs(per_search - per_block * blocks) <= 0.05 + 0.01 * per_search, line
+    assert "whole knn_distances:" in done.stdout
+
+
 def test_extract_bench_cpu_preset_reports_every_path_for_a_small_run(tmp_path):
     out = tmp_path / "extract.json"
     command = [sys.executable, "benchmarks/extract_bench.py", "--preset", "cpu", "--backbones", "efficientnet_lite0"]

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import BlobDataModule, linear_backbone, quiet_trainer
+from lightning.pytorch.callbacks import Callback
 from sklearn.metrics import roc_auc_score
 
 from dn2_lightning import DN2Module
@@ -368,7 +369,7 @@ def blob_data() -> BlobDataModule:
 
 
 def make_model(**kwargs) -> DN2Module:
-    """DN2 with the tests' fixed linear backbone, 128-d (above KeOps' auto range: "auto" is the torch backend)."""
+    """DN2 with the tests' fixed linear backbone, 128-d ("auto" is the torch backend)."""
     return DN2Module(k=2, backbone=linear_backbone(seed=1, dim=128), **{"reports": False, **kwargs})
 
 
@@ -380,6 +381,14 @@ def independent_scores(model: DN2Module, dm: BlobDataModule) -> np.ndarray:
     return brute_force_knn(test, train, 2).values.mean(1).numpy()
 
 
+class BankAtTrainEnd(Callback):
+    """The bank as fit leaves it on the device: Lightning's teardown moves the whole module back to the CPU at the
+    end of trainer.fit (Strategy.teardown), and trainer.test moves it to the device again."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.device, self.dtype = pl_module.bank.embeddings.device, pl_module.bank.embeddings.dtype
+
+
 def test_module_fit_test_predict_on_the_device_match_the_cpu():
     dm = blob_data()
     cpu_model = make_model()
@@ -389,9 +398,10 @@ def test_module_fit_test_predict_on_the_device_match_the_cpu():
 
     # the reports (CSV, figures) read device tensors too; their figures need matplotlib (the `reports` extra)
     model = make_model(reports=importlib.util.find_spec("matplotlib") is not None)
-    trainer = quiet_trainer(accelerator=ACCELERATOR)
+    at_end = BankAtTrainEnd()
+    trainer = quiet_trainer(accelerator=ACCELERATOR, callbacks=[at_end])
     trainer.fit(model, datamodule=dm)
-    assert model.bank.embeddings.device.type == DEVICE, f"bank on {model.bank.embeddings.device} after fit"
+    assert at_end.device.type == DEVICE, f"bank on {at_end.device} at the end of fit"
     assert len(model.bank) == len(dm.train_images)
     auroc = trainer.test(model, datamodule=dm)[0]["test/auroc"]
     scores = model.test_scores
@@ -418,10 +428,11 @@ def test_bf16_mixed_on_the_device_scores_the_stored_embeddings_exactly():
     the embeddings the module scored and the bank it stored."""
     dm = blob_data()
     model = make_model()
-    trainer = quiet_trainer(accelerator=ACCELERATOR, precision="bf16-mixed")
+    at_end = BankAtTrainEnd()
+    trainer = quiet_trainer(accelerator=ACCELERATOR, precision="bf16-mixed", callbacks=[at_end])
     trainer.fit(model, datamodule=dm)
+    assert at_end.device.type == DEVICE and at_end.dtype == torch.float32, f"bank {at_end.dtype} on {at_end.device}"
     bank = model.bank.embeddings
-    assert bank.device.type == DEVICE and bank.dtype == torch.float32, f"bank {bank.dtype} on {bank.device}"
     assert torch.equal(bank.bfloat16().float(), bank), "bf16-mixed did not run the backbone in bfloat16"
 
     seen: list[torch.Tensor] = []
@@ -430,7 +441,7 @@ def test_bf16_mixed_on_the_device_scores_the_stored_embeddings_exactly():
         auroc = trainer.test(model, datamodule=dm)[0]["test/auroc"]
     finally:
         hook.remove()
-    embeddings = torch.cat(seen)
+    embeddings = torch.cat(seen).to(bank.device)  # the test ran on the device; teardown moved the bank back
     scores = model.test_scores
     assert embeddings.shape[0] == len(dm.test_images), f"{embeddings.shape[0]} embeddings seen in test"
     assert torch.equal(scores.indices.cpu(), torch.arange(len(dm.test_images))), "test scores not in dataset order"

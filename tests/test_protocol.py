@@ -412,3 +412,19 @@ def test_a_split_rewritten_on_disk_is_read_again_in_the_same_process(tmp_path):
     assert not torch.equal(second.images, first.images)
     truth = np.random.default_rng(2).integers(0, 256, (24, 8, 8), dtype=np.uint8)
     assert np.array_equal(second.images.numpy(), truth)
+
+
+def test_the_command_line_starts_without_lightning_torchvision_or_torchmetrics():
+    """Each of them cost seconds of start-up on the H200 (section 8 of RESULTS.md); `dn2-protocol` needs none."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from dn2_lightning.protocol import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('lightning', 'torchvision', 'torchmetrics', 'matplotlib') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert "--backbone" in out.stdout
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout[-300:]

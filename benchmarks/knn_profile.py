@@ -1,0 +1,94 @@
+"""Where the exact search's time goes on one shape: each step of the candidate stage on one GEMM block, timed
+alone with CUDA events, and the kernels of a whole ``knn_distances`` call from torch's profiler.
+
+    python benchmarks/knn_profile.py                       # 1M bank x 10k queries x 2048 (needs ~16 GB on a GPU)
+    python benchmarks/knn_profile.py --shape 20000 500 64  # a smoke test, seconds on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import dn2_lightning.knn as knn
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeats: int = 5) -> float:
+    """Mean milliseconds of ``fn`` after one warm-up."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - start) / repeats
+
+
+def block_steps(q: torch.Tensor, rows: torch.Tensor, c: int, device: torch.device) -> list[tuple[str, float]]:
+    """The candidate stage's steps on one query block x one bank block, each timed alone."""
+    out = torch.empty(q.shape[0], rows.shape[0], dtype=rows.dtype, device=device)
+    out_t = torch.empty(rows.shape[0], q.shape[0], dtype=rows.dtype, device=device)  # bank-major
+    group = knn._GROUP_ROWS
+    width = rows.shape[0] // group * group
+    steps = {
+        "GEMM into the buffer": lambda: torch.mm(q, rows.T, out=out),
+        "GEMM into a bank-major buffer": lambda: torch.mm(rows, q.T, out=out_t),
+        "group minima, consecutive rows (amin over the last dim)": lambda: (
+            out[:, :width].unflatten(1, (-1, group)).amin(2)
+        ),
+        "group minima, strided rows (amin over a middle dim)": lambda: out[:, :width].unflatten(1, (group, -1)).amin(1),
+        "group minima of a bank-major block": lambda: out_t[:width].unflatten(0, (-1, group)).amin(1),
+        "top-k over every column": lambda: out.topk(c, dim=1, largest=False, sorted=False),
+        "_block_topk (minima + top-k of groups + gather)": lambda: knn._block_topk(out, c, group),
+        "_block_topk of a bank-major block": lambda: knn._block_topk(out_t.T, c, group),
+    }
+    return [(name, timed(fn, device)) for name, fn in steps.items()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", type=int, nargs=3, default=[1_000_000, 10_000, 2048], metavar=("N", "M", "D"))
+    parser.add_argument("--k", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--kernels", type=int, default=15, help="rows of the profiler's kernel table")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    n, m, d = args.shape
+    g = torch.Generator(device=device).manual_seed(0)
+    bank = knn.prepare_bank(torch.randn(n, d, device=device, generator=g).relu_())
+    queries = torch.randn(m, d, device=device, generator=g).relu_()
+    c = min(n, 2 * args.k + 8)
+    low = bank.low
+    query_rows, bank_rows = knn._block_sizes(m, n, d, c, knn.DEFAULT_MAX_MEMORY_BYTES, device, low.itemsize)
+    blocks = -(-m // query_rows) * -(-n // bank_rows)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"device: {device} ({name}), torch {torch.__version__}")
+    print(f"shape: bank {n:,} x queries {m:,} x D {d}, k={args.k}, candidates {c}, {low.dtype} GEMM")
+    print(f"blocks: {query_rows} queries x {bank_rows} bank rows, {blocks} GEMM blocks per search\n")
+
+    q = low[:query_rows].clone() if low.shape[0] >= query_rows else torch.randn(query_rows, low.shape[1], device=device)
+    q = q.to(low.dtype)
+    print("| step (one block) | ms per block | x blocks = ms per search |")
+    print("|---|---:|---:|")
+    for name, ms in block_steps(q, low[:bank_rows], c, device):
+        print(f"| {name} | {ms:.3f} | {ms * blocks:.1f} |")
+
+    total = timed(lambda: knn.knn_distances(queries, bank, args.k, "torch"), device, repeats=2)
+    print(f"\nwhole knn_distances: {total:.1f} ms\n")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        knn.knn_distances(queries, bank, args.k, "torch")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=args.kernels, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
