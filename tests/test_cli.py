@@ -305,6 +305,17 @@ def test_console_shows_checkpoint_and_report_paths_and_no_lightning_noise(tmp_pa
         assert noise not in messages, noise
 
 
+def test_evaluation_subcommands_turn_checkpointing_off_only_when_the_run_leaves_it_unset(tmp_path):
+    """The help promises "null: on in fit, off otherwise": a setting given is the user's, so validate, test and
+    predict keep checkpointing on when the run asks for it with --trainer.enable_checkpointing=true."""
+    common = ["test", "--config", "configs/digits.yaml", "--model.input_size=32", "--model.reports=false"]
+    common += ["--trainer.enable_progress_bar=false", "--trainer.limit_test_batches=1"]
+    left_out = build_cli([*common, f"--trainer.default_root_dir={tmp_path / 'a'}"])
+    assert left_out.trainer.checkpoint_callback is None
+    asked = build_cli([*common, f"--trainer.default_root_dir={tmp_path / 'b'}", "--trainer.enable_checkpointing=true"])
+    assert asked.trainer.checkpoint_callback is not None
+
+
 def test_cli_leaves_warning_filters_as_it_found_them(tmp_path):
     from lightning import LightningDataModule
 

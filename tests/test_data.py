@@ -206,6 +206,15 @@ def test_array_dataset_expands_grayscale_permutes_rgb_and_resizes():
     assert image[1].eq(200).all() and image[0].eq(0).all()
 
 
+def test_rgb_array_images_keep_their_rows_and_columns():
+    """The test above's image is one colour: an RGB array read transposed (height for width) passed it."""
+    rgb = torch.randint(0, 256, (4, 5, 7, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    dataset = ArrayImageDataset(rgb, torch.zeros(4))
+    expected = np.ascontiguousarray(rgb.numpy().transpose(0, 3, 1, 2))  # [N, H, W, 3] -> [N, 3, H, W]
+    assert all(np.array_equal(dataset[i]["image"].numpy(), expected[i]) for i in range(4))
+    assert np.array_equal(torch.cat(list(iter_image_batches(dataset, 3))).numpy(), expected)
+
+
 @pytest.mark.parametrize("shape", [(23, 9, 9), (23, 9, 7, 3)])
 @pytest.mark.parametrize("load_size", [None, 9, 13])
 def test_image_batches_equal_what_a_dataloader_collates(shape, load_size):
@@ -319,6 +328,19 @@ def test_fashionmnist_class_name_is_case_insensitive():
 def test_bad_datamodule_arguments_name_the_parameter(kwargs, match):
     with pytest.raises(ValueError, match=match):
         OneClassDataModule(**({"dataset": "digits"} | kwargs))
+
+
+def test_seeds_are_checked_at_both_ends_of_the_int64_range():
+    """seed=2**63 is refused naming the parameter, not later by torch.Generator.manual_seed's overflow message."""
+    from dn2_lightning.validation import check_seed
+
+    for valid in (-(2**63), -1, 0, 2**63 - 1):
+        check_seed("seed", valid)
+    for invalid in (2**63, -(2**63) - 1):
+        with pytest.raises(ValueError, match=rf"seed={invalid} must be an integer in \[-2\*\*63, 2\*\*63\)"):
+            check_seed("seed", invalid)
+    with pytest.raises(ValueError, match=r"seed=9223372036854775808 must be an integer in \[-2\*\*63"):
+        OneClassDataModule(dataset="digits", contamination=0.1, seed=2**63)
 
 
 def test_a_contamination_that_rounds_to_no_anomaly_is_refused_with_the_smallest_that_does_not():
@@ -593,6 +615,16 @@ def test_float_tiff_in_unit_range_is_scaled_and_other_ranges_are_refused(tmp_pat
     assert "wide.tif" in image_problem(tmp_path / "wide.tif")
 
 
+def test_a_float_image_just_above_the_unit_range_is_refused_not_wrapped_around(tmp_path):
+    """A float image slightly above 1 (here [0, 2]) must be refused: accepted, its pixels * 255 wrap around in uint8
+    (2.0 read as 254); the [0, 1000] of the test above is refused by a bound of 255 as well."""
+    values = np.linspace(0.0, 2.0, 16 * 20, dtype=np.float32).reshape(16, 20)
+    Image.fromarray(values, mode="F").save(tmp_path / "over.tif")
+    with pytest.raises(UnreadableImageError, match=r"over.tif: float pixel values span \[0, 2\].*\[0, 1\]"):
+        load_image(tmp_path / "over.tif")
+    assert "over.tif" in image_problem(tmp_path / "over.tif")
+
+
 @pytest.mark.parametrize("orientation, turns", [(1, 0), (3, 2), (6, -1), (8, 1)])
 def test_exif_orientation_is_applied(tmp_path, orientation, turns):
     stored = np.random.default_rng(0).integers(0, 255, (12, 20, 3), dtype=np.uint8)
@@ -687,6 +719,20 @@ def test_the_pixel_limit_is_configurable_and_jpeg_drafts_count_after_reduction(t
         torch.from_numpy(gradient)[None, None].float(), size=(100, 100), mode="bilinear", antialias=True
     )[0, 0]
     assert torch.equal(image, full) and (image[0].float() - reference).abs().mean() < 2.0
+
+
+def test_a_jpeg_decoded_at_a_reduced_scale_keeps_the_detail_of_the_size_asked_for(tmp_path):
+    """A JPEG four times larger than ``size`` is decoded at 1/4 scale (exactly ``size``), not at 1/8 and upscaled."""
+    x = np.arange(512)
+    pattern = 127.5 + 100 * np.sin(2 * np.pi * x / 24)[:, None] * np.cos(2 * np.pi * x / 24)[None, :]
+    rgb = np.stack([pattern, pattern.T, 255 - pattern], -1).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "fine.jpg", quality=95)
+    full = torch.from_numpy(np.array(Image.open(tmp_path / "fine.jpg").convert("RGB"))).permute(2, 0, 1)
+    # independent reference: the full-size decode, antialiased down to 128 x 128
+    reference = torch.nn.functional.interpolate(full[None].float(), size=(128, 128), mode="bilinear", antialias=True)
+    image = load_image(tmp_path / "fine.jpg", size=128)
+    assert image.shape == (3, 128, 128)
+    assert (image.float() - reference[0]).abs().mean() < 10.0  # 5.9 at the 1/4 scale; 20.1 decoded at 1/8
 
 
 def test_a_raised_pixel_limit_holds_in_spawned_workers(tmp_path, monkeypatch):
@@ -811,6 +857,57 @@ def test_a_cifar_file_replaced_in_process_by_a_copy_keeping_size_and_time_is_che
     os.utime(folder / "test_batch", ns=times)
     with pytest.raises(ValueError, match=r"test_batch is not CIFAR10's file .*MD5"):
         load_split("cifar10", "test", tmp_path)
+
+
+def _cifar_row(image: np.ndarray) -> np.ndarray:
+    """One CIFAR data row from an [32, 32, 3] image, by the format's description: the 1024 red values of the image in
+    row-major order, then the green, then the blue."""
+    return np.concatenate([image[:, :, 0].ravel(), image[:, :, 1].ravel(), image[:, :, 2].ravel()])
+
+
+def _publish(monkeypatch, cls, files: dict, meta_name: str) -> None:
+    """Makes the MD5 of the files written the "published" ones of torchvision's ``cls``."""
+    import hashlib
+
+    md5 = {name: hashlib.md5(path.read_bytes()).hexdigest() for name, path in files.items()}
+    monkeypatch.setattr(cls, "train_list", [])
+    monkeypatch.setattr(cls, "test_list", [[name, md5[name]] for name in files if name != meta_name])
+    monkeypatch.setattr(cls, "meta", {"filename": meta_name, "md5": md5[meta_name]})
+
+
+def test_cifar10_images_are_read_upright_from_the_files_channel_planes(tmp_path, monkeypatch):
+    """The crafted batches above are all zeros: an image read transposed (height for width) passed them."""
+    import torchvision
+
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    images[:, 0, :, :] = 255  # a white top row: an image read transposed has a white left column instead
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    batch = {"data": np.stack([_cifar_row(image) for image in images]), "labels": [0, 1, 2, 3, 4, 5]}
+    (folder / "test_batch").write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"class {i}" for i in range(10)]}))
+    files = {name: folder / name for name in ("test_batch", "batches.meta")}
+    _publish(monkeypatch, torchvision.datasets.CIFAR10, files, "batches.meta")
+    split = load_split("cifar10", "test", tmp_path)
+    assert split.images.shape == (6, 32, 32, 3) and np.array_equal(split.images.numpy(), images)
+    assert split.labels.tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_cifar100_is_read_with_its_20_coarse_superclasses(tmp_path, monkeypatch):
+    """The labels are the 20 superclasses (coarse_labels), not the 100 fine classes; no test read a CIFAR-100 file."""
+    import torchvision
+
+    coarse_names = [f"superclass {i}" for i in range(20)]
+    fine, coarse = [3, 97, 40, 11, 58], [17, 2, 19, 0, 6]
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    data = np.zeros((5, 3072), dtype=np.uint8)
+    (folder / "test").write_bytes(pickle.dumps({"data": data, "fine_labels": fine, "coarse_labels": coarse}))
+    meta = {"fine_label_names": [f"class {i}" for i in range(100)], "coarse_label_names": coarse_names}
+    (folder / "meta").write_bytes(pickle.dumps(meta))
+    _publish(monkeypatch, torchvision.datasets.CIFAR100, {n: folder / n for n in ("test", "meta")}, "meta")
+    split = load_split("cifar100", "test", tmp_path)
+    assert split.labels.tolist() == coarse and split.classes == tuple(coarse_names)
 
 
 def test_a_held_out_class_that_is_not_the_last_never_joins_normal_groups():

@@ -221,6 +221,35 @@ def test_synthetic_defects_are_deterministic_and_masks_are_exactly_the_painted_p
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
 
 
+def _synthetic_pngs(root: Path, folder: str) -> dict[str, np.ndarray]:
+    return {p.name: np.asarray(Image.open(p)) for p in sorted((root / folder).glob("*.png"))}
+
+
+def test_synthetic_test_images_are_new_textures_not_copies_of_training_or_normal_test_images(tmp_path):
+    """test/good images drawn from the train streams would be copies of training images; defect kinds numbered from
+    0 would paint the first kind's defects on the normal test images."""
+    root = write_synthetic_defects(tmp_path / "set", n_train=3, n_test_good=3, n_test_per_kind=2, image_size=32)
+    train, good = _synthetic_pngs(root, "train/good"), _synthetic_pngs(root, "test/good")
+    assert len(train) == 3 and len(good) == 3
+    for name, image in good.items():
+        assert not any(np.array_equal(image, seen) for seen in train.values()), f"test/good/{name} is a train image"
+    for kind in DEFECT_KINDS:
+        for name, image in _synthetic_pngs(root, f"test/{kind}").items():
+            mask = np.asarray(Image.open(root / "ground_truth" / kind / name.replace(".png", "_mask.png"))) > 0
+            for seen in [*train.values(), *good.values()]:  # outside its defect, a defective image is its own texture
+                assert not np.array_equal(image[~mask], seen[~mask]), f"test/{kind}/{name} copies a normal image"
+
+
+def test_synthetic_masks_are_written_as_mvtec_ad_masks_255_on_0(tmp_path):
+    """The library reads any non-zero value as defect, so its own metrics cannot tell 0/1 masks, but the files must
+    follow the MVTec AD format (255 = defect, 0 = normal) that other tools read."""
+    root = write_synthetic_defects(tmp_path / "set", n_train=1, n_test_good=1, n_test_per_kind=2, image_size=32)
+    for kind in DEFECT_KINDS:
+        for path in sorted((root / "ground_truth" / kind).glob("*_mask.png")):
+            mask = Image.open(path)
+            assert mask.mode == "L" and set(np.unique(np.asarray(mask)).tolist()) == {0, 255}, path
+
+
 def test_folder_data_reads_mvtec_masks_resized_to_the_images(tmp_path):
     root = write_synthetic_defects(tmp_path / "set", n_train=2, n_test_good=2, n_test_per_kind=1, image_size=32)
     dm = OneClassDataModule(dataset="folder", root=str(root), load_size=48, batch_size=4)

@@ -49,6 +49,25 @@ def test_protocol_auroc_equals_dn2module_for_each_class(tmp_path, digits_cache):
     assert (tmp_path / "out" / "protocol.csv").read_text().startswith("normal_class,name,auroc")
 
 
+def test_protocol_unsupervised_row_equals_dn2module_with_the_same_contaminants_and_cleaning(tmp_path):
+    """The unsupervised setting against DN2Module + OneClassDataModule (an independent path to the same AUROC, bank
+    and contaminants), with a seed other than 0: guards contaminants_kept counting the normal rows kept, n_train
+    leaving the contaminants out and the contaminants drawn with seed 0 whatever ``seed`` says."""
+    from helpers import quiet_trainer
+
+    settings = dict(contamination=0.1, clean_fraction=0.3, clean_k=10)
+    result = run_protocol("digits", k=2, classes=[3], seed=1, cache_dir=str(tmp_path / "cache"), **settings, **FAST)
+    (row,) = result.classes
+    dm = OneClassDataModule("digits", normal_class=3, contamination=0.1, seed=1)
+    model = DN2Module(k=2, backbone="efficientnet_lite0", input_size=32, clean_fraction=0.3, clean_k=10, reports=False)
+    metrics = quiet_trainer().test(model, datamodule=dm)
+    assert row.auroc == pytest.approx(metrics[0]["test/auroc"], abs=1e-6)
+    assert row.n_train == len(dm.train_dataset) == int((~dm.train_is_contaminant).sum()) + 12  # 109 threes + 12
+    assert row.n_bank == len(model.bank)
+    kept = int(dm.train_is_contaminant[model.bank.sample_indices.cpu()].sum())  # contaminants left in the bank
+    assert row.contaminants_kept == kept < 12
+
+
 def test_embedding_cache_is_reused_and_stale_keys_are_recomputed(digits_cache, monkeypatch):
     first, labels = embed_split("digits", "test", cache_dir=digits_cache, **FAST)
     [cached] = list(Path(digits_cache).glob("digits-test-efficientnet_lite0-*.pt"))
@@ -183,6 +202,18 @@ def test_cache_key_names_the_device_type(tmp_path):
     on_cpu, on_cuda = protocol.embedding_cache_key(*args, "cpu"), protocol.embedding_cache_key(*args, "cuda")
     assert on_cpu["device"] == "cpu" and on_cuda["device"] == "cuda"
     assert {k: v for k, v in on_cpu.items() if k != "device"} == {k: v for k, v in on_cuda.items() if k != "device"}
+
+
+def test_a_bf16_extraction_is_never_served_the_float32_cache(tmp_path):
+    """The precision is part of the cache key: a bf16 run served the float32 embeddings cached by an earlier run
+    (or the reverse) would report the AUROC of the other precision."""
+    root, cache = str(write_mnist_test_split(tmp_path / "data", seed=1)), str(tmp_path / "cache")
+    fp32, _ = embed_split("mnist", "test", root=root, cache_dir=cache, **FAST)
+    bf16, _ = embed_split("mnist", "test", root=root, cache_dir=cache, precision="bf16", **FAST)
+    fresh, _ = embed_split("mnist", "test", root=root, use_cache=False, precision="bf16", **FAST)  # the reference
+    assert torch.equal(bf16, fresh) and not torch.allclose(bf16, fp32, rtol=0, atol=1e-6)
+    again, _ = embed_split("mnist", "test", root=root, cache_dir=cache, **FAST)
+    assert torch.equal(again, fp32)
 
 
 def test_a_cache_file_cut_short_warns_with_its_name_and_is_recomputed(tmp_path):

@@ -604,6 +604,17 @@ def test_synthetic_defects_take_one_kind_as_a_string_and_any_seed(tmp_path):
         write_synthetic_defects(tmp_path / "bad", seed=1.5, **small)
 
 
+def test_synthetic_image_sizes_below_32_are_refused(tmp_path):
+    """At 8 px a blob's radius (0.4-0.8 px) can miss every pixel centre: test images labelled defective with no
+    defect in them. Sizes below the documented minimum of 32 are refused before anything is written."""
+    from dn2_lightning.data.synthetic import write_synthetic_defects
+
+    for size in (8, 16, 31):
+        with pytest.raises(ValueError, match=rf"image_size={size} must be an integer >= 32"):
+            write_synthetic_defects(tmp_path / "set", image_size=size)
+    assert not (tmp_path / "set").exists()
+
+
 def test_a_checkpoint_cleaned_with_one_clean_k_is_refused_with_another(tmp_path):
     # the bank's clean_k was not checked: a clean_k=5 bank loaded with clean_k=50 kept the clean_k=5 cleaning silently
     dm = BlobDataModule()

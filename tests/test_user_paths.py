@@ -1231,6 +1231,21 @@ def test_numpy_numbers_in_settings_give_a_checkpoint_that_loads(tmp_path):
     assert test == pytest.approx(quiet_trainer().test(model, datamodule=dm, verbose=False)[0]["test/auroc"], abs=1e-7)
 
 
+def test_as_python_keeps_a_namedtuple_and_converts_what_is_around_it():
+    # a namedtuple rebuilt as type(value)(generator) is refused by its constructor (TypeError): settings holding one
+    # could no longer be stored; it keeps its own type and is left as it is
+    from collections import namedtuple
+
+    from dn2_lightning.validation import as_python
+
+    Window = namedtuple("Window", "low high")
+    window = Window(1, 2)
+    converted = as_python({"k": np.int64(3), "window": window, "pairs": [window, (np.float32(0.5), "x")]})
+    assert converted == {"k": 3, "window": window, "pairs": [window, (0.5, "x")]}
+    assert type(converted["window"]) is Window and type(converted["pairs"][0]) is Window
+    assert type(converted["k"]) is int and type(converted["pairs"][1][0]) is float
+
+
 @pytest.mark.parametrize("clean_fraction", [0.0, 0.3])
 def test_point_wise_group_threshold_draw_is_pinned_over_every_training_group(clean_fraction):
     # guards the draw picking members or removed rows by row id instead of group id (ids // members)
