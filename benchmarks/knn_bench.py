@@ -172,6 +172,16 @@ def load_before(path: str):
     return module
 
 
+def tiled_bank(bank: torch.Tensor, device: torch.device) -> knn.PreparedBank:
+    """The bank prepared with its float16 operand tiled (``knn._TILED_DEVICES``, off by default until measured)."""
+    tiled_devices = knn._TILED_DEVICES
+    knn._TILED_DEVICES = (*tiled_devices, device.type)
+    try:
+        return prepare_bank(bank, torch.float16)
+    finally:
+        knn._TILED_DEVICES = tiled_devices
+
+
 def methods(
     queries: torch.Tensor, bank: torch.Tensor, k: int, keops: bool, device: torch.device, before, dtypes: bool
 ) -> dict[str, tuple[Callable[[], object], StageClock | None]]:
@@ -198,6 +208,11 @@ def methods(
                 return knn_distances(queries, prepared, k, "torch", candidate_dtype=torch.float32)
 
         table["dn2 torch, float32 candidates under TF32"] = (tf32, clock)
+        tiled = tiled_bank(bank, device)
+        table["dn2 torch, float16 candidates, tiled operand"] = (
+            lambda: knn_distances(queries, tiled, k, "torch", candidate_dtype=torch.float16),
+            clock,
+        )
     if before is not None:
         old_prepared = before.prepare_bank(bank)
         table["dn2 torch before (--before), bank prepared once"] = (

@@ -33,20 +33,20 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int = 5) -> f
 def block_steps(q: torch.Tensor, rows: torch.Tensor, c: int, device: torch.device) -> list[tuple[str, float]]:
     """The candidate stage's steps on one query block x one bank block, each timed alone."""
     out = torch.empty(q.shape[0], rows.shape[0], dtype=rows.dtype, device=device)
-    out_t = torch.empty(rows.shape[0], q.shape[0], dtype=rows.dtype, device=device)  # bank-major
     group = knn._GROUP_ROWS
     width = rows.shape[0] // group * group
+    tile = group * knn._TILE_GROUPS
+    tiled = rows.shape[0] // tile * tile  # as if the operand were tiled (knn._TILED_DEVICES)
     steps = {
         "GEMM into the buffer": lambda: torch.mm(q, rows.T, out=out),
-        "GEMM into a bank-major buffer": lambda: torch.mm(rows, q.T, out=out_t),
         "group minima, consecutive rows (amin over the last dim)": lambda: (
             out[:, :width].unflatten(1, (-1, group)).amin(2)
         ),
         "group minima, strided rows (amin over a middle dim)": lambda: out[:, :width].unflatten(1, (group, -1)).amin(1),
-        "group minima of a bank-major block": lambda: out_t[:width].unflatten(0, (-1, group)).amin(1),
+        "group minima of a tiled block": lambda: out[:, :tiled].unflatten(1, (-1, group, knn._TILE_GROUPS)).amin(2),
         "top-k over every column": lambda: out.topk(c, dim=1, largest=False, sorted=False),
         "_block_topk (minima + top-k of groups + gather)": lambda: knn._block_topk(out, c, group),
-        "_block_topk of a bank-major block": lambda: knn._block_topk(out_t.T, c, group),
+        "_block_topk of a tiled block": lambda: knn._block_topk(out, c, group, tiled),
     }
     return [(name, timed(fn, device)) for name, fn in steps.items()]
 

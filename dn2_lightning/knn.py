@@ -81,6 +81,13 @@ _MAX_BANK_BLOCK_ROWS = {"cpu": 16384, "cuda": 65536}
 # minimum hold the c smallest values, so top-k runs over (rows / group) minima plus c * group values instead
 # of every row; the group minima also tell an uncertified query which groups can still hold a nearer row.
 _GROUP_ROWS = 32  # 16 to 64 time alike on the CPU (RESULTS.md section 4)
+# Devices whose float16/bfloat16 GEMM operand is stored tiled: within each tile of _GROUP_ROWS x _TILE_GROUPS rows,
+# a group's rows sit _TILE_GROUPS columns apart in the GEMM output, so its minimum is a reduction over a middle
+# dimension. On an H200 the minimum over 32 consecutive columns (the last dimension) took 1.19 ms per 2048 x
+# 65,536 block, half the search, and over 32 strided columns 0.11 ms (RESULTS.md section 25). Off until the whole
+# search is measured on a GPU with it: ("cuda",) turns it on.
+_TILED_DEVICES: tuple[str, ...] = ()
+_TILE_GROUPS = 256
 # Bytes per float64 operand in one chunk of the survivor recompute: in L2 cache on a CPU, large on a GPU;
 # never more than an eighth of the search's budget (a chunk's temporaries are about 2.5 times this).
 _PAIR_CHUNK_BYTES = {"cpu": 2**19, "cuda": 2**28}
@@ -119,6 +126,7 @@ class PreparedBank:
         max_norm: largest norm of ``rows`` (about 1 after scaling).
         source: ``[N, D]`` the bank as given; exact distances are computed from it in float64.
         scale: the power of two applied to ``rows`` (distances of ``rows`` are ``scale**2`` times the true ones).
+        tiled_rows: how many leading rows of ``low`` are stored tiled (see ``_TILED_DEVICES``); 0 = none.
     """
 
     center: Tensor
@@ -128,6 +136,7 @@ class PreparedBank:
     max_norm: float
     source: Tensor
     scale: float = 1.0
+    tiled_rows: int = 0
 
     @property
     def shape(self) -> torch.Size:
@@ -146,8 +155,8 @@ class PreparedBank:
         if self.low.dtype == dtype:
             return self
         rows = self.frame_rows()
-        low = _low_rows(rows, self.norms, dtype)
-        return replace(self, rows=rows if low is rows else None, low=low)
+        low, tiled = _low_rows(rows, self.norms, dtype)
+        return replace(self, rows=rows if low is rows else None, low=low, tiled_rows=tiled)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -221,8 +230,8 @@ def _prepare_bank(bank: Tensor, candidate_dtype: torch.dtype) -> PreparedBank:
         rows = _frame_rows(bank, center, scale)
         norms = squared_norms(rows)
     max_norm = math.sqrt(float(norms.max())) if n else 0.0
-    low = _low_rows(rows, norms, candidate_dtype)
-    return PreparedBank(center, rows if low is rows else None, norms, low, max_norm, bank, scale)
+    low, tiled = _low_rows(rows, norms, candidate_dtype)
+    return PreparedBank(center, rows if low is rows else None, norms, low, max_norm, bank, scale, tiled)
 
 
 def _frame_rows(bank: Tensor, center: Tensor, scale: float) -> Tensor:
@@ -238,16 +247,49 @@ def _frame_rows(bank: Tensor, center: Tensor, scale: float) -> Tensor:
     return rows
 
 
-def _low_rows(rows: Tensor, norms: Tensor, dtype: torch.dtype) -> Tensor:
-    """The candidate GEMM's bank operand (see :class:`PreparedBank`)."""
+def _low_rows(rows: Tensor, norms: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
+    """The candidate GEMM's bank operand (see :class:`PreparedBank`) and how many of its leading rows are tiled."""
     if dtype == torch.float32:
-        return rows
+        return rows, 0
     n, dim = rows.shape
     low = torch.zeros(n, (dim + 2 + 7) // 8 * 8, dtype=dtype, device=rows.device)
-    low[:, :dim] = rows
-    low[:, dim] = hi = norms.to(dtype)
-    low[:, dim + 1] = norms - hi.float()  # the norm to about 2u^2, in two low-precision terms
-    return low
+    hi = norms.to(dtype)
+    lo = norms - hi.float()  # the norm to about 2u^2, in two low-precision terms
+    g, tile = _GROUP_ROWS, _GROUP_ROWS * _TILE_GROUPS
+    tiled = n // tile * tile if rows.device.type in _TILED_DEVICES else 0
+
+    def fill(out: Tensor, part: Tensor, high: Tensor, low_part: Tensor) -> None:
+        out[..., :dim], out[..., dim], out[..., dim + 1] = part, high, low_part
+
+    if tiled:  # original row i*tile + t*g + s goes to position i*tile + s*_TILE_GROUPS + t
+        view = (-1, _TILE_GROUPS, g)
+        fill(
+            low[:tiled].view(-1, g, _TILE_GROUPS, low.shape[1]),
+            rows[:tiled].view(*view, dim).transpose(1, 2),
+            hi[:tiled].view(view).transpose(1, 2),
+            lo[:tiled].view(view).transpose(1, 2),
+        )
+    fill(low[tiled:], rows[tiled:], hi[tiled:], lo[tiled:])
+    return low, tiled
+
+
+def _tiled_positions(columns: Tensor, tiled: int, group: int) -> Tensor:
+    """GEMM output positions of block ``columns`` (bank rows counted from the block's start) whose first ``tiled``
+    rows are stored tiled; the others are where they are."""
+    if not tiled:
+        return columns
+    tile = group * _TILE_GROUPS
+    rem = columns % tile
+    return torch.where(columns < tiled, columns - rem + rem % group * _TILE_GROUPS + rem // group, columns)
+
+
+def _tiled_columns(positions: Tensor, tiled: int, group: int) -> Tensor:
+    """The inverse of :func:`_tiled_positions`: block rows of GEMM output positions."""
+    if not tiled:
+        return positions
+    tile = group * _TILE_GROUPS
+    rem = positions % tile
+    return torch.where(positions < tiled, positions - rem + rem % _TILE_GROUPS * group + rem // _TILE_GROUPS, positions)
 
 
 def _low_queries(q: Tensor, low: Tensor) -> Tensor:
@@ -508,7 +550,8 @@ def _torch_knn(queries: Tensor, bank: PreparedBank, k: int, max_memory_bytes: in
     m, (n, dim) = queries.shape[0], bank.shape
     num_candidates = min(n, 2 * k + 8)
     low = bank.low.dtype
-    query_rows, bank_rows = _block_sizes(m, n, dim, num_candidates, max_memory_bytes, bank.device, low.itemsize)
+    tile = _GROUP_ROWS * _TILE_GROUPS if bank.tiled_rows else _GROUP_ROWS
+    query_rows, bank_rows = _block_sizes(m, n, dim, num_candidates, max_memory_bytes, bank.device, low.itemsize, tile)
     planned = query_rows * (bank_rows * low.itemsize + _per_query_bytes(n, dim, num_candidates, low.itemsize))
     ensure_fits(planned, bank.device, "the kNN search's temporary buffers")
     buffer = torch.empty(query_rows, bank_rows, dtype=low, device=bank.device)
@@ -669,16 +712,26 @@ def _frame_queries(
 
 
 def _block_sizes(
-    m: int, n: int, dim: int, num_candidates: int, budget: int, device: torch.device, itemsize: int = 4
+    m: int,
+    n: int,
+    dim: int,
+    num_candidates: int,
+    budget: int,
+    device: torch.device,
+    itemsize: int = 4,
+    tile: int = _GROUP_ROWS,
 ) -> tuple[int, int]:
     """Rows of queries and of the bank per block. The GEMM output block is one reused buffer of at most
     ``_GEMM_BUFFER_VALUES`` values and half of ``budget``; the block's group minima over the whole bank, its
-    float64 copy for the recompute and the per-query candidates share the other half."""
+    float64 copy for the recompute and the per-query candidates share the other half. Blocks smaller than the bank
+    hold whole groups, and whole tiles of ``tile`` rows for a tiled operand (see ``_TILED_DEVICES``)."""
     kind = torch.device(device).type
     values = max(num_candidates, min(_GEMM_BUFFER_VALUES.get(kind, 2**27), budget // (2 * itemsize)))
     group = _GROUP_ROWS
     bank_rows = max(num_candidates, min(n, _MAX_BANK_BLOCK_ROWS.get(kind, 65536), values))
     bank_rows = min(n, -(-bank_rows // group) * group)  # whole groups, so that groups align across blocks
+    if bank_rows < n and tile > group:  # whole tiles of a tiled operand (see _TILED_DEVICES)
+        bank_rows = min(n, max(tile, bank_rows // tile * tile))
     query_rows = max(1, min(m, values // bank_rows, budget // (2 * _per_query_bytes(n, dim, num_candidates, itemsize))))
     return query_rows, bank_rows
 
@@ -754,7 +807,8 @@ def _gemm_candidates(
             torch.addmm(bank.norms[None, start : start + block.shape[0]], q_low, block.T, alpha=-2, out=out)
         else:
             torch.mm(q_low, block.T, out=out)
-        mins, values, indices = _block_topk(out, c, group)
+        tiled = min(block.shape[0], max(0, bank.tiled_rows - start))
+        mins, values, indices = _block_topk(out, c, group, tiled)
         group_mins[:, start // group : start // group + mins.shape[1]] = mins
         if start:
             indices += start
@@ -767,24 +821,31 @@ def _gemm_candidates(
         return values, best_indices.gather(1, order), group_mins
 
 
-def _block_topk(out: Tensor, c: int, group: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Group minima of one GEMM block ``[queries, rows]`` and its c smallest values with their columns.
+def _block_topk(out: Tensor, c: int, group: int, tiled: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Group minima of one GEMM block ``[queries, rows]`` and its c smallest values with their columns (block
+    rows); the block's first ``tiled`` rows are stored tiled (see ``_TILED_DEVICES``).
 
     The c groups with the smallest minima hold the c smallest values (any other group's minimum is at least
     the c-th smallest of theirs), so the top-k runs over the minima and then over c * group values."""
     width = out.shape[1]
-    full = width // group * group
-    mins = out[:, :full].unflatten(1, (width // group, group)).amin(2)
+    parts = []
+    if tiled:  # a tile's group t holds its columns t, t + _TILE_GROUPS, ...: a reduction over a middle dimension
+        parts.append(out[:, :tiled].unflatten(1, (-1, group, _TILE_GROUPS)).amin(2).flatten(1))
+    full = tiled + (width - tiled) // group * group
+    if full > tiled:
+        parts.append(out[:, tiled:full].unflatten(1, (-1, group)).amin(2))
     if full < width:
-        mins = torch.cat([mins, out[:, full:].amin(1, keepdim=True)], 1)
+        parts.append(out[:, full:].amin(1, keepdim=True))
+    mins = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
     c = min(c, width)
     if mins.shape[1] <= c:  # small block: every column is a candidate
-        values, columns = out.topk(c, dim=1, largest=False, sorted=False)
-        return mins, values, columns
+        values, positions = out.topk(c, dim=1, largest=False, sorted=False)
+        return mins, values, _tiled_columns(positions, tiled, group)
     _, groups = mins.topk(c, dim=1, largest=False, sorted=False)
     columns = (groups[:, :, None] * group + torch.arange(group, device=out.device)).flatten(1)
     inside = columns < width
-    values = out.gather(1, columns.clamp_max(width - 1)).masked_fill_(~inside, math.inf)
+    positions = _tiled_positions(columns.clamp_max(width - 1), tiled, group)
+    values = out.gather(1, positions).masked_fill_(~inside, math.inf)
     values, pos = values.topk(c, dim=1, largest=False, sorted=False)
     return mins, values, columns.gather(1, pos)
 
