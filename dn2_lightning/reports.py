@@ -8,7 +8,8 @@ number, so a run never overwrites an earlier one)::
     config.yaml                    the run's config, for `dn2 ... --config` (runs of the `dn2` command only)
     summary.json                   k, ckpt_path, n_scored, n_flagged, threshold and how it was set (threshold_source:
                                    "value" or the quantile's, threshold_quantile), AUROC (labelled data),
-                                   files, escaped paths
+                                   files (those of other report callbacks too, e.g. the anomaly maps), escaped
+                                   paths; with anomaly maps, a test's pixel_auroc and pro (as logged)
     figures/roc.png                ROC with the operating point (labelled data only)
     figures/score_histogram.png    score distribution with the threshold
     figures/top_anomalies.png      the most anomalous images with their scores and file names
@@ -342,7 +343,8 @@ def save_figures(
             if name_of is not None:
                 title += "\n" + _short(display_path(name_of(index)))
             ax.set_title(title, fontsize=7)
-        fig.suptitle("Most anomalous samples (score; A = labelled anomalous)", fontsize=9)
+        marker = "; A = labelled anomalous" if any(labels[i] >= 0 for i in top[: len(images)]) else ""
+        fig.suptitle(f"Most anomalous samples (score{marker})", fontsize=9)
         written["top_anomalies"] = _save(fig, out_dir / "top_anomalies.png")
     return written
 
@@ -408,6 +410,10 @@ class EvaluationReport(Callback):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._report is not None:
             summary, out, files = self._report
+            listed = {name: path for name, path in self._listed.items() if _listing(path)}
+            if listed:  # written after the summary (e.g. the anomaly maps): recorded in it too
+                summary["files"].update({name: display_path(str(p)) for name, p in listed.items()})
+                write_summary(summary, files["summary"])
             info(_describe(summary, out, {**files, **self._listed}))  # the dn2_lightning logger, as README says
         self._report, self._listed = None, {}
 
@@ -476,6 +482,7 @@ class EvaluationReport(Callback):
             files["config"] = out / "config.yaml"
         summary = summarize(stage, scores, threshold)
         summary.update(threshold_source(pl_module, threshold))
+        summary.update(pixel_summary(trainer, pl_module, stage))
         hparams = getattr(pl_module, "hparams", {})
         summary["k"] = hparams.get("k")  # what the scores were computed with, beside the checkpoint they came from
         summary["ckpt_path"] = str(trainer.ckpt_path) if trainer.ckpt_path else None
@@ -545,6 +552,18 @@ def threshold_source(pl_module: LightningModule, threshold: float | None) -> dic
         return {"threshold_source": "value", "threshold_quantile": None}
     quantile = hparams.get("threshold_quantile")
     return {"threshold_source": QUANTILE_SOURCE if quantile is not None else None, "threshold_quantile": quantile}
+
+
+PIXEL_METRICS = ("pixel_auroc", "pro")  # logged as test/<name> by DN2Module(anomaly_maps=True)
+
+
+def pixel_summary(trainer: Trainer, pl_module: LightningModule, stage: str) -> dict[str, Any]:
+    """A test's pixel metrics, for ``summary.json``: ``pixel_auroc`` and ``pro`` as logged (``None`` when the masks
+    had no anomalous pixel) for a model with anomaly maps; ``{}`` otherwise (no key added)."""
+    if stage != "test" or getattr(pl_module, "maps", None) is None:
+        return {}
+    metrics = trainer.callback_metrics
+    return {name: float(metrics[f"test/{name}"]) if f"test/{name}" in metrics else None for name in PIXEL_METRICS}
 
 
 def _dataset_of(trainer: Trainer, stage: str) -> tuple[Any, Any]:
@@ -654,6 +673,10 @@ def _describe(summary: dict[str, Any], out: Path, files: dict[str, Path]) -> str
         line += f"{summary['n_scored']} samples, none flagged (no threshold: the bank is too small)"
     if summary["auroc"] is not None:
         line += f", AUROC {summary['auroc']:.4f}"
+    if summary.get("pixel_auroc") is not None:
+        line += f", pixel AUROC {summary['pixel_auroc']:.4f}"
+    if summary.get("pro") is not None:
+        line += f", PRO {summary['pro']:.4f}"
     listing = "\n".join(entry for p in files.values() if (entry := _listing(p)))
     return f"{line}.\nDN2 reports written to {display_path(str(out))}:\n{listing}"
 

@@ -18,13 +18,16 @@ from dn2_lightning.validation import check_threshold
 if TYPE_CHECKING:
     from dn2_lightning.module import DN2Module
 
+_threshold_lines_said = 0  # explanations said in this process, by every module: "(as above)" follows one's own only
+
 
 class DecisionThreshold:
     """DN2Module's threshold (a mixin): ``threshold``, ``set_threshold``, ``normalized`` and what they say.
 
     State (set by ``DN2Module.__init__``): ``_fixed_threshold`` (value, k) of a fixed threshold, i.e. the k whose
-    scores it was set for; ``_threshold_said`` (the last explanation printed); ``_warned_no_threshold``,
-    ``_warned_few_threshold_scores`` and ``_warned_threshold_k`` (warnings said once per change)."""
+    scores it was set for; ``_threshold_said`` (the last explanation printed, with its number among this process's);
+    ``_warned_no_threshold``, ``_warned_few_threshold_scores`` and ``_warned_threshold_k`` (warnings said once per
+    change)."""
 
     @property
     def threshold(self) -> Tensor:
@@ -95,11 +98,14 @@ class DecisionThreshold:
         )
 
     def _say_threshold(self) -> str:
-        """The threshold's description: in full the first time, then by its value while it stays the same."""
+        """The threshold's description: in full the first time, then by its value while it stays the same and no
+        other module (another model in this process) has said its own since."""
+        global _threshold_lines_said
         text = self._describe_threshold()
-        if text == self._threshold_said:
+        if self._threshold_said == (text, _threshold_lines_said):
             return text.split(" (", 1)[0] + " (as above)"
-        self._threshold_said = text
+        _threshold_lines_said += 1
+        self._threshold_said = (text, _threshold_lines_said)
         return text
 
     def _warn_if_no_threshold(self) -> None:

@@ -567,6 +567,37 @@ def test_predicted_maps_get_one_file_per_image_and_every_map_file_is_listed(smal
     assert str(tmp_path / "runs" / "dn2_reports" / "test_0" / "figures" / "anomaly_maps.png") in text
 
 
+def test_the_reports_of_a_model_with_maps_give_pixel_auroc_pro_and_the_map_files(small_set, tmp_path):
+    """summary.json and the report line printed at the end of a test gave the image AUROC only: no pixel AUROC or
+    PRO (logged as test/pixel_auroc, test/pro), and summary.json named no anomaly-map file."""
+    import json
+
+    dm = OneClassDataModule(dataset="folder", root=str(small_set), load_size=32, batch_size=5)
+    model = DN2Module(backbone=tiny_conv(), anomaly_maps=True, map_layers=["1", "3"], map_images=3)
+    trainer = quiet_trainer(default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=dm)
+    with dn2_messages() as messages:
+        results = trainer.test(model, datamodule=dm)[0]
+        trainer.predict(model, datamodule=dm)
+    tested, predicted = tmp_path / "dn2_reports" / "test_0", tmp_path / "dn2_reports" / "predict_0"
+    summary = json.loads((tested / "summary.json").read_text())
+    assert summary["pixel_auroc"] == pytest.approx(results["test/pixel_auroc"], abs=1e-6)
+    assert summary["pro"] == pytest.approx(results["test/pro"], abs=1e-6)
+    assert summary["files"]["anomaly_maps"] == str(tested / "figures" / "anomaly_maps.png")
+    line = next(m for m in messages if m.startswith("DN2 test report: "))
+    expected = f", AUROC {summary['auroc']:.4f}, pixel AUROC {summary['pixel_auroc']:.4f}, PRO {summary['pro']:.4f}."
+    assert expected in line, line
+    assert str(tested / "figures" / "anomaly_maps.png") in line
+    summary = json.loads((predicted / "summary.json").read_text())
+    assert summary["files"]["anomaly_map_pngs"] == str(predicted / "anomaly_maps")
+    assert "pixel_auroc" not in summary and "pro" not in summary  # no masks to measure against
+
+    plain = DN2Module(backbone=tiny_conv())  # no maps: the summary's keys and the line as before
+    quiet_trainer(default_root_dir=tmp_path / "plain").test(plain, datamodule=dm)
+    summary = json.loads((tmp_path / "plain" / "dn2_reports" / "test_0" / "summary.json").read_text())
+    assert "pixel_auroc" not in summary and "pro" not in summary and "anomaly_maps" not in summary["files"]
+
+
 def test_a_map_is_drawn_over_the_original_image_at_its_own_size():
     from dn2_lightning.maps import map_overlay
 

@@ -616,3 +616,31 @@ def test_tuples_that_carry_their_index_are_drawn_by_it_or_not_at_all(tmp_path):
         trainer.test(model, DataLoader(TensorDataset(images, labels, torch.arange(10).flip(0)), batch_size=4))
     latest = sorted((tmp_path / "dn2_reports").glob("test_*"))[-1]
     assert "top_anomalies" not in json.loads((latest / "summary.json").read_text())["files"]
+
+
+def top_anomalies_title(tmp_path: Path, labels: list[int], monkeypatch) -> str:
+    """The title of ``figures/top_anomalies.png`` drawn for samples with these ``labels``."""
+    import dn2_lightning.reports as reports
+
+    titles, save = {}, reports._save
+
+    def spy(fig, path: Path) -> Path:
+        titles[path.name] = fig._suptitle.get_text() if fig._suptitle is not None else None
+        return save(fig, path)
+
+    monkeypatch.setattr(reports, "_save", spy)
+    n = len(labels)
+    zeros = torch.zeros(n, dtype=torch.long)
+    scores = AnomalyScores(
+        torch.arange(n), torch.linspace(0, 1, n), torch.tensor(labels), zeros[:, None], torch.zeros(n, 1)
+    )
+    reports.save_figures(scores, tmp_path / f"figures_{labels[0]}", image_of=lambda i: torch.rand(3, 8, 8))
+    return titles["top_anomalies.png"]
+
+
+def test_top_anomalies_name_the_label_marker_only_when_a_sample_shown_is_labelled(tmp_path, monkeypatch):
+    """A predict run over unlabelled data (labels -1) was titled "... (score; A = labelled anomalous)", a marker no
+    sample shown could carry."""
+    assert top_anomalies_title(tmp_path, [-1] * 5, monkeypatch) == "Most anomalous samples (score)"
+    labelled = "Most anomalous samples (score; A = labelled anomalous)"
+    assert top_anomalies_title(tmp_path, [0, 0, 1, 0, 1], monkeypatch) == labelled

@@ -177,6 +177,25 @@ def test_the_console_explains_the_threshold_once_and_then_gives_its_value():
         assert "training groups' leave-one-out scores: about 5.67% of normal groups are flagged" in bank_line, bank_line
 
 
+def test_as_above_follows_only_the_modules_own_threshold_line():
+    """Two models in one process: after model B explained its threshold, model A's next line said "threshold ...
+    (as above)", pointing at B's different threshold."""
+    a = DN2Module(k=2, backbone=linear_backbone(0), reports=False)
+    b = DN2Module(k=2, backbone=linear_backbone(1), reports=False)
+    dm_a, dm_b = BlobDataModule(seed=0), BlobDataModule(seed=1)
+    quiet_trainer().fit(a, datamodule=dm_a)
+    quiet_trainer().fit(b, datamodule=dm_b)
+    assert f"{float(a.threshold):.6g}" != f"{float(b.threshold):.6g}"
+    with dn2_messages() as messages:
+        quiet_trainer().test(a, datamodule=dm_a)
+        quiet_trainer().test(b, datamodule=dm_b)
+        quiet_trainer().test(b, datamodule=dm_b)
+    explained = f"threshold {float(a.threshold):.6g} (quantile 0.99 of the training images' leave-one-out scores"
+    assert explained in messages[0], messages  # B explained its threshold since A's last line
+    assert "(quantile 0.99 of the training images' leave-one-out" in messages[1], messages
+    assert messages[2].endswith(f"threshold {float(b.threshold):.6g} (as above)."), messages  # its own line above
+
+
 def test_a_fixed_threshold_travels_with_a_plain_state_dict(tmp_path):
     """The threshold lived only in the hyperparameters: DN2Module(...).load_state_dict(other.state_dict()) (the path
     dn2 advises for files of torch.save(model.state_dict())) scored with the quantile threshold instead of the value
