@@ -25,6 +25,7 @@ import contextlib
 import inspect
 import itertools
 import logging
+import os
 import shutil
 import textwrap
 import typing
@@ -45,7 +46,7 @@ from dn2_lightning.backbones import BackboneWeightsNotFoundError, list_backbones
 from dn2_lightning.checkpointing import readable_checkpoint
 from dn2_lightning.console import info
 from dn2_lightning.data import GroupDataModule, OneClassDataModule, list_datasets
-from dn2_lightning.help_format import DN2HelpFormatter, plain_text
+from dn2_lightning.help_format import DN2HelpFormatter, SuggestingParserMixin, plain_text
 from dn2_lightning.module import CUSTOM_BACKBONE, DN2Module
 
 try:  # how jsonargparse defers --print_config (no public API): without it, it prints before --ckpt_path applies
@@ -129,9 +130,10 @@ BANK_HPARAMS = (
 )  # fmt: skip
 
 
-class DN2ArgumentParser(LightningArgumentParser):
+class DN2ArgumentParser(SuggestingParserMixin, LightningArgumentParser):
     """Lightning's parser with :class:`DN2HelpFormatter` by default, also for the parsers jsonargparse makes
-    from it (``--data.help CLASS`` builds ``type(parser)(...)``)."""
+    from it (``--data.help CLASS`` builds ``type(parser)(...)``), and "did you mean --model.k?" after an unknown
+    option."""
 
     def __init__(self, *args: Any, formatter_class: type[argparse.HelpFormatter] = DN2HelpFormatter, **kwargs: Any):
         super().__init__(*args, formatter_class=formatter_class, **kwargs)
@@ -182,6 +184,19 @@ class DN2CLI(LightningCLI):
         line error (usage, the message, exit code 2), as a value outside a choice is, not as a traceback."""
         with self._refusals_as_usage_errors():
             super().instantiate_classes()
+        self._save_absolute_data_root()
+
+    def _save_absolute_data_root(self) -> None:
+        """The run's saved config.yaml files (the log dir's, the report folder's) name the folder the run read: this
+        package's datamodules read a relative ``root`` (``--data.root=parts``) from the working directory, so it is
+        saved absolute, as reports and checkpoints name files; else ``--config`` of it from another directory
+        would read another folder. ``--print_config`` (printed before this) keeps the text as given."""
+        if not isinstance(self.datamodule, OneClassDataModule | GroupDataModule):
+            return  # another datamodule's root may mean something else
+        config = self.config.get(str(self.subcommand), self.config)  # (what SaveConfigCallback holds and saves)
+        root = config.get("data.init_args.root")
+        if isinstance(root, str) and not os.path.isabs(root):
+            config["data.init_args.root"] = os.path.abspath(root)  # as the datamodules resolve it
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Lightning's, with a setting that DN2 refuses while the run starts (a checkpoint's bank against other

@@ -1,14 +1,21 @@
-"""The help formatter of ``dn2`` and ``dn2-protocol``: jsonargparse's, shortened.
+"""The help formatter of ``dn2`` and ``dn2-protocol``: jsonargparse's, shortened; and their parsers' "did you
+mean" hint for a mistyped option.
 
 Its own module so that ``dn2-protocol`` can use it without importing Lightning (seconds of start-up)."""
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import importlib
+import inspect
 import re
 import textwrap
+from typing import Any, NoReturn
 
-from jsonargparse import DefaultHelpFormatter
+from jsonargparse import ArgumentParser, DefaultHelpFormatter
+
+DID_YOU_MEAN = "did you mean"
 
 
 class DN2HelpFormatter(DefaultHelpFormatter):
@@ -64,3 +71,64 @@ def plain_text(text: str) -> str:
     text = re.sub(r":(?:func|meth):`~?([^`]+)`", r"\1()", text)
     text = re.sub(r":\w+:`~?([^`]+)`", r"\1", text)
     return text.replace("``", "")
+
+
+# ------------------------------------------------------------------------------------------------ did you mean
+
+
+class SuggestingParserMixin:
+    """A jsonargparse parser whose error for an unknown option adds the closest known ones: ``unrecognized
+    arguments: --model.kk=3 (did you mean --model.k?)``. For a subcommand's option the subcommand's parser is
+    searched (jsonargparse prints its usage too)."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        parser = getattr(ex, "subcommand_parser", None) or self
+        super().error(with_suggestions(message, parser), ex)  # type: ignore[misc]
+
+
+class SuggestingArgumentParser(SuggestingParserMixin, ArgumentParser):
+    """jsonargparse's parser with :class:`SuggestingParserMixin`'s hint (``dn2-protocol``)."""
+
+
+def with_suggestions(message: str, parser: argparse.ArgumentParser) -> str:
+    """``message`` with "(did you mean --NAME?)" for each option it names as unknown that is close to one of
+    ``parser``'s: jsonargparse's "unrecognized arguments: ..." and a subclass's "Option 'name' is not accepted"
+    (``--data.normal_clas``: the options of the class the config's class_path names). Unchanged otherwise."""
+    if DID_YOU_MEAN in message:  # (once, should an error pass through a parent parser's)
+        return message
+    hints = []
+    unknown = re.match(r"unrecognized arguments: (.*)", message, re.DOTALL)
+    if unknown:
+        known = [
+            option
+            for action in parser._actions
+            if action.help != argparse.SUPPRESS
+            for option in action.option_strings
+            if option.startswith("--")
+        ]
+        for token in unknown.group(1).split():
+            if token.startswith("--"):
+                hints += _close(token.split("=", 1)[0], known)
+    group = re.match(r'Parser key "([\w.]+)"', message)
+    for class_path, name in re.findall(r"class_path '([\w.]+)':\s+Option '(\w+)' is not accepted", message):
+        prefix = f"--{group.group(1)}." if group else "--"
+        hints += _close(prefix + name, [prefix + known for known in _init_parameters(class_path)])
+    if not hints:
+        return message
+    separator = "\n" if "\n" in message.rstrip() else " "  # after a multi-line error: on a line of its own
+    return f"{message.rstrip()}{separator}({DID_YOU_MEAN} {' or '.join(dict.fromkeys(hints))}?)"
+
+
+def _close(option: str, known: list[str]) -> list[str]:
+    return difflib.get_close_matches(option, known, n=1, cutoff=0.75)
+
+
+def _init_parameters(class_path: str) -> list[str]:
+    """The ``__init__`` parameters of the class ``class_path`` names; none when it cannot be imported."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls: Any = getattr(importlib.import_module(module), name)
+        parameters = inspect.signature(cls.__init__).parameters
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return []
+    return [n for n, p in parameters.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]

@@ -148,7 +148,8 @@ def embed_split(
         batch_size, device: extraction batch size; ``"auto"``, ``"cpu"`` or ``"cuda"``.
         cache_dir, use_cache: the cache folder (default ``<data root>/embeddings``) and whether to use it.
         precision: ``"32"`` or ``"bf16"``.
-        progress: show a progress bar; ``None`` = only when stdout is a terminal.
+        progress: show a progress bar; ``None`` = only when stdout is a terminal, else one line on stderr when
+            the extraction starts and one when it ends (or one for a cache hit); ``False`` = nothing.
     """
     check_choice("precision", precision, PRECISIONS)
     check_input_size(input_size)
@@ -160,19 +161,23 @@ def embed_split(
     if use_cache:
         key = embedding_cache_key(source, dataset, split, backbone, input_size, pretrained, precision, target.type)
     path = None
+    description = f"embedding {dataset} {split} ({len(source)} images)"
     if key is not None:
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         readable = re.sub(r"[^\w.-]", "_", backbone)  # a registered name may hold "/" (the digest keeps it apart)
         path = Path(cache_dir or default_data_root() / "embeddings") / f"{dataset}-{split}-{readable}-{digest}.pt"
         cached = (load_cached(path, key) or {}).get("embeddings")
         if isinstance(cached, Tensor) and cached.ndim == 2 and len(cached) == len(source):
+            _say(progress, f"{description}: from the cache")
             return cached, source.labels
+    start = time.perf_counter()
+    _say(progress, f"{description} on {target} ...")
     extractor = build_backbone(backbone, pretrained=pretrained, image_size=input_size).to(target).eval()
     images = ArrayImageDataset(source.images, source.labels)
-    description = f"embedding {dataset} {split} ({len(source)} images)"
     embeddings = extract_embeddings(extractor, images, batch_size, target, precision, progress, description)
     if path is not None:
         save_atomic({"key": key, "embeddings": embeddings}, path)
+    _say(progress, f"embedding {dataset} {split}: done in {time.perf_counter() - start:.1f} s")
     return embeddings, source.labels
 
 
@@ -306,6 +311,13 @@ def _progress_bar(enabled: bool | None):
     return Progress(*columns, disable=not show)
 
 
+def _say(progress: bool | None, line: str) -> None:
+    """``line`` on stderr when ``progress=None`` shows no bar (stdout is not a terminal, e.g. a job's log): one line
+    per phase, so a log shows the run alive; stdout keeps the table alone."""
+    if progress is None and not sys.stdout.isatty():
+        print(line, file=sys.stderr, flush=True)
+
+
 def resolve_classes(classes: Sequence[int | str] | None, names: Sequence[str]) -> list[int]:
     """Class indices to evaluate: all of ``names`` for ``None``, else each entry resolved like
     ``OneClassDataModule(normal_class=...)`` (an index or a case-insensitive name).
@@ -372,7 +384,7 @@ def run_protocol(
         precision: ``"32"`` or ``"bf16"`` (bfloat16 autocast during extraction).
         out: folder for protocol.md/.csv/.json.
         progress: progress bars for the extraction and the class loop; ``None`` = only when stdout is a
-            terminal.
+            terminal, else one line per phase on stderr (a job's log shows what runs); ``False`` = nothing.
     """
     start = time.perf_counter()
     check_choice("dataset", dataset, list_datasets())
@@ -434,6 +446,8 @@ def run_protocol(
         "precision": precision,
     }
     result = ProtocolResult(dataset, backbone, input_size or spec.image_size, k, settings)
+    scoring = time.perf_counter()
+    _say(progress, f"scoring {len(chosen)} class{'es' if len(chosen) > 1 else ''} as the normal one ...")
     with _progress_bar(progress) as bar:
         for c in bar.track(chosen, description="scoring each class as the normal one"):
             normal, contaminants = banks[c]
@@ -447,6 +461,7 @@ def run_protocol(
             scores = knn_scores(knn_distances(test, bank, k, knn_backend)).cpu()
             auroc = rank_auroc(scores, test_labels != c)
             result.classes.append(ClassResult(c, names[c], auroc, len(rows), len(bank), kept))
+    _say(progress, f"scoring: done in {time.perf_counter() - scoring:.1f} s")
     result.seconds = time.perf_counter() - start
     print(result.to_markdown())
     print(
@@ -517,10 +532,17 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of ``dn2-protocol`` (``args`` defaults to the command line)."""
     from jsonargparse import CLI
 
-    from .help_format import DN2HelpFormatter
+    from .help_format import DN2HelpFormatter, SuggestingArgumentParser
 
     arguments = join_list_option(sys.argv[1:] if args is None else args)
-    CLI(run_protocol, as_positional=False, args=arguments, prog="dn2-protocol", formatter_class=DN2HelpFormatter)
+    CLI(
+        run_protocol,
+        as_positional=False,
+        args=arguments,
+        prog="dn2-protocol",
+        formatter_class=DN2HelpFormatter,
+        parser_class=SuggestingArgumentParser,  # "did you mean --backbone?" after a mistyped option
+    )
 
 
 if __name__ == "__main__":

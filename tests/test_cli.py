@@ -216,6 +216,31 @@ def test_a_setting_dn2_refuses_is_a_command_line_error_not_a_traceback(flags, me
     assert "Traceback" not in err and "Union subtypes" not in err and len(err.splitlines()) < 10
 
 
+@pytest.mark.parametrize(
+    ("flags", "hint"),
+    [
+        (["--model.kk=3"], "unrecognized arguments: --model.kk=3 (did you mean --model.k?)"),
+        (["--trainer.max_epohcs=3"], "(did you mean --trainer.max_epochs?)"),
+        (["--model.kk=3", "--trainer.max_epohcs=3"], "(did you mean --model.k or --trainer.max_epochs?)"),
+        (["--data.normal_clas=3"], "Option 'normal_clas' is not accepted"),  # the data class's options
+    ],
+    ids=["model", "trainer", "two", "data"],
+)
+def test_a_mistyped_option_is_refused_with_the_closest_known_one(flags, hint, capsys):
+    """A typo got jsonargparse's "unrecognized arguments: --model.kk=3" and no more; now the closest option too.
+    (``--trainer.max_epoch``, a prefix, is no error: jsonargparse 4 expands it, deprecated in 5.)"""
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(["test", "--config", "configs/digits.yaml", *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "usage: dn2 test" in err and "Traceback" not in err
+    assert hint in err, err
+    if "data" in flags[0]:
+        assert "(did you mean --data.normal_class?)" in err, err
+    with pytest.raises(SystemExit):  # nothing close: jsonargparse's message as it was
+        build_cli(["test", "--config", "configs/digits.yaml", "--zzzzz=1"])
+    assert capsys.readouterr().err.splitlines()[-1] == "error: unrecognized arguments: --zzzzz=1"
+
+
 def test_subcommands_are_described_in_dn2_terms(monkeypatch, capsys):
     monkeypatch.setenv("COLUMNS", "80")
     text = " ".join(help_text(["--help"], capsys).split())  # unwrapped
@@ -507,6 +532,36 @@ def test_every_report_folder_keeps_its_runs_config_and_rerunning_it_gives_the_sa
     after = read_report(rerun_dir / "dn2_reports" / "test_0" / "scores.csv")
     assert [row["score"] for row in after] == [row["score"] for row in before] and len(before) > 300
     assert "config" in json.loads((rerun_dir / "dn2_reports" / "test_0" / "summary.json").read_text())["files"]
+
+
+def test_the_saved_configs_name_the_data_folder_the_run_read_from_any_directory(tmp_path, monkeypatch):
+    """``--data.root=parts`` was saved as ``root: parts`` in the run's config.yaml files, so ``--config`` of one run
+    from another directory read another folder, or none; they now name the folder the run read."""
+    import numpy as np
+    from PIL import Image
+
+    from dn2_lightning.reports import read_report
+
+    rng = np.random.default_rng(0)
+    for folder, n in (("train", 4), ("test/good", 2), ("test/scratch", 2)):
+        (tmp_path / "parts" / folder).mkdir(parents=True)
+        for i in range(n):
+            image = Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+            image.save(tmp_path / "parts" / folder / f"{i}.png")
+    config = Path("configs/folder.yaml").resolve()
+    monkeypatch.chdir(tmp_path)
+    run = ["--trainer.logger=false", "--data.load_size=32", *FAST]
+    build_cli(["test", "--config", str(config), "--data.root=parts", "--trainer.default_root_dir=run", *run])
+    parts = os.path.join(os.getcwd(), "parts")
+    saved = [Path("run") / "config.yaml", Path("run") / "dn2_reports" / "test_0" / "config.yaml"]
+    for path in saved:
+        assert yaml.safe_load(path.read_text())["data"]["init_args"]["root"] == parts, path
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    build_cli(["test", "--config", str(tmp_path / saved[1]), f"--trainer.default_root_dir={tmp_path / 'rerun'}"])
+    before = read_report(tmp_path / "run" / "dn2_reports" / "test_0" / "scores.csv")
+    after = read_report(tmp_path / "rerun" / "dn2_reports" / "test_0" / "scores.csv")
+    assert [row["score"] for row in after] == [row["score"] for row in before] and len(before) == 4
 
 
 def test_ckpt_path_takes_the_model_settings_a_run_leaves_out_from_the_checkpoint(tmp_path, caplog):

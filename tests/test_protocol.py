@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -350,6 +351,16 @@ def test_command_line_takes_space_separated_classes_and_input_size(digits_cache,
         main([*args[:2], "--input_size", "16", *args[4:], "--backbone", "efficientnet_lite0", "--classes", "3"])
 
 
+def test_a_mistyped_option_is_refused_with_the_closest_known_one(capsys, no_extraction):
+    """``--bakcbone x`` got "unrecognized arguments" and no more; ``--backbon`` (a prefix) is expanded by
+    jsonargparse 4, so it is no error."""
+    with pytest.raises(SystemExit) as refused:
+        main(["--dataset", "digits", "--bakcbone", "resnet18"])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and "usage: dn2-protocol" in err
+    assert err.splitlines()[-1] == "error: unrecognized arguments: --bakcbone resnet18 (did you mean --backbone?)"
+
+
 def test_progress_bars_on_request(tmp_path, digits_cache, capsys):
     root = write_mnist_test_split(tmp_path / "data", seed=6)
     embed_split("mnist", "test", root=str(root), use_cache=False, progress=True, **FAST)
@@ -358,6 +369,33 @@ def test_progress_bars_on_request(tmp_path, digits_cache, capsys):
     assert capsys.readouterr().out == ""
     run_protocol("digits", classes=[1], cache_dir=digits_cache, progress=True, **FAST)
     assert "scoring each class as the normal one" in capsys.readouterr().out
+
+
+def test_off_a_terminal_each_phase_says_one_line_on_stderr_and_the_table_is_unchanged(tmp_path, digits_cache, capsys):
+    """Progress bars are shown on a terminal only, so a job's log showed nothing for minutes of extraction; now one
+    line per phase on stderr (none with progress=False), stdout as it was."""
+    root = write_mnist_test_split(tmp_path / "data", seed=7)
+    embed_split("mnist", "test", root=str(root), use_cache=False, **FAST)
+    out, err = capsys.readouterr()
+    assert out == "" and re.fullmatch(
+        r"embedding mnist test \(24 images\) on cpu \.\.\.\nembedding mnist test: done in \d+\.\d s\n", err
+    ), err
+    embed_split("mnist", "test", root=str(root), use_cache=False, progress=False, **FAST)
+    assert capsys.readouterr() == ("", "")
+    for split in ("train", "test"):  # warm (already, if run after the first test)
+        embed_split("digits", split, cache_dir=digits_cache, **FAST)
+    capsys.readouterr()
+    args = ["--dataset", "digits", "--input_size", "32", "--device", "cpu", "--cache_dir", digits_cache]
+    main([*args, "--classes", "1"])
+    out, err = capsys.readouterr()
+    assert out.startswith("| class | name | AUROC (%) | train | bank |\n") and "| 1 | 1 |" in out and "━" not in out
+    lines = err.splitlines()
+    assert [re.sub(r"\d+(\.\d+)?", "N", line) for line in lines] == [
+        "embedding digits train (N images): from the cache",
+        "embedding digits test (N images): from the cache",
+        "scoring N class as the normal one ...",
+        "scoring: done in N s",
+    ], err
 
 
 @pytest.mark.parametrize(
