@@ -46,7 +46,7 @@ def block_steps(q: torch.Tensor, rows: torch.Tensor, c: int, device: torch.devic
         "group minima of a tiled block": lambda: out[:, :tiled].unflatten(1, (-1, group, knn._TILE_GROUPS)).amin(2),
         "top-k over every column": lambda: out.topk(c, dim=1, largest=False, sorted=False),
         "_block_topk (minima + top-k of groups + gather)": lambda: knn._block_topk(out, c, group),
-        "_block_topk of a tiled block": lambda: knn._block_topk(out, c, group, tiled),
+        "_block_topk of a tiled block": lambda: knn._block_topk(out, c, group, tiled, knn._TILE_GROUPS),
     }
     return [(name, timed(fn, device)) for name, fn in steps.items()]
 

@@ -127,6 +127,7 @@ class PreparedBank:
         source: ``[N, D]`` the bank as given; exact distances are computed from it in float64.
         scale: the power of two applied to ``rows`` (distances of ``rows`` are ``scale**2`` times the true ones).
         tiled_rows: how many leading rows of ``low`` are stored tiled (see ``_TILED_DEVICES``); 0 = none.
+        tile_groups: groups per tile of the tiled rows (``_TILE_GROUPS`` when the bank was prepared).
     """
 
     center: Tensor
@@ -137,6 +138,7 @@ class PreparedBank:
     source: Tensor
     scale: float = 1.0
     tiled_rows: int = 0
+    tile_groups: int = 0
 
     @property
     def shape(self) -> torch.Size:
@@ -155,8 +157,8 @@ class PreparedBank:
         if self.low.dtype == dtype:
             return self
         rows = self.frame_rows()
-        low, tiled = _low_rows(rows, self.norms, dtype)
-        return replace(self, rows=rows if low is rows else None, low=low, tiled_rows=tiled)
+        low, tiled, groups = _low_rows(rows, self.norms, dtype)
+        return replace(self, rows=rows if low is rows else None, low=low, tiled_rows=tiled, tile_groups=groups)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -230,8 +232,8 @@ def _prepare_bank(bank: Tensor, candidate_dtype: torch.dtype) -> PreparedBank:
         rows = _frame_rows(bank, center, scale)
         norms = squared_norms(rows)
     max_norm = math.sqrt(float(norms.max())) if n else 0.0
-    low, tiled = _low_rows(rows, norms, candidate_dtype)
-    return PreparedBank(center, rows if low is rows else None, norms, low, max_norm, bank, scale, tiled)
+    low, tiled, groups = _low_rows(rows, norms, candidate_dtype)
+    return PreparedBank(center, rows if low is rows else None, norms, low, max_norm, bank, scale, tiled, groups)
 
 
 def _frame_rows(bank: Tensor, center: Tensor, scale: float) -> Tensor:
@@ -247,49 +249,48 @@ def _frame_rows(bank: Tensor, center: Tensor, scale: float) -> Tensor:
     return rows
 
 
-def _low_rows(rows: Tensor, norms: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
-    """The candidate GEMM's bank operand (see :class:`PreparedBank`) and how many of its leading rows are tiled."""
+def _low_rows(rows: Tensor, norms: Tensor, dtype: torch.dtype) -> tuple[Tensor, int, int]:
+    """The candidate GEMM's bank operand (see :class:`PreparedBank`), how many of its leading rows are tiled, and
+    the groups per tile."""
     if dtype == torch.float32:
-        return rows, 0
+        return rows, 0, 0
     n, dim = rows.shape
     low = torch.zeros(n, (dim + 2 + 7) // 8 * 8, dtype=dtype, device=rows.device)
     hi = norms.to(dtype)
     lo = norms - hi.float()  # the norm to about 2u^2, in two low-precision terms
-    g, tile = _GROUP_ROWS, _GROUP_ROWS * _TILE_GROUPS
-    tiled = n // tile * tile if rows.device.type in _TILED_DEVICES else 0
+    g, groups = _GROUP_ROWS, _TILE_GROUPS
+    tiled = n // (g * groups) * (g * groups) if rows.device.type in _TILED_DEVICES else 0
 
     def fill(out: Tensor, part: Tensor, high: Tensor, low_part: Tensor) -> None:
         out[..., :dim], out[..., dim], out[..., dim + 1] = part, high, low_part
 
-    if tiled:  # original row i*tile + t*g + s goes to position i*tile + s*_TILE_GROUPS + t
-        view = (-1, _TILE_GROUPS, g)
+    if tiled:  # original row i*tile + t*g + s goes to position i*tile + s*groups + t
+        view = (-1, groups, g)
         fill(
-            low[:tiled].view(-1, g, _TILE_GROUPS, low.shape[1]),
+            low[:tiled].view(-1, g, groups, low.shape[1]),
             rows[:tiled].view(*view, dim).transpose(1, 2),
             hi[:tiled].view(view).transpose(1, 2),
             lo[:tiled].view(view).transpose(1, 2),
         )
     fill(low[tiled:], rows[tiled:], hi[tiled:], lo[tiled:])
-    return low, tiled
+    return low, tiled, groups if tiled else 0
 
 
-def _tiled_positions(columns: Tensor, tiled: int, group: int) -> Tensor:
+def _tiled_positions(columns: Tensor, tiled: int, group: int, tile_groups: int) -> Tensor:
     """GEMM output positions of block ``columns`` (bank rows counted from the block's start) whose first ``tiled``
-    rows are stored tiled; the others are where they are."""
+    rows are stored tiled, ``tile_groups`` groups per tile; the others are where they are."""
     if not tiled:
         return columns
-    tile = group * _TILE_GROUPS
-    rem = columns % tile
-    return torch.where(columns < tiled, columns - rem + rem % group * _TILE_GROUPS + rem // group, columns)
+    rem = columns % (group * tile_groups)
+    return torch.where(columns < tiled, columns - rem + rem % group * tile_groups + rem // group, columns)
 
 
-def _tiled_columns(positions: Tensor, tiled: int, group: int) -> Tensor:
+def _tiled_columns(positions: Tensor, tiled: int, group: int, tile_groups: int) -> Tensor:
     """The inverse of :func:`_tiled_positions`: block rows of GEMM output positions."""
     if not tiled:
         return positions
-    tile = group * _TILE_GROUPS
-    rem = positions % tile
-    return torch.where(positions < tiled, positions - rem + rem % _TILE_GROUPS * group + rem // _TILE_GROUPS, positions)
+    rem = positions % (group * tile_groups)
+    return torch.where(positions < tiled, positions - rem + rem % tile_groups * group + rem // tile_groups, positions)
 
 
 def _low_queries(q: Tensor, low: Tensor) -> Tensor:
@@ -550,7 +551,7 @@ def _torch_knn(queries: Tensor, bank: PreparedBank, k: int, max_memory_bytes: in
     m, (n, dim) = queries.shape[0], bank.shape
     num_candidates = min(n, 2 * k + 8)
     low = bank.low.dtype
-    tile = _GROUP_ROWS * _TILE_GROUPS if bank.tiled_rows else _GROUP_ROWS
+    tile = _GROUP_ROWS * bank.tile_groups if bank.tiled_rows else _GROUP_ROWS
     query_rows, bank_rows = _block_sizes(m, n, dim, num_candidates, max_memory_bytes, bank.device, low.itemsize, tile)
     planned = query_rows * (bank_rows * low.itemsize + _per_query_bytes(n, dim, num_candidates, low.itemsize))
     ensure_fits(planned, bank.device, "the kNN search's temporary buffers")
@@ -808,7 +809,7 @@ def _gemm_candidates(
         else:
             torch.mm(q_low, block.T, out=out)
         tiled = min(block.shape[0], max(0, bank.tiled_rows - start))
-        mins, values, indices = _block_topk(out, c, group, tiled)
+        mins, values, indices = _block_topk(out, c, group, tiled, bank.tile_groups)
         group_mins[:, start // group : start // group + mins.shape[1]] = mins
         if start:
             indices += start
@@ -821,16 +822,16 @@ def _gemm_candidates(
         return values, best_indices.gather(1, order), group_mins
 
 
-def _block_topk(out: Tensor, c: int, group: int, tiled: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+def _block_topk(out: Tensor, c: int, group: int, tiled: int = 0, tile_groups: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """Group minima of one GEMM block ``[queries, rows]`` and its c smallest values with their columns (block
-    rows); the block's first ``tiled`` rows are stored tiled (see ``_TILED_DEVICES``).
+    rows); the block's first ``tiled`` rows are stored tiled, ``tile_groups`` groups per tile (``_TILED_DEVICES``).
 
     The c groups with the smallest minima hold the c smallest values (any other group's minimum is at least
     the c-th smallest of theirs), so the top-k runs over the minima and then over c * group values."""
     width = out.shape[1]
     parts = []
-    if tiled:  # a tile's group t holds its columns t, t + _TILE_GROUPS, ...: a reduction over a middle dimension
-        parts.append(out[:, :tiled].unflatten(1, (-1, group, _TILE_GROUPS)).amin(2).flatten(1))
+    if tiled:  # a tile's group t holds its columns t, t + tile_groups, ...: a reduction over a middle dimension
+        parts.append(out[:, :tiled].unflatten(1, (-1, group, tile_groups)).amin(2).flatten(1))
     full = tiled + (width - tiled) // group * group
     if full > tiled:
         parts.append(out[:, tiled:full].unflatten(1, (-1, group)).amin(2))
@@ -840,11 +841,11 @@ def _block_topk(out: Tensor, c: int, group: int, tiled: int = 0) -> tuple[Tensor
     c = min(c, width)
     if mins.shape[1] <= c:  # small block: every column is a candidate
         values, positions = out.topk(c, dim=1, largest=False, sorted=False)
-        return mins, values, _tiled_columns(positions, tiled, group)
+        return mins, values, _tiled_columns(positions, tiled, group, tile_groups)
     _, groups = mins.topk(c, dim=1, largest=False, sorted=False)
     columns = (groups[:, :, None] * group + torch.arange(group, device=out.device)).flatten(1)
     inside = columns < width
-    positions = _tiled_positions(columns.clamp_max(width - 1), tiled, group)
+    positions = _tiled_positions(columns.clamp_max(width - 1), tiled, group, tile_groups)
     values = out.gather(1, positions).masked_fill_(~inside, math.inf)
     values, pos = values.topk(c, dim=1, largest=False, sorted=False)
     return mins, values, columns.gather(1, pos)

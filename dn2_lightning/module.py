@@ -258,7 +258,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         self._bank_is_shard = False
         self._warned_no_threshold: tuple[int, int] | None = None  # (bank size, k) of the last such warning
         self._warned_few_threshold_scores: tuple[int, float] | None = None  # (scores, quantile) of the last one
-        self._threshold_said: tuple[str, int] | None = None  # the threshold's last explanation printed, numbered
+        self._threshold_said: tuple[str, object] | None = None  # the threshold's last explanation, with its line
         # (value, k) of a fixed threshold: the k whose scores it was set for (it does not follow later k changes)
         self._fixed_threshold: tuple[float, int] | None = None if threshold is None else (float(threshold), hp.k)
         self._warned_threshold_k: tuple[float, int, int] | None = None

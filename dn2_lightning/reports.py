@@ -389,6 +389,7 @@ class EvaluationReport(Callback):
         self.run_dir = self._reserve(trainer, "predict")
 
     def _reserve(self, trainer: Trainer, stage: str) -> Path | None:
+        self._report, self._listed = None, {}  # nothing of an earlier run that ended by an exception
         base = self._base(trainer)  # a collective under DDP: every rank reads it
         folder = next_run_dir(base, stage) if writes_files(trainer) else None
         folder = trainer.strategy.broadcast(str(folder) if folder else None)
@@ -400,7 +401,8 @@ class EvaluationReport(Callback):
             for folder in (self.run_dir, self.run_dir.parent):  # and dn2_reports/ if this run had made it
                 with contextlib.suppress(OSError):
                     folder.rmdir()  # only when empty: a run that wrote some files keeps them
-        self.run_dir = None
+        # Lightning calls no teardown after an exception: this run's report must not reach the next run's summary
+        self.run_dir, self._report, self._listed = None, None, {}
 
     def list_file(self, name: str, path: str | Path) -> None:
         """Print ``path`` with this run's report files: a file, or a folder (printed with its PNG count). For

@@ -18,14 +18,16 @@ from dn2_lightning.validation import check_threshold
 if TYPE_CHECKING:
     from dn2_lightning.module import DN2Module
 
-_threshold_lines_said = 0  # explanations said in this process, by every module: "(as above)" follows one's own only
+# the last threshold explanation said in this process, by any module: "(as above)" follows a module's own line only.
+# A fresh object per line, so that a module unpickled from another process never matches this one's.
+_last_line_said: list[object] = [object()]
 
 
 class DecisionThreshold:
     """DN2Module's threshold (a mixin): ``threshold``, ``set_threshold``, ``normalized`` and what they say.
 
     State (set by ``DN2Module.__init__``): ``_fixed_threshold`` (value, k) of a fixed threshold, i.e. the k whose
-    scores it was set for; ``_threshold_said`` (the last explanation printed, with its number among this process's);
+    scores it was set for; ``_threshold_said`` (the last explanation printed, with the token of that line);
     ``_warned_no_threshold``, ``_warned_few_threshold_scores`` and ``_warned_threshold_k`` (warnings said once per
     change)."""
 
@@ -100,12 +102,12 @@ class DecisionThreshold:
     def _say_threshold(self) -> str:
         """The threshold's description: in full the first time, then by its value while it stays the same and no
         other module (another model in this process) has said its own since."""
-        global _threshold_lines_said
         text = self._describe_threshold()
-        if self._threshold_said == (text, _threshold_lines_said):
+        said = self._threshold_said
+        if said is not None and said[0] == text and said[1] is _last_line_said[0]:
             return text.split(" (", 1)[0] + " (as above)"
-        _threshold_lines_said += 1
-        self._threshold_said = (text, _threshold_lines_said)
+        _last_line_said[0] = token = object()
+        self._threshold_said = (text, token)
         return text
 
     def _warn_if_no_threshold(self) -> None:

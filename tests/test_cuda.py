@@ -508,3 +508,21 @@ def test_detector_searches_device_tensors_on_their_device_like_scikit_learn():
     labels = detector.predict(torch.from_numpy(test).float().to(DEVICE))
     assert torch.equal(torch.as_tensor(labels).cpu(), (scores.cpu() > detector.threshold_).long())
     assert roc_auc_score(np.r_[np.zeros(100), np.ones(50)], scores.cpu().numpy()) > 0.9
+
+
+@cuda_only
+def test_auto_is_the_torch_backend_and_never_probes_keops_on_the_device(monkeypatch):
+    """On an H200 KeOps was slower than the torch backend at every shape, D = 64 included (RESULTS.md section 25):
+    "auto" picked it on CUDA for D <= 64, now it neither probes nor runs it."""
+    import dn2_lightning.knn as knn
+
+    def no_keops(*args, **kwargs):
+        raise AssertionError("auto probed or ran KeOps")
+
+    monkeypatch.setattr(knn, "_keops_usable", no_keops)
+    monkeypatch.setattr(knn, "_keops_knn", no_keops)
+    g = torch.Generator(device=DEVICE).manual_seed(5)
+    bank = torch.randn(300, 16, device=DEVICE, generator=g)
+    queries = torch.randn(40, 16, device=DEVICE, generator=g)
+    result = knn_distances(queries, bank, 3, "auto")
+    check_exact(result, queries, bank, reference(queries, bank, 3), "auto at D = 16")

@@ -894,21 +894,3 @@ def test_numpy_integer_k_is_accepted():
             check_k(bad)
         with pytest.raises(ValueError, match=r"k=.* must be an integer"):
             knn_distances(queries, bank, bad)
-
-
-def test_auto_is_the_torch_backend_and_never_probes_keops(monkeypatch):
-    """On an H200 KeOps was slower than the torch backend at every shape, D = 64 included (RESULTS.md section 25):
-    "auto" neither probes nor runs it."""
-    import dn2_lightning.knn as knn
-
-    def no_keops(*args, **kwargs):
-        raise AssertionError("auto probed or ran KeOps")
-
-    monkeypatch.setattr(knn, "_keops_usable", no_keops)
-    monkeypatch.setattr(knn, "_keops_knn", no_keops)
-    g = torch.Generator().manual_seed(5)
-    bank, queries = torch.randn(300, 16, generator=g), torch.randn(40, 16, generator=g)
-    result = knn_distances(queries, bank, 3, "auto")
-    truth = brute_force_knn(queries, bank, 3)
-    assert torch.equal(result.indices, truth.indices)
-    torch.testing.assert_close(result.values, truth.values.float(), rtol=1e-6, atol=0)

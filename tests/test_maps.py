@@ -598,6 +598,30 @@ def test_the_reports_of_a_model_with_maps_give_pixel_auroc_pro_and_the_map_files
     assert "pixel_auroc" not in summary and "pro" not in summary and "anomaly_maps" not in summary["files"]
 
 
+def test_a_run_ended_by_an_exception_leaves_nothing_in_the_next_runs_summary(small_set, tmp_path):
+    """Lightning calls no callback teardown after an exception: a test that failed after its reports were written
+    left its report pending, and the next run's summary.json named the failed run's anomaly-map figure."""
+    import json
+
+    dm = OneClassDataModule(dataset="folder", root=str(small_set), load_size=32, batch_size=5)
+    model = DN2Module(backbone=tiny_conv(), anomaly_maps=True, map_layers=["1", "3"], map_images=3)
+    trainer = quiet_trainer(default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=dm)
+
+    def interrupted() -> None:
+        raise RuntimeError("interrupted after the reports")
+
+    model.on_test_end = interrupted
+    with pytest.raises(RuntimeError, match="interrupted after the reports"):
+        trainer.test(model, datamodule=dm)
+    del model.on_test_end
+    trainer.predict(model, datamodule=dm)
+    predicted = tmp_path / "dn2_reports" / "predict_0"
+    files = json.loads((predicted / "summary.json").read_text())["files"]
+    assert "anomaly_maps" not in files, files  # the failed test's figure
+    assert files["anomaly_map_pngs"] == str(predicted / "anomaly_maps")
+
+
 def test_a_map_is_drawn_over_the_original_image_at_its_own_size():
     from dn2_lightning.maps import map_overlay
 

@@ -196,6 +196,33 @@ def test_as_above_follows_only_the_modules_own_threshold_line():
     assert messages[2].endswith(f"threshold {float(b.threshold):.6g} (as above)."), messages  # its own line above
 
 
+def test_a_module_loaded_in_another_process_says_its_threshold_in_full(tmp_path):
+    """ "(as above)" matched a module's saved line number against another process's count: a module pickled after
+    its line, loaded where another module had said one line, said "threshold 1.5 (as above)" under that other line."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    a = DN2Module(k=2, backbone=linear_backbone(0), threshold=1.5, reports=False)
+    assert "(as above)" not in a._say_threshold()
+    torch.save(a, tmp_path / "a.pt")
+    code = (
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from helpers import linear_backbone\n"
+        "from dn2_lightning import DN2Module\n"
+        "print(DN2Module(k=2, backbone=linear_backbone(1), threshold=7.0, reports=False)._say_threshold())\n"
+        f"print(torch.load({str(tmp_path / 'a.pt')!r}, weights_only=False)._say_threshold())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    lines = done.stdout.strip().splitlines()
+    assert done.returncode == 0 and len(lines) == 2, done.stderr[-2000:]
+    assert lines[0].startswith("threshold 7 (") and "(as above)" not in lines[1], lines
+    assert lines[1].startswith("threshold 1.5 ("), lines
+
+
 def test_a_fixed_threshold_travels_with_a_plain_state_dict(tmp_path):
     """The threshold lived only in the hyperparameters: DN2Module(...).load_state_dict(other.state_dict()) (the path
     dn2 advises for files of torch.save(model.state_dict())) scored with the quantile threshold instead of the value
