@@ -873,6 +873,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         model_settings = self._model_settings()
         check_bank_format(self.bank.spec, model_settings)
         check_bank_settings(self.bank.spec, model_settings, BANK_SETTINGS, "this model")
+        self._warn_if_fixed_threshold_meets_another_k()  # as an evaluation run does, e.g. after an hparams.k edit
         parts: list[tuple[Tensor, KNNResult]] = []
         maps: list[Tensor] = []
         for chunk, _ in as_image_batches(images, self._scoring_size()):
@@ -1380,9 +1381,25 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
     def _embed(self, images: Tensor, batch: Batch, batch_idx: int) -> Tensor:
         """Backbone embeddings (group-pooled for group batches), refusing non-finite outputs (the pixels were
         checked by ``unpack_batch``)."""
-        embeddings = self(images, batch.mask) if images.ndim == 5 else self(images)  # forward's hooks, compile
+        try:
+            embeddings = self(images, batch.mask) if images.ndim == 5 else self(images)  # forward's hooks, compile
+        except RuntimeError as err:  # torch.OutOfMemoryError on CUDA, a RuntimeError from the CPU's allocator
+            if not (isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)):
+                raise
+            raise type(err)(f"{err}\n\n{self._out_of_memory_hint(images)}") from err
         _check_finite(embeddings, "embeddings", batch, batch_idx)
         return embeddings
+
+    def _out_of_memory_hint(self, images: Tensor) -> str:
+        """What to lower when the backbone ran out of memory on a batch."""
+        size = getattr(self.backbone, "image_size", None)
+        what = f"{images.shape[0]} {'groups of images' if images.ndim == 5 else 'images'}"
+        at = f" at input_size {size}" if size is not None else ""
+        return (
+            f"DN2 ran out of memory embedding a batch of {what}{at} on {images.device}: lower the batch size (the "
+            "DataModule's or DataLoader's batch_size, --data.batch_size; score_images(batch_size=...)) or input_size "
+            "(--model.input_size), or embed in bfloat16 (Trainer(precision='bf16-mixed'))."
+        )
 
     def _indices_of(self, batch: Batch, batch_idx: int) -> Tensor:
         training = self._stream_loader is not None or (

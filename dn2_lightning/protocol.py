@@ -234,7 +234,15 @@ def extract_embeddings(
                 n = len(batch)
                 if pad and n < batch_size:
                     batch = torch.cat([batch, batch.new_zeros((batch_size - n, *batch.shape[1:]))])
-                chunks.append(extractor(batch)[:n])
+                try:
+                    chunks.append(extractor(batch)[:n])
+                except RuntimeError as err:  # torch.OutOfMemoryError on CUDA, the CPU allocator's RuntimeError
+                    if not (isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)):
+                        raise
+                    raise type(err)(
+                        f"{err}\n\nDN2 ran out of memory embedding a batch of {len(batch)} images on {device}: lower "
+                        "batch_size (--batch_size) or input_size (--input_size), or use precision='bf16'."
+                    ) from err
                 bar.advance(task, n)
         if not chunks:
             raise ValueError("images is empty: there is nothing to embed.")

@@ -980,3 +980,16 @@ def test_a_data_root_that_is_a_file_is_refused(tmp_path):
         with pytest.raises(ValueError, match=r"root='.*notes.txt' is a file; give the folder that holds"):
             make(dataset="fashionmnist", root=str(tmp_path / "notes.txt"))
         make(dataset="fashionmnist", root=str(tmp_path / "not_yet"))
+
+
+def test_array_image_dataset_takes_numpy_arrays_as_its_tensors():
+    """A NumPy uint8 array was refused with "images must be uint8 [N, H, W] ...; got uint8 (10, 8, 8)"."""
+    from dn2_lightning.data import ArrayImageDataset
+
+    pixels = np.arange(10 * 8 * 8, dtype=np.uint8).reshape(10, 8, 8)
+    from_numpy = ArrayImageDataset(pixels, np.arange(10))
+    from_torch = ArrayImageDataset(torch.from_numpy(pixels), torch.arange(10))
+    assert torch.equal(from_numpy.batch(0, 10), from_torch.batch(0, 10))
+    assert from_numpy[3]["label"] == 3
+    with pytest.raises(ValueError, match=r"got torch.float64 \(10, 8, 8\)"):
+        ArrayImageDataset(pixels.astype(np.float64), np.arange(10))

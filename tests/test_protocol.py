@@ -497,3 +497,19 @@ def test_the_command_line_starts_without_lightning_torchvision_or_torchmetrics()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert "--backbone" in out.stdout
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout[-300:]
+
+
+def test_extraction_out_of_memory_names_batch_size_and_input_size(small_extractor):
+    """An out-of-memory inside the backbone said only torch's words; it now names what to lower, same exception type."""
+    images = ArrayImageDataset(torch.zeros(10, 8, 8, dtype=torch.uint8), torch.zeros(10, dtype=torch.long))
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 18.00 GiB.")
+
+    small_extractor.forward = out_of_memory
+    with pytest.raises(
+        torch.OutOfMemoryError,
+        match=r"(?s)Tried to allocate.*batch of 4 images on cpu: lower "
+        r"batch_size \(--batch_size\) or input_size \(--input_size\)",
+    ):
+        extract_embeddings(small_extractor, images, 4, "cpu")

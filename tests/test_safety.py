@@ -737,3 +737,28 @@ def test_a_misspelt_load_from_checkpoint_override_is_refused_naming_the_setting(
             super().__init__(**kwargs)
 
     assert Sub.load_from_checkpoint(tmp_path / "bank.ckpt", backbone=linear_backbone(), k=3).hparams.k == 3
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 18.00 GiB."),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: 9663676416"),
+    ],
+)
+def test_a_backbone_out_of_memory_names_the_batch_size_and_input_size(error):
+    """Out of memory inside the backbone gave torch's message alone, from deep inside the forward: it now says what to
+    lower, keeping the exception's type (Lightning and user code catch torch.OutOfMemoryError)."""
+    from helpers import BlobDataModule, linear_backbone, quiet_trainer
+
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+
+    def out_of_memory(*args, **kwargs):
+        raise error
+
+    model.backbone.forward = out_of_memory
+    expected = r"(?s)alloc.*DN2 ran out of memory embedding a batch of 16 images on cpu: lower the batch size .*size"
+    with pytest.raises(type(error), match=expected) as caught:
+        quiet_trainer().fit(model, datamodule=BlobDataModule())
+    assert type(caught.value) is type(error)
+    assert "--data.batch_size" in str(caught.value) and "--model.input_size" in str(caught.value)

@@ -223,6 +223,19 @@ def test_a_module_loaded_in_another_process_says_its_threshold_in_full(tmp_path)
     assert lines[1].startswith("threshold 1.5 ("), lines
 
 
+def test_score_images_says_when_a_fixed_threshold_meets_another_k():
+    """An evaluation run warned that a fixed threshold (a score at k=2) now meets k=5 scores; score_images, the same
+    decisions without a Trainer, flagged by it silently."""
+    dm = BlobDataModule()
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    quiet_trainer().fit(model, datamodule=dm)
+    model.set_threshold(value=float(np.median(model.score_images(dm.test_images).scores.numpy())))
+    model.hparams.k = 5
+    with pytest.warns(UserWarning, match=r"is a fixed score set for k=2 scores, but this model scores with k=5"):
+        scored = model.score_images(dm.test_images)
+    assert torch.equal(scored.is_anomaly, scored.scores > scored.threshold)  # still the value: said, not changed
+
+
 def test_a_fixed_threshold_travels_with_a_plain_state_dict(tmp_path):
     """The threshold lived only in the hyperparameters: DN2Module(...).load_state_dict(other.state_dict()) (the path
     dn2 advises for files of torch.save(model.state_dict())) scored with the quantile threshold instead of the value

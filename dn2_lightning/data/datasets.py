@@ -53,12 +53,14 @@ class ArrayImageDataset(Dataset):
     """In-memory images with per-sample labels (0 = normal, 1 = anomalous).
 
     Args:
-        images: uint8 ``[N, H, W]`` (grayscale, expanded to 3 channels) or ``[N, H, W, 3]``.
-        labels: ``[N]`` integer labels.
+        images: uint8 ``[N, H, W]`` (grayscale, expanded to 3 channels) or ``[N, H, W, 3]``, a tensor or NumPy array.
+        labels: ``[N]`` integer labels (a tensor or NumPy array).
         load_size: resize to this square size; ``None`` keeps the native size.
     """
 
     def __init__(self, images: Tensor, labels: Tensor, load_size: int | None = None) -> None:
+        # NumPy arrays too: a uint8 array's dtype printed as "uint8" in the refusal below, yet it was refused
+        images, labels = torch.as_tensor(images), torch.as_tensor(labels)
         if images.dtype != torch.uint8 or not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)):
             raise ValueError(
                 f"images must be uint8 [N, H, W] or [N, H, W, 3]; got {images.dtype} {tuple(images.shape)}."
