@@ -214,6 +214,24 @@ def frozen_eval(module: nn.Module) -> Iterator[None]:
             m.training = True
 
 
+@contextlib.contextmanager
+def out_of_memory_hint(hint: Callable[[], str]) -> Iterator[None]:
+    """Re-raise an out-of-memory error of the block (``torch.OutOfMemoryError``, or the CPU allocator's
+    ``RuntimeError``) with ``hint()`` after its message, as the same exception type (Lightning and user code catch
+    it by type); any other error passes unchanged. A subclass with its own constructor (e.g. a compiler's wrapper)
+    keeps its message (and gets the hint as a note where Python has them)."""
+    try:
+        yield
+    except RuntimeError as err:
+        if not (isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)):
+            raise
+        if type(err) not in (RuntimeError, torch.OutOfMemoryError):
+            if hasattr(err, "add_note"):
+                err.add_note(hint())
+            raise
+        raise type(err)(f"{err}\n\n{hint()}") from err
+
+
 def build_backbone(
     backbone: str | nn.Module, pretrained: bool = True, image_size: int | None = None
 ) -> FeatureExtractor:

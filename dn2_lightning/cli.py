@@ -190,10 +190,15 @@ class DN2CLI(LightningCLI):
         """The run's saved config.yaml files (the log dir's, the report folder's) name the folder the run read: this
         package's datamodules read a relative ``root`` (``--data.root=parts``) from the working directory, so it is
         saved absolute, as reports and checkpoints name files; else ``--config`` of it from another directory
-        would read another folder. ``--print_config`` (printed before this) keeps the text as given."""
+        would read another folder. So is a ``--ckpt_path`` file. ``--print_config`` (printed before this) keeps the
+        text as given."""
+        config = self.config.get(str(self.subcommand), self.config)  # (what SaveConfigCallback holds and saves)
+        # a checkpoint given by a relative path too (not Lightning's "best"/"last"/"hpc"..., nor a URL)
+        ckpt = config.get("ckpt_path") if "ckpt_path" in config else None
+        if isinstance(ckpt, str) and "://" not in ckpt and not os.path.isabs(ckpt) and os.path.isfile(ckpt):
+            config["ckpt_path"] = os.path.abspath(ckpt)
         if not isinstance(self.datamodule, OneClassDataModule | GroupDataModule):
             return  # another datamodule's root may mean something else
-        config = self.config.get(str(self.subcommand), self.config)  # (what SaveConfigCallback holds and saves)
         root = config.get("data.init_args.root")
         if isinstance(root, str) and not os.path.isabs(root):
             config["data.init_args.root"] = os.path.abspath(root)  # as the datamodules resolve it

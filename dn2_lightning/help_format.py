@@ -83,32 +83,41 @@ class SuggestingParserMixin:
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         parser = getattr(ex, "subcommand_parser", None) or self
-        super().error(with_suggestions(message, parser), ex)  # type: ignore[misc]
+        # a parser that raises instead of exiting (a class's, inside a config's "data:") is read by an outer one
+        reported = getattr(self, "exit_on_error", True)
+        super().error(with_suggestions(message, parser, reported), ex)  # type: ignore[misc]
 
 
 class SuggestingArgumentParser(SuggestingParserMixin, ArgumentParser):
     """jsonargparse's parser with :class:`SuggestingParserMixin`'s hint (``dn2-protocol``)."""
 
 
-def with_suggestions(message: str, parser: argparse.ArgumentParser) -> str:
+def with_suggestions(message: str, parser: argparse.ArgumentParser, reported: bool = True) -> str:
     """``message`` with "(did you mean --NAME?)" for each option it names as unknown that is close to one of
-    ``parser``'s: jsonargparse's "unrecognized arguments: ..." and a subclass's "Option 'name' is not accepted"
-    (``--data.normal_clas``: the options of the class the config's class_path names). Unchanged otherwise."""
+    ``parser``'s: jsonargparse's "unrecognized arguments: ..." (flags), "does not accept option 'name'" and "Option
+    'name' is not accepted" (keys of a config file), and a subclass's "Option 'name' is not accepted"
+    (``--data.normal_clas``: the options of the class the config's class_path names). Unchanged otherwise.
+    ``reported``: the message goes to the user now (not to an outer parser that rewrites it)."""
     if DID_YOU_MEAN in message:  # (once, should an error pass through a parent parser's)
         return message
     hints = []
+    known = [
+        option
+        for action in parser._actions
+        if action.help != argparse.SUPPRESS
+        for option in action.option_strings
+        if option.startswith("--")
+    ]
     unknown = re.match(r"unrecognized arguments: (.*)", message, re.DOTALL)
     if unknown:
-        known = [
-            option
-            for action in parser._actions
-            if action.help != argparse.SUPPRESS
-            for option in action.option_strings
-            if option.startswith("--")
-        ]
         for token in unknown.group(1).split():
             if token.startswith("--"):
                 hints += _close(token.split("=", 1)[0], known)
+    # a key of a --config file: "Subcommand 'test' does not accept option 'model.kk'", "Option 'bakcbone' is not
+    # accepted" (a parser's own, not a class's: those are matched below)
+    for name in re.findall(r"does not accept option '([\w.]+)'|^Option '([\w.]+)' is not accepted", message):
+        if reported:  # (a nested parser's keys lack the outer prefix: the outer error names them, below)
+            hints += _close("--" + (name[0] or name[1]), known)
     group = re.match(r'Parser key "([\w.]+)"', message)
     for class_path, name in re.findall(r"class_path '([\w.]+)':\s+Option '(\w+)' is not accepted", message):
         prefix = f"--{group.group(1)}." if group else "--"

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from torchmetrics.classification import BinaryAUROC
 
-from dn2_lightning.backbones import build_backbone, check_backbone_input_size
+from dn2_lightning.backbones import build_backbone, check_backbone_input_size, out_of_memory_hint
 from dn2_lightning.bank import BankBuilder, BankCollector, MemoryBank
 from dn2_lightning.bank_checkpointing import BankCheckpointing
 from dn2_lightning.batch import Batch, check_dataset_labels, check_group_mask, unpack_batch
@@ -842,7 +842,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         self._require_bank()
         self._check_sample_kind(False)
         self._warn_if_other_image_size(batch.images)
-        with self._embedding_precision():
+        with self._embedding_precision(), out_of_memory_hint(lambda: self._out_of_memory_hint(batch.images)):
             embeddings, patches = self.maps.embed(self.backbone, batch.images)
         _check_finite(embeddings, "embeddings", batch, batch_idx)
         knn = self._search(embeddings, self.hparams.k)
@@ -1234,7 +1234,8 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
             members = self._embed(batch.images.flatten(0, 1), batch, batch_idx).view(b, m, -1)
             return pack_members(members, batch.mask), indices, batch.labels
         if self.maps is not None:  # one backbone pass gives the embeddings and the patch features
-            embeddings, patches = self.maps.embed(self.backbone, batch.images)
+            with out_of_memory_hint(lambda: self._out_of_memory_hint(batch.images)):
+                embeddings, patches = self.maps.embed(self.backbone, batch.images)
             _check_finite(embeddings, "embeddings", batch, batch_idx)
             self.maps.collect(patches, indices)
             return embeddings, indices, batch.labels
@@ -1381,12 +1382,8 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
     def _embed(self, images: Tensor, batch: Batch, batch_idx: int) -> Tensor:
         """Backbone embeddings (group-pooled for group batches), refusing non-finite outputs (the pixels were
         checked by ``unpack_batch``)."""
-        try:
+        with out_of_memory_hint(lambda: self._out_of_memory_hint(images)):
             embeddings = self(images, batch.mask) if images.ndim == 5 else self(images)  # forward's hooks, compile
-        except RuntimeError as err:  # torch.OutOfMemoryError on CUDA, a RuntimeError from the CPU's allocator
-            if not (isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)):
-                raise
-            raise type(err)(f"{err}\n\n{self._out_of_memory_hint(images)}") from err
         _check_finite(embeddings, "embeddings", batch, batch_idx)
         return embeddings
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from dn2_lightning.backbones import build_backbone, check_backbone_input_size, get_backbone_spec
+from dn2_lightning.backbones import build_backbone, check_backbone_input_size, get_backbone_spec, out_of_memory_hint
 from dn2_lightning.cache import atomic_write, load_cached, save_atomic
 from dn2_lightning.data.classes import draw_contaminants, resolve_class
 from dn2_lightning.data.datasets import ArrayImageDataset, iter_image_batches
@@ -234,15 +234,12 @@ def extract_embeddings(
                 n = len(batch)
                 if pad and n < batch_size:
                     batch = torch.cat([batch, batch.new_zeros((batch_size - n, *batch.shape[1:]))])
-                try:
+                hint = (
+                    f"DN2 ran out of memory embedding a batch of {len(batch)} images on {device}: lower batch_size "
+                    "(--batch_size) or input_size (--input_size), or use precision='bf16'."
+                )
+                with out_of_memory_hint(lambda hint=hint: hint):
                     chunks.append(extractor(batch)[:n])
-                except RuntimeError as err:  # torch.OutOfMemoryError on CUDA, the CPU allocator's RuntimeError
-                    if not (isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)):
-                        raise
-                    raise type(err)(
-                        f"{err}\n\nDN2 ran out of memory embedding a batch of {len(batch)} images on {device}: lower "
-                        "batch_size (--batch_size) or input_size (--input_size), or use precision='bf16'."
-                    ) from err
                 bar.advance(task, n)
         if not chunks:
             raise ValueError("images is empty: there is nothing to embed.")

@@ -241,6 +241,23 @@ def test_a_mistyped_option_is_refused_with_the_closest_known_one(flags, hint, ca
     assert capsys.readouterr().err.splitlines()[-1] == "error: unrecognized arguments: --zzzzz=1"
 
 
+@pytest.mark.parametrize(
+    "text, hint",
+    [
+        ("model:\n  kk: 3\n", "does not accept option 'model.kk' (did you mean --model.k?)"),
+        ("data:\n  init_args:\n    normal_clas: 3\n", "(did you mean --data.normal_class?)"),
+    ],
+)
+def test_a_mistyped_key_in_a_config_file_is_refused_with_the_closest_known_one(text, hint, tmp_path, capsys):
+    """A typo in a --config file got jsonargparse's error alone; a class's key named the option without its prefix."""
+    (tmp_path / "typo.yaml").write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(["test", "--config", "configs/digits.yaml", "--config", str(tmp_path / "typo.yaml")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and hint in err, err
+    assert "--normal_class?" not in err.replace("--data.normal_class?", ""), err
+
+
 def test_subcommands_are_described_in_dn2_terms(monkeypatch, capsys):
     monkeypatch.setenv("COLUMNS", "80")
     text = " ".join(help_text(["--help"], capsys).split())  # unwrapped
@@ -562,6 +579,17 @@ def test_the_saved_configs_name_the_data_folder_the_run_read_from_any_directory(
     before = read_report(tmp_path / "run" / "dn2_reports" / "test_0" / "scores.csv")
     after = read_report(tmp_path / "rerun" / "dn2_reports" / "test_0" / "scores.csv")
     assert [row["score"] for row in after] == [row["score"] for row in before] and len(before) == 4
+
+    # a run from a relative --ckpt_path: its saved config names the file too (it could not be found elsewhere)
+    monkeypatch.chdir(tmp_path)
+    fit = build_cli(["fit", "--config", str(config), "--data.root=parts", "--trainer.default_root_dir=fit", *run])
+    ckpt = os.path.relpath(fit.trainer.checkpoint_callback.best_model_path)
+    test_from_ckpt = ["test", "--config", str(config), "--data.root=parts", f"--ckpt_path={ckpt}"]
+    build_cli([*test_from_ckpt, "--trainer.default_root_dir=from_ckpt", *run])
+    saved = yaml.safe_load((tmp_path / "from_ckpt" / "config.yaml").read_text())
+    assert saved["ckpt_path"] == str(tmp_path / ckpt)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    build_cli(["test", "--config", str(tmp_path / "from_ckpt" / "config.yaml"), "--trainer.default_root_dir=again"])
 
 
 def test_ckpt_path_takes_the_model_settings_a_run_leaves_out_from_the_checkpoint(tmp_path, caplog):

@@ -993,3 +993,11 @@ def test_array_image_dataset_takes_numpy_arrays_as_its_tensors():
     assert from_numpy[3]["label"] == 3
     with pytest.raises(ValueError, match=r"got torch.float64 \(10, 8, 8\)"):
         ArrayImageDataset(pixels.astype(np.float64), np.arange(10))
+    pixels.setflags(write=False)  # as np.load(..., mmap_mode="r") gives: no warning, the memory shared
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        shared = ArrayImageDataset(pixels, np.arange(10))
+    assert shared.images.data_ptr() == pixels.ctypes.data
+    flipped = ArrayImageDataset(pixels[:, ::-1], np.arange(10)[::-1])  # negative strides: copied
+    assert torch.equal(flipped.batch(0, 10), from_torch.batch(0, 10).flip(2))
+    assert flipped[0]["label"] == 9

@@ -622,6 +622,23 @@ def test_a_run_ended_by_an_exception_leaves_nothing_in_the_next_runs_summary(sma
     assert files["anomaly_map_pngs"] == str(predicted / "anomaly_maps")
 
 
+def test_out_of_memory_with_anomaly_maps_names_what_to_lower(small_set):
+    """The maps' backbone pass (embeddings and patch features at once, the most memory) gave torch's message alone."""
+    dm = OneClassDataModule(dataset="folder", root=str(small_set), load_size=32, batch_size=5)
+    model = DN2Module(backbone=tiny_conv(), anomaly_maps=True, map_layers=["1", "3"], map_images=3, reports=False)
+    quiet_trainer().fit(model, datamodule=dm)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 18.00 GiB.")
+
+    model.backbone.forward = out_of_memory
+    images = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    with pytest.raises(torch.OutOfMemoryError, match=r"(?s)GiB.*a batch of 2 images.*--data.batch_size"):
+        model.score_images(images)
+    with pytest.raises(torch.OutOfMemoryError, match=r"(?s)GiB.*a batch of 5 images.*--data.batch_size"):
+        quiet_trainer().test(model, datamodule=dm)
+
+
 def test_a_map_is_drawn_over_the_original_image_at_its_own_size():
     from dn2_lightning.maps import map_overlay
 

@@ -351,7 +351,7 @@ def test_command_line_takes_space_separated_classes_and_input_size(digits_cache,
         main([*args[:2], "--input_size", "16", *args[4:], "--backbone", "efficientnet_lite0", "--classes", "3"])
 
 
-def test_a_mistyped_option_is_refused_with_the_closest_known_one(capsys, no_extraction):
+def test_a_mistyped_option_is_refused_with_the_closest_known_one(capsys, no_extraction, tmp_path):
     """``--bakcbone x`` got "unrecognized arguments" and no more; ``--backbon`` (a prefix) is expanded by
     jsonargparse 4, so it is no error."""
     with pytest.raises(SystemExit) as refused:
@@ -359,6 +359,11 @@ def test_a_mistyped_option_is_refused_with_the_closest_known_one(capsys, no_extr
     err = capsys.readouterr().err
     assert refused.value.code == 2 and "usage: dn2-protocol" in err
     assert err.splitlines()[-1] == "error: unrecognized arguments: --bakcbone resnet18 (did you mean --backbone?)"
+    (tmp_path / "typo.yaml").write_text("bakcbone: resnet18\n")  # the same typo in a --config file
+    with pytest.raises(SystemExit):
+        main(["--config", str(tmp_path / "typo.yaml"), "--dataset", "digits"])
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == "error: Option 'bakcbone' is not accepted (did you mean --backbone?)"
 
 
 def test_progress_bars_on_request(tmp_path, digits_cache, capsys):

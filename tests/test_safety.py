@@ -762,3 +762,24 @@ def test_a_backbone_out_of_memory_names_the_batch_size_and_input_size(error):
         quiet_trainer().fit(model, datamodule=BlobDataModule())
     assert type(caught.value) is type(error)
     assert "--data.batch_size" in str(caught.value) and "--model.input_size" in str(caught.value)
+
+
+def test_an_out_of_memory_it_cannot_rebuild_keeps_its_type_and_message():
+    """A RuntimeError subclass with its own constructor (torch._dynamo's BackendCompilerFailed wraps an OOM raised
+    while compiling a backbone) became a TypeError from the hint's re-raise, the OOM only its context."""
+    import sys
+
+    from dn2_lightning.backbones import out_of_memory_hint
+
+    class Wrapped(RuntimeError):
+        def __init__(self, backend: str, inner: str) -> None:
+            super().__init__(f"{backend}: {inner}")
+
+    with pytest.raises(Wrapped, match="inductor: DefaultCPUAllocator: can't allocate memory") as caught:
+        with out_of_memory_hint(lambda: "lower the batch size"):
+            raise Wrapped("inductor", "DefaultCPUAllocator: can't allocate memory")
+    if sys.version_info >= (3, 11):
+        assert caught.value.__notes__ == ["lower the batch size"]
+    with pytest.raises(RuntimeError, match="^shape mismatch$"):  # not an OOM: untouched
+        with out_of_memory_hint(lambda: "lower the batch size"):
+            raise RuntimeError("shape mismatch")

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal, get_args
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -59,8 +60,7 @@ class ArrayImageDataset(Dataset):
     """
 
     def __init__(self, images: Tensor, labels: Tensor, load_size: int | None = None) -> None:
-        # NumPy arrays too: a uint8 array's dtype printed as "uint8" in the refusal below, yet it was refused
-        images, labels = torch.as_tensor(images), torch.as_tensor(labels)
+        images, labels = _as_tensor(images), _as_tensor(labels)
         if images.dtype != torch.uint8 or not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)):
             raise ValueError(
                 f"images must be uint8 [N, H, W] or [N, H, W, 3]; got {images.dtype} {tuple(images.shape)}."
@@ -84,6 +84,19 @@ class ArrayImageDataset(Dataset):
         """Images ``start:stop`` as one contiguous uint8 ``[B, 3, H, W]`` tensor, equal to the ``"image"`` entry a
         DataLoader collates from those samples, without the per-sample Python."""
         return to_bchw_uint8(self.images[start:stop], self.load_size)
+
+
+def _as_tensor(array: Tensor | np.ndarray) -> Tensor:
+    """A tensor of a NumPy array, sharing its memory where torch can: a read-only array (``np.load(...,
+    mmap_mode="r")``) without torch's warning (the dataset never writes), a view with negative strides
+    (``x[:, ::-1]``) copied."""
+    if not isinstance(array, np.ndarray):
+        return torch.as_tensor(array)
+    if any(stride < 0 for stride in array.strides):
+        array = np.ascontiguousarray(array)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.as_tensor(array)
 
 
 def iter_image_batches(
