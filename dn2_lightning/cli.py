@@ -195,7 +195,7 @@ class DN2CLI(LightningCLI):
         config = self.config.get(str(self.subcommand), self.config)  # (what SaveConfigCallback holds and saves)
         # a checkpoint given by a relative path too (not Lightning's "best"/"last"/"hpc"..., nor a URL)
         ckpt = config.get("ckpt_path") if "ckpt_path" in config else None
-        if isinstance(ckpt, str) and "://" not in ckpt and not os.path.isabs(ckpt) and os.path.isfile(ckpt):
+        if isinstance(ckpt, str) and not _lightning_finds_it(ckpt) and not os.path.isabs(ckpt) and os.path.isfile(ckpt):
             config["ckpt_path"] = os.path.abspath(ckpt)
         if not isinstance(self.datamodule, OneClassDataModule | GroupDataModule):
             return  # another datamodule's root may mean something else

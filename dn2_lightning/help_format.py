@@ -129,7 +129,16 @@ def with_suggestions(message: str, parser: argparse.ArgumentParser, reported: bo
 
 
 def _close(option: str, known: list[str]) -> list[str]:
-    return difflib.get_close_matches(option, known, n=1, cutoff=0.75)
+    """The known option closest to ``option`` among its siblings (the same ``--group.`` prefix), compared by their
+    last names: whole names share the prefix, which made ``--model.seed`` look like ``--model.k``."""
+    head, _, leaf = option.rpartition(".")
+    siblings = {
+        name.rpartition(".")[2] if head else name: name
+        for name in known
+        if (name.rpartition(".")[0] == head if head else "." not in name)
+    }
+    matches = difflib.get_close_matches(leaf if head else option, list(siblings), n=1, cutoff=0.65)
+    return [siblings[match] for match in matches]
 
 
 def _init_parameters(class_path: str) -> list[str]:

@@ -1395,7 +1395,8 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         return (
             f"DN2 ran out of memory embedding a batch of {what}{at} on {images.device}: lower the batch size (the "
             "DataModule's or DataLoader's batch_size, --data.batch_size; score_images(batch_size=...)) or input_size "
-            "(--model.input_size), or embed in bfloat16 (Trainer(precision='bf16-mixed'))."
+            "(--model.input_size), or fit in bfloat16 (Trainer(precision='bf16-mixed'): test and predict embed as "
+            "the bank was)."
         )
 
     def _indices_of(self, batch: Batch, batch_idx: int) -> Tensor:

@@ -76,6 +76,15 @@ def is_utf8_safe(text: str) -> bool:
     return True
 
 
+def _checkpoint_named(ckpt_path: object) -> str | None:
+    """The run's checkpoint as summary.json names it: a local file by its absolute path (as the run's config.yaml
+    does), anything else (a URL, a registry name) as given."""
+    if not ckpt_path:
+        return None
+    path = str(ckpt_path)
+    return os.path.abspath(path) if "://" not in path and os.path.isfile(path) else path
+
+
 def display_path(path: str) -> str:
     """``path`` as printable UTF-8 text: each byte that is not valid UTF-8 becomes ``\\xNN``.
 
@@ -487,7 +496,7 @@ class EvaluationReport(Callback):
         summary.update(pixel_summary(trainer, pl_module, stage))
         hparams = getattr(pl_module, "hparams", {})
         summary["k"] = hparams.get("k")  # what the scores were computed with, beside the checkpoint they came from
-        summary["ckpt_path"] = str(trainer.ckpt_path) if trainer.ckpt_path else None
+        summary["ckpt_path"] = _checkpoint_named(trainer.ckpt_path)
         summary["escaped_paths"] = escaped_paths(paths, scores.indices)
         summary["files"] = {name: display_path(str(p)) for name, p in files.items()}
         files["summary"] = write_summary(summary, out / "summary.json")

@@ -236,9 +236,12 @@ def test_a_mistyped_option_is_refused_with_the_closest_known_one(flags, hint, ca
     assert hint in err, err
     if "data" in flags[0]:
         assert "(did you mean --data.normal_class?)" in err, err
-    with pytest.raises(SystemExit):  # nothing close: jsonargparse's message as it was
-        build_cli(["test", "--config", "configs/digits.yaml", "--zzzzz=1"])
-    assert capsys.readouterr().err.splitlines()[-1] == "error: unrecognized arguments: --zzzzz=1"
+    # nothing close: jsonargparse's message as it was (whole names shared the group prefix: --model.seed got "did you
+    # mean --model.k?", --trainer.gpus "--trainer.plugins?")
+    for unknown in ("--zzzzz=1", "--model.seed=1", "--trainer.gpus=1"):
+        with pytest.raises(SystemExit):
+            build_cli(["test", "--config", "configs/digits.yaml", unknown])
+        assert capsys.readouterr().err.splitlines()[-1] == f"error: unrecognized arguments: {unknown}"
 
 
 @pytest.mark.parametrize(
@@ -588,6 +591,8 @@ def test_the_saved_configs_name_the_data_folder_the_run_read_from_any_directory(
     build_cli([*test_from_ckpt, "--trainer.default_root_dir=from_ckpt", *run])
     saved = yaml.safe_load((tmp_path / "from_ckpt" / "config.yaml").read_text())
     assert saved["ckpt_path"] == str(tmp_path / ckpt)
+    summary = json.loads((tmp_path / "from_ckpt" / "dn2_reports" / "test_0" / "summary.json").read_text())
+    assert summary["ckpt_path"] == str(tmp_path / ckpt)  # as the config beside it names it
     monkeypatch.chdir(tmp_path / "elsewhere")
     build_cli(["test", "--config", str(tmp_path / "from_ckpt" / "config.yaml"), "--trainer.default_root_dir=again"])
 

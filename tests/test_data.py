@@ -998,6 +998,8 @@ def test_array_image_dataset_takes_numpy_arrays_as_its_tensors():
         warnings.simplefilter("error")
         shared = ArrayImageDataset(pixels, np.arange(10))
     assert shared.images.data_ptr() == pixels.ctypes.data
+    big_endian = ArrayImageDataset(pixels, np.arange(10).astype(">i8"))  # labels read from a file: converted
+    assert big_endian[4]["label"] == 4
     flipped = ArrayImageDataset(pixels[:, ::-1], np.arange(10)[::-1])  # negative strides: copied
     assert torch.equal(flipped.batch(0, 10), from_torch.batch(0, 10).flip(2))
     assert flipped[0]["label"] == 9

@@ -89,11 +89,13 @@ class ArrayImageDataset(Dataset):
 def _as_tensor(array: Tensor | np.ndarray) -> Tensor:
     """A tensor of a NumPy array, sharing its memory where torch can: a read-only array (``np.load(...,
     mmap_mode="r")``) without torch's warning (the dataset never writes), a view with negative strides
-    (``x[:, ::-1]``) copied."""
+    (``x[:, ::-1]``) or another byte order copied."""
     if not isinstance(array, np.ndarray):
         return torch.as_tensor(array)
     if any(stride < 0 for stride in array.strides):
         array = np.ascontiguousarray(array)
+    if not array.dtype.isnative:  # e.g. big-endian labels read from a file: torch takes native byte order only
+        array = array.astype(array.dtype.newbyteorder("="))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.as_tensor(array)
