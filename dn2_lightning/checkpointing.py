@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import pickle
 import re
 import warnings
@@ -283,3 +284,19 @@ class QuietOptimizerAdvice(Callback):
             with contextlib.suppress(ValueError):  # (a warnings.catch_warnings block may have restored the list)
                 warnings.filters.remove(self._filter)
             self._filter = None
+
+
+def lightning_finds_it(ckpt_path: str) -> bool:
+    """A ``ckpt_path`` that the Trainer resolves itself: ``best``, ``last``, ``hpc``, ``registry[:...]`` or a URL."""
+    from lightning.pytorch.utilities.model_registry import _is_registry
+
+    return ckpt_path in ("best", "last", "hpc") or _is_registry(ckpt_path) or "://" in ckpt_path
+
+
+def absolute_checkpoint_path(ckpt_path: str) -> str:
+    """A local checkpoint file by its absolute path, as the run's config.yaml and summary.json name it (they must
+    find it from another directory); whatever the Trainer resolves itself (:func:`lightning_finds_it`), or a path to
+    no file, as given."""
+    if lightning_finds_it(ckpt_path) or os.path.isabs(ckpt_path) or not os.path.isfile(ckpt_path):
+        return ckpt_path
+    return os.path.abspath(ckpt_path)

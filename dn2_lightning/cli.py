@@ -43,7 +43,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from dn2_lightning.backbones import BackboneWeightsNotFoundError, list_backbones
-from dn2_lightning.checkpointing import readable_checkpoint
+from dn2_lightning.checkpointing import absolute_checkpoint_path, lightning_finds_it, readable_checkpoint
 from dn2_lightning.console import info
 from dn2_lightning.data import GroupDataModule, OneClassDataModule, list_datasets
 from dn2_lightning.help_format import DN2HelpFormatter, SuggestingParserMixin, plain_text
@@ -184,9 +184,9 @@ class DN2CLI(LightningCLI):
         line error (usage, the message, exit code 2), as a value outside a choice is, not as a traceback."""
         with self._refusals_as_usage_errors():
             super().instantiate_classes()
-        self._save_absolute_data_root()
+        self._save_absolute_paths()
 
-    def _save_absolute_data_root(self) -> None:
+    def _save_absolute_paths(self) -> None:
         """The run's saved config.yaml files (the log dir's, the report folder's) name the folder the run read: this
         package's datamodules read a relative ``root`` (``--data.root=parts``) from the working directory, so it is
         saved absolute, as reports and checkpoints name files; else ``--config`` of it from another directory
@@ -195,8 +195,8 @@ class DN2CLI(LightningCLI):
         config = self.config.get(str(self.subcommand), self.config)  # (what SaveConfigCallback holds and saves)
         # a checkpoint given by a relative path too (not Lightning's "best"/"last"/"hpc"..., nor a URL)
         ckpt = config.get("ckpt_path") if "ckpt_path" in config else None
-        if isinstance(ckpt, str) and not _lightning_finds_it(ckpt) and not os.path.isabs(ckpt) and os.path.isfile(ckpt):
-            config["ckpt_path"] = os.path.abspath(ckpt)
+        if isinstance(ckpt, str):
+            config["ckpt_path"] = absolute_checkpoint_path(ckpt)
         if not isinstance(self.datamodule, OneClassDataModule | GroupDataModule):
             return  # another datamodule's root may mean something else
         root = config.get("data.init_args.root")
@@ -255,7 +255,7 @@ class DN2CLI(LightningCLI):
         run's config files or flags (:meth:`parse_arguments`), even to the default value."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if not ckpt_path or _lightning_finds_it(ckpt_path):
+        if not ckpt_path or lightning_finds_it(ckpt_path):
             return
         with self._refusals_as_usage_errors():
             self._apply_checkpoint_settings(subcommand, ckpt_path)
@@ -557,13 +557,6 @@ def _param_lines(params: dict[str, tuple[Any, str]], width: int) -> list[str]:
         text = f"{description} (default: {_default_text(default)})".strip()
         lines += textwrap.wrap(text, width, initial_indent=head, subsequent_indent=" " * len(head))
     return lines
-
-
-def _lightning_finds_it(ckpt_path: str) -> bool:
-    """A ``ckpt_path`` that the Trainer resolves itself: ``best``, ``last``, ``hpc``, ``registry[:...]`` or a URL."""
-    from lightning.pytorch.utilities.model_registry import _is_registry
-
-    return ckpt_path in ("best", "last", "hpc") or _is_registry(ckpt_path) or "://" in ckpt_path
 
 
 def _no_checkpoint_file(path: Path) -> str:

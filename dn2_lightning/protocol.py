@@ -12,6 +12,7 @@ evaluation uses the same pieces, and the same argument validators, as :class:`DN
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -234,11 +235,7 @@ def extract_embeddings(
                 n = len(batch)
                 if pad and n < batch_size:
                     batch = torch.cat([batch, batch.new_zeros((batch_size - n, *batch.shape[1:]))])
-                hint = (
-                    f"DN2 ran out of memory embedding a batch of {len(batch)} images on {device}: lower batch_size "
-                    "(--batch_size) or input_size (--input_size), or use precision='bf16'."
-                )
-                with out_of_memory_hint(lambda hint=hint: hint):
+                with out_of_memory_hint(functools.partial(_memory_hint, len(batch), device)):
                     chunks.append(extractor(batch)[:n])
                 bar.advance(task, n)
         if not chunks:
@@ -314,6 +311,14 @@ def _progress_bar(enabled: bool | None):
         TimeElapsedColumn(),
     )
     return Progress(*columns, disable=not show)
+
+
+def _memory_hint(batch_size: int, device: torch.device) -> str:
+    """What to lower when the backbone ran out of memory on a batch (built only then)."""
+    return (
+        f"DN2 ran out of memory embedding a batch of {batch_size} images on {device}: lower batch_size "
+        "(--batch_size) or input_size (--input_size), or use precision='bf16'."
+    )
 
 
 def _say(progress: bool | None, line: str) -> None:

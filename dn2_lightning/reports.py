@@ -53,6 +53,7 @@ from torch import Tensor
 from torch.utils.data import IterableDataset, Subset
 
 from dn2_lightning.cache import atomic_write
+from dn2_lightning.checkpointing import absolute_checkpoint_path
 from dn2_lightning.console import info
 from dn2_lightning.data.datasets import REPORTS_DIR
 from dn2_lightning.data_source import one_loader, running_datamodule
@@ -74,15 +75,6 @@ def is_utf8_safe(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def _checkpoint_named(ckpt_path: object) -> str | None:
-    """The run's checkpoint as summary.json names it: a local file by its absolute path (as the run's config.yaml
-    does), anything else (a URL, a registry name) as given."""
-    if not ckpt_path:
-        return None
-    path = str(ckpt_path)
-    return os.path.abspath(path) if "://" not in path and os.path.isfile(path) else path
 
 
 def display_path(path: str) -> str:
@@ -496,7 +488,7 @@ class EvaluationReport(Callback):
         summary.update(pixel_summary(trainer, pl_module, stage))
         hparams = getattr(pl_module, "hparams", {})
         summary["k"] = hparams.get("k")  # what the scores were computed with, beside the checkpoint they came from
-        summary["ckpt_path"] = _checkpoint_named(trainer.ckpt_path)
+        summary["ckpt_path"] = absolute_checkpoint_path(str(trainer.ckpt_path)) if trainer.ckpt_path else None
         summary["escaped_paths"] = escaped_paths(paths, scores.indices)
         summary["files"] = {name: display_path(str(p)) for name, p in files.items()}
         files["summary"] = write_summary(summary, out / "summary.json")

@@ -653,7 +653,7 @@ def test_a_ckpt_path_that_is_no_checkpoint_is_a_usage_error_naming_the_ones_foun
     }
     assert config.is_file()
     # paths that Lightning resolves are left to it; `~` (not expanded after `=` by a shell) is the home folder
-    from dn2_lightning.cli import _lightning_finds_it
+    from dn2_lightning.checkpointing import lightning_finds_it as _lightning_finds_it
 
     assert all(map(_lightning_finds_it, ["best", "last", "hpc", "registry", "registry:dn2:v1", "s3://b/x.ckpt"]))
     assert not any(map(_lightning_finds_it, ["registry_v2.ckpt", "registry/model.ckpt", "~/bank.ckpt"]))
