@@ -12,7 +12,7 @@
 # OUTDIR receives at most 9 files, rewritten as the run goes (a run cut short still leaves what it had):
 #   run.log          timestamped progress, environment facts, stderr tails of every step
 #   figures.json     everything merged: env facts, each step's status and seconds, and the figures below
-#   pytest_cuda.log  pytest -m cuda
+#   pytest_cuda.log  pytest -m cuda (tests/test_cuda.py, and test_cuda_tiled.py: the same with the tiled operand)
 #   keops.json/.log  the KeOps-on-CUDA-13 diagnosis (benchmarks/keops_cuda13.py)
 #   knn_bench.md     benchmarks/knn_bench.py --preset gpu --keops
 #   knn_profile.md   benchmarks/knn_profile.py: each step of the candidate stage, and the search's kernels
@@ -22,7 +22,7 @@
 # Without a CUDA device (a dry run on a CPU machine) the GPU steps are skipped ("skipped: no CUDA device"),
 # setup and the KeOps diagnosis run against the CPU. Knobs (environment variables):
 #   T_SETUP T_CUDA_TESTS T_KEOPS T_KNN T_KNN_PROFILE T_EXTRACT T_PROTOCOL   time boxes in seconds
-#                    (35 75 110 100 30 70 80)
+#                    (35 75 110 100 30 90 80)
 #   GPU_RUN_BUDGET   hard limit for the whole run (470); a step never gets more than what is left
 #   KNN_ARGS EXTRACT_ARGS PROTOCOL_ARGS   override the commands' arguments
 #   GPU_RUN_FORCE=1  run the GPU steps even without a CUDA device (to test this script on a CPU)
@@ -51,7 +51,7 @@ T_SETUP=${T_SETUP:-35}
 T_CUDA_TESTS=${T_CUDA_TESTS:-75}
 T_KEOPS=${T_KEOPS:-110}
 T_KNN=${T_KNN:-100}
-T_EXTRACT=${T_EXTRACT:-70}
+T_EXTRACT=${T_EXTRACT:-90}
 T_KNN_PROFILE=${T_KNN_PROFILE:-30}
 T_PROTOCOL=${T_PROTOCOL:-80}
 BUDGET=${GPU_RUN_BUDGET:-470}
@@ -413,7 +413,7 @@ step_cuda_tests() {
 	[ "${DN2_GPU_TESTS_KEOPS:-0}" = 1 ] && disable=
 	DN2_DISABLE_KEOPS=$disable \
 		timeout -k 5 "$t" python3 -m pytest -m cuda -q -rs --continue-on-collection-errors \
-		--junitxml="$WORK/junit_cuda.xml" tests/test_cuda.py >"$OUTDIR/pytest_cuda.log" 2>&1
+		--junitxml="$WORK/junit_cuda.xml" tests/test_cuda.py tests/test_cuda_tiled.py >"$OUTDIR/pytest_cuda.log" 2>&1
 	rc=$?
 	STEP_RC=$rc
 	case $rc in

@@ -172,12 +172,12 @@ def load_before(path: str):
     return module
 
 
-def tiled_bank(bank: torch.Tensor, device: torch.device) -> knn.PreparedBank:
-    """The bank prepared with its float16 operand tiled (``knn._TILED_DEVICES``, off by default until measured)."""
+def tiled_bank(bank: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.float16) -> knn.PreparedBank:
+    """The bank prepared with its ``dtype`` operand tiled (``knn._TILED_DEVICES``, off by default until measured)."""
     tiled_devices = knn._TILED_DEVICES
     knn._TILED_DEVICES = (*tiled_devices, device.type)
     try:
-        return prepare_bank(bank, torch.float16)
+        return prepare_bank(bank, dtype)
     finally:
         knn._TILED_DEVICES = tiled_devices
 

@@ -3,6 +3,7 @@ alone with CUDA events, and the kernels of a whole ``knn_distances`` call from t
 
     python benchmarks/knn_profile.py                       # 1M bank x 10k queries x 2048 (needs ~16 GB on a GPU)
     python benchmarks/knn_profile.py --shape 20000 500 64  # a smoke test, seconds on a CPU
+    python benchmarks/knn_profile.py --shape 20000 500 64 --candidate_dtype float16  # and of the tiled operand
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from knn_bench import tiled_bank
 from torch.profiler import ProfilerActivity, profile
 
 import dn2_lightning.knn as knn
@@ -57,11 +59,15 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--kernels", type=int, default=15, help="rows of the profiler's kernel table")
+    parser.add_argument(
+        "--candidate_dtype", choices=["float32", "float16", "bfloat16"], help="the GEMM's dtype (default: the device's)"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     n, m, d = args.shape
     g = torch.Generator(device=device).manual_seed(0)
-    bank = knn.prepare_bank(torch.randn(n, d, device=device, generator=g).relu_())
+    dtype = getattr(torch, args.candidate_dtype) if args.candidate_dtype else None
+    bank = knn.prepare_bank(torch.randn(n, d, device=device, generator=g).relu_(), dtype)
     queries = torch.randn(m, d, device=device, generator=g).relu_()
     c = min(n, 2 * args.k + 8)
     low = bank.low
@@ -79,15 +85,20 @@ def main() -> None:
     for name, ms in block_steps(q, low[:bank_rows], c, device):
         print(f"| {name} | {ms:.3f} | {ms * blocks:.1f} |")
 
-    total = timed(lambda: knn.knn_distances(queries, bank, args.k, "torch"), device, repeats=2)
-    print(f"\nwhole knn_distances: {total:.1f} ms\n")
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        knn.knn_distances(queries, bank, args.k, "torch")
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort, row_limit=args.kernels, max_name_column_width=60))
+    # the tiled operand (knn._TILED_DEVICES, off by default until measured) against the default, whole searches
+    searched = {"the default operand": bank}
+    if low.dtype != torch.float32:
+        searched["the tiled operand"] = tiled_bank(bank.source, device, low.dtype)
+    for label, prepared in searched.items():
+        total = timed(lambda p=prepared: knn.knn_distances(queries, p, args.k, "torch"), device, repeats=2)
+        print(f"\nwhole knn_distances, {label} ({prepared.tiled_rows:,} rows tiled): {total:.1f} ms\n")
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            knn.knn_distances(queries, prepared, args.k, "torch")
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=args.kernels, max_name_column_width=60))
 
 
 if __name__ == "__main__":

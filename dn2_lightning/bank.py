@@ -3,7 +3,6 @@ over the train data, and the builder that turns what was collected into the bank
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,25 +24,13 @@ from dn2_lightning.distributed import (
     world_size,
 )
 from dn2_lightning.group_pooling import pad_members
-from dn2_lightning.knn import KNNResult, PreparedBank, knn_distances, lacks_float64, prepare_bank
+from dn2_lightning.knn import KNNResult, PreparedBank, content_key, knn_distances, lacks_float64, prepare_bank
 from dn2_lightning.scoring import drop_own_group, keep_lowest, knn_scores, leave_one_out_scores
 from dn2_lightning.sharding import sharded_knn
 
 # key of the owner's fixed threshold in the bank's extra state within a state dict: a plain state dict (which has no
 # hyperparameters) carries it there; ``MemoryBank.set_extra_state`` keeps it out of the spec
 THRESHOLD_RECORD = "fixed_threshold"
-
-
-class _Same:
-    """A weak reference to a tensor that compares by identity (tensors compare element-wise)."""
-
-    def __init__(self, tensor: Tensor) -> None:
-        self.ref = weakref.ref(tensor)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Same) and self.ref() is not None and self.ref() is other.ref()
-
-    __hash__ = None  # type: ignore[assignment]
 
 
 class BankModule(nn.Module):
@@ -139,11 +126,11 @@ class MemoryBank(BankModule):
     def _content_key(self) -> tuple:
         """What identifies the bank's content for the caches: its tensors themselves (weakly: a new tensor at a freed
         one's address is another bank) and their in-place edits."""
-        e, ids = self.embeddings, self.sample_indices
-        return (_Same(e), e._version, _Same(ids), ids._version)
+        return content_key(self.embeddings, self.sample_indices)
 
     def prepared(self) -> PreparedBank:
-        """The bank centred for search, computed once per bank content and device."""
+        """The bank centred for search, computed once per bank content and device (edits through ``.data`` or a
+        NumPy view escape PyTorch's version counter and are not seen: replace the rows with :meth:`set`)."""
         key = self._content_key()
         if self._prepared is None or self._prepared[0] != key:
             self._prepared = (key, prepare_bank(self.embeddings))

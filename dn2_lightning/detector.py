@@ -19,7 +19,7 @@ import torch
 from sklearn.base import BaseEstimator
 from torch import Tensor
 
-from dn2_lightning.knn import KNNBackend, KNNResult, knn_distances, lacks_float64, prepare_bank
+from dn2_lightning.knn import KNNBackend, KNNResult, content_key, knn_distances, lacks_float64, prepare_bank
 from dn2_lightning.scoring import (
     coarse_quantile_note,
     keep_lowest,
@@ -187,9 +187,10 @@ class DN2Detector(BaseEstimator):
         """``search(queries, k)`` in ``bank`` (by default the fitted bank), which is prepared for search once (the
         fitted bank once per fit), not per call: that would be a centred copy of the bank each time."""
         if bank is None:
-            if getattr(self, "_prepared", None) is None:
-                self._prepared = prepare_bank(self.bank_)
-            prepared = self._prepared
+            key, cached = content_key(self.bank_), getattr(self, "_prepared", None)
+            if cached is None or cached[0] != key:  # a new fit, or bank_ replaced or edited in place
+                self._prepared = cached = (key, prepare_bank(self.bank_))
+            prepared = cached[1]
         else:
             prepared = prepare_bank(bank)
         backend, budget = self.knn_backend, self.max_memory_bytes

@@ -50,6 +50,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple, get_args
@@ -164,6 +165,25 @@ class PreparedBank:
     def dtype(self) -> torch.dtype:
         """dtype of the distances a search of this bank returns (for float32 or lower queries)."""
         return _result_dtype(self.source.dtype)
+
+
+class _Same:
+    """A weak reference to a tensor that compares by identity (tensors compare element-wise)."""
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.ref = weakref.ref(tensor)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Same) and self.ref() is not None and self.ref() is other.ref()
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def content_key(*tensors: Tensor) -> tuple:
+    """What tells whether a :class:`PreparedBank` made from ``tensors`` is still theirs: the tensors themselves
+    (weakly: a new tensor at a freed one's address is another bank) and their in-place edits (version counters;
+    edits through ``.data`` or a NumPy view escape them). Not picklable: drop it when pickling."""
+    return tuple(item for t in tensors for item in (_Same(t), t._version))
 
 
 @torch.no_grad()

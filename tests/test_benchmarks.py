@@ -4,6 +4,7 @@ smoke presets run here, and every dn2 row they report is exact."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +32,8 @@ def test_knn_bench_smoke_preset_times_every_candidate_dtype_and_stays_exact(tmp_
 
 def test_knn_profile_times_each_step_of_the_candidate_stage_on_a_small_shape():
     done = subprocess.run(
-        [sys.executable, "benchmarks/knn_profile.py", "--shape", "9000", "200", "32", "--kernels", "3"],
+        [sys.executable, "benchmarks/knn_profile.py", "--shape", "9000", "200", "32", "--kernels", "3"]
+        + ["--candidate_dtype", "float16"],  # the GEMM dtype whose operand can be tiled (knn._TILED_DEVICES)
         cwd=ROOT,
         check=True,
         capture_output=True,
@@ -44,19 +46,23 @@ def test_knn_profile_times_each_step_of_the_candidate_stage_on_a_small_shape():
     for line in steps:
         per_block, per_search = (float(cell) for cell in line.strip("| ").split(" | ")[1:])
         assert per_block > 0 and abs(per_search - per_block * blocks) <= 0.05 + 0.01 * per_search, line
-    assert "whole knn_distances:" in done.stdout
+    wholes = re.findall(r"whole knn_distances, the (\w+) operand \(([\d,]+) rows tiled\): ([\d.]+) ms", done.stdout)
+    assert [(operand, rows != "0") for operand, rows, _ in wholes] == [("default", False), ("tiled", True)], wholes
+    assert all(float(ms) > 0 for *_, ms in wholes)
 
 
 def test_extract_bench_cpu_preset_reports_every_path_for_a_small_run(tmp_path):
     out = tmp_path / "extract.json"
     command = [sys.executable, "benchmarks/extract_bench.py", "--preset", "cpu", "--backbones", "efficientnet_lite0"]
-    command += ["--images", "96", "--batch_size", "64", "--json", out]
+    command += ["--images", "96", "--batch_size", "64", "--repeats", "3", "--json", out]
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=300)
     report = json.loads(out.read_text())
-    assert report["settings"]["images"] == 96
+    assert report["settings"]["images"] == 96 and report["settings"]["repeats"] == 3
     (row,) = report["rows"]
     paths = ("bare", "preprocess", "on_device_input", "protocol", "dataloader")
     assert all(row[f"{path}_img_per_s"] > 0 for path in paths), row
+    for path in paths:  # the table's figure is the median of the rounds
+        assert row[f"{path}_img_per_s"] == sorted(row["rounds_img_per_s"][path])[1], (path, row)
     assert row["protocol_over_bare"] == row["protocol_img_per_s"] / row["bare_img_per_s"]
 
 

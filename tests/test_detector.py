@@ -39,6 +39,21 @@ def test_scores_threshold_and_labels_match_sklearn(k):
     np.testing.assert_allclose(proba[:, 1], (np.sort(loo)[None, :] < expected[:, None]).mean(1), atol=1e-6)
 
 
+def test_scores_follow_a_bank_replaced_or_edited_in_place_after_fit():
+    # the search copy of bank_ is cached between calls; it must not outlive the rows it was made from
+    train, test, _ = blobs()
+    detector = DN2Detector(k=2).fit(train)
+    detector.decision_function(test)  # the cache is made
+
+    def brute_force(bank):
+        return (NearestNeighbors(n_neighbors=2, algorithm="brute").fit(bank).kneighbors(test)[0] ** 2).mean(1)
+
+    detector.bank_ = detector.bank_[:50].clone()
+    np.testing.assert_allclose(detector.decision_function(test), brute_force(train[:50]), rtol=1e-6)
+    detector.bank_.mul_(3.0)
+    np.testing.assert_allclose(detector.decision_function(test), brute_force(3.0 * train[:50]), rtol=1e-6)
+
+
 def test_cleaning_drops_the_contaminants_it_should():
     train, _, _ = blobs(1)
     rng = np.random.default_rng(2)
