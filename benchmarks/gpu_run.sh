@@ -15,7 +15,8 @@
 #   pytest_cuda.log  pytest -m cuda (tests/test_cuda.py, and test_cuda_tiled.py: the same with the tiled operand)
 #   keops.json/.log  the KeOps-on-CUDA-13 diagnosis (benchmarks/keops_cuda13.py)
 #   knn_bench.md     benchmarks/knn_bench.py --preset gpu --keops
-#   knn_profile.md   benchmarks/knn_profile.py: each step of the candidate stage, and the search's kernels
+#   knn_profile.md   benchmarks/knn_profile.py: each step of the candidate stage, whole searches of the default
+#                    and tiled operands (64, 256, 1024 groups per tile), and their kernels
 #   extract_bench.md benchmarks/extract_bench.py --preset gpu --bf16
 #   protocol.log     dn2-protocol on FashionMNIST at 224 px, cold then warm
 #
@@ -24,7 +25,7 @@
 #   T_SETUP T_CUDA_TESTS T_KEOPS T_KNN T_KNN_PROFILE T_EXTRACT T_PROTOCOL   time boxes in seconds
 #                    (35 75 110 100 30 90 80)
 #   GPU_RUN_BUDGET   hard limit for the whole run (470); a step never gets more than what is left
-#   KNN_ARGS EXTRACT_ARGS PROTOCOL_ARGS   override the commands' arguments
+#   KNN_ARGS KNN_PROFILE_ARGS EXTRACT_ARGS PROTOCOL_ARGS   override the commands' arguments
 #   GPU_RUN_FORCE=1  run the GPU steps even without a CUDA device (to test this script on a CPU)
 #   GPU_RUN_SITE     where the wheels are installed (/tmp/site)
 
@@ -489,8 +490,10 @@ step_knn_bench() {
 }
 
 step_knn_profile() {
+	local args=()
 	skip_without_gpu && return 0
-	bench "$1" benchmarks/knn_profile.py knn_profile.md knn_profile.json
+	read -r -a args <<<"${KNN_PROFILE_ARGS:---tile_groups 64 256 1024}"
+	bench "$1" benchmarks/knn_profile.py knn_profile.md knn_profile.json "${args[@]}"
 }
 
 step_extract_bench() {

@@ -4,13 +4,15 @@ alone with CUDA events, and the kernels of a whole ``knn_distances`` call from t
     python benchmarks/knn_profile.py                       # 1M bank x 10k queries x 2048 (needs ~16 GB on a GPU)
     python benchmarks/knn_profile.py --shape 20000 500 64  # a smoke test, seconds on a CPU
     python benchmarks/knn_profile.py --shape 20000 500 64 --candidate_dtype float16  # and of the tiled operand
+    python benchmarks/knn_profile.py --tile_groups 64 256 1024   # whole searches of three tile sizes
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from knn_bench import tiled_bank
@@ -53,12 +55,29 @@ def block_steps(q: torch.Tensor, rows: torch.Tensor, c: int, device: torch.devic
     return [(name, timed(fn, device)) for name, fn in steps.items()]
 
 
+@contextlib.contextmanager
+def tile_groups(groups: int) -> Iterator[None]:
+    """Banks prepared inside are tiled ``groups`` groups per tile (``knn._TILE_GROUPS``)."""
+    default, knn._TILE_GROUPS = knn._TILE_GROUPS, groups
+    try:
+        yield
+    finally:
+        knn._TILE_GROUPS = default
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", type=int, nargs=3, default=[1_000_000, 10_000, 2048], metavar=("N", "M", "D"))
     parser.add_argument("--k", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--kernels", type=int, default=15, help="rows of the profiler's kernel table")
+    parser.add_argument(
+        "--tile_groups",
+        type=int,
+        nargs="+",
+        default=[knn._TILE_GROUPS],
+        help="groups per tile of the tiled operands to search (knn._TILE_GROUPS by default)",
+    )
     parser.add_argument(
         "--candidate_dtype", choices=["float32", "float16", "bfloat16"], help="the GEMM's dtype (default: the device's)"
     )
@@ -88,7 +107,9 @@ def main() -> None:
     # the tiled operand (knn._TILED_DEVICES, off by default until measured) against the default, whole searches
     searched = {"the default operand": bank}
     if low.dtype != torch.float32:
-        searched["the tiled operand"] = tiled_bank(bank.source, device, low.dtype)
+        for groups in args.tile_groups:
+            with tile_groups(groups):
+                searched[f"the tiled operand, {groups} groups per tile"] = tiled_bank(bank.source, device, low.dtype)
     for label, prepared in searched.items():
         total = timed(lambda p=prepared: knn.knn_distances(queries, p, args.k, "torch"), device, repeats=2)
         print(f"\nwhole knn_distances, {label} ({prepared.tiled_rows:,} rows tiled): {total:.1f} ms\n")

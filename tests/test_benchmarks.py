@@ -33,7 +33,7 @@ def test_knn_bench_smoke_preset_times_every_candidate_dtype_and_stays_exact(tmp_
 def test_knn_profile_times_each_step_of_the_candidate_stage_on_a_small_shape():
     done = subprocess.run(
         [sys.executable, "benchmarks/knn_profile.py", "--shape", "9000", "200", "32", "--kernels", "3"]
-        + ["--candidate_dtype", "float16"],  # the GEMM dtype whose operand can be tiled (knn._TILED_DEVICES)
+        + ["--candidate_dtype", "float16", "--tile_groups", "2", "256"],  # float16: an operand that can be tiled
         cwd=ROOT,
         check=True,
         capture_output=True,
@@ -46,8 +46,10 @@ def test_knn_profile_times_each_step_of_the_candidate_stage_on_a_small_shape():
     for line in steps:
         per_block, per_search = (float(cell) for cell in line.strip("| ").split(" | ")[1:])
         assert per_block > 0 and abs(per_search - per_block * blocks) <= 0.05 + 0.01 * per_search, line
-    wholes = re.findall(r"whole knn_distances, the (\w+) operand \(([\d,]+) rows tiled\): ([\d.]+) ms", done.stdout)
-    assert [(operand, rows != "0") for operand, rows, _ in wholes] == [("default", False), ("tiled", True)], wholes
+    whole = r"whole knn_distances, the (\w+) operand(?:, (\d+) groups per tile)? \(([\d,]+) rows tiled\): ([\d.]+) ms"
+    wholes = re.findall(whole, done.stdout)
+    tiles = [(operand, groups, rows) for operand, groups, rows, _ in wholes]
+    assert tiles == [("default", "", "0"), ("tiled", "2", "8,960"), ("tiled", "256", "8,192")], wholes
     assert all(float(ms) > 0 for *_, ms in wholes)
 
 
