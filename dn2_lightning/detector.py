@@ -110,6 +110,12 @@ class DN2Detector(BaseEstimator):
         if self.clean_fraction > 0:
             loo = leave_one_out_scores(x, torch.arange(n, device=x.device), min(self.clean_k, n - 1), self._searcher(x))
             kept = keep_lowest(loo, self.clean_fraction)
+            if kept.all():
+                warnings.warn(
+                    f"clean_fraction={self.clean_fraction} of {n} rows rounds to none removed, so the bank is not "
+                    "cleaned: raise clean_fraction (or use 0 to say no cleaning).",
+                    stacklevel=stacklevel,
+                )
             if int(kept.sum()) <= self.k:
                 raise ValueError(
                     f"clean_fraction={self.clean_fraction} leaves {int(kept.sum())} rows, not more than "

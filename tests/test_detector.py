@@ -63,6 +63,17 @@ def test_cleaning_drops_the_contaminants_it_should():
     assert not detector.kept_[300:].any(), "every far-away contaminant is removed"
 
 
+def test_a_clean_fraction_that_removes_no_row_says_so():
+    """As DN2Module: 0.004 of 101 rows rounds to none removed, and the bank was kept uncleaned without a word."""
+    train = np.random.default_rng(0).normal(size=(101, 4))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="clean_fraction=")
+        DN2Detector(k=2, clean_fraction=0.01).fit(train)  # 1 row removed: no warning
+    with pytest.warns(UserWarning, match=r"clean_fraction=0.004 of 101 rows rounds to none removed"):
+        detector = DN2Detector(k=2, clean_fraction=0.004).fit(train)
+    assert detector.bank_.shape[0] == 101
+
+
 def test_tensor_in_tensor_out_and_pyod_style_use():
     train, test, _ = blobs()
     detector = DN2Detector().fit(torch.from_numpy(train))
