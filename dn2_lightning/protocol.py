@@ -420,6 +420,7 @@ def run_protocol(
     chosen = resolve_classes(classes, names)
     train_labels = train_source.labels
     banks = {}  # bank rows per class, drawn before the (slow) extraction so that a bad setting fails at once
+    uncleaned = []  # classes whose bank clean_fraction leaves whole
     for c in chosen:
         normal = (train_labels == c).nonzero().flatten()
         if len(normal) == 0:
@@ -433,6 +434,15 @@ def run_protocol(
                 f"k={k} exceeds the {kept} training embeddings{after} of class {c} ({names[c]!r}); lower k."
             )
         banks[c] = (normal, contaminants)
+        if clean_fraction > 0 and kept == rows:
+            uncleaned.append(f"{names[c]!r}: {rows}")
+    if uncleaned:  # said before the (slow) extraction, as DN2Module and DN2Detector say it
+        warnings.warn(
+            f"clean_fraction={clean_fraction} rounds to none removed of the training embeddings of "
+            f"{len(uncleaned)} class{'es' if len(uncleaned) > 1 else ''} ({', '.join(uncleaned)}), so their banks "
+            "are not cleaned: raise clean_fraction (or use 0 to say no cleaning).",
+            stacklevel=2,
+        )
     kwargs = dict(
         backbone=backbone,
         input_size=input_size,

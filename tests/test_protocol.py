@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import os
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -299,6 +301,18 @@ def test_temporary_files_of_killed_writers_are_removed_by_the_next_write(tmp_pat
 def test_bad_settings_are_refused_before_any_extraction(kwargs, match, no_extraction, tmp_path):
     with pytest.raises(ValueError, match=match):
         run_protocol(**({"dataset": "digits", "cache_dir": str(tmp_path)} | FAST | kwargs))
+
+
+def test_a_clean_fraction_that_removes_no_row_says_so_before_any_extraction(no_extraction, tmp_path):
+    # digits' train split holds 106 zeros and 109 ones: 0.004 of either rounds to none removed, 0.005 to one
+    match = r"clean_fraction=0.004 rounds to none removed .* 2 classes \('0': 106, '1': 109\), so their banks"
+    run = functools.partial(run_protocol, "digits", classes=[0, 1], cache_dir=str(tmp_path), use_cache=False, **FAST)
+    with pytest.warns(UserWarning, match=match), pytest.raises(AssertionError, match="the cache should have been"):
+        run(clean_fraction=0.004)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(AssertionError, match="the cache should have been"):
+            run(clean_fraction=0.005)
 
 
 def test_validation_is_shared_with_the_module_and_datamodule():
