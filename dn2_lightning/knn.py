@@ -182,8 +182,9 @@ class _Same:
 def content_key(*tensors: Tensor) -> tuple:
     """What tells whether a :class:`PreparedBank` made from ``tensors`` is still theirs: the tensors themselves
     (weakly: a new tensor at a freed one's address is another bank) and their in-place edits (version counters;
-    edits through ``.data`` or a NumPy view escape them). Not picklable: drop it when pickling."""
-    return tuple(item for t in tensors for item in (_Same(t), t._version))
+    edits through ``.data`` or a NumPy view escape them, and so do those of an inference tensor, which has none).
+    Not picklable: drop it when pickling."""
+    return tuple(item for t in tensors for item in (_Same(t), None if t.is_inference() else t._version))
 
 
 @torch.no_grad()

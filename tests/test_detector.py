@@ -54,6 +54,19 @@ def test_scores_follow_a_bank_replaced_or_edited_in_place_after_fit():
     np.testing.assert_allclose(detector.decision_function(test), brute_force(3.0 * train[:50]), rtol=1e-6)
 
 
+def test_a_fit_in_inference_mode_and_an_inference_tensor_bank_score_as_outside_it():
+    # an inference tensor has no version counter: the bank's cache key must not ask for one
+    train, test, _ = blobs()
+    expected = DN2Detector(k=2).fit(train).decision_function(test)
+    with torch.inference_mode():
+        detector = DN2Detector(k=2).fit(torch.from_numpy(train))
+        np.testing.assert_allclose(detector.decision_function(test), expected, rtol=1e-6)
+    detector.bank_ = detector.bank_[:50]  # still an inference tensor, outside inference mode
+    assert detector.bank_.is_inference()
+    brute = (NearestNeighbors(n_neighbors=2, algorithm="brute").fit(train[:50]).kneighbors(test)[0] ** 2).mean(1)
+    np.testing.assert_allclose(detector.decision_function(test), brute, rtol=1e-6)
+
+
 def test_cleaning_drops_the_contaminants_it_should():
     train, _, _ = blobs(1)
     rng = np.random.default_rng(2)
