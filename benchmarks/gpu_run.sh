@@ -17,7 +17,7 @@
 #   knn_bench.md     benchmarks/knn_bench.py --preset gpu --keops
 #   knn_profile.md   benchmarks/knn_profile.py: each step of the candidate stage, whole searches of the default
 #                    and tiled operands (64, 256, 1024 groups per tile), and their kernels
-#   extract_bench.md benchmarks/extract_bench.py --preset gpu --bf16
+#   extract_bench.md benchmarks/extract_bench.py --preset gpu --bf16 --backbones efficientnet_lite0
 #   protocol.log     dn2-protocol on FashionMNIST at 224 px, cold then warm
 #
 # Without a CUDA device (a dry run on a CPU machine) the GPU steps are skipped ("skipped: no CUDA device"),
@@ -499,7 +499,9 @@ step_knn_profile() {
 step_extract_bench() {
 	local args=()
 	skip_without_gpu && return 0
-	read -r -a args <<<"${EXTRACT_ARGS:---preset gpu --bf16}"
+	# one backbone: the preset's 2 rounds of 60,000 images per path take about 60 s of timed passes for
+	# efficientnet_lite0 (fp32 + bf16, H200 rates of RESULTS.md section 8) and 85 s more for resnet50, beyond T_EXTRACT
+	read -r -a args <<<"${EXTRACT_ARGS:---preset gpu --bf16 --backbones efficientnet_lite0}"
 	bench "$1" benchmarks/extract_bench.py extract_bench.md extract.json "${args[@]}"
 }
 
