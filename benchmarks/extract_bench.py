@@ -50,7 +50,7 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, installed or not
-from bench_args import require_device
+from bench_args import at_least, require_device
 
 from dn2_lightning.backbones import build_backbone  # noqa: E402
 from dn2_lightning.data.datasets import ArrayImageDataset  # noqa: E402
@@ -162,14 +162,14 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="gpu")
     parser.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "resnet50"])
     parser.add_argument("--bf16", action="store_true", help="also measure bfloat16 autocast")
-    parser.add_argument("--batch_size", type=int, help="override the preset's batch size")
-    parser.add_argument("--images", type=int, help="override the preset's image count (at most 60,000)")
-    parser.add_argument("--repeats", type=int, help="override the preset's rounds (the table gives medians)")
+    parser.add_argument("--batch_size", type=at_least(1), help="override the preset's batch size")
+    parser.add_argument("--images", type=at_least(1), help="override the preset's image count (at most 60,000)")
+    parser.add_argument("--repeats", type=at_least(1), help="override the preset's rounds (the table gives medians)")
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     args = parser.parse_args()
     p = dict(PRESETS[args.preset])
     overrides = {"batch_size": args.batch_size, "images": args.images, "repeats": args.repeats}
-    p.update({k: v for k, v in overrides.items() if v})
+    p.update({k: v for k, v in overrides.items() if v is not None})
     device = torch.device("cuda" if args.preset == "gpu" else "cpu")
     require_device(parser, device)
     if device.type == "cuda":

@@ -106,7 +106,9 @@ def main() -> None:
 
     # the tiled operand (knn._TILED_DEVICES, off by default until measured) against the default, whole searches
     searched = {"the default operand": bank}
-    if low.dtype != torch.float32:
+    if low.dtype == torch.float32:
+        print("\n(no tiled operand: a float32 GEMM operand is never tiled; pass --candidate_dtype float16)")
+    else:
         for groups in args.tile_groups:
             with tile_groups(groups):
                 searched[f"the tiled operand, {groups} groups per tile"] = tiled_bank(bank.source, device, low.dtype)
