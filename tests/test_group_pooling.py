@@ -256,6 +256,39 @@ def test_checkpoint_round_trip_gives_the_same_scores(tmp_path):
     torch.testing.assert_close(restored.test_scores.scores, model.test_scores.scores, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("group_size", [1, 4])
+def test_mean_pooled_groups_cleaned_score_as_a_brute_force_of_the_members_mean(group_size):
+    """Mean pooling with cleaning at k = 1: whole training groups removed by their leave-one-out score over the
+    members' means, the threshold over every training group (groups of one image leave their image's copies out),
+    the scores and AUROC, all against a brute force on the mean of each group's member embeddings."""
+    easy = dict(anomaly="easy", held_out_classes=[9]) if group_size == 1 else {}  # seed 2: two images drawn twice
+    dm = GroupDataModule(
+        dataset="digits", group_size=group_size, n_train_groups=60, n_test_groups=30, seed=2, batch_size=8, **easy
+    )
+    model = DN2Module(
+        k=1, backbone=linear_backbone(), clean_fraction=0.3, clean_k=5, threshold_quantile=0.9, reports=False
+    )
+    quiet_trainer().fit(model, datamodule=dm)
+    train = members_of(model, dm.train_dataset).double().mean(1).numpy()
+    test = members_of(model, dm.test_dataset).double().mean(1).numpy()
+    sources = np.array([dm.train_dataset[i]["members"][0].item() for i in range(len(train))])
+    left_out = np.eye(len(train), dtype=bool)
+    if group_size == 1:  # a group of one image is that image: its copies in other groups are left out too
+        left_out |= sources[:, None] == sources[None]
+    distances = ((train[:, None] - train[None]) ** 2).sum(-1)
+    distances[left_out] = np.inf
+    cleaning = np.sort(distances, axis=1)[:, :5].mean(1)
+    kept = np.sort(np.argsort(cleaning, kind="stable")[:42])  # 0.3 of 60 groups removed
+    assert np.array_equal(np.sort(model.bank.sample_indices.numpy()), kept)
+    threshold = np.quantile(distances[:, kept].min(1), 0.9)
+    assert float(model.threshold) == pytest.approx(threshold, rel=1e-5)
+    expected = ((test[:, None] - train[kept][None]) ** 2).sum(-1).min(1)
+    metrics = quiet_trainer().test(model, datamodule=dm)
+    np.testing.assert_allclose(model.test_scores.scores.numpy(), expected, rtol=1e-5, atol=1e-7)
+    auroc = roc_auc_score(dm.test_dataset.labels.numpy(), expected)
+    assert metrics[0]["test/auroc"] == pytest.approx(auroc, abs=1e-6)
+
+
 def test_module_scores_are_orderless_in_the_members():
     dm = group_datamodule()
     model = DN2Module(k=2, backbone=linear_backbone(), group_pooling="histogram", group_clusters=5, reports=False)

@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
 from torch.utils.data import DataLoader, TensorDataset
 
-from dn2_lightning import DN2Module
+from dn2_lightning import DN2Detector, DN2Module
 
 
 def reference_scores(model: DN2Module, dm: BlobDataModule, k: int) -> np.ndarray:
@@ -160,6 +160,58 @@ def test_threshold_samples_draws_training_images_and_scores_them_exactly(tmp_pat
     assert len(everything.bank.loo_scores) == 101 and not everything.bank.loo_drawn
     with pytest.raises(ValueError, match=r"threshold_samples=0 must be None \(all of them\) or an integer >= 1"):
         DN2Module(threshold_samples=0, backbone=linear_backbone())
+
+
+def cleaned_reference(train: np.ndarray, fraction: float, clean_k: int) -> np.ndarray:
+    """The rows cleaning keeps, independently: the ``fraction`` (rounded half up) of largest leave-one-out scores over
+    ``clean_k`` neighbours removed, ties by row order (float64, brute force)."""
+    distances = ((train[:, None] - train[None]) ** 2).sum(-1)
+    np.fill_diagonal(distances, np.inf)
+    scores = np.sort(distances, axis=1)[:, :clean_k].mean(1)
+    removed = int(np.floor(fraction * len(train) + 0.5))
+    return np.sort(np.argsort(scores, kind="stable")[: len(train) - removed])
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_a_cleaned_bank_scores_as_brute_force_through_every_entry_point_and_the_detector(tmp_path, k):
+    """Unsupervised setting, k other than 2: the kept rows, test/predict/score_images scores, AUROC, threshold and
+    is_anomaly against a brute force; DN2Detector on the same embeddings and the reloaded checkpoint agree."""
+    dm = BlobDataModule(n_train=60, n_normal=21, n_anomalous=15, seed=k)
+    dm.train_images[:8] += 0.3  # contaminants
+    model = DN2Module(
+        k=k, backbone=linear_backbone(), clean_fraction=0.3, clean_k=5, threshold_quantile=0.9, reports=False
+    )
+    trainer = quiet_trainer(default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=dm)
+    with torch.no_grad():
+        train = model.backbone(dm.train_images).double().numpy()
+        test = model.backbone(dm.test_images).double().numpy()
+    kept = cleaned_reference(train, 0.3, 5)
+    assert np.array_equal(np.sort(model.bank.sample_indices.numpy()), kept)
+    distances = ((test[:, None] - train[kept][None]) ** 2).sum(-1)
+    expected = np.sort(distances, axis=1)[:, :k].mean(1)
+    threshold = np.quantile(threshold_reference(model, dm, k), 0.9)
+    assert float(model.threshold) == pytest.approx(threshold, rel=1e-5)
+
+    results = trainer.test(model, datamodule=dm)
+    np.testing.assert_allclose(model.test_scores.scores.numpy(), expected, rtol=1e-5)
+    np.testing.assert_allclose(model.test_scores.distances.numpy(), np.sort(distances, 1)[:, :k], rtol=1e-5)
+    assert results[0]["test/auroc"] == pytest.approx(roc_auc_score(dm.test_labels.numpy(), expected), abs=1e-6)
+    out = trainer.predict(model, datamodule=dm)
+    np.testing.assert_allclose(torch.cat([o["score"] for o in out]).numpy(), expected, rtol=1e-5)
+    assert np.array_equal(torch.cat([o["is_anomaly"] for o in out]).numpy(), expected > threshold)
+    images = model.score_images(dm.test_images)
+    np.testing.assert_allclose(images.scores.numpy(), expected, rtol=1e-5)
+
+    detector = DN2Detector(k=k, clean_fraction=0.3, clean_k=5, threshold_quantile=0.9).fit(train.astype(np.float32))
+    assert np.array_equal(np.flatnonzero(detector.kept_), kept)
+    assert detector.threshold_ == pytest.approx(threshold, rel=1e-5)
+    np.testing.assert_allclose(detector.decision_function(test.astype(np.float32)), expected, rtol=1e-5)
+
+    trainer.save_checkpoint(tmp_path / "cleaned.ckpt")
+    loaded = DN2Module.load_from_checkpoint(tmp_path / "cleaned.ckpt", backbone=linear_backbone(seed=1))
+    assert float(loaded.threshold) == pytest.approx(threshold, rel=1e-5)
+    np.testing.assert_allclose(loaded.score_images(dm.test_images).scores.numpy(), expected, rtol=1e-5)
 
 
 def test_a_quantile_of_too_few_leave_one_out_scores_is_warned_about_once():
