@@ -253,7 +253,8 @@ def _as_matrix(values: ArrayLike, name: str, device: torch.device | None = None,
             raise ValueError(f"{name} must be a 2-D array [rows, features] of numbers; NumPy says: {err}") from None
         if array.dtype.kind not in "biufc":  # strings, objects, dates: nothing torch can measure distances on
             raise ValueError(f"{name} must hold numbers (bool, integer or float), got a NumPy {array.dtype} array.")
-        tensor = torch.as_tensor(array)
+        # a view with negative strides (X[::-1]) is copied: torch.as_tensor refuses it
+        tensor = torch.as_tensor(array if min(array.strides, default=0) >= 0 else array.copy())
     if tensor.ndim != 2 or tensor.shape[0] == 0 or tensor.shape[1] == 0:
         raise ValueError(
             f"{name} must be a 2-D array [rows, features] with at least one row and one feature, got "

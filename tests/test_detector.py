@@ -311,3 +311,13 @@ def test_detector_predict_proba_ranks_against_every_training_rows_score_after_cl
     proba = detector.predict_proba(test)
     np.testing.assert_allclose(proba[:, 1], expected, atol=1e-6)
     np.testing.assert_allclose(proba[:, 0], 1 - expected, atol=1e-6)
+
+
+def test_reversed_and_strided_numpy_views_are_read_as_their_copies():
+    rng = np.random.default_rng(4)
+    train, test = rng.normal(size=(80, 6)), rng.normal(size=(20, 6))
+    view, copy = DN2Detector(k=2).fit(train[::-1]), DN2Detector(k=2).fit(train[::-1].copy())
+    assert view.threshold_ == copy.threshold_
+    np.testing.assert_array_equal(
+        view.decision_function(test[::-2, ::-1]), copy.decision_function(test[::-2, ::-1].copy())
+    )
