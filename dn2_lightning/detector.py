@@ -35,6 +35,7 @@ from dn2_lightning.validation import (
     check_k,
     check_knn_backend,
     check_threshold,
+    tensor_of,
 )
 
 ArrayLike = Any  # numpy array, torch tensor, or nested lists of numbers
@@ -253,8 +254,7 @@ def _as_matrix(values: ArrayLike, name: str, device: torch.device | None = None,
             raise ValueError(f"{name} must be a 2-D array [rows, features] of numbers; NumPy says: {err}") from None
         if array.dtype.kind not in "biufc":  # strings, objects, dates: nothing torch can measure distances on
             raise ValueError(f"{name} must hold numbers (bool, integer or float), got a NumPy {array.dtype} array.")
-        # a view with negative strides (X[::-1]) is copied: torch.as_tensor refuses it
-        tensor = torch.as_tensor(array if min(array.strides, default=0) >= 0 else array.copy())
+        tensor = tensor_of(array)  # (a view with negative strides or big-endian data, which torch refuses, copied)
     if tensor.ndim != 2 or tensor.shape[0] == 0 or tensor.shape[1] == 0:
         raise ValueError(
             f"{name} must be a 2-D array [rows, features] with at least one row and one feature, got "

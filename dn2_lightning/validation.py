@@ -14,12 +14,30 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Sequence
 from numbers import Integral, Real
 from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
+import torch
+
+
+def tensor_of(array: object) -> torch.Tensor:
+    """``torch.as_tensor(array)``, sharing a NumPy array's memory where torch can: a read-only array
+    (``np.load(..., mmap_mode="r")``) without torch's warning (callers never write to it), a view with negative
+    strides (``x[::-1]``) or another byte order (big-endian data read from a file) copied, where torch refuses
+    them."""
+    if not isinstance(array, np.ndarray):
+        return torch.as_tensor(array)
+    if any(stride < 0 for stride in array.strides):
+        array = np.ascontiguousarray(array)
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.as_tensor(array)
 
 
 def check_choice(name: str, value: object, choices: Sequence[object]) -> None:

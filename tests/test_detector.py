@@ -313,7 +313,7 @@ def test_detector_predict_proba_ranks_against_every_training_rows_score_after_cl
     np.testing.assert_allclose(proba[:, 0], 1 - expected, atol=1e-6)
 
 
-def test_reversed_and_strided_numpy_views_are_read_as_their_copies():
+def test_reversed_strided_big_endian_and_read_only_numpy_arrays_are_read_as_their_copies():
     rng = np.random.default_rng(4)
     train, test = rng.normal(size=(80, 6)), rng.normal(size=(20, 6))
     view, copy = DN2Detector(k=2).fit(train[::-1]), DN2Detector(k=2).fit(train[::-1].copy())
@@ -321,3 +321,14 @@ def test_reversed_and_strided_numpy_views_are_read_as_their_copies():
     np.testing.assert_array_equal(
         view.decision_function(test[::-2, ::-1]), copy.decision_function(test[::-2, ::-1].copy())
     )
+    # big-endian data as read from a file (torch refuses another byte order), and a read-only array (np.load's
+    # mmap_mode="r"), without torch's "not writable" warning
+    frozen = train.copy()
+    frozen.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="The given NumPy array is not writable")
+        big = DN2Detector(k=2).fit(train.astype(">f8"))
+        np.testing.assert_array_equal(big.decision_function(test.astype(">f8")), copy.decision_function(test))
+        np.testing.assert_array_equal(
+            DN2Detector(k=2).fit(frozen).decision_function(test), copy.decision_function(test)
+        )

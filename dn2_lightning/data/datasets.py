@@ -16,7 +16,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal, get_args
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -25,7 +24,7 @@ from torch.utils.data import Dataset
 from dn2_lightning.console import info
 from dn2_lightning.data import images
 from dn2_lightning.data.images import image_problem, load_image, resize_square
-from dn2_lightning.validation import check_choice, check_load_size, check_positive_int
+from dn2_lightning.validation import check_choice, check_load_size, check_positive_int, tensor_of
 
 REPORTS_DIR = "dn2_reports"  # where the reports write (dn2_lightning.reports): never read as data
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -60,7 +59,7 @@ class ArrayImageDataset(Dataset):
     """
 
     def __init__(self, images: Tensor, labels: Tensor, load_size: int | None = None) -> None:
-        images, labels = _as_tensor(images), _as_tensor(labels)
+        images, labels = tensor_of(images), tensor_of(labels)
         if images.dtype != torch.uint8 or not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)):
             raise ValueError(
                 f"images must be uint8 [N, H, W] or [N, H, W, 3]; got {images.dtype} {tuple(images.shape)}."
@@ -84,21 +83,6 @@ class ArrayImageDataset(Dataset):
         """Images ``start:stop`` as one contiguous uint8 ``[B, 3, H, W]`` tensor, equal to the ``"image"`` entry a
         DataLoader collates from those samples, without the per-sample Python."""
         return to_bchw_uint8(self.images[start:stop], self.load_size)
-
-
-def _as_tensor(array: Tensor | np.ndarray) -> Tensor:
-    """A tensor of a NumPy array, sharing its memory where torch can: a read-only array (``np.load(...,
-    mmap_mode="r")``) without torch's warning (the dataset never writes), a view with negative strides
-    (``x[:, ::-1]``) or another byte order copied."""
-    if not isinstance(array, np.ndarray):
-        return torch.as_tensor(array)
-    if any(stride < 0 for stride in array.strides):
-        array = np.ascontiguousarray(array)
-    if not array.dtype.isnative:  # e.g. big-endian labels read from a file: torch takes native byte order only
-        array = array.astype(array.dtype.newbyteorder("="))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.as_tensor(array)
 
 
 def iter_image_batches(
