@@ -3,7 +3,7 @@
     python benchmarks/extract_bench.py --bf16                      # GPU: 224 px, batch 512, 60,000 images, 2 rounds
     python benchmarks/extract_bench.py --preset cpu --json r.json  # a laptop CPU: 64 px, 512 images, 1 round
 
-Five measurements per backbone and precision (random weights: speed does not depend on them):
+Six measurements per backbone and precision (random weights: speed does not depend on them):
 
 * "bare forward": random, already normalised, channels_last tensors that live on the device, fed to the trunk
   alone, with cuDNN's autotuner on (``torch.backends.cudnn.benchmark = True``): the ceiling.
@@ -19,9 +19,14 @@ Five measurements per backbone and precision (random weights: speed does not dep
 * "DataLoader path": what ``DN2Module`` runs with the datamodules: a DataLoader with workers and pinned memory
   over ``ArrayImageDataset`` (per-sample items, default collation) -> device -> the same extractor, embeddings
   kept on the device.
+* "DN2Module fit": the same DataLoader through ``Trainer.fit(DN2Module(...))`` (one device, the precision as
+  ``Trainer(precision="bf16-mixed")`` sets it): the pass that builds the memory bank, Lightning's loop and the
+  module's per-batch work included (unpacking, dataset indices, the embeddings' finiteness check, collecting the
+  rows, the bank made at the last batch), from the first batch's start to the epoch's end. A fixed threshold, so
+  no leave-one-out scores follow the pass.
 
-The last three run with cuDNN's autotuner as ``extract_embeddings`` sets it (off by default: see its docstring),
-so they differ only in where the images come from.
+The protocol, DataLoader and on-device paths run with cuDNN's autotuner as ``extract_embeddings`` sets it (off by
+default: see its docstring), so they differ only in where the images come from.
 
 Each timing follows a warm-up on the same batch shapes (cuDNN autotuning, allocator, workers) and is bracketed by
 ``torch.cuda.synchronize()``. The images are FashionMNIST's train split, all 60,000 on a GPU: the pass
@@ -40,18 +45,23 @@ import datetime
 import functools
 import inspect
 import json
+import logging
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from lightning import Trainer
+from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, installed or not
 from bench_args import at_least, require_device
 
+from dn2_lightning import DN2Module  # noqa: E402
 from dn2_lightning.backbones import build_backbone  # noqa: E402
 from dn2_lightning.data.datasets import ArrayImageDataset  # noqa: E402
 from dn2_lightning.data.sources import load_split  # noqa: E402
@@ -139,7 +149,54 @@ def dataloader_path(extractor, device, loader: DataLoader, bf16: bool) -> float:
     return done / (time.perf_counter() - start)
 
 
-def time_paths(extractor, device, dataset: ArrayImageDataset, loader: DataLoader, p: dict, bf16: bool) -> dict:
+class PassClock(Callback):
+    """Seconds from the training pass's first batch to its epoch's end, and the images it read."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.start, self.seconds, self.images = device, 0.0, 0.0, 0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            sync(self.device)
+            self.start = time.perf_counter()
+        self.images += len(batch["image"])
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        sync(self.device)
+        self.seconds = time.perf_counter() - self.start
+
+
+def module_fit(backbone: str, device, loader: DataLoader, size: int, bf16: bool) -> float:
+    clock = PassClock(device)
+    model = DN2Module(k=2, backbone=backbone, pretrained=False, input_size=size, threshold=1.0, reports=False)
+    trainer = Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        precision="bf16-mixed" if bf16 else "32-true",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[clock],
+    )
+    quiet = [logging.getLogger(name) for name in ("lightning.pytorch", "dn2_lightning")]  # the table alone on stdout
+    levels = [log.level for log in quiet]
+    try:
+        for log in quiet:
+            log.setLevel(logging.WARNING)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Lightning's advice (workers, no optimizer) is not the figure
+            trainer.fit(model, train_dataloaders=loader)
+    finally:
+        for log, level in zip(quiet, levels, strict=True):
+            log.setLevel(level)
+    return clock.images / clock.seconds
+
+
+def time_paths(
+    backbone: str, extractor, device, dataset: ArrayImageDataset, loader: DataLoader, p: dict, bf16: bool
+) -> dict:
     """Images per second of every path, ``p["repeats"]`` rounds of each, the paths taking turns within a round."""
     size, batch = p["input_size"], p["batch_size"]
     warm_up(extractor, device, dataset, batch, bf16)
@@ -149,6 +206,7 @@ def time_paths(extractor, device, dataset: ArrayImageDataset, loader: DataLoader
         "on_device_input": functools.partial(on_device_input, extractor, device, dataset, batch, bf16),
         "protocol": functools.partial(protocol_path, extractor, device, dataset, batch, bf16),
         "dataloader": functools.partial(dataloader_path, extractor, device, loader, bf16),
+        "module_fit": functools.partial(module_fit, backbone, device, loader, size, bf16),
     }
     rounds = {name: [] for name in paths}
     for _ in range(p["repeats"]):
@@ -177,7 +235,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     source = load_split("fashionmnist", "train")
     n = min(p["images"], len(source))
-    dataset = ArrayImageDataset(source.images[:n], source.labels[:n])
+    dataset = ArrayImageDataset(source.images[:n], torch.zeros(n, dtype=torch.long))  # all normal, as a bank's
     loader = DataLoader(
         dataset,
         batch_size=p["batch_size"],
@@ -191,17 +249,18 @@ def main() -> None:
     )
     print(
         "| backbone | precision | bare forward (img/s) | preprocess only (img/s) | on-device input (img/s) | "
-        "protocol path (img/s) | protocol / bare | DataLoader path (img/s) | DataLoader / bare |"
+        "protocol path (img/s) | protocol / bare | DataLoader path (img/s) | DataLoader / bare | "
+        "DN2Module fit (img/s) | fit / bare |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for backbone in args.backbones:
         extractor = build_backbone(backbone, pretrained=False, image_size=p["input_size"]).to(device).eval()
         for bf16 in [False, True] if args.bf16 else [False]:
-            rounds = time_paths(extractor, device, dataset, loader, p, bf16)
+            rounds = time_paths(backbone, extractor, device, dataset, loader, p, bf16)
             rate = {name: statistics.median(values) for name, values in rounds.items()}
             bare, preprocess, resident = rate["bare"], rate["preprocess"], rate["on_device_input"]
-            protocol, loaded = rate["protocol"], rate["dataloader"]
+            protocol, loaded, fitted = rate["protocol"], rate["dataloader"], rate["module_fit"]
             precision = "bf16 autocast" if bf16 else "fp32"
             rows.append(
                 {
@@ -215,13 +274,15 @@ def main() -> None:
                     "protocol_over_bare": protocol / bare,
                     "dataloader_over_bare": loaded / bare,
                     "on_device_input_over_bare": resident / bare,
+                    "module_fit_img_per_s": fitted,
+                    "module_fit_over_bare": fitted / bare,
                     "rounds_img_per_s": rounds,
                 }
             )
             print(
                 f"| {backbone} | {precision} | {bare:,.0f} | {preprocess:,.0f} | {resident:,.0f} | {protocol:,.0f} | "
                 f"{100 * protocol / bare:.0f}% | "
-                f"{loaded:,.0f} | {100 * loaded / bare:.0f}% |",
+                f"{loaded:,.0f} | {100 * loaded / bare:.0f}% | {fitted:,.0f} | {100 * fitted / bare:.0f}% |",
                 flush=True,
             )
     if args.json is not None:

@@ -272,7 +272,8 @@ class BankCollector:
         self._embeddings: list[Tensor] = []
         self._indices: list[Tensor] = []
         self._labels: list[Tensor] = []
-        self.paths: dict[int, str] = {}  # dataset index -> file, when batches carry paths
+        self._paths: dict[int, str] = {}  # dataset index -> file, when batches carry paths
+        self._path_batches: list[tuple[Tensor, list[str]]] = []  # batches' (indices, paths) not in _paths yet
         # group member row -> its image's index in the source dataset (group_pooling="none"), so that the
         # leave-one-out threshold also skips that image's copies in other training groups
         self.member_sources: dict[int, int] = {}
@@ -289,8 +290,16 @@ class BankCollector:
         self._indices.append(indices.detach().long())
         self._labels.append(labels.detach().long())
         if paths is not None and len(paths) == len(indices):
-            self.paths.update(zip(indices.tolist(), paths, strict=True))
+            self._path_batches.append((indices, paths))  # read when needed: reading device indices waits for it
         self.num_batches += 1
+
+    @property
+    def paths(self) -> dict[int, str]:
+        """Dataset index -> file, for the rows added with paths."""
+        for indices, paths in self._path_batches:
+            self._paths.update(zip(indices.tolist(), paths, strict=True))
+        self._path_batches.clear()
+        return self._paths
 
     def collect(self) -> tuple[Tensor, Tensor, Tensor]:
         """Concatenated ``(embeddings [N, D], indices [N], labels [N])``; the batches are released (they are kept as

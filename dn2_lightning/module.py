@@ -271,6 +271,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         self._trainer_spent = False  # this fit's Trainer had run its epochs before it started
         self._bank_autocast: str | None = None  # autocast dtype the bank rows are being embedded under, if any
         self._embedding_bank_rows = False  # forward embeds under the autocast in force (else the bank's)
+        self._finite_behind = _FiniteCheckBehind()  # the training pass's embeddings, checked one batch later
         # under DDP: this rank's error in the training pass / the evaluation, raised with the others' later
         self._held_errors: dict[str, Exception] = {}
         self._checkpoint_error: Exception | None = None  # under DDP: what is wrong with the checkpoint this rank read
@@ -288,6 +289,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_embedding_bank_rows", False)
+        self.__dict__.setdefault("_finite_behind", _FiniteCheckBehind())
         self.__dict__.setdefault("_other_size", None)
         self.__dict__.setdefault("_unlabelled_folder", False)
         self.__dict__.setdefault("_said_unlabelled", None)
@@ -455,6 +457,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
     def _start_pass(self) -> None:
         """A new pass over the training data: nothing collected yet."""
         self._collector = BankCollector()
+        self._finite_behind.drop()
         self._held_errors.pop("pass", None)
         if self.maps is not None:
             self.maps.start_collecting()
@@ -560,6 +563,8 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         """The pass over ``loader`` (the trainer's train dataloader by default) is over: its collected rows become
         the bank, with a warning when ``partial`` batch limits or ``drop_last`` left rows out."""
         assert self._collector is not None
+        with self._holding_errors("pass"):
+            self._finite_behind.flush()  # the last batch's
         self._raise_held_error("pass")
         if partial:
             self._warn_if_partial_pass(self._collector.num_batches)
@@ -1109,7 +1114,11 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         self._refuse_a_lone_shard()
         if self._collector is not None and self.trainer.state.fn != TrainerFn.FITTING:
             self._collector = None  # rows of a fit that stopped on an error: never a bank
+            self._finite_behind.drop()
         collecting = self._collector is not None and len(self._collector) > 0
+        if collecting:  # validation inside the pass: the rows so far must be whole
+            with self._holding_errors("pass"):
+                self._finite_behind.flush()
         # one gather: a problem with the checkpoint one rank restored (see on_load_checkpoint), an error held in the
         # training pass (a validation inside the epoch: the pass so far must be whole), and each rank's bank state
         errors = (self._checkpoint_error, self._held_errors.pop("pass", None))
@@ -1236,7 +1245,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         if self.maps is not None:  # one backbone pass gives the embeddings and the patch features
             with out_of_memory_hint(lambda: self._out_of_memory_hint(batch.images)):
                 embeddings, patches = self.maps.embed(self.backbone, batch.images)
-            _check_finite(embeddings, "embeddings", batch, batch_idx)
+            self._finite_behind.add(embeddings, "embeddings", batch, batch_idx)
             self.maps.collect(patches, indices)
             return embeddings, indices, batch.labels
         return self._embed(batch.images, batch, batch_idx), indices, batch.labels
@@ -1384,7 +1393,10 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         checked by ``unpack_batch``)."""
         with out_of_memory_hint(lambda: self._out_of_memory_hint(images)):
             embeddings = self(images, batch.mask) if images.ndim == 5 else self(images)  # forward's hooks, compile
-        _check_finite(embeddings, "embeddings", batch, batch_idx)
+        if self._embedding_bank_rows:
+            self._finite_behind.add(embeddings, "embeddings", batch, batch_idx)
+        else:
+            _check_finite(embeddings, "embeddings", batch, batch_idx)
         return embeddings
 
     def _out_of_memory_hint(self, images: Tensor) -> str:
@@ -1486,13 +1498,49 @@ def _check_point_wise_groups(m: int, earlier: int) -> None:
 
 
 def _check_finite(values: Tensor, what: str, batch: Batch, batch_idx: int) -> None:
+    _refuse_nonfinite(*_nonfinite_rows(values, what, batch, batch_idx))
+
+
+def _nonfinite_rows(values: Tensor, what: str, batch: Batch, batch_idx: int) -> tuple[Tensor, str, Any, int]:
+    """The rows of ``values`` holding NaN or Inf ``[B]`` (on their device, not read yet) and what names them."""
     bad = ~torch.isfinite(values).flatten(1).all(1) if values.ndim > 1 else ~torch.isfinite(values)
+    indices = batch.indices if values.shape[0] == batch.images.shape[0] else None
+    return bad, what, indices, batch_idx
+
+
+def _refuse_nonfinite(bad: Tensor, what: str, indices: Any, batch_idx: int) -> None:
     if bad.any():
         positions = bad.nonzero().flatten().tolist()
         where = f"positions {positions[:10]}"
-        if batch.indices is not None and values.shape[0] == batch.images.shape[0]:
-            where += f" (dataset indices {torch.as_tensor(batch.indices)[bad.cpu()].tolist()[:10]})"
+        if indices is not None:
+            where += f" (dataset indices {torch.as_tensor(indices)[bad.cpu()].tolist()[:10]})"
         raise ValueError(f"NaN or Inf in {what} of batch {batch_idx} at {where}; fix or drop those samples.")
+
+
+class _FiniteCheckBehind:
+    """The training pass's check that each batch's embeddings are finite, read one batch later. Reading a verdict
+    waits for the device to finish that batch; checked at once, the host waited after every batch and the device
+    then idled while the host fetched and queued the next. One batch later, the next batch's work is already queued.
+    The error is the same, raised at the next batch or at the pass's end (:meth:`flush`)."""
+
+    def __init__(self) -> None:
+        self._pending: tuple[Tensor, str, Any, int] | None = None
+
+    def add(self, values: Tensor, what: str, batch: Batch, batch_idx: int) -> None:
+        """Queue this batch's check, then read the one before."""
+        pending = _nonfinite_rows(values, what, batch, batch_idx)
+        self.flush()
+        self._pending = pending
+
+    def flush(self) -> None:
+        """Read the queued check: raise for the batch it names."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            _refuse_nonfinite(*pending)
+
+    def drop(self) -> None:
+        """Forget the queued check (a pass that stopped, or a new pass)."""
+        self._pending = None
 
 
 def _refuse_second_dataloader(dataloader_idx: int, fn: str) -> None:

@@ -59,6 +59,22 @@ def main(mode: str, root: str) -> None:
             dm = BlobWithValDataModule(batch_size=4)
             dm.train_images[5, 0, 0, 0] = float("nan")
             trainer(root, val_check_interval=0.5, num_sanity_val_steps=0).fit(model, datamodule=dm)
+        elif mode in ("nan_embeddings_on_one_rank", "nan_embeddings_on_one_rank_shard"):
+            # rank 1's backbone gives NaN in its pass's last batch (51 rows a rank by 4: batch 12), read at the end
+            import torch
+
+            class NaNOnLastBatch(torch.nn.Module):
+                def __init__(self) -> None:
+                    super().__init__()
+                    self.linear, self.calls = linear_backbone(in_features=3 * 8 * 8), 0
+
+                def forward(self, x):
+                    out, self.calls = self.linear(x), self.calls + 1
+                    return out.clone().fill_(float("nan")) if rank == 1 and self.calls == 13 else out
+
+            sharding = "shard" if mode.endswith("shard") else "replicate"
+            model = DN2Module(k=2, backbone=NaNOnLastBatch(), bank_sharding=sharding, reports=False)
+            run.fit(model, datamodule=BlobDataModule(batch_size=4))
         elif mode == "checkpoint_on_one_node":  # ckpt_path="last" found on rank 0's disk only
             path = os.path.join(root, "resume0.ckpt") if rank == 0 else None
             run.fit(model, datamodule=BlobDataModule(batch_size=8), ckpt_path=path)

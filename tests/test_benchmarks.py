@@ -61,7 +61,7 @@ def test_extract_bench_cpu_preset_reports_every_path_for_a_small_run(tmp_path):
     report = json.loads(out.read_text())
     assert report["settings"]["images"] == 96 and report["settings"]["repeats"] == 3
     (row,) = report["rows"]
-    paths = ("bare", "preprocess", "on_device_input", "protocol", "dataloader")
+    paths = ("bare", "preprocess", "on_device_input", "protocol", "dataloader", "module_fit")
     assert all(row[f"{path}_img_per_s"] > 0 for path in paths), row
     for path in paths:  # the table's figure is the median of the rounds
         assert row[f"{path}_img_per_s"] == sorted(row["rounds_img_per_s"][path])[1], (path, row)

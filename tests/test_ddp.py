@@ -367,6 +367,9 @@ def test_ddp_an_error_on_one_rank_stops_every_rank_together(tmp_path):
         "checkpoint_on_one_node": "checkpoints to resume fit from differ ((epoch, global_step): rank 0: (1, 13), rank "
         "1: None)",
         "nan_in_the_pass_then_validation": "rank 1 stopped: ValueError: NaN or Inf in input images",
+        # embeddings are checked one batch later: the last batch's at the pass's end, every rank stopping there
+        "nan_embeddings_on_one_rank": "rank 1 stopped: ValueError: NaN or Inf in embeddings of batch 12",
+        "nan_embeddings_on_one_rank_shard": "rank 1 stopped: ValueError: NaN or Inf in embeddings of batch 12",
         "shard_search_fails": "rank 1 stopped: MemoryError: the local search cannot fit",
     }
     model = DN2Module(k=2, backbone=linear_backbone(in_features=3 * 8 * 8), reports=False)

@@ -377,6 +377,71 @@ def test_nan_embeddings_from_the_backbone_are_refused():
         quiet_trainer().test(DN2Module(k=2, backbone=Broken()), datamodule=BlobDataModule())
 
 
+class _PoisonedOnCall(torch.nn.Module):
+    """A linear backbone whose ``bad_call``-th forward (counted from 0) puts NaN in row 3, logging each forward."""
+
+    def __init__(self, bad_call: int, log: list) -> None:
+        super().__init__()
+        self.linear, self.bad_call, self.log, self.calls = linear_backbone(), bad_call, log, 0
+
+    def forward(self, x):
+        out = self.linear(x)
+        if self.calls == self.bad_call:
+            out = out.clone()
+            out[3] = float("nan")
+        self.log.append(("forward", self.calls))
+        self.calls += 1
+        return out
+
+
+@pytest.fixture
+def verdicts(monkeypatch):
+    """The log of backbone forwards and finiteness verdicts read, in order."""
+    import dn2_lightning.module as module_code
+
+    log, read = [], module_code._refuse_nonfinite
+
+    def logged(bad, what, indices, batch_idx):
+        log.append(("verdict", batch_idx))
+        return read(bad, what, indices, batch_idx)
+
+    monkeypatch.setattr(module_code, "_refuse_nonfinite", logged)
+    return log
+
+
+@pytest.mark.parametrize("bad_batch", [2, 6])  # 6: the pass's last batch (101 images by 16)
+def test_nan_embeddings_in_the_training_pass_are_refused_one_batch_later_and_leave_no_bank(verdicts, bad_batch):
+    # each batch's verdict is read after the next batch's forward is queued: on a GPU, reading it waits for that
+    # batch, and checked at once the device idled while the host fetched the next
+    model = DN2Module(k=2, backbone=_PoisonedOnCall(bad_batch, verdicts), reports=False)
+    at = rf"at positions \[3\] \(dataset indices \[{16 * bad_batch + 3}\]\)"
+    match = rf"NaN or Inf in embeddings of batch {bad_batch} {at}"
+    with pytest.raises(ValueError, match=match):
+        quiet_trainer(max_epochs=1).fit(model, datamodule=BlobDataModule())
+    forwards = [event for event in verdicts if event[0] == "forward"]
+    assert len(forwards) == bad_batch + 1 + (bad_batch < 6), verdicts  # the next batch embedded, not the rest
+    for position, (kind, batch_idx) in enumerate(verdicts):
+        if kind == "verdict" and batch_idx < 6:
+            assert ("forward", batch_idx + 1) in verdicts[:position], f"batch {batch_idx} read too early: {verdicts}"
+    assert verdicts[-1] == ("verdict", bad_batch)
+    assert not model.bank.is_fitted
+
+
+def test_nan_embeddings_before_a_validation_inside_the_pass_stop_it_before_a_partial_bank(verdicts):
+    model = DN2Module(k=2, backbone=_PoisonedOnCall(2, verdicts), reports=False)
+    trainer = quiet_trainer(max_epochs=1, val_check_interval=3, num_sanity_val_steps=0)
+    with pytest.raises(ValueError, match=r"NaN or Inf in embeddings of batch 2 at positions \[3\]"):
+        trainer.fit(model, datamodule=BlobWithValDataModule())
+    assert ("forward", 3) not in verdicts and not model.bank.is_fitted  # raised at the validation, before batch 3
+
+
+def test_nan_embeddings_in_a_bank_built_on_first_need_are_refused_before_any_score(verdicts):
+    model = DN2Module(k=2, backbone=_PoisonedOnCall(6, verdicts), reports=False)
+    with pytest.raises(ValueError, match=r"NaN or Inf in embeddings of batch 6 at positions \[3\]"):
+        quiet_trainer().test(model, datamodule=BlobDataModule())
+    assert model.test_scores is None and not model.bank.is_fitted
+
+
 def test_empty_train_folder_is_a_clear_error(tmp_path):
     from dn2_lightning import OneClassDataModule
 
