@@ -436,6 +436,10 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         self.train()
         self.fit_built_bank = False
         self._pass_started = self._resumed_mid_pass = self._pass_done = False
+        # rows and an unread finiteness verdict of an earlier fit that stopped on an error are never this fit's (one
+        # resumed mid-epoch starts no pass before a validation inside it)
+        self._collector = None
+        self._finite_behind.drop()
         max_epochs, max_steps = self.trainer.max_epochs, self.trainer.max_steps
         # a Trainer that already ran its epochs (or steps) in an earlier fit runs none in this one
         self._trainer_spent = (max_epochs is not None and 0 < max_epochs <= self.trainer.current_epoch) or (

@@ -442,6 +442,33 @@ def test_nan_embeddings_in_a_bank_built_on_first_need_are_refused_before_any_sco
     assert model.test_scores is None and not model.bank.is_fitted
 
 
+def test_an_unread_verdict_of_a_fit_that_crashed_is_not_raised_by_the_next_fit(tmp_path, verdicts):
+    """A callback stops the fit after batch 4, whose NaN verdict is still unread; the same module's next fit, resumed
+    mid-epoch (no pass started before its validation inside the epoch), never raises it: the error named a batch
+    that fit never embedded."""
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+    class CrashAtBatch4(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 4:
+                raise RuntimeError("crash")
+
+    dm = BlobWithValDataModule(batch_size=8)  # 101 images: 13 batches
+    model = DN2Module(k=2, backbone=_PoisonedOnCall(4, verdicts), reports=False)
+    every3 = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
+    with pytest.raises(RuntimeError, match="crash"):
+        trainer = quiet_trainer(enable_checkpointing=True, callbacks=[every3, CrashAtBatch4()], limit_val_batches=0)
+        trainer.fit(model, datamodule=dm)
+    clean = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    quiet_trainer(limit_val_batches=0).fit(clean, datamodule=dm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the partial bank of the validation inside the pass
+        trainer = quiet_trainer(val_check_interval=0.5, num_sanity_val_steps=0)
+        trainer.fit(model, datamodule=dm, ckpt_path=tmp_path / "epoch=0-step=3.ckpt")
+    assert torch.equal(model.bank.sample_indices, clean.bank.sample_indices)
+    torch.testing.assert_close(model.bank.embeddings, clean.bank.embeddings)
+
+
 def test_empty_train_folder_is_a_clear_error(tmp_path):
     from dn2_lightning import OneClassDataModule
 
