@@ -416,7 +416,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
             self._count_bank_step()
             return
         if "pass" not in self._held_errors:
-            with self._holding_errors("pass"), torch.no_grad():
+            with self._holding_errors("pass"), torch.no_grad(), self._finite_behind.first_on_error():
                 parsed = unpack_batch(self._stage_batch(batch), batch_idx)
                 embeddings, indices, labels = self._bank_rows(parsed, batch_idx)
                 if self._collector is None:
@@ -1191,7 +1191,8 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
             with torch.no_grad(), self.trainer.precision_plugin.train_step_context():
                 batch_iter, batch_idx = iter(batches), 0
                 while batch_idx < limit and "pass" not in self._held_errors:
-                    with self._holding_errors("pass"):  # reading a file too: one node's copy may be unreadable
+                    # reading a file too: one node's copy may be unreadable
+                    with self._holding_errors("pass"), self._finite_behind.first_on_error():
                         batch = next(batch_iter, None)
                         if batch is None:
                             break
@@ -1545,6 +1546,19 @@ class _FiniteCheckBehind:
     def drop(self) -> None:
         """Forget the queued check (a pass that stopped, or a new pass)."""
         self._pending = None
+
+    @contextlib.contextmanager
+    def first_on_error(self) -> Iterator[None]:
+        """An error in a batch of the pass: the queued check of the batch before comes first (checked at once, its
+        error stopped the pass before this batch ran)."""
+        try:
+            yield
+        except Exception:
+            try:
+                self.flush()
+            except ValueError as earlier:
+                raise earlier from None
+            raise
 
 
 def _refuse_second_dataloader(dataloader_idx: int, fn: str) -> None:

@@ -442,6 +442,23 @@ def test_nan_embeddings_in_a_bank_built_on_first_need_are_refused_before_any_sco
     assert model.test_scores is None and not model.bank.is_fitted
 
 
+@pytest.mark.parametrize("run", ["fit", "test"])  # test: the bank built on first need
+def test_an_error_in_the_batch_after_nan_embeddings_does_not_hide_them(verdicts, run):
+    # checked at once, batch 2's NaN stopped the pass before batch 3 ran: its error comes first, also one batch later
+    class FailingAfter(_PoisonedOnCall):
+        def forward(self, x):
+            if self.calls == 3:
+                raise RuntimeError("batch 3 failed")
+            return super().forward(x)
+
+    model = DN2Module(k=2, backbone=FailingAfter(2, verdicts), reports=False)
+    with pytest.raises(
+        ValueError, match=r"NaN or Inf in embeddings of batch 2 at positions \[3\] \(dataset indices \[35\]\)"
+    ):
+        getattr(quiet_trainer(max_epochs=1), run)(model, datamodule=BlobDataModule())
+    assert model._finite_behind._pending is None and not model.bank.is_fitted
+
+
 def test_an_unread_verdict_of_a_fit_that_crashed_is_not_raised_by_the_next_fit(tmp_path, verdicts):
     """A callback stops the fit after batch 4, whose NaN verdict is still unread; the same module's next fit, resumed
     mid-epoch (no pass started before its validation inside the epoch), never raises it: the error named a batch
