@@ -2,13 +2,74 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import functools
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import ConcatDataset, Subset
+
+Check = Callable[[], None]  # a check of one batch: raises ValueError naming what is wrong
+
+
+class ChecksBehind:
+    """A stream of batches' checks that read values off the device (finite embeddings, labels in range, float
+    pixels in [0, 1], group masks), each read one batch later. Reading a value waits for the device to compute it,
+    and everything queued before it: checked at once, the host waited for the batch before after every batch, and
+    the device idled while the host fetched and queued the next. Read once the next batch's work is queued
+    (:meth:`advance`), they cost no wait. The errors are the same, in the same order (:meth:`first_on_error`),
+    raised a batch later or at the stream's end (:meth:`flush`)."""
+
+    def __init__(self) -> None:
+        self._previous: list[Check] = []  # the batch before's checks, not read yet
+        self._current: list[Check] = []  # this batch's
+
+    def add(self, check: Check) -> None:
+        """Queue a check of the current batch."""
+        self._current.append(check)
+
+    def advance(self) -> None:
+        """The current batch's work is queued: read the batch before's checks; the current batch's wait."""
+        previous, self._previous, self._current = self._previous, self._current, []
+        try:
+            _run_all(previous)
+        except Exception:
+            self.drop()  # a later batch's checks never come before an earlier batch's error
+            raise
+
+    def flush(self) -> None:
+        """Read every queued check, the earlier batch's first."""
+        checks, self._previous, self._current = [*self._previous, *self._current], [], []
+        _run_all(checks)
+
+    def drop(self) -> None:
+        """Forget the queued checks (a stream that stopped, or a new one)."""
+        self._previous, self._current = [], []
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._previous or self._current)
+
+    @contextlib.contextmanager
+    def first_on_error(self) -> Iterator[None]:
+        """An error in a batch: the checks queued before it come first, as when each check ran at once (its error
+        stopped the stream before the later work ran)."""
+        try:
+            yield
+        except Exception:
+            try:
+                self.flush()
+            except ValueError as earlier:
+                raise earlier from None
+            raise
+
+
+def _run_all(checks: list[Check]) -> None:
+    for check in checks:
+        check()
 
 
 class Batch(NamedTuple):
@@ -25,10 +86,12 @@ class Batch(NamedTuple):
     members: Tensor | None = None
 
 
-def unpack_batch(batch: object, batch_idx: int | None = None) -> Batch:
+def unpack_batch(batch: object, batch_idx: int | None = None, defer: Callable[[Check], None] | None = None) -> Batch:
     """Accepts the dict samples of this library's datasets (``image``, ``label``, ``index``, ``mask``),
     ``(images, labels[, indices])`` tuples as torchvision datasets give, or a bare image tensor; refuses labels
-    and pixels it would misread (``batch_idx`` names the batch in the message)."""
+    and pixels it would misread (``batch_idx`` names the batch in the message). ``defer``: the checks that read
+    values off the device (pixels, labels, group masks) are handed to it instead of run (:class:`ChecksBehind`)."""
+    run = defer or (lambda check: check())
     if isinstance(batch, Mapping):
         if "image" not in batch:
             raise ValueError(f"a dict batch needs an 'image' key; got keys {sorted(batch)}.")
@@ -56,7 +119,7 @@ def unpack_batch(batch: object, batch_idx: int | None = None) -> Batch:
         elif isinstance(images, Tensor) and _channels_last(images):
             hint = " (channels last [B, H, W, C]? images.permute(0, 3, 1, 2), or transforms.ToImage())"
         raise ValueError(f"batch images must be [B, C, H, W] or groups [B, M, C, H, W], got {shape}{hint}.")
-    check_pixels(images, indices, batch_idx)
+    run(functools.partial(check_pixels, images, indices, batch_idx))
     if labels is None:
         labels = torch.full((images.shape[0],), -1, dtype=torch.long, device=images.device)
     if _holds_strings(labels):
@@ -73,9 +136,9 @@ def unpack_batch(batch: object, batch_idx: int | None = None) -> Batch:
             "target_transform=dn2_lightning.data.AnomalyLabel(normal=...)."
         )
     labels = labels.reshape(images.shape[0])
-    check_labels(labels)
+    run(functools.partial(check_labels, labels))
     if mask is not None and images.ndim == 5:
-        check_group_mask(mask, images, batch_idx)
+        run(functools.partial(check_group_mask, mask, images, batch_idx))
     if not (isinstance(members, Tensor) and members.shape == images.shape[:2] and images.ndim == 5):
         members = None  # only group batches' member sources are used
     return Batch(images, labels.long(), indices, mask, paths, members)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import math
 import weakref
@@ -25,7 +26,7 @@ from torchmetrics.classification import BinaryAUROC
 from dn2_lightning.backbones import build_backbone, check_backbone_input_size, out_of_memory_hint
 from dn2_lightning.bank import BankBuilder, BankCollector, MemoryBank
 from dn2_lightning.bank_checkpointing import BankCheckpointing
-from dn2_lightning.batch import Batch, check_dataset_labels, check_group_mask, unpack_batch
+from dn2_lightning.batch import Batch, ChecksBehind, check_dataset_labels, check_group_mask, unpack_batch
 from dn2_lightning.checkpointing import (
     BANK_FORMAT,
     BANK_SETTINGS,
@@ -271,7 +272,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         self._trainer_spent = False  # this fit's Trainer had run its epochs before it started
         self._bank_autocast: str | None = None  # autocast dtype the bank rows are being embedded under, if any
         self._embedding_bank_rows = False  # forward embeds under the autocast in force (else the bank's)
-        self._finite_behind = _FiniteCheckBehind()  # the training pass's embeddings, checked one batch later
+        self._checks_behind = ChecksBehind()  # the training pass's checks that read the device, one batch later
         # under DDP: this rank's error in the training pass / the evaluation, raised with the others' later
         self._held_errors: dict[str, Exception] = {}
         self._checkpoint_error: Exception | None = None  # under DDP: what is wrong with the checkpoint this rank read
@@ -289,7 +290,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_embedding_bank_rows", False)
-        self.__dict__.setdefault("_finite_behind", _FiniteCheckBehind())
+        self.__dict__.setdefault("_checks_behind", ChecksBehind())
         self.__dict__.setdefault("_other_size", None)
         self.__dict__.setdefault("_unlabelled_folder", False)
         self.__dict__.setdefault("_said_unlabelled", None)
@@ -416,9 +417,10 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
             self._count_bank_step()
             return
         if "pass" not in self._held_errors:
-            with self._holding_errors("pass"), torch.no_grad(), self._finite_behind.first_on_error():
-                parsed = unpack_batch(self._stage_batch(batch), batch_idx)
+            with self._holding_errors("pass"), torch.no_grad(), self._checks_behind.first_on_error():
+                parsed = unpack_batch(self._stage_batch(batch), batch_idx, defer=self._checks_behind.add)
                 embeddings, indices, labels = self._bank_rows(parsed, batch_idx)
+                self._checks_behind.advance()  # this batch's work is queued: the batch before's checks cost no wait
                 if self._collector is None:
                     self._collector = BankCollector()
                 self._collector.add(embeddings, indices, labels, parsed.paths)
@@ -439,7 +441,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         # rows and an unread finiteness verdict of an earlier fit that stopped on an error are never this fit's (one
         # resumed mid-epoch starts no pass before a validation inside it)
         self._collector = None
-        self._finite_behind.drop()
+        self._checks_behind.drop()
         max_epochs, max_steps = self.trainer.max_epochs, self.trainer.max_steps
         # a Trainer that already ran its epochs (or steps) in an earlier fit runs none in this one
         self._trainer_spent = (max_epochs is not None and 0 < max_epochs <= self.trainer.current_epoch) or (
@@ -461,7 +463,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
     def _start_pass(self) -> None:
         """A new pass over the training data: nothing collected yet."""
         self._collector = BankCollector()
-        self._finite_behind.drop()
+        self._checks_behind.drop()
         self._held_errors.pop("pass", None)
         if self.maps is not None:
             self.maps.start_collecting()
@@ -568,7 +570,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         the bank, with a warning when ``partial`` batch limits or ``drop_last`` left rows out."""
         assert self._collector is not None
         with self._holding_errors("pass"):
-            self._finite_behind.flush()  # the last batch's
+            self._checks_behind.flush()  # the last batch's
         self._raise_held_error("pass")
         if partial:
             self._warn_if_partial_pass(self._collector.num_batches)
@@ -1118,11 +1120,11 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         self._refuse_a_lone_shard()
         if self._collector is not None and self.trainer.state.fn != TrainerFn.FITTING:
             self._collector = None  # rows of a fit that stopped on an error: never a bank
-            self._finite_behind.drop()
+            self._checks_behind.drop()
         collecting = self._collector is not None and len(self._collector) > 0
         if collecting:  # validation inside the pass: the rows so far must be whole
             with self._holding_errors("pass"):
-                self._finite_behind.flush()
+                self._checks_behind.flush()
         # one gather: a problem with the checkpoint one rank restored (see on_load_checkpoint), an error held in the
         # training pass (a validation inside the epoch: the pass so far must be whole), and each rank's bank state
         errors = (self._checkpoint_error, self._held_errors.pop("pass", None))
@@ -1192,12 +1194,13 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
                 batch_iter, batch_idx = iter(batches), 0
                 while batch_idx < limit and "pass" not in self._held_errors:
                     # reading a file too: one node's copy may be unreadable
-                    with self._holding_errors("pass"), self._finite_behind.first_on_error():
+                    with self._holding_errors("pass"), self._checks_behind.first_on_error():
                         batch = next(batch_iter, None)
                         if batch is None:
                             break
-                        parsed = unpack_batch(self._on_device(batch, batch_idx), batch_idx)
+                        parsed = unpack_batch(self._on_device(batch, batch_idx), batch_idx, self._checks_behind.add)
                         self._collector.add(*self._bank_rows(parsed, batch_idx), parsed.paths)
+                        self._checks_behind.advance()
                     batch_idx += 1
         except BaseException:
             self._collector = None  # a build that stopped part-way leaves no partial bank behind
@@ -1250,7 +1253,9 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         if self.maps is not None:  # one backbone pass gives the embeddings and the patch features
             with out_of_memory_hint(lambda: self._out_of_memory_hint(batch.images)):
                 embeddings, patches = self.maps.embed(self.backbone, batch.images)
-            self._finite_behind.add(embeddings, "embeddings", batch, batch_idx)
+            self._checks_behind.add(
+                functools.partial(_refuse_nonfinite, *_nonfinite_rows(embeddings, "embeddings", batch, batch_idx))
+            )
             self.maps.collect(patches, indices)
             return embeddings, indices, batch.labels
         return self._embed(batch.images, batch, batch_idx), indices, batch.labels
@@ -1399,7 +1404,9 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         with out_of_memory_hint(lambda: self._out_of_memory_hint(images)):
             embeddings = self(images, batch.mask) if images.ndim == 5 else self(images)  # forward's hooks, compile
         if self._embedding_bank_rows:
-            self._finite_behind.add(embeddings, "embeddings", batch, batch_idx)
+            self._checks_behind.add(
+                functools.partial(_refuse_nonfinite, *_nonfinite_rows(embeddings, "embeddings", batch, batch_idx))
+            )
         else:
             _check_finite(embeddings, "embeddings", batch, batch_idx)
         return embeddings
@@ -1439,7 +1446,8 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         local = torch.arange(stream.samples, stream.samples + size, device=batch.images.device)
         stream.samples += size
         if stream.order is not None:
-            return stream.order.to(local.device)[local]
+            stream.order = stream.order.to(local.device)  # once, not the whole order again with every batch
+            return stream.order[local]
         positions = self.global_rank + world_size() * local
         dataset = getattr(loader, "dataset", None)
         padded = isinstance(getattr(loader, "sampler", None), DistributedSampler)
@@ -1520,45 +1528,6 @@ def _refuse_nonfinite(bad: Tensor, what: str, indices: Any, batch_idx: int) -> N
         if indices is not None:
             where += f" (dataset indices {torch.as_tensor(indices)[bad.cpu()].tolist()[:10]})"
         raise ValueError(f"NaN or Inf in {what} of batch {batch_idx} at {where}; fix or drop those samples.")
-
-
-class _FiniteCheckBehind:
-    """The training pass's check that each batch's embeddings are finite, read one batch later. Reading a verdict
-    waits for the device to finish that batch; checked at once, the host waited after every batch and the device
-    then idled while the host fetched and queued the next. One batch later, the next batch's work is already queued.
-    The error is the same, raised at the next batch or at the pass's end (:meth:`flush`)."""
-
-    def __init__(self) -> None:
-        self._pending: tuple[Tensor, str, Any, int] | None = None
-
-    def add(self, values: Tensor, what: str, batch: Batch, batch_idx: int) -> None:
-        """Queue this batch's check, then read the one before."""
-        pending = _nonfinite_rows(values, what, batch, batch_idx)
-        self.flush()
-        self._pending = pending
-
-    def flush(self) -> None:
-        """Read the queued check: raise for the batch it names."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            _refuse_nonfinite(*pending)
-
-    def drop(self) -> None:
-        """Forget the queued check (a pass that stopped, or a new pass)."""
-        self._pending = None
-
-    @contextlib.contextmanager
-    def first_on_error(self) -> Iterator[None]:
-        """An error in a batch of the pass: the queued check of the batch before comes first (checked at once, its
-        error stopped the pass before this batch ran)."""
-        try:
-            yield
-        except Exception:
-            try:
-                self.flush()
-            except ValueError as earlier:
-                raise earlier from None
-            raise
 
 
 def _refuse_second_dataloader(dataloader_idx: int, fn: str) -> None:

@@ -456,7 +456,7 @@ def test_an_error_in_the_batch_after_nan_embeddings_does_not_hide_them(verdicts,
         ValueError, match=r"NaN or Inf in embeddings of batch 2 at positions \[3\] \(dataset indices \[35\]\)"
     ):
         getattr(quiet_trainer(max_epochs=1), run)(model, datamodule=BlobDataModule())
-    assert model._finite_behind._pending is None and not model.bank.is_fitted
+    assert not model._checks_behind.pending and not model.bank.is_fitted
 
 
 def test_an_unread_verdict_of_a_fit_that_crashed_is_not_raised_by_the_next_fit(tmp_path, verdicts):
@@ -484,6 +484,40 @@ def test_an_unread_verdict_of_a_fit_that_crashed_is_not_raised_by_the_next_fit(t
         trainer.fit(model, datamodule=dm, ckpt_path=tmp_path / "epoch=0-step=3.ckpt")
     assert torch.equal(model.bank.sample_indices, clean.bank.sample_indices)
     torch.testing.assert_close(model.bank.embeddings, clean.bank.embeddings)
+
+
+class _TrainDataModule(BlobDataModule):
+    """Blobs whose training labels are given (class indices, say, instead of 0/1)."""
+
+    def __init__(self, labels: torch.Tensor, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.labels = labels
+
+    def train_dataloader(self) -> DataLoader:
+        from helpers import DictDataset
+
+        return DataLoader(DictDataset(self.train_images, self.labels), batch_size=self.batch_size)
+
+
+@pytest.mark.parametrize("problem", ["labels", "pixels", "labels and NaN embeddings", "NaN embeddings, then labels"])
+def test_the_training_pass_reads_its_labels_and_pixels_checks_one_batch_later_with_the_same_errors(verdicts, problem):
+    # labels and float pixels are checked on the device too: read at once, each batch waited for the one before
+    labels = torch.zeros(101, dtype=torch.long)
+    dm = _TrainDataModule(labels)
+    if "then" in problem:
+        labels[3 * 16 + 1] = 5  # batch 3, whose checks must not come before batch 2's error
+    elif "labels" in problem:
+        labels[2 * 16 + 1] = 5  # batch 2
+    else:
+        dm.train_images[2 * 16 + 1] *= 300  # 0..255 floats in batch 2
+    bad_call = 2 if "NaN" in problem else -1
+    model = DN2Module(k=2, backbone=_PoisonedOnCall(bad_call, verdicts), reports=False)
+    match = "got the values \\[0, 5\\]" if "labels" in problem else "float images must hold values in \\[0, 1\\]"
+    match = "NaN or Inf in embeddings of batch 2" if "then" in problem else match
+    with pytest.raises(ValueError, match=match):  # the label error first, as when it was read before the forward
+        quiet_trainer(max_epochs=1).fit(model, datamodule=dm)
+    assert [event for event in verdicts if event[0] == "forward"][-1] == ("forward", 3), verdicts  # read at batch 3
+    assert not model.bank.is_fitted and not model._checks_behind.pending
 
 
 def test_empty_train_folder_is_a_clear_error(tmp_path):
