@@ -1122,7 +1122,9 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
             self._collector = None  # rows of a fit that stopped on an error: never a bank
             self._checks_behind.drop()
         collecting = self._collector is not None and len(self._collector) > 0
-        if collecting:  # validation inside the pass: the rows so far must be whole
+        # validation inside the pass: the batches read so far must be whole, also those that gave no rows (groups
+        # all masked out), whose checks a bank built on first need would otherwise drop
+        if self._checks_behind.pending:
             with self._holding_errors("pass"):
                 self._checks_behind.flush()
         # one gather: a problem with the checkpoint one rank restored (see on_load_checkpoint), an error held in the
@@ -1203,7 +1205,8 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
                         self._checks_behind.advance()
                     batch_idx += 1
         except BaseException:
-            self._collector = None  # a build that stopped part-way leaves no partial bank behind
+            self._collector = None  # a build that stopped part-way leaves no partial bank behind, nor its checks
+            self._checks_behind.drop()
             raise
         finally:
             self._stream_loader = None

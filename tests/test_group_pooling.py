@@ -583,6 +583,19 @@ def test_a_group_without_real_members_is_refused(pooling):
         model.score(Batch(images, torch.zeros(3, dtype=torch.long), None, mask[:, :2]))
 
 
+def test_a_validation_inside_the_pass_reads_the_checks_of_batches_that_gave_no_rows():
+    # point-wise groups all masked out add no bank row: the validation after that batch saw no rows collected, skipped
+    # reading its deferred checks and built a bank on first need instead, failing with "no memory bank yet"
+    groups = PaddedGroups(16, 0.0, seed=0)
+    groups.mask[:4] = False  # batch 0
+    model = DN2Module(k=2, backbone=linear_backbone(), group_pooling="none", reports=False)
+    trainer = quiet_trainer(max_epochs=1, val_check_interval=1, num_sanity_val_steps=0)
+    val = DataLoader(PaddedGroups(8, 0.0, seed=1), batch_size=4)
+    with pytest.raises(ValueError, match=r"group\(s\) \[0, 1, 2, 3\] of batch 0 have no real member"):
+        trainer.fit(model, train_dataloaders=DataLoader(groups, batch_size=4), val_dataloaders=val)
+    assert not model._checks_behind.pending and not model.bank.is_fitted
+
+
 def test_histogram_pooling_refuses_embeddings_too_small_for_float32():
     """At 1e-22 the members' squared distances flushed to 0 in float32, the scale fell back to 1 and every group's
     histogram was uniform (all scores 0, AUROC 0.5); the same data at scale 1 gives distinct histograms."""
