@@ -367,7 +367,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
     def _embed_images(self, images: Tensor, mask: Tensor | None = None) -> Tensor:
         """:meth:`forward` under the autocast in force (bank rows are embedded so, and record it)."""
         if images.ndim == 5:
-            if mask is not None:
+            if mask is not None and not self._embedding_bank_rows:  # the training pass's is read a batch later
                 check_group_mask(mask, images)
             b, m = images.shape[:2]
             members = self.backbone(images.flatten(0, 1)).view(b, m, -1)

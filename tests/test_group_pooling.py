@@ -596,6 +596,20 @@ def test_a_validation_inside_the_pass_reads_the_checks_of_batches_that_gave_no_r
     assert not model._checks_behind.pending and not model.bank.is_fitted
 
 
+@pytest.mark.parametrize("pooling", ["mean", "histogram"])
+def test_the_training_pass_reads_its_group_masks_one_batch_later_also_in_the_pooling_forward(monkeypatch, pooling):
+    # forward checked the mask at once too, so the pass still waited for the device after every group batch
+    import dn2_lightning.module as module_code
+
+    def at_once(*args):
+        raise AssertionError("the training pass checked a group mask at once")
+
+    monkeypatch.setattr(module_code, "check_group_mask", at_once)
+    model = DN2Module(k=2, backbone=linear_backbone(), group_pooling=pooling, group_clusters=3, reports=False)
+    quiet_trainer().fit(model, train_dataloaders=DataLoader(PaddedGroups(16, 0.0, seed=0), batch_size=4))
+    assert model.bank.is_fitted
+
+
 def test_histogram_pooling_refuses_embeddings_too_small_for_float32():
     """At 1e-22 the members' squared distances flushed to 0 in float32, the scale fell back to 1 and every group's
     histogram was uniform (all scores 0, AUROC 0.5); the same data at scale 1 gives distinct histograms."""
