@@ -119,7 +119,7 @@ def unpack_batch(batch: object, batch_idx: int | None = None, defer: Callable[[C
         elif isinstance(images, Tensor) and _channels_last(images):
             hint = " (channels last [B, H, W, C]? images.permute(0, 3, 1, 2), or transforms.ToImage())"
         raise ValueError(f"batch images must be [B, C, H, W] or groups [B, M, C, H, W], got {shape}{hint}.")
-    run(functools.partial(check_pixels, images, indices, batch_idx))
+    run(pixel_check(images, indices, batch_idx))
     if labels is None:
         labels = torch.full((images.shape[0],), -1, dtype=torch.long, device=images.device)
     if _holds_strings(labels):
@@ -138,7 +138,7 @@ def unpack_batch(batch: object, batch_idx: int | None = None, defer: Callable[[C
     labels = labels.reshape(images.shape[0])
     run(functools.partial(check_labels, labels))
     if mask is not None and images.ndim == 5:
-        run(functools.partial(check_group_mask, mask, images, batch_idx))
+        run(group_mask_check(mask, images, batch_idx))
     if not (isinstance(members, Tensor) and members.shape == images.shape[:2] and images.ndim == 5):
         members = None  # only group batches' member sources are used
     return Batch(images, labels.long(), indices, mask, paths, members)
@@ -183,28 +183,46 @@ def check_pixels(images: Tensor, indices: object = None, batch_idx: int | None =
     """Refuse pixels the backbone would misread: uint8 images are 0..255, float images must be finite and in
     [0, 1] (the backbone normalises them itself: a ``Normalize`` transform before it would normalise twice).
     One check and one device sync per float batch; the details are computed only for the message."""
+    pixel_check(images, indices, batch_idx)()
+
+
+def pixel_check(images: Tensor, indices: object = None, batch_idx: int | None = None) -> Check:
+    """:func:`check_pixels`, its reduction queued on the device now and read when the check is called: a check read
+    later holds each sample's range ``[B]``, not the images (the device would keep a batch of images more)."""
     if images.dtype == torch.uint8:
-        return
+        return _no_check
     if not images.is_floating_point():
-        raise ValueError(
-            f"batch images must be uint8 (0..255) or float (0..1), got {images.dtype}; convert them, e.g. "
-            "images.to(torch.uint8) for 0..255 integers."
-        )
-    flat = images.flatten(1)
-    low, high = torch.aminmax(flat)
-    if bool((low >= 0) & (high <= 1)):  # also False for NaN
+        return functools.partial(_refuse_pixel_dtype, images.dtype)
+    low, high = torch.aminmax(images.flatten(1), dim=1)  # NaN propagates
+    return functools.partial(_refuse_pixels, low, high, indices, batch_idx)
+
+
+def _no_check() -> None:
+    pass
+
+
+def _refuse_pixel_dtype(dtype: torch.dtype) -> None:
+    raise ValueError(
+        f"batch images must be uint8 (0..255) or float (0..1), got {dtype}; convert them, e.g. "
+        "images.to(torch.uint8) for 0..255 integers."
+    )
+
+
+def _refuse_pixels(low: Tensor, high: Tensor, indices: object, batch_idx: int | None) -> None:
+    """Raise for the samples whose range ``[low, high]`` leaves [0, 1] or holds NaN or Inf."""
+    rows = ~((low >= 0) & (high <= 1))  # also True for NaN
+    if not bool(rows.any()):
         return
-    rows = ~((flat >= 0) & (flat <= 1)).all(1)
     where = f"positions {rows.nonzero().flatten().tolist()[:10]}"
     if indices is not None:
         where += f" (dataset indices {torch.as_tensor(indices)[rows.cpu()].tolist()[:10]})"
     where = f"batch {batch_idx} at {where}" if batch_idx is not None else where
-    if not bool(torch.isfinite(flat).all()):
+    if not bool((torch.isfinite(low) & torch.isfinite(high)).all()):
         raise ValueError(f"NaN or Inf in input images in {where}; fix or drop those samples.")
     raise ValueError(
-        f"float images must hold values in [0, 1] (the backbone normalises them itself); got [{float(low):.3g}, "
-        f"{float(high):.3g}] in {where}. Pass raw images, not normalised ones: drop transforms.Normalize (ToTensor "
-        "gives [0, 1]), divide 0..255 floats by 255, or give uint8 images."
+        f"float images must hold values in [0, 1] (the backbone normalises them itself); got "
+        f"[{float(low.min()):.3g}, {float(high.max()):.3g}] in {where}. Pass raw images, not normalised ones: drop "
+        "transforms.Normalize (ToTensor gives [0, 1]), divide 0..255 floats by 255, or give uint8 images."
     )
 
 
@@ -285,12 +303,24 @@ def check_dataset_labels(dataset: object) -> bool:
 def check_group_mask(mask: Tensor, images: Tensor, batch_idx: int | None = None) -> None:
     """A group batch's ``mask [B, M]`` marks each group's real members: it must match the groups, and every group
     needs one (an empty group was scored as a zero embedding, or never flagged)."""
+    group_mask_check(mask, images, batch_idx)()
+
+
+def group_mask_check(mask: Tensor, images: Tensor, batch_idx: int | None = None) -> Check:
+    """:func:`check_group_mask`, its shape compared now (nothing to read off the device) and its empty groups
+    read when the check is called (a check read later holds the groups' ``[B]`` verdicts, not the images)."""
     if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(images.shape[:2]):
         shape = list(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
-        raise ValueError(
-            f"a group batch's mask must be [B, M] = {list(images.shape[:2])} (True: a real member), got {shape}."
-        )
-    empty = (~mask.bool()).all(1).nonzero().flatten().tolist()
+        return functools.partial(_refuse_mask_shape, list(images.shape[:2]), shape)
+    return functools.partial(_refuse_empty_groups, (~mask.bool()).all(1), batch_idx)
+
+
+def _refuse_mask_shape(groups: list[int], shape: object) -> None:
+    raise ValueError(f"a group batch's mask must be [B, M] = {groups} (True: a real member), got {shape}.")
+
+
+def _refuse_empty_groups(empty_rows: Tensor, batch_idx: int | None) -> None:
+    empty = empty_rows.nonzero().flatten().tolist()
     if empty:
         where = f" of batch {batch_idx}" if batch_idx is not None else ""
         raise ValueError(

@@ -520,6 +520,28 @@ def test_the_training_pass_reads_its_labels_and_pixels_checks_one_batch_later_wi
     assert not model.bank.is_fitted and not model._checks_behind.pending
 
 
+@pytest.mark.parametrize("images", ["float images", "uint8 images", "float groups"])
+def test_the_checks_read_one_batch_later_keep_no_batch_of_images(images):
+    # they held the images (the pixel and the group mask checks): the device kept a batch of images more
+    import gc
+    import weakref
+
+    from dn2_lightning.batch import ChecksBehind, unpack_batch
+
+    shape = (4, 2, 3, 8, 8) if "groups" in images else (4, 3, 8, 8)
+    batch = {"image": torch.rand(shape), "label": torch.zeros(4), "index": torch.arange(4)}
+    if "uint8" in images:
+        batch["image"] = (batch["image"] * 255).to(torch.uint8)
+    if "groups" in images:
+        batch["mask"] = torch.ones(4, 2, dtype=torch.bool)
+    held, behind = weakref.ref(batch["image"]), ChecksBehind()
+    unpack_batch(batch, 0, defer=behind.add)
+    del batch
+    gc.collect()
+    assert held() is None and behind.pending
+    behind.flush()
+
+
 def test_empty_train_folder_is_a_clear_error(tmp_path):
     from dn2_lightning import OneClassDataModule
 
