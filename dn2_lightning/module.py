@@ -26,7 +26,7 @@ from torchmetrics.classification import BinaryAUROC
 from dn2_lightning.backbones import build_backbone, check_backbone_input_size, out_of_memory_hint
 from dn2_lightning.bank import BankBuilder, BankCollector, MemoryBank
 from dn2_lightning.bank_checkpointing import BankCheckpointing
-from dn2_lightning.batch import Batch, ChecksBehind, check_dataset_labels, check_group_mask, unpack_batch
+from dn2_lightning.batch import Batch, Check, ChecksBehind, check_dataset_labels, check_group_mask, unpack_batch
 from dn2_lightning.checkpointing import (
     BANK_FORMAT,
     BANK_SETTINGS,
@@ -855,7 +855,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         self._warn_if_other_image_size(batch.images)
         with self._embedding_precision(), out_of_memory_hint(lambda: self._out_of_memory_hint(batch.images)):
             embeddings, patches = self.maps.embed(self.backbone, batch.images)
-        _check_finite(embeddings, "embeddings", batch, batch_idx)
+        self._check_embeddings(embeddings, batch, batch_idx)
         knn = self._search(embeddings, self.hparams.k)
         maps = self.maps.maps_for(embeddings, patches, self._search, batch.images.shape[-2:])
         return knn_scores(knn), knn, maps
@@ -1256,9 +1256,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         if self.maps is not None:  # one backbone pass gives the embeddings and the patch features
             with out_of_memory_hint(lambda: self._out_of_memory_hint(batch.images)):
                 embeddings, patches = self.maps.embed(self.backbone, batch.images)
-            self._checks_behind.add(
-                functools.partial(_refuse_nonfinite, *_nonfinite_rows(embeddings, "embeddings", batch, batch_idx))
-            )
+            self._check_embeddings(embeddings, batch, batch_idx)
             self.maps.collect(patches, indices)
             return embeddings, indices, batch.labels
         return self._embed(batch.images, batch, batch_idx), indices, batch.labels
@@ -1406,13 +1404,16 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         checked by ``unpack_batch``)."""
         with out_of_memory_hint(lambda: self._out_of_memory_hint(images)):
             embeddings = self(images, batch.mask) if images.ndim == 5 else self(images)  # forward's hooks, compile
-        if self._embedding_bank_rows:
-            self._checks_behind.add(
-                functools.partial(_refuse_nonfinite, *_nonfinite_rows(embeddings, "embeddings", batch, batch_idx))
-            )
-        else:
-            _check_finite(embeddings, "embeddings", batch, batch_idx)
+        self._check_embeddings(embeddings, batch, batch_idx)
         return embeddings
+
+    def _check_embeddings(self, embeddings: Tensor, batch: Batch, batch_idx: int) -> None:
+        """Refuse NaN/Inf embeddings: at once, or in the training pass a batch later (:class:`ChecksBehind`)."""
+        check = _finite_check(embeddings, "embeddings", batch, batch_idx)
+        if self._embedding_bank_rows:
+            self._checks_behind.add(check)
+        else:
+            check()
 
     def _out_of_memory_hint(self, images: Tensor) -> str:
         """What to lower when the backbone ran out of memory on a batch."""
@@ -1513,15 +1514,12 @@ def _check_point_wise_groups(m: int, earlier: int) -> None:
         )
 
 
-def _check_finite(values: Tensor, what: str, batch: Batch, batch_idx: int) -> None:
-    _refuse_nonfinite(*_nonfinite_rows(values, what, batch, batch_idx))
-
-
-def _nonfinite_rows(values: Tensor, what: str, batch: Batch, batch_idx: int) -> tuple[Tensor, str, Any, int]:
-    """The rows of ``values`` holding NaN or Inf ``[B]`` (on their device, not read yet) and what names them."""
+def _finite_check(values: Tensor, what: str, batch: Batch, batch_idx: int) -> Check:
+    """The check that ``values`` hold no NaN or Inf, its rows' verdicts ``[B]`` queued on the device now and read
+    when it is called (as :func:`~dn2_lightning.batch.pixel_check`)."""
     bad = ~torch.isfinite(values).flatten(1).all(1) if values.ndim > 1 else ~torch.isfinite(values)
     indices = batch.indices if values.shape[0] == batch.images.shape[0] else None
-    return bad, what, indices, batch_idx
+    return functools.partial(_refuse_nonfinite, bad, what, indices, batch_idx)
 
 
 def _refuse_nonfinite(bad: Tensor, what: str, indices: Any, batch_idx: int) -> None:
