@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import torch
+from bench_args import at_least
 from knn_bench import tiled_bank
 from torch.profiler import ProfilerActivity, profile
 
@@ -67,13 +68,14 @@ def tile_groups(groups: int) -> Iterator[None]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", type=int, nargs=3, default=[1_000_000, 10_000, 2048], metavar=("N", "M", "D"))
-    parser.add_argument("--k", type=int, default=2)
+    shape = {"nargs": 3, "default": [1_000_000, 10_000, 2048], "metavar": ("N", "M", "D")}
+    parser.add_argument("--shape", type=at_least(1), **shape)
+    parser.add_argument("--k", type=at_least(1), default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--kernels", type=int, default=15, help="rows of the profiler's kernel table")
     parser.add_argument(
         "--tile_groups",
-        type=int,
+        type=at_least(1),
         nargs="+",
         default=[knn._TILE_GROUPS],
         help="groups per tile of the tiled operands to search (knn._TILE_GROUPS by default)",
