@@ -19,7 +19,8 @@ from torch import Tensor
 from torchvision.transforms.v2.functional import resize
 
 from dn2_lightning.batch import check_pixels
-from dn2_lightning.data.images import load_image, pil_to_uint8
+from dn2_lightning.data.images import UnreadableImageError, load_image, pil_to_uint8
+from dn2_lightning.data.png_data import decoded_png_problem
 
 ImageLike = Union[Tensor, Image.Image, str, os.PathLike]  # noqa: UP007 (a runtime alias)
 ImagesLike = Union[ImageLike, Sequence[ImageLike]]  # noqa: UP007
@@ -84,6 +85,10 @@ def _to_chw(item: ImageLike, position: int, load_size: int | None) -> tuple[Tens
         _warn_if_eight_bit_values_in_a_wide_mode(item, where)
         if _unread_jpeg_file(item):  # decoded as dn2 predict decodes its file: at the JPEG draft scale
             return load_image(item.filename, load_size), None
+        if item.format == "PNG" and Path(getattr(item, "filename", "") or "").is_file():
+            problem = decoded_png_problem(item, item.filename)  # its missing rows are black in the caller's image
+            if problem is not None:
+                raise UnreadableImageError(f"{where}: {problem}")
         return pil_to_uint8(item, load_size), None
     if isinstance(item, Tensor):
         if item.ndim not in (3, 4) or item.shape[-3] not in (1, 3):

@@ -19,6 +19,8 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
+from dn2_lightning.data.png_data import decoded_png_problem
+
 #: Largest image (width x height, in pixels, after any JPEG scale reduction) that is decoded; larger files are
 #: refused with :class:`ImageTooLargeError` before any pixel is read. The default is Pillow's own
 #: decompression-bomb warning threshold (about 89.5 MP, 256 MiB as 8-bit RGB). Change it here, with the
@@ -68,6 +70,7 @@ def load_image(path: str | Path, size: int | None = None, max_pixels: int | None
             _check_pixels(img, path, max_pixels)
             warn_if_many_frames(img, path)
             array = _to_uint8_rgb(img, path)
+            _refuse_short_png_data(img, path)
     except UnreadableImageError:
         raise
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, ... depending on the format
@@ -96,8 +99,9 @@ def pil_to_uint8(img: Image.Image, size: int | None = None) -> Tensor:
 def image_problem(path: str | Path, size: int | None = None, max_pixels: int | None = None) -> str | None:
     """Why :func:`load_image` would fail on ``path`` (a one-line reason naming the file), or ``None``.
 
-    PNGs are checked without decoding (every chunk's checksum up to the end marker, so truncation is caught);
-    other formats are decoded as :func:`load_image` would (JPEGs at their reduced draft scale).
+    PNGs are checked without decoding (every chunk's checksum up to the end marker, so truncation is caught; pixel
+    data that ends early within whole chunks is refused when the file is read); other formats are decoded as
+    :func:`load_image` would (JPEGs at their reduced draft scale).
     """
     path = Path(path)
     try:
@@ -125,6 +129,13 @@ def _open(path: Path) -> Image.Image:
                 f"{path}: too large to decode ({err}). Raise PIL.Image.MAX_IMAGE_PIXELS and "
                 "dn2_lightning.data.images.MAX_IMAGE_PIXELS (or max_image_pixels) if you mean it."
             ) from err
+
+
+def _refuse_short_png_data(img: Image.Image, path: Path) -> None:
+    """Pillow reads the rows a PNG's pixel data lacks as black without a word (:mod:`.png_data`)."""
+    problem = decoded_png_problem(img, path)
+    if problem is not None:
+        raise UnreadableImageError(problem)
 
 
 def _check_pixels(img: Image.Image, path: Path, max_pixels: int | None) -> None:

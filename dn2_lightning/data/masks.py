@@ -22,7 +22,15 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2.functional import resize
 
-from dn2_lightning.data.images import has_transparency, on_black, said, say_once, warn_if_many_frames
+from dn2_lightning.data.images import (
+    UnreadableImageError,
+    has_transparency,
+    on_black,
+    said,
+    say_once,
+    warn_if_many_frames,
+)
+from dn2_lightning.data.png_data import decoded_png_problem, png_data_problem
 from dn2_lightning.pixel_metrics import label_regions
 
 MASK_SUFFIX = "_mask.png"
@@ -95,11 +103,11 @@ def _headers(image: str | Path, mask: str | Path) -> tuple[tuple[int, int], int,
 
 def mask_problem(mask: str | Path) -> str | None:
     """Why a mask file cannot be read (cut short, damaged, not an image), or ``None``; PNGs are checked without
-    decoding (every chunk's checksum), other formats are decoded."""
+    decoding (every chunk's checksum, the length of their decompressed pixel data), other formats are decoded."""
     try:
         with Image.open(mask) as img:
             img.verify() if img.format == "PNG" else img.load()
-        return None
+            return png_data_problem(mask) if img.format == "PNG" else None
     except (OSError, SyntaxError, ValueError) as err:
         return f"{mask}: {type(err).__name__}: {err}"
 
@@ -128,6 +136,8 @@ def read_mask(path: str | Path) -> Tensor:
     """A mask file as uint8 ``[1, H, W]`` (1 = anomalous: a pixel with any channel non-zero after transparent
     pixels are put on black), upright (its EXIF orientation applied, as images are)."""
     with Image.open(path) as img:
+        if (problem := decoded_png_problem(img, path)) is not None:
+            raise UnreadableImageError(problem)  # Pillow would read its missing rows as normal
         warn_if_many_frames(img, path, "mask")
         upright = ImageOps.exif_transpose(img)
         values = _pixel_values(on_black(upright))
