@@ -276,22 +276,48 @@ class BankCollector:
         self._path_batches: list[tuple[Tensor, list[str]]] = []  # batches' (indices, paths) not in _paths yet
         # group member row -> its image's index in the source dataset (group_pooling="none"), so that the
         # leave-one-out threshold also skips that image's copies in other training groups
-        self.member_sources: dict[int, int] = {}
+        self._member_sources: dict[int, int] = {}
+        self._source_batches: list[tuple[Tensor, Tensor]] = []  # batches' (rows, sources) not in it yet
+        self._keep: list[Tensor | None] = []  # per batch: which rows are real (point-wise groups' padding is not)
         self.image_sizes: set[tuple[int, int]] = set()  # (H, W) of the batches read, as the loader gave them
         self.num_batches = 0
 
     def __len__(self) -> int:
-        return sum(len(i) for i in self._indices)
+        """Rows added (those ``keep`` drops not counted)."""
+        return sum(len(i) if keep is None else int(keep.sum()) for i, keep in zip(self._indices, self._keep))
 
-    def add(self, embeddings: Tensor, indices: Tensor, labels: Tensor, paths: list[str] | None = None) -> None:
+    def add(
+        self,
+        embeddings: Tensor,
+        indices: Tensor,
+        labels: Tensor,
+        paths: list[str] | None = None,
+        keep: Tensor | None = None,
+    ) -> None:
+        """One batch's rows; ``keep`` (bool ``[rows]``) marks the real ones, dropped at :meth:`collect` rather than
+        here (selecting rows on a GPU makes the host wait for it)."""
         if lacks_float64(embeddings.device):  # the bank is built and kept on the CPU (MemoryBank._apply)
             embeddings, indices, labels = embeddings.cpu(), indices.cpu(), labels.cpu()
+            keep = None if keep is None else keep.cpu()
         self._embeddings.append(embeddings.detach())
         self._indices.append(indices.detach().long())
         self._labels.append(labels.detach().long())
+        self._keep.append(None if keep is None else keep.detach().bool())
         if paths is not None and len(paths) == len(indices):
             self._path_batches.append((indices, paths))  # read when needed: reading device indices waits for it
         self.num_batches += 1
+
+    def add_member_sources(self, rows: Tensor, sources: Tensor) -> None:
+        """Bank row -> source image index for one batch's rows; read when needed, as paths are."""
+        self._source_batches.append((rows.detach(), sources.detach()))
+
+    @property
+    def member_sources(self) -> dict[int, int]:
+        """Bank row -> its image's index in the source dataset, for the rows added with sources."""
+        for rows, sources in self._source_batches:
+            self._member_sources.update(zip(rows.tolist(), sources.tolist(), strict=True))
+        self._source_batches.clear()
+        return self._member_sources
 
     @property
     def paths(self) -> dict[int, str]:
@@ -309,9 +335,16 @@ class BankCollector:
         if self._embeddings[0].ndim == 3:  # packed group members: batches of other group sizes padded to the largest
             m = max(part.shape[1] for part in self._embeddings)
             self._embeddings[:] = [pad_members(part, m) for part in self._embeddings]
+        if any(keep is not None for keep in self._keep):  # point-wise groups' padding rows go, all at once
+            keep = torch.cat(
+                [torch.ones_like(i, dtype=torch.bool) if k is None else k for i, k in zip(self._indices, self._keep)]
+            )
+            for parts in (self._embeddings, self._indices, self._labels):
+                parts[:] = [torch.cat(parts)[keep]]
         for parts in (self._embeddings, self._indices, self._labels):
             if len(parts) > 1:
                 parts[:] = [torch.cat(parts)]
+        self._keep[:] = [None]
         return self._embeddings[0], self._indices[0], self._labels[0]
 
 

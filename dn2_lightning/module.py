@@ -419,11 +419,11 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         if "pass" not in self._held_errors:
             with self._holding_errors("pass"), torch.no_grad(), self._checks_behind.first_on_error():
                 parsed = unpack_batch(self._stage_batch(batch), batch_idx, defer=self._checks_behind.add)
-                embeddings, indices, labels = self._bank_rows(parsed, batch_idx)
+                embeddings, indices, labels, keep = self._bank_rows(parsed, batch_idx)
                 self._checks_behind.advance()  # this batch's work is queued: the batch before's checks cost no wait
                 if self._collector is None:
                     self._collector = BankCollector()
-                self._collector.add(embeddings, indices, labels, parsed.paths)
+                self._collector.add(embeddings, indices, labels, parsed.paths, keep)
         self._count_bank_step()
         if self._pass_ends_here():  # the bank now, so a checkpoint saved at this step (every_n_train_steps) holds it
             self._end_pass()
@@ -1201,7 +1201,8 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
                         if batch is None:
                             break
                         parsed = unpack_batch(self._on_device(batch, batch_idx), batch_idx, self._checks_behind.add)
-                        self._collector.add(*self._bank_rows(parsed, batch_idx), parsed.paths)
+                        embeddings, indices, labels, keep = self._bank_rows(parsed, batch_idx)
+                        self._collector.add(embeddings, indices, labels, parsed.paths, keep)
                         self._checks_behind.advance()
                     batch_idx += 1
         except BaseException:
@@ -1213,16 +1214,17 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         # a pass of Lightning's train dataloader (a limit given) may be cut short by limit_train_batches
         self._end_pass(loader, partial=limit < float("inf"))
 
-    def _bank_rows(self, batch: Batch, batch_idx: int) -> tuple[Tensor, Tensor, Tensor]:
+    def _bank_rows(self, batch: Batch, batch_idx: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """Embeddings, dataset indices and labels that a training batch adds to the bank (embedded under the autocast
-        in force, which forward otherwise replaces by the bank's)."""
+        in force, which forward otherwise replaces by the bank's), and which of them are real (``None``: all; the
+        collector drops the others when the bank is made)."""
         self._embedding_bank_rows = True
         try:
             return self._new_bank_rows(batch, batch_idx)
         finally:
             self._embedding_bank_rows = False
 
-    def _new_bank_rows(self, batch: Batch, batch_idx: int) -> tuple[Tensor, Tensor, Tensor]:
+    def _new_bank_rows(self, batch: Batch, batch_idx: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         self._bank_autocast = _active_autocast(batch.images.device)  # queries are embedded the same way
         if self._collector is not None:
             self._collector.image_sizes.add((int(batch.images.shape[-2]), int(batch.images.shape[-1])))
@@ -1238,28 +1240,24 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
             rows = (indices[:, None] * m + member).flatten()
             labels = batch.labels.repeat_interleave(m)
             if batch.members is not None and self._collector is not None:
-                sources = zip(rows.tolist(), batch.members.flatten().tolist(), strict=True)
-                self._collector.member_sources.update(sources)
-            if batch.mask is not None:
-                real = batch.mask.bool().flatten()
-                return embeddings[real], rows[real], labels[real]
-            return embeddings, rows, labels
+                self._collector.add_member_sources(rows, batch.members.flatten())
+            return embeddings, rows, labels, None if batch.mask is None else batch.mask.bool().flatten()
         one_image_groups = batch.images.ndim == 5 and batch.images.shape[1] == 1 and batch.members is not None
         if one_image_groups and self._collector is not None:
             # a pooled group of one image is that image: the threshold must leave out its copies in other groups
-            self._collector.member_sources.update(zip(indices.tolist(), batch.members[:, 0].tolist(), strict=True))
+            self._collector.add_member_sources(indices, batch.members[:, 0])
         if batch.images.ndim == 5 and self.group_pool.needs_fit:
             # the pooling is fitted on the whole bank's members: keep them (and the mask) until finalisation
             b, m = batch.images.shape[:2]
             members = self._embed(batch.images.flatten(0, 1), batch, batch_idx).view(b, m, -1)
-            return pack_members(members, batch.mask), indices, batch.labels
+            return pack_members(members, batch.mask), indices, batch.labels, None
         if self.maps is not None:  # one backbone pass gives the embeddings and the patch features
             with out_of_memory_hint(lambda: self._out_of_memory_hint(batch.images)):
                 embeddings, patches = self.maps.embed(self.backbone, batch.images)
             self._check_embeddings(embeddings, batch, batch_idx)
             self.maps.collect(patches, indices)
-            return embeddings, indices, batch.labels
-        return self._embed(batch.images, batch, batch_idx), indices, batch.labels
+            return embeddings, indices, batch.labels, None
+        return self._embed(batch.images, batch, batch_idx), indices, batch.labels, None
 
     def _finalize_bank(self, keep_collecting: bool = False) -> None:
         """Turn the collected rows into the bank (``BankBuilder``), with its maps, spec and threshold scores;
