@@ -110,6 +110,7 @@ def image_problem(path: str | Path, size: int | None = None, max_pixels: int | N
             return None
         with _open(path) as img:
             _check_pixels(img, path, max_pixels)
+            fix_png_transparency(img, path)
             img.verify()
         return None
     except UnreadableImageError as err:
@@ -154,9 +155,13 @@ def _to_uint8_rgb(img: Image.Image, path: Path) -> np.ndarray:
     transparent pixels on black."""
     # before exif_transpose, whose copy no longer says it is a TIFF or what its file holds (the bit depths)
     top, stored_bits = _integer_max(img), _stored_bits_per_channel(img)
+    fix_png_transparency(img, path)
+    min_is_white = _tiff_min_is_white(img)
     img = ImageOps.exif_transpose(img)
     if img.mode in (*_SIXTEEN_BIT_MODES, "I"):
         values, bits = np.asarray(img), max(top.bit_length(), stored_bits)  # (a 32-bit TIFF's "I" is signed)
+        if min_is_white:  # Pillow reads a 16-bit WhiteIsZero TIFF's values as stored: 0 (white) as black
+            values = top - values.astype(np.int64)
         low, high = int(values.min()), int(values.max())
         if low < 0 or high > top:
             raise UnreadableImageError(
@@ -183,7 +188,7 @@ def _to_uint8_rgb(img: Image.Image, path: Path) -> np.ndarray:
                 f"{path}: float pixel values span [{low:g}, {high:g}]; float images must hold values in [0, 1] "
                 "(rescale it, or save it as 8 or 16 bit)."
             )
-        array = np.rint(values.astype(np.float64) * 255.0).astype(np.uint8)
+        array = np.rint((1.0 - values if min_is_white else values).astype(np.float64) * 255.0).astype(np.uint8)
     else:
         array = np.array(on_black(img).convert("RGB"))  # a writable copy (torch refuses read-only buffers)
         if stored_bits == 16 and 0 < int(array.max()) < 16:  # Pillow keeps the high byte of 16-bit colour channels
@@ -257,15 +262,47 @@ def on_black(img: Image.Image) -> Image.Image:
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
 
 
+def fix_png_transparency(img: Image.Image, path: str | Path) -> None:
+    """Before ``img`` (a file just opened) is decoded: Pillow keeps a 2- or 4-bit grey PNG's transparent level (its
+    ``tRNS``) as stored (0..3, 0..15) while it scales the pixels to 0..255, so no pixel matched it and the
+    transparent ones were read in their grey, not on black; the level is scaled as the pixels are. A 16-bit colour
+    PNG's transparent colour is 16-bit while Pillow keeps 8 bits of each channel, so its pixels cannot be told
+    apart: refused, naming the file and the fix."""
+    key, rawmode = img.info.get("transparency"), _rawmode(img)
+    if img.format != "PNG" or key is None or rawmode is None:
+        return
+    if rawmode in ("L;2", "L;4") and isinstance(key, int):
+        img.info["transparency"] = key * (255 // (2 ** int(rawmode[2:]) - 1))
+    elif rawmode == "RGB;16B" and isinstance(key, tuple):
+        raise UnreadableImageError(
+            f"{path}: a 16-bit colour PNG with a transparent colour (tRNS {key}): its colours are read as 8 bit, so "
+            "its transparent pixels cannot be found. Save it as RGBA (its transparent pixels at alpha 0) or as 8 bit."
+        )
+
+
+def _tiff_min_is_white(img: Image.Image) -> bool:
+    """Whether ``img`` is a 16-bit or float grey TIFF stored WhiteIsZero (PhotometricInterpretation 0), whose values
+    Pillow reads as stored (it inverts 1- to 8-bit ones itself)."""
+    modes = (*_SIXTEEN_BIT_MODES, "I", "F")
+    return img.format == "TIFF" and img.mode in modes and img.tag_v2.get(262) == 0
+
+
+def _rawmode(img: Image.Image) -> str | None:
+    """How a file's pixels are stored (Pillow's raw mode of its first tile, e.g. PNG's ``"RGB;16B"``), ``None`` once
+    decoded or for an image made in memory."""
+    tile = getattr(img, "tile", None)
+    rawmode = tile[0][3] if tile else None
+    rawmode = rawmode[0] if isinstance(rawmode, tuple) and rawmode else rawmode
+    return rawmode if isinstance(rawmode, str) else None
+
+
 def _stored_bits_per_channel(img: Image.Image) -> int:
     """The bits per channel a file stores, from its header (16 for a 48-bit colour PNG or TIFF, which Pillow
     decodes to 8 bits); 8 when nothing says (an image in memory)."""
     if img.format == "TIFF":
         return _tiff_bits(img, default=8)
-    tile = getattr(img, "tile", None)  # a file's, before it is decoded (an image made in memory has none)
-    rawmode = tile[0][3] if tile else None  # PNG: e.g. "RGB;16B"
-    rawmode = rawmode[0] if isinstance(rawmode, tuple) and rawmode else rawmode
-    return 16 if isinstance(rawmode, str) and ";16" in rawmode else 8
+    rawmode = _rawmode(img)  # a file's, before it is decoded (an image made in memory has none); PNG: "RGB;16B"
+    return 16 if rawmode is not None and ";16" in rawmode else 8
 
 
 def _integer_max(img: Image.Image) -> int:

@@ -24,6 +24,7 @@ from torchvision.transforms.v2.functional import resize
 
 from dn2_lightning.data.images import (
     UnreadableImageError,
+    fix_png_transparency,
     has_transparency,
     on_black,
     said,
@@ -136,6 +137,7 @@ def read_mask(path: str | Path) -> Tensor:
     """A mask file as uint8 ``[1, H, W]`` (1 = anomalous: a pixel with any channel non-zero after transparent
     pixels are put on black), upright (its EXIF orientation applied, as images are)."""
     with Image.open(path) as img:
+        fix_png_transparency(img, path)  # (before decoding: its file's bit depth is known until then)
         if (problem := decoded_png_problem(img, path)) is not None:
             raise UnreadableImageError(problem)  # Pillow would read its missing rows as normal
         warn_if_many_frames(img, path, "mask")
