@@ -118,7 +118,8 @@ class MemoryBank(BankModule):
         if self._summary is None or self._summary[0] != key:
             total = magnitude = 0.0
             for rows in self.embeddings.split(8192):  # float64 sums a few rows at a time: no copy of the whole bank
-                wide = rows.double()
+                # a copy even of a float64 bank (Trainer(precision="64-true"), model.double()): abs_ must not edit it
+                wide = rows.to(torch.float64, copy=True)
                 total, magnitude = total + float(wide.sum()), magnitude + float(wide.abs_().sum())
             self._summary = (key, (len(self.embeddings), int(self.sample_indices.sum()), total, magnitude))
         return self._summary[1]
