@@ -1072,6 +1072,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
 
     def _report(self, stage: str, collector: ScoreCollector, auroc: BinaryAUROC) -> AnomalyScores:
         result = self._collect(stage, collector)
+        self._warn_if_partial_evaluation(stage, len(result))
         labels = result.labels
         if (labels < 0).any():
             info(f"DN2: {stage} data has no labels; scores are kept in module.{stage}_scores, no AUROC.")
@@ -1091,6 +1092,20 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         threshold = self._say_threshold()
         info(f"DN2 {stage}: {len(result)} samples scored against a bank of {bank} embeddings; {threshold}.")
         return result
+
+    def _warn_if_partial_evaluation(self, stage: str, scored: int) -> None:
+        """A val/test pass cut short by ``limit_val_batches``/``limit_test_batches`` (or ``fast_dev_run``) scores and
+        measures only its first batches: say so, as a partial training pass does."""
+        limits = {"val": self.trainer.num_val_batches, "test": self.trainer.num_test_batches}.get(stage)
+        total = sized_len(self._current_loader())
+        if not limits or total is None or not limits[0] < total:
+            return
+        flag = "limit_val_batches" if stage == "val" else "limit_test_batches"
+        rank_zero_warn(
+            f"the {stage} pass read {int(limits[0])} of {total} {stage} batches ({flag} or fast_dev_run): its "
+            f"scores and {stage}/auroc cover those {scored} samples only, not the whole {stage} set.",
+            stacklevel=5,
+        )
 
     def _check_hparams(self) -> None:
         """``hparams`` may be edited between calls: the settings read at each use (``k``, the threshold, cleaning)

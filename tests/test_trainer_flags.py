@@ -3,6 +3,8 @@ tiny backbone's embeddings in float64, scikit-learn's exact kNN), or say why not
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -96,3 +98,31 @@ def test_limit_predict_batches_scores_the_first_batches_exactly():
     predicted = torch.cat([o["score"] for o in out])
     assert len(predicted) == 2 * dm.batch_size
     np.testing.assert_allclose(predicted.numpy(), reference_scores(dm)[: len(predicted)], rtol=1e-5)
+
+
+@pytest.mark.parametrize("flags", [dict(limit_test_batches=3), dict(limit_test_batches=0.6), dict(fast_dev_run=3)])
+def test_a_limited_test_pass_says_its_auroc_covers_part_of_the_test_set(flags):
+    """limit_test_batches (or fast_dev_run) scored the first batches only and logged their AUROC as test/auroc,
+    with nothing but an info line's sample count to tell it from the whole test set's."""
+    dm = BlobDataModule(n_normal=10, n_anomalous=61)  # both labels within the first batches
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    trainer = quiet_trainer(**flags)
+    trainer.fit(model, datamodule=dm)
+    with pytest.warns(UserWarning, match=r"read 3 of 5 test batches \(limit_test_batches or fast_dev_run\)"):
+        results = trainer.test(model, datamodule=dm)
+    scored = model.test_scores
+    assert len(scored.scores) == 48
+    expected = reference_scores(dm)[:48] if "fast_dev_run" not in flags else None
+    if expected is not None:
+        np.testing.assert_allclose(scored.scores.numpy(), expected, rtol=1e-5)
+    labels = dm.test_labels[scored.indices].numpy()
+    assert results[0]["test/auroc"] == pytest.approx(roc_auc_score(labels, scored.scores.numpy()), abs=1e-6)
+
+
+def test_a_whole_test_pass_does_not_warn_of_a_limit():
+    dm = BlobDataModule()
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*limit_test_batches.*")
+        quiet_trainer(limit_test_batches=1.0).test(model, datamodule=dm)
+    assert len(model.test_scores.scores) == len(dm.test_images)
