@@ -285,7 +285,9 @@ class BankCollector:
 
     def __len__(self) -> int:
         """Rows added (those ``keep`` drops not counted)."""
-        return sum(len(i) if keep is None else int(keep.sum()) for i, keep in zip(self._indices, self._keep))
+        return sum(
+            len(i) if keep is None else int(keep.sum()) for i, keep in zip(self._indices, self._keep, strict=True)
+        )
 
     def add(
         self,
@@ -338,7 +340,10 @@ class BankCollector:
             self._embeddings[:] = [pad_members(part, m) for part in self._embeddings]
         if any(keep is not None for keep in self._keep):  # point-wise groups' padding rows go, all at once
             keep = torch.cat(
-                [torch.ones_like(i, dtype=torch.bool) if k is None else k for i, k in zip(self._indices, self._keep)]
+                [
+                    torch.ones_like(i, dtype=torch.bool) if k is None else k
+                    for i, k in zip(self._indices, self._keep, strict=True)
+                ]
             )
             for parts in (self._embeddings, self._indices, self._labels):
                 parts[:] = [torch.cat(parts)[keep]]

@@ -526,3 +526,75 @@ def test_auto_is_the_torch_backend_and_never_probes_keops_on_the_device(monkeypa
     queries = torch.randn(40, 16, device=DEVICE, generator=g)
     result = knn_distances(queries, bank, 3, "auto")
     check_exact(result, queries, bank, reference(queries, bank, 3), "auto at D = 16")
+
+
+class WaitsBeforeQueueing(Callback):
+    """Per training step, where dn2_lightning's code made the host wait for the device (a synchronising CUDA call,
+    as ``torch.cuda.set_sync_debug_mode`` reports it) before the step's work was queued, i.e. before the module's
+    ``ChecksBehind.advance`` read the batch before's checks."""
+
+    def __init__(self) -> None:
+        self.early: list[list[str]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._catching = warnings.catch_warnings(record=True)
+        self._caught = self._catching.__enter__()
+        warnings.simplefilter("always")
+        self._queued_at = None
+        checks, advance = pl_module._checks_behind, pl_module._checks_behind.advance
+
+        def marked_advance() -> None:
+            self._queued_at = len(self._caught)
+            advance()
+
+        checks.advance = marked_advance
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        torch.cuda.set_sync_debug_mode(0)
+        self._catching.__exit__(None, None, None)
+        del pl_module._checks_behind.advance  # the class's own again
+        before = self._caught if self._queued_at is None else self._caught[: self._queued_at]
+        self.early.append(
+            [
+                f"{os.path.basename(w.filename)}:{w.lineno}"
+                for w in before
+                if "dn2_lightning" in w.filename and "synchroniz" in str(w.message)
+            ]
+        )
+
+
+class GroupsWithSources(torch.utils.data.Dataset):
+    """test_group_pooling's padded groups, each member naming its source image (GroupDataModule's ``members``)."""
+
+    def __init__(self) -> None:
+        from test_group_pooling import PaddedGroups
+
+        self.groups = PaddedGroups(50, 0.0, seed=0)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.groups[i] | {"members": torch.arange(4) + 4 * (i % 10)}  # images reused across groups
+
+
+@cuda_only
+@pytest.mark.parametrize("setting", ["images", "groups, point-wise", "groups, mean-pooled", "groups, histogram"])
+def test_a_training_step_queues_its_batch_before_the_host_waits(setting):
+    """The host waits for the device only after a step's work is queued, to read the batch before's checks, so
+    the device never idles while Lightning fetches the next batch: point-wise groups read their members' sources
+    and dropped their padding rows at once (boolean indexing) in every step. The pass's first step (the sampler's
+    order, copied once) and last (the bank is made) are not counted."""
+    if setting == "images":
+        loader = blob_data().train_dataloader()
+    else:
+        loader = torch.utils.data.DataLoader(GroupsWithSources(), batch_size=8)
+    pooling = {"groups, point-wise": "none", "groups, histogram": "histogram"}.get(setting, "mean")
+    model = make_model(group_pooling=pooling, group_clusters=3)
+    waits = WaitsBeforeQueueing()
+    quiet_trainer(accelerator=ACCELERATOR, callbacks=[waits]).fit(model, train_dataloaders=loader)
+    assert len(waits.early) == len(loader) >= 4
+    middle = waits.early[1:-1]
+    assert not any(middle), f"{setting}: steps waited for their own batch at {middle}"
+    assert len(model.bank) > 0
