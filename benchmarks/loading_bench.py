@@ -3,7 +3,8 @@
     python benchmarks/loading_bench.py [--repeats 20]
 
 Prints a markdown table. Rows: ``load_image`` of a camera-sized JPEG with and without the reduced-scale (draft)
-decode, a 1024 px PNG; ``image_problem`` (the check every folder file gets at set-up); the data fingerprint and
+decode, 1024 px PNGs (one with a black bottom row, whose pixel data is counted once more: ``png_data``), a mask
+read and checked; ``image_problem`` (the check every folder file gets at set-up); the data fingerprint and
 weights identity that key the embedding cache.
 """
 
@@ -21,6 +22,8 @@ from torchvision.transforms.v2.functional import resize
 
 from dn2_lightning.backbones import get_backbone_spec
 from dn2_lightning.data.images import image_problem, load_image
+from dn2_lightning.data.masks import mask_problem, read_mask
+from dn2_lightning.data.png_data import png_data_problem
 from dn2_lightning.data.sources import load_split
 
 
@@ -46,6 +49,13 @@ def main() -> None:
     Image.fromarray(photo).save(folder / "photo.jpg", quality=90)  # 4000 x 3000, 12 MP
     Image.fromarray(rng.integers(0, 255, (1024, 1024, 3), dtype=np.uint8)).save(folder / "scan.png")
     jpeg, png = folder / "photo.jpg", folder / "scan.png"
+    dark = np.asarray(Image.fromarray(photo[:1024, :1024]))
+    dark[-16:] = 0  # a black bottom row, as short pixel data leaves: its data is counted once more (png_data)
+    Image.fromarray(dark).save(folder / "dark_edge.png")
+    Image.fromarray(photo[:1024, :1024]).save(folder / "smooth.png")
+    mask = np.zeros((1024, 1024), np.uint8)
+    mask[300:500, 200:700] = 255
+    Image.fromarray(mask).save(folder / "mask.png")
     rows = [
         ("load_image, 12 MP JPEG -> 224 (draft: decoded at 1/8)", lambda: load_image(jpeg, 224)),
         (
@@ -53,6 +63,17 @@ def main() -> None:
             lambda: resize(load_image(jpeg), [224, 224], antialias=True),
         ),
         ("load_image, 1024 px PNG -> 224", lambda: load_image(png, 224)),
+        ("load_image, 1024 px smooth PNG -> 224", lambda: load_image(folder / "smooth.png", 224)),
+        (
+            "load_image, the same with a black bottom row -> 224 (its pixel data counted)",
+            lambda: load_image(folder / "dark_edge.png", 224),
+        ),
+        ("png_data_problem alone, that PNG", lambda: png_data_problem(folder / "dark_edge.png")),
+        ("read_mask, 1024 px mask (black bottom row: its data counted)", lambda: read_mask(folder / "mask.png")),
+        (
+            "set-up check mask_problem, 1024 px mask (checksums, data counted)",
+            lambda: mask_problem(folder / "mask.png"),
+        ),
         ("set-up check image_problem, 12 MP JPEG (decode at 1/8)", lambda: image_problem(jpeg, 224)),
         ("set-up check image_problem, 1024 px PNG (checksums only)", lambda: image_problem(png, 224)),
     ]

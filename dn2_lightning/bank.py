@@ -338,15 +338,10 @@ class BankCollector:
         if self._embeddings[0].ndim == 3:  # packed group members: batches of other group sizes padded to the largest
             m = max(part.shape[1] for part in self._embeddings)
             self._embeddings[:] = [pad_members(part, m) for part in self._embeddings]
-        if any(keep is not None for keep in self._keep):  # point-wise groups' padding rows go, all at once
-            keep = torch.cat(
-                [
-                    torch.ones_like(i, dtype=torch.bool) if k is None else k
-                    for i, k in zip(self._indices, self._keep, strict=True)
-                ]
-            )
-            for parts in (self._embeddings, self._indices, self._labels):
-                parts[:] = [torch.cat(parts)[keep]]
+        for i, keep in enumerate(self._keep):  # point-wise groups' padding rows go now, a batch at a time
+            if keep is not None:
+                for parts in (self._embeddings, self._indices, self._labels):
+                    parts[i] = parts[i][keep]
         for parts in (self._embeddings, self._indices, self._labels):
             if len(parts) > 1:
                 parts[:] = [torch.cat(parts)]

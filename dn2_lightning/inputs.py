@@ -20,7 +20,7 @@ from torchvision.transforms.v2.functional import resize
 
 from dn2_lightning.batch import check_pixels
 from dn2_lightning.data.images import UnreadableImageError, load_image, pil_to_uint8
-from dn2_lightning.data.png_data import decoded_png_problem
+from dn2_lightning.data.png_data import png_data_problem
 
 ImageLike = Union[Tensor, Image.Image, str, os.PathLike]  # noqa: UP007 (a runtime alias)
 ImagesLike = Union[ImageLike, Sequence[ImageLike]]  # noqa: UP007
@@ -83,10 +83,10 @@ def _to_chw(item: ImageLike, position: int, load_size: int | None) -> tuple[Tens
         if not item.width or not item.height:
             raise ValueError(f"{where}: an empty image ({item.width} x {item.height} pixels).")
         _warn_if_eight_bit_values_in_a_wide_mode(item, where)
-        if _unread_jpeg_file(item):  # decoded as dn2 predict decodes its file: at the JPEG draft scale
+        if _unread_file(item):  # decoded as dn2 predict decodes its file (JPEG draft scale, the PNG checks)
             return load_image(item.filename, load_size), None
-        if item.format == "PNG" and Path(getattr(item, "filename", "") or "").is_file():
-            problem = decoded_png_problem(item, item.filename)  # its missing rows are black in the caller's image
+        if item.format == "PNG" and _file_of(item) is not None:  # decoded, maybe changed: its file is counted
+            problem = png_data_problem(item.filename)  # (missing rows are black in the caller's image too)
             if problem is not None:
                 raise UnreadableImageError(f"{where}: {problem}")
         return pil_to_uint8(item, load_size), None
@@ -121,7 +121,15 @@ def _warn_if_eight_bit_values_in_a_wide_mode(image: Image.Image, where: str) -> 
             )
 
 
-def _unread_jpeg_file(image: Image.Image) -> bool:
-    """A JPEG opened from a file and not decoded yet (``Image.open`` without ``load``, ``convert``, ...): read
-    from its file, it decodes exactly as the datasets decode that file, and the caller's image is left as it is."""
-    return image.format == "JPEG" and bool(getattr(image, "tile", None)) and Path(image.filename or "").is_file()
+def _unread_file(image: Image.Image) -> bool:
+    """An image opened from a file at its first frame and not decoded yet (``Image.open`` without ``load``,
+    ``convert``, ...): read from its file, it decodes exactly as the datasets decode that file (a JPEG at its draft
+    scale; a PNG's bit depth and transparency, which its decoded copy no longer tells), and the caller's image is
+    left as it is."""
+    return bool(getattr(image, "tile", None)) and image.tell() == 0 and _file_of(image) is not None
+
+
+def _file_of(image: Image.Image) -> Path | None:
+    """The file ``image`` was opened from, if it is still there."""
+    filename = getattr(image, "filename", None)
+    return Path(filename) if filename and Path(filename).is_file() else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+import traceback
 import warnings
 
 import numpy as np
@@ -530,38 +531,52 @@ def test_auto_is_the_torch_backend_and_never_probes_keops_on_the_device(monkeypa
 
 class WaitsBeforeQueueing(Callback):
     """Per training step, where dn2_lightning's code made the host wait for the device (a synchronising CUDA call,
-    as ``torch.cuda.set_sync_debug_mode`` reports it) before the step's work was queued, i.e. before the module's
-    ``ChecksBehind.advance`` read the batch before's checks."""
+    as ``torch.cuda.set_sync_debug_mode`` reports it, with a dn2_lightning frame on its stack: torch's Python
+    wrappers count too) before the step's work was queued, i.e. before the module's ``ChecksBehind.advance`` read
+    the batch before's checks."""
 
     def __init__(self) -> None:
         self.early: list[list[str]] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._catching = warnings.catch_warnings(record=True)
-        self._caught = self._catching.__enter__()
+        self._waits, self._queued_at = [], None
+        self._catching = warnings.catch_warnings()
+        self._catching.__enter__()
         warnings.simplefilter("always")
-        self._queued_at = None
+        warnings.showwarning = self._record
         checks, advance = pl_module._checks_behind, pl_module._checks_behind.advance
 
         def marked_advance() -> None:
-            self._queued_at = len(self._caught)
+            self._queued_at = len(self._waits)
             advance()
 
         checks.advance = marked_advance
         torch.cuda.set_sync_debug_mode("warn")
 
+    def _record(self, message, category, filename, lineno, file=None, line=None) -> None:
+        if "synchroniz" not in str(message):
+            return
+        ours = [
+            f"{os.path.basename(f.filename)}:{f.lineno}"
+            for f in traceback.extract_stack()
+            if "dn2_lightning" in f.filename
+        ]
+        if ours:
+            self._waits.append(" < ".join(reversed(ours)))
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._stop(pl_module)
+        self.early.append(self._waits if self._queued_at is None else self._waits[: self._queued_at])
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if hasattr(self, "_catching"):
+            self._stop(pl_module)
+
+    def _stop(self, pl_module) -> None:
         torch.cuda.set_sync_debug_mode(0)
         self._catching.__exit__(None, None, None)
-        del pl_module._checks_behind.advance  # the class's own again
-        before = self._caught if self._queued_at is None else self._caught[: self._queued_at]
-        self.early.append(
-            [
-                f"{os.path.basename(w.filename)}:{w.lineno}"
-                for w in before
-                if "dn2_lightning" in w.filename and "synchroniz" in str(w.message)
-            ]
-        )
+        del self._catching
+        pl_module._checks_behind.__dict__.pop("advance", None)  # the class's own again
 
 
 class GroupsWithSources(torch.utils.data.Dataset):

@@ -4,6 +4,7 @@ file was written from (NumPy), as libpng and libtiff read them."""
 from __future__ import annotations
 
 import struct
+import warnings
 import zlib
 
 import numpy as np
@@ -11,8 +12,10 @@ import pytest
 from PIL import Image
 
 from dn2_lightning.data import UnreadableImageError, load_image
+from dn2_lightning.data import images as images_module
 from dn2_lightning.data.images import image_problem
-from dn2_lightning.data.masks import read_mask
+from dn2_lightning.data.masks import mask_problem, read_mask
+from dn2_lightning.inputs import as_image_batches
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -101,3 +104,110 @@ def test_a_white_is_zero_grey_tiff_is_not_read_inverted(tmp_path, dtype):
     _white_is_zero(tmp_path / "scan.tif", grey)
 
     assert (load_image(tmp_path / "scan.tif").numpy() == inverted.astype(np.uint8)[None]).all()
+
+
+# PIL images handed to score_images, and masks: decoded as load_image decodes their files
+
+
+def _review_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _file_png(header: bytes, raw: bytes, before_idat: bytes = b"") -> bytes:
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _review_chunk(b"IHDR", header)
+        + before_idat
+        + _review_chunk(b"IDAT", zlib.compress(raw))
+        + _review_chunk(b"IEND", b"")
+    )
+
+
+def _first_image(item) -> np.ndarray:
+    return next(iter(as_image_batches([item])))[0][0].numpy()
+
+
+def test_a_pil_png_opened_from_a_file_keeps_its_two_bit_transparency_fix(tmp_path):
+    """score_images' PIL image opened from a file is decoded as its file is: a decoded copy no longer tells the
+    file's raw mode, and a 2-bit grey PNG's transparent pixels were read in their grey where load_image puts them
+    on black."""
+    values = np.array([[3, 3, 1, 1, 3, 3, 1, 1]] * 4, np.uint8)
+    rows = b"".join(
+        b"\x00"
+        + bytes([(r[0] << 6) | (r[1] << 4) | (r[2] << 2) | r[3], (r[4] << 6) | (r[5] << 4) | (r[6] << 2) | r[7]])
+        for r in values
+    )
+    path = tmp_path / "grey2.png"
+    path.write_bytes(
+        _file_png(struct.pack(">IIBBBBB", 8, 4, 2, 0, 0, 0, 0), rows, _review_chunk(b"tRNS", struct.pack(">H", 3)))
+    )
+    assert load_image(path)[0, 0].tolist() == [0, 0, 85, 85, 0, 0, 85, 85]
+    assert _first_image(Image.open(path))[0, 0].tolist() == [0, 0, 85, 85, 0, 0, 85, 85]
+
+
+def test_a_pil_16_bit_colour_png_with_trns_is_refused_as_its_file_is(tmp_path):
+    """Same cause: the refusal of a 16-bit colour PNG's transparent colour needs the file's raw mode."""
+    pixels = np.full((4, 4, 3), 1000, ">u2")
+    header = struct.pack(">IIBBBBB", 4, 4, 16, 2, 0, 0, 0)
+    path = tmp_path / "rgb16.png"
+    path.write_bytes(
+        _file_png(
+            header, b"".join(b"\x00" + r.tobytes() for r in pixels), _review_chunk(b"tRNS", pixels[0, 0].tobytes())
+        )
+    )
+    with pytest.raises(UnreadableImageError):
+        load_image(path)
+    with pytest.raises(UnreadableImageError):
+        _first_image(Image.open(path))
+
+
+def test_a_pil_16_bit_colour_png_of_12_bit_data_still_warns(tmp_path):
+    """score_images warns for a 16-bit colour PNG of 12-bit data opened from a file (its raw mode says 16 bit), as
+    load_image does: the PNG data check's load() had hidden it, and the image read nearly black without a word."""
+    pixels = np.full((4, 4, 3), 3000, ">u2")
+    path = tmp_path / "rgb16low.png"
+    path.write_bytes(
+        _file_png(struct.pack(">IIBBBBB", 4, 4, 16, 2, 0, 0, 0), b"".join(b"\x00" + r.tobytes() for r in pixels))
+    )
+    images_module.SAID.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _first_image(Image.open(path))
+    assert any("16-bit colour image" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_a_white_is_zero_mask_is_read_as_its_image_is(tmp_path, dtype):
+    """16-bit and float WhiteIsZero TIFF masks are inverted back as their images are: read as stored, the mask read
+    inverted (its background anomalous, its drawing normal)."""
+    top = 65535 if dtype is np.uint16 else 1.0
+    drawn = np.zeros((4, 6), bool)
+    drawn[1:3, 2:4] = True
+    path = tmp_path / "mask.tif"
+    _white_is_zero(path, np.where(drawn, 0, top).astype(dtype))  # stored 0 = white = the drawing
+    assert (load_image(path)[0].numpy()[drawn] == 255).all()
+    assert (read_mask(path)[0].numpy().astype(bool) == drawn).all()
+
+
+def test_mask_problem_refuses_what_read_mask_refuses(tmp_path):
+    """The set-up check refuses a 16-bit colour mask with tRNS, as read_mask does: it passed set-up (beyond the first
+    16 transparent masks) and stopped the test run when read."""
+    pixels = np.zeros((4, 4, 3), ">u2")
+    pixels[1:3, 1:3] = 65535
+    path = tmp_path / "0_mask.png"
+    header = struct.pack(">IIBBBBB", 4, 4, 16, 2, 0, 0, 0)
+    path.write_bytes(
+        _file_png(header, b"".join(b"\x00" + r.tobytes() for r in pixels), _review_chunk(b"tRNS", bytes(6)))
+    )
+    with pytest.raises(UnreadableImageError):
+        read_mask(path)
+    assert mask_problem(path) is not None
+
+
+def test_a_pil_image_moved_to_a_later_frame_is_read_at_that_frame(tmp_path):
+    """Only an image at its first frame is read from its file: one the caller moved on (``seek``) is read as it is."""
+    frames = [Image.fromarray(np.full((4, 4, 3), value, np.uint8)) for value in (10, 200)]
+    frames[0].save(tmp_path / "stack.tif", save_all=True, append_images=frames[1:])
+    image = Image.open(tmp_path / "stack.tif")
+    image.seek(1)
+    assert np.unique(_first_image(image)).tolist() == [200]

@@ -154,9 +154,9 @@ def _to_uint8_rgb(img: Image.Image, path: Path) -> np.ndarray:
     """Upright uint8 ``[H, W, 3]`` from any Pillow mode, scaling high-bit-depth values by their range and putting
     transparent pixels on black."""
     # before exif_transpose, whose copy no longer says it is a TIFF or what its file holds (the bit depths)
-    top, stored_bits = _integer_max(img), _stored_bits_per_channel(img)
+    top, stored_bits = integer_max(img), _stored_bits_per_channel(img)
     fix_png_transparency(img, path)
-    min_is_white = _tiff_min_is_white(img)
+    min_is_white = tiff_min_is_white(img)
     img = ImageOps.exif_transpose(img)
     if img.mode in (*_SIXTEEN_BIT_MODES, "I"):
         values, bits = np.asarray(img), max(top.bit_length(), stored_bits)  # (a 32-bit TIFF's "I" is signed)
@@ -280,7 +280,7 @@ def fix_png_transparency(img: Image.Image, path: str | Path) -> None:
         )
 
 
-def _tiff_min_is_white(img: Image.Image) -> bool:
+def tiff_min_is_white(img: Image.Image) -> bool:
     """Whether ``img`` is a 16-bit or float grey TIFF stored WhiteIsZero (PhotometricInterpretation 0), whose values
     Pillow reads as stored (it inverts 1- to 8-bit ones itself)."""
     modes = (*_SIXTEEN_BIT_MODES, "I", "F")
@@ -305,7 +305,7 @@ def _stored_bits_per_channel(img: Image.Image) -> int:
     return 16 if rawmode is not None and ";16" in rawmode else 8
 
 
-def _integer_max(img: Image.Image) -> int:
+def integer_max(img: Image.Image) -> int:
     """The largest value of an integer image's pixel format (16-bit unless a TIFF says otherwise)."""
     if img.mode == "I" and img.format == "TIFF":
         return 2 ** min(_tiff_bits(img, default=32), 31) - 1  # a 32-bit TIFF is signed in Pillow's mode "I"

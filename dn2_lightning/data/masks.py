@@ -26,9 +26,11 @@ from dn2_lightning.data.images import (
     UnreadableImageError,
     fix_png_transparency,
     has_transparency,
+    integer_max,
     on_black,
     said,
     say_once,
+    tiff_min_is_white,
     warn_if_many_frames,
 )
 from dn2_lightning.data.png_data import decoded_png_problem, png_data_problem
@@ -107,8 +109,11 @@ def mask_problem(mask: str | Path) -> str | None:
     decoding (every chunk's checksum, the length of their decompressed pixel data), other formats are decoded."""
     try:
         with Image.open(mask) as img:
+            fix_png_transparency(img, mask)  # refuses what read_mask refuses
             img.verify() if img.format == "PNG" else img.load()
             return png_data_problem(mask) if img.format == "PNG" else None
+    except UnreadableImageError as err:
+        return str(err)
     except (OSError, SyntaxError, ValueError) as err:
         return f"{mask}: {type(err).__name__}: {err}"
 
@@ -141,8 +146,13 @@ def read_mask(path: str | Path) -> Tensor:
         if (problem := decoded_png_problem(img, path)) is not None:
             raise UnreadableImageError(problem)  # Pillow would read its missing rows as normal
         warn_if_many_frames(img, path, "mask")
+        min_is_white, top = tiff_min_is_white(img), integer_max(img)
         upright = ImageOps.exif_transpose(img)
         values = _pixel_values(on_black(upright))
+        if min_is_white:  # a 16-bit or float WhiteIsZero TIFF, read as its image is (Pillow inverts only 8 bits)
+            values = (1.0 if upright.mode == "F" else top) - values.astype(
+                np.float64 if upright.mode == "F" else np.int64
+            )
         shown = values != 0
         if not shown.any():
             if has_transparency(upright) and _holds_a_drawing(upright):

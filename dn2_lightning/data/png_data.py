@@ -76,7 +76,8 @@ def png_data_problem(path: str | Path) -> str | None:
         return None
     return (
         f"{path}: its PNG pixel data ends early ({inflated} of the {header} bytes its header needs), so the missing "
-        "rows would read as black. The file is damaged: write it again from its source."
+        "rows would read as zeros (black, or a palette's first colour). The file is damaged: write it again from its "
+        "source."
     )
 
 
