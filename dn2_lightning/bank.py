@@ -85,15 +85,42 @@ class MemoryBank(BankModule):
         self.loaded_threshold: dict[str, Any] | None = None  # the fixed threshold a loaded state dict recorded
         self._prepared: tuple[tuple, PreparedBank] | None = None
         self._summary: tuple[tuple, tuple[int, int, float, float]] | None = None
+        # the rows the leave-one-out scores were computed from (see :meth:`_rows_key`): an in-place edit of the bank
+        # (``model.bank.embeddings.mul_(2)``) or a new tensor assigned to it makes them stale, as it does the search
+        self._loo_key: tuple | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        # the caches hold weak references (which cannot be pickled) and are rebuilt on first need
-        return {**super().__getstate__(), "_prepared": None, "_summary": None}
+        # the caches hold weak references (which cannot be pickled) and are rebuilt on first need; whether the
+        # leave-one-out scores are still the rows' travels as a flag
+        return {**super().__getstate__(), "_prepared": None, "_summary": None, "_loo_key": self._loo_is_current()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        current = state.pop("_loo_key", True)  # pickled by an earlier dn2-lightning: taken as current
         super().__setstate__(state)
         for name in ("_prepared", "_summary", "loaded_threshold"):  # pickled by an earlier dn2-lightning
             self.__dict__.setdefault(name, None)
+        self._loo_key = self._rows_key() if current is True else None
+
+    def _rows_key(self) -> tuple:
+        """What the leave-one-out scores depend on: the rows searched and the rows cleaning removed (as
+        :meth:`_content_key`)."""
+        return content_key(self.embeddings, self.sample_indices, self.removed, self.removed_indices)
+
+    def _loo_is_current(self) -> bool:
+        """Whether the kept leave-one-out scores were computed from the bank's rows as they are now."""
+        return self._loo_key is not None and self._loo_key == self._rows_key()
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> BankModule:
+        # ``.double()``, ``.to(device)``: the rows are converted, not edited, so scores that were current stay so
+        current = self._loo_is_current()
+        result = super()._apply(fn, recurse)
+        self._loo_key = self._rows_key() if current else None
+        return result
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not self._loo_is_current():  # scores of rows edited since: saved as not computed (recomputed on load)
+            destination[prefix + "loo_k"] = torch.zeros_like(self.loo_k)
 
     @property
     def is_fitted(self) -> bool:
@@ -172,12 +199,13 @@ class MemoryBank(BankModule):
             self.loo_k = torch.tensor(int(k), device=self.loo_k.device)
             self.loo_samples = torch.tensor(int(samples or 0), device=self.loo_k.device)
             self.loo_drawn = torch.tensor(bool(drawn), device=self.loo_k.device)
+        self._loo_key = self._rows_key()
 
     def has_loo_scores(self, k: int, samples: int | None) -> bool:
         """Whether the kept leave-one-out scores serve ``k`` and ``threshold_samples=samples``: scores at ``k`` of
         every training sample (also kept for a smaller ``samples``: a draw would only be less exact), or of the
         draw made for ``samples``."""
-        if int(self.loo_k) != k or k == 0:
+        if int(self.loo_k) != k or k == 0 or not self._loo_is_current():
             return False
         return not bool(self.loo_drawn) or int(self.loo_samples) == (samples or 0)
 
@@ -248,6 +276,7 @@ class MemoryBank(BankModule):
                 current = getattr(self, name)
                 setattr(self, name, as_buffer(saved, current.dtype, current.device, copy=False))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._loo_key = self._rows_key()  # the saved scores are the saved rows' (loo_k 0 when they were not)
 
 
 def as_buffer(tensor: Tensor, dtype: torch.dtype, device: torch.device | None = None, copy: bool = True) -> Tensor:
