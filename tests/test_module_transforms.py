@@ -140,3 +140,30 @@ def test_a_copy_fitted_again_leaves_the_original_alone():
     assert torch.equal(model.bank.embeddings, bank) and float(model.threshold) == threshold
     assert_reference(model, dm, embeddings(dm.train_images))
     assert_reference(other, dm, embeddings(dm2.train_images))
+
+
+@pytest.mark.parametrize("cast", ["double()", "64-true"])
+@pytest.mark.parametrize("patch_bank", ["nearest_images", "all"])
+def test_anomaly_maps_of_a_float64_module_equal_the_float32_ones(cast, patch_bank):
+    """patch_bank="all" searched the patch bank as it was cast (float64) where it takes float32 candidates: a
+    KeyError (torch.float64) at the first map, after model.double() or a Trainer(precision="64-true") fit."""
+    from test_maps import tiny_conv
+
+    dm = BlobDataModule()
+    options = dict(anomaly_maps=True, map_layers=["1", "3"], map_images=4, patch_bank=patch_bank, reports=False)
+    plain = DN2Module(k=K, backbone=tiny_conv(), **options)
+    quiet_trainer().fit(plain, datamodule=dm)
+    expected = plain.score_images(dm.test_images)
+    model = DN2Module(k=K, backbone=tiny_conv(), **options)
+    trainer = quiet_trainer(precision="64-true" if cast == "64-true" else "32-true")
+    trainer.fit(model, datamodule=dm)
+    if cast == "double()":
+        model.double()
+    scored = model.score_images(dm.test_images)
+    np.testing.assert_allclose(scored.scores.double().numpy(), expected.scores.double().numpy(), rtol=1e-5)
+    np.testing.assert_allclose(
+        scored.anomaly_maps.double().numpy(), expected.anomaly_maps.double().numpy(), rtol=1e-5, atol=1e-6
+    )
+    predicted = trainer.predict(model, datamodule=dm)
+    maps = torch.cat([o["anomaly_map"] for o in predicted]).double().numpy()
+    np.testing.assert_allclose(maps, expected.anomaly_maps.double().numpy(), rtol=1e-5, atol=1e-6)

@@ -82,7 +82,9 @@ class PatchBank(BankModule):
         p = self.patches
         key = (p.data_ptr(), p.device, tuple(p.shape), p._version)
         if self._prepared is None or self._prepared[0] != key:
-            rows = p.view(-1, p.shape[-1])
+            # float32 rows, whatever the bank was cast to (``model.double()``, ``Trainer(precision="64-true")``): set
+            # makes them float32, so the cast back is exact, and they serve as the search's float32 candidates too
+            rows = p.view(-1, p.shape[-1]).to(torch.float32)
             norms = squared_norms(rows)
             center = torch.zeros(p.shape[-1], device=p.device)
             bank = PreparedBank(center, rows, norms, rows, float(norms.max().sqrt()), source=rows)
