@@ -321,13 +321,21 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         # .half(), .bfloat16(), .to(torch.float16): refused before anything is cast (an empty tensor tells what
         # ``fn`` does), since a rounded bank would stay rounded after .float()
         # (a parent's cast reaches here only: to/half/bfloat16/type refuse before Lightning updates its properties)
-        cast = fn(torch.empty(0)).dtype
-        if cast in (torch.float16, torch.bfloat16):
+        probe = fn(torch.empty(0))
+        cast = probe.dtype
+        to_meta = probe.device.type == "meta" and self.bank.is_set
+        if cast in (torch.float16, torch.bfloat16) or to_meta:
             # Lightning's dtype and device properties were set before the cast was asked for: nothing moved
             weights = next((p for p in (*self.parameters(), *self.backbone.buffers()) if p.is_floating_point()), None)
             if weights is not None:
                 self._dtype, self._device = weights.dtype, weights.device
             _refuse_16_bit(cast)
+            raise ValueError(
+                "DN2Module with a memory bank cannot be moved to the meta device (.to('meta'), .to_empty(device="
+                "'meta')): the bank's rows would be dropped for good, and every later score would fail. Keep the "
+                "module where it is (a copy: copy.deepcopy(model)), or save it first (trainer.save_checkpoint) and "
+                "reload it with DN2Module.load_from_checkpoint."
+            )
         return super()._apply(fn, recurse)
 
     def to_torchscript(self, *args: Any, **kwargs: Any) -> Any:

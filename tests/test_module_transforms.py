@@ -167,3 +167,16 @@ def test_anomaly_maps_of_a_float64_module_equal_the_float32_ones(cast, patch_ban
     predicted = trainer.predict(model, datamodule=dm)
     maps = torch.cat([o["anomaly_map"] for o in predicted]).double().numpy()
     np.testing.assert_allclose(maps, expected.anomaly_maps.double().numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("move", [lambda m: m.to("meta"), lambda m: m.to_empty(device="meta")], ids=["to", "to_empty"])
+def test_a_fitted_module_is_not_moved_to_the_meta_device(move):
+    """.to("meta") was accepted and dropped the bank's rows: every later score failed with PyTorch's "Cannot copy
+    out of meta tensor", far from the cause. Refused before anything moves; an unfitted module still moves."""
+    model, dm = fitted()
+    with pytest.raises(ValueError, match="meta device"):
+        move(model)
+    assert model.device.type == "cpu" and model.bank.embeddings.device.type == "cpu"
+    assert_reference(model, dm, embeddings(dm.train_images))
+    empty = DN2Module(k=K, backbone=linear_backbone(), reports=False).to("meta")
+    assert empty.bank.embeddings.is_meta
