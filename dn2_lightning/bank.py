@@ -270,12 +270,19 @@ class MemoryBank(BankModule):
         # no-op): a new buffer to copy into would hold the bank twice while loading
         self._prepared = None  # nor is the old bank kept alive by its search copy
         self._summary = None
+        taken = []
         for name in ("embeddings", "sample_indices", "removed", "removed_indices", "loo_scores"):
             saved = state_dict.get(prefix + name)
             if isinstance(saved, Tensor):
                 current = getattr(self, name)
                 setattr(self, name, as_buffer(saved, current.dtype, current.device, copy=False))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+                taken.append(prefix + name)
+        # the taken tensors are not handed on: nn.Module's copy_ of one into itself would bump the version counter
+        # it shares with a live module's state_dict() it came from, whose leave-one-out scores would then look stale
+        rest = {key: value for key, value in state_dict.items() if key not in taken}
+        super()._load_from_state_dict(rest, prefix, *args, **kwargs)
+        missing_keys = kwargs.get("missing_keys", args[2] if len(args) > 2 else [])
+        missing_keys[:] = [key for key in missing_keys if key not in taken]
         self._loo_key = self._rows_key()  # the saved scores are the saved rows' (loo_k 0 when they were not)
 
 
@@ -583,7 +590,8 @@ class BankBuilder:
     def keep_own_shard(self) -> None:
         """A whole bank (from a checkpoint) meeting a sharded run: keep this rank's share of the rows."""
         rows = slice(rank(), None, world_size())
-        loo, loo_k = self.bank.loo_scores, int(self.bank.loo_k)  # of the whole bank: still valid
+        # of the whole bank: still valid, unless its rows were edited since (then recomputed on first need)
+        loo, loo_k = self.bank.loo_scores, int(self.bank.loo_k) if self.bank._loo_is_current() else 0
         loo_samples, loo_drawn = int(self.bank.loo_samples) or None, bool(self.bank.loo_drawn)
         removed, removed_ids = self.bank.removed, self.bank.removed_indices
         self.bank.set(self.bank.embeddings[rows], self.bank.sample_indices[rows])

@@ -19,8 +19,7 @@ from torch import Tensor
 from torchvision.transforms.v2.functional import resize
 
 from dn2_lightning.batch import check_pixels
-from dn2_lightning.data.images import UnreadableImageError, load_image, pil_to_uint8
-from dn2_lightning.data.png_data import png_data_problem
+from dn2_lightning.data.images import load_image, pil_to_uint8
 
 ImageLike = Union[Tensor, Image.Image, str, os.PathLike]  # noqa: UP007 (a runtime alias)
 ImagesLike = Union[ImageLike, Sequence[ImageLike]]  # noqa: UP007
@@ -83,12 +82,8 @@ def _to_chw(item: ImageLike, position: int, load_size: int | None) -> tuple[Tens
         if not item.width or not item.height:
             raise ValueError(f"{where}: an empty image ({item.width} x {item.height} pixels).")
         _warn_if_eight_bit_values_in_a_wide_mode(item, where)
-        if _unread_file(item):  # decoded as dn2 predict decodes its file (JPEG draft scale, the PNG checks)
-            return load_image(item.filename, load_size), None
-        if item.format == "PNG" and _file_of(item) is not None:  # decoded, maybe changed: its file is counted
-            problem = png_data_problem(item.filename)  # (missing rows are black in the caller's image too)
-            if problem is not None:
-                raise UnreadableImageError(f"{where}: {problem}")
+        if (path := _file_as_opened(item)) is not None:  # decoded as dn2 predict decodes it (draft, PNG checks)
+            return load_image(path, load_size), None
         return pil_to_uint8(item, load_size), None
     if isinstance(item, Tensor):
         if item.ndim not in (3, 4) or item.shape[-3] not in (1, 3):
@@ -121,15 +116,21 @@ def _warn_if_eight_bit_values_in_a_wide_mode(image: Image.Image, where: str) -> 
             )
 
 
-def _unread_file(image: Image.Image) -> bool:
-    """An image opened from a file at its first frame and not decoded yet (``Image.open`` without ``load``,
-    ``convert``, ...): read from its file, it decodes exactly as the datasets decode that file (a JPEG at its draft
-    scale; a PNG's bit depth and transparency, which its decoded copy no longer tells), and the caller's image is
-    left as it is."""
-    return bool(getattr(image, "tile", None)) and image.tell() == 0 and _file_of(image) is not None
-
-
-def _file_of(image: Image.Image) -> Path | None:
-    """The file ``image`` was opened from, if it is still there."""
-    filename = getattr(image, "filename", None)
-    return Path(filename) if filename and Path(filename).is_file() else None
+def _file_as_opened(image: Image.Image) -> Path | None:
+    """The file ``image`` was opened from, when reading that file gives the caller's image: not decoded yet
+    (``Image.open`` without ``load``, ``convert``, ...), at its first frame, not reduced (``draft``), and the path
+    still names the file it opened (not replaced since, nor another file after a ``chdir``). Read from its file,
+    it decodes exactly as the datasets decode that file (a JPEG at its draft scale; a PNG's bit depth,
+    transparency and data checks, which a decoded copy no longer tells); otherwise the image is read as it is."""
+    filename, fp = getattr(image, "filename", None), getattr(image, "fp", None)
+    if not filename or fp is None or not getattr(image, "tile", None) or image.tell() != 0:
+        return None
+    try:
+        opened, named = os.fstat(fp.fileno()), os.stat(filename)
+        if (opened.st_dev, opened.st_ino) != (named.st_dev, named.st_ino):
+            return None
+        with Image.open(filename) as fresh:  # (the header only)
+            as_opened = (fresh.mode, fresh.size) == (image.mode, image.size)
+    except (OSError, ValueError, AttributeError):  # a file object without a descriptor, a file gone
+        return None
+    return Path(filename) if as_opened else None

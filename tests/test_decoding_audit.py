@@ -3,6 +3,7 @@ file was written from (NumPy), as libpng and libtiff read them."""
 
 from __future__ import annotations
 
+import os
 import struct
 import warnings
 import zlib
@@ -211,3 +212,40 @@ def test_a_pil_image_moved_to_a_later_frame_is_read_at_that_frame(tmp_path):
     image = Image.open(tmp_path / "stack.tif")
     image.seek(1)
     assert np.unique(_first_image(image)).tolist() == [200]
+
+
+def _flat_png(path: str, value: tuple[int, int, int]) -> None:
+    Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(path)
+
+
+def test_a_png_replaced_on_disk_after_opening_is_scored_as_opened(tmp_path):
+    """An unread PIL image is read from its file only while the path still names the file it opened: one replaced
+    since (os.replace) gave other pixels than the caller's image (a reviewer)."""
+    path = str(tmp_path / "a.png")
+    _flat_png(path, (255, 0, 0))
+    image = Image.open(path)
+    _flat_png(str(tmp_path / "b.png"), (0, 0, 255))
+    os.replace(tmp_path / "b.png", path)
+    batch, _ = next(as_image_batches([image]))
+    assert batch[0, :, 0, 0].tolist() == list(image.convert("RGB").getpixel((0, 0)))
+
+
+def test_a_png_opened_by_a_relative_path_is_scored_as_opened_after_chdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _flat_png("rel.png", (10, 10, 10))
+    image = Image.open("rel.png")
+    (tmp_path / "sub").mkdir()
+    _flat_png("sub/rel.png", (250, 250, 250))
+    monkeypatch.chdir(tmp_path / "sub")
+    batch, _ = next(as_image_batches([image]))
+    assert batch[0, :, 0, 0].tolist() == list(image.convert("RGB").getpixel((0, 0)))
+
+
+def test_a_jpeg_the_caller_reduced_with_draft_is_read_as_reduced(tmp_path):
+    """``img.draft("L", ...)`` changes what the opened image decodes to: it is read as the caller's image, not
+    as the file."""
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(tmp_path / "x.jpg")
+    image = Image.open(tmp_path / "x.jpg")
+    image.draft("L", (16, 16))
+    batch, _ = next(as_image_batches([image]))
+    assert batch.shape[-2:] == (16, 16) and bool((batch[0, 0] == batch[0, 1]).all())

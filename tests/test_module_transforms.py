@@ -14,6 +14,8 @@ from helpers import BlobDataModule, linear_backbone, quiet_trainer
 from sklearn.neighbors import NearestNeighbors
 
 from dn2_lightning import DN2Module
+from dn2_lightning import bank as bank_module
+from dn2_lightning.bank import BankBuilder
 
 K = 2
 QUANTILE = 0.99
@@ -180,3 +182,36 @@ def test_a_fitted_module_is_not_moved_to_the_meta_device(move):
     assert_reference(model, dm, embeddings(dm.train_images))
     empty = DN2Module(k=K, backbone=linear_backbone(), reports=False).to("meta")
     assert empty.bank.embeddings.is_meta
+
+
+def _fitted_for_review() -> DN2Module:
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    quiet_trainer().fit(model, datamodule=BlobDataModule())
+    return model
+
+
+def test_loading_a_models_state_dict_into_another_keeps_the_sources_scores(monkeypatch):
+    """load_state_dict takes the saved tensors themselves (no second bank while loading); nn.Module's copy_ into
+    them bumped the version counter the source model's buffers share, so the source's leave-one-out scores looked
+    stale, were recomputed (O(N^2)), and its state dict said loo_k = 0 meanwhile (a reviewer)."""
+    source = _fitted_for_review()
+    copy = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    copy.load_state_dict(source.state_dict())
+    assert int(source.state_dict()["bank.loo_k"]) == 2
+    calls = []
+    update = bank_module.BankBuilder.update_loo_scores
+    monkeypatch.setattr(
+        bank_module.BankBuilder, "update_loo_scores", lambda *a, **k: calls.append(1) or update(*a, **k)
+    )
+    float(source.threshold)
+    assert not calls, "the unchanged source bank's leave-one-out scores were recomputed"
+
+
+def test_keeping_a_shard_of_an_edited_bank_does_not_revive_its_old_scores():
+    """A whole bank meeting bank_sharding='shard' (BankBuilder.keep_own_shard) carries its leave-one-out scores
+    over only while they are its rows': after an edit they were marked current again (a reviewer)."""
+    model = _fitted_for_review()
+    model.bank.embeddings.mul_(2)
+    assert not model.bank.has_loo_scores(2, None)
+    BankBuilder(model.bank, True, {}).keep_own_shard()  # one process: its shard is the whole bank
+    assert not model.bank.has_loo_scores(2, None), "the old rows' scores are taken as the edited rows'"
