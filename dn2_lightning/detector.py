@@ -15,8 +15,11 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import scipy.sparse
 import torch
 from sklearn.base import BaseEstimator
+from sklearn.exceptions import NotFittedError
+from sklearn.utils.validation import validate_data
 from torch import Tensor
 
 from dn2_lightning.knn import KNNBackend, KNNResult, content_key, knn_distances, lacks_float64, prepare_bank
@@ -69,6 +72,7 @@ class DN2Detector(BaseEstimator):
         decision_scores_: ``[N]`` every training row's score against the bank, in ``X``'s order, kept rows
             leaving themselves out (PyOD's training scores).
         threshold_: the decision threshold. ``labels_``: ``decision_scores_ > threshold_`` as 0/1.
+        n_features_in_: ``D``; ``feature_names_in_``: a DataFrame's column names (scikit-learn's conventions).
         ``kept_``, ``decision_scores_`` and ``labels_`` are NumPy arrays for NumPy (or list) ``X``, tensors on
         ``X``'s device for a tensor, as the methods' results are.
     """
@@ -122,6 +126,7 @@ class DN2Detector(BaseEstimator):
                     f"clean_fraction={self.clean_fraction} leaves {int(kept.sum())} rows, not more than "
                     f"k={self.k}; lower clean_fraction or k."
                 )
+        validate_data(self, X, skip_check_array=True)  # n_features_in_ (a DataFrame's feature_names_in_) with bank_
         self.bank_ = x[kept]  # a copy: X may be the caller's own array, which it can modify afterwards
         self._prepared = None
         # every training row scored against the bank (the kept ones leaving themselves out), as a test row is:
@@ -131,7 +136,7 @@ class DN2Detector(BaseEstimator):
         scores = kept_scores.new_empty(n)
         scores[kept] = kept_scores
         if not kept.all():
-            scores[~kept] = self._scores(x[~kept])
+            scores[~kept] = knn_scores(self._searcher()(x[~kept], self.k))  # (x is checked already)
         self._sorted_scores = scores.sort().values
         self.threshold_ = quantile_threshold(scores, self.threshold_quantile)
         note = coarse_quantile_note(n, self.threshold_quantile)
@@ -162,6 +167,7 @@ class DN2Detector(BaseEstimator):
     def predict_proba(self, X: ArrayLike) -> np.ndarray | Tensor:  # noqa: N803
         """``[M, 2]`` (normal, anomalous) from the normalised score: the share of the training rows' scores
         (``decision_scores_``) below each score."""
+        self._check_fitted()
         self._check_threshold_settings()
         anomalous = normalized_scores(self._sorted_scores, self._scores(X))
         return _like_input(torch.stack([1 - anomalous, anomalous], dim=1), X)
@@ -182,10 +188,16 @@ class DN2Detector(BaseEstimator):
                 f"again to set them for {now} (or set {then} back). decision_function gives scores at {now} as it is."
             )
 
-    def _scores(self, X: ArrayLike) -> Tensor:  # noqa: N803
+    def _check_fitted(self) -> None:
+        """scikit-learn's (and PyOD's) ``NotFittedError`` before ``fit``."""
         if getattr(self, "bank_", None) is None:
-            raise RuntimeError("this DN2Detector is not fitted yet: call fit(X) first.")
+            raise NotFittedError(f"this {type(self).__name__} is not fitted yet: call fit(X) first.")
+
+    def _scores(self, X: ArrayLike) -> Tensor:  # noqa: N803
+        self._check_fitted()
         x = _as_matrix(X, "X", self.bank_.device, stacklevel=4)  # (user -> method -> _scores -> here)
+        if hasattr(self, "n_features_in_"):  # (a detector fitted before it was set: bank_'s width below)
+            validate_data(self, X, reset=False, skip_check_array=True)  # features (and a DataFrame's names) as fit's
         if x.shape[1] != self.bank_.shape[1]:
             raise ValueError(f"X has {x.shape[1]} features but the detector was fitted on {self.bank_.shape[1]}.")
         return knn_scores(self._searcher()(x, self.k))
@@ -245,6 +257,11 @@ def _warn_if_rounded(tensor: Tensor, name: str, stacklevel: int) -> None:
 def _as_matrix(values: ArrayLike, name: str, device: torch.device | None = None, stacklevel: int = 3) -> Tensor:
     """``values`` as a 2-D float tensor (see ``DN2Detector``'s attributes for the dtype); ``stacklevel``: the user's
     call's frame, counted from here, for warnings."""
+    if scipy.sparse.issparse(values) or (isinstance(values, Tensor) and values.layout != torch.strided):
+        raise TypeError(
+            f"{name} is a sparse {type(values).__name__}, but DN2Detector needs dense rows: pass {name}.toarray() "
+            f"(SciPy) or {name}.to_dense() (torch)."
+        )
     if isinstance(values, Tensor):
         tensor = values
     else:
