@@ -19,7 +19,6 @@ import scipy.sparse
 import torch
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
-from sklearn.utils.validation import validate_data
 from torch import Tensor
 
 from dn2_lightning.knn import KNNBackend, KNNResult, content_key, knn_distances, lacks_float64, prepare_bank
@@ -40,6 +39,14 @@ from dn2_lightning.validation import (
     check_threshold,
     tensor_of,
 )
+
+try:
+    from sklearn.utils.validation import validate_data
+except ImportError:  # scikit-learn < 1.6: the estimator's own method (skip_check_array was cast_to_ndarray=False)
+
+    def validate_data(estimator: BaseEstimator, X: Any, reset: bool = True, skip_check_array: bool = False) -> Any:  # noqa: N803
+        return estimator._validate_data(X, reset=reset, cast_to_ndarray=not skip_check_array)
+
 
 ArrayLike = Any  # numpy array, torch tensor, or nested lists of numbers
 
