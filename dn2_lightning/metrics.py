@@ -5,11 +5,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from dn2_lightning.distributed import check_unique_indices, collectives_available, unique_by_index
+
+
+def kept_float(values: Tensor) -> Tensor:
+    """Scores or distances as collected: float64 kept (a ``precision="64-true"`` or ``.double()`` model returns
+    float64 scores and judges them so; rounded to float32 they could fall on the other side of the threshold), any
+    other dtype as float32."""
+    return values if values.dtype == torch.float64 else values.float()
 
 
 @dataclass
@@ -92,10 +100,10 @@ class ScoreCollector(Metric):
 
     def update(self, indices: Tensor, scores: Tensor, labels: Tensor, neighbours: Tensor, distances: Tensor) -> None:
         self.indices.append(indices.long())
-        self.scores.append(scores.float())
+        self.scores.append(kept_float(scores))
         self.labels.append(labels.long())
         self.neighbours.append(neighbours.long())
-        self.distances.append(distances.float())
+        self.distances.append(kept_float(distances))
 
     def compute(self) -> AnomalyScores:
         if isinstance(self.indices, list) and not self.indices:

@@ -28,7 +28,10 @@ can always be recovered (:func:`read_report` undoes both):
    written with each undecodable byte as ``\\xNN``; the exact bytes are in ``summary.json`` under
    ``escaped_paths`` as ``{index: hex}``: ``os.fsdecode(bytes.fromhex(hex))`` is the true path.
 
-Files are UTF-8. Numeric cells are never escaped. matplotlib (a dependency) is imported lazily, when figures are drawn.
+Files are UTF-8 (``read_report`` also reads them saved back with a BOM). Numeric cells are never escaped; scores,
+thresholds and distances keep every digit of their dtype (9 significant for float32, 17 for float64: a
+``precision="64-true"`` run's scores stay float64), so that ``score > threshold`` of the cells read back is
+``is_anomaly``. matplotlib (a dependency) is imported lazily, when figures are drawn.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ from dn2_lightning.console import info
 from dn2_lightning.data.datasets import REPORTS_DIR
 from dn2_lightning.data_source import one_loader, running_datamodule
 from dn2_lightning.distributed import unique_by_index, writes_files
-from dn2_lightning.metrics import AnomalyScores
+from dn2_lightning.metrics import AnomalyScores, kept_float
 from dn2_lightning.samplers import reads_in_order
 from dn2_lightning.scoring import rank_auroc
 
@@ -149,25 +152,41 @@ def write_scores_csv(
     path = Path(path)
     k = scores.neighbours.shape[1]
     defined = threshold is not None and not math.isnan(threshold)
+    score_text, distance_text = _exact_text(scores.scores), _exact_text(scores.distances)
     with atomic_write(path, "w", newline="", encoding="utf-8") as f:  # a crash leaves no half-written CSV
         writer = csv.writer(f)
         writer.writerow(csv_columns(k))
         for i in range(len(scores)):
             index, score = int(scores.indices[i]), float(scores.scores[i])
-            pairs = [v for j in range(k) for v in (int(scores.neighbours[i, j]), f"{scores.distances[i, j]:.9g}")]
+            pairs = [v for j in range(k) for v in (int(scores.neighbours[i, j]), distance_text(scores.distances[i, j]))]
+            share = float(normalized[i]) if normalized is not None else math.nan
             writer.writerow(
                 [
                     index,
                     escape_cell(paths[index]) if paths is not None else "",
                     int(scores.labels[i]),
-                    f"{score:.9g}",
-                    f"{float(normalized[i]):.6g}" if normalized is not None else "",
+                    score_text(score),
+                    "" if math.isnan(share) else f"{share:.6g}",  # NaN: the model cannot tell
                     int(score > threshold) if defined else "",
-                    f"{threshold:.9g}" if defined else "",
+                    _number_text(threshold) if defined else "",
                     *pairs,
                 ]
             )
     return path
+
+
+def _number_text(value: float) -> str:
+    """``value`` printed so that it reads back as the same number: 9 significant digits for a float32 value, 17 for
+    any other (a float64 threshold or score), so that ``score > threshold`` of the cells read back is ``is_anomaly``
+    and no two scores are printed alike."""
+    value = float(value)
+    return f"{value:.9g}" if float(torch.tensor(value, dtype=torch.float32)) == value else f"{value:.17g}"
+
+
+def _exact_text(values: Tensor) -> Callable[[Any], str]:
+    """The cell text of one element of ``values``: every digit its dtype holds (9 for float32, 17 for float64)."""
+    digits = 17 if values.dtype == torch.float64 else 9
+    return lambda value: f"{float(value):.{digits}g}"
 
 
 def read_report(csv_path: str | Path) -> list[dict[str, str]]:
@@ -185,7 +204,7 @@ def read_report(csv_path: str | Path) -> list[dict[str, str]]:
     raw = summary.get("escaped_paths", {})
     data = csv_path.read_bytes()
     try:
-        text = data.decode("utf-8")  # undecoded newlines: a "\r" inside a quoted path stays one
+        text = data.decode("utf-8-sig")  # less a BOM (Excel's "CSV UTF-8"); a "\r" in a quoted path stays one
     except UnicodeDecodeError as err:
         _incomplete(csv_path, f"it is not valid UTF-8 at byte {err.start} of {len(data)}")
     if not text.endswith("\n"):  # csv.writer ends every row, the header included, with "\r\n"
@@ -504,7 +523,7 @@ def scores_from_predictions(predictions: Sequence[Any]) -> tuple[AnomalyScores, 
     neighbours = torch.cat([b["neighbours"].cpu() for b in batches])
     distances = torch.cat([b["distances"].cpu() for b in batches])
     indices, scores, labels, neighbours, distances = unique_by_index(
-        cat["index"].long(), cat["score"].float(), cat["label"].long(), neighbours.long(), distances.float()
+        cat["index"].long(), kept_float(cat["score"]), cat["label"].long(), neighbours.long(), kept_float(distances)
     )
     paths = None
     if all("path" in b for b in batches):
