@@ -178,6 +178,9 @@ def check_positive_float(name: str, value: object, hint: str = "") -> None:
         raise ValueError(f"{name}={value!r} must be a finite number > 0{_hint(hint)}.")
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
 def check_threshold(quantile: object, value: object = None) -> None:
     """The decision threshold: a quantile in (0, 1] of the training images' leave-one-out scores, or a finite score."""
     if isinstance(quantile, bool) or not isinstance(quantile, int | float) or not 0.0 < quantile <= 1.0:
@@ -188,6 +191,11 @@ def check_threshold(quantile: object, value: object = None) -> None:
     finite = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     if value is not None and not finite:
         raise ValueError(f"threshold={value!r} must be None (use threshold_quantile) or a finite DN2 score.")
+    if finite and value > _FLOAT32_MAX:  # the threshold is kept as float32: it would read inf (JSON: Infinity)
+        raise ValueError(
+            f"threshold={value!r} is beyond float32's range (3.4e38), where the threshold is kept and no DN2 score of "
+            "float32 embeddings lies: give a score (the printed threshold, or scores.csv's score column), or None."
+        )
     if finite and value < 0:  # a mean of squared distances: every sample would be flagged
         raise ValueError(
             f"threshold={value!r} is below 0, where no DN2 score (a mean of squared distances) lies: every sample "

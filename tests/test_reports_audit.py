@@ -4,6 +4,7 @@ AUROC over the CSV's own columns, ``score > threshold`` over the cells as read b
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -102,3 +103,14 @@ def test_an_undefined_normalised_score_is_an_empty_cell(tmp_path):
     assert model.test_scores.normalized.isnan().all()
     rows = read_report(latest_run(tmp_path, "test") / "scores.csv")
     assert {(r["normalized_score"], r["is_anomaly"], r["threshold"]) for r in rows} == {("", "", "")}
+
+
+@pytest.mark.parametrize("value", [1e39, -1.0, float("inf")])
+def test_a_fixed_threshold_beyond_float32_is_refused_by_name(value):
+    """The threshold is kept as float32: 1e39 was accepted as finite, kept as inf, and summary.json then held
+    Infinity, which strict JSON readers refuse."""
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    with pytest.raises(ValueError, match=re.escape(f"threshold={value!r} ")):
+        model.set_threshold(value=value)
+    with pytest.raises(ValueError, match=re.escape(f"threshold={value!r} ")):
+        DN2Module(k=2, backbone=linear_backbone(), threshold=value)
