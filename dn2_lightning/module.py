@@ -1083,7 +1083,11 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         self._warn_if_partial_evaluation(stage, len(result))
         labels = result.labels
         if (labels < 0).any():
-            info(f"DN2: {stage} data has no labels; scores are kept in module.{stage}_scores, no AUROC.")
+            unknown = int((labels < 0).sum())
+            what = (
+                "has no labels" if unknown == len(labels) else f"has {unknown} of {len(labels)} samples unlabelled (-1)"
+            )
+            info(f"DN2: {stage} data {what}; scores are kept in module.{stage}_scores, no AUROC.")
         elif labels.unique().numel() < 2:
             rank_zero_warn(
                 f"AUROC is undefined: every {stage} sample has label {int(labels[0])}. The test set needs both "

@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from helpers import BlobDataModule, linear_backbone, quiet_trainer
+from helpers import BlobDataModule, dn2_messages, linear_backbone, quiet_trainer
 from sklearn.metrics import roc_auc_score
 
 from dn2_lightning import AnomalyScores, DN2Module
@@ -114,3 +114,14 @@ def test_a_fixed_threshold_beyond_float32_is_refused_by_name(value):
         model.set_threshold(value=value)
     with pytest.raises(ValueError, match=re.escape(f"threshold={value!r} ")):
         DN2Module(k=2, backbone=linear_backbone(), threshold=value)
+
+
+def test_a_test_set_with_some_samples_unlabelled_is_said_so():
+    """The run's line said "test data has no labels" when only some samples were unlabelled (-1)."""
+    dm = BlobDataModule()
+    dm.test_labels[:3] = -1
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    with dn2_messages() as said:
+        quiet_trainer().test(model, datamodule=dm)
+    assert any(f"test data has 3 of {len(dm.test_labels)} samples unlabelled (-1)" in line for line in said), said
+    assert int((model.test_scores.labels < 0).sum()) == 3
