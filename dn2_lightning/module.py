@@ -1269,10 +1269,10 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
             if batch.members is not None and self._collector is not None:
                 self._collector.add_member_sources(rows, batch.members.flatten())
             return embeddings, rows, labels, None if batch.mask is None else batch.mask.bool().flatten()
-        one_image_groups = batch.images.ndim == 5 and batch.images.shape[1] == 1 and batch.members is not None
-        if one_image_groups and self._collector is not None:
-            # a pooled group of one image is that image: the threshold must leave out its copies in other groups
-            self._collector.add_member_sources(indices, batch.members[:, 0])
+        if batch.images.ndim == 5 and batch.members is not None and self._collector is not None:
+            # a pooled group of one image (M = 1, or one real member of a padded group) is that image: the
+            # threshold must leave out its copies in other groups
+            self._add_one_image_group_sources(batch, indices)
         if batch.images.ndim == 5 and self.group_pool.needs_fit:
             # the pooling is fitted on the whole bank's members: keep them (and the mask) until finalisation
             b, m = batch.images.shape[:2]
@@ -1285,6 +1285,19 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
             self.maps.collect(patches, indices)
             return embeddings, indices, batch.labels, None
         return self._embed(batch.images, batch, batch_idx), indices, batch.labels, None
+
+    def _add_one_image_group_sources(self, batch: Batch, indices: Tensor) -> None:
+        """Record the source image (``members``) of each pooled group holding one real member as its bank row's
+        source, -1 (unknown) for the others; without a host sync. A mask that does not fit the groups is left to the
+        (deferred) mask check."""
+        assert self._collector is not None and batch.members is not None
+        real = batch.mask.bool() if batch.mask is not None else None
+        if real is None or tuple(real.shape) != tuple(batch.images.shape[:2]):
+            if batch.images.shape[1] == 1:
+                self._collector.add_member_sources(indices, batch.members[:, 0])
+            return
+        first_real = batch.members.gather(1, real.int().argmax(1, keepdim=True)).squeeze(1)
+        self._collector.add_member_sources(indices, torch.where(real.sum(1) == 1, first_real, -1))
 
     def _finalize_bank(self, keep_collecting: bool = False) -> None:
         """Turn the collected rows into the bank (``BankBuilder``), with its maps, spec and threshold scores;
@@ -1592,7 +1605,7 @@ def _active_autocast(device: torch.device) -> str | None:
 def _gathered_sources(local: dict[int, int]) -> list[int] | None:
     """Every rank's member row -> source image (:class:`~dn2_lightning.data.GroupDataModule`'s ``members``) as a list
     by row (-1 unknown), ``None`` when no batch gave them. A collective: every rank calls it."""
-    sources = {row: source for part in gather_objects(local) for row, source in part.items()}
+    sources = {row: source for part in gather_objects(local) for row, source in part.items() if source >= 0}
     return [sources.get(row, -1) for row in range(max(sources) + 1)] if sources else None
 
 

@@ -1,0 +1,69 @@
+"""Audit of the group setting against independent NumPy references (embeddings recomputed from the linear
+backbone's weights, distances by brute force)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import linear_backbone, quiet_trainer
+from torch.utils.data import DataLoader, Dataset
+
+from dn2_lightning import DN2Module
+
+
+class PaddedPoolGroups(Dataset):
+    """Groups of 1-3 images drawn with replacement from a small pool, padded to 3 slots (``mask``), each member's
+    pool image given as ``members`` (padded slots -1): many groups hold a single real image, some of them the same."""
+
+    def __init__(self, n: int, pool: torch.Tensor, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.pool = pool
+        sizes = torch.randint(1, 4, (n,), generator=g)
+        self.mask = torch.arange(3)[None] < sizes[:, None]
+        self.members = torch.where(self.mask, torch.randint(len(pool), (n, 3), generator=g), -1)
+        self.images = torch.where(self.mask[..., None, None, None], pool[self.members.clamp(min=0)], 0.7)
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def __getitem__(self, i: int) -> dict:
+        return {
+            "image": self.images[i],
+            "label": torch.tensor(0),
+            "index": torch.tensor(i),
+            "mask": self.mask[i],
+            "members": self.members[i],
+        }
+
+
+def _embed(images: torch.Tensor) -> np.ndarray:
+    """The linear backbone by hand, in float64: [0, 1] images flattened through ``linear_backbone()``'s weights."""
+    layer = linear_backbone()[1]
+    w, b = layer.weight.detach().double().numpy(), layer.bias.detach().double().numpy()
+    return images.double().numpy().reshape(*images.shape[:-3], -1) @ w.T + b
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_a_padded_group_of_one_real_image_leaves_that_images_copies_out_of_the_threshold(k):
+    # README: "Groups of one image, pooled or not, leave their image's copies in other groups out of the threshold".
+    # A padded group whose mask holds one real member is a group of one image (its mean is that image's
+    # embedding); only groups stored as [B, 1, ...] left their copies out, so a padded one-image group met its copy
+    # at distance 0 and the threshold came out low (0.29 instead of 0.43 at k = 1 here).
+    pool = torch.rand(40, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.6
+    train = PaddedPoolGroups(40, pool, seed=1)
+    model = DN2Module(k=k, backbone=linear_backbone(), threshold_quantile=0.8, threshold_samples=None, reports=False)
+    quiet_trainer().fit(model, train_dataloaders=DataLoader(train, batch_size=8))
+
+    mask = train.mask.numpy()
+    members = _embed(train.images)
+    pooled = (members * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+    alone = mask.sum(1) == 1
+    image = np.where(alone, train.members[:, 0].numpy(), -1)  # the image a one-image group is
+    copies = alone[:, None] & alone[None] & (image[:, None] == image[None])
+    assert (copies & ~np.eye(len(train), dtype=bool)).any(), "the draw must give one-image groups of the same image"
+    distances = ((pooled[:, None] - pooled[None]) ** 2).sum(-1)
+    distances[np.eye(len(train), dtype=bool) | copies] = np.inf
+    loo = np.sort(distances, axis=1)[:, :k].mean(1)
+    np.testing.assert_allclose(model.bank.loo_scores.double().numpy(), np.sort(loo), rtol=1e-5)
+    assert float(model.threshold) == pytest.approx(np.quantile(loo, 0.8), rel=1e-5)
