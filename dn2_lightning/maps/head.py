@@ -45,22 +45,32 @@ def validate_map_options(patch_bank: str, num_images: int, kappa: int, sigma: fl
 
 
 def gt_masks_of(batch: object) -> Tensor | None:
-    """The segmentation masks ``[B, H, W]`` of a dict batch (key ``gt_mask`` or ``pixel_mask``), else None."""
+    """The segmentation masks ``[B, H, W]`` of a dict batch (key ``gt_mask`` or ``pixel_mask``; ``[B, C, H, W]``:
+    non-zero in any channel = anomalous), else None."""
     if isinstance(batch, Mapping):
         for key in GT_MASK_KEYS:
             if key in batch:
-                return _one_channel(batch[key])
+                masks = batch[key]
+                # [B, C, H, W]: a pixel is anomalous when any channel is non-zero, as masks read from files (a mask
+                # drawn in green, (0, 255, 0), is not normal)
+                return (masks != 0).any(1) if masks.ndim == 4 else masks
     return None
 
 
 def gt_regions_of(batch: object) -> Tensor | None:
     """The ground-truth regions ``[B, H, W]`` of a dict batch (key ``gt_regions``: region ids within each sample,
     0 = normal, labelled before the masks were resized), else None."""
-    return _one_channel(batch[GT_REGIONS_KEY]) if isinstance(batch, Mapping) and GT_REGIONS_KEY in batch else None
-
-
-def _one_channel(masks: Tensor) -> Tensor:
-    return masks[:, 0] if masks.ndim == 4 else masks
+    if not isinstance(batch, Mapping) or GT_REGIONS_KEY not in batch:
+        return None
+    regions = batch[GT_REGIONS_KEY]
+    if regions.ndim == 4:
+        if regions.shape[1] != 1:
+            raise ValueError(
+                f"gt_regions {tuple(regions.shape)} must hold one channel of region ids per image ([B, H, W] or "
+                "[B, 1, H, W])."
+            )
+        return regions[:, 0]
+    return regions
 
 
 class AnomalyMaps(nn.Module):
