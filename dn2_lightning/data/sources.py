@@ -102,7 +102,8 @@ def list_datasets() -> list[str]:
 
 def load_split(name: str, split: str, root: str | Path | None = None) -> LabeledImages:
     """The ``"train"`` or ``"test"`` split of dataset ``name``, cached in the process per ``(name, split, root)``
-    until one of its files changes on disk.
+    until one of its files changes on disk or the lookup would find other files (a link retargeted, a relative
+    ``root`` after a change of directory, a file that now takes precedence).
 
     Args:
         name: one of :func:`list_datasets`. ``"cifar100"`` uses the 20 coarse superclasses (as the DN2 paper
@@ -122,7 +123,8 @@ def load_split(name: str, split: str, root: str | Path | None = None) -> Labeled
         raise ValueError(f"name={name!r} is not a known dataset; choose one of {list_datasets()}.")
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not one of {list(SPLITS)}.")
-    return _load_cached(name, split, str(Path(root) if root is not None else default_data_root()))
+    # absolute (not resolved): a relative root read again after a change of working directory is another folder
+    return _load_cached(name, split, os.path.abspath(Path(root) if root is not None else default_data_root()))
 
 
 _LOADED: OrderedDict[tuple[str, str, str], tuple[tuple, LabeledImages]] = OrderedDict()  # the 8 latest splits
@@ -142,7 +144,13 @@ def _load_cached(name: str, split: str, root: str) -> LabeledImages:
     notebook or service that rewrites the data between runs gets the new images, as a new process would)."""
     key = (name, split, root)
     cached = _LOADED.get(key)
-    if cached is not None and _file_stamps(cached[1].files) == cached[0]:  # (digits: no files, always equal)
+    # the files the loader would read now (a link retargeted, a file that now takes precedence: other files) and
+    # their stamps (rewritten or replaced in place)
+    if (
+        cached is not None
+        and _locate_files(name, split, Path(root)) == cached[1].files
+        and _file_stamps(cached[1].files) == cached[0]
+    ):
         _LOADED.move_to_end(key)
         return cached[1]
     loaded = _LOADERS[name](split, Path(root))
@@ -175,6 +183,30 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(shape)
 
 
+def _locate_files(name: str, split: str, root: Path) -> tuple[str, ...] | None:
+    """The resolved files dataset ``name``'s loader would read from ``root`` now, found without reading them;
+    ``None`` where it would download them (never equal to a loaded split's files)."""
+    if name in ("fashionmnist", "mnist"):
+        torchvision_name = "FashionMNIST" if name == "fashionmnist" else "MNIST"
+        found = _find_idx(split, _idx_folders(root, torchvision_name))
+        return None if found is None else tuple(str(p.resolve()) for p in found)
+    if name in ("cifar10", "cifar100"):
+        folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+        return tuple(str((folder / n).resolve()) for n in _cifar_names(name, split))
+    return _digits_files()
+
+
+def _idx_folders(root: Path, torchvision_name: str) -> list[Path]:
+    """Where MNIST-style IDX files of ``torchvision_name`` are looked for, first match first."""
+    # never a bare root: MNIST and FashionMNIST files have the same names, so one would be read as the other
+    folders = [root / torchvision_name / "raw"]
+    if root.name == "raw" and root.parent.name == torchvision_name:  # root given as torchvision's own folder
+        folders.insert(0, root)
+    if torchvision_name == "FashionMNIST":
+        folders.append(DEBIAN_FASHION_MNIST)
+    return folders
+
+
 def _find_idx(split: str, folders: list[Path]) -> tuple[Path, Path] | None:
     for folder in folders:
         found = []
@@ -187,12 +219,7 @@ def _find_idx(split: str, folders: list[Path]) -> tuple[Path, Path] | None:
 
 
 def _mnist_like(split: str, root: Path, torchvision_name: str, classes: tuple[str, ...], hint: str) -> LabeledImages:
-    # never a bare root: MNIST and FashionMNIST files have the same names, so one would be read as the other
-    folders = [root / torchvision_name / "raw"]
-    if root.name == "raw" and root.parent.name == torchvision_name:  # root given as torchvision's own folder
-        folders.insert(0, root)
-    if torchvision_name == "FashionMNIST":
-        folders.append(DEBIAN_FASHION_MNIST)
+    folders = _idx_folders(root, torchvision_name)
     found = _find_idx(split, folders)
     if found is None and _find_idx(split, [root]) is not None:
         raise DatasetNotFoundError(
@@ -281,8 +308,15 @@ def _unpickle(path: Path) -> dict:
         return pickle.load(f, encoding="latin1")
 
 
+def _cifar_names(name: str, split: str) -> list[str]:
+    """The files of a CIFAR split, in the folder its archive extracts to."""
+    if name == "cifar100":
+        return [split]
+    return [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+
+
 def _cifar10(split: str, root: Path) -> LabeledImages:
-    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    names = _cifar_names("cifar10", split)
     folder = _cifar_files("CIFAR10", "cifar-10-batches-py", "cifar-10-python.tar.gz", [*names, "batches.meta"], root)
     batches = [_unpickle(folder / n) for n in names]
     images = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
@@ -299,12 +333,18 @@ def _cifar100_coarse(split: str, root: Path) -> LabeledImages:
     images = np.asarray(batch["data"]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     labels = np.asarray(batch["coarse_labels"], dtype=np.int64)
     classes = tuple(_unpickle(folder / "meta")["coarse_label_names"])
-    files = (str((folder / split).resolve()),)
+    files = tuple(str((folder / n).resolve()) for n in _cifar_names("cifar100", split))
     return LabeledImages(torch.from_numpy(images.copy()), torch.from_numpy(labels), classes, files)
 
 
 # --------------------------------------------------------------------------------------------------
 # scikit-learn digits: bundled with scikit-learn, works with no network at all
+
+
+def _digits_files() -> tuple[str, ...]:
+    import sklearn.datasets
+
+    return (str((Path(sklearn.datasets.__file__).parent / "data" / "digits.csv.gz").resolve()),)
 
 
 def _digits(split: str, root: Path) -> LabeledImages:
@@ -313,11 +353,10 @@ def _digits(split: str, root: Path) -> LabeledImages:
     Fixed split, no randomness: within each class, in dataset order, the first 60% (rounded down) of that
     class's samples are train and the rest test (1,074 train / 723 test).
     """
-    import sklearn.datasets
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    files = (str((Path(sklearn.datasets.__file__).parent / "data" / "digits.csv.gz").resolve()),)
+    files = _digits_files()
     images = np.round(bunch.images * 255.0 / 16.0).astype(np.uint8)
     labels = bunch.target.astype(np.int64)
     in_train = np.zeros(len(labels), dtype=bool)
