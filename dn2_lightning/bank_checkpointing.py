@@ -116,6 +116,7 @@ class BankCheckpointing:
                 f"{list(here)} here{f' ({len(other) - 1} more differ)' if len(other) > 1 else ''}. Load it into a "
                 "DN2Module with the backbone (and its settings) it was saved with."
             )
+        self._refuse_bank_without_its_weights(state)
         # load_from_checkpoint takes the threshold from the checkpoint's hyperparameters (and its overrides); a
         # ckpt_path restore keeps this model's own threshold settings (Lightning restores no hyperparameters there).
         # Neither takes the record a plain state dict carries for loads without hyperparameters.
@@ -138,6 +139,24 @@ class BankCheckpointing:
                 f"the checkpoint's memory bank holds {saved.shape[1]}-d embeddings but backbone="
                 f"{self.hparams.get('backbone')!r} gives {expected}-d ones; load it with the backbone it was "
                 "built with."
+            )
+
+    def _refuse_bank_without_its_weights(self, state: dict[str, Any]) -> None:
+        """A bank was embedded by the checkpoint's backbone weights: a load that would leave this model's backbone
+        without them (``strict=False`` or ``strict_loading = False`` with a backbone whose weights are named
+        otherwise, or a checkpoint without them) would embed queries with other weights than the bank's rows."""
+        saved = state.get("bank.embeddings")
+        if saved is None or not saved.numel():
+            return  # no bank (e.g. saved mid-pass): one is built with this model's backbone
+        own = {f"backbone.{name}" for name in self.backbone.state_dict()}
+        theirs = {name for name in state if name.startswith("backbone.")}
+        if own != theirs:
+            missing, unexpected = sorted(own - theirs), sorted(theirs - own)
+            raise ValueError(
+                "the checkpoint's memory bank was embedded with its own backbone weights, but they do not fit this "
+                f"model's backbone (missing from the checkpoint: {missing or 'none'}; in the checkpoint only: "
+                f"{unexpected or 'none'}), so queries would be embedded with other weights than the bank's rows "
+                "(strict=False does not change that). Load it into a DN2Module with the backbone it was saved with."
             )
 
     def _warn_if_bank_incomplete(self, embeddings: Tensor | None, spec: dict[str, Any]) -> None:
