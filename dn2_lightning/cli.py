@@ -302,7 +302,9 @@ class DN2CLI(LightningCLI):
             and isinstance(model[name], bool | int | float | str | list | tuple | type(None))
         ]  # fmt: skip
         if replaced:
-            info(f"DN2: this run's config files or flags replace the checkpoint's {', '.join(replaced)}")
+            info(
+                f"DN2: set by this run's config files or flags, in place of the checkpoint's values: {', '.join(replaced)}"
+            )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})

@@ -624,15 +624,18 @@ def test_ckpt_path_takes_the_model_settings_a_run_leaves_out_from_the_checkpoint
     assert given.model.hparams.k == 2
     # and said: a shipped config's k: 2 replaced the fit's k=5 without a word (a README walk); bank settings, equal
     # or refused, are never listed
-    assert "this run's config files or flags replace the checkpoint's k=2 (the checkpoint's: 5)" in caplog.text
-    assert "input_size" not in caplog.text.split("replace the checkpoint's")[1]
+    assert (
+        "set by this run's config files or flags, in place of the checkpoint's values: k=2 (the checkpoint's: 5)"
+        in caplog.text
+    )
+    assert "input_size" not in caplog.text.split("in place of the checkpoint's values")[1]
     # a fixed threshold the run drops for a quantile is said too
     checkpoint = torch.load(ckpt, weights_only=True)
     checkpoint["hyper_parameters"]["threshold"] = 5.0
     torch.save(checkpoint, tmp_path / "fixed.ckpt")
     caplog.clear()
     build_cli(["predict", *common, f"--ckpt_path={tmp_path / 'fixed.ckpt'}", "--model.threshold_quantile=0.99"])
-    assert "replace the checkpoint's threshold=None (the checkpoint's: 5.0)" in caplog.text
+    assert "in place of the checkpoint's values: threshold=None (the checkpoint's: 5.0)" in caplog.text
     expected = DN2Module.load_from_checkpoint(ckpt, k=2).threshold
     assert float(given.model.threshold) == pytest.approx(float(expected), rel=1e-6)
 
