@@ -40,6 +40,11 @@ def as_image_batches(
     Raises:
         ValueError: an input of another type, shape or value range, naming it and its position.
     """
+    if isinstance(images, Iterator):  # read as one item, it was refused as "images[0]", which misled
+        raise ValueError(
+            f"images is a {type(images).__name__}; give a tensor, a PIL image, a path, or a list of these, "
+            "e.g. list(images)."
+        )
     items = list(images) if isinstance(images, list | tuple) else [images]
     if not items:
         raise ValueError("images is empty: give a tensor, a PIL image, a path, or a non-empty list of these.")
@@ -87,16 +92,35 @@ def _to_chw(item: ImageLike, position: int, load_size: int | None) -> tuple[Tens
         return pil_to_uint8(item, load_size), None
     if isinstance(item, Tensor):
         if item.ndim not in (3, 4) or item.shape[-3] not in (1, 3):
+            hint = ""
+            if item.ndim in (3, 4) and item.shape[-1] in (1, 3):
+                hint = f" (channels last [..., H, W, C]? item.permute({'0, 3, 1, 2' if item.ndim == 4 else '2, 0, 1'}))"
+            elif item.ndim == 2:
+                hint = " (one grayscale image [H, W]? item[None])"
             raise ValueError(
-                f"{where}: a tensor image must be [C, H, W] or [B, C, H, W] with C = 1 or 3, got {tuple(item.shape)}."
+                f"{where}: a tensor image must be [C, H, W] or [B, C, H, W] with C = 1 or 3, got "
+                f"{tuple(item.shape)}{hint}."
             )
         if not item.numel():
             raise ValueError(f"{where}: an empty tensor of shape {tuple(item.shape)}.")
+        if item.dtype == torch.bool:  # .to(torch.uint8), the general hint, would give a black 0/1 image
+            raise ValueError(f"{where}: a bool tensor is not an image; give item.to(torch.uint8) * 255 (True: white).")
         try:
             check_pixels(item if item.ndim == 4 else item[None])  # the DataLoader path's rule and message
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from None
+        if item.dtype == torch.uint8 and int(item.max()) == 1:
+            warnings.warn(
+                f"{where}: a uint8 tensor of 0s and 1s is read as 0..255 pixels, a nearly black image: a mask or "
+                "[0, 1] floats cast to uint8? Give [0, 1] floats as they are, or multiply 0/1 values by 255.",
+                stacklevel=4,
+            )
         return item.cpu(), None
+    if isinstance(item, np.ndarray):
+        raise ValueError(
+            f"{where}: cannot read a NumPy array; give torch.from_numpy(array).permute(2, 0, 1) for an [H, W, C] "
+            "array (np.array(image)), torch.from_numpy(array) for a [C, H, W] one, or Image.fromarray(array)."
+        )
     raise ValueError(
         f"{where}: cannot read a {type(item).__name__}; give a tensor, a PIL image or a file path (str/Path)."
     )
