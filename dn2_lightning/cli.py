@@ -302,9 +302,8 @@ class DN2CLI(LightningCLI):
             and isinstance(model[name], bool | int | float | str | list | tuple | type(None))
         ]  # fmt: skip
         if replaced:
-            info(
-                f"DN2: set by this run's config files or flags, in place of the checkpoint's values: {', '.join(replaced)}"
-            )
+            listing = ", ".join(replaced)
+            info(f"DN2: set by this run's config files or flags, in place of the checkpoint's values: {listing}")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})
