@@ -590,9 +590,13 @@ class BankBuilder:
     def keep_own_shard(self) -> None:
         """A whole bank (from a checkpoint) meeting a sharded run: keep this rank's share of the rows."""
         rows = slice(rank(), None, world_size())
-        # of the whole bank: still valid, unless its rows were edited since (then recomputed on first need)
+        # of the whole bank: still valid, unless its rows were edited since (then recomputed on first need), and
+        # only where every rank holds the same ones: a rank that computed them alone (model.threshold read on rank 0
+        # before the run) would skip the sharded recomputation the others enter (a collective mismatch)
         loo, loo_k = self.bank.loo_scores, int(self.bank.loo_k) if self.bank._loo_is_current() else 0
         loo_samples, loo_drawn = int(self.bank.loo_samples) or None, bool(self.bank.loo_drawn)
+        if len(set(gather_objects((loo_k, loo_samples, loo_drawn, len(loo))))) > 1:
+            loo_k = 0
         removed, removed_ids = self.bank.removed, self.bank.removed_indices
         self.bank.set(self.bank.embeddings[rows], self.bank.sample_indices[rows])
         if len(removed):
