@@ -153,8 +153,10 @@ def _file_as_opened(image: Image.Image) -> Path | None:
         opened, named = os.fstat(fp.fileno()), os.stat(filename)
         if (opened.st_dev, opened.st_ino) != (named.st_dev, named.st_ino):
             return None
-        with Image.open(filename) as fresh:  # (the header only)
-            as_opened = (fresh.mode, fresh.size) == (image.mode, image.size)
-    except (OSError, ValueError, AttributeError):  # a file object without a descriptor, a file gone
+        with warnings.catch_warnings():  # (the caller's own open said it already)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(filename) as fresh:  # (the header only)
+                as_opened = (fresh.mode, fresh.size) == (image.mode, image.size)
+    except Exception:  # a file object without a descriptor, a file gone or changed: read as it is
         return None
     return Path(filename) if as_opened else None

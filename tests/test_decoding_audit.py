@@ -249,3 +249,16 @@ def test_a_jpeg_the_caller_reduced_with_draft_is_read_as_reduced(tmp_path):
     image.draft("L", (16, 16))
     batch, _ = next(as_image_batches([image]))
     assert batch.shape[-2:] == (16, 16) and bool((batch[0, 0] == batch[0, 1]).all())
+
+
+def test_a_large_pil_image_read_from_its_file_is_not_warned_about_twice(tmp_path, monkeypatch):
+    """Reading the header again to see the file is still as opened repeated Pillow's decompression-bomb warning,
+    which the caller's own Image.open had given."""
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "large.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 - 1)  # "large": above Pillow's warning, below its refusal
+    with pytest.warns(Image.DecompressionBombWarning):
+        image = Image.open(tmp_path / "large.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        batch, _ = next(iter(as_image_batches([image])))
+    assert batch.shape == (1, 3, 64, 64)
