@@ -147,7 +147,8 @@ def is_hidden(name: str) -> bool:
 def list_image_files(folder: str | Path) -> list[Path]:
     """Image files under ``folder``, sorted for a deterministic order: recursive, following folder links (each
     folder once), hidden names (:func:`is_hidden`) and ``dn2_reports`` folders (the reports' figures) left out.
-    Files Pillow reads under other extensions, and links to nothing, are not read: a warning names them."""
+    Files Pillow reads under other extensions, and links to nothing (to files or folders), are not read: a warning
+    names them."""
     files, unread, broken, seen, pillow = [], [], [], set(), _pillow_extensions()
     for top, folders, names in os.walk(folder, followlinks=True):
         real = os.path.realpath(top)
@@ -171,6 +172,8 @@ def list_image_files(folder: str | Path) -> list[Path]:
                 (files if path.exists() else broken).append(path)
             elif suffix in pillow:
                 unread.append(path)
+            elif os.path.islink(path) and not path.exists():  # a folder link to nothing (an unmounted disk) too
+                broken.append(path)
     if unread or broken:
         listing = [
             *(f"{p} (extension {p.suffix})" for p in unread[:3]),

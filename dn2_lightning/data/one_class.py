@@ -15,11 +15,13 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from dn2_lightning.console import info
 from dn2_lightning.data.classes import check_class_ref, draw_contaminants, resolve_class
 from dn2_lightning.data.datasets import (
     CORRUPT_POLICIES,
     IMAGE_EXTENSIONS,
     PIXEL_FORMAT,
+    REPORTS_DIR,
     ArrayImageDataset,
     CorruptPolicy,
     ImageFolderDataset,
@@ -45,6 +47,21 @@ from dn2_lightning.validation import (
 FOLDER = "folder"
 SYNTHETIC = "synthetic"  # a folder in MVTec AD layout that dn2_lightning.data.synthetic writes on first use
 DEFAULT_FOLDER_LOAD_SIZE = 224
+
+
+def _refuse_files_reached_twice(paths: list[Path], labels: list[int], test: Path) -> None:
+    """ValueError when one file is listed more than once under ``test`` (a folder link from one kind to another
+    kind's folder, or to a folder another kind links to): it would be scored twice, perhaps with both labels."""
+    reached: dict[str, list[str]] = {}
+    for path, label in zip(paths, labels, strict=True):
+        reached.setdefault(os.path.realpath(path), []).append(f"{path} (label {label})")
+    twice = [listed for listed in reached.values() if len(listed) > 1]
+    if twice:
+        raise ValueError(
+            f"{len(twice)} test image file(s) are reached more than once under {test} through links, so they would "
+            f"be scored more than once, perhaps under two labels: e.g. {' and '.join(twice[0])}. Keep each image in "
+            "one kind's folder (remove the link, or copy the files)."
+        )
 
 
 class OneClassDataModule(LightningDataModule):
@@ -202,7 +219,18 @@ class OneClassDataModule(LightningDataModule):
             self.train_is_contaminant = torch.zeros(len(self.train_dataset), dtype=torch.bool)
             self.train_source_indices = torch.arange(len(self.train_dataset))
         if (root / "test").is_dir():
-            kinds = sorted(p.name for p in (root / "test").iterdir() if p.is_dir() and not is_hidden(p.name))
+            entries = [p for p in (root / "test").iterdir() if not is_hidden(p.name)]
+            if (root / "test" / REPORTS_DIR).is_dir():  # reports of a run whose log dir was test/: not a kind
+                info(f"DN2: {root / 'test' / REPORTS_DIR} holds this library's reports: its images are not read.")
+            kinds = sorted(p.name for p in entries if p.is_dir() and p.name != REPORTS_DIR)
+            dangling = sorted(p.name for p in entries if p.is_symlink() and not p.exists())
+            if dangling:
+                warnings.warn(
+                    f"{len(dangling)} test folder(s) are not read: "
+                    f"{'; '.join(f'test/{name} (a link to nothing)' for name in dangling)}; their images are not "
+                    "scored: mend the links (e.g. mount the disk they point at).",
+                    stacklevel=2,
+                )
             if hp.normal_dir not in kinds:
                 raise ValueError(
                     f"normal_dir={hp.normal_dir!r} is not a subfolder of {root / 'test'}; found {kinds}. Name the "
@@ -226,6 +254,7 @@ class OneClassDataModule(LightningDataModule):
                 paths += files
                 labels += [int(kind != hp.normal_dir)] * len(files)
                 empty += [] if files else [kind]
+            _refuse_files_reached_twice(paths, labels, root / "test")
             if empty:
                 warnings.warn(
                     f"{len(empty)} test folder(s) hold no image (extensions {IMAGE_EXTENSIONS}): "
