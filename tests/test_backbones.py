@@ -104,8 +104,9 @@ def test_input_size_is_applied_or_refused_never_ignored():
 
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "resnet18"])
 def test_each_backbones_smallest_input_is_the_one_it_declares_and_a_smaller_one_is_refused_at_construction(name):
-    """EfficientNet-Lite0 stops inside a convolution below 32 px ("Kernel size can't be greater than actual input
-    size", after the data had loaded); input_size passed the generic check (>= 8)."""
+    """A trunk that stops inside a convolution below some size ("Kernel size can't be greater than actual input
+    size", after the data had loaded) declares it, so input_size is refused at construction (EfficientNet-Lite0, its
+    padding precomputed for 224 px, stopped below 32 px; padded for the input's own size, it takes 8 px)."""
     from dn2_lightning.backbones import get_backbone_spec
 
     spec = get_backbone_spec(name)
