@@ -407,6 +407,22 @@ def _efficientnet_lite_weights_id(variant: int) -> str:
     return f"efficientnet_lite{variant}:sha256:{_sha256(str(path), file_stamp(path))}"
 
 
+#: The bank spec's record that an EfficientNet-Lite trunk padded each input for its own size (see
+#: :func:`lite_padding_differed`); banks saved before carry no such record.
+LITE_PADDING = ("lite_padding", "per input")
+
+
+def lite_padding_differed(backbone: object, input_size: object) -> bool:
+    """Whether an EfficientNet-Lite bank embedded at ``input_size`` before its trunks padded each input for its own
+    size holds other embeddings than this version gives: "SAME" padding was precomputed for the native size, and its
+    five stride-2 convolutions pad by the parity of their input, which matches the native size's only when
+    ``input_size`` and the native size agree modulo 32."""
+    if not isinstance(backbone, str) or not backbone.startswith("efficientnet_lite") or not isinstance(input_size, int):
+        return False
+    spec = _REGISTRY.get(backbone)
+    return spec is not None and input_size % 32 != spec.image_size % 32
+
+
 # padded for the size they are given, the trunks take any input down to 1 px: the generic smallest (8) applies
 for _variant, _size in [(0, 224), (1, 240), (2, 260)]:
     register_backbone(

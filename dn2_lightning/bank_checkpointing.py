@@ -14,6 +14,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from dn2_lightning.backbones import LITE_PADDING, lite_padding_differed
 from dn2_lightning.bank import THRESHOLD_RECORD
 from dn2_lightning.checkpointing import (
     BANK_SETTINGS,
@@ -124,6 +125,7 @@ class BankCheckpointing:
             state["bank._extra_state"] = {k: v for k, v in state["bank._extra_state"].items() if k != THRESHOLD_RECORD}
         state.pop("threshold", None)  # checkpoints before the threshold was derived from bank.loo_scores
         check_bank_settings(state.get("bank._extra_state") or {}, self._model_settings(), BANK_SETTINGS, "this model")
+        _refuse_lite_bank_padded_otherwise(state.get("bank._extra_state") or {})
         saved = checkpoint.get(THRESHOLD_KEY, {})
         if saved.get("value") is not None and saved["value"] == self.hparams.threshold and saved.get("k") is not None:
             self._fixed_threshold = (float(saved["value"]), int(saved["k"]))
@@ -192,6 +194,19 @@ class BankCheckpointing:
                 "for the maps: load it with anomaly_maps=False (image scores only), or fit again with "
                 "anomaly_maps=True."
             )
+
+
+def _refuse_lite_bank_padded_otherwise(spec: dict[str, Any]) -> None:
+    """An EfficientNet-Lite bank saved before the trunks padded each input for its own size, at a size padded
+    otherwise then (:func:`~dn2_lightning.backbones.lite_padding_differed`), holds other embeddings than queries get
+    now: its scores would compare two backbones."""
+    key, _ = LITE_PADDING
+    if key not in spec and lite_padding_differed(spec.get("backbone"), spec.get("input_size")):
+        raise ValueError(
+            f"this checkpoint's memory bank was embedded by {spec['backbone']} at input_size={spec['input_size']} "
+            "by a dn2-lightning that padded that size as if it were the backbone's own (fixed since): queries "
+            "embedded now would not match its rows. Build the bank again with fit."
+        )
 
 
 def _refuse_unknown_overrides(cls: type, overrides: dict[str, Any]) -> None:

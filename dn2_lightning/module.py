@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from torchmetrics.classification import BinaryAUROC
 
-from dn2_lightning.backbones import build_backbone, check_backbone_input_size, out_of_memory_hint
+from dn2_lightning.backbones import LITE_PADDING, build_backbone, check_backbone_input_size, out_of_memory_hint
 from dn2_lightning.bank import BankBuilder, BankCollector, MemoryBank
 from dn2_lightning.bank_checkpointing import BankCheckpointing
 from dn2_lightning.batch import Batch, Check, ChecksBehind, check_dataset_labels, check_group_mask, unpack_batch
@@ -1361,6 +1361,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
             "group_temperature": hp.group_temperature if "histogram" in hp.group_pooling else None,
             # the patch bank's stages (compared only when both sides have maps: image scores do not use them)
             **({"map_layers": list(self.maps.layers)} if self.maps is not None else {}),
+            **(dict([LITE_PADDING]) if str(hp.backbone).startswith("efficientnet_lite") else {}),
         }
 
     def _data_settings(self) -> dict[str, Any]:

@@ -64,3 +64,29 @@ def test_efficientnet_lite_embeddings_and_logits_equal_the_packages_own_at_any_i
     assert relative(embeddings, expected) < 1e-4
     assert relative(ours_logits, logits) < 1e-4
     assert torch.equal(ours_logits.argmax(1), logits.argmax(1))
+
+
+@pytest.mark.parametrize("input_size, refused", [(40, True), (64, False)])
+def test_a_lite_bank_saved_before_the_padding_fix_is_refused_where_its_embeddings_differ(tmp_path, input_size, refused):
+    """A checkpoint saved before the trunks padded each input for its own size carries no record of it: at 40 px
+    (not lite0's own 224 modulo 32) its bank holds the old padding's embeddings and queries would get the new
+    one's; at 64 px both paddings agree and it loads."""
+    from helpers import DictDataset, quiet_trainer
+    from torch.utils.data import DataLoader
+
+    images = torch.rand(12, 3, 8, 8)
+    loader = DataLoader(DictDataset(images, torch.zeros(12, dtype=torch.long)), batch_size=6)
+    model = DN2Module(k=2, backbone="efficientnet_lite0", pretrained=False, input_size=input_size, reports=False)
+    trainer = quiet_trainer()
+    trainer.fit(model, train_dataloaders=loader)
+    path = tmp_path / "bank.ckpt"
+    trainer.save_checkpoint(path)
+    assert DN2Module.load_from_checkpoint(path).bank.spec["lite_padding"] == "per input"
+    old = torch.load(path, weights_only=False)
+    del old["state_dict"]["bank._extra_state"]["lite_padding"]  # as an earlier dn2-lightning saved it
+    torch.save(old, path)
+    if refused:
+        with pytest.raises(ValueError, match=r"efficientnet_lite0 at input_size=40 .* Build the bank again with fit"):
+            DN2Module.load_from_checkpoint(path)
+    else:
+        assert len(DN2Module.load_from_checkpoint(path).bank) == 12
