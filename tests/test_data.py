@@ -428,6 +428,21 @@ def test_a_flat_predict_folder_leaves_out_root_train_only(tmp_path):
     assert scored == ["a.png", os.path.join("day1", "train", "b.png"), os.path.join("day2", "c.png")]
 
 
+@pytest.mark.parametrize("with_train", [True, False])
+def test_a_flat_predict_folder_of_mvtec_layout_leaves_out_its_masks(tmp_path, with_train):
+    """MVTec's layout with test/ moved aside (as the folder errors suggest for a flat predict): its
+    ground_truth/<kind>/*_mask.png files were scored as images to predict on. Without root/train, a ground_truth
+    folder is the user's own and is read."""
+    names = ["new/a.png", "ground_truth/crack/0_mask.png", *(["train/good/t.png"] if with_train else [])]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8), len(name), np.uint8)).save(tmp_path / name)
+    dm = OneClassDataModule(dataset="folder", root=str(tmp_path), load_size=8)
+    dm.setup("predict")
+    scored = sorted(Path(p).relative_to(tmp_path).as_posix() for p in dm.predict_dataset.paths)
+    assert scored == (["new/a.png"] if with_train else ["ground_truth/crack/0_mask.png", "new/a.png"])
+
+
 def test_folder_default_load_size_and_no_contamination(tmp_path):
     dm = OneClassDataModule(dataset="folder", root=str(make_folder(tmp_path, corrupt=False)))
     dm.setup()

@@ -266,8 +266,10 @@ class OneClassDataModule(LightningDataModule):
             self.test_source_indices = torch.arange(len(self.test_dataset))
             self.predict_dataset = self.test_dataset
         else:  # a flat folder of images to score: labels unknown
-            # root/train holds the training images (MVTec's layout without test/); a train/ deeper down is the user's
-            paths = [p for p in list_image_files(root) if p.relative_to(root).parts[0] != "train"]
+            # root/train holds the training images (MVTec's layout without test/), and then root/ground_truth its
+            # masks, not images to score; a train/ deeper down, or a ground_truth/ without train/, is the user's
+            left_out = ("train", "ground_truth") if (root / "train").is_dir() else ("train",)
+            paths = [p for p in list_image_files(root) if p.relative_to(root).parts[0] not in left_out]
             self.predict_dataset = self._folder_dataset(paths, [-1] * len(paths), root) if paths else None
 
     def _folder_dataset(self, paths: list[Path], labels: list[int], folder: Path) -> ImageFolderDataset:
