@@ -428,6 +428,18 @@ def test_a_flat_predict_folder_leaves_out_root_train_only(tmp_path):
     assert scored == ["a.png", os.path.join("day1", "train", "b.png"), os.path.join("day2", "c.png")]
 
 
+def test_a_test_kind_named_as_the_normal_one_in_other_letters_is_warned_about(tmp_path):
+    """test/Good beside test/good (a case-sensitive disk) was scored as anomalous without a word."""
+    for name in ("train/t.png", "test/good/a.png", "test/Good/b.png", "test/crack/c.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8), len(name), np.uint8)).save(tmp_path / name)
+    dm = OneClassDataModule(dataset="folder", root=str(tmp_path), load_size=8)
+    with pytest.warns(UserWarning, match=r"test/Good is read as an anomalous kind \(label 1\) beside test/good"):
+        dm.setup("test")
+    labels = {Path(p).parent.name: int(y) for p, y in zip(dm.test_dataset.paths, dm.test_dataset.labels, strict=True)}
+    assert labels == {"good": 0, "Good": 1, "crack": 1}
+
+
 @pytest.mark.parametrize("with_train", [True, False])
 def test_a_flat_predict_folder_of_mvtec_layout_leaves_out_its_masks(tmp_path, with_train):
     """MVTec's layout with test/ moved aside (as the folder errors suggest for a flat predict): its

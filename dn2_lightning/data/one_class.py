@@ -238,6 +238,14 @@ class OneClassDataModule(LightningDataModule):
                     f"there with normal images, or move test/ aside (a fit does not read it; a predict on "
                     f"root={str(root / 'test')!r} scores its images without labels)."
                 )
+            alike = [k for k in kinds if k != hp.normal_dir and k.casefold() == hp.normal_dir.casefold()]
+            if alike:  # on a case-sensitive disk, two folders of normal images by intent
+                warnings.warn(
+                    f"test/{alike[0]} is read as an anomalous kind (label 1) beside test/{hp.normal_dir}, the normal "
+                    f"one: folder names are compared as they are written. If its images are normal, move them into "
+                    f"test/{hp.normal_dir}.",
+                    stacklevel=2,
+                )
             self.classes = tuple(kinds)
             loose = sorted(
                 p.name for p in (root / "test").iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
