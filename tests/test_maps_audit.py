@@ -9,22 +9,10 @@ import torch
 from helpers import DictDataset, quiet_trainer
 from scipy.ndimage import label
 from sklearn.metrics import roc_auc_score
-from torch import nn
+from test_maps import tiny_conv
 from torch.utils.data import DataLoader, Dataset
 
 from dn2_lightning import DN2Module
-
-
-def tiny_conv(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 6, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(6, 10, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-    )
 
 
 class MaskedTensors(Dataset):
