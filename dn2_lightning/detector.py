@@ -63,9 +63,11 @@ class DN2Detector(BaseEstimator):
 
     Args:
         k: neighbours averaged in the score (paper: 2).
-        threshold_quantile: ``threshold_`` is this quantile of the training rows' scores against the bank
-            (kept rows leaving themselves out; the expected share of rows like the training data flagged is
-            ``1 - threshold_quantile``), as PyOD's ``contamination`` sets it.
+        threshold_quantile: ``threshold_`` is this quantile (linearly interpolated, as ``np.quantile``) of the
+            training rows' scores against the bank (kept rows leaving themselves out, by index: an exact copy of a
+            row stays its neighbour), as PyOD's ``contamination`` sets it; of ``N`` rows, the expected share of
+            rows like the training data flagged is ``(N (1 - q) + q) / (N + 1)``, about ``1 - threshold_quantile``
+            only for ``N`` large against ``1 / (1 - q)`` (a warning says when it is far off).
         clean_fraction: unsupervised setting: drop this fraction of ``X`` with the largest leave-one-out
             scores over ``clean_k`` neighbours before keeping it (0: keep everything).
         clean_k: neighbours of the cleaning score (capped at the number of rows - 1).

@@ -166,7 +166,8 @@ def cleaning_mask(bank: Tensor, fraction: float, k: int, backend: str = "auto", 
 
 
 def quantile_threshold(loo_scores: Tensor, quantile: float) -> float:
-    """The decision threshold: the ``quantile`` of the training images' leave-one-out scores (NaN without any).
+    """The decision threshold: the ``quantile`` of the training images' leave-one-out scores (NaN without any),
+    linearly interpolated (``np.quantile``'s default ``method="linear"``).
 
     >>> quantile_threshold(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), 0.5)
     3.0
