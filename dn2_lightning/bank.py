@@ -330,8 +330,8 @@ class BankCollector:
         embeddings: Tensor,
         indices: Tensor,
         labels: Tensor,
-        paths: list[str] | None = None,
         keep: Tensor | None = None,
+        paths: list[str] | None = None,
     ) -> None:
         """One batch's rows; ``keep`` (bool ``[rows]``) marks the real ones, dropped at :meth:`collect` rather than
         here (selecting rows on a GPU makes the host wait for it)."""

@@ -427,11 +427,11 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         if "pass" not in self._held_errors:
             with self._holding_errors("pass"), torch.no_grad(), self._checks_behind.first_on_error():
                 parsed = unpack_batch(self._stage_batch(batch), batch_idx, defer=self._checks_behind.add)
-                embeddings, indices, labels, keep = self._bank_rows(parsed, batch_idx)
+                rows = self._bank_rows(parsed, batch_idx)
                 self._checks_behind.advance()  # this batch's work is queued: the batch before's checks cost no wait
                 if self._collector is None:
                     self._collector = BankCollector()
-                self._collector.add(embeddings, indices, labels, parsed.paths, keep)
+                self._collector.add(*rows, paths=parsed.paths)
         self._count_bank_step()
         if self._pass_ends_here():  # the bank now, so a checkpoint saved at this step (every_n_train_steps) holds it
             self._end_pass()
@@ -1228,8 +1228,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
                         if batch is None:
                             break
                         parsed = unpack_batch(self._on_device(batch, batch_idx), batch_idx, self._checks_behind.add)
-                        embeddings, indices, labels, keep = self._bank_rows(parsed, batch_idx)
-                        self._collector.add(embeddings, indices, labels, parsed.paths, keep)
+                        self._collector.add(*self._bank_rows(parsed, batch_idx), paths=parsed.paths)
                         self._checks_behind.advance()
                     batch_idx += 1
         except BaseException:
