@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
@@ -120,6 +121,8 @@ def unpack_batch(batch: object, batch_idx: int | None = None, defer: Callable[[C
             hint = " (channels last [B, H, W, C]? images.permute(0, 3, 1, 2), or transforms.ToImage())"
         raise ValueError(f"batch images must be [B, C, H, W] or groups [B, M, C, H, W], got {shape}{hint}.")
     run(pixel_check(images, indices, batch_idx))
+    if images.dtype == torch.uint8:
+        run(functools.partial(_warn_if_zero_one, images.amax()))
     if labels is None:
         labels = torch.full((images.shape[0],), -1, dtype=torch.long, device=images.device)
     if _holds_strings(labels):
@@ -199,6 +202,17 @@ def pixel_check(images: Tensor, indices: object = None, batch_idx: int | None = 
 
 def _no_check() -> None:
     pass
+
+
+def _warn_if_zero_one(high: Tensor) -> None:
+    """Warn for a uint8 batch of 0s and 1s (masks, or [0, 1] floats cast to uint8): read as 0..255 pixels, its
+    images are nearly black, and would score as such without a word."""
+    if int(high) == 1:
+        warnings.warn(  # one message for every batch: Python shows it once
+            "a batch holds uint8 images of 0s and 1s only, read as 0..255 pixels: nearly black images. Masks, or "
+            "[0, 1] floats cast to uint8? Give [0, 1] floats as they are, or multiply 0/1 values by 255.",
+            stacklevel=2,
+        )
 
 
 def _refuse_pixel_dtype(dtype: torch.dtype) -> None:

@@ -72,6 +72,22 @@ def test_images_the_backbone_would_misread_are_refused_in_the_dataloader_path(tr
         quiet_trainer().fit(DN2Module(k=2, backbone=linear_backbone()), train_dataloaders=loader)
 
 
+def test_a_uint8_loader_of_zeros_and_ones_warns_that_its_images_read_nearly_black():
+    dm = BlobDataModule()
+    binary = (dm.train_images > 0.3).to(torch.uint8)  # masks, or [0, 1] floats cast to uint8
+    assert int(binary.max()) == 1
+    model = DN2Module(k=2, backbone=linear_backbone())
+    with pytest.warns(UserWarning, match="uint8 images of 0s and 1s only"):
+        quiet_trainer().fit(model, train_dataloaders=DataLoader(TensorDataset(binary), batch_size=16))
+    with pytest.warns(UserWarning, match="uint8 images of 0s and 1s only"):
+        quiet_trainer().test(model, dataloaders=DataLoader(TensorDataset(binary[:8], torch.zeros(8)), batch_size=8))
+    with warnings.catch_warnings(record=True) as caught:  # 0..255 images, and a batch of black images: no warning
+        warnings.simplefilter("always")
+        quiet_trainer().fit(DN2Module(k=2, backbone=linear_backbone()), dm)
+        quiet_trainer().predict(model, DataLoader(TensorDataset(torch.zeros_like(binary[:4])), batch_size=4))
+    assert not [w for w in caught if "0s and 1s" in str(w.message)]
+
+
 def test_a_shuffled_loader_without_indices_warns_that_neighbour_indices_are_positions_read():
     dm = BlobDataModule()
     dataset = TensorDataset(dm.train_images, torch.zeros(len(dm.train_images)))
