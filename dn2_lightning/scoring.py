@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from fractions import Fraction
 
@@ -123,6 +124,15 @@ def drop_own_group(knn: KNNResult, own_ids: Tensor, members: int, k: int, source
     if sources is not None:
         own = _lookup(sources, own_ids)[:, None]
         outside &= (_lookup(sources, knn.indices) != own) | (own < 0)
+    short = outside.sum(1) < k
+    if bool(short.any()):  # read once per leave-one-out pass, not per batch
+        kind = "their own group and their image's copies" if sources is not None else "their own group"
+        warnings.warn(
+            f"{int(short.sum())} of {len(short)} bank rows have fewer than k={k} rows outside {kind}: their "
+            "leave-one-out scores (the threshold's, and cleaning's) count rows left out, which lie nearer, so the "
+            "threshold comes out low. Train on more groups (or more distinct images), or lower k.",
+            stacklevel=2,
+        )
     order = torch.argsort((~outside).to(torch.uint8), dim=1, stable=True)[:, :k]  # outside rows first, in order
     return KNNResult(knn.values.gather(1, order), knn.indices.gather(1, order))
 

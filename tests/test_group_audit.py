@@ -3,6 +3,8 @@ backbone's weights, distances by brute force)."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -67,3 +69,26 @@ def test_a_padded_group_of_one_real_image_leaves_that_images_copies_out_of_the_t
     loo = np.sort(distances, axis=1)[:, :k].mean(1)
     np.testing.assert_allclose(model.bank.loo_scores.double().numpy(), np.sort(loo), rtol=1e-5)
     assert float(model.threshold) == pytest.approx(np.quantile(loo, 0.8), rel=1e-5)
+
+
+def test_a_threshold_whose_rows_meet_only_their_own_group_and_copies_says_it_comes_out_low():
+    # Groups of one image each, drawn from a pool: with a pool of 1, every row's only others are copies of its own
+    # image, so the leave-one-out scores fall back on them (distance 0) and the threshold comes out 0. It used to be
+    # set so without a word; a pool of 40 images needs no fallback and gives no warning.
+    for pool_size, warns in ((1, True), (40, False)):
+        pool = torch.rand(pool_size, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.6
+        train = PaddedPoolGroups(30, pool, seed=1)
+        train.mask[:, 1:] = False  # one real member each
+        train.members[:, 1:] = -1
+        model = DN2Module(k=1, backbone=linear_backbone(), threshold_samples=None, reports=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            quiet_trainer().fit(model, train_dataloaders=DataLoader(train, batch_size=8))
+            threshold = float(model.threshold)
+        said = [str(w.message) for w in caught if "rows outside their own group" in str(w.message)]
+        assert bool(said) == warns, said
+        if warns:
+            assert threshold == pytest.approx(0.0, abs=1e-6)
+            assert said[0].startswith("30 of 30 bank rows have fewer than k=1 rows outside")
+        else:
+            assert threshold > 0
