@@ -509,9 +509,10 @@ class BankBuilder:
         chosen: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Every bank row's leave-one-out DN2 score over the whole bank, as ``(ids, scores, labels)`` sorted by
-        id (gathered from all shards when sharded); ``k`` is capped at the bank size - 1. With ``members > 1``
-        the rows are group members (ids ``group * members + member``) and each leaves its whole group out, and
-        with ``sources`` (:func:`_source_table`) also its own image's copies in other groups. ``chosen``: only the
+        id (gathered from all shards when sharded); ``k`` is capped at the bank size - 1. With ``members > 1`` the
+        rows are group members (ids ``group * members + member``) and each leaves its whole group out, and with
+        ``sources`` (:func:`_source_table`) also its own image's copies in other groups; ``k`` is then capped at
+        the bank size less both. ``chosen``: only the
         rows of these samples (:meth:`threshold_draw`)."""
         ids, rows = self.bank.sample_indices, self.bank.embeddings
         if chosen is not None:
@@ -519,6 +520,9 @@ class BankBuilder:
             ids, rows, labels = ids[pick], rows[pick], None if labels is None else labels[pick]
         k = min(k, self.size() - 1)
         if members > 1 or sources is not None:  # groups, even of one image each: their copies elsewhere left out
+            # as few rows as a row may keep: the bank less its group and its image's copies (e.g. clean_k=200 of a
+            # small bank: left-out rows, which lie nearer, would fill in)
+            k = max(1, min(k, self.size() - members - (sources[1] if sources is not None else 0)))
             scores = self._outside_group_scores(rows, ids, k, members, sources)
         else:
             scores = leave_one_out_scores(rows, ids, k, self.search, chunked=not self.sharded)

@@ -92,3 +92,42 @@ def test_a_threshold_whose_rows_meet_only_their_own_group_and_copies_says_it_com
             assert said[0].startswith("30 of 30 bank rows have fewer than k=1 rows outside")
         else:
             assert threshold > 0
+
+
+def test_point_wise_cleaning_of_a_small_bank_scores_each_member_on_rows_outside_its_group_and_copies():
+    # README: cleaning scores each member "its group and its image's copies left out", with clean_k capped. With
+    # clean_k=200 and 27 member rows, k was capped at 26 rows but a member has at most 24 outside its group, so its
+    # own group (itself at distance 0) and copies filled in: this draw kept groups [1, 2, 3, 4] where scoring
+    # outside the group and copies keeps [3, 4, 5, 8]. k is now capped at 27 - 3 - (most copies of one image).
+    rng = np.random.default_rng(2)
+    pool = torch.as_tensor(rng.random((12, 3, 8, 8)) * 0.6, dtype=torch.float32)
+    members = torch.as_tensor(np.stack([rng.choice(12, 3, replace=False) for _ in range(9)]))
+
+    class Groups(Dataset):
+        def __len__(self) -> int:
+            return len(members)
+
+        def __getitem__(self, i: int) -> dict:
+            return {
+                "image": pool[members[i]],
+                "label": torch.tensor(0),
+                "index": torch.tensor(i),
+                "members": members[i],
+            }
+
+    model = DN2Module(
+        k=2, backbone=linear_backbone(), clean_fraction=0.5, group_pooling="none", threshold_samples=None, reports=False
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer().fit(model, train_dataloaders=DataLoader(Groups(), batch_size=4))
+    assert not [w for w in caught if "rows outside their own group" in str(w.message)]
+
+    rows, group, source = _embed(pool[members.flatten()]), np.repeat(np.arange(9), 3), members.flatten().numpy()
+    k = len(rows) - 3 - (np.bincount(source).max() - 1)  # the documented cap of clean_k=200
+    distances = ((rows[:, None] - rows[None]) ** 2).sum(-1)
+    outside = (group[:, None] != group[None]) & (source[:, None] != source[None])
+    scores = np.array([np.sort(d[o])[:k].mean() for d, o in zip(distances, outside, strict=True)])
+    worst = scores.reshape(9, 3).max(1)
+    kept = np.sort(np.argsort(worst, kind="stable")[:4])  # 0.5 of 9 groups removes 5 (half up)
+    assert np.unique(model.bank.sample_indices.numpy() // 3).tolist() == kept.tolist()
