@@ -352,6 +352,26 @@ def test_a_contamination_that_rounds_to_no_anomaly_is_refused_with_the_smallest_
     assert int(dm.train_is_contaminant.sum()) == 1
 
 
+def test_the_contaminant_count_gives_the_share_nearest_to_contamination():
+    # 0.2 of digits' 106 zeros is 26.5 contaminants by c * n / (1 - c), which round() made 26: a share of 19.70%,
+    # where 27 gives 20.30%, nearer (and 0.2 of 10 normal samples gave 2, 16.7%, where 3 gives 23.1%)
+    from fractions import Fraction
+
+    from dn2_lightning.data.classes import contaminant_count
+
+    for n_normal in (1, 2, 7, 10, 59, 106, 6000):
+        for contamination in [i / 997 for i in range(1, 997, 13)] + [0.2, 0.05, 0.5]:
+            c = Fraction(repr(contamination))
+            near = int(contamination * n_normal / (1 - contamination))  # the share m / (n + m) grows with m
+            shares = {m: abs(Fraction(m, n_normal + m) - c) for m in range(max(0, near - 3), near + 4)}
+            nearest = min(shares, key=lambda m: (shares[m], -m))
+            assert contaminant_count(contamination, n_normal) == nearest, (contamination, n_normal)
+    dm = OneClassDataModule(dataset="digits", normal_class=0, contamination=0.2)
+    dm.setup()
+    assert int((~dm.train_is_contaminant).sum()) == 106
+    assert int(dm.train_is_contaminant.sum()) == 27
+
+
 @pytest.mark.parametrize("fraction", [0.05, 0.1, 0.2])
 def test_contamination_fraction_bookkeeping_and_seeds(fraction):
     dm = OneClassDataModule(dataset="digits", normal_class=2, contamination=fraction, seed=0)

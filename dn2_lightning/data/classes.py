@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 from torch import Tensor
@@ -81,14 +82,30 @@ def check_class_ref(name: str, value: object) -> None:
         )
 
 
+def contaminant_count(contamination: float, n_normal: int) -> int:
+    """How many anomalies make up the share of ``n_normal + count`` nearest to ``contamination`` (the larger count
+    on a tie), in exact arithmetic: rounding ``c * n / (1 - c)`` misses it (0.2 of 10 normal samples is 2.5 by that
+    rule, which Python's ``round`` makes 2, a share of 16.7%, where 3 gives 23.1%).
+
+    >>> contaminant_count(0.2, 10), contaminant_count(0.05, 106), contaminant_count(0.5, 7)
+    (3, 6, 7)
+    """
+    c = Fraction(repr(float(contamination)))
+    if c == 0:
+        return 0
+    below = math.floor(c * n_normal / (1 - c))
+    return min((below + 1, below), key=lambda n: abs(Fraction(n, n_normal + n) - c) if n_normal + n else 1)
+
+
 def draw_contaminants(labels: Tensor, normal_class: int, contamination: float, seed: int) -> Tensor:
     """Sorted indices of anomalies drawn (seeded) from the classes other than ``normal_class``, so that they
-    make up ``contamination`` of a train set made of every ``normal_class`` sample plus them."""
+    make up ``contamination`` of a train set made of every ``normal_class`` sample plus them: as many as give the
+    share nearest to it (the larger count on a tie)."""
     n_normal = int((labels == normal_class).sum())
-    n = round(contamination * n_normal / (1.0 - contamination))
+    n = contaminant_count(contamination, n_normal)
     others = (labels != normal_class).nonzero().flatten()
     if contamination > 0 and n == 0:
-        one = 0.5 / (n_normal + 0.5)  # the fraction whose count rounds to one anomaly; shown rounded up
+        one = 0.5 / (n_normal + 1)  # the least fraction whose nearest share is one anomaly; shown rounded up
         step = 10.0 ** (math.floor(math.log10(one)) - 1)
         smallest = math.ceil(one / step * (1 + 1e-9)) * step
         raise ValueError(
