@@ -11,6 +11,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from dn2_lightning.distributed import check_unique_indices, collectives_available, unique_by_index
+from dn2_lightning.scoring import exceeds
 
 
 def kept_float(values: Tensor) -> Tensor:
@@ -50,7 +51,7 @@ class AnomalyScores:
     @property
     def is_anomaly(self) -> Tensor | None:
         """``[N]`` score > threshold, or ``None`` when no threshold is defined (never silently False)."""
-        return None if math.isnan(self.threshold) else self.scores > self.threshold
+        return None if math.isnan(self.threshold) else exceeds(self.scores, self.threshold)
 
 
 @dataclass

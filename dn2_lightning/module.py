@@ -69,6 +69,7 @@ from dn2_lightning.samplers import (
     warn_if_workers_repeat_unnumbered_samples,
 )
 from dn2_lightning.scoring import (
+    exceeds,
     knn_scores,
     to_unit_interval,
     worst_member,
@@ -743,7 +744,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         out = {
             "score": scores,
             "normalized": self.normalized(scores),
-            "is_anomaly": None if threshold.isnan() else scores > threshold,
+            "is_anomaly": None if threshold.isnan() else exceeds(scores, threshold),
             "label": parsed.labels,
             "index": indices,
             "neighbours": knn.indices,
@@ -911,7 +912,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         return ImageScores(
             scores=scores,
             normalized=self.normalized(scores).cpu(),
-            is_anomaly=None if math.isnan(threshold) else scores > threshold,
+            is_anomaly=None if math.isnan(threshold) else exceeds(scores, threshold),
             threshold=threshold,
             neighbours=knn.indices,
             distances=knn.values,

@@ -63,7 +63,7 @@ from dn2_lightning.data_source import one_loader, running_datamodule
 from dn2_lightning.distributed import unique_by_index, writes_files
 from dn2_lightning.metrics import AnomalyScores, kept_float
 from dn2_lightning.samplers import reads_in_order
-from dn2_lightning.scoring import rank_auroc
+from dn2_lightning.scoring import exceeds, rank_auroc
 
 CSV_NAMES = {"test": "scores.csv", "predict": "predictions.csv"}
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r", "'")
@@ -245,7 +245,7 @@ def summarize(stage: str, scores: AnomalyScores, threshold: float | None) -> dic
     auroc = None
     if labelled and labels.unique().numel() == 2:
         auroc = rank_auroc(scores.scores, labels)  # the logged test/auroc is torchmetrics' float32 value
-    flagged = scores.scores > threshold if defined else None
+    flagged = exceeds(scores.scores, threshold) if defined else None
     return {
         "stage": stage,
         "n_scored": len(scores),
@@ -322,7 +322,7 @@ def save_figures(
         ax.plot(fpr, tpr, label=f"AUROC = {roc_auc_score(labels, values):.4f}")
         ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
         if defined:
-            flagged = values > threshold
+            flagged = exceeds(scores.scores, threshold).numpy()
             op_fpr, op_tpr = flagged[labels == 0].mean(), flagged[labels == 1].mean()
             ax.plot(op_fpr, op_tpr, "ro", label=f"threshold {threshold:.3g}: FPR {op_fpr:.2f}, TPR {op_tpr:.2f}")
         ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
@@ -336,7 +336,7 @@ def save_figures(
     for name, mask in groups:
         ax.hist(values[mask], bins=bins, alpha=0.6, label=name)
     if defined:
-        n_flagged = int((values > threshold).sum())
+        n_flagged = int(exceeds(scores.scores, threshold).sum())
         ax.axvline(threshold, color="k", linestyle="--", label=f"threshold {threshold:.3g} ({n_flagged} above)")
     ax.set(xlabel="DN2 score", ylabel="samples", title="Score distribution")
     ax.legend(fontsize=7)

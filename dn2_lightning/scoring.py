@@ -187,6 +187,20 @@ def quantile_threshold(loo_scores: Tensor, quantile: float) -> float:
     return float(torch.quantile(loo_scores.detach().cpu().double(), quantile))  # (no float64 on MPS)
 
 
+def exceeds(scores: Tensor, threshold: float | Tensor) -> Tensor:
+    """``scores > threshold``, compared exactly: float32 scores against the float64 threshold itself, not its rounding
+    to float32 (which a float32 comparison takes, flagging a score at that rounding otherwise than the numbers
+    reported say). On the scores' device; compared on the CPU where it has no float64.
+
+    >>> exceeds(torch.tensor([1.0]), 1.0 - 2.0**-26), torch.tensor([1.0]) > 1.0 - 2.0**-26
+    (tensor([True]), tensor([False]))
+    """
+    threshold = float(threshold)
+    if lacks_float64(scores.device):
+        return (scores.detach().cpu().double() > threshold).to(scores.device)
+    return scores.detach().double() > threshold
+
+
 def expected_flagged_share(n: int, quantile: float) -> float:
     """The expected share of new samples above the ``quantile`` of ``n`` scores (linearly interpolated, as
     :func:`quantile_threshold`), for new samples exchangeable with the scored ones: ``(n (1 - q) + q) / (n + 1)``,

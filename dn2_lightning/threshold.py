@@ -33,13 +33,14 @@ class DecisionThreshold:
 
     @property
     def threshold(self) -> Tensor:
-        """The decision threshold on the DN2 score (a 0-d tensor; NaN when undefined): ``threshold`` if set,
-        else the ``threshold_quantile`` of the training images' leave-one-out scores at the current ``k``."""
+        """The decision threshold on the DN2 score (a float64 0-d tensor, whatever torch's default dtype: rounded to
+        float32 it would not be the value set or the quantile; NaN when undefined): ``threshold`` if set, else the
+        ``threshold_quantile`` of the training images' leave-one-out scores at the current ``k``."""
         if self.hparams.threshold is not None:
-            return torch.tensor(float(self.hparams.threshold))
+            return torch.tensor(float(self.hparams.threshold), dtype=torch.float64)
         loo_scores = self._loo_scores()
         self._warn_if_few_threshold_scores(len(loo_scores))
-        return torch.tensor(quantile_threshold(loo_scores, self.hparams.threshold_quantile))
+        return torch.tensor(quantile_threshold(loo_scores, self.hparams.threshold_quantile), dtype=torch.float64)
 
     def set_threshold(self, quantile: float | None = None, value: float | None = None) -> float:
         """Set the decision threshold: a ``quantile`` of the training images' leave-one-out scores (normal data only,
