@@ -549,20 +549,32 @@ def join_list_option(argv: Sequence[str], option: str = "--classes") -> list[str
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of ``dn2-protocol`` (``args`` defaults to the command line)."""
-    from jsonargparse import CLI
+    """Entry point of ``dn2-protocol`` (``args`` defaults to the command line).
+
+    On the command line, a setting that DN2 refuses (``--k 0``, ``--classes 12``, a missing dataset) is said as a
+    usage error (the message, exit code 2), as ``dn2`` says it, not as a traceback; called with ``args`` (Python,
+    tests) it raises."""
+    from jsonargparse import CLI, capture_parser
 
     from .help_format import DN2HelpFormatter, SuggestingArgumentParser
 
     arguments = join_list_option(sys.argv[1:] if args is None else args)
-    CLI(
-        run_protocol,
+    kwargs: dict = dict(
         as_positional=False,
         args=arguments,
         prog="dn2-protocol",
         formatter_class=DN2HelpFormatter,
         parser_class=SuggestingArgumentParser,  # "did you mean --backbone?" after a mistyped option
     )
+    try:
+        CLI(run_protocol, **kwargs)
+    except Exception as error:
+        from .cli import _dn2_refusal  # (Lightning is imported only for a refusal)
+
+        refusal = _dn2_refusal(error) if args is None else None
+        if refusal is None:
+            raise
+        capture_parser(lambda: CLI(run_protocol, **kwargs)).error(str(refusal), ex=error)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,31 @@
+"""Audit of the command lines as users reach them (``dn2``, ``dn2-protocol``)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from dn2_lightning.protocol import main
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--k", "0"], "error: k=0 must be an integer >= 1"),
+        (["--classes", "12"], "error: classes[0]=12 is out of range 0..9"),
+        (["--precision", "16"], "error: precision='16' is not one of"),
+    ],
+)
+def test_protocol_command_line_refusal_is_a_usage_error(flags, message, monkeypatch, capsys):
+    """``dn2-protocol --k 0`` printed a 25-line traceback: a refused setting is a usage error (exit code 2, the
+    message on the last line), as ``dn2`` says it; ``main(args)`` from Python still raises the ValueError."""
+    argv = ["dn2-protocol", "--dataset", "digits", "--input_size", "32", "--device", "cpu", "--progress", "false"]
+    monkeypatch.setattr(sys, "argv", [*argv, *flags])
+    with pytest.raises(SystemExit) as refused:
+        main()
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(message)
+    with pytest.raises(ValueError):
+        main(argv[1:] + flags)
