@@ -271,6 +271,11 @@ class DN2CLI(LightningCLI):
             checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=mmap)
             if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
                 raise KeyError("state_dict")
+        if not any(str(name).startswith("bank.") for name in checkpoint["state_dict"]):  # every DN2Module's has
+            raise ValueError(
+                f"--ckpt_path={ckpt_path} is not a checkpoint of DN2 (its state holds no memory bank, bank.*): another "
+                "model's? Give the .ckpt file that `dn2 fit` printed, or run `dn2 fit` first."
+            )
         saved = checkpoint.get("hyper_parameters", {})
         model = self.config[subcommand].get("model")
         if model is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -29,3 +30,20 @@ def test_protocol_command_line_refusal_is_a_usage_error(flags, message, monkeypa
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(message)
     with pytest.raises(ValueError):
         main(argv[1:] + flags)
+
+
+def test_ckpt_path_of_another_model_is_a_usage_error(tmp_path, capsys):
+    """``dn2 test --ckpt_path=<another model's checkpoint>`` stopped in load_state_dict with a 44-line traceback
+    listing every missing key: it is a usage error naming --ckpt_path and the fix."""
+    import torch
+
+    from dn2_lightning.cli import cli_main
+
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"layer.weight": torch.zeros(3)}, "hyper_parameters": {"lr": 0.1}}, other)
+    config = Path(__file__).parents[1] / "configs" / "digits.yaml"
+    with pytest.raises(SystemExit) as refused:
+        cli_main(["test", "--config", str(config), f"--ckpt_path={other}", "--trainer.logger=false"])
+    assert refused.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"error: --ckpt_path={other} is not a checkpoint of DN2") and "dn2 fit" in last
