@@ -302,6 +302,30 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         if adopt_recorded_threshold not in self._load_state_dict_post_hooks.values():
             self.register_load_state_dict_post_hook(adopt_recorded_threshold)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Refuse a setting assigned as an attribute (``model.k = 5``): it would make a new attribute that nothing
+        reads, and the scores would stay those of ``hparams.k``."""
+        hparams = self.__dict__.get("_hparams")
+        if (
+            hparams is not None
+            and name in hparams
+            and not hasattr(type(self), name)
+            and not isinstance(value, nn.Module)  # the backbone: a submodule of that name, which is read
+            and all(name not in where for where in (self.__dict__, self._modules, self._parameters, self._buffers))
+        ):
+            fix = (
+                f"pass it when the model is built, DN2Module({name}=...) or DN2Module.load_from_checkpoint(path, "
+                f"{name}=...)"
+                if name in FIXED_AT_CONSTRUCTION
+                else f"set model.hparams.{name} = {value!r} (read at each use)"
+            )
+            raise AttributeError(
+                f"model.{name} = {value!r} would set an attribute that DN2Module never reads: its settings live in "
+                f"model.hparams (now {name}={hparams[name]!r}), so the scores would not change. {fix[0].upper()}"
+                f"{fix[1:]}."
+            )
+        super().__setattr__(name, value)
+
     def to(self, *args: Any, **kwargs: Any) -> DN2Module:
         _refuse_16_bit(torch._C._nn._parse_to(*args, **kwargs)[1])
         return super().to(*args, **kwargs)

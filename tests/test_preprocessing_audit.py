@@ -1,0 +1,53 @@
+"""Queries must be embedded and scored as the bank's rows were, or refused: settings changed after fit, inputs given
+in another form, checked against a brute force computed here (the backbone called directly, NumPy kNN)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import DictDataset, linear_backbone, quiet_trainer
+from torch import nn
+from torch.utils.data import DataLoader
+
+from dn2_lightning import DN2Module
+
+
+def brute_force_scores(backbone: nn.Module, bank_images: torch.Tensor, images: torch.Tensor, k: int) -> np.ndarray:
+    with torch.no_grad():
+        bank = backbone(bank_images).double().numpy()
+        queries = backbone(images).double().numpy()
+    distances = ((queries[:, None] - bank[None]) ** 2).sum(-1)
+    return np.sort(distances, axis=1)[:, :k].mean(1)
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    g = torch.Generator().manual_seed(0)
+    train, test = torch.rand(40, 3, 8, 8, generator=g), torch.rand(10, 3, 8, 8, generator=g)
+    backbone = linear_backbone(0)
+    model = DN2Module(k=2, backbone=backbone, reports=False)
+    loader = DataLoader(DictDataset(train, torch.zeros(40, dtype=torch.long)), batch_size=16)
+    quiet_trainer(max_epochs=1).fit(model, train_dataloaders=loader)
+    return model, backbone, train, test
+
+
+def test_a_setting_assigned_as_an_attribute_is_refused(fitted):
+    """``model.k = 5`` made a new attribute that nothing read: score_images kept scoring at k=2 (0.8106 for the first
+    image, where k=5 gives 0.8678), without a word."""
+    model, backbone, train, test = fitted
+    with pytest.raises(AttributeError, match=r"model\.k = 5 .*never reads.*model\.hparams\.k = 5"):
+        model.k = 5
+    with pytest.raises(AttributeError, match=r"model\.input_size = 64 .*DN2Module\(input_size=\.\.\.\)"):
+        model.input_size = 64
+    with pytest.raises(AttributeError, match=r"threshold_quantile"):
+        model.threshold_quantile = 0.5
+    with pytest.raises(AttributeError):  # a property without a setter, as before
+        model.threshold = 3.0
+    model.hparams.k = 5  # the way that is read
+    try:
+        expected = brute_force_scores(backbone, train, test, 5)
+        np.testing.assert_allclose(model.score_images(test).scores.numpy(), expected, rtol=1e-5)
+    finally:
+        model.hparams.k = 2
+    model.some_attribute_of_mine = 1  # other attributes stay the user's
