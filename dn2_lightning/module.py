@@ -26,7 +26,15 @@ from torchmetrics.classification import BinaryAUROC
 from dn2_lightning.backbones import LITE_PADDING, build_backbone, check_backbone_input_size, out_of_memory_hint
 from dn2_lightning.bank import BankBuilder, BankCollector, MemoryBank
 from dn2_lightning.bank_checkpointing import BankCheckpointing
-from dn2_lightning.batch import Batch, Check, ChecksBehind, check_dataset_labels, check_group_mask, unpack_batch
+from dn2_lightning.batch import (
+    Batch,
+    Check,
+    ChecksBehind,
+    check_dataset_labels,
+    check_group_mask,
+    check_pixels,
+    unpack_batch,
+)
 from dn2_lightning.checkpointing import (
     BANK_FORMAT,
     BANK_SETTINGS,
@@ -273,6 +281,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         self._trainer_spent = False  # this fit's Trainer had run its epochs before it started
         self._bank_autocast: str | None = None  # autocast dtype the bank rows are being embedded under, if any
         self._embedding_bank_rows = False  # forward embeds under the autocast in force (else the bank's)
+        self._pixels_checked = False  # forward is called by _embed, whose batches were checked already
         self._checks_behind = ChecksBehind()  # the training pass's checks that read the device, one batch later
         # under DDP: this rank's error in the training pass / the evaluation, raised with the others' later
         self._held_errors: dict[str, Exception] = {}
@@ -291,6 +300,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_embedding_bank_rows", False)
+        self.__dict__.setdefault("_pixels_checked", False)
         self.__dict__.setdefault("_checks_behind", ChecksBehind())
         self.__dict__.setdefault("_other_size", None)
         self.__dict__.setdefault("_unlabelled_folder", False)
@@ -393,7 +403,11 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
 
         Once a bank exists, images are embedded as its rows were (under their autocast, e.g. a
         ``precision="bf16-mixed"`` fit), so ``forward`` and a model exported from it embed as ``score_images`` does.
-        It is the embedder only: README's "Deploying" shows how to score its output against the bank."""
+        It is the embedder only: README's "Deploying" shows how to score its output against the bank. Called
+        directly, it refuses pixels the backbone would misread (0..255 floats, other integer types), as the loaders
+        and ``score_images`` do (not while ``torch.export`` or ``torch.compile`` traces it)."""
+        if not self._pixels_checked and not _tracing():
+            check_pixels(images)
         with contextlib.nullcontext() if self._embedding_bank_rows else self._embedding_precision():
             return self._embed_images(images, mask)
 
@@ -1465,8 +1479,12 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
     def _embed(self, images: Tensor, batch: Batch, batch_idx: int) -> Tensor:
         """Backbone embeddings (group-pooled for group batches), refusing non-finite outputs (the pixels were
         checked by ``unpack_batch``)."""
-        with out_of_memory_hint(lambda: self._out_of_memory_hint(images)):
-            embeddings = self(images, batch.mask) if images.ndim == 5 else self(images)  # forward's hooks, compile
+        self._pixels_checked = True  # by unpack_batch or as_image_batches (in the training pass, a batch later)
+        try:
+            with out_of_memory_hint(lambda: self._out_of_memory_hint(images)):
+                embeddings = self(images, batch.mask) if images.ndim == 5 else self(images)  # forward's hooks, compile
+        finally:
+            self._pixels_checked = False
         self._check_embeddings(embeddings, batch, batch_idx)
         return embeddings
 
@@ -1618,6 +1636,12 @@ def _refuse_16_bit(dtype: torch.dtype | None) -> None:
             "under autocast: Trainer(precision='bf16-mixed') when fitting (score_images then embeds the same "
             "way), or export the embedder under torch.autocast (README: Deploying)."
         )
+
+
+def _tracing() -> bool:
+    """Whether ``torch.export`` or ``torch.compile`` is tracing (a check that reads the pixels' values cannot be)."""
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return torch.compiler.is_compiling() or exporting()
 
 
 def _active_autocast(device: torch.device) -> str | None:

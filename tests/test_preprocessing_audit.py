@@ -51,3 +51,27 @@ def test_a_setting_assigned_as_an_attribute_is_refused(fitted):
     finally:
         model.hparams.k = 2
     model.some_attribute_of_mine = 1  # other attributes stay the user's
+
+
+def test_the_embedder_called_directly_refuses_pixels_it_would_misread(fitted):
+    """``model(images)``, README's deployed embedder, embedded 0..255 floats (or int64 0..255 pixels) as if they were
+    [0, 1] floats: scored against the bank (DN2Detector, as README shows) the first blob image got 97,657 where its
+    [0, 1] pixels score 0.81, without a word, where the loaders and score_images refuse such pixels."""
+    model, backbone, train, test = fitted
+    from dn2_lightning import DN2Detector
+
+    detector = DN2Detector(k=2).fit(model.bank.embeddings)
+    expected = brute_force_scores(backbone, train, test, 2)
+    np.testing.assert_allclose(detector.decision_function(model(test)).numpy(), expected, rtol=1e-5)
+    pixels = (test * 255).round()
+    np.testing.assert_allclose(
+        detector.decision_function(model(pixels.to(torch.uint8))).numpy(),
+        brute_force_scores(backbone, train, pixels / 255, 2),
+        rtol=1e-5,
+    )
+    with pytest.raises(ValueError, match=r"float images must hold values in \[0, 1\].*divide 0\.\.255 floats by 255"):
+        model(pixels)
+    with pytest.raises(ValueError, match=r"must be uint8 \(0\.\.255\) or float \(0\.\.1\), got torch\.int64"):
+        model(pixels.long())
+    exported = torch.export.export(model.eval(), (test,)).module()  # the export traces without the check
+    np.testing.assert_allclose(detector.decision_function(exported(test)).numpy(), expected, rtol=1e-5)
