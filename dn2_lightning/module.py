@@ -314,7 +314,15 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
 
     def __setattr__(self, name: str, value: Any) -> None:
         """Refuse a setting assigned as an attribute (``model.k = 5``): it would make a new attribute that nothing
-        reads, and the scores would stay those of ``hparams.k``."""
+        reads, and the scores would stay those of ``hparams.k``; and another backbone once built (the bank's rows, the
+        maps' patch features and the recorded settings all come from the one built)."""
+        if name == "backbone" and self._modules.get("backbone") not in (None, value):
+            raise AttributeError(
+                "model.backbone = ... would embed queries with another backbone than the one the memory bank's rows "
+                "(and the recorded settings) come from, so scores would compare two embeddings. The backbone is fixed "
+                "when the model is built: build a new DN2Module(backbone=...) and fit it (to compile it, compile the "
+                "whole module: torch.compile(model))."
+            )
         hparams = self.__dict__.get("_hparams")
         if (
             hparams is not None

@@ -75,3 +75,20 @@ def test_the_embedder_called_directly_refuses_pixels_it_would_misread(fitted):
         model(pixels.long())
     exported = torch.export.export(model.eval(), (test,)).module()  # the export traces without the check
     np.testing.assert_allclose(detector.decision_function(exported(test)).numpy(), expected, rtol=1e-5)
+
+
+def test_another_backbone_assigned_after_construction_is_refused(fitted):
+    """``model.backbone = build_backbone(other)`` (same settings, other weights) was taken without a word: queries
+    embedded by it were searched in the bank embedded by the first (1.55 for the first image, where the bank's own
+    backbone gives 0.81), every recorded setting still matching."""
+    from dn2_lightning.backbones import build_backbone
+
+    model, backbone, train, test = fitted
+    built = model.backbone
+    with pytest.raises(AttributeError, match=r"model\.backbone = \.\.\. would embed queries with another backbone"):
+        model.backbone = build_backbone(linear_backbone(1))
+    assert model.backbone is built
+    model.backbone = built  # the same module again: nothing changes
+    np.testing.assert_allclose(
+        model.score_images(test).scores.numpy(), brute_force_scores(backbone, train, test, 2), rtol=1e-5
+    )
