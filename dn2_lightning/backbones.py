@@ -186,6 +186,16 @@ class FeatureExtractor(nn.Module):
         return features.flatten(1).to(torch.float32)
 
 
+def trunk_layout(trunk: nn.Module) -> str:
+    """A user trunk's structure, for the bank's record: its class, its number of modules and a hash of every
+    submodule's name and class. A layer added, removed or replaced (an activation, say) keeps the weights' names, so
+    only this tells that trunk from the one the bank was embedded with; an edit inside a ``forward`` is not seen."""
+    modules = list(trunk.named_modules())
+    layout = ";".join(f"{name}:{type(module).__qualname__}" for name, module in modules)
+    digest = hashlib.sha256(layout.encode()).hexdigest()[:16]
+    return f"{type(trunk).__qualname__} of {len(modules)} modules, layout sha256 {digest}"
+
+
 def _embeddings_shaped(features: object) -> bool:
     """``[B, D]``, or that with axes of one (a pooled trunk without its flatten: ``[B, D, 1, 1]``, ``[B, 1, D]``)."""
     return isinstance(features, Tensor) and features.ndim >= 2 and sum(n > 1 for n in features.shape[1:]) <= 1

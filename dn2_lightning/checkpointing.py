@@ -35,6 +35,7 @@ from dn2_lightning.cache import atomic_write
 # model settings that define the bank's content: a bank built with other values scores differently
 BANK_SETTINGS = (
     "backbone",
+    "trunk",
     "pretrained",
     "input_size",
     "mean",

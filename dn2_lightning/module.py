@@ -23,7 +23,13 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from torchmetrics.classification import BinaryAUROC
 
-from dn2_lightning.backbones import LITE_PADDING, build_backbone, check_backbone_input_size, out_of_memory_hint
+from dn2_lightning.backbones import (
+    LITE_PADDING,
+    build_backbone,
+    check_backbone_input_size,
+    out_of_memory_hint,
+    trunk_layout,
+)
 from dn2_lightning.bank import BankBuilder, BankCollector, MemoryBank
 from dn2_lightning.bank_checkpointing import BankCheckpointing
 from dn2_lightning.batch import (
@@ -1396,6 +1402,8 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         hp = self.hparams
         return {
             "backbone": hp.backbone,
+            # a user trunk's layers (another structure under the same weight names would embed otherwise)
+            "trunk": trunk_layout(self.backbone.trunk) if str(hp.backbone).startswith(CUSTOM_BACKBONE) else None,
             "pretrained": hp.pretrained,
             "input_size": self.backbone.image_size,
             "mean": self.backbone.mean.flatten().tolist(),

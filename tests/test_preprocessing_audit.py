@@ -92,3 +92,24 @@ def test_another_backbone_assigned_after_construction_is_refused(fitted):
     np.testing.assert_allclose(
         model.score_images(test).scores.numpy(), brute_force_scores(backbone, train, test, 2), rtol=1e-5
     )
+
+
+def test_a_custom_trunk_of_another_structure_under_the_same_weight_names_is_refused(fitted, tmp_path):
+    """A checkpoint fitted with ``Sequential(Flatten, Linear)`` loaded into ``Sequential(Flatten, Linear, Tanh)``: same
+    class, same weight names and shapes, so it loaded, and queries embedded through the Tanh scored 0.72 against the
+    bank's rows where the fitted backbone gives 0.81, without a word."""
+    _, backbone, train, test = fitted
+    model = DN2Module(k=2, backbone=backbone, reports=False)
+    trainer = quiet_trainer(max_epochs=1)
+    trainer.fit(
+        model, train_dataloaders=DataLoader(DictDataset(train, torch.zeros(40, dtype=torch.long)), batch_size=16)
+    )
+    trainer.save_checkpoint(tmp_path / "fitted.ckpt")
+    with pytest.raises(ValueError, match=r"trunk='Sequential of 3 modules.*\(checkpoint\) vs trunk='Sequential of 4"):
+        DN2Module.load_from_checkpoint(
+            tmp_path / "fitted.ckpt", backbone=nn.Sequential(nn.Flatten(), nn.Linear(192, 16), nn.Tanh())
+        )
+    same = DN2Module.load_from_checkpoint(tmp_path / "fitted.ckpt", backbone=linear_backbone(7))  # its weights load
+    np.testing.assert_allclose(
+        same.score_images(test).scores.numpy(), brute_force_scores(backbone, train, test, 2), rtol=1e-5
+    )
