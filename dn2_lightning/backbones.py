@@ -139,6 +139,7 @@ class FeatureExtractor(nn.Module):
         feature_dim: int | None = None,
     ) -> None:
         super().__init__()
+        _warn_if_batch_statistics(trunk)
         self.trunk = trunk.requires_grad_(False).to(memory_format=torch.channels_last)
         self.image_size = image_size
         self.feature_dim = feature_dim
@@ -184,6 +185,24 @@ class FeatureExtractor(nn.Module):
                 "nn.Flatten() (the paper's global average pooling), or take the tokens' mean."
             )
         return features.flatten(1).to(torch.float32)
+
+
+def _warn_if_batch_statistics(trunk: nn.Module) -> None:
+    """A BatchNorm without running statistics (``track_running_stats=False``) normalises by the batch's own statistics
+    in eval mode too: an image's embedding, and so its score, would depend on the images batched with it."""
+    names = [
+        name or type(module).__name__
+        for name, module in trunk.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None
+    ]
+    if names:
+        warnings.warn(
+            f"backbone BatchNorm layer(s) {names[:5]} keep no running statistics (track_running_stats=False), so they "
+            "normalise each batch by its own statistics: an image's embedding and score would depend on the images "
+            "batched with it (and on the batch size). Give them running statistics (the trained ones, in eval mode), "
+            "or use a per-sample normalisation (nn.LayerNorm, nn.GroupNorm).",
+            stacklevel=4,
+        )
 
 
 def trunk_layout(trunk: nn.Module) -> str:
