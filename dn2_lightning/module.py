@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import inspect
 import logging
 import math
 import weakref
@@ -333,6 +334,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         if (
             hparams is not None
             and name in hparams
+            and name in _SETTINGS  # a subclass's own constructor argument (also in hparams) is its attribute to set
             and not hasattr(type(self), name)
             and not isinstance(value, nn.Module)  # the backbone: a submodule of that name, which is read
             and all(name not in where for where in (self.__dict__, self._modules, self._parameters, self._buffers))
@@ -1640,6 +1642,10 @@ def _progress(loader: DataLoader, description: str, enabled: bool) -> Any:
     from rich.progress import track
 
     return track(loader, description=description, total=sized_len(loader), transient=True)
+
+
+# DN2Module's settings (its constructor's arguments): those assigned as attributes are refused (``model.k = 5``)
+_SETTINGS = frozenset(inspect.signature(DN2Module.__init__).parameters) - {"self"}
 
 
 def _refuse_16_bit(dtype: torch.dtype | None) -> None:

@@ -55,6 +55,21 @@ def test_a_setting_assigned_as_an_attribute_is_refused(fitted):
     model.some_attribute_of_mine = 1  # other attributes stay the user's
 
 
+def test_a_subclass_sets_its_own_constructor_arguments_as_attributes():
+    """A subclass storing its own argument (``self.margin = margin``, which Lightning's save_hyperparameters also puts
+    in hparams) was refused as if it were a DN2 setting: the subclass could not be built."""
+
+    class WithMargin(DN2Module):
+        def __init__(self, margin: float = 1.0, **kwargs) -> None:
+            super().__init__(**kwargs)
+            self.margin = margin
+
+    model = WithMargin(margin=2.0, k=2, backbone=linear_backbone(0), reports=False)
+    assert model.margin == 2.0 and model.hparams.margin == 2.0
+    with pytest.raises(AttributeError, match=r"model\.k = 5 .*never reads"):
+        model.k = 5  # its DN2 settings are still refused
+
+
 def test_the_embedder_called_directly_refuses_pixels_it_would_misread(fitted):
     """``model(images)``, README's deployed embedder, embedded 0..255 floats (or int64 0..255 pixels) as if they were
     [0, 1] floats: scored against the bank (DN2Detector, as README shows) the first blob image got 97,657 where its
