@@ -210,9 +210,15 @@ def trunk_layout(trunk: nn.Module) -> str:
     submodule's name and class. A layer added, removed or replaced (an activation, say) keeps the weights' names, so
     only this tells that trunk from the one the bank was embedded with; an edit inside a ``forward`` is not seen."""
     modules = list(trunk.named_modules())
-    layout = ";".join(f"{name}:{type(module).__qualname__}" for name, module in modules)
+    layout = ";".join(f"{name}:{_layout_name(module)}" for name, module in modules)
     digest = hashlib.sha256(layout.encode()).hexdigest()[:16]
-    return f"{type(trunk).__qualname__} of {len(modules)} modules, layout sha256 {digest}"
+    return f"{_layout_name(trunk)} of {len(modules)} modules, layout sha256 {digest}"
+
+
+def _layout_name(module: nn.Module) -> str:
+    """A module's class for :func:`trunk_layout`; every BatchNorm is one: ``Trainer(sync_batchnorm=True)`` makes them
+    ``SyncBatchNorm`` for a DDP fit and ``_BatchNormXd`` after it, the same computation in eval mode."""
+    return "BatchNorm" if isinstance(module, nn.modules.batchnorm._BatchNorm) else type(module).__qualname__
 
 
 def _embeddings_shaped(features: object) -> bool:

@@ -132,6 +132,33 @@ def test_a_custom_trunk_of_another_structure_under_the_same_weight_names_is_refu
     )
 
 
+def test_a_trunk_whose_batchnorms_a_ddp_fit_synced_keeps_its_bank(fitted, tmp_path):
+    """``Trainer(strategy="ddp", sync_batchnorm=True)`` makes a custom trunk's BatchNorms SyncBatchNorm for the fit
+    (the bank records that layout) and ``_BatchNormXd`` after it: the same trunk was refused (trunk=... differing)
+    by the test run after the fit and by the checkpoint's load, though it embeds alike (eval statistics)."""
+    from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
+
+    _, _, train, test = fitted
+
+    def trunk() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(192, 16), nn.BatchNorm1d(16))
+
+    model = DN2Module(k=2, backbone=trunk(), reports=False)
+    synced = TorchSyncBatchNorm()
+    synced.apply(model)  # what the DDP strategy does when a fit starts (in eval mode SyncBatchNorm syncs nothing)
+    trainer = quiet_trainer(max_epochs=1)
+    trainer.fit(
+        model, train_dataloaders=DataLoader(DictDataset(train, torch.zeros(40, dtype=torch.long)), batch_size=16)
+    )
+    trainer.save_checkpoint(tmp_path / "fitted.ckpt")
+    synced.revert(model)  # and at its teardown
+    expected = brute_force_scores(trunk().eval(), train, test, 2)
+    np.testing.assert_allclose(model.score_images(test).scores.numpy(), expected, rtol=1e-5)
+    loaded = DN2Module.load_from_checkpoint(tmp_path / "fitted.ckpt", backbone=trunk())
+    np.testing.assert_allclose(loaded.score_images(test).scores.numpy(), expected, rtol=1e-5)
+
+
 def test_a_backbone_normalising_by_batch_statistics_is_named():
     """A BatchNorm with ``track_running_stats=False`` normalises by the batch even in eval mode: score_images gave the
     first test image 24.09 in a batch of 10 and 22.04 in batches of 2, without a word."""
