@@ -121,7 +121,7 @@ def unpack_batch(batch: object, batch_idx: int | None = None, defer: Callable[[C
             hint = " (channels last [B, H, W, C]? images.permute(0, 3, 1, 2), or transforms.ToImage())"
         raise ValueError(f"batch images must be [B, C, H, W] or groups [B, M, C, H, W], got {shape}{hint}.")
     run(pixel_check(images, indices, batch_idx))
-    if images.dtype == torch.uint8:
+    if images.dtype == torch.uint8 and images.numel():  # (an empty batch, e.g. every sample filtered out, has no max)
         run(functools.partial(_warn_if_zero_one, images.amax()))
     if labels is None:
         labels = torch.full((images.shape[0],), -1, dtype=torch.long, device=images.device)

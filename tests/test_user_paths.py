@@ -88,6 +88,24 @@ def test_a_uint8_loader_of_zeros_and_ones_warns_that_its_images_read_nearly_blac
     assert not [w for w in caught if "0s and 1s" in str(w.message)]
 
 
+def test_an_empty_uint8_batch_is_scored_as_none():
+    """A collate_fn that filters every sample of a batch out (unreadable files, say) gives an empty batch: a uint8 one
+    stopped predict with ``amax(): Expected reduction dim`` (the 0s-and-1s check took its max), where a float one, and
+    the same loader before that check, scored the other batches: [8, 0, 8, ...]."""
+    dm = BlobDataModule()
+    train, test = ((x * 255).round().to(torch.uint8) for x in (dm.train_images, dm.test_images))
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    quiet_trainer().fit(model, train_dataloaders=DataLoader(DictDataset(train, torch.zeros(len(train))), batch_size=16))
+
+    def collate(items: list) -> dict:
+        batch = torch.utils.data.default_collate(items)
+        return {key: value[:0] for key, value in batch.items()} if int(batch["index"][0]) == 8 else batch
+
+    loader = DataLoader(DictDataset(test, dm.test_labels), batch_size=8, collate_fn=collate)
+    outputs = quiet_trainer().predict(model, loader)
+    assert [len(out["score"]) for out in outputs][:3] == [8, 0, 8]
+
+
 def test_a_shuffled_loader_without_indices_warns_that_neighbour_indices_are_positions_read():
     dm = BlobDataModule()
     dataset = TensorDataset(dm.train_images, torch.zeros(len(dm.train_images)))
