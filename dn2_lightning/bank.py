@@ -518,18 +518,21 @@ class BankBuilder:
         if chosen is not None:
             pick = torch.isin(ids // members, chosen)
             ids, rows, labels = ids[pick], rows[pick], None if labels is None else labels[pick]
-        k = min(k, self.size() - 1)
         if members > 1 or sources is not None:  # groups, even of one image each: their copies elsewhere left out
-            # as few rows as a row may keep: the bank less its group and its image's copies (e.g. clean_k=200 of a
-            # small bank: left-out rows, which lie nearer, would fill in)
-            k = max(1, min(k, self.size() - members - (sources[1] if sources is not None else 0)))
-            scores = self._outside_group_scores(rows, ids, k, members, sources)
+            scores = self._outside_group_scores(rows, ids, self._outside_group_k(k, members, sources), members, sources)
         else:
+            k = min(k, self.size() - 1)
             scores = leave_one_out_scores(rows, ids, k, self.search, chunked=not self.sharded)
         labels = labels if labels is not None else torch.full_like(ids, -1)
         if self.sharded:
             ids, scores, labels = gather_rows(ids), gather_rows(scores), gather_rows(labels)
         return unique_by_index(ids, scores, labels)
+
+    def _outside_group_k(self, k: int, members: int, sources: tuple[Tensor, int] | None) -> int:
+        """``k`` capped at as few rows as a group member may keep: the bank less its group and its image's copies
+        (clean_k=200 of a small bank: the left-out rows, which lie nearer, would fill in)."""
+        copies = sources[1] if sources is not None else 0
+        return max(1, min(k, self.size() - 1, self.size() - members - copies))
 
     def _outside_group_scores(
         self, rows: Tensor, ids: Tensor, k: int, members: int, sources: tuple[Tensor, int] | None
@@ -577,8 +580,8 @@ class BankBuilder:
             if sum(count_rows(len(removed), removed.device)) if self.sharded else len(removed):
                 # rows removed by cleaning are scored against the bank too: the kept half alone is the densest
                 # (its leave-one-out scores flagged 25-30% of normal test images at threshold_quantile=0.99)
-                if members > 1 or sources is not None:
-                    k_out = min(k, self.size() - 1)
+                if members > 1 or sources is not None:  # at the kept rows' k: one threshold, one k
+                    k_out = self._outside_group_k(k, members, sources)
                     removed_scores = self._outside_group_scores(removed, removed_ids, k_out, members, sources)
                 else:
                     removed_scores = knn_scores(self.search(removed, min(k, self.size())))

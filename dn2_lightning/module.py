@@ -1661,9 +1661,10 @@ def _refuse_16_bit(dtype: torch.dtype | None) -> None:
 
 
 def _tracing() -> bool:
-    """Whether ``torch.export`` or ``torch.compile`` is tracing (a check that reads the pixels' values cannot be)."""
+    """Whether ``torch.export``, ``torch.compile`` or ``torch.jit.trace`` is tracing (a check that reads the pixels'
+    values cannot be)."""
     exporting = getattr(torch.compiler, "is_exporting", lambda: False)
-    return torch.compiler.is_compiling() or exporting()
+    return torch.compiler.is_compiling() or exporting() or torch.jit.is_tracing()
 
 
 def _active_autocast(device: torch.device) -> str | None:
