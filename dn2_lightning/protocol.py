@@ -569,9 +569,11 @@ def main(args: list[str] | None = None) -> None:
     try:
         CLI(run_protocol, **kwargs)
     except Exception as error:
-        from .cli import _dn2_refusal  # (Lightning is imported only for a refusal)
+        if args is not None:  # Python, tests: the error itself
+            raise
+        from .cli import _dn2_refusal  # (Lightning is imported only for an error on the command line)
 
-        refusal = _dn2_refusal(error) if args is None else None
+        refusal = _dn2_refusal(error)
         if refusal is None:
             raise
         capture_parser(lambda: CLI(run_protocol, **kwargs)).error(str(refusal), ex=error)
