@@ -588,6 +588,8 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         elif seen < min(total if total is not None else float("inf"), self.trainer.num_training_batches):
             self._reread_pass(f"the checkpoint's bank was built from {batch_count(seen, total)}")
         else:
+            # the ranks' banks agree first: the fingerprint check then meets one bank (and rank 0's broadcast weights)
+            refuse_ranks_with_other_banks(self.bank.summary())
             with stop_together():
                 self._check_settings_against_bank()
             if total is None or seen < total:
@@ -598,7 +600,6 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
                 )
             else:
                 info("DN2: fit restored the memory bank from ckpt_path (its pass was complete): nothing was embedded.")
-            refuse_ranks_with_other_banks(self.bank.summary())
             if self._sharded:  # the checkpoint's whole bank: each rank keeps its shard, as a bank built here would
                 self._bank_builder.keep_own_shard()
             self._bank_is_shard = self._sharded
@@ -1238,12 +1239,14 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         elif not self._has_bank:
             self._build_bank_from_datamodule()
         else:
+            # a whole bank on every rank, e.g. each node's copy of a checkpoint; first, so that the settings' and the
+            # fingerprint's checks meet one bank (Lightning broadcasts rank 0's weights but not the bank)
+            if not self._bank_is_shard:
+                refuse_ranks_with_other_banks(self.bank.summary())
             with stop_together():  # e.g. one node's copy of the folder holds another file
                 data_settings = self._data_settings()  # may set up the datamodule: read once for both checks
                 self._check_settings_against_bank(data_settings)
                 self._warn_if_bank_from_another_datamodule(data_settings)
-            if not self._bank_is_shard:  # a whole bank on every rank, e.g. each node's copy of a checkpoint
-                refuse_ranks_with_other_banks(self.bank.summary())
             if self._sharded and not self._bank_is_shard:
                 self._bank_builder.keep_own_shard()
         self._bank_is_shard = self._sharded

@@ -8,11 +8,11 @@ import warnings
 
 import pytest
 import torch
+from helpers import BlobDataModule, linear_backbone, quiet_trainer
 from torch import nn
 
 from dn2_lightning import DN2Module
 from dn2_lightning.fingerprint import fingerprint_difference, probe_images
-from tests.helpers import BlobDataModule, quiet_trainer
 
 REFUSED = r"does not embed as the one that built the memory bank: .*forward.*strict=False.*backbone it was built with"
 
@@ -126,3 +126,27 @@ def test_a_checkpoint_saved_before_fingerprints_loads_and_scores_as_before(tmp_p
     # nothing to compare with: another forward is not refused (as before fingerprints)
     unchecked = DN2Module.load_from_checkpoint(old, backbone=trunk(shift=0.1))
     unchecked.score_images(dm.test_images)
+
+
+def test_ddp_every_rank_reaches_the_fingerprints_verdict_without_a_collective_of_its_own(tmp_path):
+    """Each rank compares the probe itself (the ranks' banks agree first, and Lightning gives every rank rank 0's
+    weights): the same bank is accepted on both ranks, a fingerprint of another backbone refused on both, no hang."""
+    from test_ddp import _run_node_local
+    from test_user_paths import _digit_folder
+
+    from dn2_lightning import OneClassDataModule
+
+    _digit_folder(tmp_path / "copy0", 0, 5)
+    model = DN2Module(k=2, backbone=linear_backbone(in_features=3 * 8 * 8), reports=False)
+    trainer = quiet_trainer()
+    trainer.fit(model, datamodule=OneClassDataModule("folder", root=str(tmp_path / "copy0"), load_size=8))
+    trainer.save_checkpoint(tmp_path / "bank0.ckpt")
+    checkpoint = torch.load(tmp_path / "bank0.ckpt", weights_only=True)
+    torch.save(checkpoint, tmp_path / "bank1.ckpt")  # one checkpoint, a copy per node
+    assert _run_node_local("bank", tmp_path) == ["rank 0: accepted", "rank 1: accepted"]
+    checkpoint["state_dict"]["bank.fingerprint"] *= 2  # as if the bank's rows came from another backbone
+    for rank in (0, 1):
+        torch.save(checkpoint, tmp_path / f"bank{rank}.ckpt")
+    refused = _run_node_local("bank", tmp_path)
+    assert [line[:16] for line in refused] == ["rank 0: refused:", "rank 1: refused:"], refused
+    assert all("does not embed as the one that built the memory bank" in line for line in refused), refused
