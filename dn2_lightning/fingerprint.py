@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,14 +47,32 @@ def probe_size(train_image_size: list[int] | None, input_size: int | None) -> li
 
 @contextlib.contextmanager
 def exact_float32(device_type: str) -> Iterator[None]:
-    """Compute in float32 on ``device_type``: no autocast, no TF32 (restored afterwards)."""
-    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    """Compute in float32 on ``device_type``: no autocast, no TF32 nor bf16 matmuls (restored afterwards)."""
+    knobs = _fp32_precision_knobs()
+    saved = [knob.fp32_precision for knob in knobs]
+    # torch without the per-backend settings: its TF32 flags
+    legacy = None if knobs else (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     try:
+        for knob in knobs:
+            knob.fp32_precision = "ieee"
+        if legacy is not None:
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
         with torch.autocast(device_type, enabled=False):
             yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
+        for knob, precision in zip(knobs, saved, strict=True):
+            knob.fp32_precision = precision
+        if legacy is not None:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = legacy
+
+
+def _fp32_precision_knobs() -> list[Any]:
+    """torch's per-backend float32 precision settings (``fp32_precision``), where it has them: the legacy TF32 flags
+    set there mix the two APIs, after which ``torch.get_float32_matmul_precision()`` raises (Lightning reads it when
+    a Trainer starts on a GPU) for a user who set it to "medium"."""
+    ops = {"cuda": ("matmul",), "cudnn": ("conv", "rnn"), "mkldnn": ("matmul", "conv", "rnn")}
+    knobs = [getattr(getattr(torch.backends, backend), op, None) for backend, names in ops.items() for op in names]
+    return [knob for knob in knobs if knob is not None and hasattr(knob, "fp32_precision")]
 
 
 def fingerprint_difference(saved: Tensor, current: Tensor) -> float | None:

@@ -150,3 +150,30 @@ def test_ddp_every_rank_reaches_the_fingerprints_verdict_without_a_collective_of
     refused = _run_node_local("bank", tmp_path)
     assert [line[:16] for line in refused] == ["rank 0: refused:", "rank 1: refused:"], refused
     assert all("does not embed as the one that built the memory bank" in line for line in refused), refused
+
+
+def test_the_probe_restores_a_float32_matmul_precision_set_by_the_user():
+    # the legacy TF32 flags set over torch.set_float32_matmul_precision("medium") mixed torch's two APIs: afterwards
+    # torch.get_float32_matmul_precision() raised (Lightning reads it as a Trainer starts on a GPU)
+    from dn2_lightning.fingerprint import exact_float32
+
+    if not hasattr(torch.backends.mkldnn.matmul, "fp32_precision"):
+        pytest.skip("torch without per-backend fp32_precision settings")
+    cuda, cudnn, mkldnn = torch.backends.cuda, torch.backends.cudnn, torch.backends.mkldnn
+    knobs = [cuda.matmul, cudnn.conv, cudnn.rnn, mkldnn.matmul, mkldnn.conv, mkldnn.rnn]
+    previous, saved = torch.get_float32_matmul_precision(), [knob.fp32_precision for knob in knobs]
+    try:
+        torch.set_float32_matmul_precision("medium")
+        expected = [knob.fp32_precision for knob in knobs]
+        model = DN2Module(k=2, reports=False, backbone=trunk())
+        quiet_trainer(max_epochs=1).fit(model, BlobDataModule())  # records the fingerprint
+        assert torch.get_float32_matmul_precision() == "medium"
+        with pytest.raises(RuntimeError, match="in the probe"), exact_float32("cpu"):
+            assert [knob.fp32_precision for knob in knobs] == ["ieee"] * len(knobs)
+            raise RuntimeError("in the probe")
+        assert torch.get_float32_matmul_precision() == "medium"
+        assert [knob.fp32_precision for knob in knobs] == expected
+    finally:
+        torch.set_float32_matmul_precision(previous)
+        for knob, precision in zip(knobs, saved, strict=True):
+            knob.fp32_precision = precision
