@@ -264,6 +264,7 @@ class MemoryBank(BankModule):
             )
         if embeddings is None:  # a partial load (strict=False, e.g. the backbone's weights alone): the bank stays
             super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+            self.fingerprint_unchecked = self.fingerprint.numel() > 0  # other weights may have come: checked again
             return
         # checkpoints written before these entries existed: recomputed on first need
         state_dict.setdefault(prefix + "loo_scores", torch.empty(0))

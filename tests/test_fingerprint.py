@@ -177,3 +177,23 @@ def test_the_probe_restores_a_float32_matmul_precision_set_by_the_user():
         torch.set_float32_matmul_precision(previous)
         for knob, precision in zip(knobs, saved, strict=True):
             knob.fp32_precision = precision
+
+
+def test_other_backbone_weights_loaded_over_a_bank_with_strict_false_are_refused(tmp_path):
+    # the backbone's weights alone (no bank entries): the bank stays, so its fingerprint is compared again
+    model, dm, path = fitted(tmp_path)
+    before = model.score_images(dm.test_images).scores
+    other = DN2Module(k=2, reports=False, backbone=trunk(seed=1)).state_dict()
+    weights = {key: value for key, value in other.items() if key.startswith("backbone.")}
+    model.load_state_dict(weights, strict=False)
+    with pytest.raises(ValueError, match=REFUSED):  # its scores moved 350%
+        model.score_images(dm.test_images)
+    loaded = DN2Module.load_from_checkpoint(path, backbone=trunk())
+    loaded.score_images(dm.test_images)  # checked once
+    loaded.load_state_dict(weights, strict=False)
+    with pytest.raises(ValueError, match=REFUSED):
+        quiet_trainer().test(loaded, dm)
+    # the bank's own backbone weights loaded so: accepted
+    own = {key: value for key, value in torch.load(path, weights_only=True)["state_dict"].items() if "backbone" in key}
+    loaded.load_state_dict(own, strict=False)
+    assert torch.equal(loaded.score_images(dm.test_images).scores, before)
