@@ -327,6 +327,7 @@ class BankCollector:
         self._source_batches: list[tuple[Tensor, Tensor]] = []  # batches' (rows, sources) not in it yet
         self._keep: list[Tensor | None] = []  # per batch: which rows are real (point-wise groups' padding is not)
         self.image_sizes: set[tuple[int, int]] = set()  # (H, W) of the batches read, as the loader gave them
+        self.image_channels: set[int] = set()  # and their channels (the backbone's fingerprint probes with them)
         self.num_batches = 0
 
     def __len__(self) -> int:

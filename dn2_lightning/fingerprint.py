@@ -27,12 +27,12 @@ MAX_PROBE_PIXELS = 1024 * 1024
 _SEED = 20_200_228
 
 
-def probe_images(height: int, width: int) -> Tensor:
-    """The fixed probe: ``[2, 3, height, width]`` float32 in [0, 1), the same on every device and torch version (made
-    on the CPU with NumPy's seeded generator): seeded noise, and smooth stripes."""
-    noise = np.random.default_rng(_SEED).random((3, height, width), dtype=np.float32)
+def probe_images(height: int, width: int, channels: int = 3) -> Tensor:
+    """The fixed probe: ``[2, channels, height, width]`` float32 in [0, 1), the same on every device and torch
+    version (made on the CPU with NumPy's seeded generator): seeded noise, and smooth stripes."""
+    noise = np.random.default_rng(_SEED).random((channels, height, width), dtype=np.float32)
     y, x = np.meshgrid(np.linspace(0, 1, height), np.linspace(0, 1, width), indexing="ij")
-    phases = np.array([0.0, 2.0, 4.0])[:, None, None]
+    phases = np.array([0.0, 2.0, 4.0])[:channels, None, None]
     stripes = 0.5 + 0.4 * np.sin(6.0 * x[None] + 4.0 * y[None] + phases)
     return torch.from_numpy(np.stack([noise, stripes.astype(np.float32)]))
 

@@ -1320,6 +1320,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         self._bank_autocast = _active_autocast(batch.images.device)  # queries are embedded the same way
         if self._collector is not None:
             self._collector.image_sizes.add((int(batch.images.shape[-2]), int(batch.images.shape[-1])))
+            self._collector.image_channels.add(int(batch.images.shape[-3]))
         indices = self._indices_of(batch, batch_idx)
         self._bank_of_groups = self._bank_of_groups or batch.images.ndim == 5
         if batch.images.ndim == 5 and self.hparams.group_pooling == "none":
@@ -1390,9 +1391,10 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         self._bank_is_shard = self._sharded
         if self.maps is not None:
             self.maps.finalize(self.bank.sample_indices, keep_collecting)
-        image_sizes = {size for part in gather_objects(collector.image_sizes) for size in part}
+        shapes = gather_objects((collector.image_sizes, collector.image_channels))
+        image_sizes = {size for sizes, _ in shapes for size in sizes}
         self._record_bank_spec(collector.paths, sources, image_sizes)
-        self._record_fingerprint()
+        self._record_fingerprint({channels for _, part in shapes for channels in part})
         builder.update_loo_scores(hp.k, hp.threshold_samples)
         self._warn_if_no_threshold()
         report["bank/size"] = float(builder.size())
@@ -1489,13 +1491,16 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         size = self.bank.spec.get("fingerprint_size")
         if not size:
             return None
+        channels = self.bank.spec.get("fingerprint_channels", 3)
         with torch.no_grad(), exact_float32(self.device.type):
-            return self._embed_images(probe_images(*size).to(self.device))
+            return self._embed_images(probe_images(*size, channels=channels).to(self.device))
 
-    def _record_fingerprint(self) -> None:
-        """Keep the backbone's embedding of the probe with a bank just made (queued on the device: no sync)."""
+    def _record_fingerprint(self, image_channels: set[int]) -> None:
+        """Keep the backbone's embedding of the probe with a bank just made (queued on the device: no sync), with
+        the training images' channels (``image_channels``: a grey backbone's trunk may take one channel only)."""
         size = probe_size(self.bank.spec.get("train_image_size"), self.backbone.image_size)
         self.bank.spec["fingerprint_size"] = size
+        self.bank.spec["fingerprint_channels"] = image_channels.pop() if len(image_channels) == 1 else 3
         embedding = self._probe_embedding()
         rows = self.bank.embeddings
         self.bank.fingerprint = as_buffer(

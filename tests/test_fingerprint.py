@@ -197,3 +197,29 @@ def test_other_backbone_weights_loaded_over_a_bank_with_strict_false_are_refused
     own = {key: value for key, value in torch.load(path, weights_only=True)["state_dict"].items() if "backbone" in key}
     loaded.load_state_dict(own, strict=False)
     assert torch.equal(loaded.score_images(dm.test_images).scores, before)
+
+
+def test_a_grey_backbone_fitted_on_one_channel_images_is_probed_with_one_channel(tmp_path):
+    # a FeatureExtractor normalising one channel feeds its trunk grey images as they come: the 3-channel probe
+    # stopped the fit at its end ("mat1 and mat2 shapes cannot be multiplied (2x192 and 64x16)")
+    from dn2_lightning.backbones import FeatureExtractor
+
+    def grey() -> FeatureExtractor:
+        return FeatureExtractor(linear_backbone(in_features=64), mean=(0.5,), std=(0.25,))
+
+    dm = BlobDataModule()
+    dm.train_images, dm.test_images = dm.train_images[:, :1].contiguous(), dm.test_images[:, :1].contiguous()
+    model = DN2Module(k=2, reports=False, backbone=grey())
+    trainer = quiet_trainer(max_epochs=1)
+    trainer.fit(model, dm)
+    assert model.bank.fingerprint.shape == (2, 16)
+    before = model.score_images(dm.test_images).scores
+    trainer.save_checkpoint(tmp_path / "grey.ckpt")
+    loaded = DN2Module.load_from_checkpoint(tmp_path / "grey.ckpt", backbone=grey())
+    assert loaded.bank.fingerprint_unchecked
+    assert torch.equal(loaded.score_images(dm.test_images).scores, before)
+    loaded = DN2Module.load_from_checkpoint(tmp_path / "grey.ckpt", backbone=grey())
+    with torch.no_grad():
+        loaded.backbone.trunk[1].bias.add_(1.0)  # another backbone under the same settings: still refused
+    with pytest.raises(ValueError, match=REFUSED):
+        loaded.score_images(dm.test_images)
