@@ -613,3 +613,21 @@ def test_a_training_step_queues_its_batch_before_the_host_waits(setting):
     middle = waits.early[1:-1]
     assert not any(middle), f"{setting}: steps waited for their own batch at {middle}"
     assert len(model.bank) > 0
+
+
+def test_a_bank_fingerprinted_on_the_cpu_is_accepted_on_the_device():
+    """The backbone fingerprint (a fixed probe's float32 embedding, no autocast or TF32) recorded by a CPU fit is
+    compared on the device at the loaded bank's first use: cuDNN's float32 convolutions must stay far inside its 5%
+    tolerance (a tenth of it here), and the scores agree with the CPU's."""
+    from dn2_lightning.fingerprint import FINGERPRINT_TOLERANCE, fingerprint_difference
+
+    dm = blob_data()
+    model = DN2Module(k=2, backbone="efficientnet_lite0", input_size=64, reports=False)
+    quiet_trainer().fit(model, datamodule=dm)
+    on_device = DN2Module(k=2, backbone="efficientnet_lite0", input_size=64, reports=False)
+    on_device.load_state_dict(copy.deepcopy(model.state_dict()))
+    on_device.to(DEVICE)
+    difference = fingerprint_difference(on_device.bank.fingerprint, on_device._probe_embedding())
+    assert difference is not None and difference < FINGERPRINT_TOLERANCE / 10, f"cpu -> {DEVICE}: {difference:.2e}"
+    scores = on_device.score_images(dm.test_images[:8]).scores.cpu().numpy()
+    np.testing.assert_allclose(scores, model.score_images(dm.test_images[:8]).scores.numpy(), rtol=1e-3)
