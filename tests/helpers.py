@@ -68,6 +68,16 @@ def linear_backbone(seed: int = 0, in_features: int = 192, dim: int = 16) -> nn.
     return nn.Sequential(nn.Flatten(), nn.Linear(in_features, dim))
 
 
+def brute_force_scores(backbone: nn.Module, bank_images: torch.Tensor, images: torch.Tensor, k: int) -> np.ndarray:
+    """DN2 scores of ``images`` against a bank of ``bank_images``, both embedded by ``backbone`` directly, by a
+    float64 brute force: the reference the module's scores are checked against."""
+    with torch.no_grad():
+        bank = backbone(bank_images).double().numpy()
+        queries = backbone(images).double().numpy()
+    distances = ((queries[:, None] - bank[None]) ** 2).sum(-1)
+    return np.sort(distances, axis=1)[:, :k].mean(1)
+
+
 def quiet_trainer(**kwargs):
     from lightning import Trainer
 

@@ -5,18 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import BlobDataModule, linear_backbone, quiet_trainer
+from helpers import BlobDataModule, brute_force_scores, linear_backbone, quiet_trainer
 from torch import nn
 
 from dn2_lightning import DN2Module
-
-
-def brute_force_scores(backbone: nn.Module, bank_images: torch.Tensor, images: torch.Tensor, k: int) -> np.ndarray:
-    with torch.no_grad():
-        bank = backbone(bank_images).double().numpy()
-        queries = backbone(images).double().numpy()
-    distances = ((queries[:, None] - bank[None]) ** 2).sum(-1)
-    return np.sort(distances, axis=1)[:, :k].mean(1)
 
 
 def renamed_linear_backbone(seed: int) -> nn.Module:
