@@ -191,10 +191,10 @@ def check_threshold(quantile: object, value: object = None) -> None:
     finite = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     if value is not None and not finite:
         raise ValueError(f"threshold={value!r} must be None (use threshold_quantile) or a finite DN2 score.")
-    if finite and value > _FLOAT32_MAX:  # the threshold is kept as float32: it would read inf (JSON: Infinity)
+    if finite and value > _FLOAT32_MAX:  # flags nothing: a typo's exponent, not a score
         raise ValueError(
-            f"threshold={value!r} is beyond float32's range (3.4e38), where the threshold is kept and no DN2 score of "
-            "float32 embeddings lies: give a score (the printed threshold, or scores.csv's score column), or None."
+            f"threshold={value!r} is beyond float32's range (3.4e38), where no DN2 score of float32 embeddings lies "
+            "(it would flag nothing): give a score (the printed threshold, or scores.csv's score column), or None."
         )
     if finite and value < 0:  # a mean of squared distances: every sample would be flagged
         raise ValueError(
