@@ -107,8 +107,8 @@ def test_an_undefined_normalised_score_is_an_empty_cell(tmp_path):
 
 @pytest.mark.parametrize("value", [1e39, -1.0, float("inf")])
 def test_a_fixed_threshold_beyond_float32_is_refused_by_name(value):
-    """The threshold is kept as float32: 1e39 was accepted as finite, kept as inf, and summary.json then held
-    Infinity, which strict JSON readers refuse."""
+    """1e39, beyond float32 (where no score of float32 embeddings lies), was accepted as finite and kept as a float32
+    inf, and summary.json then held Infinity, which strict JSON readers refuse (the threshold is float64 now)."""
     model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
     with pytest.raises(ValueError, match=re.escape(f"threshold={value!r} ")):
         model.set_threshold(value=value)
