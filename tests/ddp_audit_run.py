@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import BlobDataModule, linear_backbone  # noqa: E402
+from helpers import BlobDataModule, ddp_trainer_settings, linear_backbone  # noqa: E402
 from lightning import LightningDataModule, Trainer  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
@@ -79,17 +79,8 @@ def main(out: str, devices: int, case: str, sharding: str, ckpt: str = "") -> No
     settings = dict(k=2, bank_sharding=sharding, reports=case == "f64", threshold_samples=None)
     if case in ("pw", "pw_val"):
         settings["group_pooling"] = "none"
-    trainer_settings = dict(
-        accelerator="cpu",
-        devices=devices,
-        strategy="ddp" if devices > 1 else "auto",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=str(Path(out).parent / f"{case}-{devices}-{sharding}"),
-        max_epochs=1,
-    )
+    root = str(Path(out).parent / f"{case}-{devices}-{sharding}")
+    trainer_settings = ddp_trainer_settings(devices, root, enable_checkpointing=False, max_epochs=1)
     if case == "pw_val":
         trainer_settings["val_check_interval"] = 0.5
     if case == "f64":

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import BlobDataModule, DictDataset, linear_backbone  # noqa: E402
+from helpers import BlobDataModule, DictDataset, ddp_trainer_settings, linear_backbone  # noqa: E402
 from lightning import LightningDataModule, Trainer  # noqa: E402
 from torch.utils.data import (  # noqa: E402
     BatchSampler,
@@ -266,14 +266,9 @@ def main(out: str, devices: int, setting: str, mode: str, sharding: str = "repli
         settings.update(anomaly_maps=True, map_layers=["1", "3"], map_images=4)
     backbone = conv_backbone if setting in ("maps", "other_size_on_rank_one") else linear_backbone
     model = DN2Module(**settings, backbone=backbone())
-    trainer_settings = dict(
-        accelerator="cpu",
-        devices=devices,
-        strategy="ddp" if devices > 1 else "auto",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(Path(out).parent),
+    trainer_settings = ddp_trainer_settings(
+        devices,
+        str(Path(out).parent),
         use_distributed_sampler=setting not in ("noindex_no_sampler", "index_no_sampler"),
     )
     trainer = Trainer(**trainer_settings)

@@ -78,6 +78,22 @@ def brute_force_scores(backbone: nn.Module, bank_images: torch.Tensor, images: t
     return np.sort(distances, axis=1)[:, :k].mean(1)
 
 
+def ddp_trainer_settings(devices: int, root: str, **overrides: object) -> dict:
+    """The DDP scripts' quiet CPU Trainer settings: ``devices`` processes (DDP beyond one), reports under ``root``."""
+    return (
+        dict(
+            accelerator="cpu",
+            devices=devices,
+            strategy="ddp" if devices > 1 else "auto",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=root,
+        )
+        | overrides
+    )
+
+
 def quiet_trainer(**kwargs):
     from lightning import Trainer
 
