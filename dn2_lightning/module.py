@@ -952,10 +952,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         self._check_hparams()
         check_positive_int("batch_size", batch_size, hint=" (images per backbone call)")
         self._require_bank()
-        model_settings = self._model_settings()
-        check_bank_format(self.bank.spec, model_settings)
-        check_bank_settings(self.bank.spec, model_settings, BANK_SETTINGS, "this model")
-        self._check_fingerprint()
+        self._check_model_against_bank()
         self._warn_if_fixed_threshold_meets_another_k()  # as an evaluation run does, e.g. after an hparams.k edit
         parts: list[tuple[Tensor, KNNResult]] = []
         maps: list[Tensor] = []
@@ -1478,11 +1475,15 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
     def _check_settings_against_bank(self, data_settings: dict[str, Any] | None = None) -> None:
         """The model's and the datamodule's settings against the bank's record, on every use: a bank can also
         arrive by ``load_state_dict``, which no Lightning hook sees."""
+        self._check_model_against_bank()
+        self._check_data_settings(data_settings)
+
+    def _check_model_against_bank(self) -> None:
+        """The model's recorded settings and its backbone's fingerprint against the bank's."""
         model_settings = self._model_settings()
         check_bank_format(self.bank.spec, model_settings)
         check_bank_settings(self.bank.spec, model_settings, BANK_SETTINGS, "this model")
         self._check_fingerprint()
-        self._check_data_settings(data_settings)
 
     def _probe_embedding(self) -> Tensor | None:
         """This model's embedding ``[P, D]`` of the fixed probe (:mod:`~dn2_lightning.fingerprint`) at the size the
@@ -1500,7 +1501,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         the training images' channels (``image_channels``: a grey backbone's trunk may take one channel only)."""
         size = probe_size(self.bank.spec.get("train_image_size"), self.backbone.image_size)
         self.bank.spec["fingerprint_size"] = size
-        self.bank.spec["fingerprint_channels"] = image_channels.pop() if len(image_channels) == 1 else 3
+        self.bank.spec["fingerprint_channels"] = next(iter(image_channels)) if len(image_channels) == 1 else 3
         embedding = self._probe_embedding()
         rows = self.bank.embeddings
         self.bank.fingerprint = as_buffer(

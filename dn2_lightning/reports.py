@@ -312,6 +312,7 @@ def save_figures(
     out_dir.mkdir(parents=True, exist_ok=True)
     labels, values = scores.labels.numpy(), scores.scores.numpy()
     defined = threshold is not None and not math.isnan(threshold)
+    flagged = exceeds(scores.scores, threshold).numpy() if defined else None  # one reading for both figures
     written: dict[str, Path] = {}
     labelled = bool((labels >= 0).all()) and len(set(labels.tolist())) == 2
 
@@ -321,8 +322,7 @@ def save_figures(
         ax = fig.subplots()
         ax.plot(fpr, tpr, label=f"AUROC = {roc_auc_score(labels, values):.4f}")
         ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
-        if defined:
-            flagged = exceeds(scores.scores, threshold).numpy()
+        if flagged is not None:
             op_fpr, op_tpr = flagged[labels == 0].mean(), flagged[labels == 1].mean()
             ax.plot(op_fpr, op_tpr, "ro", label=f"threshold {threshold:.3g}: FPR {op_fpr:.2f}, TPR {op_tpr:.2f}")
         ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
@@ -335,8 +335,8 @@ def save_figures(
     bins = np.histogram_bin_edges(values, bins=50)  # one set of bins, so the groups compare bar for bar
     for name, mask in groups:
         ax.hist(values[mask], bins=bins, alpha=0.6, label=name)
-    if defined:
-        n_flagged = int(exceeds(scores.scores, threshold).sum())
+    if flagged is not None:
+        n_flagged = int(flagged.sum())
         ax.axvline(threshold, color="k", linestyle="--", label=f"threshold {threshold:.3g} ({n_flagged} above)")
     ax.set(xlabel="DN2 score", ylabel="samples", title="Score distribution")
     ax.legend(fontsize=7)
