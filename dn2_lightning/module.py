@@ -75,7 +75,7 @@ from dn2_lightning.fingerprint import (
 )
 from dn2_lightning.group_pooling import GROUP_POOLINGS, GroupPooling, GroupPoolingName, pack_members, unpack_members
 from dn2_lightning.inputs import ImagesLike, as_image_batches
-from dn2_lightning.knn import KNNBackend, KNNResult
+from dn2_lightning.knn import KNNBackend, KNNResult, content_key
 from dn2_lightning.maps.bank import PatchBank
 from dn2_lightning.maps.head import AnomalyMaps, PatchBankName, gt_masks_of, gt_regions_of, validate_map_options
 from dn2_lightning.metrics import AnomalyScores, ImageScores, ScoreCollector
@@ -296,6 +296,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         self._bank_autocast: str | None = None  # autocast dtype the bank rows are being embedded under, if any
         self._embedding_bank_rows = False  # forward embeds under the autocast in force (else the bank's)
         self._pixels_checked = False  # forward is called by _embed, whose batches were checked already
+        self._fingerprint_weights: tuple | None = None  # the backbone's weights when the fingerprint was last compared
         self._checks_behind = ChecksBehind()  # the training pass's checks that read the device, one batch later
         # under DDP: this rank's error in the training pass / the evaluation, raised with the others' later
         self._held_errors: dict[str, Exception] = {}
@@ -309,12 +310,14 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["_bank_datamodule"] = None  # a weakref (which cannot be pickled) to an object of this process
+        state["_fingerprint_weights"] = None  # weak references too: an unpickled module checks its backbone again
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_embedding_bank_rows", False)
         self.__dict__.setdefault("_pixels_checked", False)
+        self.__dict__.setdefault("_fingerprint_weights", None)
         self.__dict__.setdefault("_checks_behind", ChecksBehind())
         self.__dict__.setdefault("_other_size", None)
         self.__dict__.setdefault("_unlabelled_folder", False)
@@ -1508,12 +1511,23 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
             embedding if embedding is not None else rows.new_empty(0, 0), torch.float32, rows.device
         )
         self.bank.fingerprint_unchecked = False
+        self._fingerprint_weights = self._backbone_weights_key()
+
+    def _backbone_weights_key(self) -> tuple:
+        """The backbone's weights and buffers as they are now (:func:`~dn2_lightning.knn.content_key`: the tensors
+        and their in-place edits, ``load_state_dict`` included): a fingerprint check holds until it changes."""
+        return content_key(*self.backbone.parameters(), *self.backbone.buffers())
 
     def _check_fingerprint(self) -> None:
-        """A loaded bank's first use: this model's backbone must embed the probe as the one that made the bank did
-        (the recorded settings miss an edited ``forward``, other weights, another library version). Deterministic,
-        so every rank reaches the same verdict without a collective. Refused, it is checked again at the next use."""
-        if not self.bank.fingerprint_unchecked:
+        """A loaded bank's first use, and the first use after the backbone's weights changed (``load_state_dict`` on
+        the backbone itself, an in-place edit): this model's backbone must embed the probe as the one that made the
+        bank did (the recorded settings miss an edited ``forward``, other weights, another library version).
+        Deterministic, so every rank reaches the same verdict without a collective. Refused, it is checked again at
+        the next use."""
+        if self.bank.fingerprint.numel() == 0:
+            return
+        weights = self._backbone_weights_key()
+        if not self.bank.fingerprint_unchecked and weights == self._fingerprint_weights:
             return
         current = self._probe_embedding()
         difference = None if current is None else fingerprint_difference(self.bank.fingerprint, current)
@@ -1525,11 +1539,12 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
                 "queries would be compared with rows of another embedding and their scores would mean nothing. It "
                 "happens when a custom backbone's forward (or your own FeatureExtractor subclass) was edited since "
                 "the fit, when other backbone weights were loaded (load_state_dict(..., strict=False) leaving the "
-                "bank's out), or when an upgrade of torch, torchvision or the backbone's package changed its "
-                "computation. Load the bank into a DN2Module with the backbone it was built with (the same code, "
-                "weights and library versions), or build a new bank with fit."
+                "bank's out, or into model.backbone) or edited in place, or when an upgrade of torch, torchvision or "
+                "the backbone's package changed its computation. Load the bank into a DN2Module with the backbone it "
+                "was built with (the same code, weights and library versions), or build a new bank with fit."
             )
         self.bank.fingerprint_unchecked = False
+        self._fingerprint_weights = weights
 
     def _check_data_settings(self, current: dict[str, Any] | None = None) -> None:
         current = self._data_settings() if current is None else current

@@ -223,3 +223,43 @@ def test_a_grey_backbone_fitted_on_one_channel_images_is_probed_with_one_channel
         loaded.backbone.trunk[1].bias.add_(1.0)  # another backbone under the same settings: still refused
     with pytest.raises(ValueError, match=REFUSED):
         loaded.score_images(dm.test_images)
+
+
+def test_backbone_weights_changed_after_the_check_are_compared_again(tmp_path, monkeypatch):
+    # the bank's fingerprint was compared at its first use only: weights loaded into model.backbone afterwards (or
+    # edited in place) were scored against the old rows without a word
+    model, dm, path = fitted(tmp_path)
+    before = model.score_images(dm.test_images).scores
+    probes = []
+    real_probe = model._probe_embedding
+    monkeypatch.setattr(model, "_probe_embedding", lambda: probes.append(1) or real_probe())
+    model.score_images(dm.test_images)
+    quiet_trainer().test(model, dm)
+    assert probes == []  # unchanged weights: no probe per call
+    own = {key: value.clone() for key, value in model.backbone.state_dict().items()}
+    model.backbone.trunk.load_state_dict(trunk(seed=1).state_dict())
+    with pytest.raises(ValueError, match=REFUSED):
+        model.score_images(dm.test_images)
+    with pytest.raises(ValueError, match=REFUSED):
+        quiet_trainer().test(model, dm)
+    model.backbone.load_state_dict(own)  # the bank's own weights back: accepted, the same scores
+    assert torch.equal(model.score_images(dm.test_images).scores, before)
+    probes.clear()
+    with torch.no_grad():
+        model.backbone.trunk.linear.weight.mul_(1.5)  # an in-place edit
+    with pytest.raises(ValueError, match=REFUSED):
+        model.score_images(dm.test_images)
+    assert len(probes) == 1
+
+
+def test_a_pickled_module_checks_its_backbone_again_and_scores_as_before(tmp_path):
+    import pickle
+
+    model, dm, _ = fitted(tmp_path, backbone=linear_backbone())
+    before = model.score_images(dm.test_images).scores
+    copy = pickle.loads(pickle.dumps(model))  # as ddp_spawn sends it
+    assert torch.equal(copy.score_images(dm.test_images).scores, before)
+    with torch.no_grad():
+        copy.backbone.trunk[1].bias.add_(1.0)
+    with pytest.raises(ValueError, match=REFUSED):
+        copy.score_images(dm.test_images)
