@@ -481,6 +481,7 @@ class BankBuilder:
         self.bank.set(embeddings, indices, copy=False)  # rows made for the bank: held once, not copied
         n = self.size()
         if n < k:
+            self.bank.reset()  # no bank rather than one too small to search: its next use builds it again
             raise ValueError(f"k={k} exceeds the number of training embeddings ({n}); use k <= {n}.")
         report: dict[str, float] = {"bank/size_before_cleaning": float(n)}
         if clean_fraction > 0:
@@ -505,6 +506,7 @@ class BankBuilder:
             self.bank.set(embeddings[mine], indices[mine], copy=False)
             self.bank.set_removed(embeddings[~mine], indices[~mine], copy=False)
             if int(keep.sum()) < k:
+                self.bank.reset()
                 raise ValueError(
                     f"clean_fraction={clean_fraction} leaves {int(keep.sum())} embeddings, fewer than k={k}; lower "
                     "clean_fraction or k."

@@ -5,8 +5,9 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import pytest
 import torch
-from helpers import DictDataset, linear_backbone, quiet_trainer
+from helpers import BlobDataModule, DictDataset, linear_backbone, quiet_trainer
 from torch.utils.data import DataLoader
 
 from dn2_lightning import DN2Module
@@ -44,3 +45,18 @@ def test_cleaning_with_exact_duplicate_images_keeps_copies_as_neighbours_and_cut
         against_kept[kept, np.arange(len(kept))] = np.inf  # a kept image leaves itself out, a removed one not
         expected = np.sort(against_kept.min(1))
         np.testing.assert_allclose(model.bank.loo_scores.double().numpy(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_a_fit_refused_for_cleaning_too_far_leaves_no_bank_behind():
+    # the refusal came after the too-small cleaned bank was set: the next use blamed k ("k=2 must be ... <= bank size
+    # (1)") instead of saying again what is wrong
+    dm = BlobDataModule()
+    model = DN2Module(k=2, reports=False, backbone=linear_backbone(), clean_fraction=0.99)
+    refused = r"clean_fraction=0.99 leaves 1 embeddings, fewer than k=2; lower clean_fraction or k"
+    with pytest.raises(ValueError, match=refused):
+        quiet_trainer(max_epochs=1).fit(model, dm)
+    assert len(model.bank) == 0 and len(model.bank.removed) == 0
+    with pytest.raises(RuntimeError, match="no memory bank"):
+        model.score_images(dm.test_images)
+    with pytest.raises(ValueError, match=refused):  # built on first need: refused for the same reason
+        quiet_trainer().test(model, dm)
