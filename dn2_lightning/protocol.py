@@ -31,7 +31,14 @@ from dn2_lightning.backbones import build_backbone, check_backbone_input_size, g
 from dn2_lightning.cache import atomic_write, load_cached, save_atomic
 from dn2_lightning.data.classes import draw_contaminants, resolve_class
 from dn2_lightning.data.datasets import ArrayImageDataset, iter_image_batches
-from dn2_lightning.data.sources import LabeledImages, default_data_root, known_classes, list_datasets, load_split
+from dn2_lightning.data.sources import (
+    LabeledImages,
+    default_data_root,
+    known_classes,
+    list_datasets,
+    load_split,
+    warn_if_root_unused,
+)
 from dn2_lightning.knn import KNNBackend, knn_distances
 from dn2_lightning.scoring import cleaning_mask, knn_scores, rank_auroc, removed_count
 from dn2_lightning.validation import (
@@ -410,6 +417,7 @@ def run_protocol(
     check_choice("precision", precision, PRECISIONS)
     check_seed("seed", seed)
     _resolve_device(device)
+    warn_if_root_unused(dataset, root)
     if out is not None:  # a folder that cannot be made fails now, not after every class is scored
         try:
             Path(out).mkdir(parents=True, exist_ok=True)

@@ -1029,6 +1029,24 @@ def test_a_data_root_that_is_a_file_is_refused(tmp_path):
         make(dataset="fashionmnist", root=str(tmp_path / "not_yet"))
 
 
+def test_a_data_root_given_for_the_bundled_digits_is_said_to_be_unused(tmp_path, monkeypatch):
+    """dataset="digits" with root=<a folder> read scikit-learn's bundled copy without a word: a user pointing root at
+    their own digits got others. The datamodules, the CLI and dn2-protocol say so; without root, nothing is said."""
+    from dn2_lightning import protocol
+
+    unused = r"root='.*mine' is not used for dataset='digits': the digits come bundled with scikit-learn .*'folder'"
+    for make in (OneClassDataModule, GroupDataModule):
+        with pytest.warns(UserWarning, match=unused):
+            make(dataset="digits", root=str(tmp_path / "mine"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            make(dataset="digits")
+            make(dataset="fashionmnist", root=str(tmp_path / "mine"))
+    monkeypatch.setattr(protocol, "load_split", lambda *args: (_ for _ in ()).throw(RuntimeError("stop here")))
+    with pytest.warns(UserWarning, match=unused), pytest.raises(RuntimeError, match="stop here"):
+        protocol.run_protocol("digits", root=str(tmp_path / "mine"))
+
+
 def test_array_image_dataset_takes_numpy_arrays_as_its_tensors():
     """A NumPy uint8 array was refused with "images must be uint8 [N, H, W] ...; got uint8 (10, 8, 8)"."""
     from dn2_lightning.data import ArrayImageDataset

@@ -18,7 +18,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from dn2_lightning.data.datasets import PIXEL_FORMAT, to_chw_uint8
-from dn2_lightning.data.sources import SPLITS, LabeledImages, known_classes, list_datasets, load_split
+from dn2_lightning.data.sources import (
+    SPLITS,
+    LabeledImages,
+    known_classes,
+    list_datasets,
+    load_split,
+    warn_if_root_unused,
+)
 from dn2_lightning.validation import (
     as_python,
     check_bool,
@@ -233,6 +240,7 @@ class GroupDataModule(LightningDataModule):
         check_load_size(load_size)
         check_bool("pin_memory", pin_memory)
         check_data_root(root)
+        warn_if_root_unused(dataset, root)
         self.save_hyperparameters()
         self.hparams.update(as_python(dict(self.hparams)))  # NumPy numbers as Python ones, for checkpoints
         self.hparams.pixel_format = dict(PIXEL_FORMAT)  # what the images are, for the model to record

@@ -30,7 +30,7 @@ from dn2_lightning.data.datasets import (
     list_image_files,
 )
 from dn2_lightning.data.masks import with_mvtec_masks
-from dn2_lightning.data.sources import SPLITS, known_classes, list_datasets, load_split
+from dn2_lightning.data.sources import SPLITS, known_classes, list_datasets, load_split, warn_if_root_unused
 from dn2_lightning.data.synthetic import ensure_synthetic_defects
 from dn2_lightning.validation import (
     as_python,
@@ -118,6 +118,7 @@ class OneClassDataModule(LightningDataModule):
         check_load_size(load_size)
         check_bool("pin_memory", pin_memory)
         check_data_root(root)
+        warn_if_root_unused(dataset, root)
         check_contamination(contamination)
         check_seed("seed", seed)
         check_choice("on_corrupt", on_corrupt, CORRUPT_POLICIES)

@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import os
 import pickle
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -98,6 +99,18 @@ def known_classes(name: str) -> tuple[str, ...]:
 def list_datasets() -> list[str]:
     """Names accepted by :func:`load_split` (and ``OneClassDataModule(dataset=...)``, plus ``"folder"``)."""
     return sorted(_LOADERS)
+
+
+def warn_if_root_unused(name: str, root: str | Path | None) -> None:
+    """A datamodule's ``root`` for a dataset that is not read from it (scikit-learn's bundled digits): said, as a
+    user pointing ``root`` at their own copy would otherwise get the bundled one without a word."""
+    if name == "digits" and root is not None:
+        warnings.warn(
+            f"root={str(root)!r} is not used for dataset='digits': the digits come bundled with scikit-learn "
+            f"({_digits_files()[0]}). For your own images, use dataset='folder' with root=<folder>; otherwise leave "
+            "root unset.",
+            stacklevel=3,
+        )
 
 
 def load_split(name: str, split: str, root: str | Path | None = None) -> LabeledImages:
