@@ -40,6 +40,7 @@ from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from dn2_lightning.backbones import BackboneWeightsNotFoundError, list_backbones
@@ -319,7 +320,12 @@ class DN2CLI(LightningCLI):
         wants_bar = config.get("enable_progress_bar") is not False
         if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
             kwargs.setdefault("callbacks", [*callbacks, default_progress_bar()])
-        return super().instantiate_trainer(**kwargs)
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError, TypeError) as error:
+            # the Trainer refusing its settings (--trainer.devices=abc, an accelerator this machine lacks): a usage
+            # error, as DN2's own refusals are, not Lightning's traceback
+            self._subcommand_parser().error(f"the Trainer refused its settings (--trainer.*): {error}", ex=error)
 
     def after_fit(self) -> None:
         callback = self.trainer.checkpoint_callback

@@ -47,3 +47,23 @@ def test_ckpt_path_of_another_model_is_a_usage_error(tmp_path, capsys):
     assert refused.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith(f"error: --ckpt_path={other} is not a checkpoint of DN2") and "dn2 fit" in last
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--trainer.devices=abc", "`devices` selected with `CPUAccelerator` should be an int > 0"),
+        ("--trainer.strategy=nonsense", "You selected an invalid strategy name: `strategy='nonsense'`"),
+    ],
+)
+def test_a_trainer_setting_the_trainer_refuses_is_a_usage_error(flag, message, tmp_path, capsys):
+    """``dn2 test --trainer.devices=abc`` ended in a 20-line traceback from inside Lightning: the Trainer's refusal
+    is a usage error (exit code 2) with Lightning's message on the last line."""
+    from dn2_lightning.cli import cli_main
+
+    config = Path(__file__).parents[1] / "configs" / "digits.yaml"
+    with pytest.raises(SystemExit) as refused:
+        cli_main(["test", "--config", str(config), flag, f"--trainer.default_root_dir={tmp_path}"])
+    assert refused.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: the Trainer refused its settings (--trainer.*): ") and message in last
