@@ -265,17 +265,21 @@ class DN2CLI(LightningCLI):
         ckpt_path = str(Path(ckpt_path).expanduser())  # `--ckpt_path=~/...`: no shell expands it (Lightning does)
         if not Path(ckpt_path).is_file():
             raise FileNotFoundError(_no_checkpoint_file(Path(ckpt_path)))
-        with readable_checkpoint(ckpt_path):
-            # memory-mapped where torch can (zip files): only the hyperparameters are read here, not the bank
-            with open(ckpt_path, "rb") as file:  # torch's zip format (what mmap needs) starts with a zip entry
-                mmap = file.read(4) == b"PK\x03\x04"
-            checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=mmap)
-            if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-                raise KeyError("state_dict")
+        try:
+            with readable_checkpoint(ckpt_path):
+                # memory-mapped where torch can (zip files): only the hyperparameters are read here, not the bank
+                with open(ckpt_path, "rb") as file:  # torch's zip format (what mmap needs) starts with a zip entry
+                    mmap = file.read(4) == b"PK\x03\x04"
+                checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=mmap)
+                if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+                    raise KeyError("state_dict")
+        except ValueError as error:  # no checkpoint file (the run's config.yaml, a state_dict file): the ones nearby
+            raise ValueError(f"{error}{_checkpoints_near(Path(ckpt_path))}") from error
         if not any(str(name).startswith("bank.") for name in checkpoint["state_dict"]):  # every DN2Module's has
             raise ValueError(
                 f"--ckpt_path={ckpt_path} is not a checkpoint of DN2 (its state holds no memory bank, bank.*): another "
                 "model's? Give the .ckpt file that `dn2 fit` printed, or run `dn2 fit` first."
+                f"{_checkpoints_near(Path(ckpt_path))}"
             )
         saved = checkpoint.get("hyper_parameters", {})
         model = self.config[subcommand].get("model")
@@ -573,14 +577,22 @@ def _param_lines(params: dict[str, tuple[Any, str]], width: int) -> list[str]:
 
 def _no_checkpoint_file(path: Path) -> str:
     """Why ``--ckpt_path`` names no checkpoint file, with the ones nearby."""
+    what = "is a folder, not a checkpoint file" if path.is_dir() else "does not exist"
+    return f"--ckpt_path={path} {what}: give the .ckpt file that `dn2 fit` printed.{_checkpoints_near(path)}"
+
+
+def _checkpoints_near(path: Path) -> str:
+    """The first ``.ckpt`` files in a folder (its runs' too) or beside a file (the run's config.yaml sits beside
+    ``checkpoints/``), as a sentence; empty when none."""
     folder = path if path.is_dir() else path.parent
     # a folder of runs: lightning_logs/version_0/checkpoints/*.ckpt
-    patterns = ("*.ckpt", "*/*.ckpt", "*/*/*.ckpt", "*/*/*/*.ckpt") if path.is_dir() else ("*.ckpt",)
-    found = (p for pattern in patterns for p in folder.glob(pattern)) if folder.is_dir() else iter(())
+    if path.is_dir():
+        patterns: tuple[str, ...] = ("*.ckpt", "*/*.ckpt", "*/*/*.ckpt", "*/*/*/*.ckpt")
+    else:
+        patterns = ("*.ckpt", "*/*.ckpt") if path.is_file() else ("*.ckpt",)
+    found = (p for pattern in patterns for p in folder.glob(pattern) if p != path) if folder.is_dir() else iter(())
     found = sorted(map(str, itertools.islice(found, 5)))  # (the first found: a whole disk is not walked)
-    listing = f" Checkpoints under {folder}: {', '.join(found)}." if found else ""
-    what = "is a folder, not a checkpoint file" if path.is_dir() else "does not exist"
-    return f"--ckpt_path={path} {what}: give the .ckpt file that `dn2 fit` printed.{listing}"
+    return f" Checkpoints under {folder}: {', '.join(found)}." if found else ""
 
 
 def _dn2_refusal(error: BaseException) -> BaseException | None:

@@ -663,7 +663,7 @@ def test_a_ckpt_path_that_is_no_checkpoint_is_a_usage_error_naming_the_ones_foun
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
-    Path(ckpt).rename(home / "bank.ckpt")
+    (home / "bank.ckpt").write_bytes(Path(ckpt).read_bytes())  # the run's own stays beside its config.yaml
     tilde = build_cli(["test", *common, "--ckpt_path=~/bank.ckpt"])
     assert len(tilde.model.bank) == len(fit.model.bank) and "test/auroc" in tilde.trainer.callback_metrics
     for path, expected in cases.items():
@@ -672,3 +672,6 @@ def test_a_ckpt_path_that_is_no_checkpoint_is_a_usage_error_naming_the_ones_foun
         error = " ".join(capsys.readouterr().err.split())
         assert stopped.value.code == 2 and "Traceback" not in error, error
         assert re.search(rf"error: .*{expected}", error), error
+        # README: each of them "listing the .ckpt files found there" (the run's config.yaml sits beside checkpoints/)
+        if path != tmp_path / "missing.ckpt":
+            assert re.search(r"Checkpoints under .*\.ckpt", error), error
