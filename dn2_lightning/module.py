@@ -477,6 +477,8 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
             strategy.configure_ddp = lambda: broadcast_module_state(self.backbone)
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
+        """Embed one training batch into the memory bank being collected (no loss, no optimizer step: DN2's fit
+        is one pass of the frozen backbone); returns ``None``."""
         self.fit_built_bank = True  # also when fit resumes mid-epoch (on_train_epoch_start is skipped then)
         if not self._pass_started:
             # resumed mid-epoch: Lightning feeds the epoch's remaining batch count from a restarted iterator, so

@@ -397,8 +397,14 @@ def test_empty_cut_short_or_plain_state_dict_checkpoints_are_named(tmp_path, cap
             "config.ckpt",
             r"config.ckpt is cut short, damaged or not a checkpoint file \(22 bytes\)",
         ),  # was KeyError: 101
+        # bytes that end torch's unpickler with an IndexError: "pop from empty list" (a short YAML file),
+        # "index out of range" (a pickle header cut after 4 bytes) were tracebacks, also from dn2 --ckpt_path
+        ("short.yaml", r"short.yaml is cut short, damaged or not a checkpoint file \(5 bytes\)"),
+        ("header.ckpt", r"header.ckpt is cut short, damaged or not a checkpoint file \(4 bytes\)"),
     ]
     (tmp_path / "config.ckpt").write_text("model:\n  k: 2\nseed: 0\n")
+    (tmp_path / "short.yaml").write_text("a: 1\n")
+    (tmp_path / "header.ckpt").write_bytes(b"\x80\x02}q")
     for name, match in cases:
         with pytest.raises(ValueError, match=match):
             DN2Module.load_from_checkpoint(tmp_path / name, backbone=linear_backbone())
@@ -415,7 +421,7 @@ def test_empty_cut_short_or_plain_state_dict_checkpoints_are_named(tmp_path, cap
         DN2Module.load_from_checkpoint(tmp_path / "legacy.ckpt", backbone=linear_backbone())
     with torch.serialization.safe_globals([argparse.Namespace]):  # the way out the message gives
         DN2Module.load_from_checkpoint(tmp_path / "legacy.ckpt", backbone=linear_backbone())
-    for name, match in (cases[0], cases[3]):
+    for name, match in (cases[0], cases[3], cases[4], cases[5]):
         assert re.search(rf"error: .*{match}", cli_error(tmp_path / name))
     with pytest.raises(ValueError, match=cases[1][1]):
         quiet_trainer().test(
