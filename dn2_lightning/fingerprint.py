@@ -79,7 +79,7 @@ def fingerprint_difference(saved: Tensor, current: Tensor) -> float | None:
     """The largest relative L2 difference of a probe image's embedding ``current`` from the ``saved`` one (float64,
     on the CPU; infinite for embeddings of another shape); ``None`` for a saved fingerprint that is not finite (a
     backbone whose probe embedding overflowed), which cannot be compared."""
-    saved, current = saved.detach().double().cpu(), current.detach().double().cpu()
+    saved, current = saved.detach().cpu().double(), current.detach().cpu().double()  # (MPS has no float64)
     if not torch.isfinite(saved).all():
         return None
     if saved.shape != current.shape:

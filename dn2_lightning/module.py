@@ -75,7 +75,7 @@ from dn2_lightning.fingerprint import (
 )
 from dn2_lightning.group_pooling import GROUP_POOLINGS, GroupPooling, GroupPoolingName, pack_members, unpack_members
 from dn2_lightning.inputs import ImagesLike, as_image_batches
-from dn2_lightning.knn import KNNBackend, KNNResult, content_key
+from dn2_lightning.knn import KNNBackend, KNNResult
 from dn2_lightning.maps.bank import PatchBank
 from dn2_lightning.maps.head import AnomalyMaps, PatchBankName, gt_masks_of, gt_regions_of, validate_map_options
 from dn2_lightning.metrics import AnomalyScores, ImageScores, ScoreCollector
@@ -310,7 +310,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["_bank_datamodule"] = None  # a weakref (which cannot be pickled) to an object of this process
-        state["_fingerprint_weights"] = None  # weak references too: an unpickled module checks its backbone again
+        state["_fingerprint_weights"] = None  # this process's tensors: an unpickled module checks its backbone again
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -1516,9 +1516,12 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         self._fingerprint_weights = self._backbone_weights_key()
 
     def _backbone_weights_key(self) -> tuple:
-        """The backbone's weights and buffers as they are now (:func:`~dn2_lightning.knn.content_key`: the tensors
-        and their in-place edits, ``load_state_dict`` included): a fingerprint check holds until it changes."""
-        return content_key(*self.backbone.parameters(), *self.backbone.buffers())
+        """The backbone's weights and buffers as they are now: each tensor's identity, storage and version counter
+        (bumped by in-place edits, ``load_state_dict`` included). A fingerprint check holds until it changes. No weak
+        references (as :func:`~dn2_lightning.knn.content_key` keeps): a parameter with one cannot be swapped, which
+        ``module.to()`` does for some devices (``RuntimeError: _apply(): Couldn't swap Linear.weight``)."""
+        tensors = (*self.backbone.parameters(), *self.backbone.buffers())
+        return tuple((id(t), t.data_ptr(), None if t.is_inference() else t._version) for t in tensors)
 
     def _check_fingerprint(self) -> None:
         """A loaded bank's first use, and the first use after the backbone's weights changed (``load_state_dict`` on

@@ -133,6 +133,26 @@ def test_fit_then_predict_on_mps_and_the_bank_stays_on_the_cpu():
     assert torch.equal(one_by_one.scores.cpu(), cpu.score_images(dm.test_images[:5]).scores)
 
 
+def test_a_checkpoint_fitted_on_the_cpu_is_checked_and_scored_on_mps(tmp_path):
+    # the fingerprint's comparison cast the probe's MPS embedding to float64 on the device: every checkpoint loaded
+    # on a Mac stopped at its first use ("Cannot convert a MPS Tensor to float64 dtype")
+    dm = BlobDataModule()
+    cpu = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    trainer = quiet_trainer()
+    trainer.fit(cpu, dm)
+    trainer.save_checkpoint(tmp_path / "bank.ckpt")
+    expected = cpu.score_images(dm.test_images).scores
+    with fake_mps():
+        loaded = DN2Module.load_from_checkpoint(tmp_path / "bank.ckpt", backbone=linear_backbone()).to("mps")
+        assert loaded.bank.fingerprint_unchecked
+        scores = loaded.score_images(dm.test_images).scores.cpu()
+        assert not loaded.bank.fingerprint_unchecked
+        fresh = DN2Module.load_from_checkpoint(tmp_path / "bank.ckpt", backbone=linear_backbone())
+        mps_trainer().test(fresh, dm)
+    assert torch.equal(scores, expected)
+    assert torch.equal(fresh.test_scores.scores, expected)
+
+
 @pytest.mark.parametrize("pooling", ["mean", "histogram", "none"])
 def test_groups_on_mps_score_as_on_the_cpu(pooling):
     dm = GroupDataModule(dataset="digits", group_size=4, n_train_groups=12, n_test_groups=12, seed=0, batch_size=16)
