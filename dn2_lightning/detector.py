@@ -24,6 +24,7 @@ from torch import Tensor
 from dn2_lightning.knn import KNNBackend, KNNResult, content_key, knn_distances, lacks_float64, prepare_bank
 from dn2_lightning.scoring import (
     coarse_quantile_note,
+    exceeds,
     keep_lowest,
     knn_scores,
     leave_one_out_scores,
@@ -155,7 +156,7 @@ class DN2Detector(BaseEstimator):
         # NumPy for NumPy input, as PyOD's (and this class's methods') results
         self.kept_ = _like_input(kept, X)
         self.decision_scores_ = _like_input(scores, X)
-        self.labels_ = _like_input((scores > self.threshold_).long(), X)
+        self.labels_ = _like_input(exceeds(scores, self.threshold_).long(), X)  # float64 threshold, exactly
         return self
 
     def fit_predict(self, X: ArrayLike, y: Any = None) -> np.ndarray | Tensor:  # noqa: N803
@@ -171,7 +172,7 @@ class DN2Detector(BaseEstimator):
     def predict(self, X: ArrayLike) -> np.ndarray | Tensor:  # noqa: N803
         """0/1 labels ``[M]``: 1 where the score exceeds :attr:`threshold_`."""
         self._check_threshold_settings()
-        return _like_input((self._scores(X) > self.threshold_).long(), X)
+        return _like_input(exceeds(self._scores(X), self.threshold_).long(), X)
 
     def predict_proba(self, X: ArrayLike) -> np.ndarray | Tensor:  # noqa: N803
         """``[M, 2]`` (normal, anomalous) from the normalised score: the share of the training rows' scores
