@@ -125,7 +125,7 @@ class BankCheckpointing:
             state["bank._extra_state"] = {k: v for k, v in state["bank._extra_state"].items() if k != THRESHOLD_RECORD}
         state.pop("threshold", None)  # checkpoints before the threshold was derived from bank.loo_scores
         check_bank_settings(state.get("bank._extra_state") or {}, self._model_settings(), BANK_SETTINGS, "this model")
-        _refuse_lite_bank_padded_otherwise(state.get("bank._extra_state") or {})
+        refuse_lite_bank_padded_otherwise(state.get("bank._extra_state") or {})
         saved = checkpoint.get(THRESHOLD_KEY, {})
         if saved.get("value") is not None and saved["value"] == self.hparams.threshold and saved.get("k") is not None:
             self._fixed_threshold = (float(saved["value"]), int(saved["k"]))
@@ -196,10 +196,11 @@ class BankCheckpointing:
             )
 
 
-def _refuse_lite_bank_padded_otherwise(spec: dict[str, Any]) -> None:
+def refuse_lite_bank_padded_otherwise(spec: dict[str, Any]) -> None:
     """An EfficientNet-Lite bank saved before the trunks padded each input for its own size, at a size padded
     otherwise then (:func:`~dn2_lightning.backbones.lite_padding_differed`), holds other embeddings than queries get
-    now: its scores would compare two backbones."""
+    now: its scores would compare two backbones. Checked at load (``on_load_checkpoint``) and at each use of the bank
+    (one loaded with ``load_state_dict`` meets no hook)."""
     key, _ = LITE_PADDING
     if key not in spec and lite_padding_differed(spec.get("backbone"), spec.get("input_size")):
         raise ValueError(

@@ -32,7 +32,7 @@ from dn2_lightning.backbones import (
     trunk_layout,
 )
 from dn2_lightning.bank import BankBuilder, BankCollector, MemoryBank, as_buffer
-from dn2_lightning.bank_checkpointing import BankCheckpointing
+from dn2_lightning.bank_checkpointing import BankCheckpointing, refuse_lite_bank_padded_otherwise
 from dn2_lightning.batch import (
     Batch,
     Check,
@@ -1488,6 +1488,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         model_settings = self._model_settings()
         check_bank_format(self.bank.spec, model_settings)
         check_bank_settings(self.bank.spec, model_settings, BANK_SETTINGS, "this model")
+        refuse_lite_bank_padded_otherwise(self.bank.spec)  # (a bank from load_state_dict met no on_load_checkpoint)
         self._check_fingerprint()
 
     def _probe_embedding(self) -> Tensor | None:
