@@ -84,5 +84,8 @@ def fingerprint_difference(saved: Tensor, current: Tensor) -> float | None:
         return None
     if saved.shape != current.shape:
         return float("inf")
-    norms = saved.norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+    # each probe relative to its own norm, floored at a thousandth of the larger one's: a probe that embeds (almost)
+    # to zero would read device rounding as a huge relative difference
+    norms = saved.norm(dim=1)
+    norms = norms.clamp_min(max(float(norms.max()) * 1e-3, torch.finfo(torch.float32).tiny))
     return float(((current - saved).norm(dim=1) / norms).nan_to_num(nan=float("inf")).max())

@@ -263,3 +263,13 @@ def test_a_pickled_module_checks_its_backbone_again_and_scores_as_before(tmp_pat
         copy.backbone.trunk[1].bias.add_(1.0)
     with pytest.raises(ValueError, match=REFUSED):
         copy.score_images(dm.test_images)
+
+
+def test_a_probe_embedding_near_zero_does_not_turn_rounding_into_a_refusal():
+    # the relative difference of a probe that embeds to almost zero read float32 rounding (1e-9 here) as 100%
+    saved = torch.tensor([[1e-9, 0.0, 0.0], [3.0, 4.0, 0.0]])
+    rounded = saved + torch.tensor([[1e-9, 1e-9, 0.0], [0.0, 0.0, 1e-6]])
+    assert fingerprint_difference(saved, rounded) < 1e-5
+    edited = saved * torch.tensor([[1.0], [1.1]])  # the other probe still tells another backbone
+    assert fingerprint_difference(saved, edited) == pytest.approx(0.1)
+    assert fingerprint_difference(saved, saved + torch.tensor([[0.1, 0.0, 0.0], [0.0, 0.0, 0.0]])) > 1
