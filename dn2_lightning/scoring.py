@@ -248,8 +248,12 @@ def normalized_scores(sorted_loo_scores: Tensor, scores: Tensor) -> Tensor:
         return torch.full(scores.shape, float("nan"), device=scores.device)
     # compared in float64 when either side is (a float64 detector's scores differ below float32's resolution)
     dtype = torch.float64 if torch.float64 in (sorted_loo_scores.dtype, scores.dtype) else torch.float32
-    below = torch.searchsorted(sorted_loo_scores.to(scores.device, dtype), scores.to(dtype).contiguous())
-    return below.float() / sorted_loo_scores.numel()
+    device = scores.device
+    if dtype == torch.float64 and (lacks_float64(device) or lacks_float64(sorted_loo_scores.device)):
+        device = torch.device("cpu")  # (Apple's MPS) compared on the CPU, returned on the scores' device
+    # (moved, then cast: MPS casts before it copies)
+    below = torch.searchsorted(sorted_loo_scores.to(device).to(dtype), scores.to(device).to(dtype).contiguous())
+    return (below.float() / sorted_loo_scores.numel()).to(scores.device)
 
 
 def pool_groups(embeddings: Tensor, mask: Tensor | None = None) -> Tensor:

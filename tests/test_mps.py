@@ -216,3 +216,18 @@ def test_the_detector_takes_mps_tensors():
     assert large.device.type == "cpu" and large.dtype == torch.float64  # float64 scores cannot live on MPS
     assert torch.equal(large, DN2Detector(k=2).fit(counts).decision_function(counts[:4]))
     assert torch.equal(scores, expected)
+
+
+def test_a_detector_fitted_on_mps_gives_probabilities_of_float64_rows():
+    # predict_proba compared the float64 rows' scores with the training scores cast to float64 on the device: a
+    # detector fitted on MPS features stopped at NumPy's default float64 rows ("Cannot convert a MPS Tensor to float64")
+    g = torch.Generator().manual_seed(2)
+    train, queries = torch.randn(80, 5, generator=g), torch.randn(12, 5, generator=g).double() * 2
+    expected = DN2Detector(k=2).fit(train).predict_proba(queries)
+    with fake_mps():
+        detector = DN2Detector(k=2).fit(train.to("mps"))
+        from_numpy = detector.predict_proba(queries.numpy())
+        from_tensor = detector.predict_proba(queries)
+    assert from_tensor.device.type == "cpu"  # on X's device, as documented
+    assert torch.equal(torch.from_numpy(from_numpy), expected)
+    assert torch.equal(from_tensor, expected)
