@@ -392,7 +392,7 @@ def knn_distances(
         KNNResult(values=tensor([[0.0100, 0.8100]]), indices=tensor([[1, 0]]))
 
     On a device without float64 (Apple's MPS: :func:`lacks_float64`) the search runs on the CPU, exactly as
-    there, and the results come back on the queries' device.
+    there, and the results come back on the queries' device; float64 ones (a float64 bank) stay on the CPU.
     """
     on_host = [isinstance(t, Tensor) and lacks_float64(t.device) for t in (queries, bank)]
     if isinstance(queries, Tensor) and any(on_host):
@@ -400,6 +400,8 @@ def knn_distances(
         found = knn_distances(
             queries.cpu(), host_bank, k, backend, max_memory_bytes=max_memory_bytes, candidate_dtype=candidate_dtype
         )
+        if found.values.dtype == torch.float64 and lacks_float64(queries.device):
+            return found  # float64 distances cannot live on the queries' device
         return KNNResult(found.values.to(queries.device), found.indices.to(queries.device))
     _validate_inputs(queries, bank, k, backend, max_memory_bytes, candidate_dtype)
     queries, k = queries.detach(), operator.index(k)

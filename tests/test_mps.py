@@ -231,3 +231,18 @@ def test_a_detector_fitted_on_mps_gives_probabilities_of_float64_rows():
     assert from_tensor.device.type == "cpu"  # on X's device, as documented
     assert torch.equal(torch.from_numpy(from_numpy), expected)
     assert torch.equal(from_tensor, expected)
+
+
+def test_exact_knn_of_mps_queries_in_a_float64_bank_keeps_float64_distances_on_the_cpu():
+    # the float64 distances of a float64 bank were sent back to the queries' device, which has no float64: every
+    # search of MPS queries in a float64 bank (plain or prepared) raised "Cannot convert a MPS Tensor to float64"
+    g = torch.Generator().manual_seed(0)
+    queries, bank = torch.randn(9, 6, generator=g), torch.randn(70, 6, generator=g).double()
+    expected = brute_force_knn(queries, bank, 3)
+    with fake_mps():
+        for b in (bank, prepare_bank(bank)):
+            found = knn_distances(queries.to("mps"), b, 3)
+            assert found.values.device.type == "cpu" and found.indices.device.type == "cpu"
+            assert found.values.dtype == torch.float64
+            assert torch.equal(found.indices, expected.indices)
+            torch.testing.assert_close(found.values, expected.values, rtol=1e-12, atol=1e-12)
