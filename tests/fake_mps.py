@@ -3,10 +3,10 @@
 Tensors on the fake device report ``device="mps"`` (a wrapper subclass) while their data lives on the CPU. What
 MPS refuses, they refuse, with MPS's own error: any float64 tensor, input, output or ``dtype=`` on the device
 (``TypeError: Cannot convert a MPS Tensor to float64 dtype ...``), a mix of device and CPU tensors in one op (as
-on any accelerator; 0-d CPU tensors allowed), and ``.numpy()``. Factories with ``device="mps"``, ``.to("mps")``
-and ``nn.Module.to("mps")`` make such tensors; ``.cpu()`` unwraps them. It checks dtypes and devices, not which
-ops MPS implements. ``FakeMPSAccelerator`` lets a real Lightning ``Trainer`` run on it (with
-``inference_mode=False``: wrapper tensors cannot be inference tensors).
+on any accelerator; 0-d CPU tensors allowed), and ``.numpy()``. Factories with ``device="mps"``, ``.to("mps")``,
+``nn.Module.to("mps")`` and ``torch.load(..., map_location="mps")`` make such tensors; ``.cpu()`` unwraps them. It
+checks dtypes and devices, not which ops MPS implements. ``FakeMPSAccelerator`` lets a real Lightning ``Trainer``
+run on it (with ``inference_mode=False``: wrapper tensors cannot be inference tensors).
 """
 
 from __future__ import annotations
@@ -233,15 +233,30 @@ class _AllOnMPS(TorchDispatchMode):
         return out
 
 
+def _load_onto_mps(load):  # noqa: ANN001, ANN202
+    """``torch.load`` whose ``map_location="mps"`` (this build cannot restore storages there) loads onto the CPU, then
+    moves every tensor onto the fake device, refusing float64 as MPS does."""
+
+    def load_to(*args, map_location=None, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if map_location is None or not isinstance(map_location, str | torch.device) or not _on_mps(map_location):
+            return load(*args, map_location=map_location, **kwargs)
+        loaded = load(*args, map_location="cpu", **kwargs)
+        return tree_map(lambda t: t.to(MPS) if type(t) is torch.Tensor else t, loaded)
+
+    return load_to
+
+
 @contextlib.contextmanager
 def fake_mps() -> Iterator[None]:
     """Within the block, ``"mps"`` is a device whose tensors live on the CPU but refuse float64 as MPS does."""
     swap = torch.__future__.get_swap_module_params_on_conversion()
     torch.__future__.set_swap_module_params_on_conversion(True)  # module.to(): parameters change type both ways
+    load, torch.load = torch.load, _load_onto_mps(torch.load)
     try:
         with _FakeMPSFunctions(), _FakeMPSDispatch():
             yield
     finally:
+        torch.load = load
         torch.__future__.set_swap_module_params_on_conversion(swap)
 
 

@@ -246,3 +246,28 @@ def test_exact_knn_of_mps_queries_in_a_float64_bank_keeps_float64_distances_on_t
             assert found.values.dtype == torch.float64
             assert torch.equal(found.indices, expected.indices)
             torch.testing.assert_close(found.values, expected.values, rtol=1e-12, atol=1e-12)
+
+
+def test_a_checkpoint_with_maps_loaded_onto_mps_scores_and_maps_as_on_the_cpu(tmp_path):
+    dm = BlobDataModule()
+
+    def model() -> DN2Module:
+        return DN2Module(
+            k=2, backbone=tiny_conv(), anomaly_maps=True, map_layers=["1", "3"], map_images=4, reports=False
+        )
+
+    cpu = model()
+    trainer = quiet_trainer()
+    trainer.fit(cpu, dm)
+    trainer.save_checkpoint(tmp_path / "maps.ckpt")
+    expected = cpu.score_images(dm.test_images[:6])
+    predicted = torch.cat([out["anomaly_map"] for out in quiet_trainer().predict(cpu, dm)])
+    with fake_mps():
+        loaded = DN2Module.load_from_checkpoint(tmp_path / "maps.ckpt", backbone=tiny_conv(), map_location="mps")
+        assert next(loaded.backbone.parameters()).device.type == "mps"
+        assert {b.device.type for b in (*loaded.bank.buffers(), *loaded.maps.bank.buffers())} == {"cpu"}
+        scored = loaded.score_images(dm.test_images[:6])
+        maps = torch.cat([out["anomaly_map"].cpu() for out in mps_trainer().predict(loaded, dm)])
+    assert torch.equal(scored.scores, expected.scores)
+    assert torch.equal(scored.anomaly_maps, expected.anomaly_maps)
+    assert torch.equal(maps, predicted)
