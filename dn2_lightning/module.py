@@ -19,6 +19,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
@@ -75,7 +76,7 @@ from dn2_lightning.fingerprint import (
 )
 from dn2_lightning.group_pooling import GROUP_POOLINGS, GroupPooling, GroupPoolingName, pack_members, unpack_members
 from dn2_lightning.inputs import ImagesLike, as_image_batches
-from dn2_lightning.knn import KNNBackend, KNNResult
+from dn2_lightning.knn import KNNBackend, KNNResult, lacks_float64
 from dn2_lightning.maps.bank import PatchBank
 from dn2_lightning.maps.head import AnomalyMaps, PatchBankName, gt_masks_of, gt_regions_of, validate_map_options
 from dn2_lightning.metrics import AnomalyScores, ImageScores, ScoreCollector
@@ -682,6 +683,14 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
 
     def configure_optimizers(self) -> list:
         return []
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Lightning's, with float64 tensors (NumPy's default: labels given as floats, float64 images) sent as float32
+        to a device without float64 (Apple's MPS), where Lightning's copy raised; their values are 0/1/-1 labels and
+        [0, 1] pixels, which the backbone reads in float32 anyway."""
+        if lacks_float64(device):
+            batch = apply_to_collection(batch, Tensor, _float64_as_float32)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def configure_callbacks(self) -> list:
         """:class:`~dn2_lightning.checkpointing.QuietOptimizerAdvice` and the report callbacks (``reports=True``),
@@ -1711,6 +1720,10 @@ def _refuse_nonfinite(bad: Tensor, what: str, indices: Any, batch_idx: int) -> N
         if indices is not None:
             where += f" (dataset indices {torch.as_tensor(indices)[bad.cpu()].tolist()[:10]})"
         raise ValueError(f"NaN or Inf in {what} of batch {batch_idx} at {where}; fix or drop those samples.")
+
+
+def _float64_as_float32(tensor: Tensor) -> Tensor:
+    return tensor.float() if tensor.dtype == torch.float64 else tensor
 
 
 def _refuse_second_dataloader(dataloader_idx: int, fn: str) -> None:

@@ -153,6 +153,30 @@ def test_a_checkpoint_fitted_on_the_cpu_is_checked_and_scored_on_mps(tmp_path):
     assert torch.equal(fresh.test_scores.scores, expected)
 
 
+def test_float64_labels_and_images_of_a_plain_dataloader_score_on_mps_as_on_the_cpu():
+    # labels given as NumPy floats (float64) and float64 images: Lightning's copy of the batch to MPS raised "Cannot
+    # convert a MPS Tensor to float64 dtype" before any DN2 code ran, where the CPU scores them
+    from torch.utils.data import DataLoader, TensorDataset
+
+    dm = BlobDataModule()
+    train = DataLoader(TensorDataset(dm.train_images.double()), batch_size=16)
+    labels = torch.as_tensor(dm.test_labels.numpy().astype("float64"))
+    test = DataLoader(TensorDataset(dm.test_images.double(), labels), batch_size=16)
+    cpu = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    trainer = quiet_trainer()
+    trainer.fit(cpu, train_dataloaders=train)
+    trainer.test(cpu, dataloaders=test)
+    with fake_mps():
+        model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+        trainer = mps_trainer()
+        trainer.fit(model, train_dataloaders=train)
+        trainer.test(model, dataloaders=test)
+        predicted = torch.cat([out["score"].cpu() for out in trainer.predict(model, test)])
+    assert torch.equal(model.test_scores.scores, cpu.test_scores.scores)
+    assert torch.equal(model.test_scores.labels, cpu.test_scores.labels)
+    assert torch.equal(predicted, cpu.test_scores.scores)
+
+
 @pytest.mark.parametrize("pooling", ["mean", "histogram", "none"])
 def test_groups_on_mps_score_as_on_the_cpu(pooling):
     dm = GroupDataModule(dataset="digits", group_size=4, n_train_groups=12, n_test_groups=12, seed=0, batch_size=16)
