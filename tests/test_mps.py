@@ -175,6 +175,9 @@ def test_float64_labels_and_images_of_a_plain_dataloader_score_on_mps_as_on_the_
     assert torch.equal(model.test_scores.scores, cpu.test_scores.scores)
     assert torch.equal(model.test_scores.labels, cpu.test_scores.labels)
     assert torch.equal(predicted, cpu.test_scores.scores)
+    with fake_mps():
+        one_by_one = model.to("mps").score_images(dm.test_images[:5].double()).scores.cpu()  # raised the same way
+    assert torch.equal(one_by_one, cpu.score_images(dm.test_images[:5].double()).scores)
 
 
 @pytest.mark.parametrize("pooling", ["mean", "histogram", "none"])
