@@ -1532,7 +1532,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         references (as :func:`~dn2_lightning.knn.content_key` keeps): a parameter with one cannot be swapped, which
         ``module.to()`` does for some devices (``RuntimeError: _apply(): Couldn't swap Linear.weight``)."""
         tensors = (*self.backbone.parameters(), *self.backbone.buffers())
-        return tuple((id(t), t.data_ptr(), None if t.is_inference() else t._version) for t in tensors)
+        return tuple((id(t), _values_pointer(t), None if t.is_inference() else t._version) for t in tensors)
 
     def _check_fingerprint(self) -> None:
         """A loaded bank's first use, and the first use after the backbone's weights changed (``load_state_dict`` on
@@ -1721,6 +1721,16 @@ def _refuse_nonfinite(bad: Tensor, what: str, indices: Any, batch_idx: int) -> N
         if indices is not None:
             where += f" (dataset indices {torch.as_tensor(indices)[bad.cpu()].tolist()[:10]})"
         raise ValueError(f"NaN or Inf in {what} of batch {batch_idx} at {where}; fix or drop those samples.")
+
+
+def _values_pointer(tensor: Tensor) -> int:
+    """Where a tensor's values live, for :meth:`DN2Module._backbone_weights_key`: its storage's address, or that of a
+    sparse tensor's values (a sparse buffer, e.g. a random projection, has no storage: ``data_ptr()`` raises)."""
+    if tensor.layout == torch.sparse_coo:
+        return tensor._values().data_ptr()
+    if tensor.layout in (torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc):
+        return tensor.values().data_ptr()
+    return tensor.data_ptr()
 
 
 def _float64_as_float32(tensor: Tensor) -> Tensor:
