@@ -684,13 +684,16 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
     def configure_optimizers(self) -> list:
         return []
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        """Lightning's, with float64 tensors (NumPy's default: labels given as floats, float64 images) sent as float32
-        to a device without float64 (Apple's MPS), where Lightning's copy raised; their values are 0/1/-1 labels and
-        [0, 1] pixels, which the backbone reads in float32 anyway."""
-        if lacks_float64(device):
-            batch = apply_to_collection(batch, Tensor, _float64_as_float32)
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+    def _apply_batch_transfer_handler(
+        self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0
+    ) -> Any:
+        """Lightning's copy of a batch to the device, with float64 tensors (NumPy's default: labels given as floats,
+        float64 images) sent as float32 to a device without float64 (Apple's MPS), where Lightning's copy raised;
+        their values are 0/1/-1 labels and [0, 1] pixels, which the backbone reads in float32 anyway. Not in the
+        ``transfer_batch_to_device`` hook: a LightningModule overriding it makes Lightning warn on every run with a
+        datamodule ("You have overridden `transfer_batch_to_device` in `LightningModule` ...")."""
+        batch = _float64_batch_as_float32(batch, device or self.device)
+        return super()._apply_batch_transfer_handler(batch, device, dataloader_idx)
 
     def configure_callbacks(self) -> list:
         """:class:`~dn2_lightning.checkpointing.QuietOptimizerAdvice` and the report callbacks (``reports=True``),
@@ -1671,7 +1674,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
 
     def _on_device(self, batch: Any, batch_idx: int) -> Any:
         batch = self.on_before_batch_transfer(batch, 0)
-        batch = self.transfer_batch_to_device(batch, self.device, 0)
+        batch = self.transfer_batch_to_device(_float64_batch_as_float32(batch, self.device), self.device, 0)
         return self.on_after_batch_transfer(batch, 0)
 
     def _count_bank_step(self) -> None:
@@ -1735,6 +1738,11 @@ def _values_pointer(tensor: Tensor) -> int:
 
 def _float64_as_float32(tensor: Tensor) -> Tensor:
     return tensor.float() if tensor.dtype == torch.float64 else tensor
+
+
+def _float64_batch_as_float32(batch: Any, device: torch.device) -> Any:
+    """A batch's float64 tensors as float32 for a device without float64 (Apple's MPS); elsewhere the batch as is."""
+    return apply_to_collection(batch, Tensor, _float64_as_float32) if lacks_float64(device) else batch
 
 
 def _refuse_second_dataloader(dataloader_idx: int, fn: str) -> None:
