@@ -470,6 +470,8 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
                 "preprocessing and memory bank do not take: use precision='bf16-mixed' (autocast: the backbone runs "
                 "in bfloat16 where it is safe, the bank stays float32) or '32-true'."
             )
+        if stage == "fit":
+            _refuse_optimizer_callbacks(self.trainer.callbacks)
         frozen = not any(p.requires_grad for p in self.parameters())
         if stage == "fit" and isinstance(strategy, DDPStrategy) and frozen:
             # torch's DistributedDataParallel refuses a module without trainable parameters, and DN2 has no
@@ -1743,6 +1745,20 @@ def _float64_as_float32(tensor: Tensor) -> Tensor:
 def _float64_batch_as_float32(batch: Any, device: torch.device) -> Any:
     """A batch's float64 tensors as float32 for a device without float64 (Apple's MPS); elsewhere the batch as is."""
     return apply_to_collection(batch, Tensor, _float64_as_float32) if lacks_float64(device) else batch
+
+
+def _refuse_optimizer_callbacks(callbacks: Sequence[Any]) -> None:
+    """Refuse callbacks that tune or average what an optimizer trains (Lightning's own errors for them name an
+    optimizer count or an ``lr`` attribute, not the cause): runs in ``setup``, before their ``on_fit_start``."""
+    from lightning.pytorch.callbacks import LearningRateFinder, StochasticWeightAveraging
+
+    for callback in callbacks:
+        if isinstance(callback, (StochasticWeightAveraging, LearningRateFinder)):
+            name = type(callback).__name__
+            raise ValueError(
+                f"Trainer(callbacks=[{name}()]) needs an optimizer, and DN2's fit has no optimizer (one pass of the "
+                "frozen backbone fills the memory bank; no weights are trained): remove it from the callbacks."
+            )
 
 
 def _refuse_second_dataloader(dataloader_idx: int, fn: str) -> None:

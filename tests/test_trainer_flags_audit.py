@@ -1,0 +1,32 @@
+"""Trainer callbacks users add from their usual set-up, on DN2's fit without an optimizer: refused by name with
+the fix, or the scores of an independent float64 reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import BlobWithValDataModule, brute_force_scores, linear_backbone, quiet_trainer
+from lightning.pytorch.callbacks import LearningRateFinder, StochasticWeightAveraging
+
+from dn2_lightning import DN2Module
+
+
+@pytest.mark.parametrize(
+    "callback", [StochasticWeightAveraging(swa_lrs=1e-2), LearningRateFinder()], ids=lambda c: type(c).__name__
+)
+def test_callbacks_that_tune_an_optimizer_are_refused_by_name(callback):
+    """StochasticWeightAveraging failed with Lightning's 'SWA currently works with 1 `optimizer`', LearningRateFinder
+    asked for an ``lr`` attribute (and, given one, failed on 'configure_optimizers() returned 0'): neither said that
+    DN2 trains nothing nor what to do."""
+    dm = BlobWithValDataModule()
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    name = type(callback).__name__
+    with pytest.raises(ValueError, match=rf"callbacks=\[{name}\(\)\].*no optimizer.*remove it from the callbacks"):
+        quiet_trainer(callbacks=[callback]).fit(model, datamodule=dm)
+    trainer = quiet_trainer()  # the same module, fitted without it, scores as the reference
+    trainer.fit(model, datamodule=dm)
+    trainer.test(model, datamodule=dm)
+    expected = brute_force_scores(linear_backbone(), dm.train_images, dm.test_images, k=2)
+    np.testing.assert_allclose(model.test_scores.scores.double().numpy(), expected, rtol=1e-5)
+    assert torch.equal(model.test_scores.indices, torch.arange(len(expected)))
