@@ -471,7 +471,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
                 "in bfloat16 where it is safe, the bank stays float32) or '32-true'."
             )
         if stage == "fit":
-            _refuse_optimizer_callbacks(self.trainer.callbacks)
+            _refuse_tuning_callbacks(self.trainer.callbacks)
         frozen = not any(p.requires_grad for p in self.parameters())
         if stage == "fit" and isinstance(strategy, DDPStrategy) and frozen:
             # torch's DistributedDataParallel refuses a module without trainable parameters, and DN2 has no
@@ -1747,17 +1747,24 @@ def _float64_batch_as_float32(batch: Any, device: torch.device) -> Any:
     return apply_to_collection(batch, Tensor, _float64_as_float32) if lacks_float64(device) else batch
 
 
-def _refuse_optimizer_callbacks(callbacks: Sequence[Any]) -> None:
-    """Refuse callbacks that tune or average what an optimizer trains (Lightning's own errors for them name an
-    optimizer count or an ``lr`` attribute, not the cause): runs in ``setup``, before their ``on_fit_start``."""
-    from lightning.pytorch.callbacks import LearningRateFinder, StochasticWeightAveraging
+def _refuse_tuning_callbacks(callbacks: Sequence[Any]) -> None:
+    """Refuse callbacks that tune or average what an optimizer trains, or try the fit loop in trial runs (Lightning's
+    own errors name an optimizer count or an ``lr`` attribute, not the cause; BatchSizeFinder's trials ended DN2's
+    one-pass fit before it began): runs in ``setup``, before their ``on_fit_start``."""
+    from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder, StochasticWeightAveraging
 
     for callback in callbacks:
+        name = type(callback).__name__
         if isinstance(callback, (StochasticWeightAveraging, LearningRateFinder)):
-            name = type(callback).__name__
             raise ValueError(
                 f"Trainer(callbacks=[{name}()]) needs an optimizer, and DN2's fit has no optimizer (one pass of the "
                 "frozen backbone fills the memory bank; no weights are trained): remove it from the callbacks."
+            )
+        if isinstance(callback, BatchSizeFinder):
+            raise ValueError(
+                f"Trainer(callbacks=[{name}()]) runs trial fits that end DN2's one-pass fit before it starts (no "
+                "validation, no checkpoint of the bank): remove it from the callbacks and set the batch size of "
+                "your dataloaders (the datamodule's batch_size) yourself."
             )
 
 

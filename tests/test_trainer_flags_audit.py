@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import BlobWithValDataModule, brute_force_scores, linear_backbone, quiet_trainer
-from lightning.pytorch.callbacks import LearningRateFinder, StochasticWeightAveraging
+from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder, StochasticWeightAveraging
 
 from dn2_lightning import DN2Module
 
@@ -30,3 +30,15 @@ def test_callbacks_that_tune_an_optimizer_are_refused_by_name(callback):
     expected = brute_force_scores(linear_backbone(), dm.train_images, dm.test_images, k=2)
     np.testing.assert_allclose(model.test_scores.scores.double().numpy(), expected, rtol=1e-5)
     assert torch.equal(model.test_scores.indices, torch.arange(len(expected)))
+
+
+def test_batch_size_finder_is_refused_by_name():
+    """BatchSizeFinder's first trial fit (3 steps) ran DN2's pass, stopped the Trainer and left a bank of 3 of 7
+    batches: the real fit then ran no epoch (global_step 0), so no validation, no val/auroc, no checkpoint, a
+    'partial bank' warning about a bank that was in the end read whole after the loop, and 'succeeded' trials that
+    never ran."""
+    dm = BlobWithValDataModule()
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    with pytest.raises(ValueError, match=r"callbacks=\[BatchSizeFinder\(\)\].*remove it from the callbacks and set"):
+        quiet_trainer(callbacks=[BatchSizeFinder()]).fit(model, datamodule=dm)
+    assert model.trainer.global_step == 0 and not model.fit_built_bank  # refused before any trial ran
