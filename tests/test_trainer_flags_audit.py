@@ -42,3 +42,25 @@ def test_batch_size_finder_is_refused_by_name():
     with pytest.raises(ValueError, match=r"callbacks=\[BatchSizeFinder\(\)\].*remove it from the callbacks and set"):
         quiet_trainer(callbacks=[BatchSizeFinder()]).fit(model, datamodule=dm)
     assert model.trainer.global_step == 0 and not model.fit_built_bank  # refused before any trial ran
+
+
+def test_ckpt_path_best_and_last_reload_a_bank_that_scores_as_the_reference(tmp_path):
+    """ModelCheckpoint(monitor="val/auroc", save_top_k=2, save_last=True) with max_epochs=3: one pass, one best file
+    and last.ckpt, each holding the whole bank; test/predict from them score as the reference."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    dm = BlobWithValDataModule()
+    model = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+    saver = ModelCheckpoint(dirpath=tmp_path, monitor="val/auroc", mode="max", save_top_k=2, save_last=True)
+    trainer = quiet_trainer(max_epochs=3, enable_checkpointing=True, callbacks=[saver])
+    trainer.fit(model, datamodule=dm)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch=0-step=7.ckpt", "last.ckpt"]
+    expected = brute_force_scores(linear_backbone(), dm.train_images, dm.test_images, k=2)
+    for ckpt_path in ("best", "last"):
+        fresh = DN2Module(k=2, backbone=linear_backbone(), reports=False)
+        tester = quiet_trainer(enable_checkpointing=True, callbacks=[saver])
+        tester.test(fresh, datamodule=dm, ckpt_path=ckpt_path)
+        assert len(fresh.bank) == len(dm.train_images) and not fresh.fit_built_bank
+        np.testing.assert_allclose(fresh.test_scores.scores.double().numpy(), expected, rtol=1e-5)
+        predicted = torch.cat([o["score"] for o in tester.predict(fresh, datamodule=dm, ckpt_path=ckpt_path)])
+        np.testing.assert_allclose(predicted.double().numpy(), expected, rtol=1e-5)
