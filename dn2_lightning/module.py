@@ -1338,6 +1338,12 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         if self._collector is not None:
             self._collector.image_sizes.add((int(batch.images.shape[-2]), int(batch.images.shape[-1])))
             self._collector.image_channels.add(int(batch.images.shape[-3]))
+        if batch.images.ndim == 5 and self.maps is not None:  # before any pooling: none has patches to collect
+            raise ValueError(
+                f"anomaly_maps=True needs single training images [B, C, H, W], but these batches are groups [B, M, C, "
+                f"H, W] {tuple(batch.images.shape)} (group_pooling={self.hparams.group_pooling!r}): a group has no "
+                "pixel map. Build the model with anomaly_maps=False for group data, or fit on single images."
+            )
         indices = self._indices_of(batch, batch_idx)
         self._bank_of_groups = self._bank_of_groups or batch.images.ndim == 5
         if batch.images.ndim == 5 and self.hparams.group_pooling == "none":
