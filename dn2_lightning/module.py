@@ -1218,6 +1218,11 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
                     f"{name} is read when the model is built, so the edit would not be used: {fix}."
                 )
         if self.maps is not None:  # the patch search follows the image search's settings
+            if hp.bank_sharding == "shard":  # (refused at construction; a run setting, so editable after)
+                raise ValueError(
+                    "hparams.bank_sharding='shard' with anomaly_maps=True: the patch bank is not sharded; use "
+                    "bank_sharding='replicate' (or a DN2Module without anomaly maps)."
+                )
             self.maps.knn_backend, self.maps.max_memory_bytes = hp.knn_backend, hp.max_memory_bytes
         _validate_hparams(hp)
 

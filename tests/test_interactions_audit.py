@@ -31,6 +31,22 @@ def test_anomaly_maps_with_group_training_batches_are_refused_naming_the_setting
     assert not model.bank.is_fitted
 
 
+def test_a_sharded_bank_set_after_construction_is_refused_with_anomaly_maps(defects):
+    # DN2Module(anomaly_maps=True, bank_sharding="shard") is refused, but hparams.bank_sharding = "shard" afterwards
+    # (a run setting, editable) was accepted: the patch bank is not sharded
+    dm = defects
+    model = DN2Module(backbone=tiny_conv(), anomaly_maps=True, map_layers=["1", "3"], map_images=3, reports=False)
+    quiet_trainer().fit(model, datamodule=dm)
+    model.hparams.bank_sharding = "shard"
+    refused = r"hparams.bank_sharding='shard' with anomaly_maps=True: the patch bank is not sharded; use .*'replicate'"
+    with pytest.raises(ValueError, match=refused):
+        model.score_images(torch.rand(2, 3, 32, 32))
+    with pytest.raises(ValueError, match=refused):
+        quiet_trainer().test(model, datamodule=dm)
+    model.hparams.bank_sharding = "replicate"
+    quiet_trainer().test(model, datamodule=dm)
+
+
 def test_point_wise_groups_cleaned_with_a_drawn_threshold_match_a_brute_force():
     # group_pooling="none" + clean_fraction + threshold_samples: cleaning removes whole groups by their worst member
     # (each member scored outside its group and its image's copies), and the threshold is the quantile of the worst
