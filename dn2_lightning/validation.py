@@ -183,14 +183,17 @@ _FLOAT32_MAX = 3.4028234663852886e38
 
 def check_threshold(quantile: object, value: object = None) -> None:
     """The decision threshold: a quantile in (0, 1] of the training images' leave-one-out scores, or a finite score."""
-    if isinstance(quantile, bool) or not isinstance(quantile, int | float) or not 0.0 < quantile <= 1.0:
+    # a NumPy float (np.percentile of float32 scores is an np.float32) is the number it holds
+    if isinstance(quantile, bool) or not isinstance(quantile, Real) or not 0.0 < quantile <= 1.0:
         raise ValueError(
             f"threshold_quantile={quantile!r} must be in (0, 1]: the share of the training images' leave-one-out "
-            "scores below the threshold (0.99 flags about 1% of normal images)."
+            f"scores below the threshold (0.99 flags about 1% of normal images){_tensor_hint(quantile)}."
         )
-    finite = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    finite = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
     if value is not None and not finite:
-        raise ValueError(f"threshold={value!r} must be None (use threshold_quantile) or a finite DN2 score.")
+        raise ValueError(
+            f"threshold={value!r} must be None (use threshold_quantile) or a finite DN2 score{_tensor_hint(value)}."
+        )
     if finite and value > _FLOAT32_MAX:  # flags nothing: a typo's exponent, not a score
         raise ValueError(
             f"threshold={value!r} is beyond float32's range (3.4e38), where no DN2 score of float32 embeddings lies "
@@ -226,6 +229,11 @@ def as_python(value: Any) -> Any:
     if isinstance(value, list | tuple) and not hasattr(value, "_fields"):  # a namedtuple keeps its own type
         return type(value)(as_python(item) for item in value)
     return value
+
+
+def _tensor_hint(value: object) -> str:
+    """``; a tensor: pass float(value)`` for a one-element tensor (e.g. ``scores.max()``), else ``""``."""
+    return "; a tensor: pass float(value)" if isinstance(value, torch.Tensor) and value.numel() == 1 else ""
 
 
 def _hint(hint: str) -> str:

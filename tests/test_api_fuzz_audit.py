@@ -1,0 +1,54 @@
+"""Plausible mistakes at the public API: each ends in a clear error naming the parameter and the fix (never a
+traceback from inside torch or NumPy), or is read as the user meant (never silently otherwise)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import BlobDataModule, linear_backbone, quiet_trainer
+
+from dn2_lightning import DN2Detector, DN2Module
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    model = DN2Module(backbone=linear_backbone(), pretrained=False, reports=False)
+    quiet_trainer(max_epochs=1).fit(model, BlobDataModule(n_train=30))
+    return model
+
+
+def _images() -> torch.Tensor:
+    return torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 0.6
+
+
+def test_a_numpy_float32_threshold_read_off_scores_is_taken_as_the_float_it_holds(fitted):
+    """``np.percentile(result.scores.numpy(), 99)`` is a NumPy float32: it was refused as "must be None or a finite DN2
+    score" (it is one), and a float32 quantile as "must be in (0, 1]" (it is)."""
+    scores = fitted.score_images(_images()).scores
+    value = np.percentile(scores.numpy(), 90)
+    assert isinstance(value, np.float32)
+    assert fitted.set_threshold(value=value) == float(value)
+    assert fitted.hparams.threshold == float(value) and type(fitted.hparams.threshold) is float
+    expected = fitted.set_threshold(quantile=0.75)
+    assert fitted.set_threshold(quantile=np.float32(0.75)) == pytest.approx(expected, rel=1e-6)
+    assert type(fitted.hparams.threshold_quantile) is float
+
+    x = np.random.default_rng(0).normal(size=(120, 4))
+    reference = DN2Detector(threshold_quantile=0.5).fit(x).threshold_
+    assert DN2Detector(threshold_quantile=np.float32(0.5)).fit(x).threshold_ == pytest.approx(reference)
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda m, s: m.set_threshold(value=s.max()), "threshold"),
+        (lambda m, s: m.set_threshold(quantile=torch.tensor(0.9)), "threshold_quantile"),
+    ],
+    ids=["value=scores.max()", "quantile=0-d tensor"],
+)
+def test_a_zero_dim_tensor_threshold_is_refused_with_float_as_the_fix(fitted, call, name):
+    """``set_threshold(value=scores.max())`` was refused as "must be None or a finite DN2 score", which it is."""
+    scores = fitted.score_images(_images()).scores
+    with pytest.raises(ValueError, match=rf"^{name}=tensor\(.*a tensor: pass float\(value\)"):
+        call(fitted, scores)
