@@ -52,3 +52,41 @@ def test_a_zero_dim_tensor_threshold_is_refused_with_float_as_the_fix(fitted, ca
     scores = fitted.score_images(_images()).scores
     with pytest.raises(ValueError, match=rf"^{name}=tensor\(.*a tensor: pass float\(value\)"):
         call(fitted, scores)
+
+
+def _overlay_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    return torch.rand(3, 16, 12, generator=g), torch.rand(16, 12, generator=g)
+
+
+@pytest.mark.parametrize(
+    "image, match",
+    [
+        (lambda x: x * 255, r"image: float images must hold values in \[0, 1\]"),
+        (lambda x: (x * 255).long(), r"image: .*must be uint8 \(0\.\.255\) or float \(0\.\.1\), got torch\.int64"),
+        (lambda x: x.permute(1, 2, 0), r"image \[C, H, W\].*channels last.*image\.permute\(2, 0, 1\)"),
+        (lambda x: torch.rand(4, 16, 12), r"image \[C, H, W\] and its map \[H, W\], C = 1 or 3; got \(4, 16, 12\)"),
+        (lambda x: x.permute(1, 2, 0).numpy(), r"image must be a tensor.*torch\.from_numpy"),
+    ],
+    ids=["float 0..255", "int64 0..255", "[H, W, 3]", "4 channels", "numpy [H, W, 3]"],
+)
+def test_map_overlay_refuses_images_it_would_misdraw(image, match):
+    """A [0, 255] float or int64 image was clamped to [0, 1] and drawn nearly white without a word; a channels-last or
+    4-channel one failed in NumPy ("operands could not be broadcast"); a NumPy array with AttributeError 'detach'."""
+    from dn2_lightning.maps import map_overlay
+
+    x, anomaly_map = _overlay_inputs()
+    with pytest.raises(ValueError, match=match):
+        map_overlay(image(x), anomaly_map)
+    overlay = map_overlay(x, anomaly_map)  # the image as it should be given
+    assert overlay.shape == (16, 12, 3)
+    heat_only = map_overlay(torch.zeros_like(x), anomaly_map).astype(int)
+    assert np.abs(overlay.astype(int) - heat_only - np.round(127.5 * x.permute(1, 2, 0).numpy())).max() <= 1
+
+
+def test_map_overlay_refuses_a_numpy_map():
+    from dn2_lightning.maps import map_overlay
+
+    x, anomaly_map = _overlay_inputs()
+    with pytest.raises(ValueError, match=r"anomaly_map must be a tensor.*torch\.from_numpy"):
+        map_overlay(x, anomaly_map.numpy())

@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
+from dn2_lightning.batch import check_pixels
 from dn2_lightning.data_source import running_datamodule
 from dn2_lightning.distributed import run_by_process_zero_too, writes_files
 from dn2_lightning.pixel_metrics import PixelResults
@@ -81,11 +82,23 @@ def map_overlay(image: Tensor, anomaly_map: Tensor) -> np.ndarray:
     e.g. the original file, gets the map resized to it (bilinear), so it can be drawn over the original."""
     from matplotlib import colormaps
 
+    for name, value in (("image", image), ("anomaly_map", anomaly_map)):
+        if not isinstance(value, Tensor):
+            raise ValueError(
+                f"map_overlay's {name} must be a tensor, got a {type(value).__name__}: give torch.from_numpy(array) "
+                "(an [H, W, C] image permuted to [C, H, W]: .permute(2, 0, 1)), or pil_to_tensor(image) for a PIL one."
+            )
     m = anomaly_map.detach().cpu().float()
-    if image.ndim != 3 or m.ndim != 2:
+    if image.ndim != 3 or m.ndim != 2 or image.shape[0] not in (1, 3):
+        last = " (channels last? image.permute(2, 0, 1))" if image.ndim == 3 and image.shape[-1] in (1, 3) else ""
         raise ValueError(
-            f"map_overlay takes one image [C, H, W] and its map [H, W]; got {tuple(image.shape)} and {tuple(m.shape)}."
+            f"map_overlay takes one image [C, H, W] and its map [H, W], C = 1 or 3; got {tuple(image.shape)} and "
+            f"{tuple(m.shape)}{last}."
         )
+    try:
+        check_pixels(image[None])  # as the backbone reads it: a [0, 255] float image would be drawn white
+    except ValueError as err:
+        raise ValueError(f"map_overlay's image: {err}") from None
     if tuple(m.shape) != tuple(image.shape[-2:]):
         m = torch.nn.functional.interpolate(m[None, None], size=image.shape[-2:], mode="bilinear")[0, 0]
     m = (m - m.min()) / (m.max() - m.min()) if m.max() > m.min() else torch.zeros_like(m)
