@@ -200,7 +200,13 @@ def read_report(csv_path: str | Path) -> list[dict[str, str]]:
     """
     csv_path = Path(csv_path)
     summary_path = csv_path.with_name("summary.json")
-    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
+    except json.JSONDecodeError as err:  # (edited by hand)
+        raise ValueError(
+            f"{display_path(str(summary_path))} beside the report is not valid JSON ({err}): restore it as the run "
+            "wrote it, or move it away to read the report without it (paths that are not valid UTF-8 stay escaped)."
+        ) from None
     raw = summary.get("escaped_paths", {})
     data = csv_path.read_bytes()
     try:
@@ -213,6 +219,15 @@ def read_report(csv_path: str | Path) -> list[dict[str, str]]:
         rows = list(csv.DictReader(io.StringIO(text, newline=""), strict=True))
     except csv.Error as err:  # e.g. a quoted cell still open at the end of the file
         _incomplete(csv_path, f"it is not well-formed CSV: {err}")
+    header = next(csv.reader(io.StringIO(text, newline="")), [])
+    missing = [name for name in ("index", "path") if name not in header]
+    if missing:  # e.g. saved again by a spreadsheet with ";" separators, or a column deleted
+        raise ValueError(
+            f"report {display_path(str(csv_path))} has no {', '.join(map(repr, missing))} "
+            f"column{'s' if len(missing) > 1 else ''} (its columns: {header}): read the CSV as dn2 wrote it, "
+            "comma-separated with the columns of csv_columns(k) (a spreadsheet saves it so as 'CSV UTF-8 (comma "
+            "delimited)')."
+        )
     if any(None in row or None in row.values() for row in rows):  # DictReader's marks of extra / missing cells
         _incomplete(csv_path, "a row has the wrong number of cells")
     expected = summary.get("n_scored")

@@ -90,3 +90,35 @@ def test_map_overlay_refuses_a_numpy_map():
     x, anomaly_map = _overlay_inputs()
     with pytest.raises(ValueError, match=r"anomaly_map must be a tensor.*torch\.from_numpy"):
         map_overlay(x, anomaly_map.numpy())
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("index;path;score\r\n0;a.png;1.5\r\n", r"no 'index', 'path' columns.*\['index;path;score'\].*comma"),
+        ("index,score\r\n0,1.5\r\n", r"no 'path' column.*\['index', 'score'\]"),
+    ],
+    ids=["saved with semicolons", "path column deleted"],
+)
+def test_read_report_of_a_csv_edited_by_hand_names_the_missing_columns(tmp_path, text, match):
+    """A report re-saved with ';' separators (a spreadsheet in many locales) or with a column deleted failed with a
+    bare KeyError: 'index' / 'path'."""
+    from dn2_lightning.reports import read_report
+
+    path = tmp_path / "scores.csv"
+    path.write_text(text, encoding="utf-8", newline="")
+    with pytest.raises(ValueError, match=match) as error:
+        read_report(path)
+    assert "scores.csv" in str(error.value)
+    path.write_text("index,path,score\r\n0,a.png,1.5\r\n", encoding="utf-8", newline="")
+    assert read_report(path) == [{"index": "0", "path": "a.png", "score": "1.5"}]
+
+
+def test_read_report_beside_a_summary_json_edited_into_invalid_json_names_that_file(tmp_path):
+    """A summary.json edited by hand into invalid JSON failed with json's JSONDecodeError, which names no file."""
+    from dn2_lightning.reports import read_report
+
+    (tmp_path / "scores.csv").write_text("index,path,score\r\n0,a.png,1.5\r\n", encoding="utf-8", newline="")
+    (tmp_path / "summary.json").write_text('{"n_scored": 1,}', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"summary\.json.*is not valid JSON.*line 1"):
+        read_report(tmp_path / "scores.csv")
