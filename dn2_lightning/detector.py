@@ -281,6 +281,11 @@ def _as_matrix(values: ArrayLike, name: str, device: torch.device | None = None,
             raise ValueError(f"{name} must be a 2-D array [rows, features] of numbers; NumPy says: {err}") from None
         if array.dtype.kind not in "biufc":  # strings, objects, dates: nothing torch can measure distances on
             raise ValueError(f"{name} must hold numbers (bool, integer or float), got a NumPy {array.dtype} array.")
+        if array.dtype.kind in "fc" and array.dtype.itemsize > (8 if array.dtype.kind == "f" else 16):  # torch: none
+            real, cast = ("real numbers", ".real") if array.dtype.kind == "c" else ("floats of at most 64 bits", "")
+            raise ValueError(
+                f"{name} must hold {real}, got a NumPy {array.dtype} array: pass {name}{cast}.astype(np.float64)."
+            )
         tensor = tensor_of(array)  # (a view with negative strides or big-endian data, which torch refuses, copied)
     if tensor.ndim != 2 or tensor.shape[0] == 0 or tensor.shape[1] == 0:
         raise ValueError(

@@ -122,3 +122,19 @@ def test_read_report_beside_a_summary_json_edited_into_invalid_json_names_that_f
     (tmp_path / "summary.json").write_text('{"n_scored": 1,}', encoding="utf-8")
     with pytest.raises(ValueError, match=r"summary\.json.*is not valid JSON.*line 1"):
         read_report(tmp_path / "scores.csv")
+
+
+@pytest.mark.parametrize("dtype", [np.longdouble, np.clongdouble], ids=["longdouble", "clongdouble"])
+@pytest.mark.parametrize("method", ["fit", "decision_function"])
+def test_detector_refuses_numpy_long_double_rows_naming_x_and_the_cast(dtype, method):
+    """X as np.longdouble (float128 on Linux) failed inside torch.as_tensor: TypeError "can't convert np.ndarray of
+    type numpy.longdouble", naming no parameter."""
+    if np.dtype(dtype).itemsize <= np.dtype(np.complex128 if np.dtype(dtype).kind == "c" else np.float64).itemsize:
+        pytest.skip("long double is double on this platform")
+    x = np.random.default_rng(0).normal(size=(120, 4))
+    detector = DN2Detector(threshold_quantile=0.5).fit(x)
+    what = "real numbers" if np.dtype(dtype).kind == "c" else "floats of at most 64 bits"
+    with pytest.raises(
+        ValueError, match=rf"^X must hold {what}, got a NumPy {np.dtype(dtype)} array: .*astype\(np\.float64\)"
+    ):
+        getattr(detector, method)(x.astype(dtype))
