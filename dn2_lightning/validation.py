@@ -138,6 +138,11 @@ def check_input_size(input_size: object) -> None:
 def check_data_root(root: object) -> None:
     """A datamodule's ``root``: ``None`` or a folder (missing is fine: a download makes it), never a file, which the
     dataset's search would pass over for its other places without a word."""
+    if root is not None and not isinstance(root, str | PurePath):
+        raise ValueError(
+            f"root={root!r} must be a folder's path (a str or pathlib.Path), or None ($DN2_DATA_DIR, else "
+            "~/.cache/dn2_lightning/data)."
+        )
     if root is not None and Path(str(root)).is_file():
         raise ValueError(
             f"root={str(root)!r} is a file; give the folder that holds the dataset's files (None: $DN2_DATA_DIR, "

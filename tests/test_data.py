@@ -1027,6 +1027,10 @@ def test_a_data_root_that_is_a_file_is_refused(tmp_path):
         with pytest.raises(ValueError, match=r"root='.*notes.txt' is a file; give the folder that holds"):
             make(dataset="fashionmnist", root=str(tmp_path / "notes.txt"))
         make(dataset="fashionmnist", root=str(tmp_path / "not_yet"))
+        make(dataset="fashionmnist", root=tmp_path / "not_yet")
+        for wrong in (["a"], 123):  # were accepted here, then failed at set-up inside pathlib (a TypeError)
+            with pytest.raises(ValueError, match=r"root=.* must be a folder's path \(a str or pathlib.Path\)"):
+                make(dataset="fashionmnist", root=wrong)
 
 
 def test_a_data_root_given_for_the_bundled_digits_is_said_to_be_unused(tmp_path, monkeypatch):
