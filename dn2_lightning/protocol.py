@@ -46,6 +46,7 @@ from dn2_lightning.validation import (
     check_clean_fraction,
     check_clean_k,
     check_contamination,
+    check_data_root,
     check_input_size,
     check_k,
     check_knn_backend,
@@ -417,6 +418,7 @@ def run_protocol(
     check_choice("precision", precision, PRECISIONS)
     check_seed("seed", seed)
     _resolve_device(device)
+    check_data_root(root)
     warn_if_root_unused(dataset, root)
     if out is not None:  # a folder that cannot be made fails now, not after every class is scored
         try:

@@ -296,6 +296,7 @@ def test_temporary_files_of_killed_writers_are_removed_by_the_next_write(tmp_pat
         ({"device": "gpu"}, r"device='gpu' must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
         ({"seed": 1.5}, r"seed=1.5 must be an integer"),
         ({"out": "/proc/dn2-results"}, r"out='/proc/dn2-results': cannot create the results folder"),
+        ({"root": 123}, r"root=123 must be a folder's path"),  # was pathlib's TypeError when the data loaded
     ],
 )
 def test_bad_settings_are_refused_before_any_extraction(kwargs, match, no_extraction, tmp_path):
