@@ -26,6 +26,21 @@ class DictDataset(Dataset):
         return {"image": self.images[i], "label": self.labels[i], "index": torch.tensor(i)}
 
 
+class MemberGroups(Dataset):
+    """Group samples drawn from a pool of images: group ``i`` holds ``pool[members[i]]``, with its members' source
+    indices (``members``) so that copies of one image in other groups can be told apart; all normal."""
+
+    def __init__(self, pool: torch.Tensor, members: torch.Tensor) -> None:
+        self.pool, self.members = pool, members
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def __getitem__(self, i: int) -> dict:
+        members = self.members[i]
+        return {"image": self.pool[members], "label": torch.tensor(0), "index": torch.tensor(i), "members": members}
+
+
 class BlobDataModule(LightningDataModule):
     """Normal images are dim noise, anomalies bright noise; sizes chosen not to divide by 2 or 16."""
 

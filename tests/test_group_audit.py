@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from helpers import linear_backbone, quiet_trainer
+from helpers import MemberGroups, linear_backbone, quiet_trainer
 from torch.utils.data import DataLoader, Dataset
 
 from dn2_lightning import DN2Module
@@ -103,24 +103,12 @@ def test_point_wise_cleaning_of_a_small_bank_scores_each_member_on_rows_outside_
     pool = torch.as_tensor(rng.random((12, 3, 8, 8)) * 0.6, dtype=torch.float32)
     members = torch.as_tensor(np.stack([rng.choice(12, 3, replace=False) for _ in range(9)]))
 
-    class Groups(Dataset):
-        def __len__(self) -> int:
-            return len(members)
-
-        def __getitem__(self, i: int) -> dict:
-            return {
-                "image": pool[members[i]],
-                "label": torch.tensor(0),
-                "index": torch.tensor(i),
-                "members": members[i],
-            }
-
     model = DN2Module(
         k=2, backbone=linear_backbone(), clean_fraction=0.5, group_pooling="none", threshold_samples=None, reports=False
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        quiet_trainer().fit(model, train_dataloaders=DataLoader(Groups(), batch_size=4))
+        quiet_trainer().fit(model, train_dataloaders=DataLoader(MemberGroups(pool, members), batch_size=4))
     assert not [w for w in caught if "rows outside their own group" in str(w.message)]
 
     rows, group, source = _embed(pool[members.flatten()]), np.repeat(np.arange(9), 3), members.flatten().numpy()

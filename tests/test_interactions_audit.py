@@ -8,9 +8,9 @@ import types
 import numpy as np
 import pytest
 import torch
-from helpers import linear_backbone, quiet_trainer
+from helpers import MemberGroups, linear_backbone, quiet_trainer
 from test_maps import reference_maps, tiny_conv
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Subset
 
 from dn2_lightning import DN2Module, GroupDataModule, OneClassDataModule
 from dn2_lightning.data.synthetic import write_synthetic_defects
@@ -56,23 +56,11 @@ def test_point_wise_groups_cleaned_with_a_drawn_threshold_match_a_brute_force():
     pool = torch.as_tensor(rng.random((n_pool, 3, 8, 8)) * 0.6, dtype=torch.float32)
     members = torch.as_tensor(np.stack([rng.choice(n_pool, m, replace=False) for _ in range(n_groups)]))
 
-    class Groups(Dataset):
-        def __len__(self) -> int:
-            return n_groups
-
-        def __getitem__(self, i: int) -> dict:
-            return {
-                "image": pool[members[i]],
-                "label": torch.tensor(0),
-                "index": torch.tensor(i),
-                "members": members[i],
-            }
-
     model = DN2Module(
         k=2, backbone=linear_backbone(), clean_fraction=0.3, clean_k=5, group_pooling="none", threshold_samples=8,
         threshold_quantile=0.8, reports=False,
     )  # fmt: skip
-    quiet_trainer().fit(model, train_dataloaders=DataLoader(Groups(), batch_size=4))
+    quiet_trainer().fit(model, train_dataloaders=DataLoader(MemberGroups(pool, members), batch_size=4))
 
     with torch.no_grad():
         rows = linear_backbone()(pool[members.flatten()]).double().numpy()
