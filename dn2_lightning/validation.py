@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import warnings
 from collections.abc import Sequence
 from numbers import Integral, Real
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -138,15 +139,15 @@ def check_input_size(input_size: object) -> None:
 def check_data_root(root: object) -> None:
     """A datamodule's ``root``: ``None`` or a folder (missing is fine: a download makes it), never a file, which the
     dataset's search would pass over for its other places without a word."""
-    if root is not None and not isinstance(root, str | PurePath):
+    if root is not None and not (isinstance(root, str | os.PathLike) and isinstance(os.fspath(root), str)):
         raise ValueError(
             f"root={root!r} must be a folder's path (a str or pathlib.Path), or None ($DN2_DATA_DIR, else "
             "~/.cache/dn2_lightning/data)."
         )
-    if root is not None and Path(str(root)).is_file():
+    if root is not None and Path(root).is_file():
         raise ValueError(
-            f"root={str(root)!r} is a file; give the folder that holds the dataset's files (None: $DN2_DATA_DIR, "
-            "else ~/.cache/dn2_lightning/data)."
+            f"root={os.fspath(root)!r} is a file; give the folder that holds the dataset's files (None: "
+            "$DN2_DATA_DIR, else ~/.cache/dn2_lightning/data)."
         )
 
 
@@ -213,8 +214,8 @@ def check_threshold(quantile: object, value: object = None) -> None:
 
 def as_python(value: Any) -> Any:
     """``value`` with every NumPy scalar (``np.int64(2)``, ``np.float64(0.5)``, ``np.bool_``) turned into the Python
-    number it holds and every path (``pathlib.Path``) into its string, inside dicts, lists and tuples too;
-    anything else (tensors included) is returned as it is.
+    number it holds and every path (``pathlib.Path``, any ``os.PathLike``) into its string, inside dicts, lists and
+    tuples too; anything else (tensors included) is returned as it is.
 
     Settings are stored this way: a weights-only checkpoint load refuses NumPy and pathlib objects (a checkpoint
     holding one could never be loaded again), and JSON cannot write them.
@@ -224,8 +225,8 @@ def as_python(value: Any) -> Any:
     """
     if isinstance(value, np.generic):
         return value.item()
-    if isinstance(value, PurePath):
-        return str(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
     if isinstance(value, dict):
         converted = copy.copy(value)  # the same kind of dict (AttributeDict, OrderedDict, ...)
         for key, item in value.items():
