@@ -185,17 +185,20 @@ def check_positive_float(name: str, value: object, hint: str = "") -> None:
 
 
 _FLOAT32_MAX = 3.4028234663852886e38
+# Python's and NumPy's numbers, which settings store as Python ones (as_python); not every numbers.Real (a Fraction
+# reaches torch.quantile, which refuses it, and a checkpoint, which weights-only loading refuses)
+_REAL = (int, float, np.integer, np.floating)
 
 
 def check_threshold(quantile: object, value: object = None) -> None:
     """The decision threshold: a quantile in (0, 1] of the training images' leave-one-out scores, or a finite score."""
     # a NumPy float (np.percentile of float32 scores is an np.float32) is the number it holds
-    if isinstance(quantile, bool) or not isinstance(quantile, Real) or not 0.0 < quantile <= 1.0:
+    if isinstance(quantile, bool) or not isinstance(quantile, _REAL) or not 0.0 < quantile <= 1.0:
         raise ValueError(
             f"threshold_quantile={quantile!r} must be in (0, 1]: the share of the training images' leave-one-out "
             f"scores below the threshold (0.99 flags about 1% of normal images){_tensor_hint(quantile)}."
         )
-    finite = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+    finite = isinstance(value, _REAL) and not isinstance(value, bool) and math.isfinite(value)
     if value is not None and not finite:
         raise ValueError(
             f"threshold={value!r} must be None (use threshold_quantile) or a finite DN2 score{_tensor_hint(value)}."
@@ -223,6 +226,8 @@ def as_python(value: Any) -> Any:
     >>> as_python({"k": np.int64(2), "layers": [np.float32(0.5)]})
     {'k': 2, 'layers': [0.5]}
     """
+    if isinstance(value, np.floating):
+        return float(value)  # (np.longdouble's .item() is an np.longdouble, which checkpoints refuse)
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, os.PathLike):
@@ -238,8 +243,11 @@ def as_python(value: Any) -> Any:
 
 
 def _tensor_hint(value: object) -> str:
-    """``; a tensor: pass float(value)`` for a one-element tensor (e.g. ``scores.max()``), else ``""``."""
-    return "; a tensor: pass float(value)" if isinstance(value, torch.Tensor) and value.numel() == 1 else ""
+    """``; a tensor: pass float(value)`` for a one-element tensor (e.g. ``scores.max()``), ``; pass float(value)``
+    for another kind of number (e.g. a ``Fraction``), else ``""``."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return "; a tensor: pass float(value)"
+    return "; pass float(value)" if isinstance(value, Real) and not isinstance(value, _REAL) else ""
 
 
 def _hint(hint: str) -> str:
