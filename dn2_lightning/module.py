@@ -1686,9 +1686,10 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         return one_loader(self.trainer.train_dataloader, "fit")
 
     def _on_device(self, batch: Any, batch_idx: int) -> Any:
-        batch = self.on_before_batch_transfer(batch, 0)
-        batch = self.transfer_batch_to_device(_float64_batch_as_float32(batch, self.device), self.device, 0)
-        return self.on_after_batch_transfer(batch, 0)
+        """A batch of DN2's own pass through the batch hooks as Lightning's loops call them: the datamodule's where it
+        overrides them, and the MPS float64 cast (:meth:`_apply_batch_transfer_handler`)."""
+        batch = self._on_before_batch_transfer(batch, 0)
+        return self._apply_batch_transfer_handler(batch, self.device, 0)
 
     def _count_bank_step(self) -> None:
         # A bank update is this model's optimisation step. Counting it keeps global_step, max_steps and

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import BlobDataModule, brute_force_scores, linear_backbone, quiet_trainer  # noqa: E402
@@ -62,3 +64,34 @@ def test_a_threshold_as_a_numpy_long_double_saves_a_checkpoint_that_loads(tmp_pa
     for make in (lambda: DN2Detector(threshold_quantile=Fraction(9, 10)), lambda: DN2Module(threshold=Fraction(1))):
         with pytest.raises(ValueError, match=r"threshold(_quantile)?=Fraction.*; pass float\(value\)"):
             make()
+
+
+class _RenamedKeyDataModule(BlobDataModule):
+    """Batches with the images under "img", which the datamodule's on_before_batch_transfer renames to "image"."""
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        return {"image": batch.pop("img"), **batch}
+
+    def _loader(self, images: torch.Tensor, labels: torch.Tensor) -> DataLoader:
+        rows = [
+            {"img": x, "label": y, "index": torch.tensor(i)}
+            for i, (x, y) in enumerate(zip(images, labels, strict=True))
+        ]
+        return DataLoader(rows, batch_size=self.batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_images, torch.zeros(len(self.train_images), dtype=torch.long))
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_images, self.test_labels)
+
+
+def test_a_bank_built_on_first_need_goes_through_the_datamodules_batch_hooks():
+    """DN2's own pass (a bank built on first need at test) called the module's on_before_batch_transfer and
+    transfer_batch_to_device, never the datamodule's, which Lightning's loops call: a datamodule renaming a key
+    there fitted, but its test without fit failed with "a dict batch needs an 'image' key"."""
+    dm = _RenamedKeyDataModule()
+    model = DN2Module(backbone=linear_backbone(), k=2)
+    quiet_trainer().test(model, datamodule=dm)
+    expected = brute_force_scores(linear_backbone(), dm.train_images, dm.test_images, k=2)
+    np.testing.assert_allclose(model.test_scores.scores.double().numpy(), expected, rtol=1e-5)
