@@ -1770,12 +1770,14 @@ def _refuse_tuning_callbacks(callbacks: Sequence[Any]) -> None:
         if isinstance(callback, (StochasticWeightAveraging, LearningRateFinder)):
             raise ValueError(
                 f"Trainer(callbacks=[{name}()]) needs an optimizer, and DN2's fit has no optimizer (one pass of the "
-                "frozen backbone fills the memory bank; no weights are trained): remove it from the callbacks."
+                "frozen backbone fills the memory bank; no weights are trained): remove it from the callbacks (or "
+                "do not call Tuner(trainer).lr_find on DN2)."
             )
         if isinstance(callback, BatchSizeFinder):
             raise ValueError(
                 f"Trainer(callbacks=[{name}()]) runs trial fits that end DN2's one-pass fit before it starts (no "
-                "validation, no checkpoint of the bank): remove it from the callbacks and set the batch size of "
+                "validation, no checkpoint of the bank): remove it from the callbacks (or do not call "
+                "Tuner(trainer).scale_batch_size on DN2) and set the batch size of "
                 "your dataloaders (the datamodule's batch_size) yourself."
             )
 

@@ -106,7 +106,7 @@ def warn_if_root_unused(name: str, root: str | Path | None) -> None:
     user pointing ``root`` at their own copy would otherwise get the bundled one without a word."""
     if name == "digits" and root is not None:
         warnings.warn(
-            f"root={str(root)!r} is not used for dataset='digits': the digits come bundled with scikit-learn "
+            f"root={os.fspath(root)!r} is not used for dataset='digits': the digits come bundled with scikit-learn "
             f"({_digits_files()[0]}). For your own images, use dataset='folder' with root=<folder>; otherwise leave "
             "root unset.",
             stacklevel=3,
