@@ -1777,8 +1777,8 @@ def _refuse_tuning_callbacks(callbacks: Sequence[Any]) -> None:
             raise ValueError(
                 f"Trainer(callbacks=[{name}()]) runs trial fits that end DN2's one-pass fit before it starts (no "
                 "validation, no checkpoint of the bank): remove it from the callbacks (or do not call "
-                "Tuner(trainer).scale_batch_size on DN2) and set the batch size of "
-                "your dataloaders (the datamodule's batch_size) yourself."
+                "Tuner(trainer).scale_batch_size on DN2) and set the batch size of your dataloaders (the "
+                "datamodule's batch_size) yourself."
             )
 
 
