@@ -977,7 +977,7 @@ class DN2Module(DecisionThreshold, BankCheckpointing, LightningModule):
         maps: list[Tensor] = []
         for chunk, _ in as_image_batches(images, self._scoring_size()):
             for piece in chunk.split(batch_size):
-                piece = _float64_as_float32(piece) if lacks_float64(self.device) else piece  # (MPS: no float64)
+                piece = _float64_batch_as_float32(piece, self.device)
                 batch = Batch(piece.to(self.device), torch.full((len(piece),), -1, device=self.device), None)
                 if self.maps is None:
                     parts.append(self.score(batch))
